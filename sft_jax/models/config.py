@@ -1,0 +1,192 @@
+"""ModelConfig: one decoder description for every supported Hugging Face family."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+# model_type (as in config.json) -> family settings that config.json does not spell out.
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},
+    "qwen3": {"qk_norm": True},
+    "gemma2": {"gemma_norms": True, "sandwich_norms": True, "embed_scale": True},
+    "gemma3_text": {
+        "gemma_norms": True,
+        "sandwich_norms": True,
+        "embed_scale": True,
+        "qk_norm": True,
+    },
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture is not one sft_jax implements."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding of one attention kind: base and optional frequency scaling."""
+
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inverse_frequencies(self, head_dim: int) -> np.ndarray:
+        """Inverse frequencies [head_dim // 2] in float32, computed as transformers does."""
+        exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+        inv_freq = (1.0 / (self.theta**exponents)).astype(np.float32)
+        if self.rope_type == "linear":
+            return inv_freq / np.float32(self.factor)
+        if self.rope_type == "llama3":
+            return self._llama3_scaled(inv_freq)
+        return inv_freq
+
+    def _llama3_scaled(self, inv_freq: np.ndarray) -> np.ndarray:
+        # Long wavelengths are divided by `factor`, short ones kept, the band between blended.
+        low_freq_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_freq_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs; built from a transformers config by `from_hf_config`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    activation: str = "silu"
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q/k/v projections (Qwen2, or attention_bias)
+    o_bias: bool = False  # bias on the output projection (attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3, Gemma 3)
+    gemma_norms: bool = False  # RMSNorm scales by (1 + w) instead of w
+    sandwich_norms: bool = False  # extra norms after attention and after the MLP (Gemma 2/3)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
+    query_scale: float = 0.0  # multiplies q.k; 0 means head_dim ** -0.5
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # "full_attention" / "sliding_attention" per layer
+    rope: tuple[tuple[str, RopeSpec], ...] = ()  # layer type -> RopeSpec
+    # The transformers config this came from, written back on export (not part of identity).
+    hf_config: dict[str, Any] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+
+    def rope_for(self, layer_type: str) -> RopeSpec:
+        return dict(self.rope)[layer_type]
+
+    def window_for(self, layer_index: int) -> int | None:
+        """Attention window of a layer in tokens (the query included), or None for full."""
+        if self.layer_types[layer_index] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def attention_scale(self) -> float:
+        return self.query_scale or self.head_dim**-0.5
+
+
+def _rope_spec(params: dict[str, Any], model_type: str) -> RopeSpec:
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"{model_type}: rope_type {rope_type!r} is not supported; "
+            f"supported rope types: {', '.join(_SUPPORTED_ROPE_TYPES)}."
+        )
+    fields = {f.name for f in dataclasses.fields(RopeSpec)} - {"theta", "rope_type"}
+    return RopeSpec(
+        theta=float(params["rope_theta"]),
+        rope_type=rope_type,
+        **{k: params[k] for k in fields if params.get(k) is not None},
+    )
+
+
+def _rope_table(hf: Any, layer_types: tuple[str, ...]) -> tuple[tuple[str, RopeSpec], ...]:
+    params = dict(hf.rope_parameters)
+    if all(isinstance(v, dict) for v in params.values()):  # per layer type (Gemma 3)
+        return tuple(
+            (kind, _rope_spec(params[kind], hf.model_type)) for kind in sorted(set(layer_types))
+        )
+    spec = _rope_spec(params, hf.model_type)
+    return tuple((kind, spec) for kind in sorted(set(layer_types)))
+
+
+def _layer_types(hf: Any, num_layers: int) -> tuple[str, ...]:
+    layer_types = getattr(hf, "layer_types", None)
+    if layer_types:
+        return tuple(layer_types)
+    # Mistral: one window for every layer when configured.
+    kind = "sliding_attention" if getattr(hf, "sliding_window", None) else "full_attention"
+    return (kind,) * num_layers
+
+
+def from_hf_config(hf: Any) -> ModelConfig:
+    """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
+    model_type = getattr(hf, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by sft_jax; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    family = _FAMILIES[model_type]
+    activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
+    if activation not in _ACTIVATIONS:
+        raise UnsupportedModelError(f"{model_type}: activation {activation!r} is not supported.")
+    num_layers = hf.num_hidden_layers
+    layer_types = _layer_types(hf, num_layers)
+    attention_bias = bool(getattr(hf, "attention_bias", False))
+    query_pre_attn_scalar = getattr(hf, "query_pre_attn_scalar", None)
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=num_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        rms_norm_eps=hf.rms_norm_eps,
+        activation=activation,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        qkv_bias=family.get("qkv_bias", False) or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qk_norm=family.get("qk_norm", False),
+        gemma_norms=family.get("gemma_norms", False),
+        sandwich_norms=family.get("sandwich_norms", False),
+        embed_scale=family.get("embed_scale", False),
+        query_scale=query_pre_attn_scalar**-0.5 if query_pre_attn_scalar else 0.0,
+        attn_logit_softcap=getattr(hf, "attn_logit_softcapping", None),
+        final_logit_softcap=getattr(hf, "final_logit_softcapping", None),
+        sliding_window=getattr(hf, "sliding_window", None),
+        layer_types=layer_types,
+        rope=_rope_table(hf, layer_types),
+        hf_config=hf.to_dict(),
+    )

@@ -1,0 +1,275 @@
+"""The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3), in Flax NNX.
+
+Dimension legend for einsum strings and shape suffixes:
+  B batch, T query time, S key time, D model width, H query heads, K key/value heads,
+  G query heads per key/value head (H = K * G), E head dim, F MLP width, V vocabulary.
+
+Parameters carry logical axis names in their `logical_axes` metadata; `sft_jax.sharding` maps
+them to mesh axes. Nothing in this file knows about the mesh.
+
+Inputs are packed rows: `positions_BxT` restart at 0 for every document and `segment_ids_BxT`
+number the documents of a row (0 = padding). A token attends only to earlier tokens of its own
+segment (and, in sliding-window layers, to the last `window` of them, itself included).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sft_jax.models.config import ModelConfig, RopeSpec
+
+_INIT_STD = 0.02  # transformers' default initializer_range, for models not loaded from disk
+
+
+def _broadcast_last(vector: jax.Array, ndim: int) -> jax.Array:
+    """A [N] vector shaped [1, ..., 1, N] to scale the last axis of an ndim array."""
+    return vector.reshape((1,) * (ndim - 1) + vector.shape)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), kernel stored [in, out]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str, str],
+        use_bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            _normal(rngs, (in_features, out_features), param_dtype), logical_axes=axes
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + _broadcast_last(self.bias[...].astype(self.dtype), y.ndim)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalization over the last axis, in float32; Gemma scales by (1 + w)."""
+
+    def __init__(self, dim: int, *, eps: float, plus_one: bool, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.plus_one = plus_one
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = _broadcast_last(self.scale[...], x.ndim)
+        if self.plus_one:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def apply_rope(x_BTxE: jax.Array, positions_BxT: jax.Array, rope: RopeSpec) -> jax.Array:
+    """Rotates the two halves of the last axis of x_[B, T, heads, E] by position * frequency."""
+    head_dim = x_BTxE.shape[-1]
+    inv_freq = jnp.asarray(rope.inverse_frequencies(head_dim))
+    angles_BxTxHalf = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    cos = jnp.cos(angles_BxTxHalf)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxHalf)[:, :, None, :]
+    x32 = x_BTxE.astype(jnp.float32)
+    first, second = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x_BTxE.dtype)
+
+
+def attention_mask(
+    segment_ids_BxT: jax.Array, positions_BxT: jax.Array, window: int | None
+) -> jax.Array:
+    """[B, T, S] True where query t may attend key s: same segment, causal, inside the window."""
+    seq_len = segment_ids_BxT.shape[1]
+    same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    causal_TxS = jnp.arange(seq_len)[:, None] >= jnp.arange(seq_len)[None, :]
+    mask_BxTxS = same_segment & causal_TxS[None]
+    if window is not None:
+        distance_BxTxS = positions_BxT[:, :, None] - positions_BxT[:, None, :]
+        mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
+    return mask_BxTxS
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k norms, soft-capping and a window."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.attention_scale
+        self.softcap = c.attn_logit_softcap
+        self.window = c.window_for(layer_index)
+        self.rope = c.rope_for(c.layer_types[layer_index])
+        dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = Linear(
+            c.hidden_size, q_width, axes=("embed", "q_heads"), use_bias=c.qkv_bias, **dense
+        )
+        self.k_proj = Linear(
+            c.hidden_size, kv_width, axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **dense
+        )
+        self.v_proj = Linear(
+            c.hidden_size, kv_width, axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **dense
+        )
+        self.o_proj = Linear(
+            q_width, c.hidden_size, axes=("q_heads", "embed"), use_bias=c.o_bias, **dense
+        )
+        norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
+        self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array):
+        batch, seq_len, _ = x_BxTxD.shape
+        groups = self.num_heads // self.num_kv_heads
+        q_BxTxHxE = self.q_proj(x_BxTxD).reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k_BxSxKxE = self.k_proj(x_BxTxD).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v_BxSxKxE = self.v_proj(x_BxTxD).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BxTxHxE, k_BxSxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxSxKxE)
+        q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
+        k_BxSxKxE = apply_rope(k_BxSxKxE, positions_BxT, self.rope)
+        q_BxTxKxGxE = q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
+
+        scores = jnp.einsum(
+            "BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
+        )
+        scores = scores * self.scale
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
+        mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
+        out_BxTxKxGxE = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE)
+        return self.o_proj(out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs):
+        c = config
+        dense = {"use_bias": c.mlp_bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, axes=("embed", "mlp"), **dense)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, axes=("embed", "mlp"), **dense)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, axes=("mlp", "embed"), **dense)
+        self.gelu = c.activation == "gelu_pytorch_tanh"
+
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        gate_BxTxF = self.gate_proj(x_BxTxD)
+        activated = (
+            jax.nn.gelu(gate_BxTxF, approximate=True) if self.gelu else jax.nn.silu(gate_BxTxF)
+        )
+        return self.down_proj(activated * self.up_proj(x_BxTxD))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block; Gemma adds norms on the attention and MLP outputs."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
+        c = config
+        norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
+        self.attn_norm = RMSNorm(c.hidden_size, **norm)
+        self.attn = Attention(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
+        self.mlp_norm = RMSNorm(c.hidden_size, **norm)
+        self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
+
+    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array):
+        attn_out = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+        if self.attn_post_norm is not None:
+            attn_out = self.attn_post_norm(attn_out)
+        x_BxTxD = x_BxTxD + attn_out
+        mlp_out = self.mlp(self.mlp_norm(x_BxTxD))
+        if self.mlp_post_norm is not None:
+            mlp_out = self.mlp_post_norm(mlp_out)
+        return x_BxTxD + mlp_out
+
+
+class CausalLM(nnx.Module):
+    """Decoder-only language model: embed, N decoder layers, final norm, LM head."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        c = config
+        self.config = config
+        self.dtype = dtype
+        self.embed = nnx.Param(
+            _normal(rngs, (c.vocab_size, c.hidden_size), param_dtype),
+            logical_axes=("vocab", "embed"),
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(c, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for i in range(c.num_layers)
+            ]
+        )
+        self.final_norm = RMSNorm(
+            c.hidden_size, eps=c.rms_norm_eps, plus_one=c.gemma_norms, param_dtype=param_dtype
+        )
+        self.lm_head = (
+            None
+            if c.tie_word_embeddings
+            else nnx.Param(
+                _normal(rngs, (c.vocab_size, c.hidden_size), param_dtype),
+                logical_axes=("vocab", "embed"),
+            )
+        )
+
+    def hidden_states(
+        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, D] in the compute dtype."""
+        embed_VxD = self.embed[...]
+        x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0)
+        if self.config.embed_scale:
+            # transformers rounds sqrt(D) to the weight dtype before multiplying.
+            x_BxTxD = x_BxTxD * jnp.asarray(np.sqrt(self.config.hidden_size), embed_VxD.dtype)
+        x_BxTxD = x_BxTxD.astype(self.dtype)
+        for layer in self.layers:
+            x_BxTxD = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
+        return self.final_norm(x_BxTxD)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """float32 logits [..., V] of (a chunk of) hidden states, soft-capped where configured."""
+        head_VxD = self.embed[...] if self.lm_head is None else self.lm_head[...]
+        logits = jnp.einsum(
+            "...D,VD->...V",
+            hidden_BxTxD,
+            head_VxD.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+    def __call__(
+        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array
+    ) -> jax.Array:
+        return self.logits(self.hidden_states(input_ids_BxT, positions_BxT, segment_ids_BxT))

@@ -1,0 +1,265 @@
+"""Hugging Face in and out: load safetensors onto a mesh, export loadable directories."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from sft_jax import sharding
+from sft_jax.models import safetensors_io
+from sft_jax.models.config import ModelConfig, from_hf_config
+from sft_jax.models.decoder import CausalLM
+
+log = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+# Buffers some checkpoints carry that are recomputed rather than loaded.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Semantic norm names -> Hugging Face names; Gemma's sandwich layout renames the MLP pre-norm.
+_NORM_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_post_norm": "post_attention_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp_post_norm": "post_feedforward_layernorm",
+}
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A model directory cannot be loaded; the message says which file and what to do."""
+
+
+def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, bool]:
+    """Hugging Face tensor name of a parameter path, and whether it is stored transposed."""
+    if path == ("embed",):
+        return "model.embed_tokens.weight", False
+    if path == ("lm_head",):
+        return "lm_head.weight", False
+    if path == ("final_norm", "scale"):
+        return "model.norm.weight", False
+    _, index, *rest = path
+    prefix = f"model.layers.{index}"
+    if rest[0] in _NORM_NAMES:
+        name = _NORM_NAMES[rest[0]]
+        if rest[0] == "mlp_norm" and config.sandwich_norms:
+            name = "pre_feedforward_layernorm"
+        return f"{prefix}.{name}.weight", False
+    module = "self_attn" if rest[0] == "attn" else "mlp"
+    leaf = rest[-1]
+    if leaf == "scale":  # q_norm / k_norm
+        return f"{prefix}.{module}.{rest[1]}.weight", False
+    return (
+        f"{prefix}.{module}.{rest[1]}.{'weight' if leaf == 'kernel' else 'bias'}",
+        leaf == "kernel",
+    )
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local directory as is; otherwise a hub id fetched (safetensors only) into the hub cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise CheckpointError(f"{name_or_path}: not a model directory.")
+    import huggingface_hub
+
+    try:
+        return Path(
+            huggingface_hub.snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS)
+        )
+    except Exception as e:  # network, auth, unknown repo: say so in one line
+        raise CheckpointError(
+            f"{name_or_path}: not a local directory, and fetching it from the Hugging Face hub "
+            f"failed ({type(e).__name__}: {e}). Pass a local path or check network/auth."
+        ) from e
+
+
+def _check_safetensors_present(model_dir: Path) -> None:
+    if any(model_dir.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir}: holds only pickle checkpoints ({', '.join(pickles)}), which can run "
+            "arbitrary code when loaded and are refused. Convert them to safetensors first "
+            "(e.g. load once with transformers and save_pretrained, which writes safetensors)."
+        )
+    raise CheckpointError(f"{model_dir}: no *.safetensors weights found.")
+
+
+def load_hf_config(model_dir: Path) -> Any:
+    if not (model_dir / "config.json").exists():
+        raise CheckpointError(f"{model_dir}: config.json is missing.")
+    return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+
+
+def abstract_model(config: ModelConfig, *, dtype: Any, param_dtype: Any) -> CausalLM:
+    """The model's structure with ShapeDtypeStructs in place of arrays (nothing allocated)."""
+    return nnx.eval_shape(
+        lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+
+
+def _checked_entry(
+    entries: dict[str, safetensors_io.TensorEntry],
+    name: str,
+    shape: tuple[int, ...],
+    transposed: bool,
+) -> safetensors_io.TensorEntry:
+    if name not in entries:
+        raise CheckpointError(f"tensor {name} is missing from the checkpoint.")
+    entry = entries[name]
+    expected = shape[::-1] if transposed else shape
+    if entry.shape != expected:
+        raise CheckpointError(
+            f"{entry.path.name}: tensor {name} has shape {entry.shape}, but config.json implies "
+            f"{expected}. The weights do not belong to this config."
+        )
+    return entry
+
+
+def _load_param(
+    entry: safetensors_io.TensorEntry, transposed: bool, target: jax.ShapeDtypeStruct, sharding_
+):
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        # Each device reads only its slice; kernels are stored [out, in] on disk.
+        if transposed:
+            return entry.read(index[::-1]).T.astype(target.dtype)
+        return entry.read(index).astype(target.dtype)
+
+    return jax.make_array_from_callback(target.shape, sharding_, read)
+
+
+def from_pretrained(
+    name_or_path: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    param_dtype: Any = jnp.float32,
+    dtype: Any = None,
+) -> CausalLM:
+    """Loads a Hugging Face causal LM directory (or hub id) into a CausalLM sharded on `mesh`.
+
+    param_dtype is the storage dtype of the parameters, dtype the compute dtype (defaults to
+    param_dtype). Every tensor goes straight from disk to its devices, slice by slice.
+    """
+    model_dir = resolve_model_dir(name_or_path)
+    hf_config = load_hf_config(model_dir)
+    config = from_hf_config(hf_config)
+    _check_safetensors_present(model_dir)
+    try:
+        entries = safetensors_io.read_checkpoint(model_dir)
+    except safetensors_io.CheckpointFormatError as e:
+        raise CheckpointError(str(e)) from e
+    mesh = mesh or sharding.single_device_mesh()
+    model = abstract_model(config, dtype=dtype or param_dtype, param_dtype=param_dtype)
+    graphdef, abstract_state = nnx.split(model)
+    loaded, used = [], set()
+    for path, variable in nnx.to_flat_state(abstract_state):
+        name, transposed = hf_tensor_name(path, config)
+        target = variable.get_value()
+        entry = _checked_entry(entries, name, target.shape, transposed)
+        axes = variable.get_metadata()["logical_axes"]
+        param_sharding = sharding.named_sharding(axes, target.shape, mesh)
+        loaded.append(
+            (path, variable.replace(_load_param(entry, transposed, target, param_sharding)))
+        )
+        used.add(name)
+    unused = sorted(
+        n
+        for n in set(entries) - used
+        if not n.endswith(_IGNORED_SUFFIXES)
+        and not (n == "lm_head.weight" and config.tie_word_embeddings)
+    )
+    if unused:
+        log.warning("%s: %d tensors not used by sft_jax: %s", model_dir, len(unused), unused[:8])
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _pending_tensors(
+    model: CausalLM, out_dtype: np.dtype | None
+) -> Iterator[safetensors_io.PendingTensor]:
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = hf_tensor_name(path, model.config)
+        array = variable.get_value()
+        dtype = np.dtype(out_dtype or array.dtype)
+        shape = tuple(array.shape[::-1] if transposed else array.shape)
+
+        def produce(array=array, transposed=transposed, dtype=dtype) -> np.ndarray:
+            host = _to_host(array).astype(dtype)
+            return host.T if transposed else host
+
+        yield safetensors_io.PendingTensor(name, shape, dtype, produce)
+
+
+def save_pretrained(
+    model: CausalLM,
+    out_dir: str | Path,
+    *,
+    hf_config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    generation_config_from: str | Path | None = None,
+    dtype: Any = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Writes a directory that transformers.AutoModelForCausalLM.from_pretrained loads as is.
+
+    Every process must call this (arrays sharded across hosts are gathered tensor by tensor);
+    only process 0 writes. `dtype` converts the weights (default: their own dtype).
+    """
+    out_dir = Path(out_dir)
+    hf_config = dict(hf_config or model.config.hf_config)
+    if not hf_config:
+        raise ValueError("save_pretrained needs the model's Hugging Face config (hf_config=...).")
+    writer = jax.process_index() == 0
+    tensors = list(_pending_tensors(model, np.dtype(dtype) if dtype is not None else None))
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*out_dir.glob("*.safetensors"), out_dir / safetensors_io.INDEX_FILE]:
+            stale.unlink(missing_ok=True)
+    safetensors_io.write_checkpoint(out_dir, tensors, max_shard_bytes, write=writer)
+    if not writer:
+        return out_dir
+    hf_config["dtype"] = str(np.dtype(tensors[0].dtype)) if tensors else "float32"
+    _write_config(out_dir, hf_config)
+    _write_generation_config(out_dir, hf_config, generation_config_from)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _write_config(out_dir: Path, hf_config: dict[str, Any]) -> None:
+    config = transformers.AutoConfig.for_model(**hf_config)
+    config.save_pretrained(out_dir)
+
+
+def _write_generation_config(
+    out_dir: Path, hf_config: dict[str, Any], source: str | Path | None
+) -> None:
+    source_file = Path(source) / "generation_config.json" if source else None
+    if source_file is not None and source_file.exists():
+        shutil.copyfile(source_file, out_dir / "generation_config.json")
+        return
+    config = transformers.AutoConfig.for_model(**hf_config)
+    generation = transformers.GenerationConfig.from_model_config(config)
+    (out_dir / "generation_config.json").write_text(
+        json.dumps(generation.to_diff_dict(), indent=2, sort_keys=True) + "\n"
+    )

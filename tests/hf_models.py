@@ -1,0 +1,127 @@
+"""Tiny random transformers models, one per supported family, saved as Hugging Face directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB = 128
+_COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small so that the blended band falls inside a 16-token test sequence.
+    "original_max_position_embeddings": 16,
+}
+
+# Each family's config exercises what sets it apart.
+FAMILIES: dict[str, tuple[type, dict]] = {
+    "llama2": (transformers.LlamaConfig, {"num_key_value_heads": 4, "rope_theta": 10000.0}),
+    "llama3.1": (
+        transformers.LlamaConfig,
+        {"rope_theta": 500000.0, "rope_scaling": _LLAMA3_ROPE},
+    ),
+    "llama3.2": (
+        transformers.LlamaConfig,
+        {
+            "num_key_value_heads": 1,
+            "tie_word_embeddings": True,
+            "rope_theta": 500000.0,
+            "rope_scaling": _LLAMA3_ROPE,
+            "head_dim": 8,
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
+    ),
+    "mistral": (transformers.MistralConfig, {"sliding_window": 5, "head_dim": 24}),
+    "qwen2": (
+        transformers.Qwen2Config,
+        {
+            "tie_word_embeddings": True,
+            "use_sliding_window": True,
+            "sliding_window": 5,
+            "max_window_layers": 1,
+        },
+    ),
+    "qwen3": (transformers.Qwen3Config, {"head_dim": 24, "tie_word_embeddings": True}),
+    "gemma2": (
+        transformers.Gemma2Config,
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "sliding_window": 5,
+            "hidden_activation": "gelu_pytorch_tanh",
+        },
+    ),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        {
+            "head_dim": 32,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 5,
+            "sliding_window_pattern": 2,
+            "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+        },
+    ),
+}
+
+
+def hf_config(family: str) -> transformers.PretrainedConfig:
+    config_class, overrides = FAMILIES[family]
+    return config_class(**{**_COMMON, **overrides})
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Large random weights so that every parameter, norms and biases included, shows in logits."""
+    gemma = model.config.model_type.startswith("gemma")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator) * 0.1
+            is_norm = name.endswith("norm.weight")
+            param.copy_(noise + (1.0 if is_norm and not gemma else 0.0))
+
+
+def build_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    config = hf_config(family)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    randomize_(model, seed)
+    return model.eval().float()
+
+
+def save_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
+    model = build_hf_model(family, seed)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def hf_logits(
+    model: transformers.PreTrainedModel,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    with torch.no_grad():
+        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+        mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
+        return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
