@@ -131,16 +131,40 @@ def _checked_entry(
     return entry
 
 
-def _load_param(
-    entry: safetensors_io.TensorEntry, transposed: bool, target: jax.ShapeDtypeStruct, sharding_
-):
-    def read(index: tuple[slice, ...]) -> np.ndarray:
-        # Each device reads only its slice; kernels are stored [out, in] on disk.
-        if transposed:
-            return entry.read(index[::-1]).T.astype(target.dtype)
-        return entry.read(index).astype(target.dtype)
+def _bounding_box(indices: list[tuple[slice, ...]], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The smallest box holding every slice in `indices` (all addressable shards of a process)."""
+    box = []
+    for axis, size in enumerate(shape):
+        ranges = [range(size)[index[axis]] for index in indices]
+        box.append(slice(min(r.start for r in ranges), max(r.stop for r in ranges)))
+    return tuple(box)
 
-    return jax.make_array_from_callback(target.shape, sharding_, read)
+
+def _load_param(
+    entry: safetensors_io.TensorEntry,
+    transposed: bool,
+    target: jax.ShapeDtypeStruct,
+    param_sharding: jax.sharding.Sharding,
+) -> jax.Array:
+    """Reads this process's part of a tensor once and hands each local device its slice."""
+    indices = list(param_sharding.addressable_devices_indices_map(target.shape).values())
+    box = _bounding_box(indices, target.shape)
+    # Kernels are stored [out, in] on disk.
+    local = entry.read(box[::-1]).T if transposed else entry.read(box)
+    local = local.astype(target.dtype, copy=False)
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        relative = tuple(
+            slice(r.start - b.start, r.stop - b.start)
+            for r, b in zip(
+                (range(n)[i] for i, n in zip(index, target.shape, strict=True)), box, strict=True
+            )
+        )
+        return np.ascontiguousarray(local[relative])
+
+    array = jax.make_array_from_callback(target.shape, param_sharding, read)
+    # Transfers are asynchronous: wait, so that host slices of one tensor at a time are alive.
+    return array.block_until_ready()
 
 
 def from_pretrained(

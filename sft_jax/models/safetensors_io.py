@@ -2,8 +2,8 @@
 
 The format (https://huggingface.co/docs/safetensors) is an 8-byte little-endian header length,
 a JSON header {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian data.
-Reading through a memory map touches only the pages of the slice asked for, so a loader never
-holds more than one tensor slice in host memory; writing streams one tensor at a time.
+Reading fetches only the rows a slice covers, in chunks, so a loader holds at most one tensor
+slice in host memory at a time; writing streams one tensor at a time.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_CHUNK_BYTES = 16 * 1024**2
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -50,14 +51,32 @@ class TensorEntry:
     offset: int
 
     def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
-        """Copies `tensor[index]` (all of it when index is None) out of the file."""
+        """Reads `tensor[index]` (all of it when index is None) from the file.
+
+        Only the rows the first slice selects are read, in chunks of about 16 MB whose other
+        axes are cut right away, so memory beyond the result stays one chunk.
+        """
+        index = tuple(index or ())
         if not self.shape or 0 in self.shape:
-            return np.zeros(self.shape, self.dtype)
-        mapped = np.memmap(self.path, self.dtype, mode="r", offset=self.offset, shape=self.shape)
-        try:
-            return np.array(mapped if index is None else mapped[index])
-        finally:
-            del mapped  # unmap now: mapped pages count against host memory while mapped
+            return np.zeros(self.shape, self.dtype)[index]
+        rows = range(self.shape[0])[index[0]] if index else range(self.shape[0])
+        rest = (slice(None), *index[1:])
+        if rows.step != 1:
+            return self.read()[index]
+        row_items = int(np.prod(self.shape[1:], dtype=np.int64))
+        result_shape = (len(rows), *np.empty((1, *self.shape[1:]), np.bool_)[rest].shape[1:])
+        result = np.empty(result_shape, self.dtype)
+        chunk_rows = max(1, _CHUNK_BYTES // (row_items * self.dtype.itemsize))
+        for start in range(0, len(rows), chunk_rows):
+            count = min(chunk_rows, len(rows) - start)
+            block = np.fromfile(
+                self.path,
+                dtype=self.dtype,
+                count=count * row_items,
+                offset=self.offset + (rows.start + start) * row_items * self.dtype.itemsize,
+            ).reshape((count, *self.shape[1:]))
+            result[start : start + count] = block[rest]
+        return result
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
