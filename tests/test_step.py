@@ -1,0 +1,157 @@
+"""Train step invariants: mesh-independence, accumulation, masking, one compilation."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from hf_models import hf_config
+
+from sft_jax import sharding
+from sft_jax.models import CausalLM, from_hf_config
+from sft_jax.optim import make_optimizer
+from sft_jax.step import StepOptions, build_steps, device_batch, init_state
+
+SEQ_LEN = 16
+ROWS = 8
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(
+        {
+            "steps": 10,
+            "learning_rate": 1e-2,
+            "warmup_steps": 2,
+            "lr_schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            "weight_decay": 0.1,
+            "adam_b1": 0.9,
+            "adam_b2": 0.95,
+            "adam_eps": 1e-8,
+            "max_grad_norm": 1.0,
+        }
+    )
+    config.update(overrides)
+    return config
+
+
+def synthetic_batch(seed: int, rows: int = ROWS, vocab: int = 128) -> dict[str, np.ndarray]:
+    """Rows of two packed documents each, padding at the end, uneven random target masks."""
+    rng = np.random.default_rng(seed)
+    batch = {
+        k: np.zeros((rows, SEQ_LEN), np.int32)
+        for k in ("input_ids", "target_ids", "positions", "segment_ids")
+    }
+    batch["target_mask"] = np.zeros((rows, SEQ_LEN), bool)
+    for r in range(rows):
+        first = rng.integers(3, 9)
+        second = rng.integers(2, SEQ_LEN - first)
+        start = 0
+        for segment, length in enumerate((first, second), start=1):
+            tokens = rng.integers(3, vocab, size=length)
+            span = slice(start, start + length)
+            batch["input_ids"][r, span] = tokens
+            batch["target_ids"][r, start : start + length - 1] = tokens[1:]
+            batch["positions"][r, span] = np.arange(length)
+            batch["segment_ids"][r, span] = segment
+            batch["target_mask"][r, start : start + length - 1] = rng.random(length - 1) < 0.7
+            start += length
+    return batch
+
+
+def tiny_model(family: str = "llama3.1") -> CausalLM:
+    return CausalLM(from_hf_config(hf_config(family)), rngs=nnx.Rngs(0))
+
+
+def run_steps(mesh, batches, *, accumulation: int = 1, family: str = "llama3.1", rows: int = ROWS):
+    model = tiny_model(family)
+    tx, schedule = make_optimizer(train_config())
+    state, shardings = init_state(model, tx, mesh)
+    steps = build_steps(
+        model,
+        tx,
+        schedule,
+        mesh,
+        shardings,
+        train_rows=rows,
+        eval_rows=rows,
+        seq_len=SEQ_LEN,
+        options=StepOptions(gradient_accumulation_steps=accumulation, loss_chunk_size=4),
+    )
+    history = []
+    for batch in batches:
+        state, metrics = steps.train(state, device_batch(batch, steps.batch_shardings))
+        history.append(jax.device_get(metrics))
+    return history, state, steps
+
+
+def _curve(history, key):
+    return np.array([m[key] for m in history])
+
+
+@pytest.fixture(scope="module")
+def single_device_history():
+    batches = [synthetic_batch(seed) for seed in range(3)]
+    return batches, run_steps(sharding.single_device_mesh(), batches)[0]
+
+
+@pytest.mark.parametrize(
+    "data,fsdp,tensor",
+    [(8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)],
+    ids=["data8", "fsdp8", "fsdp4xtp2", "2x2x2"],
+)
+def test_mesh_does_not_change_losses(single_device_history, data, fsdp, tensor):
+    batches, expected = single_device_history
+    history, state, _ = run_steps(sharding.make_mesh(data, fsdp, tensor), batches)
+    for key in ("train/loss", "train/grad_norm", "train/target_tokens"):
+        np.testing.assert_allclose(
+            _curve(history, key), _curve(expected, key), rtol=2e-5, err_msg=key
+        )
+    kernel = state["params"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
+    assert len({d for d in kernel.sharding.device_set}) == 8
+
+
+def test_gradient_accumulation_equals_one_big_batch(single_device_history):
+    """4 micro-batches of 2 rows with uneven target counts == one batch of 8 rows."""
+    batches, expected = single_device_history
+    counts = [int(batches[0]["target_mask"][j::4].sum()) for j in range(4)]
+    assert len(set(counts)) > 1, "the test needs micro-batches with different target counts"
+    history, _, _ = run_steps(sharding.single_device_mesh(), batches, accumulation=4)
+    for key in ("train/loss", "train/grad_norm"):
+        np.testing.assert_allclose(
+            _curve(history, key), _curve(expected, key), rtol=2e-5, err_msg=key
+        )
+
+
+def test_masked_tokens_have_no_influence():
+    """Changing tokens whose targets are masked, and masked targets, changes nothing but what
+    they feed causally: here the changed tokens are the last of each document."""
+    batch = synthetic_batch(7)
+    changed = {k: v.copy() for k, v in batch.items()}
+    untrained = ~batch["target_mask"]
+    changed["target_ids"][untrained] = (changed["target_ids"][untrained] + 5) % 128
+    last_of_doc = (batch["segment_ids"] > 0) & np.roll(
+        batch["segment_ids"] != batch["segment_ids"], -1, axis=1
+    )
+    changed["input_ids"][last_of_doc] = (changed["input_ids"][last_of_doc] + 7) % 128
+    mesh = sharding.single_device_mesh()
+    reference, state_a, _ = run_steps(mesh, [batch])
+    perturbed, state_b, _ = run_steps(mesh, [changed])
+    assert reference[0]["train/loss"] == perturbed[0]["train/loss"]
+    for a, b in zip(
+        jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_b["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_steps_compile_once_and_reject_other_shapes():
+    batches = [synthetic_batch(seed) for seed in range(3)]
+    _, state, steps = run_steps(sharding.single_device_mesh(), batches)
+    # Compiled ahead of time: another shape is refused, never recompiled.
+    wrong = {k: v[:, : SEQ_LEN // 2] for k, v in batches[0].items()}
+    with pytest.raises((TypeError, ValueError)):
+        steps.train(state, device_batch(wrong, steps.batch_shardings))
+    sums = steps.eval(state["params"], device_batch(batches[0], steps.batch_shardings))
+    assert float(sums.target_tokens) == batches[0]["target_mask"].sum()
