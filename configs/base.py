@@ -14,12 +14,86 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     # Local Hugging Face directory (config.json + *.safetensors) or a hub id.
     config.model.name_or_path = "assets/demo_model"
-    # dtype the parameters are stored in: "float32" or "bfloat16".
+    # dtype the parameters (and optimizer moments) are stored in: "float32" or "bfloat16".
     config.model.param_dtype = "float32"
+    # dtype of activations and matmul inputs: "float32", or "bfloat16" for mixed precision.
+    config.model.compute_dtype = "float32"
+    # Activation checkpointing per decoder layer: "none", "full" (recompute the layer in the
+    # backward pass) or "save_matmuls" (keep matmul outputs, recompute the rest).
+    config.model.remat = "none"
 
     # ---------------------------------------------------------------- data
     # (data block: owned by the data pipeline; fields documented one by one)
     config.data = ml_collections.ConfigDict()
     # ---------------------------------------------------------------- end data
+
+    # ---------------------------------------------------------------- train
+    config.train = ml_collections.ConfigDict()
+    # Optimizer updates to run (each over one global batch).
+    config.train.steps = 300
+    # Rows of config.data.max_length tokens per optimizer update, over all hosts and devices.
+    config.train.global_batch_size = 16
+    # Micro-batches each global batch is split into inside the step (to save memory); the
+    # update is the same as for the whole batch.
+    config.train.gradient_accumulation_steps = 1
+    # Peak learning rate (AdamW), reached after warmup_steps.
+    config.train.learning_rate = 3e-3
+    # After warmup: "cosine", "linear" (decay to min_lr_ratio * learning_rate) or "constant".
+    config.train.lr_schedule = "cosine"
+    # Updates of linear warmup from 0 to learning_rate.
+    config.train.warmup_steps = 20
+    # Final learning rate as a fraction of the peak.
+    config.train.min_lr_ratio = 0.1
+    # Decoupled weight decay (AdamW) on matrices; never on norms or biases.
+    config.train.weight_decay = 0.01
+    # Adam moment decay rates and epsilon.
+    config.train.adam_b1 = 0.9
+    config.train.adam_b2 = 0.95
+    config.train.adam_eps = 1e-8
+    # Clip the global gradient norm to this (0 = no clipping).
+    config.train.max_grad_norm = 1.0
+    # Weight of the z-loss, mean over target tokens of logsumexp(logits)^2 (0 = off).
+    config.train.z_loss_weight = 0.0
+    # Time steps whose logits are computed at once in the loss ([batch, chunk, vocab] fp32).
+    config.train.loss_chunk_size = 512
+    # Seed of parameter initialization and of data order.
+    config.train.seed = 0
+
+    # ---------------------------------------------------------------- eval
+    config.eval = ml_collections.ConfigDict()
+    # Evaluate every N optimizer updates (0 = only at the end); also always at the last step.
+    config.eval.every_steps = 50
+    # Rows per eval batch, over all hosts and devices.
+    config.eval.global_batch_size = 16
+    # Evaluate before the first update, so the curve starts from the pretrained model.
+    config.eval.at_start = True
+    # Stop after this many evals without an improvement of the eval loss (0 = never).
+    config.eval.early_stopping_patience = 0
+    # Smallest eval-loss decrease that counts as an improvement.
+    config.eval.early_stopping_min_delta = 0.0
+
+    # ---------------------------------------------------------------- mesh
+    # Device mesh axes; their product is the device count, one -1 takes the rest.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = 1  # pure data parallelism (replicated parameters)
+    config.mesh.fsdp = -1  # data parallelism with parameters and optimizer state sharded
+    config.mesh.tensor = 1  # tensor parallelism inside layers (heads, MLP width, vocab)
+
+    # ---------------------------------------------------------------- log
+    config.log = ml_collections.ConfigDict()
+    # Write train metrics every N updates (eval metrics are written at every eval).
+    config.log.every_steps = 10
+    # Peak dense bf16 TFLOP/s of one device for MFU; 0 = detect (H100/H200, A100, TPUs).
+    config.log.peak_tflops_per_device = 0.0
+
+    # ---------------------------------------------------------------- distributed
+    # Several processes: set by hand, or left empty to detect SLURM / Cloud TPU pods.
+    config.distributed = ml_collections.ConfigDict()
+    # host:port of process 0 ("" = single process or auto-detected).
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 1
+    config.distributed.process_id = 0
+    # CPU-only multi-process runs need a collectives backend: "gloo" (or "" on GPU/TPU).
+    config.distributed.cpu_collectives = ""
 
     return config.lock()

@@ -22,6 +22,13 @@ from flax import nnx
 from sft_jax.models.config import ModelConfig, RopeSpec
 
 _INIT_STD = 0.02  # transformers' default initializer_range, for models not loaded from disk
+# What each decoder layer keeps for the backward pass: everything, nothing (recompute the
+# layer), or only matmul outputs (recompute the cheap elementwise work).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_saveable,
+}
 
 
 def _broadcast_last(vector: jax.Array, ndim: int) -> jax.Array:
@@ -205,6 +212,10 @@ class DecoderLayer(nnx.Module):
         return x_BxTxD + mlp_out
 
 
+def _call_layer(layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT) -> jax.Array:
+    return layer(x_BxTxD, positions_BxT, segment_ids_BxT)
+
+
 class CausalLM(nnx.Module):
     """Decoder-only language model: embed, N decoder layers, final norm, LM head."""
 
@@ -214,11 +225,15 @@ class CausalLM(nnx.Module):
         *,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
         c = config
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}: expected one of {', '.join(REMAT_POLICIES)}.")
         self.config = config
         self.dtype = dtype
+        self.remat = remat
         self.embed = nnx.Param(
             _normal(rngs, (c.vocab_size, c.hidden_size), param_dtype),
             logical_axes=("vocab", "embed"),
@@ -251,8 +266,11 @@ class CausalLM(nnx.Module):
             # transformers rounds sqrt(D) to the weight dtype before multiplying.
             x_BxTxD = x_BxTxD * jnp.asarray(np.sqrt(self.config.hidden_size), embed_VxD.dtype)
         x_BxTxD = x_BxTxD.astype(self.dtype)
+        apply_layer = _call_layer
+        if self.remat != "none":
+            apply_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
         for layer in self.layers:
-            x_BxTxD = layer(x_BxTxD, positions_BxT, segment_ids_BxT)
+            x_BxTxD = apply_layer(layer, x_BxTxD, positions_BxT, segment_ids_BxT)
         return self.final_norm(x_BxTxD)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:

@@ -106,10 +106,14 @@ def load_hf_config(model_dir: Path) -> Any:
     return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
-def abstract_model(config: ModelConfig, *, dtype: Any, param_dtype: Any) -> CausalLM:
+def abstract_model(
+    config: ModelConfig, *, dtype: Any, param_dtype: Any, remat: str = "none"
+) -> CausalLM:
     """The model's structure with ShapeDtypeStructs in place of arrays (nothing allocated)."""
     return nnx.eval_shape(
-        lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: CausalLM(
+            config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)
+        )
     )
 
 
@@ -173,11 +177,13 @@ def from_pretrained(
     mesh: Mesh | None = None,
     param_dtype: Any = jnp.float32,
     dtype: Any = None,
+    remat: str = "none",
 ) -> CausalLM:
     """Loads a Hugging Face causal LM directory (or hub id) into a CausalLM sharded on `mesh`.
 
     param_dtype is the storage dtype of the parameters, dtype the compute dtype (defaults to
-    param_dtype). Every tensor goes straight from disk to its devices, slice by slice.
+    param_dtype), remat the activation checkpointing policy of the decoder layers. Every tensor
+    goes straight from disk to its devices, slice by slice.
     """
     model_dir = resolve_model_dir(name_or_path)
     hf_config = load_hf_config(model_dir)
@@ -188,7 +194,7 @@ def from_pretrained(
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
     mesh = mesh or sharding.single_device_mesh()
-    model = abstract_model(config, dtype=dtype or param_dtype, param_dtype=param_dtype)
+    model = abstract_model(config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat)
     graphdef, abstract_state = nnx.split(model)
     loaded, used = [], set()
     for path, variable in nnx.to_flat_state(abstract_state):

@@ -1,0 +1,137 @@
+"""Metrics out: WORKDIR/metrics.jsonl, TensorBoard events, console; FLOPs and MFU accounting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from sft_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets; matched by substring of
+# jax's device_kind. Devices not listed need config.log.peak_tflops_per_device for MFU.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L4": 121.0,
+    "TPU v6": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v4": 275.0,
+}
+
+
+def peak_flops_per_device(override_tflops: float = 0.0) -> float:
+    """Peak FLOP/s of one local device; 0.0 when unknown (then MFU is not reported)."""
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, tflops in PEAK_BF16_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return tflops * 1e12
+    return 0.0
+
+
+def matmul_params(config: ModelConfig) -> int:
+    """Parameters that take part in matrix products (every linear layer and the LM head).
+
+    The input embedding is a lookup, not a product, so it does not count unless it is tied
+    to the LM head (then it counts once, as the head).
+    """
+    c = config
+    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return c.num_layers * (attention + mlp) + c.vocab_size * c.hidden_size
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token for forward + backward (what MFU divides by peak).
+
+    6 * matmul_params, plus attention scores and values: forward 4 * T * H * E per token per
+    layer (q.k and p.v), times 3 for forward + backward, halved because causal masking leaves
+    half of the T x T products. Packed rows are counted as one causal sequence of T tokens.
+    Remat recomputation is not counted (this is model FLOPs utilization, not hardware).
+    """
+    c = config
+    attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
+    return 6 * matmul_params(c) + attention
+
+
+class MetricsWriter:
+    """Appends metric events to metrics.jsonl and TensorBoard; only process 0 writes."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self._file = None
+        self._tensorboard = None
+        if self.enabled:
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the run)
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key == "step":
+                continue
+            if isinstance(value, str):
+                self._tensorboard.add_text(key, value, step)
+            elif isinstance(value, (int, float)) and math.isfinite(value):
+                self._tensorboard.add_scalar(key, value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._tensorboard.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+class Progress:
+    """A progress bar on a terminal, plain log lines every `every` steps otherwise."""
+
+    def __init__(self, total: int, initial: int, every: int):
+        self.every = every
+        self.bar = None
+        if sys.stderr.isatty() and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, values: dict[str, Any]) -> None:
+        loss, tokens_per_sec = values.get("train/loss"), values.get("train/tokens_per_sec", 0.0)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+        elif step % self.every == 0 and jax.process_index() == 0:
+            log.info("step %d: loss %.4f, %.0f tokens/s", step, loss, tokens_per_sec)
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif jax.process_index() == 0:
+            log.info("%s", text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,189 @@
+"""The training loop: eval against transformers, metrics files, early stop, divergence, hosts."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+from hf_models import hf_logits, save_hf_model
+from test_step import SEQ_LEN, synthetic_batch
+
+from sft_jax import trainer
+from sft_jax.models import from_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base_config(model_dir: Path, **train) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("base_config", REPO / "configs" / "base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.name_or_path = str(model_dir)
+    config.train.steps = 6
+    config.train.global_batch_size = 8
+    config.train.warmup_steps = 1
+    config.train.loss_chunk_size = 4
+    config.eval.global_batch_size = 8
+    config.eval.every_steps = 3
+    config.log.every_steps = 1
+    config.mesh.fsdp = 1
+    config.mesh.data = -1
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def synthetic_source(eval_seeds=(100, 101)) -> trainer.DataSource:
+    train_batches = (synthetic_batch(seed) for seed in itertools.count())
+    return trainer.DataSource(
+        train_batches=train_batches,
+        eval_batches=lambda: [synthetic_batch(seed) for seed in eval_seeds],
+        seq_len=SEQ_LEN,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    save_hf_model("llama3.1", path)
+    return path
+
+
+def reference_eval_loss(model_dir: Path, batches) -> float:
+    """Token-weighted mean cross-entropy computed with the transformers model, per document."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, attn_implementation="eager"
+    ).eval()
+    nll, count = 0.0, 0
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            for segment in set(batch["segment_ids"][row]) - {0}:
+                where = batch["segment_ids"][row] == segment
+                logits = torch.as_tensor(
+                    hf_logits(model, batch["input_ids"][row][where][None])[0], dtype=torch.float64
+                )
+                log_probs = torch.log_softmax(logits, dim=-1).numpy()
+                targets, mask = batch["target_ids"][row][where], batch["target_mask"][row][where]
+                nll -= log_probs[np.arange(len(targets)), targets][mask].sum()
+                count += int(mask.sum())
+    return nll / count
+
+
+def test_eval_loss_at_step_zero_matches_transformers(model_dir, tmp_path):
+    source = synthetic_source()
+    config = base_config(model_dir)
+    run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), source)
+    metrics = run.run_eval(0)
+    expected = reference_eval_loss(model_dir, source.eval_batches())
+    assert metrics["eval/loss"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["eval/perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+
+
+def test_training_logs_metrics_and_learns(model_dir, tmp_path):
+    source = synthetic_source()
+    repeated = synthetic_batch(0)
+    source.train_batches = itertools.repeat(repeated)
+    config = base_config(model_dir, steps=12, learning_rate=3e-3)
+    run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), source)
+    summary = run.train()
+    run.writer.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train_records] == list(range(1, 13))
+    assert {
+        "train/grad_norm",
+        "train/learning_rate",
+        "train/tokens_per_sec",
+        "train/target_tokens",
+    } <= set(train_records[0])
+    assert train_records[0]["train/target_tokens"] == repeated["target_mask"].sum()
+    eval_steps = [r["step"] for r in records if "eval/loss" in r]
+    assert eval_steps == [0, 3, 6, 9, 12]
+    assert train_records[-1]["train/loss"] < 0.5 * train_records[0]["train/loss"]
+    assert summary["end_step"] == 12 and not summary["stopped_early"]
+    assert list((tmp_path / "tensorboard").iterdir()), "TensorBoard event file expected"
+
+
+def test_early_stopping_records_best_step(model_dir, tmp_path):
+    config = base_config(model_dir, steps=12)
+    config.eval.early_stopping_patience = 2
+    config.eval.early_stopping_min_delta = (
+        1e9  # nothing counts as an improvement after the first eval
+    )
+    run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), synthetic_source())
+    summary = run.train()
+    assert summary["stopped_early"] and summary["end_step"] == 6
+    assert summary["best_step"] == 0
+
+
+def test_non_finite_loss_stops_naming_the_step(model_dir, tmp_path):
+    model = from_pretrained(model_dir)
+    model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], jnp.nan)
+    config = base_config(model_dir)
+    config.eval.at_start = False
+    run = trainer.Trainer(config, tmp_path, model, synthetic_source())
+    with pytest.raises(trainer.TrainingDivergedError, match=r"step 1: loss nan"):
+        run.train()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(model_dir: Path, workdir: Path, processes: int, devices_each: int) -> list[float]:
+    port = _free_port()
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
+        JAX_PLATFORMS="cpu",
+    )
+    script = Path(__file__).with_name("multihost_worker.py")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                str(model_dir),
+                str(workdir / str(i)),
+                str(i),
+                str(processes),
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return json.loads(outputs[0][0].splitlines()[-1])
+
+
+def test_two_processes_equal_one(model_dir, tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed over loopback, gloo) == 1 process x 4."""
+    single = _launch(model_dir, tmp_path / "one", processes=1, devices_each=4)
+    double = _launch(model_dir, tmp_path / "two", processes=2, devices_each=2)
+    np.testing.assert_allclose(double["losses"], single["losses"], rtol=2e-5)
+    np.testing.assert_allclose(double["eval_loss"], single["eval_loss"], rtol=2e-5)
+    assert jax.process_count() == 1
