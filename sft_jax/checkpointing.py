@@ -1,0 +1,157 @@
+"""Orbax checkpoints of a run: train state, data position and config; async, last K plus best."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as policies
+
+log = logging.getLogger(__name__)
+BEST_METRIC = "eval/loss"
+
+
+class Checkpoints:
+    """WORKDIR/checkpoints/<step>/{state, data, meta}: written in the background, atomically.
+
+    `state` is the train-state pytree (params, optimizer state, step), `data` the data
+    iterator's JSON state, `meta` the config of the run and the metrics at that step.
+    """
+
+    def __init__(
+        self, directory: Path, keep_last: int, keep_best: int = 1, async_save: bool = True
+    ):
+        self.directory = Path(directory).absolute()
+        preserve = [policies.LatestN(n=max(keep_last, 1))]
+        if keep_best > 0:
+            preserve.append(
+                policies.BestN(
+                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                    reverse=True,  # lower eval loss is better
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(preserve),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict[str, Any],
+        config: ml_collections.ConfigDict,
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Starts saving; returns once the device arrays are copied (training may go on)."""
+        meta = {"config": config.to_json(), "metrics": metrics or {}}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(data_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            metrics={BEST_METRIC: metrics[BEST_METRIC]}
+            if metrics and BEST_METRIC in metrics
+            else None,
+            force=True,
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest eval loss, or None when no eval was saved."""
+        scored = [
+            (m[BEST_METRIC], s)
+            for s in self.steps()
+            if BEST_METRIC in (m := self.meta(s)["metrics"])
+        ]
+        return min(scored)[1] if scored else None
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """State (resharded onto `abstract_state`'s shardings), data state and meta of a step."""
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return restored.state, restored.data, restored.meta
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """The newest checkpoint that restores; damaged ones are skipped with a warning."""
+        for step in reversed(self.steps()):
+            try:
+                state, data_state, _ = self.restore(step, abstract_state)
+            except Exception as e:  # a damaged checkpoint must not end the run: use an older one
+                log.warning(
+                    "checkpoint %d in %s cannot be restored (%s: %s); trying the one before.",
+                    step, self.directory, type(e).__name__, str(e)[:300],
+                )  # fmt: skip
+                continue
+            return step, state, data_state
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state: Any) -> Any:
+    """ShapeDtypeStructs with the shardings of `state`: the target a restore reshards onto."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+class StopSignal:
+    """Turns SIGTERM / SIGINT into a request to save and stop after the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        log.warning(
+            "received %s: saving after this step, then stopping.", signal.Signals(signum).name
+        )
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True when any process was signalled (all processes must stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())

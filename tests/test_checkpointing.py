@@ -1,0 +1,80 @@
+"""Checkpoints: reshard on restore, damaged checkpoints skipped, last K plus best kept."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from test_step import ROWS, SEQ_LEN, synthetic_batch, tiny_model, train_config
+
+from sft_jax import sharding
+from sft_jax.checkpointing import Checkpoints, abstract_like
+from sft_jax.optim import make_optimizer
+from sft_jax.step import StepOptions, build_steps, device_batch, init_state
+
+
+def trained_state(mesh, steps: int = 2):
+    model = tiny_model()
+    tx, schedule = make_optimizer(train_config())
+    state, shardings = init_state(model, tx, mesh)
+    compiled = build_steps(
+        model, tx, schedule, mesh, shardings, train_rows=ROWS, eval_rows=ROWS, seq_len=SEQ_LEN,
+        options=StepOptions(loss_chunk_size=4),
+    )  # fmt: skip
+    for seed in range(steps):
+        state, _ = compiled.train(
+            state, device_batch(synthetic_batch(seed), compiled.batch_shardings)
+        )
+    return state, compiled
+
+
+def test_save_on_fsdp8_restore_on_fsdp2_tensor2_trains_the_same(tmp_path):
+    config = train_config()
+    fsdp8 = sharding.make_mesh(1, 8, 1)
+    state, compiled = trained_state(fsdp8)
+    checkpoints = Checkpoints(tmp_path, keep_last=2)
+    checkpoints.save(2, state, {"epoch": 0, "position": 16}, config)
+    checkpoints.wait()
+    next_batch = synthetic_batch(99)
+    _, expected = compiled.train(state, device_batch(next_batch, compiled.batch_shardings))
+
+    other = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
+    template, other_compiled = trained_state(other, steps=0)
+    restored, data_state, meta = checkpoints.restore(2, abstract_like(template))
+    kernel = restored["params"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert int(restored["step"]) == 2 and data_state == {"epoch": 0, "position": 16}
+    assert meta["metrics"] == {}
+    _, actual = other_compiled.train(
+        restored, device_batch(next_batch, other_compiled.batch_shardings)
+    )
+    for key in ("train/loss", "train/grad_norm"):
+        np.testing.assert_allclose(float(actual[key]), float(expected[key]), rtol=2e-5)
+    checkpoints.close()
+
+
+def test_damaged_latest_checkpoint_is_skipped(tmp_path):
+    mesh = sharding.single_device_mesh()
+    state, _ = trained_state(mesh, steps=1)
+    checkpoints = Checkpoints(tmp_path, keep_last=3)
+    for step in (1, 2):
+        checkpoints.save(step, state, {"position": step}, train_config())
+    checkpoints.wait()
+    for path in (tmp_path / "2" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    step, _, data_state = checkpoints.restore_latest(abstract_like(state))
+    assert (step, data_state) == (1, {"position": 1})
+    checkpoints.close()
+
+
+def test_keeps_last_k_and_the_best(tmp_path):
+    mesh = sharding.single_device_mesh()
+    state, _ = trained_state(mesh, steps=0)
+    checkpoints = Checkpoints(tmp_path, keep_last=2, keep_best=1, async_save=False)
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 2.6}
+    for step, loss in losses.items():
+        checkpoints.save(step, state, {}, train_config(), metrics={"eval/loss": loss})
+    checkpoints.save(6, state, {}, train_config())
+    assert checkpoints.steps() == [2, 5, 6]
+    assert checkpoints.best_step() == 2
+    checkpoints.close()
