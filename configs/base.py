@@ -72,6 +72,29 @@ def get_config() -> ml_collections.ConfigDict:
     # Smallest eval-loss decrease that counts as an improvement.
     config.eval.early_stopping_min_delta = 0.0
 
+    # ---------------------------------------------------------------- checkpoint
+    # Orbax checkpoints in WORKDIR/checkpoints; a WORKDIR holding some resumes from the newest.
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.enabled = True
+    # Save every N updates (0 = only at the end); also at every eval and on SIGTERM / SIGINT.
+    config.checkpoint.every_steps = 100
+    # Keep the newest K checkpoints, plus the keep_best ones with the lowest eval loss.
+    config.checkpoint.keep_last = 2
+    config.checkpoint.keep_best = 1
+    # Write in the background while training goes on.
+    config.checkpoint.async_save = True
+    # Start from another run's parameters (its WORKDIR; its best checkpoint, else its newest)
+    # with a fresh optimizer: fine-tune a fine-tune. Ignored when WORKDIR has checkpoints.
+    config.checkpoint.init_from = ""
+
+    # ---------------------------------------------------------------- export
+    # Hugging Face directory written when training ends (not after a stop signal).
+    config.export = ml_collections.ConfigDict()
+    # Which checkpoint: "best" (lowest eval loss), "last", or "none" to skip the export.
+    config.export.at_end = "best"
+    # Output directory; "" = WORKDIR/export.
+    config.export.dir = ""
+
     # ---------------------------------------------------------------- mesh
     # Device mesh axes; their product is the device count, one -1 takes the rest.
     config.mesh = ml_collections.ConfigDict()

@@ -26,7 +26,12 @@ class Checkpoints:
     """
 
     def __init__(
-        self, directory: Path, keep_last: int, keep_best: int = 1, async_save: bool = True
+        self,
+        directory: Path,
+        keep_last: int = 1,
+        keep_best: int = 1,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = Path(directory).absolute()
         preserve = [policies.LatestN(n=max(keep_last, 1))]
@@ -42,7 +47,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,  # another run's checkpoints: never written, never pruned
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
@@ -61,7 +67,7 @@ class Checkpoints:
         self.manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.PyTreeSave(state),
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -95,12 +101,20 @@ class Checkpoints:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=_tree_restore(abstract_state),
                 data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
             ),
         )
         return restored.state, restored.data, restored.meta
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of a step (no optimizer state is read)."""
+        target = {"params": abstract_params}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=_tree_restore(target, partial=True))
+        )
+        return restored.state["params"]
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """The newest checkpoint that restores; damaged ones are skipped with a warning."""
@@ -119,6 +133,11 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _tree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
 
 
 def abstract_like(state: Any) -> Any:
@@ -155,3 +174,9 @@ class StopSignal:
         if jax.process_count() == 1:
             return self.requested
         return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A run's WORKDIR or its checkpoints/ folder -> the checkpoints folder."""
+    path = Path(path)
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path

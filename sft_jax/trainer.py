@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 
 from sft_jax import distributed, sharding
+from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like, checkpoint_dir
+from sft_jax.export import export_run
 from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, training_flops_per_token
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.optim import make_optimizer
@@ -33,7 +35,8 @@ class TrainingDivergedError(RuntimeError):
 class DataSource:
     """What the loop needs from the data layer."""
 
-    train_batches: Iterator[dict[str, np.ndarray]]  # endless, this process's rows
+    # Endless iterator of this process's rows, with get_state() / set_state(state) (JSON).
+    train_batches: Iterator[dict[str, np.ndarray]]
     eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]  # one pass over the eval set
     seq_len: int
     tokenizer: Any = None
@@ -92,6 +95,15 @@ class Trainer:
     ):
         self.config, self.workdir, self.data = config, workdir, data
         train = config.train
+        self.checkpoints = None
+        self.last_saved_step = -1
+        if config.checkpoint.enabled:
+            self.checkpoints = Checkpoints(
+                workdir / "checkpoints",
+                keep_last=config.checkpoint.keep_last,
+                keep_best=config.checkpoint.keep_best,
+                async_save=config.checkpoint.async_save,
+            )
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.tx, self.schedule = make_optimizer(train)
         self.state, state_shardings = init_state(model, self.tx, self.mesh)
@@ -146,49 +158,84 @@ class Trainer:
                 "more is saved. Lower config.train.learning_rate, check the data, or use float32."
             )
 
+    def resume(self) -> None:
+        """Continues from the newest complete checkpoint in WORKDIR, or starts from init_from."""
+        if self.checkpoints is not None and self.checkpoints.steps():
+            restored = self.checkpoints.restore_latest(abstract_like(self.state))
+            if restored is not None:
+                step, self.state, data_state = restored
+                self.data.train_batches.set_state(data_state)
+                self.last_saved_step = step
+                log.info("resumed from %s at step %d", self.checkpoints.directory, step)
+                return
+        if self.config.checkpoint.init_from:
+            source = Checkpoints(checkpoint_dir(self.config.checkpoint.init_from), read_only=True)
+            step = source.best_step() or source.steps()[-1]
+            params = source.restore_params(step, abstract_like(self.state["params"]))
+            self.state = {**self.state, "params": params}
+            log.info("initialized parameters from %s, step %d", source.directory, step)
+
+    def save(self, step: int, metrics: dict[str, float] | None = None) -> None:
+        if self.checkpoints is None or step == self.last_saved_step:
+            return
+        data_state = self.data.train_batches.get_state()
+        self.checkpoints.save(step, self.state, data_state, self.config, metrics)
+        self.last_saved_step = step
+
     def train(self) -> dict[str, Any]:
-        """Runs to config.train.steps or an early stop; step s's metrics are read once s+1 runs."""
+        """Runs to config.train.steps, an early stop or a stop signal, saving on the way.
+
+        Step s's metrics are read once step s+1 is queued, so the device never waits on the
+        host; before any save they are read first, so a non-finite step is never saved.
+        """
         total, eval_every = self.config.train.steps, self.config.eval.every_steps
+        save_every = self.config.checkpoint.every_steps
         step = int(jax.device_get(self.state["step"]))
         progress = Progress(total, step, self.config.log.every_steps)
-        summary: dict[str, Any] = {"start_step": step}
-        if self.config.eval.at_start:
+        summary: dict[str, Any] = {"start_step": step, "interrupted": False, "stopped_early": False}
+        if self.config.eval.at_start and step == 0:
             summary["initial_eval"] = self.run_eval(step)
             progress.message(f"step {step}: eval loss {summary['initial_eval']['eval/loss']:.4f}")
         pending, last_time = None, time.perf_counter()
-        stopped_early = False
-        while step < total and not stopped_early:
-            batch = device_batch(next(self.data.train_batches), self.steps.batch_shardings)
-            self.state, metrics = self.steps.train(self.state, batch)
-            step += 1
-            if pending is not None:  # the previous step's metrics: the device is already busy
-                last_time = self._log_train(*pending, last_time, progress)
-            pending = (step, metrics)
-            if (eval_every and step % eval_every == 0) or step == total:
+        with StopSignal() as stop:
+            while step < total and not summary["stopped_early"]:
+                if stop.agreed():
+                    summary["interrupted"] = True
+                    break
+                batch = device_batch(next(self.data.train_batches), self.steps.batch_shardings)
+                self.state, metrics = self.steps.train(self.state, batch)
+                step += 1
+                if pending is not None:  # the previous step's metrics: the device is busy already
+                    last_time = self._log_train(*pending, last_time, progress)
+                pending = (step, metrics)
+                eval_due = (eval_every and step % eval_every == 0) or step == total
+                save_due = (save_every and step % save_every == 0) or step == total
+                if not (eval_due or save_due):
+                    continue
                 last_time = self._log_train(*pending, last_time, progress)
                 pending = None
-                result = self.run_eval(step)
-                progress.message(f"step {step}: eval loss {result['eval/loss']:.4f}")
-                stopped_early = result["stop"]
-                summary["final_eval"] = result
+                result = self.run_eval(step) if eval_due else None
+                if result is not None:
+                    progress.message(f"step {step}: eval loss {result['eval/loss']:.4f}")
+                    summary["final_eval"] = result
+                    summary["stopped_early"] = result.pop("stop")
+                self.save(step, result)
                 last_time = time.perf_counter()
-        if pending is not None:
-            self._log_train(*pending, last_time, progress)
+            if pending is not None:
+                self._log_train(*pending, last_time, progress)
+            self.save(step)  # the step reached: after a signal or an early stop
         progress.close()
-        summary |= {
-            "end_step": step,
-            "stopped_early": stopped_early,
-            "best_step": self.early_stopping.best_step,
-            "best_eval_loss": self.early_stopping.best_loss,
-        }
-        if stopped_early:
-            log.info(
-                "early stop at step %d: best eval loss %.4f at step %d",
-                step,
-                self.early_stopping.best_loss,
-                self.early_stopping.best_step,
-            )
+        if summary["interrupted"]:
+            progress.message(f"stopped by signal at step {step}; checkpoint saved. Run the same "
+                             "command again to resume.")  # fmt: skip
+        summary |= {"end_step": step, "best_step": self.early_stopping.best_step,
+                    "best_eval_loss": self.early_stopping.best_loss}  # fmt: skip
         return summary
+
+    def close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.close()
+        self.writer.close()
 
     def _log_train(self, step: int, metrics: Any, last_time: float, progress: Progress) -> float:
         values = jax.device_get(metrics)
@@ -218,6 +265,12 @@ def run(
     data = data_factory(config)
     trainer = Trainer(config, workdir, model, data)
     try:
-        return trainer.train()
+        trainer.resume()
+        summary = trainer.train()
     finally:
-        trainer.writer.close()
+        trainer.close()
+    if config.export.at_end != "none" and not summary["interrupted"]:
+        summary["export"] = str(
+            export_run(workdir, which=config.export.at_end, out=config.export.dir or None)
+        )
+    return summary

@@ -4,7 +4,6 @@
 Prints {"losses": [...], "eval_loss": x} as its last line.
 """
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_step import SEQ_LEN, synthetic_batch
-from test_trainer import base_config
+from test_trainer import SyntheticBatches, base_config
 
 from sft_jax import distributed, trainer
 from sft_jax.models import from_pretrained
@@ -36,9 +35,7 @@ def main() -> None:
     config.eval.at_start = False
     config.eval.every_steps = 4
     source = trainer.DataSource(
-        train_batches=(
-            local_rows(synthetic_batch(s), process_id, processes) for s in itertools.count()
-        ),
+        train_batches=SyntheticBatches(lambda batch: local_rows(batch, process_id, processes)),
         eval_batches=lambda: [
             local_rows(synthetic_batch(s), process_id, processes) for s in (100, 101)
         ],

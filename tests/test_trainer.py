@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -42,15 +41,33 @@ def base_config(model_dir: Path, **train) -> ml_collections.ConfigDict:
     config.log.every_steps = 1
     config.mesh.fsdp = 1
     config.mesh.data = -1
+    config.checkpoint.enabled = False
+    config.export.at_end = "none"
     for key, value in train.items():
         config.train[key] = value
     return config
 
 
+class SyntheticBatches:
+    """Batch n is synthetic_batch(n); its state is the next n."""
+
+    def __init__(self, transform=lambda batch: batch):
+        self.position, self.transform = 0, transform
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.position += 1
+        return self.transform(synthetic_batch(self.position - 1))
+
+    def get_state(self) -> dict[str, int]:
+        return {"position": self.position}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.position = state["position"]
+
+
 def synthetic_source(eval_seeds=(100, 101)) -> trainer.DataSource:
-    train_batches = (synthetic_batch(seed) for seed in itertools.count())
     return trainer.DataSource(
-        train_batches=train_batches,
+        train_batches=SyntheticBatches(),
         eval_batches=lambda: [synthetic_batch(seed) for seed in eval_seeds],
         seq_len=SEQ_LEN,
     )
@@ -98,7 +115,7 @@ def test_eval_loss_at_step_zero_matches_transformers(model_dir, tmp_path):
 def test_training_logs_metrics_and_learns(model_dir, tmp_path):
     source = synthetic_source()
     repeated = synthetic_batch(0)
-    source.train_batches = itertools.repeat(repeated)
+    source.train_batches = SyntheticBatches(lambda _: repeated)
     config = base_config(model_dir, steps=12, learning_rate=3e-3)
     run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), source)
     summary = run.train()
