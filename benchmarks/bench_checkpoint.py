@@ -1,0 +1,106 @@
+"""Save and restore times of a ~1 GB train state, and what an async save costs the training.
+
+  python benchmarks/bench_checkpoint.py [--dir=/tmp/sft_jax_bench_ckpts] [--steps=8]
+
+The state is a Llama-shaped model (random, fp32) with its AdamW moments: 3 x parameters.
+'async save' runs `steps` train steps twice, once plain and once with a save started before
+the first; the overhead is the extra wall time of the second run (the save included until it
+completes, so that nothing is hidden behind the end of the measurement). On a CPU-only host the
+save's serialization competes with the step for the same cores; on GPU/TPU the step runs on
+the device while host threads write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import transformers
+from bench_train import random_batch, train_config
+from flax import nnx
+
+from sft_jax import sharding
+from sft_jax.checkpointing import Checkpoints, abstract_like
+from sft_jax.models import CausalLM, from_hf_config
+from sft_jax.optim import make_optimizer
+from sft_jax.step import StepOptions, build_steps, device_batch, init_state
+
+
+def state_bytes(state) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", default="/tmp/sft_jax_bench_ckpts")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    hf = transformers.LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    )
+    model = CausalLM(from_hf_config(hf), rngs=nnx.Rngs(0))
+    mesh = sharding.make_mesh(fsdp=-1)
+    tx, schedule = make_optimizer(train_config(args.steps))
+    state, shardings = init_state(model, tx, mesh)
+    rows, seq = 2 * jax.device_count(), 128
+    steps = build_steps(model, tx, schedule, mesh, shardings, train_rows=rows, eval_rows=rows,
+                        seq_len=seq, options=StepOptions())  # fmt: skip
+    batch = device_batch(random_batch(rows, seq, hf.vocab_size), steps.batch_shardings)
+    size = state_bytes(state)
+    print(
+        f"state: {size / 1e9:.2f} GB on {jax.device_count()} {jax.devices()[0].platform} device(s)"
+    )
+
+    def run_steps(state, save_first: Checkpoints | None):
+        start = time.perf_counter()
+        if save_first is not None:
+            save_first.save(10_000, state, {}, train_config(args.steps))
+        for _ in range(args.steps):
+            state, metrics = steps.train(state, batch)
+        jax.block_until_ready(metrics)
+        if save_first is not None:
+            save_first.wait()
+        return state, time.perf_counter() - start
+
+    state, _ = run_steps(state, None)  # warm-up
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    sync = Checkpoints(root / "sync", keep_last=1, async_save=False)
+    start = time.perf_counter()
+    sync.save(1, state, {}, train_config(args.steps))
+    save_s = time.perf_counter() - start
+    start = time.perf_counter()
+    restored, _, _ = sync.restore(1, abstract_like(state))
+    jax.block_until_ready(restored)
+    restore_s = time.perf_counter() - start
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True)
+    )
+
+    state, plain_s = run_steps(state, None)
+    state, with_save_s = run_steps(state, Checkpoints(root / "async", keep_last=1, async_save=True))
+    print(f"blocking save:   {save_s:6.2f} s  ({size / 1e9 / save_s:.2f} GB/s)")
+    print(f"restore:         {restore_s:6.2f} s  ({size / 1e9 / restore_s:.2f} GB/s)")
+    print(
+        f"{args.steps} steps:        {plain_s:6.2f} s plain, {with_save_s:.2f} s with an async save"
+    )
+    extra = with_save_s - plain_s
+    print(
+        f"async save cost: {extra / plain_s:6.1%} of {args.steps} steps' time, "
+        f"{extra / save_s:.0%} of a blocking save"
+    )
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
