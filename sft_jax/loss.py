@@ -42,13 +42,20 @@ def _chunk_sums(
     )
 
 
-def loss_sums(model: CausalLM, batch: dict[str, jax.Array], max_chunk: int = 512) -> LossSums:
+def loss_sums(
+    model: CausalLM,
+    batch: dict[str, jax.Array],
+    max_chunk: int = 512,
+    dropout_key: jax.Array | None = None,
+) -> LossSums:
     """Sums of the masked cross-entropy of `batch` under `model`.
 
     Logits are computed `chunk` time steps at a time (the batch axis stays whole, so it stays
     sharded) and recomputed in the backward pass: peak logits memory is [B, chunk, V].
     """
-    hidden_BxTxD = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    hidden_BxTxD = model.hidden_states(
+        batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+    )
     batch_size, seq_len, _ = hidden_BxTxD.shape
     chunk = time_chunk(seq_len, max_chunk)
     num_chunks = seq_len // chunk

@@ -1,8 +1,10 @@
 """Train and eval steps: pure functions of (state, batch), compiled once with explicit shardings.
 
-The train state is a plain pytree {"step", "params", "opt_state"}; the model's structure
-(graphdef) is static. Both steps are compiled ahead of time from abstract inputs, so a batch
-of another shape or sharding is an error, never a silent recompilation.
+The train state is a plain pytree {"step", "params", "opt_state"} of the *trainable*
+variables (all parameters, or with LoRA only the adapters); frozen variables (the base model
+under LoRA, quantized storage) are a separate argument, never donated, never checkpointed. The
+model's structure (graphdef) is static. Both steps are compiled ahead of time from abstract
+inputs, so a batch of another shape or sharding is an error, never a silent recompilation.
 """
 
 from __future__ import annotations
@@ -32,16 +34,17 @@ class StepOptions:
     gradient_accumulation_steps: int = 1
     z_loss_weight: float = 0.0
     loss_chunk_size: int = 512
+    dropout_seed: int = 0  # LoRA dropout masks derive from (seed, step, micro-batch)
 
 
 def _keystr(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def param_shardings(model: CausalLM, mesh: Mesh) -> dict[str, Any]:
-    """NamedSharding per parameter (a pure dict shaped like the params), from logical axes."""
+def param_shardings(model: CausalLM, mesh: Mesh, which: Any = nnx.Param) -> dict[str, Any]:
+    """NamedSharding per variable selected by `which` (a pure dict), from logical axes."""
     flat = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, variable in nnx.to_flat_state(nnx.state(model, which)):
         value = variable.get_value()
         flat[path] = sharding.named_sharding(
             variable.get_metadata()["logical_axes"], value.shape, mesh
@@ -100,14 +103,21 @@ class Steps:
     train: Any  # (state, batch) -> (state, metrics)
     eval: Any  # (params, batch) -> LossSums
     state_shardings: Any
+    frozen: Any  # the frozen variables both steps read (a pure dict, possibly empty)
     batch_shardings: dict[str, NamedSharding]
     compile_seconds: float
 
 
-def init_state(model: CausalLM, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[Any, Any]:
-    """Train state placed on the mesh, and its shardings."""
-    shardings = param_shardings(model, mesh)
-    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
+def frozen_filter(trainable: Any) -> Any:
+    return nnx.Not(trainable)
+
+
+def init_state(
+    model: CausalLM, tx: optax.GradientTransformation, mesh: Mesh, trainable: Any = nnx.Param
+) -> tuple[Any, Any]:
+    """Train state of the `trainable` variables placed on the mesh, and its shardings."""
+    shardings = param_shardings(model, mesh, trainable)
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, trainable)), shardings)
     opt_shardings = _opt_state_shardings(jax.eval_shape(tx.init, params), shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -131,37 +141,44 @@ def build_steps(
     eval_rows: int,
     seq_len: int,
     options: StepOptions,
+    trainable: Any = nnx.Param,
 ) -> Steps:
     """Compiles the train step (donating the state) and the eval step, once."""
-    graphdef = nnx.graphdef(model)
+    graphdef, _, frozen_state = nnx.split(model, trainable, ...)
+    frozen_shardings = param_shardings(model, mesh, frozen_filter(trainable))
+    frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
     k = options.gradient_accumulation_steps
     if train_rows % k:
         raise ValueError(
             f"global batch of {train_rows} rows is not divisible into {k} micro-batches."
         )
 
-    def sums_of(params: Any, batch: dict[str, jax.Array]) -> LossSums:
-        return loss_sums(nnx.merge(graphdef, params), batch, options.loss_chunk_size)
+    def sums_of(params: Any, frozen: Any, batch: dict[str, jax.Array], key=None) -> LossSums:
+        model = nnx.merge(graphdef, params, frozen)
+        return loss_sums(model, batch, options.loss_chunk_size, dropout_key=key)
 
-    def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+    def train_step(state: dict[str, Any], frozen: Any, batch: dict[str, jax.Array]):
         # One division, by the target tokens of the whole global batch (all devices, all
         # micro-batches): micro-batches of uneven size then weigh exactly right.
         target_tokens = jnp.sum(batch["target_mask"].astype(jnp.float32))
         denominator = jnp.maximum(target_tokens, 1.0)
 
-        def objective(params: Any, micro: dict[str, jax.Array]):
-            sums = sums_of(params, micro)
+        step_key = jax.random.fold_in(jax.random.key(options.dropout_seed), state["step"])
+
+        def objective(params: Any, micro: dict[str, jax.Array], key: jax.Array):
+            sums = sums_of(params, frozen, micro, key)
             return (sums.nll + options.z_loss_weight * sums.z) / denominator, sums
 
         grad_fn = jax.grad(objective, has_aux=True)
         params = state["params"]
         if k == 1:
-            grads, sums = grad_fn(params, batch)
+            grads, sums = grad_fn(params, batch, step_key)
         else:
 
-            def accumulate(carry, micro):
+            def accumulate(carry, micro_and_index):
                 grads_acc, sums_acc = carry
-                grads, sums = grad_fn(params, micro)
+                micro, index = micro_and_index
+                grads, sums = grad_fn(params, micro, jax.random.fold_in(step_key, index))
                 grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
                 return (
                     grads_acc,
@@ -170,8 +187,9 @@ def build_steps(
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             zero = jnp.zeros((), jnp.float32)
+            micro_batches = (_micro_batches(batch, k, mesh), jnp.arange(k))
             (grads, sums), _ = jax.lax.scan(
-                accumulate, (zeros, LossSums(zero, zero, zero)), _micro_batches(batch, k, mesh)
+                accumulate, (zeros, LossSums(zero, zero, zero)), micro_batches
             )
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         grad_norm = optax.global_norm(grads)
@@ -194,32 +212,44 @@ def build_steps(
     shardings = batch_shardings(mesh)
     abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(lambda: _abstract_state(model, tx)),
+        jax.eval_shape(lambda: _abstract_state(model, tx, trainable)),
         state_shardings,
+    )
+    abstract_frozen = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen
     )
     start = time.perf_counter()
     train = (
         jax.jit(
             train_step,
-            in_shardings=(state_shardings, shardings),
+            in_shardings=(state_shardings, frozen_shardings, shardings),
             out_shardings=(state_shardings, replicated),
             donate_argnums=(0,),
         )
-        .lower(abstract_state, abstract_batch(train_rows, seq_len, mesh))
+        .lower(abstract_state, abstract_frozen, abstract_batch(train_rows, seq_len, mesh))
         .compile()
     )
     eval_ = (
         jax.jit(
-            sums_of, in_shardings=(state_shardings["params"], shardings), out_shardings=replicated
+            sums_of,
+            in_shardings=(state_shardings["params"], frozen_shardings, shardings),
+            out_shardings=replicated,
         )
-        .lower(abstract_state["params"], abstract_batch(eval_rows, seq_len, mesh))
+        .lower(abstract_state["params"], abstract_frozen, abstract_batch(eval_rows, seq_len, mesh))
         .compile()
     )
-    return Steps(train, eval_, state_shardings, shardings, time.perf_counter() - start)
+    return Steps(
+        train=lambda state, batch: train(state, frozen, batch),
+        eval=lambda params, batch: eval_(params, frozen, batch),
+        state_shardings=state_shardings,
+        frozen=frozen,
+        batch_shardings=shardings,
+        compile_seconds=time.perf_counter() - start,
+    )
 
 
-def _abstract_state(model: CausalLM, tx: optax.GradientTransformation) -> dict[str, Any]:
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def _abstract_state(model: CausalLM, tx: optax.GradientTransformation, trainable: Any) -> dict:
+    params = nnx.to_pure_dict(nnx.state(model, trainable))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 

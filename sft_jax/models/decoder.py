@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.config import ModelConfig, RopeSpec
+from sft_jax.quantize import dequantize
 
 _INIT_STD = 0.02  # transformers' default initializer_range, for models not loaded from disk
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
@@ -40,8 +41,16 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Arr
     return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+class LoRAParam(nnx.Param):
+    """Low-rank adapter weights: with LoRA, the parameters training updates."""
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias), kernel stored [in, out]."""
+    """y = x @ kernel (+ bias) (+ LoRA: scale * dropout(x) @ lora_a @ lora_b), kernel [in, out].
+
+    The frozen kernel may be stored quantized (`quant`, see sft_jax.quantize); `sft_jax.lora`
+    adds adapters and quantizes kernels after the model is built.
+    """
 
     def __init__(
         self,
@@ -55,6 +64,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.dtype = dtype
+        self.axes = axes
         self.kernel = nnx.Param(
             _normal(rngs, (in_features, out_features), param_dtype), logical_axes=axes
         )
@@ -63,12 +73,37 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
+        self.quant = None  # nnx.Dict of QuantizedState replacing `kernel` (QLoRA)
+        self.quant_spec = None
+        self.lora_a = None  # LoRAParam [in, rank]
+        self.lora_b = None  # LoRAParam [rank, out], zero-initialized
+        self.lora_scale = 0.0
+        self.lora_dropout = 0.0
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def weight(self) -> jax.Array:
+        """The (dequantized) kernel [in, out] in the compute dtype."""
+        if self.quant is None:
+            return self.kernel[...].astype(self.dtype)
+        stored = {name: variable[...] for name, variable in self.quant.items()}
+        return dequantize(stored, self.quant_spec, self.dtype)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.weight())
         if self.bias is not None:
             y = y + _broadcast_last(self.bias[...].astype(self.dtype), y.ndim)
+        if self.lora_a is not None:
+            if self.lora_dropout > 0 and dropout_key is not None:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+                x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            low_rank = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(self.dtype))
+            delta = jnp.einsum("...r,ro->...o", low_rank, self.lora_b[...].astype(self.dtype))
+            y = y + (self.lora_scale * delta).astype(self.dtype)
         return y
+
+
+def _fold(key: jax.Array | None, index: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, index)
 
 
 class RMSNorm(nnx.Module):
@@ -144,12 +179,21 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array):
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        dropout_key: jax.Array | None = None,
+    ):
         batch, seq_len, _ = x_BxTxD.shape
         groups = self.num_heads // self.num_kv_heads
-        q_BxTxHxE = self.q_proj(x_BxTxD).reshape(batch, seq_len, self.num_heads, self.head_dim)
-        k_BxSxKxE = self.k_proj(x_BxTxD).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
-        v_BxSxKxE = self.v_proj(x_BxTxD).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        q_BxTxHxE = self.q_proj(x_BxTxD, _fold(dropout_key, 0))
+        k_BxSxKxE = self.k_proj(x_BxTxD, _fold(dropout_key, 1))
+        v_BxSxKxE = self.v_proj(x_BxTxD, _fold(dropout_key, 2))
+        q_BxTxHxE = q_BxTxHxE.reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k_BxSxKxE = k_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v_BxSxKxE = v_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q_BxTxHxE, k_BxSxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxSxKxE)
         q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
@@ -166,7 +210,8 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
         out_BxTxKxGxE = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE)
-        return self.o_proj(out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim))
+        out_BxTxHE = out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
 
 
 class MLP(nnx.Module):
@@ -180,12 +225,13 @@ class MLP(nnx.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, axes=("mlp", "embed"), **dense)
         self.gelu = c.activation == "gelu_pytorch_tanh"
 
-    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-        gate_BxTxF = self.gate_proj(x_BxTxD)
+    def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        gate_BxTxF = self.gate_proj(x_BxTxD, _fold(dropout_key, 0))
         activated = (
             jax.nn.gelu(gate_BxTxF, approximate=True) if self.gelu else jax.nn.silu(gate_BxTxF)
         )
-        return self.down_proj(activated * self.up_proj(x_BxTxD))
+        hidden_BxTxF = activated * self.up_proj(x_BxTxD, _fold(dropout_key, 1))
+        return self.down_proj(hidden_BxTxF, _fold(dropout_key, 2))
 
 
 class DecoderLayer(nnx.Module):
@@ -201,19 +247,26 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
 
-    def __call__(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array):
-        attn_out = self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        dropout_key: jax.Array | None = None,
+    ):
+        normed = self.attn_norm(x_BxTxD)
+        attn_out = self.attn(normed, positions_BxT, segment_ids_BxT, _fold(dropout_key, 0))
         if self.attn_post_norm is not None:
             attn_out = self.attn_post_norm(attn_out)
         x_BxTxD = x_BxTxD + attn_out
-        mlp_out = self.mlp(self.mlp_norm(x_BxTxD))
+        mlp_out = self.mlp(self.mlp_norm(x_BxTxD), _fold(dropout_key, 1))
         if self.mlp_post_norm is not None:
             mlp_out = self.mlp_post_norm(mlp_out)
         return x_BxTxD + mlp_out
 
 
-def _call_layer(layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT) -> jax.Array:
-    return layer(x_BxTxD, positions_BxT, segment_ids_BxT)
+def _call_layer(layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key) -> jax.Array:
+    return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key)
 
 
 class CausalLM(nnx.Module):
@@ -257,9 +310,16 @@ class CausalLM(nnx.Module):
         )
 
     def hidden_states(
-        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, D] in the compute dtype."""
+        """Final-normed hidden states [B, T, D] in the compute dtype.
+
+        dropout_key enables LoRA dropout (training); None means deterministic.
+        """
         embed_VxD = self.embed[...]
         x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0)
         if self.config.embed_scale:
@@ -269,8 +329,9 @@ class CausalLM(nnx.Module):
         apply_layer = _call_layer
         if self.remat != "none":
             apply_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
-        for layer in self.layers:
-            x_BxTxD = apply_layer(layer, x_BxTxD, positions_BxT, segment_ids_BxT)
+        for index, layer in enumerate(self.layers):
+            key = _fold(dropout_key, index)
+            x_BxTxD = apply_layer(layer, x_BxTxD, positions_BxT, segment_ids_BxT, key)
         return self.final_norm(x_BxTxD)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
