@@ -61,7 +61,7 @@ def quantize(kernel_IxO: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
     safe = jnp.where(absmax_NxO == 0, 1.0, absmax_NxO)[:, None, :]
     normalized = blocks / safe
     if spec.format == "nf4":
-        distance = jnp.abs(normalized[..., None] - jnp.asarray(NF4_CODE))
+        distance = jnp.abs(normalized[..., None] - jnp.asarray(NF4_CODE).reshape(1, 1, 1, -1))
         indices = jnp.argmin(distance, axis=-1).astype(jnp.uint8)  # [N, block, O]
         codes = indices[:, 0::2, :] | (indices[:, 1::2, :] << 4)
         codes = codes.reshape(rows // 2, out)

@@ -22,6 +22,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
     "norm": (),
+    "lora_rank": (),
     "length": (),
 }
 

@@ -65,6 +65,7 @@ class Linear(nnx.Module):
     ):
         self.dtype = dtype
         self.axes = axes
+        self.in_features, self.out_features = in_features, out_features
         self.kernel = nnx.Param(
             _normal(rngs, (in_features, out_features), param_dtype), logical_axes=axes
         )
@@ -73,10 +74,11 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
-        self.quant = None  # nnx.Dict of QuantizedState replacing `kernel` (QLoRA)
+        # Filled in later by sft_jax.lora; declared as data so that NNX tracks what they hold.
+        self.quant = nnx.data(None)  # nnx.Dict of QuantizedState replacing `kernel` (QLoRA)
         self.quant_spec = None
-        self.lora_a = None  # LoRAParam [in, rank]
-        self.lora_b = None  # LoRAParam [rank, out], zero-initialized
+        self.lora_a = nnx.data(None)  # LoRAParam [in, rank]
+        self.lora_b = nnx.data(None)  # LoRAParam [rank, out], zero-initialized
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
 

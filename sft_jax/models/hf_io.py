@@ -21,6 +21,7 @@ from sft_jax import sharding
 from sft_jax.models import safetensors_io
 from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import CausalLM
+from sft_jax.quantize import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +108,30 @@ def load_hf_config(model_dir: Path) -> Any:
 
 
 def abstract_model(
-    config: ModelConfig, *, dtype: Any, param_dtype: Any, remat: str = "none"
+    config: ModelConfig,
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    remat: str = "none",
+    quantization: QuantSpec | None = None,
 ) -> CausalLM:
     """The model's structure with ShapeDtypeStructs in place of arrays (nothing allocated)."""
-    return nnx.eval_shape(
+    model = nnx.eval_shape(
         lambda: CausalLM(
             config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)
         )
     )
+    if quantization is not None:
+        from sft_jax.lora import quantize_structure
+
+        quantize_structure(model, quantization)
+    return model
+
+
+def _module_at(model: nnx.Module, path: tuple[Any, ...]) -> Any:
+    for key in path:
+        model = model[key] if isinstance(key, int) else getattr(model, key)
+    return model
 
 
 def _checked_entry(
@@ -133,6 +150,22 @@ def _checked_entry(
             f"{expected}. The weights do not belong to this config."
         )
     return entry
+
+
+def _load_quantized(
+    entry: safetensors_io.TensorEntry, linear: Any, param_dtype: Any, mesh: Mesh
+) -> dict[str, jax.Array]:
+    """Loads one kernel in full precision, quantizes it on its devices, drops the original."""
+    from sft_jax.lora import quantized_kernel
+
+    shape = (linear.in_features, linear.out_features)
+    if entry.shape != shape[::-1]:
+        raise CheckpointError(f"{entry.path.name}: kernel shape {entry.shape} != {shape[::-1]}.")
+    kernel_sharding = sharding.named_sharding(linear.axes, shape, mesh)
+    kernel = _load_param(entry, True, jax.ShapeDtypeStruct(shape, param_dtype), kernel_sharding)
+    stored = quantized_kernel(kernel, linear.quant_spec, linear.axes, mesh)
+    kernel.delete()
+    return jax.block_until_ready(stored)
 
 
 def _bounding_box(indices: list[tuple[slice, ...]], shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -178,12 +211,15 @@ def from_pretrained(
     param_dtype: Any = jnp.float32,
     dtype: Any = None,
     remat: str = "none",
+    quantization: QuantSpec | None = None,
 ) -> CausalLM:
     """Loads a Hugging Face causal LM directory (or hub id) into a CausalLM sharded on `mesh`.
 
     param_dtype is the storage dtype of the parameters, dtype the compute dtype (defaults to
     param_dtype), remat the activation checkpointing policy of the decoder layers. Every tensor
-    goes straight from disk to its devices, slice by slice.
+    goes straight from disk to its devices, slice by slice. With `quantization` (QLoRA) each
+    decoder kernel is quantized on its devices as soon as it is loaded, so at most one kernel
+    is ever held in full precision.
     """
     model_dir = resolve_model_dir(name_or_path)
     hf_config = load_hf_config(model_dir)
@@ -194,10 +230,23 @@ def from_pretrained(
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
     mesh = mesh or sharding.single_device_mesh()
-    model = abstract_model(config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat)
+    model = abstract_model(
+        config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat,
+        quantization=quantization,
+    )  # fmt: skip
     graphdef, abstract_state = nnx.split(model)
-    loaded, used = [], set()
+    loaded, used, quantized = [], set(), {}
     for path, variable in nnx.to_flat_state(abstract_state):
+        if "quant" in path:
+            linear_path = path[: path.index("quant")]
+            if linear_path not in quantized:
+                name, _ = hf_tensor_name((*linear_path, "kernel"), config)
+                quantized[linear_path] = _load_quantized(
+                    entries[name], _module_at(model, linear_path), param_dtype, mesh
+                )
+                used.add(name)
+            loaded.append((path, variable.replace(quantized[linear_path][path[-1]])))
+            continue
         name, transposed = hf_tensor_name(path, config)
         target = variable.get_value()
         entry = _checked_entry(entries, name, target.shape, transposed)
@@ -218,7 +267,7 @@ def from_pretrained(
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
+def to_host(array: jax.Array) -> np.ndarray:
     if array.is_fully_addressable:
         return np.asarray(array)
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
@@ -234,7 +283,7 @@ def _pending_tensors(
         shape = tuple(array.shape[::-1] if transposed else array.shape)
 
         def produce(array=array, transposed=transposed, dtype=dtype) -> np.ndarray:
-            host = _to_host(array).astype(dtype)
+            host = to_host(array).astype(dtype)
             return host.T if transposed else host
 
         yield safetensors_io.PendingTensor(name, shape, dtype, produce)
@@ -260,6 +309,10 @@ def save_pretrained(
     if not hf_config:
         raise ValueError("save_pretrained needs the model's Hugging Face config (hf_config=...).")
     writer = jax.process_index() == 0
+    if any(n.lora_a is not None or n.quant is not None for _, _, n in _linears(model)):
+        from sft_jax.lora import merged
+
+        model = merged(model)  # adapters folded in, quantized kernels dequantized
     tensors = list(_pending_tensors(model, np.dtype(dtype) if dtype is not None else None))
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +327,12 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _linears(model: CausalLM):
+    from sft_jax.lora import decoder_linears
+
+    return decoder_linears(model)
 
 
 def _write_config(out_dir: Path, hf_config: dict[str, Any]) -> None:

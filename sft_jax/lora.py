@@ -1,0 +1,257 @@
+"""LoRA and QLoRA: adapters on chosen linear layers, a frozen (optionally 4-bit) base, PEFT export.
+
+PEFT's layout is followed so that `peft.PeftModel.from_pretrained` loads our adapters: for a
+layer with weight W [out, in], lora_A.weight is [rank, in], lora_B.weight is [out, rank] and the
+layer computes W x + scale * B A x with scale = alpha / rank (alpha / sqrt(rank) with rsLoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from sft_jax import sharding
+from sft_jax.models import safetensors_io
+from sft_jax.models.decoder import CausalLM, Linear, LoRAParam
+from sft_jax.quantize import QuantizedState, QuantSpec, quantize
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+EXTRA_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRASpec:
+    """What config.lora asks for; rank 0 means full fine-tuning."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ATTENTION + MLP
+    use_rslora: bool = False
+    extra_trainable: tuple[str, ...] = ()  # "embed" and/or "lm_head", trained in full
+    quantization: QuantSpec | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    @classmethod
+    def from_config(cls, lora: ml_collections.ConfigDict) -> LoRASpec:
+        targets = (
+            ATTENTION + MLP if lora.target_modules == "all-linear" else _names(lora.target_modules)
+        )
+        unknown = set(targets) - set(ATTENTION + MLP)
+        if unknown:
+            raise ValueError(
+                f"config.lora.target_modules: unknown {sorted(unknown)}; use 'all-linear' or "
+                f"names among {', '.join(ATTENTION + MLP)}."
+            )
+        extra = _names(lora.trainable_modules)
+        if set(extra) - set(EXTRA_MODULES):
+            raise ValueError(
+                f"config.lora.trainable_modules={extra}: expected names among "
+                f"{list(EXTRA_MODULES)}."
+            )
+        quantization = None
+        if lora.quantize:
+            if lora.rank == 0:
+                raise ValueError(
+                    "config.lora.quantize needs LoRA (rank > 0): quantized weights are frozen."
+                )
+            quantization = QuantSpec(lora.quantize, lora.quant_block_size, lora.double_quant)
+        return cls(
+            lora.rank, lora.alpha, lora.dropout, targets, lora.use_rslora, extra, quantization
+        )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
+    """(layer index, projection name, module) of every linear layer in the decoder."""
+    for index, layer in enumerate(model.layers):
+        for name in ATTENTION:
+            yield index, name, getattr(layer.attn, name)
+        for name in MLP:
+            yield index, name, getattr(layer.mlp, name)
+
+
+def hf_module_name(index: int, name: str) -> str:
+    return f"model.layers.{index}.{'self_attn' if name in ATTENTION else 'mlp'}.{name}"
+
+
+def trainable_filter(spec: LoRASpec) -> Any:
+    """What the optimizer updates: every parameter, or the adapters plus any extra modules."""
+    if spec.rank == 0:
+        return nnx.Param
+    extras = [nnx.PathContains(module) for module in spec.extra_trainable]
+    return nnx.Any(LoRAParam, *extras)
+
+
+def _quant_axes(name: str, axes: tuple[str, str]) -> tuple[str | None, ...]:
+    return {"scale_scales": (axes[0], None), "scale_mean": (None,)}.get(name, axes)
+
+
+def quantize_structure(model: CausalLM, spec: QuantSpec) -> None:
+    """Replaces every decoder kernel by abstract quantized storage (for the loader to fill)."""
+    for _, _, linear in decoder_linears(model):
+        kernel = linear.kernel.get_value()
+        stored = jax.eval_shape(
+            lambda k: quantize(k, spec), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+        )
+        linear.quant = nnx.Dict(
+            {
+                k: QuantizedState(v, logical_axes=_quant_axes(k, linear.axes))
+                for k, v in stored.items()
+            }
+        )
+        linear.quant_spec = spec
+        linear.kernel = None
+
+
+def quantized_kernel(kernel: jax.Array, spec: QuantSpec, axes: tuple[str, str], mesh: Mesh) -> dict:
+    """Quantizes one loaded kernel on its devices, straight into its stored shardings."""
+    shapes = jax.eval_shape(lambda k: quantize(k, spec), kernel)
+    out = {
+        k: sharding.named_sharding(_quant_axes(k, axes), v.shape, mesh) for k, v in shapes.items()
+    }
+    return jax.jit(lambda k: quantize(k, spec), out_shardings=out)(kernel)
+
+
+def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> None:
+    """Adds adapters to the target layers: A ~ U(+-1/sqrt(in)) (PEFT's default), B = 0, so the
+    adapted model starts equal to the base model."""
+    key = jax.random.key(seed)
+    for index, name, linear in decoder_linears(model):
+        if name not in spec.targets:
+            continue
+        in_features, out_features = linear.in_features, linear.out_features
+        a_axes, b_axes = (linear.axes[0], "lora_rank"), ("lora_rank", linear.axes[1])
+        a_sharding = sharding.named_sharding(a_axes, (in_features, spec.rank), mesh)
+        b_sharding = sharding.named_sharding(b_axes, (spec.rank, out_features), mesh)
+        layer_key = jax.random.fold_in(key, index * 16 + (ATTENTION + MLP).index(name))
+        a = jax.jit(
+            partial(_uniform_init, shape=(in_features, spec.rank)), out_shardings=a_sharding
+        )(layer_key)
+        linear.lora_a = LoRAParam(a, logical_axes=a_axes)
+        linear.lora_b = LoRAParam(
+            jax.device_put(jnp.zeros((spec.rank, out_features), jnp.float32), b_sharding),
+            logical_axes=b_axes,
+        )
+        linear.lora_scale = spec.scale
+        linear.lora_dropout = spec.dropout
+
+
+def _uniform_init(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def merged(model: CausalLM) -> CausalLM:
+    """A plain model (no adapters, no quantization) with W + scale * A B folded into each kernel."""
+    plain = nnx.eval_shape(
+        lambda: CausalLM(
+            model.config, dtype=model.dtype, param_dtype=model.embed[...].dtype, rngs=nnx.Rngs(0)
+        )
+    )
+    graphdef, abstract = nnx.split(plain, nnx.Param)
+    source = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    linears = {(index, name): linear for index, name, linear in decoder_linears(model)}
+    values = []
+    for path, variable in nnx.to_flat_state(abstract):
+        if path[0] == "layers" and path[-1] == "kernel":
+            linear = linears[(path[1], path[3])]
+            kernel = linear.weight().astype(jnp.float32)
+            if linear.lora_a is not None:
+                kernel = kernel + linear.lora_scale * (linear.lora_a[...] @ linear.lora_b[...])
+            value = kernel.astype(variable.get_value().dtype)
+        else:
+            value = source[path].get_value()
+        values.append((path, variable.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def save_adapter(
+    model: CausalLM, out_dir: str | Path, spec: LoRASpec, base_model: str = ""
+) -> Path:
+    """adapter_config.json + adapter_model.safetensors in PEFT's format (process 0 writes)."""
+    out_dir = Path(out_dir)
+    tensors = []
+    for index, name, linear in decoder_linears(model):
+        if linear.lora_a is None:
+            continue
+        prefix = f"base_model.model.{hf_module_name(index, name)}"
+        tensors.append(_pending(f"{prefix}.lora_A.weight", linear.lora_a[...], transpose=True))
+        tensors.append(_pending(f"{prefix}.lora_B.weight", linear.lora_b[...], transpose=True))
+    extras = list(spec.extra_trainable)
+    if model.config.tie_word_embeddings and extras and "lm_head" not in extras:
+        extras.append("lm_head")  # PEFT ties its copies: the head's must be in the file too
+    for module in extras:
+        array = (
+            model.embed[...] if module == "embed" or model.lm_head is None else model.lm_head[...]
+        )
+        tensors.append(
+            _pending(f"base_model.model.{EXTRA_MODULES[module]}.weight", array, transpose=False)
+        )
+    write = jax.process_index() == 0
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for t in tensors if not write else []:
+        t.produce()
+    if write:
+        safetensors_io.write_file(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
+        (out_dir / "adapter_config.json").write_text(
+            json.dumps(
+                _adapter_config(spec, base_model, model.config.tie_word_embeddings), indent=2
+            )
+            + "\n"
+        )
+    return out_dir
+
+
+def _pending(name: str, array: jax.Array, transpose: bool) -> safetensors_io.PendingTensor:
+    shape = tuple(array.shape[::-1] if transpose else array.shape)
+    dtype = np.dtype(array.dtype)
+
+    def produce() -> np.ndarray:
+        from sft_jax.models.hf_io import to_host
+
+        host = to_host(array)
+        return host.T if transpose else host
+
+    return safetensors_io.PendingTensor(name, shape, dtype, produce)
+
+
+def _adapter_config(spec: LoRASpec, base_model: str, tied: bool) -> dict[str, Any]:
+    return {
+        # A trained, tied embedding is also the LM head (as in sft_jax); without this PEFT
+        # would keep the head on the old embedding.
+        "ensure_weight_tying": tied and bool(spec.extra_trainable),
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or None,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "use_rslora": spec.use_rslora,
+        "target_modules": sorted(spec.targets),
+        "modules_to_save": [EXTRA_MODULES[m].split(".")[-1] for m in spec.extra_trainable] or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
