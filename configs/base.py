@@ -27,6 +27,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # ---------------------------------------------------------------- end data
 
+    # ---------------------------------------------------------------- lora
+    # Parameter-efficient fine-tuning; rank 0 = full fine-tuning of every parameter.
+    config.lora = ml_collections.ConfigDict()
+    # Adapter rank r (0 = off).
+    config.lora.rank = 0
+    # Adapter scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA).
+    config.lora.alpha = 16.0
+    # Dropout probability on the adapters' input during training.
+    config.lora.dropout = 0.05
+    # Comma-separated projections to adapt (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,
+    # down_proj) or "all-linear".
+    config.lora.target_modules = "all-linear"
+    # Scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r.
+    config.lora.use_rslora = False
+    # Comma-separated modules trained in full besides the adapters: "embed", "lm_head" (needed
+    # when a chat format adds new tokens, whose rows must learn).
+    config.lora.trainable_modules = ""
+    # QLoRA: store the frozen linear weights as "nf4" or "int8" ("" = as loaded).
+    config.lora.quantize = ""
+    # Weights per quantization block (one absmax scale each).
+    config.lora.quant_block_size = 64
+    # Quantize the block scales too (int8 around their mean): ~0.5 instead of ~0.56 byte/weight.
+    config.lora.double_quant = True
+
     # ---------------------------------------------------------------- train
     config.train = ml_collections.ConfigDict()
     # Optimizer updates to run (each over one global batch).

@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import transformers
@@ -62,6 +63,9 @@ def export_run(
     checkpoints = Checkpoints(checkpoint_dir(workdir), read_only=True)
     step = pick_step(checkpoints, which)
     config = ml_collections.ConfigDict(json.loads(checkpoints.meta(step)["config"]))
+    out = Path(out) if out else Path(workdir) / "export"
+    if config.lora.rank:
+        return _export_lora(checkpoints, step, config, out)
     model_dir = resolve_model_dir(config.model.name_or_path)
     model_config = from_hf_config(load_hf_config(model_dir))
     param_dtype = _DTYPES[config.model.param_dtype]
@@ -70,7 +74,6 @@ def export_run(
     abstract_params = abstract_like_shardings(model, mesh)
     params = checkpoints.restore_params(step, abstract_params)
     exported = nnx.merge(nnx.graphdef(model), params)
-    out = Path(out) if out else Path(workdir) / "export"
     save_pretrained(
         exported, out, tokenizer=load_tokenizer(config, model_dir), generation_config_from=model_dir
     )
@@ -78,10 +81,31 @@ def export_run(
     return out
 
 
+def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path:
+    """Base model + the checkpoint's adapters: PEFT adapter in out/adapter, merged model in out."""
+    from sft_jax.lora import save_adapter
+    from sft_jax.model_setup import build_model
+
+    model, spec, trainable = build_model(config, sharding.make_mesh(fsdp=-1))
+    state = nnx.state(model, trainable)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        nnx.to_pure_dict(state),
+    )
+    nnx.replace_by_pure_dict(state, checkpoints.restore_params(step, abstract))
+    nnx.update(model, state)
+    model_dir = resolve_model_dir(config.model.name_or_path)
+    save_adapter(model, out / "adapter", spec, base_model=config.model.name_or_path)
+    save_pretrained(
+        model, out, tokenizer=load_tokenizer(config, model_dir), generation_config_from=model_dir
+    )
+    log.info("exported step %d of %s: adapter in %s/adapter, merged model in %s", step,
+             checkpoints.directory, out, out)  # fmt: skip
+    return out
+
+
 def abstract_like_shardings(model, mesh) -> dict:
     """Abstract params (shape, dtype, sharding on `mesh`) of an abstract model."""
-    import jax
-
     shardings = param_shardings(model, mesh)
     shapes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return jax.tree.map(

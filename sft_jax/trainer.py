@@ -11,20 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from sft_jax import distributed, sharding
 from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like, checkpoint_dir
 from sft_jax.export import export_run
 from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, training_flops_per_token
-from sft_jax.models import CausalLM, from_pretrained
+from sft_jax.model_setup import build_model
+from sft_jax.models import CausalLM
 from sft_jax.optim import make_optimizer
 from sft_jax.step import StepOptions, Steps, build_steps, device_batch, init_state
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -62,12 +62,6 @@ class EarlyStopping:
         return 0 < self.patience <= self.evals_without_improvement
 
 
-def dtype_of(name: str, field: str) -> Any:
-    if name not in DTYPES:
-        raise ValueError(f"{field}={name!r}: expected one of {', '.join(DTYPES)}.")
-    return DTYPES[name]
-
-
 def evaluate(
     steps: Steps, params: Any, batches: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, float]:
@@ -91,7 +85,12 @@ class Trainer:
     """Owns the mesh, the state and the compiled steps of one run."""
 
     def __init__(
-        self, config: ml_collections.ConfigDict, workdir: Path, model: CausalLM, data: DataSource
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: Path,
+        model: CausalLM,
+        data: DataSource,
+        trainable: Any = nnx.Param,
     ):
         self.config, self.workdir, self.data = config, workdir, data
         train = config.train
@@ -106,7 +105,7 @@ class Trainer:
             )
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.tx, self.schedule = make_optimizer(train)
-        self.state, state_shardings = init_state(model, self.tx, self.mesh)
+        self.state, state_shardings = init_state(model, self.tx, self.mesh, trainable)
         self.steps = build_steps(
             model,
             self.tx,
@@ -120,7 +119,9 @@ class Trainer:
                 gradient_accumulation_steps=train.gradient_accumulation_steps,
                 z_loss_weight=train.z_loss_weight,
                 loss_chunk_size=train.loss_chunk_size,
+                dropout_seed=train.seed,
             ),
+            trainable=trainable,
         )
         self.model_config = model.config
         self.writer = MetricsWriter(workdir)
@@ -255,15 +256,9 @@ def run(
     workdir = Path(workdir)
     distributed.initialize(config.distributed)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    model = from_pretrained(
-        config.model.name_or_path,
-        mesh=mesh,
-        param_dtype=dtype_of(config.model.param_dtype, "config.model.param_dtype"),
-        dtype=dtype_of(config.model.compute_dtype, "config.model.compute_dtype"),
-        remat=config.model.remat,
-    )
+    model, _, trainable = build_model(config, mesh)
     data = data_factory(config)
-    trainer = Trainer(config, workdir, model, data)
+    trainer = Trainer(config, workdir, model, data, trainable)
     try:
         trainer.resume()
         summary = trainer.train()

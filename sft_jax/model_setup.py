@@ -1,0 +1,36 @@
+"""The model a run trains, built from its config: loaded, optionally quantized, with adapters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
+from sft_jax.models import CausalLM, from_pretrained
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str, field: str) -> Any:
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r}: expected one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
+    """(model on the mesh, its LoRA spec, the filter of what training updates)."""
+    spec = LoRASpec.from_config(config.lora)
+    model = from_pretrained(
+        config.model.name_or_path,
+        mesh=mesh,
+        param_dtype=dtype_of(config.model.param_dtype, "config.model.param_dtype"),
+        dtype=dtype_of(config.model.compute_dtype, "config.model.compute_dtype"),
+        remat=config.model.remat,
+        quantization=spec.quantization,
+    )
+    if spec.rank:
+        apply_lora(model, spec, mesh, seed=config.train.seed)
+    return model, spec, trainable_filter(spec)
