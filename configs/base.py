@@ -4,7 +4,12 @@ Run:
   python main.py --config=configs/base.py --workdir=/tmp/sft_demo
 """
 
+from pathlib import Path
+
 import ml_collections
+
+# Paths relative to this repository, so the demo runs from any working directory.
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -13,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- model
     config.model = ml_collections.ConfigDict()
     # Local Hugging Face directory (config.json + *.safetensors) or a hub id.
-    config.model.name_or_path = "assets/demo_model"
+    config.model.name_or_path = str(ASSETS / "demo_model")
     # dtype the parameters (and optimizer moments) are stored in: "float32" or "bfloat16".
     config.model.param_dtype = "float32"
     # dtype of activations and matmul inputs: "float32", or "bfloat16" for mixed precision.
@@ -23,9 +28,41 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.remat = "none"
 
     # ---------------------------------------------------------------- data
-    # (data block: owned by the data pipeline; fields documented one by one)
     config.data = ml_collections.ConfigDict()
-    # ---------------------------------------------------------------- end data
+    # Training data: comma-separated paths or globs of .jsonl / .json / .parquet / .csv files,
+    # or a hub dataset as "hf:NAME" or "hf:NAME:SUBSET".
+    config.data.train_files = str(ASSETS / "demo_data" / "train.jsonl")
+    # Split of a hub dataset to train on (ignored for local files).
+    config.data.train_split = "train"
+    # Eval data, same syntax; "" = hold out eval_fraction of the training examples instead.
+    config.data.eval_files = str(ASSETS / "demo_data" / "eval.jsonl")
+    config.data.eval_split = "test"
+    # Fraction of training examples held out for eval when eval_files is "" (0 = no eval).
+    config.data.eval_fraction = 0.0
+    # "auto" (from the fields of the first example), "messages", "sharegpt",
+    # "prompt_completion", "alpaca" or "text".
+    config.data.format = "auto"
+    # Tokenizer directory or hub id; "" = the model's own.
+    config.data.tokenizer = ""
+    # Chat template: "" = the tokenizer's own, "chatml" (built in), a .jinja file, or the text.
+    config.data.chat_template = ""
+    # Tokens that carry the loss: "all_assistant" (every assistant reply and the token that
+    # ends it), "last_assistant" (only the final reply) or "all_tokens".
+    config.data.train_on = "all_assistant"
+    # Tokens per row (the sequence length); longer examples are cut to this length.
+    config.data.max_length = 256
+    # Pack several examples into each row (attention never crosses examples); False pads
+    # each example to max_length alone.
+    config.data.packing = True
+    # Shuffle the rows of every epoch (seeded by train.seed).
+    config.data.shuffle = True
+    # Count and skip malformed examples instead of stopping at the first with an error.
+    config.data.skip_bad_examples = False
+    # Processes that tokenize (0 = one per core, up to 8).
+    config.data.num_workers = 0
+    # Where tokenized data is cached ("" = $SFT_JAX_CACHE or ~/.cache/sft_jax/tokenized;
+    # "none" = never cache).
+    config.data.cache_dir = ""
 
     # ---------------------------------------------------------------- lora
     # Parameter-efficient fine-tuning; rank 0 = full fine-tuning of every parameter.

@@ -18,6 +18,7 @@ from flax import nnx
 
 from sft_jax import sharding
 from sft_jax.checkpointing import Checkpoints, checkpoint_dir
+from sft_jax.errors import ConfigError
 from sft_jax.models import from_hf_config, save_pretrained
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
 from sft_jax.step import param_shardings
@@ -32,7 +33,7 @@ def pick_step(checkpoints: Checkpoints, which: str | int) -> int:
         raise FileNotFoundError(f"{checkpoints.directory}: no checkpoints to export.")
     if isinstance(which, int) or str(which).isdigit():
         if int(which) not in steps:
-            raise ValueError(
+            raise ConfigError(
                 f"{checkpoints.directory}: no checkpoint at step {which}; have {steps}."
             )
         return int(which)
@@ -41,7 +42,7 @@ def pick_step(checkpoints: Checkpoints, which: str | int) -> int:
         return steps[-1] if best is None else best
     if which == "last":
         return steps[-1]
-    raise ValueError(f"which={which!r}: expected 'best', 'last' or a step number.")
+    raise ConfigError(f"which={which!r}: expected 'best', 'last' or a step number.")
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, model_dir: Path):
@@ -50,7 +51,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, model_dir: Path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     template = config.data.get("chat_template", "")
     if template:
-        from sft_jax.data import resolve_chat_template
+        from sft_jax.data.templates import resolve_chat_template
 
         tokenizer.chat_template = resolve_chat_template(template)
     return tokenizer
@@ -113,20 +114,19 @@ def abstract_like_shardings(model, mesh) -> dict:
     )
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The run's WORKDIR (or its checkpoints/ folder).")
-flags.DEFINE_string("which", "best", "'best', 'last', or a step number.")
-flags.DEFINE_integer("step", None, "Step to export (overrides --which).")
-flags.DEFINE_string("out", None, "Output directory (default WORKDIR/export).")
-
-
 def main(argv: list[str]) -> None:
     del argv
     logging.getLogger().setLevel(logging.INFO)
+    FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
     print(export_run(FLAGS.workdir, which=which, out=FLAGS.out))
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a command: importing this module defines none.
+    flags.DEFINE_string("workdir", None, "The run's WORKDIR (or its checkpoints/ folder).")
+    flags.DEFINE_string("which", "best", "'best', 'last', or a step number.")
+    flags.DEFINE_integer("step", None, "Step to export (overrides --which).")
+    flags.DEFINE_string("out", None, "Output directory (default WORKDIR/export).")
     flags.mark_flag_as_required("workdir")
     app.run(main)

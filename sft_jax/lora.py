@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sft_jax import sharding
+from sft_jax.errors import ConfigError
 from sft_jax.models import safetensors_io
 from sft_jax.models.decoder import CausalLM, Linear, LoRAParam
 from sft_jax.quantize import QuantizedState, QuantSpec, quantize
@@ -55,20 +56,20 @@ class LoRASpec:
         )
         unknown = set(targets) - set(ATTENTION + MLP)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"config.lora.target_modules: unknown {sorted(unknown)}; use 'all-linear' or "
                 f"names among {', '.join(ATTENTION + MLP)}."
             )
         extra = _names(lora.trainable_modules)
         if set(extra) - set(EXTRA_MODULES):
-            raise ValueError(
+            raise ConfigError(
                 f"config.lora.trainable_modules={extra}: expected names among "
                 f"{list(EXTRA_MODULES)}."
             )
         quantization = None
         if lora.quantize:
             if lora.rank == 0:
-                raise ValueError(
+                raise ConfigError(
                     "config.lora.quantize needs LoRA (rank > 0): quantized weights are frozen."
                 )
             quantization = QuantSpec(lora.quantize, lora.quant_block_size, lora.double_quant)

@@ -8,21 +8,28 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
+from sft_jax.models.decoder import REMAT_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def dtype_of(name: str, field: str) -> Any:
     if name not in DTYPES:
-        raise ValueError(f"{field}={name!r}: expected one of {', '.join(DTYPES)}.")
+        raise ConfigError(f"{field}={name!r}: expected one of {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
     spec = LoRASpec.from_config(config.lora)
+    if config.model.remat not in REMAT_POLICIES:
+        raise ConfigError(
+            f"config.model.remat={config.model.remat!r}: expected one of "
+            f"{', '.join(REMAT_POLICIES)}."
+        )
     model = from_pretrained(
         config.model.name_or_path,
         mesh=mesh,

@@ -8,13 +8,15 @@ import jax
 import ml_collections
 import optax
 
+from sft_jax.errors import ConfigError
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup from 0 to learning_rate, then cosine / linear decay or constant."""
     if train.lr_schedule not in SCHEDULES:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.lr_schedule={train.lr_schedule!r}: "
             f"expected one of {', '.join(SCHEDULES)}."
         )

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sft_jax.errors import ConfigError
+
 # The 16 NF4 levels: quantiles of a standard normal rescaled to [-1, 1] (Dettmers et al. 2023).
 NF4_CODE = np.array(
     [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -42,7 +44,9 @@ class QuantSpec:
 
     def __post_init__(self):
         if self.format not in FORMATS:
-            raise ValueError(f"quantization {self.format!r}: expected one of {', '.join(FORMATS)}.")
+            raise ConfigError(
+                f"config.lora.quantize={self.format!r}: expected one of {', '.join(FORMATS)}."
+            )
 
 
 def _scale_groups(out: int) -> int:
@@ -53,7 +57,7 @@ def quantize(kernel_IxO: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
     """Codes and scales of a kernel; see the module docstring for the layout."""
     rows, out = kernel_IxO.shape
     if rows % spec.block:
-        raise ValueError(
+        raise ConfigError(
             f"kernel with {rows} input rows does not split into blocks of {spec.block}."
         )
     blocks = kernel_IxO.astype(jnp.float32).reshape(rows // spec.block, spec.block, out)

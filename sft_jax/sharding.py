@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sft_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis (as annotated on parameters and activations) -> mesh axes it is split over.
@@ -34,16 +36,16 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(
+        raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one axis may be -1."
         )
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with {sizes}.")
+            raise ConfigError(f"{len(devices)} devices cannot be split into a mesh with {sizes}.")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
             f"{math.prod(sizes)} devices, but {len(devices)} are available."
         )

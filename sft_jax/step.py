@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import sharding
+from sft_jax.errors import ConfigError
 from sft_jax.loss import LossSums, loss_sums
 from sft_jax.models.decoder import CausalLM
 
@@ -149,7 +150,7 @@ def build_steps(
     frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
     k = options.gradient_accumulation_steps
     if train_rows % k:
-        raise ValueError(
+        raise ConfigError(
             f"global batch of {train_rows} rows is not divisible into {k} micro-batches."
         )
 

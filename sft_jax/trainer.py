@@ -17,6 +17,7 @@ from flax import nnx
 
 from sft_jax import distributed, sharding
 from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like, checkpoint_dir
+from sft_jax.errors import ConfigError
 from sft_jax.export import export_run
 from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, training_flops_per_token
 from sft_jax.model_setup import build_model
@@ -93,6 +94,7 @@ class Trainer:
         trainable: Any = nnx.Param,
     ):
         self.config, self.workdir, self.data = config, workdir, data
+        self.has_eval = next(iter(data.eval_batches()), None) is not None
         train = config.train
         self.checkpoints = None
         self.last_saved_step = -1
@@ -194,7 +196,7 @@ class Trainer:
         step = int(jax.device_get(self.state["step"]))
         progress = Progress(total, step, self.config.log.every_steps)
         summary: dict[str, Any] = {"start_step": step, "interrupted": False, "stopped_early": False}
-        if self.config.eval.at_start and step == 0:
+        if self.config.eval.at_start and step == 0 and self.has_eval:
             summary["initial_eval"] = self.run_eval(step)
             progress.message(f"step {step}: eval loss {summary['initial_eval']['eval/loss']:.4f}")
         pending, last_time = None, time.perf_counter()
@@ -215,7 +217,7 @@ class Trainer:
                     continue
                 last_time = self._log_train(*pending, last_time, progress)
                 pending = None
-                result = self.run_eval(step) if eval_due else None
+                result = self.run_eval(step) if eval_due and self.has_eval else None
                 if result is not None:
                     progress.message(f"step {step}: eval loss {result['eval/loss']:.4f}")
                     summary["final_eval"] = result
@@ -258,6 +260,12 @@ def run(
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model, _, trainable = build_model(config, mesh)
     data = data_factory(config)
+    if data.tokenizer is not None and len(data.tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(data.tokenizer)} tokens but the model's vocabulary only "
+            f"{model.config.vocab_size}: ids past it would index nothing. Use the model's own "
+            "tokenizer (config.data.tokenizer='') or resize the model's embeddings first."
+        )
     trainer = Trainer(config, workdir, model, data, trainable)
     try:
         trainer.resume()

@@ -1,0 +1,42 @@
+"""Entry point: python main.py --config=configs/base.py --workdir=DIR [--config.train.steps=N]"""
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from sft_jax import trainer
+from sft_jax.data import DataError, open_data
+from sft_jax.errors import ConfigError
+from sft_jax.models import CheckpointError, UnsupportedModelError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Problems with the user's config, data or model: one message, no traceback.
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    UnsupportedModelError,
+    trainer.TrainingDivergedError,
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    # Our progress at INFO; the libraries' (orbax logs every save and restore) at WARNING.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("sft_jax").setLevel(logging.INFO)
+    try:
+        trainer.run(FLAGS.config, FLAGS.workdir, data_factory=open_data)
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

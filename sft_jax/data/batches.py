@@ -1,0 +1,180 @@
+"""Documents -> fixed-shape [rows, T] batches: packing, padding, shuffling, resumable iteration.
+
+The label shift happens here and only here. For one document of a row:
+
+  tokens       = [<bos> U1  U2  A1  A2  <eot>]      trained = [0 0 0 1 1 1]
+  input_ids    = [<bos> U1  U2  A1  A2  <eot>]
+  target_ids   = [U1    U2  A1  A2  <eot> pad]      (position t predicts token t + 1)
+  target_mask  = [0     0   1   1   1     0  ]      (= trained[t + 1]; the last token predicts
+                                                      nothing, so a document's first token is
+                                                      never a target of the one before it)
+  positions    = [0 1 2 3 4 5]                        (restart at 0 in every document)
+  segment_ids  = [k k k k k k]                        (k = 1, 2, ... per document; 0 = padding)
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from sft_jax.data.tokenize import Tokenized
+
+BATCH_KEYS = ("input_ids", "target_ids", "target_mask", "positions", "segment_ids")
+
+
+def best_fit(lengths: np.ndarray, order: np.ndarray, row_len: int) -> list[list[int]]:
+    """Packs documents (taken longest first, ties in `order`) into the fullest row they fit.
+
+    Returns the rows as lists of document indices. Best-fit decreasing keeps padding low; the
+    caller shuffles the rows, so long and short documents still mix across batches.
+    """
+    by_length = order[np.argsort(-lengths[order], kind="stable")]
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    for doc in by_length:
+        need = int(lengths[doc])
+        slot = bisect.bisect_left(free, (need, -1))
+        if slot < len(free):
+            room, row = free.pop(slot)
+            rows[row].append(int(doc))
+            room -= need
+        else:
+            rows.append([int(doc)])
+            row, room = len(rows) - 1, row_len - need
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
+
+
+def epoch_rows(
+    tokenized: Tokenized, row_len: int, packing: bool, seed: int, epoch: int, shuffle: bool
+) -> list[list[int]]:
+    """The rows of one epoch, a pure function of (data, seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    count = len(tokenized)
+    order = rng.permutation(count) if shuffle else np.arange(count)
+    if not packing:
+        return [[int(i)] for i in order]
+    rows = best_fit(tokenized.lengths(), order, row_len)
+    if shuffle:
+        rows = [rows[i] for i in rng.permutation(len(rows))]
+    return rows
+
+
+def make_rows(tokenized: Tokenized, rows: list[list[int]], row_len: int) -> dict[str, np.ndarray]:
+    """Arrays [len(rows), row_len] of the documents of each row, padding after them."""
+    out = {k: np.zeros((len(rows), row_len), np.int32) for k in BATCH_KEYS}
+    out["target_mask"] = np.zeros((len(rows), row_len), np.bool_)
+    for r, docs in enumerate(rows):
+        start = 0
+        for segment, doc in enumerate(docs, start=1):
+            tokens, trained = tokenized.document(doc)
+            end = start + len(tokens)
+            if end > row_len:
+                raise ValueError(f"row {r}: documents of {end} tokens exceed {row_len}.")
+            out["input_ids"][r, start:end] = tokens
+            out["target_ids"][r, start : end - 1] = tokens[1:]
+            out["target_mask"][r, start : end - 1] = trained[1:]
+            out["positions"][r, start:end] = np.arange(len(tokens))
+            out["segment_ids"][r, start:end] = segment
+            start = end
+    return out
+
+
+class TrainBatches:
+    """Endless iterator of this process's rows of each global batch, epoch after epoch.
+
+    State is the position in the row stream (epoch, row): restoring it yields exactly the
+    batches an uninterrupted run would have seen next, without reading anything again.
+    """
+
+    def __init__(
+        self,
+        tokenized: Tokenized,
+        *,
+        global_rows: int,
+        row_len: int,
+        packing: bool,
+        seed: int,
+        shuffle: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        fingerprint: str = "",
+    ):
+        if global_rows % process_count:
+            raise ValueError(
+                f"global batch of {global_rows} rows does not split over {process_count} processes."
+            )
+        if len(tokenized) == 0:
+            raise ValueError("no training documents.")
+        self.tokenized, self.row_len, self.packing = tokenized, row_len, packing
+        self.seed, self.shuffle, self.fingerprint = seed, shuffle, fingerprint
+        self.global_rows = global_rows
+        self.local_rows = global_rows // process_count
+        self.first_local = process_index * self.local_rows
+        self.epoch, self.row = 0, 0
+        self._rows_of: dict[int, list[list[int]]] = {}
+
+    def _rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._rows_of:
+            self._rows_of = {
+                e: r for e, r in self._rows_of.items() if e >= epoch - 1
+            }  # keep at most the previous epoch
+            self._rows_of[epoch] = epoch_rows(
+                self.tokenized, self.row_len, self.packing, self.seed, epoch, self.shuffle
+            )
+        return self._rows_of[epoch]
+
+    def rows_per_epoch(self) -> int:
+        return len(self._rows(0))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """The next global batch's rows [first_local, first_local + local_rows)."""
+        chosen = []
+        for index in range(self.global_rows):
+            epoch_rows_ = self._rows(self.epoch)
+            if self.first_local <= index < self.first_local + self.local_rows:
+                chosen.append(epoch_rows_[self.row])
+            self.row += 1
+            if self.row == len(epoch_rows_):
+                self.epoch, self.row = self.epoch + 1, 0
+        return make_rows(self.tokenized, chosen, self.row_len)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "row": self.row, "data_fingerprint": self.fingerprint}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("data_fingerprint", self.fingerprint) != self.fingerprint:
+            raise ValueError(
+                "the checkpoint was trained on other data (or another tokenizer or data options):"
+                " its data position does not apply. Resume with the original data, or start in "
+                "a new WORKDIR (config.checkpoint.init_from can take its parameters)."
+            )
+        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+
+
+def eval_batches(
+    tokenized: Tokenized,
+    *,
+    global_rows: int,
+    row_len: int,
+    packing: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """Every eval document exactly once, in fixed order; the last batch padded with empty rows."""
+    order = np.arange(len(tokenized))
+    rows = best_fit(tokenized.lengths(), order, row_len) if packing else [[i] for i in order]
+    rows += [[] for _ in range(-len(rows) % global_rows)]
+    local = global_rows // process_count
+    batches = []
+    for start in range(0, len(rows), global_rows):
+        mine = rows[start + process_index * local : start + (process_index + 1) * local]
+        batches.append(make_rows(tokenized, mine, row_len))
+    return batches

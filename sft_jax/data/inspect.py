@@ -1,0 +1,94 @@
+"""Look at what training will see: rendered examples with trained spans marked, and totals.
+
+  python -m sft_jax.data.inspect --config=configs/base.py [--num_examples=3] [--json]
+
+Trained tokens are shown inside [[ ]]. Totals: examples read, kept, dropped by reason,
+truncated, tokens, trainable tokens, and the packing efficiency (share of row slots holding a
+token rather than padding) of one epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from sft_jax.data import batches
+from sft_jax.data.pipeline import load_datasets
+from sft_jax.data.tokenize import Tokenized
+
+
+def marked_text(tokenizer: Any, tokens: np.ndarray, trained: np.ndarray) -> str:
+    """The document's text, each run of trained tokens inside [[ ]]."""
+    out, previous = [], False
+    for token, flag in zip(tokens.tolist(), trained.tolist(), strict=True):
+        if flag != previous:
+            out.append("[[" if flag else "]]")
+        out.append(tokenizer.decode([token]))
+        previous = flag
+    return "".join(out) + ("]]" if previous else "")
+
+
+def totals(tokenized: Tokenized, row_len: int, packing: bool, seed: int) -> dict[str, Any]:
+    rows = batches.epoch_rows(tokenized, row_len, packing, seed, epoch=0, shuffle=False)
+    filled = int(tokenized.lengths().sum())
+    return {
+        **tokenized.stats,
+        "rows_per_epoch": len(rows),
+        "packing_efficiency": filled / max(len(rows) * row_len, 1),
+    }
+
+
+def report(config: ml_collections.ConfigDict, num_examples: int, as_json: bool) -> dict:
+    """Prints examples and totals of the train (and eval) data; returns the totals."""
+    loaded = load_datasets(config)
+    data = config.data
+    result = {
+        "train": totals(loaded.train, data.max_length, data.packing, config.train.seed),
+        "eval": None
+        if loaded.eval is None
+        else totals(loaded.eval, data.max_length, data.packing, config.train.seed),
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return result
+    for index in range(min(num_examples, len(loaded.train))):
+        tokens, trained = loaded.train.document(index)
+        print(f"--- train document {index} ({len(tokens)} tokens, {int(trained.sum())} trained)")
+        print(marked_text(loaded.tokenizer, tokens, trained))
+    for name, stats in result.items():
+        if stats is None:
+            continue
+        print(
+            f"{name}: {stats['examples_read']} examples read, {stats['examples_kept']} kept, "
+            f"dropped {stats['dropped'] or 'none'}, {stats['truncated']} truncated; "
+            f"{stats['tokens']} tokens, {stats['trainable_tokens']} trainable tokens; "
+            f"{stats['rows_per_epoch']} rows of {data.max_length} per epoch, packing "
+            f"efficiency {stats['packing_efficiency']:.1%}"
+        )
+    return result
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from sft_jax.data.records import DataError
+
+    FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
+    try:
+        report(FLAGS.config, FLAGS.num_examples, FLAGS.json)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    # Flags are defined only when run as a command, so importing this module defines none.
+    config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+    flags.DEFINE_integer("num_examples", 3, "Rendered training examples to print.")
+    flags.DEFINE_bool("json", False, "Print only the totals, as one JSON object.")
+    flags.mark_flag_as_required("config")
+    app.run(main)

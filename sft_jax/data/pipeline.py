@@ -1,0 +1,220 @@
+"""config.data -> tokenized train and eval sets -> the DataSource the trainer consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import transformers
+
+from sft_jax.data import batches, formats, records, templates, tokenize
+from sft_jax.data.records import DataError
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(data: ml_collections.ConfigDict, model: str | Path) -> Any:
+    """The tokenizer (config.data.tokenizer, else the model's), with the configured template."""
+    from sft_jax.models.hf_io import resolve_model_dir
+
+    source = data.tokenizer or str(resolve_model_dir(model))
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except Exception as e:
+        raise DataError(
+            f"config.data.tokenizer / model directory {source!r}: no tokenizer could be loaded "
+            f"({type(e).__name__}: {str(e)[:200]})."
+        ) from e
+    if data.chat_template:
+        tokenizer.chat_template = templates.resolve_chat_template(data.chat_template)
+    return tokenizer
+
+
+def _check_options(data: ml_collections.ConfigDict) -> None:
+    if data.train_on not in templates.TRAIN_ON:
+        raise DataError(
+            f"config.data.train_on={data.train_on!r}: expected one of "
+            f"{', '.join(templates.TRAIN_ON)}."
+        )
+    if data.format not in ("auto", *formats.FORMATS):
+        raise DataError(
+            f"config.data.format={data.format!r}: expected 'auto' or one of "
+            f"{', '.join(formats.FORMATS)}."
+        )
+    if data.max_length < 2:
+        raise DataError(f"config.data.max_length={data.max_length}: needs at least 2 tokens.")
+    if not 0.0 <= data.eval_fraction < 1.0:
+        raise DataError(f"config.data.eval_fraction={data.eval_fraction}: expected [0, 1).")
+
+
+def _resolve_format(data_format: str, sources: list[str], split: str) -> str:
+    """The configured format, or the one the first example of the first source has."""
+    if data_format != "auto":
+        return data_format
+
+    class _Stop:
+        def bad(self, where: str, problem: str, reason: str) -> None:
+            raise DataError(f"{where}: {problem}.")
+
+    first = next(iter(records.read_records(sources[0], split, _Stop())), None)
+    if first is None:
+        raise DataError(f"{sources[0]}: holds no examples.")
+    detected = formats.detect_format(first.value)
+    if detected is None:
+        columns = sorted(first.value) if isinstance(first.value, dict) else type(first.value)
+        raise DataError(
+            f"{first.where}: cannot tell the data format from the fields {columns}. Expected "
+            f"the fields of one of: {formats.describe_formats()}; or set config.data.format."
+        )
+    return detected
+
+
+class _BadRecords:
+    """Malformed lines while reading: an error, or a counted skip (reason 'invalid_json')."""
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.skipped: list[tuple[str, str]] = []
+
+    def bad(self, where: str, problem: str, reason: str) -> None:
+        if not self.skip:
+            raise DataError(
+                f"{where}: {problem}. Fix the line, or set config.data.skip_bad_examples=True "
+                "to count and skip such lines."
+            )
+        self.skipped.append((where, reason))
+
+
+def tokenize_sources(
+    spec: str, split: str, field: str, tokenizer: Any, data: ml_collections.ConfigDict
+) -> tuple[tokenize.Tokenized, str]:
+    """Tokenized documents of comma-separated sources (from the cache when possible)."""
+    sources = records.expand_sources(spec, field)
+    options = tokenize.Options(
+        data_format=_resolve_format(data.format, sources, split),
+        train_on=data.train_on,
+        max_length=data.max_length,
+        skip_bad=data.skip_bad_examples,
+    )
+    key = tokenize.cache_key(records.fingerprint(sources, split), tokenizer, options)
+    cache_dir = Path(data.cache_dir or _default_cache_dir()).expanduser()
+    cached = tokenize.load_cached(cache_dir, key) if data.cache_dir != "none" else None
+    if cached is not None:
+        log.info("%s: %d documents from the tokenization cache", field, len(cached))
+        return cached, key
+    bad = _BadRecords(data.skip_bad_examples)
+    stream = (r for source in sources for r in records.read_records(source, split, bad))
+    workers = data.num_workers or min(os.cpu_count() or 1, 8)
+    tokenized = tokenize.tokenize_records(tokenizer, stream, options, workers)
+    for _, reason in bad.skipped:
+        tokenized.stats["examples_read"] += 1
+        tokenized.stats["dropped"][reason] = tokenized.stats["dropped"].get(reason, 0) + 1
+    if tokenized.stats["trainable_tokens"] == 0:
+        raise DataError(
+            f"{field}={spec!r}: no trainable tokens in {tokenized.stats['examples_read']} examples"
+            f" (dropped: {tokenized.stats['dropped']}). Check config.data.train_on, "
+            "config.data.max_length and the data."
+        )
+    if data.cache_dir != "none":
+        tokenize.save_cached(cache_dir, key, tokenized)
+    return tokenized, key
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("SFT_JAX_CACHE", "~/.cache/sft_jax/tokenized")
+
+
+def split_eval(
+    tokenized: tokenize.Tokenized, fraction: float, seed: int
+) -> tuple[tokenize.Tokenized, tokenize.Tokenized]:
+    """A deterministic hold-out: the documents a seeded permutation puts first go to eval."""
+    order = np.random.default_rng([seed, 1]).permutation(len(tokenized))
+    held = max(1, round(fraction * len(tokenized)))
+    if held >= len(tokenized):
+        raise DataError(
+            f"config.data.eval_fraction={fraction} leaves no training data "
+            f"({len(tokenized)} documents)."
+        )
+    eval_ids, train_ids = np.sort(order[:held]), np.sort(order[held:])
+    return tokenized.subset(train_ids), tokenized.subset(eval_ids)
+
+
+@dataclasses.dataclass
+class Datasets:
+    """Tokenized train and eval documents, with the tokenizer and a fingerprint of them."""
+
+    train: tokenize.Tokenized
+    eval: tokenize.Tokenized | None
+    tokenizer: Any
+    fingerprint: str
+
+
+def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    data = config.data
+    _check_options(data)
+    tokenizer = load_tokenizer(data, config.model.name_or_path)
+    train, key = tokenize_sources(
+        data.train_files, data.train_split, "config.data.train_files", tokenizer, data
+    )
+    evaluation = None
+    if data.eval_files:
+        evaluation, eval_key = tokenize_sources(
+            data.eval_files, data.eval_split, "config.data.eval_files", tokenizer, data
+        )
+        key += eval_key
+    elif data.eval_fraction > 0:
+        train, evaluation = split_eval(train, data.eval_fraction, config.train.seed)
+        key += f"/eval_fraction={data.eval_fraction}/seed={config.train.seed}"
+    return Datasets(train, evaluation, tokenizer, key)
+
+
+def open_data(config: ml_collections.ConfigDict) -> Any:
+    """The trainer's DataSource for this process, built from config.data."""
+    from sft_jax.trainer import DataSource
+
+    loaded = load_datasets(config)
+    data, process = config.data, (jax.process_index(), jax.process_count())
+    train = batches.TrainBatches(
+        loaded.train,
+        global_rows=config.train.global_batch_size,
+        row_len=data.max_length,
+        packing=data.packing,
+        seed=config.train.seed,
+        shuffle=data.shuffle,
+        process_index=process[0],
+        process_count=process[1],
+        fingerprint=loaded.fingerprint,
+    )
+    evaluation = (
+        batches.eval_batches(
+            loaded.eval,
+            global_rows=config.eval.global_batch_size,
+            row_len=data.max_length,
+            packing=data.packing,
+            process_index=process[0],
+            process_count=process[1],
+        )
+        if loaded.eval is not None
+        else []
+    )
+    log.info("train: %s", summary_line(loaded.train.stats))
+    return DataSource(
+        train_batches=train,
+        eval_batches=lambda: evaluation,
+        seq_len=data.max_length,
+        tokenizer=loaded.tokenizer,
+    )
+
+
+def summary_line(stats: dict[str, Any]) -> str:
+    return (
+        f"{stats['examples_kept']} of {stats['examples_read']} examples kept "
+        f"(dropped {stats['dropped'] or 'none'}, truncated {stats['truncated']}), "
+        f"{stats['trainable_tokens']} trainable of {stats['tokens']} tokens"
+    )

@@ -1,0 +1,273 @@
+"""Examples -> token ids and a per-token "is trained" flag; run once, in parallel, cached on disk.
+
+A tokenized document keeps its tokens unshifted; `trained[t]` says that token t is part of a
+trained span (an assistant reply and its end-of-turn token). The shift to next-token targets
+happens once, in `sft_jax.data.batches`. The text is tokenized with add_special_tokens=False:
+the chat template already holds BOS, so it is never doubled.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sft_jax.data.formats import BadExample, Completion, Conversation, normalize
+from sft_jax.data.records import DataError, Record
+from sft_jax.data.templates import TemplateError, completion_text, render_with_spans
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+_CHUNK = 256  # examples per task handed to a worker process
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What decides how an example becomes tokens (part of the cache key)."""
+
+    data_format: str  # one of formats.FORMATS, already resolved from "auto"
+    train_on: str  # templates.TRAIN_ON
+    max_length: int  # tokens kept per example; the rest is cut off
+    skip_bad: bool  # count and skip malformed examples instead of stopping
+
+
+@dataclasses.dataclass
+class Tokenized:
+    """Documents stored flat: document i is tokens[offsets[i]:offsets[i + 1]]."""
+
+    tokens: np.ndarray  # int32 [total]
+    trained: np.ndarray  # bool [total]
+    offsets: np.ndarray  # int64 [documents + 1]
+    stats: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        span = slice(self.offsets[index], self.offsets[index + 1])
+        return self.tokens[span], self.trained[span]
+
+    def subset(self, indices: Sequence[int]) -> Tokenized:
+        docs = [self.document(i) for i in indices]
+        return from_documents(docs, dict(self.stats))
+
+
+def from_documents(docs: list[tuple[np.ndarray, np.ndarray]], stats: dict) -> Tokenized:
+    lengths = np.array([len(t) for t, _ in docs], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cat = (
+        (lambda xs, dtype: np.concatenate(xs).astype(dtype))
+        if docs
+        else (lambda xs, dtype: np.zeros(0, dtype))
+    )
+    return Tokenized(
+        cat([t for t, _ in docs], np.int32), cat([m for _, m in docs], np.bool_), offsets, stats
+    )
+
+
+def empty_stats() -> dict[str, Any]:
+    return {
+        "examples_read": 0,
+        "examples_kept": 0,
+        "dropped": {},
+        "truncated": 0,
+        "tokens": 0,
+        "trainable_tokens": 0,
+        "duplicate_bos_removed": 0,
+    }
+
+
+def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """Per token: does its character range overlap a span? (Zero-width tokens: start inside.)"""
+    starts = np.array([a for a, _ in offsets], np.int64)
+    ends = np.array([max(b, a + 1) for a, b in offsets], np.int64)
+    trained = np.zeros(len(offsets), bool)
+    for begin, end in spans:
+        trained |= (starts < end) & (ends > begin)
+    return trained
+
+
+def tokenize_example(
+    tokenizer: Any, example: Conversation | Completion, options: Options
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Tokens, trained flags and notes ("truncated", "duplicate_bos_removed") of one example."""
+    if isinstance(example, Conversation):
+        text, spans = render_with_spans(tokenizer, example, options.train_on)
+    else:
+        text, spans = completion_text(tokenizer, example.prompt, example.completion)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    tokens = np.asarray(encoded["input_ids"], np.int32)
+    trained = _overlaps(encoded["offset_mapping"], spans)
+    notes = {"truncated": 0, "duplicate_bos_removed": 0}
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
+        tokens, trained = tokens[1:], trained[1:]
+        notes["duplicate_bos_removed"] = 1
+    if len(tokens) > options.max_length:
+        tokens, trained = tokens[: options.max_length], trained[: options.max_length]
+        notes["truncated"] = 1
+    # Token 0 is never a target (nothing before it predicts it): count from token 1.
+    if not trained[1:].any():
+        reason = "no_target_tokens_after_truncation" if notes["truncated"] else "no_target_tokens"
+        raise BadExample("no trained tokens left", reason)
+    return tokens, trained, notes
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer: Any) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer
+
+
+def _tokenize_chunk(
+    records: list[Record], options: Options, tokenizer: Any = None
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, Any], list[tuple[str, str, str]]]:
+    """Documents, stats and bad examples (where, problem, reason) of a chunk of records."""
+    tokenizer = tokenizer or _worker_tokenizer
+    docs, stats, bad = [], empty_stats(), []
+    for record in records:
+        stats["examples_read"] += 1
+        try:
+            example = normalize(record.value, options.data_format)
+            tokens, trained, notes = tokenize_example(tokenizer, example, options)
+        except BadExample as e:
+            bad.append((record.where, str(e), e.reason))
+            continue
+        except TemplateError as e:  # the template, not the example: always an error
+            raise TemplateError(f"{record.where}: {e}") from None
+        docs.append((tokens, trained))
+        stats["truncated"] += notes["truncated"]
+        stats["duplicate_bos_removed"] += notes["duplicate_bos_removed"]
+    return docs, stats, bad
+
+
+# Reasons that are part of normal SFT data handling rather than malformed input: always a
+# counted drop, never an error.
+EXPECTED_DROPS = ("no_target_tokens", "no_target_tokens_after_truncation")
+
+
+def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if key != "dropped":
+            total[key] += value
+
+
+def tokenize_records(
+    tokenizer: Any, records: Iterable[Record], options: Options, workers: int = 1
+) -> Tokenized:
+    """Every record tokenized; bad ones raise DataError, or are counted when skip_bad."""
+    stats, docs = empty_stats(), []
+    dropped: collections.Counter[str] = collections.Counter()
+    for chunk_docs, chunk_stats, bad in _map_chunks(tokenizer, records, options, workers):
+        for where, problem, reason in bad:
+            if reason not in EXPECTED_DROPS and not options.skip_bad:
+                raise DataError(
+                    f"{where}: {problem}. Fix the example, or set "
+                    "config.data.skip_bad_examples=True to count and skip such examples."
+                )
+            dropped[reason] += 1
+        docs.extend(chunk_docs)
+        _merge(stats, chunk_stats)
+    tokenized = from_documents(docs, stats)
+    stats["dropped"] = dict(sorted(dropped.items()))
+    stats["examples_kept"] = len(tokenized)
+    stats["tokens"] = len(tokenized.tokens)
+    stats["trainable_tokens"] = trainable_tokens(tokenized)
+    return tokenized
+
+
+def trainable_tokens(tokenized: Tokenized) -> int:
+    """Trained tokens that have a token before them, i.e. the targets training will see."""
+    firsts = np.zeros(len(tokenized.tokens), bool)
+    firsts[tokenized.offsets[:-1][tokenized.lengths() > 0]] = True
+    return int(np.sum(tokenized.trained & ~firsts))
+
+
+def _chunks(records: Iterable[Record]) -> Iterable[list[Record]]:
+    chunk = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == _CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _map_chunks(tokenizer: Any, records: Iterable[Record], options: Options, workers: int):
+    if workers <= 1:
+        for chunk in _chunks(records):
+            yield _tokenize_chunk(chunk, options, tokenizer)
+        return
+    # spawn, not fork: the parent may already run JAX threads.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer,)
+    ) as pool:
+        yield from pool.map(_tokenize_chunk, _chunks(records), _repeat(options), chunksize=4)
+
+
+def _repeat(value: Any) -> Iterable[Any]:
+    while True:
+        yield value
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Changes with the vocabulary, merges, special tokens or chat template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def cache_key(data_fingerprint: str, tokenizer: Any, options: Options) -> str:
+    parts = [
+        str(CACHE_VERSION),
+        data_fingerprint,
+        tokenizer_fingerprint(tokenizer),
+        json.dumps(dataclasses.asdict(options), sort_keys=True),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def load_cached(cache_dir: Path, key: str) -> Tokenized | None:
+    path = cache_dir / f"{key}.npz"
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as f:
+            return Tokenized(f["tokens"], f["trained"], f["offsets"], json.loads(str(f["stats"])))
+    except Exception as e:  # a damaged cache file is rebuilt, never trusted
+        log.warning("tokenization cache %s is unreadable (%s); tokenizing again.", path, e)
+        return None
+
+
+def save_cached(cache_dir: Path, key: str, tokenized: Tokenized) -> None:
+    """Written to a temporary name then renamed, so a crash never leaves a half file."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = cache_dir / f"{key}.{os.getpid()}.tmp.npz"
+    np.savez(
+        temporary,
+        tokens=tokenized.tokens,
+        trained=tokenized.trained,
+        offsets=tokenized.offsets,
+        stats=np.array(json.dumps(tokenized.stats)),
+    )
+    os.replace(temporary, cache_dir / f"{key}.npz")

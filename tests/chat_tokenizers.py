@@ -1,0 +1,100 @@
+"""Tokenizers built locally in the styles of real chat models (no download), for data tests.
+
+Each has the special tokens and a chat template that renders the same text format as the
+model family's own (written for these tests): ChatML (Qwen2.5), Llama 3, Mistral, Gemma.
+Words, punctuation and whitespace runs are single tokens, so expectations stay readable.
+"""
+
+from __future__ import annotations
+
+import re
+
+import tokenizers
+import transformers
+
+_PIECES = r"\s+|\w+|[^\w\s]"
+
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim }}"
+    "{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}"
+    "{% elif m['role'] == 'user' %}"
+    "{{ '[INST] ' + (ns.system + '\\n\\n' if ns.system else '') + m['content'] + ' [/INST]' }}"
+    "{% set ns.system = '' %}"
+    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}"
+    "{% else %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (ns.system + '\\n\\n' if ns.system else '') }}"
+    "{{ m['content'] | trim + '<end_of_turn>\\n' }}{% set ns.system = '' %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+# style -> (special tokens, bos, eos, template)
+STYLES = {
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", CHATML),
+    "llama3": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+         "<|eot_id|>"],
+        "<|begin_of_text|>", "<|eot_id|>", LLAMA3,
+    ),
+    "mistral": (["<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", MISTRAL),
+    "gemma": (
+        ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", GEMMA,
+    ),
+}  # fmt: skip
+
+WORDS = (
+    "You are a helpful assistant . Be brief Hi Hello ! How are you ? Fine thanks What is + "
+    "Add and Sort these letters a b c d Reverse cat tac system user assistant model "
+    "Answer with one word Yes No okay " + " ".join(str(n) for n in range(1000))
+)
+
+
+def pieces(text: str) -> list[str]:
+    return re.findall(_PIECES, text)
+
+
+def make_tokenizer(
+    style: str, corpus: str = WORDS, add_bos: bool = True, template: bool = True
+) -> transformers.PreTrainedTokenizerBase:
+    """A WordLevel tokenizer over the pieces of `corpus` with `style`'s specials and template.
+
+    With add_bos (and a BOS in the style) the tokenizer puts BOS in front of plain text, as
+    Llama's and Gemma's do, which the chat path must not double.
+    """
+    specials, bos, eos, chat_template = STYLES[style]
+    vocab = {"<unk>": 0, "<pad>": 1}
+    for piece in [*pieces(corpus), " ", "\n", "\n\n", "  "]:
+        vocab.setdefault(piece, len(vocab))
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+        tokenizers.Regex(_PIECES), behavior="isolated"
+    )
+    backend.decoder = tokenizers.decoders.Fuse()
+    backend.add_special_tokens(specials)
+    if bos and add_bos:
+        backend.post_processor = tokenizers.processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))]
+        )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=[s for s in specials if s not in (bos, eos)],
+    )  # fmt: skip
+    tokenizer.chat_template = chat_template if template else None
+    return tokenizer
