@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.shuffle = True
     # Count and skip malformed examples instead of stopping at the first with an error.
     config.data.skip_bad_examples = False
-    # Processes that tokenize (0 = one per core, up to 8).
+    # Processes that tokenize (0 = auto: one for local data under 64 MiB, else one per core
+    # up to 8).
     config.data.num_workers = 0
     # Where tokenized data is cached ("" = $SFT_JAX_CACHE or ~/.cache/sft_jax/tokenized;
     # "none" = never cache).

@@ -204,3 +204,61 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     np.testing.assert_allclose(double["losses"], single["losses"], rtol=2e-5)
     np.testing.assert_allclose(double["eval_loss"], single["eval_loss"], rtol=2e-5)
     assert jax.process_count() == 1
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    """A tiny Llama whose vocabulary fits a locally built ChatML tokenizer, saved with it."""
+    import transformers
+    from chat_tokenizers import make_tokenizer
+
+    path = tmp_path_factory.mktemp("chat_llama")
+    tokenizer = make_tokenizer("chatml")
+    tokenizer.save_pretrained(path)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def chat_rows(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        a, b = (int(x) for x in rng.integers(0, 50, 2))
+        turns = [
+            {"role": "user", "content": f"Add {a} and {b}"},
+            {"role": "assistant", "content": f"Answer {a + b}"},
+        ] * int(rng.integers(1, 4))
+        rows.append({"messages": turns})  # fmt: skip
+    return rows
+
+
+def test_eval_loss_is_the_same_packed_or_padded(chat_model_dir, tmp_path):
+    from sft_jax.data import open_data
+
+    for name, seed in (("train", 0), ("eval", 1)):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in chat_rows(37, seed))
+        )
+    losses = {}
+    for packing in (True, False):
+        config = base_config(chat_model_dir)
+        config.data.train_files = str(tmp_path / "train.jsonl")
+        config.data.eval_files = str(tmp_path / "eval.jsonl")
+        config.data.max_length = 64
+        config.data.packing = packing
+        config.data.cache_dir = "none"
+        source = open_data(config)
+        run = trainer.Trainer(config, tmp_path / str(packing), from_pretrained(chat_model_dir),
+                              source)  # fmt: skip
+        losses[packing] = run.run_eval(0)
+        if packing:
+            expected = reference_eval_loss(chat_model_dir, source.eval_batches())
+    assert losses[True]["eval/target_tokens"] == losses[False]["eval/target_tokens"]
+    assert losses[True]["eval/loss"] == pytest.approx(losses[False]["eval/loss"], rel=1e-5)
+    assert losses[True]["eval/loss"] == pytest.approx(expected, rel=1e-5)

@@ -17,6 +17,7 @@ from sft_jax.data import batches, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
 
 log = logging.getLogger(__name__)
+_PARALLEL_ABOVE_BYTES = 64 * 1024**2
 
 
 def load_tokenizer(data: ml_collections.ConfigDict, model: str | Path) -> Any:
@@ -110,7 +111,7 @@ def tokenize_sources(
         return cached, key
     bad = _BadRecords(data.skip_bad_examples)
     stream = (r for source in sources for r in records.read_records(source, split, bad))
-    workers = data.num_workers or min(os.cpu_count() or 1, 8)
+    workers = data.num_workers or _auto_workers(sources)
     tokenized = tokenize.tokenize_records(tokenizer, stream, options, workers)
     for _, reason in bad.skipped:
         tokenized.stats["examples_read"] += 1
@@ -124,6 +125,15 @@ def tokenize_sources(
     if data.cache_dir != "none":
         tokenize.save_cached(cache_dir, key, tokenized)
     return tokenized, key
+
+
+def _auto_workers(sources: list[str]) -> int:
+    """One process for small local data (starting workers costs seconds), else one per core."""
+    cores = min(os.cpu_count() or 1, 8)
+    if any(source.startswith(records.HUB_PREFIX) for source in sources):
+        return cores
+    small = sum(os.path.getsize(source) for source in sources) < _PARALLEL_ABOVE_BYTES
+    return 1 if small else cores
 
 
 def _default_cache_dir() -> str:
