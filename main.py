@@ -7,7 +7,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sft_jax import trainer
+from sft_jax import config_check, trainer
 from sft_jax.data import DataError, open_data
 from sft_jax.errors import ConfigError
 from sft_jax.models import CheckpointError, UnsupportedModelError
@@ -38,5 +38,13 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {e}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a mistyped --config.* field named instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        sys.exit(f"error: {config_check.unknown_override(argv) or e}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -137,6 +137,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- checkpoint
     # Orbax checkpoints in WORKDIR/checkpoints; a WORKDIR holding some resumes from the newest.
     config.checkpoint = ml_collections.ConfigDict()
+    # Save checkpoints at all (False: nothing is written to WORKDIR/checkpoints).
     config.checkpoint.enabled = True
     # Save every N updates (0 = only at the end); also at every eval and on SIGTERM / SIGINT.
     config.checkpoint.every_steps = 100
