@@ -37,6 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Eval data, same syntax; "" = hold out eval_fraction of the training examples instead.
     config.data.eval_files = str(ASSETS / "demo_data" / "eval.jsonl")
     config.data.eval_split = "test"
+    # Evaluate on only the first N eval examples (0 = all of them, every eval).
+    config.data.eval_max_examples = 0
     # Fraction of training examples held out for eval when eval_files is "" (0 = no eval).
     config.data.eval_fraction = 0.0
     # "auto" (from the fields of the first example), "messages", "sharegpt",
@@ -179,6 +181,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed.coordinator_address = ""
     config.distributed.num_processes = 1
     config.distributed.process_id = 0
+    # Call jax.distributed.initialize() (with its own detection of TPU pods, SLURM, Open MPI)
+    # even when no multi-host environment is recognized here.
+    config.distributed.force = False
     # CPU-only multi-process runs need a collectives backend: "gloo" (or "" on GPU/TPU).
     config.distributed.cpu_collectives = ""
 

@@ -23,7 +23,8 @@ def initialize(config: ml_collections.ConfigDict) -> None:
     """Starts jax.distributed when the job spans processes; a single process does nothing.
 
     config.coordinator_address set: explicit (num_processes, process_id from the config).
-    Otherwise SLURM and Cloud TPU are detected and jax reads their environment itself.
+    Otherwise SLURM and Cloud TPU are detected (or config.force is set) and jax reads their
+    environment itself.
     """
     if config.coordinator_address:
         if config.cpu_collectives:
@@ -33,7 +34,7 @@ def initialize(config: ml_collections.ConfigDict) -> None:
             num_processes=config.num_processes,
             process_id=config.process_id,
         )
-    elif _launched_on_several_hosts():
+    elif config.force or _launched_on_several_hosts():
         jax.distributed.initialize()
     else:
         return

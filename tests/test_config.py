@@ -34,3 +34,20 @@ def test_a_mistyped_override_is_named_with_suggestions(tmp_path):
     assert "--config.train.learning_rat: train has no field 'learning_rat'. Did you mean " \
            "learning_rate?" in result.stderr  # fmt: skip
     assert "Traceback" not in result.stderr
+
+
+def test_presets_load_and_change_only_existing_fields():
+    sys.path.insert(0, str(REPO))
+    import importlib
+
+    base = importlib.import_module("configs.base").get_config()
+    presets = sorted(
+        p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("base", "__init__")
+    )
+    assert len(presets) >= 4
+    for name in presets:
+        module = importlib.import_module(f"configs.{name}")
+        config = module.get_config()  # a locked config: a field base lacks would raise here
+        assert "python main.py --config=configs/" + name + ".py" in module.__doc__
+        assert config.model.name_or_path != base.model.name_or_path
+        assert set(config.keys()) == set(base.keys())

@@ -178,6 +178,9 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
             data.eval_files, data.eval_split, "config.data.eval_files", tokenizer, data
         )
         key += eval_key
+        if 0 < data.eval_max_examples < len(evaluation):
+            evaluation = evaluation.subset(range(data.eval_max_examples))
+            key += f"/eval_max_examples={data.eval_max_examples}"
     elif data.eval_fraction > 0:
         train, evaluation = split_eval(train, data.eval_fraction, config.train.seed)
         key += f"/eval_fraction={data.eval_fraction}/seed={config.train.seed}"

@@ -1,0 +1,34 @@
+"""LoRA (r=16, every linear layer) on Llama-3.1-8B-Instruct with Alpaca (gated model: log in
+to the hub with access to meta-llama first).
+
+Run on one 80 GB GPU, or a TPU host (the base is sharded over every local device with fsdp):
+  python main.py --config=configs/llama3_1_8b_lora.py --workdir=/tmp/llama3_1_8b_lora
+"""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.model.name_or_path = "meta-llama/Llama-3.1-8B-Instruct"
+    config.model.param_dtype = "bfloat16"  # the frozen base in bf16; adapters stay fp32
+    config.model.compute_dtype = "bfloat16"
+    config.model.remat = "full"
+    config.lora.rank = 16
+    config.lora.alpha = 32.0
+    config.lora.dropout = 0.05
+    config.data.train_files = "hf:yahma/alpaca-cleaned"
+    config.data.eval_files = ""
+    config.data.eval_fraction = 0.02
+    config.data.max_length = 2048
+    config.train.steps = 1500
+    config.train.global_batch_size = 16
+    config.train.learning_rate = 2e-4
+    config.train.warmup_steps = 50
+    config.train.weight_decay = 0.0
+    config.train.loss_chunk_size = 512
+    config.eval.every_steps = 250
+    config.eval.global_batch_size = 16
+    config.eval.early_stopping_patience = 3
+    config.checkpoint.every_steps = 250
+    return config
