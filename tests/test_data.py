@@ -453,3 +453,16 @@ def test_inspect_prints_spans_and_totals(data_config, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "<|im_start|>assistant\n[[Answer 0<|im_end|>]]" in text
     assert "trainable tokens" in text
+
+
+def test_last_reply_splits_prompt_and_reference():
+    tokenizer = make_tokenizer("chatml")
+    tokens, trained, _ = tok.tokenize_example(tokenizer, Conversation((SYSTEM, *TURNS)), options())
+    docs = tok.from_documents([(tokens, trained)], tok.empty_stats())
+    prompt, reply = docs.last_reply(0)
+    assert tokenizer.decode(prompt.tolist()).endswith(
+        "How are you ?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.decode(reply.tolist()) == "Fine thanks .<|im_end|>"
+    text = tok.from_documents([(tokens, np.ones_like(trained))], tok.empty_stats())
+    assert text.last_reply(0) is None

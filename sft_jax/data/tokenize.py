@@ -60,6 +60,20 @@ class Tokenized:
         span = slice(self.offsets[index], self.offsets[index + 1])
         return self.tokens[span], self.trained[span]
 
+    def last_reply(self, index: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(prompt, reply) tokens of a document's last trained span, for generation in eval.
+
+        The prompt ends with the generation prompt (e.g. `<|im_start|>assistant\\n`) and the
+        reply ends with its end-of-turn token; None when nothing precedes the span.
+        """
+        tokens, trained = self.document(index)
+        starts = np.flatnonzero(trained & ~np.concatenate([[False], trained[:-1]]))
+        if len(starts) == 0 or starts[-1] == 0:
+            return None
+        start = int(starts[-1])
+        end = start + int(np.argmin(np.append(trained[start:], False)))
+        return tokens[:start], tokens[start:end]
+
     def subset(self, indices: Sequence[int]) -> Tokenized:
         docs = [self.document(i) for i in indices]
         return from_documents(docs, dict(self.stats))

@@ -10,9 +10,14 @@ them to mesh axes. Nothing in this file knows about the mesh.
 Inputs are packed rows: `positions_BxT` restart at 0 for every document and `segment_ids_BxT`
 number the documents of a row (0 = padding). A token attends only to earlier tokens of its own
 segment (and, in sliding-window layers, to the last `window` of them, itself included).
+
+Generation runs tokens through `CausalLM.extend` against a `KVCache` instead: each token attends
+to the cached slots that hold earlier positions of its own row (positions < 0 mark padding).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -153,6 +158,41 @@ def attention_mask(
     return mask_BxTxS
 
 
+def cache_mask(
+    positions_BxT: jax.Array, key_positions_BxS: jax.Array, window: int | None
+) -> jax.Array:
+    """[B, T, S] True where query t may attend cache slot s: a real, earlier (or same) position,
+    inside the window. Padding and empty slots hold position -1 and are never attended."""
+    distance_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
+    mask_BxTxS = (key_positions_BxS[:, None, :] >= 0) & (distance_BxTxS >= 0)
+    if window is not None:
+        mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
+    return mask_BxTxS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for the tokens written so far, slots [0, index)."""
+
+    keys: tuple[jax.Array, ...]  # per layer [B, S, K, E]
+    values: tuple[jax.Array, ...]  # per layer [B, S, K, E]
+    positions_BxS: jax.Array  # int32 position of the token in each slot; -1: padding or empty
+    index: jax.Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(zeros, zeros, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def _write(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(
+        cache_BxSx, new_BxTx.astype(cache_BxSx.dtype), index, 1
+    )
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k norms, soft-capping and a window."""
 
@@ -188,6 +228,32 @@ class Attention(nnx.Module):
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
     ):
+        q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
+        mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
+        return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, _fold(dropout_key, 3))
+
+    def extend(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        keys_BxSxKxE: jax.Array,
+        values_BxSxKxE: jax.Array,
+        key_positions_BxS: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Writes the T new keys/values at slot `index`, attends over the cache (positions of
+        every slot, new ones included, in key_positions_BxS); returns output and cache."""
+        q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE = self._project(x_BxTxD, positions_BxT, None)
+        keys_BxSxKxE = _write(keys_BxSxKxE, k_BxTxKxE, index)
+        values_BxSxKxE = _write(values_BxSxKxE, v_BxTxKxE, index)
+        mask_BxTxS = cache_mask(positions_BxT, key_positions_BxS, self.window)
+        out_BxTxD = self._attend(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, None)
+        return out_BxTxD, keys_BxSxKxE, values_BxSxKxE
+
+    def _project(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, K, G, E] and keys, values [B, T, K, E], normed and rotated."""
         batch, seq_len, _ = x_BxTxD.shape
         groups = self.num_heads // self.num_kv_heads
         q_BxTxHxE = self.q_proj(x_BxTxD, _fold(dropout_key, 0))
@@ -201,19 +267,28 @@ class Attention(nnx.Module):
         q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
         k_BxSxKxE = apply_rope(k_BxSxKxE, positions_BxT, self.rope)
         q_BxTxKxGxE = q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
+        return q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE
 
+    def _attend(
+        self,
+        q_BxTxKxGxE: jax.Array,
+        k_BxSxKxE: jax.Array,
+        v_BxSxKxE: jax.Array,
+        mask_BxTxS: jax.Array,
+        dropout_key: jax.Array | None,
+    ) -> jax.Array:
+        batch, seq_len = q_BxTxKxGxE.shape[:2]
         scores = jnp.einsum(
             "BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
         )
         scores = scores * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
-        mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
         scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
         out_BxTxKxGxE = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE)
         out_BxTxHE = out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
+        return self.o_proj(out_BxTxHE, dropout_key)
 
 
 class MLP(nnx.Module):
@@ -258,10 +333,31 @@ class DecoderLayer(nnx.Module):
     ):
         normed = self.attn_norm(x_BxTxD)
         attn_out = self.attn(normed, positions_BxT, segment_ids_BxT, _fold(dropout_key, 0))
+        return self._add_attention_and_mlp(x_BxTxD, attn_out, _fold(dropout_key, 1))
+
+    def extend(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        keys_BxSxKxE: jax.Array,
+        values_BxSxKxE: jax.Array,
+        key_positions_BxS: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The layer on T new tokens against its cache (see Attention.extend)."""
+        attn_out, keys_BxSxKxE, values_BxSxKxE = self.attn.extend(
+            self.attn_norm(x_BxTxD), positions_BxT, keys_BxSxKxE, values_BxSxKxE,
+            key_positions_BxS, index,
+        )  # fmt: skip
+        return self._add_attention_and_mlp(x_BxTxD, attn_out, None), keys_BxSxKxE, values_BxSxKxE
+
+    def _add_attention_and_mlp(
+        self, x_BxTxD: jax.Array, attn_out: jax.Array, dropout_key: jax.Array | None
+    ) -> jax.Array:
         if self.attn_post_norm is not None:
             attn_out = self.attn_post_norm(attn_out)
         x_BxTxD = x_BxTxD + attn_out
-        mlp_out = self.mlp(self.mlp_norm(x_BxTxD), _fold(dropout_key, 1))
+        mlp_out = self.mlp(self.mlp_norm(x_BxTxD), dropout_key)
         if self.mlp_post_norm is not None:
             mlp_out = self.mlp_post_norm(mlp_out)
         return x_BxTxD + mlp_out
@@ -322,12 +418,7 @@ class CausalLM(nnx.Module):
 
         dropout_key enables LoRA dropout (training); None means deterministic.
         """
-        embed_VxD = self.embed[...]
-        x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0)
-        if self.config.embed_scale:
-            # transformers rounds sqrt(D) to the weight dtype before multiplying.
-            x_BxTxD = x_BxTxD * jnp.asarray(np.sqrt(self.config.hidden_size), embed_VxD.dtype)
-        x_BxTxD = x_BxTxD.astype(self.dtype)
+        x_BxTxD = self._embed(input_ids_BxT)
         apply_layer = _call_layer
         if self.remat != "none":
             apply_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
@@ -335,6 +426,35 @@ class CausalLM(nnx.Module):
             key = _fold(dropout_key, index)
             x_BxTxD = apply_layer(layer, x_BxTxD, positions_BxT, segment_ids_BxT, key)
         return self.final_norm(x_BxTxD)
+
+    def extend(
+        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """Final-normed hidden states [B, T, D] of T new tokens, which attend to the cache and
+        are written to it at slots [cache.index, cache.index + T); positions < 0 mark padding."""
+        key_positions_BxS = _write(cache.positions_BxS, positions_BxT, cache.index)
+        x_BxTxD = self._embed(input_ids_BxT)
+        keys, values = [], []
+        for layer, layer_keys, layer_values in zip(
+            self.layers, cache.keys, cache.values, strict=True
+        ):
+            x_BxTxD, layer_keys, layer_values = layer.extend(
+                x_BxTxD, positions_BxT, layer_keys, layer_values, key_positions_BxS, cache.index
+            )
+            keys.append(layer_keys)
+            values.append(layer_values)
+        new_index = cache.index + input_ids_BxT.shape[1]
+        return self.final_norm(x_BxTxD), KVCache(
+            tuple(keys), tuple(values), key_positions_BxS, new_index
+        )
+
+    def _embed(self, input_ids_BxT: jax.Array) -> jax.Array:
+        embed_VxD = self.embed[...]
+        x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0)
+        if self.config.embed_scale:
+            # transformers rounds sqrt(D) to the weight dtype before multiplying.
+            x_BxTxD = x_BxTxD * jnp.asarray(np.sqrt(self.config.hidden_size), embed_VxD.dtype)
+        return x_BxTxD.astype(self.dtype)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [..., V] of (a chunk of) hidden states, soft-capped where configured."""

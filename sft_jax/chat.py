@@ -1,0 +1,109 @@
+"""Chat with (or complete text from) a Hugging Face directory or a training run's checkpoint.
+
+python -m sft_jax.chat --model=DIR [--prompt="..."] [--raw] [--max_new_tokens=256]
+    [--temperature=0.7] [--top_p=0.9] [--seed=0] [--dtype=float32|bfloat16]
+python -m sft_jax.chat --workdir=RUN_DIR [--step=N | --which=best|last] ...
+
+With --prompt it prints one reply; without, it reads one user turn per line from stdin until EOF
+and keeps the conversation. --raw continues the text as is instead of using the chat template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import jax.numpy as jnp
+import transformers
+from absl import app, flags
+
+from sft_jax import export
+from sft_jax.generate import chat, chat_stop_token_ids, reply
+from sft_jax.models import CausalLM, from_pretrained
+from sft_jax.models.hf_io import resolve_model_dir
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A Hugging Face model directory (or hub id) with a tokenizer.")
+flags.DEFINE_string("workdir", None, "Instead of --model: a training run's WORKDIR.")
+flags.DEFINE_string("which", "best", "With --workdir: 'best', 'last', or a step number.")
+flags.DEFINE_integer("step", None, "With --workdir: the checkpoint step (overrides --which).")
+flags.DEFINE_string("prompt", None, "One prompt to answer; without it, read turns from stdin.")
+flags.DEFINE_bool("raw", False, "Plain text completion instead of the chat template.")
+flags.DEFINE_integer("max_new_tokens", 256, "The most tokens generated per reply.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy decoding.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this mass.")
+flags.DEFINE_integer("seed", 0, "Seed of the sampling keys.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+
+
+@contextlib.contextmanager
+def model_directory(model: str | None, workdir: str | None, which: str | int) -> Iterator[str]:
+    """--model as is, or the run's checkpoint exported to a temporary directory."""
+    if bool(model) == bool(workdir):
+        raise app.UsageError("Pass exactly one of --model and --workdir.")
+    if model:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="sft_jax_chat_") as out:
+        yield str(export.export_run(workdir, which=which, out=out))
+
+
+def load(name_or_path: str, dtype: Any) -> tuple[CausalLM, Any, list[int]]:
+    """Model, tokenizer and chat stop tokens of a Hugging Face directory (or hub id)."""
+    model_dir = resolve_model_dir(name_or_path)
+    model = from_pretrained(model_dir, param_dtype=dtype)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    return model, tokenizer, chat_stop_token_ids(tokenizer, model_dir)
+
+
+def respond(
+    model: CausalLM,
+    tokenizer: Any,
+    history: list[dict[str, str]],
+    text: str,
+    raw: bool,
+    options: dict[str, Any],
+) -> str:
+    """The reply to `text`; in chat mode both turns are appended to `history`. Without a chat
+    template, or when raw, the text is continued as is (with the tokenizer's BOS)."""
+    if raw or not tokenizer.chat_template:
+        return reply(model, tokenizer, tokenizer(text)["input_ids"], **options)
+    history.append({"role": "user", "content": text})
+    answer = chat(model, tokenizer, history, **options)
+    history.append({"role": "assistant", "content": answer})
+    return answer
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    which = FLAGS.step if FLAGS.step is not None else FLAGS.which
+    with model_directory(FLAGS.model, FLAGS.workdir, which) as model_dir:
+        model, tokenizer, stops = load(model_dir, jnp.dtype(FLAGS.dtype))
+    options = {
+        "stop_token_ids": stops,
+        "max_new_tokens": FLAGS.max_new_tokens,
+        "temperature": FLAGS.temperature,
+        "top_p": FLAGS.top_p,
+        "seed": FLAGS.seed,
+    }
+    history: list[dict[str, str]] = []
+    if FLAGS.prompt is not None:
+        print(respond(model, tokenizer, history, FLAGS.prompt, FLAGS.raw, options))
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if line.strip():
+            answer = respond(model, tokenizer, history, line.rstrip("\n"), FLAGS.raw, options)
+            print(answer, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
