@@ -131,6 +131,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.global_batch_size = 16
     # Evaluate before the first update, so the curve starts from the pretrained model.
     config.eval.at_start = True
+    # At every eval, generate greedy replies to the first N eval examples (their last
+    # assistant turn) and report eval/exact_match, the share equal to the reference (0 = off).
+    config.eval.generate_examples = 0
+    # Of those, print and log (metrics.jsonl, TensorBoard text) the first K with the reference.
+    config.eval.show_samples = 3
+    # Longest generated reply, in tokens.
+    config.eval.max_new_tokens = 64
     # Stop after this many evals without an improvement of the eval loss (0 = never).
     config.eval.early_stopping_patience = 0
     # Smallest eval-loss decrease that counts as an improvement.

@@ -107,6 +107,11 @@ class Steps:
     frozen: Any  # the frozen variables both steps read (a pure dict, possibly empty)
     batch_shardings: dict[str, NamedSharding]
     compile_seconds: float
+    graphdef: Any = None  # with `frozen`, turns trained params back into a model
+
+    def model_of(self, params: Any) -> CausalLM:
+        """The model with these trained parameters (e.g. to generate with during eval)."""
+        return nnx.merge(self.graphdef, params, self.frozen)
 
 
 def frozen_filter(trainable: Any) -> Any:
@@ -246,6 +251,7 @@ def build_steps(
         frozen=frozen,
         batch_shardings=shardings,
         compile_seconds=time.perf_counter() - start,
+        graphdef=graphdef,
     )
 
 

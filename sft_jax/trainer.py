@@ -19,10 +19,12 @@ from sft_jax import distributed, sharding
 from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like, checkpoint_dir
 from sft_jax.errors import ConfigError
 from sft_jax.export import export_run
+from sft_jax.generate import chat_stop_token_ids
 from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, training_flops_per_token
 from sft_jax.model_setup import build_model
 from sft_jax.models import CausalLM
 from sft_jax.optim import make_optimizer
+from sft_jax.samples import generation_metrics
 from sft_jax.step import StepOptions, Steps, build_steps, device_batch, init_state
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class DataSource:
     eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]  # one pass over the eval set
     seq_len: int
     tokenizer: Any = None
+    # (prompt tokens, reference reply tokens) of eval examples, for generation during eval.
+    eval_prompts: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -80,6 +84,15 @@ def evaluate(
         "eval/perplexity": math.exp(min(loss, 80.0)),
         "eval/target_tokens": count,
     }
+
+
+def eval_message(step: int, metrics: dict[str, Any]) -> str:
+    text = f"step {step}: eval loss {metrics['eval/loss']:.4f}"
+    if "eval/exact_match" in metrics:
+        text += f", exact match {metrics['eval/exact_match']:.1%} of {metrics['eval/generated']}"
+    if metrics.get("eval/samples"):
+        text += "\n" + metrics["eval/samples"]
+    return text
 
 
 class Trainer:
@@ -136,6 +149,7 @@ class Trainer:
 
     def run_eval(self, step: int) -> dict[str, float]:
         metrics = evaluate(self.steps, self.state["params"], self.data.eval_batches())
+        metrics |= self._generation_metrics()
         stop = self.early_stopping.update(step, metrics["eval/loss"])
         metrics |= {
             "eval/best_loss": self.early_stopping.best_loss,
@@ -144,6 +158,24 @@ class Trainer:
         self.writer.write(step, metrics)
         metrics["stop"] = stop
         return metrics
+
+    def _generation_metrics(self) -> dict[str, Any]:
+        """Greedy replies to the first eval prompts: exact match and samples (eval config)."""
+        count = max(self.config.eval.generate_examples, self.config.eval.show_samples)
+        prompts = self.data.eval_prompts[:count]
+        if not prompts or self.data.tokenizer is None:
+            return {}
+        model_dir = Path(self.config.model.name_or_path)
+        return generation_metrics(
+            self.steps.model_of(self.state["params"]),
+            self.data.tokenizer,
+            prompts,
+            stop_token_ids=chat_stop_token_ids(
+                self.data.tokenizer, model_dir if model_dir.is_dir() else None
+            ),
+            max_new_tokens=self.config.eval.max_new_tokens,
+            show=self.config.eval.show_samples,
+        )
 
     def _throughput(self, seconds: float) -> dict[str, float]:
         tokens = self.config.train.global_batch_size * self.data.seq_len
@@ -198,7 +230,7 @@ class Trainer:
         summary: dict[str, Any] = {"start_step": step, "interrupted": False, "stopped_early": False}
         if self.config.eval.at_start and step == 0 and self.has_eval:
             summary["initial_eval"] = self.run_eval(step)
-            progress.message(f"step {step}: eval loss {summary['initial_eval']['eval/loss']:.4f}")
+            progress.message(eval_message(step, summary["initial_eval"]))
         pending, last_time = None, time.perf_counter()
         with StopSignal() as stop:
             while step < total and not summary["stopped_early"]:
@@ -219,7 +251,7 @@ class Trainer:
                 pending = None
                 result = self.run_eval(step) if eval_due and self.has_eval else None
                 if result is not None:
-                    progress.message(f"step {step}: eval loss {result['eval/loss']:.4f}")
+                    progress.message(eval_message(step, result))
                     summary["final_eval"] = result
                     summary["stopped_early"] = result.pop("stop")
                 self.save(step, result)
@@ -276,4 +308,24 @@ def run(
         summary["export"] = str(
             export_run(workdir, which=config.export.at_end, out=config.export.dir or None)
         )
+    if jax.process_index() == 0:
+        log.info("%s", final_report(summary))
     return summary
+
+
+def final_report(summary: dict[str, Any]) -> str:
+    """What changed over the run, in a few lines: eval loss, exact match, where things are."""
+    first, last = summary.get("initial_eval"), summary.get("final_eval")
+    lines = [f"finished at step {summary['end_step']} (started at {summary['start_step']})"]
+    if first and last:
+        lines.append(f"eval loss {first['eval/loss']:.4f} -> {last['eval/loss']:.4f} "
+                     f"({first['eval/loss'] / last['eval/loss']:.1f}x lower)")  # fmt: skip
+        if "eval/exact_match" in first:
+            lines.append(f"exact match of greedy replies {first['eval/exact_match']:.1%} -> "
+                         f"{last['eval/exact_match']:.1%}")  # fmt: skip
+    if summary.get("best_step", -1) >= 0:
+        lines.append(f"best eval loss {summary['best_eval_loss']:.4f} at step "
+                     f"{summary['best_step']}")  # fmt: skip
+    if summary.get("export"):
+        lines.append(f"exported to {summary['export']}")
+    return "\n".join(lines)

@@ -262,3 +262,32 @@ def test_eval_loss_is_the_same_packed_or_padded(chat_model_dir, tmp_path):
     assert losses[True]["eval/target_tokens"] == losses[False]["eval/target_tokens"]
     assert losses[True]["eval/loss"] == pytest.approx(losses[False]["eval/loss"], rel=1e-5)
     assert losses[True]["eval/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_eval_generates_samples_and_scores_exact_match(chat_model_dir, tmp_path, monkeypatch):
+    from sft_jax import samples
+    from sft_jax.data import open_data
+
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows(6, 1)))
+    config = base_config(chat_model_dir)
+    config.data.train_files = config.data.eval_files = str(tmp_path / "eval.jsonl")
+    config.data.max_length = 64
+    config.data.cache_dir = "none"
+    config.eval.generate_examples = 6
+    config.eval.show_samples = 2
+    config.eval.max_new_tokens = 8
+    source = open_data(config)
+    run = trainer.Trainer(config, tmp_path, from_pretrained(chat_model_dir), source)
+    metrics = run.run_eval(0)
+    assert metrics["eval/generated"] == 6 and 0.0 <= metrics["eval/exact_match"] <= 1.0
+    reference = source.tokenizer.decode(source.eval_prompts[0][1], skip_special_tokens=True)
+    assert metrics["eval/samples"].count("--- sample") == 2
+    assert f">>> reference: {reference}" in metrics["eval/samples"]
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["eval/samples"] == metrics["eval/samples"]
+
+    # A model that says exactly the references scores 100%; one wrong reply costs 1/6.
+    replies = [list(reply) for _, reply in source.eval_prompts]
+    replies[3] = replies[3][:1]
+    monkeypatch.setattr(samples, "generate", lambda *args, **kwargs: replies)
+    assert run.run_eval(0)["eval/exact_match"] == pytest.approx(5 / 6)

@@ -222,7 +222,24 @@ def open_data(config: ml_collections.ConfigDict) -> Any:
         eval_batches=lambda: evaluation,
         seq_len=data.max_length,
         tokenizer=loaded.tokenizer,
+        eval_prompts=eval_prompts(
+            loaded.eval, max(config.eval.generate_examples, config.eval.show_samples)
+        ),
     )
+
+
+def eval_prompts(
+    tokenized: tokenize.Tokenized | None, count: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(prompt, reference reply) of the first `count` eval documents that have a prompt."""
+    pairs = []
+    for index in range(len(tokenized) if tokenized is not None else 0):
+        if len(pairs) == count:
+            break
+        pair = tokenized.last_reply(index)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
 
 
 def summary_line(stats: dict[str, Any]) -> str:
