@@ -8,6 +8,7 @@ layer computes W x + scale * B A x with scale = alpha / rank (alpha / sqrt(rank)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -126,11 +127,17 @@ def quantize_structure(model: CausalLM, spec: QuantSpec) -> None:
 
 def quantized_kernel(kernel: jax.Array, spec: QuantSpec, axes: tuple[str, str], mesh: Mesh) -> dict:
     """Quantizes one loaded kernel on its devices, straight into its stored shardings."""
-    shapes = jax.eval_shape(lambda k: quantize(k, spec), kernel)
+    return _quantizer(kernel.shape, kernel.dtype, kernel.sharding, spec, axes, mesh)(kernel)
+
+
+@functools.lru_cache(maxsize=64)
+def _quantizer(shape, dtype, in_sharding, spec: QuantSpec, axes, mesh: Mesh) -> Any:
+    """A compiled quantize for one kernel shape and layout (layers share it)."""
+    shapes = jax.eval_shape(partial(quantize, spec=spec), jax.ShapeDtypeStruct(shape, dtype))
     out = {
         k: sharding.named_sharding(_quant_axes(k, axes), v.shape, mesh) for k, v in shapes.items()
     }
-    return jax.jit(lambda k: quantize(k, spec), out_shardings=out)(kernel)
+    return jax.jit(partial(quantize, spec=spec), in_shardings=in_sharding, out_shardings=out)
 
 
 def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> None:
@@ -145,9 +152,7 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
         a_sharding = sharding.named_sharding(a_axes, (in_features, spec.rank), mesh)
         b_sharding = sharding.named_sharding(b_axes, (spec.rank, out_features), mesh)
         layer_key = jax.random.fold_in(key, index * 16 + (ATTENTION + MLP).index(name))
-        a = jax.jit(
-            partial(_uniform_init, shape=(in_features, spec.rank)), out_shardings=a_sharding
-        )(layer_key)
+        a = _uniform_init(layer_key, (in_features, spec.rank), a_sharding)
         linear.lora_a = LoRAParam(a, logical_axes=a_axes)
         linear.lora_b = LoRAParam(
             jax.device_put(jnp.zeros((spec.rank, out_features), jnp.float32), b_sharding),
@@ -157,9 +162,12 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
         linear.lora_dropout = spec.dropout
 
 
-def _uniform_init(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
+@partial(jax.jit, static_argnames=("shape", "out_sharding"))
+def _uniform_init(key: jax.Array, shape: tuple[int, int], out_sharding: Any) -> jax.Array:
+    """U(+-1/sqrt(in)) [in, rank], made on its devices (compiled once per shape/sharding)."""
     bound = 1.0 / math.sqrt(shape[0])
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    values = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    return jax.lax.with_sharding_constraint(values, out_sharding)
 
 
 def merged(model: CausalLM) -> CausalLM:

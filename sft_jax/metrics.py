@@ -53,17 +53,25 @@ def matmul_params(config: ModelConfig) -> int:
     return c.num_layers * (attention + mlp) + c.vocab_size * c.hidden_size
 
 
-def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+def training_flops_per_token(
+    config: ModelConfig, seq_len: int, adapter_params: int | None = None
+) -> float:
     """Model FLOPs per trained token for forward + backward (what MFU divides by peak).
 
     6 * matmul_params, plus attention scores and values: forward 4 * T * H * E per token per
     layer (q.k and p.v), times 3 for forward + backward, halved because causal masking leaves
     half of the T x T products. Packed rows are counted as one causal sequence of T tokens.
     Remat recomputation is not counted (this is model FLOPs utilization, not hardware).
+
+    With LoRA (`adapter_params` = trained parameters) the frozen base costs 4 * N, forward and
+    the input-gradient half of backward (no weight gradients), and the trained parameters 6
+    each; dequantizing a QLoRA base is not counted.
     """
     c = config
     attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
-    return 6 * matmul_params(c) + attention
+    if adapter_params is None:
+        return 6 * matmul_params(c) + attention
+    return 4 * matmul_params(c) + attention + 6 * adapter_params
 
 
 class MetricsWriter:

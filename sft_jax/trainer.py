@@ -143,7 +143,10 @@ class Trainer:
         self.early_stopping = EarlyStopping(
             config.eval.early_stopping_patience, config.eval.early_stopping_min_delta
         )
-        self.flops_per_token = training_flops_per_token(model.config, data.seq_len)
+        adapters = None
+        if trainable is not nnx.Param:  # LoRA: the base is frozen, see training_flops_per_token
+            adapters = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+        self.flops_per_token = training_flops_per_token(model.config, data.seq_len, adapters)
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
         log.info("train and eval steps compiled in %.1f s", self.steps.compile_seconds)
 
