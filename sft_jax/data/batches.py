@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.data.records import DataError
 from sft_jax.data.tokenize import Tokenized
 
 BATCH_KEYS = ("input_ids", "target_ids", "target_mask", "positions", "segment_ids")
@@ -105,11 +106,12 @@ class TrainBatches:
         fingerprint: str = "",
     ):
         if global_rows % process_count:
-            raise ValueError(
-                f"global batch of {global_rows} rows does not split over {process_count} processes."
+            raise DataError(
+                f"config.train.global_batch_size={global_rows} rows does not split over "
+                f"{process_count} processes; use a multiple of {process_count}."
             )
         if len(tokenized) == 0:
-            raise ValueError("no training documents.")
+            raise DataError("no training documents.")
         self.tokenized, self.row_len, self.packing = tokenized, row_len, packing
         self.seed, self.shuffle, self.fingerprint = seed, shuffle, fingerprint
         self.global_rows = global_rows
@@ -151,7 +153,7 @@ class TrainBatches:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("data_fingerprint", self.fingerprint) != self.fingerprint:
-            raise ValueError(
+            raise DataError(
                 "the checkpoint was trained on other data (or another tokenizer or data options):"
                 " its data position does not apply. Resume with the original data, or start in "
                 "a new WORKDIR (config.checkpoint.init_from can take its parameters)."
