@@ -33,8 +33,9 @@ MFU's model FLOPs per token, N = sft_jax.metrics.matmul_params:
   full        6N + attention (sft_jax.metrics.training_flops_per_token);
   lora/qlora  4N + attention + 6 x adapter parameters: the frozen base runs forward (2N) and
               the input-gradient half of backward (2N) but computes no weight gradients.
-Dequantization and remat recomputation are not counted. (The trainer's train/mfu counts 6N for
-every mode.) On CPU only ratios are meaningful; absolute figures belong to a GPU or TPU.
+Dequantization and remat recomputation are not counted (the trainer's train/mfu uses the same
+formula). --attention=cudnn uses the fused cuDNN kernel (NVIDIA GPUs). On CPU only ratios are
+meaningful; absolute figures belong to a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import transformers
 from sft_jax.lora import ATTENTION, MLP
 from sft_jax.metrics import PEAK_BF16_TFLOPS, matmul_params, training_flops_per_token
 from sft_jax.models import ModelConfig, from_hf_config
-from sft_jax.models.decoder import REMAT_POLICIES
+from sft_jax.models.decoder import ATTENTION_KINDS, REMAT_POLICIES
 
 SHAPES = {
     # intermediate_size 704 (not 688 as before): QLoRA blocks of 64 must divide it.
@@ -81,7 +82,8 @@ def run_config(args: argparse.Namespace, mode: str, checkpoint: str) -> ml_colle
     """The fields of a trainer config (configs/base.py) that build the model and optimizer."""
     return ml_collections.ConfigDict(
         {"model": {"name_or_path": checkpoint, "param_dtype": "float32",
-                   "compute_dtype": args.dtype, "remat": args.remat},
+                   "compute_dtype": args.dtype, "remat": args.remat,
+                   "attention": args.attention},
          "lora": {"rank": 0 if mode == "full" else args.lora_rank, "alpha": LORA_ALPHA,
                   "dropout": 0.0, "target_modules": "all-linear", "use_rslora": False,
                   "trainable_modules": "", "quantize": args.quantize if mode == "qlora" else "",
@@ -379,6 +381,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES))
+    parser.add_argument("--attention", default="xla", choices=ATTENTION_KINDS)
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--mode", default="full", help=f"comma-separated, among {MODES}")
     parser.add_argument("--lora_rank", type=int, default=16)
@@ -422,7 +425,7 @@ def report(args: argparse.Namespace, config: ModelConfig, results: list[dict]) -
     setup = [
         f"shape {args.shape} (N = {matmul_params(config) / 1e6:.1f}M matmul params), batch "
         f"{args.batch} x seq {args.seq}, {args.dtype} compute, float32 params (sft_jax), "
-        f"remat {args.remat} (sft_jax)"
+        f"remat {args.remat}, attention {args.attention} (sft_jax)"
     ]
     modes = {r["mode"] for r in results}
     if modes & {"lora", "qlora"}:

@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Activation checkpointing per decoder layer: "none", "full" (recompute the layer in the
     # backward pass) or "save_matmuls" (keep matmul outputs, recompute the rest).
     config.model.remat = "none"
+    # Attention kernel in training: "xla" (explicit einsums; every backend) or "cudnn" (fused
+    # cuDNN attention through jax.nn.dot_product_attention; NVIDIA GPUs, no soft-capping).
+    config.model.attention = "xla"
 
     # ---------------------------------------------------------------- data
     config.data = ml_collections.ConfigDict()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
@@ -11,7 +12,7 @@ from jax.sharding import Mesh
 from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
-from sft_jax.models.decoder import REMAT_POLICIES
+from sft_jax.models.decoder import ATTENTION_KINDS, REMAT_POLICIES
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -25,6 +26,16 @@ def dtype_of(name: str, field: str) -> Any:
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
     spec = LoRASpec.from_config(config.lora)
+    if config.model.attention not in ATTENTION_KINDS:
+        raise ConfigError(
+            f"config.model.attention={config.model.attention!r}: expected one of "
+            f"{', '.join(ATTENTION_KINDS)}."
+        )
+    if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(
+            f"config.model.attention='cudnn' needs an NVIDIA GPU, but this run's backend is "
+            f"{jax.default_backend()}; use 'xla'."
+        )
     if config.model.remat not in REMAT_POLICIES:
         raise ConfigError(
             f"config.model.remat={config.model.remat!r}: expected one of "
@@ -36,6 +47,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         param_dtype=dtype_of(config.model.param_dtype, "config.model.param_dtype"),
         dtype=dtype_of(config.model.compute_dtype, "config.model.compute_dtype"),
         remat=config.model.remat,
+        attention=config.model.attention,
         quantization=spec.quantization,
     )
     if spec.rank:

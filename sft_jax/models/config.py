@@ -94,6 +94,9 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # "full_attention" / "sliding_attention" per layer
     rope: tuple[tuple[str, RopeSpec], ...] = ()  # layer type -> RopeSpec
+    # Attention kernel of the training forward pass: "xla" (explicit einsums, the reference)
+    # or "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel, NVIDIA GPUs).
+    attention: str = "xla"
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False

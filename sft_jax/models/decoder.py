@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.models.config import ModelConfig, RopeSpec
+from sft_jax.models.config import ModelConfig, RopeSpec, UnsupportedModelError
 from sft_jax.quantize import dequantize
 
 _INIT_STD = 0.02  # transformers' default initializer_range, for models not loaded from disk
@@ -193,6 +193,33 @@ def _write(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.
     )
 
 
+# jax.nn.dot_product_attention's implementation behind config attention="cudnn" (tests put
+# None here: jax's own XLA path, to check our layout and masks on CPU).
+FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
+ATTENTION_KINDS = ("xla", "cudnn")
+
+
+def fused_attention(
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Attention through jax.nn.dot_product_attention (a fused kernel): output [B, T, H * E].
+
+    Query head h = k * G + g reads key/value head k, as in the einsum path; the packing,
+    causal and window mask goes in whole, so segments never attend to each other.
+    """
+    batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
+    q_BxTxHxE = q_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups, head_dim)
+    out_BxTxHxE = jax.nn.dot_product_attention(
+        q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxTxS[:, None], scale=scale,
+        implementation=FUSED_IMPLEMENTATION["cudnn"],
+    )  # fmt: skip
+    return out_BxTxHxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional q/k norms, soft-capping and a window."""
 
@@ -201,6 +228,14 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.scale = c.attention_scale
         self.softcap = c.attn_logit_softcap
+        if c.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={c.attention!r}: expected one of {ATTENTION_KINDS}.")
+        if c.attention != "xla" and self.softcap is not None:
+            raise UnsupportedModelError(
+                f"attention={c.attention!r} cannot soft-cap attention logits ({c.model_type});"
+                " use attention='xla'."
+            )
+        self.fused = c.attention != "xla"
         self.window = c.window_for(layer_index)
         self.rope = c.rope_for(c.layer_types[layer_index])
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
@@ -230,6 +265,9 @@ class Attention(nnx.Module):
     ):
         q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
         mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
+        if self.fused:
+            out_BxTxHE = fused_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, self.scale)
+            return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
         return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, _fold(dropout_key, 3))
 
     def extend(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -212,6 +213,7 @@ def from_pretrained(
     dtype: Any = None,
     remat: str = "none",
     quantization: QuantSpec | None = None,
+    attention: str = "xla",
 ) -> CausalLM:
     """Loads a Hugging Face causal LM directory (or hub id) into a CausalLM sharded on `mesh`.
 
@@ -223,7 +225,7 @@ def from_pretrained(
     """
     model_dir = resolve_model_dir(name_or_path)
     hf_config = load_hf_config(model_dir)
-    config = from_hf_config(hf_config)
+    config = dataclasses.replace(from_hf_config(hf_config), attention=attention)
     _check_safetensors_present(model_dir)
     try:
         entries = safetensors_io.read_checkpoint(model_dir)
