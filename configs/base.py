@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ends it), "last_assistant" (only the final reply) or "all_tokens".
     config.data.train_on = "all_assistant"
     # Tokens per row (the sequence length); longer examples are cut to this length.
-    config.data.max_length = 256
+    config.data.max_length = 128
     # Pack several examples into each row (attention never crosses examples); False pads
     # each example to max_length alone.
     config.data.packing = True
@@ -97,14 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- train
     config.train = ml_collections.ConfigDict()
     # Optimizer updates to run (each over one global batch).
-    config.train.steps = 300
+    config.train.steps = 800
     # Rows of config.data.max_length tokens per optimizer update, over all hosts and devices.
-    config.train.global_batch_size = 16
+    config.train.global_batch_size = 32
     # Micro-batches each global batch is split into inside the step (to save memory); the
     # update is the same as for the whole batch.
     config.train.gradient_accumulation_steps = 1
     # Peak learning rate (AdamW), reached after warmup_steps.
-    config.train.learning_rate = 3e-3
+    config.train.learning_rate = 1e-3
     # After warmup: "cosine", "linear" (decay to min_lr_ratio * learning_rate) or "constant".
     config.train.lr_schedule = "cosine"
     # Updates of linear warmup from 0 to learning_rate.
@@ -129,15 +129,16 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- eval
     config.eval = ml_collections.ConfigDict()
     # Evaluate every N optimizer updates (0 = only at the end); also always at the last step.
-    config.eval.every_steps = 50
+    config.eval.every_steps = 100
     # Rows per eval batch, over all hosts and devices.
     config.eval.global_batch_size = 16
     # Evaluate before the first update, so the curve starts from the pretrained model.
     config.eval.at_start = True
     # At every eval, generate greedy replies to the first N eval examples (their last
     # assistant turn) and report eval/exact_match, the share equal to the reference (0 = off).
-    config.eval.generate_examples = 0
-    # Of those, print and log (metrics.jsonl, TensorBoard text) the first K with the reference.
+    config.eval.generate_examples = 200
+    # Print and log (metrics.jsonl, TensorBoard text) the replies to the first K eval prompts
+    # next to their references; they are generated (and scored) even when K > generate_examples.
     config.eval.show_samples = 3
     # Longest generated reply, in tokens.
     config.eval.max_new_tokens = 64

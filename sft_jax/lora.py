@@ -50,6 +50,15 @@ class LoRASpec:
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
+    def for_model(self, model: CausalLM) -> LoRASpec:
+        """The spec as it applies to `model`: with tied embeddings the LM head is the embedding
+        matrix, so training "lm_head" trains "embed" (there is no separate head to update)."""
+        if model.lm_head is not None or "lm_head" not in self.extra_trainable:
+            return self
+        others = [module for module in self.extra_trainable if module != "lm_head"]
+        extras = tuple(dict.fromkeys(["embed", *others]))
+        return dataclasses.replace(self, extra_trainable=extras)
+
     @classmethod
     def from_config(cls, lora: ml_collections.ConfigDict) -> LoRASpec:
         targets = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jax
@@ -13,6 +14,8 @@ from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.decoder import ATTENTION_KINDS, REMAT_POLICIES
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -51,5 +54,10 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         quantization=spec.quantization,
     )
     if spec.rank:
+        tied = spec.for_model(model)
+        if tied != spec:
+            log.info("config.lora.trainable_modules: the LM head is tied to the embedding, so "
+                     "the embedding matrix (model.embed_tokens) is trained")  # fmt: skip
+        spec = tied
         apply_lora(model, spec, mesh, seed=config.train.seed)
     return model, spec, trainable_filter(spec)

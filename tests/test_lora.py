@@ -117,6 +117,19 @@ def test_only_adapters_train_and_the_base_stays_bitwise(base):
     assert opt < 0.2 * _bytes(full_state["opt_state"])
 
 
+def test_training_the_lm_head_of_a_tied_model_trains_the_embedding(base):
+    spec = LoRASpec(rank=4, alpha=8.0, extra_trainable=("lm_head",))
+    model = lora_model(base, spec)
+    resolved = spec.for_model(model)
+    trained = nnx.state(model, trainable_filter(resolved))
+    full = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trained)
+            if not isinstance(_, LoRAParam)}  # fmt: skip
+    if model.lm_head is None:  # tied (qwen2): the embedding is the head
+        assert resolved.extra_trainable == ("embed",) and full == {"embed"}
+    else:
+        assert resolved == spec and full == {"lm_head"}
+
+
 def test_lora_on_fsdp_tensor_mesh_equals_single_device(base):
     spec = LoRASpec(rank=4, alpha=8.0, dropout=0.1)
     seeds = [0, 1, 2]
