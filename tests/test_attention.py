@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -56,3 +57,33 @@ def test_fused_attention_refuses_soft_capping():
     config = dataclasses.replace(from_hf_config(hf_config("gemma2")), attention="cudnn")
     with pytest.raises(UnsupportedModelError, match="cannot soft-cap"):
         CausalLM(config, rngs=nnx.Rngs(0))
+
+
+def _relative_error(grads: dict, reference: dict) -> float:
+    leaves, expected = jax.tree.leaves(grads), jax.tree.leaves(reference)
+    num = sum(
+        float(np.sum((np.float64(g) - e) ** 2)) for g, e in zip(leaves, expected, strict=True)
+    )
+    return (num / sum(float(np.sum(np.float64(e) ** 2)) for e in expected)) ** 0.5
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="needs an NVIDIA GPU: JAX_PLATFORMS=cuda pytest tests/test_attention.py",
+)
+@pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen3", "gemma3"])
+def test_cudnn_kernel_is_as_close_to_float32_as_bf16_einsums(family):
+    """On a GPU: the real cuDNN kernel (bf16, as it requires) against float32 einsums; its
+    loss and gradient errors must be those of bf16 einsum attention, not larger."""
+    config = from_hf_config(hf_config(family))
+    exact = CausalLM(config, rngs=nnx.Rngs(0))
+    einsum = CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    cudnn = CausalLM(dataclasses.replace(config, attention="cudnn"), dtype=jnp.bfloat16,
+                     rngs=nnx.Rngs(0))  # fmt: skip
+    batch = synthetic_batch(7)
+    exact_loss, exact_grads = loss_and_grads(exact, batch)
+    einsum_loss, einsum_grads = loss_and_grads(einsum, batch)
+    cudnn_loss, cudnn_grads = loss_and_grads(cudnn, batch)
+    assert abs(cudnn_loss - exact_loss) <= 2 * abs(einsum_loss - exact_loss) + 2e-3 * exact_loss
+    einsum_error = _relative_error(einsum_grads, exact_grads)
+    assert _relative_error(cudnn_grads, exact_grads) <= 2 * einsum_error + 1e-3
