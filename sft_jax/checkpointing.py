@@ -11,6 +11,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -49,10 +50,18 @@ class Checkpoints:
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,  # another run's checkpoints: never written, never pruned
+            save_interval_steps=0 if read_only else 1,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
-        )
+        # Orbax warns that a read-only directory is read only; that is what was asked for.
+        verbosity = absl_logging.get_verbosity()
+        if read_only:
+            absl_logging.set_verbosity(absl_logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "data", "meta")
+            )
+        finally:
+            absl_logging.set_verbosity(verbosity)
 
     def save(
         self,
