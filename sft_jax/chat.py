@@ -21,8 +21,9 @@ import transformers
 from absl import app, flags
 
 from sft_jax import export
+from sft_jax.errors import ConfigError
 from sft_jax.generate import chat, chat_stop_token_ids, reply
-from sft_jax.models import CausalLM, from_pretrained
+from sft_jax.models import CausalLM, CheckpointError, UnsupportedModelError, from_pretrained
 from sft_jax.models.hf_io import resolve_model_dir
 
 FLAGS = flags.FLAGS
@@ -80,8 +81,11 @@ def respond(
 def main(argv: list[str]) -> None:
     del argv
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
-    with model_directory(FLAGS.model, FLAGS.workdir, which) as model_dir:
-        model, tokenizer, stops = load(model_dir, jnp.dtype(FLAGS.dtype))
+    try:
+        with model_directory(FLAGS.model, FLAGS.workdir, which) as model_dir:
+            model, tokenizer, stops = load(model_dir, jnp.dtype(FLAGS.dtype))
+    except (ConfigError, CheckpointError, UnsupportedModelError) as e:
+        sys.exit(f"error: {e}")
     options = {
         "stop_token_ids": stops,
         "max_new_tokens": FLAGS.max_new_tokens,

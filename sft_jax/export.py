@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -27,10 +28,24 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def open_run(workdir: str | Path, field: str = "--workdir") -> Checkpoints:
+    """Another (finished or stopped) run's checkpoints, read only; a clear error when none."""
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{field}={workdir}: {directory} does not exist; give the WORKDIR of a run that saved "
+            "checkpoints."
+        )
+    checkpoints = Checkpoints(directory, read_only=True)
+    if not checkpoints.steps():
+        raise ConfigError(f"{field}={workdir}: {directory} holds no complete checkpoint.")
+    return checkpoints
+
+
 def pick_step(checkpoints: Checkpoints, which: str | int) -> int:
     steps = checkpoints.steps()
     if not steps:
-        raise FileNotFoundError(f"{checkpoints.directory}: no checkpoints to export.")
+        raise ConfigError(f"{checkpoints.directory}: no checkpoints to export.")
     if isinstance(which, int) or str(which).isdigit():
         if int(which) not in steps:
             raise ConfigError(
@@ -61,7 +76,7 @@ def export_run(
     workdir: str | Path, *, which: str | int = "best", out: str | Path | None = None
 ) -> Path:
     """Writes the chosen checkpoint's parameters with config, tokenizer and generation config."""
-    checkpoints = Checkpoints(checkpoint_dir(workdir), read_only=True)
+    checkpoints = open_run(workdir)
     step = pick_step(checkpoints, which)
     config = ml_collections.ConfigDict(json.loads(checkpoints.meta(step)["config"]))
     out = Path(out) if out else Path(workdir) / "export"
@@ -119,7 +134,10 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
-    print(export_run(FLAGS.workdir, which=which, out=FLAGS.out))
+    try:
+        print(export_run(FLAGS.workdir, which=which, out=FLAGS.out))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -16,9 +17,9 @@ import numpy as np
 from flax import nnx
 
 from sft_jax import distributed, sharding
-from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like, checkpoint_dir
+from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like
 from sft_jax.errors import ConfigError
-from sft_jax.export import export_run
+from sft_jax.export import export_run, open_run, pick_step
 from sft_jax.generate import chat_stop_token_ids
 from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, training_flops_per_token
 from sft_jax.model_setup import build_model
@@ -207,11 +208,26 @@ class Trainer:
                 log.info("resumed from %s at step %d", self.checkpoints.directory, step)
                 return
         if self.config.checkpoint.init_from:
-            source = Checkpoints(checkpoint_dir(self.config.checkpoint.init_from), read_only=True)
-            step = source.best_step() or source.steps()[-1]
-            params = source.restore_params(step, abstract_like(self.state["params"]))
-            self.state = {**self.state, "params": params}
-            log.info("initialized parameters from %s, step %d", source.directory, step)
+            self.init_from(self.config.checkpoint.init_from)
+
+    def init_from(self, workdir: str) -> None:
+        """Parameters of another run's best (else newest) checkpoint; optimizer and step fresh."""
+        source = open_run(workdir, "config.checkpoint.init_from")
+        step = pick_step(source, "best")
+        theirs = ml_collections.ConfigDict(json.loads(source.meta(step)["config"])).lora
+        ours = self.config.lora
+        fields = ("rank", "target_modules", "trainable_modules", "quantize")
+        if any(theirs.get(f) != ours.get(f) for f in fields):
+            described = ", ".join(f"{f}={theirs.get(f)!r}" for f in fields)
+            raise ConfigError(
+                f"config.checkpoint.init_from={workdir}: that run trained other parameters "
+                f"(lora {described}), so its checkpoint does not fit this run's config.lora. "
+                f"Export it (python -m sft_jax.export --workdir={workdir} --out=DIR) and set "
+                "config.model.name_or_path=DIR instead."
+            )
+        params = source.restore_params(step, abstract_like(self.state["params"]))
+        self.state = {**self.state, "params": params}
+        log.info("initialized parameters from %s, step %d", source.directory, step)
 
     def save(self, step: int, metrics: dict[str, float] | None = None) -> None:
         if self.checkpoints is None or step == self.last_saved_step:

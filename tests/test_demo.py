@@ -88,6 +88,38 @@ def test_demo_trains_evaluates_checkpoints_and_exports_for_transformers(tmp_path
     expected = reference_eval_loss(export, source.eval_batches())
     assert best["eval/loss"] == pytest.approx(expected, rel=1e-4)
 
+    # Fine-tune the fine-tune: a new run starts from this run's best parameters, with a fresh
+    # optimizer at step 0, and leaves this run's checkpoints as they were.
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (workdir / "checkpoints").iterdir())
+    second = tmp_path / "second"
+    result = run_demo(
+        second, f"--config.checkpoint.init_from={workdir}", "--config.train.steps=10",
+        "--config.eval.every_steps=10", "--config.eval.generate_examples=0",
+        "--config.eval.show_samples=0",
+    )  # fmt: skip
+    assert f"initialized parameters from {workdir / 'checkpoints'}, step {best['step']}" in (
+        result.stderr
+    )
+    evals = [r for r in logged(second) if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 10]
+    assert evals[0]["eval/loss"] == pytest.approx(best["eval/loss"], rel=1e-6)
+    after = sorted((p.name, p.stat().st_mtime_ns) for p in (workdir / "checkpoints").iterdir())
+    assert after == before
+
+    # A source that does not fit, or holds nothing, is one clear message.
+    for init_from, message in (
+        (workdir, "that run trained other parameters (lora rank=0"),
+        (tmp_path / "nothing", "does not exist; give the WORKDIR of a run that saved"),
+    ):
+        failed = subprocess.run(
+            [sys.executable, "main.py", "--config=configs/base.py", f"--workdir={tmp_path / 'x'}",
+             f"--config.checkpoint.init_from={init_from}", "--config.lora.rank=4",
+             f"--config.data.cache_dir={workdir / 'cache'}"],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert failed.returncode != 0 and message in failed.stderr, failed.stderr[-2000:]
+        assert "Traceback" not in failed.stderr
+
 
 def test_qlora_on_the_demo_data_lowers_the_loss(tmp_path):
     """NF4 base + rank-16 adapters. The demo base is random: its frozen (tied) head bounds the

@@ -283,3 +283,14 @@ def test_chat_with_a_run_exports_the_chosen_checkpoint(chat_model_dir, run_chat,
     assert out == expected_reply(chat_model_dir, [1, 3, 10, 11, 4, 5], [EOS, 4]) + "\n"
     run_chat("--workdir=/runs/a", "--prompt=t10", "--max_new_tokens=8")
     assert calls[-1] == ("/runs/a", "best")
+
+
+def test_chat_without_a_model_or_run_is_one_clear_message(tmp_path, run_chat):
+    (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+    for flag, message in (
+        (f"--workdir={tmp_path / 'missing'}", "does not exist; give the WORKDIR of a run"),
+        (f"--workdir={tmp_path / 'empty_run'}", "holds no complete checkpoint"),
+        (f"--model={tmp_path / 'missing'}", "not a model directory"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            run_chat(flag, "--prompt=hi")
