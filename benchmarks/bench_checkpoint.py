@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import transformers
-from bench_train import random_batch, train_config
+from bench_train import random_batch, run_config
 from flax import nnx
 
 from sft_jax import sharding
@@ -39,6 +39,12 @@ def main() -> None:
     parser.add_argument("--dir", default="/tmp/sft_jax_bench_ckpts")
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
+    # The trainer config of a full fine-tuning run (the optimizer's fields; saved as run meta).
+    config = run_config(
+        argparse.Namespace(dtype="float32", remat="none", attention="xla", lora_rank=1,
+                           quantize="", steps=args.steps),
+        "full", "",
+    )  # fmt: skip
     hf = transformers.LlamaConfig(
         hidden_size=1024,
         intermediate_size=2816,
@@ -49,7 +55,7 @@ def main() -> None:
     )
     model = CausalLM(from_hf_config(hf), rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh(fsdp=-1)
-    tx, schedule = make_optimizer(train_config(args.steps))
+    tx, schedule = make_optimizer(config.train)
     state, shardings = init_state(model, tx, mesh)
     rows, seq = 2 * jax.device_count(), 128
     steps = build_steps(model, tx, schedule, mesh, shardings, train_rows=rows, eval_rows=rows,
@@ -63,7 +69,7 @@ def main() -> None:
     def run_steps(state, save_first: Checkpoints | None):
         start = time.perf_counter()
         if save_first is not None:
-            save_first.save(10_000, state, {}, train_config(args.steps))
+            save_first.save(10_000, state, {}, config)
         for _ in range(args.steps):
             state, metrics = steps.train(state, batch)
         jax.block_until_ready(metrics)
@@ -76,7 +82,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     sync = Checkpoints(root / "sync", keep_last=1, async_save=False)
     start = time.perf_counter()
-    sync.save(1, state, {}, train_config(args.steps))
+    sync.save(1, state, {}, config)
     save_s = time.perf_counter() - start
     start = time.perf_counter()
     restored, _, _ = sync.restore(1, abstract_like(state))
