@@ -1,0 +1,119 @@
+"""The loss and the optimizer: chunked == full logits, z-loss, remat, schedules, decay mask."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_models import hf_config
+from test_step import SEQ_LEN, synthetic_batch, train_config
+
+from sft_jax.errors import ConfigError
+from sft_jax.loss import loss_sums
+from sft_jax.models import CausalLM, from_hf_config
+from sft_jax.optim import decay_mask, learning_rate_schedule
+
+
+def model_of(family: str = "llama3.2", **kwargs) -> CausalLM:
+    return CausalLM(from_hf_config(hf_config(family)), rngs=nnx.Rngs(0), **kwargs)
+
+
+def full_logits_sums(model: CausalLM, batch: dict) -> tuple[float, float, float]:
+    """The same sums from the whole [B, T, V] logits at once, in float64 numpy."""
+    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    logits = np.asarray(model.logits(hidden), np.float64)
+    peak = logits.max(-1, keepdims=True)
+    lse = (peak + np.log(np.exp(logits - peak).sum(-1, keepdims=True)))[..., 0]
+    target = np.take_along_axis(logits, batch["target_ids"][..., None], -1)[..., 0]
+    mask = batch["target_mask"]
+    return float(((lse - target) * mask).sum()), float((lse**2 * mask).sum()), float(mask.sum())
+
+
+def grads_of(model: CausalLM, batch: dict, max_chunk: int, z_weight: float = 0.0) -> dict:
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=max_chunk)
+        return (sums.nll + z_weight * sums.z) / sums.target_tokens
+
+    return jax.jit(jax.grad(loss))(params)
+
+
+@pytest.mark.parametrize("family", ["llama3.2", "gemma2"])  # gemma2: final soft-capping
+def test_chunked_loss_equals_full_logits(family):
+    model, batch = model_of(family), synthetic_batch(3)
+    expected = full_logits_sums(model, batch)
+    for max_chunk in (1, 4, 5, SEQ_LEN):  # 5 -> chunks of 4 (the largest divisor of 16)
+        sums = jax.jit(lambda m, b, c=max_chunk: loss_sums(m, b, max_chunk=c))(model, batch)
+        np.testing.assert_allclose(
+            [float(sums.nll), float(sums.z), float(sums.target_tokens)], expected, rtol=1e-5
+        )
+    chunked, whole = grads_of(model, batch, 4, z_weight=1e-2), grads_of(model, batch, SEQ_LEN, 1e-2)
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_z_loss_pushes_the_log_normalizer_toward_zero():
+    model, batch = model_of(), synthetic_batch(4)
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def z_term(params):
+        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=4)
+        return sums.z / sums.target_tokens
+
+    before = float(z_term(params))
+    step = jax.tree.map(lambda p, g: p - 1e-2 * g, params, jax.grad(z_term)(params))
+    assert before > 0 and float(z_term(step)) < before
+
+
+def test_remat_policies_give_the_same_loss_and_gradients():
+    batch = synthetic_batch(5)
+    reference = grads_of(model_of(), batch, 4)
+    for remat in ("full", "save_matmuls"):
+        grads = grads_of(model_of(remat=remat), batch, 4)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(reference), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_bf16_compute_with_fp32_master_weights_stays_close():
+    batch = synthetic_batch(6)
+    exact = model_of()
+    mixed = model_of(dtype=jnp.bfloat16)
+    assert mixed.embed[...].dtype == jnp.float32  # master weights stay float32
+    nll, _, count = full_logits_sums(exact, batch)
+    sums = loss_sums(mixed, batch, max_chunk=4)
+    assert float(sums.nll) / float(sums.target_tokens) == pytest.approx(nll / count, rel=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules_warm_up_then_decay_to_the_floor(kind):
+    config = train_config(steps=100, warmup_steps=10, learning_rate=1e-3, lr_schedule=kind,
+                          min_lr_ratio=0.1)  # fmt: skip
+    schedule = learning_rate_schedule(config)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(5e-4)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    final = {"cosine": 1e-4, "linear": 1e-4, "constant": 1e-3}[kind]
+    assert float(schedule(100)) == pytest.approx(final, rel=1e-5)
+    values = [float(schedule(s)) for s in range(10, 101)]
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(values))
+    if kind == "cosine":  # half way through the decay: halfway between peak and floor
+        assert float(schedule(55)) == pytest.approx((1e-3 + 1e-4) / 2, rel=1e-5)
+
+
+def test_unknown_schedule_is_named():
+    with pytest.raises(ConfigError, match=r"config\.train\.lr_schedule='cosin'"):
+        learning_rate_schedule(train_config(lr_schedule="cosin"))
+
+
+def test_weight_decay_skips_norms_and_biases():
+    params = nnx.to_flat_state(nnx.state(model_of("llama3.2"), nnx.Param))  # has biases
+    mask = dict(nnx.to_flat_state(decay_mask(nnx.state(model_of("llama3.2"), nnx.Param))))
+    decayed = {"/".join(map(str, path)) for path, _ in params if mask[path].get_value()}
+    kept = {"/".join(map(str, path)) for path, _ in params} - decayed
+    assert kept and all(("norm" in name or "bias" in name) for name in kept), kept
+    assert any(name.endswith("kernel") for name in decayed) and "embed" in decayed
