@@ -134,7 +134,32 @@ def test_training_logs_metrics_and_learns(model_dir, tmp_path):
     assert eval_steps == [0, 3, 6, 9, 12]
     assert train_records[-1]["train/loss"] < 0.5 * train_records[0]["train/loss"]
     assert summary["end_step"] == 12 and not summary["stopped_early"]
-    assert list((tmp_path / "tensorboard").iterdir()), "TensorBoard event file expected"
+    # TensorBoard holds the same numbers as metrics.jsonl.
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    for record in records:
+        for key, value in record.items():
+            if isinstance(value, float | int) and key != "step":
+                assert scalars[(key, record["step"])] == pytest.approx(value, rel=1e-6), key
+
+
+def tensorboard_scalars(directory: Path) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value of every scalar in the event files (TFRecord framing, Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack_from("<Q", data, offset)
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars[(value.tag, event.step)] = value.simple_value
+    assert scalars, f"no TensorBoard scalars in {directory}"
+    return scalars
 
 
 def test_early_stopping_records_best_step(model_dir, tmp_path):
