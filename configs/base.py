@@ -26,8 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Activation checkpointing per decoder layer: "none", "full" (recompute the layer in the
     # backward pass) or "save_matmuls" (keep matmul outputs, recompute the rest).
     config.model.remat = "none"
-    # Attention kernel in training: "xla" (explicit einsums; every backend) or "cudnn" (fused
-    # cuDNN attention through jax.nn.dot_product_attention; NVIDIA GPUs, no soft-capping).
+    # Attention kernel in training: "xla" (explicit einsums; every backend), "cudnn" (fused
+    # cuDNN attention through jax.nn.dot_product_attention; NVIDIA GPUs, no soft-capping) or
+    # "splash" (Pallas splash attention with segment ids; TPUs, max_length a multiple of 128).
     config.model.attention = "xla"
 
     # ---------------------------------------------------------------- data

@@ -94,8 +94,9 @@ class ModelConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # "full_attention" / "sliding_attention" per layer
     rope: tuple[tuple[str, RopeSpec], ...] = ()  # layer type -> RopeSpec
-    # Attention kernel of the training forward pass: "xla" (explicit einsums, the reference)
-    # or "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel, NVIDIA GPUs).
+    # Attention kernel of the training forward pass: "xla" (explicit einsums, the reference),
+    # "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel, NVIDIA GPUs) or "splash"
+    # (Pallas splash attention with segment ids, TPUs).
     attention: str = "xla"
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(

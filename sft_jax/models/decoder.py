@@ -18,6 +18,7 @@ to the cached slots that hold earlier positions of its own row (positions < 0 ma
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +197,105 @@ def _write(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.
 # jax.nn.dot_product_attention's implementation behind config attention="cudnn" (tests put
 # None here: jax's own XLA path, to check our layout and masks on CPU).
 FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
-ATTENTION_KINDS = ("xla", "cudnn")
+# Run the splash kernel in the Pallas interpreter (tests on CPU; far too slow for training).
+SPLASH_INTERPRET = {"interpret": False}
+ATTENTION_KINDS = ("xla", "cudnn", "splash")
+SPLASH_BLOCKS = (512, 256, 128)  # the kernel's tile along both sequence axes, largest first
+
+
+def splash_block(seq_len: int) -> int:
+    """The splash kernel's tile for this sequence length; lengths must be multiples of 128."""
+    for block in SPLASH_BLOCKS:
+        if seq_len % block == 0:
+            return block
+    raise UnsupportedModelError(
+        f"attention='splash' tiles the sequence by 128 tokens, but this sequence has {seq_len}: "
+        "set config.data.max_length to a multiple of 128, or use attention='xla'."
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(
+    seq_len: int, groups: int, window: int | None, softcap: float | None, interpret: bool
+):
+    """Pallas splash attention (TPU) for the G query heads sharing one key/value head: causal,
+    or causal inside a window of `window` positions; segments come in at call time."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
+
+    block = splash_block(seq_len)
+    shape = (seq_len, seq_len)
+    # Rows are packed documents in order, so index distance is position distance within one.
+    head_mask = (
+        masks.CausalMask(shape)
+        if window is None
+        else masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    )
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
+    )  # fmt: skip
+    with jax.ensure_compile_time_eval():  # the mask tables are constants, even mid-trace
+        return splash.make_splash_mqa_single_device(
+            masks.MultiHeadMask([head_mask] * groups),
+            block_sizes=sizes,
+            attn_logits_soft_cap=softcap,
+            interpret=interpret,
+        )
+
+
+def splash_attention(
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids_BxT: jax.Array,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> jax.Array:
+    """Attention through the splash kernel: output [B, T, H * E]. Segment ids keep packed
+    documents apart inside the kernel, which skips the tiles they mask out. Under a mesh (set
+    by the train step) it runs per shard: rows split over the batch axes, kv heads over tensor.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
+        SegmentIds,
+    )
+
+    batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
+    kernel = _splash_kernel(seq_len, groups, window, softcap, SPLASH_INTERPRET["interpret"])
+
+    def one_head(q_GxTxE, k_SxE, v_SxE, segment_ids_T):
+        ids = SegmentIds(q=segment_ids_T, kv=segment_ids_T)
+        return kernel(q_GxTxE, k_SxE, v_SxE, segment_ids=ids)
+
+    def local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT):
+        q_BxKxGxTxE = jnp.transpose(q_BxTxKxGxE * scale, (0, 2, 3, 1, 4))  # the kernel never scales
+        k_BxKxSxE = jnp.transpose(k_BxSxKxE, (0, 2, 1, 3))
+        v_BxKxSxE = jnp.transpose(v_BxSxKxE, (0, 2, 1, 3))
+        per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None))  # over kv heads
+        out_BxKxGxTxE = jax.vmap(per_row)(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, segment_ids_BxT)
+        return jnp.transpose(out_BxKxGxTxE, (0, 3, 1, 2, 4))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out_BxTxKxGxE = local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+    else:
+        from sft_jax.sharding import logical_to_spec
+
+        kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k_BxSxKxE.shape, mesh)
+        q_spec = jax.sharding.PartitionSpec(*kv_spec[:3], None, None)
+        out_BxTxKxGxE = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(kv_spec[0], None)),
+            out_specs=q_spec,
+            check_vma=False,  # Pallas kernels do not declare how outputs vary over the mesh
+        )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+    return out_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
 
 
 def fused_attention(
@@ -230,12 +329,12 @@ class Attention(nnx.Module):
         self.softcap = c.attn_logit_softcap
         if c.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={c.attention!r}: expected one of {ATTENTION_KINDS}.")
-        if c.attention != "xla" and self.softcap is not None:
+        if c.attention == "cudnn" and self.softcap is not None:
             raise UnsupportedModelError(
                 f"attention={c.attention!r} cannot soft-cap attention logits ({c.model_type});"
                 " use attention='xla'."
             )
-        self.fused = c.attention != "xla"
+        self.kind = c.attention
         self.window = c.window_for(layer_index)
         self.rope = c.rope_for(c.layer_types[layer_index])
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
@@ -264,8 +363,12 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None = None,
     ):
         q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
+        if self.kind == "splash":
+            out_BxTxHE = splash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT,
+                                          self.scale, self.window, self.softcap)  # fmt: skip
+            return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
         mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
-        if self.fused:
+        if self.kind == "cudnn":
             out_BxTxHE = fused_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, self.scale)
             return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
         return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, _fold(dropout_key, 3))
