@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import signal
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
+
+from sft_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "eval/loss"
@@ -70,9 +76,11 @@ class Checkpoints:
         data_state: dict[str, Any],
         config: ml_collections.ConfigDict,
         metrics: dict[str, float] | None = None,
+        trainer_state: dict[str, Any] | None = None,
     ) -> None:
         """Starts saving; returns once the device arrays are copied (training may go on)."""
-        meta = {"config": config.to_json(), "metrics": metrics or {}}
+        meta = {"config": config.to_json(), "metrics": metrics or {},
+                "trainer": trainer_state or {}}  # fmt: skip
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -125,23 +133,90 @@ class Checkpoints:
         )
         return restored.state["params"]
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """The newest checkpoint that restores; damaged ones are skipped with a warning."""
+    def restore_latest(
+        self, abstract_state: Any, config: ml_collections.ConfigDict | None = None
+    ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
+        """(step, state, data state, meta) of the newest checkpoint that restores.
+
+        A damaged one is moved aside to checkpoints_damaged/ with a warning (so that the step
+        can be saved again) and the one before is tried. A checkpoint of another config (see
+        RESUME_FIELDS) is an error, not damage: resuming it would silently mean another run.
+        """
         for step in reversed(self.steps()):
             try:
+                meta = self.meta(step)
+                if config is not None and (changes := config_changes(meta["config"], config)):
+                    raise ConfigError(
+                        f"{self.directory} holds checkpoints of a run with another config ("
+                        f"{'; '.join(changes)}). Resume with the config it was saved with, or "
+                        "start in a new --workdir (these checkpoints are kept)."
+                    )
                 state, data_state, _ = self.restore(step, abstract_state)
+            except ConfigError:
+                raise
             except Exception as e:  # a damaged checkpoint must not end the run: use an older one
                 log.warning(
-                    "checkpoint %d in %s cannot be restored (%s: %s); trying the one before.",
-                    step, self.directory, type(e).__name__, str(e)[:300],
+                    "checkpoint %d in %s cannot be restored (%s: %s); moving it to %s and trying "
+                    "the one before.", step, self.directory, type(e).__name__, str(e)[:300],
+                    self.damaged_dir,
                 )  # fmt: skip
+                self._move_aside(step)
                 continue
-            return step, state, data_state
+            return step, state, data_state, meta
         return None
+
+    @property
+    def damaged_dir(self) -> Path:
+        return self.directory.parent / f"{self.directory.name}_damaged"
+
+    def _move_aside(self, step: int) -> None:
+        """Keeps a damaged step's files, out of the manager's sight (process 0 moves them)."""
+        if jax.process_index() == 0:
+            source = self.directory / str(step)
+            if source.exists():
+                self.damaged_dir.mkdir(parents=True, exist_ok=True)
+                target = self.damaged_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(source), str(target))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"sft_jax: moved checkpoint {step} aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# What a resumed run must share with the run that saved: the saved state's structure (model,
+# dtypes, adapters, quantization, clipping) and the meaning of the data position (data, row
+# length, batch, seed). Steps, learning rate, eval and logging may change between restarts.
+RESUME_FIELDS = (
+    "model.name_or_path", "model.param_dtype", "lora.rank", "lora.target_modules",
+    "lora.trainable_modules", "lora.quantize", "lora.quant_block_size", "lora.double_quant",
+    "data.train_files", "data.train_split", "data.format", "data.chat_template",
+    "data.train_on", "data.max_length", "data.packing", "data.shuffle",
+    "train.global_batch_size", "train.seed",
+)  # fmt: skip
+
+
+def config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> now' for each RESUME_FIELDS entry (and clipping on/off) that differs."""
+    saved = json.loads(saved_json)
+
+    def lookup(tree: Any, dotted: str) -> Any:
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, Mapping) else None
+        return tree
+
+    now = config.to_dict()
+    changes = [
+        f"{field}: {lookup(saved, field)!r} -> {lookup(now, field)!r}"
+        for field in RESUME_FIELDS
+        if lookup(saved, field) != lookup(now, field)
+    ]
+    clipped = [(lookup(tree, "train.max_grad_norm") or 0) > 0 for tree in (saved, now)]
+    if clipped[0] != clipped[1]:  # clipping adds optimizer state
+        changes.append(f"train.max_grad_norm > 0: {clipped[0]} -> {clipped[1]}")
+    return changes
 
 
 def _tree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:

@@ -103,10 +103,30 @@ class MetricsWriter:
                 self._tensorboard.add_scalar(key, value, step)
         self._tensorboard.flush()
 
+    def drop_after(self, step: int) -> None:
+        """Removes metrics.jsonl records past `step` (a resumed run logs those steps again)."""
+        if not self.enabled:
+            return
+        path = Path(self._file.name)
+        self._file.close()
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+        partial = path.with_suffix(".jsonl.tmp")
+        partial.write_text("".join(line + "\n" for line in kept))
+        partial.replace(path)
+        self._file = open(path, "a")  # noqa: SIM115 (kept open for the run)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._tensorboard.close()
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line torn by a kill mid-write counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(value: Any) -> Any:

@@ -67,6 +67,19 @@ class EarlyStopping:
         self.evals_without_improvement += 1
         return 0 < self.patience <= self.evals_without_improvement
 
+    def dump(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so patience and the best step survive a restart."""
+        best = None if math.isinf(self.best_loss) else self.best_loss
+        return {"best_loss": best, "best_step": self.best_step,
+                "evals_without_improvement": self.evals_without_improvement}  # fmt: skip
+
+    def load(self, saved: dict[str, Any]) -> None:
+        if saved:
+            best = saved["best_loss"]
+            self.best_loss = math.inf if best is None else float(best)
+            self.best_step = int(saved["best_step"])
+            self.evals_without_improvement = int(saved["evals_without_improvement"])
+
 
 def evaluate(
     steps: Steps, params: Any, batches: Iterable[dict[str, np.ndarray]]
@@ -200,11 +213,13 @@ class Trainer:
     def resume(self) -> None:
         """Continues from the newest complete checkpoint in WORKDIR, or starts from init_from."""
         if self.checkpoints is not None and self.checkpoints.steps():
-            restored = self.checkpoints.restore_latest(abstract_like(self.state))
+            restored = self.checkpoints.restore_latest(abstract_like(self.state), self.config)
             if restored is not None:
-                step, self.state, data_state = restored
+                step, self.state, data_state, meta = restored
                 self.data.train_batches.set_state(data_state)
                 self.last_saved_step = step
+                self.early_stopping.load(meta.get("trainer", {}).get("early_stopping", {}))
+                self.writer.drop_after(step)  # steps past it run again, as the same steps
                 log.info("resumed from %s at step %d", self.checkpoints.directory, step)
                 return
         if self.config.checkpoint.init_from:
@@ -233,7 +248,8 @@ class Trainer:
         if self.checkpoints is None or step == self.last_saved_step:
             return
         data_state = self.data.train_batches.get_state()
-        self.checkpoints.save(step, self.state, data_state, self.config, metrics)
+        trainer_state = {"early_stopping": self.early_stopping.dump()}
+        self.checkpoints.save(step, self.state, data_state, self.config, metrics, trainer_state)
         self.last_saved_step = step
 
     def train(self) -> dict[str, Any]:

@@ -62,8 +62,37 @@ def test_damaged_latest_checkpoint_is_skipped(tmp_path):
     for path in (tmp_path / "2" / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    step, _, data_state = checkpoints.restore_latest(abstract_like(state))
+    step, _, data_state, _ = checkpoints.restore_latest(abstract_like(state))
     assert (step, data_state) == (1, {"position": 1})
+    # Kept aside, not deleted, and out of the way: the run saves step 2 again when it gets there.
+    assert [p.name.split("-")[0] for p in checkpoints.damaged_dir.iterdir()] == ["2"]
+    assert checkpoints.steps() == [1]
+    checkpoints.save(2, state, {"position": 22}, train_config())
+    checkpoints.wait()
+    assert checkpoints.restore_latest(abstract_like(state))[::2] == (2, {"position": 22})
+    checkpoints.close()
+
+
+def test_checkpoints_of_another_config_are_an_error_not_damage(tmp_path):
+    import ml_collections
+    import pytest
+
+    from configs import base
+    from sft_jax.errors import ConfigError
+
+    state, _ = trained_state(sharding.single_device_mesh(), steps=0)
+    config = base.get_config()
+    checkpoints = Checkpoints(tmp_path, async_save=False)
+    checkpoints.save(1, state, {"position": 1}, config)
+    changed = ml_collections.ConfigDict(config.to_dict())
+    changed.lora.rank, changed.train.global_batch_size = 8, 64
+    changed.train.learning_rate = 1e-5  # allowed to change
+    with pytest.raises(ConfigError, match=r"lora.rank: 0 -> 8; train.global_batch_size: 32 -> 64"):
+        checkpoints.restore_latest(abstract_like(state), changed)
+    assert checkpoints.steps() == [1] and not checkpoints.damaged_dir.exists()
+    relaxed = ml_collections.ConfigDict(config.to_dict())
+    relaxed.train.learning_rate, relaxed.train.steps = 1e-5, 5000
+    assert checkpoints.restore_latest(abstract_like(state), relaxed)[0] == 1
     checkpoints.close()
 
 
