@@ -20,7 +20,12 @@ from flax import nnx
 from sft_jax import sharding
 from sft_jax.checkpointing import Checkpoints, checkpoint_dir
 from sft_jax.errors import ConfigError
-from sft_jax.models import from_hf_config, save_pretrained
+from sft_jax.models import (
+    CheckpointError,
+    UnsupportedModelError,
+    from_hf_config,
+    save_pretrained,
+)
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
 from sft_jax.step import param_shardings
 
@@ -136,7 +141,7 @@ def main(argv: list[str]) -> None:
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
     try:
         print(export_run(FLAGS.workdir, which=which, out=FLAGS.out))
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, UnsupportedModelError) as e:
         sys.exit(f"error: {e}")
 
 

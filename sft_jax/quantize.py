@@ -58,7 +58,8 @@ def quantize(kernel_IxO: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
     rows, out = kernel_IxO.shape
     if rows % spec.block:
         raise ConfigError(
-            f"kernel with {rows} input rows does not split into blocks of {spec.block}."
+            f"config.lora.quant_block_size={spec.block}: a kernel with {rows} input rows does "
+            f"not split into blocks of {spec.block}; use a divisor of {rows} (e.g. 64 or 32)."
         )
     blocks = kernel_IxO.astype(jnp.float32).reshape(rows // spec.block, spec.block, out)
     absmax_NxO = jnp.max(jnp.abs(blocks), axis=1)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from sft_jax import distributed, sharding
 from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like
+from sft_jax.config_check import check_values
 from sft_jax.errors import ConfigError
 from sft_jax.export import export_run, open_run, pick_step
 from sft_jax.generate import chat_stop_token_ids
@@ -91,7 +92,10 @@ def evaluate(
         nll += float(sums.nll)
         count += float(sums.target_tokens)
     if count == 0:
-        raise ValueError("the eval set has no target tokens; check config.data.eval_files.")
+        raise ConfigError(
+            "the eval set has no target tokens: check config.data.eval_files (or "
+            "config.data.eval_fraction) and config.data.train_on."
+        )
     loss = nll / count
     return {
         "eval/loss": loss,
@@ -325,6 +329,7 @@ def run(
     workdir = Path(workdir)
     distributed.initialize(config.distributed)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    check_values(config, mesh.size, mesh.shape["data"] * mesh.shape["fsdp"])
     model, _, trainable = build_model(config, mesh)
     data = data_factory(config)
     if data.tokenizer is not None and len(data.tokenizer) > model.config.vocab_size:

@@ -51,3 +51,64 @@ def test_presets_load_and_change_only_existing_fields():
         assert "python main.py --config=configs/" + name + ".py" in module.__doc__
         assert config.model.name_or_path != base.model.name_or_path
         assert set(config.keys()) == set(base.keys())
+
+
+BAD_VALUES = [
+    ("train.steps", 0, "train for at least one step"),
+    ("train.gradient_accumulation_steps", 0, "must be 1 or more"),
+    ("train.global_batch_size", 12, "split evenly into 8 devices"),
+    ("train.loss_chunk_size", 0, "must be positive"),
+    ("eval.global_batch_size", 4, "use a multiple of 8"),
+    ("log.every_steps", 0, "log at least every N > 0 steps"),
+    ("export.at_end", "bset", "expected 'best', 'last' or 'none'"),
+    ("checkpoint.keep_last", 0, "keep at least 1"),
+    ("lora.rank", -4, "a positive adapter rank"),
+    ("lora.quant_block_size", 0, "a positive even number"),
+]
+
+
+def test_values_that_would_fail_later_are_named_up_front():
+    sys.path.insert(0, str(REPO))
+    import ml_collections
+    import pytest
+
+    from configs import base
+    from sft_jax.config_check import check_values
+    from sft_jax.errors import ConfigError
+
+    check_values(base.get_config(), 8, 8)  # the defaults pass
+    for field, value, message in BAD_VALUES:
+        config = ml_collections.ConfigDict(base.get_config().to_dict())
+        section, name = field.split(".")
+        config[section][name] = value
+        if field.startswith("lora.quant"):
+            config.lora.rank, config.lora.quantize = 8, "nf4"
+        with pytest.raises(ConfigError, match=f"config.{field}={value!r}: .*{re.escape(message)}"):
+            check_values(config, 8, 8)
+    # Accumulation splits the batch too: 32 rows = 4 micro-batches x 8 devices, but not 3.
+    config = ml_collections.ConfigDict(base.get_config().to_dict())
+    config.train.gradient_accumulation_steps = 3
+    with pytest.raises(ConfigError, match="3 micro-batches x 8 devices"):
+        check_values(config, 8, 8)
+    # LoRA that adapts nothing, and an export that would have no checkpoint to come from.
+    config = ml_collections.ConfigDict(base.get_config().to_dict())
+    config.lora.rank, config.lora.target_modules = 8, " , "
+    with pytest.raises(ConfigError, match="nothing would train"):
+        check_values(config, 8, 8)
+    config = ml_collections.ConfigDict(base.get_config().to_dict())
+    config.checkpoint.enabled = False
+    with pytest.raises(
+        ConfigError, match=re.escape("enable checkpoints or set config.export.at_end='none'")
+    ):
+        check_values(config, 8, 8)
+
+
+def test_a_bad_value_stops_main_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/base.py", f"--workdir={tmp_path}",
+         "--config.log.every_steps=0"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "error: config.log.every_steps=0: log at least every N > 0 steps." in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
