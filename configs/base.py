@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     # dtype of activations and matmul inputs: "float32", or "bfloat16" for mixed precision.
     config.model.compute_dtype = "float32"
     # Activation checkpointing per decoder layer: "none", "full" (recompute the layer in the
-    # backward pass) or "save_matmuls" (keep matmul outputs, recompute the rest).
+    # backward pass) or "save_matmuls" (keep the weight matmuls' outputs, recompute the rest,
+    # attention scores included).
     config.model.remat = "none"
     # Attention kernel in training: "xla" (explicit einsums; every backend), "cudnn" (fused
     # cuDNN attention through jax.nn.dot_product_attention; NVIDIA GPUs, no soft-capping) or

@@ -1,7 +1,8 @@
 """Full fine-tuning of Gemma-2-2B-it on No Robots (gated model: accept Gemma's terms on the hub).
 
 Gemma's template has no system role: examples with a system message are counted and skipped.
-Run on one GPU or TPU host:
+Sized for one 80 GB GPU (fp32 weights, gradients and Adam moments: ~42 GB) or a TPU host
+(add --config.model.attention=splash there; cuDNN attention cannot soft-cap):
   python main.py --config=configs/gemma2_2b.py --workdir=/tmp/gemma2_2b_sft
 """
 
@@ -21,11 +22,14 @@ def get_config():
     config.data.max_length = 2048
     config.train.steps = 1000
     config.train.global_batch_size = 32
+    config.train.gradient_accumulation_steps = 8  # micro-batches of 4 rows
     config.train.learning_rate = 5e-6
     config.train.warmup_steps = 50
     config.train.weight_decay = 0.0
     config.eval.every_steps = 100
-    config.eval.global_batch_size = 32
     config.eval.early_stopping_patience = 3
+    config.eval.global_batch_size = 8
+    config.eval.generate_examples = 0  # open-ended replies: samples only, no exact match
+    config.eval.max_new_tokens = 128
     config.checkpoint.every_steps = 200
     return config

@@ -23,12 +23,15 @@ def get_config():
     config.data.max_length = 2048
     config.train.steps = 1500
     config.train.global_batch_size = 16
+    config.train.gradient_accumulation_steps = 2
     config.train.learning_rate = 2e-4
     config.train.warmup_steps = 50
     config.train.weight_decay = 0.0
     config.train.loss_chunk_size = 512
     config.eval.every_steps = 250
-    config.eval.global_batch_size = 16
+    config.eval.global_batch_size = 8
+    config.eval.generate_examples = 0  # open-ended replies: samples only, no exact match
+    config.eval.max_new_tokens = 128
     config.eval.early_stopping_patience = 3
     config.checkpoint.every_steps = 250
     return config

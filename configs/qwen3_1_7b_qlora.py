@@ -1,6 +1,8 @@
 """QLoRA (NF4 base, r=32 adapters) on Qwen3-1.7B with Capybara multi-turn chats.
 
-Run on one GPU (fits in well under 16 GB) or a TPU host:
+Sized for one 24 GB GPU (micro-batches of 2 rows of 4096 tokens); on a TPU host of 8 chips add
+--config.train.gradient_accumulation_steps=2 --config.eval.global_batch_size=8 (rows must split
+over the chips). --config.model.attention=cudnn (NVIDIA) or =splash (TPU) selects fused kernels:
   python main.py --config=configs/qwen3_1_7b_qlora.py --workdir=/tmp/qwen3_1_7b_qlora
 """
 
@@ -26,10 +28,13 @@ def get_config():
     config.data.max_length = 4096
     config.train.steps = 1000
     config.train.global_batch_size = 16
+    config.train.gradient_accumulation_steps = 8
     config.train.learning_rate = 1e-4
     config.train.warmup_steps = 30
     config.train.weight_decay = 0.0
     config.eval.every_steps = 100
-    config.eval.global_batch_size = 16
+    config.eval.global_batch_size = 4
+    config.eval.generate_examples = 0  # open-ended replies: samples only, no exact match
+    config.eval.max_new_tokens = 128
     config.checkpoint.every_steps = 200
     return config

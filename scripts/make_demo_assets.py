@@ -15,7 +15,8 @@ Tasks (each phrased several ways; some conversations have a system prompt or two
   "Count the letters: x q z"       -> "3"
 Every answer is short and checkable, so greedy generation is scored by exact match. No eval task
 instance (task and operands, whatever the phrasing) appears in train. With configs/base.py the
-random-initialized model goes from 0% to about 90% exact match in ~600 updates on a laptop CPU.
+random-initialized model goes from 0% to 100% exact match in 800 updates (configs/base.py), in
+about 3.5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations

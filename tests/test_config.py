@@ -40,6 +40,8 @@ def test_presets_load_and_change_only_existing_fields():
     sys.path.insert(0, str(REPO))
     import importlib
 
+    from sft_jax.config_check import check_values
+
     base = importlib.import_module("configs.base").get_config()
     presets = sorted(
         p.stem for p in (REPO / "configs").glob("*.py") if p.stem not in ("base", "__init__")
@@ -51,6 +53,7 @@ def test_presets_load_and_change_only_existing_fields():
         assert "python main.py --config=configs/" + name + ".py" in module.__doc__
         assert config.model.name_or_path != base.model.name_or_path
         assert set(config.keys()) == set(base.keys())
+        check_values(config, 1, 1)  # runs as shipped on one GPU
 
 
 BAD_VALUES = [

@@ -117,3 +117,28 @@ def test_weight_decay_skips_norms_and_biases():
     kept = {"/".join(map(str, path)) for path, _ in params} - decayed
     assert kept and all(("norm" in name or "bias" in name) for name in kept), kept
     assert any(name.endswith("kernel") for name in decayed) and "embed" in decayed
+
+
+def test_save_matmuls_recomputes_attention_scores_instead_of_keeping_them():
+    """Kept for the backward pass: weight-matmul outputs, never [.., T, S] attention scores
+    (at 4096 tokens those are GBs per layer). Without remat the scores are kept."""
+    import contextlib
+    import io
+    import re
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    batch = synthetic_batch(0)
+
+    def score_shaped(remat: str) -> list[str]:
+        graphdef, params = nnx.split(model_of("llama3.1", remat=remat), nnx.Param)
+        loss = lambda p: loss_sums(nnx.merge(graphdef, p), batch, max_chunk=4).nll  # noqa: E731
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # one "f32[d0,d1,...] source" per residual
+            print_saved_residuals(loss, params)
+        shapes = re.findall(r"^\w+\[([\d,]*)\]", printed.getvalue(), flags=re.M)
+        assert shapes, printed.getvalue()
+        return [s for s in shapes if s.endswith(f",{SEQ_LEN},{SEQ_LEN}")]
+
+    assert score_shaped("none")
+    assert score_shaped("save_matmuls") == [] and score_shaped("full") == []

@@ -34,7 +34,9 @@ _INIT_STD = 0.02  # transformers' default initializer_range, for models not load
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_saveable,
+    # Keeps the weight matmuls' outputs (no batch dims); recomputes the rest, attention scores
+    # included ([B, K, G, T, S] per layer would not fit at long sequence lengths).
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
