@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 BEST_METRIC = "eval/loss"
 
 
+class _NoMetricsWarning(logging.Filter):
+    """Saves between evals carry no eval loss by design; Orbax warns about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoMetricsWarning())
+
+
 class Checkpoints:
     """WORKDIR/checkpoints/<step>/{state, data, meta}: written in the background, atomically.
 
@@ -57,6 +67,10 @@ class Checkpoints:
             create=not read_only,
             read_only=read_only,  # another run's checkpoints: never written, never pruned
             save_interval_steps=0 if read_only else 1,
+            # Without best_fn Orbax never writes a step's metrics to disk, so after a restart
+            # BestN sees none and deletes the best checkpoint: keep them on disk.
+            best_fn=lambda metrics: metrics[BEST_METRIC],
+            best_mode="min",
         )
         # Orbax warns that a read-only directory is read only; that is what was asked for.
         verbosity = absl_logging.get_verbosity()

@@ -129,6 +129,7 @@ class Trainer:
         train = config.train
         self.checkpoints = None
         self.last_saved_step = -1
+        self.initial_eval: dict[str, Any] | None = None  # the eval before the first update
         if config.checkpoint.enabled:
             self.checkpoints = Checkpoints(
                 workdir / "checkpoints",
@@ -222,7 +223,9 @@ class Trainer:
                 step, self.state, data_state, meta = restored
                 self.data.train_batches.set_state(data_state)
                 self.last_saved_step = step
-                self.early_stopping.load(meta.get("trainer", {}).get("early_stopping", {}))
+                saved = meta.get("trainer", {})
+                self.early_stopping.load(saved.get("early_stopping", {}))
+                self.initial_eval = saved.get("initial_eval") or None  # for the final report
                 self.writer.drop_after(step)  # steps past it run again, as the same steps
                 log.info("resumed from %s at step %d", self.checkpoints.directory, step)
                 return
@@ -252,7 +255,8 @@ class Trainer:
         if self.checkpoints is None or step == self.last_saved_step:
             return
         data_state = self.data.train_batches.get_state()
-        trainer_state = {"early_stopping": self.early_stopping.dump()}
+        first = {k: v for k, v in (self.initial_eval or {}).items() if isinstance(v, float | int)}
+        trainer_state = {"early_stopping": self.early_stopping.dump(), "initial_eval": first}
         self.checkpoints.save(step, self.state, data_state, self.config, metrics, trainer_state)
         self.last_saved_step = step
 
@@ -268,8 +272,12 @@ class Trainer:
         progress = Progress(total, step, self.config.log.every_steps)
         summary: dict[str, Any] = {"start_step": step, "interrupted": False, "stopped_early": False}
         if self.config.eval.at_start and step == 0 and self.has_eval:
-            summary["initial_eval"] = self.run_eval(step)
-            progress.message(eval_message(step, summary["initial_eval"]))
+            self.initial_eval = self.run_eval(step)
+            self.initial_eval.pop("stop")
+            progress.message(eval_message(step, self.initial_eval))
+            self.save(0, self.initial_eval)  # the untrained model can be the best one to export
+        if self.initial_eval:
+            summary["initial_eval"] = self.initial_eval
         pending, last_time = None, time.perf_counter()
         with StopSignal() as stop:
             while step < total and not summary["stopped_early"]:

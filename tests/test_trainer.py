@@ -21,6 +21,7 @@ from hf_models import hf_logits, save_hf_model
 from test_step import SEQ_LEN, synthetic_batch
 
 from sft_jax import trainer
+from sft_jax.checkpointing import Checkpoints, checkpoint_dir
 from sft_jax.models import from_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,6 +173,38 @@ def test_early_stopping_records_best_step(model_dir, tmp_path):
     summary = run.train()
     assert summary["stopped_early"] and summary["end_step"] == 6
     assert summary["best_step"] == 0
+
+
+def test_best_and_patience_survive_a_restart_and_step_0_can_be_the_export(
+    model_dir, tmp_path, monkeypatch
+):
+    """Scripted eval losses: 1.0 at step 0 (best), then worse. A restart after step 4 keeps the
+    count of evals without improvement, stops at step 6, and the export is step 0's model."""
+    scripted = iter([1.0, 1.5, 1.7, 1.6])
+    monkeypatch.setattr(trainer, "evaluate", lambda *a: {"eval/loss": next(scripted)})
+    config = base_config(model_dir, steps=4)
+    config.eval.every_steps = 2
+    config.eval.early_stopping_patience = 3
+    config.checkpoint.enabled = True
+    config.checkpoint.keep_last = 1
+
+    def run(steps):
+        config.train.steps = steps
+        run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), synthetic_source())
+        run.resume()
+        summary = run.train()
+        run.close()
+        return summary
+
+    first = run(4)
+    assert not first["stopped_early"] and first["best_step"] == 0
+    assert Checkpoints(checkpoint_dir(tmp_path), read_only=True).steps() == [0, 4]
+    second = run(10)  # resumes at 4: one more eval without improvement makes 3
+    assert second["start_step"] == 4 and second["stopped_early"] and second["end_step"] == 6
+    assert second["best_step"] == 0 and second["initial_eval"]["eval/loss"] == 1.0
+    assert "eval loss 1.0000 -> 1.6000" in trainer.final_report(second)
+    checkpoints = Checkpoints(checkpoint_dir(tmp_path), read_only=True)
+    assert 0 in checkpoints.steps() and checkpoints.best_step() == 0
 
 
 def test_non_finite_loss_stops_naming_the_step(model_dir, tmp_path):
