@@ -55,10 +55,20 @@ def test_fresh_lora_leaves_logits_unchanged(base):
     np.testing.assert_array_equal(jax_logits(lora_model(base), batch), plain)
 
 
-def test_adapter_loads_in_peft_with_equal_logits(base, tmp_path):
-    model = lora_model(base)
+RSLORA_HEAD = LoRASpec(rank=8, alpha=16.0, targets=("q_proj", "v_proj", "down_proj"),
+                       use_rslora=True, extra_trainable=("lm_head",))  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", [SPEC, RSLORA_HEAD], ids=["embed", "rslora_some_lm_head"])
+def test_adapter_loads_in_peft_with_equal_logits(base, tmp_path, spec):
+    model = from_pretrained(base, mesh=sharding.single_device_mesh())
+    spec = spec.for_model(model)  # as the trainer does: a tied head is the embedding
+    apply_lora(model, spec, sharding.single_device_mesh())
     randomize_adapters(model)
-    save_adapter(model, tmp_path / "adapter", SPEC, base_model=str(base))
+    if "lm_head" in spec.extra_trainable:  # untied: the head is what trains, not the embedding
+        model.embed[...] = from_pretrained(base).embed[...]
+        model.lm_head[...] = model.lm_head[...] * 1.3
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(base))
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager")
     peft_model = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
     batch = padded_batch(seed=3)
