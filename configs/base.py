@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Where tokenized data is cached ("" = $SFT_JAX_CACHE or ~/.cache/sft_jax/tokenized;
     # "none" = never cache).
     config.data.cache_dir = ""
+    # Train batches built and put on the devices ahead of the step, in a background thread.
+    config.data.prefetch = 2
 
     # ---------------------------------------------------------------- lora
     # Parameter-efficient fine-tuning; rank 0 = full fine-tuning of every parameter.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, trai
 from sft_jax.model_setup import build_model
 from sft_jax.models import CausalLM
 from sft_jax.optim import make_optimizer
+from sft_jax.prefetch import Prefetch
 from sft_jax.samples import generation_metrics
 from sft_jax.step import StepOptions, Steps, build_steps, device_batch, init_state
 
@@ -130,6 +132,9 @@ class Trainer:
         self.checkpoints = None
         self.last_saved_step = -1
         self.initial_eval: dict[str, Any] | None = None  # the eval before the first update
+        # The data iterator's state after the last batch training consumed (what a checkpoint
+        # records; the prefetch thread reads ahead of it).
+        self.data_state = data.train_batches.get_state()
         if config.checkpoint.enabled:
             self.checkpoints = Checkpoints(
                 workdir / "checkpoints",
@@ -222,6 +227,7 @@ class Trainer:
             if restored is not None:
                 step, self.state, data_state, meta = restored
                 self.data.train_batches.set_state(data_state)
+                self.data_state = data_state
                 self.last_saved_step = step
                 saved = meta.get("trainer", {})
                 self.early_stopping.load(saved.get("early_stopping", {}))
@@ -254,7 +260,7 @@ class Trainer:
     def save(self, step: int, metrics: dict[str, float] | None = None) -> None:
         if self.checkpoints is None or step == self.last_saved_step:
             return
-        data_state = self.data.train_batches.get_state()
+        data_state = self.data_state
         first = {k: v for k, v in (self.initial_eval or {}).items() if isinstance(v, float | int)}
         trainer_state = {"early_stopping": self.early_stopping.dump(), "initial_eval": first}
         self.checkpoints.save(step, self.state, data_state, self.config, metrics, trainer_state)
@@ -279,12 +285,15 @@ class Trainer:
         if self.initial_eval:
             summary["initial_eval"] = self.initial_eval
         pending, last_time = None, time.perf_counter()
-        with StopSignal() as stop:
+        shardings = self.steps.batch_shardings
+        feed = Prefetch(self.data.train_batches, lambda rows: device_batch(rows, shardings),
+                        depth=self.config.data.prefetch)  # fmt: skip
+        with StopSignal() as stop, contextlib.closing(feed):
             while step < total and not summary["stopped_early"]:
                 if stop.agreed():
                     summary["interrupted"] = True
                     break
-                batch = device_batch(next(self.data.train_batches), self.steps.batch_shardings)
+                batch, self.data_state = next(feed)
                 self.state, metrics = self.steps.train(self.state, batch)
                 step += 1
                 if pending is not None:  # the previous step's metrics: the device is busy already
