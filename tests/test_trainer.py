@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from hf_models import hf_logits, save_hf_model
 from test_step import SEQ_LEN, synthetic_batch
 
@@ -118,11 +119,25 @@ def test_training_logs_metrics_and_learns(model_dir, tmp_path):
     repeated = synthetic_batch(0)
     source.train_batches = SyntheticBatches(lambda _: repeated)
     config = base_config(model_dir, steps=12, learning_rate=3e-3)
-    run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), source)
+    config.log.peak_tflops_per_device = 1e-3  # 1 GFLOP/s per device, so MFU is reported on CPU
+    model = from_pretrained(model_dir)
+    # Model FLOPs per token by hand: 6 x the weights in matrix products (every kernel and the
+    # head; the embedding lookup is not a product) + causal attention 6 x layers x T x H x E.
+    kernels = sum(v.get_value().size for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+                  if p[-1] == "kernel")  # fmt: skip
+    c = model.config
+    expected_flops = 6 * (kernels + c.vocab_size * c.hidden_size) + 6 * c.num_layers * (
+        SEQ_LEN * c.num_heads * c.head_dim
+    )
+    run = trainer.Trainer(config, tmp_path, model, source)
+    assert run.flops_per_token == expected_flops
     summary = run.train()
     run.writer.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "train/loss" in r]
+    for r in train_records:
+        achieved = r["train/tokens_per_sec"] * expected_flops / jax.device_count()
+        assert r["train/mfu"] == pytest.approx(achieved / 1e9, rel=1e-6)
     assert [r["step"] for r in train_records] == list(range(1, 13))
     assert {
         "train/grad_norm",
