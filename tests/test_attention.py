@@ -39,6 +39,13 @@ def loss_and_grads(model: CausalLM, batch: dict) -> tuple[float, dict]:
     return float(value), nnx.to_pure_dict(grads)
 
 
+def assert_grads_close(grads: dict, expected: dict, rtol: float) -> None:
+    for (path, g), e in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(g, e, rtol=rtol, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "mistral", "qwen3", "gemma3"])
 def test_fused_attention_equals_the_einsum_path(family, monkeypatch):
     monkeypatch.setitem(decoder.FUSED_IMPLEMENTATION, "cudnn", None)  # jax's XLA kernel on CPU
@@ -47,10 +54,7 @@ def test_fused_attention_equals_the_einsum_path(family, monkeypatch):
     expected_loss, expected_grads = loss_and_grads(reference, batch)
     loss, grads = loss_and_grads(fused, batch)
     assert loss == pytest.approx(expected_loss, rel=1e-6)
-    for (path, g), e in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads), strict=True
-    ):
-        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert_grads_close(grads, expected_grads, rtol=1e-4)
 
 
 def test_fused_attention_refuses_soft_capping():
@@ -121,10 +125,7 @@ def test_splash_attention_equals_the_einsum_path(family, monkeypatch):
     expected_loss, expected_grads = loss_and_grads(reference, batch)
     loss, grads = loss_and_grads(splash, batch)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
-    for (path, g), e in zip(
-        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected_grads), strict=True
-    ):
-        np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    assert_grads_close(grads, expected_grads, rtol=1e-3)
 
 
 def test_splash_attention_on_a_sharded_mesh_trains_like_the_einsum_path(monkeypatch):

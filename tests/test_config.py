@@ -24,12 +24,16 @@ def test_every_field_of_the_base_config_is_documented():
     assert not undocumented, undocumented
 
 
-def test_a_mistyped_override_is_named_with_suggestions(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "main.py", "--config=configs/base.py", f"--workdir={tmp_path}",
-         "--config.train.learning_rat=1e-4"],
+def run_main(workdir, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "main.py", "--config=configs/base.py", f"--workdir={workdir}",
+         *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+def test_a_mistyped_override_is_named_with_suggestions(tmp_path):
+    result = run_main(tmp_path, "--config.train.learning_rat=1e-4")
     assert result.returncode != 0
     assert "--config.train.learning_rat: train has no field 'learning_rat'. Did you mean " \
            "learning_rate?" in result.stderr  # fmt: skip
@@ -107,11 +111,7 @@ def test_values_that_would_fail_later_are_named_up_front():
 
 
 def test_a_bad_value_stops_main_with_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "main.py", "--config=configs/base.py", f"--workdir={tmp_path}",
-         "--config.log.every_steps=0"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = run_main(tmp_path, "--config.log.every_steps=0")
     assert result.returncode != 0
     assert "error: config.log.every_steps=0: log at least every N > 0 steps." in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "checkpoints").exists()
