@@ -203,17 +203,22 @@ class Checkpoints:
 # What a resumed run must share with the run that saved: the saved state's structure (model,
 # dtypes, adapters, quantization, clipping) and the meaning of the data position (data, row
 # length, batch, seed). Steps, learning rate, eval and logging may change between restarts.
+ADAPTER_FIELDS = (
+    "lora.rank", "lora.target_modules", "lora.trainable_modules", "lora.quantize",
+    "lora.quant_block_size", "lora.double_quant",
+)  # fmt: skip
 RESUME_FIELDS = (
-    "model.name_or_path", "model.param_dtype", "lora.rank", "lora.target_modules",
-    "lora.trainable_modules", "lora.quantize", "lora.quant_block_size", "lora.double_quant",
-    "data.train_files", "data.train_split", "data.format", "data.chat_template",
-    "data.train_on", "data.max_length", "data.packing", "data.shuffle",
-    "train.global_batch_size", "train.seed",
+    "model.name_or_path", "model.param_dtype", *ADAPTER_FIELDS,
+    "data.train_files", "data.train_split", "data.format", "data.chat_template", "data.train_on",
+    "data.max_length", "data.packing", "data.shuffle", "train.global_batch_size", "train.seed",
 )  # fmt: skip
 
 
-def config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[str]:
-    """'field: saved -> now' for each RESUME_FIELDS entry (and clipping on/off) that differs."""
+def config_changes(
+    saved_json: str, config: ml_collections.ConfigDict, fields: tuple[str, ...] = RESUME_FIELDS
+) -> list[str]:
+    """'field: saved -> now' for each of `fields` that differs (for RESUME_FIELDS, also
+    clipping turned on or off, which changes the optimizer state)."""
     saved = json.loads(saved_json)
 
     def lookup(tree: Any, dotted: str) -> Any:
@@ -224,11 +229,11 @@ def config_changes(saved_json: str, config: ml_collections.ConfigDict) -> list[s
     now = config.to_dict()
     changes = [
         f"{field}: {lookup(saved, field)!r} -> {lookup(now, field)!r}"
-        for field in RESUME_FIELDS
+        for field in fields
         if lookup(saved, field) != lookup(now, field)
     ]
     clipped = [(lookup(tree, "train.max_grad_norm") or 0) > 0 for tree in (saved, now)]
-    if clipped[0] != clipped[1]:  # clipping adds optimizer state
+    if fields is RESUME_FIELDS and clipped[0] != clipped[1]:  # clipping adds optimizer state
         changes.append(f"train.max_grad_norm > 0: {clipped[0]} -> {clipped[1]}")
     return changes
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -18,7 +17,13 @@ import numpy as np
 from flax import nnx
 
 from sft_jax import distributed, sharding
-from sft_jax.checkpointing import Checkpoints, StopSignal, abstract_like
+from sft_jax.checkpointing import (
+    ADAPTER_FIELDS,
+    Checkpoints,
+    StopSignal,
+    abstract_like,
+    config_changes,
+)
 from sft_jax.config_check import check_values
 from sft_jax.errors import ConfigError
 from sft_jax.export import export_run, open_run, pick_step
@@ -242,14 +247,11 @@ class Trainer:
         """Parameters of another run's best (else newest) checkpoint; optimizer and step fresh."""
         source = open_run(workdir, "config.checkpoint.init_from")
         step = pick_step(source, "best")
-        theirs = ml_collections.ConfigDict(json.loads(source.meta(step)["config"])).lora
-        ours = self.config.lora
-        fields = ("rank", "target_modules", "trainable_modules", "quantize")
-        if any(theirs.get(f) != ours.get(f) for f in fields):
-            described = ", ".join(f"{f}={theirs.get(f)!r}" for f in fields)
+        changes = config_changes(source.meta(step)["config"], self.config, ADAPTER_FIELDS)
+        if changes:
             raise ConfigError(
                 f"config.checkpoint.init_from={workdir}: that run trained other parameters "
-                f"(lora {described}), so its checkpoint does not fit this run's config.lora. "
+                f"({'; '.join(changes)}), so its checkpoint does not fit this run's config.lora. "
                 f"Export it (python -m sft_jax.export --workdir={workdir} --out=DIR) and set "
                 "config.model.name_or_path=DIR instead."
             )

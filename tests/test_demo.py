@@ -108,7 +108,7 @@ def test_demo_trains_evaluates_checkpoints_and_exports_for_transformers(tmp_path
 
     # A source that does not fit, or holds nothing, is one clear message.
     for init_from, message in (
-        (workdir, "that run trained other parameters (lora rank=0"),
+        (workdir, "that run trained other parameters (lora.rank: 0 -> 4)"),
         (tmp_path / "nothing", "does not exist; give the WORKDIR of a run that saved"),
     ):
         failed = subprocess.run(
