@@ -8,23 +8,16 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sft_jax import config_check, trainer
-from sft_jax.data import DataError, open_data
-from sft_jax.errors import ConfigError
-from sft_jax.models import CheckpointError, UnsupportedModelError
+from sft_jax.data import open_data
+from sft_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# Problems with the user's config, data or model: one message, no traceback.
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    UnsupportedModelError,
-    trainer.TrainingDivergedError,
-)
+# Problems with the user's config, data or model, or a diverged run: one message, no traceback.
+USER_ERRORS = (UserError, trainer.TrainingDivergedError)
 
 
 def main(argv: list[str]) -> None:

@@ -21,9 +21,9 @@ import transformers
 from absl import app, flags
 
 from sft_jax import export
-from sft_jax.errors import ConfigError
+from sft_jax.errors import UserError
 from sft_jax.generate import chat, chat_stop_token_ids, reply
-from sft_jax.models import CausalLM, CheckpointError, UnsupportedModelError, from_pretrained
+from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.hf_io import resolve_model_dir
 
 FLAGS = flags.FLAGS
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     try:
         with model_directory(FLAGS.model, FLAGS.workdir, which) as model_dir:
             model, tokenizer, stops = load(model_dir, jnp.dtype(FLAGS.dtype))
-    except (ConfigError, CheckpointError, UnsupportedModelError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     options = {
         "stop_token_ids": stops,

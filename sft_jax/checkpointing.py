@@ -15,7 +15,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -25,14 +24,17 @@ log = logging.getLogger(__name__)
 BEST_METRIC = "eval/loss"
 
 
-class _NoMetricsWarning(logging.Filter):
-    """Saves between evals carry no eval loss by design; Orbax warns about each one."""
+class _ExpectedOrbaxWarnings(logging.Filter):
+    """Orbax warns about what we ask for on purpose: saves between evals carry no eval loss,
+    and another run's checkpoints are opened read only."""
+
+    EXPECTED = ("did not provide metrics", "Given directory is read only")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+        return not any(text in record.getMessage() for text in self.EXPECTED)
 
 
-logging.getLogger("absl").addFilter(_NoMetricsWarning())
+logging.getLogger("absl").addFilter(_ExpectedOrbaxWarnings())
 
 
 class Checkpoints:
@@ -72,16 +74,9 @@ class Checkpoints:
             best_fn=lambda metrics: metrics[BEST_METRIC],
             best_mode="min",
         )
-        # Orbax warns that a read-only directory is read only; that is what was asked for.
-        verbosity = absl_logging.get_verbosity()
-        if read_only:
-            absl_logging.set_verbosity(absl_logging.ERROR)
-        try:
-            self.manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "data", "meta")
-            )
-        finally:
-            absl_logging.set_verbosity(verbosity)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta")
+        )
 
     def save(
         self,

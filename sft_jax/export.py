@@ -19,13 +19,8 @@ from flax import nnx
 
 from sft_jax import sharding
 from sft_jax.checkpointing import Checkpoints, checkpoint_dir
-from sft_jax.errors import ConfigError
-from sft_jax.models import (
-    CheckpointError,
-    UnsupportedModelError,
-    from_hf_config,
-    save_pretrained,
-)
+from sft_jax.errors import ConfigError, UserError
+from sft_jax.models import from_hf_config, save_pretrained
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
 from sft_jax.step import param_shardings
 
@@ -48,9 +43,8 @@ def open_run(workdir: str | Path, field: str = "--workdir") -> Checkpoints:
 
 
 def pick_step(checkpoints: Checkpoints, which: str | int) -> int:
+    """The step `which` names among a run's checkpoints (opened by open_run: there is one)."""
     steps = checkpoints.steps()
-    if not steps:
-        raise ConfigError(f"{checkpoints.directory}: no checkpoints to export.")
     if isinstance(which, int) or str(which).isdigit():
         if int(which) not in steps:
             raise ConfigError(
@@ -141,7 +135,7 @@ def main(argv: list[str]) -> None:
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
     try:
         print(export_run(FLAGS.workdir, which=which, out=FLAGS.out))
-    except (ConfigError, CheckpointError, UnsupportedModelError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
 

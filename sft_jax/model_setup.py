@@ -13,7 +13,12 @@ from jax.sharding import Mesh
 from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
-from sft_jax.models.decoder import ATTENTION_KINDS, REMAT_POLICIES, SPLASH_INTERPRET
+from sft_jax.models.decoder import (
+    ATTENTION_KINDS,
+    REMAT_POLICIES,
+    SPLASH_BLOCKS,
+    SPLASH_INTERPRET,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,11 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
                 f"config.model.attention='splash' is a TPU kernel, but this run's backend is "
                 f"{jax.default_backend()}; use 'xla' (or 'cudnn' on NVIDIA GPUs)."
             )
-        if config.data.max_length % 128:
+        tile = SPLASH_BLOCKS[-1]
+        if config.data.max_length % tile:
             raise ConfigError(
-                f"config.model.attention='splash' tiles sequences by 128 tokens: "
-                f"config.data.max_length={config.data.max_length} must be a multiple of 128."
+                f"config.model.attention='splash' tiles sequences by {tile} tokens: "
+                f"config.data.max_length={config.data.max_length} must be a multiple of {tile}."
             )
     if config.model.remat not in REMAT_POLICIES:
         raise ConfigError(

@@ -229,11 +229,27 @@ def build_steps(
     # The splash kernel runs per shard (shard_map over the mesh the steps are traced under).
     tracing_mesh = jax.set_mesh(mesh) if model.config.attention == "splash" else nullcontext()
     with tracing_mesh:
-        train, eval_ = _compile(
-            train_step, sums_of, state_shardings, frozen_shardings, shardings, replicated,
-            abstract_state, abstract_frozen, abstract_batch(train_rows, seq_len, mesh),
-            abstract_batch(eval_rows, seq_len, mesh),
-        )  # fmt: skip
+        train = (
+            jax.jit(
+                train_step,
+                in_shardings=(state_shardings, frozen_shardings, shardings),
+                out_shardings=(state_shardings, replicated),
+                donate_argnums=(0,),
+            )
+            .lower(abstract_state, abstract_frozen, abstract_batch(train_rows, seq_len, mesh))
+            .compile()
+        )
+        eval_ = (
+            jax.jit(
+                sums_of,
+                in_shardings=(state_shardings["params"], frozen_shardings, shardings),
+                out_shardings=replicated,
+            )
+            .lower(
+                abstract_state["params"], abstract_frozen, abstract_batch(eval_rows, seq_len, mesh)
+            )
+            .compile()
+        )
     return Steps(
         train=lambda state, batch: train(state, frozen, batch),
         eval=lambda params, batch: eval_(params, frozen, batch),
@@ -260,28 +276,3 @@ def device_batch(
         )
         for k in BATCH_KEYS
     }
-
-
-def _compile(train_step, sums_of, state_shardings, frozen_shardings, shardings, replicated,
-             abstract_state, abstract_frozen, train_batch, eval_batch):  # fmt: skip
-    """The train and eval steps, compiled ahead of time for these shapes and shardings."""
-    train = (
-        jax.jit(
-            train_step,
-            in_shardings=(state_shardings, frozen_shardings, shardings),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=(0,),
-        )
-        .lower(abstract_state, abstract_frozen, train_batch)
-        .compile()
-    )
-    eval_ = (
-        jax.jit(
-            sums_of,
-            in_shardings=(state_shardings["params"], frozen_shardings, shardings),
-            out_shardings=replicated,
-        )
-        .lower(abstract_state["params"], abstract_frozen, eval_batch)
-        .compile()
-    )
-    return train, eval_

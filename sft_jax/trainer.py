@@ -262,10 +262,11 @@ class Trainer:
     def save(self, step: int, metrics: dict[str, float] | None = None) -> None:
         if self.checkpoints is None or step == self.last_saved_step:
             return
-        data_state = self.data_state
         first = {k: v for k, v in (self.initial_eval or {}).items() if isinstance(v, float | int)}
         trainer_state = {"early_stopping": self.early_stopping.dump(), "initial_eval": first}
-        self.checkpoints.save(step, self.state, data_state, self.config, metrics, trainer_state)
+        self.checkpoints.save(
+            step, self.state, self.data_state, self.config, metrics, trainer_state
+        )
         self.last_saved_step = step
 
     def train(self) -> dict[str, Any]:

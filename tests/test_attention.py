@@ -71,6 +71,8 @@ def _relative_error(grads: dict, reference: dict) -> float:
     return (num / sum(float(np.sum(np.float64(e) ** 2)) for e in expected)) ** 0.5
 
 
+# The cuDNN kernel exists only on NVIDIA GPUs, which CPU CI lacks; on CPU the tests above run
+# the same call through jax's XLA kernel. benchmarks/gpu_check.sh runs this on a GPU.
 @pytest.mark.skipif(
     jax.default_backend() != "gpu",
     reason="needs an NVIDIA GPU: JAX_PLATFORMS=cuda pytest tests/test_attention.py",

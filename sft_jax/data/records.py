@@ -16,11 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sft_jax.errors import UserError
+
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HUB_PREFIX = "hf:"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data or data config; the message names the file, line or field and the fix."""
 
 

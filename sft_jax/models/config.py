@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.errors import UserError
+
 # model_type (as in config.json) -> family settings that config.json does not spell out.
 _FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {},
@@ -27,7 +29,7 @@ _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The checkpoint's architecture is not one sft_jax implements."""
 
 

@@ -211,8 +211,9 @@ def splash_block(seq_len: int) -> int:
         if seq_len % block == 0:
             return block
     raise UnsupportedModelError(
-        f"attention='splash' tiles the sequence by 128 tokens, but this sequence has {seq_len}: "
-        "set config.data.max_length to a multiple of 128, or use attention='xla'."
+        f"attention='splash' tiles the sequence by {SPLASH_BLOCKS[-1]} tokens, but this sequence "
+        f"has {seq_len}: set config.data.max_length to a multiple of {SPLASH_BLOCKS[-1]}, or use "
+        "attention='xla'."
     )
 
 

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from sft_jax import sharding
+from sft_jax.errors import UserError
 from sft_jax.models import safetensors_io
 from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import CausalLM
@@ -40,7 +41,7 @@ _NORM_NAMES = {
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A model directory cannot be loaded; the message says which file and what to do."""
 
 
