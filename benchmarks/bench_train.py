@@ -35,8 +35,11 @@ MFU's model FLOPs per token, N = sft_jax.metrics.matmul_params:
   lora/qlora  4N + attention + 6 x adapter parameters: the frozen base runs forward (2N) and
               the input-gradient half of backward (2N) but computes no weight gradients.
 Dequantization and remat recomputation are not counted (the trainer's train/mfu uses the same
-formula). --attention=cudnn uses the fused cuDNN kernel (NVIDIA GPUs). On CPU only ratios are
-meaningful; absolute figures belong to a GPU or TPU.
+formula). --attention: as config.model.attention ("auto": cuDNN on NVIDIA GPUs, splash on TPUs,
+einsums elsewhere; the table says which ran). Rows are full: one document of --seq tokens
+each, as packing yields at its limit, with no padding, so that PyTorch's causal SDPA does the
+same attention (sft_jax still runs its packing machinery: segment ids, cuDNN's segment table).
+On CPU only ratios are meaningful; absolute figures belong to a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ import transformers
 
 from sft_jax.lora import ATTENTION, MLP
 from sft_jax.metrics import PEAK_BF16_TFLOPS, matmul_params, training_flops_per_token
+from sft_jax.model_setup import ATTENTION_CHOICES
 from sft_jax.models import ModelConfig, from_hf_config
-from sft_jax.models.decoder import ATTENTION_KINDS, REMAT_POLICIES
+from sft_jax.models.decoder import REMAT_POLICIES
 
 SHAPES = {
     # intermediate_size 704 (not 688 as before): QLoRA blocks of 64 must divide it.
@@ -86,6 +90,8 @@ def run_config(args: argparse.Namespace, mode: str, checkpoint: str) -> ml_colle
         {"model": {"name_or_path": checkpoint, "param_dtype": "float32",
                    "compute_dtype": args.dtype, "remat": args.remat,
                    "attention": args.attention},
+         "data": {"max_length": args.seq, "packing": True,
+                  "max_documents_per_row": args.max_documents_per_row},
          "lora": {"rank": 0 if mode == "full" else args.lora_rank, "alpha": LORA_ALPHA,
                   "dropout": 0.0, "target_modules": "all-linear", "use_rslora": False,
                   "trainable_modules": "", "quantize": args.quantize if mode == "qlora" else "",
@@ -148,6 +154,7 @@ def time_sft_jax(args: argparse.Namespace, mode: str, checkpoint: str) -> dict:
     from sft_jax import sharding
     from sft_jax.metrics import peak_flops_per_device
     from sft_jax.model_setup import build_model
+    from sft_jax.models.decoder import packed_cudnn_supported
     from sft_jax.optim import make_optimizer
     from sft_jax.step import StepOptions, build_steps, device_batch, init_state
 
@@ -178,9 +185,11 @@ def time_sft_jax(args: argparse.Namespace, mode: str, checkpoint: str) -> dict:
         state, metrics = compiled.train(state, device)
     jax.block_until_ready(metrics)
     stats = jax.local_devices()[0].memory_stats() or {}
+    packed = model.config.attention == "cudnn" and packed_cudnn_supported()
     return {
         "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
         "devices": jax.device_count(),
+        "attention": model.config.attention + (" (packed layout)" if packed else ""),
         "peak_flops": peak_flops_per_device(),
         "step_s": (time.perf_counter() - start) / args.steps,
         "compile_s": compiled.compile_seconds,
@@ -385,7 +394,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES))
-    parser.add_argument("--attention", default="xla", choices=ATTENTION_KINDS)
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    parser.add_argument(
+        "--max_documents_per_row", type=int, default=64,
+        help="as config.data: bounds cuDNN's segment table; 0 passes cuDNN a [B, 1, T, S] mask",
+    )  # fmt: skip
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--mode", default="full", help=f"comma-separated, among {MODES}")
     parser.add_argument("--lora_rank", type=int, default=16)
@@ -427,13 +440,18 @@ def main() -> None:
     report(args, config, results)
 
 
+def _attention_ran(args: argparse.Namespace, results: list[dict]) -> str:
+    ran = sorted({r["attention"] for r in results if "attention" in r})
+    return f"{args.attention} -> {', '.join(ran)}" if ran else args.attention
+
+
 def report(args: argparse.Namespace, config: ModelConfig, results: list[dict]) -> None:
     devices = sorted({f"{r['side']}: {r['device']}" for r in results if "device" in r})
     print(f"\n{'; '.join(devices)}")
     setup = [
         f"shape {args.shape} (N = {matmul_params(config) / 1e6:.1f}M matmul params), batch "
         f"{args.batch} x seq {args.seq}, {args.dtype} compute, float32 params (sft_jax), "
-        f"remat {args.remat}, attention {args.attention} (sft_jax)"
+        f"remat {args.remat}, attention {_attention_ran(args, results)} (sft_jax)"
     ]
     modes = {r["mode"] for r in results}
     if modes & {"lora", "qlora"}:

@@ -27,10 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     # backward pass) or "save_matmuls" (keep the weight matmuls' outputs, recompute the rest,
     # attention scores included).
     config.model.remat = "none"
-    # Attention kernel in training: "xla" (explicit einsums; every backend), "cudnn" (fused
-    # cuDNN attention through jax.nn.dot_product_attention; NVIDIA GPUs, no soft-capping) or
-    # "splash" (Pallas splash attention with segment ids; TPUs, max_length a multiple of 128).
-    config.model.attention = "xla"
+    # Attention kernel in training: "auto" (the fused kernel of the accelerator where the model
+    # allows it, else "xla"; the log says which and why), "xla" (explicit einsums; every
+    # backend), "cudnn" (fused cuDNN flash attention; NVIDIA GPUs, bfloat16 compute, no
+    # soft-capping) or "splash" (Pallas splash attention; TPUs, max_length a multiple of 128).
+    config.model.attention = "auto"
 
     # ---------------------------------------------------------------- data
     config.data = ml_collections.ConfigDict()
@@ -61,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Pack several examples into each row (attention never crosses examples); False pads
     # each example to max_length alone.
     config.data.packing = True
+    # Most examples packed into one row (0 = no limit). A bound keeps the fused cuDNN kernel's
+    # table of documents per row small (attention="cudnn"); rows of short examples close early.
+    config.data.max_documents_per_row = 64
     # Shuffle the rows of every epoch (seeded by train.seed).
     config.data.shuffle = True
     # Count and skip malformed examples instead of stopping at the first with an error.

@@ -2,7 +2,7 @@
 
 Gemma's template has no system role: examples with a system message are counted and skipped.
 Sized for one 80 GB GPU (fp32 weights, gradients and Adam moments: ~42 GB) or a TPU host
-(add --config.model.attention=splash there; cuDNN attention cannot soft-cap):
+(attention "auto" picks splash on TPUs; on GPUs einsums, as cuDNN attention cannot soft-cap):
   python main.py --config=configs/gemma2_2b.py --workdir=/tmp/gemma2_2b_sft
 """
 

@@ -1,7 +1,7 @@
 """Full fine-tuning of Qwen2.5-0.5B-Instruct on UltraChat (downloads model and data from the hub).
 
 Sized for one 80 GB GPU or one TPU host (raise gradient_accumulation_steps on smaller ones;
-add --config.model.attention=cudnn on NVIDIA GPUs or =splash on TPUs for the fused kernels):
+attention "auto" picks the fused kernel: cuDNN on NVIDIA GPUs, splash on TPUs):
   python main.py --config=configs/qwen2_5_0_5b_full.py --workdir=/tmp/qwen2_5_0_5b_sft
 """
 

@@ -2,7 +2,7 @@
 
 Sized for one 24 GB GPU (micro-batches of 2 rows of 4096 tokens); on a TPU host of 8 chips add
 --config.train.gradient_accumulation_steps=2 --config.eval.global_batch_size=8 (rows must split
-over the chips). --config.model.attention=cudnn (NVIDIA) or =splash (TPU) selects fused kernels:
+over the chips). Attention "auto" picks cuDNN (NVIDIA) or splash (TPU) fused kernels:
   python main.py --config=configs/qwen3_1_7b_qlora.py --workdir=/tmp/qwen3_1_7b_qlora
 """
 

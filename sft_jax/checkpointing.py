@@ -205,7 +205,8 @@ ADAPTER_FIELDS = (
 RESUME_FIELDS = (
     "model.name_or_path", "model.param_dtype", *ADAPTER_FIELDS,
     "data.train_files", "data.train_split", "data.format", "data.chat_template", "data.train_on",
-    "data.max_length", "data.packing", "data.shuffle", "train.global_batch_size", "train.seed",
+    "data.max_length", "data.packing", "data.max_documents_per_row", "data.shuffle",
+    "train.global_batch_size", "train.seed",
 )  # fmt: skip
 
 

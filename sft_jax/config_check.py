@@ -65,6 +65,11 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     need(config.data.max_length > 1, "data.max_length", "rows need at least 2 tokens.")
     need(config.log.every_steps > 0, "log.every_steps", "log at least every N > 0 steps.")
     need(config.data.prefetch >= 1, "data.prefetch", "prefetch at least 1 batch.")
+    need(
+        config.data.max_documents_per_row >= 0,
+        "data.max_documents_per_row",
+        "must be 0 (no limit) or positive.",
+    )
     accumulation = train.gradient_accumulation_steps
     need(accumulation > 0, "train.gradient_accumulation_steps", "must be 1 or more.")
     for field, pieces in (("train.global_batch_size", accumulation),

@@ -101,6 +101,8 @@ def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path
     from sft_jax.lora import save_adapter
     from sft_jax.model_setup import build_model
 
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.attention = "xla"  # no training here: the kernel it trained with may be absent
     model, spec, trainable = build_model(config, sharding.make_mesh(fsdp=-1))
     state = nnx.state(model, trainable)
     abstract = jax.tree.map(

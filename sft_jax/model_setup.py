@@ -6,19 +6,21 @@ import logging
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
 from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
-from sft_jax.models import CausalLM, from_pretrained
+from sft_jax.models import CausalLM, ModelConfig, from_hf_config, from_pretrained
 from sft_jax.models.decoder import (
     ATTENTION_KINDS,
     REMAT_POLICIES,
     SPLASH_BLOCKS,
     SPLASH_INTERPRET,
 )
+from sft_jax.models.hf_io import load_hf_config, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +33,87 @@ def dtype_of(name: str, field: str) -> Any:
     return DTYPES[name]
 
 
+ATTENTION_CHOICES = ("auto", *ATTENTION_KINDS)
+CUDNN_DTYPES = ("bfloat16",)  # cuDNN's flash attention takes 16-bit inputs only
+
+
+def accelerator() -> str:
+    """'nvidia' (CUDA GPUs), 'tpu', or the backend's name (cpu, rocm GPUs, ...)."""
+    backend = jax.extend.backend.get_backend()
+    if backend.platform == "gpu" and "cuda" in backend.platform_version.lower():
+        return "nvidia"
+    return backend.platform
+
+
+def choose_attention(
+    requested: str, *, accelerator: str, model: ModelConfig, compute_dtype: str, max_length: int
+) -> tuple[str, str]:
+    """(attention kind, why): "auto" takes the fused kernel of this accelerator where the model
+    and config allow it (cuDNN on NVIDIA GPUs, splash on TPUs), else the einsum path. Naming a
+    kernel the run cannot use is a ConfigError that says why."""
+    if requested not in ATTENTION_CHOICES:
+        raise ConfigError(
+            f"config.model.attention={requested!r}: expected one of {', '.join(ATTENTION_CHOICES)}."
+        )
+    cudnn_blocker = (
+        f"this run's accelerator is {accelerator}, not an NVIDIA GPU"
+        if accelerator != "nvidia"
+        else f"config.model.compute_dtype={compute_dtype!r} (cuDNN takes bfloat16)"
+        if compute_dtype not in CUDNN_DTYPES
+        else f"{model.model_type} soft-caps attention logits, which cuDNN cannot"
+        if model.attn_logit_softcap is not None
+        else f"head_dim {model.head_dim} is not a multiple of 8 up to 256"
+        if model.head_dim % 8 or model.head_dim > 256
+        else ""
+    )
+    tile = SPLASH_BLOCKS[-1]
+    splash_blocker = (
+        f"this run's accelerator is {accelerator}, not a TPU"
+        if accelerator != "tpu" and not SPLASH_INTERPRET["interpret"]
+        else f"config.data.max_length={max_length} is not a multiple of its {tile}-token tile"
+        if max_length % tile
+        else ""
+    )
+    if requested == "auto":
+        if accelerator == "nvidia" and not cudnn_blocker:
+            return "cudnn", "auto: fused cuDNN attention on this NVIDIA GPU"
+        if accelerator == "tpu" and not splash_blocker:
+            return "splash", "auto: Pallas splash attention on this TPU"
+        blocker = {"nvidia": cudnn_blocker, "tpu": splash_blocker}.get(accelerator)
+        why = (
+            f"the fused kernel is out: {blocker}"
+            if blocker
+            else f"no fused kernel on {accelerator}"
+        )
+        return "xla", f"auto: einsum attention ({why})"
+    blocker = {"cudnn": cudnn_blocker, "splash": splash_blocker}.get(requested, "")
+    if blocker:
+        other = "set it to 'auto' or 'xla'"
+        raise ConfigError(f"config.model.attention={requested!r} cannot run: {blocker}; {other}.")
+    return requested, "as configured"
+
+
+def max_segments(data: ml_collections.ConfigDict) -> int:
+    """Most segments in a row of this run's batches (documents, plus padding as one more), or
+    0 when unbounded."""
+    if not data.packing:
+        return 2
+    documents = data.get("max_documents_per_row", 0)  # configs saved before the field: none
+    return documents + 1 if documents > 0 else 0
+
+
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
     spec = LoRASpec.from_config(config.lora)
-    if config.model.attention not in ATTENTION_KINDS:
-        raise ConfigError(
-            f"config.model.attention={config.model.attention!r}: expected one of "
-            f"{', '.join(ATTENTION_KINDS)}."
-        )
-    if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(
-            f"config.model.attention='cudnn' needs an NVIDIA GPU, but this run's backend is "
-            f"{jax.default_backend()}; use 'xla'."
-        )
-    if config.model.attention == "splash":
-        if jax.default_backend() != "tpu" and not SPLASH_INTERPRET["interpret"]:
-            raise ConfigError(
-                f"config.model.attention='splash' is a TPU kernel, but this run's backend is "
-                f"{jax.default_backend()}; use 'xla' (or 'cudnn' on NVIDIA GPUs)."
-            )
-        tile = SPLASH_BLOCKS[-1]
-        if config.data.max_length % tile:
-            raise ConfigError(
-                f"config.model.attention='splash' tiles sequences by {tile} tokens: "
-                f"config.data.max_length={config.data.max_length} must be a multiple of {tile}."
-            )
+    model_config = from_hf_config(load_hf_config(resolve_model_dir(config.model.name_or_path)))
+    attention, why = choose_attention(
+        config.model.attention,
+        accelerator=accelerator(),
+        model=model_config,
+        compute_dtype=config.model.compute_dtype,
+        max_length=config.data.max_length,
+    )
+    log.info("attention: %s (%s)", attention, why)
     if config.model.remat not in REMAT_POLICIES:
         raise ConfigError(
             f"config.model.remat={config.model.remat!r}: expected one of "
@@ -67,7 +125,8 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         param_dtype=dtype_of(config.model.param_dtype, "config.model.param_dtype"),
         dtype=dtype_of(config.model.compute_dtype, "config.model.compute_dtype"),
         remat=config.model.remat,
-        attention=config.model.attention,
+        attention=attention,
+        max_segments=max_segments(config.data),
         quantization=spec.quantization,
     )
     if spec.rank:

@@ -1,8 +1,13 @@
-"""The fused-attention path (config.model.attention="cudnn") against the einsum reference.
+"""The fused-attention paths (config.model.attention="cudnn" / "splash") against the einsum
+reference.
 
-On CPU the fused path runs jax.nn.dot_product_attention's XLA implementation, which checks
-everything of ours around the kernel: head grouping, scale, packing/causal/window masks. The
-cuDNN kernel itself needs an NVIDIA GPU (benchmarks/bench_train.py --attention=cudnn there).
+"cudnn" has two forms. With a bound on segments per row (ModelConfig.max_segments, set from
+config.data.max_documents_per_row) on Hopper GPUs it hands cuDNN a table of segments per row
+(its packed layout); otherwise a [B, 1, T, S] mask through jax.nn.dot_product_attention. On CPU
+the mask form runs that function's XLA implementation, and the packed form an emulation of the
+kernel's documented contract that sees only the table, so everything of ours around the kernel
+is checked: head grouping, scale, the table, masks, sharding. The cuDNN kernel itself needs an
+NVIDIA GPU (benchmarks/gpu_check.sh runs the GPU tests below there).
 """
 
 from __future__ import annotations
@@ -21,11 +26,39 @@ from sft_jax.loss import loss_sums
 from sft_jax.models import CausalLM, UnsupportedModelError, decoder, from_hf_config
 
 
-def model_pair(family: str) -> tuple[CausalLM, CausalLM]:
+def model_pair(family: str, max_segments: int = 0) -> tuple[CausalLM, CausalLM]:
     config = from_hf_config(hf_config(family))
     reference = CausalLM(config, rngs=nnx.Rngs(0))
-    fused = CausalLM(dataclasses.replace(config, attention="cudnn"), rngs=nnx.Rngs(0))
-    return reference, fused
+    fused_config = dataclasses.replace(config, attention="cudnn", max_segments=max_segments)
+    return reference, CausalLM(fused_config, rngs=nnx.Rngs(0))
+
+
+def emulated_packed_kernel(
+    query, key, value, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale,
+    sliding_window_length,
+):  # fmt: skip
+    """cuDNN's packed causal attention as jax documents it, from the segment table alone:
+    segment m of row b is tokens [offsets[b, m], offsets[b, m] + seqlen[b, m]), each attends
+    causally (and within the window) inside its own segment; -1 entries are absent."""
+    assert q_seqlen is kv_seqlen and q_offsets is kv_offsets  # self-attention: one table
+    seq_len = query.shape[1]
+    index_T = jnp.arange(seq_len)
+    index_1x1xT = index_T[None, None, :]
+    starts_BxM = q_offsets[:, :-1]
+    inside_BxMxT = (
+        (q_seqlen[:, :, None] >= 0)
+        & (index_1x1xT >= starts_BxM[:, :, None])
+        & (index_1x1xT < (starts_BxM + q_seqlen)[:, :, None])
+    )
+    label_BxT = jnp.where(inside_BxMxT.any(1), jnp.argmax(inside_BxMxT, axis=1), -1)
+    mask_BxTxS = (label_BxT[:, :, None] == label_BxT[:, None, :]) & (label_BxT[:, :, None] >= 0)
+    distance_1xTxS = (index_T[:, None] - index_T[None, :])[None]
+    mask_BxTxS &= distance_1xTxS >= 0
+    if sliding_window_length is not None:
+        mask_BxTxS &= distance_1xTxS < sliding_window_length
+    return jax.nn.dot_product_attention(
+        query, key, value, mask=mask_BxTxS[:, None], scale=scale, implementation="xla"
+    )
 
 
 def loss_and_grads(model: CausalLM, batch: dict) -> tuple[float, dict]:
@@ -57,6 +90,74 @@ def test_fused_attention_equals_the_einsum_path(family, monkeypatch):
     assert_grads_close(grads, expected_grads, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen2", "gemma3"])
+def test_cudnn_packed_layout_equals_the_einsum_path(family, monkeypatch):
+    """The segment-table form of "cudnn": two documents and padding per row, windows shorter
+    than the documents (mistral, qwen2, gemma3), GQA."""
+    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", emulated_packed_kernel)
+    reference, fused = model_pair(family, max_segments=4)
+    batch = synthetic_batch(7)
+    expected_loss, expected_grads = loss_and_grads(reference, batch)
+    loss, grads = loss_and_grads(fused, batch)
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert_grads_close(grads, expected_grads, rtol=1e-4)
+
+
+def test_segment_table_lists_every_run_and_flags_rows_with_too_many():
+    segment_ids = np.array(
+        [
+            [1, 1, 1, 2, 2, 3, 0, 0],  # three documents, then padding
+            [1, 1, 1, 1, 1, 1, 1, 1],  # one document fills the row
+            [0, 0, 0, 0, 0, 0, 0, 0],  # an empty row (the last eval batch pads with these)
+            [1, 2, 3, 4, 5, 6, 7, 0],  # more segments than the table holds
+        ],
+        np.int32,
+    )
+    lengths, starts, fits = jax.device_get(decoder.segment_table(jnp.asarray(segment_ids), 4))
+    np.testing.assert_array_equal(
+        lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [8, -1, -1, -1], [1, 1, 1, 1]]
+    )
+    np.testing.assert_array_equal(
+        starts,
+        [[0, 3, 5, 6, -1], [0, -1, -1, -1, -1], [0, -1, -1, -1, -1], [0, 1, 2, 3, -1]],
+    )
+    np.testing.assert_array_equal(fits, [True, True, True, False])
+
+
+def test_rows_with_more_segments_than_the_table_give_nan_not_leakage(monkeypatch):
+    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", emulated_packed_kernel)
+    _, fused = model_pair("llama3.1", max_segments=2)  # two documents + padding need 3
+    batch = synthetic_batch(7)
+    logits = fused(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    assert np.isnan(np.asarray(logits)).all()
+
+
+def test_cudnn_packed_layout_matches_jax_binding(monkeypatch):
+    """Our call against jax's own binding of cuDNN's packed layout, traced (forward and
+    backward) on CPU with the GPU checks answered: argument names, shapes and dtypes that this
+    jax accepts. (Running the kernel needs a GPU: the GPU test below.)"""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    config = from_hf_config(hf_config("mistral"))
+    model = CausalLM(dataclasses.replace(config, attention="cudnn", max_segments=3),
+                     dtype=jnp.bfloat16, rngs=nnx.Rngs(0))  # fmt: skip
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch = synthetic_batch(7)
+
+    def loss(params):
+        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=8)
+        return sums.nll / sums.target_tokens
+
+    monkeypatch.setattr(decoder, "packed_cudnn_supported", lambda: True)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert jaxpr.count("dot_product_attention_fwd_wrapper") == config.num_layers
+    assert jaxpr.count("dot_product_attention_bwd_wrapper") == config.num_layers
+    assert "MaskType.PADDING_CAUSAL" in jaxpr
+    assert f"sliding_window_length={config.sliding_window}" in jaxpr
+
+
 def test_fused_attention_refuses_soft_capping():
     config = dataclasses.replace(from_hf_config(hf_config("gemma2")), attention="cudnn")
     with pytest.raises(UnsupportedModelError, match="cannot soft-cap"):
@@ -77,15 +178,21 @@ def _relative_error(grads: dict, reference: dict) -> float:
     jax.default_backend() != "gpu",
     reason="needs an NVIDIA GPU: JAX_PLATFORMS=cuda pytest tests/test_attention.py",
 )
+@pytest.mark.parametrize("layout", ["packed", "mask"])
 @pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen3", "gemma3"])
-def test_cudnn_kernel_is_as_close_to_float32_as_bf16_einsums(family):
+def test_cudnn_kernel_is_as_close_to_float32_as_bf16_einsums(family, layout):
     """On a GPU: the real cuDNN kernel (bf16, as it requires) against float32 einsums; its
-    loss and gradient errors must be those of bf16 einsum attention, not larger."""
+    loss and gradient errors must be those of bf16 einsum attention, not larger. "packed" is
+    the segment table (Hopper and later), "mask" the [B, 1, T, S] mask."""
+    if layout == "packed" and not decoder.packed_cudnn_supported():
+        pytest.skip("cuDNN's packed layout needs a Hopper GPU and a jax that binds it")
     config = from_hf_config(hf_config(family))
     exact = CausalLM(config, rngs=nnx.Rngs(0))
     einsum = CausalLM(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    cudnn = CausalLM(dataclasses.replace(config, attention="cudnn"), dtype=jnp.bfloat16,
-                     rngs=nnx.Rngs(0))  # fmt: skip
+    fused_config = dataclasses.replace(
+        config, attention="cudnn", max_segments=4 if layout == "packed" else 0
+    )
+    cudnn = CausalLM(fused_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     batch = synthetic_batch(7)
     exact_loss, exact_grads = loss_and_grads(exact, batch)
     einsum_loss, einsum_grads = loss_and_grads(einsum, batch)
@@ -130,8 +237,10 @@ def test_splash_attention_equals_the_einsum_path(family, monkeypatch):
     assert_grads_close(grads, expected_grads, rtol=1e-3)
 
 
-def test_splash_attention_on_a_sharded_mesh_trains_like_the_einsum_path(monkeypatch):
-    """Train steps on fsdp=4 x tensor=2: the kernel runs per shard (rows and kv heads split)."""
+@pytest.mark.parametrize("kind", ["splash", "cudnn"])
+def test_kernels_on_a_sharded_mesh_train_like_the_einsum_path(kind, monkeypatch):
+    """Train steps on fsdp=4 x tensor=2: the kernel runs per shard (rows and kv heads split);
+    "cudnn" in its packed form, whose segment table each shard builds for its own rows."""
     from test_step import train_config
 
     from sft_jax import sharding
@@ -139,21 +248,23 @@ def test_splash_attention_on_a_sharded_mesh_trains_like_the_einsum_path(monkeypa
     from sft_jax.step import StepOptions, build_steps, device_batch, init_state
 
     monkeypatch.setitem(decoder.SPLASH_INTERPRET, "interpret", True)
+    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", emulated_packed_kernel)
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
     config = from_hf_config(hf_config("llama3.1"))
     batches = [long_batch(seed, rows=4) for seed in (5, 6)]
     curves = {}
-    for kind in ("xla", "splash"):
-        model = CausalLM(dataclasses.replace(config, attention=kind), rngs=nnx.Rngs(0))
+    for name in ("xla", kind):
+        model_config = dataclasses.replace(config, attention=name, max_segments=4)
+        model = CausalLM(model_config, rngs=nnx.Rngs(0))
         tx, schedule = make_optimizer(train_config())
         state, shardings = init_state(model, tx, mesh)
         steps = build_steps(model, tx, schedule, mesh, shardings, train_rows=4, eval_rows=4,
                             seq_len=128, options=StepOptions(loss_chunk_size=32))  # fmt: skip
-        curves[kind] = []
+        curves[name] = []
         for batch in batches:
             state, metrics = steps.train(state, device_batch(batch, steps.batch_shardings))
-            curves[kind].append([float(metrics["train/loss"]), float(metrics["train/grad_norm"])])
-    np.testing.assert_allclose(curves["splash"], curves["xla"], rtol=1e-4)
+            curves[name].append([float(metrics["train/loss"]), float(metrics["train/grad_norm"])])
+    np.testing.assert_allclose(curves[kind], curves["xla"], rtol=1e-4)
 
 
 def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
@@ -164,12 +275,55 @@ def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
 
     config = base.get_config()
     mesh = sharding.single_device_mesh()
-    for kind, needs in (("splash", "is a TPU kernel"), ("cudnn", "needs an NVIDIA GPU")):
+    for kind, needs in (("splash", "not a TPU"), ("cudnn", "not an NVIDIA GPU")):
         config.model.attention = kind
         with pytest.raises(ConfigError, match=needs):
             build_model(config, mesh)
     monkeypatch.setitem(decoder.SPLASH_INTERPRET, "interpret", True)
     config.model.attention = "splash"
     config.data.max_length = 100
-    with pytest.raises(ConfigError, match="must be a multiple of 128"):
+    with pytest.raises(ConfigError, match="is not a multiple of its 128-token tile"):
         build_model(config, mesh)
+
+
+@pytest.mark.parametrize(
+    ("family", "accelerator", "compute_dtype", "max_length", "expected", "why"),
+    [
+        ("llama3.1", "nvidia", "bfloat16", 4096, "cudnn", "cuDNN attention on this NVIDIA"),
+        ("qwen3", "nvidia", "bfloat16", 1000, "cudnn", "cuDNN"),
+        ("gemma2", "nvidia", "bfloat16", 4096, "xla", "soft-caps attention logits"),
+        ("llama3.1", "nvidia", "float32", 4096, "xla", "compute_dtype='float32'"),
+        ("gemma2", "tpu", "bfloat16", 4096, "splash", "splash attention on this TPU"),
+        ("llama3.1", "tpu", "float32", 4096, "splash", "splash"),
+        ("llama3.1", "tpu", "bfloat16", 1000, "xla", "max_length=1000 is not a multiple"),
+        ("llama3.1", "cpu", "float32", 128, "xla", "no fused kernel on cpu"),
+        ("llama3.1", "rocm", "bfloat16", 4096, "xla", "no fused kernel on rocm"),
+    ],
+)
+def test_auto_attention_takes_the_accelerators_kernel_where_the_model_allows(
+    family, accelerator, compute_dtype, max_length, expected, why
+):
+    from sft_jax.model_setup import choose_attention
+
+    kind, reason = choose_attention(
+        "auto", accelerator=accelerator, model=from_hf_config(hf_config(family)),
+        compute_dtype=compute_dtype, max_length=max_length,
+    )  # fmt: skip
+    assert kind == expected
+    assert why in reason
+
+
+def test_a_named_kernel_the_run_cannot_use_says_why():
+    from sft_jax.errors import ConfigError
+    from sft_jax.model_setup import choose_attention
+
+    llama, gemma2 = from_hf_config(hf_config("llama3.1")), from_hf_config(hf_config("gemma2"))
+    nvidia = {"accelerator": "nvidia", "max_length": 4096}
+    with pytest.raises(ConfigError, match=r"compute_dtype='float32' \(cuDNN takes bfloat16"):
+        choose_attention("cudnn", model=llama, compute_dtype="float32", **nvidia)
+    with pytest.raises(ConfigError, match="gemma2 soft-caps attention logits"):
+        choose_attention("cudnn", model=gemma2, compute_dtype="bfloat16", **nvidia)
+    with pytest.raises(ConfigError, match="attention='flash': expected one of auto, xla"):
+        choose_attention("flash", model=llama, compute_dtype="bfloat16", **nvidia)
+    kind, _ = choose_attention("xla", model=gemma2, compute_dtype="bfloat16", **nvidia)
+    assert kind == "xla"

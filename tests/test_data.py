@@ -201,6 +201,20 @@ def test_best_fit_never_overflows_and_uses_every_document_once():
     assert len(rows) <= int(np.ceil(lengths.sum() / 64)) + 3
 
 
+def test_rows_hold_at_most_max_documents_per_row():
+    """The bound the cuDNN kernel's segment table relies on, for train epochs and eval."""
+    docs = random_documents(300, max_len=6)  # short: ~20 would fit in a row of 64
+    for epoch in (0, 1):
+        rows = batching.epoch_rows(docs, 64, True, seed=1, epoch=epoch, shuffle=True, max_docs=5)
+        assert max(len(row) for row in rows) == 5
+        assert sorted(d for row in rows for d in row) == list(range(300))
+    unbounded = batching.epoch_rows(docs, 64, True, seed=1, epoch=0, shuffle=True)
+    assert max(len(row) for row in unbounded) > 5
+    eval_batches = batching.eval_batches(docs, global_rows=4, row_len=64, packing=True, max_docs=5)
+    segments = [np.unique(b["segment_ids"][r]) for b in eval_batches for r in range(4)]
+    assert max(len(set(s) - {0}) for s in segments) == 5
+
+
 def test_epochs_are_reshuffled_and_deterministic():
     docs = random_documents(30)
     first = batching.epoch_rows(docs, 64, True, seed=1, epoch=0, shuffle=True)

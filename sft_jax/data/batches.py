@@ -26,8 +26,11 @@ from sft_jax.data.tokenize import Tokenized
 BATCH_KEYS = ("input_ids", "target_ids", "target_mask", "positions", "segment_ids")
 
 
-def best_fit(lengths: np.ndarray, order: np.ndarray, row_len: int) -> list[list[int]]:
-    """Packs documents (taken longest first, ties in `order`) into the fullest row they fit.
+def best_fit(
+    lengths: np.ndarray, order: np.ndarray, row_len: int, max_docs: int = 0
+) -> list[list[int]]:
+    """Packs documents (taken longest first, ties in `order`) into the fullest row they fit,
+    at most `max_docs` to a row (0: no limit).
 
     Returns the rows as lists of document indices. Best-fit decreasing keeps padding low; the
     caller shuffles the rows, so long and short documents still mix across batches.
@@ -45,13 +48,19 @@ def best_fit(lengths: np.ndarray, order: np.ndarray, row_len: int) -> list[list[
         else:
             rows.append([int(doc)])
             row, room = len(rows) - 1, row_len - need
-        if room > 0:
+        if room > 0 and (max_docs <= 0 or len(rows[row]) < max_docs):
             bisect.insort(free, (room, row))
     return rows
 
 
 def epoch_rows(
-    tokenized: Tokenized, row_len: int, packing: bool, seed: int, epoch: int, shuffle: bool
+    tokenized: Tokenized,
+    row_len: int,
+    packing: bool,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    max_docs: int = 0,
 ) -> list[list[int]]:
     """The rows of one epoch, a pure function of (data, seed, epoch)."""
     rng = np.random.default_rng([seed, epoch])
@@ -59,7 +68,7 @@ def epoch_rows(
     order = rng.permutation(count) if shuffle else np.arange(count)
     if not packing:
         return [[int(i)] for i in order]
-    rows = best_fit(tokenized.lengths(), order, row_len)
+    rows = best_fit(tokenized.lengths(), order, row_len, max_docs)
     if shuffle:
         rows = [rows[i] for i in rng.permutation(len(rows))]
     return rows
@@ -104,6 +113,7 @@ class TrainBatches:
         process_index: int = 0,
         process_count: int = 1,
         fingerprint: str = "",
+        max_docs: int = 0,
     ):
         if global_rows % process_count:
             raise DataError(
@@ -114,6 +124,7 @@ class TrainBatches:
             raise DataError("no training documents.")
         self.tokenized, self.row_len, self.packing = tokenized, row_len, packing
         self.seed, self.shuffle, self.fingerprint = seed, shuffle, fingerprint
+        self.max_docs = max_docs
         self.global_rows = global_rows
         self.local_rows = global_rows // process_count
         self.first_local = process_index * self.local_rows
@@ -126,8 +137,9 @@ class TrainBatches:
                 e: r for e, r in self._rows_of.items() if e >= epoch - 1
             }  # keep at most the previous epoch
             self._rows_of[epoch] = epoch_rows(
-                self.tokenized, self.row_len, self.packing, self.seed, epoch, self.shuffle
-            )
+                self.tokenized, self.row_len, self.packing, self.seed, epoch, self.shuffle,
+                self.max_docs,
+            )  # fmt: skip
         return self._rows_of[epoch]
 
     def rows_per_epoch(self) -> int:
@@ -169,10 +181,13 @@ def eval_batches(
     packing: bool,
     process_index: int = 0,
     process_count: int = 1,
+    max_docs: int = 0,
 ) -> list[dict[str, np.ndarray]]:
     """Every eval document exactly once, in fixed order; the last batch padded with empty rows."""
     order = np.arange(len(tokenized))
-    rows = best_fit(tokenized.lengths(), order, row_len) if packing else [[i] for i in order]
+    rows = (
+        best_fit(tokenized.lengths(), order, row_len, max_docs) if packing else [[i] for i in order]
+    )
     rows += [[] for _ in range(-len(rows) % global_rows)]
     local = global_rows // process_count
     batches = []

@@ -203,6 +203,7 @@ def open_data(config: ml_collections.ConfigDict) -> Any:
         process_index=process[0],
         process_count=process[1],
         fingerprint=loaded.fingerprint,
+        max_docs=data.max_documents_per_row,
     )
     evaluation = (
         batches.eval_batches(
@@ -212,6 +213,7 @@ def open_data(config: ml_collections.ConfigDict) -> Any:
             packing=data.packing,
             process_index=process[0],
             process_count=process[1],
+            max_docs=data.max_documents_per_row,
         )
         if loaded.eval is not None
         else []

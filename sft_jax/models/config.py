@@ -100,6 +100,10 @@ class ModelConfig:
     # "cudnn" (jax.nn.dot_product_attention's fused cuDNN kernel, NVIDIA GPUs) or "splash"
     # (Pallas splash attention with segment ids, TPUs).
     attention: str = "xla"
+    # Most segments (documents, and padding as one more) in a row of the training input, or 0
+    # when unknown. "cudnn" hands cuDNN a table of this many segments per row (its packed
+    # layout) instead of a [B, T, S] mask.
+    max_segments: int = 0
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False

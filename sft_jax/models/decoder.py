@@ -199,6 +199,9 @@ def _write(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.
 # jax.nn.dot_product_attention's implementation behind config attention="cudnn" (tests put
 # None here: jax's own XLA path, to check our layout and masks on CPU).
 FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
+# cuDNN's attention with a packed layout (a table of segments per row), jax's own binding of
+# it; tests put an emulation of the kernel's contract here to check our table on CPU.
+PACKED_KERNEL = {"fn": None}
 # Run the splash kernel in the Pallas interpreter (tests on CPU; far too slow for training).
 SPLASH_INTERPRET = {"interpret": False}
 ATTENTION_KINDS = ("xla", "cudnn", "splash")
@@ -251,6 +254,26 @@ def _splash_kernel(
         )
 
 
+def _per_shard(local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT) -> jax.Array:
+    """local(q, k, v, segment_ids) -> [B, T, K, G, E], run on each shard when a mesh is set
+    (the train step sets one): rows split over the batch axes, key/value heads over tensor.
+    Kernels that read a per-row table of the input then see only their own rows."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+    from sft_jax.sharding import logical_to_spec
+
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k_BxSxKxE.shape, mesh)
+    q_spec = jax.sharding.PartitionSpec(*kv_spec[:3], None, None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(kv_spec[0], None)),
+        out_specs=q_spec,
+        check_vma=False,  # custom kernels do not declare how outputs vary over the mesh
+    )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+
+
 def splash_attention(
     q_BxTxKxGxE: jax.Array,
     k_BxSxKxE: jax.Array,
@@ -261,9 +284,7 @@ def splash_attention(
     softcap: float | None,
 ) -> jax.Array:
     """Attention through the splash kernel: output [B, T, H * E]. Segment ids keep packed
-    documents apart inside the kernel, which skips the tiles they mask out. Under a mesh (set
-    by the train step) it runs per shard: rows split over the batch axes, kv heads over tensor.
-    """
+    documents apart inside the kernel, which skips the tiles they mask out."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
         SegmentIds,
     )
@@ -283,21 +304,91 @@ def splash_attention(
         out_BxKxGxTxE = jax.vmap(per_row)(q_BxKxGxTxE, k_BxKxSxE, v_BxKxSxE, segment_ids_BxT)
         return jnp.transpose(out_BxKxGxTxE, (0, 3, 1, 2, 4))
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        out_BxTxKxGxE = local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
-    else:
-        from sft_jax.sharding import logical_to_spec
+    out_BxTxKxGxE = _per_shard(local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+    return out_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
 
-        kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k_BxSxKxE.shape, mesh)
-        q_spec = jax.sharding.PartitionSpec(*kv_spec[:3], None, None)
-        out_BxTxKxGxE = jax.shard_map(
-            local,
-            mesh=mesh,
-            in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(kv_spec[0], None)),
-            out_specs=q_spec,
-            check_vma=False,  # Pallas kernels do not declare how outputs vary over the mesh
-        )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+
+def segment_table(segment_ids_BxT: jax.Array, max_segments: int) -> tuple[jax.Array, ...]:
+    """cuDNN's packed layout of each row: (lengths [B, M], starts [B, M + 1], fits [B]).
+
+    Every run of equal segment ids is one segment, padding included (so every token belongs to
+    one and gets a defined output); entries past a row's last segment are -1. `fits` is False
+    for a row with more than M segments, whose table would be wrong.
+    """
+    batch = segment_ids_BxT.shape[0]
+    new_run_BxT = jnp.concatenate(
+        [jnp.ones((batch, 1), bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1
+    )
+    run_BxT = jnp.cumsum(new_run_BxT, axis=1, dtype=jnp.int32) - 1  # segment index of a token
+    runs_B = run_BxT[:, -1] + 1
+    one_hot_BxTxM = run_BxT[:, :, None] == jnp.arange(max_segments, dtype=jnp.int32)[None, None]
+    lengths_BxM = jnp.sum(one_hot_BxTxM, axis=1, dtype=jnp.int32)
+    starts_BxM = jnp.cumsum(lengths_BxM, axis=1, dtype=jnp.int32) - lengths_BxM
+    present_BxM = jnp.arange(max_segments)[None, :] < runs_B[:, None]
+    lengths_BxM = jnp.where(present_BxM, lengths_BxM, -1)
+    starts_BxM = jnp.where(present_BxM, starts_BxM, -1)
+    starts_BxM1 = jnp.concatenate([starts_BxM, jnp.full((batch, 1), -1, jnp.int32)], axis=1)
+    return lengths_BxM, starts_BxM1, runs_B <= max_segments
+
+
+def _packed_kernel():
+    if PACKED_KERNEL["fn"] is not None:
+        return PACKED_KERNEL["fn"]
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    return functools.partial(cudnn.dot_product_attention, mask_type=cudnn.MaskType.PADDING_CAUSAL)
+
+
+def packed_cudnn_supported() -> bool:
+    """Whether this jax and GPU run cuDNN's packed layout (jax's binding takes segment offsets;
+    cuDNN runs it on Hopper and later). Else attention="cudnn" passes a [B, 1, T, S] mask."""
+    return PACKED_KERNEL["fn"] is not None or _jax_packed_cudnn()
+
+
+@functools.lru_cache(maxsize=1)
+def _jax_packed_cudnn() -> bool:
+    try:
+        import inspect
+
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+        takes_offsets = "q_offsets" in inspect.signature(cudnn.dot_product_attention).parameters
+        return takes_offsets and cudnn.check_compute_capability("9.0")
+    except Exception:  # another jax, or no CUDA backend: the public API's mask path
+        return False
+
+
+def cudnn_packed_attention(
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids_BxT: jax.Array,
+    scale: float,
+    window: int | None,
+    max_segments: int,
+) -> jax.Array:
+    """cuDNN flash attention over each segment of a row as its own causal sequence: output
+    [B, T, H * E]. No mask or bias goes in; the kernel reads the segment table (lengths and
+    starts, see segment_table) and skips every tile outside a segment's causal triangle.
+
+    A row with more than `max_segments` segments (the data pipeline bounds them through
+    config.data.max_documents_per_row) gives NaN outputs, never attention across documents.
+    """
+    batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
+    kernel = _packed_kernel()
+
+    def local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT):
+        rows = q_BxTxKxGxE.shape[0]
+        lengths_BxM, starts_BxM1, fits_B = segment_table(segment_ids_BxT, max_segments)
+        out_BxTxHxE = kernel(
+            q_BxTxKxGxE.reshape(rows, seq_len, -1, head_dim), k_BxSxKxE, v_BxSxKxE,
+            q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM, q_offsets=starts_BxM1,
+            kv_offsets=starts_BxM1, scale=scale, sliding_window_length=window,
+        )  # fmt: skip
+        out_BxTxHxE = jnp.where(fits_B[:, None, None, None], out_BxTxHxE, jnp.nan)
+        return out_BxTxHxE.reshape(q_BxTxKxGxE.shape)
+
+    out_BxTxKxGxE = _per_shard(local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
     return out_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
 
 
@@ -307,16 +398,19 @@ def fused_attention(
     v_BxSxKxE: jax.Array,
     mask_BxTxS: jax.Array,
     scale: float,
+    window: int | None,
 ) -> jax.Array:
     """Attention through jax.nn.dot_product_attention (a fused kernel): output [B, T, H * E].
 
     Query head h = k * G + g reads key/value head k, as in the einsum path; the packing,
-    causal and window mask goes in whole, so segments never attend to each other.
+    causal and window mask goes in whole, so segments never attend to each other. Causal and
+    window are also named, so that cuDNN skips the tiles they rule out.
     """
     batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
     q_BxTxHxE = q_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups, head_dim)
     out_BxTxHxE = jax.nn.dot_product_attention(
-        q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxTxS[:, None], scale=scale,
+        q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxTxS[:, None], scale=scale, is_causal=True,
+        local_window_size=None if window is None else (window - 1, 0),
         implementation=FUSED_IMPLEMENTATION["cudnn"],
     )  # fmt: skip
     return out_BxTxHxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
@@ -337,7 +431,7 @@ class Attention(nnx.Module):
                 f"attention={c.attention!r} cannot soft-cap attention logits ({c.model_type});"
                 " use attention='xla'."
             )
-        self.kind = c.attention
+        self.kind, self.max_segments = c.attention, c.max_segments
         self.window = c.window_for(layer_index)
         self.rope = c.rope_for(c.layer_types[layer_index])
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
@@ -370,9 +464,16 @@ class Attention(nnx.Module):
             out_BxTxHE = splash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT,
                                           self.scale, self.window, self.softcap)  # fmt: skip
             return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
+        if self.kind == "cudnn" and self.max_segments and packed_cudnn_supported():
+            out_BxTxHE = cudnn_packed_attention(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
+                self.max_segments,
+            )  # fmt: skip
+            return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
         mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
         if self.kind == "cudnn":
-            out_BxTxHE = fused_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, self.scale)
+            out_BxTxHE = fused_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS,
+                                         self.scale, self.window)  # fmt: skip
             return self.o_proj(out_BxTxHE, _fold(dropout_key, 3))
         return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, _fold(dropout_key, 3))
 

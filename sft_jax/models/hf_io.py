@@ -215,6 +215,7 @@ def from_pretrained(
     remat: str = "none",
     quantization: QuantSpec | None = None,
     attention: str = "xla",
+    max_segments: int = 0,
 ) -> CausalLM:
     """Loads a Hugging Face causal LM directory (or hub id) into a CausalLM sharded on `mesh`.
 
@@ -226,7 +227,9 @@ def from_pretrained(
     """
     model_dir = resolve_model_dir(name_or_path)
     hf_config = load_hf_config(model_dir)
-    config = dataclasses.replace(from_hf_config(hf_config), attention=attention)
+    config = dataclasses.replace(
+        from_hf_config(hf_config), attention=attention, max_segments=max_segments
+    )
     _check_safetensors_present(model_dir)
     try:
         entries = safetensors_io.read_checkpoint(model_dir)
