@@ -90,8 +90,7 @@ def run_config(args: argparse.Namespace, mode: str, checkpoint: str) -> ml_colle
         {"model": {"name_or_path": checkpoint, "param_dtype": "float32",
                    "compute_dtype": args.dtype, "remat": args.remat,
                    "attention": args.attention},
-         "data": {"max_length": args.seq, "packing": True,
-                  "max_documents_per_row": args.max_documents_per_row},
+         "data": {"max_length": args.seq, "packing": True, "max_documents_per_row": 1},
          "lora": {"rank": 0 if mode == "full" else args.lora_rank, "alpha": LORA_ALPHA,
                   "dropout": 0.0, "target_modules": "all-linear", "use_rslora": False,
                   "trainable_modules": "", "quantize": args.quantize if mode == "qlora" else "",
@@ -160,7 +159,9 @@ def time_sft_jax(args: argparse.Namespace, mode: str, checkpoint: str) -> dict:
 
     config = run_config(args, mode, checkpoint)
     mesh = sharding.make_mesh(fsdp=-1)
-    model, _, trainable = build_model(config, mesh)
+    # Segments per row: one document (and a padding segment, were there any padding).
+    segments = 2 if args.cudnn_layout == "packed" else 0
+    model, _, trainable = build_model(config, mesh, max_segments=segments)
     # Sizes before the first step: the step donates (and so deletes) buffers the model shares.
     linear_bytes_per_weight = _jax_linear_bytes_per_weight(model)
     tx, schedule = make_optimizer(config.train)
@@ -396,8 +397,8 @@ def main() -> None:
     parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES))
     parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
     parser.add_argument(
-        "--max_documents_per_row", type=int, default=64,
-        help="as config.data: bounds cuDNN's segment table; 0 passes cuDNN a [B, 1, T, S] mask",
+        "--cudnn_layout", default="packed", choices=["packed", "mask"],
+        help="how cuDNN keeps documents apart: a segment table (Hopper GPUs), or a [B,1,T,S] mask",
     )  # fmt: skip
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--mode", default="full", help=f"comma-separated, among {MODES}")

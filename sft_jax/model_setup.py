@@ -19,6 +19,7 @@ from sft_jax.models.decoder import (
     REMAT_POLICIES,
     SPLASH_BLOCKS,
     SPLASH_INTERPRET,
+    packed_cudnn_supported,
 )
 from sft_jax.models.hf_io import load_hf_config, resolve_model_dir
 
@@ -81,11 +82,11 @@ def choose_attention(
             return "splash", "auto: Pallas splash attention on this TPU"
         blocker = {"nvidia": cudnn_blocker, "tpu": splash_blocker}.get(accelerator)
         why = (
-            f"the fused kernel is out: {blocker}"
+            f"not the fused kernel, as {blocker}"
             if blocker
             else f"no fused kernel on {accelerator}"
         )
-        return "xla", f"auto: einsum attention ({why})"
+        return "xla", f"auto: {why}"
     blocker = {"cudnn": cudnn_blocker, "splash": splash_blocker}.get(requested, "")
     if blocker:
         other = "set it to 'auto' or 'xla'"
@@ -93,17 +94,22 @@ def choose_attention(
     return requested, "as configured"
 
 
-def max_segments(data: ml_collections.ConfigDict) -> int:
-    """Most segments in a row of this run's batches (documents, plus padding as one more), or
-    0 when unbounded."""
+def segments_bound(data: ml_collections.ConfigDict) -> int:
+    """Most segments a row of batches built from this config can hold (documents, plus padding
+    as one more), or 0 when unbounded. The data pipeline knows a tighter bound for its data."""
     if not data.packing:
         return 2
     documents = data.get("max_documents_per_row", 0)  # configs saved before the field: none
     return documents + 1 if documents > 0 else 0
 
 
-def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
-    """(model on the mesh, its LoRA spec, the filter of what training updates)."""
+def build_model(
+    config: ml_collections.ConfigDict, mesh: Mesh, max_segments: int | None = None
+) -> tuple[CausalLM, LoRASpec, Any]:
+    """(model on the mesh, its LoRA spec, the filter of what training updates).
+
+    max_segments: most segments in a row of the batches it will see (see ModelConfig); by
+    default the bound of config.data."""
     spec = LoRASpec.from_config(config.lora)
     model_config = from_hf_config(load_hf_config(resolve_model_dir(config.model.name_or_path)))
     attention, why = choose_attention(
@@ -113,6 +119,15 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         compute_dtype=config.model.compute_dtype,
         max_length=config.data.max_length,
     )
+    if max_segments is None:
+        max_segments = segments_bound(config.data)
+    if attention == "cudnn":
+        why += (
+            f"; documents kept apart by a table of {max_segments} segments per row"
+            if max_segments and packed_cudnn_supported()
+            else "; documents kept apart by a [B, 1, T, S] mask (the segment table needs a "
+            "Hopper GPU and a bound on config.data.max_documents_per_row)"
+        )
     log.info("attention: %s (%s)", attention, why)
     if config.model.remat not in REMAT_POLICIES:
         raise ConfigError(
@@ -126,7 +141,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         dtype=dtype_of(config.model.compute_dtype, "config.model.compute_dtype"),
         remat=config.model.remat,
         attention=attention,
-        max_segments=max_segments(config.data),
+        max_segments=max_segments,
         quantization=spec.quantization,
     )
     if spec.rank:

@@ -51,6 +51,9 @@ class DataSource:
     train_batches: Iterator[dict[str, np.ndarray]]
     eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]  # one pass over the eval set
     seq_len: int
+    # Most segments in any row of train or eval batches (documents, and padding as one more);
+    # 0: unknown, config.data.max_documents_per_row + 1 is assumed.
+    max_segments: int = 0
     tokenizer: Any = None
     # (prompt tokens, reference reply tokens) of eval examples, for generation during eval.
     eval_prompts: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -350,8 +353,8 @@ def run(
     distributed.initialize(config.distributed)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     check_values(config, mesh.size, mesh.shape["data"] * mesh.shape["fsdp"])
-    model, _, trainable = build_model(config, mesh)
     data = data_factory(config)
+    model, _, trainable = build_model(config, mesh, max_segments=data.max_segments or None)
     if data.tokenizer is not None and len(data.tokenizer) > model.config.vocab_size:
         raise ConfigError(
             f"the tokenizer has {len(data.tokenizer)} tokens but the model's vocabulary only "

@@ -210,6 +210,12 @@ def test_rows_hold_at_most_max_documents_per_row():
         assert sorted(d for row in rows for d in row) == list(range(300))
     unbounded = batching.epoch_rows(docs, 64, True, seed=1, epoch=0, shuffle=True)
     assert max(len(row) for row in unbounded) > 5
+    # Unbounded by the config, later epochs are bounded by the first (which stays as it was).
+    train = batching.TrainBatches(docs, global_rows=4, row_len=64, packing=True, seed=1)
+    assert train.documents_per_row() == max(len(row) for row in unbounded)
+    assert train._rows(0) == unbounded
+    for epoch in (1, 2):
+        assert max(len(row) for row in train._rows(epoch)) <= train.documents_per_row()
     eval_batches = batching.eval_batches(docs, global_rows=4, row_len=64, packing=True, max_docs=5)
     segments = [np.unique(b["segment_ids"][r]) for b in eval_batches for r in range(4)]
     assert max(len(set(s) - {0}) for s in segments) == 5

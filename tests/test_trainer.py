@@ -323,10 +323,18 @@ def test_eval_loss_is_the_same_packed_or_padded(chat_model_dir, tmp_path):
         config = base_config(chat_model_dir)
         config.data.train_files = str(tmp_path / "train.jsonl")
         config.data.eval_files = str(tmp_path / "eval.jsonl")
-        config.data.max_length = 64
+        config.data.max_length = 256  # several documents to a packed row
         config.data.packing = packing
         config.data.cache_dir = "none"
         source = open_data(config)
+        # The segments per row the model is built for: the most the batches ever hold, over
+        # eval and two train epochs (the second packs no row fuller than the first).
+        batches = list(source.eval_batches())
+        two_epochs = -(-2 * source.train_batches.rows_per_epoch() // config.train.global_batch_size)
+        batches += [next(source.train_batches) for _ in range(two_epochs)]
+        documents = max(int(b["segment_ids"].max()) for b in batches)
+        assert source.max_segments == documents + 1
+        assert documents > 1 if packing else documents == 1
         run = trainer.Trainer(config, tmp_path / str(packing), from_pretrained(chat_model_dir),
                               source)  # fmt: skip
         losses[packing] = run.run_eval(0)

@@ -130,6 +130,14 @@ class TrainBatches:
         self.first_local = process_index * self.local_rows
         self.epoch, self.row = 0, 0
         self._rows_of: dict[int, list[list[int]]] = {}
+        # Later epochs hold no more documents to a row than the first: a bound known before
+        # training (the fused cuDNN kernel is compiled for it), and as tight as the data allows.
+        # The first epoch's rows are the same with or without it (no row of it holds more).
+        self.max_docs = self.documents_per_row()
+
+    def documents_per_row(self) -> int:
+        """The most documents any row of any epoch holds (1 without packing)."""
+        return max(len(row) for row in self._rows(0)) if self.packing else 1
 
     def _rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._rows_of:
@@ -184,10 +192,7 @@ def eval_batches(
     max_docs: int = 0,
 ) -> list[dict[str, np.ndarray]]:
     """Every eval document exactly once, in fixed order; the last batch padded with empty rows."""
-    order = np.arange(len(tokenized))
-    rows = (
-        best_fit(tokenized.lengths(), order, row_len, max_docs) if packing else [[i] for i in order]
-    )
+    rows = eval_rows(tokenized, row_len=row_len, packing=packing, max_docs=max_docs)
     rows += [[] for _ in range(-len(rows) % global_rows)]
     local = global_rows // process_count
     batches = []
@@ -195,3 +200,13 @@ def eval_batches(
         mine = rows[start + process_index * local : start + (process_index + 1) * local]
         batches.append(make_rows(tokenized, mine, row_len))
     return batches
+
+
+def eval_rows(
+    tokenized: Tokenized, *, row_len: int, packing: bool, max_docs: int = 0
+) -> list[list[int]]:
+    """The rows of the eval set (every process's), documents in fixed order."""
+    order = np.arange(len(tokenized))
+    if not packing:
+        return [[int(i)] for i in order]
+    return best_fit(tokenized.lengths(), order, row_len, max_docs)

@@ -219,10 +219,16 @@ def open_data(config: ml_collections.ConfigDict) -> Any:
         else []
     )
     log.info("train: %s", summary_line(loaded.train.stats))
+    documents = train.documents_per_row()
+    if loaded.eval is not None:
+        rows = batches.eval_rows(loaded.eval, row_len=data.max_length, packing=data.packing,
+                                 max_docs=data.max_documents_per_row)  # fmt: skip
+        documents = max(documents, *(len(row) for row in rows))
     return DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
         seq_len=data.max_length,
+        max_segments=documents + 1,  # padding after the documents is one more segment
         tokenizer=loaded.tokenizer,
         eval_prompts=eval_prompts(
             loaded.eval, max(config.eval.generate_examples, config.eval.show_samples)
