@@ -46,8 +46,22 @@ def accelerator() -> str:
     return backend.platform
 
 
+def cudnn_max_head_dim() -> int:
+    """cuDNN flash attention's largest head dim on this GPU: 256 from Hopper on, else 128."""
+    try:
+        return 256 if int(str(jax.devices()[0].compute_capability).split(".")[0]) >= 9 else 128
+    except (AttributeError, ValueError):
+        return 128
+
+
 def choose_attention(
-    requested: str, *, accelerator: str, model: ModelConfig, compute_dtype: str, max_length: int
+    requested: str,
+    *,
+    accelerator: str,
+    model: ModelConfig,
+    compute_dtype: str,
+    max_length: int,
+    max_head_dim: int = 256,
 ) -> tuple[str, str]:
     """(attention kind, why): "auto" takes the fused kernel of this accelerator where the model
     and config allow it (cuDNN on NVIDIA GPUs, splash on TPUs), else the einsum path. Naming a
@@ -63,8 +77,8 @@ def choose_attention(
         if compute_dtype not in CUDNN_DTYPES
         else f"{model.model_type} soft-caps attention logits, which cuDNN cannot"
         if model.attn_logit_softcap is not None
-        else f"head_dim {model.head_dim} is not a multiple of 8 up to 256"
-        if model.head_dim % 8 or model.head_dim > 256
+        else f"head_dim {model.head_dim} is not a multiple of 8 up to {max_head_dim} (this GPU)"
+        if model.head_dim % 8 or model.head_dim > max_head_dim
         else ""
     )
     tile = SPLASH_BLOCKS[-1]
@@ -118,6 +132,7 @@ def build_model(
         model=model_config,
         compute_dtype=config.model.compute_dtype,
         max_length=config.data.max_length,
+        max_head_dim=cudnn_max_head_dim() if accelerator() == "nvidia" else 256,
     )
     if max_segments is None:
         max_segments = segments_bound(config.data)

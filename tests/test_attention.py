@@ -56,9 +56,11 @@ def emulated_packed_kernel(
     mask_BxTxS &= distance_1xTxS >= 0
     if sliding_window_length is not None:
         mask_BxTxS &= distance_1xTxS < sliding_window_length
-    return jax.nn.dot_product_attention(
+    out = jax.nn.dot_product_attention(
         query, key, value, mask=mask_BxTxS[:, None], scale=scale, implementation="xla"
     )
+    # Tokens of no segment are never written by the kernel: garbage, here NaN.
+    return jnp.where((label_BxT >= 0)[:, :, None, None], out, jnp.nan)
 
 
 def loss_and_grads(model: CausalLM, batch: dict) -> tuple[float, dict]:
@@ -90,11 +92,14 @@ def test_fused_attention_equals_the_einsum_path(family, monkeypatch):
     assert_grads_close(grads, expected_grads, rtol=1e-4)
 
 
+@pytest.mark.parametrize("key_heads", [True, False], ids=["jax_gqa_offsets", "old_jax"])
 @pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen2", "gemma3"])
-def test_cudnn_packed_layout_equals_the_einsum_path(family, monkeypatch):
+def test_cudnn_packed_layout_equals_the_einsum_path(family, key_heads, monkeypatch):
     """The segment-table form of "cudnn": two documents and padding per row, windows shorter
-    than the documents (mistral, qwen2, gemma3), GQA."""
+    than the documents (mistral, qwen2, gemma3), GQA: kernel-side (a jax that places key
+    segments by the key's heads) or by repeated key/value heads (an older jax)."""
     monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", emulated_packed_kernel)
+    monkeypatch.setattr(decoder, "_kv_offsets_use_key_heads", lambda: key_heads)
     reference, fused = model_pair(family, max_segments=4)
     batch = synthetic_batch(7)
     expected_loss, expected_grads = loss_and_grads(reference, batch)
@@ -133,14 +138,16 @@ def test_rows_with_more_segments_than_the_table_give_nan_not_leakage(monkeypatch
 
 
 @pytest.mark.parametrize("remat", ["none", "save_matmuls"])
-def test_cudnn_packed_layout_matches_jax_binding(remat, monkeypatch):
-    """Our call against jax's own binding of cuDNN's packed layout, traced (forward and
-    backward, with and without remat) on CPU with the GPU checks answered: argument names,
-    shapes and dtypes that this jax accepts. (Running the kernel needs a GPU: the GPU test.)"""
+def test_cudnn_packed_layout_lowers_for_cuda(remat, monkeypatch):
+    """Our call through jax's own binding of cuDNN's packed layout, lowered for CUDA on this
+    CPU (with jax's GPU checks answered): forward and backward cuDNN calls of every layer,
+    causal within segments, the window and the table size in their configs. Running the kernel
+    needs a GPU (the GPU test below)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(decoder, "packed_cudnn_supported", lambda: True)
     config = from_hf_config(hf_config("mistral"))
     model = CausalLM(dataclasses.replace(config, attention="cudnn", max_segments=3),
                      dtype=jnp.bfloat16, remat=remat, rngs=nnx.Rngs(0))  # fmt: skip
@@ -151,14 +158,45 @@ def test_cudnn_packed_layout_matches_jax_binding(remat, monkeypatch):
         sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=8)
         return sums.nll / sums.target_tokens
 
-    monkeypatch.setattr(decoder, "packed_cudnn_supported", lambda: True)
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-    calls = [jaxpr.count(f"dot_product_attention_{part}_wrapper") for part in ("fwd", "bwd")]
-    if remat == "none":  # remat prints recomputed layers as shared sub-jaxprs: counts differ
-        assert calls == [config.num_layers, config.num_layers]
-    assert min(calls) >= 1
-    assert "MaskType.PADDING_CAUSAL" in jaxpr
-    assert f"sliding_window_length={config.sliding_window}" in jaxpr
+    lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text().replace("\\22", '"')
+    calls = [text.count(f"custom_call @__cudnn$fmhaSoftmax{part}(") for part in ("", "Backward")]
+    assert calls == [config.num_layers * (2 if remat == "save_matmuls" else 1), config.num_layers]
+    assert text.count('"mask_type": "PADDING_CAUSAL"') == sum(calls)
+    assert text.count(f'"sliding_window_length": {config.sliding_window}') == sum(calls)
+    assert text.count('"max_seg_per_batch": 3') == sum(calls)
+
+
+def test_segment_starts_reach_cudnn_at_each_tensors_own_stride():
+    """jax turns our table into element offsets into the flattened batch, by each tensor's
+    per-token stride (jax-ml/jax#39521: older jax took the query's for keys too, which under
+    GQA read other tokens' keys). Checked on jax's conversion itself, with what we hand it."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    seen = {}
+
+    def spy(query, key, value, **table):
+        seen.update(table, query=query, key=key)
+        return emulated_packed_kernel(query, key, value, **table)
+
+    batch, seq_len, kv_heads, groups, head_dim = 3, 16, 2, 4, 8
+    segment_ids = np.array([[1] * 5 + [2] * 7 + [0] * 4, [1] * 16, [1] * 3 + [2] * 3 + [3] * 10])
+    q = jnp.ones((batch, seq_len, kv_heads, groups, head_dim), jnp.bfloat16)
+    k = jnp.ones((batch, seq_len, kv_heads, head_dim), jnp.bfloat16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(decoder.PACKED_KERNEL, "fn", spy)
+        decoder.cudnn_packed_attention(q, k, k, jnp.asarray(segment_ids), 0.3, None, 4)
+    _, _, q_offsets, kv_offsets = cudnn._fix_seqlen_offsets(
+        seen["q_seqlen"], seen["kv_seqlen"], seen["q_offsets"], seen["kv_offsets"],
+        seen["query"], seen["key"],
+    )  # fmt: skip
+    starts = [r * seq_len + t for r, row in enumerate(segment_ids) for t in range(seq_len)
+              if t == 0 or row[t] != row[t - 1]]  # fmt: skip
+    for offsets, tensor in ((q_offsets, seen["query"]), (kv_offsets, seen["key"])):
+        stride = tensor.shape[2] * tensor.shape[3]
+        np.testing.assert_array_equal(np.asarray(offsets).reshape(-1)[: len(starts)] // stride,
+                                      starts)  # fmt: skip
+        assert not np.any(np.asarray(offsets).reshape(-1)[: len(starts)] % stride)
 
 
 def test_fused_attention_refuses_soft_capping():
@@ -330,3 +368,14 @@ def test_a_named_kernel_the_run_cannot_use_says_why():
         choose_attention("flash", model=llama, compute_dtype="bfloat16", **nvidia)
     kind, _ = choose_attention("xla", model=gemma2, compute_dtype="bfloat16", **nvidia)
     assert kind == "xla"
+    # cuDNN takes head dims up to 256 on Hopper, 128 before: "auto" falls back, "cudnn" says so.
+    wide = dataclasses.replace(llama, head_dim=256)
+    hopper, ampere = {"max_head_dim": 256}, {"max_head_dim": 128}
+    assert (
+        choose_attention("auto", model=wide, compute_dtype="bfloat16", **nvidia, **hopper)[0]
+        == "cudnn"
+    )
+    kind, why = choose_attention("auto", model=wide, compute_dtype="bfloat16", **nvidia, **ampere)
+    assert kind == "xla" and "head_dim 256 is not a multiple of 8 up to 128" in why
+    with pytest.raises(ConfigError, match="head_dim 256"):
+        choose_attention("cudnn", model=wide, compute_dtype="bfloat16", **nvidia, **ampere)

@@ -358,6 +358,24 @@ def _jax_packed_cudnn() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def _kv_offsets_use_key_heads() -> bool:
+    """Whether jax turns key/value segment starts into element offsets with the key's own head
+    count. Before jax-ml/jax#39521 it used the query's, so under GQA cuDNN read the keys of other
+    tokens, silently. Asked of jax's conversion itself, on a tiny GQA case."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+        starts = jnp.array([[0, 2, -1]], jnp.int32)
+        lengths = jnp.array([[2, 2]], jnp.int32)
+        query, key = jnp.zeros((1, 4, 2, 8), jnp.bfloat16), jnp.zeros((1, 4, 1, 8), jnp.bfloat16)
+        with jax.ensure_compile_time_eval():
+            kv_offsets = cudnn._fix_seqlen_offsets(lengths, lengths, starts, starts, query, key)[3]
+        return int(kv_offsets.reshape(-1)[1]) == 2 * 1 * 8  # token 2 x (1 head x 8 dims)
+    except Exception:  # another jax: assume the old conversion (repeating heads is always right)
+        return False
+
+
 def cudnn_packed_attention(
     q_BxTxKxGxE: jax.Array,
     k_BxSxKxE: jax.Array,
@@ -379,6 +397,11 @@ def cudnn_packed_attention(
 
     def local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT):
         rows = q_BxTxKxGxE.shape[0]
+        if groups > 1 and not _kv_offsets_use_key_heads():
+            # This jax would place key/value segments by the query's stride: give keys and
+            # values one head per query head (head k * G + g reads copy g of head k).
+            k_BxSxKxE = jnp.repeat(k_BxSxKxE, groups, axis=2)
+            v_BxSxKxE = jnp.repeat(v_BxSxKxE, groups, axis=2)
         lengths_BxM, starts_BxM1, fits_B = segment_table(segment_ids_BxT, max_segments)
         out_BxTxHxE = kernel(
             q_BxTxKxGxE.reshape(rows, seq_len, -1, head_dim), k_BxSxKxE, v_BxSxKxE,
