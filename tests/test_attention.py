@@ -137,17 +137,24 @@ def test_rows_with_more_segments_than_the_table_give_nan_not_leakage(monkeypatch
     assert np.isnan(np.asarray(logits)).all()
 
 
+LOWERED = {  # cuDNN's custom calls and mask type for each form of attention="cudnn"
+    "packed": ("__cudnn$fmhaSoftmax", "PADDING_CAUSAL"),
+    "mask": ("__cudnn$fmhaScaleBiasSoftmax", "CAUSAL"),
+}
+
+
 @pytest.mark.parametrize("remat", ["none", "save_matmuls"])
-def test_cudnn_packed_layout_lowers_for_cuda(remat, monkeypatch):
-    """Our call through jax's own binding of cuDNN's packed layout, lowered for CUDA on this
-    CPU (with jax's GPU checks answered): forward and backward cuDNN calls of every layer,
-    causal within segments, the window and the table size in their configs. Running the kernel
-    needs a GPU (the GPU test below)."""
+@pytest.mark.parametrize("layout", ["packed", "mask"])
+def test_cudnn_attention_lowers_for_cuda(layout, remat, monkeypatch):
+    """Both forms of "cudnn" through jax's own bindings, lowered for CUDA on this CPU (with
+    jax's GPU checks answered): forward and backward cuDNN calls of every layer, causal (within
+    segments, or with the mask as a bias), the window and the table size in their configs.
+    Running the kernel needs a GPU (the GPU test below)."""
     from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(decoder, "packed_cudnn_supported", lambda: True)
+    monkeypatch.setattr(decoder, "packed_cudnn_supported", lambda: layout == "packed")
     config = from_hf_config(hf_config("mistral"))
     model = CausalLM(dataclasses.replace(config, attention="cudnn", max_segments=3),
                      dtype=jnp.bfloat16, remat=remat, rngs=nnx.Rngs(0))  # fmt: skip
@@ -160,11 +167,12 @@ def test_cudnn_packed_layout_lowers_for_cuda(remat, monkeypatch):
 
     lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",))
     text = lowered.as_text().replace("\\22", '"')
-    calls = [text.count(f"custom_call @__cudnn$fmhaSoftmax{part}(") for part in ("", "Backward")]
+    name, mask_type = LOWERED[layout]
+    calls = [text.count(f"custom_call @{name}{part}(") for part in ("", "Backward")]
     assert calls == [config.num_layers * (2 if remat == "save_matmuls" else 1), config.num_layers]
-    assert text.count('"mask_type": "PADDING_CAUSAL"') == sum(calls)
+    assert text.count(f'"mask_type": "{mask_type}"') == sum(calls)
     assert text.count(f'"sliding_window_length": {config.sliding_window}') == sum(calls)
-    assert text.count('"max_seg_per_batch": 3') == sum(calls)
+    assert text.count('"max_seg_per_batch": 3') == (sum(calls) if layout == "packed" else 0)
 
 
 def test_segment_starts_reach_cudnn_at_each_tensors_own_stride():
