@@ -134,6 +134,28 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with float32 output (logits, attention scores) whose backward matmuls take the
+    operands' dtype: the float32 cotangent is cast to it first. Plain autodiff would instead
+    run both backward matmuls in float32 (bfloat16 operands upcast), at a fraction of the
+    accelerator's bfloat16 speed; the LM head of a 128k vocabulary is a fifth of a 1B model."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec: str, a: jax.Array, b: jax.Array):
+    return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec: str, operands: tuple[jax.Array, jax.Array], g: jax.Array):
+    a, b = operands
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+    return vjp(g.astype(jnp.result_type(a, b)))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 def apply_rope(x_BTxE: jax.Array, positions_BxT: jax.Array, rope: RopeSpec) -> jax.Array:
     """Rotates the two halves of the last axis of x_[B, T, heads, E] by position * frequency."""
     head_dim = x_BTxE.shape[-1]
@@ -546,9 +568,7 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None,
     ) -> jax.Array:
         batch, seq_len = q_BxTxKxGxE.shape[:2]
-        scores = jnp.einsum(
-            "BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
-        )
+        scores = einsum_f32("BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE)
         scores = scores * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
@@ -727,12 +747,7 @@ class CausalLM(nnx.Module):
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [..., V] of (a chunk of) hidden states, soft-capped where configured."""
         head_VxD = self.embed[...] if self.lm_head is None else self.lm_head[...]
-        logits = jnp.einsum(
-            "...D,VD->...V",
-            hidden_BxTxD,
-            head_VxD.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        logits = einsum_f32("...D,VD->...V", hidden_BxTxD, head_VxD.astype(self.dtype))
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
