@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -252,6 +254,7 @@ class StopSignal:
     def __init__(self):
         self.requested = False
         self._previous = {}
+        self._vote = None  # with several processes: the last vote, still on the devices
 
     def __enter__(self) -> StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -269,10 +272,32 @@ class StopSignal:
         self.requested = True
 
     def agreed(self) -> bool:
-        """True when any process was signalled (all processes must stop at the same step)."""
+        """True when any process was signalled; every process answers alike at the same call.
+
+        With several processes the flags are combined on the devices and each call answers the
+        previous call's vote, which has finished by then (it ran before the last step), so the
+        host never waits for the step it just dispatched: a signal stops one step later.
+        """
         if jax.process_count() == 1:
             return self.requested
-        return bool(multihost_utils.process_allgather(np.array(self.requested)).any())
+        previous, self._vote = self._vote, _any_process(self.requested)
+        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
+
+
+@functools.cache
+def _vote_program() -> tuple[jax.sharding.NamedSharding, Any]:
+    """(sharding of one flag per device, jitted 'any' replicated on every device)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    per_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+    return per_device, jax.jit(jnp.any, out_shardings=replicated)
+
+
+def _any_process(flag: bool) -> jax.Array:
+    """Whether any process's flag is set, as a device array every process can read (async)."""
+    per_device, any_of = _vote_program()
+    flags = np.full((jax.local_device_count(),), flag)
+    return any_of(jax.make_array_from_process_local_data(per_device, flags, (jax.device_count(),)))
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -1,10 +1,14 @@
 """One process of a multi-process training test: feeds its share of each global batch.
 
   python tests/multihost_worker.py MODEL_DIR WORKDIR PROCESS_ID NUM_PROCESSES PORT
-Prints {"losses": [...], "eval_loss": x} as its last line.
+Prints {"losses": [...], "eval_loss": x, "end_step": n, "interrupted": b} as its last line.
+Environment: WORKER_STEPS (default 4) steps to train; WORKER_SIGTERM="P:S" makes process P
+send itself SIGTERM once step S's metrics are logged.
 """
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -25,7 +29,7 @@ def local_rows(batch: dict, process_id: int, processes: int) -> dict:
 def main() -> None:
     model_dir, workdir, process_id, processes, port = sys.argv[1:]
     process_id, processes = int(process_id), int(processes)
-    config = base_config(Path(model_dir), steps=4)
+    config = base_config(Path(model_dir), steps=int(os.environ.get("WORKER_STEPS", "4")))
     if processes > 1:
         config.distributed.coordinator_address = f"127.0.0.1:{port}"
         config.distributed.num_processes = processes
@@ -46,11 +50,29 @@ def main() -> None:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     run = trainer.Trainer(config, Path(workdir), from_pretrained(model_dir, mesh=mesh), source)
     losses = []
-    run.writer.write = lambda step, values: (
-        losses.append(values["train/loss"]) if "train/loss" in values else None
+    signal_process, signal_step = (
+        int(x) for x in os.environ.get("WORKER_SIGTERM", "-1:-1").split(":")
     )
+
+    def write(step: int, values: dict) -> None:
+        if "train/loss" in values:
+            losses.append(values["train/loss"])
+        if (process_id, step) == (signal_process, signal_step):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run.writer.write = write
     summary = run.train()
-    print(json.dumps({"losses": losses, "eval_loss": summary["final_eval"]["eval/loss"]}))
+    final_eval = summary.get("final_eval") or {}
+    print(
+        json.dumps(
+            {
+                "losses": losses,
+                "eval_loss": final_eval.get("eval/loss"),
+                "end_step": summary["end_step"],
+                "interrupted": summary["interrupted"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -238,12 +238,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(model_dir: Path, workdir: Path, processes: int, devices_each: int) -> list[float]:
+def _launch(
+    model_dir: Path, workdir: Path, processes: int, devices_each: int, **worker_env: str
+) -> list[dict]:
+    """Runs tests/multihost_worker.py in `processes` processes; each one's last line, parsed."""
     port = _free_port()
     env = dict(
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_each}",
         JAX_PLATFORMS="cpu",
+        **worker_env,
     )
     script = Path(__file__).with_name("multihost_worker.py")
     procs = [
@@ -267,15 +271,27 @@ def _launch(model_dir: Path, workdir: Path, processes: int, devices_each: int) -
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    return json.loads(outputs[0][0].splitlines()[-1])
+    return [json.loads(out.splitlines()[-1]) for out, _ in outputs]
 
 
 def test_two_processes_equal_one(model_dir, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed over loopback, gloo) == 1 process x 4."""
-    single = _launch(model_dir, tmp_path / "one", processes=1, devices_each=4)
-    double = _launch(model_dir, tmp_path / "two", processes=2, devices_each=2)
+    (single,) = _launch(model_dir, tmp_path / "one", processes=1, devices_each=4)
+    double, _ = _launch(model_dir, tmp_path / "two", processes=2, devices_each=2)
     np.testing.assert_allclose(double["losses"], single["losses"], rtol=2e-5)
     np.testing.assert_allclose(double["eval_loss"], single["eval_loss"], rtol=2e-5)
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(model_dir, tmp_path):
+    """Preemption of one host: SIGTERM reaches process 1 alone, after step 3. Both processes
+    agree (a vote on the devices, read a step later) and stop at the same step, where the
+    trainer saves (test_resume.py checks that save; here checkpointing is off, as processes
+    with separate workdirs share no checkpoint folder)."""
+    results = _launch(model_dir, tmp_path, processes=2, devices_each=2, WORKER_STEPS="12",
+                      WORKER_SIGTERM="1:3")  # fmt: skip
+    assert [r["interrupted"] for r in results] == [True, True]
+    assert results[0]["end_step"] == results[1]["end_step"]
+    assert 3 < results[0]["end_step"] < 12
     assert jax.process_count() == 1
 
 
