@@ -9,7 +9,7 @@ directory and both sides load it. sft_jax builds each model as the trainer does
 (sft_jax.model_setup.build_model: from_pretrained, quantizing the decoder's kernels while
 loading for QLoRA, then apply_lora) and runs its compiled train step on the trainable filter;
 PyTorch runs loss.backward() + optimizer.step() with SDPA attention. Both use AdamW on the same
-rows of random tokens (every position trained). sft_jax keeps float32 parameters and computes
+rows of random tokens (every position trained). sft_jax keeps --param_dtype parameters and computes
 in --dtype; PyTorch keeps its parameters in --dtype on GPU, float32 on CPU. Modes:
   full   every parameter trained;
   lora   adapters of rank --lora_rank, alpha 16, no dropout, on every linear projection of the
@@ -87,7 +87,7 @@ RESULT_PREFIX = "RESULT "  # marks a child's result line on its stdout
 def run_config(args: argparse.Namespace, mode: str, checkpoint: str) -> ml_collections.ConfigDict:
     """The fields of a trainer config (configs/base.py) that build the model and optimizer."""
     return ml_collections.ConfigDict(
-        {"model": {"name_or_path": checkpoint, "param_dtype": "float32",
+        {"model": {"name_or_path": checkpoint, "param_dtype": args.param_dtype,
                    "compute_dtype": args.dtype, "remat": args.remat,
                    "attention": args.attention},
          "data": {"max_length": args.seq, "packing": True, "max_documents_per_row": 1},
@@ -394,6 +394,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--param_dtype", default="float32", choices=["float32", "bfloat16"],
+        help="sft_jax's parameter storage (a frozen LoRA base is usually bfloat16)",
+    )  # fmt: skip
     parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES))
     parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
     parser.add_argument(
@@ -451,7 +455,8 @@ def report(args: argparse.Namespace, config: ModelConfig, results: list[dict]) -
     print(f"\n{'; '.join(devices)}")
     setup = [
         f"shape {args.shape} (N = {matmul_params(config) / 1e6:.1f}M matmul params), batch "
-        f"{args.batch} x seq {args.seq}, {args.dtype} compute, float32 params (sft_jax), "
+        f"{args.batch} x seq {args.seq}, {args.dtype} compute, {args.param_dtype} params "
+        "(sft_jax; LoRA adapters float32), "
         f"remat {args.remat}, attention {_attention_ran(args, results)} (sft_jax)"
     ]
     modes = {r["mode"] for r in results}
