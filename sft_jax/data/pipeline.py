@@ -223,7 +223,7 @@ def open_data(config: ml_collections.ConfigDict) -> Any:
     if loaded.eval is not None:
         rows = batches.eval_rows(loaded.eval, row_len=data.max_length, packing=data.packing,
                                  max_docs=data.max_documents_per_row)  # fmt: skip
-        documents = max(documents, *(len(row) for row in rows))
+        documents = max([documents, *(len(row) for row in rows)])
     return DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
