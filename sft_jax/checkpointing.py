@@ -267,7 +267,9 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: object) -> None:
         log.warning(
-            "received %s: saving after this step, then stopping.", signal.Signals(signum).name
+            "received %s: saving after this step (with several processes, the next), then "
+            "stopping.",
+            signal.Signals(signum).name,
         )
         self.requested = True
 

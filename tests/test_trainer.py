@@ -280,6 +280,7 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     double, _ = _launch(model_dir, tmp_path / "two", processes=2, devices_each=2)
     np.testing.assert_allclose(double["losses"], single["losses"], rtol=2e-5)
     np.testing.assert_allclose(double["eval_loss"], single["eval_loss"], rtol=2e-5)
+    assert jax.process_count() == 1
 
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(model_dir, tmp_path):
@@ -290,9 +291,9 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(model_dir,
     results = _launch(model_dir, tmp_path, processes=2, devices_each=2, WORKER_STEPS="12",
                       WORKER_SIGTERM="1:3")  # fmt: skip
     assert [r["interrupted"] for r in results] == [True, True]
-    assert results[0]["end_step"] == results[1]["end_step"]
-    assert 3 < results[0]["end_step"] < 12
-    assert jax.process_count() == 1
+    # Signalled while step 4 runs (step 3's metrics are logged after step 4 is dispatched);
+    # the vote taken before step 5 says stop, and is read before step 6: both end at step 5.
+    assert [r["end_step"] for r in results] == [5, 5]
 
 
 @pytest.fixture(scope="module")
