@@ -193,7 +193,19 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """Every eval document exactly once, in fixed order; the last batch padded with empty rows."""
     rows = eval_rows(tokenized, row_len=row_len, packing=packing, max_docs=max_docs)
-    rows += [[] for _ in range(-len(rows) % global_rows)]
+    return batches_of_rows(tokenized, rows, global_rows, row_len, process_index, process_count)
+
+
+def batches_of_rows(
+    tokenized: Tokenized,
+    rows: list[list[int]],
+    global_rows: int,
+    row_len: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
+    """This process's share of each global batch of `rows`, the last padded with empty rows."""
+    rows = rows + [[] for _ in range(-len(rows) % global_rows)]
     local = global_rows // process_count
     batches = []
     for start in range(0, len(rows), global_rows):

@@ -205,25 +205,14 @@ def open_data(config: ml_collections.ConfigDict) -> Any:
         fingerprint=loaded.fingerprint,
         max_docs=data.max_documents_per_row,
     )
-    evaluation = (
-        batches.eval_batches(
-            loaded.eval,
-            global_rows=config.eval.global_batch_size,
-            row_len=data.max_length,
-            packing=data.packing,
-            process_index=process[0],
-            process_count=process[1],
-            max_docs=data.max_documents_per_row,
-        )
-        if loaded.eval is not None
-        else []
-    )
     log.info("train: %s", summary_line(loaded.train.stats))
-    documents = train.documents_per_row()
+    documents, evaluation = train.documents_per_row(), []
     if loaded.eval is not None:
         rows = batches.eval_rows(loaded.eval, row_len=data.max_length, packing=data.packing,
                                  max_docs=data.max_documents_per_row)  # fmt: skip
         documents = max([documents, *(len(row) for row in rows)])
+        evaluation = batches.batches_of_rows(loaded.eval, rows, config.eval.global_batch_size,
+                                             data.max_length, *process)  # fmt: skip
     return DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
