@@ -28,9 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     # attention scores included).
     config.model.remat = "none"
     # Attention kernel in training: "auto" (the fused kernel of the accelerator where the model
-    # allows it, else "xla"; the log says which and why), "xla" (explicit einsums; every
-    # backend), "cudnn" (fused cuDNN flash attention; NVIDIA GPUs, bfloat16 compute, no
-    # soft-capping) or "splash" (Pallas splash attention; TPUs, max_length a multiple of 128).
+    # allows it, else "xla", also if the kernel does not compile; the log says which and why),
+    # "xla" (explicit einsums; every backend), "cudnn" (fused cuDNN flash attention; NVIDIA
+    # GPUs, bfloat16 compute, no soft-capping) or "splash" (Pallas splash attention; TPUs,
+    # max_length a multiple of 128).
     config.model.attention = "auto"
 
     # ---------------------------------------------------------------- data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ from sft_jax.generate import chat_stop_token_ids
 from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, training_flops_per_token
 from sft_jax.model_setup import build_model
 from sft_jax.models import CausalLM
+from sft_jax.models.decoder import use_attention
 from sft_jax.optim import make_optimizer
 from sft_jax.prefetch import Prefetch
 from sft_jax.samples import generation_metrics
@@ -153,12 +155,12 @@ class Trainer:
         self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         self.tx, self.schedule = make_optimizer(train)
         self.state, state_shardings = init_state(model, self.tx, self.mesh, trainable)
-        self.steps = build_steps(
-            model,
-            self.tx,
-            self.schedule,
-            self.mesh,
-            state_shardings,
+        build = functools.partial(
+            build_steps,
+            tx=self.tx,
+            schedule=self.schedule,
+            mesh=self.mesh,
+            state_shardings=state_shardings,
             train_rows=train.global_batch_size,
             eval_rows=config.eval.global_batch_size,
             seq_len=data.seq_len,
@@ -170,6 +172,19 @@ class Trainer:
             ),
             trainable=trainable,
         )
+        try:
+            self.steps = build(model)
+        except Exception as e:
+            # "auto" promised the fastest kernel that works: a fused one this GPU's cuDNN (or
+            # TPU) will not compile gives way to einsums, loudly. A named kernel fails.
+            if config.model.attention != "auto" or model.config.attention == "xla":
+                raise
+            log.warning(
+                "attention %r did not compile (%s: %s); config.model.attention='auto' falls "
+                "back to 'xla'.", model.config.attention, type(e).__name__, str(e)[:500],
+            )  # fmt: skip
+            use_attention(model, "xla")
+            self.steps = build(model)
         self.model_config = model.config
         self.writer = MetricsWriter(workdir)
         self.early_stopping = EarlyStopping(

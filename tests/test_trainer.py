@@ -222,6 +222,37 @@ def test_best_and_patience_survive_a_restart_and_step_0_can_be_the_export(
     assert 0 in checkpoints.steps() and checkpoints.best_step() == 0
 
 
+def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
+    model_dir, tmp_path, monkeypatch, caplog
+):
+    """A fused kernel that this GPU's cuDNN refuses (as cuDNN can, at compile time, for shapes
+    and masks it has no engine for) costs "auto" speed, not the run; a named kernel fails."""
+    import logging
+
+    from sft_jax.models import decoder
+
+    def refuses(*args, **kwargs):
+        raise NotImplementedError("no cuDNN engine supports this graph")
+
+    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", refuses)
+    config = base_config(model_dir, steps=2)
+    config.eval.at_start = False
+    config.model.attention = "auto"  # as if it had picked cudnn on a GPU
+    model = from_pretrained(model_dir, attention="cudnn", max_segments=4)
+    with caplog.at_level(logging.WARNING, logger="sft_jax.trainer"):
+        run = trainer.Trainer(config, tmp_path / "auto", model, synthetic_source())
+    assert "attention 'cudnn' did not compile (NotImplementedError: no cuDNN engine" in caplog.text
+    assert model.config.attention == "xla"
+    einsum_run = trainer.Trainer(config, tmp_path / "xla", from_pretrained(model_dir),
+                                 synthetic_source())  # fmt: skip
+    assert run.train()["final_eval"] == einsum_run.train()["final_eval"]
+    config.model.attention = "cudnn"
+    with pytest.raises(NotImplementedError, match="no cuDNN engine"):
+        trainer.Trainer(config, tmp_path / "named",
+                        from_pretrained(model_dir, attention="cudnn", max_segments=4),
+                        synthetic_source())  # fmt: skip
+
+
 def test_non_finite_loss_stops_naming_the_step(model_dir, tmp_path):
     model = from_pretrained(model_dir)
     model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], jnp.nan)

@@ -651,6 +651,15 @@ class DecoderLayer(nnx.Module):
         return x_BxTxD + mlp_out
 
 
+def use_attention(model: CausalLM, kind: str) -> None:
+    """Switches the attention kernel of every layer (the parameters stay as they are)."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention={kind!r}: expected one of {ATTENTION_KINDS}.")
+    model.config = dataclasses.replace(model.config, attention=kind)
+    for layer in model.layers:
+        layer.attn.kind = kind
+
+
 def _call_layer(layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key) -> jax.Array:
     return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key)
 
