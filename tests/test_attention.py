@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_models import hf_config
-from test_step import synthetic_batch
+from test_step import mean_loss, synthetic_batch
 
-from sft_jax.loss import loss_sums
 from sft_jax.models import CausalLM, UnsupportedModelError, decoder, from_hf_config
 
 
@@ -64,12 +63,7 @@ def emulated_packed_kernel(
 
 
 def loss_and_grads(model: CausalLM, batch: dict) -> tuple[float, dict]:
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def loss(params):
-        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=8)
-        return sums.nll / sums.target_tokens
-
+    loss, params = mean_loss(model, batch, max_chunk=8)
     value, grads = jax.jit(jax.value_and_grad(loss))(params)
     return float(value), nnx.to_pure_dict(grads)
 
@@ -158,13 +152,7 @@ def test_cudnn_attention_lowers_for_cuda(layout, remat, monkeypatch):
     config = from_hf_config(hf_config("mistral"))
     model = CausalLM(dataclasses.replace(config, attention="cudnn", max_segments=3),
                      dtype=jnp.bfloat16, remat=remat, rngs=nnx.Rngs(0))  # fmt: skip
-    graphdef, params = nnx.split(model, nnx.Param)
-    batch = synthetic_batch(7)
-
-    def loss(params):
-        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=8)
-        return sums.nll / sums.target_tokens
-
+    loss, params = mean_loss(model, synthetic_batch(7), max_chunk=8)
     lowered = jax.jit(jax.grad(loss)).trace(params).lower(lowering_platforms=("cuda",))
     text = lowered.as_text().replace("\\22", '"')
     name, mask_type = LOWERED[layout]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_models import hf_config
-from test_step import SEQ_LEN, synthetic_batch, train_config
+from test_step import SEQ_LEN, mean_loss, synthetic_batch, train_config
 
 from sft_jax.errors import ConfigError
 from sft_jax.loss import loss_sums
@@ -34,12 +34,7 @@ def full_logits_sums(model: CausalLM, batch: dict) -> tuple[float, float, float]
 
 
 def grads_of(model: CausalLM, batch: dict, max_chunk: int, z_weight: float = 0.0) -> dict:
-    graphdef, params = nnx.split(model, nnx.Param)
-
-    def loss(params):
-        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=max_chunk)
-        return (sums.nll + z_weight * sums.z) / sums.target_tokens
-
+    loss, params = mean_loss(model, batch, max_chunk, z_weight)
     return jax.jit(jax.grad(loss))(params)
 
 
@@ -152,13 +147,8 @@ def test_bf16_compute_runs_every_backward_matmul_in_bf16(remat):
     Gradients still match plain autodiff's in float32 compute (the other tests)."""
     import re
 
-    graphdef, params = nnx.split(model_of(dtype=jnp.bfloat16, remat=remat), nnx.Param)
-    batch = synthetic_batch(3)
-
-    def loss(params):
-        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=4)
-        return sums.nll / sums.target_tokens
-
+    model = model_of(dtype=jnp.bfloat16, remat=remat)
+    loss, params = mean_loss(model, synthetic_batch(3), max_chunk=4)
     text = jax.jit(jax.grad(loss)).trace(params).lower().as_text()
     dots = re.findall(r"stablehlo.dot_general.*: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> ", text)
     assert len(dots) > 20

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import ml_collections
 import numpy as np
@@ -10,6 +13,7 @@ from flax import nnx
 from hf_models import hf_config
 
 from sft_jax import sharding
+from sft_jax.loss import loss_sums
 from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.optim import make_optimizer
 from sft_jax.step import StepOptions, build_steps, device_batch, init_state
@@ -59,6 +63,19 @@ def synthetic_batch(seed: int, rows: int = ROWS, vocab: int = 128) -> dict[str, 
             batch["target_mask"][r, start : start + length - 1] = rng.random(length - 1) < 0.7
             start += length
     return batch
+
+
+def mean_loss(
+    model: CausalLM, batch: dict, max_chunk: int, z_weight: float = 0.0
+) -> tuple[Callable[[Any], jax.Array], Any]:
+    """(params -> the batch's mean loss per target token under `model`, the model's params)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+        sums = loss_sums(nnx.merge(graphdef, params), batch, max_chunk=max_chunk)
+        return (sums.nll + z_weight * sums.z) / sums.target_tokens
+
+    return loss, params
 
 
 def tiny_model(family: str = "llama3.1") -> CausalLM:
