@@ -72,6 +72,22 @@ def wait_for_step(workdir: Path, step: int, process: subprocess.Popen) -> None:
     raise AssertionError(f"the run never reached step {step}")
 
 
+def wait_for_checkpoint(workdir: Path, step: int, process: subprocess.Popen) -> None:
+    """Until a checkpoint of `step` or later is committed (Orbax renames a finished save's
+    temporary folder to the bare step number): saves are asynchronous, so reaching a step
+    does not mean its checkpoint, or the one before, is on disk yet."""
+    deadline = time.time() + 240
+    folder = workdir / "checkpoints"
+    while time.time() < deadline:
+        if folder.exists() and any(p.name.isdigit() and int(p.name) >= step
+                                   for p in folder.iterdir()):  # fmt: skip
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint of step {step} or later was committed")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
@@ -84,6 +100,7 @@ def test_kill_9_then_resume_equals_uninterrupted(model_dir, uninterrupted, tmp_p
     kill_at = random.Random(os.getpid()).randint(3, STEPS - 6)
     process = start(model_dir, tmp_path)
     wait_for_step(tmp_path, kill_at, process)
+    wait_for_checkpoint(tmp_path, 2, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     summary = finish(start(model_dir, tmp_path))
