@@ -3,6 +3,14 @@
 The batch already holds shifted targets (`target_ids`, built once in the data layer), so the
 loss never shifts. It returns *sums* over target tokens; the caller divides once by the number
 of target tokens in the whole global batch (all devices, all accumulation micro-batches).
+
+Under a mesh (the compiled steps set one) each device computes the loss of its own rows, with
+the LM head gathered once per step, inside `shard_map`: the head's gradient is then summed
+over devices once per step, after the chunk loop, not once per chunk (a partitioner left to
+itself reduces a [V, D] gradient on every iteration of the loop). Where the vocabulary is split
+over the tensor axis, each device holds the logits of its slice of the vocabulary, and the
+log-normalizer and the target logit are reduced over that axis (vocabulary-parallel
+cross-entropy).
 """
 
 from __future__ import annotations
@@ -11,8 +19,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-from sft_jax.models.decoder import CausalLM
+from sft_jax.models.decoder import CausalLM, head_logits
+from sft_jax.sharding import logical_to_spec
 
 
 class LossSums(NamedTuple):
@@ -28,18 +38,77 @@ def time_chunk(seq_len: int, max_chunk: int) -> int:
     return max(d for d in range(1, min(seq_len, max_chunk) + 1) if seq_len % d == 0)
 
 
+def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _chunk_sums(
-    model: CausalLM, hidden_BxCxD: jax.Array, targets_BxC: jax.Array, mask_BxC: jax.Array
+    hidden_BxCxD: jax.Array,
+    head_VxD: jax.Array,
+    targets_BxC: jax.Array,
+    mask_BxC: jax.Array,
+    softcap: float | None,
+    vocab_axes: tuple[str, ...],
 ) -> LossSums:
-    logits_BxCxV = model.logits(hidden_BxCxD)  # float32
-    log_normalizer_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    """Sums of one chunk; head_VxD is this device's slice of the vocabulary when vocab_axes
+    name the mesh axes it is split over, else the whole head."""
+    logits_BxCxV = head_logits(hidden_BxCxD, head_VxD, softcap)
+    local_vocab = logits_BxCxV.shape[-1]
+    if vocab_axes:
+        # log sum exp over the whole vocabulary from every slice's partial sums; the shift is
+        # any constant (here the global max), so it needs no gradient.
+        shift_BxC = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits_BxCxV, -1)), vocab_axes)
+        partial_BxC = jnp.sum(jnp.exp(logits_BxCxV - shift_BxC[..., None]), -1)
+        log_normalizer_BxC = shift_BxC + jnp.log(jax.lax.psum(partial_BxC, vocab_axes))
+        local_targets_BxC = targets_BxC - jax.lax.axis_index(vocab_axes) * local_vocab
+    else:
+        log_normalizer_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+        local_targets_BxC = targets_BxC
+    here_BxC = (local_targets_BxC >= 0) & (local_targets_BxC < local_vocab)
+    index_BxCx1 = jnp.clip(local_targets_BxC, 0, local_vocab - 1)[..., None]
+    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, index_BxCx1, axis=-1)[..., 0]
+    target_logit_BxC = jnp.where(here_BxC, target_logit_BxC, 0.0)
+    if vocab_axes:
+        target_logit_BxC = jax.lax.psum(target_logit_BxC, vocab_axes)
     weights = mask_BxC.astype(jnp.float32)
     return LossSums(
         nll=jnp.sum((log_normalizer_BxC - target_logit_BxC) * weights),
         z=jnp.sum(jnp.square(log_normalizer_BxC) * weights),
         target_tokens=jnp.sum(weights),
     )
+
+
+def _scan_chunks(
+    hidden_BxTxD: jax.Array,
+    head_VxD: jax.Array,
+    targets_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    chunk: int,
+    softcap: float | None,
+    vocab_axes: tuple[str, ...] = (),
+    row_axes: tuple[str, ...] = (),
+) -> LossSums:
+    """Sums over chunks of `chunk` time steps; inside shard_map, rows split over `row_axes`
+    and the vocabulary over `vocab_axes`."""
+    batch_size, seq_len, _ = hidden_BxTxD.shape
+    num_chunks = seq_len // chunk
+
+    def to_chunks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [T/C, B, C, ...]
+        return jnp.swapaxes(x.reshape(batch_size, num_chunks, chunk, *x.shape[2:]), 0, 1)
+
+    # Recomputed in the backward pass: only one chunk's logits are ever held.
+    chunk_sums = jax.checkpoint(lambda h, t, m: _chunk_sums(h, head_VxD, t, m, softcap, vocab_axes))
+
+    def accumulate(total: LossSums, xs: tuple[jax.Array, ...]) -> tuple[LossSums, None]:
+        sums = chunk_sums(*xs)
+        return LossSums(*(a + b for a, b in zip(total, sums, strict=True))), None
+
+    zero = jnp.zeros((), jnp.float32)
+    if row_axes:  # the sums of this device's rows
+        zero = jax.lax.pcast(zero, row_axes, to="varying")
+    chunks = (to_chunks(hidden_BxTxD), to_chunks(targets_BxT), to_chunks(mask_BxT))
+    total, _ = jax.lax.scan(accumulate, LossSums(zero, zero, zero), chunks)
+    return total
 
 
 def loss_sums(
@@ -51,29 +120,41 @@ def loss_sums(
     """Sums of the masked cross-entropy of `batch` under `model`.
 
     Logits are computed `chunk` time steps at a time (the batch axis stays whole, so it stays
-    sharded) and recomputed in the backward pass: peak logits memory is [B, chunk, V].
+    sharded) and recomputed in the backward pass: peak logits memory is [B, chunk, V] (per
+    device: its rows, its slice of the vocabulary).
     """
     hidden_BxTxD = model.hidden_states(
         batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
     )
-    batch_size, seq_len, _ = hidden_BxTxD.shape
-    chunk = time_chunk(seq_len, max_chunk)
-    num_chunks = seq_len // chunk
+    head_VxD = model.head()
+    chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)
+    softcap = model.config.final_logit_softcap
+    targets_BxT, mask_BxT = batch["target_ids"], batch["target_mask"]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _scan_chunks(hidden_BxTxD, head_VxD, targets_BxT, mask_BxT, chunk, softcap)
 
-    def to_chunks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [T/C, B, C, ...]
-        return jnp.swapaxes(x.reshape(batch_size, num_chunks, chunk, *x.shape[2:]), 0, 1)
+    rows = logical_to_spec(("batch", None), targets_BxT.shape, mesh)
+    vocab = logical_to_spec(("vocab", None), head_VxD.shape, mesh)
+    row_axes, vocab_axes = _axes(rows[0]), _axes(vocab[0])
 
-    chunk_sums = jax.checkpoint(lambda h, t, m: _chunk_sums(model, h, t, m))
+    def local(hidden_BxTxD, head_VxD, targets_BxT, mask_BxT) -> LossSums:
+        # Varying over the row axes from here on: the head's gradient is summed over devices
+        # once, where it leaves shard_map, instead of inside the chunk loop.
+        head_VxD = jax.lax.pcast(head_VxD, row_axes, to="varying") if row_axes else head_VxD
+        sums = _scan_chunks(
+            hidden_BxTxD, head_VxD, targets_BxT, mask_BxT, chunk, softcap, vocab_axes, row_axes
+        )
+        return LossSums(*(jax.lax.psum(s, row_axes) for s in sums)) if row_axes else sums
 
-    def accumulate(total: LossSums, xs: tuple[jax.Array, ...]) -> tuple[LossSums, None]:
-        sums = chunk_sums(*xs)
-        return LossSums(*(a + b for a, b in zip(total, sums, strict=True))), None
-
-    zero = jnp.zeros((), jnp.float32)
-    chunks = (
-        to_chunks(hidden_BxTxD),
-        to_chunks(batch["target_ids"]),
-        to_chunks(batch["target_mask"]),
-    )
-    total, _ = jax.lax.scan(accumulate, LossSums(zero, zero, zero), chunks)
-    return total
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(
+            PartitionSpec(rows[0], None, None),
+            PartitionSpec(vocab[0], None),
+            rows,
+            rows,
+        ),
+        out_specs=LossSums(PartitionSpec(), PartitionSpec(), PartitionSpec()),
+    )(hidden_BxTxD, head_VxD, targets_BxT, mask_BxT)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import jax
@@ -226,9 +225,9 @@ def build_steps(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen
     )
     start = time.perf_counter()
-    # The splash kernel runs per shard (shard_map over the mesh the steps are traced under).
-    tracing_mesh = jax.set_mesh(mesh) if model.config.attention == "splash" else nullcontext()
-    with tracing_mesh:
+    # Traced under the mesh: the loss (sft_jax.loss) and the fused attention kernels run per
+    # shard, in shard_map over it.
+    with jax.set_mesh(mesh):
         train = (
             jax.jit(
                 train_step,

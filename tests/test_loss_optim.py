@@ -1,7 +1,9 @@
-"""The loss and the optimizer: chunked == full logits, z-loss, remat, schedules, decay mask."""
+"""The loss and the optimizer: chunked == full logits (never all held), z-loss, remat, schedules,
+decay mask."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -50,6 +52,35 @@ def test_chunked_loss_equals_full_logits(family):
     chunked, whole = grads_of(model, batch, 4, z_weight=1e-2), grads_of(model, batch, SEQ_LEN, 1e-2)
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "family,vocab,mesh_shape",
+    [
+        ("gemma2", 128, (1, 8, 1)),  # rows over 8 devices; final soft-capping
+        ("gemma2", 128, (1, 4, 2)),  # vocabulary split over tensor: vocabulary-parallel
+        ("llama3.2", 128, (2, 2, 2)),
+        ("llama3.2", 127, (1, 4, 2)),  # a vocabulary tensor cannot split: whole on each device
+    ],
+)
+def test_loss_on_a_mesh_equals_the_loss_on_one_device(family, vocab, mesh_shape):
+    """Under a mesh each device computes its rows' loss in shard_map (and its slice of the
+    vocabulary where tensor splits it): sums and gradients, z-loss included, are the single
+    device's."""
+    from sft_jax import sharding
+
+    config = dataclasses.replace(from_hf_config(hf_config(family)), vocab_size=vocab)
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    batch = synthetic_batch(5, vocab=vocab)
+    loss, params = mean_loss(model, batch, max_chunk=4, z_weight=1e-2)
+    expected_loss, expected_grads = jax.jit(jax.value_and_grad(loss))(params)
+    with jax.set_mesh(sharding.make_mesh(*mesh_shape)):
+        got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(params)
+        text = jax.jit(loss).trace(params).lower().as_text()
+    assert "shard_map" in text or "manual" in text  # the mesh path ran
+    np.testing.assert_allclose(got_loss, expected_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(expected_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_z_loss_pushes_the_log_normalizer_toward_zero():
@@ -173,3 +204,51 @@ def test_einsum_f32_gradients_are_plain_autodiffs_in_the_operands_dtype():
     assert [x.dtype for x in grads] == [jnp.bfloat16, jnp.bfloat16]
     for x, y in zip(grads, plain(g), strict=True):  # bf16 operands and cotangent: bf16 error
         np.testing.assert_allclose(np.float32(x), y, rtol=0.05, atol=0.05 * float(jnp.abs(y).max()))
+
+
+def test_each_device_computes_its_own_rows_and_sums_the_head_gradient_once():
+    """The compiled train step on 8 devices (fsdp): every matmul has this device's rows (not
+    the global batch's, as when XLA splits activations along the features that fsdp splits the
+    weights on), and no collective inside the loss's chunk loop moves a [V, D] head gradient
+    (summed once per step, where the loss's shard_map ends)."""
+    import re
+
+    from sft_jax import sharding
+    from sft_jax.optim import make_optimizer
+    from sft_jax.step import StepOptions, build_steps, init_state
+
+    config = dataclasses.replace(from_hf_config(hf_config("llama3.2")), vocab_size=4096)
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    rows, seq_len = 2 * mesh.size, 64
+    model = CausalLM(config, rngs=nnx.Rngs(0))
+    tx, schedule = make_optimizer(train_config())
+    _, shardings = init_state(model, tx, mesh)
+    captured = []
+    compile_ = jax.stages.Lowered.compile
+
+    def keep(lowered, *args, **kwargs):
+        captured.append(compile_(lowered, *args, **kwargs))
+        return captured[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jax.stages.Lowered, "compile", keep)
+        build_steps(
+            model, tx, schedule, mesh, shardings, train_rows=rows, eval_rows=rows,
+            seq_len=seq_len, options=StepOptions(loss_chunk_size=16),
+        )  # fmt: skip
+    text = captured[0].as_text()  # the train step, as partitioned for one device
+    dots = re.findall(r"= f32\[([\d,]+)\]\S* (?:dot|convolution)\(", text)
+    assert len(dots) > 20
+    global_tokens, local_tokens = rows * seq_len, 2 * seq_len
+    for shape in dots:
+        dims = [int(d) for d in shape.split(",")]
+        assert global_tokens not in dims and dims[0] != rows, shape
+    assert any(local_tokens in [int(d) for d in shape.split(",")] for shape in dots)
+    collectives = [
+        line for line in text.splitlines()
+        if re.search(r" (all-reduce|reduce-scatter|all-gather|all-to-all)(-start)?\(", line)
+    ]  # fmt: skip
+    head = f"[{config.vocab_size},{config.hidden_size}]"
+    assert [line for line in collectives if head in line.split("=", 1)[1].split("(")[0]]
+    in_loop = [line for line in collectives if "/while/body/" in line]
+    assert [line for line in in_loop if str(config.vocab_size) in line.split("(")[0]] == []

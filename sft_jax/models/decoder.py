@@ -660,6 +660,14 @@ def use_attention(model: CausalLM, kind: str) -> None:
         layer.attn.kind = kind
 
 
+def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | None) -> jax.Array:
+    """float32 logits [..., V] from hidden states and an LM head (or a slice of its rows)."""
+    logits = einsum_f32("...D,VD->...V", hidden_BxTxD, head_VxD)
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits
+
+
 def _call_layer(layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key) -> jax.Array:
     return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key)
 
@@ -753,14 +761,14 @@ class CausalLM(nnx.Module):
             x_BxTxD = x_BxTxD * jnp.asarray(np.sqrt(self.config.hidden_size), embed_VxD.dtype)
         return x_BxTxD.astype(self.dtype)
 
+    def head(self) -> jax.Array:
+        """The LM head [V, D] in the compute dtype (the embedding where they are tied)."""
+        head_VxD = self.embed[...] if self.lm_head is None else self.lm_head[...]
+        return head_VxD.astype(self.dtype)
+
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [..., V] of (a chunk of) hidden states, soft-capped where configured."""
-        head_VxD = self.embed[...] if self.lm_head is None else self.lm_head[...]
-        logits = einsum_f32("...D,VD->...V", hidden_BxTxD, head_VxD.astype(self.dtype))
-        cap = self.config.final_logit_softcap
-        if cap is not None:
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+        return head_logits(hidden_BxTxD, self.head(), self.config.final_logit_softcap)
 
     def __call__(
         self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array
