@@ -25,10 +25,12 @@ away from PyTorch, and a mode that runs out of memory does not stop the others.
 
 Reported per run: step time (mean of --steps after one warm-up step), tokens/s, MFU (when the
 device's peak is known, see sft_jax.metrics), peak device memory of the child (loading included;
-n/a on CPU), peak resident host memory of the child (on CPU everything lives there), and
-measured bytes of the trainable parameters, the optimizer state and the frozen variables (the
-base under LoRA: embedding, norms, and kernels, quantized under QLoRA), plus the bytes per
-weight of the decoder's linear kernels. Then ratios, a table and one JSON line.
+n/a on CPU), XLA's planned memory of sft_jax's compiled train step per device ("plan"; known
+before the step runs, on every backend), peak resident host memory of the child (on CPU
+everything lives there), and measured bytes of the trainable parameters, the optimizer state and
+the frozen variables (the base under LoRA: embedding, norms, and kernels, quantized under
+QLoRA), plus the bytes per weight of the decoder's linear kernels. Then ratios, a table and one
+JSON line.
 
 MFU's model FLOPs per token, N = sft_jax.metrics.matmul_params:
   full        6N + attention (sft_jax.metrics.training_flops_per_token);
@@ -195,6 +197,8 @@ def time_sft_jax(args: argparse.Namespace, mode: str, checkpoint: str) -> dict:
         "step_s": (time.perf_counter() - start) / args.steps,
         "compile_s": compiled.compile_seconds,
         "peak_bytes": stats.get("peak_bytes_in_use"),
+        # XLA's plan for the compiled train step (state, batch, activations), per device.
+        "planned_bytes": compiled.train_memory.total if compiled.train_memory else None,
         "loss": float(metrics["train/loss"]),
         **sizes,
     }
@@ -342,7 +346,7 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    columns = ("side", "mode", "step ms", "tokens/s", "GFLOP/tok", "MFU", "peak GiB",
+    columns = ("side", "mode", "step ms", "tokens/s", "GFLOP/tok", "MFU", "peak GiB", "plan GiB",
                "host GiB", "train MiB", "opt MiB", "frozen MiB", "B/weight", "loss")  # fmt: skip
     print(f"{columns[0]:<8} {columns[1]:<6}" + "".join(f" {c:>10}" for c in columns[2:]))
     for r in results:
@@ -353,7 +357,8 @@ def print_table(results: list[dict]) -> None:
         cells = (
             _fmt(r["step_s"], ".1f", 1e-3), _fmt(r["tokens_per_s"], ",.0f"),
             _fmt(r["flops_per_token"], ".3f", 1e9), _fmt(r["mfu"], ".1%"),
-            _fmt(r["peak_bytes"], ".2f", 2**30), _fmt(r.get("host_peak_bytes"), ".2f", 2**30),
+            _fmt(r["peak_bytes"], ".2f", 2**30), _fmt(r.get("planned_bytes"), ".2f", 2**30),
+            _fmt(r.get("host_peak_bytes"), ".2f", 2**30),
             _fmt(r["trainable_bytes"], ".2f", 2**20),
             _fmt(r["opt_state_bytes"], ".2f", 2**20), _fmt(r["frozen_bytes"], ".2f", 2**20),
             _fmt(r["linear_bytes_per_weight"], ".3f"), _fmt(r["loss"], ".4f"),

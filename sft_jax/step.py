@@ -97,6 +97,44 @@ def _micro_batches(batch: dict[str, jax.Array], k: int, mesh: Mesh) -> dict[str,
     return {key: split(x) for key, x in batch.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """XLA's plan for one device's memory in a compiled step, in bytes (known before it runs)."""
+
+    arguments: int  # state, frozen variables and batch (this device's shards)
+    outputs: int
+    aliased: int  # outputs written into donated arguments (counted once, in `arguments`)
+    temporaries: int  # activations, gradients, logits chunks, ...
+    code: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+    @classmethod
+    def of(cls, compiled: Any) -> StepMemory | None:
+        """From a compiled executable; None where the backend gives no analysis."""
+        stats = compiled.memory_analysis()
+        try:  # jax documents the structure as free to change: read what is there
+            return cls(
+                arguments=int(stats.argument_size_in_bytes),
+                outputs=int(stats.output_size_in_bytes),
+                aliased=int(stats.alias_size_in_bytes),
+                temporaries=int(stats.temp_size_in_bytes),
+                code=int(stats.generated_code_size_in_bytes),
+            )
+        except (AttributeError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        gib = 2.0**30
+        return (
+            f"{self.total / gib:.2f} GiB per device: arguments {self.arguments / gib:.2f}, "
+            f"temporaries {self.temporaries / gib:.2f}, new outputs "
+            f"{(self.outputs - self.aliased) / gib:.2f} (XLA's estimate)"
+        )
+
+
 @dataclasses.dataclass
 class Steps:
     """Compiled steps and the shardings they expect."""
@@ -108,6 +146,7 @@ class Steps:
     batch_shardings: dict[str, NamedSharding]
     compile_seconds: float
     graphdef: Any = None  # with `frozen`, turns trained params back into a model
+    train_memory: StepMemory | None = None  # the train step's planned memory per device
 
     def model_of(self, params: Any) -> CausalLM:
         """The model with these trained parameters (e.g. to generate with during eval)."""
@@ -257,6 +296,7 @@ def build_steps(
         batch_shardings=shardings,
         compile_seconds=time.perf_counter() - start,
         graphdef=graphdef,
+        train_memory=StepMemory.of(train),
     )
 
 

@@ -36,7 +36,14 @@ from sft_jax.models.decoder import use_attention
 from sft_jax.optim import make_optimizer
 from sft_jax.prefetch import Prefetch
 from sft_jax.samples import generation_metrics
-from sft_jax.step import StepOptions, Steps, build_steps, device_batch, init_state
+from sft_jax.step import (
+    StepMemory,
+    StepOptions,
+    Steps,
+    build_steps,
+    device_batch,
+    init_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +132,25 @@ def eval_message(step: int, metrics: dict[str, Any]) -> str:
     return text
 
 
+def warn_if_over_memory(plan: StepMemory | None, device: jax.Device | None = None) -> None:
+    """Logs the train step's planned memory, and warns before the first step where it exceeds
+    what the device can hold (the step would fail with RESOURCE_EXHAUSTED)."""
+    if plan is None:
+        return
+    log.info("train step memory: %s", plan.describe())
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if limit and plan.total > limit:
+        log.warning(
+            "the train step plans %.2f GiB per device but the device holds %.2f GiB: it will "
+            "likely run out of memory. Lower it with config.model.remat='full' (or "
+            "'save_matmuls'), a higher config.train.gradient_accumulation_steps (the same "
+            "global batch, fewer rows at once), a smaller config.train.loss_chunk_size, more "
+            "devices, or LoRA.",
+            plan.total / 2**30, limit / 2**30,
+        )  # fmt: skip
+
+
 class Trainer:
     """Owns the mesh, the state and the compiled steps of one run."""
 
@@ -196,6 +222,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(model.config, data.seq_len, adapters)
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
         log.info("train and eval steps compiled in %.1f s", self.steps.compile_seconds)
+        warn_if_over_memory(self.steps.train_memory)
 
     def run_eval(self, step: int) -> dict[str, float]:
         metrics = evaluate(self.steps, self.state["params"], self.data.eval_batches())

@@ -206,6 +206,36 @@ def test_einsum_f32_gradients_are_plain_autodiffs_in_the_operands_dtype():
         np.testing.assert_allclose(np.float32(x), y, rtol=0.05, atol=0.05 * float(jnp.abs(y).max()))
 
 
+def test_the_compiled_train_step_never_holds_full_float32_logits():
+    """XLA's memory plan of the real train step (chunked loss, recomputed in the backward
+    pass): its temporaries stay below one [B, T, V] float32 logits array. The control, one
+    chunk of the whole sequence, plans more than that array, so the measure sees logits."""
+    from sft_jax import sharding
+    from sft_jax.optim import make_optimizer
+    from sft_jax.step import StepOptions, build_steps, init_state
+
+    config = dataclasses.replace(from_hf_config(hf_config("llama3.2")), vocab_size=65536)
+    mesh = sharding.make_mesh(fsdp=-1)
+    rows, seq_len = 4 * mesh.size, 256  # four rows per device
+    full_logits_bytes = 4 * seq_len * config.vocab_size * 4  # per device: 256 MiB
+
+    def temporaries(chunk: int) -> int:
+        model = CausalLM(config, rngs=nnx.Rngs(0))
+        tx, schedule = make_optimizer(train_config())
+        _, shardings = init_state(model, tx, mesh)
+        steps = build_steps(
+            model, tx, schedule, mesh, shardings, train_rows=rows, eval_rows=rows,
+            seq_len=seq_len, options=StepOptions(loss_chunk_size=chunk),
+        )  # fmt: skip
+        plan = steps.train_memory
+        assert plan is not None and plan.total >= plan.arguments + plan.temporaries
+        return plan.temporaries
+
+    chunked, whole = temporaries(16), temporaries(seq_len)
+    assert whole > full_logits_bytes, (whole, full_logits_bytes)
+    assert chunked < 0.6 * full_logits_bytes, (chunked, full_logits_bytes)
+
+
 def test_each_device_computes_its_own_rows_and_sums_the_head_gradient_once():
     """The compiled train step on 8 devices (fsdp): every matmul has this device's rows (not
     the global batch's, as when XLA splits activations along the features that fsdp splits the

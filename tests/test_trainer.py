@@ -454,3 +454,31 @@ def test_lora_with_dropout_resumes_exactly(model_dir, tmp_path, monkeypatch):
         assert run(tmp_path / "stopped")[-1][0] == 3
     resumed = run(tmp_path / "stopped")
     assert resumed == straight and len(straight) == 6
+
+
+def test_a_step_planned_beyond_the_device_warns_before_it_runs(caplog):
+    """XLA's memory plan of the compiled step is logged; one over the device's limit warns,
+    naming what lowers it, instead of leaving the user to a RESOURCE_EXHAUSTED mid-step."""
+    from sft_jax.step import StepMemory
+
+    plan = StepMemory(arguments=6 << 30, outputs=5 << 30, aliased=5 << 30, temporaries=4 << 30,
+                      code=0)  # fmt: skip
+    assert plan.total == 10 << 30
+
+    class Device:  # memory_stats() as jax reports it on a GPU
+        def __init__(self, limit):
+            self.limit = limit
+
+        def memory_stats(self):
+            return {"bytes_limit": self.limit, "bytes_in_use": 0}
+
+    with caplog.at_level("INFO", logger="sft_jax.trainer"):
+        trainer.warn_if_over_memory(plan, Device(16 << 30))
+    assert "10.00 GiB per device" in caplog.text and "WARNING" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sft_jax.trainer"):
+        trainer.warn_if_over_memory(plan, Device(8 << 30))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "plans 10.00 GiB per device but the device holds 8.00 GiB" in warnings[0].getMessage()
+    assert "config.model.remat" in warnings[0].getMessage()
