@@ -66,6 +66,11 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     need(config.log.every_steps > 0, "log.every_steps", "log at least every N > 0 steps.")
     need(config.data.prefetch >= 1, "data.prefetch", "prefetch at least 1 batch.")
     need(
+        config.model.remat in ("none", "save_matmuls", "full", "auto"),
+        "model.remat",
+        "expected 'none', 'save_matmuls', 'full' or 'auto'.",
+    )
+    need(
         config.data.max_documents_per_row >= 0,
         "data.max_documents_per_row",
         "must be 0 (no limit) or positive.",

@@ -144,17 +144,17 @@ def build_model(
             "Hopper GPU and a bound on config.data.max_documents_per_row)"
         )
     log.info("attention: %s (%s)", attention, why)
-    if config.model.remat not in REMAT_POLICIES:
+    if config.model.remat not in (*REMAT_POLICIES, "auto"):
         raise ConfigError(
             f"config.model.remat={config.model.remat!r}: expected one of "
-            f"{', '.join(REMAT_POLICIES)}."
+            f"{', '.join(REMAT_POLICIES)}, auto."
         )
     model = from_pretrained(
         config.model.name_or_path,
         mesh=mesh,
         param_dtype=dtype_of(config.model.param_dtype, "config.model.param_dtype"),
         dtype=dtype_of(config.model.compute_dtype, "config.model.compute_dtype"),
-        remat=config.model.remat,
+        remat="none" if config.model.remat == "auto" else config.model.remat,  # auto: trainer
         attention=attention,
         max_segments=max_segments,
         quantization=spec.quantization,

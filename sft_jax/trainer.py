@@ -132,21 +132,59 @@ def eval_message(step: int, metrics: dict[str, Any]) -> str:
     return text
 
 
+# remat "auto" tries these in turn, least recomputation first (and so most memory).
+AUTO_REMAT = ("none", "save_matmuls", "full")
+# The share of a device's memory a train step's plan may fill: the rest absorbs the
+# allocator's fragmentation and the buffers outside the step (prefetched batches, eval).
+FIT_FRACTION = 0.95
+
+
+def device_bytes_limit(device: jax.Device | None = None) -> int | None:
+    """What one device can hold (its allocator's limit), or None where jax does not say (CPU)."""
+    stats = (device or jax.local_devices()[0]).memory_stats() or {}
+    return stats.get("bytes_limit") or None
+
+
+def compile_with_remat(
+    build: Callable[[CausalLM], Steps], model: CausalLM, remat: str, limit: int | None
+) -> Steps:
+    """The compiled steps with `remat`; "auto" picks the least recomputation whose train step
+    XLA plans within FIT_FRACTION of `limit` bytes per device ("none" where the limit is
+    unknown), else "full". Each try is a compile; none runs a step."""
+    if remat != "auto":
+        return build(model)
+    for policy in AUTO_REMAT:
+        model.remat = policy
+        steps = build(model)
+        plan = steps.train_memory
+        if limit is None or plan is None or plan.total <= FIT_FRACTION * limit:
+            break
+        log.info(
+            "remat %r: the train step plans %.2f GiB per device, over %.0f%% of %.2f GiB; "
+            "trying the next policy.", policy, plan.total / 2**30, 100 * FIT_FRACTION,
+            limit / 2**30,
+        )  # fmt: skip
+    if limit is None:
+        why = "the device's memory is unknown"
+    else:
+        why = f"the policy with the least recomputation whose step fits {limit / 2**30:.2f} GiB"
+    log.info("remat: %s (auto: %s)", model.remat, why)
+    return steps
+
+
 def warn_if_over_memory(plan: StepMemory | None, device: jax.Device | None = None) -> None:
     """Logs the train step's planned memory, and warns before the first step where it exceeds
     what the device can hold (the step would fail with RESOURCE_EXHAUSTED)."""
     if plan is None:
         return
     log.info("train step memory: %s", plan.describe())
-    stats = (device or jax.local_devices()[0]).memory_stats() or {}
-    limit = stats.get("bytes_limit")
+    limit = device_bytes_limit(device)
     if limit and plan.total > limit:
         log.warning(
             "the train step plans %.2f GiB per device but the device holds %.2f GiB: it will "
-            "likely run out of memory. Lower it with config.model.remat='full' (or "
-            "'save_matmuls'), a higher config.train.gradient_accumulation_steps (the same "
-            "global batch, fewer rows at once), a smaller config.train.loss_chunk_size, more "
-            "devices, or LoRA.",
+            "likely run out of memory. Lower it with config.model.remat='auto' (or 'full'), "
+            "a higher config.train.gradient_accumulation_steps (the same global batch, fewer "
+            "rows at once), a smaller config.train.loss_chunk_size, more devices, or LoRA.",
             plan.total / 2**30, limit / 2**30,
         )  # fmt: skip
 
@@ -198,19 +236,26 @@ class Trainer:
             ),
             trainable=trainable,
         )
-        try:
-            self.steps = build(model)
-        except Exception as e:
-            # "auto" promised the fastest kernel that works: a fused one this GPU's cuDNN (or
-            # TPU) will not compile gives way to einsums, loudly. A named kernel fails.
-            if config.model.attention != "auto" or model.config.attention == "xla":
-                raise
-            log.warning(
-                "attention %r did not compile (%s: %s); config.model.attention='auto' falls "
-                "back to 'xla'.", model.config.attention, type(e).__name__, str(e)[:500],
-            )  # fmt: skip
-            use_attention(model, "xla")
-            self.steps = build(model)
+
+        def build_or_fall_back(model: CausalLM) -> Steps:
+            try:
+                return build(model)
+            except Exception as e:
+                # "auto" promised the fastest kernel that works: a fused one this GPU's cuDNN
+                # (or TPU) will not compile gives way to einsums, loudly. A named kernel fails.
+                if config.model.attention != "auto" or model.config.attention == "xla":
+                    raise
+                log.warning(
+                    "attention %r did not compile (%s: %s); config.model.attention='auto' "
+                    "falls back to 'xla'.", model.config.attention, type(e).__name__,
+                    str(e)[:500],
+                )  # fmt: skip
+                use_attention(model, "xla")
+                return build(model)
+
+        self.steps = compile_with_remat(
+            build_or_fall_back, model, config.model.remat, device_bytes_limit()
+        )
         self.model_config = model.config
         self.writer = MetricsWriter(workdir)
         self.early_stopping = EarlyStopping(

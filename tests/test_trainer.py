@@ -482,3 +482,73 @@ def test_a_step_planned_beyond_the_device_warns_before_it_runs(caplog):
     assert len(warnings) == 1
     assert "plans 10.00 GiB per device but the device holds 8.00 GiB" in warnings[0].getMessage()
     assert "config.model.remat" in warnings[0].getMessage()
+
+
+def test_auto_remat_takes_the_least_recomputation_whose_step_fits():
+    """remat="auto" compiles none, save_matmuls, full in turn and keeps the first whose train
+    step XLA plans within FIT_FRACTION of the device's memory; with no limit known, none."""
+    import functools
+
+    from hf_models import hf_config
+    from test_step import train_config
+
+    from sft_jax import sharding
+    from sft_jax.models import CausalLM, from_hf_config
+    from sft_jax.optim import make_optimizer
+    from sft_jax.step import StepOptions, build_steps, init_state
+
+    mesh = sharding.single_device_mesh()
+    hf = hf_config("llama3.1")  # deeper and wider than the test models: activations show
+    hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size = 8, 128, 512
+    model = CausalLM(from_hf_config(hf), rngs=nnx.Rngs(0))
+    tx, schedule = make_optimizer(train_config())
+    _, shardings = init_state(model, tx, mesh)
+    compile_ = functools.partial(
+        build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
+        train_rows=16, eval_rows=16, seq_len=64, options=StepOptions(loss_chunk_size=64),
+    )  # fmt: skip
+    compiled = {}
+
+    def build(model):  # one compile per policy
+        if model.remat not in compiled:
+            compiled[model.remat] = compile_(model)
+        return compiled[model.remat]
+
+    plans = {}
+    for policy in trainer.AUTO_REMAT:
+        model.remat = policy
+        plans[policy] = build(model).train_memory.total
+    # (XLA's CPU plan gains little from "full" over "save_matmuls"; a GPU's gains more.)
+    assert plans["none"] > plans["save_matmuls"] >= plans["full"], plans
+
+    def fits(plan: int) -> int:  # the smallest device limit that takes this plan
+        return int(plan / trainer.FIT_FRACTION) + 1
+
+    none, save = fits(plans["none"]), fits(plans["save_matmuls"])
+    # Nothing fits: "full", the least memory there is (the warning before the first step says
+    # it will not fit).
+    cases = [(None, "none"), (none, "none"), (none - 2, "save_matmuls"), (save, "save_matmuls"),
+             (plans["full"] // 2, "full")]  # fmt: skip
+    for limit, expected in cases:
+        model.remat = "none"
+        steps = trainer.compile_with_remat(build, model, "auto", limit)
+        assert (model.remat, steps.train_memory.total) == (expected, plans[expected]), limit
+    model.remat = "save_matmuls"  # a named policy is kept, whatever the limit
+    assert (
+        trainer.compile_with_remat(build, model, "save_matmuls", 1).train_memory.total
+        == (plans["save_matmuls"])
+    )
+
+
+def test_auto_remat_in_a_run_trains_as_the_policy_it_picked(model_dir, tmp_path, monkeypatch):
+    config = base_config(model_dir, steps=2)
+    config.eval.at_start = False
+    config.model.remat = "full"
+    expected = trainer.Trainer(config, tmp_path / "full", from_pretrained(model_dir, remat="full"),
+                               synthetic_source()).train()  # fmt: skip
+    config.model.remat = "auto"
+    monkeypatch.setattr(trainer, "device_bytes_limit", lambda device=None: 1)  # nothing fits
+    model = from_pretrained(model_dir)
+    run = trainer.Trainer(config, tmp_path / "auto", model, synthetic_source())
+    assert model.remat == "full"
+    assert run.train()["final_eval"] == expected["final_eval"]
