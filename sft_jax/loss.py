@@ -126,6 +126,8 @@ def loss_sums(
     hidden_BxTxD = model.hidden_states(
         batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
     )
+    # In the parameter dtype, cast per chunk: with bf16 compute and float32 parameters, the
+    # head's gradient then adds up over chunks (and devices) in float32, not bf16.
     head_VxD = model.head()
     chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)
     softcap = model.config.final_logit_softcap

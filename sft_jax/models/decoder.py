@@ -661,8 +661,10 @@ def use_attention(model: CausalLM, kind: str) -> None:
 
 
 def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | None) -> jax.Array:
-    """float32 logits [..., V] from hidden states and an LM head (or a slice of its rows)."""
-    logits = einsum_f32("...D,VD->...V", hidden_BxTxD, head_VxD)
+    """float32 logits [..., V] from hidden states and an LM head (or a slice of its rows), the
+    head cast to the hidden states' (compute) dtype here: callers that loop over chunks hold it
+    in the parameter dtype, so that its gradient adds up in that dtype."""
+    logits = einsum_f32("...D,VD->...V", hidden_BxTxD, head_VxD.astype(hidden_BxTxD.dtype))
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     return logits
@@ -762,9 +764,8 @@ class CausalLM(nnx.Module):
         return x_BxTxD.astype(self.dtype)
 
     def head(self) -> jax.Array:
-        """The LM head [V, D] in the compute dtype (the embedding where they are tied)."""
-        head_VxD = self.embed[...] if self.lm_head is None else self.lm_head[...]
-        return head_VxD.astype(self.dtype)
+        """The LM head [V, D] in the parameter dtype (the embedding where they are tied)."""
+        return self.embed[...] if self.lm_head is None else self.lm_head[...]
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [..., V] of (a chunk of) hidden states, soft-capped where configured."""
