@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from sft_jax import distributed, sharding
 from sft_jax.checkpointing import (
@@ -139,53 +140,88 @@ AUTO_REMAT = ("none", "save_matmuls", "full")
 FIT_FRACTION = 0.95
 
 
-def device_bytes_limit(device: jax.Device | None = None) -> int | None:
-    """What one device can hold (its allocator's limit), or None where jax does not say (CPU)."""
-    stats = (device or jax.local_devices()[0]).memory_stats() or {}
-    return stats.get("bytes_limit") or None
+def device_bytes_limit() -> int | None:
+    """What one device can hold (its allocator's limit), the least over all processes so that
+    every process compiles the same program; None where jax does not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = int(stats.get("bytes_limit") or 0)
+    if jax.process_count() > 1:  # collective: every process calls this once, at the start
+        limit = int(np.min(multihost_utils.process_allgather(np.int64(limit))))
+    return limit or None
+
+
+def out_of_memory(error: Exception) -> bool:
+    """Whether a compile failed for want of device memory (XLA:TPU refuses such a program at
+    compile time: "RESOURCE_EXHAUSTED: ... Ran out of memory in memory space hbm")."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+
+
+def _lower_it(remat: str) -> str:
+    remat_advice = (
+        "config.model.remat='auto' (or 'full'), " if remat not in ("full", "auto") else ""
+    )
+    return (
+        f"Lower it with {remat_advice}a higher config.train.gradient_accumulation_steps (the "
+        "same global batch, fewer rows at once), a smaller config.train.loss_chunk_size, more "
+        "devices, or LoRA."
+    )
 
 
 def compile_with_remat(
     build: Callable[[CausalLM], Steps], model: CausalLM, remat: str, limit: int | None
 ) -> Steps:
-    """The compiled steps with `remat`; "auto" picks the least recomputation whose train step
-    XLA plans within FIT_FRACTION of `limit` bytes per device ("none" where the limit is
-    unknown), else "full". Each try is a compile; none runs a step."""
-    if remat != "auto":
-        return build(model)
-    for policy in AUTO_REMAT:
+    """The compiled steps with `remat`. "auto" compiles AUTO_REMAT in turn and keeps the first
+    whose train step XLA plans within FIT_FRACTION of `limit` bytes per device ("none" where
+    the limit is unknown; "full" where none fits); a compile refused for want of memory counts
+    as not fitting. No step runs."""
+    error = None
+    for policy in AUTO_REMAT if remat == "auto" else (remat,):
         model.remat = policy
-        steps = build(model)
+        try:
+            steps = build(model)
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            error, steps = e, None
+            log.info("remat %r: the compiler ran out of device memory (%s)", policy, str(e)[:300])
+            continue
         plan = steps.train_memory
-        if limit is None or plan is None or plan.total <= FIT_FRACTION * limit:
+        if remat != "auto" or limit is None or plan is None or plan.total <= FIT_FRACTION * limit:
             break
         log.info(
-            "remat %r: the train step plans %.2f GiB per device, over %.0f%% of %.2f GiB; "
-            "trying the next policy.", policy, plan.total / 2**30, 100 * FIT_FRACTION,
-            limit / 2**30,
+            "remat %r: the train step plans %.2f GiB per device, over %.0f%% of %.2f GiB",
+            policy, plan.total / 2**30, 100 * FIT_FRACTION, limit / 2**30,
         )  # fmt: skip
-    if limit is None:
-        why = "the device's memory is unknown"
-    else:
-        why = f"the policy with the least recomputation whose step fits {limit / 2**30:.2f} GiB"
-    log.info("remat: %s (auto: %s)", model.remat, why)
+    if steps is None:
+        raise ConfigError(
+            f"the train step does not fit in device memory with config.model.remat={remat!r} "
+            f"(the compiler: {str(error).splitlines()[0][:300]}). {_lower_it(remat)}"
+        ) from error
+    if remat == "auto":
+        plan = steps.train_memory
+        if limit is None:
+            why = "the device's memory is unknown"
+        elif plan is None:
+            why = "XLA gives no memory plan here"
+        elif plan.total <= FIT_FRACTION * limit:
+            why = f"the least recomputation that fits {100 * FIT_FRACTION:.0f}% of the device"
+        else:
+            why = f"no policy fits {100 * FIT_FRACTION:.0f}% of the device; the last one"
+        log.info("remat: %s (auto: %s)", model.remat, why)
     return steps
 
 
-def warn_if_over_memory(plan: StepMemory | None, device: jax.Device | None = None) -> None:
+def warn_if_over_memory(plan: StepMemory | None, limit: int | None, remat: str) -> None:
     """Logs the train step's planned memory, and warns before the first step where it exceeds
     what the device can hold (the step would fail with RESOURCE_EXHAUSTED)."""
     if plan is None:
         return
     log.info("train step memory: %s", plan.describe())
-    limit = device_bytes_limit(device)
     if limit and plan.total > limit:
         log.warning(
             "the train step plans %.2f GiB per device but the device holds %.2f GiB: it will "
-            "likely run out of memory. Lower it with config.model.remat='auto' (or 'full'), "
-            "a higher config.train.gradient_accumulation_steps (the same global batch, fewer "
-            "rows at once), a smaller config.train.loss_chunk_size, more devices, or LoRA.",
-            plan.total / 2**30, limit / 2**30,
+            "likely run out of memory. %s", plan.total / 2**30, limit / 2**30, _lower_it(remat),
         )  # fmt: skip
 
 
@@ -242,8 +278,10 @@ class Trainer:
                 return build(model)
             except Exception as e:
                 # "auto" promised the fastest kernel that works: a fused one this GPU's cuDNN
-                # (or TPU) will not compile gives way to einsums, loudly. A named kernel fails.
-                if config.model.attention != "auto" or model.config.attention == "xla":
+                # (or TPU) will not compile gives way to einsums, loudly. A named kernel fails,
+                # and so does a step too large for the device (compile_with_remat's business).
+                if (config.model.attention != "auto" or model.config.attention == "xla"
+                        or out_of_memory(e)):  # fmt: skip
                     raise
                 log.warning(
                     "attention %r did not compile (%s: %s); config.model.attention='auto' "
@@ -253,9 +291,8 @@ class Trainer:
                 use_attention(model, "xla")
                 return build(model)
 
-        self.steps = compile_with_remat(
-            build_or_fall_back, model, config.model.remat, device_bytes_limit()
-        )
+        limit = device_bytes_limit()
+        self.steps = compile_with_remat(build_or_fall_back, model, config.model.remat, limit)
         self.model_config = model.config
         self.writer = MetricsWriter(workdir)
         self.early_stopping = EarlyStopping(
@@ -267,7 +304,7 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(model.config, data.seq_len, adapters)
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
         log.info("train and eval steps compiled in %.1f s", self.steps.compile_seconds)
-        warn_if_over_memory(self.steps.train_memory)
+        warn_if_over_memory(self.steps.train_memory, limit, config.model.remat)
 
     def run_eval(self, step: int) -> dict[str, float]:
         metrics = evaluate(self.steps, self.state["params"], self.data.eval_batches())

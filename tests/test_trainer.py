@@ -23,6 +23,7 @@ from test_step import SEQ_LEN, synthetic_batch
 
 from sft_jax import trainer
 from sft_jax.checkpointing import Checkpoints, checkpoint_dir
+from sft_jax.errors import ConfigError
 from sft_jax.models import from_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -464,24 +465,73 @@ def test_a_step_planned_beyond_the_device_warns_before_it_runs(caplog):
     plan = StepMemory(arguments=6 << 30, outputs=5 << 30, aliased=5 << 30, temporaries=4 << 30,
                       code=0)  # fmt: skip
     assert plan.total == 10 << 30
-
-    class Device:  # memory_stats() as jax reports it on a GPU
-        def __init__(self, limit):
-            self.limit = limit
-
-        def memory_stats(self):
-            return {"bytes_limit": self.limit, "bytes_in_use": 0}
-
     with caplog.at_level("INFO", logger="sft_jax.trainer"):
-        trainer.warn_if_over_memory(plan, Device(16 << 30))
+        trainer.warn_if_over_memory(plan, 16 << 30, "none")
+        trainer.warn_if_over_memory(plan, None, "none")  # CPU: no limit known
     assert "10.00 GiB per device" in caplog.text and "WARNING" not in caplog.text
-    caplog.clear()
-    with caplog.at_level("INFO", logger="sft_jax.trainer"):
-        trainer.warn_if_over_memory(plan, Device(8 << 30))
-    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1
-    assert "plans 10.00 GiB per device but the device holds 8.00 GiB" in warnings[0].getMessage()
-    assert "config.model.remat" in warnings[0].getMessage()
+    for remat, advice in (("none", True), ("full", False)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="sft_jax.trainer"):
+            trainer.warn_if_over_memory(plan, 8 << 30, remat)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1
+        assert "plans 10.00 GiB per device but the device holds 8.00 GiB" in warnings[0]
+        assert "gradient_accumulation_steps" in warnings[0]
+        assert ("config.model.remat='auto'" in warnings[0]) == advice
+
+
+OUT_OF_MEMORY = (
+    "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+    "hbm. Used 17.31G of 15.48G hbm."
+)
+
+
+def test_auto_remat_moves_on_when_the_compiler_runs_out_of_memory():
+    """XLA:TPU refuses a program too large for the device at compile time instead of planning
+    it: "auto" takes that as "does not fit"; a named policy, or nothing fitting, is an error
+    that says what lowers memory; any other compile error is raised as it is."""
+
+    class Model:
+        remat = "none"
+
+    def build(fits: set[str]):
+        def compile_(model):
+            if model.remat not in fits:
+                raise RuntimeError(OUT_OF_MEMORY)
+            return trainer.Steps(None, None, None, None, {}, 0.0, train_memory=None)
+
+        return compile_
+
+    model = Model()
+    assert trainer.compile_with_remat(build({"full"}), model, "auto", 16 << 30) is not None
+    assert model.remat == "full"
+    for remat in ("none", "auto"):
+        with pytest.raises(ConfigError, match=f"does not fit in device memory with "
+                           f"config.model.remat='{remat}'.*Ran out of memory"):  # fmt: skip
+            trainer.compile_with_remat(build(set()), Model(), remat, 16 << 30)
+
+    def broken(model):
+        raise ValueError("some other compile error")
+
+    with pytest.raises(ValueError, match="some other compile error"):
+        trainer.compile_with_remat(broken, Model(), "auto", 16 << 30)
+
+
+def test_a_kernel_out_of_memory_is_not_blamed_on_the_kernel(model_dir, tmp_path, monkeypatch):
+    """attention="auto" falls back to einsums when a fused kernel does not compile, but not when
+    the compile ran out of memory: einsums need more, and the error says what lowers it."""
+    from sft_jax.models import decoder
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(OUT_OF_MEMORY)
+
+    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", out_of_memory)
+    config = base_config(model_dir, steps=2)
+    config.model.attention = "auto"  # as if it had picked cudnn on a GPU
+    model = from_pretrained(model_dir, attention="cudnn", max_segments=4)
+    with pytest.raises(ConfigError, match=r"does not fit in device memory.*remat='auto'"):
+        trainer.Trainer(config, tmp_path, model, synthetic_source())
+    assert model.config.attention == "cudnn"
 
 
 def test_auto_remat_takes_the_least_recomputation_whose_step_fits():
