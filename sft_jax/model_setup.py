@@ -16,7 +16,6 @@ from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, ModelConfig, from_hf_config, from_pretrained
 from sft_jax.models.decoder import (
     ATTENTION_KINDS,
-    REMAT_POLICIES,
     SPLASH_BLOCKS,
     SPLASH_INTERPRET,
     packed_cudnn_supported,
@@ -144,11 +143,6 @@ def build_model(
             "Hopper GPU and a bound on config.data.max_documents_per_row)"
         )
     log.info("attention: %s (%s)", attention, why)
-    if config.model.remat not in (*REMAT_POLICIES, "auto"):
-        raise ConfigError(
-            f"config.model.remat={config.model.remat!r}: expected one of "
-            f"{', '.join(REMAT_POLICIES)}, auto."
-        )
     model = from_pretrained(
         config.model.name_or_path,
         mesh=mesh,
