@@ -168,6 +168,11 @@ def _lower_it(remat: str) -> str:
     )
 
 
+def _fits(plan: StepMemory | None, limit: int | None) -> bool:
+    """Whether a plan fits FIT_FRACTION of the limit; True where either is unknown."""
+    return limit is None or plan is None or plan.total <= FIT_FRACTION * limit
+
+
 def compile_with_remat(
     build: Callable[[CausalLM], Steps], model: CausalLM, remat: str, limit: int | None
 ) -> Steps:
@@ -187,7 +192,7 @@ def compile_with_remat(
             log.info("remat %r: the compiler ran out of device memory (%s)", policy, str(e)[:300])
             continue
         plan = steps.train_memory
-        if remat != "auto" or limit is None or plan is None or plan.total <= FIT_FRACTION * limit:
+        if remat != "auto" or _fits(plan, limit):
             break
         log.info(
             "remat %r: the train step plans %.2f GiB per device, over %.0f%% of %.2f GiB",
@@ -204,7 +209,7 @@ def compile_with_remat(
             why = "the device's memory is unknown"
         elif plan is None:
             why = "XLA gives no memory plan here"
-        elif plan.total <= FIT_FRACTION * limit:
+        elif _fits(plan, limit):
             why = f"the least recomputation that fits {100 * FIT_FRACTION:.0f}% of the device"
         else:
             why = f"no policy fits {100 * FIT_FRACTION:.0f}% of the device; the last one"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from hf_models import hf_config
-from test_step import SEQ_LEN, mean_loss, synthetic_batch, train_config
+from test_step import SEQ_LEN, mean_loss, step_builder, synthetic_batch, train_config
 
 from sft_jax.errors import ConfigError
 from sft_jax.loss import loss_sums
@@ -212,8 +212,6 @@ def test_the_compiled_train_step_never_holds_full_float32_logits():
     pass): its temporaries stay below one [B, T, V] float32 logits array. The control, one
     chunk of the whole sequence, plans more than that array, so the measure sees logits."""
     from sft_jax import sharding
-    from sft_jax.optim import make_optimizer
-    from sft_jax.step import StepOptions, build_steps, init_state
 
     config = dataclasses.replace(from_hf_config(hf_config("llama3.2")), vocab_size=65536)
     mesh = sharding.make_mesh(fsdp=-1)
@@ -222,13 +220,7 @@ def test_the_compiled_train_step_never_holds_full_float32_logits():
 
     def temporaries(chunk: int) -> int:
         model = CausalLM(config, rngs=nnx.Rngs(0))
-        tx, schedule = make_optimizer(train_config())
-        _, shardings = init_state(model, tx, mesh)
-        steps = build_steps(
-            model, tx, schedule, mesh, shardings, train_rows=rows, eval_rows=rows,
-            seq_len=seq_len, options=StepOptions(loss_chunk_size=chunk),
-        )  # fmt: skip
-        plan = steps.train_memory
+        plan = step_builder(model, mesh, rows, seq_len, loss_chunk_size=chunk)(model).train_memory
         assert plan is not None and plan.total >= plan.arguments + plan.temporaries
         return plan.temporaries
 
@@ -245,15 +237,12 @@ def test_each_device_computes_its_own_rows_and_sums_the_head_gradient_once():
     import re
 
     from sft_jax import sharding
-    from sft_jax.optim import make_optimizer
-    from sft_jax.step import StepOptions, build_steps, init_state
 
     config = dataclasses.replace(from_hf_config(hf_config("llama3.2")), vocab_size=4096)
     mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
     rows, seq_len = 2 * mesh.size, 64
     model = CausalLM(config, rngs=nnx.Rngs(0))
-    tx, schedule = make_optimizer(train_config())
-    _, shardings = init_state(model, tx, mesh)
+    build = step_builder(model, mesh, rows, seq_len, loss_chunk_size=16)
     captured = []
     compile_ = jax.stages.Lowered.compile
 
@@ -263,10 +252,7 @@ def test_each_device_computes_its_own_rows_and_sums_the_head_gradient_once():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(jax.stages.Lowered, "compile", keep)
-        build_steps(
-            model, tx, schedule, mesh, shardings, train_rows=rows, eval_rows=rows,
-            seq_len=seq_len, options=StepOptions(loss_chunk_size=16),
-        )  # fmt: skip
+        build(model)
     text = captured[0].as_text()  # the train step, as partitioned for one device
     dots = re.findall(r"= f32\[([\d,]+)\]\S* (?:dot|convolution)\(", text)
     assert len(dots) > 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,19 @@ def mean_loss(
         return (sums.nll + z_weight * sums.z) / sums.target_tokens
 
     return loss, params
+
+
+def step_builder(
+    model: CausalLM, mesh, rows: int, seq_len: int, **options
+) -> Callable[[CausalLM], Any]:
+    """model -> its compiled Steps on `mesh` (train and eval batches of `rows` x `seq_len`, the
+    test optimizer, StepOptions(**options)); the state's layout is `model`'s."""
+    tx, schedule = make_optimizer(train_config())
+    _, shardings = init_state(model, tx, mesh)
+    return functools.partial(
+        build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
+        train_rows=rows, eval_rows=rows, seq_len=seq_len, options=StepOptions(**options),
+    )  # fmt: skip
 
 
 def tiny_model(family: str = "llama3.1") -> CausalLM:

@@ -537,26 +537,17 @@ def test_a_kernel_out_of_memory_is_not_blamed_on_the_kernel(model_dir, tmp_path,
 def test_auto_remat_takes_the_least_recomputation_whose_step_fits():
     """remat="auto" compiles none, save_matmuls, full in turn and keeps the first whose train
     step XLA plans within FIT_FRACTION of the device's memory; with no limit known, none."""
-    import functools
-
     from hf_models import hf_config
-    from test_step import train_config
+    from test_step import step_builder
 
     from sft_jax import sharding
     from sft_jax.models import CausalLM, from_hf_config
-    from sft_jax.optim import make_optimizer
-    from sft_jax.step import StepOptions, build_steps, init_state
 
     mesh = sharding.single_device_mesh()
     hf = hf_config("llama3.1")  # deeper and wider than the test models: activations show
     hf.num_hidden_layers, hf.hidden_size, hf.intermediate_size = 8, 128, 512
     model = CausalLM(from_hf_config(hf), rngs=nnx.Rngs(0))
-    tx, schedule = make_optimizer(train_config())
-    _, shardings = init_state(model, tx, mesh)
-    compile_ = functools.partial(
-        build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=shardings,
-        train_rows=16, eval_rows=16, seq_len=64, options=StepOptions(loss_chunk_size=64),
-    )  # fmt: skip
+    compile_ = step_builder(model, mesh, rows=16, seq_len=64, loss_chunk_size=64)
     compiled = {}
 
     def build(model):  # one compile per policy
