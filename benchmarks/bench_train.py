@@ -61,9 +61,9 @@ import ml_collections
 import numpy as np
 import transformers
 
-from sft_jax.lora import ATTENTION, MLP
+from sft_jax.compile_plan import ATTENTION_CHOICES
+from sft_jax.lora import PROJECTIONS
 from sft_jax.metrics import PEAK_BF16_TFLOPS, matmul_params, training_flops_per_token
-from sft_jax.model_setup import ATTENTION_CHOICES
 from sft_jax.models import ModelConfig, from_hf_config
 from sft_jax.models.decoder import REMAT_POLICIES
 
@@ -138,8 +138,8 @@ def _tree_bytes(tree: Any) -> int:
 
 
 def _jax_linear_bytes_per_weight(model: Any) -> float:
-    from sft_jax.lora import decoder_linears
-    from sft_jax.quantize import stored_bytes
+    from sft_jax.models.decoder import decoder_linears
+    from sft_jax.models.quantize import stored_bytes
 
     stored, weights = 0, 0
     for _, _, linear in decoder_linears(model):
@@ -153,17 +153,22 @@ def _jax_linear_bytes_per_weight(model: Any) -> float:
 
 def time_sft_jax(args: argparse.Namespace, mode: str, checkpoint: str) -> dict:
     from sft_jax import sharding
+    from sft_jax.compile_plan import attention_for, build_steps, init_state
     from sft_jax.metrics import peak_flops_per_device
     from sft_jax.model_setup import build_model
-    from sft_jax.models.decoder import packed_cudnn_supported
+    from sft_jax.models.decoder import use_attention
+    from sft_jax.models.kernels import packed_cudnn_supported
     from sft_jax.optim import make_optimizer
-    from sft_jax.step import StepOptions, build_steps, device_batch, init_state
+    from sft_jax.sharding import device_batch
+    from sft_jax.step import StepOptions
 
     config = run_config(args, mode, checkpoint)
     mesh = sharding.make_mesh(fsdp=-1)
     # Segments per row: one document (and a padding segment, were there any padding).
     segments = 2 if args.cudnn_layout == "packed" else 0
-    model, _, trainable = build_model(config, mesh, max_segments=segments)
+    model, _, trainable = build_model(config, mesh)
+    use_attention(model, attention_for(config, model.config, segments)[0], segments)
+    model.remat = config.model.remat
     # Sizes before the first step: the step donates (and so deletes) buffers the model shares.
     linear_bytes_per_weight = _jax_linear_bytes_per_weight(model)
     tx, schedule = make_optimizer(config.train)
@@ -240,7 +245,7 @@ def _torch_model(args: argparse.Namespace, mode: str, checkpoint: str, device: s
     if mode != "full":
         config = peft.LoraConfig(
             r=args.lora_rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-            target_modules=list(ATTENTION + MLP), bias="none", task_type="CAUSAL_LM",
+            target_modules=list(PROJECTIONS), bias="none", task_type="CAUSAL_LM",
         )  # fmt: skip
         model = peft.get_peft_model(model, config)
     return model.train()
@@ -250,7 +255,7 @@ def _torch_linear_bytes_per_weight(model: Any) -> float:
     """Bytes per weight of the decoder's projections (bitsandbytes' scales not counted)."""
     stored, weights = 0, 0
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ATTENTION + MLP:
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
             weight = getattr(module, "base_layer", module).weight
             weights += module.in_features * module.out_features
             stored += weight.numel() * weight.element_size()
@@ -468,7 +473,7 @@ def report(args: argparse.Namespace, config: ModelConfig, results: list[dict]) -
     if modes & {"lora", "qlora"}:
         setup.append(
             f"LoRA rank {args.lora_rank}, alpha {LORA_ALPHA:g}, no dropout, on "
-            f"{','.join(ATTENTION + MLP)}"
+            f"{','.join(PROJECTIONS)}"
         )
     if "qlora" in modes:
         setup.append(f"QLoRA {args.quantize}, blocks of {QUANT_BLOCK}, double-quantized scales")

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax.numpy as jnp
-import transformers
 from absl import app, flags
 
 from sft_jax import export
+from sft_jax.data.templates import load_tokenizer
 from sft_jax.errors import UserError
 from sft_jax.generate import chat, chat_stop_token_ids, reply
 from sft_jax.models import CausalLM, from_pretrained
@@ -56,7 +56,7 @@ def load(name_or_path: str, dtype: Any) -> tuple[CausalLM, Any, list[int]]:
     """Model, tokenizer and chat stop tokens of a Hugging Face directory (or hub id)."""
     model_dir = resolve_model_dir(name_or_path)
     model = from_pretrained(model_dir, param_dtype=dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = load_tokenizer(model_dir)
     return model, tokenizer, chat_stop_token_ids(tokenizer, model_dir)
 
 

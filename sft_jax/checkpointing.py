@@ -241,13 +241,6 @@ def _tree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestor
     return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
 
 
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs with the shardings of `state`: the target a restore reshards onto."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-
-
 class StopSignal:
     """Turns SIGTERM / SIGINT into a request to save and stop after the current step."""
 
@@ -300,9 +293,3 @@ def _any_process(flag: bool) -> jax.Array:
     per_device, any_of = _vote_program()
     flags = np.full((jax.local_device_count(),), flag)
     return any_of(jax.make_array_from_process_local_data(per_device, flags, (jax.device_count(),)))
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """A run's WORKDIR or its checkpoints/ folder -> the checkpoints folder."""
-    path = Path(path)
-    return path / "checkpoints" if (path / "checkpoints").is_dir() else path

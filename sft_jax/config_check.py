@@ -1,4 +1,4 @@
-"""Names the mistyped field of a --config.a.b=value override, with the closest real ones."""
+"""Every check of a config's values, and the mistyped field of a --config.a.b=value override."""
 
 from __future__ import annotations
 
@@ -6,6 +6,15 @@ import difflib
 import importlib.util
 from pathlib import Path
 from typing import Any
+
+from sft_jax.compile_plan import ATTENTION_CHOICES
+from sft_jax.data.formats import FORMATS
+from sft_jax.data.templates import TRAIN_ON
+from sft_jax.errors import ConfigError, check_choice
+from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
+from sft_jax.models import DTYPES
+from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
+from sft_jax.optim import SCHEDULES
 
 
 def _load(config_arg: str) -> Any:
@@ -45,82 +54,119 @@ def unknown_override(argv: list[str]) -> str | None:
 
 
 def check_values(config: Any, device_count: int, batch_shards: int) -> None:
-    """Values that would fail deep inside (or silently) later, named now with what to do.
+    """Every allowed-value check of a run's config, made once before anything loads: values
+    that would fail deep inside (or silently) later, named now with what to do. The modules
+    that read these values trust them.
 
     batch_shards: devices the batch rows are split over (mesh data x fsdp).
     """
-    from sft_jax.errors import ConfigError
+    _check_train(config)
+    _check_batches(config, device_count, batch_shards)
+    _check_data(config)
+    _check_eval_and_outputs(config)
+    _check_model(config)
+    _check_lora(config)
 
-    def need(ok: bool, field: str, problem: str) -> None:
-        if not ok:
-            raise ConfigError(f"config.{field}={_get(config, field)!r}: {problem}")
 
-    train, lora = config.train, config.lora
-    need(train.steps > 0, "train.steps", "train for at least one step.")
-    need(train.learning_rate > 0, "train.learning_rate", "must be positive.")
-    need(train.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more.")
-    need(0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be within [0, 1].")
-    need(train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (off) or positive.")
-    need(train.loss_chunk_size > 0, "train.loss_chunk_size", "must be positive.")
-    need(config.data.max_length > 1, "data.max_length", "rows need at least 2 tokens.")
-    need(config.log.every_steps > 0, "log.every_steps", "log at least every N > 0 steps.")
-    need(config.data.prefetch >= 1, "data.prefetch", "prefetch at least 1 batch.")
-    need(
-        config.model.remat in ("none", "save_matmuls", "full", "auto"),
-        "model.remat",
-        "expected 'none', 'save_matmuls', 'full' or 'auto'.",
-    )
-    need(
-        config.data.max_documents_per_row >= 0,
-        "data.max_documents_per_row",
-        "must be 0 (no limit) or positive.",
-    )
+def _need(config: Any, ok: bool, field: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}={_get(config, field)!r}: {problem}")
+
+
+def _check_train(config: Any) -> None:
+    train = config.train
+    _need(config, train.steps > 0, "train.steps", "train for at least one step.")
+    _need(config, train.learning_rate > 0, "train.learning_rate", "must be positive.")
+    _need(config, train.warmup_steps >= 0, "train.warmup_steps", "must be 0 or more.")
+    _need(config, 0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be within [0, 1].")
+    _need(config, train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (off) or positive.")
+    _need(config, train.loss_chunk_size > 0, "train.loss_chunk_size", "must be positive.")
+    check_choice("train.lr_schedule", train.lr_schedule, SCHEDULES)
     accumulation = train.gradient_accumulation_steps
-    need(accumulation > 0, "train.gradient_accumulation_steps", "must be 1 or more.")
+    _need(config, accumulation > 0, "train.gradient_accumulation_steps", "must be 1 or more.")
+
+
+def _check_batches(config: Any, device_count: int, batch_shards: int) -> None:
+    accumulation = config.train.gradient_accumulation_steps
     for field, pieces in (("train.global_batch_size", accumulation),
                           ("eval.global_batch_size", 1)):  # fmt: skip
         rows = _get(config, field)
         split = f"{pieces} micro-batches x " if pieces > 1 else ""
-        need(
+        _need(
+            config,
             rows > 0 and rows % (pieces * batch_shards) == 0,
             field,
             f"rows must split evenly into {split}{batch_shards} devices (the mesh's data x fsdp "
             f"axes, of {device_count} devices): use a multiple of {pieces * batch_shards}.",
         )
+
+
+def _check_data(config: Any) -> None:
+    data = config.data
+    _need(config, data.max_length > 1, "data.max_length", "rows need at least 2 tokens.")
+    _need(config, data.prefetch >= 1, "data.prefetch", "prefetch at least 1 batch.")
+    _need(config, data.max_documents_per_row >= 0, "data.max_documents_per_row",
+          "must be 0 (no limit) or positive.")  # fmt: skip
+    _need(config, 0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "expected [0, 1).")
+    check_choice("data.train_on", data.train_on, TRAIN_ON)
+    check_choice("data.format", data.format, ("auto", *FORMATS))
+
+
+def _check_eval_and_outputs(config: Any) -> None:
+    _need(config, config.log.every_steps > 0, "log.every_steps", "log at least every N > 0 steps.")
     for field in ("eval.every_steps", "checkpoint.every_steps", "eval.generate_examples",
                   "eval.show_samples", "eval.early_stopping_patience"):  # fmt: skip
-        need(_get(config, field) >= 0, field, "must be 0 (off) or positive.")
-    need(config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")
-    need(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "keep at least 1.")
-    need(
-        config.export.at_end in ("best", "last", "none"),
-        "export.at_end",
-        "expected 'best', 'last' or 'none'.",
-    )
-    need(
+        _need(config, _get(config, field) >= 0, field, "must be 0 (off) or positive.")
+    _need(config, config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")
+    _need(config, config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "keep at least 1.")
+    _need(config, config.export.at_end in ("best", "last", "none"), "export.at_end",
+          "expected 'best', 'last' or 'none'.")  # fmt: skip
+    _need(
+        config,
         config.checkpoint.enabled or config.export.at_end == "none",
         "export.at_end",
         "the export is written from a checkpoint, but config.checkpoint.enabled is False: "
         "enable checkpoints or set config.export.at_end='none'.",
     )
-    need(lora.rank >= 0, "lora.rank", "0 (full fine-tuning) or a positive adapter rank.")
+
+
+def _check_model(config: Any) -> None:
+    model = config.model
+    _need(config, model.remat in ("none", "save_matmuls", "full", "auto"), "model.remat",
+          "expected 'none', 'save_matmuls', 'full' or 'auto'.")  # fmt: skip
+    check_choice("model.attention", model.attention, ATTENTION_CHOICES)
+    check_choice("model.param_dtype", model.param_dtype, tuple(DTYPES))
+    check_choice("model.compute_dtype", model.compute_dtype, tuple(DTYPES))
+
+
+def _check_lora(config: Any) -> None:
+    lora = config.lora
+    _need(config, lora.rank >= 0, "lora.rank", "0 (full fine-tuning) or a positive adapter rank.")
     if lora.rank:
-        need(0 <= lora.dropout < 1, "lora.dropout", "must be within [0, 1).")
-        need(lora.alpha > 0, "lora.alpha", "must be positive.")
-        need(
-            any(name.strip() for name in lora.target_modules.split(",")),
+        _need(config, 0 <= lora.dropout < 1, "lora.dropout", "must be within [0, 1).")
+        _need(config, lora.alpha > 0, "lora.alpha", "must be positive.")
+        targets = names(lora.target_modules)
+        _need(config, bool(targets), "lora.target_modules",
+              "no module to adapt: with lora.rank > 0 nothing would train. Name projections "
+              "(q_proj, ..., down_proj) or use 'all-linear'.")  # fmt: skip
+        unknown = sorted(set(targets) - {"all-linear", *PROJECTIONS})
+        _need(
+            config,
+            not unknown,
             "lora.target_modules",
-            "no module to adapt: with lora.rank > 0 nothing would train. Name projections "
-            "(q_proj, ..., down_proj) or use 'all-linear'.",
+            f"unknown {unknown}; use 'all-linear' or names among {', '.join(PROJECTIONS)}.",
         )
+    extra = names(lora.trainable_modules)
+    _need(config, not set(extra) - set(EXTRA_MODULES), "lora.trainable_modules",
+          f"expected names among {list(EXTRA_MODULES)}.")  # fmt: skip
     if lora.quantize:
-        need(lora.quantize in ("nf4", "int8"), "lora.quantize", "expected 'nf4', 'int8' or ''.")
+        _need(config, lora.quantize in QUANT_FORMATS, "lora.quantize",
+              f"expected {' or '.join(map(repr, (*QUANT_FORMATS, '')))}.")  # fmt: skip
+        _need(config, lora.rank > 0, "lora.quantize",
+              "needs LoRA (lora.rank > 0): quantized weights are frozen.")  # fmt: skip
         block = lora.quant_block_size
-        need(
-            block > 0 and block % 2 == 0,
-            "lora.quant_block_size",
-            "weights per scale: a positive even number (64 is the QLoRA default).",
-        )
+        _need(config, block > 0 and block % 2 == 0, "lora.quant_block_size",
+              "weights per scale: a positive even number (64 is the QLoRA default).")  # fmt: skip
 
 
 def _get(config: Any, dotted: str) -> Any:

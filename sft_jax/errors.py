@@ -7,3 +7,12 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config value cannot work; the message names the field and what to use instead."""
+
+
+def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None:
+    """The one wording of "this field takes one of these values" (config_check uses it for
+    every such field; functions that take the value directly use it too)."""
+    if value not in choices:
+        raise ConfigError(
+            f"config.{field}={value!r}: expected one of {', '.join(map(str, choices))}."
+        )

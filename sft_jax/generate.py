@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.models.decoder import CausalLM, KVCache
+from sft_jax.models.attention import KVCache
+from sft_jax.models.decoder import CausalLM
 
 _MIN_LENGTH_BUCKET = 16
 # End-of-turn markers of common chat templates; a stop token when the template writes it.

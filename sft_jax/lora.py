@@ -8,10 +8,8 @@ layer computes W x + scale * B A x with scale = alpha / rank (alpha / sqrt(rank)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,14 +21,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from sft_jax import sharding
-from sft_jax.errors import ConfigError
 from sft_jax.models import safetensors_io
-from sft_jax.models.decoder import CausalLM, Linear, LoRAParam
-from sft_jax.quantize import QuantizedState, QuantSpec, quantize
+from sft_jax.models.decoder import (
+    ATTENTION_PROJECTIONS,
+    MLP_PROJECTIONS,
+    CausalLM,
+    decoder_linears,
+)
+from sft_jax.models.hf_io import hf_module_name, to_host
+from sft_jax.models.layers import LoRAParam
+from sft_jax.models.partitioning import named_sharding
+from sft_jax.models.quantize import QuantSpec
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Modules trained in full beside the adapters, by their Hugging Face names.
 EXTRA_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}
 
 
@@ -41,10 +45,15 @@ class LoRASpec:
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ATTENTION + MLP
+    targets: tuple[str, ...] = PROJECTIONS
     use_rslora: bool = False
     extra_trainable: tuple[str, ...] = ()  # "embed" and/or "lm_head", trained in full
     quantization: QuantSpec | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this run trains adapters (else every parameter: full fine-tuning)."""
+        return self.rank > 0
 
     @property
     def scale(self) -> float:
@@ -61,92 +70,29 @@ class LoRASpec:
 
     @classmethod
     def from_config(cls, lora: ml_collections.ConfigDict) -> LoRASpec:
-        targets = (
-            ATTENTION + MLP if lora.target_modules == "all-linear" else _names(lora.target_modules)
+        """The spec of config.lora (whose values config_check has checked)."""
+        targets = PROJECTIONS if lora.target_modules == "all-linear" else names(lora.target_modules)
+        quantization = (
+            QuantSpec(lora.quantize, lora.quant_block_size, lora.double_quant)
+            if lora.quantize
+            else None
         )
-        unknown = set(targets) - set(ATTENTION + MLP)
-        if unknown:
-            raise ConfigError(
-                f"config.lora.target_modules: unknown {sorted(unknown)}; use 'all-linear' or "
-                f"names among {', '.join(ATTENTION + MLP)}."
-            )
-        extra = _names(lora.trainable_modules)
-        if set(extra) - set(EXTRA_MODULES):
-            raise ConfigError(
-                f"config.lora.trainable_modules={extra}: expected names among "
-                f"{list(EXTRA_MODULES)}."
-            )
-        quantization = None
-        if lora.quantize:
-            if lora.rank == 0:
-                raise ConfigError(
-                    "config.lora.quantize needs LoRA (rank > 0): quantized weights are frozen."
-                )
-            quantization = QuantSpec(lora.quantize, lora.quant_block_size, lora.double_quant)
         return cls(
-            lora.rank, lora.alpha, lora.dropout, targets, lora.use_rslora, extra, quantization
-        )
+            lora.rank, lora.alpha, lora.dropout, targets, lora.use_rslora,
+            names(lora.trainable_modules), quantization,
+        )  # fmt: skip
 
 
-def _names(text: str) -> tuple[str, ...]:
+def names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
-
-
-def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
-    """(layer index, projection name, module) of every linear layer in the decoder."""
-    for index, layer in enumerate(model.layers):
-        for name in ATTENTION:
-            yield index, name, getattr(layer.attn, name)
-        for name in MLP:
-            yield index, name, getattr(layer.mlp, name)
-
-
-def hf_module_name(index: int, name: str) -> str:
-    return f"model.layers.{index}.{'self_attn' if name in ATTENTION else 'mlp'}.{name}"
 
 
 def trainable_filter(spec: LoRASpec) -> Any:
     """What the optimizer updates: every parameter, or the adapters plus any extra modules."""
-    if spec.rank == 0:
+    if not spec.enabled:
         return nnx.Param
     extras = [nnx.PathContains(module) for module in spec.extra_trainable]
     return nnx.Any(LoRAParam, *extras)
-
-
-def _quant_axes(name: str, axes: tuple[str, str]) -> tuple[str | None, ...]:
-    return {"scale_scales": (axes[0], None), "scale_mean": (None,)}.get(name, axes)
-
-
-def quantize_structure(model: CausalLM, spec: QuantSpec) -> None:
-    """Replaces every decoder kernel by abstract quantized storage (for the loader to fill)."""
-    for _, _, linear in decoder_linears(model):
-        kernel = linear.kernel.get_value()
-        stored = jax.eval_shape(
-            lambda k: quantize(k, spec), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
-        )
-        linear.quant = nnx.Dict(
-            {
-                k: QuantizedState(v, logical_axes=_quant_axes(k, linear.axes))
-                for k, v in stored.items()
-            }
-        )
-        linear.quant_spec = spec
-        linear.kernel = None
-
-
-def quantized_kernel(kernel: jax.Array, spec: QuantSpec, axes: tuple[str, str], mesh: Mesh) -> dict:
-    """Quantizes one loaded kernel on its devices, straight into its stored shardings."""
-    return _quantizer(kernel.shape, kernel.dtype, kernel.sharding, spec, axes, mesh)(kernel)
-
-
-@functools.lru_cache(maxsize=64)
-def _quantizer(shape, dtype, in_sharding, spec: QuantSpec, axes, mesh: Mesh) -> Any:
-    """A compiled quantize for one kernel shape and layout (layers share it)."""
-    shapes = jax.eval_shape(partial(quantize, spec=spec), jax.ShapeDtypeStruct(shape, dtype))
-    out = {
-        k: sharding.named_sharding(_quant_axes(k, axes), v.shape, mesh) for k, v in shapes.items()
-    }
-    return jax.jit(partial(quantize, spec=spec), in_shardings=in_sharding, out_shardings=out)
 
 
 def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> None:
@@ -158,9 +104,9 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
             continue
         in_features, out_features = linear.in_features, linear.out_features
         a_axes, b_axes = (linear.axes[0], "lora_rank"), ("lora_rank", linear.axes[1])
-        a_sharding = sharding.named_sharding(a_axes, (in_features, spec.rank), mesh)
-        b_sharding = sharding.named_sharding(b_axes, (spec.rank, out_features), mesh)
-        layer_key = jax.random.fold_in(key, index * 16 + (ATTENTION + MLP).index(name))
+        a_sharding = named_sharding(a_axes, (in_features, spec.rank), mesh)
+        b_sharding = named_sharding(b_axes, (spec.rank, out_features), mesh)
+        layer_key = jax.random.fold_in(key, index * 16 + PROJECTIONS.index(name))
         a = _uniform_init(layer_key, (in_features, spec.rank), a_sharding)
         linear.lora_a = LoRAParam(a, logical_axes=a_axes)
         linear.lora_b = LoRAParam(
@@ -246,8 +192,6 @@ def _pending(name: str, array: jax.Array, transpose: bool) -> safetensors_io.Pen
     dtype = np.dtype(array.dtype)
 
     def produce() -> np.ndarray:
-        from sft_jax.models.hf_io import to_host
-
         host = to_host(array)
         return host.T if transpose else host
 

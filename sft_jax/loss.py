@@ -15,14 +15,15 @@ cross-entropy).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from sft_jax.models.decoder import CausalLM, head_logits
-from sft_jax.sharding import logical_to_spec
+from sft_jax.models.partitioning import logical_to_spec
 
 
 class LossSums(NamedTuple):
@@ -160,3 +161,38 @@ def loss_sums(
         ),
         out_specs=LossSums(PartitionSpec(), PartitionSpec(), PartitionSpec()),
     )(hidden_BxTxD, head_VxD, targets_BxT, mask_BxT)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy:
+    """The SFT objective: masked next-token cross-entropy (+ z-loss) per target token.
+
+    The train step (sft_jax.step) asks an objective for four things, which is all another
+    objective (a preference or reward-model loss) has to provide:
+      sums(model, batch, dropout_key) -> a pytree of sums over the batch's rows, additive over
+          micro-batches;
+      normalizer(batch) -> what the summed loss is divided by, over the *global* batch;
+      loss(sums, normalizer) -> the scalar to differentiate;
+      metrics(sums, normalizer) -> {"train/...": value}.
+    """
+
+    z_loss_weight: float = 0.0
+    loss_chunk_size: int = 512
+
+    def sums(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None) -> LossSums:
+        return loss_sums(model, batch, self.loss_chunk_size, dropout_key=dropout_key)
+
+    def normalizer(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """Target tokens of the whole global batch (all devices, all micro-batches): uneven
+        micro-batches then weigh exactly right."""
+        return jnp.maximum(jnp.sum(batch["target_mask"].astype(jnp.float32)), 1.0)
+
+    def loss(self, sums: LossSums, normalizer: jax.Array) -> jax.Array:
+        return (sums.nll + self.z_loss_weight * sums.z) / normalizer
+
+    def metrics(self, sums: LossSums, normalizer: jax.Array) -> dict[str, Any]:
+        return {
+            "train/loss": sums.nll / normalizer,
+            "train/z_loss": sums.z / normalizer,
+            "train/target_tokens": sums.target_tokens,
+        }

@@ -8,18 +8,14 @@ import jax
 import ml_collections
 import optax
 
-from sft_jax.errors import ConfigError
+from sft_jax.errors import check_choice
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warmup from 0 to learning_rate, then cosine / linear decay or constant."""
-    if train.lr_schedule not in SCHEDULES:
-        raise ConfigError(
-            f"config.train.lr_schedule={train.lr_schedule!r}: "
-            f"expected one of {', '.join(SCHEDULES)}."
-        )
+    check_choice("train.lr_schedule", train.lr_schedule, SCHEDULES)
     peak, warmup = train.learning_rate, train.warmup_steps
     final = peak * train.min_lr_ratio
     decay_steps = max(train.steps - warmup, 1)

@@ -1,32 +1,31 @@
-"""Device mesh and the one table that maps logical axis names to mesh axes."""
+"""The device mesh and the shardings of what lives on it: train state, batches, abstract state.
+
+Logical axis names map to mesh axes through the one table in models/partitioning.py; this
+module builds meshes from config and lays arrays (and their abstract stand-ins) out on them.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sft_jax.data.batches import BATCH_DTYPES, BATCH_KEYS
 from sft_jax.errors import ConfigError
+from sft_jax.models.partitioning import (
+    LOGICAL_RULES,
+    MESH_AXES,
+    named_sharding,
+    single_device_mesh,
+)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axis (as annotated on parameters and activations) -> mesh axes it is split over.
-# "batch" rows are split over data-parallel and fsdp replicas; weights are split over fsdp
-# (gathered per layer by XLA) and tensor (Megatron-style column/row parallel layers).
-LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "vocab": ("tensor",),
-    "embed": ("fsdp",),
-    "mlp": ("tensor",),
-    "q_heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "norm": (),
-    "lora_rank": (),
-    "length": (),
-}
+__all__ = ["make_mesh", "mesh_for", "single_device_mesh"]
 
 
 def make_mesh(
@@ -52,31 +51,84 @@ def make_mesh(
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def single_device_mesh() -> Mesh:
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
+def mesh_for(config: ml_collections.ConfigDict) -> Mesh:
+    """The mesh config.mesh asks for, over every device of the job."""
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
-def logical_to_spec(
-    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
-) -> PartitionSpec:
-    """PartitionSpec for an array; a dimension not divisible by its mesh axes stays whole."""
-    spec = []
-    used: set[str] = set()
-    for name, dim in zip(logical_axes, shape, strict=True):
-        mesh_axes = (
-            tuple(a for a in LOGICAL_RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
-            if name
-            else ()
-        )
-        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
-            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-            used.update(mesh_axes)
-        else:
-            spec.append(None)
-    return PartitionSpec(*spec)
+def batch_shards(mesh: Mesh) -> int:
+    """Devices a batch's rows are split over (the mesh's data x fsdp axes)."""
+    return math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"])
 
 
-def named_sharding(
-    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
-) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+def param_shardings(model: nnx.Module, mesh: Mesh, which: Any = nnx.Param) -> dict[str, Any]:
+    """NamedSharding per variable selected by `which` (a pure dict), from logical axes."""
+    flat = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, which)):
+        value = variable.get_value()
+        flat[path] = named_sharding(variable.get_metadata()["logical_axes"], value.shape, mesh)
+    return nnx.to_pure_dict(nnx.from_flat_state(flat))
+
+
+def _keystr(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def opt_state_shardings(abstract_opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Leaves mirroring a parameter (Adam moments) take its sharding; the rest replicate."""
+    by_path = {
+        _keystr(path): s for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]
+    }
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> NamedSharding:
+        keys = _keystr(path)
+        for start in range(len(keys)):
+            match = by_path.get(keys[start:])
+            if match is not None and len(match.spec) <= leaf.ndim:
+                return match
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    rows = NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], None))
+    return {k: rows for k in BATCH_KEYS}
+
+
+def abstract_batch(rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    shardings = batch_shardings(mesh)
+    return {
+        k: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=shardings[k])
+        for k, dtype in BATCH_DTYPES.items()
+    }
+
+
+def device_batch(
+    local_batch: dict[str, Any], shardings: dict[str, NamedSharding]
+) -> dict[str, jax.Array]:
+    """This process's rows of the global batch -> global arrays sharded over the mesh."""
+    return {
+        k: jax.make_array_from_process_local_data(shardings[k], local_batch[k].astype(dtype))
+        for k, dtype in BATCH_DTYPES.items()
+    }
+
+
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s arrays (or abstract arrays) laid out as `shardings`."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs with the shardings of `tree`'s arrays: the target a restore (or a
+    compile) lays out onto."""
+    return with_shardings(tree, jax.tree.map(lambda x: x.sharding, tree))
+
+
+def abstract_params(model: nnx.Module, mesh: Mesh, which: Any = nnx.Param) -> dict[str, Any]:
+    """Abstract variables `which` of a (possibly abstract) model, sharded on `mesh`."""
+    shapes = nnx.to_pure_dict(nnx.state(model, which))
+    return with_shardings(shapes, param_shardings(model, mesh, which))

@@ -22,7 +22,7 @@ from flax import nnx
 from hf_models import hf_config
 from test_step import mean_loss, synthetic_batch
 
-from sft_jax.models import CausalLM, UnsupportedModelError, decoder, from_hf_config
+from sft_jax.models import CausalLM, UnsupportedModelError, from_hf_config, kernels
 
 
 def model_pair(family: str, max_segments: int = 0) -> tuple[CausalLM, CausalLM]:
@@ -77,7 +77,7 @@ def assert_grads_close(grads: dict, expected: dict, rtol: float) -> None:
 
 @pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "mistral", "qwen3", "gemma3"])
 def test_fused_attention_equals_the_einsum_path(family, monkeypatch):
-    monkeypatch.setitem(decoder.FUSED_IMPLEMENTATION, "cudnn", None)  # jax's XLA kernel on CPU
+    monkeypatch.setitem(kernels.FUSED_IMPLEMENTATION, "cudnn", None)  # jax's XLA kernel on CPU
     reference, fused = model_pair(family)
     batch = synthetic_batch(7)  # two packed documents per row, padding, windows shorter
     expected_loss, expected_grads = loss_and_grads(reference, batch)
@@ -92,8 +92,8 @@ def test_cudnn_packed_layout_equals_the_einsum_path(family, key_heads, monkeypat
     """The segment-table form of "cudnn": two documents and padding per row, windows shorter
     than the documents (mistral, qwen2, gemma3), GQA: kernel-side (a jax that places key
     segments by the key's heads) or by repeated key/value heads (an older jax)."""
-    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", emulated_packed_kernel)
-    monkeypatch.setattr(decoder, "_kv_offsets_use_key_heads", lambda: key_heads)
+    monkeypatch.setitem(kernels.PACKED_KERNEL, "fn", emulated_packed_kernel)
+    monkeypatch.setattr(kernels, "_kv_offsets_use_key_heads", lambda: key_heads)
     reference, fused = model_pair(family, max_segments=4)
     batch = synthetic_batch(7)
     expected_loss, expected_grads = loss_and_grads(reference, batch)
@@ -112,7 +112,7 @@ def test_segment_table_lists_every_run_and_flags_rows_with_too_many():
         ],
         np.int32,
     )
-    lengths, starts, fits = jax.device_get(decoder.segment_table(jnp.asarray(segment_ids), 4))
+    lengths, starts, fits = jax.device_get(kernels.segment_table(jnp.asarray(segment_ids), 4))
     np.testing.assert_array_equal(
         lengths, [[3, 2, 1, 2], [8, -1, -1, -1], [8, -1, -1, -1], [1, 1, 1, 1]]
     )
@@ -124,7 +124,7 @@ def test_segment_table_lists_every_run_and_flags_rows_with_too_many():
 
 
 def test_rows_with_more_segments_than_the_table_give_nan_not_leakage(monkeypatch):
-    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", emulated_packed_kernel)
+    monkeypatch.setitem(kernels.PACKED_KERNEL, "fn", emulated_packed_kernel)
     _, fused = model_pair("llama3.1", max_segments=2)  # two documents + padding need 3
     batch = synthetic_batch(7)
     logits = fused(batch["input_ids"], batch["positions"], batch["segment_ids"])
@@ -148,7 +148,7 @@ def test_cudnn_attention_lowers_for_cuda(layout, remat, monkeypatch):
 
     monkeypatch.setattr(cudnn, "check_cudnn_version", lambda: 91000)
     monkeypatch.setattr(cudnn, "check_compute_capability", lambda capability: True)
-    monkeypatch.setattr(decoder, "packed_cudnn_supported", lambda: layout == "packed")
+    monkeypatch.setattr(kernels, "packed_cudnn_supported", lambda: layout == "packed")
     config = from_hf_config(hf_config("mistral"))
     model = CausalLM(dataclasses.replace(config, attention="cudnn", max_segments=3),
                      dtype=jnp.bfloat16, remat=remat, rngs=nnx.Rngs(0))  # fmt: skip
@@ -180,8 +180,8 @@ def test_segment_starts_reach_cudnn_at_each_tensors_own_stride():
     q = jnp.ones((batch, seq_len, kv_heads, groups, head_dim), jnp.bfloat16)
     k = jnp.ones((batch, seq_len, kv_heads, head_dim), jnp.bfloat16)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(decoder.PACKED_KERNEL, "fn", spy)
-        decoder.cudnn_packed_attention(q, k, k, jnp.asarray(segment_ids), 0.3, None, 4)
+        patch.setitem(kernels.PACKED_KERNEL, "fn", spy)
+        kernels.cudnn_packed_attention(q, k, k, jnp.asarray(segment_ids), 0.3, None, 4)
     _, _, q_offsets, kv_offsets = cudnn._fix_seqlen_offsets(
         seen["q_seqlen"], seen["kv_seqlen"], seen["q_offsets"], seen["kv_offsets"],
         seen["query"], seen["key"],
@@ -221,7 +221,7 @@ def test_cudnn_kernel_is_as_close_to_float32_as_bf16_einsums(family, layout):
     """On a GPU: the real cuDNN kernel (bf16, as it requires) against float32 einsums; its
     loss and gradient errors must be those of bf16 einsum attention, not larger. "packed" is
     the segment table (Hopper and later), "mask" the [B, 1, T, S] mask."""
-    if layout == "packed" and not decoder.packed_cudnn_supported():
+    if layout == "packed" and not kernels.packed_cudnn_supported():
         pytest.skip("cuDNN's packed layout needs a Hopper GPU and a jax that binds it")
     config = from_hf_config(hf_config(family))
     exact = CausalLM(config, rngs=nnx.Rngs(0))
@@ -263,7 +263,7 @@ def long_batch(seed: int, rows: int = 2, seq_len: int = 128) -> dict[str, np.nda
 def test_splash_attention_equals_the_einsum_path(family, monkeypatch):
     """The TPU splash kernel, run by the Pallas interpreter on CPU: segment ids, causal and
     sliding-window masks, GQA grouping and (gemma2) logit soft-capping."""
-    monkeypatch.setitem(decoder.SPLASH_INTERPRET, "interpret", True)
+    monkeypatch.setitem(kernels.SPLASH_INTERPRET, "interpret", True)
     config = from_hf_config(hf_config(family))
     reference = CausalLM(config, rngs=nnx.Rngs(0))
     splash = CausalLM(dataclasses.replace(config, attention="splash"), rngs=nnx.Rngs(0))
@@ -281,11 +281,13 @@ def test_kernels_on_a_sharded_mesh_train_like_the_einsum_path(kind, monkeypatch)
     from test_step import train_config
 
     from sft_jax import sharding
+    from sft_jax.compile_plan import build_steps, init_state
     from sft_jax.optim import make_optimizer
-    from sft_jax.step import StepOptions, build_steps, device_batch, init_state
+    from sft_jax.sharding import device_batch
+    from sft_jax.step import StepOptions
 
-    monkeypatch.setitem(decoder.SPLASH_INTERPRET, "interpret", True)
-    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", emulated_packed_kernel)
+    monkeypatch.setitem(kernels.SPLASH_INTERPRET, "interpret", True)
+    monkeypatch.setitem(kernels.PACKED_KERNEL, "fn", emulated_packed_kernel)
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
     config = from_hf_config(hf_config("llama3.1"))
     batches = [long_batch(seed, rows=4) for seed in (5, 6)]
@@ -306,21 +308,21 @@ def test_kernels_on_a_sharded_mesh_train_like_the_einsum_path(kind, monkeypatch)
 
 def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
     from configs import base
-    from sft_jax import sharding
+    from sft_jax.compile_plan import attention_for
     from sft_jax.errors import ConfigError
-    from sft_jax.model_setup import build_model
+    from sft_jax.models.hf_io import load_hf_config, resolve_model_dir
 
     config = base.get_config()
-    mesh = sharding.single_device_mesh()
+    model = from_hf_config(load_hf_config(resolve_model_dir(config.model.name_or_path)))
     for kind, needs in (("splash", "not a TPU"), ("cudnn", "not an NVIDIA GPU")):
         config.model.attention = kind
         with pytest.raises(ConfigError, match=needs):
-            build_model(config, mesh)
-    monkeypatch.setitem(decoder.SPLASH_INTERPRET, "interpret", True)
+            attention_for(config, model, max_segments=0)
+    monkeypatch.setitem(kernels.SPLASH_INTERPRET, "interpret", True)
     config.model.attention = "splash"
     config.data.max_length = 100
     with pytest.raises(ConfigError, match="is not a multiple of its 128-token tile"):
-        build_model(config, mesh)
+        attention_for(config, model, max_segments=0)
 
 
 @pytest.mark.parametrize(
@@ -340,7 +342,7 @@ def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
 def test_auto_attention_takes_the_accelerators_kernel_where_the_model_allows(
     family, accelerator, compute_dtype, max_length, expected, why
 ):
-    from sft_jax.model_setup import choose_attention
+    from sft_jax.compile_plan import choose_attention
 
     kind, reason = choose_attention(
         "auto", accelerator=accelerator, model=from_hf_config(hf_config(family)),
@@ -351,8 +353,8 @@ def test_auto_attention_takes_the_accelerators_kernel_where_the_model_allows(
 
 
 def test_a_named_kernel_the_run_cannot_use_says_why():
+    from sft_jax.compile_plan import choose_attention
     from sft_jax.errors import ConfigError
-    from sft_jax.model_setup import choose_attention
 
     llama, gemma2 = from_hf_config(hf_config("llama3.1")), from_hf_config(hf_config("gemma2"))
     nvidia = {"accelerator": "nvidia", "max_length": 4096}

@@ -7,9 +7,11 @@ import numpy as np
 from test_step import ROWS, SEQ_LEN, synthetic_batch, tiny_model, train_config
 
 from sft_jax import sharding
-from sft_jax.checkpointing import Checkpoints, abstract_like
+from sft_jax.checkpointing import Checkpoints
+from sft_jax.compile_plan import build_steps, init_state
 from sft_jax.optim import make_optimizer
-from sft_jax.step import StepOptions, build_steps, device_batch, init_state
+from sft_jax.sharding import abstract_like, device_batch
+from sft_jax.step import StepOptions
 
 
 def trained_state(mesh, steps: int = 2):

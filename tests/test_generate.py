@@ -25,10 +25,11 @@ from sft_jax.generate import (
     left_pad,
     nucleus,
 )
-from sft_jax.lora import LoRASpec, apply_lora, decoder_linears, merged
+from sft_jax.lora import LoRASpec, apply_lora, merged
 from sft_jax.models import from_pretrained
-from sft_jax.models.decoder import CausalLM, KVCache
-from sft_jax.quantize import QuantSpec
+from sft_jax.models.attention import KVCache
+from sft_jax.models.decoder import CausalLM, decoder_linears
+from sft_jax.models.quantize import QuantSpec
 
 EOS = 2
 # Different lengths; with 16 new tokens every row outgrows the families' 5-token windows.

@@ -14,12 +14,16 @@ from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, synthetic_batch, train_config
 
 from sft_jax import sharding
-from sft_jax.lora import LoRASpec, apply_lora, decoder_linears, save_adapter, trainable_filter
+from sft_jax.compile_plan import build_steps, init_state
+from sft_jax.lora import LoRASpec, apply_lora, save_adapter, trainable_filter
+from sft_jax.lora import merged as fold_adapters
 from sft_jax.models import from_pretrained, save_pretrained
-from sft_jax.models.decoder import LoRAParam
+from sft_jax.models.decoder import decoder_linears
+from sft_jax.models.layers import LoRAParam
+from sft_jax.models.quantize import QuantSpec, dequantize, quantize, stored_bytes
 from sft_jax.optim import make_optimizer
-from sft_jax.quantize import QuantSpec, dequantize, quantize, stored_bytes
-from sft_jax.step import StepOptions, build_steps, device_batch, init_state
+from sft_jax.sharding import device_batch
+from sft_jax.step import StepOptions
 
 SPEC = LoRASpec(rank=4, alpha=8.0, extra_trainable=("embed",))
 
@@ -76,7 +80,7 @@ def test_adapter_loads_in_peft_with_equal_logits(base, tmp_path, spec):
     actual = jax_logits(model, batch)
     assert_close_on_tokens(actual, expected, batch["attention_mask"], rel_tol=1e-4)
     # ... and the merged export equals it too, loaded as a plain transformers model.
-    merged_dir = save_pretrained(model, tmp_path / "merged")
+    merged_dir = save_pretrained(fold_adapters(model), tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         merged_dir, attn_implementation="eager"
     )

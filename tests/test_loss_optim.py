@@ -188,7 +188,7 @@ def test_bf16_compute_runs_every_backward_matmul_in_bf16(remat):
 
 
 def test_einsum_f32_gradients_are_plain_autodiffs_in_the_operands_dtype():
-    from sft_jax.models.decoder import einsum_f32
+    from sft_jax.models.layers import einsum_f32
 
     rng = np.random.default_rng(0)
     a, b = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((3, 5, 8), (7, 8)))

@@ -21,10 +21,11 @@ from flax import nnx
 from hf_models import hf_logits, save_hf_model
 from test_step import SEQ_LEN, synthetic_batch
 
-from sft_jax import trainer
-from sft_jax.checkpointing import Checkpoints, checkpoint_dir
+from sft_jax import compile_plan, memory_plan, trainer
+from sft_jax.checkpointing import Checkpoints
 from sft_jax.errors import ConfigError
 from sft_jax.models import from_pretrained
+from sft_jax.rundir import checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -230,17 +231,19 @@ def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
     and masks it has no engine for) costs "auto" speed, not the run; a named kernel fails."""
     import logging
 
-    from sft_jax.models import decoder
+    from sft_jax.models import kernels
 
     def refuses(*args, **kwargs):
         raise NotImplementedError("no cuDNN engine supports this graph")
 
-    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", refuses)
+    monkeypatch.setitem(kernels.PACKED_KERNEL, "fn", refuses)
+    picks_cudnn = lambda config, model, max_segments: ("cudnn", "as if on a GPU")  # noqa: E731
+    monkeypatch.setattr(compile_plan, "attention_for", picks_cudnn)
     config = base_config(model_dir, steps=2)
     config.eval.at_start = False
     config.model.attention = "auto"  # as if it had picked cudnn on a GPU
     model = from_pretrained(model_dir, attention="cudnn", max_segments=4)
-    with caplog.at_level(logging.WARNING, logger="sft_jax.trainer"):
+    with caplog.at_level(logging.WARNING, logger="sft_jax.compile_plan"):
         run = trainer.Trainer(config, tmp_path / "auto", model, synthetic_source())
     assert "attention 'cudnn' did not compile (NotImplementedError: no cuDNN engine" in caplog.text
     assert model.config.attention == "xla"
@@ -460,19 +463,19 @@ def test_lora_with_dropout_resumes_exactly(model_dir, tmp_path, monkeypatch):
 def test_a_step_planned_beyond_the_device_warns_before_it_runs(caplog):
     """XLA's memory plan of the compiled step is logged; one over the device's limit warns,
     naming what lowers it, instead of leaving the user to a RESOURCE_EXHAUSTED mid-step."""
-    from sft_jax.step import StepMemory
+    from sft_jax.memory_plan import StepMemory, warn_if_over_memory
 
     plan = StepMemory(arguments=6 << 30, outputs=5 << 30, aliased=5 << 30, temporaries=4 << 30,
                       code=0)  # fmt: skip
     assert plan.total == 10 << 30
-    with caplog.at_level("INFO", logger="sft_jax.trainer"):
-        trainer.warn_if_over_memory(plan, 16 << 30, "none")
-        trainer.warn_if_over_memory(plan, None, "none")  # CPU: no limit known
+    with caplog.at_level("INFO", logger="sft_jax.memory_plan"):
+        warn_if_over_memory(plan, 16 << 30, "none")
+        warn_if_over_memory(plan, None, "none")  # CPU: no limit known
     assert "10.00 GiB per device" in caplog.text and "WARNING" not in caplog.text
     for remat, advice in (("none", True), ("full", False)):
         caplog.clear()
-        with caplog.at_level("INFO", logger="sft_jax.trainer"):
-            trainer.warn_if_over_memory(plan, 8 << 30, remat)
+        with caplog.at_level("INFO", logger="sft_jax.memory_plan"):
+            warn_if_over_memory(plan, 8 << 30, remat)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1
         assert "plans 10.00 GiB per device but the device holds 8.00 GiB" in warnings[0]
@@ -498,34 +501,36 @@ def test_auto_remat_moves_on_when_the_compiler_runs_out_of_memory():
         def compile_(model):
             if model.remat not in fits:
                 raise RuntimeError(OUT_OF_MEMORY)
-            return trainer.Steps(None, None, None, None, {}, 0.0, train_memory=None)
+            return compile_plan.Steps(None, None, None, None, {}, 0.0, train_memory=None)
 
         return compile_
 
     model = Model()
-    assert trainer.compile_with_remat(build({"full"}), model, "auto", 16 << 30) is not None
+    assert compile_plan.compile_with_remat(build({"full"}), model, "auto", 16 << 30) is not None
     assert model.remat == "full"
     for remat in ("none", "auto"):
         with pytest.raises(ConfigError, match=f"does not fit in device memory with "
                            f"config.model.remat='{remat}'.*Ran out of memory"):  # fmt: skip
-            trainer.compile_with_remat(build(set()), Model(), remat, 16 << 30)
+            compile_plan.compile_with_remat(build(set()), Model(), remat, 16 << 30)
 
     def broken(model):
         raise ValueError("some other compile error")
 
     with pytest.raises(ValueError, match="some other compile error"):
-        trainer.compile_with_remat(broken, Model(), "auto", 16 << 30)
+        compile_plan.compile_with_remat(broken, Model(), "auto", 16 << 30)
 
 
 def test_a_kernel_out_of_memory_is_not_blamed_on_the_kernel(model_dir, tmp_path, monkeypatch):
     """attention="auto" falls back to einsums when a fused kernel does not compile, but not when
     the compile ran out of memory: einsums need more, and the error says what lowers it."""
-    from sft_jax.models import decoder
+    from sft_jax.models import kernels
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError(OUT_OF_MEMORY)
 
-    monkeypatch.setitem(decoder.PACKED_KERNEL, "fn", out_of_memory)
+    monkeypatch.setitem(kernels.PACKED_KERNEL, "fn", out_of_memory)
+    picks_cudnn = lambda config, model, max_segments: ("cudnn", "as if on a GPU")  # noqa: E731
+    monkeypatch.setattr(compile_plan, "attention_for", picks_cudnn)
     config = base_config(model_dir, steps=2)
     config.model.attention = "auto"  # as if it had picked cudnn on a GPU
     model = from_pretrained(model_dir, attention="cudnn", max_segments=4)
@@ -556,14 +561,14 @@ def test_auto_remat_takes_the_least_recomputation_whose_step_fits():
         return compiled[model.remat]
 
     plans = {}
-    for policy in trainer.AUTO_REMAT:
+    for policy in compile_plan.AUTO_REMAT:
         model.remat = policy
         plans[policy] = build(model).train_memory.total
     # (XLA's CPU plan gains little from "full" over "save_matmuls"; a GPU's gains more.)
     assert plans["none"] > plans["save_matmuls"] >= plans["full"], plans
 
     def fits(plan: int) -> int:  # the smallest device limit that takes this plan
-        return int(plan / trainer.FIT_FRACTION) + 1
+        return int(plan / memory_plan.FIT_FRACTION) + 1
 
     none, save = fits(plans["none"]), fits(plans["save_matmuls"])
     # Nothing fits: "full", the least memory there is (the warning before the first step says
@@ -572,11 +577,11 @@ def test_auto_remat_takes_the_least_recomputation_whose_step_fits():
              (plans["full"] // 2, "full")]  # fmt: skip
     for limit, expected in cases:
         model.remat = "none"
-        steps = trainer.compile_with_remat(build, model, "auto", limit)
+        steps = compile_plan.compile_with_remat(build, model, "auto", limit)
         assert (model.remat, steps.train_memory.total) == (expected, plans[expected]), limit
     model.remat = "save_matmuls"  # a named policy is kept, whatever the limit
     assert (
-        trainer.compile_with_remat(build, model, "save_matmuls", 1).train_memory.total
+        compile_plan.compile_with_remat(build, model, "save_matmuls", 1).train_memory.total
         == (plans["save_matmuls"])
     )
 
@@ -588,7 +593,7 @@ def test_auto_remat_in_a_run_trains_as_the_policy_it_picked(model_dir, tmp_path,
     expected = trainer.Trainer(config, tmp_path / "full", from_pretrained(model_dir, remat="full"),
                                synthetic_source()).train()  # fmt: skip
     config.model.remat = "auto"
-    monkeypatch.setattr(trainer, "device_bytes_limit", lambda device=None: 1)  # nothing fits
+    monkeypatch.setattr(memory_plan, "device_bytes_limit", lambda device=None: 1)  # nothing fits
     model = from_pretrained(model_dir)
     run = trainer.Trainer(config, tmp_path / "auto", model, synthetic_source())
     assert model.remat == "full"

@@ -23,7 +23,15 @@ import numpy as np
 from sft_jax.data.records import DataError
 from sft_jax.data.tokenize import Tokenized
 
-BATCH_KEYS = ("input_ids", "target_ids", "target_mask", "positions", "segment_ids")
+# The arrays of a batch, each [rows, T], and their dtypes (every layer reads these).
+BATCH_DTYPES = {
+    "input_ids": np.int32,
+    "target_ids": np.int32,
+    "target_mask": np.bool_,
+    "positions": np.int32,
+    "segment_ids": np.int32,
+}
+BATCH_KEYS = tuple(BATCH_DTYPES)
 
 
 def best_fit(
@@ -76,8 +84,7 @@ def epoch_rows(
 
 def make_rows(tokenized: Tokenized, rows: list[list[int]], row_len: int) -> dict[str, np.ndarray]:
     """Arrays [len(rows), row_len] of the documents of each row, padding after them."""
-    out = {k: np.zeros((len(rows), row_len), np.int32) for k in BATCH_KEYS}
-    out["target_mask"] = np.zeros((len(rows), row_len), np.bool_)
+    out = {k: np.zeros((len(rows), row_len), dtype) for k, dtype in BATCH_DTYPES.items()}
     for r, docs in enumerate(rows):
         start = 0
         for segment, doc in enumerate(docs, start=1):

@@ -18,9 +18,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sft_jax.config_check import check_values
 from sft_jax.data import batches
 from sft_jax.data.pipeline import load_datasets
 from sft_jax.data.tokenize import Tokenized
+from sft_jax.errors import UserError
 
 
 def marked_text(tokenizer: Any, tokens: np.ndarray, trained: np.ndarray) -> str:
@@ -76,12 +78,11 @@ def report(config: ml_collections.ConfigDict, num_examples: int, as_json: bool) 
 
 def main(argv: list[str]) -> None:
     del argv
-    from sft_jax.data.records import DataError
-
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
     try:
+        check_values(FLAGS.config, device_count=1, batch_shards=1)  # the data fields matter here
         report(FLAGS.config, FLAGS.num_examples, FLAGS.json)
-    except DataError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
 

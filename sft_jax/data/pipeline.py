@@ -5,53 +5,28 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import transformers
 
 from sft_jax.data import batches, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
+from sft_jax.models.hf_io import resolve_model_dir
 
 log = logging.getLogger(__name__)
 _PARALLEL_ABOVE_BYTES = 64 * 1024**2
 
 
-def load_tokenizer(data: ml_collections.ConfigDict, model: str | Path) -> Any:
-    """The tokenizer (config.data.tokenizer, else the model's), with the configured template."""
-    from sft_jax.models.hf_io import resolve_model_dir
-
-    source = data.tokenizer or str(resolve_model_dir(model))
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-    except Exception as e:
-        raise DataError(
-            f"config.data.tokenizer / model directory {source!r}: no tokenizer could be loaded "
-            f"({type(e).__name__}: {str(e)[:200]})."
-        ) from e
-    if data.chat_template:
-        tokenizer.chat_template = templates.resolve_chat_template(data.chat_template)
-    return tokenizer
-
-
-def _check_options(data: ml_collections.ConfigDict) -> None:
-    if data.train_on not in templates.TRAIN_ON:
-        raise DataError(
-            f"config.data.train_on={data.train_on!r}: expected one of "
-            f"{', '.join(templates.TRAIN_ON)}."
-        )
-    if data.format not in ("auto", *formats.FORMATS):
-        raise DataError(
-            f"config.data.format={data.format!r}: expected 'auto' or one of "
-            f"{', '.join(formats.FORMATS)}."
-        )
-    if data.max_length < 2:
-        raise DataError(f"config.data.max_length={data.max_length}: needs at least 2 tokens.")
-    if not 0.0 <= data.eval_fraction < 1.0:
-        raise DataError(f"config.data.eval_fraction={data.eval_fraction}: expected [0, 1).")
+def run_tokenizer(config: ml_collections.ConfigDict) -> Any:
+    """The run's tokenizer: config.data.tokenizer, else the model's, with config.data's
+    chat template (also what export writes beside the weights)."""
+    data = config.data
+    source = data.get("tokenizer", "") or str(resolve_model_dir(config.model.name_or_path))
+    return templates.load_tokenizer(source, data.get("chat_template", ""))
 
 
 def _resolve_format(data_format: str, sources: list[str], split: str) -> str:
@@ -156,6 +131,22 @@ def split_eval(
 
 
 @dataclasses.dataclass
+class DataSource:
+    """What the training loop needs from the data layer."""
+
+    # Endless iterator of this process's rows, with get_state() / set_state(state) (JSON).
+    train_batches: Iterator[dict[str, np.ndarray]]
+    eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]  # one pass over the eval set
+    seq_len: int
+    # Most segments in any row of train or eval batches (documents, and padding as one more);
+    # 0: unknown, config.data.max_documents_per_row + 1 is assumed.
+    max_segments: int = 0
+    tokenizer: Any = None
+    # (prompt tokens, reference reply tokens) of eval examples, for generation during eval.
+    eval_prompts: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Datasets:
     """Tokenized train and eval documents, with the tokenizer and a fingerprint of them."""
 
@@ -167,8 +158,7 @@ class Datasets:
 
 def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     data = config.data
-    _check_options(data)
-    tokenizer = load_tokenizer(data, config.model.name_or_path)
+    tokenizer = run_tokenizer(config)
     train, key = tokenize_sources(
         data.train_files, data.train_split, "config.data.train_files", tokenizer, data
     )
@@ -187,10 +177,8 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     return Datasets(train, evaluation, tokenizer, key)
 
 
-def open_data(config: ml_collections.ConfigDict) -> Any:
+def open_data(config: ml_collections.ConfigDict) -> DataSource:
     """The trainer's DataSource for this process, built from config.data."""
-    from sft_jax.trainer import DataSource
-
     loaded = load_datasets(config)
     data, process = config.data, (jax.process_index(), jax.process_count())
     train = batches.TrainBatches(

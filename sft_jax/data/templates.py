@@ -53,6 +53,23 @@ def resolve_chat_template(spec: str) -> str:
     )
 
 
+def load_tokenizer(source: str | Path, chat_template: str = "") -> Any:
+    """The tokenizer of a directory (or hub id), with config.data.chat_template's template in
+    place of its own where one is given. Never runs code from the model repo."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except Exception as e:
+        raise DataError(
+            f"{source}: no tokenizer could be loaded ({type(e).__name__}: {str(e)[:200]}). Point "
+            "config.data.tokenizer (or --model) at a directory with tokenizer files."
+        ) from e
+    if chat_template:
+        tokenizer.chat_template = resolve_chat_template(chat_template)
+    return tokenizer
+
+
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(

@@ -1,6 +1,11 @@
-"""Causal LMs in Flax NNX that load from and export to Hugging Face checkpoints."""
+"""Causal LMs in Flax NNX that load from and export to Hugging Face checkpoints.
+
+Self-contained: nothing here imports from sft_jax outside models/ (but its errors). Adapters,
+data, meshes and training sit above and import it.
+"""
 
 from sft_jax.models.config import (
+    DTYPES,
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
     UnsupportedModelError,
@@ -10,6 +15,7 @@ from sft_jax.models.decoder import CausalLM
 from sft_jax.models.hf_io import CheckpointError, from_pretrained, save_pretrained
 
 __all__ = [
+    "DTYPES",
     "SUPPORTED_MODEL_TYPES",
     "CausalLM",
     "CheckpointError",

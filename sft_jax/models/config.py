@@ -6,9 +6,13 @@ import dataclasses
 import math
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.errors import UserError
+
+# Parameter and compute dtypes by their config names.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # model_type (as in config.json) -> family settings that config.json does not spell out.
 _FAMILIES: dict[str, dict[str, Any]] = {

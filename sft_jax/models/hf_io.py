@@ -18,12 +18,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from sft_jax import sharding
 from sft_jax.errors import UserError
 from sft_jax.models import safetensors_io
 from sft_jax.models.config import ModelConfig, from_hf_config
-from sft_jax.models.decoder import CausalLM
-from sft_jax.quantize import QuantSpec
+from sft_jax.models.decoder import ATTENTION_PROJECTIONS, CausalLM, decoder_linears
+from sft_jax.models.partitioning import named_sharding, single_device_mesh
+from sft_jax.models.quantize import QuantSpec, quantize_structure, quantized_kernel
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,11 @@ def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, boo
         f"{prefix}.{module}.{rest[1]}.{'weight' if leaf == 'kernel' else 'bias'}",
         leaf == "kernel",
     )
+
+
+def hf_module_name(index: int, name: str) -> str:
+    """Hugging Face module name of projection `name` of decoder layer `index`."""
+    return f"model.layers.{index}.{'self_attn' if name in ATTENTION_PROJECTIONS else 'mlp'}.{name}"
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
@@ -124,9 +129,7 @@ def abstract_model(
         )
     )
     if quantization is not None:
-        from sft_jax.lora import quantize_structure
-
-        quantize_structure(model, quantization)
+        quantize_structure((linear for _, _, linear in decoder_linears(model)), quantization)
     return model
 
 
@@ -158,12 +161,10 @@ def _load_quantized(
     entry: safetensors_io.TensorEntry, linear: Any, param_dtype: Any, mesh: Mesh
 ) -> dict[str, jax.Array]:
     """Loads one kernel in full precision, quantizes it on its devices, drops the original."""
-    from sft_jax.lora import quantized_kernel
-
     shape = (linear.in_features, linear.out_features)
     if entry.shape != shape[::-1]:
         raise CheckpointError(f"{entry.path.name}: kernel shape {entry.shape} != {shape[::-1]}.")
-    kernel_sharding = sharding.named_sharding(linear.axes, shape, mesh)
+    kernel_sharding = named_sharding(linear.axes, shape, mesh)
     kernel = _load_param(entry, True, jax.ShapeDtypeStruct(shape, param_dtype), kernel_sharding)
     stored = quantized_kernel(kernel, linear.quant_spec, linear.axes, mesh)
     kernel.delete()
@@ -235,33 +236,13 @@ def from_pretrained(
         entries = safetensors_io.read_checkpoint(model_dir)
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
-    mesh = mesh or sharding.single_device_mesh()
+    mesh = mesh or single_device_mesh()
     model = abstract_model(
         config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat,
         quantization=quantization,
     )  # fmt: skip
     graphdef, abstract_state = nnx.split(model)
-    loaded, used, quantized = [], set(), {}
-    for path, variable in nnx.to_flat_state(abstract_state):
-        if "quant" in path:
-            linear_path = path[: path.index("quant")]
-            if linear_path not in quantized:
-                name, _ = hf_tensor_name((*linear_path, "kernel"), config)
-                quantized[linear_path] = _load_quantized(
-                    entries[name], _module_at(model, linear_path), param_dtype, mesh
-                )
-                used.add(name)
-            loaded.append((path, variable.replace(quantized[linear_path][path[-1]])))
-            continue
-        name, transposed = hf_tensor_name(path, config)
-        target = variable.get_value()
-        entry = _checked_entry(entries, name, target.shape, transposed)
-        axes = variable.get_metadata()["logical_axes"]
-        param_sharding = sharding.named_sharding(axes, target.shape, mesh)
-        loaded.append(
-            (path, variable.replace(_load_param(entry, transposed, target, param_sharding)))
-        )
-        used.add(name)
+    loaded, used = _load_variables(model, abstract_state, entries, mesh, param_dtype)
     unused = sorted(
         n
         for n in set(entries) - used
@@ -271,6 +252,38 @@ def from_pretrained(
     if unused:
         log.warning("%s: %d tensors not used by sft_jax: %s", model_dir, len(unused), unused[:8])
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _load_variables(
+    model: CausalLM,
+    abstract_state: nnx.State,
+    entries: dict[str, safetensors_io.TensorEntry],
+    mesh: Mesh,
+    param_dtype: Any,
+) -> tuple[list[tuple[Any, Any]], set[str]]:
+    """(path, loaded variable) of every variable of the abstract model, and the tensor names
+    read; quantized kernels are loaded and quantized one at a time."""
+    loaded, used, quantized = [], set(), {}
+    for path, variable in nnx.to_flat_state(abstract_state):
+        if "quant" in path:
+            linear_path = path[: path.index("quant")]
+            if linear_path not in quantized:
+                name, _ = hf_tensor_name((*linear_path, "kernel"), model.config)
+                quantized[linear_path] = _load_quantized(
+                    entries[name], _module_at(model, linear_path), param_dtype, mesh
+                )
+                used.add(name)
+            loaded.append((path, variable.replace(quantized[linear_path][path[-1]])))
+            continue
+        name, transposed = hf_tensor_name(path, model.config)
+        target = variable.get_value()
+        entry = _checked_entry(entries, name, target.shape, transposed)
+        param_sharding = named_sharding(variable.get_metadata()["logical_axes"], target.shape, mesh)
+        loaded.append(
+            (path, variable.replace(_load_param(entry, transposed, target, param_sharding)))
+        )
+        used.add(name)
+    return loaded, used
 
 
 def to_host(array: jax.Array) -> np.ndarray:
@@ -314,11 +327,12 @@ def save_pretrained(
     hf_config = dict(hf_config or model.config.hf_config)
     if not hf_config:
         raise ValueError("save_pretrained needs the model's Hugging Face config (hf_config=...).")
+    if any(n.lora_a is not None or n.quant is not None for _, _, n in decoder_linears(model)):
+        raise ValueError(
+            "save_pretrained writes plain weights: fold the adapters (and dequantize) first, "
+            "with sft_jax.lora.merged(model)."
+        )
     writer = jax.process_index() == 0
-    if any(n.lora_a is not None or n.quant is not None for _, _, n in _linears(model)):
-        from sft_jax.lora import merged
-
-        model = merged(model)  # adapters folded in, quantized kernels dequantized
     tensors = list(_pending_tensors(model, np.dtype(dtype) if dtype is not None else None))
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -333,12 +347,6 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def _linears(model: CausalLM):
-    from sft_jax.lora import decoder_linears
-
-    return decoder_linears(model)
 
 
 def _write_config(out_dir: Path, hf_config: dict[str, Any]) -> None:

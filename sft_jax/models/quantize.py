@@ -12,6 +12,9 @@ one fp32 scale per group of up to 256 of them, which cuts their cost from 4/bloc
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.errors import ConfigError
+from sft_jax.models.partitioning import named_sharding
 
 # The 16 NF4 levels: quantiles of a standard normal rescaled to [-1, 1] (Dettmers et al. 2023).
 NF4_CODE = np.array(
@@ -38,15 +42,11 @@ class QuantizedState(nnx.Variable):
 
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
+    """How kernels are stored; config_check has checked the values."""
+
     format: str = "nf4"
     block: int = 64
     double_quant: bool = True
-
-    def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ConfigError(
-                f"config.lora.quantize={self.format!r}: expected one of {', '.join(FORMATS)}."
-            )
 
 
 def _scale_groups(out: int) -> int:
@@ -117,3 +117,42 @@ def dequantize(stored: dict[str, jax.Array], spec: QuantSpec, dtype: jnp.dtype) 
 
 def stored_bytes(stored: dict[str, jax.Array]) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in stored.values())
+
+
+def _stored_axes(name: str, axes: tuple[str, str]) -> tuple[str | None, ...]:
+    """Logical axes of one stored array of a kernel with logical axes `axes`."""
+    return {"scale_scales": (axes[0], None), "scale_mean": (None,)}.get(name, axes)
+
+
+def quantize_structure(linears: Iterable[Any], spec: QuantSpec) -> None:
+    """Replaces the kernel of each (abstract) Linear by abstract quantized storage, for the
+    loader to fill."""
+    for linear in linears:
+        kernel = linear.kernel.get_value()
+        stored = jax.eval_shape(
+            lambda k: quantize(k, spec), jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+        )
+        linear.quant = nnx.Dict(
+            {
+                k: QuantizedState(v, logical_axes=_stored_axes(k, linear.axes))
+                for k, v in stored.items()
+            }
+        )
+        linear.quant_spec = spec
+        linear.kernel = None
+
+
+def quantized_kernel(
+    kernel: jax.Array, spec: QuantSpec, axes: tuple[str, str], mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
+    """Quantizes one loaded kernel on its devices, straight into its stored shardings."""
+    return _quantizer(kernel.shape, kernel.dtype, kernel.sharding, spec, axes, mesh)(kernel)
+
+
+@functools.lru_cache(maxsize=64)
+def _quantizer(shape, dtype, in_sharding, spec: QuantSpec, axes, mesh: jax.sharding.Mesh) -> Any:
+    """A compiled quantize for one kernel shape and layout (layers share it)."""
+    quantize_with = functools.partial(quantize, spec=spec)
+    shapes = jax.eval_shape(quantize_with, jax.ShapeDtypeStruct(shape, dtype))
+    out = {k: named_sharding(_stored_axes(k, axes), v.shape, mesh) for k, v in shapes.items()}
+    return jax.jit(quantize_with, in_shardings=in_sharding, out_shardings=out)

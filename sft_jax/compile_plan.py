@@ -1,0 +1,375 @@
+"""The compile plan: what a run executes, decided once.
+
+`plan_run(config, mesh, model, ...)` takes the checked config, the mesh, the model and the batch
+shape and returns a Plan: the jitted train and eval steps with their shardings, the initial
+train state, the attention kernel and remat policy it chose (and why), and XLA's memory plan of
+the train step. attention='auto', remat='auto' and the memory check are decided here and
+nowhere else; the trainer only runs the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sft_jax import memory_plan, sharding, step
+from sft_jax.errors import ConfigError, check_choice
+from sft_jax.memory_plan import StepMemory
+from sft_jax.models import CausalLM, ModelConfig
+from sft_jax.models.decoder import use_attention
+from sft_jax.models.kernels import ATTENTION_KINDS, SPLASH_BLOCKS, SPLASH_INTERPRET
+from sft_jax.models.kernels import packed_cudnn_supported as _packed_cudnn_supported
+from sft_jax.optim import make_optimizer
+from sft_jax.step import StepOptions, StepSpec
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("auto", *ATTENTION_KINDS)
+CUDNN_DTYPES = ("bfloat16",)  # cuDNN's flash attention takes 16-bit inputs only
+# remat "auto" tries these in turn, least recomputation first (and so most memory).
+AUTO_REMAT = ("none", "save_matmuls", "full")
+
+
+# --- The attention kernel ---------------------------------------------------------------
+
+
+def accelerator() -> str:
+    """'nvidia' (CUDA GPUs), 'tpu', or the backend's name (cpu, rocm GPUs, ...)."""
+    backend = jax.extend.backend.get_backend()
+    if backend.platform == "gpu" and "cuda" in backend.platform_version.lower():
+        return "nvidia"
+    return backend.platform
+
+
+def cudnn_max_head_dim() -> int:
+    """cuDNN flash attention's largest head dim on this GPU: 256 from Hopper on, else 128."""
+    try:
+        return 256 if int(str(jax.devices()[0].compute_capability).split(".")[0]) >= 9 else 128
+    except (AttributeError, ValueError):
+        return 128
+
+
+def _cudnn_blocker(accelerator: str, model: ModelConfig, compute_dtype: str, max_head_dim: int):
+    if accelerator != "nvidia":
+        return f"this run's accelerator is {accelerator}, not an NVIDIA GPU"
+    if compute_dtype not in CUDNN_DTYPES:
+        return f"config.model.compute_dtype={compute_dtype!r} (cuDNN takes bfloat16)"
+    if model.attn_logit_softcap is not None:
+        return f"{model.model_type} soft-caps attention logits, which cuDNN cannot"
+    if model.head_dim % 8 or model.head_dim > max_head_dim:
+        return f"head_dim {model.head_dim} is not a multiple of 8 up to {max_head_dim} (this GPU)"
+    return ""
+
+
+def _splash_blocker(accelerator: str, max_length: int) -> str:
+    tile = SPLASH_BLOCKS[-1]
+    if accelerator != "tpu" and not SPLASH_INTERPRET["interpret"]:
+        return f"this run's accelerator is {accelerator}, not a TPU"
+    if max_length % tile:
+        return f"config.data.max_length={max_length} is not a multiple of its {tile}-token tile"
+    return ""
+
+
+def choose_attention(
+    requested: str,
+    *,
+    accelerator: str,
+    model: ModelConfig,
+    compute_dtype: str,
+    max_length: int,
+    max_head_dim: int = 256,
+) -> tuple[str, str]:
+    """(attention kind, why): "auto" takes the fused kernel of this accelerator where the model
+    and config allow it (cuDNN on NVIDIA GPUs, splash on TPUs), else the einsum path. Naming a
+    kernel the run cannot use is a ConfigError that says why."""
+    check_choice("model.attention", requested, ATTENTION_CHOICES)
+    blockers = {
+        "cudnn": _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
+        "splash": _splash_blocker(accelerator, max_length),
+    }
+    if requested == "auto":
+        if accelerator == "nvidia" and not blockers["cudnn"]:
+            return "cudnn", "auto: fused cuDNN attention on this NVIDIA GPU"
+        if accelerator == "tpu" and not blockers["splash"]:
+            return "splash", "auto: Pallas splash attention on this TPU"
+        blocker = {"nvidia": blockers["cudnn"], "tpu": blockers["splash"]}.get(accelerator)
+        why = (
+            f"not the fused kernel, as {blocker}"
+            if blocker
+            else f"no fused kernel on {accelerator}"
+        )
+        return "xla", f"auto: {why}"
+    if blockers.get(requested):
+        raise ConfigError(
+            f"config.model.attention={requested!r} cannot run: {blockers[requested]}; set it to "
+            "'auto' or 'xla'."
+        )
+    return requested, "as configured"
+
+
+def segments_bound(data: ml_collections.ConfigDict) -> int:
+    """Most segments a row of batches built from this config can hold (documents, plus padding
+    as one more), or 0 when unbounded. The data pipeline knows a tighter bound for its data."""
+    if not data.packing:
+        return 2
+    documents = data.get("max_documents_per_row", 0)  # configs saved before the field: none
+    return documents + 1 if documents > 0 else 0
+
+
+def attention_for(
+    config: ml_collections.ConfigDict, model: ModelConfig, max_segments: int
+) -> tuple[str, str]:
+    """(kernel, why) for this run on this machine, the why saying how documents stay apart."""
+    here = accelerator()
+    attention, why = choose_attention(
+        config.model.attention, accelerator=here, model=model,
+        compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
+        max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
+    )  # fmt: skip
+    if attention == "cudnn":
+        why += (
+            f"; documents kept apart by a table of {max_segments} segments per row"
+            if max_segments and _packed_cudnn_supported()
+            else "; documents kept apart by a [B, 1, T, S] mask (the segment table needs a "
+            "Hopper GPU and a bound on config.data.max_documents_per_row)"
+        )
+    return attention, why
+
+
+# --- Train state and compiled steps -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Steps:
+    """Compiled steps and the shardings they expect."""
+
+    train: Any  # (state, batch) -> (state, metrics)
+    eval: Any  # (params, batch) -> the objective's sums
+    state_shardings: Any
+    frozen: Any  # the frozen variables both steps read (a pure dict, possibly empty)
+    batch_shardings: dict[str, NamedSharding]
+    compile_seconds: float
+    graphdef: Any = None  # with `frozen`, turns trained params back into a model
+    train_memory: StepMemory | None = None  # the train step's planned memory per device
+
+    def model_of(self, params: Any) -> CausalLM:
+        """The model with these trained parameters (e.g. to generate with during eval)."""
+        return nnx.merge(self.graphdef, params, self.frozen)
+
+
+def init_state(
+    model: CausalLM, tx: optax.GradientTransformation, mesh: Mesh, trainable: Any = nnx.Param
+) -> tuple[Any, Any]:
+    """Train state of the `trainable` variables placed on the mesh, and its shardings."""
+    shardings = sharding.param_shardings(model, mesh, trainable)
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, trainable)), shardings)
+    opt_shardings = sharding.opt_state_shardings(jax.eval_shape(tx.init, params), shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "params": params,
+        "opt_state": opt_state,
+    }
+    state_shardings = {"step": replicated, "params": shardings, "opt_state": opt_shardings}
+    return state, state_shardings
+
+
+def _abstract_state(model: CausalLM, tx: optax.GradientTransformation, trainable: Any) -> dict:
+    params = nnx.to_pure_dict(nnx.state(model, trainable))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def build_steps(
+    model: CausalLM,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: Any,
+    *,
+    train_rows: int,
+    eval_rows: int,
+    seq_len: int,
+    options: StepOptions,
+    trainable: Any = nnx.Param,
+) -> Steps:
+    """Compiles step.train_step (donating the state) and step.eval_step, once, ahead of time
+    from abstract inputs: a batch of another shape or sharding is an error, never a silent
+    recompilation."""
+    graphdef, _, frozen_state = nnx.split(model, trainable, ...)
+    frozen_shardings = sharding.param_shardings(model, mesh, nnx.Not(trainable))
+    frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
+    spec = StepSpec(graphdef, tx, schedule, options.objective(),
+                    options.gradient_accumulation_steps, options.dropout_seed)  # fmt: skip
+    abstract_state = sharding.with_shardings(
+        jax.eval_shape(lambda: _abstract_state(model, tx, trainable)), state_shardings
+    )
+    abstract_frozen = sharding.abstract_like(frozen)
+    batches = sharding.batch_shardings(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    start = time.perf_counter()
+    # Traced under the mesh: the loss (sft_jax.loss) and the fused attention kernels run per
+    # shard, in shard_map over it.
+    with jax.set_mesh(mesh):
+        train = jax.jit(
+            functools.partial(step.train_step, spec),
+            in_shardings=(state_shardings, frozen_shardings, batches),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        )
+        train_batch = sharding.abstract_batch(train_rows, seq_len, mesh)
+        train = train.lower(abstract_state, abstract_frozen, train_batch).compile()
+        evaluate = jax.jit(
+            functools.partial(step.eval_step, spec),
+            in_shardings=(state_shardings["params"], frozen_shardings, batches),
+            out_shardings=replicated,
+        )
+        eval_batch = sharding.abstract_batch(eval_rows, seq_len, mesh)
+        evaluate = evaluate.lower(abstract_state["params"], abstract_frozen, eval_batch).compile()
+    return Steps(
+        train=lambda state, batch: train(state, frozen, batch),
+        eval=lambda params, batch: evaluate(params, frozen, batch),
+        state_shardings=state_shardings,
+        frozen=frozen,
+        batch_shardings=batches,
+        compile_seconds=time.perf_counter() - start,
+        graphdef=graphdef,
+        train_memory=StepMemory.of(train),
+    )
+
+
+# --- Remat and the attention fall-back ---------------------------------------------------
+
+
+def compile_with_remat(
+    build: Callable[[CausalLM], Steps], model: CausalLM, remat: str, limit: int | None
+) -> Steps:
+    """The compiled steps with `remat`. "auto" compiles AUTO_REMAT in turn and keeps the first
+    whose train step XLA plans within FIT_FRACTION of `limit` bytes per device ("none" where
+    the limit is unknown; "full" where none fits); a compile refused for want of memory counts
+    as not fitting. No step runs."""
+    error, steps = None, None
+    for policy in AUTO_REMAT if remat == "auto" else (remat,):
+        model.remat = policy
+        try:
+            steps = build(model)
+        except Exception as e:
+            if not memory_plan.out_of_memory(e):
+                raise
+            error, steps = e, None
+            log.info("remat %r: the compiler ran out of device memory (%s)", policy, str(e)[:300])
+            continue
+        if remat != "auto" or memory_plan.fits(steps.train_memory, limit):
+            break
+        log.info(
+            "remat %r: the train step plans %.2f GiB per device, over %.0f%% of %.2f GiB",
+            policy, steps.train_memory.total / 2**30, 100 * memory_plan.FIT_FRACTION,
+            limit / 2**30,
+        )  # fmt: skip
+    if steps is None:
+        raise ConfigError(
+            f"the train step does not fit in device memory with config.model.remat={remat!r} "
+            f"(the compiler: {str(error).splitlines()[0][:300]}). {memory_plan.lower_it(remat)}"
+        ) from error
+    if remat == "auto":
+        log.info("remat: %s (auto: %s)", model.remat, _why_remat(steps.train_memory, limit))
+    return steps
+
+
+def _why_remat(plan: StepMemory | None, limit: int | None) -> str:
+    share = f"{100 * memory_plan.FIT_FRACTION:.0f}% of the device"
+    if limit is None:
+        return "the device's memory is unknown"
+    if plan is None:
+        return "XLA gives no memory plan here"
+    if memory_plan.fits(plan, limit):
+        return f"the least recomputation that fits {share}"
+    return f"no policy fits {share}; the last one"
+
+
+def with_attention_fallback(
+    build: Callable[[CausalLM], Steps], requested: str
+) -> Callable[[CausalLM], Steps]:
+    """`build`, but where "auto" picked a fused kernel that does not compile (cuDNN can refuse
+    a graph at compile time), the einsum path instead, with a warning. A named kernel fails,
+    and so does a step too large for the device (compile_with_remat's business)."""
+
+    def build_or_fall_back(model: CausalLM) -> Steps:
+        try:
+            return build(model)
+        except Exception as e:
+            if (
+                requested != "auto"
+                or model.config.attention == "xla"
+                or memory_plan.out_of_memory(e)
+            ):
+                raise
+            log.warning(
+                "attention %r did not compile (%s: %s); config.model.attention='auto' "
+                "falls back to 'xla'.", model.config.attention, type(e).__name__, str(e)[:500],
+            )  # fmt: skip
+            use_attention(model, "xla")
+            return build(model)
+
+    return build_or_fall_back
+
+
+# --- The entry point -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run executes, and what was chosen for it."""
+
+    steps: Steps
+    state: dict[str, Any]  # the initial train state, on the mesh
+    tx: optax.GradientTransformation
+    attention: str
+    remat: str
+    device_limit: int | None  # bytes one device holds; None where unknown (CPU)
+
+
+def plan_run(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    model: CausalLM,
+    *,
+    seq_len: int,
+    max_segments: int = 0,
+    trainable: Any = nnx.Param,
+) -> Plan:
+    """Chooses the attention kernel and remat policy, compiles the steps, checks the memory.
+
+    max_segments: most segments in a row of the batches (0: the bound of config.data)."""
+    max_segments = max_segments or segments_bound(config.data)
+    attention, why = attention_for(config, model.config, max_segments)
+    log.info("attention: %s (%s)", attention, why)
+    use_attention(model, attention, max_segments)
+    train = config.train
+    tx, schedule = make_optimizer(train)
+    state, state_shardings = init_state(model, tx, mesh, trainable)
+    options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
+                          train.loss_chunk_size, dropout_seed=train.seed)  # fmt: skip
+    build = functools.partial(
+        build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=state_shardings,
+        train_rows=train.global_batch_size, eval_rows=config.eval.global_batch_size,
+        seq_len=seq_len, options=options, trainable=trainable,
+    )  # fmt: skip
+    limit = memory_plan.device_bytes_limit()
+    build = with_attention_fallback(build, config.model.attention)
+    steps = compile_with_remat(build, model, config.model.remat, limit)
+    log.info("train and eval steps compiled in %.1f s", steps.compile_seconds)
+    memory_plan.warn_if_over_memory(steps.train_memory, limit, config.model.remat)
+    return Plan(steps, state, tx, model.config.attention, model.remat, limit)

@@ -1,0 +1,207 @@
+"""Grouped-query attention with RoPE over packed rows, and its KV cache for generation.
+
+Dimension legend: B batch, T query time, S key time, D model width, H query heads, K key/value
+heads, G query heads per key/value head (H = K * G), E head dim.
+
+Inputs are packed rows: `positions_BxT` restart at 0 for every document and `segment_ids_BxT`
+number the documents of a row (0 = padding). A token attends only to earlier tokens of its own
+segment (and, in sliding-window layers, to the last `window` of them, itself included). The
+explicit einsums here are the reference; models/kernels.py holds the fused kernels.
+
+Generation runs tokens through `Attention.extend` against a `KVCache` instead: each token
+attends to the cached slots that hold earlier positions of its own row (positions < 0 mark
+padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sft_jax.models import kernels
+from sft_jax.models.config import ModelConfig, UnsupportedModelError
+from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key
+
+
+def attention_mask(
+    segment_ids_BxT: jax.Array, positions_BxT: jax.Array, window: int | None
+) -> jax.Array:
+    """[B, T, S] True where query t may attend key s: same segment, causal, inside the window."""
+    seq_len = segment_ids_BxT.shape[1]
+    same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    causal_TxS = jnp.arange(seq_len)[:, None] >= jnp.arange(seq_len)[None, :]
+    mask_BxTxS = same_segment & causal_TxS[None]
+    if window is not None:
+        distance_BxTxS = positions_BxT[:, :, None] - positions_BxT[:, None, :]
+        mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
+    return mask_BxTxS
+
+
+def cache_mask(
+    positions_BxT: jax.Array, key_positions_BxS: jax.Array, window: int | None
+) -> jax.Array:
+    """[B, T, S] True where query t may attend cache slot s: a real, earlier (or same) position,
+    inside the window. Padding and empty slots hold position -1 and are never attended."""
+    distance_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
+    mask_BxTxS = (key_positions_BxS[:, None, :] >= 0) & (distance_BxTxS >= 0)
+    if window is not None:
+        mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
+    return mask_BxTxS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for the tokens written so far, slots [0, index)."""
+
+    keys: tuple[jax.Array, ...]  # per layer [B, S, K, E]
+    values: tuple[jax.Array, ...]  # per layer [B, S, K, E]
+    positions_BxS: jax.Array  # int32 position of the token in each slot; -1: padding or empty
+    index: jax.Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        return cls(zeros, zeros, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's part of the KV cache while T new tokens are written at slot `index`."""
+
+    keys_BxSxKxE: jax.Array
+    values_BxSxKxE: jax.Array
+    key_positions_BxS: jax.Array  # position of every slot, the new tokens' included
+    index: jax.Array
+
+
+def write_slots(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(
+        cache_BxSx, new_BxTx.astype(cache_BxSx.dtype), index, 1
+    )
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional q/k norms, soft-capping and a window."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.scale = c.attention_scale
+        self.softcap = c.attn_logit_softcap
+        if c.attention not in kernels.ATTENTION_KINDS:
+            raise ValueError(
+                f"attention={c.attention!r}: expected one of {kernels.ATTENTION_KINDS}."
+            )
+        if c.attention == "cudnn" and self.softcap is not None:
+            raise UnsupportedModelError(
+                f"attention={c.attention!r} cannot soft-cap attention logits ({c.model_type});"
+                " use attention='xla'."
+            )
+        self.kind, self.max_segments = c.attention, c.max_segments
+        self.window = c.window_for(layer_index)
+        self.rope = c.rope_for(c.layer_types[layer_index])
+        dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = Linear(
+            c.hidden_size, q_width, axes=("embed", "q_heads"), use_bias=c.qkv_bias, **dense
+        )
+        self.k_proj = Linear(
+            c.hidden_size, kv_width, axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **dense
+        )
+        self.v_proj = Linear(
+            c.hidden_size, kv_width, axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **dense
+        )
+        self.o_proj = Linear(
+            q_width, c.hidden_size, axes=("q_heads", "embed"), use_bias=c.o_bias, **dense
+        )
+        norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
+        self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+
+    def __call__(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        dropout_key: jax.Array | None = None,
+    ):
+        q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
+        if self.kind == "splash":
+            out_BxTxHE = kernels.splash_attention(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
+                self.softcap,
+            )  # fmt: skip
+            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+        if self.kind == "cudnn" and self.max_segments and kernels.packed_cudnn_supported():
+            out_BxTxHE = kernels.cudnn_packed_attention(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
+                self.max_segments,
+            )  # fmt: skip
+            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+        mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
+        if self.kind == "cudnn":
+            out_BxTxHE = kernels.fused_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS,
+                                         self.scale, self.window)  # fmt: skip
+            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+        return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3))
+
+    def extend(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache
+    ) -> tuple[jax.Array, LayerCache]:
+        """Writes the T new keys/values at slot cache.index and attends over the cache;
+        returns the output and the cache with the new keys and values."""
+        q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE = self._project(x_BxTxD, positions_BxT, None)
+        cache = dataclasses.replace(
+            cache,
+            keys_BxSxKxE=write_slots(cache.keys_BxSxKxE, k_BxTxKxE, cache.index),
+            values_BxSxKxE=write_slots(cache.values_BxSxKxE, v_BxTxKxE, cache.index),
+        )
+        mask_BxTxS = cache_mask(positions_BxT, cache.key_positions_BxS, self.window)
+        out_BxTxD = self._attend(
+            q_BxTxKxGxE, cache.keys_BxSxKxE, cache.values_BxSxKxE, mask_BxTxS, None
+        )
+        return out_BxTxD, cache
+
+    def _project(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, K, G, E] and keys, values [B, T, K, E], normed and rotated."""
+        batch, seq_len, _ = x_BxTxD.shape
+        groups = self.num_heads // self.num_kv_heads
+        q_BxTxHxE = self.q_proj(x_BxTxD, fold_key(dropout_key, 0))
+        k_BxSxKxE = self.k_proj(x_BxTxD, fold_key(dropout_key, 1))
+        v_BxSxKxE = self.v_proj(x_BxTxD, fold_key(dropout_key, 2))
+        q_BxTxHxE = q_BxTxHxE.reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k_BxSxKxE = k_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v_BxSxKxE = v_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BxTxHxE, k_BxSxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxSxKxE)
+        q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
+        k_BxSxKxE = apply_rope(k_BxSxKxE, positions_BxT, self.rope)
+        q_BxTxKxGxE = q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
+        return q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE
+
+    def _attend(
+        self,
+        q_BxTxKxGxE: jax.Array,
+        k_BxSxKxE: jax.Array,
+        v_BxSxKxE: jax.Array,
+        mask_BxTxS: jax.Array,
+        dropout_key: jax.Array | None,
+    ) -> jax.Array:
+        batch, seq_len = q_BxTxKxGxE.shape[:2]
+        scores = einsum_f32("BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE)
+        scores = scores * self.scale
+        if self.softcap is not None:
+            scores = jnp.tanh(scores / self.softcap) * self.softcap
+        scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
+        out_BxTxKxGxE = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE)
+        out_BxTxHE = out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self.o_proj(out_BxTxHE, dropout_key)

@@ -1,0 +1,150 @@
+"""Building blocks of the decoder: linear layers (with adapter and quantized-storage slots),
+RMSNorm, float32-output einsums and rotary embeddings.
+
+Dimension legend: B batch, T time, D model width, E head dim, V vocabulary (see decoder.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sft_jax.models.config import RopeSpec
+from sft_jax.models.quantize import dequantize
+
+_INIT_STD = 0.02  # transformers' default initializer_range, for models not loaded from disk
+
+
+def _broadcast_last(vector: jax.Array, ndim: int) -> jax.Array:
+    """A [N] vector shaped [1, ..., 1, N] to scale the last axis of an ndim array."""
+    return vector.reshape((1,) * (ndim - 1) + vector.shape)
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class LoRAParam(nnx.Param):
+    """Low-rank adapter weights: with adapters, the parameters training updates (the
+    adapter code, sft_jax.lora, creates them; the model only computes with them)."""
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias) (+ LoRA: scale * dropout(x) @ lora_a @ lora_b), kernel [in, out].
+
+    The frozen kernel may be stored quantized (`quant`, see models/quantize.py); the adapter
+    code (sft_jax.lora) fills the low-rank slots after the model is built.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str, str],
+        use_bias: bool,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.axes = axes
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel = nnx.Param(
+            normal_init(rngs, (in_features, out_features), param_dtype), logical_axes=axes
+        )
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), param_dtype), logical_axes=(axes[1],))
+            if use_bias
+            else None
+        )
+        # Filled in later (models/quantize.py, sft_jax.lora); declared as data so that NNX
+        # tracks what they hold.
+        self.quant = nnx.data(None)  # nnx.Dict of QuantizedState replacing `kernel` (QLoRA)
+        self.quant_spec = None
+        self.lora_a = nnx.data(None)  # LoRAParam [in, rank]
+        self.lora_b = nnx.data(None)  # LoRAParam [rank, out], zero-initialized
+        self.lora_scale = 0.0
+        self.lora_dropout = 0.0
+
+    def weight(self) -> jax.Array:
+        """The (dequantized) kernel [in, out] in the compute dtype."""
+        if self.quant is None:
+            return self.kernel[...].astype(self.dtype)
+        stored = {name: variable[...] for name, variable in self.quant.items()}
+        return dequantize(stored, self.quant_spec, self.dtype)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,io->...o", x, self.weight())
+        if self.bias is not None:
+            y = y + _broadcast_last(self.bias[...].astype(self.dtype), y.ndim)
+        if self.lora_a is not None:
+            if self.lora_dropout > 0 and dropout_key is not None:
+                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+                x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            low_rank = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(self.dtype))
+            delta = jnp.einsum("...r,ro->...o", low_rank, self.lora_b[...].astype(self.dtype))
+            y = y + (self.lora_scale * delta).astype(self.dtype)
+        return y
+
+
+def fold_key(key: jax.Array | None, index: int) -> jax.Array | None:
+    """A sub-key per layer / projection, or None where there is no key (no dropout)."""
+    return None if key is None else jax.random.fold_in(key, index)
+
+
+class RMSNorm(nnx.Module):
+    """RMS normalization over the last axis, in float32; Gemma scales by (1 + w)."""
+
+    def __init__(self, dim: int, *, eps: float, plus_one: bool, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.plus_one = plus_one
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        scale = _broadcast_last(self.scale[...], x.ndim)
+        if self.plus_one:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """einsum with float32 output (logits, attention scores) whose backward matmuls take the
+    operands' dtype: the float32 cotangent is cast to it first. Plain autodiff would instead
+    run both backward matmuls in float32 (bfloat16 operands upcast), at a fraction of the
+    accelerator's bfloat16 speed; the LM head of a 128k vocabulary is a fifth of a 1B model."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec: str, a: jax.Array, b: jax.Array):
+    return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec: str, operands: tuple[jax.Array, jax.Array], g: jax.Array):
+    a, b = operands
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+    return vjp(g.astype(jnp.result_type(a, b)))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
+def apply_rope(x_BTxE: jax.Array, positions_BxT: jax.Array, rope: RopeSpec) -> jax.Array:
+    """Rotates the two halves of the last axis of x_[B, T, heads, E] by position * frequency."""
+    head_dim = x_BTxE.shape[-1]
+    inv_freq = jnp.asarray(rope.inverse_frequencies(head_dim))
+    angles_BxTxHalf = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    cos = jnp.cos(angles_BxTxHalf)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxHalf)[:, :, None, :]
+    x32 = x_BTxE.astype(jnp.float32)
+    first, second = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x_BTxE.dtype)

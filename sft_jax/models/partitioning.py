@@ -1,0 +1,88 @@
+"""Logical axis names -> mesh axes: the one table, and kernels run per shard under a mesh.
+
+Parameters carry logical axis names in their `logical_axes` metadata ("embed", "mlp",
+"q_heads", ...), activations are named the same way where it matters; LOGICAL_RULES says which
+mesh axes ("data", "fsdp", "tensor") split each. Nothing else in models/ names a mesh axis.
+Meshes are built by sft_jax.sharding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis (as annotated on parameters and activations) -> mesh axes it is split over.
+# "batch" rows are split over data-parallel and fsdp replicas; weights are split over fsdp
+# (gathered per layer by XLA) and tensor (Megatron-style column/row parallel layers).
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "norm": (),
+    "lora_rank": (),
+    "length": (),
+}
+
+
+def single_device_mesh() -> Mesh:
+    """A mesh of the first device, with every axis of size 1."""
+    return Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
+) -> PartitionSpec:
+    """PartitionSpec for an array; a dimension not divisible by its mesh axes stays whole."""
+    spec = []
+    used: set[str] = set()
+    for name, dim in zip(logical_axes, shape, strict=True):
+        mesh_axes = (
+            tuple(a for a in LOGICAL_RULES.get(name, ()) if mesh.shape[a] > 1 and a not in used)
+            if name
+            else ()
+        )
+        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+            used.update(mesh_axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
+) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
+
+
+def attention_per_shard(
+    local: Callable[..., jax.Array],
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids_BxT: jax.Array,
+) -> jax.Array:
+    """local(q, k, v, segment_ids) -> [B, T, K, G, E], run on each shard when a mesh is set
+    (the train step sets one): rows split over the batch axes, key/value heads over tensor.
+    Kernels that read a per-row table of the input then see only their own rows."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k_BxSxKxE.shape, mesh)
+    q_spec = PartitionSpec(*kv_spec[:3], None, None)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0], None)),
+        out_specs=q_spec,
+        check_vma=False,  # custom kernels do not declare how outputs vary over the mesh
+    )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
