@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.shuffle = True
     # Count and skip malformed examples instead of stopping at the first with an error.
     config.data.skip_bad_examples = False
+    # An assistant reply with no text trains only its end-of-turn token: "warn" trains such
+    # examples and logs their count and the first one, "skip" drops them (counted), "error"
+    # stops at the first one, naming its file and line.
+    config.data.empty_replies = "warn"
     # Processes that tokenize (0 = auto: one for local data under 64 MiB, else one per core
     # up to 8).
     config.data.num_workers = 0

@@ -19,9 +19,9 @@ from typing import Any
 import jax.numpy as jnp
 from absl import app, flags
 
-from sft_jax import export
+from sft_jax import cli, export
 from sft_jax.data.templates import load_tokenizer
-from sft_jax.errors import UserError
+from sft_jax.errors import UsageError
 from sft_jax.generate import chat, chat_stop_token_ids, reply
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.hf_io import resolve_model_dir
@@ -44,7 +44,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and co
 def model_directory(model: str | None, workdir: str | None, which: str | int) -> Iterator[str]:
     """--model as is, or the run's checkpoint exported to a temporary directory."""
     if bool(model) == bool(workdir):
-        raise app.UsageError("Pass exactly one of --model and --workdir.")
+        raise UsageError("pass exactly one of --model=DIR and --workdir=RUN_DIR.")
     if model:
         yield model
         return
@@ -55,8 +55,8 @@ def model_directory(model: str | None, workdir: str | None, which: str | int) ->
 def load(name_or_path: str, dtype: Any) -> tuple[CausalLM, Any, list[int]]:
     """Model, tokenizer and chat stop tokens of a Hugging Face directory (or hub id)."""
     model_dir = resolve_model_dir(name_or_path)
+    tokenizer = load_tokenizer(model_dir)  # first: a folder without one fails fast
     model = from_pretrained(model_dir, param_dtype=dtype)
-    tokenizer = load_tokenizer(model_dir)
     return model, tokenizer, chat_stop_token_ids(tokenizer, model_dir)
 
 
@@ -81,11 +81,13 @@ def respond(
 def main(argv: list[str]) -> None:
     del argv
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
-    try:
-        with model_directory(FLAGS.model, FLAGS.workdir, which) as model_dir:
-            model, tokenizer, stops = load(model_dir, jnp.dtype(FLAGS.dtype))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    cli.run_command(lambda: converse(FLAGS.model, FLAGS.workdir, which))
+
+
+def converse(model_name: str | None, workdir: str | None, which: str | int) -> None:
+    """Answers --prompt, or each line of stdin in one conversation."""
+    with model_directory(model_name, workdir, which) as model_dir:
+        model, tokenizer, stops = load(model_dir, jnp.dtype(FLAGS.dtype))
     options = {
         "stop_token_ids": stops,
         "max_new_tokens": FLAGS.max_new_tokens,
@@ -110,4 +112,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.define_debug_flag()
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, lambda argv: None))

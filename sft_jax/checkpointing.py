@@ -2,41 +2,56 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import re
 import shutil
-import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from sft_jax.errors import ConfigError
+from sft_jax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "eval/loss"
 
 
-class _ExpectedOrbaxWarnings(logging.Filter):
+class _OrbaxLogFilter(logging.Filter):
     """Orbax warns about what we ask for on purpose: saves between evals carry no eval loss,
-    and another run's checkpoints are opened read only."""
+    and another run's checkpoints are opened read only. A failed background save it logs with
+    a traceback from its thread; Checkpoints reports the failure itself, in one line."""
 
-    EXPECTED = ("did not provide metrics", "Given directory is read only")
+    EXPECTED = ("did not provide metrics", "Given directory is read only",
+                "Metadata file does not exist")  # fmt: skip
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname and record.levelno >= logging.ERROR:
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
         return not any(text in record.getMessage() for text in self.EXPECTED)
 
 
-logging.getLogger("absl").addFilter(_ExpectedOrbaxWarnings())
+logging.getLogger("absl").addFilter(_OrbaxLogFilter())
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written; the ones saved before it are intact."""
+
+
+# Errors a failed write reports (Orbax passes TensorStore's os_error_code on): what to do.
+_WRITE_FAILURES = {
+    "27": "a file-size limit (ulimit -f) stopped the write: raise it",
+    "28": "the disk is full: free space or move --workdir to a larger disk",
+    "122": "the disk quota is used up: free space or move --workdir",
+    "13": "permission denied: make the directory writable",
+}
 
 
 class Checkpoints:
@@ -79,6 +94,7 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "meta")
         )
+        self._saving: int | None = None  # the step of the save in flight
 
     def save(
         self,
@@ -92,6 +108,14 @@ class Checkpoints:
         """Starts saving; returns once the device arrays are copied (training may go on)."""
         meta = {"config": config.to_json(), "metrics": metrics or {},
                 "trainer": trainer_state or {}}  # fmt: skip
+        self.wait()  # the previous save's failure is reported as its own, not as this one's
+        self._saving = step
+        try:
+            self._start_save(step, state, data_state, meta, metrics)
+        except Exception as e:
+            raise self._save_failed(e) from e
+
+    def _start_save(self, step: int, state: Any, data_state: Any, meta: dict, metrics) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -106,7 +130,21 @@ class Checkpoints:
         )
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Until the background save is written; a failed one raises CheckpointSaveError."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_failed(e) from e
+
+    def _save_failed(self, error: Exception) -> CheckpointSaveError:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        code = re.search(r"os_error_code='?(\d+)", text)
+        errno_ = str(getattr(error, "errno", "") or (code.group(1) if code else ""))
+        why = _WRITE_FAILURES.get(errno_, f"{type(error).__name__}: {text[-300:]}")
+        return CheckpointSaveError(
+            f"saving the checkpoint of step {self._saving} in {self.directory} failed ({why}); "
+            "the checkpoints saved before it are intact."
+        )
 
     def steps(self) -> list[int]:
         self.manager.reload()
@@ -145,36 +183,68 @@ class Checkpoints:
         return restored.state["params"]
 
     def restore_latest(
-        self, abstract_state: Any, config: ml_collections.ConfigDict | None = None
+        self,
+        abstract_state: Any,
+        config: ml_collections.ConfigDict | None = None,
+        model: dict[str, Any] | None = None,
     ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
         """(step, state, data state, meta) of the newest checkpoint that restores.
 
-        A damaged one is moved aside to checkpoints_damaged/ with a warning (so that the step
-        can be saved again) and the one before is tried. A checkpoint of another config (see
-        RESUME_FIELDS) is an error, not damage: resuming it would silently mean another run.
+        A damaged one (unreadable) is moved aside to checkpoints_damaged/ with a warning (so
+        that the step can be saved again) and the one before is tried. A checkpoint of another
+        run -- another config (see RESUME_FIELDS), another model shape (`model`, as
+        model_summary gives it) or state of other shapes -- is an error that names what
+        differs and keeps every checkpoint where it is: resuming it would silently mean
+        another run.
         """
         for step in reversed(self.steps()):
             try:
                 meta = self.meta(step)
-                if config is not None and (changes := config_changes(meta["config"], config)):
-                    raise ConfigError(
-                        f"{self.directory} holds checkpoints of a run with another config ("
-                        f"{'; '.join(changes)}). Resume with the config it was saved with, or "
-                        "start in a new --workdir (these checkpoints are kept)."
-                    )
-                state, data_state, _ = self.restore(step, abstract_state)
-            except ConfigError:
-                raise
             except Exception as e:  # a damaged checkpoint must not end the run: use an older one
-                log.warning(
-                    "checkpoint %d in %s cannot be restored (%s: %s); moving it to %s and trying "
-                    "the one before.", step, self.directory, type(e).__name__, str(e)[:300],
-                    self.damaged_dir,
-                )  # fmt: skip
-                self._move_aside(step)
+                self._set_aside(step, e)
+                continue
+            differences = self._differences(step, meta, abstract_state, config, model)
+            if differences:
+                raise ConfigError(
+                    f"{self.directory} holds checkpoints of another run ({'; '.join(differences)})."
+                    " They are kept as they are. Resume with the config and model they were "
+                    "saved with, or start in a new --workdir (config.checkpoint.init_from=WORKDIR "
+                    "starts from their parameters where the model's shape is the same)."
+                )
+            try:
+                state, data_state, _ = self.restore(step, abstract_state)
+            except Exception as e:
+                self._set_aside(step, e)
                 continue
             return step, state, data_state, meta
         return None
+
+    def _differences(
+        self,
+        step: int,
+        meta: dict[str, Any],
+        abstract_state: Any,
+        config: ml_collections.ConfigDict | None,
+        model: dict[str, Any] | None,
+    ) -> list[str]:
+        """What makes a step another run's: config fields, model fields, state shapes."""
+        changes = config_changes(meta["config"], config) if config is not None else []
+        saved_model = meta.get("trainer", {}).get("model")
+        if model is not None and saved_model:
+            changes += [
+                f"model {field}: {saved_model.get(field)!r} -> {model.get(field)!r}"
+                for field in sorted(set(model) | set(saved_model))
+                if saved_model.get(field) != model.get(field)
+            ]
+        return changes + shape_changes(self.directory / str(step) / "state", abstract_state)
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        log.warning(
+            "checkpoint %d in %s cannot be restored (%s: %s); moving it to %s and trying "
+            "the one before.", step, self.directory, type(error).__name__, str(error)[:300],
+            self.damaged_dir,
+        )  # fmt: skip
+        self._move_aside(step)
 
     @property
     def damaged_dir(self) -> Path:
@@ -193,8 +263,10 @@ class Checkpoints:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 # What a resumed run must share with the run that saved: the saved state's structure (model,
@@ -236,60 +308,50 @@ def config_changes(
     return changes
 
 
+# The model fields a checkpoint records, to name what changed when a resume is refused.
+MODEL_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
+)  # fmt: skip
+
+
+def model_summary(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a model's Hugging Face config that shape its parameters."""
+    return {field: hf_config.get(field) for field in MODEL_FIELDS}
+
+
+def shape_changes(state_dir: Path, abstract_state: Any, most: int = 4) -> list[str]:
+    """Parameters whose presence or shape differ between a saved train state and
+    `abstract_state` (none where the saved metadata cannot be read: then the restore itself
+    tells). Only "params" is compared: its layout is plain nested dicts on both sides."""
+    try:
+        saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree["params"]
+    except Exception:
+        return []
+    flat_saved = {_path(p): tuple(getattr(v, "shape", ())) for p, v in _leaves(saved)}
+    flat_now = {_path(p): tuple(v.shape) for p, v in _leaves(abstract_state["params"])}
+    changes = [
+        f"params/{path}: {_shape(flat_saved.get(path))} saved, {_shape(flat_now.get(path))} now"
+        for path in sorted(set(flat_saved) | set(flat_now))
+        if flat_saved.get(path) != flat_now.get(path)
+    ]
+    if len(changes) > most:
+        changes = [*changes[:most], f"{len(changes) - most} more arrays differ"]
+    return changes
+
+
+def _leaves(tree: Any) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _path(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else str(list(shape))
+
+
 def _tree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
     return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
-
-
-class StopSignal:
-    """Turns SIGTERM / SIGINT into a request to save and stop after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-        self._vote = None  # with several processes: the last vote, still on the devices
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        log.warning(
-            "received %s: saving after this step (with several processes, the next), then "
-            "stopping.",
-            signal.Signals(signum).name,
-        )
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True when any process was signalled; every process answers alike at the same call.
-
-        With several processes the flags are combined on the devices and each call answers the
-        previous call's vote, which has finished by then (it ran before the last step), so the
-        host never waits for the step it just dispatched: a signal stops one step later.
-        """
-        if jax.process_count() == 1:
-            return self.requested
-        previous, self._vote = self._vote, _any_process(self.requested)
-        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
-
-
-@functools.cache
-def _vote_program() -> tuple[jax.sharding.NamedSharding, Any]:
-    """(sharding of one flag per device, jitted 'any' replicated on every device)."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    per_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
-    return per_device, jax.jit(jnp.any, out_shardings=replicated)
-
-
-def _any_process(flag: bool) -> jax.Array:
-    """Whether any process's flag is set, as a device array every process can read (async)."""
-    per_device, any_of = _vote_program()
-    flags = np.full((jax.local_device_count(),), flag)
-    return any_of(jax.make_array_from_process_local_data(per_device, flags, (jax.device_count(),)))

@@ -10,6 +10,7 @@ from typing import Any
 from sft_jax.compile_plan import ATTENTION_CHOICES
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.templates import TRAIN_ON
+from sft_jax.data.tokenize import EMPTY_REPLIES
 from sft_jax.errors import ConfigError, check_choice
 from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
 from sft_jax.models import DTYPES
@@ -110,6 +111,7 @@ def _check_data(config: Any) -> None:
     _need(config, 0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "expected [0, 1).")
     check_choice("data.train_on", data.train_on, TRAIN_ON)
     check_choice("data.format", data.format, ("auto", *FORMATS))
+    check_choice("data.empty_replies", data.empty_replies, EMPTY_REPLIES)
 
 
 def _check_eval_and_outputs(config: Any) -> None:

@@ -9,6 +9,14 @@ class ConfigError(UserError):
     """A config value cannot work; the message names the field and what to use instead."""
 
 
+class UsageError(UserError):
+    """A command was called with flags that do not go together."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient norm stopped being finite (nothing of that step is saved)."""
+
+
 def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None:
     """The one wording of "this field takes one of these values" (config_check uses it for
     every such field; functions that take the value directly use it too)."""

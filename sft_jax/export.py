@@ -5,22 +5,25 @@ python -m sft_jax.export --workdir=DIR [--step=N | --which=best|last] [--out=DIR
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import sys
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags
 from flax import nnx
 
-from sft_jax import rundir, sharding
+from sft_jax import cli, rundir, sharding
 from sft_jax.checkpointing import Checkpoints
 from sft_jax.data import run_tokenizer
-from sft_jax.errors import UserError
 from sft_jax.lora import LoRASpec, merged, save_adapter
 from sft_jax.model_setup import build_model
-from sft_jax.models import DTYPES, from_hf_config, save_pretrained
+from sft_jax.models import DTYPES, CheckpointError, from_hf_config, save_pretrained
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -42,12 +45,39 @@ def export_run(
         from_hf_config(load_hf_config(model_dir)), dtype=param_dtype, param_dtype=param_dtype
     )
     abstract = sharding.abstract_params(model, sharding.make_mesh(fsdp=-1))
-    exported = nnx.merge(nnx.graphdef(model), checkpoints.restore_params(step, abstract))
-    save_pretrained(
-        exported, out, tokenizer=run_tokenizer(config), generation_config_from=model_dir
-    )
+    exported = nnx.merge(nnx.graphdef(model), _restore(checkpoints, step, abstract))
+    with _replacing(out) as partial:
+        save_pretrained(
+            exported, partial, tokenizer=run_tokenizer(config), generation_config_from=model_dir
+        )
     log.info("exported step %d of %s to %s", step, checkpoints.directory, out)
     return out
+
+
+def _restore(checkpoints: Checkpoints, step: int, abstract: Any) -> Any:
+    """The parameters of a step; a step whose files cannot be read is named, with the others."""
+    try:
+        return checkpoints.restore_params(step, abstract)
+    except Exception as e:
+        others = [s for s in checkpoints.steps() if s != step]
+        raise CheckpointError(
+            f"{checkpoints.directory}/{step}: the checkpoint of step {step} cannot be read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Export another step with "
+            f"--step=N (saved: {others or 'none'})."
+        ) from e
+
+
+@contextlib.contextmanager
+def _replacing(out: Path) -> Iterator[Path]:
+    """A folder beside `out` to write into, which replaces `out` once complete: an export
+    stopped half way never leaves a half-written `out`."""
+    partial = out.with_name(out.name + ".partial")
+    if jax.process_index() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    yield partial
+    if jax.process_index() == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)
 
 
 def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path:
@@ -55,15 +85,16 @@ def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path
     model, spec, trainable = build_model(config, sharding.make_mesh(fsdp=-1))
     state = nnx.state(model, trainable)
     abstract = sharding.abstract_like(nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, checkpoints.restore_params(step, abstract))
+    nnx.replace_by_pure_dict(state, _restore(checkpoints, step, abstract))
     nnx.update(model, state)
-    save_adapter(model, out / "adapter", spec, base_model=config.model.name_or_path)
-    save_pretrained(
-        merged(model),
-        out,
-        tokenizer=run_tokenizer(config),
-        generation_config_from=resolve_model_dir(config.model.name_or_path),
-    )
+    with _replacing(out) as partial:
+        save_pretrained(
+            merged(model),
+            partial,
+            tokenizer=run_tokenizer(config),
+            generation_config_from=resolve_model_dir(config.model.name_or_path),
+        )
+        save_adapter(model, partial / "adapter", spec, base_model=config.model.name_or_path)
     log.info("exported step %d of %s: adapter in %s/adapter, merged model in %s", step,
              checkpoints.directory, out, out)  # fmt: skip
     return out
@@ -74,10 +105,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger().setLevel(logging.INFO)
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
-    try:
-        print(export_run(FLAGS.workdir, which=which, out=FLAGS.out))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    print(cli.run_command(lambda: export_run(FLAGS.workdir, which=which, out=FLAGS.out)))
 
 
 if __name__ == "__main__":
@@ -87,4 +115,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", None, "Step to export (overrides --which).")
     flags.DEFINE_string("out", None, "Output directory (default WORKDIR/export).")
     flags.mark_flag_as_required("workdir")
-    app.run(main)
+    cli.define_debug_flag()
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, lambda argv: None))

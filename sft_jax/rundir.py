@@ -8,10 +8,20 @@ WORKDIR/metrics.jsonl, events.*  metrics (sft_jax.metrics)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import jax
 
 from sft_jax.checkpointing import Checkpoints
 from sft_jax.errors import ConfigError
+
+LOCK_FILE = ".sft_jax.lock"
 
 
 def checkpoints_path(workdir: str | Path) -> Path:
@@ -22,6 +32,26 @@ def checkpoints_path(workdir: str | Path) -> Path:
 def checkpoint_dir(path: str | Path) -> Path:
     """A run's WORKDIR or its checkpoints/ folder -> the checkpoints folder."""
     return checkpoints_path(path) if checkpoints_path(path).is_dir() else Path(path)
+
+
+def saved_steps(workdir: str | Path) -> list[int]:
+    """Steps whose checkpoint is committed (Orbax renames a finished save to its bare step
+    number), read from the directory alone: safe to call after any failure."""
+    directory = checkpoints_path(workdir)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def saved_note(workdir: str | Path) -> str:
+    """What a failed run leaves, for its error message."""
+    steps = saved_steps(workdir)
+    if not steps:
+        return ""
+    return (
+        f"The last complete checkpoint (step {steps[-1]}) is intact in "
+        f"{checkpoints_path(workdir)}: run the same command again to resume from it."
+    )
 
 
 def export_dir(workdir: str | Path, out: str | Path | None = None) -> Path:
@@ -58,3 +88,33 @@ def pick_step(checkpoints: Checkpoints, which: str | int) -> int:
     if which == "last":
         return steps[-1]
     raise ConfigError(f"which={which!r}: expected 'best', 'last' or a step number.")
+
+
+@contextlib.contextmanager
+def lock(workdir: Path) -> Iterator[None]:
+    """Holds WORKDIR for one run: a second run on it stops with a clear message. The lock is
+    the kernel's (flock), so it goes away with its process, even after kill -9. Process 0
+    holds it for every process of a job."""
+    if jax.process_index() != 0:
+        yield
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"--workdir={workdir}: another run is using it ({holder}). Wait for it to end "
+                "or stop it, or choose another --workdir."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

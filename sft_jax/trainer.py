@@ -19,10 +19,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sft_jax import compile_plan, distributed, rundir, sharding
-from sft_jax.checkpointing import ADAPTER_FIELDS, Checkpoints, StopSignal, config_changes
+from sft_jax.checkpointing import ADAPTER_FIELDS, Checkpoints, config_changes, model_summary
 from sft_jax.config_check import check_values
 from sft_jax.data import DataSource
-from sft_jax.errors import ConfigError
+from sft_jax.errors import ConfigError, TrainingDivergedError
 from sft_jax.evaluation import EarlyStopping, eval_message, evaluate, final_report
 from sft_jax.export import export_run
 from sft_jax.generate import chat_stop_token_ids
@@ -33,14 +33,11 @@ from sft_jax.models import CausalLM
 from sft_jax.prefetch import Prefetch
 from sft_jax.samples import generation_metrics
 from sft_jax.sharding import abstract_like, device_batch
+from sft_jax.signals import StopSignal, signals_raise
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DataSource", "StopSignal", "Trainer", "TrainingDivergedError", "run"]
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or gradient norm stopped being finite."""
 
 
 class Trainer:
@@ -75,6 +72,7 @@ class Trainer:
             max_segments=data.max_segments, trainable=trainable,
         )  # fmt: skip
         self.steps, self.state = plan.steps, plan.state
+        self.model_summary = model_summary(model.config.hf_config)
         self.writer = MetricsWriter(workdir)
         self.early_stopping = EarlyStopping(
             config.eval.early_stopping_patience, config.eval.early_stopping_min_delta
@@ -88,6 +86,7 @@ class Trainer:
     # --- Eval ---------------------------------------------------------------------------
 
     def run_eval(self, step: int) -> dict[str, float]:
+        log.info("step %d: evaluating", step)
         metrics = evaluate(self.steps, self.state["params"], self.data.eval_batches())
         metrics |= self._generation_metrics()
         stop = self.early_stopping.update(step, metrics["eval/loss"])
@@ -122,7 +121,9 @@ class Trainer:
     def resume(self) -> None:
         """Continues from the newest complete checkpoint in WORKDIR, or starts from init_from."""
         if self.checkpoints is not None and self.checkpoints.steps():
-            restored = self.checkpoints.restore_latest(abstract_like(self.state), self.config)
+            restored = self.checkpoints.restore_latest(
+                abstract_like(self.state), self.config, self.model_summary
+            )
             if restored is not None:
                 step, self.state, data_state, meta = restored
                 self.data.train_batches.set_state(data_state)
@@ -157,7 +158,8 @@ class Trainer:
         if self.checkpoints is None or step == self.last_saved_step:
             return
         first = {k: v for k, v in (self.initial_eval or {}).items() if isinstance(v, float | int)}
-        trainer_state = {"early_stopping": self.early_stopping.dump(), "initial_eval": first}
+        trainer_state = {"early_stopping": self.early_stopping.dump(), "initial_eval": first,
+                         "model": self.model_summary}  # fmt: skip
         self.checkpoints.save(
             step, self.state, self.data_state, self.config, metrics, trainer_state
         )
@@ -174,14 +176,16 @@ class Trainer:
         step = int(jax.device_get(self.state["step"]))
         progress = Progress(self.config.train.steps, step, self.config.log.every_steps)
         summary: dict[str, Any] = {"start_step": step, "interrupted": False, "stopped_early": False}
-        self._eval_at_start(step, progress)
-        if self.initial_eval:
-            summary["initial_eval"] = self.initial_eval
-        shardings = self.steps.batch_shardings
-        feed = Prefetch(self.data.train_batches, lambda rows: device_batch(rows, shardings),
-                        depth=self.config.data.prefetch)  # fmt: skip
-        with StopSignal() as stop, contextlib.closing(feed):
-            step = self._loop(step, feed, stop, progress, summary)
+        # A signal during the first eval stops the run once that eval is saved.
+        with StopSignal() as stop:
+            self._eval_at_start(step, progress)
+            if self.initial_eval:
+                summary["initial_eval"] = self.initial_eval
+            shardings = self.steps.batch_shardings
+            feed = Prefetch(self.data.train_batches, lambda rows: device_batch(rows, shardings),
+                            depth=self.config.data.prefetch)  # fmt: skip
+            with contextlib.closing(feed):
+                step = self._loop(step, feed, stop, progress, summary)
         progress.close()
         if summary["interrupted"]:
             progress.message(f"stopped by signal at step {step}; checkpoint saved. Run the same "
@@ -259,9 +263,11 @@ class Trainer:
             )
 
     def close(self) -> None:
-        if self.checkpoints is not None:
-            self.checkpoints.close()
-        self.writer.close()
+        try:
+            if self.checkpoints is not None:
+                self.checkpoints.close()  # raises if the last save failed
+        finally:
+            self.writer.close()
 
 
 def run(
@@ -272,6 +278,13 @@ def run(
     distributed.initialize(config.distributed)
     mesh = sharding.mesh_for(config)
     check_values(config, mesh.size, sharding.batch_shards(mesh))
+    with rundir.lock(workdir):
+        return _run_locked(config, workdir, mesh, data_factory)
+
+
+def _run_locked(
+    config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, data_factory: Callable
+) -> dict:
     data = data_factory(config)
     model, _, trainable = build_model(config, mesh)
     if data.tokenizer is not None and len(data.tokenizer) > model.config.vocab_size:
@@ -287,9 +300,10 @@ def run(
     finally:
         trainer.close()
     if config.export.at_end != "none" and not summary["interrupted"]:
-        summary["export"] = str(
-            export_run(workdir, which=config.export.at_end, out=config.export.dir or None)
-        )
+        again = f"python -m sft_jax.export --workdir={workdir}"
+        with signals_raise(f"the export stopped; the checkpoints are complete: {again}"):
+            out = export_run(workdir, which=config.export.at_end, out=config.export.dir or None)
+        summary["export"] = str(out)
     if jax.process_index() == 0:
         log.info("%s", final_report(summary))
     return summary

@@ -18,6 +18,7 @@ PACKAGE = REPO / "sft_jax"
 LAYERS = {
     "sft_jax": 0,
     "sft_jax.errors": 0,
+    "sft_jax.cli": 0,
     "sft_jax.models": 1,  # and everything under it
     "sft_jax.lora": 2,
     "sft_jax.generate": 2,
@@ -33,6 +34,7 @@ LAYERS = {
     "sft_jax.config_check": 5,
     "sft_jax.distributed": 5,
     "sft_jax.checkpointing": 6,
+    "sft_jax.signals": 6,
     "sft_jax.rundir": 6,
     "sft_jax.metrics": 6,
     "sft_jax.prefetch": 6,

@@ -10,7 +10,6 @@ token rather than padding) of one epoch.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import ml_collections
@@ -18,11 +17,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sft_jax.config_check import check_values
+from sft_jax import cli
+from sft_jax.config_check import check_values, unknown_override
 from sft_jax.data import batches
 from sft_jax.data.pipeline import load_datasets
 from sft_jax.data.tokenize import Tokenized
-from sft_jax.errors import UserError
 
 
 def marked_text(tokenizer: Any, tokens: np.ndarray, trained: np.ndarray) -> str:
@@ -79,11 +78,12 @@ def report(config: ml_collections.ConfigDict, num_examples: int, as_json: bool) 
 def main(argv: list[str]) -> None:
     del argv
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
-    try:
+
+    def inspect() -> None:
         check_values(FLAGS.config, device_count=1, batch_shards=1)  # the data fields matter here
         report(FLAGS.config, FLAGS.num_examples, FLAGS.json)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+
+    cli.run_command(inspect)
 
 
 if __name__ == "__main__":
@@ -92,4 +92,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_examples", 3, "Rendered training examples to print.")
     flags.DEFINE_bool("json", False, "Print only the totals, as one JSON object.")
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.define_debug_flag()
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, unknown_override))

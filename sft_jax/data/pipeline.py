@@ -77,12 +77,14 @@ def tokenize_sources(
         train_on=data.train_on,
         max_length=data.max_length,
         skip_bad=data.skip_bad_examples,
+        empty_replies=data.get("empty_replies", "warn"),
     )
     key = tokenize.cache_key(records.fingerprint(sources, split), tokenizer, options)
     cache_dir = Path(data.cache_dir or _default_cache_dir()).expanduser()
     cached = tokenize.load_cached(cache_dir, key) if data.cache_dir != "none" else None
     if cached is not None:
         log.info("%s: %d documents from the tokenization cache", field, len(cached))
+        warn_about_empty_replies(field, cached.stats)
         return cached, key
     bad = _BadRecords(data.skip_bad_examples)
     stream = (r for source in sources for r in records.read_records(source, split, bad))
@@ -91,6 +93,7 @@ def tokenize_sources(
     for _, reason in bad.skipped:
         tokenized.stats["examples_read"] += 1
         tokenized.stats["dropped"][reason] = tokenized.stats["dropped"].get(reason, 0) + 1
+    warn_about_empty_replies(field, tokenized.stats)
     if tokenized.stats["trainable_tokens"] == 0:
         raise DataError(
             f"{field}={spec!r}: no trainable tokens in {tokenized.stats['examples_read']} examples"
@@ -100,6 +103,17 @@ def tokenize_sources(
     if data.cache_dir != "none":
         tokenize.save_cached(cache_dir, key, tokenized)
     return tokenized, key
+
+
+def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
+    """The count and first place of kept examples with an empty assistant reply."""
+    if stats.get("empty_replies"):
+        log.warning(
+            "%s: %d examples have an empty assistant reply (the first at %s); each trains "
+            "only its end-of-turn token. Fix them, or set config.data.empty_replies='skip' to "
+            "drop them or 'error' to stop at the first.",
+            field, stats["empty_replies"], stats["first_empty_reply"],
+        )  # fmt: skip
 
 
 def _auto_workers(sources: list[str]) -> int:

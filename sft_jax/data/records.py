@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,20 +92,40 @@ def read_records(source: str, split: str, errors: Any) -> Iterator[Record]:
 
 
 def _jsonl_records(path: str, errors: Any) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.bad(where, _not_utf8(e), "not_utf8")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 yield Record(where, json.loads(line))
             except json.JSONDecodeError as e:
                 errors.bad(where, f"invalid JSON ({e.msg} at column {e.colno})", "invalid_json")
 
 
+def _not_utf8(error: UnicodeDecodeError) -> str:
+    byte = error.object[error.start : error.start + 1].hex()
+    return f"not UTF-8 text (byte 0x{byte} at column {error.start + 1}); re-save the file as UTF-8"
+
+
+def _text(path: str) -> str:
+    """A whole file as UTF-8 text; a stray byte is named with its line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: {_not_utf8(e)}.") from None
+
+
 def _json_records(path: str) -> Iterator[Record]:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}). A .json file must "
@@ -119,21 +140,27 @@ def _json_records(path: str) -> Iterator[Record]:
 
 
 def _parquet_records(path: str) -> Iterator[Record]:
+    import pyarrow
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for value in batch.to_pylist():
-            yield Record(f"{path}: row {row}", value)
-            row += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for value in batch.to_pylist():
+                yield Record(f"{path}: row {row}", value)
+                row += 1
+    except (pyarrow.ArrowException, OSError) as e:
+        raise DataError(
+            f"{path}: not a readable Parquet file after {row} rows ({type(e).__name__}: "
+            f"{str(e)[:200]}). Write it again, or leave it out of the config's data files."
+        ) from None
 
 
 def _csv_records(path: str) -> Iterator[Record]:
-    with open(path, encoding="utf-8", newline="") as f:
-        # Line 1 is the header; a row spanning several lines is named by its first one.
-        reader = csv.DictReader(f)
-        for value in reader:
-            yield Record(f"{path}:{reader.line_num}", _decode_json_cells(value))
+    # Line 1 is the header; a row spanning several lines is named by its first one.
+    reader = csv.DictReader(io.StringIO(_text(path), newline=""))
+    for value in reader:
+        yield Record(f"{path}:{reader.line_num}", _decode_json_cells(value))
 
 
 def _decode_json_cells(value: dict[str, Any]) -> dict[str, Any]:

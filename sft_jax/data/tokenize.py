@@ -28,6 +28,10 @@ from sft_jax.data.templates import TemplateError, completion_text, render_with_s
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+# An assistant reply with no text trains only its end-of-turn token: "warn" keeps such
+# examples and reports their count and the first one, "skip" drops them (counted), "error"
+# stops at the first one.
+EMPTY_REPLIES = ("warn", "skip", "error")
 _CHUNK = 256  # examples per task handed to a worker process
 
 
@@ -39,6 +43,7 @@ class Options:
     train_on: str  # templates.TRAIN_ON
     max_length: int  # tokens kept per example; the rest is cut off
     skip_bad: bool  # count and skip malformed examples instead of stopping
+    empty_replies: str = "warn"  # EMPTY_REPLIES: what an empty assistant reply does
 
 
 @dataclasses.dataclass
@@ -98,6 +103,8 @@ def empty_stats() -> dict[str, Any]:
         "examples_kept": 0,
         "dropped": {},
         "truncated": 0,
+        "empty_replies": 0,
+        "first_empty_reply": "",  # where the first one was read
         "tokens": 0,
         "trainable_tokens": 0,
         "duplicate_bos_removed": 0,
@@ -158,6 +165,7 @@ def _tokenize_chunk(
         stats["examples_read"] += 1
         try:
             example = normalize(record.value, options.data_format)
+            _note_empty_reply(example, record.where, options, stats)
             tokens, trained, notes = tokenize_example(tokenizer, example, options)
         except BadExample as e:
             bad.append((record.where, str(e), e.reason))
@@ -170,6 +178,24 @@ def _tokenize_chunk(
     return docs, stats, bad
 
 
+def _note_empty_reply(
+    example: Conversation | Completion, where: str, options: Options, stats: dict[str, Any]
+) -> None:
+    """Counts an example whose trained assistant turns include an empty one; with
+    empty_replies="skip" or "error" it is a BadExample instead."""
+    if not isinstance(example, Conversation):
+        return
+    trained = example.messages[example.trained_from :]
+    empty = [m for m in trained if m["role"] == "assistant" and not m["content"].strip()]
+    if not empty:
+        return
+    if options.empty_replies != "warn":
+        raise BadExample("an assistant reply is empty (it would train only its end-of-turn "
+                         "token)", "empty_reply")  # fmt: skip
+    stats["empty_replies"] += 1
+    stats["first_empty_reply"] = stats["first_empty_reply"] or where
+
+
 # Reasons that are part of normal SFT data handling rather than malformed input: always a
 # counted drop, never an error.
 EXPECTED_DROPS = ("no_target_tokens", "no_target_tokens_after_truncation")
@@ -177,7 +203,9 @@ EXPECTED_DROPS = ("no_target_tokens", "no_target_tokens_after_truncation")
 
 def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
     for key, value in part.items():
-        if key != "dropped":
+        if key == "first_empty_reply":
+            total[key] = total[key] or value
+        elif key != "dropped":
             total[key] += value
 
 
@@ -189,7 +217,13 @@ def tokenize_records(
     dropped: collections.Counter[str] = collections.Counter()
     for chunk_docs, chunk_stats, bad in _map_chunks(tokenizer, records, options, workers):
         for where, problem, reason in bad:
-            if reason not in EXPECTED_DROPS and not options.skip_bad:
+            if reason == "empty_reply" and options.empty_replies == "error":
+                raise DataError(
+                    f"{where}: {problem}. Fix the example, or set config.data.empty_replies="
+                    "'skip' (drop such examples) or 'warn' (train them, with a warning)."
+                )
+            skip = options.skip_bad or reason == "empty_reply"
+            if reason not in EXPECTED_DROPS and not skip:
                 raise DataError(
                     f"{where}: {problem}. Fix the example, or set "
                     "config.data.skip_bad_examples=True to count and skip such examples."
