@@ -81,6 +81,11 @@ def _check_train(config: Any) -> None:
     _need(config, 0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be within [0, 1].")
     _need(config, train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (off) or positive.")
     _need(config, train.loss_chunk_size > 0, "train.loss_chunk_size", "must be positive.")
+    _need(config, train.router_aux_loss_coef == -1 or train.router_aux_loss_coef >= 0,
+          "train.router_aux_loss_coef", "must be -1 (the checkpoint's) or 0 or more.")  # fmt: skip
+    _need(
+        config, train.router_z_loss_weight >= 0, "train.router_z_loss_weight", "must be 0 or more."
+    )
     check_choice("train.lr_schedule", train.lr_schedule, SCHEDULES)
     accumulation = train.gradient_accumulation_steps
     _need(config, accumulation > 0, "train.gradient_accumulation_steps", "must be 1 or more.")

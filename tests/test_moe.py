@@ -1,0 +1,194 @@
+"""Mixture of experts: config parsing, unsupported variants, dropless dispatch against a dense
+loop over experts (skewed routing included). Logit parity and export of the three families run
+in tests/test_models.py (they are in hf_models.FAMILIES)."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors
+import torch
+import transformers
+from flax import nnx
+from hf_models import MOE_FAMILIES, hf_config, save_hf_model
+from test_models import padded_batch
+
+from sft_jax.models import (
+    UnsupportedModelError,
+    from_hf_config,
+    from_pretrained,
+    save_pretrained,
+)
+from sft_jax.models.layers import activate
+from sft_jax.models.moe import dropless_experts
+from sft_jax.step import StepOptions
+
+NUM_EXPERTS, WIDTH, EXPERT_WIDTH, TOP_K, TOKENS = 4, 8, 6, 2, 10
+
+
+def test_moe_config_fields():
+    qwen3 = from_hf_config(hf_config("qwen3_moe"))
+    assert (qwen3.num_experts, qwen3.experts_per_token, qwen3.moe_intermediate_size) == (4, 2, 32)
+    assert qwen3.moe_layers == (0, 2) and qwen3.norm_topk_prob and qwen3.qk_norm
+    assert qwen3.shared_expert_intermediate_size == 0 and qwen3.router_aux_loss_coef == 0.01
+    qwen2 = from_hf_config(hf_config("qwen2_moe"))
+    assert qwen2.moe_layers == (1,) and not qwen2.norm_topk_prob and qwen2.qkv_bias
+    assert qwen2.shared_expert_intermediate_size == 80
+    mixtral = from_hf_config(hf_config("mixtral"))
+    assert mixtral.moe_layers == (0, 1, 2) and mixtral.norm_topk_prob
+    assert mixtral.moe_intermediate_size == 48 and mixtral.expert_names == "mixtral"
+    assert mixtral.layer_types == ("sliding_attention",) * 3 and mixtral.sliding_window == 5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_export_writes_the_hub_per_expert_layout(family, tmp_path, caplog):
+    """transformers' save_pretrained writes one tensor per expert, and so does our export: the
+    same tensor names, every one read on load (nothing reported unused)."""
+    save_hf_model(family, tmp_path / "hf")
+    with caplog.at_level(logging.WARNING):
+        model = from_pretrained(tmp_path / "hf")
+    assert "not used" not in caplog.text
+    save_pretrained(model, tmp_path / "ours")
+
+    def names(directory):
+        with safetensors.safe_open(directory / "model.safetensors", "np") as f:
+            return set(f.keys())
+
+    ours = names(tmp_path / "ours")
+    assert ours == names(tmp_path / "hf")
+    expert = "block_sparse_moe.experts.3.w2" if family == "mixtral" else "mlp.experts.3.down_proj"
+    assert f"model.layers.1.{expert}.weight" in ours
+    assert not any("gate_up_proj" in name for name in ours)
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (transformers.MixtralConfig(num_hidden_layers=1, router_jitter_noise=0.1), "router_jitter"),
+        (transformers.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=8), "num_experts_per_tok"),
+        (transformers.DeepseekV3Config(num_hidden_layers=1), "deepseek_v3.*MLA"),
+        (transformers.GptOssConfig(num_hidden_layers=1), "gpt_oss"),
+    ],
+)
+def test_unsupported_moe_is_refused_before_weights(tmp_path, config, field):
+    """Only config.json exists: the error must come from the config, before any weights."""
+    config.save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match=field):
+        from_pretrained(tmp_path)
+
+
+def test_unknown_scoring_function_names_the_field():
+    config = hf_config("qwen3_moe")
+    config.scoring_func = "sigmoid"
+    with pytest.raises(UnsupportedModelError, match=r"scoring_func='sigmoid'"):
+        from_hf_config(config)
+
+
+def dense_experts(x_NxD, experts_NxK, weights_NxK, gate, up, down, activation="silu"):
+    """Every expert on every token, masked by the routing: the reference for dispatch."""
+    out_NxD = jnp.zeros(x_NxD.shape, jnp.float32)
+    for expert in range(gate.shape[0]):
+        y_NxD = (activate(activation, x_NxD @ gate[expert]) * (x_NxD @ up[expert])) @ down[expert]
+        token_weight = jnp.sum(jnp.where(experts_NxK == expert, weights_NxK, 0.0), axis=-1)
+        out_NxD = out_NxD + y_NxD * token_weight[:, None]
+    return out_NxD
+
+
+def _expert_weights(seed: int):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    x = jax.random.normal(keys[0], (TOKENS, WIDTH))
+    gate = jax.random.normal(keys[1], (NUM_EXPERTS, WIDTH, EXPERT_WIDTH)) * 0.3
+    up = jax.random.normal(keys[2], (NUM_EXPERTS, WIDTH, EXPERT_WIDTH)) * 0.3
+    down = jax.random.normal(keys[3], (NUM_EXPERTS, EXPERT_WIDTH, WIDTH)) * 0.3
+    return x, gate, up, down
+
+
+ROUTINGS = {
+    # random top-2 choices (distinct per token)
+    "random": np.stack([np.random.default_rng(0).permutation(4)[:2] for _ in range(TOKENS)]),
+    # every token's both slots on experts 1 and 2: experts 0 and 3 get nothing
+    "skewed": np.tile([[2, 1]], (TOKENS, 1)),
+    # all but one token to expert 3 first
+    "one_expert": np.array([[3, 0]] * (TOKENS - 1) + [[1, 0]]),
+}
+
+
+@pytest.mark.parametrize("routing", sorted(ROUTINGS))
+def test_dropless_dispatch_equals_dense_loop(routing):
+    x, gate, up, down = _expert_weights(0)
+    experts = jnp.asarray(ROUTINGS[routing], jnp.int32)
+    weights = jax.nn.softmax(jax.random.normal(jax.random.key(5), (TOKENS, TOP_K)), -1)
+
+    def loss(fn, x, weights, gate, up, down):
+        out = fn(x, experts, weights, gate, up, down, "silu")
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+    args = (x, weights, gate, up, down)
+    ours = jax.value_and_grad(lambda *a: loss(dropless_experts, *a), argnums=range(5))(*args)
+    dense = jax.value_and_grad(lambda *a: loss(dense_experts, *a), argnums=range(5))(*args)
+    np.testing.assert_allclose(ours[0], dense[0], rtol=1e-5)
+    for name, g, ref in zip(("x", "weights", "gate", "up", "down"), ours[1], dense[1], strict=True):
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5, err_msg=name)
+    if routing == "skewed":  # experts without tokens get exactly zero gradient
+        assert not np.any(np.asarray(ours[1][2])[[0, 3]])
+
+
+def _labelled_batch(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(our batch, transformers' labels) for the padded test batch: the same targets."""
+    batch = padded_batch(seed)
+    mask = batch["attention_mask"]
+    batch["target_ids"] = np.concatenate([batch["input_ids"][:, 1:], np.zeros((2, 1))], 1)
+    batch["target_ids"] = batch["target_ids"].astype(np.int32)
+    batch["target_mask"] = np.concatenate([mask[:, 1:], np.zeros((2, 1), np.int32)], 1)
+    labels = np.where(mask > 0, batch["input_ids"], -100)
+    return batch, labels
+
+
+def _hf_loss_and_grads(hf_model, batch, labels):
+    hf_model.zero_grad()
+    out = hf_model(
+        input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+        attention_mask=torch.as_tensor(batch["attention_mask"]),
+        labels=torch.as_tensor(labels, dtype=torch.long),
+        output_router_logits=True,
+    )
+    out.loss.backward()
+    return out, {name: p.grad.numpy() for name, p in hf_model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_loss_with_aux_equals_transformers(family, tmp_path):
+    """CE + router_aux_loss_coef * aux over real tokens equals transformers' `loss` with
+    output_router_logits=True, and so do the gradients of the router and of an expert."""
+    hf_model = save_hf_model(family, tmp_path)
+    batch, labels = _labelled_batch()
+    out, hf_grads = _hf_loss_and_grads(hf_model, batch, labels)
+    model = from_pretrained(tmp_path)
+    objective = StepOptions(
+        moe_layers=model.config.moe_layers,
+        router_aux_loss_coef=model.config.router_aux_loss_coef,
+        loss_chunk_size=4,
+    ).objective()
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        sums = objective.sums(nnx.merge(graphdef, params), batch)
+        return objective.loss(sums, objective.normalizer(batch)), sums
+
+    (value, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    np.testing.assert_allclose(value, out.loss.item(), rtol=1e-4)
+    np.testing.assert_allclose(sums.aux, out.aux_loss.item(), rtol=1e-4)
+    metrics = objective.metrics(sums, objective.normalizer(batch))
+    assert set(metrics) >= {"train/ce", "train/aux_loss"}
+    assert f"train/expert_load_max_over_mean/layer_{model.config.moe_layers[0]:02d}" in metrics
+    layer = model.config.moe_layers[0]
+    router_grad = grads["layers"][layer]["mlp"]["router"][...]
+    hf_router = hf_grads[f"model.layers.{layer}.mlp.gate.weight"]
+    np.testing.assert_allclose(router_grad.T, hf_router, rtol=1e-3, atol=1e-6)
+    down_grad = grads["layers"][layer]["mlp"]["experts_down"][...]
+    hf_down = hf_grads[f"model.layers.{layer}.mlp.experts.down_proj"]  # fused [X, D, F]
+    np.testing.assert_allclose(np.swapaxes(down_grad, 1, 2), hf_down, rtol=1e-3, atol=1e-6)
