@@ -193,6 +193,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = 1  # pure data parallelism (replicated parameters)
     config.mesh.fsdp = -1  # data parallelism with parameters and optimizer state sharded
+    # expert parallelism: mixture-of-experts weights split over it, each device holding
+    # num_experts / expert of them; elsewhere one more data-parallel axis. Divides num_experts.
+    config.mesh.expert = 1
     config.mesh.tensor = 1  # tensor parallelism inside layers (heads, MLP width, vocab)
 
     # ---------------------------------------------------------------- log

@@ -58,7 +58,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     that would fail deep inside (or silently) later, named now with what to do. The modules
     that read these values trust them.
 
-    batch_shards: devices the batch rows are split over (mesh data x fsdp).
+    batch_shards: devices the batch rows are split over (mesh data x fsdp x expert).
     """
     _check_train(config)
     _check_batches(config, device_count, batch_shards)
@@ -102,7 +102,8 @@ def _check_batches(config: Any, device_count: int, batch_shards: int) -> None:
             rows > 0 and rows % (pieces * batch_shards) == 0,
             field,
             f"rows must split evenly into {split}{batch_shards} devices (the mesh's data x fsdp "
-            f"axes, of {device_count} devices): use a multiple of {pieces * batch_shards}.",
+            f"x expert axes, of {device_count} devices): use a multiple of "
+            f"{pieces * batch_shards}.",
         )
 
 

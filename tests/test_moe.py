@@ -4,27 +4,40 @@ in tests/test_models.py (they are in hf_models.FAMILIES)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import safetensors
 import torch
 import transformers
 from flax import nnx
-from hf_models import MOE_FAMILIES, hf_config, save_hf_model
-from test_models import padded_batch
+from hf_models import MOE_FAMILIES, hf_config, hf_logits, save_hf_model
+from test_models import assert_close_on_tokens, jax_logits, padded_batch
+from test_step import ROWS, SEQ_LEN, step_builder, synthetic_batch, train_config
 
+from sft_jax import sharding
+from sft_jax.compile_plan import init_state
+from sft_jax.lora import LoRASpec, apply_lora, save_adapter, trainable_filter
+from sft_jax.lora import merged as fold_adapters
+from sft_jax.metrics import matmul_params
 from sft_jax.models import (
+    CausalLM,
     UnsupportedModelError,
     from_hf_config,
     from_pretrained,
     save_pretrained,
 )
+from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.layers import activate
 from sft_jax.models.moe import dropless_experts
+from sft_jax.models.partitioning import experts_per_shard
+from sft_jax.optim import make_optimizer
+from sft_jax.sharding import device_batch
 from sft_jax.step import StepOptions
 
 NUM_EXPERTS, WIDTH, EXPERT_WIDTH, TOP_K, TOKENS = 4, 8, 6, 2, 10
@@ -192,3 +205,118 @@ def test_loss_with_aux_equals_transformers(family, tmp_path):
     down_grad = grads["layers"][layer]["mlp"]["experts_down"][...]
     hf_down = hf_grads[f"model.layers.{layer}.mlp.experts.down_proj"]  # fused [X, D, F]
     np.testing.assert_allclose(np.swapaxes(down_grad, 1, 2), hf_down, rtol=1e-3, atol=1e-6)
+
+
+def _moe_steps(mesh, batches, family: str = "qwen3_moe"):
+    """Metrics of each step and the final state, training a tiny random MoE on `mesh`."""
+    model = CausalLM(from_hf_config(hf_config(family)), rngs=nnx.Rngs(0))
+    build = step_builder(
+        model, mesh, ROWS, SEQ_LEN, loss_chunk_size=4, moe_layers=model.config.moe_layers,
+        router_aux_loss_coef=0.1, router_z_loss_weight=0.01,
+    )  # fmt: skip
+    tx, _ = make_optimizer(train_config())
+    state, _ = init_state(model, tx, mesh)
+    steps = build(model)
+    history = []
+    for batch in batches:
+        state, metrics = steps.train(state, device_batch(batch, steps.batch_shardings))
+        history.append(jax.device_get(metrics))
+    return history, state
+
+
+@pytest.fixture(scope="module")
+def moe_single_device():
+    batches = [synthetic_batch(seed) for seed in range(2)]
+    return batches, _moe_steps(sharding.single_device_mesh(), batches)
+
+
+@pytest.mark.parametrize(("fsdp", "expert"), [(1, 4), (2, 4)], ids=["expert4", "fsdp2xexpert4"])
+def test_expert_parallel_equals_single_device(moe_single_device, fsdp, expert):
+    """Packed, padded rows; loss, aux loss, gradient norm and the updated weights of two steps
+    equal a single device's, with one expert per device."""
+    batches, (expected, expected_state) = moe_single_device
+    mesh = sharding.make_mesh(fsdp=fsdp, expert=expert, devices=jax.devices()[: fsdp * expert])
+    history, state = _moe_steps(mesh, batches)
+    keys = ("train/loss", "train/ce", "train/aux_loss", "train/router_z_loss", "train/grad_norm")
+    for key in (*keys, "train/expert_load_max_over_mean/layer_02"):
+        np.testing.assert_allclose(
+            [m[key] for m in history], [m[key] for m in expected], rtol=2e-5, err_msg=key
+        )
+    experts = state["params"]["layers"][0]["mlp"]["experts_gate"]
+    assert experts.sharding.spec[0] == "expert" and experts.addressable_shards[0].data.shape[0] == 1
+    for a, b in zip(
+        jax.tree.leaves(state["params"]), jax.tree.leaves(expected_state["params"]), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_parallel_dispatch_moves_tokens_not_weights():
+    """Under an expert axis the dispatch runs per device on its own experts: tokens gathered
+    over the expert axis, partial outputs reduce-scattered back; equal to one device."""
+    x, gate, up, down = _expert_weights(1)
+    x = jnp.tile(x, (4, 1))  # 40 tokens, 10 per device
+    experts = jnp.asarray(np.tile(ROUTINGS["random"], (4, 1)), jnp.int32)
+    weights = jnp.full(experts.shape, 0.5)
+    local = functools.partial(dropless_experts, activation="silu")
+    expected = local(x, experts, weights, gate, up, down)
+    mesh = sharding.make_mesh(fsdp=1, expert=4, devices=jax.devices()[:4])
+    run = jax.jit(lambda *a: experts_per_shard(local, *a[:3], a[3:]))
+    with jax.set_mesh(mesh):
+        text = run.lower(x, experts, weights, gate, up, down).as_text()
+        actual = run(x, experts, weights, gate, up, down)
+    assert "all_gather" in text and "reduce_scatter" in text
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mfu_counts_active_parameters():
+    """FLOPs per token count the router, k of the X experts and the shared expert: every
+    matmul parameter of the transformers model minus the X - k experts a token skips."""
+    for family in MOE_FAMILIES:
+        hf_model = transformers.AutoModelForCausalLM.from_config(hf_config(family))
+        config = from_hf_config(hf_config(family))
+        total = sum(
+            p.numel()
+            for name, p in hf_model.named_parameters()
+            if p.ndim >= 2 and "embed_tokens" not in name
+        )
+        if config.tie_word_embeddings:
+            total += config.vocab_size * config.hidden_size  # the tied head is a product
+        skipped = config.num_experts - config.experts_per_token
+        per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+        active = total - len(config.moe_layers) * skipped * per_expert
+        assert matmul_params(config) == active, family
+
+
+def test_lora_on_attention_of_moe_exports_exactly(tmp_path):
+    """Adapters on the attention projections of Qwen2-MoE: the router, experts and shared
+    expert stay frozen; the PEFT adapter (in peft) and the merged export (in transformers)
+    give our logits."""
+    save_hf_model("qwen2_moe", tmp_path / "base")
+    mesh = sharding.single_device_mesh()
+    model = from_pretrained(tmp_path / "base", mesh=mesh)
+    spec = LoRASpec(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    apply_lora(model, spec, mesh)
+    trainable = [
+        "/".join(map(str, path))
+        for path, _ in nnx.to_flat_state(nnx.state(model, trainable_filter(spec)))
+    ]
+    assert trainable and all("attn" in path and "lora_" in path for path in trainable)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    for _, _, linear in decoder_linears(model):
+        if linear.lora_b is not None:
+            linear.lora_b[...] = 0.3 * jax.random.normal(next(keys), linear.lora_b[...].shape)
+    batch = padded_batch(seed=3)
+    actual = jax_logits(model, batch)
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(tmp_path / "base"))
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", attn_implementation="eager"
+    )
+    peft_model = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    expected = hf_logits(peft_model, batch["input_ids"], batch["attention_mask"])
+    assert_close_on_tokens(actual, expected, batch["attention_mask"], rel_tol=1e-4)
+    merged_dir = save_pretrained(fold_adapters(model), tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(
+        merged_dir, attn_implementation="eager"
+    )
+    merged_logits = hf_logits(merged.eval(), batch["input_ids"], batch["attention_mask"])
+    assert_close_on_tokens(merged_logits, actual, batch["attention_mask"], rel_tol=1e-4)

@@ -12,6 +12,7 @@ biased experts with its clamped SwiGLU.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.layers import MLP, Linear, activate, fold_key, normal_init
+from sft_jax.models.partitioning import experts_per_shard
 
 # The stacked expert parameters of a MoEBlock, by attribute name.
 EXPERT_PARAMS = ("experts_gate", "experts_up", "experts_down")
@@ -61,8 +63,12 @@ def dropless_experts(
     expert, each expert's run a group of one grouped matmul (ragged_dot), then unsorted."""
     num_tokens, top_k = experts_NxK.shape
     flat_experts = experts_NxK.reshape(-1)
+    # Slots routed to an expert id >= X (another device's, under expert parallelism) sort
+    # last, past every group: ragged_dot leaves their rows zero.
     order = jnp.argsort(flat_experts, stable=True)
-    group_sizes = jnp.bincount(flat_experts, length=gate_XxDxF.shape[0]).astype(jnp.int32)
+    group_sizes = jnp.sum(
+        jax.nn.one_hot(flat_experts, gate_XxDxF.shape[0], dtype=jnp.int32), axis=0
+    )
     x_MxD = jnp.take(x_NxD, order // top_k, axis=0)
     gate_MxF = jax.lax.ragged_dot(x_MxD, gate_XxDxF, group_sizes)
     up_MxF = jax.lax.ragged_dot(x_MxD, up_XxDxF, group_sizes)
@@ -131,10 +137,10 @@ class MoEBlock(nnx.Module):
         logits_NxX, experts_NxK, weights_NxK = route(
             x_NxD, self.router[...], self.top_k, self.renormalize
         )
-        out_NxD = dropless_experts(
-            x_NxD, experts_NxK, weights_NxK,
-            self.experts_gate[...].astype(self.dtype), self.experts_up[...].astype(self.dtype),
-            self.experts_down[...].astype(self.dtype), self.activation,
+        stacked = tuple(getattr(self, name)[...].astype(self.dtype) for name in EXPERT_PARAMS)
+        out_NxD = experts_per_shard(
+            functools.partial(dropless_experts, activation=self.activation),
+            x_NxD, experts_NxK, weights_NxK, stacked,
         )  # fmt: skip
         out_BxTxD = out_NxD.reshape(batch, seq_len, width)
         if self.shared_expert is not None:
