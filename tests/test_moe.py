@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ import torch
 import transformers
 from flax import nnx
 from hf_models import MOE_FAMILIES, hf_config, hf_logits, save_hf_model
+from test_demo import DEMO_MODEL, logged, run_demo
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, step_builder, synthetic_batch, train_config
 
@@ -320,3 +322,39 @@ def test_lora_on_attention_of_moe_exports_exactly(tmp_path):
     )
     merged_logits = hf_logits(merged.eval(), batch["input_ids"], batch["attention_mask"])
     assert_close_on_tokens(merged_logits, actual, batch["attention_mask"], rel_tol=1e-4)
+
+
+def test_tiny_moe_sft_run_on_the_demo_data(tmp_path):
+    """A Qwen3-MoE shaped like the demo model (4 experts, top 2) through main.py: its eval loss
+    falls like the dense demo's (to under half in 60 steps), no NaN, the expert load ends
+    spread, the export reloads in transformers."""
+    model_dir = tmp_path / "tiny_moe"
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=422, hidden_size=128, intermediate_size=384, moe_intermediate_size=96,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+        eos_token_id=0, pad_token_id=0, max_position_embeddings=1024, router_aux_loss_coef=0.01,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(DEMO_MODEL / name, model_dir / name)
+    workdir = tmp_path / "run"
+    run_demo(
+        workdir, f"--config.model.name_or_path={model_dir}",
+        "--config.train.router_aux_loss_coef=0.1",
+    )  # fmt: skip
+    records = logged(workdir)
+    evals = [r["eval/loss"] for r in records if "eval/loss" in r]
+    assert evals[-1] < evals[0] / 2
+    train = [r for r in records if "train/loss" in r]
+    assert all(np.isfinite(r["train/loss"]) and np.isfinite(r["train/aux_loss"]) for r in train)
+    assert train[-1]["train/ce"] < 0.6 * train[0]["train/ce"]
+    # top-2 of 4 experts: max / mean load is 1 when even, 2 when one expert is in every
+    # token's pair (collapsed). Both layers start near or at 2 (the residual stream of a random
+    # model shares one direction); the load-balancing loss at 0.1 spreads them (at the
+    # checkpoint's 0.01 layer 1 stays at 2.0 for these 60 steps).
+    final = [train[-1][f"train/expert_load_max_over_mean/layer_{i:02d}"] for i in (0, 1)]
+    assert max(final) < 1.9, final
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "export")
+    assert type(reloaded).__name__ == "Qwen3MoeForCausalLM"
