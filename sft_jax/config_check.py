@@ -68,6 +68,16 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_lora(config)
 
 
+def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None:
+    """Values that depend on the checkpoint: the expert mesh axis (expert_devices, as
+    resolved) must divide its experts."""
+    experts = model_config.num_experts
+    _need(config, expert_devices == 1 or (experts > 0 and experts % expert_devices == 0),
+          "mesh.expert", f"an expert axis of {expert_devices} devices must divide the model's "
+          f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
+          )  # fmt: skip
+
+
 def _need(config: Any, ok: bool, field: str, problem: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}={_get(config, field)!r}: {problem}")

@@ -10,6 +10,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import peft
 import pytest
@@ -24,6 +25,8 @@ from test_step import ROWS, SEQ_LEN, step_builder, synthetic_batch, train_config
 
 from sft_jax import sharding
 from sft_jax.compile_plan import init_state
+from sft_jax.config_check import check_for_model
+from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, save_adapter, trainable_filter
 from sft_jax.lora import merged as fold_adapters
 from sft_jax.metrics import matmul_params
@@ -358,3 +361,12 @@ def test_tiny_moe_sft_run_on_the_demo_data(tmp_path):
     assert max(final) < 1.9, final
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "export")
     assert type(reloaded).__name__ == "Qwen3MoeForCausalLM"
+
+
+def test_expert_axis_must_divide_the_experts():
+    config = ml_collections.ConfigDict({"mesh": {"expert": 3}})
+    check_for_model(config, from_hf_config(hf_config("mixtral")), 1)  # resolved to 1: fine
+    with pytest.raises(ConfigError, match=r"config\.mesh\.expert=3: .* of 3 devices .*\(4"):
+        check_for_model(config, from_hf_config(hf_config("mixtral")), 3)
+    with pytest.raises(ConfigError, match=r"dense model has none"):
+        check_for_model(config, from_hf_config(hf_config("llama2")), 3)
