@@ -18,7 +18,7 @@ import safetensors
 import torch
 import transformers
 from flax import nnx
-from hf_models import MOE_FAMILIES, hf_config, hf_logits, save_hf_model
+from hf_models import MOE_FAMILIES, VOCAB, hf_config, hf_logits, save_hf_model
 from test_demo import DEMO_MODEL, logged, run_demo
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, step_builder, synthetic_batch, train_config
@@ -41,6 +41,7 @@ from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.layers import activate
 from sft_jax.models.moe import dropless_experts
 from sft_jax.models.partitioning import experts_per_shard
+from sft_jax.moe_loss import load_balancing_loss
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import device_batch
 from sft_jax.step import StepOptions
@@ -212,13 +213,18 @@ def test_loss_with_aux_equals_transformers(family, tmp_path):
     np.testing.assert_allclose(np.swapaxes(down_grad, 1, 2), hf_down, rtol=1e-3, atol=1e-6)
 
 
-def _moe_steps(mesh, batches, family: str = "qwen3_moe"):
-    """Metrics of each step and the final state, training a tiny random MoE on `mesh`."""
-    model = CausalLM(from_hf_config(hf_config(family)), rngs=nnx.Rngs(0))
-    build = step_builder(
-        model, mesh, ROWS, SEQ_LEN, loss_chunk_size=4, moe_layers=model.config.moe_layers,
-        router_aux_loss_coef=0.1, router_z_loss_weight=0.01,
-    )  # fmt: skip
+def _moe_options(model: CausalLM, accumulation: int = 1) -> dict:
+    return {
+        "loss_chunk_size": 4, "moe_layers": model.config.moe_layers,
+        "router_aux_loss_coef": 0.1, "router_z_loss_weight": 0.01,
+        "gradient_accumulation_steps": accumulation,
+    }  # fmt: skip
+
+
+def _moe_steps(mesh, batches, accumulation: int = 1):
+    """Metrics of each step and the final state, training a tiny random Qwen3-MoE on `mesh`."""
+    model = CausalLM(from_hf_config(hf_config("qwen3_moe")), rngs=nnx.Rngs(0))
+    build = step_builder(model, mesh, ROWS, SEQ_LEN, **_moe_options(model, accumulation))
     tx, _ = make_optimizer(train_config())
     state, _ = init_state(model, tx, mesh)
     steps = build(model)
@@ -370,3 +376,48 @@ def test_expert_axis_must_divide_the_experts():
         check_for_model(config, from_hf_config(hf_config("mixtral")), 3)
     with pytest.raises(ConfigError, match=r"dense model has none"):
         check_for_model(config, from_hf_config(hf_config("llama2")), 3)
+
+
+def test_aux_loss_of_packed_rows_equals_transformers_on_the_documents(tmp_path):
+    """Two documents packed in one row with padding after them: the load-balancing loss is
+    transformers' aux_loss over the same documents as separate, padded rows (padding and
+    document boundaries respected)."""
+    hf_model = save_hf_model("qwen3_moe", tmp_path)
+    rng = np.random.default_rng(4)
+    first, second = rng.integers(3, VOCAB, size=9), rng.integers(3, VOCAB, size=5)
+    packed = {
+        "input_ids": np.concatenate([first, second, np.zeros(2)])[None].astype(np.int32),
+        "positions": np.concatenate([np.arange(9), np.arange(5), np.zeros(2)])[None],
+        "segment_ids": np.array([[1] * 9 + [2] * 5 + [0] * 2], np.int32),
+    }
+    packed["positions"] = packed["positions"].astype(np.int32)
+    model = from_pretrained(tmp_path)
+    _, stats = nnx.jit(lambda m, b: m.forward(b["input_ids"], b["positions"], b["segment_ids"]))(
+        model, packed
+    )
+    ids = np.zeros((2, 9), np.int64)
+    ids[0], ids[1, :5] = first, second
+    mask = np.zeros((2, 9), np.int64)
+    mask[0], mask[1, :5] = 1, 1
+    with torch.no_grad():
+        out = hf_model(
+            input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+            output_router_logits=True,
+        )  # fmt: skip
+    np.testing.assert_allclose(load_balancing_loss(stats), out.aux_loss.item(), rtol=1e-5)
+    assert float(jnp.sum(stats.tokens)) == 14 * len(model.config.moe_layers)
+
+
+def test_accumulated_aux_is_the_mean_over_micro_batches(moe_single_device):
+    """With 2 micro-batches the cross-entropy is that of the whole batch, and the aux loss the
+    mean of each micro-batch's (what transformers computes per forward pass)."""
+    batches, (expected, _) = moe_single_device
+    history, _ = _moe_steps(sharding.single_device_mesh(), batches[:1], accumulation=2)
+    np.testing.assert_allclose(history[0]["train/ce"], expected[0]["train/ce"], rtol=2e-5)
+    model = CausalLM(from_hf_config(hf_config("qwen3_moe")), rngs=nnx.Rngs(0))
+    objective = StepOptions(**_moe_options(model)).objective()
+    micro_aux = [
+        objective.sums(model, {k: v[j::2] for k, v in batches[0].items()}).aux for j in (0, 1)
+    ]
+    assert abs(float(micro_aux[0]) - float(micro_aux[1])) > 1e-4  # the mean is not trivial
+    np.testing.assert_allclose(history[0]["train/aux_loss"], np.mean(micro_aux), rtol=2e-5)
