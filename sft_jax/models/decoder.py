@@ -1,4 +1,5 @@
-"""The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3), in Flax NNX.
+"""The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3, and the mixtures
+of experts Qwen3-MoE, Mixtral, Qwen2-MoE: their expert blocks in moe.py), in Flax NNX.
 
 Dimension legend for einsum strings and shape suffixes:
   B batch, T query time, S key time, D model width, H query heads, K key/value heads,
