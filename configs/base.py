@@ -136,6 +136,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.max_grad_norm = 1.0
     # Weight of the z-loss, mean over target tokens of logsumexp(logits)^2 (0 = off).
     config.train.z_loss_weight = 0.0
+    # Mixtures of experts: weight of the load-balancing loss (transformers'
+    # load_balancing_loss_func, over real tokens); -1 = the checkpoint's router_aux_loss_coef.
+    config.train.router_aux_loss_coef = -1.0
+    # Mixtures of experts: weight of the router z-loss, mean over real tokens and MoE layers of
+    # logsumexp(router logits)^2 (0 = off).
+    config.train.router_z_loss_weight = 0.0
     # Time steps whose logits are computed at once in the loss ([batch, chunk, vocab] fp32).
     config.train.loss_chunk_size = 512
     # Seed of parameter initialization and of data order.
@@ -191,6 +197,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = 1  # pure data parallelism (replicated parameters)
     config.mesh.fsdp = -1  # data parallelism with parameters and optimizer state sharded
+    # expert parallelism: mixture-of-experts weights split over it, each device holding
+    # num_experts / expert of them; elsewhere one more data-parallel axis. Divides num_experts.
+    config.mesh.expert = 1
     config.mesh.tensor = 1  # tensor parallelism inside layers (heads, MLP width, vocab)
 
     # ---------------------------------------------------------------- log

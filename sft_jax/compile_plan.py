@@ -192,6 +192,18 @@ def _abstract_state(model: CausalLM, tx: optax.GradientTransformation, trainable
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
+def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
+    """The StepOptions of a mixture of experts (none for a dense model)."""
+    if not model_config.moe_layers:
+        return {}
+    coef = train.router_aux_loss_coef
+    return {
+        "moe_layers": model_config.moe_layers,
+        "router_aux_loss_coef": model_config.router_aux_loss_coef if coef == -1 else coef,
+        "router_z_loss_weight": train.router_z_loss_weight,
+    }
+
+
 def build_steps(
     model: CausalLM,
     tx: optax.GradientTransformation,
@@ -361,7 +373,8 @@ def plan_run(
     tx, schedule = make_optimizer(train)
     state, state_shardings = init_state(model, tx, mesh, trainable)
     options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
-                          train.loss_chunk_size, dropout_seed=train.seed)  # fmt: skip
+                          train.loss_chunk_size, dropout_seed=train.seed,
+                          **moe_options(train, model.config))  # fmt: skip
     build = functools.partial(
         build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=state_shardings,
         train_rows=train.global_batch_size, eval_rows=config.eval.global_batch_size,

@@ -59,7 +59,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     that would fail deep inside (or silently) later, named now with what to do. The modules
     that read these values trust them.
 
-    batch_shards: devices the batch rows are split over (mesh data x fsdp).
+    batch_shards: devices the batch rows are split over (mesh data x fsdp x expert).
     """
     _check_train(config)
     _check_batches(config, device_count, batch_shards)
@@ -67,6 +67,16 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_eval_and_outputs(config)
     _check_model(config)
     _check_lora(config)
+
+
+def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None:
+    """Values that depend on the checkpoint: the expert mesh axis (expert_devices, as
+    resolved) must divide its experts."""
+    experts = model_config.num_experts
+    _need(config, expert_devices == 1 or (experts > 0 and experts % expert_devices == 0),
+          "mesh.expert", f"an expert axis of {expert_devices} devices must divide the model's "
+          f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
+          )  # fmt: skip
 
 
 def _need(config: Any, ok: bool, field: str, problem: str) -> None:
@@ -82,6 +92,11 @@ def _check_train(config: Any) -> None:
     _need(config, 0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be within [0, 1].")
     _need(config, train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (off) or positive.")
     _need(config, train.loss_chunk_size > 0, "train.loss_chunk_size", "must be positive.")
+    _need(config, train.router_aux_loss_coef == -1 or train.router_aux_loss_coef >= 0,
+          "train.router_aux_loss_coef", "must be -1 (the checkpoint's) or 0 or more.")  # fmt: skip
+    _need(
+        config, train.router_z_loss_weight >= 0, "train.router_z_loss_weight", "must be 0 or more."
+    )
     check_choice("train.lr_schedule", train.lr_schedule, SCHEDULES)
     accumulation = train.gradient_accumulation_steps
     _need(config, accumulation > 0, "train.gradient_accumulation_steps", "must be 1 or more.")
@@ -98,7 +113,8 @@ def _check_batches(config: Any, device_count: int, batch_shards: int) -> None:
             rows > 0 and rows % (pieces * batch_shards) == 0,
             field,
             f"rows must split evenly into {split}{batch_shards} devices (the mesh's data x fsdp "
-            f"axes, of {device_count} devices): use a multiple of {pieces * batch_shards}.",
+            f"x expert axes, of {device_count} devices): use a multiple of "
+            f"{pieces * batch_shards}.",
         )
 
 

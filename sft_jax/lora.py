@@ -137,7 +137,8 @@ def merged(model: CausalLM) -> CausalLM:
     linears = {(index, name): linear for index, name, linear in decoder_linears(model)}
     values = []
     for path, variable in nnx.to_flat_state(abstract):
-        if path[0] == "layers" and path[-1] == "kernel":
+        # Kernels of the adaptable projections (not the shared expert of a mixture of experts).
+        if path[0] == "layers" and path[-1] == "kernel" and (path[1], path[3]) in linears:
             linear = linears[(path[1], path[3])]
             kernel = linear.weight().astype(jnp.float32)
             if linear.lora_a is not None:

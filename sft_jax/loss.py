@@ -127,6 +127,13 @@ def loss_sums(
     hidden_BxTxD = model.hidden_states(
         batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
     )
+    return hidden_loss_sums(model, hidden_BxTxD, batch, max_chunk)
+
+
+def hidden_loss_sums(
+    model: CausalLM, hidden_BxTxD: jax.Array, batch: dict[str, jax.Array], max_chunk: int = 512
+) -> LossSums:
+    """loss_sums from the model's final hidden states (the LM head and loss only)."""
     # In the parameter dtype, cast per chunk: with bf16 compute and float32 parameters, the
     # head's gradient then adds up over chunks (and devices) in float32, not bf16.
     head_VxD = model.head()

@@ -45,12 +45,24 @@ def matmul_params(config: ModelConfig) -> int:
     """Parameters that take part in matrix products (every linear layer and the LM head).
 
     The input embedding is a lookup, not a product, so it does not count unless it is tied
-    to the LM head (then it counts once, as the head).
+    to the LM head (then it counts once, as the head). In a mixture of experts only the
+    *active* parameters count: the router, the k experts a token runs through, the shared
+    expert and its gate.
     """
     c = config
     attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
     mlp = 3 * c.hidden_size * c.intermediate_size
-    return c.num_layers * (attention + mlp) + c.vocab_size * c.hidden_size
+    moe = c.hidden_size * (
+        c.num_experts
+        + 3 * c.experts_per_token * c.moe_intermediate_size
+        + (3 * c.shared_expert_intermediate_size + 1 if c.shared_expert_intermediate_size else 0)
+    )
+    num_moe = len(c.moe_layers)
+    dense_layers = c.num_layers - num_moe
+    return (
+        c.num_layers * attention + dense_layers * mlp + num_moe * moe
+        + c.vocab_size * c.hidden_size
+    )  # fmt: skip
 
 
 def training_flops_per_token(

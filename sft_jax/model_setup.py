@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 from jax.sharding import Mesh
 
+from sft_jax.config_check import check_for_model
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
@@ -29,6 +30,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         dtype=DTYPES[config.model.compute_dtype],
         quantization=spec.quantization,
     )
+    check_for_model(config, model.config, mesh.shape["expert"])
     if spec.enabled:
         tied = spec.for_model(model)
         if tied != spec:

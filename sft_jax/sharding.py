@@ -29,11 +29,16 @@ __all__ = ["make_mesh", "mesh_for", "single_device_mesh"]
 
 
 def make_mesh(
-    data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int = 1,
+    fsdp: int = -1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+    expert: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (all by default); one -1 fills the rest."""
+    """A (data, fsdp, expert, tensor) mesh over `devices` (all by default); one -1 fills the
+    rest."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     if sizes.count(-1) > 1:
         raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one axis may be -1."
@@ -45,19 +50,20 @@ def make_mesh(
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ConfigError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-            f"{math.prod(sizes)} devices, but {len(devices)} are available."
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x expert={sizes[2]} x tensor={sizes[3]} "
+            f"needs {math.prod(sizes)} devices, but {len(devices)} are available."
         )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
 def mesh_for(config: ml_collections.ConfigDict) -> Mesh:
     """The mesh config.mesh asks for, over every device of the job."""
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = config.mesh
+    return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, expert=mesh.expert)
 
 
 def batch_shards(mesh: Mesh) -> int:
-    """Devices a batch's rows are split over (the mesh's data x fsdp axes)."""
+    """Devices a batch's rows are split over (the mesh's data x fsdp x expert axes)."""
     return math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"])
 
 

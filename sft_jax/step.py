@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec
 
 from sft_jax.loss import CrossEntropy
 from sft_jax.models.partitioning import LOGICAL_RULES
+from sft_jax.moe_loss import MoECrossEntropy
 
 Batch = dict[str, jax.Array]
 
@@ -41,8 +42,18 @@ class StepOptions:
     z_loss_weight: float = 0.0
     loss_chunk_size: int = 512
     dropout_seed: int = 0  # LoRA dropout masks derive from (seed, step, micro-batch)
+    # Mixtures of experts: the decoder layers with experts (none: a dense model), the weight of
+    # the load-balancing loss and of the router z-loss.
+    moe_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_weight: float = 0.0
 
-    def objective(self) -> CrossEntropy:
+    def objective(self) -> CrossEntropy | MoECrossEntropy:
+        if self.moe_layers:
+            return MoECrossEntropy(
+                self.moe_layers, self.router_aux_loss_coef, self.router_z_loss_weight,
+                self.z_loss_weight, self.loss_chunk_size, self.gradient_accumulation_steps,
+            )  # fmt: skip
         return CrossEntropy(self.z_loss_weight, self.loss_chunk_size)
 
 

@@ -83,7 +83,43 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             "rope_scaling": {"rope_type": "linear", "factor": 4.0},
         },
     ),
+    # Mixtures of experts: 4 experts, top 2; dense and sparse layers mixed where the family can.
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        {
+            "head_dim": 24,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+            "router_aux_loss_coef": 0.01,
+        },
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        {
+            "intermediate_size": 48,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 5,
+            "router_aux_loss_coef": 0.02,
+        },
+    ),
+    "qwen2_moe": (
+        transformers.Qwen2MoeConfig,
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 80,
+            "norm_topk_prob": False,
+            "decoder_sparse_step": 2,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def hf_config(family: str) -> transformers.PretrainedConfig:

@@ -12,7 +12,7 @@ import pytest
 import tokenizers
 import transformers
 from flax import nnx
-from hf_models import FAMILIES, VOCAB, build_hf_model, hf_logits, save_hf_model
+from hf_models import FAMILIES, MOE_FAMILIES, VOCAB, build_hf_model, hf_logits, save_hf_model
 
 from sft_jax import sharding
 from sft_jax.models import CheckpointError, UnsupportedModelError, from_pretrained, save_pretrained
@@ -87,15 +87,20 @@ def test_bf16_parameters_stay_close(family_checkpoint):
 
     bf16 keeps 8 mantissa bits (relative error ~4e-3 per rounding); three layers of rounded
     weights and activations accumulate to a few 1e-2 of the largest logit on these random
-    models, so 5e-2 is the documented bound for the bf16 path.
+    models, so 5e-2 is the documented bound for the bf16 path. Mixtures of experts get 1e-1:
+    where a token's k-th and (k+1)-th experts are within bf16 rounding of each other, the
+    bf16 hidden states can pick the other expert (the router itself runs in float32).
     """
-    _, path, hf_model = family_checkpoint
+    family, path, hf_model = family_checkpoint
     batch = padded_batch()
     model = from_pretrained(path, param_dtype=jnp.bfloat16)
     assert model.embed[...].dtype == jnp.bfloat16
     expected = hf_logits(hf_model, batch["input_ids"], batch["attention_mask"])
     assert_close_on_tokens(
-        jax_logits(model, batch), expected, batch["attention_mask"], rel_tol=5e-2
+        jax_logits(model, batch),
+        expected,
+        batch["attention_mask"],
+        rel_tol=1e-1 if family in MOE_FAMILIES else 5e-2,
     )
 
 

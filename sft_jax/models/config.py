@@ -27,6 +27,30 @@ _FAMILIES: dict[str, dict[str, Any]] = {
         "embed_scale": True,
         "qk_norm": True,
     },
+    # Mixtures of experts (models/moe.py).
+    "mixtral": {"moe": True},
+    "qwen2_moe": {"moe": True},
+    "qwen3_moe": {"moe": True, "qk_norm": True},
+}
+# Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
+_UNSUPPORTED_MOE = {
+    "deepseek_v2": "MLA attention and group-limited routing (n_group, topk_group)",
+    "deepseek_v3": "MLA attention, sigmoid routing with a score-correction bias and "
+    "group-limited top-k (n_group, topk_group), routed_scaling_factor, dense first layers",
+    "gpt_oss": "biased experts with a clamped SwiGLU, attention sinks, softmax after top-k",
+    "olmoe": "q/k norms over all heads, routing like qwen2_moe",
+    "qwen3_next": "gated delta-net linear attention layers",
+    "glm4_moe": "sigmoid routing with a score-correction bias and group-limited top-k",
+}
+# HF config fields of routing modes the expert block does not implement: any of them present
+# (and not at its neutral value) means the checkpoint routes differently.
+_UNSUPPORTED_ROUTING_FIELDS = {
+    "scoring_func": "softmax",
+    "topk_method": "greedy",
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.0,
+    "router_jitter_noise": 0.0,
 }
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -108,6 +132,15 @@ class ModelConfig:
     # when unknown. "cudnn" hands cuDNN a table of this many segments per row (its packed
     # layout) instead of a [B, T, S] mask.
     max_segments: int = 0
+    # Mixture of experts (models/moe.py); 0 experts means every layer has a dense MLP.
+    num_experts: int = 0
+    experts_per_token: int = 0  # top-k
+    moe_intermediate_size: int = 0  # F of each expert
+    norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
+    moe_layers: tuple[int, ...] = ()  # indices of the layers whose MLP is the expert block
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert behind a sigmoid gate
+    expert_names: str = "qwen"  # checkpoint layout: "qwen" (mlp.experts.N.gate_proj) / "mixtral"
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (HF's default)
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -121,6 +154,9 @@ class ModelConfig:
         if self.layer_types[layer_index] == "sliding_attention":
             return self.sliding_window
         return None
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        return layer_index in self.moe_layers
 
     @property
     def attention_scale(self) -> float:
@@ -164,12 +200,19 @@ def _layer_types(hf: Any, num_layers: int) -> tuple[str, ...]:
 def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     model_type = getattr(hf, "model_type", None)
+    if model_type in _UNSUPPORTED_MOE:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} (config.json) is a mixture of experts sft_jax does not "
+            f"implement yet: it needs {_UNSUPPORTED_MOE[model_type]}. Supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
     if model_type not in _FAMILIES:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported by sft_jax; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
         )
     family = _FAMILIES[model_type]
+    moe = _moe_fields(hf, model_type) if family.get("moe") else {}
     activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
     if activation not in _ACTIVATIONS:
         raise UnsupportedModelError(f"{model_type}: activation {activation!r} is not supported.")
@@ -189,7 +232,9 @@ def from_hf_config(hf: Any) -> ModelConfig:
         rms_norm_eps=hf.rms_norm_eps,
         activation=activation,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        qkv_bias=family.get("qkv_bias", False) or attention_bias,
+        qkv_bias=family.get("qkv_bias", False)
+        or attention_bias
+        or bool(getattr(hf, "qkv_bias", False)),
         o_bias=attention_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
         qk_norm=family.get("qk_norm", False),
@@ -203,4 +248,40 @@ def from_hf_config(hf: Any) -> ModelConfig:
         layer_types=layer_types,
         rope=_rope_table(hf, layer_types),
         hf_config=hf.to_dict(),
+        **moe,
     )
+
+
+def _moe_fields(hf: Any, model_type: str) -> dict[str, Any]:
+    """The ModelConfig fields of a mixture of experts, or UnsupportedModelError naming the
+    config.json field of a variant the expert block does not implement."""
+    for field, neutral in _UNSUPPORTED_ROUTING_FIELDS.items():
+        value = getattr(hf, field, neutral)
+        if value is not None and value != neutral:
+            raise UnsupportedModelError(
+                f"{model_type}: config.json field {field}={value!r} selects a routing mode "
+                f"sft_jax does not implement (supported: {field}={neutral!r} or absent)."
+            )
+    num_experts, top_k = int(hf.num_experts), int(hf.num_experts_per_tok)
+    if num_experts < 1 or not 1 <= top_k <= num_experts:
+        raise UnsupportedModelError(
+            f"{model_type}: config.json fields num_experts={num_experts}, "
+            f"num_experts_per_tok={top_k}: expected 1 <= num_experts_per_tok <= num_experts."
+        )
+    num_layers = hf.num_hidden_layers
+    if model_type == "mixtral":  # every layer is sparse, experts as wide as intermediate_size
+        moe_layers, width, renormalize = tuple(range(num_layers)), hf.intermediate_size, True
+    else:
+        step, dense = int(hf.decoder_sparse_step), set(hf.mlp_only_layers or ())
+        moe_layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+        width, renormalize = hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+    return {
+        "num_experts": num_experts,
+        "experts_per_token": top_k,
+        "moe_intermediate_size": width,
+        "norm_topk_prob": renormalize,
+        "moe_layers": moe_layers,
+        "shared_expert_intermediate_size": getattr(hf, "shared_expert_intermediate_size", 0) or 0,
+        "expert_names": "mixtral" if model_type == "mixtral" else "qwen",
+        "router_aux_loss_coef": float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
+    }

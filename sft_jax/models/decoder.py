@@ -1,4 +1,5 @@
-"""The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3), in Flax NNX.
+"""The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3, and the mixtures
+of experts Qwen3-MoE, Mixtral, Qwen2-MoE: their expert blocks in moe.py), in Flax NNX.
 
 Dimension legend for einsum strings and shape suffixes:
   B batch, T query time, S key time, D model width, H query heads, K key/value heads,
@@ -22,7 +23,8 @@ from flax import nnx
 from sft_jax.models.attention import Attention, KVCache, LayerCache, write_slots
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.kernels import ATTENTION_KINDS
-from sft_jax.models.layers import Linear, RMSNorm, einsum_f32, fold_key, normal_init
+from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
+from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
 # layer), or only matmul outputs (recompute the cheap elementwise work).
@@ -40,26 +42,6 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-class MLP(nnx.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
-
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs):
-        c = config
-        dense = {"use_bias": c.mlp_bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, axes=("embed", "mlp"), **dense)
-        self.up_proj = Linear(c.hidden_size, c.intermediate_size, axes=("embed", "mlp"), **dense)
-        self.down_proj = Linear(c.intermediate_size, c.hidden_size, axes=("mlp", "embed"), **dense)
-        self.gelu = c.activation == "gelu_pytorch_tanh"
-
-    def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        gate_BxTxF = self.gate_proj(x_BxTxD, fold_key(dropout_key, 0))
-        activated = (
-            jax.nn.gelu(gate_BxTxF, approximate=True) if self.gelu else jax.nn.silu(gate_BxTxF)
-        )
-        hidden_BxTxF = activated * self.up_proj(x_BxTxD, fold_key(dropout_key, 1))
-        return self.down_proj(hidden_BxTxF, fold_key(dropout_key, 2))
-
-
 class DecoderLayer(nnx.Module):
     """Pre-norm residual block; Gemma adds norms on the attention and MLP outputs."""
 
@@ -70,34 +52,44 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
         self.mlp_norm = RMSNorm(c.hidden_size, **norm)
-        self.mlp = MLP(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        mlp_class = MoEBlock if c.is_moe_layer(layer_index) else MLP
+        self.mlp = mlp_class(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
 
     def __call__(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array:  # fmt: skip
+    ) -> tuple[jax.Array, RouterStats | None]:  # fmt: skip
+        """(output, router statistics over real tokens; None for a dense MLP)."""
         normed = self.attn_norm(x_BxTxD)
         attn_out = self.attn(normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0))
-        return self._add_attention_and_mlp(x_BxTxD, attn_out, fold_key(dropout_key, 1))
+        return self._add_attention_and_mlp(
+            x_BxTxD, attn_out, segment_ids_BxT > 0, fold_key(dropout_key, 1)
+        )
 
     def extend(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache
     ) -> tuple[jax.Array, LayerCache]:
         """The layer on T new tokens against its cache (see Attention.extend)."""
         attn_out, cache = self.attn.extend(self.attn_norm(x_BxTxD), positions_BxT, cache)
-        return self._add_attention_and_mlp(x_BxTxD, attn_out, None), cache
+        x_BxTxD, _ = self._add_attention_and_mlp(x_BxTxD, attn_out, positions_BxT >= 0, None)
+        return x_BxTxD, cache
 
     def _add_attention_and_mlp(
-        self, x_BxTxD: jax.Array, attn_out: jax.Array, dropout_key: jax.Array | None
-    ) -> jax.Array:
+        self, x_BxTxD: jax.Array, attn_out: jax.Array, real_BxT: jax.Array,
+        dropout_key: jax.Array | None,
+    ) -> tuple[jax.Array, RouterStats | None]:  # fmt: skip
         if self.attn_post_norm is not None:
             attn_out = self.attn_post_norm(attn_out)
         x_BxTxD = x_BxTxD + attn_out
-        mlp_out = self.mlp(self.mlp_norm(x_BxTxD), dropout_key)
+        stats = None
+        if isinstance(self.mlp, MoEBlock):
+            mlp_out, stats = self.mlp(self.mlp_norm(x_BxTxD), real_BxT, dropout_key)
+        else:
+            mlp_out = self.mlp(self.mlp_norm(x_BxTxD), dropout_key)
         if self.mlp_post_norm is not None:
             mlp_out = self.mlp_post_norm(mlp_out)
-        return x_BxTxD + mlp_out
+        return x_BxTxD + mlp_out, stats
 
 
 def use_attention(model: CausalLM, kind: str, max_segments: int | None = None) -> None:
@@ -122,7 +114,9 @@ def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | N
     return logits
 
 
-def _call_layer(layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key) -> jax.Array:
+def _call_layer(
+    layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key
+) -> tuple[jax.Array, RouterStats | None]:
     return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key)
 
 
@@ -177,14 +171,28 @@ class CausalLM(nnx.Module):
 
         dropout_key enables LoRA dropout (training); None means deterministic.
         """
+        return self.forward(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key)[0]
+
+    def forward(
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, RouterStats | None]:
+        """(final-normed hidden states, router statistics of the MoE layers stacked [L, ...],
+        or None for a dense model)."""
         x_BxTxD = self._embed(input_ids_BxT)
         apply_layer = _call_layer
         if self.remat != "none":
             apply_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
+        per_layer = []
         for index, layer in enumerate(self.layers):
             key = fold_key(dropout_key, index)
-            x_BxTxD = apply_layer(layer, x_BxTxD, positions_BxT, segment_ids_BxT, key)
-        return self.final_norm(x_BxTxD)
+            x_BxTxD, stats = apply_layer(layer, x_BxTxD, positions_BxT, segment_ids_BxT, key)
+            if stats is not None:
+                per_layer.append(stats)
+        return self.final_norm(x_BxTxD), stack_stats(per_layer)
 
     def extend(
         self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, cache: KVCache
@@ -233,5 +241,6 @@ def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
     for index, layer in enumerate(model.layers):
         for name in ATTENTION_PROJECTIONS:
             yield index, name, getattr(layer.attn, name)
-        for name in MLP_PROJECTIONS:
-            yield index, name, getattr(layer.mlp, name)
+        if isinstance(layer.mlp, MLP):  # expert weights are stacked parameters, not Linears
+            for name in MLP_PROJECTIONS:
+                yield index, name, getattr(layer.mlp, name)

@@ -22,6 +22,7 @@ from sft_jax.errors import UserError
 from sft_jax.models import safetensors_io
 from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import ATTENTION_PROJECTIONS, CausalLM, decoder_linears
+from sft_jax.models.moe import EXPERT_PARAMS
 from sft_jax.models.partitioning import named_sharding, single_device_mesh
 from sft_jax.models.quantize import QuantSpec, quantize_structure, quantized_kernel
 
@@ -60,14 +61,57 @@ def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, boo
         if rest[0] == "mlp_norm" and config.sandwich_norms:
             name = "pre_feedforward_layernorm"
         return f"{prefix}.{name}.weight", False
-    module = "self_attn" if rest[0] == "attn" else "mlp"
+    module = "self_attn" if rest[0] == "attn" else _mlp_module(config)
+    if rest[1] == "router":
+        return f"{prefix}.{module}.gate.weight", True
     leaf = rest[-1]
-    if leaf == "scale":  # q_norm / k_norm
-        return f"{prefix}.{module}.{rest[1]}.weight", False
+    # q_norm / k_norm scales, projections, the shared expert's projections and gate.
+    inner = ".".join(str(key) for key in rest[1:-1])
     return (
-        f"{prefix}.{module}.{rest[1]}.{'weight' if leaf == 'kernel' else 'bias'}",
+        f"{prefix}.{module}.{inner}.{'bias' if leaf == 'bias' else 'weight'}",
         leaf == "kernel",
     )
+
+
+def _mlp_module(config: ModelConfig) -> str:
+    # Mixtral checkpoints on the hub call the expert block block_sparse_moe.
+    return "block_sparse_moe" if config.expert_names == "mixtral" else "mlp"
+
+
+# Stacked expert parameter -> its per-expert projection name in each checkpoint layout.
+_EXPERT_NAMES = {
+    "qwen": {"experts_gate": "gate_proj", "experts_up": "up_proj", "experts_down": "down_proj"},
+    "mixtral": {"experts_gate": "w1", "experts_up": "w3", "experts_down": "w2"},
+}
+
+
+def hf_expert_names(path: tuple[Any, ...], config: ModelConfig) -> list[str] | None:
+    """Per-expert Hugging Face tensor names (each stored [out, in]) of a stacked expert
+    parameter [X, in, out], as the hub checkpoints hold them; None for any other parameter."""
+    if path[-1] not in EXPERT_PARAMS:
+        return None
+    projection = _EXPERT_NAMES[config.expert_names][path[-1]]
+    prefix = f"model.layers.{path[1]}.{_mlp_module(config)}.experts"
+    return [f"{prefix}.{e}.{projection}.weight" for e in range(config.num_experts)]
+
+
+def _load_experts(
+    entries: dict[str, safetensors_io.TensorEntry],
+    names: list[str],
+    target: jax.ShapeDtypeStruct,
+    param_sharding: jax.sharding.Sharding,
+) -> jax.Array:
+    """Stacks per-expert [out, in] tensors into [X, in, out], each device reading only the
+    experts and the slice of them it holds."""
+    shape = target.shape
+    checked = [_checked_entry(entries, name, shape[1:], True) for name in names]
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        experts, rows, cols = (range(n)[i] for i, n in zip(index, shape, strict=True))
+        box = (slice(cols.start, cols.stop), slice(rows.start, rows.stop))
+        return np.stack([checked[e].read(box).T.astype(target.dtype) for e in experts])
+
+    return jax.make_array_from_callback(shape, param_sharding, read).block_until_ready()
 
 
 def hf_module_name(index: int, name: str) -> str:
@@ -275,10 +319,16 @@ def _load_variables(
                 used.add(name)
             loaded.append((path, variable.replace(quantized[linear_path][path[-1]])))
             continue
-        name, transposed = hf_tensor_name(path, model.config)
         target = variable.get_value()
-        entry = _checked_entry(entries, name, target.shape, transposed)
         param_sharding = named_sharding(variable.get_metadata()["logical_axes"], target.shape, mesh)
+        expert_names = hf_expert_names(path, model.config)
+        if expert_names is not None:
+            array = _load_experts(entries, expert_names, target, param_sharding)
+            loaded.append((path, variable.replace(array)))
+            used.update(expert_names)
+            continue
+        name, transposed = hf_tensor_name(path, model.config)
+        entry = _checked_entry(entries, name, target.shape, transposed)
         loaded.append(
             (path, variable.replace(_load_param(entry, transposed, target, param_sharding)))
         )
@@ -296,8 +346,12 @@ def _pending_tensors(
     model: CausalLM, out_dtype: np.dtype | None
 ) -> Iterator[safetensors_io.PendingTensor]:
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = hf_tensor_name(path, model.config)
         array = variable.get_value()
+        expert_names = hf_expert_names(path, model.config)
+        if expert_names is not None:  # the hub layout: one [out, in] tensor per expert
+            yield from _expert_tensors(array, expert_names, out_dtype)
+            continue
+        name, transposed = hf_tensor_name(path, model.config)
         dtype = np.dtype(out_dtype or array.dtype)
         shape = tuple(array.shape[::-1] if transposed else array.shape)
 
@@ -306,6 +360,18 @@ def _pending_tensors(
             return host.T if transposed else host
 
         yield safetensors_io.PendingTensor(name, shape, dtype, produce)
+
+
+def _expert_tensors(
+    array: jax.Array, names: list[str], out_dtype: np.dtype | None
+) -> Iterator[safetensors_io.PendingTensor]:
+    dtype = np.dtype(out_dtype or array.dtype)
+    for expert, name in enumerate(names):
+
+        def produce(expert=expert) -> np.ndarray:
+            return to_host(array[expert]).astype(dtype).T
+
+        yield safetensors_io.PendingTensor(name, tuple(array.shape[:0:-1]), dtype, produce)
 
 
 def save_pretrained(

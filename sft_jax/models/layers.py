@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models.config import RopeSpec
+from sft_jax.models.config import ModelConfig, RopeSpec
 from sft_jax.models.quantize import dequantize
 
 _INIT_STD = 0.02  # transformers' default initializer_range, for models not loaded from disk
@@ -148,3 +148,26 @@ def apply_rope(x_BTxE: jax.Array, positions_BxT: jax.Array, rope: RopeSpec) -> j
     first, second = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x_BTxE.dtype)
+
+
+def activate(kind: str, x: jax.Array) -> jax.Array:
+    """The MLP activation by its config name ("silu" or "gelu_pytorch_tanh")."""
+    return jax.nn.gelu(x, approximate=True) if kind == "gelu_pytorch_tanh" else jax.nn.silu(x)
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); F is intermediate_size unless given."""
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs, width: int = 0):
+        c, width = config, width or config.intermediate_size
+        dense = {"use_bias": c.mlp_bias, "dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.gate_proj = Linear(c.hidden_size, width, axes=("embed", "mlp"), **dense)
+        self.up_proj = Linear(c.hidden_size, width, axes=("embed", "mlp"), **dense)
+        self.down_proj = Linear(width, c.hidden_size, axes=("mlp", "embed"), **dense)
+        self.activation = c.activation
+
+    def __call__(self, x_BxTxD: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        gate_BxTxF = self.gate_proj(x_BxTxD, fold_key(dropout_key, 0))
+        activated = activate(self.activation, gate_BxTxF)
+        hidden_BxTxF = activated * self.up_proj(x_BxTxD, fold_key(dropout_key, 1))
+        return self.down_proj(hidden_BxTxF, fold_key(dropout_key, 2))

@@ -2,26 +2,32 @@
 
 Parameters carry logical axis names in their `logical_axes` metadata ("embed", "mlp",
 "q_heads", ...), activations are named the same way where it matters; LOGICAL_RULES says which
-mesh axes ("data", "fsdp", "tensor") split each. Nothing else in models/ names a mesh axis.
+mesh axes ("data", "fsdp", "expert", "tensor") split each. Nothing else in models/ names a
+mesh axis.
 Meshes are built by sft_jax.sharding.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # Logical axis (as annotated on parameters and activations) -> mesh axes it is split over.
-# "batch" rows are split over data-parallel and fsdp replicas; weights are split over fsdp
-# (gathered per layer by XLA) and tensor (Megatron-style column/row parallel layers).
+# "batch" rows are split over data-parallel, fsdp and expert replicas; weights are split over
+# fsdp (gathered per layer by XLA) and tensor (Megatron-style column/row parallel layers), the
+# stacked weights of a mixture of experts over expert (each device holds X / expert experts;
+# outside the expert blocks the expert axis is one more data-parallel axis).
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
+    "expert": ("expert",),
     "vocab": ("tensor",),
     "embed": ("fsdp",),
     "mlp": ("tensor",),
@@ -86,3 +92,55 @@ def attention_per_shard(
         out_specs=q_spec,
         check_vma=False,  # custom kernels do not declare how outputs vary over the mesh
     )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+
+
+def experts_per_shard(
+    local: Callable[..., jax.Array],
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    stacked: tuple[jax.Array, ...],
+) -> jax.Array:
+    """local(x, experts, weights, *stacked) -> [N, D], the weighted sum of the experts each token
+    chose among the stacked experts [X, ...] it is given (an expert id >= X: none of them).
+
+    Under a mesh with an expert axis (the train step sets one) each device holds X / expert
+    experts: the tokens of the devices along the expert axis are gathered, each device runs its
+    own experts on the slots routed to them, and the partial outputs are summed back onto the
+    devices that own the tokens (reduce-scatter). Without one, local runs on everything.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    axis = "expert"
+    num_experts = stacked[0].shape[0]
+    if mesh.empty or axis not in mesh.shape or mesh.shape[axis] == 1:
+        return local(x_NxD, experts_NxK, weights_NxK, *stacked)
+    if num_experts % mesh.shape[axis]:
+        return local(x_NxD, experts_NxK, weights_NxK, *stacked)
+    rows = logical_to_spec(("batch", None), x_NxD.shape, mesh)
+    row_axes = () if rows[0] is None else (rows[0],) if isinstance(rows[0], str) else rows[0]
+    tokens_split = axis in row_axes
+
+    def per_device(x_NxD, experts_NxK, weights_NxK, *stacked):
+        if tokens_split:  # every token of this expert group, in device order
+            gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
+            x_NxD, experts_NxK, weights_NxK = (
+                gather(x_NxD),
+                gather(experts_NxK),
+                gather(weights_NxK),
+            )
+        local_experts = stacked[0].shape[0]
+        first = jax.lax.axis_index(axis) * local_experts
+        own_NxK = (experts_NxK >= first) & (experts_NxK < first + local_experts)
+        local_ids_NxK = jnp.where(own_NxK, experts_NxK - first, local_experts)
+        out_NxD = local(x_NxD, local_ids_NxK, weights_NxK, *stacked)
+        if tokens_split:
+            return jax.lax.psum_scatter(out_NxD, axis, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(out_NxD, axis)
+
+    stacked_spec = PartitionSpec(axis)
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(rows, rows, rows, *(stacked_spec for _ in stacked)),
+        out_specs=rows,
+    )(x_NxD, experts_NxK, weights_NxK, *stacked)

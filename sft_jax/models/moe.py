@@ -1,0 +1,156 @@
+"""Mixture-of-experts MLP block (Qwen3-MoE, Mixtral, Qwen2-MoE): a float32 top-k router,
+dropless dispatch (token copies sorted by expert, experts run as grouped matmuls with
+jax.lax.ragged_dot: no capacity, no dropped token) and Qwen2-MoE's sigmoid-gated shared expert.
+
+Dimension legend: N tokens (B * T flattened), D model width, F expert MLP width, X experts,
+K experts per token, M = N * K token copies, L MoE layers (B, T as in decoder.py).
+
+Later variants slot in here: DeepSeek-V3 needs another router (sigmoid scores with a bias,
+group-limited top-k, a scaling factor) and n shared experts without a gate; gpt-oss needs
+biased experts with its clamped SwiGLU.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sft_jax.models.config import ModelConfig
+from sft_jax.models.layers import MLP, Linear, activate, fold_key, normal_init
+from sft_jax.models.partitioning import experts_per_shard
+
+# The stacked expert parameters of a MoEBlock, by attribute name.
+EXPERT_PARAMS = ("experts_gate", "experts_up", "experts_down")
+
+
+class RouterStats(NamedTuple):
+    """What the router did over the real tokens (segment id > 0) of a batch; every field a sum,
+    so micro-batches and devices add up. Stacked over MoE layers: a leading [L] axis."""
+
+    expert_load: jax.Array  # top-k slots routed to each expert
+    expert_probs: jax.Array  # router probabilities summed per expert (differentiable)
+    z: jax.Array  # sum of logsumexp(router logits)^2, the router z-loss term
+    tokens: jax.Array  # real tokens
+
+
+def route(
+    x_NxD: jax.Array, router_DxX: jax.Array, top_k: int, renormalize: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(router logits [N, X], chosen experts [N, K], their weights [N, K]), all in float32:
+    softmax over experts, top-k, and optionally the top-k renormalized to sum to one."""
+    logits_NxX = jnp.einsum("ND,DX->NX", x_NxD.astype(jnp.float32), router_DxX.astype(jnp.float32))
+    probs_NxX = jax.nn.softmax(logits_NxX, axis=-1)
+    weights_NxK, experts_NxK = jax.lax.top_k(probs_NxX, top_k)
+    if renormalize:
+        weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
+    return logits_NxX, experts_NxK, weights_NxK
+
+
+def dropless_experts(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    gate_XxDxF: jax.Array,
+    up_XxDxF: jax.Array,
+    down_XxFxD: jax.Array,
+    activation: str,
+) -> jax.Array:
+    """sum_k weight[n, k] * expert[n, k](x[n]) for every token: the N * K token copies sorted by
+    expert, each expert's run a group of one grouped matmul (ragged_dot), then unsorted."""
+    num_tokens, top_k = experts_NxK.shape
+    flat_experts = experts_NxK.reshape(-1)
+    # Slots routed to an expert id >= X (another device's, under expert parallelism) sort
+    # last, past every group: ragged_dot leaves their rows zero.
+    order = jnp.argsort(flat_experts, stable=True)
+    group_sizes = jnp.sum(
+        jax.nn.one_hot(flat_experts, gate_XxDxF.shape[0], dtype=jnp.int32), axis=0
+    )
+    x_MxD = jnp.take(x_NxD, order // top_k, axis=0)
+    gate_MxF = jax.lax.ragged_dot(x_MxD, gate_XxDxF, group_sizes)
+    up_MxF = jax.lax.ragged_dot(x_MxD, up_XxDxF, group_sizes)
+    out_MxD = jax.lax.ragged_dot(activate(activation, gate_MxF) * up_MxF, down_XxFxD, group_sizes)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    out_NxKxD = jnp.take(out_MxD, inverse, axis=0).reshape(num_tokens, top_k, -1)
+    combined_NxD = jnp.einsum(
+        "NKD,NK->ND", out_NxKxD.astype(jnp.float32), weights_NxK.astype(jnp.float32)
+    )
+    return combined_NxD.astype(x_NxD.dtype)
+
+
+def router_stats(
+    logits_NxX: jax.Array, experts_NxK: jax.Array, real_tokens: jax.Array
+) -> RouterStats:
+    """The sums transformers' load_balancing_loss_func takes over real tokens, and the z term."""
+    real = real_tokens.astype(jnp.float32)
+    chosen_NxX = jnp.sum(jax.nn.one_hot(experts_NxK, logits_NxX.shape[-1]), axis=1)
+    probs_NxX = jax.nn.softmax(logits_NxX, axis=-1)
+    return RouterStats(
+        expert_load=jnp.einsum("NX,N->X", jax.lax.stop_gradient(chosen_NxX), real),
+        expert_probs=jnp.einsum("NX,N->X", probs_NxX, real),
+        z=jnp.sum(jnp.square(jax.nn.logsumexp(logits_NxX, axis=-1)) * real),
+        tokens=jnp.sum(real),
+    )
+
+
+class MoEBlock(nnx.Module):
+    """Top-k mixture of gated-MLP experts (+ a sigmoid-gated shared expert where configured).
+
+    Expert weights are stacked [X, ...] with the logical axis "expert" (the expert mesh axis
+    splits them); the router is a plain parameter [D, X], outside every adapter.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs):
+        c = config
+        d, f, x = c.hidden_size, c.moe_intermediate_size, c.num_experts
+        self.dtype = dtype
+        self.top_k, self.renormalize, self.activation = (
+            c.experts_per_token, c.norm_topk_prob, c.activation,
+        )  # fmt: skip
+        self.router = nnx.Param(
+            normal_init(rngs, (d, x), param_dtype), logical_axes=("embed", None)
+        )
+        in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+        self.experts_gate = nnx.Param(
+            normal_init(rngs, (x, d, f), param_dtype), logical_axes=in_axes
+        )
+        self.experts_up = nnx.Param(normal_init(rngs, (x, d, f), param_dtype), logical_axes=in_axes)
+        self.experts_down = nnx.Param(
+            normal_init(rngs, (x, f, d), param_dtype), logical_axes=out_axes
+        )
+        shared = c.shared_expert_intermediate_size
+        dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.shared_expert = MLP(c, width=shared, **dense) if shared else None
+        self.shared_expert_gate = (
+            Linear(d, 1, axes=("embed", None), use_bias=False, **dense) if shared else None
+        )
+
+    def __call__(
+        self, x_BxTxD: jax.Array, real_BxT: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, RouterStats]:
+        """(output [B, T, D], router statistics over the tokens where real_BxT is true)."""
+        batch, seq_len, width = x_BxTxD.shape
+        x_NxD = x_BxTxD.astype(self.dtype).reshape(batch * seq_len, width)
+        logits_NxX, experts_NxK, weights_NxK = route(
+            x_NxD, self.router[...], self.top_k, self.renormalize
+        )
+        stacked = tuple(getattr(self, name)[...].astype(self.dtype) for name in EXPERT_PARAMS)
+        out_NxD = experts_per_shard(
+            functools.partial(dropless_experts, activation=self.activation),
+            x_NxD, experts_NxK, weights_NxK, stacked,
+        )  # fmt: skip
+        out_BxTxD = out_NxD.reshape(batch, seq_len, width)
+        if self.shared_expert is not None:
+            gate_BxTx1 = jax.nn.sigmoid(self.shared_expert_gate(x_BxTxD, fold_key(dropout_key, 3)))
+            out_BxTxD = out_BxTxD + gate_BxTx1 * self.shared_expert(x_BxTxD, dropout_key)
+        return out_BxTxD, router_stats(logits_NxX, experts_NxK, real_BxT.reshape(-1))
+
+
+def stack_stats(per_layer: list[RouterStats]) -> RouterStats | None:
+    """One RouterStats with a leading [L] axis, or None for a dense model."""
+    if not per_layer:
+        return None
+    return RouterStats(*(jnp.stack(field) for field in zip(*per_layer, strict=True)))
