@@ -77,6 +77,8 @@ def tokenize_sources(
         train_on=data.train_on,
         max_length=data.max_length,
         skip_bad=data.skip_bad_examples,
+        train_reasoning=data.train_reasoning,
+        template_kwargs=data.template_kwargs,
     )
     key = tokenize.cache_key(records.fingerprint(sources, split), tokenizer, options)
     cache_dir = Path(data.cache_dir or _default_cache_dir()).expanduser()
