@@ -17,6 +17,8 @@ from typing import Any
 from sft_jax.data import messages as chat
 from sft_jax.data.messages import ROLES, BadExample
 
+# Llama 3.1 datasets name tool results by the role the template renders them under.
+MESSAGE_ROLES = {r: r for r in ROLES} | {"ipython": "tool"}
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool"} | {
     r: r for r in (*ROLES, "function_call")
 }
@@ -82,7 +84,7 @@ def normalize(value: Any, data_format: str) -> Conversation | Completion:
     tools = chat.tool_schemas(value.get("tools"))
     kwargs = chat.template_kwargs(value.get("chat_template_kwargs"))
     if data_format == "messages":
-        turns = _messages(value["messages"], "messages", "role", "content", ROLES)
+        turns = _messages(value["messages"], "messages", "role", "content", MESSAGE_ROLES)
         return Conversation(turns, tools=tools, template_kwargs=kwargs)
     if data_format == "sharegpt":
         turns = _messages(value["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)

@@ -65,14 +65,8 @@ def render_documents(
     for index in reversed(turns):
         before = context.render(index, generation_prompt=True)
         through = context.render(index + 1, generation_prompt=False)
-        if not through.startswith(before):
-            raise TemplateError(
-                f"the chat template does not render assistant message {index} as an extension "
-                f"of its generation prompt: the prompt ends {before[-60:]!r} but the rendered "
-                f"turn continues {through[len(_common(before, through)) :][:60]!r}, so the text "
-                "the model writes at inference cannot be rendered. Set config.data.chat_template "
-                "to a template whose replies follow its generation prompt."
-            )
+        if not through.startswith(before):  # the prompt renders the context differently
+            through = _as_at_inference(context, index, before, through)
         if not documents[-1].text.startswith(through):  # history rewritten: its own document
             documents.append(Rendered(through))
         reasoning_trained = train_reasoning == "all" or (
@@ -82,6 +76,27 @@ def render_documents(
         documents[-1].spans.insert(0, span)
         documents[-1].turns.insert(0, index)
     return [d for d in reversed(documents) if d.spans]
+
+
+def _as_at_inference(context: _Context, index: int, before: str, through: str) -> str:
+    """The prompt `before` and the reply as the template renders it after its header, for
+    templates whose prompt is not a prefix of the rendered turn (Hermes closes a final tool
+    result differently; Mistral moves the system prompt into the last user message)."""
+    context_text = context.render(index, generation_prompt=False)
+    header = before[len(context_text) :] if before.startswith(context_text) else ""
+    message = context.messages[index]
+    names = [call["function"]["name"] for call in message.get("tool_calls", ())]
+    anchor = message["content"].strip() or (names[0] if names else "")
+    start = through.rfind(header, 0, through.rfind(anchor)) if header else -1
+    if start < 0:
+        raise TemplateError(
+            f"the chat template does not render assistant message {index} as a continuation "
+            f"of its generation prompt: the prompt ends {before[-60:]!r} but the rendered turn "
+            f"continues {through[len(_common(before, through)) :][:60]!r}, so the text the "
+            "model writes at inference cannot be rendered. Set config.data.chat_template to a "
+            "template whose replies follow its generation prompt."
+        )
+    return before + through[start + len(header) :]
 
 
 def trained_turns(conversation: Conversation, train_on: str) -> list[int]:
@@ -118,9 +133,11 @@ def _reply_span(
     warn_without_end_of_turn(context.tokenizer, reply)
     where = f"assistant message {index}"
     _require(reply, message["content"].strip(), where, "content", "template_drops_content")
+    calls_text = reply.replace(message["content"].strip(), "", 1)  # not found in the text
     for k, call in enumerate(message.get("tool_calls", ())):
-        name = call["function"]["name"]
-        _require(reply, name, where, f"tool_calls[{k}]", "template_drops_tool_calls")
+        function = call["function"]
+        for text in (function["name"], *(f'"{key}"' for key in function["arguments"])):
+            _require(calls_text, text, where, f"tool_calls[{k}]", "template_drops_tool_calls")
     start = len(before)
     reasoning = message.get("reasoning_content", "").strip()
     if reasoning and reasoning_trained:
