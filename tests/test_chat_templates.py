@@ -118,7 +118,9 @@ def build(name: str, examples: list[dict], kwargs: dict | None = None):
 def trained_runs(tokenizer, tokens: np.ndarray, trained: np.ndarray) -> list[str]:
     """The decoded text of each run of trained tokens."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(int), [0]])))
-    return [tokenizer.decode(tokens[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2])]
+    return [
+        tokenizer.decode(tokens[a:b].tolist()) for a, b in zip(edges[::2], edges[1::2], strict=True)
+    ]
 
 
 def options(train_reasoning: str = "all", kwargs: str = "") -> tok.Options:
@@ -161,8 +163,9 @@ def test_template_that_drops_reasoning_or_tool_calls_is_a_bad_example():
     assert error.value.reason == "template_drops_reasoning"
     # Gemma 3's template ignores tool calls; Llama 3.1's drops the text of a calling turn.
     calling = {"messages": [TOOL_TURNS[0], {**TOOL_TURNS[1], "content": "Let me add ."}]}
-    for name, reason in (("google-gemma-3-it", "template_drops_tool_calls"),
-                         ("meta-llama-Llama-3.1-8B-Instruct", "template_drops_content")):  # fmt: skip
+    drops = {"google-gemma-3-it": "template_drops_tool_calls",
+             "meta-llama-Llama-3.1-8B-Instruct": "template_drops_content"}  # fmt: skip
+    for name, reason in drops.items():
         tokenizer = build(name, [calling])
         with pytest.raises(BadExample, match=r"assistant message 1: .* leaves out its") as error:
             render_documents(tokenizer, normalize(calling, "messages"), "all_assistant")
