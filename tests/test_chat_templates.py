@@ -9,6 +9,7 @@ the tool results or the tool schemas.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -106,12 +107,11 @@ def build(name: str, examples: list[dict], kwargs: dict | None = None):
         messages = list(conversation.messages)
         for count in range(1, len(messages) + 1):
             for prompt in (False, True):
-                try:
+                # A template may refuse a prefix (roles must alternate).
+                with contextlib.suppress(Exception):
                     corpus.append(bare.apply_chat_template(
                         messages[:count], tools=conversation.tools, tokenize=False,
                         add_generation_prompt=prompt, **(kwargs or {})))  # fmt: skip
-                except Exception:  # a template may refuse a prefix (roles must alternate)
-                    pass
     return real_template_tokenizer(name, "".join(corpus))
 
 
