@@ -1,10 +1,15 @@
 """Look at what training will see: rendered examples with trained spans marked, and totals.
 
   python -m sft_jax.data.inspect --config=configs/base.py [--num_examples=3] [--json]
+  python -m sft_jax.data.inspect --config=configs/base.py --check [--sample=N] [--json]
 
 Trained tokens are shown inside [[ ]]. Totals: examples read, kept, dropped by reason,
 truncated, tokens, trainable tokens, and the packing efficiency (share of row slots holding a
 token rather than padding) of one epoch.
+
+--check prints the mask certificate (sft_jax.data.certificate) of the training data (all, or
+the first N examples): trained and untrained tokens per role and field, and every violation
+with its file, line and span; it exits with status 1 when there is any.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sft_jax.config_check import check_values
-from sft_jax.data import batches
-from sft_jax.data.pipeline import load_datasets
+from sft_jax.data import batches, certificate
+from sft_jax.data.pipeline import certify, load_datasets, run_tokenizer
 from sft_jax.data.tokenize import Tokenized
 from sft_jax.errors import UserError
 
@@ -76,11 +81,25 @@ def report(config: ml_collections.ConfigDict, num_examples: int, as_json: bool) 
     return result
 
 
+def check(config: ml_collections.ConfigDict, sample: int, as_json: bool) -> dict:
+    """Prints the mask certificate of the training data; returns it."""
+    result = certify(config, run_tokenizer(config), sample)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return result
+    print(certificate.table(result))
+    for violation in result["violations"]:
+        print(f"{violation['where']}: characters {violation['span']}: {violation['problem']}")
+    return result
+
+
 def main(argv: list[str]) -> None:
     del argv
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
     try:
         check_values(FLAGS.config, device_count=1, batch_shards=1)  # the data fields matter here
+        if FLAGS.check:
+            sys.exit(1 if check(FLAGS.config, FLAGS.sample, FLAGS.json)["violations"] else 0)
         report(FLAGS.config, FLAGS.num_examples, FLAGS.json)
     except UserError as e:
         sys.exit(f"error: {e}")
@@ -90,6 +109,8 @@ if __name__ == "__main__":
     # Flags are defined only when run as a command, so importing this module defines none.
     config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
     flags.DEFINE_integer("num_examples", 3, "Rendered training examples to print.")
-    flags.DEFINE_bool("json", False, "Print only the totals, as one JSON object.")
+    flags.DEFINE_bool("json", False, "Print only the totals (or the certificate) as JSON.")
+    flags.DEFINE_bool("check", False, "Verify what trains per role and field (exit 1 if not).")
+    flags.DEFINE_integer("sample", 0, "With --check: the first N training examples (0: all).")
     flags.mark_flag_as_required("config")
     app.run(main)
