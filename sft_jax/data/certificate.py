@@ -62,7 +62,7 @@ def _documents(tokenizer: Any, value: Any, options: Options) -> list[tuple[Rende
         messages = [{"role": "user", "content": example.prompt}]
         return [(Rendered(text, spans, [-1]), messages)]
     rendered = render_documents(
-        tokenizer, example, options.train_on, options.train_reasoning, options.kwargs()
+        tokenizer, example, options.train_on, options.train_reasoning, **options.kwargs()
     )
     return [(r, list(example.messages)) for r in rendered]
 

@@ -105,13 +105,9 @@ def _split_inline_think(message: dict) -> None:
 
 def tool_calls(value: Any, field: str) -> list[dict]:
     """OpenAI-form tool calls; `arguments` given as a JSON string become the object."""
-    if not isinstance(value, list):
-        value = [value] if isinstance(value, dict) else value
-    if not isinstance(value, list):
-        raise BadExample(
-            f"field {field!r} must be a list of tool calls, got {type(value).__name__}",
-            "mistyped_field",
-        )
+    value = _list(
+        [value] if isinstance(value, dict) else value, field, "tool calls", "mistyped_field"
+    )
     calls = []
     for index, call in enumerate(value):
         where = f"{field}[{index}]"
@@ -130,15 +126,27 @@ def tool_calls(value: Any, field: str) -> list[dict]:
     return calls
 
 
+def _list(value: Any, field: str, what: str, reason: str) -> list:
+    if not isinstance(value, list):
+        raise BadExample(
+            f"field {field!r} must be a list of {what}, got {type(value).__name__}", reason
+        )
+    return value
+
+
+def _json(text: str, field: str, reason: str) -> Any:
+    """JSON text found in a field; invalid JSON is a BadExample counted under `reason`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadExample(
+            f"{field} is not valid JSON ({e.msg} at column {e.colno}): {text!r:.80}", reason
+        ) from None
+
+
 def parse_arguments(value: Any, field: str) -> dict:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadExample(
-                f"{field} is not valid JSON ({e.msg} at column {e.colno}): {value!r:.80}",
-                "invalid_tool_arguments",
-            ) from None
+        value = _json(value, field, "invalid_tool_arguments")
     if not isinstance(value, dict):
         raise BadExample(
             f"{field} must be a JSON object of argument names and values, got "
@@ -176,17 +184,8 @@ def tool_schemas(value: Any, field: str = "tools") -> tuple[dict, ...] | None:
     if value in (None, "", []):
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise BadExample(
-                f"field {field!r} is not valid JSON ({e.msg})", "bad_tool_schema"
-            ) from None
-    if not isinstance(value, list):
-        raise BadExample(
-            f"field {field!r} must be a list of function schemas, got {type(value).__name__}",
-            "bad_tool_schema",
-        )
+        value = _json(value, f"field {field!r}", "bad_tool_schema")
+    value = _list(value, field, "function schemas", "bad_tool_schema")
     schemas = []
     for index, tool in enumerate(value):
         function = tool.get("function", tool) if isinstance(tool, dict) else None
@@ -223,15 +222,11 @@ def template_kwargs(value: Any, field: str = "chat_template_kwargs") -> dict:
 def sharegpt_turn(turn: dict, role: str, value: Any, where: str) -> dict:
     """ShareGPT's `function_call` (the call as JSON) and `observation` (its result) turns."""
     if role == "function_call":
-        calls = value
-        if isinstance(value, str):
-            try:
-                calls = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise BadExample(
-                    f"{where}.value: a function_call turn must hold the call as JSON ({e.msg})",
-                    "invalid_tool_arguments",
-                ) from None
+        calls = (
+            _json(value, f"{where}.value", "invalid_tool_arguments")
+            if isinstance(value, str)
+            else value
+        )
         calls = calls if isinstance(calls, list) else [calls]
         wrapped = [{"type": "function", "function": c} if isinstance(c, dict) else c
                    for c in calls]  # fmt: skip

@@ -48,14 +48,11 @@ class Rendered:
 
 
 def render_documents(
-    tokenizer: Any,
-    conversation: Conversation,
-    train_on: str,
-    train_reasoning: str = "all",
-    template_kwargs: dict | None = None,
+    tokenizer: Any, conversation: Conversation, train_on: str, train_reasoning: str = "all", **kw
 ) -> list[Rendered]:
-    """The documents a conversation trains as: one, or one per history rewrite (see above)."""
-    context = _Context(tokenizer, conversation, template_kwargs or {})
+    """The documents a conversation trains as: one, or one per history rewrite (see above);
+    `kw` are the chat template's keyword arguments (an example's own override them)."""
+    context = _Context(tokenizer, conversation, kw)
     full = context.render(len(context.messages), generation_prompt=False)
     if train_on == "all_tokens":
         return [Rendered(full, [(0, len(full))], [])]

@@ -154,7 +154,7 @@ def tokenize_documents(
     """The documents (tokens, trained flags) of one example, and notes on what was cut."""
     if isinstance(example, Conversation):
         rendered = render_documents(
-            tokenizer, example, options.train_on, options.train_reasoning, options.kwargs()
+            tokenizer, example, options.train_on, options.train_reasoning, **options.kwargs()
         )
         texts = [(r.text, r.spans) for r in rendered]
     else:
