@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 from hf_models import hf_logits
-from test_chat_templates import THINK_CHAT, TOOL_CHAT, build, with_generation_markers
+from test_chat_templates import THINK_CHAT, TOOL_CHAT, build
 from test_trainer import base_config
 
 from sft_jax import trainer
