@@ -17,6 +17,7 @@ from test_data import base_config, write_jsonl
 from sft_jax.data import DataError, certificate, load_datasets
 from sft_jax.data import tokenize as tok
 from sft_jax.data.formats import normalize
+from sft_jax.data.messages import reasoning_and_answer
 from sft_jax.data.pipeline import certify
 from sft_jax.data.records import Record
 
@@ -43,12 +44,18 @@ def test_messages_with_reasoning_tool_calls_and_tool_results_are_normalized():
     assert conversation.template_kwargs == {"enable_thinking": False}
     assert conversation.messages == (
         {"role": "user", "content": "Add 1"},
-        {"role": "assistant", "content": "", "reasoning_content": "Use the tool .",
-         "tool_calls": [{"type": "function", "id": "c1",
-                         "function": {"name": "add", "arguments": {"a": 1}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "Use the tool .",
+            "tool_calls": [
+                {"type": "function", "id": "c1", "function": {"name": "add", "arguments": {"a": 1}}}
+            ],
+        },
         {"role": "tool", "content": '{"sum": 1}', "tool_call_id": "c1"},
-        {"role": "assistant", "content": "1", "reasoning_content": "Done ."},
-    )  # fmt: skip
+        {"role": "assistant", "content": "<think>\nDone .\n</think>\n\n1"},
+    )
+    assert reasoning_and_answer(conversation.messages[3]) == ("Done .", "1")  # fmt: skip
 
 
 def test_sharegpt_function_call_and_observation_turns():
@@ -244,3 +251,15 @@ def test_config_template_kwargs_reach_the_template_and_examples_override_them():
     [(tokens, trained)], _ = tok.tokenize_documents(tokenizer, thinking, no_thinking)
     assert trained_runs(tokenizer, tokens, trained)[0].startswith("<think>\n\n</think>")
     assert np.sum(trained) > 0
+
+
+@pytest.mark.parametrize("reasoning, trained_text", [
+    ("all", "<think>\nDone .\n</think>\n\nYes<|im_end|>"), ("none", "Yes<|im_end|>")])  # fmt: skip
+def test_inline_think_is_left_to_the_template(reasoning, trained_text):
+    """A template that knows no reasoning (this ChatML) renders inline <think> as content."""
+    tokenizer = make_tokenizer("chatml", corpus="<think> Done . </think> Yes Hi")
+    example = chat({"role": "assistant", "content": "<think>\nDone .\n</think>\n\nYes"})
+    tokens, trained, _ = tok.tokenize_example(
+        tokenizer, normalize(example, "messages"),
+        tok.Options("messages", "all_assistant", 100, False, reasoning))  # fmt: skip
+    assert trained_runs(tokenizer, tokens, trained) == [trained_text]

@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from sft_jax.data.formats import BadExample, Completion, normalize
+from sft_jax.data.messages import reasoning_and_answer
 from sft_jax.data.records import Record
 from sft_jax.data.spans import Rendered, render_documents
-from sft_jax.data.templates import TemplateError, completion_text
+from sft_jax.data.templates import TemplateError, completion_text, special_texts
 from sft_jax.data.tokenize import Options, _overlaps
 
 CATEGORIES = ("system", "user", "assistant", "reasoning", "tool_call", "tool_result", "glue")
@@ -75,7 +76,7 @@ def _check_document(
     tokens = np.asarray(encoded["input_ids"])
     offsets = [tuple(o) for o in encoded["offset_mapping"]]
     trained = _overlaps(offsets, rendered.spans)
-    labels = _char_labels(rendered, messages, list(tokenizer.all_special_tokens))
+    labels = _char_labels(rendered, messages, special_texts(tokenizer))
     problems = []
     for index, (start, end) in enumerate(offsets):
         chars = [c for c in labels[start:end] if c != "glue"] or ["glue"]
@@ -120,7 +121,10 @@ def _char_labels(rendered: Rendered, messages: list[dict], specials: list[str]) 
     for index, message in enumerate(messages):
         start, end = spans.get(index, (cursor, len(text)))
         role = _ROLE_CATEGORY.get(message["role"], "assistant")
-        fields = [("reasoning", message.get("reasoning_content", "")), (role, message["content"])]
+        reasoning, answer = (
+            reasoning_and_answer(message) if role == "assistant" else ("", message["content"])
+        )
+        fields = [("reasoning", reasoning), (role, answer)]
         fields += [("tool_call", c["function"]["name"]) for c in message.get("tool_calls", ())]
         position = start
         for category, value in fields:

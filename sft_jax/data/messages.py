@@ -8,8 +8,9 @@ One message, as `transformers`' `apply_chat_template` and the stock templates ex
   {"role": "tool", "content": "4", "tool_call_id": "call_1", "name": "add"}
 
 Read from data: `content` as a string, a list of text parts or absent (an assistant turn that
-only calls tools); reasoning as `reasoning_content`, `reasoning` or `thinking`, or inline as a
-leading `<think>…</think>` in assistant content; tool-call `arguments` as an object or a JSON
+only calls tools); reasoning as `reasoning_content`, `reasoning` or `thinking` (given to the
+template as `reasoning_content`), or inline as a leading `<think>…</think>` in assistant
+content (left there for the template); tool-call `arguments` as an object or a JSON
 string (templates get the object); `tools` as a list of function schemas (or its JSON text).
 Keys a message does not have are left out: templates test `'tool_calls' in message`.
 """
@@ -69,8 +70,6 @@ def chat_message(turn: dict, role: str, content: Any, where: str, content_key: s
     if reasoning_keys:
         key = reasoning_keys[0]
         message["reasoning_content"] = text_content(turn[key], f"{where}.{key}")
-    elif role == "assistant":
-        _split_inline_think(message)
     if calls not in (None, []):
         message["tool_calls"] = tool_calls(calls, f"{where}.tool_calls")
     for key in ("tool_call_id", "name"):
@@ -93,14 +92,18 @@ def _string(value: Any, field: str) -> str:
     return value
 
 
-def _split_inline_think(message: dict) -> None:
-    """A leading `<think>R</think>A` in assistant content -> reasoning_content R, content A
-    (what Qwen3's template itself does with such content)."""
+def reasoning_and_answer(message: dict) -> tuple[str, str]:
+    """An assistant message's reasoning and answer: its reasoning_content and content, or a
+    leading `<think>R</think>A` of its content split as Qwen3's template splits it. Inline
+    reasoning stays in the content the template gets: the template decides how to render it."""
     content = message["content"]
-    if content.lstrip().startswith(THINK_OPEN) and THINK_CLOSE in content:
-        reasoning, _, answer = content.partition(THINK_CLOSE)
-        message["reasoning_content"] = reasoning.lstrip()[len(THINK_OPEN) :].strip("\n")
-        message["content"] = answer.lstrip("\n")
+    if "reasoning_content" in message:
+        return message["reasoning_content"], content
+    stripped = content.lstrip()
+    if stripped.startswith(THINK_OPEN) and THINK_CLOSE in stripped:
+        reasoning, _, answer = stripped.partition(THINK_CLOSE)
+        return reasoning[len(THINK_OPEN) :].strip("\n"), answer.lstrip("\n")
+    return "", content
 
 
 def tool_calls(value: Any, field: str) -> list[dict]:

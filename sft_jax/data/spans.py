@@ -31,7 +31,7 @@ import re
 from typing import Any
 
 from sft_jax.data.formats import Conversation
-from sft_jax.data.messages import BadExample
+from sft_jax.data.messages import BadExample, reasoning_and_answer
 from sft_jax.data.templates import TemplateError, render, warn_without_end_of_turn
 
 TRAIN_REASONING = ("all", "last_turn", "none")
@@ -83,7 +83,7 @@ def _as_at_inference(context: _Context, index: int, before: str, through: str) -
     header = before[len(context_text) :] if before.startswith(context_text) else ""
     message = context.messages[index]
     names = [call["function"]["name"] for call in message.get("tool_calls", ())]
-    anchor = message["content"].strip() or (names[0] if names else "")
+    anchor = reasoning_and_answer(message)[1].strip() or (names[0] if names else "")
     start = through.rfind(header, 0, through.rfind(anchor)) if header else -1
     if start < 0:
         raise TemplateError(
@@ -129,14 +129,14 @@ def _reply_span(
     reply = through[len(before) :].rstrip()
     warn_without_end_of_turn(context.tokenizer, reply)
     where = f"assistant message {index}"
-    _require(reply, message["content"].strip(), where, "content", "template_drops_content")
-    calls_text = reply.replace(message["content"].strip(), "", 1)  # not found in the text
+    reasoning, answer = (text.strip() for text in reasoning_and_answer(message))
+    _require(reply, answer, where, "content", "template_drops_content")
+    calls_text = reply.replace(answer, "", 1)  # not found in the text
     for k, call in enumerate(message.get("tool_calls", ())):
         function = call["function"]
         for text in (function["name"], *(f'"{key}"' for key in function["arguments"])):
             _require(calls_text, text, where, f"tool_calls[{k}]", "template_drops_tool_calls")
     start = len(before)
-    reasoning = message.get("reasoning_content", "").strip()
     if reasoning and reasoning_trained:
         _require(reply, reasoning, where, "reasoning_content", "template_drops_reasoning")
     elif reasoning and reasoning in reply:

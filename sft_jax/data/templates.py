@@ -92,10 +92,17 @@ def render(
 _warned_templates: set[int] = set()
 
 
+def special_texts(tokenizer: Any) -> list[str]:
+    """The texts of the special and added tokens (<|im_end|>, <|eot_id|>, ...), longest first."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    texts = {t for t in [*tokenizer.all_special_tokens, *added] if t}
+    return sorted(texts, key=len, reverse=True)
+
+
 def warn_without_end_of_turn(tokenizer: Any, reply: str) -> None:
     """Once per template: a reply that ends in no special token trains no terminator, so the
     model would not learn to stop."""
-    specials = [t for t in tokenizer.all_special_tokens if t]
+    specials = special_texts(tokenizer)
     key = hash(tokenizer.chat_template)
     if key in _warned_templates or any(reply.endswith(t) for t in specials):
         return
