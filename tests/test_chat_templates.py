@@ -86,6 +86,13 @@ CASES = {
                            {"tools": TOOLS, "messages": TOOL_TURNS}, "all", {},
                            [['[TOOL_CALLS][{"name": "add", "arguments": {"a": 3, "b": 4}, '
                              '"id": "call00001"}]</s>', "It is 7 .</s>"]]),
+    # Mistral's templates put the system prompt into the last user message, and only when it
+    # ends the conversation (at inference): each turn is rendered as the model then reads it.
+    "mistral_v0_3_system_tools": ("mistralai-Mistral-7B-Instruct-v0.3", TOOL_CHAT, "all", {},
+                                  [['[TOOL_CALLS] [{"name": "add", "arguments": {"a": 3, "b": 4}'
+                                    ', "id": "call00001"}]</s>'], [" It is 7 .</s>"]]),
+    "mistral_nemo_system_plain": ("mistralai-Mistral-Nemo-Instruct-2407", PLAIN_CHAT, "all", {},
+                                  [["Hello !</s>"], ["Fine thanks .</s>"]]),
     # Hermes closes a final tool result otherwise than one a reply follows: the document is
     # the prompt as at inference (generation prompt included) and the reply after it.
     "hermes_tools": ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use", TOOL_CHAT, "all", {},

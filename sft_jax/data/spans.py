@@ -83,8 +83,12 @@ def _as_at_inference(context: _Context, index: int, before: str, through: str) -
     header = before[len(context_text) :] if before.startswith(context_text) else ""
     message = context.messages[index]
     names = [call["function"]["name"] for call in message.get("tool_calls", ())]
-    anchor = reasoning_and_answer(message)[1].strip() or (names[0] if names else "")
-    start = through.rfind(header, 0, through.rfind(anchor)) if header else -1
+    anchor = through.rfind(reasoning_and_answer(message)[1].strip() or (names or [""])[0])
+    if not header or through.rfind(header, 0, anchor) < 0:
+        # No generation prompt to find (Mistral): the prompt ends with the message before.
+        previous = context.messages[index - 1]["content"].strip() if index else ""
+        header = before[before.rfind(previous) :] if previous and previous in before else ""
+    start = through.rfind(header, 0, anchor) if header else -1
     if start < 0:
         raise TemplateError(
             f"the chat template does not render assistant message {index} as a continuation "
