@@ -263,3 +263,18 @@ def test_inline_think_is_left_to_the_template(reasoning, trained_text):
         tokenizer, normalize(example, "messages"),
         tok.Options("messages", "all_assistant", 100, False, reasoning))  # fmt: skip
     assert trained_runs(tokenizer, tokens, trained) == [trained_text]
+
+
+def test_history_rewriting_expansion_is_counted_and_logged(data_config, tmp_path, caplog):
+    from test_chat_templates import THINK_CHAT
+
+    build("Qwen-Qwen3-0.6B", [THINK_CHAT]).save_pretrained(tmp_path / "qwen3")
+    data_config.data.tokenizer = str(tmp_path / "qwen3")
+    write_jsonl(tmp_path / "train.jsonl", [THINK_CHAT] * 3 + [chat(ANSWER)])
+    loaded = load_datasets(data_config)
+    stats = loaded.train.stats
+    assert (stats["examples_kept"], stats["documents"]) == (4, 7)
+    assert (stats["expanded_examples"], stats["expanded_documents"]) == (3, 6)
+    from sft_jax.data.pipeline import summary_line
+
+    assert "3 conversations rendered as 6 documents" in summary_line(stats)

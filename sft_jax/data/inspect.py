@@ -77,6 +77,12 @@ def report(config: ml_collections.ConfigDict, num_examples: int, as_json: bool) 
             f"{stats['tokens']} tokens, {stats['trainable_tokens']} trainable tokens; "
             f"{stats['rows_per_epoch']} rows of {data.max_length} per epoch, packing "
             f"efficiency {stats['packing_efficiency']:.1%}"
+            + (
+                f"; {stats['expanded_examples']} conversations rendered as "
+                f"{stats['expanded_documents']} documents (history rewritten by the template)"
+                if stats.get("expanded_examples")
+                else ""
+            )
         )
     return result
 

@@ -275,8 +275,16 @@ def eval_prompts(
 
 
 def summary_line(stats: dict[str, Any]) -> str:
+    expanded = stats.get("expanded_examples", 0)
     return (
         f"{stats['examples_kept']} of {stats['examples_read']} examples kept "
         f"(dropped {stats['dropped'] or 'none'}, truncated {stats['truncated']}), "
         f"{stats['trainable_tokens']} trainable of {stats['tokens']} tokens"
+        + (
+            f"; {expanded} conversations rendered as {stats['expanded_documents']} documents "
+            "(the chat template renders earlier turns differently later: each such turn is "
+            "trained as rendered at inference)"
+            if expanded
+            else ""
+        )
     )
