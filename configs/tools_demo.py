@@ -15,4 +15,6 @@ def get_config():
     config.data.eval_files = str(base.ASSETS / "tools_demo_data" / "eval.jsonl")
     config.data.max_length = 256
     config.eval.max_new_tokens = 48
+    # The calls are learnt within ~200 updates (exact match 0% -> 100% of 200 on CPU).
+    config.train.steps = 300
     return config

@@ -278,3 +278,17 @@ def test_history_rewriting_expansion_is_counted_and_logged(data_config, tmp_path
     from sft_jax.data.pipeline import summary_line
 
     assert "3 conversations rendered as 6 documents" in summary_line(stats)
+
+
+def test_certificate_of_plain_completions():
+    tokenizer = make_tokenizer("llama3")
+    options = tok.Options("prompt_completion", "all_assistant", 100, False)
+    value = {"prompt": "What is 2 + 3 ?", "completion": " 5"}
+    report = certificate.check_records(tokenizer, [Record("t.jsonl:1", value)], options)
+    counts = report["categories"]
+    assert report["violations"] == []
+    # " 5" is two tokens: "5" is the text, " " (whitespace around a field counts as glue) and
+    # the EOS are trained glue; BOS is untrained glue.
+    assert counts["assistant"] == {"trained": 1, "untrained": 0}
+    assert counts["glue"] == {"trained": 2, "untrained": 1}
+    assert counts["user"] == {"trained": 0, "untrained": 11}  # "What is 2 + 3 ?"

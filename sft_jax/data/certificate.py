@@ -60,8 +60,9 @@ def _documents(tokenizer: Any, value: Any, options: Options) -> list[tuple[Rende
     example = normalize(value, options.data_format)
     if isinstance(example, Completion):
         text, spans = completion_text(tokenizer, example.prompt, example.completion)
-        messages = [{"role": "user", "content": example.prompt}]
-        return [(Rendered(text, spans, [-1]), messages)]
+        messages = [{"role": "user", "content": example.prompt},
+                    {"role": "assistant", "content": example.completion}]  # fmt: skip
+        return [(Rendered(text, spans, [1]), messages)]
     rendered = render_documents(
         tokenizer, example, options.train_on, options.train_reasoning, **options.kwargs()
     )

@@ -120,9 +120,10 @@ class _Context:
         self.tools = list(conversation.tools) if conversation.tools else None
         self.kwargs = {**config_kwargs, **conversation.template_kwargs}
 
-    def render(self, count: int, generation_prompt: bool, messages: list | None = None) -> str:
-        messages = self.messages[:count] if messages is None else messages
-        return render(self.tokenizer, messages, generation_prompt, self.tools, self.kwargs)
+    def render(self, count: int, generation_prompt: bool) -> str:
+        """The first `count` messages rendered, with the generation prompt or without."""
+        return render(self.tokenizer, self.messages[:count], generation_prompt, self.tools,
+                      self.kwargs)  # fmt: skip
 
 
 def _reply_span(
