@@ -292,3 +292,21 @@ def test_certificate_of_plain_completions():
     assert counts["assistant"] == {"trained": 1, "untrained": 0}
     assert counts["glue"] == {"trained": 2, "untrained": 1}
     assert counts["user"] == {"trained": 0, "untrained": 11}  # "What is 2 + 3 ?"
+
+
+def test_config_checks_train_reasoning_and_template_kwargs():
+    from sft_jax.config_check import check_values
+    from sft_jax.errors import ConfigError
+
+    config = base_config()
+    config.data.train_reasoning = "some"
+    with pytest.raises(
+        ConfigError, match=r"data\.train_reasoning='some': expected one of all, last_turn, none"
+    ):
+        check_values(config, 1, 1)
+    config.data.train_reasoning = "none"
+    config.data.template_kwargs = '{"enable_thinking": fals'
+    with pytest.raises(ConfigError, match=r"data\.template_kwargs.*a JSON object"):
+        check_values(config, 1, 1)
+    config.data.template_kwargs = '{"enable_thinking": false}'
+    check_values(config, 1, 1)
