@@ -1,6 +1,8 @@
 """Tokenization + masking throughput on multi-turn conversations, against a train step's appetite.
 
   python benchmarks/bench_data.py [--conversations=4000] [--workers=1,2]
+  python benchmarks/bench_data.py --tool_conversations=10000
+
 
 Generates multi-turn chats (system prompt, 2-4 user/assistant exchanges of random words),
 trains a byte-level BPE tokenizer with a ChatML template on them (no download), then times the
@@ -9,6 +11,11 @@ tokenization with offsets, masks, truncation; and packing into rows. Reports tok
 core for one process. The appetite printed beside it is what one accelerator's train step
 consumes at a given MFU (tokens/s = MFU x peak FLOP/s / FLOPs per token): the data path
 keeps up when tokens/s per core x cores per accelerator is far above it.
+
+--tool_conversations=N times N tool-use conversations (a calculator tool: the call, its
+result, the answer; 1-3 exchanges) through Qwen2.5's real template (tests/data/templates):
+tokenization with verified spans (a prefix render per trained turn) against plain rendering
+(one render and one tokenization per conversation, no spans), as a ratio from one run.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import tokenizers
@@ -55,6 +63,65 @@ def conversations(count: int, seed: int = 0) -> list[dict]:
     return out
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "calculator", "description": "Evaluate an arithmetic expression.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
+                   "required": ["expression"]}}}]  # fmt: skip
+QWEN2_5 = (
+    Path(__file__).resolve().parents[1] / "tests/data/templates/Qwen-Qwen2.5-7B-Instruct.jinja"
+)
+
+
+def tool_conversations(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in range(count):
+        messages = [{"role": "system", "content": "You can use a calculator."}]
+        for k in range(int(rng.integers(1, 4))):
+            a, b = (int(x) for x in rng.integers(0, 1000, 2))
+            call_id = f"call_{n}_{k}"
+            messages += [
+                {"role": "user", "content": f"What is {a} times {b}? " + " ".join(
+                    rng.choice(WORDS, int(rng.integers(5, 30))))},
+                {"role": "assistant", "content": "", "tool_calls": [{
+                    "type": "function", "id": call_id, "function": {
+                        "name": "calculator", "arguments": {"expression": f"{a} * {b}"}}}]},
+                {"role": "tool", "content": str(a * b), "tool_call_id": call_id},
+                {"role": "assistant", "content": f"{a} times {b} is {a * b}."},
+            ]  # fmt: skip
+        out.append({"messages": messages, "tools": TOOLS})
+    return out
+
+
+def tool_ratio(
+    tokenizer: transformers.PreTrainedTokenizerBase, count: int, max_length: int
+) -> dict:
+    """Tokens/s of tokenization with spans and of plain rendering, on tool conversations."""
+    tokenizer.chat_template = QWEN2_5.read_text(encoding="utf-8")
+    rows = tool_conversations(count)
+    records = [Record(f"bench:{i}", row) for i, row in enumerate(rows)]
+    options = Options("messages", "all_assistant", max_length, skip_bad=False)
+    start = time.perf_counter()
+    tokenized = tokenize_records(tokenizer, records, options)
+    spans_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    plain_tokens = 0
+    for row in rows:
+        text = tokenizer.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False)
+        plain_tokens += len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    plain_seconds = time.perf_counter() - start
+    spans_rate = tokenized.stats["tokens"] / spans_seconds
+    plain_rate = plain_tokens / plain_seconds
+    print(f"{count} tool conversations ({tokenized.stats['documents']} documents, "
+          f"{tokenized.stats['trainable_tokens']:,} trainable of {tokenized.stats['tokens']:,} "
+          f"tokens), one process:")  # fmt: skip
+    print(f"  with verified spans: {spans_rate:,.0f} tokens/s ({spans_seconds:.1f} s)")
+    print(f"  plain rendering:     {plain_rate:,.0f} tokens/s ({plain_seconds:.1f} s)")
+    print(f"  ratio spans / plain: {spans_rate / plain_rate:.2f}")
+    return {"tool_tokens_per_sec_spans": spans_rate, "tool_tokens_per_sec_plain": plain_rate,
+            "tool_spans_over_plain": spans_rate / plain_rate}  # fmt: skip
+
+
 def make_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerBase:
     backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -83,6 +150,7 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=4000)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--max_length", type=int, default=4096)
+    parser.add_argument("--tool_conversations", type=int, default=0)
     args = parser.parse_args()
 
     rows = conversations(args.conversations)
@@ -91,6 +159,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)  # what worker processes would load: a real tokenizer
         tokenizer = transformers.AutoTokenizer.from_pretrained(tmp)
+    if args.tool_conversations:
+        print(json.dumps(tool_ratio(tokenizer, args.tool_conversations, args.max_length)))
+        return
     records = [Record(f"bench:{i}", row) for i, row in enumerate(rows)]
     options = Options("messages", "all_assistant", args.max_length, skip_bad=False)
     print(f"{args.conversations} conversations, {os.cpu_count()} cores here")

@@ -60,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Tokens that carry the loss: "all_assistant" (every assistant reply and the token that
     # ends it), "last_assistant" (only the final reply) or "all_tokens".
     config.data.train_on = "all_assistant"
+    # Reasoning ("reasoning_content", "reasoning", "thinking" or inline <think>) that trains:
+    # "all", "last_turn" (only the final assistant message's) or "none" (kept as context).
+    config.data.train_reasoning = "all"
+    # Keyword arguments of the chat template, as a JSON object, e.g. '{"enable_thinking":
+    # false}' (an example's own "chat_template_kwargs" field adds to and overrides these).
+    config.data.template_kwargs = ""
     # Tokens per row (the sequence length); longer examples are cut to this length.
     config.data.max_length = 128
     # Pack several examples into each row (attention never crosses examples); False pads

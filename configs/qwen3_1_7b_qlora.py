@@ -23,8 +23,9 @@ def get_config():
     config.data.eval_files = "hf:trl-lib/Capybara"
     config.data.eval_split = "test"
     # Qwen3's template renders an earlier reply differently once a later turn follows (it drops
-    # the <think> block), so only the final reply's span can be verified; train on that.
-    config.data.train_on = "last_assistant"
+    # the <think> block): each such reply is trained in a document of its own, rendered as at
+    # inference (data/spans.py), so every reply trains.
+    config.data.train_on = "all_assistant"
     config.data.max_length = 4096
     config.train.steps = 1000
     config.train.global_batch_size = 16

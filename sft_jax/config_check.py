@@ -9,6 +9,7 @@ from typing import Any
 
 from sft_jax.compile_plan import ATTENTION_CHOICES
 from sft_jax.data.formats import FORMATS
+from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES
 from sft_jax.errors import ConfigError, check_choice
@@ -126,6 +127,9 @@ def _check_data(config: Any) -> None:
           "must be 0 (no limit) or positive.")  # fmt: skip
     _need(config, 0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "expected [0, 1).")
     check_choice("data.train_on", data.train_on, TRAIN_ON)
+    check_choice("data.train_reasoning", data.train_reasoning, TRAIN_REASONING)
+    _need(config, _is_json_object(data.template_kwargs), "data.template_kwargs",
+          "expected '' or a JSON object, e.g. '{\"enable_thinking\": false}'.")  # fmt: skip
     check_choice("data.format", data.format, ("auto", *FORMATS))
     check_choice("data.empty_replies", data.empty_replies, EMPTY_REPLIES)
 
@@ -191,3 +195,14 @@ def _get(config: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         config = config[part]
     return config
+
+
+def _is_json_object(text: str) -> bool:
+    import json
+
+    if not text:
+        return True
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False

@@ -98,3 +98,91 @@ def make_tokenizer(
     )  # fmt: skip
     tokenizer.chat_template = chat_template if template else None
     return tokenizer
+
+
+# Real chat templates (tests/data/templates, see SOURCES.md there): file -> (special tokens,
+# bos, eos). The special tokens are those each model's tokenizer has as single tokens.
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+]
+MISTRAL_SPECIALS = [
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+]
+DEEPSEEK_SPECIALS = [
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+]
+REAL_TEMPLATES = {
+    "Qwen-Qwen3-0.6B": (QWEN_SPECIALS, None, "<|im_end|>"),
+    "Qwen-Qwen2.5-7B-Instruct": (QWEN_SPECIALS, None, "<|im_end|>"),
+    "meta-llama-Llama-3.1-8B-Instruct": (LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
+    "meta-llama-Llama-3.2-3B-Instruct": (LLAMA3_SPECIALS, "<|begin_of_text|>", "<|eot_id|>"),
+    "mistralai-Mistral-7B-Instruct-v0.3": (MISTRAL_SPECIALS, "<s>", "</s>"),
+    "mistralai-Mistral-Nemo-Instruct-2407": (MISTRAL_SPECIALS, "<s>", "</s>"),
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use": (
+        ["<|begin_of_text|>", *QWEN_SPECIALS], "<|begin_of_text|>", "<|im_end|>"),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B": (
+        DEEPSEEK_SPECIALS, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "google-gemma-3-it": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>",
+                          "<eos>"),
+}  # fmt: skip
+TEMPLATE_DIR = __import__("pathlib").Path(__file__).parent / "data" / "templates"
+
+
+def real_template_tokenizer(name: str, corpus: str) -> transformers.PreTrainedTokenizerFast:
+    """A WordLevel tokenizer over `corpus`'s pieces with the real template `name` and its
+    model's special tokens (render the test conversations once to get the corpus)."""
+    specials, bos, eos = REAL_TEMPLATES[name]
+    vocab = {"<unk>": 0, "<pad>": 1}
+    for piece in pieces(corpus + WORDS):
+        vocab.setdefault(piece, len(vocab))
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+        tokenizers.Regex(_PIECES), behavior="isolated"
+    )
+    backend.decoder = tokenizers.decoders.Fuse()
+    backend.add_special_tokens(specials)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token="<pad>",
+        unk_token="<unk>", additional_special_tokens=[s for s in specials if s not in (bos, eos)],
+    )  # fmt: skip
+    tokenizer.chat_template = (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+    return tokenizer

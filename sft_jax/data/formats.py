@@ -1,7 +1,9 @@
 """Dataset formats, detected from the columns, normalized to conversations or plain completions.
 
 messages           {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", ...}]}
+                   (+ reasoning, tool calls, tool results, "tools": see sft_jax.data.messages)
 sharegpt           {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", ...}]}
+                   (+ "function_call" / "observation" turns and a "tools" field)
 prompt_completion  {"prompt": "2+2=", "completion": "4"}  (strings, or lists of messages)
 alpaca             {"instruction": "Add", "input": "2 and 2", "output": "4"}
 text               {"text": "Every token of this is trained."}
@@ -12,8 +14,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"} | {r: r for r in ROLES}
+from sft_jax.data import messages as chat
+from sft_jax.data.messages import ROLES, BadExample
+
+# Llama 3.1 datasets name tool results by the role the template renders them under.
+MESSAGE_ROLES = {r: r for r in ROLES} | {"ipython": "tool"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool"} | {
+    r: r for r in (*ROLES, "function_call")
+}
 # Format -> the columns that identify it, in detection order.
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
@@ -25,20 +33,17 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 FORMATS = tuple(FORMAT_COLUMNS)
 
 
-class BadExample(ValueError):
-    """One example is malformed; `reason` is the short name it is counted under when skipped."""
-
-    def __init__(self, problem: str, reason: str):
-        super().__init__(problem)
-        self.reason = reason
-
-
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-    """Messages rendered with the chat template; assistant turns from `trained_from` on learn."""
+    """Messages rendered with the chat template; assistant turns from `trained_from` on learn.
 
-    messages: tuple[dict[str, str], ...]
+    `tools` (function schemas) and `template_kwargs` go to the template with the messages.
+    """
+
+    messages: tuple[dict[str, Any], ...]
     trained_from: int = 0
+    tools: tuple[dict, ...] | None = None
+    template_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +81,19 @@ def normalize(value: Any, data_format: str) -> Conversation | Completion:
             f"{', '.join(sorted(value)) or 'none'})",
             "missing_field",
         )
+    tools = chat.tool_schemas(value.get("tools"))
+    kwargs = chat.template_kwargs(value.get("chat_template_kwargs"))
     if data_format == "messages":
-        return Conversation(_messages(value["messages"], "messages", "role", "content", ROLES))
+        turns = _messages(value["messages"], "messages", "role", "content", MESSAGE_ROLES)
+        return Conversation(turns, tools=tools, template_kwargs=kwargs)
     if data_format == "sharegpt":
         turns = _messages(value["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
-        return Conversation(turns)
+        return Conversation(turns, tools=tools, template_kwargs=kwargs)
     if data_format == "prompt_completion":
-        return _prompt_completion(value["prompt"], value["completion"])
+        example = _prompt_completion(value["prompt"], value["completion"])
+        if isinstance(example, Conversation):
+            example = dataclasses.replace(example, tools=tools, template_kwargs=kwargs)
+        return example
     if data_format == "alpaca":
         instruction = _string(value["instruction"], "instruction")
         extra = _string(value.get("input") or "", "input")
@@ -102,19 +113,9 @@ def _string(value: Any, field: str) -> str:
     return value
 
 
-def _content(value: Any, field: str) -> str:
-    """Message content: a string, or a list of {"type": "text", "text": ...} parts."""
-    if isinstance(value, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        for p in value
-    ):
-        return "".join(p["text"] for p in value)
-    return _string(value, field)
-
-
 def _messages(
     turns: Any, field: str, role_key: str, content_key: str, roles: Any
-) -> tuple[dict[str, str], ...]:
+) -> tuple[dict[str, Any], ...]:
     if not isinstance(turns, list):
         raise BadExample(
             f"field {field!r} must be a list of messages, got {type(turns).__name__}",
@@ -125,7 +126,12 @@ def _messages(
     messages = []
     for index, turn in enumerate(turns):
         where = f"{field}[{index}]"
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        calls_only = isinstance(turn, dict) and turn.get("tool_calls") and role_key in turn
+        if (
+            not isinstance(turn, dict)
+            or role_key not in turn
+            or not (content_key in turn or calls_only)
+        ):
             raise BadExample(
                 f"{where} must be an object with {role_key!r} and {content_key!r}, "
                 f"got {turn!r:.80}",
@@ -137,10 +143,14 @@ def _messages(
                 f"{where} has unknown role {role!r}; expected one of {', '.join(roles)}",
                 "unknown_role",
             )
-        content = _content(turn[content_key], f"{where}.{content_key}")
-        messages.append(
-            {"role": roles[role] if isinstance(roles, dict) else role, "content": content}
-        )
+        role = roles[role] if isinstance(roles, dict) else role
+        if content_key == "value":
+            messages.append(chat.sharegpt_turn(turn, role, turn[content_key], where))
+        else:
+            messages.append(
+                chat.chat_message(turn, role, turn.get(content_key), where, content_key)
+            )
+    chat.check_tool_results(messages, field)
     return tuple(messages)
 
 

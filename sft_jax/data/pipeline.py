@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -13,12 +14,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from sft_jax.data import batches, formats, records, templates, tokenize
+from sft_jax.data import batches, certificate, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
 from sft_jax.models.hf_io import resolve_model_dir
 
 log = logging.getLogger(__name__)
 _PARALLEL_ABOVE_BYTES = 64 * 1024**2
+_CERTIFY_SAMPLE = 64  # training examples checked at start-up
 
 
 def run_tokenizer(config: ml_collections.ConfigDict) -> Any:
@@ -72,13 +74,7 @@ def tokenize_sources(
 ) -> tuple[tokenize.Tokenized, str]:
     """Tokenized documents of comma-separated sources (from the cache when possible)."""
     sources = records.expand_sources(spec, field)
-    options = tokenize.Options(
-        data_format=_resolve_format(data.format, sources, split),
-        train_on=data.train_on,
-        max_length=data.max_length,
-        skip_bad=data.skip_bad_examples,
-        empty_replies=data.get("empty_replies", "warn"),
-    )
+    options = _options(data, sources, split)
     key = tokenize.cache_key(records.fingerprint(sources, split), tokenizer, options)
     cache_dir = Path(data.cache_dir or _default_cache_dir()).expanduser()
     cached = tokenize.load_cached(cache_dir, key) if data.cache_dir != "none" else None
@@ -114,6 +110,55 @@ def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
             "drop them or 'error' to stop at the first.",
             field, stats["empty_replies"], stats["first_empty_reply"],
         )  # fmt: skip
+
+
+def _options(data: ml_collections.ConfigDict, sources: list[str], split: str) -> tokenize.Options:
+    return tokenize.Options(
+        data_format=_resolve_format(data.format, sources, split),
+        train_on=data.train_on,
+        max_length=data.max_length,
+        skip_bad=data.skip_bad_examples,
+        empty_replies=data.get("empty_replies", "warn"),
+        train_reasoning=data.train_reasoning,
+        template_kwargs=data.template_kwargs,
+    )
+
+
+class _IgnoreBadRecords:
+    """Unreadable lines while certifying: tokenization reports them."""
+
+    def bad(self, where: str, problem: str, reason: str) -> None:
+        del where, problem, reason
+
+
+def certify(config: ml_collections.ConfigDict, tokenizer: Any, sample: int = 0) -> dict:
+    """The mask certificate (sft_jax.data.certificate) of the first `sample` training
+    examples (0: all of them)."""
+    data = config.data
+    sources = records.expand_sources(data.train_files, "config.data.train_files")
+    options = _options(data, sources, data.train_split)
+    stream = (
+        r
+        for source in sources
+        for r in records.read_records(source, data.train_split, _IgnoreBadRecords())
+    )
+    if sample:
+        stream = itertools.islice(stream, sample)
+    return certificate.check_records(tokenizer, stream, options)
+
+
+def _check_at_start(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
+    """Training's start-up check: the certificate of a sample, logged; violations stop it."""
+    report = certify(config, tokenizer, _CERTIFY_SAMPLE)
+    log.info("what trains (mask certificate of %d examples):\n%s", report["examples"],
+             certificate.table(report))  # fmt: skip
+    if report["violations"]:
+        first = report["violations"][0]
+        raise DataError(
+            f"{first['where']}: the mask check failed at characters {first['span']}: "
+            f"{first['problem']} ({len(report['violations'])} violations in "
+            f"{report['examples']} examples; python -m sft_jax.data.inspect --check lists them)."
+        )
 
 
 def _auto_workers(sources: list[str]) -> int:
@@ -176,6 +221,8 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     train, key = tokenize_sources(
         data.train_files, data.train_split, "config.data.train_files", tokenizer, data
     )
+    if data.train_on != "all_tokens":
+        _check_at_start(config, tokenizer)
     evaluation = None
     if data.eval_files:
         evaluation, eval_key = tokenize_sources(
@@ -242,8 +289,16 @@ def eval_prompts(
 
 
 def summary_line(stats: dict[str, Any]) -> str:
+    expanded = stats.get("expanded_examples", 0)
     return (
         f"{stats['examples_kept']} of {stats['examples_read']} examples kept "
         f"(dropped {stats['dropped'] or 'none'}, truncated {stats['truncated']}), "
         f"{stats['trainable_tokens']} trainable of {stats['tokens']} tokens"
+        + (
+            f"; {expanded} conversations rendered as {stats['expanded_documents']} documents "
+            "(the chat template renders earlier turns differently later: each such turn is "
+            "trained as rendered at inference)"
+            if expanded
+            else ""
+        )
     )

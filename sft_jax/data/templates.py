@@ -1,25 +1,18 @@
-"""Chat templates: which one renders a conversation, and the character spans it trains.
+"""Chat templates: which one renders a conversation, and rendering it as transformers does.
 
-Spans are derived from the rendering itself, never from `{% generation %}` markers (most stock
-templates lack them) nor from searching token ids (the same text tokenizes differently in
-different contexts). For assistant turn i:
-
-  before  = render(messages[:i], add_generation_prompt=True)  -> "...<|im_start|>assistant\\n"
-  through = render(messages[:i + 1])              -> "...<|im_start|>assistant\\nHi<|im_end|>\\n"
-  reply   = through[len(before):].rstrip()        -> "Hi<|im_end|>"
-
-so the reply span holds the reply and the token that ends it, and not the assistant header
-(the generation prompt). Each step is verified: `before` must be a prefix of `through`, which
-must be a prefix of the whole rendering, and the reply text must contain the message content.
+The spans a rendering trains are found in `sft_jax.data.spans`.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
-from sft_jax.data.formats import BadExample, Conversation
+from sft_jax.data.messages import BadExample
 from sft_jax.data.records import DataError
+
+log = logging.getLogger(__name__)
 
 # A ChatML template for tokenizers that have none (config.data.chat_template = "chatml").
 CHATML = (
@@ -70,60 +63,56 @@ def load_tokenizer(source: str | Path, chat_template: str = "") -> Any:
     return tokenizer
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except Exception as e:  # jinja raise_exception(...) or a template bug: say which example
-        raise BadExample(f"the chat template failed: {e}", "template_error") from e
-
-
-def render_with_spans(
-    tokenizer: Any, conversation: Conversation, train_on: str
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the [start, end) character spans to train."""
+def render(
+    tokenizer: Any,
+    messages: list[dict],
+    generation_prompt: bool,
+    tools: list[dict] | None = None,
+    kwargs: dict | None = None,
+) -> str:
+    """The template's text for `messages`, as apply_chat_template(messages, tools=..., **kwargs)."""
     if not tokenizer.chat_template:
         raise TemplateError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template, so conversations cannot "
             "be rendered. Set config.data.chat_template ('chatml', a .jinja file or the "
             "template text), or use a tokenizer that has one."
         )
-    messages = list(conversation.messages)
-    full = _render(tokenizer, messages, generation_prompt=False)
-    if train_on == "all_tokens":
-        return full, [(0, len(full))]
-    turns = [
-        i
-        for i, m in enumerate(messages)
-        if m["role"] == "assistant" and i >= conversation.trained_from
-    ]
-    if not turns:
-        raise BadExample("the conversation has no assistant message to train on", "no_assistant")
-    if train_on == "last_assistant":
-        turns = turns[-1:]
-    return full, [_reply_span(tokenizer, messages, i, full) for i in turns]
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+            **(kwargs or {}),
+        )
+    except Exception as e:  # jinja raise_exception(...) or a template bug: say which example
+        raise BadExample(f"the chat template failed: {e}", "template_error") from e
 
 
-def _reply_span(tokenizer: Any, messages: list[dict], index: int, full: str) -> tuple[int, int]:
-    before = _render(tokenizer, messages[:index], generation_prompt=True)
-    through = _render(tokenizer, messages[: index + 1], generation_prompt=False)
-    if not (through.startswith(before) and full.startswith(through)):
-        raise TemplateError(
-            f"the chat template does not render assistant message {index} as an extension of "
-            "the conversation before it (prefix renders differ), so its trained span cannot be "
-            "verified. Set config.data.chat_template to a template that renders turns in "
-            "order (e.g. 'chatml'), or config.data.train_on='all_tokens'."
-        )
-    reply = through[len(before) :].rstrip()
-    content = messages[index]["content"].strip()
-    if content not in reply:
-        raise TemplateError(
-            f"assistant message {index}: its content does not appear in its rendered span "
-            f"{reply[:80]!r}; the chat template rewrites replies, so the trained span cannot "
-            "be verified. Use another config.data.chat_template."
-        )
-    return len(before), len(before) + len(reply)
+_warned_templates: set[int] = set()
+
+
+def special_texts(tokenizer: Any) -> list[str]:
+    """The texts of the special and added tokens (<|im_end|>, <|eot_id|>, ...), longest first."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    texts = {t for t in [*tokenizer.all_special_tokens, *added] if t}
+    return sorted(texts, key=len, reverse=True)
+
+
+def warn_without_end_of_turn(tokenizer: Any, reply: str) -> None:
+    """Once per template: a reply that ends in no special token trains no terminator, so the
+    model would not learn to stop."""
+    specials = special_texts(tokenizer)
+    key = hash(tokenizer.chat_template)
+    if key in _warned_templates or any(reply.endswith(t) for t in specials):
+        return
+    _warned_templates.add(key)
+    log.warning(
+        "the chat template of %r ends an assistant reply with %r, not an end-of-turn token "
+        "(none of %s): no terminator is trained, so the model may not learn to stop. Use a "
+        "config.data.chat_template that closes replies with one.",
+        tokenizer.name_or_path, reply[-20:], ", ".join(specials[:6]),
+    )  # fmt: skip
 
 
 def completion_text(

@@ -4,6 +4,13 @@ A tokenized document keeps its tokens unshifted; `trained[t]` says that token t 
 trained span (an assistant reply and its end-of-turn token). The shift to next-token targets
 happens once, in `sft_jax.data.batches`. The text is tokenized with add_special_tokens=False:
 the chat template already holds BOS, so it is never doubled.
+
+Tokens that straddle a span boundary: a token is trained when at least one of its characters
+lies in a trained span (a zero-width token when its position does). So a token holding the
+last character of the generation prompt and the first of the reply trains; one holding only
+prompt characters never does. With the tokenizers of the chat models in use the boundary
+falls between tokens (header tokens end in a newline or a special token); `inspect --check`
+reports every straddling token as a violation, naming the example and the span.
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ import numpy as np
 
 from sft_jax.data.formats import BadExample, Completion, Conversation, normalize
 from sft_jax.data.records import DataError, Record
-from sft_jax.data.templates import TemplateError, completion_text, render_with_spans
+from sft_jax.data.spans import render_documents
+from sft_jax.data.templates import TemplateError, completion_text
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
-# An assistant reply with no text trains only its end-of-turn token: "warn" keeps such
-# examples and reports their count and the first one, "skip" drops them (counted), "error"
-# stops at the first one.
+# An assistant reply with no text (nor reasoning or tool calls) trains only its end-of-turn
+# token: "warn" keeps such examples and reports their count and the first one, "skip" drops
+# them (counted), "error" stops at the first one.
 EMPTY_REPLIES = ("warn", "skip", "error")
+# The modules whose code decides spans and tokens: their text is part of the cache key.
+SPAN_CODE = ("messages.py", "formats.py", "templates.py", "spans.py", "tokenize.py")
 _CHUNK = 256  # examples per task handed to a worker process
 
 
@@ -44,6 +53,11 @@ class Options:
     max_length: int  # tokens kept per example; the rest is cut off
     skip_bad: bool  # count and skip malformed examples instead of stopping
     empty_replies: str = "warn"  # EMPTY_REPLIES: what an empty assistant reply does
+    train_reasoning: str = "all"  # spans.TRAIN_REASONING
+    template_kwargs: str = ""  # JSON object of chat-template keyword arguments ("" = none)
+
+    def kwargs(self) -> dict[str, Any]:
+        return json.loads(self.template_kwargs) if self.template_kwargs else {}
 
 
 @dataclasses.dataclass
@@ -101,6 +115,7 @@ def empty_stats() -> dict[str, Any]:
     return {
         "examples_read": 0,
         "examples_kept": 0,
+        "documents": 0,
         "dropped": {},
         "truncated": 0,
         "empty_replies": 0,
@@ -108,11 +123,19 @@ def empty_stats() -> dict[str, Any]:
         "tokens": 0,
         "trainable_tokens": 0,
         "duplicate_bos_removed": 0,
+        # Conversations rendered as several documents because the template rewrites history
+        # (one per trained turn it renders differently later), and the documents they gave.
+        "expanded_examples": 0,
+        "expanded_documents": 0,
     }
 
 
 def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    """Per token: does its character range overlap a span? (Zero-width tokens: start inside.)"""
+    """Per token: does any of its characters lie in a span? (Zero-width tokens: their position.)
+
+    The straddling rule of the module docstring: characters [a, b) and span [s, e) overlap
+    when a < e and b > s, e.g. offsets [(0, 3), (3, 7), (7, 9)] and span (5, 8) -> [0, 1, 1].
+    """
     starts = np.array([a for a, _ in offsets], np.int64)
     ends = np.array([max(b, a + 1) for a, b in offsets], np.int64)
     trained = np.zeros(len(offsets), bool)
@@ -124,27 +147,52 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> n
 def tokenize_example(
     tokenizer: Any, example: Conversation | Completion, options: Options
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Tokens, trained flags and notes ("truncated", "duplicate_bos_removed") of one example."""
+    """Tokens, trained flags and notes ("truncated", "duplicate_bos_removed") of an example
+    that is one document (see tokenize_documents for conversations a template expands)."""
+    documents, notes = tokenize_documents(tokenizer, example, options)
+    if len(documents) != 1:
+        raise ValueError(f"the example is {len(documents)} documents; use tokenize_documents")
+    return documents[0][0], documents[0][1], notes
+
+
+def tokenize_documents(
+    tokenizer: Any, example: Conversation | Completion, options: Options
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    """The documents (tokens, trained flags) of one example, and notes on what was cut."""
     if isinstance(example, Conversation):
-        text, spans = render_with_spans(tokenizer, example, options.train_on)
+        rendered = render_documents(
+            tokenizer, example, options.train_on, options.train_reasoning, **options.kwargs()
+        )
+        texts = [(r.text, r.spans) for r in rendered]
     else:
-        text, spans = completion_text(tokenizer, example.prompt, example.completion)
+        texts = [completion_text(tokenizer, example.prompt, example.completion)]
+    notes = {"truncated": 0, "duplicate_bos_removed": 0}
+    documents = []
+    for text, spans in texts:
+        tokens, trained = _tokens_and_flags(tokenizer, text, spans, options.max_length, notes)
+        # Token 0 is never a target (nothing before it predicts it): count from token 1.
+        if trained[1:].any():
+            documents.append((tokens, trained))
+    if not documents:
+        reason = "no_target_tokens_after_truncation" if notes["truncated"] else "no_target_tokens"
+        raise BadExample("no trained tokens left", reason)
+    return documents, notes
+
+
+def _tokens_and_flags(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], max_length: int, notes: dict
+) -> tuple[np.ndarray, np.ndarray]:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     tokens = np.asarray(encoded["input_ids"], np.int32)
     trained = _overlaps(encoded["offset_mapping"], spans)
-    notes = {"truncated": 0, "duplicate_bos_removed": 0}
     bos = tokenizer.bos_token_id
     if bos is not None and len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
         tokens, trained = tokens[1:], trained[1:]
         notes["duplicate_bos_removed"] = 1
-    if len(tokens) > options.max_length:
-        tokens, trained = tokens[: options.max_length], trained[: options.max_length]
+    if len(tokens) > max_length:
+        tokens, trained = tokens[:max_length], trained[:max_length]
         notes["truncated"] = 1
-    # Token 0 is never a target (nothing before it predicts it): count from token 1.
-    if not trained[1:].any():
-        reason = "no_target_tokens_after_truncation" if notes["truncated"] else "no_target_tokens"
-        raise BadExample("no trained tokens left", reason)
-    return tokens, trained, notes
+    return tokens, trained
 
 
 _worker_tokenizer = None
@@ -166,13 +214,16 @@ def _tokenize_chunk(
         try:
             example = normalize(record.value, options.data_format)
             _note_empty_reply(example, record.where, options, stats)
-            tokens, trained, notes = tokenize_example(tokenizer, example, options)
+            documents, notes = tokenize_documents(tokenizer, example, options)
         except BadExample as e:
             bad.append((record.where, str(e), e.reason))
             continue
         except TemplateError as e:  # the template, not the example: always an error
             raise TemplateError(f"{record.where}: {e}") from None
-        docs.append((tokens, trained))
+        docs.extend(documents)
+        if len(documents) > 1:
+            stats["expanded_examples"] += 1
+            stats["expanded_documents"] += len(documents)
         stats["truncated"] += notes["truncated"]
         stats["duplicate_bos_removed"] += notes["duplicate_bos_removed"]
     return docs, stats, bad
@@ -186,7 +237,14 @@ def _note_empty_reply(
     if not isinstance(example, Conversation):
         return
     trained = example.messages[example.trained_from :]
-    empty = [m for m in trained if m["role"] == "assistant" and not m["content"].strip()]
+    empty = [
+        m
+        for m in trained
+        if m["role"] == "assistant"
+        and not str(m.get("content") or "").strip()
+        and not m.get("tool_calls")
+        and not str(m.get("reasoning_content") or "").strip()
+    ]
     if not empty:
         return
     if options.empty_replies != "warn":
@@ -233,7 +291,8 @@ def tokenize_records(
         _merge(stats, chunk_stats)
     tokenized = from_documents(docs, stats)
     stats["dropped"] = dict(sorted(dropped.items()))
-    stats["examples_kept"] = len(tokenized)
+    stats["examples_kept"] = stats["examples_read"] - sum(dropped.values())
+    stats["documents"] = len(tokenized)
     stats["tokens"] = len(tokenized.tokens)
     stats["trainable_tokens"] = trainable_tokens(tokenized)
     return tokenized
@@ -285,9 +344,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
+def code_fingerprint() -> str:
+    """Changes whenever the code that renders, spans and tokenizes examples changes."""
+    digest = hashlib.sha256()
+    for name in SPAN_CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
+
+
 def cache_key(data_fingerprint: str, tokenizer: Any, options: Options) -> str:
+    """Changes with the data, the tokenizer (its chat template included), the options (the
+    template kwargs included) and the span code."""
     parts = [
-        str(CACHE_VERSION),
+        code_fingerprint(),
         data_fingerprint,
         tokenizer_fingerprint(tokenizer),
         json.dumps(dataclasses.asdict(options), sort_keys=True),
