@@ -52,9 +52,9 @@ class Options:
     train_on: str  # templates.TRAIN_ON
     max_length: int  # tokens kept per example; the rest is cut off
     skip_bad: bool  # count and skip malformed examples instead of stopping
-    empty_replies: str = "warn"  # EMPTY_REPLIES: what an empty assistant reply does
     train_reasoning: str = "all"  # spans.TRAIN_REASONING
     template_kwargs: str = ""  # JSON object of chat-template keyword arguments ("" = none)
+    empty_replies: str = "warn"  # EMPTY_REPLIES: what an empty assistant reply does
 
     def kwargs(self) -> dict[str, Any]:
         return json.loads(self.template_kwargs) if self.template_kwargs else {}
