@@ -204,14 +204,15 @@ def build_steps(
     seq_len: int,
     options: StepOptions,
     trainable: Any = nnx.Param,
+    objective: step.Objective | None = None,
 ) -> Steps:
     """Compiles step.train_step (donating the state) and step.eval_step, once, ahead of time
     from abstract inputs: a batch of another shape or sharding is an error, never a silent
-    recompilation."""
+    recompilation. The objective is SFT's cross-entropy unless given (sft_jax.preference)."""
     graphdef, _, frozen_state = nnx.split(model, trainable, ...)
     frozen_shardings = sharding.param_shardings(model, mesh, nnx.Not(trainable))
     frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
-    spec = StepSpec(graphdef, tx, schedule, options.objective(),
+    spec = StepSpec(graphdef, tx, schedule, objective or options.objective(),
                     options.gradient_accumulation_steps, options.dropout_seed)  # fmt: skip
     abstract_state = sharding.with_shardings(
         jax.eval_shape(lambda: _abstract_state(model, tx, trainable)), state_shardings
