@@ -8,7 +8,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sft_jax import config_check, trainer
-from sft_jax.data import open_data
+from sft_jax.data import open_run_data
 from sft_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("sft_jax").setLevel(logging.INFO)
     try:
-        trainer.run(FLAGS.config, FLAGS.workdir, data_factory=open_data)
+        trainer.run(FLAGS.config, FLAGS.workdir, data_factory=open_run_data)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
 

@@ -16,12 +16,14 @@ cross-entropy).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from sft_jax.errors import ConfigError
 from sft_jax.models.decoder import CausalLM, head_logits
 from sft_jax.models.partitioning import logical_to_spec
 
@@ -247,7 +249,8 @@ class CrossEntropy:
           micro-batches;
       normalizer(batch) -> what the summed loss is divided by, over the *global* batch;
       loss(sums, normalizer) -> the scalar to differentiate;
-      metrics(sums, normalizer) -> {"train/...": value}.
+      metrics(sums, normalizer) -> {"train/...": value};
+      eval_metrics(sums of the whole eval set) -> {"eval/loss": ..., ...}.
     """
 
     z_loss_weight: float = 0.0
@@ -263,6 +266,21 @@ class CrossEntropy:
 
     def loss(self, sums: LossSums, normalizer: jax.Array) -> jax.Array:
         return (sums.nll + self.z_loss_weight * sums.z) / normalizer
+
+    def eval_metrics(self, sums: LossSums) -> dict[str, float]:
+        """Over the whole eval set (its sums added up): token-weighted mean cross-entropy."""
+        count = float(sums.target_tokens)
+        if count == 0:
+            raise ConfigError(
+                "the eval set has no target tokens: check config.data.eval_files (or "
+                "config.data.eval_fraction) and config.data.train_on."
+            )
+        loss = float(sums.nll) / count
+        return {
+            "eval/loss": loss,
+            "eval/perplexity": math.exp(min(loss, 80.0)),
+            "eval/target_tokens": count,
+        }
 
     def metrics(self, sums: LossSums, normalizer: jax.Array) -> dict[str, Any]:
         return {

@@ -31,15 +31,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from sft_jax.errors import ConfigError
 from sft_jax.lora import adapters_off
 from sft_jax.loss import token_logps
 from sft_jax.models.decoder import CausalLM
 
 Batch = dict[str, jax.Array]
 REFERENCE_FREE = ("simpo", "orpo")
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", *REFERENCE_FREE)
-REFERENCES = ("adapters_off", "none")  # how the reference log-probs are had (see PairObjective)
+DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
+LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
+OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE)  # config.train.objective
 
 
 class PairLogps(NamedTuple):
@@ -232,6 +235,15 @@ class PairObjective:
             loss = loss + self.spec.nll_weight * sums.chosen_nll / normalizer.chosen_tokens
         return loss
 
+    def eval_metrics(self, sums: PreferenceSums) -> dict[str, float]:
+        """Over the whole eval set (its sums added up): the metrics, as "eval/..."."""
+        if float(sums.pairs) == 0:
+            raise ConfigError(
+                "the eval set holds no preference pairs: check config.data.eval_files."
+            )
+        count = PairCount(sums.pairs, jnp.maximum(sums.chosen_tokens, 1.0))
+        return {k: float(v) for k, v in self.metrics(sums, count, prefix="eval").items()}
+
     def metrics(self, sums: PreferenceSums, normalizer: PairCount, prefix: str = "train"):
         """TRL's names: means over the pairs of the batch."""
         per_pair = {
@@ -248,3 +260,18 @@ class PairObjective:
             f"{prefix}/nll": sums.chosen_nll / normalizer.chosen_tokens,
             f"{prefix}/pairs": sums.pairs,
         }
+
+
+def objective_from_config(config: ml_collections.ConfigDict, max_segments: int) -> PairObjective:
+    """The PairObjective of config.train.objective ("dpo", "simpo", "orpo") and
+    config.preference (checked by config_check); rows hold (max_segments - 1) // 2 pairs."""
+    pref, objective = config.preference, config.train.objective
+    spec = PreferenceSpec(
+        loss_type=pref.loss_type if objective == "dpo" else objective, beta=pref.beta,
+        label_smoothing=pref.label_smoothing, simpo_gamma=pref.simpo_gamma,
+        rpo_alpha=pref.rpo_alpha,
+    )  # fmt: skip
+    return PairObjective(
+        spec, reference="adapters_off" if objective == "dpo" else "none",
+        max_pairs=max(1, (max_segments - 1) // 2), loss_chunk_size=config.train.loss_chunk_size,
+    )  # fmt: skip

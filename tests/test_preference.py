@@ -28,6 +28,7 @@ from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.layers import LoRAParam
 from sft_jax.optim import make_optimizer
 from sft_jax.preference import PairCount, PairObjective, PreferenceSpec
+from sft_jax.sharding import device_batch
 from sft_jax.step import StepOptions
 
 LORA = LoRASpec(rank=4, alpha=8.0)
@@ -358,3 +359,109 @@ def test_lora_dpo_step_holds_no_second_copy_of_the_weights(tiny):
     dpo = compiled_memory(model, objective_for(CASES["sigmoid"], 1))
     assert dpo.arguments == sft.arguments
     assert dpo.temporaries - sft.temporaries < frozen_bytes
+
+
+def _train_pairs(model, objective, mesh, trainable, accumulation: int = 1, steps: int = 3):
+    tx, schedule = make_optimizer(train_config(learning_rate=3e-2, weight_decay=0.0))
+    state, shardings = init_state(model, tx, mesh, trainable)
+    compiled = build_steps(
+        model, tx, schedule, mesh, shardings, train_rows=8, eval_rows=8, seq_len=SEQ_LEN,
+        options=StepOptions(gradient_accumulation_steps=accumulation, loss_chunk_size=8),
+        trainable=trainable, objective=objective,
+    )  # fmt: skip
+    history = []
+    batch = pair_batch(make_pairs(seed=10, count=12), per_row=2, rows=8)  # learnt over steps
+    for _ in range(steps):
+        state, metrics = compiled.train(state, device_batch(batch, compiled.batch_shardings))
+        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+    return history
+
+
+@pytest.mark.parametrize("case, lora", [("sigmoid", True), ("orpo", False)])
+def test_preference_steps_on_a_mesh_and_accumulated_equal_one_device(tiny, case, lora):
+    """DPO (LoRA, reference = adapters off) and ORPO (every parameter): 3 updates on 8 devices
+    (data x fsdp x tensor = 2 x 2 x 2, vocabulary split) and with 2 micro-batches give the
+    losses and metrics of one device and one batch."""
+    path = tiny[0]
+    objective = objective_for(CASES[case], 2)
+
+    def run(mesh, accumulation=1):
+        model = from_pretrained(path, mesh=mesh)
+        trainable = nnx.Param
+        if lora:
+            apply_lora(model, LORA, mesh)
+            trainable = trainable_filter(LORA)
+        return _train_pairs(model, objective, mesh, trainable, accumulation)
+
+    single = run(sharding.single_device_mesh())
+    assert single[-1]["train/loss"] < single[0]["train/loss"]
+    for other in (run(sharding.make_mesh(2, 2, 2)), run(sharding.single_device_mesh(), 2)):
+        for a, b in zip(single, other, strict=True):
+            for key in a:
+                np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=1e-6, err_msg=key)
+
+
+# --- Config and the loop ---------------------------------------------------------------------
+
+
+def demo_dpo_config(**overrides):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("dpo_demo", root / "configs" / "dpo_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    pairs = str(root / "assets" / "demo_data" / "preference_eval.jsonl")
+    config.model.name_or_path = str(root / "assets" / "demo_model")
+    config.data.train_files = config.data.eval_files = pairs
+    config.train.steps, config.eval.every_steps, config.train.global_batch_size = 4, 2, 8
+    config.eval.global_batch_size, config.eval.generate_examples = 8, 2
+    config.eval.show_samples, config.checkpoint.enabled, config.export.at_end = 0, False, "none"
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"train.objective": "kto"}, "train.objective"),
+        ({"lora.rank": 0}, "lora.rank"),
+        ({"lora.trainable_modules": "embed"}, "lora.trainable_modules"),
+        ({"preference.loss_type": "simpo"}, "preference.loss_type"),
+        ({"preference.label_smoothing": 0.5}, "preference.label_smoothing"),
+        ({"preference.beta": 0.0}, "preference.beta"),
+        ({"data.eval_fraction": 0.1}, "data.eval_fraction"),
+        ({"data.max_documents_per_row": 1}, "data.max_documents_per_row"),
+    ],
+)
+def test_config_check_names_the_bad_preference_field(overrides, field):
+    from sft_jax.config_check import check_values
+    from sft_jax.errors import ConfigError
+
+    check_values(demo_dpo_config(), 1, 1)  # the demo itself is fine
+    with pytest.raises(ConfigError, match=f"config.{field}"):
+        check_values(demo_dpo_config(**overrides), 1, 1)
+
+
+def test_a_dpo_run_reports_trl_metrics_and_starts_at_the_reference(tmp_path):
+    """The loop end to end (data, plan, steps, eval): at step 0 the LoRA policy is its
+    reference, so every reward is exactly 0 and the eval loss is log 2 + the chosen NLL."""
+    import json
+    import math
+
+    from sft_jax import trainer
+    from sft_jax.data import open_run_data
+
+    summary = trainer.run(demo_dpo_config(), tmp_path, open_run_data)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval/loss" in r}
+    assert sorted(evals) == [0, 2, 4] and summary["end_step"] == 4
+    first = evals[0]
+    assert first["eval/rewards/margins"] == first["eval/rewards/chosen"] == 0.0
+    assert first["eval/rewards/accuracies"] == 0.0  # ties: TRL counts chosen > rejected
+    np.testing.assert_allclose(first["eval/loss"], math.log(2) + first["eval/nll"], rtol=1e-5)
+    assert first["eval/pairs"] == 200 and "eval/exact_match" in first
+    train = [r for r in records if "train/rewards/accuracies" in r]
+    assert train and all(math.isfinite(r["train/loss"]) for r in train)
