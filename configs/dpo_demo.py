@@ -17,7 +17,7 @@ def get_config():
     config.model.name_or_path = "/tmp/sft_demo/export"
     config.train.objective = "dpo"
     config.preference.loss_type = "sigmoid"
-    config.preference.beta = 0.1
+    config.preference.beta = 0.5
     # The NLL of the chosen replies (RPO) keeps the right answers likely, not just likelier
     # than the wrong ones: without it greedy exact match falls while the margins grow.
     config.preference.rpo_alpha = 1.0
@@ -27,9 +27,9 @@ def get_config():
     config.lora.rank = 8
     config.lora.alpha = 16.0
     config.lora.dropout = 0.0
-    config.train.steps = 300
+    config.train.steps = 500
     config.train.global_batch_size = 16
-    config.train.learning_rate = 5e-4
+    config.train.learning_rate = 2e-3
     config.train.warmup_steps = 5
     config.eval.every_steps = 100
     config.eval.global_batch_size = 16
