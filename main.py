@@ -11,7 +11,7 @@ from ml_collections import config_flags
 
 from sft_jax import cli, config_check, rundir, trainer
 from sft_jax.checkpointing import CheckpointSaveError
-from sft_jax.data import open_data
+from sft_jax.data import open_run_data
 from sft_jax.errors import TrainingDivergedError
 
 FLAGS = flags.FLAGS
@@ -30,7 +30,7 @@ def main(argv: list[str]) -> None:
     logging.getLogger("sft_jax").setLevel(logging.INFO)
     workdir = cli.writable_directory(FLAGS.workdir)
     cli.run_command(
-        lambda: trainer.run(FLAGS.config, workdir, data_factory=open_data),
+        lambda: trainer.run(FLAGS.config, workdir, data_factory=open_run_data),
         saved_note=lambda error: rundir.saved_note(workdir) if isinstance(error, MID_RUN) else "",
     )
 

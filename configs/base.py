@@ -152,6 +152,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.loss_chunk_size = 512
     # Seed of parameter initialization and of data order.
     config.train.seed = 0
+    # What the step optimizes: "sft" (cross-entropy on the trained tokens), or on preference
+    # pairs (config.preference; data with chosen/rejected fields): "dpo", "simpo" or "orpo".
+    config.train.objective = "sft"
+
+    # ---------------------------------------------------------------- preference
+    # Preference tuning (config.train.objective != "sft"), with TRL's names and definitions.
+    config.preference = ml_collections.ConfigDict()
+    # DPO's loss: "sigmoid" (with label_smoothing: cDPO), "robust", "hinge" or "ipo".
+    config.preference.loss_type = "sigmoid"
+    # Temperature of the implicit reward (DPO, IPO's tau, SimPO's beta; ORPO's lambda).
+    config.preference.beta = 0.1
+    # Assumed share of flipped labels (cDPO with "sigmoid", "robust"; SimPO), in [0, 0.5).
+    config.preference.label_smoothing = 0.0
+    # SimPO's target reward margin gamma.
+    config.preference.simpo_gamma = 0.5
+    # Weight of the NLL of the chosen replies added to the loss (RPO; CPO's cpo_alpha); ORPO
+    # always adds it with weight 1.
+    config.preference.rpo_alpha = 0.0
+    # DPO's reference model: "auto" = "adapters_off" (LoRA / QLoRA: the same weights with the
+    # adapters switched off, no second copy in memory); full fine-tuning has none yet.
+    config.preference.reference = "auto"
 
     # ---------------------------------------------------------------- eval
     config.eval = ml_collections.ConfigDict()

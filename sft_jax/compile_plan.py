@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sft_jax import memory_plan, sharding, step
+from sft_jax import memory_plan, preference, sharding, step
 from sft_jax.errors import ConfigError, check_choice
 from sft_jax.memory_plan import StepMemory
 from sft_jax.models import CausalLM, ModelConfig
@@ -162,6 +162,7 @@ class Steps:
     batch_shardings: dict[str, NamedSharding]
     compile_seconds: float
     graphdef: Any = None  # with `frozen`, turns trained params back into a model
+    objective: Any = None  # what the steps optimize (its eval_metrics read the eval sums)
     train_memory: StepMemory | None = None  # the train step's planned memory per device
 
     def model_of(self, params: Any) -> CausalLM:
@@ -216,14 +217,16 @@ def build_steps(
     seq_len: int,
     options: StepOptions,
     trainable: Any = nnx.Param,
+    objective: step.Objective | None = None,
 ) -> Steps:
     """Compiles step.train_step (donating the state) and step.eval_step, once, ahead of time
     from abstract inputs: a batch of another shape or sharding is an error, never a silent
-    recompilation."""
+    recompilation. The objective is SFT's cross-entropy unless given (sft_jax.preference)."""
     graphdef, _, frozen_state = nnx.split(model, trainable, ...)
     frozen_shardings = sharding.param_shardings(model, mesh, nnx.Not(trainable))
     frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
-    spec = StepSpec(graphdef, tx, schedule, options.objective(),
+    objective = objective or options.objective()
+    spec = StepSpec(graphdef, tx, schedule, objective,
                     options.gradient_accumulation_steps, options.dropout_seed)  # fmt: skip
     abstract_state = sharding.with_shardings(
         jax.eval_shape(lambda: _abstract_state(model, tx, trainable)), state_shardings
@@ -258,6 +261,7 @@ def build_steps(
         batch_shardings=batches,
         compile_seconds=time.perf_counter() - start,
         graphdef=graphdef,
+        objective=objective,
         train_memory=StepMemory.of(train),
     )
 
@@ -375,10 +379,14 @@ def plan_run(
     options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
                           train.loss_chunk_size, dropout_seed=train.seed,
                           **moe_options(train, model.config))  # fmt: skip
+    objective = None  # SFT's cross-entropy (options.objective())
+    if train.get("objective", "sft") != "sft":
+        objective = preference.objective_from_config(config, max_segments or 3)
+        log.info("objective: %s, %s", train.objective, objective.spec)
     build = functools.partial(
         build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=state_shardings,
         train_rows=train.global_batch_size, eval_rows=config.eval.global_batch_size,
-        seq_len=seq_len, options=options, trainable=trainable,
+        seq_len=seq_len, options=options, trainable=trainable, objective=objective,
     )  # fmt: skip
     limit = memory_plan.device_bytes_limit()
     build = with_attention_fallback(build, config.model.attention)

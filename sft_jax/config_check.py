@@ -17,6 +17,7 @@ from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
 from sft_jax.models import DTYPES
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
 from sft_jax.optim import SCHEDULES
+from sft_jax.preference import DPO_LOSSES, OBJECTIVES
 
 
 def _load(config_arg: str) -> Any:
@@ -68,6 +69,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_eval_and_outputs(config)
     _check_model(config)
     _check_lora(config)
+    _check_preference(config)
 
 
 def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None:
@@ -189,6 +191,32 @@ def _check_lora(config: Any) -> None:
         block = lora.quant_block_size
         _need(config, block > 0 and block % 2 == 0, "lora.quant_block_size",
               "weights per scale: a positive even number (64 is the QLoRA default).")  # fmt: skip
+
+
+def _check_preference(config: Any) -> None:
+    objective = config.train.get("objective", "sft")  # configs saved before the field: SFT
+    check_choice("train.objective", objective, OBJECTIVES)
+    if objective == "sft":
+        return
+    pref = config.preference
+    check_choice("preference.loss_type", pref.loss_type, DPO_LOSSES)
+    check_choice("preference.reference", pref.reference, ("auto", "adapters_off"))
+    _need(config, pref.beta > 0, "preference.beta", "must be positive.")
+    _need(config, 0 <= pref.label_smoothing < 0.5, "preference.label_smoothing",
+          "must be within [0, 0.5).")  # fmt: skip
+    _need(config, pref.rpo_alpha >= 0, "preference.rpo_alpha", "must be 0 (off) or positive.")
+    _need(config, config.data.max_documents_per_row != 1, "data.max_documents_per_row",
+          "a row holds whole preference pairs (2 documents each): use 0 or 2 or more.")  # fmt: skip
+    _need(config, not config.data.eval_fraction, "data.eval_fraction",
+          "preference pairs are evaluated from config.data.eval_files; set that.")  # fmt: skip
+    if objective == "dpo":
+        _need(config, config.lora.rank > 0, "lora.rank",
+              "DPO needs a reference model; its reference here is the base model under LoRA "
+              "(adapters off). Set lora.rank > 0, or use train.objective='simpo' or 'orpo' "
+              "(no reference) for full fine-tuning.")  # fmt: skip
+        _need(config, not config.lora.trainable_modules, "lora.trainable_modules",
+              "with DPO the reference is the model with its adapters off; modules trained in "
+              "full would change it too. Leave it empty.")  # fmt: skip
 
 
 def _get(config: Any, dotted: str) -> Any:

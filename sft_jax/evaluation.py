@@ -51,27 +51,22 @@ class EarlyStopping:
 def evaluate(
     steps: Steps, params: Any, batches: Iterable[dict[str, np.ndarray]]
 ) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over every target token of the eval set."""
-    nll, count = 0.0, 0.0
+    """The objective's eval metrics over the whole eval set (its sums added up over batches):
+    for SFT the token-weighted mean cross-entropy over every target token."""
+    totals = None
     for batch in batches:
         sums = jax.device_get(steps.eval(params, device_batch(batch, steps.batch_shardings)))
-        nll += float(sums.nll)
-        count += float(sums.target_tokens)
-    if count == 0:
-        raise ConfigError(
-            "the eval set has no target tokens: check config.data.eval_files (or "
-            "config.data.eval_fraction) and config.data.train_on."
-        )
-    loss = nll / count
-    return {
-        "eval/loss": loss,
-        "eval/perplexity": math.exp(min(loss, 80.0)),
-        "eval/target_tokens": count,
-    }
+        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    if totals is None:
+        raise ConfigError("the eval set is empty: check config.data.eval_files.")
+    return steps.objective.eval_metrics(totals)
 
 
 def eval_message(step: int, metrics: dict[str, Any]) -> str:
     text = f"step {step}: eval loss {metrics['eval/loss']:.4f}"
+    if "eval/rewards/accuracies" in metrics:
+        text += (f", rewards/accuracies {metrics['eval/rewards/accuracies']:.1%}, margins "
+                 f"{metrics['eval/rewards/margins']:.3f}")  # fmt: skip
     if "eval/exact_match" in metrics:
         text += f", exact match {metrics['eval/exact_match']:.1%} of {metrics['eval/generated']}"
     if metrics.get("eval/samples"):
@@ -86,6 +81,9 @@ def final_report(summary: dict[str, Any]) -> str:
     if first and last:
         lines.append(f"eval loss {first['eval/loss']:.4f} -> {last['eval/loss']:.4f} "
                      f"({first['eval/loss'] / last['eval/loss']:.1f}x lower)")  # fmt: skip
+        if "eval/rewards/accuracies" in first:
+            lines.append(f"eval rewards/accuracies {first['eval/rewards/accuracies']:.1%} -> "
+                         f"{last['eval/rewards/accuracies']:.1%}")  # fmt: skip
         if "eval/exact_match" in first:
             lines.append(f"exact match of greedy replies {first['eval/exact_match']:.1%} -> "
                          f"{last['eval/exact_match']:.1%}")  # fmt: skip

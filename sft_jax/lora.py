@@ -7,9 +7,11 @@ layer computes W x + scale * B A x with scale = alpha / rank (alpha / sqrt(rank)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,21 @@ def _uniform_init(key: jax.Array, shape: tuple[int, int], out_sharding: Any) -> 
     bound = 1.0 / math.sqrt(shape[0])
     values = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
     return jax.lax.with_sharding_constraint(values, out_sharding)
+
+
+@contextlib.contextmanager
+def adapters_off(model: CausalLM) -> Iterator[CausalLM]:
+    """The same model (the same weights, no copy) computing as its base inside the block: every
+    adapter's scale is 0, so W x + 0 * B A x = W x. The reference of preference tuning under
+    LoRA / QLoRA (sft_jax.preference); the scales come back on leaving, also on an error."""
+    scales = [(linear, linear.lora_scale) for _, _, linear in decoder_linears(model)]
+    try:
+        for linear, _ in scales:
+            linear.lora_scale = 0.0
+        yield model
+    finally:
+        for linear, scale in scales:
+            linear.lora_scale = scale
 
 
 def merged(model: CausalLM) -> CausalLM:

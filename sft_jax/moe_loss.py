@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sft_jax.loss import CrossEntropy, hidden_loss_sums
+from sft_jax.loss import CrossEntropy, LossSums, hidden_loss_sums
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.moe import RouterStats
 
@@ -106,6 +106,10 @@ class MoECrossEntropy:
         for position, layer in enumerate(self.moe_layers):
             metrics[f"train/expert_load_max_over_mean/layer_{layer:02d}"] = max_over_mean[position]
         return metrics
+
+    def eval_metrics(self, sums: MoESums) -> dict[str, float]:
+        """Over the whole eval set: the cross-entropy part, as CrossEntropy reports it."""
+        return self._cross_entropy().eval_metrics(LossSums(sums.nll, sums.z, sums.target_tokens))
 
     def _cross_entropy(self) -> CrossEntropy:
         return CrossEntropy(self.z_loss_weight, self.loss_chunk_size)

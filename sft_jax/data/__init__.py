@@ -1,6 +1,9 @@
 """SFT data: files or hub datasets -> chat-templated, masked, packed fixed-shape batches."""
 
+import ml_collections
+
 from sft_jax.data.pipeline import DataSource, load_datasets, open_data, run_tokenizer
+from sft_jax.data.preference import open_pair_data
 from sft_jax.data.records import DataError
 from sft_jax.data.templates import TemplateError, load_tokenizer, resolve_chat_template
 
@@ -11,6 +14,15 @@ __all__ = [
     "load_datasets",
     "load_tokenizer",
     "open_data",
+    "open_pair_data",
+    "open_run_data",
     "resolve_chat_template",
     "run_tokenizer",
 ]
+
+
+def open_run_data(config: ml_collections.ConfigDict) -> DataSource:
+    """The run's data: preference pairs for a preference objective, else SFT examples."""
+    if config.train.get("objective", "sft") != "sft":
+        return open_pair_data(config)
+    return open_data(config)

@@ -173,7 +173,11 @@ class TrainBatches:
             self.row += 1
             if self.row == len(epoch_rows_):
                 self.epoch, self.row = self.epoch + 1, 0
-        return make_rows(self.tokenized, chosen, self.row_len)
+        return self.make_rows(chosen)
+
+    def make_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        """The arrays of these rows (of packing units: documents here)."""
+        return make_rows(self.tokenized, rows, self.row_len)
 
     def get_state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "row": self.row, "data_fingerprint": self.fingerprint}

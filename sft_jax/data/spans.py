@@ -27,6 +27,7 @@ the reasoning and its closing markup end).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any
 
@@ -169,9 +170,4 @@ def _reasoning_end(reply: str, reasoning: str) -> int:
 
 def _common(a: str, b: str) -> str:
     """The longest common prefix of two strings."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
+    return os.path.commonprefix([a, b])

@@ -1,0 +1,218 @@
+"""Preference pairs: TRL's preference formats -> chosen and rejected documents -> rows of pairs.
+
+Formats (the fields of the first example decide, as for SFT data):
+  {"prompt": "2+2=", "chosen": "4", "rejected": "5"}                      strings
+  {"prompt": [messages], "chosen": [assistant messages], "rejected": [...]}  conversational
+  {"chosen": [messages], "rejected": [messages]}   implicit prompt: the shared message prefix
+  {"chosen": "\\n\\nHuman: ... \\n\\nAssistant: A", "rejected": "... Assistant: B"}  HH-style
+Strings render as plain text (BOS? prompt reply EOS, as SFT's prompt_completion), messages with
+the chat template; the trained tokens are SFT's (sft_jax.data.tokenize): the reply and its
+end-of-turn token, never the prompt or the assistant header. (TRL's DPOTrainer also trains what
+the template writes after the end-of-turn token, e.g. Qwen's "\\n": not followed.)
+
+Pair k of the data is documents 2k (chosen) and 2k + 1 (rejected); a row holds whole pairs, so
+that in a batch pair j of a row is segments 2j - 1 and 2j (what sft_jax.preference reads):
+
+  row   = [P C C <eot>][P R <eot>][pad]     segment_ids = [1 1 1 1 2 2 2 0]
+A pair whose two documents do not fit in one row (config.data.max_length) is dropped and counted
+("pair_too_long"). Bad pairs (identical replies, an empty reply, a prompt that is not a prefix of
+the conversation) stop the run naming file:line, or are counted with skip_bad_examples.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from sft_jax.data import batches, pipeline, records, tokenize
+from sft_jax.data.formats import ROLES, BadExample, Completion, Conversation, _messages
+from sft_jax.data.records import DataError
+
+log = logging.getLogger(__name__)
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def is_preference(value: Any) -> bool:
+    return isinstance(value, dict) and "chosen" in value and "rejected" in value
+
+
+def _shared_prefix(chosen: Any, rejected: Any) -> int:
+    """Length of the common prefix of two strings or two lists."""
+    count = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        count += 1
+    return count
+
+
+def _implicit_text_prompt(chosen: str, rejected: str) -> int:
+    """Where the shared prompt of two full texts ends: after the last HH "Assistant:" of the
+    common prefix (HH-RLHF), else TRL's rule (the common prefix, less a trailing space)."""
+    common = _shared_prefix(chosen, rejected)
+    marker = chosen.rfind(HH_ASSISTANT, 0, common)
+    if marker >= 0:
+        return marker + len(HH_ASSISTANT)
+    return common - 1 if common and chosen[common - 1] == " " else common
+
+
+def _conversational(value: dict[str, Any]) -> tuple[Conversation, Conversation]:
+    chosen = _messages(value["chosen"], "chosen", "role", "content", ROLES)
+    rejected = _messages(value["rejected"], "rejected", "role", "content", ROLES)
+    if "prompt" in value:
+        prompt = _messages(value["prompt"], "prompt", "role", "content", ROLES)
+        sides = []
+        for name, turns in (("chosen", chosen), ("rejected", rejected)):
+            if turns[0]["role"] != "assistant":  # a full conversation: the prompt must lead it
+                if turns[: len(prompt)] != prompt:
+                    raise BadExample(f"the prompt is not a prefix of {name!r}", "prompt_not_prefix")
+                turns = turns[len(prompt) :]
+            sides.append(turns)
+        chosen, rejected = sides
+    else:
+        shared = _shared_prefix(chosen, rejected)
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
+            raise BadExample(
+                f"{name!r} has no assistant reply after the prompt", "empty_completion"
+            )
+    if not prompt:
+        raise BadExample("chosen and rejected share no prompt", "prompt_not_prefix")
+    return (Conversation(prompt + chosen, trained_from=len(prompt)),
+            Conversation(prompt + rejected, trained_from=len(prompt)))  # fmt: skip
+
+
+def normalize_pair(value: Any) -> tuple[Conversation | Completion, Conversation | Completion]:
+    """One preference example -> (chosen, rejected) examples of the SFT tokenizer, or BadExample."""
+    if not is_preference(value):
+        raise BadExample("expected the fields 'chosen' and 'rejected'", "missing_field")
+    if value["chosen"] == value["rejected"]:
+        raise BadExample("'chosen' and 'rejected' are identical", "identical_pair")
+    if isinstance(value["chosen"], list) or isinstance(value.get("prompt"), list):
+        return _conversational(value)
+    for field in ("prompt", "chosen", "rejected"):
+        if field in value and not isinstance(value[field], str):
+            raise BadExample(f"field {field!r} must be a string or a list of messages",
+                             "mistyped_field")  # fmt: skip
+    chosen, rejected = value["chosen"], value["rejected"]
+    prompt = value.get("prompt")
+    if prompt is None:
+        cut = _implicit_text_prompt(chosen, rejected)
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    if not chosen.strip() or not rejected.strip():
+        raise BadExample("an empty reply after the prompt", "empty_completion")
+    return Completion(prompt, chosen), Completion(prompt, rejected)
+
+
+def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> tokenize.Tokenized:
+    """Chosen and rejected documents of every pair (pair k: documents 2k, 2k + 1); bad pairs
+    raise DataError naming their file:line, or are counted when options.skip_bad."""
+    docs, stats = [], tokenize.empty_stats()
+    dropped: collections.Counter[str] = collections.Counter()
+    for record in stream:
+        stats["examples_read"] += 1
+        try:
+            pair = [tokenize.tokenize_example(tokenizer, side, options)[:2]
+                    for side in normalize_pair(record.value)]  # fmt: skip
+            if sum(len(tokens) for tokens, _ in pair) > options.max_length:
+                raise BadExample("chosen and rejected do not fit in one row", "pair_too_long")
+        except BadExample as e:
+            expected = e.reason in (*tokenize.EXPECTED_DROPS, "pair_too_long")
+            if not (expected or options.skip_bad):
+                raise DataError(f"{record.where}: {e}. Fix the pair, or set "
+                                "config.data.skip_bad_examples=True to count and skip such "
+                                "pairs.") from None  # fmt: skip
+            dropped[e.reason] += 1
+            continue
+        except tokenize.TemplateError as e:
+            raise tokenize.TemplateError(f"{record.where}: {e}") from None
+        docs.extend(pair)
+    tokenized = tokenize.from_documents(docs, stats)
+    stats |= {"dropped": dict(sorted(dropped.items())), "examples_kept": len(docs) // 2,
+              "tokens": len(tokenized.tokens),
+              "trainable_tokens": tokenize.trainable_tokens(tokenized)}  # fmt: skip
+    return tokenized
+
+
+class Pairs:
+    """A Tokenized of pair documents seen as pairs: what the row packer packs."""
+
+    def __init__(self, documents: tokenize.Tokenized):
+        self.documents = documents
+
+    def __len__(self) -> int:
+        return len(self.documents) // 2
+
+    def lengths(self) -> np.ndarray:
+        lengths = self.documents.lengths()
+        return lengths[0::2] + lengths[1::2]
+
+
+def documents_of(rows: list[list[int]]) -> list[list[int]]:
+    """Rows of pair indices -> rows of document indices (chosen, rejected, chosen, ...)."""
+    return [[doc for pair in row for doc in (2 * pair, 2 * pair + 1)] for row in rows]
+
+
+class PairTrainBatches(batches.TrainBatches):
+    """TrainBatches whose packing unit is a pair (see the module docstring)."""
+
+    def __init__(self, documents: tokenize.Tokenized, **kwargs: Any):
+        self.documents = documents
+        super().__init__(Pairs(documents), **kwargs)
+
+    def make_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        return batches.make_rows(self.documents, documents_of(rows), self.row_len)
+
+
+def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> tokenize.Tokenized:
+    sources = records.expand_sources(spec, field)
+    options = tokenize.Options("messages", data.train_on, data.max_length, data.skip_bad_examples)
+    bad = pipeline._BadRecords(data.skip_bad_examples)
+    stream = (r for source in sources for r in records.read_records(source, split, bad))
+    tokenized = tokenize_pairs(tokenizer, stream, options)
+    if len(tokenized) == 0:
+        raise DataError(f"{field}={spec!r}: no usable preference pairs in "
+                        f"{tokenized.stats['examples_read']} examples (dropped: "
+                        f"{tokenized.stats['dropped']}).")  # fmt: skip
+    log.info("%s: %s", field, pipeline.summary_line(tokenized.stats))
+    return tokenized
+
+
+def open_pair_data(config: ml_collections.ConfigDict) -> pipeline.DataSource:
+    """The trainer's DataSource of preference pairs (config.data, as for SFT data; no cache)."""
+    data, process = config.data, (jax.process_index(), jax.process_count())
+    tokenizer = pipeline.run_tokenizer(config)
+    train = _load(data.train_files, data.train_split, "config.data.train_files", tokenizer, data)
+    evaluation = None
+    if data.eval_files:
+        evaluation = _load(data.eval_files, data.eval_split, "config.data.eval_files",
+                           tokenizer, data)  # fmt: skip
+    documents = data.max_documents_per_row
+    max_pairs = max(1, documents // 2) if documents else 0  # 0: no limit
+    train_batches = PairTrainBatches(
+        train, global_rows=config.train.global_batch_size, row_len=data.max_length,
+        packing=data.packing, seed=config.train.seed, shuffle=data.shuffle,
+        process_index=process[0], process_count=process[1], max_docs=max_pairs,
+        fingerprint=f"pairs/{data.train_files}/{tokenize.tokenizer_fingerprint(tokenizer)}",
+    )  # fmt: skip
+    pairs_per_row, eval_data, prompts = train_batches.documents_per_row(), [], []
+    if evaluation is not None:
+        rows = batches.eval_rows(Pairs(evaluation), row_len=data.max_length,
+                                 packing=data.packing, max_docs=max_pairs)  # fmt: skip
+        pairs_per_row = max([pairs_per_row, *(len(row) for row in rows)])
+        eval_data = batches.batches_of_rows(evaluation, documents_of(rows),
+                                            config.eval.global_batch_size, data.max_length,
+                                            *process)  # fmt: skip
+        chosen = evaluation.subset(range(0, len(evaluation), 2))
+        count = max(config.eval.generate_examples, config.eval.show_samples)
+        prompts = pipeline.eval_prompts(chosen, count)
+    return pipeline.DataSource(
+        train_batches=train_batches, eval_batches=lambda: eval_data, seq_len=data.max_length,
+        max_segments=2 * pairs_per_row + 1, tokenizer=tokenizer, eval_prompts=prompts,
+    )  # fmt: skip

@@ -1,0 +1,277 @@
+"""Preference objectives (DPO and its variants, SimPO, ORPO) with TRL's definitions and names.
+
+A batch holds preference pairs as documents of its rows: pair k of a row is segment 2k - 1 (the
+chosen reply, with its prompt) and segment 2k (the rejected one), so the two never attend to each
+other (segment ids) and one or several pairs share a row (sft_jax.data.preference builds them).
+`target_mask` marks the completion tokens; a sequence's log-prob is the sum of log p(target) over
+them, computed in chunks (sft_jax.loss.token_logps), never from full float32 logits.
+
+With p = log pi(chosen), q = log pi(rejected) summed over completion tokens, p0, q0 the same
+under the reference, d = (p - p0) - (q - q0), n_c, n_r the completion lengths (TRL 1.16):
+  sigmoid  -(1 - e) log s(b d) - e log s(-b d)        (e = label_smoothing: cDPO; TRL 1.16's
+                                                     "sigmoid" ignores e, which equals e = 0)
+  robust   (-(1 - e) log s(b d) + e log s(-b d)) / (1 - 2 e)
+  hinge    relu(1 - b d)
+  ipo      ((p - p0) / n_c - (q - q0) / n_r - 1 / (2 b))^2
+  simpo    -(1 - e) log s(b m) - e log s(-b m), m = p / n_c - q / n_r - gamma / b (no reference)
+  orpo     -b log s(log odds(p / n_c) - log odds(q / n_r)), log odds(x) = x - log(1 - e^x),
+           plus the NLL of the chosen completion tokens (token mean over the batch)
+rpo_alpha adds rpo_alpha x that NLL to any of them (TRL: loss_type ["sigmoid", "sft"] with
+loss_weights [1, rpo_alpha]; CPOTrainer's cpo_alpha for simpo). Pair losses are means over the
+pairs of the global batch, the NLL a mean over its chosen completion tokens: both are summed per
+micro-batch and divided once, so accumulation and the mesh do not change them.
+Rewards as TRL logs them: b (p - p0) and b (q - q0); b p / n_c and b q / n_r for simpo and orpo,
+whose logps/* are per-token means too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sft_jax.errors import ConfigError
+from sft_jax.lora import adapters_off
+from sft_jax.loss import token_logps
+from sft_jax.models.decoder import CausalLM
+
+Batch = dict[str, jax.Array]
+REFERENCE_FREE = ("simpo", "orpo")
+DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
+LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
+OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE)  # config.train.objective
+
+
+class PairLogps(NamedTuple):
+    """Per pair slot [B, P] of a batch (P pairs a row at most): summed log-probs and lengths."""
+
+    chosen: jax.Array
+    rejected: jax.Array
+    chosen_tokens: jax.Array
+    rejected_tokens: jax.Array
+
+    @property
+    def valid(self) -> jax.Array:
+        """Slots that hold a pair (rows may hold fewer than P; padding rows none)."""
+        return (self.chosen_tokens > 0) & (self.rejected_tokens > 0)
+
+
+def pair_logps(logps_BxT: jax.Array, batch: Batch, max_pairs: int) -> PairLogps:
+    """Sums of log p over the completion tokens of each pair's chosen and rejected segment."""
+    segments = jnp.arange(1, 2 * max_pairs + 1, dtype=batch["segment_ids"].dtype)
+    one_hot_BxTxS = batch["segment_ids"][..., None] == segments[None, None, :]
+    weights_BxTxS = (one_hot_BxTxS & batch["target_mask"][..., None]).astype(jnp.float32)
+    logps_BxS = jnp.einsum("bt,bts->bs", jnp.where(batch["target_mask"], logps_BxT, 0.0),
+                           weights_BxTxS)  # fmt: skip
+    tokens_BxS = jnp.sum(weights_BxTxS, axis=1)
+    return PairLogps(logps_BxS[:, 0::2], logps_BxS[:, 1::2], tokens_BxS[:, 0::2],
+                     tokens_BxS[:, 1::2])  # fmt: skip
+
+
+def chosen_token_mask(batch: Batch) -> jax.Array:
+    """Completion tokens [B, T] of chosen replies (odd segments)."""
+    return batch["target_mask"] & (batch["segment_ids"] % 2 == 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSpec:
+    """config.preference: the loss and its constants (TRL's names)."""
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen replies' NLL in the loss (ORPO's SFT term is 1)."""
+        return self.rpo_alpha + (1.0 if self.loss_type == "orpo" else 0.0)
+
+
+def _smoothed_sigmoid(logits: jax.Array, beta: float, smoothing: float) -> jax.Array:
+    return -(1 - smoothing) * jax.nn.log_sigmoid(beta * logits) - smoothing * jax.nn.log_sigmoid(
+        -beta * logits
+    )
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - e^x) for x < 0, accurate at both ends."""
+    return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+class PairTerms(NamedTuple):
+    """Per pair: the loss, the rewards TRL logs, and the log-probs it logs as logps/*."""
+
+    loss: jax.Array
+    chosen_rewards: jax.Array
+    rejected_rewards: jax.Array
+    chosen_logps: jax.Array
+    rejected_logps: jax.Array
+
+
+def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | None) -> PairTerms:
+    """The loss of each pair slot (see the module docstring); slots without a pair give finite
+    values, which the caller weights by 0."""
+    beta, smoothing = spec.beta, spec.label_smoothing
+    chosen_len = jnp.maximum(policy.chosen_tokens, 1.0)
+    rejected_len = jnp.maximum(policy.rejected_tokens, 1.0)
+    if spec.loss_type in REFERENCE_FREE:
+        chosen, rejected = policy.chosen / chosen_len, policy.rejected / rejected_len
+        if spec.loss_type == "simpo":
+            loss = _smoothed_sigmoid(chosen - rejected - spec.simpo_gamma / beta, beta, smoothing)
+        else:  # orpo; padding slots (0 / 1) would give log(0)
+            chosen_safe = jnp.minimum(chosen, -1e-6)
+            rejected_safe = jnp.minimum(rejected, -1e-6)
+            log_odds = (chosen_safe - rejected_safe) - (
+                _log1mexp(chosen_safe) - _log1mexp(rejected_safe)
+            )
+            loss = -beta * jax.nn.log_sigmoid(log_odds)
+        return PairTerms(loss, beta * chosen, beta * rejected, chosen, rejected)
+    chosen_ratio = policy.chosen - reference.chosen
+    rejected_ratio = policy.rejected - reference.rejected
+    delta = chosen_ratio - rejected_ratio
+    if spec.loss_type == "sigmoid":
+        loss = _smoothed_sigmoid(delta, beta, smoothing)
+    elif spec.loss_type == "robust":
+        loss = (
+            -(1 - smoothing) * jax.nn.log_sigmoid(beta * delta)
+            + smoothing * jax.nn.log_sigmoid(-beta * delta)
+        ) / (1 - 2 * smoothing)
+    elif spec.loss_type == "hinge":
+        loss = jax.nn.relu(1 - beta * delta)
+    else:  # ipo, length-normalised as TRL
+        loss = jnp.square(chosen_ratio / chosen_len - rejected_ratio / rejected_len - 0.5 / beta)
+    return PairTerms(
+        loss, beta * chosen_ratio, beta * rejected_ratio, policy.chosen, policy.rejected
+    )
+
+
+class PreferenceSums(NamedTuple):
+    """Sums over the pairs (and chosen completion tokens) of a batch; additive."""
+
+    loss: jax.Array  # sum over pairs of the pair loss
+    chosen_nll: jax.Array  # sum of -log p over chosen completion tokens
+    pairs: jax.Array
+    chosen_tokens: jax.Array
+    rewards_chosen: jax.Array
+    rewards_rejected: jax.Array
+    accuracies: jax.Array  # pairs whose chosen reward beats the rejected one
+    margins: jax.Array
+    logps_chosen: jax.Array
+    logps_rejected: jax.Array
+
+
+class PairCount(NamedTuple):
+    """What the sums are divided by, over the whole global batch."""
+
+    pairs: jax.Array
+    chosen_tokens: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PairObjective:
+    """A preference loss as a step.Objective (the train step is SFT's, unchanged).
+
+    reference: "adapters_off" (LoRA / QLoRA: the same weights with every adapter scaled to 0,
+    under stop_gradient: no second copy of the model) or "none" (SimPO, ORPO).
+    max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs).
+    """
+
+    spec: PreferenceSpec
+    reference: str = "adapters_off"
+    max_pairs: int = 1
+    loss_chunk_size: int = 512
+
+    def policy_and_reference(
+        self, model: CausalLM, batch: Batch, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array, PairLogps, PairLogps | None]:
+        """(per-token log-probs, pair log-probs under the policy, and under the reference)."""
+        logps_BxT = token_logps(model, batch, self.loss_chunk_size, dropout_key)
+        policy = pair_logps(logps_BxT, batch, self.max_pairs)
+        if self.reference == "none":
+            return logps_BxT, policy, None
+        with adapters_off(model):
+            reference_BxT = jax.lax.stop_gradient(token_logps(model, batch, self.loss_chunk_size))
+        return logps_BxT, policy, pair_logps(reference_BxT, batch, self.max_pairs)
+
+    def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> PreferenceSums:
+        logps_BxT, policy, reference = self.policy_and_reference(model, batch, dropout_key)
+        terms = pair_terms(self.spec, policy, reference)
+        valid = policy.valid.astype(jnp.float32)
+        chosen_mask = chosen_token_mask(batch)
+
+        def total(x: jax.Array) -> jax.Array:
+            return jnp.sum(jnp.where(valid > 0, x, 0.0))
+
+        wins = (terms.chosen_rewards > terms.rejected_rewards).astype(jnp.float32)
+        return PreferenceSums(
+            loss=total(terms.loss),
+            chosen_nll=-jnp.sum(jnp.where(chosen_mask, logps_BxT, 0.0)),
+            pairs=jnp.sum(valid),
+            chosen_tokens=jnp.sum(chosen_mask.astype(jnp.float32)),
+            rewards_chosen=total(terms.chosen_rewards),
+            rewards_rejected=total(terms.rejected_rewards),
+            accuracies=total(wins),
+            margins=total(terms.chosen_rewards - terms.rejected_rewards),
+            logps_chosen=total(terms.chosen_logps),
+            logps_rejected=total(terms.rejected_logps),
+        )
+
+    def normalizer(self, batch: Batch) -> PairCount:
+        ones = jnp.ones(batch["target_mask"].shape, jnp.float32)
+        slots = pair_logps(ones, batch, self.max_pairs)
+        chosen = jnp.sum(chosen_token_mask(batch).astype(jnp.float32))
+        return PairCount(
+            jnp.maximum(jnp.sum(slots.valid.astype(jnp.float32)), 1.0), jnp.maximum(chosen, 1.0)
+        )
+
+    def loss(self, sums: PreferenceSums, normalizer: PairCount) -> jax.Array:
+        loss = sums.loss / normalizer.pairs
+        if self.spec.nll_weight:
+            loss = loss + self.spec.nll_weight * sums.chosen_nll / normalizer.chosen_tokens
+        return loss
+
+    def eval_metrics(self, sums: PreferenceSums) -> dict[str, float]:
+        """Over the whole eval set (its sums added up): the metrics, as "eval/..."."""
+        if float(sums.pairs) == 0:
+            raise ConfigError(
+                "the eval set holds no preference pairs: check config.data.eval_files."
+            )
+        count = PairCount(sums.pairs, jnp.maximum(sums.chosen_tokens, 1.0))
+        return {k: float(v) for k, v in self.metrics(sums, count, prefix="eval").items()}
+
+    def metrics(self, sums: PreferenceSums, normalizer: PairCount, prefix: str = "train"):
+        """TRL's names: means over the pairs of the batch."""
+        per_pair = {
+            "rewards/chosen": sums.rewards_chosen,
+            "rewards/rejected": sums.rewards_rejected,
+            "rewards/accuracies": sums.accuracies,
+            "rewards/margins": sums.margins,
+            "logps/chosen": sums.logps_chosen,
+            "logps/rejected": sums.logps_rejected,
+        }
+        metrics = {f"{prefix}/{k}": v / normalizer.pairs for k, v in per_pair.items()}
+        return metrics | {
+            f"{prefix}/loss": self.loss(sums, normalizer),
+            f"{prefix}/nll": sums.chosen_nll / normalizer.chosen_tokens,
+            f"{prefix}/pairs": sums.pairs,
+        }
+
+
+def objective_from_config(config: ml_collections.ConfigDict, max_segments: int) -> PairObjective:
+    """The PairObjective of config.train.objective ("dpo", "simpo", "orpo") and
+    config.preference (checked by config_check); rows hold (max_segments - 1) // 2 pairs."""
+    pref, objective = config.preference, config.train.objective
+    spec = PreferenceSpec(
+        loss_type=pref.loss_type if objective == "dpo" else objective, beta=pref.beta,
+        label_smoothing=pref.label_smoothing, simpo_gamma=pref.simpo_gamma,
+        rpo_alpha=pref.rpo_alpha,
+    )  # fmt: skip
+    return PairObjective(
+        spec, reference="adapters_off" if objective == "dpo" else "none",
+        max_pairs=max(1, (max_segments - 1) // 2), loss_chunk_size=config.train.loss_chunk_size,
+    )  # fmt: skip
