@@ -170,4 +170,4 @@ def _reasoning_end(reply: str, reasoning: str) -> int:
 
 def _common(a: str, b: str) -> str:
     """The longest common prefix of two strings."""
-    return os.path.commonprefix([a, b])
+    return os.path.commonprefix([a, b])  # noqa: RUF071 (characters, not path parts)
