@@ -361,7 +361,8 @@ def test_lora_dpo_step_holds_no_second_copy_of_the_weights(tiny):
     assert dpo.temporaries - sft.temporaries < frozen_bytes
 
 
-def _train_pairs(model, objective, mesh, trainable, accumulation: int = 1, steps: int = 2):
+def _train_pairs(model, objective, mesh, trainable, accumulation: int = 1, steps: int = 3):
+    # 3 steps: the test schedule warms up over 2, so the first update has learning rate 0.
     tx, schedule = make_optimizer(train_config(learning_rate=3e-2, weight_decay=0.0))
     state, shardings = init_state(model, tx, mesh, trainable)
     compiled = build_steps(
@@ -379,7 +380,7 @@ def _train_pairs(model, objective, mesh, trainable, accumulation: int = 1, steps
 
 @pytest.mark.parametrize("case, lora", [("sigmoid", True), ("orpo", False)])
 def test_preference_steps_on_a_mesh_and_accumulated_equal_one_device(tiny, case, lora):
-    """DPO (LoRA, reference = adapters off) and ORPO (every parameter): 2 updates on 8 devices
+    """DPO (LoRA, reference = adapters off) and ORPO (every parameter): 3 updates on 8 devices
     (data x fsdp x tensor = 2 x 2 x 2, vocabulary split) and with 2 micro-batches give the
     losses and metrics of one device and one batch."""
     path = tiny[0]
