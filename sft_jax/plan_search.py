@@ -28,7 +28,7 @@ from sft_jax.errors import ConfigError
 from sft_jax.hlo_stats import COLLECTIVES, INVOLUNTARY, collective_bytes, compiler_log
 from sft_jax.lora import LoRASpec, trainable_filter
 from sft_jax.memory_plan import StepMemory
-from sft_jax.metrics import training_flops_per_token
+from sft_jax.metrics import peak_flops_per_device, training_flops_per_token
 from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.config import DTYPES, from_hf_config
 from sft_jax.models.decoder import decoder_linears, use_attention
@@ -394,3 +394,32 @@ def apply_choice(config: ml_collections.ConfigDict, choice: Candidate) -> ml_col
         config.train.gradient_accumulation_steps = choice.accumulation
         config.model.remat = choice.remat
     return config
+
+
+DEFAULT_INTERCONNECT = 100e9  # bytes/s per device where config.mesh.auto must assume one
+
+
+def auto_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
+    """config.mesh.auto: (the config with the planner's recommended mesh, micro-batches and
+    remat policy for this job's devices, why). Every process compiles the same candidates
+    against the same (least) device memory, so all choose alike."""
+    peak = peak_flops_per_device(config.log.peak_tflops_per_device) or 989e12
+    limit = memory_plan.device_bytes_limit()
+    hardware = Hardware(limit, peak, DEFAULT_INTERCONNECT)
+    estimates, best = plan(config, jax.devices(), hardware)
+    room = f"{limit / 2**30:.1f} GiB" if limit else "memory of unknown size"
+    why = (
+        f"config.mesh.auto: the planner's pick of {len(estimates)} compiled candidates, the "
+        f"fastest roofline step ({1e3 * best.step_seconds:.3g} ms) that fits {room} per device "
+        f"({best.memory_bytes / 2**30:.2f} GiB) without involuntary rematerialization; "
+        f"{best.candidate.accumulation} micro-batches, remat {best.candidate.remat}"
+    )
+    return apply_choice(config, best.candidate), why
+
+
+def mesh_summary(mesh: Mesh) -> str:
+    """'data=2 fsdp=2 tensor=2: 8 cpu devices in 1 process'."""
+    axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    kind = mesh.devices.flat[0].platform
+    processes = len({d.process_index for d in mesh.devices.flat})
+    return f"{axes}: {mesh.size} {kind} devices in {processes} process{'es' * (processes > 1)}"

@@ -3,6 +3,7 @@ counts collectives as the textbook does, recommends a clean mesh, refuses clearl
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -12,10 +13,12 @@ from pathlib import Path
 import jax
 import pytest
 import transformers
-from hf_models import hf_config
+from hf_models import hf_config, save_hf_model
+from test_step import SEQ_LEN
+from test_trainer import base_config, synthetic_source
 
 from configs import base
-from sft_jax import hlo_stats, plan_search
+from sft_jax import hlo_stats, plan_search, trainer
 from sft_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,3 +172,55 @@ ENTRY %main (a: f32[2]) -> f32[] {
     assert wire["all-gather"] == pytest.approx(3 * 128 * 3 / 4)  # groups of 4
     assert buffer["all-reduce"] == 16 * 4 + 16 * 2
     assert buffer["reduce-scatter"] == 2 * 4 * 4  # its input: the result times the group
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("llama_weights")
+    save_hf_model("llama3.1", out)
+    return out
+
+
+def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
+    weights_dir, tmp_path, monkeypatch, caplog
+):
+    """With config.mesh.auto the run trains on the mesh the planner recommends (here of two
+    candidate meshes, one of which makes XLA warn), and its first log line names the mesh."""
+    monkeypatch.setattr(plan_search, "factorizations", lambda devices: [(2, 2, 2), (1, 8, 1)])
+    config = base_config(weights_dir, steps=1)
+    config.data.max_length = SEQ_LEN
+    config.eval.at_start, config.eval.every_steps = False, 0
+    hardware = plan_search.Hardware(None, 989e12, plan_search.DEFAULT_INTERCONNECT)
+    _, expected = plan_search.plan(config, jax.devices(), hardware)
+    config.mesh.auto = True
+    with caplog.at_level(logging.INFO, logger="sft_jax"):
+        trainer.run(config, tmp_path, data_factory=lambda _: synthetic_source())
+    first = next(r.getMessage() for r in caplog.records if r.name.startswith("sft_jax"))
+    c = expected.candidate
+    assert first.startswith(
+        f"mesh: data={c.data} fsdp={c.fsdp} tensor={c.tensor}: 8 cpu devices in 1 process; "
+        "config.mesh.auto: the planner's pick"
+    ), first
+    assert (c.data, c.fsdp, c.tensor) == (1, 8, 1)  # 2x2x2 warns of involuntary remats
+
+    caplog.clear()
+    config.mesh.auto = False
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    with caplog.at_level(logging.INFO, logger="sft_jax"):
+        trainer.run(config, tmp_path / "fixed", data_factory=lambda _: synthetic_source())
+    first = next(r.getMessage() for r in caplog.records if r.name.startswith("sft_jax"))
+    assert (
+        first == "mesh: data=2 fsdp=4 tensor=1: 8 cpu devices in 1 process; as configured "
+        "(config.mesh)"
+    )
+
+
+def test_mesh_fields_are_checked_before_a_mesh_is_built(llama_dir):
+    from sft_jax.config_check import check_mesh
+
+    config = config_for(llama_dir)
+    config.mesh.auto = True
+    check_mesh(config)  # auto with the default axes: fine
+    config.mesh.data, config.mesh.fsdp = -1, -1
+    with pytest.raises(ConfigError, match=r"config.mesh.data=-1: .*at most one -1.*mesh.auto=True"):
+        check_mesh(config)
