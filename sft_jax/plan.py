@@ -53,6 +53,17 @@ flags.mark_flags_as_required(["config"])
 cli.define_debug_flag()
 
 
+LEGEND = """\
+GiB/dev: XLA's memory plan per device (state, batch, temporaries); fits: within 95% of
+--device_memory. TFLOP xla: XLA's cost analysis per device per step (it counts a loop body, such
+as each micro-batch of gradient accumulation, once); model: 6 x matmul weights + attention per
+token (sft_jax.metrics), per device. AG/RS/AR/A2A/CP GiB: the full buffers of all-gathers,
+reduce-scatters, all-reduces, all-to-alls and collective-permutes per device per step, read from
+the compiled HLO (loops times their trips). compute ms: max(xla, model) at --peak_tflops; comm
+ms: ring-algorithm bytes each device sends at --interconnect_gbps; step ms: the larger of the two
+(full overlap assumed). inv.remat: XLA's 'Involuntary full rematerialization' warnings."""
+
+
 def parse_bytes(text: str) -> int | None:
     """'80GB' (10^9), '16GiB' (2^30), '512MB', '' -> None."""
     if not text:
@@ -90,6 +101,7 @@ def _plan() -> None:
         report=lambda e: print(f"  compiled {e.candidate}", flush=True),
     )  # fmt: skip
     print(plan_search.table(estimates))
+    print(LEGEND)
     print(f"recommended: mesh {best.candidate.mesh}, {best.candidate.accumulation} "
           f"micro-batches, remat {best.candidate.remat}: {best.memory_bytes / 2**30:.2f} GiB per "
           f"device, {1e3 * best.step_seconds:.3g} ms per step (roofline)")  # fmt: skip
