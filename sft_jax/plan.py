@@ -103,7 +103,7 @@ def _plan() -> None:
     print(plan_search.table(estimates))
     print(LEGEND)
     print(f"recommended: mesh {best.candidate.mesh}, {best.candidate.accumulation} "
-          f"micro-batches, remat {best.candidate.remat}: {best.memory_bytes / 2**30:.2f} GiB per "
+          f"micro-batches, remat {best.candidate.remat}: {plan_search.size(best.memory_bytes)} per "
           f"device, {1e3 * best.step_seconds:.3g} ms per step (roofline)")  # fmt: skip
     print(f"flags: {best.candidate.flags()}")
 

@@ -127,9 +127,9 @@ def parse_mesh(text: str, devices: int) -> tuple[int, int, int]:
     if math.prod(sizes) != devices:
         options = ", ".join(f"{d}x{f}x{t}" for d, f, t in factorizations(devices)[:8])
         raise ConfigError(
-            f"mesh {text!r} needs {math.prod(s for s in sizes if s != -1)} devices per group, "
-            f"which {devices} devices cannot be split into; meshes of {devices} devices "
-            f"include {options}."
+            f"mesh {text!r}: {devices} devices cannot be split into data x fsdp x tensor = "
+            f"{' x '.join(str(s) for s in sizes)}; meshes of {devices} devices include "
+            f"{options}."
         )
     return sizes[0], sizes[1], sizes[2]
 
@@ -314,12 +314,20 @@ def recommend(estimates: Sequence[Estimate]) -> Estimate:
     closest = sorted(estimates, key=lambda e: e.memory_bytes)[:3]
     limit = estimates[0].hardware.memory_bytes if estimates else None
     what = "; ".join(_needs(e) for e in closest)
-    room = f"{memory_plan.FIT_FRACTION * limit / 2**30:.2f} GiB" if limit else "the device"
+    room = size(memory_plan.FIT_FRACTION * limit) if limit else "the device"
     raise ConfigError(
         f"no candidate fits {room} per device (95% of --device_memory) without involuntary "
         f"rematerialization. The closest: {what or 'none compiled'}. "
         f"{memory_plan.lower_it('auto')}"
     )
+
+
+def size(count: float) -> str:
+    """Bytes in the largest binary unit that keeps a digit before the point."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count:.0f} B"
 
 
 def _needs(e: Estimate) -> str:
@@ -329,7 +337,7 @@ def _needs(e: Estimate) -> str:
     )
     return (
         f"mesh {c.mesh}, {c.accumulation} micro-batches, remat {c.remat}: "
-        f"{e.memory_bytes / 2**30:.2f} GiB per device{warned}"
+        f"{size(e.memory_bytes)} per device{warned}"
     )
 
 
@@ -411,7 +419,7 @@ def auto_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Confi
     why = (
         f"config.mesh.auto: the planner's pick of {len(estimates)} compiled candidates, the "
         f"fastest roofline step ({1e3 * best.step_seconds:.3g} ms) that fits {room} per device "
-        f"({best.memory_bytes / 2**30:.2f} GiB) without involuntary rematerialization; "
+        f"({size(best.memory_bytes)}) without involuntary rematerialization; "
         f"{best.candidate.accumulation} micro-batches, remat {best.candidate.remat}"
     )
     return apply_choice(config, best.candidate), why
