@@ -228,6 +228,11 @@ def get_config() -> ml_collections.ConfigDict:
     # num_experts / expert of them; elsewhere one more data-parallel axis. Divides num_experts.
     config.mesh.expert = 1
     config.mesh.tensor = 1  # tensor parallelism inside layers (heads, MLP width, vocab)
+    # True: the pre-flight planner (python -m sft_jax.plan) compiles candidate meshes, micro-batch
+    # counts and remat policies before the run and it takes its recommendation: data, fsdp and
+    # tensor above and train.gradient_accumulation_steps are then ignored, and model.remat only
+    # where it is "auto" (else the planner keeps the policy named). The log says what it chose.
+    config.mesh.auto = False
 
     # ---------------------------------------------------------------- log
     config.log = ml_collections.ConfigDict()

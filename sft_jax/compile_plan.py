@@ -238,14 +238,10 @@ def build_steps(
     # Traced under the mesh: the loss (sft_jax.loss) and the fused attention kernels run per
     # shard, in shard_map over it.
     with jax.set_mesh(mesh):
-        train = jax.jit(
-            functools.partial(step.train_step, spec),
-            in_shardings=(state_shardings, frozen_shardings, batches),
-            out_shardings=(state_shardings, replicated),
-            donate_argnums=(0,),
-        )
-        train_batch = sharding.abstract_batch(train_rows, seq_len, mesh)
-        train = train.lower(abstract_state, abstract_frozen, train_batch).compile()
+        train = lower_train_step(
+            spec, mesh, (abstract_state, state_shardings), (abstract_frozen, frozen_shardings),
+            rows=train_rows, seq_len=seq_len,
+        ).compile()  # fmt: skip
         evaluate = jax.jit(
             functools.partial(step.eval_step, spec),
             in_shardings=(state_shardings["params"], frozen_shardings, batches),
@@ -264,6 +260,30 @@ def build_steps(
         objective=objective,
         train_memory=StepMemory.of(train),
     )
+
+
+def lower_train_step(
+    spec: StepSpec,
+    mesh: Mesh,
+    state: tuple[Any, Any],
+    frozen: tuple[Any, Any],
+    *,
+    rows: int,
+    seq_len: int,
+) -> Any:
+    """step.train_step jitted with explicit shardings (state donated) and lowered for abstract
+    (state, frozen) = (ShapeDtypeStructs, shardings) pairs and a batch of rows x seq_len; call
+    under jax.set_mesh(mesh). Weights never need to exist: sft_jax.plan_search compiles it from
+    an abstract model."""
+    (abstract_state, state_shardings), (abstract_frozen, frozen_shardings) = state, frozen
+    train = jax.jit(
+        functools.partial(step.train_step, spec),
+        in_shardings=(state_shardings, frozen_shardings, sharding.batch_shardings(mesh)),
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=(0,),
+    )
+    batch = sharding.abstract_batch(rows, seq_len, mesh)
+    return train.lower(abstract_state, abstract_frozen, batch)
 
 
 # --- Remat and the attention fall-back ---------------------------------------------------

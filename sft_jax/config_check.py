@@ -87,6 +87,16 @@ def _need(config: Any, ok: bool, field: str, problem: str) -> None:
         raise ConfigError(f"config.{field}={_get(config, field)!r}: {problem}")
 
 
+def check_mesh(config: Any) -> None:
+    """config.mesh before a mesh is built from it (the planner's fields included)."""
+    mesh = config.mesh
+    _need(config, isinstance(mesh.get("auto", False), bool), "mesh.auto", "expected True or False.")
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    _need(config, all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh.data",
+          f"data, fsdp, tensor = {sizes}: positive sizes, at most one -1 (the rest of the "
+          "devices); or config.mesh.auto=True to let the planner choose.")  # fmt: skip
+
+
 def _check_train(config: Any) -> None:
     train = config.train
     _need(config, train.steps > 0, "train.steps", "train for at least one step.")

@@ -18,9 +18,9 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from sft_jax import compile_plan, distributed, rundir, sharding
+from sft_jax import compile_plan, distributed, plan_search, rundir, sharding
 from sft_jax.checkpointing import ADAPTER_FIELDS, Checkpoints, config_changes, model_summary
-from sft_jax.config_check import check_values
+from sft_jax.config_check import check_mesh, check_values
 from sft_jax.data import DataSource
 from sft_jax.errors import ConfigError, TrainingDivergedError
 from sft_jax.evaluation import EarlyStopping, eval_message, evaluate, final_report
@@ -276,7 +276,12 @@ def run(
     """Everything main.py does after parsing flags."""
     workdir = Path(workdir)
     distributed.initialize(config.distributed)
+    check_mesh(config)
+    why = "as configured (config.mesh)"
+    if config.mesh.get("auto", False):
+        config, why = plan_search.auto_config(config)
     mesh = sharding.mesh_for(config)
+    log.info("mesh: %s; %s", plan_search.mesh_summary(mesh), why)
     check_values(config, mesh.size, sharding.batch_shards(mesh))
     with rundir.lock(workdir):
         return _run_locked(config, workdir, mesh, data_factory)

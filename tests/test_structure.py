@@ -35,6 +35,7 @@ LAYERS = {
     "sft_jax.compile_plan": 5,
     "sft_jax.config_check": 5,
     "sft_jax.distributed": 5,
+    "sft_jax.hlo_stats": 5,
     "sft_jax.checkpointing": 6,
     "sft_jax.signals": 6,
     "sft_jax.rundir": 6,
@@ -43,7 +44,9 @@ LAYERS = {
     "sft_jax.evaluation": 6,
     "sft_jax.export": 6,
     "sft_jax.trainer": 6,
+    "sft_jax.plan_search": 6,
     "sft_jax.chat": 7,
+    "sft_jax.plan": 7,
     "sft_jax.data.inspect": 7,
 }
 

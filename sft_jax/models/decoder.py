@@ -25,6 +25,7 @@ from sft_jax.models.config import ModelConfig
 from sft_jax.models.kernels import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
+from sft_jax.models.partitioning import logical_to_spec
 
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
 # layer), or only matmul outputs (recompute the cheap elementwise work).
@@ -216,7 +217,18 @@ class CausalLM(nnx.Module):
 
     def _embed(self, input_ids_BxT: jax.Array) -> jax.Array:
         embed_VxD = self.embed[...]
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty:
+            # Gather the table's embed shards first (as FSDP does for every weight) and lay the
+            # looked-up rows out like the batch: the partitioner cannot turn a table split over
+            # fsdp into rows split over fsdp without replicating it ("involuntary full
+            # rematerialization") on meshes that also split the vocabulary (tensor > 1).
+            table = logical_to_spec(("vocab", None), embed_VxD.shape, mesh)
+            embed_VxD = jax.lax.with_sharding_constraint(embed_VxD, table)
         x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0)
+        if not mesh.empty:
+            rows = logical_to_spec(("batch", None, None), x_BxTxD.shape, mesh)
+            x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, rows)
         if self.config.embed_scale:
             # transformers rounds sqrt(D) to the weight dtype before multiplying.
             x_BxTxD = x_BxTxD * jnp.asarray(np.sqrt(self.config.hidden_size), embed_VxD.dtype)
