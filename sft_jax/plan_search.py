@@ -426,7 +426,7 @@ def auto_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Confi
 
 
 def mesh_summary(mesh: Mesh) -> str:
-    """'data=2 fsdp=2 tensor=2: 8 cpu devices in 1 process'."""
+    """'data=2 fsdp=2 expert=1 tensor=2: 8 cpu devices in 1 process'."""
     axes = " ".join(f"{name}={size}" for name, size in mesh.shape.items())
     kind = mesh.devices.flat[0].platform
     processes = len({d.process_index for d in mesh.devices.flat})
