@@ -66,6 +66,20 @@ WORDS = (
 )
 
 
+def word_level(vocabulary: list[str], specials: list[str]) -> tokenizers.Tokenizer:
+    """A WordLevel tokenizer over these pieces (split as _PIECES splits text) and specials."""
+    vocab = {"<unk>": 0, "<pad>": 1}
+    for piece in vocabulary:
+        vocab.setdefault(piece, len(vocab))
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+        tokenizers.Regex(_PIECES), behavior="isolated"
+    )
+    backend.decoder = tokenizers.decoders.Fuse()
+    backend.add_special_tokens(specials)
+    return backend
+
+
 def pieces(text: str) -> list[str]:
     return re.findall(_PIECES, text)
 
@@ -79,15 +93,7 @@ def make_tokenizer(
     Llama's and Gemma's do, which the chat path must not double.
     """
     specials, bos, eos, chat_template = STYLES[style]
-    vocab = {"<unk>": 0, "<pad>": 1}
-    for piece in [*pieces(corpus), " ", "\n", "\n\n", "  "]:
-        vocab.setdefault(piece, len(vocab))
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(
-        tokenizers.Regex(_PIECES), behavior="isolated"
-    )
-    backend.decoder = tokenizers.decoders.Fuse()
-    backend.add_special_tokens(specials)
+    backend = word_level([*pieces(corpus), " ", "\n", "\n\n", "  "], specials)
     if bos and add_bos:
         backend.post_processor = tokenizers.processors.TemplateProcessing(
             single=f"{bos} $A", special_tokens=[(bos, backend.token_to_id(bos))]
@@ -171,15 +177,7 @@ def real_template_tokenizer(name: str, corpus: str) -> transformers.PreTrainedTo
     """A WordLevel tokenizer over `corpus`'s pieces with the real template `name` and its
     model's special tokens (render the test conversations once to get the corpus)."""
     specials, bos, eos = REAL_TEMPLATES[name]
-    vocab = {"<unk>": 0, "<pad>": 1}
-    for piece in pieces(corpus + WORDS):
-        vocab.setdefault(piece, len(vocab))
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(
-        tokenizers.Regex(_PIECES), behavior="isolated"
-    )
-    backend.decoder = tokenizers.decoders.Fuse()
-    backend.add_special_tokens(specials)
+    backend = word_level(pieces(corpus + WORDS), specials)
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token="<pad>",
         unk_token="<unk>", additional_special_tokens=[s for s in specials if s not in (bos, eos)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -161,3 +162,15 @@ def hf_logits(
         ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
         mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
         return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+
+
+def save_tiny_llama(path: Path, tokenizer: Any) -> None:
+    """A tiny random Llama whose vocabulary fits `tokenizer`, saved with it in `path`."""
+    tokenizer.save_pretrained(path)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import hf_logits
+from hf_models import hf_logits, save_tiny_llama
 from test_chat_templates import THINK_CHAT, TOOL_CHAT, build
 from test_trainer import base_config
 
@@ -91,14 +91,7 @@ def reference_loss(model_dir, tokenizer, rows: list[dict]) -> tuple[float, int]:
 def qwen3_chat_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("qwen3_chat")
     tokenizer = build(QWEN3, examples())
-    tokenizer.save_pretrained(path)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    save_tiny_llama(path, tokenizer)
     return path, tokenizer
 
 

@@ -334,19 +334,11 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(model_dir,
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
     """A tiny Llama whose vocabulary fits a locally built ChatML tokenizer, saved with it."""
-    import transformers
     from chat_tokenizers import make_tokenizer
+    from hf_models import save_tiny_llama
 
     path = tmp_path_factory.mktemp("chat_llama")
-    tokenizer = make_tokenizer("chatml")
-    tokenizer.save_pretrained(path)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    save_tiny_llama(path, make_tokenizer("chatml"))
     return path
 
 
