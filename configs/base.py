@@ -153,7 +153,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Seed of parameter initialization and of data order.
     config.train.seed = 0
     # What the step optimizes: "sft" (cross-entropy on the trained tokens), or on preference
-    # pairs (config.preference; data with chosen/rejected fields): "dpo", "simpo" or "orpo".
+    # pairs (config.preference; data with chosen/rejected fields): "dpo", "simpo" or "orpo";
+    # or "reward": a reward model (a scalar score head, Bradley-Terry loss) on the same pairs.
     config.train.objective = "sft"
 
     # ---------------------------------------------------------------- preference
@@ -173,6 +174,9 @@ def get_config() -> ml_collections.ConfigDict:
     # DPO's reference model: "auto" = "adapters_off" (LoRA / QLoRA: the same weights with the
     # adapters switched off, no second copy in memory); full fine-tuning has none yet.
     config.preference.reference = "auto"
+    # Reward models: weight of mean (r_chosen + r_rejected)^2 in the loss, which keeps rewards
+    # centred on 0 (TRL's center_rewards_coefficient; 0 = off).
+    config.preference.center_rewards_coefficient = 0.0
 
     # ---------------------------------------------------------------- eval
     config.eval = ml_collections.ConfigDict()

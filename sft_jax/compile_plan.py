@@ -24,13 +24,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sft_jax import memory_plan, preference, sharding, step
+from sft_jax import memory_plan, preference, reward, sharding, step
 from sft_jax.errors import ConfigError, check_choice
 from sft_jax.memory_plan import StepMemory
 from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.kernels import ATTENTION_KINDS, SPLASH_BLOCKS, SPLASH_INTERPRET
 from sft_jax.models.kernels import packed_cudnn_supported as _packed_cudnn_supported
+from sft_jax.models.score_head import reward_pad_id
 from sft_jax.optim import make_optimizer
 from sft_jax.step import StepOptions, StepSpec
 
@@ -203,6 +204,26 @@ def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
         "router_aux_loss_coef": model_config.router_aux_loss_coef if coef == -1 else coef,
         "router_z_loss_weight": train.router_z_loss_weight,
     }
+
+
+def objective_for(
+    config: ml_collections.ConfigDict, model: ModelConfig, max_segments: int,
+    pad_token_id: int | None,
+) -> step.Objective | None:  # fmt: skip
+    """config.train.objective's objective; None for SFT (StepOptions.objective: cross-entropy,
+    with the router's losses on a mixture of experts)."""
+    objective, train = config.train.get("objective", "sft"), config.train
+    if objective == "sft":
+        return None
+    if objective == "reward":
+        aux_loss_coef = moe_options(train, model).get("router_aux_loss_coef", 0.0)
+        chosen = reward.objective_from_config(
+            config, max_segments or 3, reward_pad_id(pad_token_id, model.hf_config), aux_loss_coef
+        )
+    else:
+        chosen = preference.objective_from_config(config, max_segments or 3)
+    log.info("objective: %s, %s", objective, chosen)
+    return chosen
 
 
 def build_steps(
@@ -385,10 +406,12 @@ def plan_run(
     seq_len: int,
     max_segments: int = 0,
     trainable: Any = nnx.Param,
+    pad_token_id: int | None = None,
 ) -> Plan:
     """Chooses the attention kernel and remat policy, compiles the steps, checks the memory.
 
-    max_segments: most segments in a row of the batches (0: the bound of config.data)."""
+    max_segments: most segments in a row of the batches (0: the bound of config.data);
+    pad_token_id: the tokenizer's (a reward model never reads its score at it)."""
     max_segments = max_segments or segments_bound(config.data)
     attention, why = attention_for(config, model.config, max_segments)
     log.info("attention: %s (%s)", attention, why)
@@ -399,10 +422,7 @@ def plan_run(
     options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
                           train.loss_chunk_size, dropout_seed=train.seed,
                           **moe_options(train, model.config))  # fmt: skip
-    objective = None  # SFT's cross-entropy (options.objective())
-    if train.get("objective", "sft") != "sft":
-        objective = preference.objective_from_config(config, max_segments or 3)
-        log.info("objective: %s, %s", train.objective, objective.spec)
+    objective = objective_for(config, model.config, max_segments, pad_token_id)
     build = functools.partial(
         build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=state_shardings,
         train_rows=train.global_batch_size, eval_rows=config.eval.global_batch_size,

@@ -209,7 +209,10 @@ def _check_preference(config: Any) -> None:
     if objective == "sft":
         return
     pref = config.preference
-    check_choice("preference.loss_type", pref.loss_type, DPO_LOSSES)
+    if objective == "reward":
+        _check_reward(config)
+    else:
+        check_choice("preference.loss_type", pref.loss_type, DPO_LOSSES)
     check_choice("preference.reference", pref.reference, ("auto", "adapters_off"))
     _need(config, pref.beta > 0, "preference.beta", "must be positive.")
     _need(config, 0 <= pref.label_smoothing < 0.5, "preference.label_smoothing",
@@ -227,6 +230,17 @@ def _check_preference(config: Any) -> None:
         _need(config, not config.lora.trainable_modules, "lora.trainable_modules",
               "with DPO the reference is the model with its adapters off; modules trained in "
               "full would change it too. Leave it empty.")  # fmt: skip
+
+
+def _check_reward(config: Any) -> None:
+    _need(config, config.lora.rank == 0, "lora.rank",
+          "a reward model trains its new score head in full: use lora.rank=0 (full "
+          "fine-tuning).")  # fmt: skip
+    _need(config, config.preference.center_rewards_coefficient >= 0,
+          "preference.center_rewards_coefficient", "must be 0 (off) or positive.")  # fmt: skip
+    for field in ("generate_examples", "show_samples"):
+        _need(config, config.eval[field] == 0, f"eval.{field}",
+              "a reward model scores sequences and does not generate: set it to 0.")  # fmt: skip
 
 
 def _get(config: Any, dotted: str) -> Any:

@@ -6,6 +6,7 @@ python -m sft_jax.export --workdir=DIR [--step=N | --which=best|last] [--out=DIR
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -22,7 +23,7 @@ from sft_jax import cli, rundir, sharding
 from sft_jax.checkpointing import Checkpoints
 from sft_jax.data import run_tokenizer
 from sft_jax.lora import LoRASpec, merged, save_adapter
-from sft_jax.model_setup import build_model
+from sft_jax.model_setup import build_model, score_labels
 from sft_jax.models import DTYPES, CheckpointError, from_hf_config, save_pretrained
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
 
@@ -41,9 +42,10 @@ def export_run(
         return _export_lora(checkpoints, step, config, out)
     model_dir = resolve_model_dir(config.model.name_or_path)
     param_dtype = DTYPES[config.model.param_dtype]
-    model = abstract_model(
-        from_hf_config(load_hf_config(model_dir)), dtype=param_dtype, param_dtype=param_dtype
-    )
+    model_config = from_hf_config(load_hf_config(model_dir))
+    if score_labels(config) is not None:
+        model_config = dataclasses.replace(model_config, score_labels=score_labels(config))
+    model = abstract_model(model_config, dtype=param_dtype, param_dtype=param_dtype)
     abstract = sharding.abstract_params(model, sharding.make_mesh(fsdp=-1))
     exported = nnx.merge(nnx.graphdef(model), _restore(checkpoints, step, abstract))
     with _replacing(out) as partial:

@@ -20,6 +20,11 @@ from sft_jax.models.config import DTYPES
 log = logging.getLogger(__name__)
 
 
+def score_labels(config: ml_collections.ConfigDict) -> int | None:
+    """A reward model's outputs (1: a scalar score head); None: the checkpoint's own head."""
+    return 1 if config.train.get("objective", "sft") == "reward" else None
+
+
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
     spec = LoRASpec.from_config(config.lora)
@@ -29,6 +34,7 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         param_dtype=DTYPES[config.model.param_dtype],
         dtype=DTYPES[config.model.compute_dtype],
         quantization=spec.quantization,
+        score_labels=score_labels(config),
     )
     check_for_model(config, model.config, mesh.shape["expert"])
     if spec.enabled:

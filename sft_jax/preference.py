@@ -42,7 +42,7 @@ Batch = dict[str, jax.Array]
 REFERENCE_FREE = ("simpo", "orpo")
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
-OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE)  # config.train.objective
+OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE, "reward")  # config.train.objective (reward.py)
 
 
 class PairLogps(NamedTuple):

@@ -70,6 +70,7 @@ class Trainer:
         plan = compile_plan.plan_run(
             config, mesh or sharding.mesh_for(config), model, seq_len=data.seq_len,
             max_segments=data.max_segments, trainable=trainable,
+            pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
         )  # fmt: skip
         self.steps, self.state = plan.steps, plan.state
         self.model_summary = model_summary(model.config.hf_config)

@@ -29,6 +29,7 @@ LAYERS = {
     "sft_jax.step": 4,
     "sft_jax.moe_loss": 4,
     "sft_jax.preference": 4,
+    "sft_jax.reward": 4,
     "sft_jax.sharding": 5,
     "sft_jax.memory_plan": 5,
     "sft_jax.model_setup": 5,

@@ -141,6 +141,9 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert behind a sigmoid gate
     expert_names: str = "qwen"  # checkpoint layout: "qwen" (mlp.experts.N.gate_proj) / "mixtral"
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (HF's default)
+    # A reward model (transformers' *ForSequenceClassification): the outputs of its `score`
+    # head [score_labels, D] in place of the LM head; 0 for a causal LM.
+    score_labels: int = 0
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -247,9 +250,18 @@ def from_hf_config(hf: Any) -> ModelConfig:
         sliding_window=getattr(hf, "sliding_window", None),
         layer_types=layer_types,
         rope=_rope_table(hf, layer_types),
+        score_labels=_score_labels(hf),
         hf_config=hf.to_dict(),
         **moe,
     )
+
+
+def _score_labels(hf: Any) -> int:
+    """num_labels of a *ForSequenceClassification checkpoint (its score head), else 0."""
+    architectures = getattr(hf, "architectures", None) or ()
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return int(hf.num_labels)
+    return 0
 
 
 def _moe_fields(hf: Any, model_type: str) -> dict[str, Any]:

@@ -122,7 +122,8 @@ def _call_layer(
 
 
 class CausalLM(nnx.Module):
-    """Decoder-only language model: embed, N decoder layers, final norm, LM head."""
+    """Decoder-only language model: embed, N decoder layers, final norm, LM head (or, for a
+    reward model, a score head: ModelConfig.score_labels)."""
 
     def __init__(
         self,
@@ -154,11 +155,20 @@ class CausalLM(nnx.Module):
         )
         self.lm_head = (
             None
-            if c.tie_word_embeddings
+            if c.tie_word_embeddings or c.score_labels
             else nnx.Param(
                 normal_init(rngs, (c.vocab_size, c.hidden_size), param_dtype),
                 logical_axes=("vocab", "embed"),
             )
+        )
+        # A reward model's head (transformers' *ForSequenceClassification: `score`, no bias).
+        self.score = (
+            nnx.Param(
+                normal_init(rngs, (c.score_labels, c.hidden_size), param_dtype),
+                logical_axes=(None, "embed"),
+            )
+            if c.score_labels
+            else None
         )
 
     def hidden_states(
@@ -236,11 +246,18 @@ class CausalLM(nnx.Module):
 
     def head(self) -> jax.Array:
         """The LM head [V, D] in the parameter dtype (the embedding where they are tied)."""
+        if self.score is not None:
+            raise ValueError("a reward model (score head) has no LM head: use scores().")
         return self.embed[...] if self.lm_head is None else self.lm_head[...]
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
         """float32 logits [..., V] of (a chunk of) hidden states, soft-capped where configured."""
         return head_logits(hidden_BxTxD, self.head(), self.config.final_logit_softcap)
+
+    def scores(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """A reward model's float32 outputs [B, T, N] at every position (transformers computes
+        them the same way, then reads the last non-pad token of each sequence)."""
+        return einsum_f32("BTD,ND->BTN", hidden_BxTxD, self.score[...].astype(hidden_BxTxD.dtype))
 
     def __call__(
         self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array

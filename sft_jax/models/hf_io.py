@@ -25,6 +25,7 @@ from sft_jax.models.decoder import ATTENTION_PROJECTIONS, CausalLM, decoder_line
 from sft_jax.models.moe import EXPERT_PARAMS
 from sft_jax.models.partitioning import named_sharding, single_device_mesh
 from sft_jax.models.quantize import QuantSpec, quantize_structure, quantized_kernel
+from sft_jax.models.score_head import new_score_head, reward_pad_id, sequence_classification_config
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, boo
         return "model.embed_tokens.weight", False
     if path == ("lm_head",):
         return "lm_head.weight", False
+    if path == ("score",):
+        return "score.weight", False
     if path == ("final_norm", "scale"):
         return "model.norm.weight", False
     _, index, *rest = path
@@ -261,6 +264,7 @@ def from_pretrained(
     quantization: QuantSpec | None = None,
     attention: str = "xla",
     max_segments: int = 0,
+    score_labels: int | None = None,
 ) -> CausalLM:
     """Loads a Hugging Face causal LM directory (or hub id) into a CausalLM sharded on `mesh`.
 
@@ -268,13 +272,17 @@ def from_pretrained(
     param_dtype), remat the activation checkpointing policy of the decoder layers. Every tensor
     goes straight from disk to its devices, slice by slice. With `quantization` (QLoRA) each
     decoder kernel is quantized on its devices as soon as it is loaded, so at most one kernel
-    is ever held in full precision.
+    is ever held in full precision. score_labels=N loads it as a reward model with N outputs
+    (a causal LM's checkpoint gets a new `score` head, as transformers'
+    *ForSequenceClassification.from_pretrained initializes it); None: as the checkpoint is.
     """
     model_dir = resolve_model_dir(name_or_path)
     hf_config = load_hf_config(model_dir)
     config = dataclasses.replace(
         from_hf_config(hf_config), attention=attention, max_segments=max_segments
     )
+    if score_labels is not None:
+        config = dataclasses.replace(config, score_labels=score_labels)
     _check_safetensors_present(model_dir)
     try:
         entries = safetensors_io.read_checkpoint(model_dir)
@@ -291,7 +299,7 @@ def from_pretrained(
         n
         for n in set(entries) - used
         if not n.endswith(_IGNORED_SUFFIXES)
-        and not (n == "lm_head.weight" and config.tie_word_embeddings)
+        and not (n == "lm_head.weight" and (config.tie_word_embeddings or config.score_labels))
     )
     if unused:
         log.warning("%s: %d tensors not used by sft_jax: %s", model_dir, len(unused), unused[:8])
@@ -328,6 +336,9 @@ def _load_variables(
             used.update(expert_names)
             continue
         name, transposed = hf_tensor_name(path, model.config)
+        if name == "score.weight" and name not in entries:
+            loaded.append((path, variable.replace(new_score_head(target, param_sharding))))
+            continue
         entry = _checked_entry(entries, name, target.shape, transposed)
         loaded.append(
             (path, variable.replace(_load_param(entry, transposed, target, param_sharding)))
@@ -384,7 +395,8 @@ def save_pretrained(
     dtype: Any = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Writes a directory that transformers.AutoModelForCausalLM.from_pretrained loads as is.
+    """Writes a directory that transformers.AutoModelForCausalLM.from_pretrained loads as is
+    (AutoModelForSequenceClassification for a reward model).
 
     Every process must call this (arrays sharded across hosts are gathered tensor by tensor);
     only process 0 writes. `dtype` converts the weights (default: their own dtype).
@@ -398,6 +410,9 @@ def save_pretrained(
             "save_pretrained writes plain weights: fold the adapters (and dequantize) first, "
             "with sft_jax.lora.merged(model)."
         )
+    if model.config.score_labels:
+        pad = reward_pad_id(getattr(tokenizer, "pad_token_id", None), hf_config)
+        hf_config = sequence_classification_config(hf_config, model.config.score_labels, pad)
     writer = jax.process_index() == 0
     tensors = list(_pending_tensors(model, np.dtype(dtype) if dtype is not None else None))
     if writer:
