@@ -167,3 +167,60 @@ def trl_reward_loss(model, pairs, margin, center: float) -> float:
     inputs = {"input_ids": ids, "attention_mask": (ids != PAD).long(), "margin": margin}
     with torch.no_grad():
         return RewardTrainer.compute_loss(trainer, model, inputs).item()
+
+
+# --- The demo, short -------------------------------------------------------------------------
+
+
+def reward_demo_config(**overrides):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "reward_demo", root / "configs" / "reward_demo.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    pairs = str(root / "assets" / "demo_data" / "preference_eval.jsonl")
+    config.model.name_or_path = str(root / "assets" / "demo_model")
+    config.data.train_files = config.data.eval_files = pairs
+    config.train.steps, config.eval.every_steps, config.train.global_batch_size = 4, 4, 8
+    config.eval.global_batch_size, config.checkpoint.every_steps = 8, 4
+    config.export.at_end, config.checkpoint.async_save = "last", False
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def sequences_of(batches) -> list[np.ndarray]:
+    """The documents (segments) of every row of the batches, in order."""
+    out = []
+    for batch in batches:
+        for ids, segments in zip(batch["input_ids"], batch["segment_ids"], strict=True):
+            out += [ids[segments == s] for s in range(1, segments.max() + 1)]
+    return out
+
+
+def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(tmp_path):
+    """The loop end to end on the demo's pairs (4 updates): TRL's metric names, and the export's
+    transformers scores reproduce the run's final eval accuracy and margin over all 200 pairs."""
+    import json
+
+    from sft_jax import trainer
+    from sft_jax.data import open_run_data
+
+    config = reward_demo_config()
+    summary = trainer.run(config, tmp_path, open_run_data)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r.get("step") == 4 and "eval/accuracy" in r][-1]
+    assert final["eval/pairs"] == 200 and "train/accuracy" in records[-2] | records[-1]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(summary["export"])
+    assert hf.config.architectures == ["LlamaForSequenceClassification"]
+    sequences = sequences_of(open_run_data(config).eval_batches())
+    pairs = [((sequences[i], None), (sequences[i + 1], None)) for i in range(0, 400, 2)]
+    with torch.no_grad():
+        chosen, rejected = torch_rewards(hf.eval(), pairs)
+    difference = (chosen - rejected).numpy()
+    np.testing.assert_allclose(final["eval/margin"], difference.mean(), rtol=1e-4, atol=1e-6)
+    assert final["eval/accuracy"] == pytest.approx((difference > 0).mean())

@@ -1,0 +1,33 @@
+"""Offline reward-model demo: a scalar head on the SFT demo's export, trained on the DPO demo's
+synthetic right-vs-wrong pairs.
+
+Run the SFT demo first (it writes /tmp/sft_demo/export), then:
+  python main.py --config=configs/reward_demo.py --workdir=/tmp/reward_demo
+The model is the SFT demo's with a new `score` head (transformers' LlamaForSequenceClassification,
+num_labels=1), every weight trained; the loss is Bradley-Terry on (chosen, rejected) pairs, the
+reward read at each sequence's last token that is not the pad token. Eval reports accuracy (held-out
+pairs whose right answer scores higher), margin and mean_reward, TRL's RewardTrainer names; the
+export at the end loads with transformers.AutoModelForSequenceClassification.from_pretrained.
+"""
+
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.model.name_or_path = "/tmp/sft_demo/export"
+    config.train.objective = "reward"
+    config.data.train_files = str(base.ASSETS / "demo_data" / "preference_train.jsonl")
+    config.data.eval_files = str(base.ASSETS / "demo_data" / "preference_eval.jsonl")
+    config.data.max_length = 256  # a row holds whole pairs: both replies and their prompts
+    config.lora.rank = 0  # the new head trains, and so does every other weight
+    config.train.steps = 300
+    config.train.global_batch_size = 16
+    config.train.learning_rate = 1e-4
+    config.train.warmup_steps = 10
+    config.eval.every_steps = 100
+    config.eval.global_batch_size = 16
+    config.eval.generate_examples = 0  # a reward model scores; it does not generate
+    config.eval.show_samples = 0
+    config.checkpoint.every_steps = 100
+    return config
