@@ -171,8 +171,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Weight of the NLL of the chosen replies added to the loss (RPO; CPO's cpo_alpha); ORPO
     # always adds it with weight 1.
     config.preference.rpo_alpha = 0.0
-    # DPO's reference model: "auto" = "adapters_off" (LoRA / QLoRA: the same weights with the
-    # adapters switched off, no second copy in memory); full fine-tuning has none yet.
+    # DPO's reference model: "adapters_off" (LoRA / QLoRA: the same weights with the adapters
+    # switched off, no second copy in memory), "copy" (a frozen copy of the initial weights,
+    # sharded like them: one more copy of the weights in memory, none in the optimizer state),
+    # or "auto": adapters_off under LoRA, else copy.
     config.preference.reference = "auto"
     # Reward models: weight of mean (r_chosen + r_rejected)^2 in the loss, which keeps rewards
     # centred on 0 (TRL's center_rewards_coefficient; 0 = off).

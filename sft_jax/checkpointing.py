@@ -281,7 +281,12 @@ RESUME_FIELDS = (
     "data.train_files", "data.train_split", "data.format", "data.chat_template", "data.train_on",
     "data.max_length", "data.packing", "data.max_documents_per_row", "data.shuffle",
     "train.global_batch_size", "train.seed",
+    # The objective decides what the parameters are (a reward model has a score head, no LM
+    # head) and what the data rows hold; the reference is what DPO's rewards are measured from.
+    "train.objective", "preference.reference",
 )  # fmt: skip
+# Values of fields that configs saved before the field existed stand for.
+_ABSENT_MEANS = {"train.objective": "sft", "preference.reference": "auto"}
 
 
 def config_changes(
@@ -294,7 +299,7 @@ def config_changes(
     def lookup(tree: Any, dotted: str) -> Any:
         for part in dotted.split("."):
             tree = tree.get(part) if isinstance(tree, Mapping) else None
-        return tree
+        return _ABSENT_MEANS.get(dotted) if tree is None else tree
 
     now = config.to_dict()
     changes = [

@@ -207,21 +207,23 @@ def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
 
 
 def objective_for(
-    config: ml_collections.ConfigDict, model: ModelConfig, max_segments: int,
+    config: ml_collections.ConfigDict, model: CausalLM, max_segments: int,
     pad_token_id: int | None,
 ) -> step.Objective | None:  # fmt: skip
     """config.train.objective's objective; None for SFT (StepOptions.objective: cross-entropy,
-    with the router's losses on a mixture of experts)."""
-    objective, train = config.train.get("objective", "sft"), config.train
+    with the router's losses on a mixture of experts). DPO with a frozen copy of the weights
+    as its reference attaches that copy to the model here."""
+    objective = config.train.get("objective", "sft")
     if objective == "sft":
         return None
+    aux_loss_coef = moe_options(config.train, model.config).get("router_aux_loss_coef", 0.0)
     if objective == "reward":
-        aux_loss_coef = moe_options(train, model).get("router_aux_loss_coef", 0.0)
-        chosen = reward.objective_from_config(
-            config, max_segments or 3, reward_pad_id(pad_token_id, model.hf_config), aux_loss_coef
-        )
+        pad = reward_pad_id(pad_token_id, model.config.hf_config)
+        chosen = reward.objective_from_config(config, max_segments or 3, pad, aux_loss_coef)
     else:
-        chosen = preference.objective_from_config(config, max_segments or 3)
+        chosen = preference.objective_from_config(config, max_segments or 3, aux_loss_coef)
+        if chosen.reference == "copy":
+            preference.attach_frozen_copy(model)  # frozen variables of the steps, sharded
     log.info("objective: %s, %s", objective, chosen)
     return chosen
 
@@ -378,6 +380,8 @@ def with_attention_fallback(
                 "falls back to 'xla'.", model.config.attention, type(e).__name__, str(e)[:500],
             )  # fmt: skip
             use_attention(model, "xla")
+            if getattr(model, "reference", None) is not None:  # DPO's frozen copy
+                use_attention(model.reference, "xla")
             return build(model)
 
     return build_or_fall_back
@@ -422,7 +426,7 @@ def plan_run(
     options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
                           train.loss_chunk_size, dropout_seed=train.seed,
                           **moe_options(train, model.config))  # fmt: skip
-    objective = objective_for(config, model.config, max_segments, pad_token_id)
+    objective = objective_for(config, model, max_segments, pad_token_id)
     build = functools.partial(
         build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=state_shardings,
         train_rows=train.global_batch_size, eval_rows=config.eval.global_batch_size,

@@ -17,7 +17,7 @@ from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
 from sft_jax.models import DTYPES
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
 from sft_jax.optim import SCHEDULES
-from sft_jax.preference import DPO_LOSSES, OBJECTIVES
+from sft_jax.preference import DPO_LOSSES, OBJECTIVES, REFERENCES, reference_of
 
 
 def _load(config_arg: str) -> Any:
@@ -213,7 +213,7 @@ def _check_preference(config: Any) -> None:
         _check_reward(config)
     else:
         check_choice("preference.loss_type", pref.loss_type, DPO_LOSSES)
-    check_choice("preference.reference", pref.reference, ("auto", "adapters_off"))
+    check_choice("preference.reference", pref.reference, REFERENCES)
     _need(config, pref.beta > 0, "preference.beta", "must be positive.")
     _need(config, 0 <= pref.label_smoothing < 0.5, "preference.label_smoothing",
           "must be within [0, 0.5).")  # fmt: skip
@@ -222,11 +222,11 @@ def _check_preference(config: Any) -> None:
           "a row holds whole preference pairs (2 documents each): use 0 or 2 or more.")  # fmt: skip
     _need(config, not config.data.eval_fraction, "data.eval_fraction",
           "preference pairs are evaluated from config.data.eval_files; set that.")  # fmt: skip
-    if objective == "dpo":
-        _need(config, config.lora.rank > 0, "lora.rank",
-              "DPO needs a reference model; its reference here is the base model under LoRA "
-              "(adapters off). Set lora.rank > 0, or use train.objective='simpo' or 'orpo' "
-              "(no reference) for full fine-tuning.")  # fmt: skip
+    if objective == "dpo" and reference_of(config) == "adapters_off":
+        _need(config, config.lora.rank > 0, "preference.reference",
+              "'adapters_off' is the model with its LoRA adapters off, and this run has none "
+              "(lora.rank=0): use 'copy' (a frozen copy of the initial weights) or "
+              "'auto'.")  # fmt: skip
         _need(config, not config.lora.trainable_modules, "lora.trainable_modules",
               "with DPO the reference is the model with its adapters off; modules trained in "
               "full would change it too. Leave it empty.")  # fmt: skip

@@ -236,7 +236,16 @@ def token_logps(
 ) -> jax.Array:
     """log p(target_ids[b, t]) [B, T] in float32 under `model`, at every position (the caller
     masks): chunked like loss_sums, so full logits never exist; the rows stay sharded."""
-    hidden_BxTxD, head_VxD = _final_hidden(model, batch, dropout_key)
+    hidden_BxTxD, _ = _final_hidden(model, batch, dropout_key)
+    return hidden_token_logps(model, hidden_BxTxD, batch, max_chunk)
+
+
+def hidden_token_logps(
+    model: CausalLM, hidden_BxTxD: jax.Array, batch: dict[str, jax.Array], max_chunk: int = 512
+) -> jax.Array:
+    """token_logps from the model's final hidden states (an objective that runs the decoder
+    itself, for a mixture of experts' router statistics)."""
+    head_VxD = model.head()  # in the parameter dtype: see _final_hidden
     chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)
     softcap = model.config.final_logit_softcap
     if jax.sharding.get_abstract_mesh().empty:

@@ -61,13 +61,14 @@ def matmul_params(config: ModelConfig) -> int:
     dense_layers = c.num_layers - num_moe
     return (
         c.num_layers * attention + dense_layers * mlp + num_moe * moe
-        + c.vocab_size * c.hidden_size
+        + (c.score_labels or c.vocab_size) * c.hidden_size  # a reward model's head: its score
     )  # fmt: skip
 
 
 def training_flops_per_token(
-    config: ModelConfig, seq_len: int, adapter_params: int | None = None
-) -> float:
+    config: ModelConfig, seq_len: int, adapter_params: int | None = None,
+    reference_forwards: int = 0,
+) -> float:  # fmt: skip
     """Model FLOPs per trained token for forward + backward (what MFU divides by peak).
 
     6 * matmul_params, plus attention scores and values: forward 4 * T * H * E per token per
@@ -78,12 +79,17 @@ def training_flops_per_token(
     With LoRA (`adapter_params` = trained parameters) the frozen base costs 4 * N, forward and
     the input-gradient half of backward (no weight gradients), and the trained parameters 6
     each; dequantizing a QLoRA base is not counted.
+
+    reference_forwards: forward passes the objective adds per step without a backward (DPO's
+    reference model: 2 * N + the attention's forward third each). Preference pairs need no
+    factor: the chosen and rejected sequences are both tokens of the rows.
     """
     c = config
     attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
+    reference = reference_forwards * (2 * matmul_params(c) + attention / 3)
     if adapter_params is None:
-        return 6 * matmul_params(c) + attention
-    return 4 * matmul_params(c) + attention + 6 * adapter_params
+        return 6 * matmul_params(c) + attention + reference
+    return 4 * matmul_params(c) + attention + 6 * adapter_params + reference
 
 
 class MetricsWriter:

@@ -32,14 +32,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from flax import nnx
 
 from sft_jax.errors import ConfigError
 from sft_jax.lora import adapters_off
-from sft_jax.loss import token_logps
+from sft_jax.loss import hidden_token_logps, token_logps
 from sft_jax.models.decoder import CausalLM
+from sft_jax.moe_loss import load_balancing_loss
 
 Batch = dict[str, jax.Array]
 REFERENCE_FREE = ("simpo", "orpo")
+REFERENCES = ("auto", "adapters_off", "copy")  # config.preference.reference
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
 OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE, "reward")  # config.train.objective (reward.py)
@@ -150,6 +153,26 @@ def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | N
     )
 
 
+class ReferenceWeight(nnx.Variable):
+    """A weight of DPO's frozen reference copy (full fine-tuning): not an nnx.Param, so never
+    trained, never in the optimizer state or a checkpoint; sharded like the parameter it
+    copies (same logical axes)."""
+
+
+def attach_frozen_copy(model: CausalLM) -> None:
+    """model.reference: a copy of the model as it is now (the run's initial weights, also on a
+    resume, which reloads them), its parameters turned into ReferenceWeights held in new
+    buffers (the train step donates the parameters' buffers)."""
+    copy = nnx.clone(model)
+    for _, node in nnx.iter_graph(copy):
+        if isinstance(node, nnx.Module):
+            for name, value in list(vars(node).items()):
+                if isinstance(value, nnx.Param):
+                    weight = jnp.copy(value.get_value())
+                    setattr(node, name, ReferenceWeight(weight, **value.get_metadata()))
+    model.reference = copy
+
+
 class PreferenceSums(NamedTuple):
     """Sums over the pairs (and chosen completion tokens) of a batch; additive."""
 
@@ -163,6 +186,8 @@ class PreferenceSums(NamedTuple):
     margins: jax.Array
     logps_chosen: jax.Array
     logps_rejected: jax.Array
+    aux: jax.Array  # MoE load-balancing loss of each micro-batch, summed (0 for a dense model)
+    micro_batches: jax.Array  # 1 per micro-batch
 
 
 class PairCount(NamedTuple):
@@ -177,29 +202,50 @@ class PairObjective:
     """A preference loss as a step.Objective (the train step is SFT's, unchanged).
 
     reference: "adapters_off" (LoRA / QLoRA: the same weights with every adapter scaled to 0,
-    under stop_gradient: no second copy of the model) or "none" (SimPO, ORPO).
+    under stop_gradient: no second copy of the model), "copy" (full fine-tuning: a frozen copy
+    of the initial weights, model.reference, see attach_frozen_copy) or "none" (SimPO, ORPO).
     max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs).
+    aux_loss_coef, micro_batches: a mixture of experts' load-balancing loss weight (added as
+    for SFT, sft_jax.moe_loss) and the step's gradient accumulation.
     """
 
     spec: PreferenceSpec
     reference: str = "adapters_off"
     max_pairs: int = 1
     loss_chunk_size: int = 512
+    aux_loss_coef: float = 0.0
+    micro_batches: int = 1
+
+    @property
+    def reference_forwards(self) -> int:
+        """Forward passes of a reference model per step (for MFU): 1 where the step runs one."""
+        return 0 if self.reference in ("none", "precomputed") else 1
 
     def policy_and_reference(
         self, model: CausalLM, batch: Batch, dropout_key: jax.Array | None
     ) -> tuple[jax.Array, PairLogps, PairLogps | None]:
-        """(per-token log-probs, pair log-probs under the policy, and under the reference)."""
-        logps_BxT = token_logps(model, batch, self.loss_chunk_size, dropout_key)
+        """(per-token log-probs, pair log-probs under the policy, and under the reference,
+        the router's load-balancing loss (0 for a dense model))."""
+        hidden_BxTxD, stats = model.forward(
+            batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+        )
+        logps_BxT = hidden_token_logps(model, hidden_BxTxD, batch, self.loss_chunk_size)
         policy = pair_logps(logps_BxT, batch, self.max_pairs)
+        aux = jnp.zeros((), jnp.float32)
+        if stats is not None and self.aux_loss_coef:
+            aux = load_balancing_loss(stats)
         if self.reference == "none":
-            return logps_BxT, policy, None
-        with adapters_off(model):
-            reference_BxT = jax.lax.stop_gradient(token_logps(model, batch, self.loss_chunk_size))
-        return logps_BxT, policy, pair_logps(reference_BxT, batch, self.max_pairs)
+            return logps_BxT, policy, None, aux
+        if self.reference == "copy":
+            reference_BxT = token_logps(model.reference, batch, self.loss_chunk_size)
+        else:
+            with adapters_off(model):
+                reference_BxT = token_logps(model, batch, self.loss_chunk_size)
+        reference_BxT = jax.lax.stop_gradient(reference_BxT)
+        return logps_BxT, policy, pair_logps(reference_BxT, batch, self.max_pairs), aux
 
     def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> PreferenceSums:
-        logps_BxT, policy, reference = self.policy_and_reference(model, batch, dropout_key)
+        logps_BxT, policy, reference, aux = self.policy_and_reference(model, batch, dropout_key)
         terms = pair_terms(self.spec, policy, reference)
         valid = policy.valid.astype(jnp.float32)
         chosen_mask = chosen_token_mask(batch)
@@ -219,6 +265,8 @@ class PairObjective:
             margins=total(terms.chosen_rewards - terms.rejected_rewards),
             logps_chosen=total(terms.chosen_logps),
             logps_rejected=total(terms.rejected_logps),
+            aux=aux,
+            micro_batches=jnp.ones((), jnp.float32),
         )
 
     def normalizer(self, batch: Batch) -> PairCount:
@@ -233,6 +281,8 @@ class PairObjective:
         loss = sums.loss / normalizer.pairs
         if self.spec.nll_weight:
             loss = loss + self.spec.nll_weight * sums.chosen_nll / normalizer.chosen_tokens
+        if self.aux_loss_coef:  # as moe_loss.MoECrossEntropy: each micro-batch's, averaged
+            loss = loss + self.aux_loss_coef * sums.aux / self.micro_batches
         return loss
 
     def eval_metrics(self, sums: PreferenceSums) -> dict[str, float]:
@@ -242,7 +292,8 @@ class PairObjective:
                 "the eval set holds no preference pairs: check config.data.eval_files."
             )
         count = PairCount(sums.pairs, jnp.maximum(sums.chosen_tokens, 1.0))
-        return {k: float(v) for k, v in self.metrics(sums, count, prefix="eval").items()}
+        metrics = self.metrics(sums._replace(aux=sums.aux * 0), count, prefix="eval")
+        return {k: float(v) for k, v in metrics.items() if k != "eval/aux_loss"}
 
     def metrics(self, sums: PreferenceSums, normalizer: PairCount, prefix: str = "train"):
         """TRL's names: means over the pairs of the batch."""
@@ -255,16 +306,30 @@ class PairObjective:
             "logps/rejected": sums.logps_rejected,
         }
         metrics = {f"{prefix}/{k}": v / normalizer.pairs for k, v in per_pair.items()}
-        return metrics | {
+        metrics |= {
             f"{prefix}/loss": self.loss(sums, normalizer),
             f"{prefix}/nll": sums.chosen_nll / normalizer.chosen_tokens,
             f"{prefix}/pairs": sums.pairs,
         }
+        if self.aux_loss_coef:
+            metrics[f"{prefix}/aux_loss"] = sums.aux / sums.micro_batches
+        return metrics
 
 
-def objective_from_config(config: ml_collections.ConfigDict, max_segments: int) -> PairObjective:
+def reference_of(config: ml_collections.ConfigDict) -> str:
+    """config.preference.reference, "auto" resolved: adapters off under LoRA, else a copy."""
+    reference = config.preference.reference
+    if reference == "auto":
+        return "adapters_off" if config.lora.rank > 0 else "copy"
+    return reference
+
+
+def objective_from_config(
+    config: ml_collections.ConfigDict, max_segments: int, aux_loss_coef: float = 0.0
+) -> PairObjective:
     """The PairObjective of config.train.objective ("dpo", "simpo", "orpo") and
-    config.preference (checked by config_check); rows hold (max_segments - 1) // 2 pairs."""
+    config.preference (checked by config_check); rows hold (max_segments - 1) // 2 pairs;
+    aux_loss_coef: a mixture of experts' load-balancing loss weight."""
     pref, objective = config.preference, config.train.objective
     spec = PreferenceSpec(
         loss_type=pref.loss_type if objective == "dpo" else objective, beta=pref.beta,
@@ -272,6 +337,7 @@ def objective_from_config(config: ml_collections.ConfigDict, max_segments: int) 
         rpo_alpha=pref.rpo_alpha,
     )  # fmt: skip
     return PairObjective(
-        spec, reference="adapters_off" if objective == "dpo" else "none",
+        spec, reference=reference_of(config) if objective == "dpo" else "none",
         max_pairs=max(1, (max_segments - 1) // 2), loss_chunk_size=config.train.loss_chunk_size,
+        aux_loss_coef=aux_loss_coef, micro_batches=config.train.gradient_accumulation_steps,
     )  # fmt: skip

@@ -81,7 +81,11 @@ class Trainer:
         # With adapters the base is frozen: see training_flops_per_token.
         trained = sum(x.size for x in jax.tree.leaves(self.state["params"]))
         adapters = trained if LoRASpec.from_config(config.lora).enabled else None
-        self.flops_per_token = training_flops_per_token(model.config, data.seq_len, adapters)
+        # A DPO reference adds a forward pass per step (objectives without one have no field).
+        reference_forwards = getattr(self.steps.objective, "reference_forwards", 0)
+        self.flops_per_token = training_flops_per_token(
+            model.config, data.seq_len, adapters, reference_forwards
+        )
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
 
     # --- Eval ---------------------------------------------------------------------------

@@ -336,9 +336,13 @@ def test_token_logps_equal_the_cross_entropy_sums(tiny):
 
 
 def compiled_memory(model, objective):
+    return compiled_memory_of(model, objective, trainable_filter(LORA))
+
+
+def compiled_memory_of(model, objective, trainable):
+    """XLA's memory plan of the compiled train step (single device)."""
     mesh = sharding.single_device_mesh()
     tx, schedule = make_optimizer(train_config())
-    trainable = trainable_filter(LORA)
     _, shardings = init_state(model, tx, mesh, trainable)
     steps = build_steps(
         model, tx, schedule, mesh, shardings, train_rows=4, eval_rows=4, seq_len=SEQ_LEN,
@@ -428,7 +432,8 @@ def demo_dpo_config(**overrides):
     "overrides, field",
     [
         ({"train.objective": "kto"}, "train.objective"),
-        ({"lora.rank": 0}, "lora.rank"),
+        ({"lora.rank": 0, "preference.reference": "adapters_off"}, "preference.reference"),
+        ({"preference.reference": "precomputed"}, "preference.reference"),
         ({"lora.trainable_modules": "embed"}, "lora.trainable_modules"),
         ({"preference.loss_type": "simpo"}, "preference.loss_type"),
         ({"preference.label_smoothing": 0.5}, "preference.label_smoothing"),
