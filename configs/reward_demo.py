@@ -23,7 +23,7 @@ def get_config():
     config.lora.rank = 0  # the new head trains, and so does every other weight
     config.train.steps = 300
     config.train.global_batch_size = 16
-    config.train.learning_rate = 1e-4
+    config.train.learning_rate = 5e-4
     config.train.warmup_steps = 10
     config.eval.every_steps = 100
     config.eval.global_batch_size = 16

@@ -67,6 +67,9 @@ def eval_message(step: int, metrics: dict[str, Any]) -> str:
     if "eval/rewards/accuracies" in metrics:
         text += (f", rewards/accuracies {metrics['eval/rewards/accuracies']:.1%}, margins "
                  f"{metrics['eval/rewards/margins']:.3f}")  # fmt: skip
+    if "eval/accuracy" in metrics:  # a reward model (TRL's RewardTrainer names)
+        text += (f", accuracy {metrics['eval/accuracy']:.1%}, margin "
+                 f"{metrics['eval/margin']:.3f}")  # fmt: skip
     if "eval/exact_match" in metrics:
         text += f", exact match {metrics['eval/exact_match']:.1%} of {metrics['eval/generated']}"
     if metrics.get("eval/samples"):
@@ -84,6 +87,9 @@ def final_report(summary: dict[str, Any]) -> str:
         if "eval/rewards/accuracies" in first:
             lines.append(f"eval rewards/accuracies {first['eval/rewards/accuracies']:.1%} -> "
                          f"{last['eval/rewards/accuracies']:.1%}")  # fmt: skip
+        if "eval/accuracy" in first:
+            lines.append(f"eval accuracy {first['eval/accuracy']:.1%} -> "
+                         f"{last['eval/accuracy']:.1%}")  # fmt: skip
         if "eval/exact_match" in first:
             lines.append(f"exact match of greedy replies {first['eval/exact_match']:.1%} -> "
                          f"{last['eval/exact_match']:.1%}")  # fmt: skip

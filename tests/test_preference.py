@@ -409,18 +409,25 @@ def test_preference_steps_on_a_mesh_and_accumulated_equal_one_device(tiny, case,
 # --- Config and the loop ---------------------------------------------------------------------
 
 
-def demo_dpo_config(**overrides):
+def small_pair_config(name: str):
+    """configs/NAME.py on the demo model (not the SFT demo's export), trained and evaluated on
+    the 200 eval pairs."""
     import importlib.util
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("dpo_demo", root / "configs" / "dpo_demo.py")
+    spec = importlib.util.spec_from_file_location(name, root / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
     pairs = str(root / "assets" / "demo_data" / "preference_eval.jsonl")
     config.model.name_or_path = str(root / "assets" / "demo_model")
     config.data.train_files = config.data.eval_files = pairs
+    return config
+
+
+def demo_dpo_config(**overrides):
+    config = small_pair_config("dpo_demo")
     config.train.steps, config.eval.every_steps, config.train.global_batch_size = 4, 2, 8
     config.eval.global_batch_size, config.eval.generate_examples = 8, 2
     config.eval.show_samples, config.checkpoint.enabled, config.export.at_end = 0, False, "none"

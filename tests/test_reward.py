@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import transformers
 from flax import nnx
 from hf_models import save_hf_model
-from test_preference import pair_batch
+from test_preference import pair_batch, small_pair_config
 
 from sft_jax import sharding
 from sft_jax.models import from_pretrained, save_pretrained
@@ -173,19 +173,7 @@ def trl_reward_loss(model, pairs, margin, center: float) -> float:
 
 
 def reward_demo_config(**overrides):
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "reward_demo", root / "configs" / "reward_demo.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    pairs = str(root / "assets" / "demo_data" / "preference_eval.jsonl")
-    config.model.name_or_path = str(root / "assets" / "demo_model")
-    config.data.train_files = config.data.eval_files = pairs
+    config = small_pair_config("reward_demo")
     config.train.steps, config.eval.every_steps, config.train.global_batch_size = 4, 4, 8
     config.eval.global_batch_size, config.checkpoint.every_steps = 8, 4
     config.export.at_end, config.checkpoint.async_save = "last", False
