@@ -228,6 +228,10 @@ def get_config() -> ml_collections.ConfigDict:
     # num_experts / expert of them; elsewhere one more data-parallel axis. Divides num_experts.
     config.mesh.expert = 1
     config.mesh.tensor = 1  # tensor parallelism inside layers (heads, MLP width, vocab)
+    # context parallelism for long sequences: every row's T tokens split over this many
+    # devices (T / context each, in a causally load-balanced order), keys and values gathered
+    # per layer. 2 x context must divide data.max_length; attention "xla" or "cudnn".
+    config.mesh.context = 1
     # True: the pre-flight planner (python -m sft_jax.plan) compiles candidate meshes, micro-batch
     # counts and remat policies before the run and it takes its recommendation: data, fsdp and
     # tensor above and train.gradient_accumulation_steps are then ignored, and model.remat only

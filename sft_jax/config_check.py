@@ -68,6 +68,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_data(config)
     _check_eval_and_outputs(config)
     _check_model(config)
+    _check_context(config)
     _check_lora(config)
     _check_preference(config)
 
@@ -80,6 +81,10 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
           "mesh.expert", f"an expert axis of {expert_devices} devices must divide the model's "
           f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
           )  # fmt: skip
+    context = config.mesh.get("context", 1)
+    _need(config, context == 1 or experts == 0, "mesh.context",
+          f"context parallelism (mesh.context={context}) is not built for mixtures of experts "
+          f"({model_config.model_type}) yet: use mesh.context=1.")  # fmt: skip
 
 
 def _need(config: Any, ok: bool, field: str, problem: str) -> None:
@@ -95,6 +100,12 @@ def check_mesh(config: Any) -> None:
     _need(config, all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh.data",
           f"data, fsdp, tensor = {sizes}: positive sizes, at most one -1 (the rest of the "
           "devices); or config.mesh.auto=True to let the planner choose.")  # fmt: skip
+    context = mesh.get("context", 1)
+    _need(config, isinstance(context, int) and context >= 1, "mesh.context",
+          "devices the sequence is split over: 1 (off) or more.")  # fmt: skip
+    _need(config, context == 1 or not mesh.get("auto", False), "mesh.auto",
+          f"the planner does not search the context axis (mesh.context={context}): set "
+          "config.mesh.auto=False and the mesh by hand.")  # fmt: skip
 
 
 def _check_train(config: Any) -> None:
@@ -161,6 +172,28 @@ def _check_eval_and_outputs(config: Any) -> None:
         "export.at_end",
         "the export is written from a checkpoint, but config.checkpoint.enabled is False: "
         "enable checkpoints or set config.export.at_end='none'.",
+    )
+
+
+def _check_context(config: Any) -> None:
+    """mesh.context: it splits each row into 2 x context chunks (causal load balancing), and
+    only kernels that take tokens out of order can attend over them."""
+    context = config.mesh.get("context", 1)
+    if context == 1:
+        return
+    _need(config, config.data.max_length % (2 * context) == 0, "data.max_length",
+          f"mesh.context={context} splits every row into 2 x {context} equal chunks (two per "
+          f"device, for an equal share of causal work): use a multiple of {2 * context}.",
+          )  # fmt: skip
+    _need(config, config.model.attention in ("auto", "xla", "cudnn"), "model.attention",
+          f"splash attention cannot run with the sequence split over mesh.context={context} "
+          "(its causal tiles assume tokens in order): use 'xla', 'cudnn' or 'auto', or "
+          "mesh.context=1.")  # fmt: skip
+    _need(
+        config,
+        config.train.get("objective", "sft") == "sft",
+        "train.objective",
+        f"mesh.context={context} is built for SFT only so far: use mesh.context=1.",
     )
 
 

@@ -148,8 +148,10 @@ def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> transformers
     return model.eval().float()
 
 
-def save_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
-    model = build_hf_model(family, seed)
+def save_hf_model(
+    family: str, out_dir: Path, seed: int = 0, **overrides: Any
+) -> transformers.PreTrainedModel:
+    model = build_hf_model(family, seed, **overrides)
     model.save_pretrained(out_dir)
     return model
 

@@ -227,7 +227,7 @@ class CausalLM(nnx.Module):
             embed_VxD = jax.lax.with_sharding_constraint(embed_VxD, table)
         x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0)
         if not mesh.empty:
-            rows = logical_to_spec(("batch", None, None), x_BxTxD.shape, mesh)
+            rows = logical_to_spec(("batch", "sequence", None), x_BxTxD.shape, mesh)
             x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, rows)
         if self.config.embed_scale:
             # transformers rounds sqrt(D) to the weight dtype before multiplying.
