@@ -25,9 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.compute_dtype = "float32"
     # Activation checkpointing per decoder layer: "none", "full" (recompute the layer in the
     # backward pass), "save_matmuls" (keep the weight matmuls' outputs, recompute the rest,
-    # attention scores included) or "auto" (the first of none, save_matmuls, full whose compiled
-    # train step XLA plans within 95% of the device's memory; "none" where the memory is unknown,
-    # as on CPU; each try costs a compile; the log says which and why).
+    # attention scores included), "offload" (the same outputs kept in pinned host memory, not on
+    # the device; GPUs and TPUs only) or "auto" (the first of none, save_matmuls, offload where
+    # the backend can, full whose compiled train step XLA plans within 95% of the device's
+    # memory; "none" where the memory is unknown, as on CPU; each try costs a compile; the log
+    # says which and why).
     config.model.remat = "none"
     # Attention kernel in training: "auto" (the fused kernel of the accelerator where the model
     # allows it, else "xla", also if the kernel does not compile; the log says which and why),

@@ -289,15 +289,24 @@ def lower_train_step(
 # --- Remat and the attention fall-back ---------------------------------------------------
 
 
+def auto_remat_policies() -> tuple[str, ...]:
+    """AUTO_REMAT, with "offload" (matmul outputs kept in host memory: no recomputation, less
+    device memory) tried before "full" where the backend can offload."""
+    if not memory_plan.host_offload_supported():
+        return AUTO_REMAT
+    return (*AUTO_REMAT[:-1], "offload", AUTO_REMAT[-1])
+
+
 def compile_with_remat(
     build: Callable[[CausalLM], Steps], model: CausalLM, remat: str, limit: int | None
 ) -> Steps:
-    """The compiled steps with `remat`. "auto" compiles AUTO_REMAT in turn and keeps the first
+    """The compiled steps with `remat`. "auto" compiles auto_remat_policies() in turn and keeps
+    the first
     whose train step XLA plans within FIT_FRACTION of `limit` bytes per device ("none" where
     the limit is unknown; "full" where none fits); a compile refused for want of memory counts
     as not fitting. No step runs."""
     error, steps = None, None
-    for policy in AUTO_REMAT if remat == "auto" else (remat,):
+    for policy in auto_remat_policies() if remat == "auto" else (remat,):
         model.remat = policy
         try:
             steps = build(model)

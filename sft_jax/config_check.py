@@ -7,6 +7,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from sft_jax.compile_plan import ATTENTION_CHOICES
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.spans import TRAIN_REASONING
@@ -14,6 +16,7 @@ from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES
 from sft_jax.errors import ConfigError, check_choice
 from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
+from sft_jax.memory_plan import host_offload_supported
 from sft_jax.models import DTYPES
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
 from sft_jax.optim import SCHEDULES
@@ -199,8 +202,13 @@ def _check_context(config: Any) -> None:
 
 def _check_model(config: Any) -> None:
     model = config.model
-    _need(config, model.remat in ("none", "save_matmuls", "full", "auto"), "model.remat",
-          "expected 'none', 'save_matmuls', 'full' or 'auto'.")  # fmt: skip
+    _need(config, model.remat in ("none", "save_matmuls", "offload", "full", "auto"),
+          "model.remat", "expected 'none', 'save_matmuls', 'offload', 'full' or 'auto'.",
+          )  # fmt: skip
+    _need(config, model.remat != "offload" or host_offload_supported(), "model.remat",
+          f"offloading activations needs pinned host memory apart from the device's, which "
+          f"the {jax.default_backend()} backend does not have (the policy would move nothing): "
+          "use 'full' or 'save_matmuls' here, 'offload' on GPUs and TPUs.")  # fmt: skip
     check_choice("model.attention", model.attention, ATTENTION_CHOICES)
     check_choice("model.param_dtype", model.param_dtype, tuple(DTYPES))
     check_choice("model.compute_dtype", model.compute_dtype, tuple(DTYPES))
