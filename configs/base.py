@@ -68,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Keyword arguments of the chat template, as a JSON object, e.g. '{"enable_thinking":
     # false}' (an example's own "chat_template_kwargs" field adds to and overrides these).
     config.data.template_kwargs = ""
-    # Tokens per row (the sequence length); longer examples are cut to this length.
+    # Tokens per row (the sequence length; long-context runs go to 131072 with mesh.context);
+    # longer examples are cut to this length or dropped (data.overlong).
     config.data.max_length = 128
     # Pack several examples into each row (attention never crosses examples); False pads
     # each example to max_length alone.
@@ -84,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     # examples and logs their count and the first one, "skip" drops them (counted), "error"
     # stops at the first one, naming its file and line.
     config.data.empty_replies = "warn"
+    # An example longer than max_length tokens: "truncate" keeps its first max_length tokens
+    # (counted as truncated), "drop" leaves it out (counted as dropped, reason "too_long").
+    # Never split across rows.
+    config.data.overlong = "truncate"
     # Processes that tokenize (0 = auto: one for local data under 64 MiB, else one per core
     # up to 8).
     config.data.num_workers = 0

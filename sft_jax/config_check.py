@@ -13,7 +13,7 @@ from sft_jax.compile_plan import ATTENTION_CHOICES
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
-from sft_jax.data.tokenize import EMPTY_REPLIES
+from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.errors import ConfigError, check_choice
 from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
 from sft_jax.memory_plan import host_offload_supported
@@ -158,6 +158,7 @@ def _check_data(config: Any) -> None:
           "expected '' or a JSON object, e.g. '{\"enable_thinking\": false}'.")  # fmt: skip
     check_choice("data.format", data.format, ("auto", *FORMATS))
     check_choice("data.empty_replies", data.empty_replies, EMPTY_REPLIES)
+    check_choice("data.overlong", data.get("overlong", "truncate"), OVERLONG)
 
 
 def _check_eval_and_outputs(config: Any) -> None:
