@@ -46,18 +46,14 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(overlong):
     assert kept.stats["examples_read"] == 3
 
 
-def test_unknown_overlong_choice_is_a_config_error():
-    config = base.get_config()
-    config.data.overlong = "split"
-    with pytest.raises(ConfigError, match=r"data\.overlong.*truncate.*drop"):
-        check_values(config, device_count=8, batch_shards=8)
-
-
-def test_rows_of_131072_tokens_pack_and_are_accepted_with_context():
+def test_rows_of_131072_tokens_are_accepted_with_context_and_pack():
     config = base.get_config()
     config.data.max_length = LONG_ROW
     config.mesh.context = 8
     check_values(config, device_count=8, batch_shards=1)
+    config.data.overlong = "split"
+    with pytest.raises(ConfigError, match=r"data\.overlong.*truncate.*drop"):
+        check_values(config, device_count=8, batch_shards=1)
     rng = np.random.default_rng(0)
     lengths = [LONG_ROW, 70000, 61072, 100000, 5]  # a full row, a pair that fills one, ...
     docs = tok.from_documents(
