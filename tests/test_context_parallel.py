@@ -112,14 +112,17 @@ def single_device(checkpoint):
 
 
 @pytest.mark.parametrize(
-    "fsdp,context,tensor",
-    [(1, 2, 1), (1, 4, 1), (1, 8, 1), (2, 4, 1), (1, 4, 2)],
-    ids=["context2", "context4", "context8", "fsdp2xcontext4", "context4xtensor2"],
-)
-def test_context_parallel_equals_one_device(checkpoint, single_device, fsdp, context, tensor):
+    "fsdp,context,tensor,remat",
+    [(1, 2, 1, "none"), (1, 4, 1, "none"), (1, 8, 1, "none"), (2, 4, 1, "full"),
+     (1, 4, 2, "none")],
+    ids=["context2", "context4", "context8", "fsdp2xcontext4_remat", "context4xtensor2"],
+)  # fmt: skip
+def test_context_parallel_equals_one_device(
+    checkpoint, single_device, fsdp, context, tensor, remat
+):
     devices = jax.devices()[: fsdp * context * tensor]
     mesh = sharding.make_mesh(1, fsdp, tensor, devices=devices, context=context)
-    model = tiny_model(checkpoint("llama3.1"), mesh)
+    model = tiny_model(checkpoint("llama3.1"), mesh, remat=remat)
     assert_same(loss_and_grads(model, mesh), single_device)
 
 

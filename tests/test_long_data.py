@@ -69,3 +69,15 @@ def test_rows_of_131072_tokens_are_accepted_with_context_and_pack():
     assert batch["positions"][row, lengths[first] - 1] == lengths[first] - 1
     assert batch["positions"][row, lengths[first]] == 0  # the second document restarts
     assert int(batch["target_mask"].sum()) == sum(n - 1 for n in lengths)
+
+
+def test_best_fit_takes_the_fullest_row_then_the_lowest_index():
+    # Rows after the first four documents: [9] room 1, [6] room 4, [6] room 4, [5] room 5.
+    lengths = np.array([9, 6, 6, 5, 4, 4, 1, 3])
+    rows = batching.best_fit(lengths, np.arange(8), row_len=10)
+    # 4 -> row 1 (room 4, lower index than row 2), 4 -> row 2, 3 -> row 3 (room 5: the only
+    # one with room >= 3 left), 1 -> row 0 (room 1).
+    assert rows == [[0, 6], [1, 4], [2, 5], [3, 7]]
+    assert batching.best_fit(np.array([130000, 131072, 1072]), np.arange(3), 131072) == [
+        [1], [0, 2],
+    ]  # fmt: skip
