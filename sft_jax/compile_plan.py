@@ -138,6 +138,11 @@ def attention_for(
         compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
         max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
     )  # fmt: skip
+    if config.mesh.get("context", 1) > 1:  # tokens out of order: kernels/attention.py
+        if attention == "splash":  # "auto" on a TPU; naming it is a ConfigError
+            return "xla", "auto: splash cannot run with the sequence split over mesh.context"
+        if attention == "cudnn":
+            return attention, why + "; a mask per context shard keeps documents apart"
     if attention == "cudnn":
         why += (
             f"; documents kept apart by a table of {max_segments} segments per row"

@@ -9,17 +9,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from hf_models import save_hf_model
+from hf_models import hf_config, save_hf_model
 from test_step import packed_rows, step_builder, train_config
 
 from configs import base
-from sft_jax import sharding
+from sft_jax import compile_plan, sharding
 from sft_jax.compile_plan import init_state
 from sft_jax.config_check import check_values
 from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.loss import CrossEntropy
-from sft_jax.models import CausalLM, from_pretrained, kernels
+from sft_jax.models import CausalLM, from_hf_config, from_pretrained, kernels
 from sft_jax.models.decoder import decoder_linears, use_attention
 from sft_jax.models.partitioning import balanced_order, context_layout
 from sft_jax.models.quantize import QuantSpec
@@ -177,3 +177,15 @@ def test_context_that_does_not_divide_max_length_is_a_config_error():
     config.model.attention = "splash"
     with pytest.raises(ConfigError, match=r"model\.attention='splash'.*'xla'"):
         check_values(config, device_count=8, batch_shards=2)
+
+
+def test_auto_attention_with_context_leaves_splash_for_xla(monkeypatch):
+    """On a TPU "auto" would take splash, which cannot take tokens out of order."""
+    monkeypatch.setattr(compile_plan, "accelerator", lambda: "tpu")
+    config = base.get_config()
+    config.data.max_length = 1024
+    shape = from_hf_config(hf_config("llama3.1"))
+    assert compile_plan.attention_for(config, shape, 0)[0] == "splash"
+    config.mesh.context = 4
+    attention, why = compile_plan.attention_for(config, shape, 0)
+    assert attention == "xla" and "mesh.context" in why
