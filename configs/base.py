@@ -25,9 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.compute_dtype = "float32"
     # Activation checkpointing per decoder layer: "none", "full" (recompute the layer in the
     # backward pass), "save_matmuls" (keep the weight matmuls' outputs, recompute the rest,
-    # attention scores included) or "auto" (the first of none, save_matmuls, full whose compiled
-    # train step XLA plans within 95% of the device's memory; "none" where the memory is unknown,
-    # as on CPU; each try costs a compile; the log says which and why).
+    # attention scores included), "offload" (the same outputs kept in pinned host memory, not on
+    # the device; GPUs and TPUs only) or "auto" (the first of none, save_matmuls, offload where
+    # the backend can, full whose compiled train step XLA plans within 95% of the device's
+    # memory; "none" where the memory is unknown, as on CPU; each try costs a compile; the log
+    # says which and why).
     config.model.remat = "none"
     # Attention kernel in training: "auto" (the fused kernel of the accelerator where the model
     # allows it, else "xla", also if the kernel does not compile; the log says which and why),
@@ -66,7 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Keyword arguments of the chat template, as a JSON object, e.g. '{"enable_thinking":
     # false}' (an example's own "chat_template_kwargs" field adds to and overrides these).
     config.data.template_kwargs = ""
-    # Tokens per row (the sequence length); longer examples are cut to this length.
+    # Tokens per row (the sequence length; long-context runs go to 131072 with mesh.context);
+    # longer examples are cut to this length or dropped (data.overlong).
     config.data.max_length = 128
     # Pack several examples into each row (attention never crosses examples); False pads
     # each example to max_length alone.
@@ -82,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     # examples and logs their count and the first one, "skip" drops them (counted), "error"
     # stops at the first one, naming its file and line.
     config.data.empty_replies = "warn"
+    # An example longer than max_length tokens: "truncate" keeps its first max_length tokens
+    # (counted as truncated), "drop" leaves it out (counted as dropped, reason "too_long").
+    # Never split across rows.
+    config.data.overlong = "truncate"
     # Processes that tokenize (0 = auto: one for local data under 64 MiB, else one per core
     # up to 8).
     config.data.num_workers = 0
@@ -234,6 +241,10 @@ def get_config() -> ml_collections.ConfigDict:
     # num_experts / expert of them; elsewhere one more data-parallel axis. Divides num_experts.
     config.mesh.expert = 1
     config.mesh.tensor = 1  # tensor parallelism inside layers (heads, MLP width, vocab)
+    # context parallelism for long sequences: every row's T tokens split over this many
+    # devices (T / context each, in a causally load-balanced order), keys and values gathered
+    # per layer. 2 x context must divide data.max_length; attention "xla" or "cudnn".
+    config.mesh.context = 1
     # True: the pre-flight planner (python -m sft_jax.plan) compiles candidate meshes, micro-batch
     # counts and remat policies before the run and it takes its recommendation: data, fsdp and
     # tensor above and train.gradient_accumulation_steps are then ignored, and model.remat only

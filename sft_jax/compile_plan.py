@@ -139,6 +139,11 @@ def attention_for(
         compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
         max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
     )  # fmt: skip
+    if config.mesh.get("context", 1) > 1:  # tokens out of order: kernels/attention.py
+        if attention == "splash":  # "auto" on a TPU; naming it is a ConfigError
+            return "xla", "auto: splash cannot run with the sequence split over mesh.context"
+        if attention == "cudnn":
+            return attention, why + "; a mask per context shard keeps documents apart"
     if attention == "cudnn":
         why += (
             f"; documents kept apart by a table of {max_segments} segments per row"
@@ -312,15 +317,24 @@ def lower_train_step(
 # --- Remat and the attention fall-back ---------------------------------------------------
 
 
+def auto_remat_policies() -> tuple[str, ...]:
+    """AUTO_REMAT, with "offload" (matmul outputs kept in host memory: no recomputation, less
+    device memory) tried before "full" where the backend can offload."""
+    if not memory_plan.host_offload_supported():
+        return AUTO_REMAT
+    return (*AUTO_REMAT[:-1], "offload", AUTO_REMAT[-1])
+
+
 def compile_with_remat(
     build: Callable[[CausalLM], Steps], model: CausalLM, remat: str, limit: int | None
 ) -> Steps:
-    """The compiled steps with `remat`. "auto" compiles AUTO_REMAT in turn and keeps the first
+    """The compiled steps with `remat`. "auto" compiles auto_remat_policies() in turn and keeps
+    the first
     whose train step XLA plans within FIT_FRACTION of `limit` bytes per device ("none" where
     the limit is unknown; "full" where none fits); a compile refused for want of memory counts
     as not fitting. No step runs."""
     error, steps = None, None
-    for policy in AUTO_REMAT if remat == "auto" else (remat,):
+    for policy in auto_remat_policies() if remat == "auto" else (remat,):
         model.remat = policy
         try:
             steps = build(model)

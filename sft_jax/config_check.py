@@ -7,13 +7,16 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from sft_jax.compile_plan import ATTENTION_CHOICES
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
-from sft_jax.data.tokenize import EMPTY_REPLIES
+from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.errors import ConfigError, check_choice
 from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
+from sft_jax.memory_plan import host_offload_supported
 from sft_jax.models import DTYPES
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
 from sft_jax.optim import SCHEDULES
@@ -68,6 +71,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_data(config)
     _check_eval_and_outputs(config)
     _check_model(config)
+    _check_context(config)
     _check_lora(config)
     _check_preference(config)
 
@@ -80,6 +84,10 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
           "mesh.expert", f"an expert axis of {expert_devices} devices must divide the model's "
           f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
           )  # fmt: skip
+    context = config.mesh.get("context", 1)
+    _need(config, context == 1 or experts == 0, "mesh.context",
+          f"context parallelism (mesh.context={context}) is not built for mixtures of experts "
+          f"({model_config.model_type}) yet: use mesh.context=1.")  # fmt: skip
 
 
 def _need(config: Any, ok: bool, field: str, problem: str) -> None:
@@ -95,6 +103,12 @@ def check_mesh(config: Any) -> None:
     _need(config, all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh.data",
           f"data, fsdp, tensor = {sizes}: positive sizes, at most one -1 (the rest of the "
           "devices); or config.mesh.auto=True to let the planner choose.")  # fmt: skip
+    context = mesh.get("context", 1)
+    _need(config, isinstance(context, int) and context >= 1, "mesh.context",
+          "devices the sequence is split over: 1 (off) or more.")  # fmt: skip
+    _need(config, context == 1 or not mesh.get("auto", False), "mesh.auto",
+          f"the planner does not search the context axis (mesh.context={context}): set "
+          "config.mesh.auto=False and the mesh by hand.")  # fmt: skip
 
 
 def _check_train(config: Any) -> None:
@@ -144,6 +158,7 @@ def _check_data(config: Any) -> None:
           "expected '' or a JSON object, e.g. '{\"enable_thinking\": false}'.")  # fmt: skip
     check_choice("data.format", data.format, ("auto", *FORMATS))
     check_choice("data.empty_replies", data.empty_replies, EMPTY_REPLIES)
+    check_choice("data.overlong", data.get("overlong", "truncate"), OVERLONG)
 
 
 def _check_eval_and_outputs(config: Any) -> None:
@@ -164,10 +179,37 @@ def _check_eval_and_outputs(config: Any) -> None:
     )
 
 
+def _check_context(config: Any) -> None:
+    """mesh.context: it splits each row into 2 x context chunks (causal load balancing), and
+    only kernels that take tokens out of order can attend over them."""
+    context = config.mesh.get("context", 1)
+    if context == 1:
+        return
+    _need(config, config.data.max_length % (2 * context) == 0, "data.max_length",
+          f"mesh.context={context} splits every row into 2 x {context} equal chunks (two per "
+          f"device, for an equal share of causal work): use a multiple of {2 * context}.",
+          )  # fmt: skip
+    _need(config, config.model.attention in ("auto", "xla", "cudnn"), "model.attention",
+          f"splash attention cannot run with the sequence split over mesh.context={context} "
+          "(its causal tiles assume tokens in order): use 'xla', 'cudnn' or 'auto', or "
+          "mesh.context=1.")  # fmt: skip
+    _need(
+        config,
+        config.train.get("objective", "sft") == "sft",
+        "train.objective",
+        f"mesh.context={context} is built for SFT only so far: use mesh.context=1.",
+    )
+
+
 def _check_model(config: Any) -> None:
     model = config.model
-    _need(config, model.remat in ("none", "save_matmuls", "full", "auto"), "model.remat",
-          "expected 'none', 'save_matmuls', 'full' or 'auto'.")  # fmt: skip
+    _need(config, model.remat in ("none", "save_matmuls", "offload", "full", "auto"),
+          "model.remat", "expected 'none', 'save_matmuls', 'offload', 'full' or 'auto'.",
+          )  # fmt: skip
+    _need(config, model.remat != "offload" or host_offload_supported(), "model.remat",
+          f"offloading activations needs pinned host memory apart from the device's, which "
+          f"the {jax.default_backend()} backend does not have (the policy would move nothing): "
+          "use 'full' or 'save_matmuls' here, 'offload' on GPUs and TPUs.")  # fmt: skip
     check_choice("model.attention", model.attention, ATTENTION_CHOICES)
     check_choice("model.param_dtype", model.param_dtype, tuple(DTYPES))
     check_choice("model.compute_dtype", model.compute_dtype, tuple(DTYPES))

@@ -171,9 +171,10 @@ def _per_device(
     of the vocabulary) in shard_map over the abstract mesh; out_specs(rows spec) is what it
     returns (outputs must be invariant over the vocabulary axes)."""
     mesh = jax.sharding.get_abstract_mesh()
-    rows = logical_to_spec(("batch", None), rows_BxT[0].shape, mesh)
+    # Rows, and with a context axis the time axis: each device's tokens.
+    rows = logical_to_spec(("batch", "sequence"), rows_BxT[0].shape, mesh)
     vocab = logical_to_spec(("vocab", None), head_VxD.shape, mesh)
-    row_axes, vocab_axes = _axes(rows[0]), _axes(vocab[0])
+    row_axes, vocab_axes = _axes(rows[0]) + _axes(rows[1]), _axes(vocab[0])
 
     def run(hidden_BxTxD, head_VxD, *rows_BxT):
         # Varying over the row axes from here on: the head's gradient is summed over devices
@@ -181,7 +182,7 @@ def _per_device(
         head_VxD = jax.lax.pcast(head_VxD, row_axes, to="varying") if row_axes else head_VxD
         return local(hidden_BxTxD, head_VxD, *rows_BxT, vocab_axes, row_axes)
 
-    in_specs = (PartitionSpec(rows[0], None, None), PartitionSpec(vocab[0], None))
+    in_specs = (PartitionSpec(rows[0], rows[1], None), PartitionSpec(vocab[0], None))
     return jax.shard_map(
         run, mesh=mesh, in_specs=(*in_specs, *(rows for _ in rows_BxT)), out_specs=out_specs(rows)
     )(hidden_BxTxD, head_VxD, *rows_BxT)
@@ -216,6 +217,7 @@ def hidden_loss_sums(
         return _scan_chunks(hidden_BxTxD, head_VxD, targets_BxT, mask_BxT, chunk, softcap)
 
     def local(hidden_BxTxD, head_VxD, targets_BxT, mask_BxT, vocab_axes, row_axes) -> LossSums:
+        chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)  # of this device's tokens
         sums = _scan_chunks(
             hidden_BxTxD, head_VxD, targets_BxT, mask_BxT, chunk, softcap, vocab_axes, row_axes
         )
@@ -252,6 +254,7 @@ def hidden_token_logps(
         return _scan_token_logps(hidden_BxTxD, head_VxD, batch["target_ids"], chunk, softcap)
 
     def local(hidden_BxTxD, head_VxD, targets_BxT, vocab_axes, row_axes) -> jax.Array:
+        chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)  # of this device's tokens
         return _scan_token_logps(hidden_BxTxD, head_VxD, targets_BxT, chunk, softcap, vocab_axes)
 
     return _per_device(local, hidden_BxTxD, head_VxD, (batch["target_ids"],), lambda rows: rows)

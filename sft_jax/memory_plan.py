@@ -27,6 +27,8 @@ class StepMemory:
     aliased: int  # outputs written into donated arguments (counted once, in `arguments`)
     temporaries: int  # activations, gradients, logits chunks, ...
     code: int
+    # Activations offloaded to pinned host memory (remat "offload"): host RAM, not in `total`.
+    host_temporaries: int = 0
 
     @property
     def total(self) -> int:
@@ -43,6 +45,7 @@ class StepMemory:
                 aliased=int(stats.alias_size_in_bytes),
                 temporaries=int(stats.temp_size_in_bytes),
                 code=int(stats.generated_code_size_in_bytes),
+                host_temporaries=int(getattr(stats, "host_temp_size_in_bytes", 0) or 0),
             )
         except (AttributeError, TypeError):
             return None
@@ -53,7 +56,21 @@ class StepMemory:
             f"{self.total / gib:.2f} GiB per device: arguments {self.arguments / gib:.2f}, "
             f"temporaries {self.temporaries / gib:.2f}, new outputs "
             f"{(self.outputs - self.aliased) / gib:.2f} (XLA's estimate)"
+            + (
+                f"; {self.host_temporaries / gib:.2f} GiB offloaded to host memory"
+                if self.host_temporaries
+                else ""
+            )
         )
+
+
+def host_offload_supported() -> bool:
+    """Whether this backend keeps pinned host memory apart from the device's, so that remat
+    "offload" moves activations off the device (GPUs, TPUs; not the CPU backend, where the
+    policy compiles but moves nothing)."""
+    device = jax.local_devices()[0]
+    kinds = {memory.kind for memory in device.addressable_memories()}
+    return device.platform != "cpu" and "pinned_host" in kinds
 
 
 def device_bytes_limit() -> int | None:

@@ -19,8 +19,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sft_jax.data.batches import BATCH_DTYPES, BATCH_KEYS
 from sft_jax.errors import ConfigError
 from sft_jax.models.partitioning import (
+    CONTEXT_AXIS,
     LOGICAL_RULES,
     MESH_AXES,
+    context_shards,
     named_sharding,
     single_device_mesh,
 )
@@ -34,11 +36,12 @@ def make_mesh(
     tensor: int = 1,
     devices: Sequence[jax.Device] | None = None,
     expert: int = 1,
+    context: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, expert, tensor) mesh over `devices` (all by default); one -1 fills the
-    rest."""
+    """A (data, fsdp, expert, context, tensor) mesh over `devices` (all by default); one -1
+    fills the rest."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, expert, tensor]
+    sizes = [data, fsdp, expert, context, tensor]
     if sizes.count(-1) > 1:
         raise ConfigError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))}: at most one axis may be -1."
@@ -50,8 +53,9 @@ def make_mesh(
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         raise ConfigError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x expert={sizes[2]} x tensor={sizes[3]} "
-            f"needs {math.prod(sizes)} devices, but {len(devices)} are available."
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x expert={sizes[2]} x context={sizes[3]} "
+            f"x tensor={sizes[4]} needs {math.prod(sizes)} devices, but {len(devices)} are "
+            "available."
         )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
@@ -59,7 +63,8 @@ def make_mesh(
 def mesh_for(config: ml_collections.ConfigDict) -> Mesh:
     """The mesh config.mesh asks for, over every device of the job."""
     mesh = config.mesh
-    return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, expert=mesh.expert)
+    context = mesh.get("context", 1)  # configs saved before the field: none
+    return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, expert=mesh.expert, context=context)
 
 
 def batch_shards(mesh: Mesh) -> int:
@@ -99,7 +104,9 @@ def opt_state_shardings(abstract_opt_state: Any, params_shardings: Any, mesh: Me
 
 
 def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    rows = NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], None))
+    """Rows split over the batch axes; with a context axis, the time axis over it too."""
+    time = CONTEXT_AXIS if context_shards(mesh) > 1 else None
+    rows = NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], time))
     return {k: rows for k in BATCH_KEYS}
 
 

@@ -19,7 +19,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from sft_jax.loss import CrossEntropy
-from sft_jax.models.partitioning import LOGICAL_RULES
+from sft_jax.models.partitioning import (
+    CONTEXT_AXIS,
+    LOGICAL_RULES,
+    context_layout,
+    context_shards,
+)
 from sft_jax.moe_loss import MoECrossEntropy
 
 Batch = dict[str, jax.Array]
@@ -73,7 +78,9 @@ class StepSpec:
 def micro_batches(batch: Batch, k: int) -> Batch:
     """[G, T] -> [k, G/k, T], micro-batch j holding rows j, j+k, ...: every device keeps an
     equal share of every micro-batch (traced under the mesh: rows stay on their devices)."""
-    spec = PartitionSpec(None, LOGICAL_RULES["batch"], None)
+    spec = PartitionSpec(
+        None, LOGICAL_RULES["batch"], CONTEXT_AXIS if context_shards() > 1 else None
+    )
 
     def split(x: jax.Array) -> jax.Array:
         rows = x.shape[0]
@@ -123,6 +130,7 @@ def train_step(
     """One optimizer update: (new state, metrics of this step)."""
     step_key = jax.random.fold_in(jax.random.key(spec.dropout_seed), state["step"])
     params = state["params"]
+    batch = context_layout(batch)
     grads, sums = gradients(spec, params, frozen, batch, step_key)
     updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
     new_state = {
@@ -139,4 +147,5 @@ def train_step(
 
 def eval_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> Any:
     """The objective's sums over an eval batch (no dropout); the caller adds them up."""
+    batch = context_layout(batch)
     return spec.objective.sums(nnx.merge(spec.graphdef, params, frozen), batch, None)

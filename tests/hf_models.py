@@ -123,9 +123,10 @@ FAMILIES: dict[str, tuple[type, dict]] = {
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
-def hf_config(family: str) -> transformers.PretrainedConfig:
-    config_class, overrides = FAMILIES[family]
-    return config_class(**{**_COMMON, **overrides})
+def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
+    """The family's tiny config; `overrides` replace its fields (rope scaling, lengths)."""
+    config_class, family_overrides = FAMILIES[family]
+    return config_class(**{**_COMMON, **family_overrides, **overrides})
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
@@ -139,16 +140,18 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             param.copy_(noise + (1.0 if is_norm and not gemma else 0.0))
 
 
-def build_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
-    config = hf_config(family)
+    config = hf_config(family, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize_(model, seed)
     return model.eval().float()
 
 
-def save_hf_model(family: str, out_dir: Path, seed: int = 0) -> transformers.PreTrainedModel:
-    model = build_hf_model(family, seed)
+def save_hf_model(
+    family: str, out_dir: Path, seed: int = 0, **overrides: Any
+) -> transformers.PreTrainedModel:
+    model = build_hf_model(family, seed, **overrides)
     model.save_pretrained(out_dir)
     return model
 

@@ -67,7 +67,7 @@ BAD_VALUES = [
     ("train.loss_chunk_size", 0, "must be positive"),
     ("eval.global_batch_size", 4, "use a multiple of 8"),
     ("log.every_steps", 0, "log at least every N > 0 steps"),
-    ("model.remat", "selective", "expected 'none', 'save_matmuls', 'full' or 'auto'"),
+    ("model.remat", "selective", "expected 'none', 'save_matmuls', 'offload', 'full' or 'auto'"),
     ("data.max_documents_per_row", -1, "must be 0 (no limit) or positive"),
     ("export.at_end", "bset", "expected 'best', 'last' or 'none'"),
     ("checkpoint.keep_last", 0, "keep at least 1"),

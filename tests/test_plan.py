@@ -220,8 +220,8 @@ def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
     first = next(r.getMessage() for r in caplog.records if r.name.startswith("sft_jax"))
     c = expected.candidate
     assert first.startswith(
-        f"mesh: data={c.data} fsdp={c.fsdp} expert=1 tensor={c.tensor}: 8 cpu devices in 1 "
-        "process; "
+        f"mesh: data={c.data} fsdp={c.fsdp} expert=1 context=1 tensor={c.tensor}: 8 cpu devices "
+        "in 1 process; "
         "config.mesh.auto: the planner's pick"
     ), first
 
@@ -232,8 +232,8 @@ def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
         trainer.run(config, tmp_path / "fixed", data_factory=lambda _: synthetic_source())
     first = next(r.getMessage() for r in caplog.records if r.name.startswith("sft_jax"))
     assert (
-        first == "mesh: data=2 fsdp=4 expert=1 tensor=1: 8 cpu devices in 1 process; as configured "
-        "(config.mesh)"
+        first == "mesh: data=2 fsdp=4 expert=1 context=1 tensor=1: 8 cpu devices in 1 process; "
+        "as configured (config.mesh)"
     )
 
 

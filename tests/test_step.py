@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -47,23 +47,35 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 def synthetic_batch(seed: int, rows: int = ROWS, vocab: int = 128) -> dict[str, np.ndarray]:
     """Rows of two packed documents each, padding at the end, uneven random target masks."""
     rng = np.random.default_rng(seed)
+    lengths = []
+    for _ in range(rows):
+        first = rng.integers(3, 9)
+        lengths.append((first, rng.integers(2, SEQ_LEN - first)))
+    return packed_rows(rng, lengths, SEQ_LEN, vocab, trained=0.7)
+
+
+def packed_rows(
+    rng: np.random.Generator, lengths: Sequence[Sequence[int]], seq_len: int, vocab: int,
+    trained: float,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """A batch whose row r packs documents of lengths[r] (random tokens, a `trained` fraction
+    of targets kept), padding after them."""
+    rows = len(lengths)
     batch = {
-        k: np.zeros((rows, SEQ_LEN), np.int32)
+        k: np.zeros((rows, seq_len), np.int32)
         for k in ("input_ids", "target_ids", "positions", "segment_ids")
     }
-    batch["target_mask"] = np.zeros((rows, SEQ_LEN), bool)
-    for r in range(rows):
-        first = rng.integers(3, 9)
-        second = rng.integers(2, SEQ_LEN - first)
+    batch["target_mask"] = np.zeros((rows, seq_len), bool)
+    for r, row_lengths in enumerate(lengths):
         start = 0
-        for segment, length in enumerate((first, second), start=1):
+        for segment, length in enumerate(row_lengths, start=1):
             tokens = rng.integers(3, vocab, size=length)
             span = slice(start, start + length)
             batch["input_ids"][r, span] = tokens
             batch["target_ids"][r, start : start + length - 1] = tokens[1:]
             batch["positions"][r, span] = np.arange(length)
             batch["segment_ids"][r, span] = segment
-            batch["target_mask"][r, start : start + length - 1] = rng.random(length - 1) < 0.7
+            batch["target_mask"][r, start : start + length - 1] = rng.random(length - 1) < trained
             start += length
     return batch
 

@@ -14,7 +14,7 @@ The label shift happens here and only here. For one document of a row:
 
 from __future__ import annotations
 
-import bisect
+import heapq
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,28 +37,72 @@ BATCH_KEYS = tuple(BATCH_DTYPES)
 def best_fit(
     lengths: np.ndarray, order: np.ndarray, row_len: int, max_docs: int = 0
 ) -> list[list[int]]:
-    """Packs documents (taken longest first, ties in `order`) into the fullest row they fit,
-    at most `max_docs` to a row (0: no limit).
+    """Packs documents (taken longest first, ties in `order`) into the fullest row they fit
+    (the least room left, then the lowest row index), at most `max_docs` to a row (0: no
+    limit).
 
     Returns the rows as lists of document indices. Best-fit decreasing keeps padding low; the
-    caller shuffles the rows, so long and short documents still mix across batches.
+    caller shuffles the rows, so long and short documents still mix across batches. Open rows
+    are found through a bitmap of room sizes (_OpenRows): the time per document does not grow
+    with the number of open rows, so packing time stays linear in the data.
     """
     by_length = order[np.argsort(-lengths[order], kind="stable")]
     rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row index), sorted
+    free = _OpenRows(row_len)
     for doc in by_length:
         need = int(lengths[doc])
-        slot = bisect.bisect_left(free, (need, -1))
-        if slot < len(free):
-            room, row = free.pop(slot)
+        room, row = free.pop_fullest(need)
+        if row >= 0:
             rows[row].append(int(doc))
             room -= need
         else:
             rows.append([int(doc)])
             row, room = len(rows) - 1, row_len - need
         if room > 0 and (max_docs <= 0 or len(rows[row]) < max_docs):
-            bisect.insort(free, (room, row))
+            free.add(room, row)
     return rows
+
+
+class _OpenRows:
+    """Rows with room left, by room size: a heap of row indices per size (lowest first) and a
+    two-level bitmap of the sizes that have any (64-bit words, and one bit per nonempty word),
+    so the least room >= a need is a few word operations."""
+
+    def __init__(self, row_len: int):
+        self.rows: dict[int, list[int]] = {}
+        self.words = [0] * (row_len // 64 + 1)
+        self.nonempty_words = 0
+
+    def add(self, room: int, row: int) -> None:
+        same_room = self.rows.get(room)
+        if same_room:
+            heapq.heappush(same_room, row)
+            return
+        self.rows[room] = [row]
+        word = room >> 6
+        self.words[word] |= 1 << (room & 63)
+        self.nonempty_words |= 1 << word
+
+    def pop_fullest(self, need: int) -> tuple[int, int]:
+        """(room, row) of the open row with the least room >= need, removed; (-1, -1) if none."""
+        word = need >> 6
+        if word >= len(self.words):
+            return -1, -1
+        bits = self.words[word] >> (need & 63) << (need & 63)
+        if not bits:
+            later = self.nonempty_words >> (word + 1)
+            if not later:
+                return -1, -1
+            word += (later & -later).bit_length()
+            bits = self.words[word]
+        room = (word << 6) + (bits & -bits).bit_length() - 1
+        same_room = self.rows[room]
+        row = heapq.heappop(same_room)
+        if not same_room:
+            self.words[word] &= ~(1 << (room & 63))
+            if not self.words[word]:
+                self.nonempty_words &= ~(1 << word)
+        return room, row
 
 
 def epoch_rows(

@@ -119,6 +119,7 @@ def _options(data: ml_collections.ConfigDict, sources: list[str], split: str) ->
         max_length=data.max_length,
         skip_bad=data.skip_bad_examples,
         empty_replies=data.get("empty_replies", "warn"),
+        overlong=data.get("overlong", "truncate"),  # configs saved before the field: truncate
         train_reasoning=data.train_reasoning,
         template_kwargs=data.template_kwargs,
     )

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # token: "warn" keeps such examples and reports their count and the first one, "skip" drops
 # them (counted), "error" stops at the first one.
 EMPTY_REPLIES = ("warn", "skip", "error")
+# What an example longer than max_length becomes: its first max_length tokens (counted as
+# truncated), or nothing (counted as a drop, reason "too_long"). Never split into pieces.
+OVERLONG = ("truncate", "drop")
 # The modules whose code decides spans and tokens: their text is part of the cache key.
 SPAN_CODE = ("messages.py", "formats.py", "templates.py", "spans.py", "tokenize.py")
 _CHUNK = 256  # examples per task handed to a worker process
@@ -55,6 +58,7 @@ class Options:
     train_reasoning: str = "all"  # spans.TRAIN_REASONING
     template_kwargs: str = ""  # JSON object of chat-template keyword arguments ("" = none)
     empty_replies: str = "warn"  # EMPTY_REPLIES: what an empty assistant reply does
+    overlong: str = "truncate"  # OVERLONG: what an example over max_length becomes
 
     def kwargs(self) -> dict[str, Any]:
         return json.loads(self.template_kwargs) if self.template_kwargs else {}
@@ -169,7 +173,7 @@ def tokenize_documents(
     notes = {"truncated": 0, "duplicate_bos_removed": 0}
     documents = []
     for text, spans in texts:
-        tokens, trained = _tokens_and_flags(tokenizer, text, spans, options.max_length, notes)
+        tokens, trained = _tokens_and_flags(tokenizer, text, spans, options, notes)
         # Token 0 is never a target (nothing before it predicts it): count from token 1.
         if trained[1:].any():
             documents.append((tokens, trained))
@@ -180,7 +184,7 @@ def tokenize_documents(
 
 
 def _tokens_and_flags(
-    tokenizer: Any, text: str, spans: list[tuple[int, int]], max_length: int, notes: dict
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], options: Options, notes: dict
 ) -> tuple[np.ndarray, np.ndarray]:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     tokens = np.asarray(encoded["input_ids"], np.int32)
@@ -189,8 +193,13 @@ def _tokens_and_flags(
     if bos is not None and len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
         tokens, trained = tokens[1:], trained[1:]
         notes["duplicate_bos_removed"] = 1
-    if len(tokens) > max_length:
-        tokens, trained = tokens[:max_length], trained[:max_length]
+    if len(tokens) > options.max_length:
+        if options.overlong == "drop":  # the whole example, never a piece of it
+            raise BadExample(
+                f"{len(tokens)} tokens, over config.data.max_length={options.max_length}",
+                "too_long",
+            )
+        tokens, trained = tokens[: options.max_length], trained[: options.max_length]
         notes["truncated"] = 1
     return tokens, trained
 
@@ -256,7 +265,7 @@ def _note_empty_reply(
 
 # Reasons that are part of normal SFT data handling rather than malformed input: always a
 # counted drop, never an error.
-EXPECTED_DROPS = ("no_target_tokens", "no_target_tokens_after_truncation")
+EXPECTED_DROPS = ("no_target_tokens", "no_target_tokens_after_truncation", "too_long")
 
 
 def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:

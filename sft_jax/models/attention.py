@@ -24,6 +24,7 @@ from flax import nnx
 from sft_jax.models import kernels
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key
+from sft_jax.models.partitioning import context_attention, context_shards
 
 
 def attention_mask(
@@ -36,6 +37,21 @@ def attention_mask(
     mask_BxTxS = same_segment & causal_TxS[None]
     if window is not None:
         distance_BxTxS = positions_BxT[:, :, None] - positions_BxT[:, None, :]
+        mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
+    return mask_BxTxS
+
+
+def position_mask(
+    q_segment_ids_BxT: jax.Array, q_positions_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array, kv_positions_BxS: jax.Array, window: int | None,
+) -> jax.Array:  # fmt: skip
+    """[B, T, S] True where query t may attend key s, for tokens in any order: same segment
+    and an earlier (or the same) position, inside the window. Equal to attention_mask on rows
+    in sequence order, as a document is a contiguous run of increasing positions."""
+    same_segment = q_segment_ids_BxT[:, :, None] == kv_segment_ids_BxS[:, None, :]
+    distance_BxTxS = q_positions_BxT[:, :, None] - kv_positions_BxS[:, None, :]
+    mask_BxTxS = same_segment & (distance_BxTxS >= 0)
+    if window is not None:
         mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
     return mask_BxTxS
 
@@ -132,6 +148,12 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None = None,
     ):
         q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
+        shards = context_shards()
+        if shards > 1 and x_BxTxD.shape[1] % shards == 0:  # the sequence split over context
+            out_BxTxHE = self._context_parallel(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, positions_BxT
+            )
+            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
         if self.kind == "splash":
             out_BxTxHE = kernels.splash_attention(
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
@@ -150,6 +172,34 @@ class Attention(nnx.Module):
                                          self.scale, self.window)  # fmt: skip
             return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
         return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3))
+
+    def _context_parallel(
+        self, q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+        segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
+    ) -> jax.Array:  # fmt: skip
+        """Attention with the sequence split over the mesh's context axis: each device's
+        queries against the gathered keys (models/partitioning.py), masked by segment and
+        position, as tokens come in load-balanced order. Output [B, T, H * E]."""
+        if self.kind == "splash":
+            raise UnsupportedModelError(
+                "attention='splash' cannot run with the sequence split over mesh.context: its "
+                "causal tiles assume tokens in order. Set config.model.attention='xla' (or "
+                "mesh.context=1)."
+            )
+
+        def local(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions):
+            mask_BxTxS = position_mask(
+                q_segment_ids, q_positions, kv_segment_ids, kv_positions, self.window
+            )
+            if self.kind == "cudnn":  # the mask path: cuDNN's causal tiles assume order too
+                return kernels.masked_attention(q, k, v, mask_BxTxS, self.scale)
+            return self._weighted_values(q, k, v, mask_BxTxS)
+
+        out_BxTxKxGxE = context_attention(
+            local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, positions_BxT
+        )
+        batch, seq_len = q_BxTxKxGxE.shape[:2]
+        return out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
 
     def extend(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache
@@ -196,12 +246,19 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None,
     ) -> jax.Array:
         batch, seq_len = q_BxTxKxGxE.shape[:2]
+        out_BxTxKxGxE = self._weighted_values(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS)
+        out_BxTxHE = out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self.o_proj(out_BxTxHE, dropout_key)
+
+    def _weighted_values(
+        self, q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+        mask_BxTxS: jax.Array,
+    ) -> jax.Array:  # fmt: skip
+        """softmax(q.k * scale, soft-capped, masked) . v: [B, T, K, G, E], the einsum path."""
         scores = einsum_f32("BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE)
         scores = scores * self.scale
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
         scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-        out_BxTxKxGxE = jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE)
-        out_BxTxHE = out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
-        return self.o_proj(out_BxTxHE, dropout_key)
+        return jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE)

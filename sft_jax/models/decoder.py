@@ -28,13 +28,18 @@ from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.partitioning import logical_to_spec
 
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
-# layer), or only matmul outputs (recompute the cheap elementwise work).
+# layer), or only matmul outputs (recompute the cheap elementwise work), on the device or
+# offloaded to host memory.
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     # Keeps the weight matmuls' outputs (no batch dims); recomputes the rest, attention scores
     # included ([B, K, G, T, S] per layer would not fit at long sequence lengths).
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The same matmul outputs, kept in pinned host memory instead of the device's: copied out
+    # in the forward pass, back in the backward one (GPUs and TPUs; the CPU backend has no
+    # separate host memory and config_check refuses it there).
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -237,7 +242,7 @@ class CausalLM(nnx.Module):
             embed_VxD = jax.lax.with_sharding_constraint(embed_VxD, table)
         x_BxTxD = jnp.take(embed_VxD, input_ids_BxT, axis=0)
         if not mesh.empty:
-            rows = logical_to_spec(("batch", None, None), x_BxTxD.shape, mesh)
+            rows = logical_to_spec(("batch", "sequence", None), x_BxTxD.shape, mesh)
             x_BxTxD = jax.lax.with_sharding_constraint(x_BxTxD, rows)
         if self.config.embed_scale:
             # transformers rounds sqrt(D) to the weight dtype before multiplying.

@@ -225,3 +225,18 @@ def fused_attention(
         implementation=FUSED_IMPLEMENTATION["cudnn"],
     )  # fmt: skip
     return out_BxTxHxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
+
+
+def masked_attention(
+    q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+    mask_BxTxS: jax.Array, scale: float,
+) -> jax.Array:  # fmt: skip
+    """jax.nn.dot_product_attention (cuDNN) under an arbitrary mask alone, no causal tiles:
+    for queries that are not in sequence order (one context shard's). Output [B, T, K, G, E]."""
+    batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
+    q_BxTxHxE = q_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups, head_dim)
+    out_BxTxHxE = jax.nn.dot_product_attention(
+        q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxTxS[:, None], scale=scale,
+        implementation=FUSED_IMPLEMENTATION["cudnn"],
+    )  # fmt: skip
+    return out_BxTxHxE.reshape(q_BxTxKxGxE.shape)

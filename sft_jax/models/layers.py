@@ -138,12 +138,18 @@ einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
 def apply_rope(x_BTxE: jax.Array, positions_BxT: jax.Array, rope: RopeSpec) -> jax.Array:
-    """Rotates the two halves of the last axis of x_[B, T, heads, E] by position * frequency."""
+    """Rotates the two halves of the last axis of x_[B, T, heads, E] by position * frequency
+    (scaled by the rope's attention factor: YaRN's, 1 otherwise)."""
     head_dim = x_BTxE.shape[-1]
-    inv_freq = jnp.asarray(rope.inverse_frequencies(head_dim))
+    if rope.rope_type == "dynamic":  # frequencies follow the batch's longest position
+        inv_freq = rope.dynamic_inverse_frequencies(head_dim, jnp.max(positions_BxT) + 1)
+    else:
+        inv_freq = jnp.asarray(rope.inverse_frequencies(head_dim))
     angles_BxTxHalf = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
     cos = jnp.cos(angles_BxTxHalf)[:, :, None, :]
     sin = jnp.sin(angles_BxTxHalf)[:, :, None, :]
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
     x32 = x_BTxE.astype(jnp.float32)
     first, second = x32[..., : head_dim // 2], x32[..., head_dim // 2 :]
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)

@@ -2,8 +2,8 @@
 
 Parameters carry logical axis names in their `logical_axes` metadata ("embed", "mlp",
 "q_heads", ...), activations are named the same way where it matters; LOGICAL_RULES says which
-mesh axes ("data", "fsdp", "expert", "tensor") split each. Nothing else in models/ names a
-mesh axis.
+mesh axes ("data", "fsdp", "expert", "context", "tensor") split each. Nothing else in models/
+names a mesh axis.
 Meshes are built by sft_jax.sharding.
 """
 
@@ -18,13 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 # Logical axis (as annotated on parameters and activations) -> mesh axes it is split over.
 # "batch" rows are split over data-parallel, fsdp and expert replicas; weights are split over
 # fsdp (gathered per layer by XLA) and tensor (Megatron-style column/row parallel layers), the
 # stacked weights of a mixture of experts over expert (each device holds X / expert experts;
-# outside the expert blocks the expert axis is one more data-parallel axis).
+# outside the expert blocks the expert axis is one more data-parallel axis). The time axis of
+# activations ("sequence") is split over context: each device holds T / context tokens of every
+# row (in the load-balanced order of context_layout) and attends over all of them.
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),
     "expert": ("expert",),
@@ -36,7 +38,9 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "norm": (),
     "lora_rank": (),
     "length": (),
+    "sequence": ("context",),
 }
+CONTEXT_AXIS = "context"
 
 
 def single_device_mesh() -> Mesh:
@@ -92,6 +96,74 @@ def attention_per_shard(
         out_specs=q_spec,
         check_vma=False,  # custom kernels do not declare how outputs vary over the mesh
     )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+
+
+def context_shards(mesh: jax.sharding.AbstractMesh | Mesh | None = None) -> int:
+    """Devices the time axis is split over (the mesh's context axis; 1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty or CONTEXT_AXIS not in mesh.shape:
+        return 1
+    return mesh.shape[CONTEXT_AXIS]
+
+
+def balanced_order(seq_len: int, shards: int) -> np.ndarray:
+    """Token order [T] that gives every context shard an equal share of causal attention work:
+    the sequence is cut into 2 * shards chunks and shard i holds chunks i and 2 * shards - 1 - i
+    (an early chunk, cheap, with its mirror, expensive). new[j] = old[order[j]]."""
+    chunks = np.arange(seq_len).reshape(2 * shards, seq_len // (2 * shards))
+    pairs = [np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)]
+    return np.concatenate(pairs)
+
+
+def context_layout(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The [B, T] arrays of a batch in balanced_order, split over the context axis (unchanged
+    without one). Every per-token computation, and so every sum over tokens, is unchanged by
+    the reordering; attention orders tokens by their positions (see context_attention)."""
+    shards = context_shards()
+    if shards == 1:
+        return batch
+    order = balanced_order(next(iter(batch.values())).shape[1], shards)
+    spec = PartitionSpec(LOGICAL_RULES["batch"], CONTEXT_AXIS)
+    return {
+        key: jax.lax.with_sharding_constraint(jnp.take(x, order, axis=1), spec)
+        for key, x in batch.items()
+    }
+
+
+def context_attention(
+    local: Callable[..., jax.Array],
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids_BxT: jax.Array,
+    positions_BxT: jax.Array,
+) -> jax.Array:
+    """local(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions) -> [B, T, K, G, E]
+    on each device of the context axis: its own T / context queries against the keys and values
+    of the whole sequence, all-gathered over the axis (their gradients reduce-scattered back).
+
+    Tokens arrive in context_layout's order, not the sequence's, so `local` must order them by
+    position within a segment (documents are contiguous runs of increasing positions).
+    All-gathered K/V rather than a ring: one collective per layer, simplest to keep exact, and
+    K/V are small next to the activations (G query heads share each, and the scores are per
+    query shard either way)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    kv_spec = logical_to_spec(("batch", "sequence", "kv_heads", None), k_BxSxKxE.shape, mesh)
+    q_spec = PartitionSpec(*kv_spec[:3], None, None)
+    token_spec = PartitionSpec(kv_spec[0], kv_spec[1])
+    gather = functools.partial(jax.lax.all_gather, axis_name=CONTEXT_AXIS, axis=1, tiled=True)
+
+    def per_device(q, k, v, segment_ids, positions):
+        return local(q, gather(k), gather(v), segment_ids, positions, gather(segment_ids),
+                     gather(positions))  # fmt: skip
+
+    return jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec),
+        out_specs=q_spec,
+        check_vma=False,  # fused kernels do not declare how outputs vary over the mesh
+    )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, positions_BxT)
 
 
 def experts_per_shard(

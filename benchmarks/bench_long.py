@@ -1,0 +1,216 @@
+"""Long-context memory: XLA's plan of the compiled train step's per-device memory with the
+sequence split over mesh.context = 1, 2, 4, 8 (fake CPU devices, no weights allocated), and the
+packing time of long-context data at two sizes.
+
+  python benchmarks/bench_long.py                        # T = 16k, small model, context 1-8
+  python benchmarks/bench_long.py --packing              # best_fit time at N and 4N documents
+  python benchmarks/bench_long.py --preset=llama3_1_8b_32k_cp   # a preset's shapes and mesh
+
+Each context size compiles the train step on its own C devices (data = fsdp = tensor = 1, one
+row), so parameters and optimizer state are the same on every device and what falls with C is
+the activations: XLA's `temp` bytes (memory_analysis of the compiled step). The einsum
+attention path is compiled (CPU), whose scores per layer are [heads, T / C, T]: they fall as
+1 / C too, but a fused kernel (cuDNN on a GPU) never holds them.
+
+On a GPU, tokens/s and peak memory at seq 32k with a ~1B model, with and without offload:
+
+  python benchmarks/bench_train.py --shape=llama-1b --batch=1 --seq=32768 --dtype=bfloat16 \
+      --param_dtype=bfloat16 --mode=full --remat=full --skip_torch
+  python benchmarks/bench_train.py --shape=llama-1b --batch=1 --seq=32768 --dtype=bfloat16 \
+      --param_dtype=bfloat16 --mode=full --remat=offload --skip_torch
+
+(not measured for this change: no GPU was lent to it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":  # fake devices must be asked for before jax starts
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from sft_jax import sharding
+from sft_jax.compile_plan import lower_train_step
+from sft_jax.data.batches import best_fit
+from sft_jax.memory_plan import StepMemory
+from sft_jax.models.config import from_hf_config
+from sft_jax.optim import make_optimizer
+from sft_jax.step import StepOptions, StepSpec
+
+GIB = 2.0**30
+# The presets' models, from their config.json (public fields), and the meshes they run on.
+PRESETS = {
+    "llama3_1_8b_32k_cp": {
+        "hf": lambda: transformers.LlamaConfig(
+            vocab_size=128256,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+        "seq": 32768,
+        "mesh": {"fsdp": 2, "context": 4},
+        "rows": 2,
+        "lora_rank": 16,
+    },
+    "qwen3_8b_64k_tpu": {
+        "hf": lambda: transformers.Qwen3Config(
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=131072,
+            rope_theta=1000000.0,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32768,
+            },
+        ),
+        "seq": 65536,
+        "mesh": {"context": 8, "tensor": 4},
+        "rows": 1,
+        "lora_rank": 16,
+    },
+}
+
+
+def small_model(args: argparse.Namespace) -> transformers.PretrainedConfig:
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=args.seq,
+    )  # fmt: skip
+
+
+def _abstract_state(model, mesh, tx, trainable) -> tuple[tuple, tuple]:
+    """((state, shardings), (frozen, shardings)) as ShapeDtypeStructs: nothing allocated."""
+    params = sharding.abstract_params(model, mesh, trainable)
+    shardings = sharding.param_shardings(model, mesh, trainable)
+    opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = sharding.opt_state_shardings(opt_state, shardings, mesh)
+    step = NamedSharding(mesh, PartitionSpec())
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=step), "params": params,
+             "opt_state": sharding.with_shardings(opt_state, opt_shardings)}  # fmt: skip
+    state_shardings = {"step": step, "params": shardings, "opt_state": opt_shardings}
+    frozen = nnx.Not(trainable)
+    return (state, state_shardings), (
+        sharding.abstract_params(model, mesh, frozen),
+        sharding.param_shardings(model, mesh, frozen),
+    )
+
+
+def compiled_memory(hf, seq: int, rows: int, mesh_sizes: dict, remat: str, dtype: str,
+                    lora_rank: int = 0) -> StepMemory:  # fmt: skip
+    """XLA's per-device memory plan of the train step on a mesh of `mesh_sizes`."""
+    from configs import base
+    from sft_jax.plan_search import abstract_run_model
+
+    config = base.get_config()
+    config.model.param_dtype = config.model.compute_dtype = dtype
+    config.lora.rank = lora_rank
+    model, trainable = abstract_run_model(config, from_hf_config(hf))
+    model.remat = remat
+    devices = jax.devices()[: int(np.prod(list(mesh_sizes.values())))]
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1} | mesh_sizes
+    mesh = sharding.make_mesh(devices=devices, **sizes)
+    tx, schedule = make_optimizer(config.train)
+    objective = StepOptions(loss_chunk_size=config.train.loss_chunk_size).objective()
+    spec = StepSpec(nnx.split(model, trainable, ...)[0], tx, schedule, objective)
+    state, frozen = _abstract_state(model, mesh, tx, trainable)
+    with jax.set_mesh(mesh):
+        compiled = lower_train_step(spec, mesh, state, frozen, rows=rows, seq_len=seq).compile()
+    return StepMemory.of(compiled)
+
+
+def context_table(args: argparse.Namespace) -> None:
+    print(f"seq {args.seq}, hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, "
+          f"1 row, remat {args.remat}, {args.dtype}; XLA's plan per device (GiB)")  # fmt: skip
+    print("| context | arguments | temporaries | total | temporaries vs context=1 |")
+    print("|---|---|---|---|---|")
+    first = None
+    for context in args.contexts:
+        plan = compiled_memory(small_model(args), args.seq, 1, {"context": context},
+                               args.remat, args.dtype)  # fmt: skip
+        first = first or plan.temporaries
+        ratio = f"{plan.temporaries / first:.3f} (1/C = {1 / context:.3f})"
+        print(f"| {context} | {plan.arguments / GIB:.3f} | {plan.temporaries / GIB:.3f} | "
+              f"{plan.total / GIB:.3f} | {ratio} |", flush=True)  # fmt: skip
+
+
+def packing_times(args: argparse.Namespace) -> None:
+    """best_fit's time for N and 4N documents of long-tailed lengths into 131072-token rows."""
+    rng = np.random.default_rng(0)
+    times = []
+    for count in (args.documents, 4 * args.documents):
+        lengths = np.minimum(rng.lognormal(8.0, 1.5, count).astype(np.int64) + 1, 131072)
+        start = time.perf_counter()
+        rows = best_fit(lengths, rng.permutation(count), 131072)
+        times.append(time.perf_counter() - start)
+        fill = lengths.sum() / (len(rows) * 131072)
+        print(f"{count} documents -> {len(rows)} rows of 131072 (fill {fill:.3f}): "
+              f"{times[-1]:.3f} s")  # fmt: skip
+    print(f"4x the documents: {times[1] / times[0]:.2f}x the time (linear: 4x)")
+
+
+def preset_memory(name: str, remat: str) -> None:
+    preset = PRESETS[name]
+    plan = compiled_memory(preset["hf"](), preset["seq"], preset["rows"], preset["mesh"], remat,
+                           "bfloat16", preset["lora_rank"])  # fmt: skip
+    shape = f"seq {preset['seq']}, {preset['rows']} rows, mesh {preset['mesh']}"
+    print(f"{name}: {shape}, LoRA rank {preset['lora_rank']}, bf16, remat {remat}, attention "
+          f"xla: {plan.describe()}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--contexts", type=lambda s: [int(c) for c in s.split(",")],
+                        default=[1, 2, 4, 8])  # fmt: skip
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--remat", default="full")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--packing", action="store_true", help="time packing instead")
+    parser.add_argument("--documents", type=int, default=50000)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="")
+    args = parser.parse_args()
+    if args.packing:
+        packing_times(args)
+    elif args.preset:
+        preset_memory(args.preset, args.remat)
+    else:
+        context_table(args)
+
+
+if __name__ == "__main__":
+    main()
