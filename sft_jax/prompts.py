@@ -224,7 +224,7 @@ def apply_prompt(model: CausalLM, spec: PromptSpec, seed: int = 0, tokenizer: An
     else:  # rows of the embedding as the model scales them (Gemma: by sqrt(D)), as PEFT does
         ids = init_ids(spec, key, c.vocab_size, tokenizer)
         table = model.lookup_embeddings(jnp.asarray(ids)[None])[0].astype(jnp.float32)
-        model.virtual_tokens = PromptEmbedding(jax.device_get(table))
+        model.virtual_tokens = PromptEmbedding(table)
 
 
 def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:

@@ -13,11 +13,17 @@ import pytest
 import torch
 import transformers
 from hf_models import build_hf_model, hf_logits, save_hf_model
+from test_data import base_config, conversation, data_config, write_jsonl  # noqa: F401
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, synthetic_batch, train_config
 
 from sft_jax import sharding
 from sft_jax.compile_plan import build_steps, init_state
+from sft_jax.config_check import check_values
+from sft_jax.data import load_datasets, open_data
+from sft_jax.data.batches import make_rows
+from sft_jax.data.tokenize import from_documents
+from sft_jax.errors import ConfigError
 from sft_jax.generate import generate
 from sft_jax.models import from_pretrained
 from sft_jax.optim import make_optimizer
@@ -252,3 +258,60 @@ def test_only_adapter_parameters_train(base):
 def test_spec_tokens_in_rows():
     assert dataclasses.replace(SPECS["prefix_tuning"]).tokens_in_rows == 0
     assert SPECS["p_tuning_mlp"].tokens_in_rows == N
+
+
+# --- Rows, max_length and bad configs ------------------------------------------------------
+
+
+def test_virtual_tokens_in_rows_positions_and_targets():
+    """Each packed document starts with its own N virtual tokens: positions 0..N-1 then its
+    tokens from N, nothing trained on them, the last one predicting the document's first."""
+    docs = [(np.array([7, 8, 9], np.int32), np.array([0, 1, 1], bool)),
+            (np.array([4, 5], np.int32), np.array([1, 1], bool))]  # fmt: skip
+    tokenized = from_documents(docs, {}).with_prefix(virtual_token_ids(2))
+    np.testing.assert_array_equal(tokenized.lengths(), [5, 4])
+    row = make_rows(tokenized, [[0, 1]], 10)
+    np.testing.assert_array_equal(row["input_ids"][0], [-1, -2, 7, 8, 9, -1, -2, 4, 5, 0])
+    np.testing.assert_array_equal(row["positions"][0], [0, 1, 2, 3, 4, 0, 1, 2, 3, 0])
+    np.testing.assert_array_equal(row["segment_ids"][0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 0])
+    np.testing.assert_array_equal(row["target_mask"][0], [0, 0, 1, 1, 0, 0, 1, 1, 0, 0])
+
+
+def test_virtual_tokens_count_against_max_length(data_config, tmp_path):  # noqa: F811
+    """Documents are cut at max_length - N, counted as truncated, so rows never overflow."""
+    reply = " ".join(["Answer"] * 80)
+    long_reply = {"messages": [{"role": "user", "content": "Add 1 and 1"},
+                               {"role": "assistant", "content": reply}]}  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", [long_reply, conversation(2)])
+    data_config.prompt.method, data_config.prompt.num_virtual_tokens = "prompt_tuning", 10
+    data = open_data(data_config)
+    assert data.seq_len == 64
+    batch = next(iter(data.train_batches))
+    for ids, segments in zip(batch["input_ids"], batch["segment_ids"], strict=True):
+        assert (ids < 0).sum() == 10 * len(set(segments[segments > 0].tolist()))
+    train = load_datasets(data_config).train  # from the cache open_data wrote
+    assert train.stats["truncated"] == 1
+    assert train.lengths().max() == 64 - 10
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"prompt.method": "prefix_tuning", "model.attention": "splash"}, "model.attention"),
+        ({"prompt.method": "prefix_tuning", "model.attention": "cudnn"}, "model.attention"),
+        ({"prompt.method": "prompt_tuning", "prompt.num_virtual_tokens": 127},
+         "prompt.num_virtual_tokens"),
+        ({"prompt.method": "p_tuning", "lora.rank": 8}, "lora.rank"),
+        ({"prompt.method": "prompt_tuning", "prompt.init": "text"}, "prompt.init_text"),
+        ({"prompt.method": "prefix_tuning", "train.objective": "simpo"}, "train.objective"),
+        ({"prompt.method": "soft_prompt"}, "prompt.method"),
+        ({"train.neftune_noise_alpha": -1.0}, "train.neftune_noise_alpha"),
+    ],
+)  # fmt: skip
+def test_bad_prompt_configs_are_config_errors(overrides, field):
+    config = base_config()
+    for dotted, value in overrides.items():
+        group, name = dotted.split(".")
+        config[group][name] = value
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        check_values(config, 1, 1)
