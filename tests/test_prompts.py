@@ -234,13 +234,24 @@ def test_neftune_is_off_at_eval_and_in_generation(base):
     assert generate(noisy, prompts, **options) == generate(plain, prompts, **options)
 
 
-def test_only_adapter_parameters_train(base):
-    """The train state holds the prefix encoder only; a step (NEFTune on) moves every one of
-    its parameters and none of the frozen model's."""
-    model = prompt_model(base, SPECS["prefix_projection"])
+def prompt_batch(spec: PromptSpec) -> dict[str, np.ndarray]:
+    """test_step's packed rows, each document's first tokens turned into virtual tokens."""
+    batch = synthetic_batch(0)
+    virtual = (batch["positions"] < spec.tokens_in_rows) & (batch["segment_ids"] > 0)
+    batch["input_ids"] = np.where(virtual, -1 - batch["positions"], batch["input_ids"])
+    batch["target_mask"] &= ~virtual
+    return batch
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_lstm", "prefix_projection"])
+def test_only_adapter_parameters_train_and_the_loss_falls(base, name):
+    """The train state holds the method's module only; steps (NEFTune on) move every one of
+    its parameters, lower the loss, and leave the frozen model as it was."""
+    spec = SPECS[name]
+    model = prompt_model(base, spec)
     model.embedding_noise = 5.0
     mesh = sharding.single_device_mesh()
-    tx, schedule = make_optimizer(train_config(warmup_steps=0))
+    tx, schedule = make_optimizer(train_config(warmup_steps=0, learning_rate=3e-2))
     state, shardings = init_state(model, tx, mesh, PromptParam)
     steps = build_steps(model, tx, schedule, mesh, shardings, train_rows=ROWS, eval_rows=ROWS,
                         seq_len=SEQ_LEN, options=StepOptions(), trainable=PromptParam)  # fmt: skip
@@ -248,9 +259,14 @@ def test_only_adapter_parameters_train(base):
     assert sum(x.size for x in params) == parameter_counts(model, PromptParam)[0]
     before = [np.asarray(x) for x in params]
     frozen_before = jax.tree.map(np.asarray, steps.frozen)
-    new_state, _ = steps.train(state, device_batch(synthetic_batch(0), steps.batch_shardings))
-    after = jax.tree.leaves(new_state["params"])
+    batch = device_batch(prompt_batch(spec), steps.batch_shardings)
+    losses = []
+    for _ in range(6):
+        state, metrics = steps.train(state, batch)
+        losses.append(float(metrics["train/loss"]))
+    after = jax.tree.leaves(state["params"])
     assert all(not np.allclose(a, b) for a, b in zip(after, before, strict=True))
+    assert losses[-1] < losses[0]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, steps.frozen),
                  frozen_before)  # fmt: skip
 
