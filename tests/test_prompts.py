@@ -331,3 +331,24 @@ def test_bad_prompt_configs_are_config_errors(overrides, field):
         config[group][name] = value
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         check_values(config, 1, 1)
+
+
+def test_prompt_tuning_inits_as_peft(base):
+    """text: the text's ids (special tokens included) repeated and cut to N, their embedding
+    rows; sample_vocab: rows of the embedding; random: N(0, 1)."""
+    model = from_pretrained(base, mesh=sharding.single_device_mesh())
+    table = np.asarray(model.embed[...])
+
+    def tokenizer(text):
+        assert text == "Answer:"
+        return {"input_ids": [5, 6, 7]}
+
+    text = from_pretrained(base, mesh=sharding.single_device_mesh())
+    apply_prompt(text, PromptSpec("prompt_tuning", N, init="text", init_text="Answer:"),
+                 tokenizer=tokenizer)  # fmt: skip
+    np.testing.assert_array_equal(text.virtual_tokens(), table[[5, 6, 7, 5, 6]])
+    sampled = prompt_model(base, PromptSpec("prompt_tuning", 64, init="sample_vocab"))
+    rows = {tuple(r) for r in table.round(6)}
+    assert all(tuple(r) in rows for r in np.asarray(sampled.virtual_tokens()).round(6))
+    random = np.asarray(prompt_model(base, PromptSpec("prompt_tuning", 64)).virtual_tokens())
+    assert abs(random.std() - 1) < 0.05 and abs(random.mean()) < 0.05
