@@ -92,8 +92,17 @@ def load_in_peft(path, adapter_dir):
     return peft.PeftModel.from_pretrained(hf_base, adapter_dir).eval()
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
-def test_exported_adapter_in_peft_gives_our_logits(base, tmp_path, name):
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gemma2")
+    save_hf_model("gemma2", path)  # sliding windows, soft-capping, scaled embeddings
+    return path
+
+
+@pytest.mark.parametrize("name", [*sorted(SPECS), "gemma2_prompt_tuning", "gemma2_prefix_tuning"])
+def test_exported_adapter_in_peft_gives_our_logits(base, gemma2, tmp_path, name):
+    if name.startswith("gemma2_"):
+        base, name = gemma2, name.removeprefix("gemma2_")
     spec = SPECS[name]
     model = prompt_model(base, spec)
     save_prompt_adapter(model, tmp_path / "adapter", spec, base_model=str(base))
