@@ -122,6 +122,33 @@ def get_config() -> ml_collections.ConfigDict:
     # Quantize the block scales too (int8 around their mean): ~0.5 instead of ~0.56 byte/weight.
     config.lora.double_quant = True
 
+    # ---------------------------------------------------------------- prompt
+    # Virtual-token methods (PEFT's prompt learning): the model stays frozen and only these
+    # train; exported as a PEFT adapter in WORKDIR/export/adapter. Not with LoRA (lora.rank 0).
+    config.prompt = ml_collections.ConfigDict()
+    # "" (off), "prompt_tuning" (trained embeddings of N virtual tokens before every document),
+    # "p_tuning" (the same, computed by an MLP or LSTM prompt encoder) or "prefix_tuning"
+    # (trained keys and values of N virtual tokens in every layer; P-tuning v2).
+    config.prompt.method = ""
+    # N, virtual tokens. Prompt and P-tuning place them in every document, so they count
+    # against data.max_length (documents are cut to max_length - N, counted as truncated).
+    config.prompt.num_virtual_tokens = 20
+    # prompt_tuning's start: "random" (N(0, 1)), "sample_vocab" (embeddings of random vocabulary
+    # tokens) or "text" (embeddings of init_text's tokens, repeated or cut to N).
+    config.prompt.init = "random"
+    # The text of init="text".
+    config.prompt.init_text = ""
+    # p_tuning's prompt encoder: "mlp" (3 layers, ReLU) or "lstm" (bidirectional, then 2 layers).
+    config.prompt.encoder_type = "mlp"
+    # Width H of the prompt encoder (p_tuning) or of the prefix projection; 0 = PEFT's default,
+    # the token width (prefix tuning: key/value heads x head dim).
+    config.prompt.encoder_hidden_size = 0
+    # Layers of p_tuning's LSTM encoder.
+    config.prompt.encoder_num_layers = 2
+    # prefix_tuning: compute the prefixes with an MLP (embedding -> H -> tanh -> keys/values of
+    # every layer) while training; the export holds the computed prefixes, as PEFT saves them.
+    config.prompt.prefix_projection = False
+
     # ---------------------------------------------------------------- train
     config.train = ml_collections.ConfigDict()
     # Optimizer updates to run (each over one global batch).
@@ -155,6 +182,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Mixtures of experts: weight of the router z-loss, mean over real tokens and MoE layers of
     # logsumexp(router logits)^2 (0 = off).
     config.train.router_z_loss_weight = 0.0
+    # NEFTune (TRL's neftune_noise_alpha): uniform noise in [-1, 1] * alpha / sqrt(L * d) on the
+    # token embeddings in training (L the row length, d the width), never at eval or in
+    # generation; 0 = off, 5 is the paper's usual value.
+    config.train.neftune_noise_alpha = 0.0
     # Time steps whose logits are computed at once in the loss ([batch, chunk, vocab] fp32).
     config.train.loss_chunk_size = 512
     # Seed of parameter initialization and of data order.

@@ -134,6 +134,9 @@ def attention_for(
 ) -> tuple[str, str]:
     """(kernel, why) for this run on this machine, the why saying how documents stay apart."""
     here = accelerator()
+    if config.get("prompt") is not None and config.prompt.method == "prefix_tuning":
+        # config_check allows only auto and xla: the fused kernels take no key/value prefix.
+        return "xla", "prefix tuning: the key/value prefix needs the einsum path"
     attention, why = choose_attention(
         config.model.attention, accelerator=here, model=model,
         compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,

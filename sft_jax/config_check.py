@@ -21,6 +21,7 @@ from sft_jax.models import DTYPES
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
 from sft_jax.optim import SCHEDULES
 from sft_jax.preference import DPO_LOSSES, OBJECTIVES, REFERENCES, reference_of
+from sft_jax.prompts import ENCODERS, INITS, METHODS
 
 
 def _load(config_arg: str) -> Any:
@@ -73,6 +74,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_model(config)
     _check_context(config)
     _check_lora(config)
+    _check_prompt(config)
     _check_preference(config)
 
 
@@ -243,6 +245,48 @@ def _check_lora(config: Any) -> None:
         block = lora.quant_block_size
         _need(config, block > 0 and block % 2 == 0, "lora.quant_block_size",
               "weights per scale: a positive even number (64 is the QLoRA default).")  # fmt: skip
+
+
+def _check_prompt(config: Any) -> None:
+    """config.prompt (absent in configs saved before it: off) and NEFTune's alpha."""
+    alpha = config.train.get("neftune_noise_alpha", 0.0)
+    _need(config, alpha >= 0, "train.neftune_noise_alpha", "must be 0 (off) or positive.")
+    prompt = config.get("prompt")
+    if prompt is None or not prompt.method:
+        return
+    check_choice("prompt.method", prompt.method, ("", *METHODS))
+    check_choice("prompt.init", prompt.init, INITS)
+    check_choice("prompt.encoder_type", prompt.encoder_type, ENCODERS)
+    count = prompt.num_virtual_tokens
+    _need(config, count > 0, "prompt.num_virtual_tokens", "at least 1 virtual token.")
+    if prompt.method != "prefix_tuning":
+        _need(config, count <= config.data.max_length - 2, "prompt.num_virtual_tokens",
+              f"every document holds the {count} virtual tokens within config.data.max_length="
+              f"{config.data.max_length}, leaving no room for its own tokens: use fewer virtual "
+              "tokens or a longer max_length.")  # fmt: skip
+    _need(config, prompt.encoder_hidden_size >= 0, "prompt.encoder_hidden_size",
+          "0 (the token width) or a positive width.")  # fmt: skip
+    _need(config, prompt.encoder_num_layers >= 1, "prompt.encoder_num_layers", "at least 1.")
+    _need(config, prompt.method != "prompt_tuning" or prompt.init != "text"
+          or bool(prompt.init_text.strip()), "prompt.init_text",
+          "prompt.init='text' starts the virtual tokens from this text: give one.")  # fmt: skip
+    _need(config, config.lora.rank == 0 and not config.lora.quantize, "lora.rank",
+          f"config.prompt.method={prompt.method!r} trains virtual tokens on a frozen model; it "
+          "does not combine with LoRA here. Set lora.rank=0 or prompt.method=''.")  # fmt: skip
+    _need(
+        config,
+        config.train.get("objective", "sft") == "sft",
+        "train.objective",
+        f"config.prompt.method={prompt.method!r} trains with the SFT objective only.",
+    )
+    _need(config, config.mesh.get("context", 1) == 1, "mesh.context",
+          f"config.prompt.method={prompt.method!r} does not run with the sequence split over "
+          "mesh.context yet (its virtual tokens and key/value prefixes sit in every "
+          "document): use mesh.context=1.")  # fmt: skip
+    if prompt.method == "prefix_tuning":
+        _need(config, config.model.attention in ("auto", "xla"), "model.attention",
+              "prefix tuning adds key/value slots the fused kernels (cuDNN's packed layout, "
+              "splash) do not take: use 'auto' (which then picks 'xla') or 'xla'.")  # fmt: skip
 
 
 def _check_preference(config: Any) -> None:

@@ -26,6 +26,7 @@ from sft_jax.lora import LoRASpec, merged, save_adapter
 from sft_jax.model_setup import build_model, score_labels
 from sft_jax.models import DTYPES, CheckpointError, from_hf_config, save_pretrained
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
+from sft_jax.prompts import PromptSpec, save_prompt_adapter
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def export_run(
     out = rundir.export_dir(workdir, out)
     if LoRASpec.from_config(config.lora).enabled:
         return _export_lora(checkpoints, step, config, out)
+    if PromptSpec.from_config(config).enabled:
+        return _export_prompt(checkpoints, step, config, out)
     model_dir = resolve_model_dir(config.model.name_or_path)
     param_dtype = DTYPES[config.model.param_dtype]
     model_config = from_hf_config(load_hf_config(model_dir))
@@ -82,13 +85,35 @@ def _replacing(out: Path) -> Iterator[Path]:
         partial.rename(out)
 
 
-def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path:
-    """Base model + the checkpoint's adapters: PEFT adapter in out/adapter, merged model in out."""
+def _trained_model(checkpoints: Checkpoints, step: int, config) -> tuple[Any, Any]:
+    """(the run's model with the checkpoint's trained parameters, its LoRA spec)."""
     model, spec, trainable = build_model(config, sharding.make_mesh(fsdp=-1))
     state = nnx.state(model, trainable)
     abstract = sharding.abstract_like(nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, _restore(checkpoints, step, abstract))
     nnx.update(model, state)
+    return model, spec
+
+
+def _export_prompt(checkpoints: Checkpoints, step: int, config, out: Path) -> Path:
+    """Virtual tokens or prefixes cannot be merged into weights: the PEFT adapter in
+    out/adapter, the unchanged base model (with the run's tokenizer) in out to load it on."""
+    model, _ = _trained_model(checkpoints, step, config)
+    model_dir = resolve_model_dir(config.model.name_or_path)
+    with _replacing(out) as partial:
+        save_prompt_adapter(model, partial / "adapter", PromptSpec.from_config(config),
+                            base_model=config.model.name_or_path)  # fmt: skip
+        model.virtual_tokens, model.kv_prefix = None, None
+        save_pretrained(model, partial, tokenizer=run_tokenizer(config),
+                        generation_config_from=model_dir)  # fmt: skip
+    log.info("exported step %d of %s: PEFT adapter in %s/adapter on the base model in %s",
+             step, checkpoints.directory, out, out)  # fmt: skip
+    return out
+
+
+def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path:
+    """Base model + the checkpoint's adapters: PEFT adapter in out/adapter, merged model in out."""
+    model, spec = _trained_model(checkpoints, step, config)
     with _replacing(out) as partial:
         save_pretrained(
             merged(model),

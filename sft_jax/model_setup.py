@@ -13,9 +13,11 @@ import ml_collections
 from jax.sharding import Mesh
 
 from sft_jax.config_check import check_for_model
+from sft_jax.data import run_tokenizer
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
+from sft_jax.prompts import PromptParam, PromptSpec, apply_prompt, trainable_line
 
 log = logging.getLogger(__name__)
 
@@ -44,4 +46,12 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
                      "the embedding matrix (model.embed_tokens) is trained")  # fmt: skip
         spec = tied
         apply_lora(model, spec, mesh, seed=config.train.seed)
-    return model, spec, trainable_filter(spec)
+    trainable = trainable_filter(spec)
+    prompt = PromptSpec.from_config(config)
+    if prompt.enabled:
+        tokenizer = run_tokenizer(config) if prompt.init == "text" else None
+        apply_prompt(model, prompt, seed=config.train.seed, tokenizer=tokenizer)
+        trainable = PromptParam
+    model.embedding_noise = config.train.get("neftune_noise_alpha", 0.0)
+    log.info("%s", trainable_line(model, trainable))
+    return model, spec, trainable

@@ -45,7 +45,9 @@ def generation_metrics(
     matches = [a == b for a, b in zip(said, expected, strict=True)]
     samples = []
     for index in range(min(show, len(prompts))):
-        prompt = tokenizer.decode(prompts[index][0].tolist(), skip_special_tokens=False)
+        # Ids < 0 are virtual tokens (prompt tuning): no text.
+        shown = [t for t in prompts[index][0].tolist() if t >= 0]
+        prompt = tokenizer.decode(shown, skip_special_tokens=False)
         verdict = "match" if matches[index] else "differs"
         samples.append(
             f"--- sample {index} ({verdict})\n{prompt.strip()}\n>>> model: {said[index]}\n"

@@ -31,6 +31,7 @@ from sft_jax.metrics import MetricsWriter, Progress, peak_flops_per_device, trai
 from sft_jax.model_setup import build_model
 from sft_jax.models import CausalLM
 from sft_jax.prefetch import Prefetch
+from sft_jax.prompts import PromptSpec
 from sft_jax.samples import generation_metrics
 from sft_jax.sharding import abstract_like, device_batch
 from sft_jax.signals import StopSignal, signals_raise
@@ -80,7 +81,10 @@ class Trainer:
         )
         # With adapters the base is frozen: see training_flops_per_token.
         trained = sum(x.size for x in jax.tree.leaves(self.state["params"]))
-        adapters = trained if LoRASpec.from_config(config.lora).enabled else None
+        adapted = (
+            LoRASpec.from_config(config.lora).enabled or PromptSpec.from_config(config).enabled
+        )
+        adapters = trained if adapted else None
         # A DPO reference adds a forward pass per step (objectives without one have no field).
         reference_forwards = getattr(self.steps.objective, "reference_forwards", 0)
         self.flops_per_token = training_flops_per_token(

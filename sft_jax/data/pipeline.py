@@ -17,6 +17,7 @@ import numpy as np
 from sft_jax.data import batches, certificate, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
 from sft_jax.models.hf_io import resolve_model_dir
+from sft_jax.prompts import PromptSpec, virtual_token_ids
 
 log = logging.getLogger(__name__)
 _PARALLEL_ABOVE_BYTES = 64 * 1024**2
@@ -70,11 +71,12 @@ class _BadRecords:
 
 
 def tokenize_sources(
-    spec: str, split: str, field: str, tokenizer: Any, data: ml_collections.ConfigDict
-) -> tuple[tokenize.Tokenized, str]:
+    spec: str, split: str, field: str, tokenizer: Any, data: ml_collections.ConfigDict,
+    reserved: int = 0,
+) -> tuple[tokenize.Tokenized, str]:  # fmt: skip
     """Tokenized documents of comma-separated sources (from the cache when possible)."""
     sources = records.expand_sources(spec, field)
-    options = _options(data, sources, split)
+    options = _options(data, sources, split, reserved)
     key = tokenize.cache_key(records.fingerprint(sources, split), tokenizer, options)
     cache_dir = Path(data.cache_dir or _default_cache_dir()).expanduser()
     cached = tokenize.load_cached(cache_dir, key) if data.cache_dir != "none" else None
@@ -112,11 +114,15 @@ def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
         )  # fmt: skip
 
 
-def _options(data: ml_collections.ConfigDict, sources: list[str], split: str) -> tokenize.Options:
+def _options(
+    data: ml_collections.ConfigDict, sources: list[str], split: str, reserved: int = 0
+) -> tokenize.Options:
+    """reserved: slots of each row's document taken by virtual tokens (prompt / P-tuning), so
+    documents are cut, and counted as truncated, at max_length - reserved."""
     return tokenize.Options(
         data_format=_resolve_format(data.format, sources, split),
         train_on=data.train_on,
-        max_length=data.max_length,
+        max_length=data.max_length - reserved,
         skip_bad=data.skip_bad_examples,
         empty_replies=data.get("empty_replies", "warn"),
         overlong=data.get("overlong", "truncate"),  # configs saved before the field: truncate
@@ -137,7 +143,9 @@ def certify(config: ml_collections.ConfigDict, tokenizer: Any, sample: int = 0) 
     examples (0: all of them)."""
     data = config.data
     sources = records.expand_sources(data.train_files, "config.data.train_files")
-    options = _options(data, sources, data.train_split)
+    options = _options(
+        data, sources, data.train_split, PromptSpec.from_config(config).tokens_in_rows
+    )
     stream = (
         r
         for source in sources
@@ -219,15 +227,16 @@ class Datasets:
 def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     data = config.data
     tokenizer = run_tokenizer(config)
+    reserved = PromptSpec.from_config(config).tokens_in_rows
     train, key = tokenize_sources(
-        data.train_files, data.train_split, "config.data.train_files", tokenizer, data
+        data.train_files, data.train_split, "config.data.train_files", tokenizer, data, reserved
     )
     if data.train_on != "all_tokens":
         _check_at_start(config, tokenizer)
     evaluation = None
     if data.eval_files:
         evaluation, eval_key = tokenize_sources(
-            data.eval_files, data.eval_split, "config.data.eval_files", tokenizer, data
+            data.eval_files, data.eval_split, "config.data.eval_files", tokenizer, data, reserved
         )
         key += eval_key
         if 0 < data.eval_max_examples < len(evaluation):
@@ -239,9 +248,19 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     return Datasets(train, evaluation, tokenizer, key)
 
 
+def with_virtual_tokens(loaded: Datasets, spec: PromptSpec) -> Datasets:
+    """Every document with prompt / P-tuning's N virtual tokens first (input ids -1..-N,
+    untrained; its positions then start at N, as the Hugging Face model numbers them)."""
+    if not spec.tokens_in_rows:
+        return loaded
+    ids = virtual_token_ids(spec.tokens_in_rows)
+    evaluation = loaded.eval.with_prefix(ids) if loaded.eval is not None else None
+    return dataclasses.replace(loaded, train=loaded.train.with_prefix(ids), eval=evaluation)
+
+
 def open_data(config: ml_collections.ConfigDict) -> DataSource:
     """The trainer's DataSource for this process, built from config.data."""
-    loaded = load_datasets(config)
+    loaded = with_virtual_tokens(load_datasets(config), PromptSpec.from_config(config))
     data, process = config.data, (jax.process_index(), jax.process_count())
     train = batches.TrainBatches(
         loaded.train,

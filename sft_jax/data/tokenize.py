@@ -97,6 +97,20 @@ class Tokenized:
         end = start + int(np.argmin(np.append(trained[start:], False)))
         return tokens[:start], tokens[start:end]
 
+    def with_prefix(self, prefix: np.ndarray) -> Tokenized:
+        """Every document with the untrained tokens `prefix` first (prompt tuning's virtual
+        tokens): [t0 t1] -> [p0 p1 t0 t1], trained [0 0 m0 m1]."""
+        count, extra = len(self), len(prefix)
+        offsets = self.offsets + extra * np.arange(count + 1)
+        tokens = np.empty(offsets[-1], np.int32)
+        trained = np.zeros(offsets[-1], np.bool_)
+        kept = np.arange(len(self.tokens)) + extra * np.repeat(
+            np.arange(1, count + 1), self.lengths()
+        )
+        tokens[kept], trained[kept] = self.tokens, self.trained
+        tokens[(offsets[:-1, None] + np.arange(extra)[None]).ravel()] = np.tile(prefix, count)
+        return Tokenized(tokens, trained, offsets, self.stats)
+
     def subset(self, indices: Sequence[int]) -> Tokenized:
         docs = [self.document(i) for i in indices]
         return from_documents(docs, dict(self.stats))

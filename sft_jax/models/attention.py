@@ -11,6 +11,10 @@ explicit einsums here are the reference; models/kernels.py holds the fused kerne
 Generation runs tokens through `Attention.extend` against a `KVCache` instead: each token
 attends to the cached slots that hold earlier positions of its own row (positions < 0 mark
 padding).
+
+A `KVPrefix` (prefix tuning, set by an adapter) is N key/value slots at positions 0..N-1 that
+every token attends to before its own document (or cache), as Hugging Face models attend to a
+`past_key_values` prefix: the slots are neither normed nor rotated.
 """
 
 from __future__ import annotations
@@ -66,6 +70,38 @@ def cache_mask(
     if window is not None:
         mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
     return mask_BxTxS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVPrefix:
+    """One layer's prefix: N key/value slots attended by every token (positions 0..N-1)."""
+
+    keys_NxKxE: jax.Array
+    values_NxKxE: jax.Array
+
+
+def with_prefix(
+    prefix: KVPrefix, keys_BxSxKxE: jax.Array, values_BxSxKxE: jax.Array, mask_BxTxS: jax.Array,
+    positions_BxT: jax.Array, window: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """Keys, values [B, N + S, K, E] and mask [B, T, N + S] with the prefix slots first; a
+    query at position p sees slot j < N where p - j is inside the window."""
+    batch = keys_BxSxKxE.shape[0]
+    count = prefix.keys_NxKxE.shape[0]
+
+    def first(slots_NxKxE: jax.Array, rest_BxSxKxE: jax.Array) -> jax.Array:
+        slots_BxNxKxE = jnp.broadcast_to(slots_NxKxE[None], (batch, *slots_NxKxE.shape))
+        return jnp.concatenate([slots_BxNxKxE.astype(rest_BxSxKxE.dtype), rest_BxSxKxE], axis=1)
+
+    distance_BxTxN = positions_BxT[:, :, None] - jnp.arange(count)[None, None, :]
+    if window is None:
+        prefix_mask_BxTxN = jnp.ones(distance_BxTxN.shape, bool)
+    else:
+        prefix_mask_BxTxN = distance_BxTxN < window
+    mask_BxTxS = jnp.concatenate([prefix_mask_BxTxN, mask_BxTxS], axis=2)
+    keys_BxSxKxE = first(prefix.keys_NxKxE, keys_BxSxKxE)
+    return keys_BxSxKxE, first(prefix.values_NxKxE, values_BxSxKxE), mask_BxTxS
 
 
 @jax.tree_util.register_dataclass
@@ -146,8 +182,17 @@ class Attention(nnx.Module):
         positions_BxT: jax.Array,
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
+        prefix: KVPrefix | None = None,
     ):
         q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
+        if prefix is not None:  # the fused kernels take no prefix: config_check refuses them
+            mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
+            k_BxSxKxE, v_BxSxKxE, mask_BxTxS = with_prefix(
+                prefix, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, positions_BxT, self.window
+            )
+            return self._attend(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3)
+            )
         shards = context_shards()
         if shards > 1 and x_BxTxD.shape[1] % shards == 0:  # the sequence split over context
             out_BxTxHE = self._context_parallel(
@@ -202,10 +247,12 @@ class Attention(nnx.Module):
         return out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
 
     def extend(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache
-    ) -> tuple[jax.Array, LayerCache]:
-        """Writes the T new keys/values at slot cache.index and attends over the cache;
-        returns the output and the cache with the new keys and values."""
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache,
+        prefix: KVPrefix | None = None,
+    ) -> tuple[jax.Array, LayerCache]:  # fmt: skip
+        """Writes the T new keys/values at slot cache.index and attends over the cache (after
+        the prefix, where given); returns the output and the cache with the new keys and
+        values."""
         q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE = self._project(x_BxTxD, positions_BxT, None)
         cache = dataclasses.replace(
             cache,
@@ -213,9 +260,12 @@ class Attention(nnx.Module):
             values_BxSxKxE=write_slots(cache.values_BxSxKxE, v_BxTxKxE, cache.index),
         )
         mask_BxTxS = cache_mask(positions_BxT, cache.key_positions_BxS, self.window)
-        out_BxTxD = self._attend(
-            q_BxTxKxGxE, cache.keys_BxSxKxE, cache.values_BxSxKxE, mask_BxTxS, None
-        )
+        keys_BxSxKxE, values_BxSxKxE = cache.keys_BxSxKxE, cache.values_BxSxKxE
+        if prefix is not None:
+            keys_BxSxKxE, values_BxSxKxE, mask_BxTxS = with_prefix(
+                prefix, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, positions_BxT, self.window
+            )
+        out_BxTxD = self._attend(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, None)
         return out_BxTxD, cache
 
     def _project(

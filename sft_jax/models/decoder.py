@@ -8,6 +8,14 @@ Dimension legend for einsum strings and shape suffixes:
 Parameters carry logical axis names in their `logical_axes` metadata; models/partitioning.py
 maps them to mesh axes. Attention (and its fused kernels) lives in attention.py and kernels.py,
 the building blocks in layers.py. Inputs are packed rows (see attention.py).
+
+Hooks for adapters that add inputs rather than weights (sft_jax.prompts sets them; nothing
+here knows them): `virtual_tokens`, a module whose call gives N embeddings [N, D] that input
+ids -1, -2, ..., -N stand for (prompt tuning, P-tuning); `kv_prefix`, a module whose call gives
+every layer's KVPrefix (prefix tuning: the tokens' positions then start at N, as Hugging Face
+counts a `past_key_values` prefix); and `embedding_noise`, NEFTune's alpha: uniform noise of
+magnitude alpha / sqrt(T * D) on the token embeddings in training (where a dropout key is
+given), never at eval or in generation.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.models.attention import Attention, KVCache, LayerCache, write_slots
+from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, write_slots
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.kernels import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
@@ -64,20 +72,23 @@ class DecoderLayer(nnx.Module):
 
     def __call__(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-        dropout_key: jax.Array | None = None,
+        dropout_key: jax.Array | None = None, prefix: KVPrefix | None = None,
     ) -> tuple[jax.Array, RouterStats | None]:  # fmt: skip
         """(output, router statistics over real tokens; None for a dense MLP)."""
         normed = self.attn_norm(x_BxTxD)
-        attn_out = self.attn(normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0))
+        attn_out = self.attn(
+            normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix
+        )
         return self._add_attention_and_mlp(
             x_BxTxD, attn_out, segment_ids_BxT > 0, fold_key(dropout_key, 1)
         )
 
     def extend(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache
-    ) -> tuple[jax.Array, LayerCache]:
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache,
+        prefix: KVPrefix | None = None,
+    ) -> tuple[jax.Array, LayerCache]:  # fmt: skip
         """The layer on T new tokens against its cache (see Attention.extend)."""
-        attn_out, cache = self.attn.extend(self.attn_norm(x_BxTxD), positions_BxT, cache)
+        attn_out, cache = self.attn.extend(self.attn_norm(x_BxTxD), positions_BxT, cache, prefix)
         x_BxTxD, _ = self._add_attention_and_mlp(x_BxTxD, attn_out, positions_BxT >= 0, None)
         return x_BxTxD, cache
 
@@ -121,9 +132,9 @@ def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | N
 
 
 def _call_layer(
-    layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key
+    layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix=None
 ) -> tuple[jax.Array, RouterStats | None]:
-    return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key)
+    return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix)
 
 
 class CausalLM(nnx.Module):
@@ -175,6 +186,10 @@ class CausalLM(nnx.Module):
             if c.score_labels
             else None
         )
+        # Adapter hooks (see the module docstring); None / 0 in a plain model.
+        self.virtual_tokens = nnx.data(None)
+        self.kv_prefix = nnx.data(None)
+        self.embedding_noise = 0.0
 
     def hidden_states(
         self,
@@ -198,14 +213,17 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, RouterStats | None]:
         """(final-normed hidden states, router statistics of the MoE layers stacked [L, ...],
         or None for a dense model)."""
-        x_BxTxD = self._embed(input_ids_BxT)
+        x_BxTxD = self._embed(input_ids_BxT, fold_key(dropout_key, len(self.layers)))
+        prefixes, positions_BxT = self._prefixes(positions_BxT)
         apply_layer = _call_layer
         if self.remat != "none":
             apply_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
         per_layer = []
-        for index, layer in enumerate(self.layers):
+        for index, (layer, prefix) in enumerate(zip(self.layers, prefixes, strict=True)):
             key = fold_key(dropout_key, index)
-            x_BxTxD, stats = apply_layer(layer, x_BxTxD, positions_BxT, segment_ids_BxT, key)
+            x_BxTxD, stats = apply_layer(
+                layer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix
+            )
             if stats is not None:
                 per_layer.append(stats)
         return self.final_norm(x_BxTxD), stack_stats(per_layer)
@@ -215,14 +233,16 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache]:
         """Final-normed hidden states [B, T, D] of T new tokens, which attend to the cache and
         are written to it at slots [cache.index, cache.index + T); positions < 0 mark padding."""
+        prefixes, shifted_BxT = self._prefixes(positions_BxT)
+        positions_BxT = jnp.where(positions_BxT >= 0, shifted_BxT, positions_BxT)
         key_positions_BxS = write_slots(cache.positions_BxS, positions_BxT, cache.index)
         x_BxTxD = self._embed(input_ids_BxT)
         keys, values = [], []
-        for layer, layer_keys, layer_values in zip(
-            self.layers, cache.keys, cache.values, strict=True
+        for layer, prefix, layer_keys, layer_values in zip(
+            self.layers, prefixes, cache.keys, cache.values, strict=True
         ):
             layer_cache = LayerCache(layer_keys, layer_values, key_positions_BxS, cache.index)
-            x_BxTxD, layer_cache = layer.extend(x_BxTxD, positions_BxT, layer_cache)
+            x_BxTxD, layer_cache = layer.extend(x_BxTxD, positions_BxT, layer_cache, prefix)
             keys.append(layer_cache.keys_BxSxKxE)
             values.append(layer_cache.values_BxSxKxE)
         new_index = cache.index + input_ids_BxT.shape[1]
@@ -230,7 +250,33 @@ class CausalLM(nnx.Module):
             tuple(keys), tuple(values), key_positions_BxS, new_index
         )
 
-    def _embed(self, input_ids_BxT: jax.Array) -> jax.Array:
+    def _prefixes(self, positions_BxT: jax.Array) -> tuple[list[KVPrefix | None], jax.Array]:
+        """(each layer's KV prefix or None, the positions the tokens then take)."""
+        if self.kv_prefix is None:
+            return [None] * len(self.layers), positions_BxT
+        prefixes = self.kv_prefix()
+        return list(prefixes), positions_BxT + prefixes[0].keys_NxKxE.shape[0]
+
+    def _embed(self, input_ids_BxT: jax.Array, noise_key: jax.Array | None = None) -> jax.Array:
+        """Token embeddings [B, T, D] in the compute dtype: looked up (ids < 0: the virtual
+        tokens), scaled where the family does, with NEFTune's noise where a key is given."""
+        virtual_BxT = input_ids_BxT < 0
+        x_BxTxD = self.lookup_embeddings(jnp.where(virtual_BxT, 0, input_ids_BxT))
+        if self.embedding_noise and noise_key is not None:
+            # NEFTune as transformers' hook computes it: L is the row length (padding and
+            # packed documents included), D the width.
+            bound = self.embedding_noise / np.sqrt(x_BxTxD.shape[1] * x_BxTxD.shape[2])
+            noise = jax.random.uniform(noise_key, x_BxTxD.shape, jnp.float32, -bound, bound)
+            x_BxTxD = x_BxTxD + noise.astype(x_BxTxD.dtype)
+        if self.virtual_tokens is not None:
+            # Not scaled, not noised: transformers adds them after its embedding module.
+            table_NxD = self.virtual_tokens().astype(x_BxTxD.dtype)
+            index_BxT = jnp.clip(-1 - input_ids_BxT, 0, table_NxD.shape[0] - 1)
+            x_BxTxD = jnp.where(virtual_BxT[..., None], jnp.take(table_NxD, index_BxT, 0), x_BxTxD)
+        return x_BxTxD
+
+    def lookup_embeddings(self, input_ids_BxT: jax.Array) -> jax.Array:
+        """Rows of the embedding table, scaled where the family scales them, compute dtype."""
         embed_VxD = self.embed[...]
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty:
