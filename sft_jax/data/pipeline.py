@@ -53,7 +53,7 @@ def _resolve_format(data_format: str, sources: list[str], split: str) -> str:
     return detected
 
 
-class _BadRecords:
+class BadRecords:
     """Malformed lines while reading: an error, or a counted skip (reason 'invalid_json')."""
 
     def __init__(self, skip: bool):
@@ -74,17 +74,17 @@ def tokenize_sources(
 ) -> tuple[tokenize.Tokenized, str]:
     """Tokenized documents of comma-separated sources (from the cache when possible)."""
     sources = records.expand_sources(spec, field)
-    options = _options(data, sources, split)
+    options = tokenize_options(data, sources, split)
     key = tokenize.cache_key(records.fingerprint(sources, split), tokenizer, options)
-    cache_dir = Path(data.cache_dir or _default_cache_dir()).expanduser()
+    cache_dir = Path(data.cache_dir or default_cache_dir()).expanduser()
     cached = tokenize.load_cached(cache_dir, key) if data.cache_dir != "none" else None
     if cached is not None:
         log.info("%s: %d documents from the tokenization cache", field, len(cached))
         warn_about_empty_replies(field, cached.stats)
         return cached, key
-    bad = _BadRecords(data.skip_bad_examples)
+    bad = BadRecords(data.skip_bad_examples)
     stream = (r for source in sources for r in records.read_records(source, split, bad))
-    workers = data.num_workers or _auto_workers(sources)
+    workers = data.num_workers or auto_workers(sources)
     tokenized = tokenize.tokenize_records(tokenizer, stream, options, workers)
     for _, reason in bad.skipped:
         tokenized.stats["examples_read"] += 1
@@ -112,7 +112,9 @@ def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
         )  # fmt: skip
 
 
-def _options(data: ml_collections.ConfigDict, sources: list[str], split: str) -> tokenize.Options:
+def tokenize_options(
+    data: ml_collections.ConfigDict, sources: list[str], split: str
+) -> tokenize.Options:
     return tokenize.Options(
         data_format=_resolve_format(data.format, sources, split),
         train_on=data.train_on,
@@ -136,7 +138,7 @@ def certify(config: ml_collections.ConfigDict, tokenizer: Any, sample: int = 0) 
     examples (0: all of them)."""
     data = config.data
     sources = records.expand_sources(data.train_files, "config.data.train_files")
-    options = _options(data, sources, data.train_split)
+    options = tokenize_options(data, sources, data.train_split)
     stream = (
         r
         for source in sources
@@ -161,7 +163,7 @@ def _check_at_start(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
         )
 
 
-def _auto_workers(sources: list[str]) -> int:
+def auto_workers(sources: list[str]) -> int:
     """One process for small local data (starting workers costs seconds), else one per core."""
     cores = min(os.cpu_count() or 1, 8)
     if any(source.startswith(records.HUB_PREFIX) for source in sources):
@@ -170,7 +172,7 @@ def _auto_workers(sources: list[str]) -> int:
     return 1 if small else cores
 
 
-def _default_cache_dir() -> str:
+def default_cache_dir() -> str:
     return os.environ.get("SFT_JAX_CACHE", "~/.cache/sft_jax/tokenized")
 
 
@@ -203,6 +205,10 @@ class DataSource:
     tokenizer: Any = None
     # (prompt tokens, reference reply tokens) of eval examples, for generation during eval.
     eval_prompts: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    # Per mixture source with eval files: one pass over its eval set (eval/<name>/loss).
+    eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 @dataclasses.dataclass
