@@ -138,15 +138,19 @@ def time_index_streams(count: int = 100_000, reads: int = 2_000) -> dict:
     return timings
 
 
-def peak_rss_child(root: Path, key: str, loader: str, batches: int = 200) -> float:
-    """Peak resident MiB of a fresh process streaming `batches` global batches."""
+def peak_rss_child(root: Path, key: str, loader: str, batches: int = 200) -> tuple[float, float]:
+    """Peak resident MiB of a fresh process before (imports only) and after streaming
+    `batches` global batches."""
     code = (
         f"import sys, resource; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        f"from bench_data_scale import consume; consume({str(root)!r}, {key!r}, {loader!r}, "
-        f"{batches}); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "from bench_data_scale import consume; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+        f"consume({str(root)!r}, {key!r}, {loader!r}, {batches}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
+    before, after = (int(x) / 1024 for x in out.stdout.split()[-2:])
+    return before, after
 
 
 def consume(root: str, key: str, loader: str, batches: int) -> None:

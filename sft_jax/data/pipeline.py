@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sft_jax.data import batches, certificate, formats, records, templates, tokenize
+from sft_jax.data import batches, certificate, cloud, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
 from sft_jax.models.hf_io import resolve_model_dir
 
@@ -166,7 +166,7 @@ def _check_at_start(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
 def auto_workers(sources: list[str]) -> int:
     """One process for small local data (starting workers costs seconds), else one per core."""
     cores = min(os.cpu_count() or 1, 8)
-    if any(source.startswith(records.HUB_PREFIX) for source in sources):
+    if any(source.startswith(records.HUB_PREFIX) or cloud.is_remote(source) for source in sources):
         return cores
     small = sum(os.path.getsize(source) for source in sources) < _PARALLEL_ABOVE_BYTES
     return 1 if small else cores
