@@ -97,6 +97,24 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.cache_dir = ""
     # Train batches built and put on the devices ahead of the step, in a background thread.
     config.data.prefetch = 2
+    # "memory": every process tokenizes (or loads from the cache) all data into memory and
+    # packs whole epochs. "stream": tokenized stores on disk, memory-mapped (written once by
+    # `python -m sft_jax.data.prepare`, or on demand), each process reading only its own rows;
+    # host memory stays flat however large the data (sft_jax.data.stream).
+    config.data.loader = "memory"
+    # With loader="stream": documents packed together (a window of the stream); larger packs
+    # tighter, costs more memory (~100 bytes a document).
+    config.data.stream_window = 8192
+    # With loader="stream": a weighted mixture of sources instead of train_files/eval_files, a
+    # list of dicts {"name", "train_files", "weight", and optionally "eval_files",
+    # "train_split", "eval_split", "format", "template_kwargs", "max_examples" (training
+    # examples read; 0 = all)}. Weights are relative; small sources repeat, reshuffled, each
+    # epoch; each source with eval files also reports eval/<name>/loss.
+    config.data.mixture = []
+    # With loader="stream": eval examples whose prompt or reply also occurs in training (exact
+    # after normalising whitespace): "off", "report" (counted in the log), "drop" (also
+    # removed from eval).
+    config.data.contamination = "off"
 
     # ---------------------------------------------------------------- lora
     # Parameter-efficient fine-tuning; rank 0 = full fine-tuning of every parameter.

@@ -11,6 +11,7 @@ import jax
 
 from sft_jax.compile_plan import ATTENTION_CHOICES
 from sft_jax.data.formats import FORMATS
+from sft_jax.data.mixture import CONTAMINATION, LOADERS, SOURCE_FIELDS
 from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
@@ -161,6 +162,49 @@ def _check_data(config: Any) -> None:
     check_choice("data.format", data.format, ("auto", *FORMATS))
     check_choice("data.empty_replies", data.empty_replies, EMPTY_REPLIES)
     check_choice("data.overlong", data.get("overlong", "truncate"), OVERLONG)
+    _check_stream(config)
+
+
+def _check_stream(config: Any) -> None:
+    """The stream loader's fields: the mixture's entries, the window, contamination."""
+    data = config.data
+    check_choice("data.loader", data.loader, LOADERS)
+    check_choice("data.contamination", data.contamination, CONTAMINATION)
+    stream = data.loader == "stream"
+    _need(config, data.stream_window >= 1, "data.stream_window", "at least 1 document.")
+    _need(config, stream or not (data.mixture or data.contamination != "off"),
+          "data.loader", "a mixture and the contamination check need loader='stream'.")  # fmt: skip
+    _need(config, not (stream and data.eval_fraction), "data.eval_fraction",
+          "the stream loader evaluates eval_files: set those (per source).")  # fmt: skip
+    names: set[str] = set()
+    for number, entry in enumerate(data.mixture):
+        names.add(_check_source(number, entry, names))
+
+
+def _check_source(number: int, entry: Any, names: set[str]) -> str:
+    """One entry of config.data.mixture; returns its name."""
+    field = f"data.mixture[{number}]"
+
+    def need(ok: bool, where: str, value: Any, problem: str) -> None:
+        if not ok:
+            raise ConfigError(f"config.{where}={value!r}: {problem}")
+
+    need(isinstance(entry, dict) and "train_files" in entry, field, entry,
+         "a dict with at least train_files (and name, weight).")  # fmt: skip
+    unknown = sorted(set(entry) - set(SOURCE_FIELDS))
+    need(not unknown, field, entry, f"unknown keys {unknown}; known: {', '.join(SOURCE_FIELDS)}.")
+    weight = entry.get("weight", 1.0)
+    need(isinstance(weight, int | float) and weight > 0, f"{field}.weight", weight,
+         "a positive number.")  # fmt: skip
+    name = str(entry.get("name", f"source{number}"))
+    need(name not in names and "/" not in name, f"{field}.name", name,
+         "names must be unique and hold no '/' (they name eval/<name>/loss).")  # fmt: skip
+    if "format" in entry:
+        check_choice(f"{field}.format", entry["format"], ("auto", *FORMATS))
+    if "template_kwargs" in entry:
+        need(_is_json_object(entry["template_kwargs"]), f"{field}.template_kwargs",
+             entry["template_kwargs"], "a JSON object (or '').")  # fmt: skip
+    return name
 
 
 def _check_eval_and_outputs(config: Any) -> None:
@@ -283,6 +327,10 @@ def _check_prompt(config: Any) -> None:
           f"config.prompt.method={prompt.method!r} does not run with the sequence split over "
           "mesh.context yet (its virtual tokens and key/value prefixes sit in every "
           "document): use mesh.context=1.")  # fmt: skip
+    _need(config, prompt.method == "prefix_tuning" or config.data.get("loader") != "stream",
+          "data.loader", f"config.prompt.method={prompt.method!r} puts virtual tokens in the "
+          "rows of the in-memory loader only so far: use data.loader='memory' (or "
+          "prefix_tuning, which adds no tokens to rows).")  # fmt: skip
     if prompt.method == "prefix_tuning":
         _need(config, config.model.attention in ("auto", "xla"), "model.attention",
               "prefix tuning adds key/value slots the fused kernels (cuDNN's packed layout, "

@@ -97,6 +97,9 @@ class Trainer:
     def run_eval(self, step: int) -> dict[str, float]:
         log.info("step %d: evaluating", step)
         metrics = evaluate(self.steps, self.state["params"], self.data.eval_batches())
+        for name, batches in self.data.eval_sets.items():  # a mixture's sources, each alone
+            part = evaluate(self.steps, self.state["params"], batches())
+            metrics |= {f"eval/{name}/{k.removeprefix('eval/')}": v for k, v in part.items()}
         metrics |= self._generation_metrics()
         stop = self.early_stopping.update(step, metrics["eval/loss"])
         metrics |= {

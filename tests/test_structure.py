@@ -50,6 +50,7 @@ LAYERS = {
     "sft_jax.chat": 7,
     "sft_jax.plan": 7,
     "sft_jax.data.inspect": 7,
+    "sft_jax.data.prepare": 7,
 }
 
 

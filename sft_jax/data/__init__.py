@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from sft_jax.data.mixture import open_stream_data
 from sft_jax.data.pipeline import DataSource, load_datasets, open_data, run_tokenizer
 from sft_jax.data.preference import open_pair_data
 from sft_jax.data.records import DataError
@@ -16,6 +17,7 @@ __all__ = [
     "open_data",
     "open_pair_data",
     "open_run_data",
+    "open_stream_data",
     "resolve_chat_template",
     "run_tokenizer",
 ]
@@ -25,4 +27,6 @@ def open_run_data(config: ml_collections.ConfigDict) -> DataSource:
     """The run's data: preference pairs for a preference objective, else SFT examples."""
     if config.train.get("objective", "sft") != "sft":
         return open_pair_data(config)
+    if config.data.get("loader", "memory") == "stream":
+        return open_stream_data(config)
     return open_data(config)

@@ -195,11 +195,13 @@ class TrainBatches:
             self._rows_of = {
                 e: r for e, r in self._rows_of.items() if e >= epoch - 1
             }  # keep at most the previous epoch
-            self._rows_of[epoch] = epoch_rows(
-                self.tokenized, self.row_len, self.packing, self.seed, epoch, self.shuffle,
-                self.max_docs,
-            )  # fmt: skip
+            self._rows_of[epoch] = self.epoch_rows(epoch)
         return self._rows_of[epoch]
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        """The rows of one epoch (of packing units: documents here)."""
+        return epoch_rows(self.tokenized, self.row_len, self.packing, self.seed, epoch,
+                          self.shuffle, self.max_docs)  # fmt: skip
 
     def rows_per_epoch(self) -> int:
         return len(self._rows(0))

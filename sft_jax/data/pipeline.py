@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sft_jax.data import batches, certificate, formats, records, templates, tokenize
+from sft_jax.data import batches, certificate, cloud, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
 from sft_jax.models.hf_io import resolve_model_dir
 from sft_jax.prompts import PromptSpec, virtual_token_ids
@@ -54,7 +54,7 @@ def _resolve_format(data_format: str, sources: list[str], split: str) -> str:
     return detected
 
 
-class _BadRecords:
+class BadRecords:
     """Malformed lines while reading: an error, or a counted skip (reason 'invalid_json')."""
 
     def __init__(self, skip: bool):
@@ -76,17 +76,17 @@ def tokenize_sources(
 ) -> tuple[tokenize.Tokenized, str]:  # fmt: skip
     """Tokenized documents of comma-separated sources (from the cache when possible)."""
     sources = records.expand_sources(spec, field)
-    options = _options(data, sources, split, reserved)
+    options = tokenize_options(data, sources, split, reserved)
     key = tokenize.cache_key(records.fingerprint(sources, split), tokenizer, options)
-    cache_dir = Path(data.cache_dir or _default_cache_dir()).expanduser()
+    cache_dir = Path(data.cache_dir or default_cache_dir()).expanduser()
     cached = tokenize.load_cached(cache_dir, key) if data.cache_dir != "none" else None
     if cached is not None:
         log.info("%s: %d documents from the tokenization cache", field, len(cached))
         warn_about_empty_replies(field, cached.stats)
         return cached, key
-    bad = _BadRecords(data.skip_bad_examples)
+    bad = BadRecords(data.skip_bad_examples)
     stream = (r for source in sources for r in records.read_records(source, split, bad))
-    workers = data.num_workers or _auto_workers(sources)
+    workers = data.num_workers or auto_workers(sources)
     tokenized = tokenize.tokenize_records(tokenizer, stream, options, workers)
     for _, reason in bad.skipped:
         tokenized.stats["examples_read"] += 1
@@ -114,7 +114,7 @@ def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
         )  # fmt: skip
 
 
-def _options(
+def tokenize_options(
     data: ml_collections.ConfigDict, sources: list[str], split: str, reserved: int = 0
 ) -> tokenize.Options:
     """reserved: slots of each row's document taken by virtual tokens (prompt / P-tuning), so
@@ -143,7 +143,7 @@ def certify(config: ml_collections.ConfigDict, tokenizer: Any, sample: int = 0) 
     examples (0: all of them)."""
     data = config.data
     sources = records.expand_sources(data.train_files, "config.data.train_files")
-    options = _options(
+    options = tokenize_options(
         data, sources, data.train_split, PromptSpec.from_config(config).tokens_in_rows
     )
     stream = (
@@ -170,16 +170,16 @@ def _check_at_start(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
         )
 
 
-def _auto_workers(sources: list[str]) -> int:
+def auto_workers(sources: list[str]) -> int:
     """One process for small local data (starting workers costs seconds), else one per core."""
     cores = min(os.cpu_count() or 1, 8)
-    if any(source.startswith(records.HUB_PREFIX) for source in sources):
+    if any(source.startswith(records.HUB_PREFIX) or cloud.is_remote(source) for source in sources):
         return cores
     small = sum(os.path.getsize(source) for source in sources) < _PARALLEL_ABOVE_BYTES
     return 1 if small else cores
 
 
-def _default_cache_dir() -> str:
+def default_cache_dir() -> str:
     return os.environ.get("SFT_JAX_CACHE", "~/.cache/sft_jax/tokenized")
 
 
@@ -212,6 +212,10 @@ class DataSource:
     tokenizer: Any = None
     # (prompt tokens, reference reply tokens) of eval examples, for generation during eval.
     eval_prompts: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    # Per mixture source with eval files: one pass over its eval set (eval/<name>/loss).
+    eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]] = dataclasses.field(
+        default_factory=dict
+    )
 
 
 @dataclasses.dataclass

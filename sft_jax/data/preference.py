@@ -173,7 +173,7 @@ class PairTrainBatches(batches.TrainBatches):
 def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> tokenize.Tokenized:
     sources = records.expand_sources(spec, field)
     options = tokenize.Options("messages", data.train_on, data.max_length, data.skip_bad_examples)
-    bad = pipeline._BadRecords(data.skip_bad_examples)
+    bad = pipeline.BadRecords(data.skip_bad_examples)
     stream = (r for source in sources for r in records.read_records(source, split, bad))
     tokenized = tokenize_pairs(tokenizer, stream, options)
     if len(tokenized) == 0:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sft_jax.data import cloud
 from sft_jax.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -44,7 +45,10 @@ def expand_sources(spec: str, field: str) -> list[str]:
         if item.startswith(HUB_PREFIX):
             sources.append(item)
             continue
-        matches = sorted(glob.glob(str(Path(item).expanduser())))
+        if cloud.is_remote(item):
+            matches = cloud.glob(item)
+        else:
+            matches = sorted(glob.glob(str(Path(item).expanduser())))
         if not matches:
             raise DataError(
                 f"{field}={item!r}: no such file. Give local paths or globs of "
@@ -69,6 +73,9 @@ def fingerprint(sources: list[str], split: str) -> str:
         digest.update(source.encode())
         if source.startswith(HUB_PREFIX):
             continue
+        if cloud.is_remote(source):  # the object's version, not its bytes (no download)
+            digest.update(cloud.version(source).encode())
+            continue
         with open(source, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
@@ -91,8 +98,12 @@ def read_records(source: str, split: str, errors: Any) -> Iterator[Record]:
         yield from _csv_records(source)
 
 
+def _open(path: str) -> Any:
+    return cloud.open_file(path) if cloud.is_remote(path) else open(path, "rb")
+
+
 def _jsonl_records(path: str, errors: Any) -> Iterator[Record]:
-    with open(path, "rb") as f:
+    with _open(path) as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
             try:
@@ -115,7 +126,8 @@ def _not_utf8(error: UnicodeDecodeError) -> str:
 
 def _text(path: str) -> str:
     """A whole file as UTF-8 text; a stray byte is named with its line."""
-    data = Path(path).read_bytes()
+    with _open(path) as f:
+        data = f.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -145,7 +157,7 @@ def _parquet_records(path: str) -> Iterator[Record]:
 
     row = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for batch in pq.ParquetFile(_open(path)).iter_batches(batch_size=4096):
             for value in batch.to_pylist():
                 yield Record(f"{path}: row {row}", value)
                 row += 1

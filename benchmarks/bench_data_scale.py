@@ -1,0 +1,247 @@
+"""Data at scale: store formats, flat host memory as the data grows, loader vs train step.
+
+  python benchmarks/bench_data_scale.py --store --documents=200000
+  python benchmarks/bench_data_scale.py --rss --documents=250000 --growth=8
+  python benchmarks/bench_data_scale.py --loader --steps=30
+
+--store writes the same synthetic tokenized documents (lengths 20-300 tokens) as the
+memory-mapped store (sft_jax.data.store: raw arrays + offsets index), as ArrayRecord (one
+record per document, tokens and trained flags as bytes) and as Parquet (list<int32> and
+list<bool> columns, row groups of 1,000); reports write MB/s and random single-document reads
+per second (the access a per-process loader makes), and Grain's MapDataset shuffle/mix against
+sft_jax.data.stream.index_shuffle per index (why the loader computes its own stream).
+
+--rss writes stores of N and growth x N synthetic documents and, for each, runs a fresh
+process that streams 200 global batches of 64 x 2048 tokens from it (loader="stream") and
+reports its peak resident memory; the same for loader="memory" (all documents in memory,
+packed per epoch) for contrast. Flat means the stream figure changes < 10% across sizes.
+
+--loader runs the demo (configs/base.py, loader="stream") for --steps steps and reads its
+train/tokens_per_sec from metrics.jsonl, then times the same loader alone (tokens of rows
+made per second); prints the ratio. On a GPU: the same command, the demo then runs there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sft_jax.data import open_run_data, store, stream
+from sft_jax.data.batches import TrainBatches
+from sft_jax.data.tokenize import Tokenized, empty_stats
+
+REPO = Path(__file__).resolve().parents[1]
+PART = 100_000  # documents generated and appended at a time
+
+
+def synthetic_parts(count: int, seed: int = 0):
+    """Tokenized parts of `count` random documents (20-300 tokens, half trained)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, count, PART):
+        n = min(PART, count - start)
+        lengths = rng.integers(20, 300, n)
+        tokens = rng.integers(3, 32000, int(lengths.sum()), dtype=np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        yield Tokenized(tokens, rng.random(len(tokens)) < 0.5, offsets, empty_stats())
+
+
+def write_store(root: Path, count: int) -> Tokenized:
+    writer = store.StoreWriter(root, f"n{count}")
+    for part in synthetic_parts(count):
+        writer.append(part)
+    writer.close(empty_stats())
+    return store.open_store(root, f"n{count}")
+
+
+def time_formats(root: Path, count: int, reads: int = 20_000) -> dict:
+    """Write MB/s and random document reads/s of the store, ArrayRecord and Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python import array_record_module as ar
+
+    parts = list(synthetic_parts(count))
+    megabytes = sum(p.tokens.nbytes + p.trained.nbytes for p in parts) / 2**20
+    picks = np.random.default_rng(1).integers(0, count, reads)
+    out = {}
+
+    start = time.perf_counter()
+    mapped = write_store(root, count)
+    write = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in picks:
+        tokens, trained = mapped.document(int(i))
+        np.asarray(tokens).sum(), np.asarray(trained).sum()
+    out["memmap store"] = (megabytes / write, reads / (time.perf_counter() - start))
+
+    start = time.perf_counter()
+    writer = ar.ArrayRecordWriter(str(root / "docs.array_record"), "group_size:1")
+    for part in parts:
+        for d in range(len(part)):
+            tokens, trained = part.document(d)
+            writer.write(tokens.tobytes() + np.packbits(trained).tobytes())
+    writer.close()
+    write = time.perf_counter() - start
+    reader = ar.ArrayRecordReader(str(root / "docs.array_record"))
+    start = time.perf_counter()
+    for i in picks:
+        record = reader.read([int(i)])[0]
+        np.frombuffer(record[: len(record) // 33 * 32], np.int32).sum()
+    out["ArrayRecord"] = (megabytes / write, reads / (time.perf_counter() - start))
+    reader.close()
+
+    start = time.perf_counter()
+    with pq.ParquetWriter(root / "docs.parquet", _parquet_schema(pa)) as parquet:
+        for part in parts:
+            docs = [part.document(d) for d in range(len(part))]
+            parquet.write_table(pa.table({"tokens": [t for t, _ in docs],
+                                          "trained": [m for _, m in docs]}),
+                                row_group_size=1000)  # fmt: skip
+    write = time.perf_counter() - start
+    parquet = pq.ParquetFile(root / "docs.parquet", memory_map=True)
+    start = time.perf_counter()
+    for i in picks[: reads // 20]:  # a row group decoded per document: 20x fewer reads
+        group = parquet.read_row_group(int(i) // 1000, columns=["tokens"])
+        np.asarray(group.column("tokens")[int(i) % 1000].values).sum()
+    out["Parquet"] = (megabytes / write, reads / 20 / (time.perf_counter() - start))
+    return {"megabytes": megabytes, "formats": out}
+
+
+def _parquet_schema(pa):
+    return pa.schema([("tokens", pa.list_(pa.int32())), ("trained", pa.list_(pa.bool_()))])
+
+
+def time_index_streams(count: int = 100_000, reads: int = 2_000) -> dict:
+    """Seconds per index: Grain's shuffle and mix (random access) vs index_shuffle (vectorised)."""
+    import grain
+
+    shuffled = grain.MapDataset.range(count).shuffle(seed=0).repeat(None)
+    small = grain.MapDataset.range(50).shuffle(seed=1).repeat(None)
+    mixed = grain.MapDataset.mix([shuffled, small], [0.9, 0.1])
+    timings = {}
+    for name, dataset in (("grain shuffle", shuffled), ("grain mix", mixed)):
+        start = time.perf_counter()
+        for i in range(reads):
+            dataset[i]
+        timings[name] = (time.perf_counter() - start) / reads
+    start = time.perf_counter()
+    stream.index_shuffle(np.arange(reads * 100), count, (0, 0, 0))
+    timings["index_shuffle"] = (time.perf_counter() - start) / (reads * 100)
+    return timings
+
+
+def peak_rss_child(root: Path, key: str, loader: str, batches: int = 200) -> tuple[float, float]:
+    """Peak resident MiB of a fresh process before (imports only) and after streaming
+    `batches` global batches."""
+    code = (
+        f"import sys, resource; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from bench_data_scale import consume; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+        f"consume({str(root)!r}, {key!r}, {loader!r}, {batches}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after = (int(x) / 1024 for x in out.stdout.split()[-2:])
+    return before, after
+
+
+def consume(root: str, key: str, loader: str, batches: int) -> None:
+    """What a training process's data side does: open the data, make `batches` batches."""
+    documents = store.open_store(Path(root), key)
+    rows = dict(global_rows=64, row_len=2048, packing=True, seed=0, shuffle=True)
+    if loader == "memory":  # the in-memory path: every document loaded, epochs packed whole
+        documents = Tokenized(np.array(documents.tokens), np.array(documents.trained),
+                              np.array(documents.offsets), documents.stats)  # fmt: skip
+        source = TrainBatches(documents, max_docs=64, **rows)
+    else:
+        source = stream.StreamBatches(stream.Documents([documents]), [1.0], window=8192,
+                                      max_docs=64, **rows)  # fmt: skip
+    for _ in range(batches):
+        next(source)
+
+
+def loader_ratio(steps: int, batches: int = 200) -> dict:
+    """The demo's train tokens/s (its metrics) and the stream loader's alone, and their ratio."""
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [
+            f"--config.train.steps={steps}", "--config.data.loader=stream",
+            "--config.eval.every_steps=0", "--config.eval.at_start=False",
+            "--config.checkpoint.enabled=False", "--config.export.at_end=none",
+            f"--config.data.cache_dir={tmp}/cache", "--config.log.every_steps=1",
+        ]  # fmt: skip
+        subprocess.run([sys.executable, str(REPO / "main.py"), "--config=configs/base.py",
+                        f"--workdir={tmp}/run", *overrides], cwd=REPO, check=True,
+                       capture_output=True)  # fmt: skip
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        rates = [
+            r["train/tokens_per_sec"] for r in map(json.loads, lines) if "train/tokens_per_sec" in r
+        ][2:]  # fmt: skip (the first steps compile)
+        config = _demo_config(f"{tmp}/cache")
+        source = open_run_data(config)  # the store the demo wrote: no tokenizing here
+        next(source.train_batches)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(source.train_batches)
+        seconds = time.perf_counter() - start
+    loader = batches * config.train.global_batch_size * config.data.max_length / seconds
+    step = statistics.median(rates)
+    return {"loader_tokens_per_sec": loader, "step_tokens_per_sec": step, "ratio": loader / step}
+
+
+def _demo_config(cache_dir: str):
+    spec = importlib.util.spec_from_file_location("base_config", REPO / "configs" / "base.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.data.update(loader="stream", cache_dir=cache_dir)
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store", action="store_true")
+    parser.add_argument("--rss", action="store_true")
+    parser.add_argument("--loader", action="store_true")
+    parser.add_argument("--documents", type=int, default=250_000)
+    parser.add_argument("--growth", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.store:
+            result = time_formats(Path(tmp), args.documents)
+            print(f"{args.documents} documents, {result['megabytes']:.0f} MB of tokens + flags")
+            print(f"{'format':>14} {'write MB/s':>11} {'random reads/s':>15}")
+            for name, (write, reads) in result["formats"].items():
+                print(f"{name:>14} {write:>11,.0f} {reads:>15,.0f}")
+            for name, seconds in time_index_streams().items():
+                print(f"{name:>14}: {seconds * 1e6:,.2f} us per index")
+        if args.rss:
+            rss_table(Path(tmp), args.documents, args.growth)
+    if args.loader:
+        print(json.dumps(loader_ratio(args.steps)))
+
+
+def rss_table(root: Path, documents: int, growth: int) -> None:
+    sizes = (documents, documents * growth)
+    for size in sizes:
+        write_store(root, size)
+    figures = {(loader, size): peak_rss_child(root, f"n{size}", loader)
+               for loader in ("stream", "memory") for size in sizes}  # fmt: skip
+    for loader in ("stream", "memory"):
+        small, large = figures[(loader, sizes[0])], figures[(loader, sizes[1])]
+        print(
+            f"{loader:>7}: peak RSS {small:,.0f} MiB at {sizes[0]:,} documents, "
+            f"{large:,.0f} MiB at {sizes[1]:,} ({large / small - 1:+.1%})"
+        )
+
+
+if __name__ == "__main__":
+    main()
