@@ -37,7 +37,7 @@ def export_run(
     step = rundir.pick_step(checkpoints, which)
     config = ml_collections.ConfigDict(json.loads(checkpoints.meta(step)["config"]))
     out = rundir.export_dir(workdir, out)
-    if LoRASpec.from_config(config.lora).enabled:
+    if LoRASpec.from_config(config.lora, config.train.steps).enabled:
         return _export_lora(checkpoints, step, config, out)
     model_dir = resolve_model_dir(config.model.name_or_path)
     param_dtype = DTYPES[config.model.param_dtype]

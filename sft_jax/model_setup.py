@@ -13,7 +13,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from sft_jax.config_check import check_for_model
-from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
+from sft_jax.lora import LoRASpec, apply_lora, parameter_counts, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
-    spec = LoRASpec.from_config(config.lora)
+    spec = LoRASpec.from_config(config.lora, config.train.steps)
     model = from_pretrained(
         config.model.name_or_path,
         mesh=mesh,
@@ -38,4 +38,8 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
                      "the embedding matrix (model.embed_tokens) is trained")  # fmt: skip
         spec = tied
         apply_lora(model, spec, mesh, seed=config.train.seed)
+    trained, total = parameter_counts(model, trainable_filter(spec))
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f (as PEFT's "
+             "print_trainable_parameters)", f"{trained:,}", f"{total:,}",
+             100 * trained / total)  # fmt: skip
     return model, spec, trainable_filter(spec)
