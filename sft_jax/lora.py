@@ -135,14 +135,16 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
         else:
             a = _normal_init(a_key, (in_features, spec.rank), a_sharding)
             b = _normal_init(b_key, (spec.rank, out_features), b_sharding)
-            linear.lora_e = LoRAParam(jnp.zeros((spec.rank,), jnp.float32),
-                                      logical_axes=("lora_rank",))  # fmt: skip
+            e_sharding = named_sharding(("lora_rank",), (spec.rank,), mesh)
+            e = jax.device_put(jnp.zeros((spec.rank,), jnp.float32), e_sharding)
+            linear.lora_e = LoRAParam(e, logical_axes=("lora_rank",))
         linear.lora_a = LoRAParam(a, logical_axes=a_axes)
         linear.lora_b = LoRAParam(b, logical_axes=b_axes)
         linear.lora_scale = spec.scale
         linear.lora_dropout = spec.dropout
         if spec.use_dora:
-            norms = _column_norms(linear.weight())
+            m_sharding = named_sharding((linear.axes[1],), (out_features,), mesh)
+            norms = jax.device_put(_column_norms(linear.weight()), m_sharding)
             linear.lora_magnitude = LoRAParam(norms, logical_axes=(linear.axes[1],))
 
 

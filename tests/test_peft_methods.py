@@ -265,3 +265,64 @@ def test_bad_dora_and_adalora_settings_are_named(changes, field, message):
     config = base.get_config().unlock()
     config.lora.rank, config.lora.use_dora, config.lora.quantize = 8, True, "nf4"
     check_values(config, 8, 8)  # DoRA on a quantized base, as PEFT allows
+
+
+@pytest.mark.parametrize(
+    "method",
+    [["--config.lora.use_dora=True"],
+     ["--config.lora.method=adalora", "--config.lora.adalora.target_r=4",
+      "--config.lora.adalora.tinit=5", "--config.lora.adalora.tfinal=10",
+      "--config.lora.adalora.delta_t=5"]],
+    ids=["dora", "adalora"],
+)  # fmt: skip
+def test_demo_trains_and_exports_a_peft_adapter(tmp_path, method):
+    from test_demo import logged, run_demo
+
+    # 30 steps (the last of run_demo's overrides win): adapters on the demo's random-weight
+    # model learn slower than full fine-tuning; exact match needs far more steps
+    # (benchmarks/bench_peft.py shows it rise).
+    shorter = ["--config.train.steps=30", "--config.data.eval_max_examples=32",
+               "--config.eval.generate_examples=4"]  # fmt: skip
+    adapters = ["--config.lora.rank=8", "--config.lora.alpha=16", "--config.export.at_end=last"]
+    run_demo(tmp_path / "run", *shorter, *adapters, *method)
+    evals = [r for r in logged(tmp_path / "run") if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [0, 30]
+    assert evals[-1]["eval/loss"] < 0.92 * evals[0]["eval/loss"]
+    config = json.loads((tmp_path / "run/export/adapter/adapter_config.json").read_text())
+    if "adalora" in method[0]:  # init_r 8 -> an average of 4 kept over the adapted layers
+        assert config["peft_type"] == "ADALORA"
+        kept = [sum(pattern) for pattern in config["rank_pattern"].values()]
+        assert sum(kept) == 4 * len(kept)
+    else:
+        assert config["peft_type"] == "LORA" and config["use_dora"]
+
+
+def test_dora_on_a_quantized_base_starts_at_the_base_and_merges():
+    """QLoRA + DoRA (PEFT allows it): the magnitudes are the dequantized kernel's column norms,
+    so the fresh model computes as its quantized base, and merging folds the same function."""
+    from sft_jax.models.quantize import QuantSpec
+
+    quant = QuantSpec("int8", 32, double_quant=True)
+    spec = LoRASpec(rank=4, alpha=8.0, targets=TARGETS, use_dora=True, quantization=quant)
+    path, mesh = build_and_save_llama(), sharding.single_device_mesh()
+    base_model = from_pretrained(path, mesh=mesh, quantization=quant)
+    batch = padded_batch()
+    expected = jax_logits(base_model, batch)
+    apply_lora(base_model, spec, mesh)
+    np.testing.assert_allclose(jax_logits(base_model, batch), expected, atol=1e-5)
+    trained_looking(base_model)
+    adapted_logits = jax_logits(base_model, batch)
+    merged_logits = jax_logits(fold_adapters(base_model), batch)
+    assert_close_on_tokens(merged_logits, adapted_logits, batch["attention_mask"], 1e-5)
+
+
+@pytest.mark.parametrize("spec", [DORA, ADALORA], ids=["dora", "adalora"])
+def test_dora_and_adalora_on_fsdp_tensor_mesh_equal_single_device(spec):
+    def three_steps(mesh):
+        state, compiled = _adalora_steps(adapted(build_and_save_llama(), spec, mesh), mesh, spec)
+        return _run(state, compiled, range(3))[0]["params"]
+
+    single = three_steps(sharding.single_device_mesh())
+    sharded = three_steps(sharding.make_mesh(1, 4, 2))
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
