@@ -139,6 +139,29 @@ def get_config() -> ml_collections.ConfigDict:
     config.lora.quant_block_size = 64
     # Quantize the block scales too (int8 around their mean): ~0.5 instead of ~0.56 byte/weight.
     config.lora.double_quant = True
+    # DoRA (PEFT's use_dora): each adapted weight is a trained magnitude per output feature
+    # times the direction of W + scale * B A (method "lora" only; works with quantize).
+    config.lora.use_dora = False
+    # "lora", or "adalora": SVD-form adapters of initial rank lora.rank (PEFT's init_r) whose
+    # ranks are pruned to an average of adalora.target_r per layer while training.
+    config.lora.method = "lora"
+    # AdaLoRA's schedule and regulariser, with PEFT's AdaLoraConfig names (steps = updates).
+    config.lora.adalora = ml_collections.ConfigDict()
+    # Average rank per adapted layer left after the schedule (PEFT's target_r).
+    config.lora.adalora.target_r = 4
+    # Updates at full rank before pruning starts (tinit), and at the final ranks at the end
+    # (tfinal).
+    config.lora.adalora.tinit = 0
+    config.lora.adalora.tfinal = 0
+    # Updates between two rank allocations while the budget falls (PEFT's deltaT).
+    config.lora.adalora.delta_t = 1
+    # EMA decay rates of the sensitivity |w * grad| and of its uncertainty.
+    config.lora.adalora.beta1 = 0.85
+    config.lora.adalora.beta2 = 0.85
+    # Weight of the orthogonality regulariser ||P^T P - I||_F + ||Q Q^T - I||_F in the loss.
+    config.lora.adalora.orth_reg_weight = 0.5
+    # Updates the budget schedule spans (PEFT's total_step); 0 = train.steps.
+    config.lora.adalora.total_step = 0
 
     # ---------------------------------------------------------------- prompt
     # Virtual-token methods (PEFT's prompt learning): the model stays frozen and only these

@@ -274,9 +274,9 @@ class Checkpoints:
 # length, batch, seed). Steps, learning rate, eval and logging may change between restarts.
 ADAPTER_FIELDS = (
     "lora.rank", "lora.target_modules", "lora.trainable_modules", "lora.quantize",
-    "lora.quant_block_size", "lora.double_quant", "prompt.method", "prompt.num_virtual_tokens",
-    "prompt.encoder_type", "prompt.encoder_hidden_size", "prompt.encoder_num_layers",
-    "prompt.prefix_projection",
+    "lora.quant_block_size", "lora.double_quant", "lora.use_dora", "lora.method",
+    "prompt.method", "prompt.num_virtual_tokens", "prompt.encoder_type",
+    "prompt.encoder_hidden_size", "prompt.encoder_num_layers", "prompt.prefix_projection",
 )  # fmt: skip
 RESUME_FIELDS = (
     "model.name_or_path", "model.param_dtype", *ADAPTER_FIELDS,

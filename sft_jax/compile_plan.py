@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import memory_plan, preference, reward, sharding, step
 from sft_jax.errors import ConfigError, check_choice
+from sft_jax.lora import LoRASpec
 from sft_jax.memory_plan import StepMemory
 from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.decoder import use_attention
@@ -438,7 +439,7 @@ def plan_run(
     log.info("attention: %s (%s)", attention, why)
     use_attention(model, attention, max_segments)
     train = config.train
-    tx, schedule = make_optimizer(train)
+    tx, schedule = make_optimizer(train, LoRASpec.from_config(config.lora, train.steps).adalora)
     state, state_shardings = init_state(model, tx, mesh, trainable)
     options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
                           train.loss_chunk_size, dropout_seed=train.seed,

@@ -16,7 +16,7 @@ from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.errors import ConfigError, check_choice
-from sft_jax.lora import EXTRA_MODULES, PROJECTIONS, names
+from sft_jax.lora import ADAPTER_METHODS, EXTRA_MODULES, PROJECTIONS, names
 from sft_jax.memory_plan import host_offload_supported
 from sft_jax.models import DTYPES
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
@@ -289,6 +289,37 @@ def _check_lora(config: Any) -> None:
         block = lora.quant_block_size
         _need(config, block > 0 and block % 2 == 0, "lora.quant_block_size",
               "weights per scale: a positive even number (64 is the QLoRA default).")  # fmt: skip
+    _check_adapter_method(config)
+
+
+def _check_adapter_method(config: Any) -> None:
+    """DoRA and AdaLoRA: what PEFT accepts (AdaLoraConfig's own checks included)."""
+    lora = config.lora
+    method = lora.get("method", "lora")  # configs saved before the field: LoRA
+    check_choice("lora.method", method, ADAPTER_METHODS)
+    if lora.get("use_dora", False) or method == "adalora":
+        _need(config, lora.rank > 0, "lora.use_dora" if method == "lora" else "lora.method",
+              "needs adapters: set lora.rank > 0 (AdaLoRA: its initial rank).")  # fmt: skip
+    if method != "adalora":
+        return
+    _need(config, not lora.use_dora, "lora.use_dora",
+          "AdaLoRA does not support DoRA (as PEFT's AdaLoraConfig); set one of them.")  # fmt: skip
+    _need(config, not lora.use_rslora, "lora.use_rslora",
+          "AdaLoRA scales by alpha / init_r; rsLoRA does not apply to it.")  # fmt: skip
+    ada = lora.adalora
+    _need(config, 0 < ada.target_r <= lora.rank, "lora.adalora.target_r",
+          f"the average rank kept must be within [1, lora.rank={lora.rank}].")  # fmt: skip
+    _need(config, ada.delta_t >= 1, "lora.adalora.delta_t", "updates between allocations, >= 1.")
+    for name in ("beta1", "beta2"):
+        _need(config, 0 < ada[name] < 1, f"lora.adalora.{name}", "must be within (0, 1).")
+    _need(config, ada.orth_reg_weight >= 0, "lora.adalora.orth_reg_weight", "must be >= 0.")
+    total = ada.total_step or config.train.steps
+    counts = ada.total_step >= 0 and ada.tinit >= 0 and ada.tfinal >= 0
+    _need(config, counts, "lora.adalora.total_step",
+          "total_step, tinit and tfinal are update counts, >= 0.")  # fmt: skip
+    _need(config, ada.tinit < total - ada.tfinal, "lora.adalora.tinit",
+          f"tinit={ada.tinit} and tfinal={ada.tfinal} leave no updates to reallocate ranks in "
+          f"total_step={total}: decrease them or raise total_step / train.steps.")  # fmt: skip
 
 
 def _check_prompt(config: Any) -> None:

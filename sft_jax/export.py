@@ -39,7 +39,7 @@ def export_run(
     step = rundir.pick_step(checkpoints, which)
     config = ml_collections.ConfigDict(json.loads(checkpoints.meta(step)["config"]))
     out = rundir.export_dir(workdir, out)
-    if LoRASpec.from_config(config.lora).enabled:
+    if LoRASpec.from_config(config.lora, config.train.steps).enabled:
         return _export_lora(checkpoints, step, config, out)
     if PromptSpec.from_config(config).enabled:
         return _export_prompt(checkpoints, step, config, out)

@@ -1,8 +1,11 @@
-"""LoRA and QLoRA: adapters on chosen linear layers, a frozen (optionally 4-bit) base, PEFT export.
+"""LoRA, DoRA, AdaLoRA and QLoRA: adapters on chosen linear layers, a frozen (optionally 4-bit)
+base, PEFT export.
 
 PEFT's layout is followed so that `peft.PeftModel.from_pretrained` loads our adapters: for a
 layer with weight W [out, in], lora_A.weight is [rank, in], lora_B.weight is [out, rank] and the
 layer computes W x + scale * B A x with scale = alpha / rank (alpha / sqrt(rank) with rsLoRA).
+DoRA adds lora_magnitude_vector [out]; AdaLoRA (sft_jax.adalora) stores lora_A [rank, in],
+lora_E [rank, 1], lora_B [out, rank] with scale = alpha / (init_r + 1e-5), cut to its kept ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sft_jax.adalora import AdaLoRASpec
 from sft_jax.models import safetensors_io
 from sft_jax.models.decoder import (
     ATTENTION_PROJECTIONS,
@@ -36,6 +40,7 @@ from sft_jax.models.partitioning import named_sharding
 from sft_jax.models.quantize import QuantSpec
 
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+ADAPTER_METHODS = ("lora", "adalora")  # config.lora.method
 # Modules trained in full beside the adapters, by their Hugging Face names.
 EXTRA_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}
 
@@ -51,6 +56,8 @@ class LoRASpec:
     use_rslora: bool = False
     extra_trainable: tuple[str, ...] = ()  # "embed" and/or "lm_head", trained in full
     quantization: QuantSpec | None = None
+    use_dora: bool = False  # DoRA: a trained magnitude per output feature (PEFT's use_dora)
+    adalora: AdaLoRASpec | None = None  # AdaLoRA: SVD-form adapters of initial rank `rank`
 
     @property
     def enabled(self) -> bool:
@@ -59,6 +66,8 @@ class LoRASpec:
 
     @property
     def scale(self) -> float:
+        if self.adalora is not None:  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r
+            return self.alpha / (self.rank + 1e-5)
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def for_model(self, model: CausalLM) -> LoRASpec:
@@ -71,17 +80,25 @@ class LoRASpec:
         return dataclasses.replace(self, extra_trainable=extras)
 
     @classmethod
-    def from_config(cls, lora: ml_collections.ConfigDict) -> LoRASpec:
-        """The spec of config.lora (whose values config_check has checked)."""
+    def from_config(cls, lora: ml_collections.ConfigDict, train_steps: int = 0) -> LoRASpec:
+        """The spec of config.lora (whose values config_check has checked); train_steps is
+        AdaLoRA's total_step where config.lora.adalora.total_step is 0."""
         targets = PROJECTIONS if lora.target_modules == "all-linear" else names(lora.target_modules)
         quantization = (
             QuantSpec(lora.quantize, lora.quant_block_size, lora.double_quant)
             if lora.quantize
             else None
         )
+        adalora = None
+        if lora.get("method", "lora") == "adalora":
+            ada = lora.adalora
+            adalora = AdaLoRASpec(
+                lora.rank, ada.target_r, ada.tinit, ada.tfinal, ada.delta_t, ada.beta1,
+                ada.beta2, ada.orth_reg_weight, ada.total_step or train_steps,
+            )  # fmt: skip
         return cls(
             lora.rank, lora.alpha, lora.dropout, targets, lora.use_rslora,
-            names(lora.trainable_modules), quantization,
+            names(lora.trainable_modules), quantization, lora.get("use_dora", False), adalora,
         )  # fmt: skip
 
 
@@ -98,8 +115,9 @@ def trainable_filter(spec: LoRASpec) -> Any:
 
 
 def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> None:
-    """Adds adapters to the target layers: A ~ U(+-1/sqrt(in)) (PEFT's default), B = 0, so the
-    adapted model starts equal to the base model."""
+    """Adds adapters to the target layers, starting equal to the base model as PEFT's do:
+    LoRA A ~ U(+-1/sqrt(in)), B = 0; AdaLoRA P, Q ~ N(0, 0.02), Lambda = 0; DoRA's magnitude
+    = the column norms of the (dequantized) kernel."""
     key = jax.random.key(seed)
     for index, name, linear in decoder_linears(model):
         if name not in spec.targets:
@@ -108,15 +126,51 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
         a_axes, b_axes = (linear.axes[0], "lora_rank"), ("lora_rank", linear.axes[1])
         a_sharding = named_sharding(a_axes, (in_features, spec.rank), mesh)
         b_sharding = named_sharding(b_axes, (spec.rank, out_features), mesh)
-        layer_key = jax.random.fold_in(key, index * 16 + PROJECTIONS.index(name))
-        a = _uniform_init(layer_key, (in_features, spec.rank), a_sharding)
-        linear.lora_a = LoRAParam(a, logical_axes=a_axes)
-        linear.lora_b = LoRAParam(
-            jax.device_put(jnp.zeros((spec.rank, out_features), jnp.float32), b_sharding),
-            logical_axes=b_axes,
+        a_key, b_key = jax.random.split(
+            jax.random.fold_in(key, index * 16 + PROJECTIONS.index(name))
         )
+        if spec.adalora is None:
+            a = _uniform_init(a_key, (in_features, spec.rank), a_sharding)
+            b = jax.device_put(jnp.zeros((spec.rank, out_features), jnp.float32), b_sharding)
+        else:
+            a = _normal_init(a_key, (in_features, spec.rank), a_sharding)
+            b = _normal_init(b_key, (spec.rank, out_features), b_sharding)
+            e_sharding = named_sharding(("lora_rank",), (spec.rank,), mesh)
+            e = jax.device_put(jnp.zeros((spec.rank,), jnp.float32), e_sharding)
+            linear.lora_e = LoRAParam(e, logical_axes=("lora_rank",))
+        linear.lora_a = LoRAParam(a, logical_axes=a_axes)
+        linear.lora_b = LoRAParam(b, logical_axes=b_axes)
         linear.lora_scale = spec.scale
         linear.lora_dropout = spec.dropout
+        if spec.use_dora:
+            m_sharding = named_sharding((linear.axes[1],), (out_features,), mesh)
+            norms = jax.device_put(_column_norms(linear.weight()), m_sharding)
+            linear.lora_magnitude = LoRAParam(norms, logical_axes=(linear.axes[1],))
+
+
+@jax.jit
+def _column_norms(kernel: jax.Array) -> jax.Array:
+    """||W[:, o]|| per output feature, in float32 (DoRA's initial magnitude)."""
+    return jnp.linalg.norm(kernel.astype(jnp.float32), axis=0)
+
+
+@partial(jax.jit, static_argnames=("shape", "out_sharding"))
+def _normal_init(key: jax.Array, shape: tuple[int, int], out_sharding: Any) -> jax.Array:
+    """N(0, 0.02) (PEFT's AdaLoRA init of P and Q), made on its devices."""
+    values = 0.02 * jax.random.normal(key, shape, jnp.float32)
+    return jax.lax.with_sharding_constraint(values, out_sharding)
+
+
+def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
+    """(trained, all) parameter counts as PEFT's get_nb_trainable_parameters counts them: a
+    quantized kernel counts as its in * out weights, and PEFT's AdaLoRA layers hold one more
+    (frozen) parameter each, `ranknum`."""
+    trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable)))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    linears = [linear for _, _, linear in decoder_linears(model)]
+    quantized = sum(lin.in_features * lin.out_features for lin in linears if lin.quant is not None)
+    ranknums = sum(lin.lora_e is not None for lin in linears)
+    return trained, total + quantized + ranknums
 
 
 @partial(jax.jit, static_argnames=("shape", "out_sharding"))
@@ -143,7 +197,8 @@ def adapters_off(model: CausalLM) -> Iterator[CausalLM]:
 
 
 def merged(model: CausalLM) -> CausalLM:
-    """A plain model (no adapters, no quantization) with W + scale * A B folded into each kernel."""
+    """A plain model (no adapters, no quantization) with W + scale * A B folded into each kernel
+    (A diag(E) B with AdaLoRA; times m / ||W + scale * A B|| per output column with DoRA)."""
     plain = nnx.eval_shape(
         lambda: CausalLM(
             model.config, dtype=model.dtype, param_dtype=model.embed[...].dtype, rngs=nnx.Rngs(0)
@@ -157,9 +212,9 @@ def merged(model: CausalLM) -> CausalLM:
         # Kernels of the adaptable projections (not the shared expert of a mixture of experts).
         if path[0] == "layers" and path[-1] == "kernel" and (path[1], path[3]) in linears:
             linear = linears[(path[1], path[3])]
-            kernel = linear.weight().astype(jnp.float32)
-            if linear.lora_a is not None:
-                kernel = kernel + linear.lora_scale * (linear.lora_a[...] @ linear.lora_b[...])
+            kernel = linear.adapted_kernel()
+            if linear.lora_magnitude is not None:  # DoRA: m / ||W'|| * W' per output column
+                kernel = kernel * linear.dora_factor()[None, :]
             value = kernel.astype(variable.get_value().dtype)
         else:
             value = source[path].get_value()
@@ -172,13 +227,21 @@ def save_adapter(
 ) -> Path:
     """adapter_config.json + adapter_model.safetensors in PEFT's format (process 0 writes)."""
     out_dir = Path(out_dir)
-    tensors = []
+    tensors, rank_pattern = [], {}
     for index, name, linear in decoder_linears(model):
         if linear.lora_a is None:
             continue
         prefix = f"base_model.model.{hf_module_name(index, name)}"
+        if linear.lora_e is not None:
+            kept = rank_kept(linear)
+            rank_pattern[f"{hf_module_name(index, name)}.lora_E"] = kept.tolist()
+            tensors += _svd_tensors(prefix, linear, kept)
+            continue
         tensors.append(_pending(f"{prefix}.lora_A.weight", linear.lora_a[...], transpose=True))
         tensors.append(_pending(f"{prefix}.lora_B.weight", linear.lora_b[...], transpose=True))
+        if linear.lora_magnitude is not None:
+            magnitude = linear.lora_magnitude[...]
+            tensors.append(_pending(f"{prefix}.lora_magnitude_vector", magnitude, transpose=False))
     extras = list(spec.extra_trainable)
     if model.config.tie_word_embeddings and extras and "lm_head" not in extras:
         extras.append("lm_head")  # PEFT ties its copies: the head's must be in the file too
@@ -198,11 +261,37 @@ def save_adapter(
         safetensors_io.write_file(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
         (out_dir / "adapter_config.json").write_text(
             json.dumps(
-                _adapter_config(spec, base_model, model.config.tie_word_embeddings), indent=2
+                _adapter_config(spec, base_model, model.config.tie_word_embeddings, rank_pattern),
+                indent=2,
             )
             + "\n"
         )
     return out_dir
+
+
+def rank_kept(linear: Any) -> np.ndarray:
+    """AdaLoRA: which triplets the layer computes with ([rank] bool): those whose singular
+    value is not 0. After the schedule these are exactly the rank allocator's final pattern
+    (it holds the others at 0); at any step, dropping the rest leaves the output unchanged."""
+    return to_host(linear.lora_e[...]) != 0
+
+
+def _svd_tensors(prefix: str, linear: Any, kept: np.ndarray) -> list[safetensors_io.PendingTensor]:
+    """PEFT's AdaLoRA tensors of a layer, cut to its kept ranks (as PEFT saves them)."""
+    rows = np.flatnonzero(kept)
+
+    def pending(name: str, array: jax.Array, cut: Any) -> safetensors_io.PendingTensor:
+        shape = np.empty(array.shape, np.bool_)[cut].shape
+        return safetensors_io.PendingTensor(
+            f"{prefix}.{name}", shape, np.dtype(array.dtype), lambda: to_host(array)[cut]
+        )
+
+    lora_a, lora_b = linear.lora_a[...].T, linear.lora_b[...].T  # [rank, in], [out, rank]
+    return [
+        pending("lora_A", lora_a, (rows, slice(None))),
+        pending("lora_E", linear.lora_e[...][:, None], (rows, slice(None))),
+        pending("lora_B", lora_b, (slice(None), rows)),
+    ]
 
 
 def _pending(name: str, array: jax.Array, transpose: bool) -> safetensors_io.PendingTensor:
@@ -216,8 +305,10 @@ def _pending(name: str, array: jax.Array, transpose: bool) -> safetensors_io.Pen
     return safetensors_io.PendingTensor(name, shape, dtype, produce)
 
 
-def _adapter_config(spec: LoRASpec, base_model: str, tied: bool) -> dict[str, Any]:
-    return {
+def _adapter_config(
+    spec: LoRASpec, base_model: str, tied: bool, rank_pattern: dict[str, list[bool]]
+) -> dict[str, Any]:
+    fields = {
         # A trained, tied embedding is also the LM head (as in sft_jax); without this PEFT
         # would keep the head on the old embedding.
         "ensure_weight_tying": tied and bool(spec.extra_trainable),
@@ -234,4 +325,16 @@ def _adapter_config(spec: LoRASpec, base_model: str, tied: bool) -> dict[str, An
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
+        "use_dora": spec.use_dora,
     }
+    ada = spec.adalora
+    if ada is None:
+        return fields
+    fields.pop("r")  # AdaLoRA's rank is init_r (PEFT warns on an r it ignores)
+    return fields | {
+        "peft_type": "ADALORA",
+        "init_r": ada.init_r, "target_r": ada.target_r, "tinit": ada.tinit,
+        "tfinal": ada.tfinal, "deltaT": ada.delta_t, "beta1": ada.beta1, "beta2": ada.beta2,
+        "orth_reg_weight": ada.orth_reg_weight, "total_step": ada.total_step,
+        "rank_pattern": rank_pattern,
+    }  # fmt: skip

@@ -29,7 +29,7 @@ def score_labels(config: ml_collections.ConfigDict) -> int | None:
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
-    spec = LoRASpec.from_config(config.lora)
+    spec = LoRASpec.from_config(config.lora, config.train.steps)
     model = from_pretrained(
         config.model.name_or_path,
         mesh=mesh,
@@ -53,5 +53,5 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         apply_prompt(model, prompt, seed=config.train.seed, tokenizer=tokenizer)
         trainable = PromptParam
     model.embedding_noise = config.train.get("neftune_noise_alpha", 0.0)
-    log.info("%s", trainable_line(model, trainable))
+    log.info("%s (as PEFT's print_trainable_parameters)", trainable_line(model, trainable))
     return model, spec, trainable

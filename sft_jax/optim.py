@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import optax
 
+from sft_jax.adalora import AdaLoRASpec, orthogonality_gradient, rank_allocation
 from sft_jax.errors import check_choice
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -37,11 +38,15 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    train: ml_collections.ConfigDict,
+    train: ml_collections.ConfigDict, adalora: AdaLoRASpec | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; returns the transformation and its schedule."""
+    """AdamW with global-norm clipping; returns the transformation and its schedule. With
+    AdaLoRA, the orthogonality regulariser's gradient is added first (it is part of the loss,
+    so it is clipped with it) and AdamW's updates pass through the rank allocator."""
     schedule = learning_rate_schedule(train)
     parts = []
+    if adalora is not None:
+        parts.append(orthogonality_gradient(adalora.orth_reg_weight))
     if train.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(train.max_grad_norm))
     parts.append(
@@ -54,4 +59,6 @@ def make_optimizer(
             mask=decay_mask,
         )
     )
+    if adalora is not None:
+        parts[-1] = rank_allocation(parts[-1], adalora)
     return optax.chain(*parts), schedule

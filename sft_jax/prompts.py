@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sft_jax.lora import parameter_counts
 from sft_jax.models import safetensors_io
 from sft_jax.models.attention import KVPrefix
 from sft_jax.models.decoder import CausalLM
@@ -225,13 +226,6 @@ def apply_prompt(model: CausalLM, spec: PromptSpec, seed: int = 0, tokenizer: An
         ids = init_ids(spec, key, c.vocab_size, tokenizer)
         table = model.lookup_embeddings(jnp.asarray(ids)[None])[0].astype(jnp.float32)
         model.virtual_tokens = PromptEmbedding(table)
-
-
-def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
-    """(trained, all) parameters, as PEFT's print_trainable_parameters counts them."""
-    trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable)))
-    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return trained, total
 
 
 def trainable_line(model: CausalLM, trainable: Any) -> str:

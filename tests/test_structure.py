@@ -22,6 +22,7 @@ LAYERS = {
     "sft_jax.models": 1,  # and everything under it
     "sft_jax.lora": 2,
     "sft_jax.prompts": 2,
+    "sft_jax.adalora": 2,
     "sft_jax.generate": 2,
     "sft_jax.samples": 2,
     "sft_jax.data": 3,

@@ -36,7 +36,13 @@ class Linear(nnx.Module):
     """y = x @ kernel (+ bias) (+ LoRA: scale * dropout(x) @ lora_a @ lora_b), kernel [in, out].
 
     The frozen kernel may be stored quantized (`quant`, see models/quantize.py); the adapter
-    code (sft_jax.lora) fills the low-rank slots after the model is built.
+    code (sft_jax.lora, sft_jax.adalora) fills the low-rank slots after the model is built:
+    - AdaLoRA (`lora_e`, singular values [rank]): scale * dropout(x) @ lora_a @ diag(e) @ lora_b.
+    - DoRA (`lora_magnitude`, [out]): with W' = kernel + scale * lora_a @ lora_b and
+      n = ||W'|| per output column (a constant of the gradient, as in the DoRA paper and PEFT),
+      y = x @ kernel + (m / n - 1) * x' @ kernel + (m / n) * scale * x' @ lora_a @ lora_b
+      (x' = dropout(x)), i.e. x @ (m / n * W') without dropout.
+    A scale of 0 turns the adapter off entirely (sft_jax.lora.adapters_off).
     """
 
     def __init__(
@@ -67,6 +73,8 @@ class Linear(nnx.Module):
         self.quant_spec = None
         self.lora_a = nnx.data(None)  # LoRAParam [in, rank]
         self.lora_b = nnx.data(None)  # LoRAParam [rank, out], zero-initialized
+        self.lora_e = nnx.data(None)  # LoRAParam [rank]: AdaLoRA's singular values
+        self.lora_magnitude = nnx.data(None)  # LoRAParam [out]: DoRA's magnitude vector
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
 
@@ -82,14 +90,39 @@ class Linear(nnx.Module):
         y = jnp.einsum("...i,io->...o", x, self.weight())
         if self.bias is not None:
             y = y + _broadcast_last(self.bias[...].astype(self.dtype), y.ndim)
-        if self.lora_a is not None:
-            if self.lora_dropout > 0 and dropout_key is not None:
-                keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
-                x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
-            low_rank = jnp.einsum("...i,ir->...r", x, self.lora_a[...].astype(self.dtype))
-            delta = jnp.einsum("...r,ro->...o", low_rank, self.lora_b[...].astype(self.dtype))
-            y = y + (self.lora_scale * delta).astype(self.dtype)
-        return y
+        if self.lora_a is None or self.lora_scale == 0:
+            return y
+        adapter_x = x
+        if self.lora_dropout > 0 and dropout_key is not None:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, x.shape)
+            adapter_x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+        low_rank = jnp.einsum("...i,ir->...r", adapter_x, self.lora_a[...].astype(self.dtype))
+        if self.lora_e is not None:
+            low_rank = low_rank * _broadcast_last(self.lora_e[...].astype(self.dtype), y.ndim)
+        delta = jnp.einsum("...r,ro->...o", low_rank, self.lora_b[...].astype(self.dtype))
+        delta = (self.lora_scale * delta).astype(self.dtype)
+        if self.lora_magnitude is None:
+            return y + delta
+        factor = _broadcast_last(self.dora_factor().astype(self.dtype), y.ndim)
+        base = y if adapter_x is x else jnp.einsum("...i,io->...o", adapter_x, self.weight())
+        if self.bias is not None and adapter_x is x:
+            base = base - _broadcast_last(self.bias[...].astype(self.dtype), y.ndim)
+        return y + (factor - 1) * base + factor * delta
+
+    def adapted_kernel(self) -> jax.Array:
+        """kernel + scale * lora_a @ (diag(lora_e)) @ lora_b [in, out] in float32."""
+        kernel = self.weight().astype(jnp.float32)
+        if self.lora_a is None:
+            return kernel
+        lora_a = self.lora_a[...].astype(jnp.float32)
+        if self.lora_e is not None:
+            lora_a = lora_a * self.lora_e[...].astype(jnp.float32)[None, :]
+        return kernel + self.lora_scale * (lora_a @ self.lora_b[...].astype(jnp.float32))
+
+    def dora_factor(self) -> jax.Array:
+        """DoRA's m / ||W'|| per output column [out] (float32), the norm without gradient."""
+        norm = jnp.linalg.norm(self.adapted_kernel(), axis=0)
+        return self.lora_magnitude[...].astype(jnp.float32) / jax.lax.stop_gradient(norm)
 
 
 def fold_key(key: jax.Array | None, index: int) -> jax.Array | None:
