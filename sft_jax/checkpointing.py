@@ -274,7 +274,7 @@ class Checkpoints:
 # length, batch, seed). Steps, learning rate, eval and logging may change between restarts.
 ADAPTER_FIELDS = (
     "lora.rank", "lora.target_modules", "lora.trainable_modules", "lora.quantize",
-    "lora.quant_block_size", "lora.double_quant",
+    "lora.quant_block_size", "lora.double_quant", "lora.expert_adapters", "lora.train_router",
 )  # fmt: skip
 RESUME_FIELDS = (
     "model.name_or_path", "model.param_dtype", *ADAPTER_FIELDS,

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from sft_jax.compile_plan import ATTENTION_CHOICES
+from sft_jax.compile_plan import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
@@ -80,6 +80,10 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
           "mesh.expert", f"an expert axis of {expert_devices} devices must divide the model's "
           f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
           )  # fmt: skip
+    lora = config.get("lora", {})
+    for field in ("expert_adapters", "train_router"):
+        _need(config, experts > 0 or not lora.get(field, False), f"lora.{field}",
+              "applies to mixtures of experts; this model is dense: set it to False.")  # fmt: skip
 
 
 def _need(config: Any, ok: bool, field: str, problem: str) -> None:
@@ -169,6 +173,7 @@ def _check_model(config: Any) -> None:
     _need(config, model.remat in ("none", "save_matmuls", "full", "auto"), "model.remat",
           "expected 'none', 'save_matmuls', 'full' or 'auto'.")  # fmt: skip
     check_choice("model.attention", model.attention, ATTENTION_CHOICES)
+    check_choice("model.moe_dispatch", model.get("moe_dispatch", "auto"), MOE_DISPATCH_CHOICES)
     check_choice("model.param_dtype", model.param_dtype, tuple(DTYPES))
     check_choice("model.compute_dtype", model.compute_dtype, tuple(DTYPES))
 
@@ -190,6 +195,9 @@ def _check_lora(config: Any) -> None:
             "lora.target_modules",
             f"unknown {unknown}; use 'all-linear' or names among {', '.join(PROJECTIONS)}.",
         )
+    for field in ("expert_adapters", "train_router"):
+        _need(config, lora.rank > 0 or not lora.get(field, False), f"lora.{field}",
+              "needs LoRA (lora.rank > 0); full fine-tuning trains all of them.")  # fmt: skip
     extra = names(lora.trainable_modules)
     _need(config, not set(extra) - set(EXTRA_MODULES), "lora.trainable_modules",
           f"expected names among {list(EXTRA_MODULES)}.")  # fmt: skip

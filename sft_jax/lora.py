@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sft_jax.errors import ConfigError
 from sft_jax.models import safetensors_io
 from sft_jax.models.decoder import (
     ATTENTION_PROJECTIONS,
@@ -32,6 +33,7 @@ from sft_jax.models.decoder import (
 )
 from sft_jax.models.hf_io import hf_module_name, to_host
 from sft_jax.models.layers import LoRAParam
+from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
 from sft_jax.models.partitioning import named_sharding
 from sft_jax.models.quantize import QuantSpec
 
@@ -51,6 +53,8 @@ class LoRASpec:
     use_rslora: bool = False
     extra_trainable: tuple[str, ...] = ()  # "embed" and/or "lm_head", trained in full
     quantization: QuantSpec | None = None
+    experts: bool = False  # adapters on every expert's projections too (merged export only)
+    train_router: bool = False  # the routers of a mixture of experts trained in full
 
     @property
     def enabled(self) -> bool:
@@ -82,6 +86,7 @@ class LoRASpec:
         return cls(
             lora.rank, lora.alpha, lora.dropout, targets, lora.use_rslora,
             names(lora.trainable_modules), quantization,
+            lora.get("expert_adapters", False), lora.get("train_router", False),
         )  # fmt: skip
 
 
@@ -94,6 +99,8 @@ def trainable_filter(spec: LoRASpec) -> Any:
     if not spec.enabled:
         return nnx.Param
     extras = [nnx.PathContains(module) for module in spec.extra_trainable]
+    if spec.train_router:
+        extras.append(nnx.PathContains("router"))
     return nnx.Any(LoRAParam, *extras)
 
 
@@ -117,6 +124,14 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
         )
         linear.lora_scale = spec.scale
         linear.lora_dropout = spec.dropout
+    for index, block in enumerate(moe_blocks(model) if spec.experts else ()):
+        block_key = jax.random.fold_in(key, len(model.layers) * 16 + index)  # after the linears'
+        add_expert_adapters(block, spec.rank, spec.scale, block_key)
+        for variable in block.expert_lora.values():
+            value = variable.get_value()
+            variable.set_value(
+                jax.device_put(value, named_sharding(variable.logical_axes, value.shape, mesh))
+            )
 
 
 @partial(jax.jit, static_argnames=("shape", "out_sharding"))
@@ -133,13 +148,18 @@ def adapters_off(model: CausalLM) -> Iterator[CausalLM]:
     adapter's scale is 0, so W x + 0 * B A x = W x. The reference of preference tuning under
     LoRA / QLoRA (sft_jax.preference); the scales come back on leaving, also on an error."""
     scales = [(linear, linear.lora_scale) for _, _, linear in decoder_linears(model)]
+    expert_scales = [(block, block.expert_lora_scale) for block in moe_blocks(model)]
     try:
         for linear, _ in scales:
             linear.lora_scale = 0.0
+        for block, _ in expert_scales:
+            block.expert_lora_scale = 0.0
         yield model
     finally:
         for linear, scale in scales:
             linear.lora_scale = scale
+        for block, scale in expert_scales:
+            block.expert_lora_scale = scale
 
 
 def merged(model: CausalLM) -> CausalLM:
@@ -161,6 +181,9 @@ def merged(model: CausalLM) -> CausalLM:
             if linear.lora_a is not None:
                 kernel = kernel + linear.lora_scale * (linear.lora_a[...] @ linear.lora_b[...])
             value = kernel.astype(variable.get_value().dtype)
+        elif path[0] == "layers" and path[-1] in EXPERT_PARAMS:  # with any expert adapters
+            block = model.layers[path[1]].mlp
+            value = block.expert_weight(path[-1], variable.get_value().dtype)
         else:
             value = source[path].get_value()
         values.append((path, variable.replace(value)))
@@ -170,8 +193,14 @@ def merged(model: CausalLM) -> CausalLM:
 def save_adapter(
     model: CausalLM, out_dir: str | Path, spec: LoRASpec, base_model: str = ""
 ) -> Path:
-    """adapter_config.json + adapter_model.safetensors in PEFT's format (process 0 writes)."""
+    """adapter_config.json + adapter_model.safetensors in PEFT's format (process 0 writes).
+    Adapters on the experts of a mixture of experts have no PEFT form here: export merged."""
     out_dir = Path(out_dir)
+    if any(block.expert_lora is not None for block in moe_blocks(model)):
+        raise ConfigError(
+            "config.lora.expert_adapters=True: adapters on the experts export merged only (the "
+            "full model, lora.merged); the PEFT adapter holds attention and MLP adapters alone."
+        )
     tensors = []
     for index, name, linear in decoder_linears(model):
         if linear.lora_a is None:

@@ -16,6 +16,7 @@ from sft_jax.config_check import check_for_model
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
+from sft_jax.models.moe import quantize_experts
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         quantization=spec.quantization,
     )
     check_for_model(config, model.config, mesh.shape["expert"])
+    if spec.quantization is not None and model.config.num_experts:
+        quantize_experts(model, spec.quantization, mesh)
     if spec.enabled:
         tied = spec.for_model(model)
         if tied != spec:
