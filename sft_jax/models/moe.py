@@ -1,6 +1,7 @@
 """Mixture-of-experts MLP block (Qwen3-MoE, Mixtral, Qwen2-MoE): a float32 top-k router,
 dropless dispatch (token copies sorted by expert, experts run as grouped matmuls with
-jax.lax.ragged_dot: no capacity, no dropped token) and Qwen2-MoE's sigmoid-gated shared expert.
+jax.lax.ragged_dot: no capacity, no dropped token) and Qwen2-MoE's sigmoid-gated shared expert;
+the slots the adapter code fills (LoRA on every expert, QLoRA storage of the expert weights).
 
 Dimension legend: N tokens (B * T flattened), D model width, F expert MLP width, X experts,
 K experts per token, M = N * K token copies, L MoE layers (B, T as in decoder.py).
@@ -133,17 +134,22 @@ class MoEBlock(nnx.Module):
         self.experts_down = nnx.Param(
             normal_init(rngs, (x, f, d), param_dtype), logical_axes=out_axes
         )
-        # (shape, logical axes) of each stacked weight, known also once it is stored quantized.
-        self.expert_layout = {
-            "experts_gate": ((x, d, f), in_axes), "experts_up": ((x, d, f), in_axes),
-            "experts_down": ((x, f, d), out_axes),
-        }  # fmt: skip
+        # (name, shape, logical axes) of each stacked weight, known also once it is stored
+        # quantized; a tuple, as NNX hashes static attributes.
+        self.expert_layout = (
+            ("experts_gate", (x, d, f), in_axes), ("experts_up", (x, d, f), in_axes),
+            ("experts_down", (x, f, d), out_axes),
+        )  # fmt: skip
         shared = c.shared_expert_intermediate_size
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.shared_expert = MLP(c, width=shared, **dense) if shared else None
         self.shared_expert_gate = (
             Linear(d, 1, axes=("embed", None), use_bias=False, **dense) if shared else None
         )
+
+    def layout_of(self, name: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(shape, logical axes) of the stacked weights of one projection in EXPERT_PARAMS."""
+        return {entry[0]: entry[1:] for entry in self.expert_layout}[name]
 
     def expert_weight(self, name: str, dtype: jnp.dtype | None = None) -> jax.Array:
         """The stacked weights [X, in, out] of one projection in `dtype` (the compute dtype by
@@ -191,7 +197,7 @@ def add_expert_adapters(block: MoEBlock, rank: int, scale: float, key: jax.Array
     the weights they adapt."""
     adapters = {}
     for index, name in enumerate(EXPERT_PARAMS):
-        (experts, fan_in, fan_out), (_, in_axis, out_axis) = block.expert_layout[name]
+        (experts, fan_in, fan_out), (_, in_axis, out_axis) = block.layout_of(name)
         bound = 1.0 / fan_in**0.5
         a = jax.random.uniform(
             jax.random.fold_in(key, index), (experts, fan_in, rank), jnp.float32, -bound, bound
@@ -207,13 +213,13 @@ def add_expert_adapters(block: MoEBlock, rank: int, scale: float, key: jax.Array
 def quantize_experts(model: nnx.Module, spec: QuantSpec, mesh: jax.sharding.Mesh) -> None:
     """QLoRA of the expert weights: every expert's [in, out] weight of every MoE block stored as
     quantize.py stores a dense kernel (NF4 / int8 blocks along `in`), split over experts. The
-    weights are quantized after loading, one block at a time, so loading peaks at their
+    weights are quantized after loading, one MoE layer at a time, so loading peaks at their
     unquantized size (dense kernels are quantized tensor by tensor as they load)."""
     for block in moe_blocks(model):
         stored_by_name = {}
         for name in EXPERT_PARAMS:
             param = getattr(block, name)
-            axes = block.expert_layout[name][1]
+            axes = block.layout_of(name)[1]
             quantize_all = jax.jit(jax.vmap(functools.partial(quantize, spec=spec)))
             stored = quantize_all(param[...])
             stored_by_name[name] = nnx.Dict({
