@@ -6,6 +6,9 @@ small config, forward and backward, in one run: a ratio, on whatever device jax 
   python benchmarks/bench_moe.py --tokens=16384 --hidden=2048 --width=768 --experts=128 \
       --top_k=8 --layers=48 --stack
 
+  # the expert-parallel dispatches (gather vs all_to_all) on 8 simulated CPU devices:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_moe.py --dispatch
+
 The block is Qwen3-MoE's (softmax router, top-k, renormalized). Both sides run float32 with
 the same weights; jax's step is jitted, torch runs eagerly (transformers' default). With
 --stack it times a whole Qwen3-MoE-shaped decoder stack's train step (jax only) and reports
@@ -18,12 +21,20 @@ earlier run on the same busy machine: 0.95x). XLA:CPU runs ragged_dot as one den
 product per expert over all rows (16 experts: 14x a plain matmul of the same rows, measured),
 so on CPU the dropless dispatch does X times the expert FLOPs; the figure that matters is a
 GPU's (command above), not measured here (no device was available to this change).
+
+--dispatch compiles the dispatch alone (forward + backward, random top-k routing) on an expert
+axis of every device for each shape and prints, per dispatch, the bytes per device of each
+collective in the compiled HLO, XLA's per-device memory (temp + output) and the step time over
+gather's; the table it printed is in README "Mixtures of experts".
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import re
 import time
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +43,14 @@ import torch
 import transformers
 from flax import nnx
 
+from sft_jax import sharding
 from sft_jax.metrics import training_flops_per_token
 from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.models.config import ModelConfig
-from sft_jax.models.moe import MoEBlock
+from sft_jax.models.moe import MoEBlock, dropless_experts
+from sft_jax.models.partitioning import DISPATCH_KINDS, experts_per_shard, named_sharding
+
+DISPATCH_SHAPES = "256x8x2,256x16x4,1024x16x2,1024x32x8"
 
 
 def hf_moe_config(args: argparse.Namespace) -> transformers.Qwen3MoeConfig:
@@ -132,6 +147,96 @@ def stack(hf_config, args: argparse.Namespace) -> None:
         print(f"MFU (active parameters): {flops * tokens_per_s / (args.peak_tflops * 1e12):.1%}")
 
 
+# One collective of a compiled HLO module: its result type(s), its kind, its replica groups.
+COLLECTIVE = re.compile(
+    r"= (\([^()]*\)|\S+) (all-gather|reduce-scatter|all-to-all|all-reduce|collective-permute)"
+    r"(?:-start)?\(.*?replica_groups=(\{\{[0-9,]+\}|\[[0-9]+,[0-9]+\])"
+)
+ARRAY = re.compile(r"(f32|bf16|s32|f16|u32|pred)\[([0-9,]*)\]")
+ITEM_BYTES = {"f32": 4, "bf16": 2, "s32": 4, "f16": 2, "u32": 4, "pred": 1}
+
+
+def collective_bytes(hlo_text: str) -> Counter:
+    """Bytes of the buffer each device holds in each kind of collective of a compiled module:
+    all-gather's output, reduce-scatter's input (its output times the group), all-to-all's and
+    all-reduce's buffers. A ring moves (G - 1) / G of that over the wire."""
+    totals: Counter = Counter()
+    for result, kind, group in COLLECTIVE.findall(hlo_text):
+        size = sum(
+            ITEM_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+            for dtype, dims in ARRAY.findall(result)
+        )
+        # {{0,1,2,3},...} lists the first group; [groups,size]<=[devices] is the iota form
+        group_size = len(group.split(",")) if group[0] == "{" else int(group[1:-1].split(",")[1])
+        totals[kind] += size * (group_size if kind == "reduce-scatter" else 1)
+    return totals
+
+
+def dispatch_step(args: argparse.Namespace, dispatch: str, mesh):
+    """(compiled forward + backward of the expert dispatch alone under `mesh`, its inputs):
+    random tokens routed top-k by random logits, the experts' weights split over the axis."""
+    tokens = args.tokens * mesh.devices.size
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (tokens, args.hidden))
+    logits = jax.random.normal(keys[1], (tokens, args.experts))
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits), args.top_k)
+    shape_in, shape_out = (
+        (args.experts, args.hidden, args.width),
+        (args.experts, args.width, args.hidden),
+    )
+    stacked = tuple(
+        0.1 * jax.random.normal(key, shape)
+        for key, shape in zip(keys[2:], (shape_in, shape_in, shape_out), strict=True)
+    )
+    rows = functools.partial(named_sharding, ("batch", None), mesh=mesh)
+    x, experts, weights = (jax.device_put(a, rows(shape=a.shape)) for a in (x, experts, weights))
+    stacked = tuple(
+        jax.device_put(a, named_sharding(("expert", None, None), a.shape, mesh)) for a in stacked
+    )
+    local = functools.partial(dropless_experts, activation="silu")
+
+    def loss(x, stacked):
+        out = experts_per_shard(local, x, experts, weights, stacked, dispatch=dispatch)
+        return jnp.sum(jnp.square(out))
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    with jax.set_mesh(mesh):
+        compiled = step.lower(x, stacked).compile()
+    return compiled, (x, stacked)
+
+
+def compare_dispatch(args: argparse.Namespace) -> None:
+    """Per shape: collective bytes per device, XLA's per-device memory and step time of each
+    dispatch, on a mesh of every device as the expert axis."""
+    mesh = sharding.make_mesh(fsdp=1, expert=len(jax.devices()))
+    print(f"{len(jax.devices())} {jax.devices()[0].platform} devices, expert axis of all; "
+          f"D {args.hidden}, F {args.width}; bytes and memory per device")  # fmt: skip
+    print("| tokens/device | experts | top-k | dispatch | all-gather | reduce-scatter | "
+          "all-to-all | memory (temp + out) | step time / gather's |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for tokens, experts, top_k in args.shapes:
+        shape = argparse.Namespace(**{**vars(args), "tokens": tokens, "experts": experts,
+                                      "top_k": top_k})  # fmt: skip
+        seconds = {}
+        for dispatch in DISPATCH_KINDS:
+            compiled, inputs = dispatch_step(shape, dispatch, mesh)
+            seconds[dispatch] = time_it(
+                lambda c=compiled, i=inputs: jax.block_until_ready(c(*i)), args.steps
+            )
+            moved = collective_bytes(compiled.as_text())
+            memory = compiled.memory_analysis()
+            mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+            print(f"| {tokens} | {experts} | {top_k} | {dispatch} | {mib(moved['all-gather'])} | "
+                  f"{mib(moved['reduce-scatter'])} | {mib(moved['all-to-all'])} | "
+                  f"{mib(memory.temp_size_in_bytes + memory.output_size_in_bytes)} | "
+                  f"{seconds[dispatch] / seconds['gather']:.2f} |")  # fmt: skip
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """'256x8x2,1024x16x4' -> [(tokens per device, experts, top-k), ...]."""
+    return [tuple(int(v) for v in shape.split("x")) for shape in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -144,7 +249,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stack", action="store_true", help="time a whole decoder stack")
     parser.add_argument("--peak_tflops", type=float, default=0.0)
+    parser.add_argument("--dispatch", action="store_true",
+                        help="compare the expert-parallel dispatches")  # fmt: skip
+    parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes(DISPATCH_SHAPES),
+                        help="--dispatch: TOKENS_PER_DEVICExEXPERTSxTOP_K,...")  # fmt: skip
     args = parser.parse_args()
+    if args.dispatch:
+        compare_dispatch(args)
+        return
     hf_config = hf_moe_config(args)
     if args.stack:
         stack(hf_config, args)

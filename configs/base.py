@@ -37,6 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
     # GPUs, bfloat16 compute, no soft-capping) or "splash" (Pallas splash attention; TPUs,
     # max_length a multiple of 128).
     config.model.attention = "auto"
+    # Mixtures of experts under an expert mesh axis: how tokens reach the device holding their
+    # expert. "gather" (the expert group's tokens gathered, partial outputs reduce-scattered
+    # back), "all_to_all" (each token copy sent to its expert's device and back, in fixed
+    # buffers sized for the worst case: top_k times gather's bytes) or "auto" (= "gather";
+    # README "Mixture of experts" has the measured comparison).
+    config.model.moe_dispatch = "auto"
 
     # ---------------------------------------------------------------- data
     config.data = ml_collections.ConfigDict()
@@ -133,6 +139,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Comma-separated modules trained in full besides the adapters: "embed", "lm_head" (needed
     # when a chat format adds new tokens, whose rows must learn).
     config.lora.trainable_modules = ""
+    # Mixtures of experts: adapters on every expert's gate/up/down projections too (A [X, in, r],
+    # B [X, r, out] per projection); such runs export the merged model only (no PEFT adapter).
+    config.lora.expert_adapters = False
+    # Mixtures of experts: train the routers in full beside the adapters (else frozen).
+    config.lora.train_router = False
     # QLoRA: store the frozen linear weights as "nf4" or "int8" ("" = as loaded).
     config.lora.quantize = ""
     # Weights per quantization block (one absmax scale each).

@@ -277,6 +277,7 @@ ADAPTER_FIELDS = (
     "lora.quant_block_size", "lora.double_quant", "lora.use_dora", "lora.method",
     "prompt.method", "prompt.num_virtual_tokens", "prompt.encoder_type",
     "prompt.encoder_hidden_size", "prompt.encoder_num_layers", "prompt.prefix_projection",
+    "lora.expert_adapters", "lora.train_router",
 )  # fmt: skip
 RESUME_FIELDS = (
     "model.name_or_path", "model.param_dtype", *ADAPTER_FIELDS,

@@ -32,6 +32,8 @@ from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.kernels import ATTENTION_KINDS, SPLASH_BLOCKS, SPLASH_INTERPRET
 from sft_jax.models.kernels import packed_cudnn_supported as _packed_cudnn_supported
+from sft_jax.models.moe import use_moe_dispatch
+from sft_jax.models.partitioning import DISPATCH_KINDS
 from sft_jax.models.score_head import reward_pad_id
 from sft_jax.optim import make_optimizer
 from sft_jax.step import StepOptions, StepSpec
@@ -39,6 +41,7 @@ from sft_jax.step import StepOptions, StepSpec
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("auto", *ATTENTION_KINDS)
+MOE_DISPATCH_CHOICES = ("auto", *DISPATCH_KINDS)
 CUDNN_DTYPES = ("bfloat16",)  # cuDNN's flash attention takes 16-bit inputs only
 # remat "auto" tries these in turn, least recomputation first (and so most memory).
 AUTO_REMAT = ("none", "save_matmuls", "full")
@@ -118,6 +121,17 @@ def choose_attention(
             f"config.model.attention={requested!r} cannot run: {blockers[requested]}; set it to "
             "'auto' or 'xla'."
         )
+    return requested, "as configured"
+
+
+def choose_moe_dispatch(requested: str) -> tuple[str, str]:
+    """(dispatch, why) of the expert blocks over the expert mesh axis. "auto" takes "gather":
+    XLA's all-to-all has fixed buffers, so a dropless one sizes each peer's buffer for every
+    token copy (N * K rows) and moves top_k times the bytes of gather + reduce-scatter, with
+    more memory (benchmarks/bench_moe.py --dispatch; README "Mixture of experts")."""
+    check_choice("model.moe_dispatch", requested, MOE_DISPATCH_CHOICES)
+    if requested == "auto":
+        return "gather", "auto: a dropless fixed-size all-to-all moves top_k times its bytes"
     return requested, "as configured"
 
 
@@ -438,6 +452,10 @@ def plan_run(
     attention, why = attention_for(config, model.config, max_segments)
     log.info("attention: %s (%s)", attention, why)
     use_attention(model, attention, max_segments)
+    if model.config.num_experts:
+        dispatch, why = choose_moe_dispatch(config.model.get("moe_dispatch", "auto"))
+        log.info("expert dispatch: %s (%s)", dispatch, why)
+        use_moe_dispatch(model, dispatch)
     train = config.train
     tx, schedule = make_optimizer(train, LoRASpec.from_config(config.lora, train.steps).adalora)
     state, state_shardings = init_state(model, tx, mesh, trainable)

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from sft_jax.compile_plan import ATTENTION_CHOICES
+from sft_jax.compile_plan import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.mixture import CONTAMINATION, LOADERS, SOURCE_FIELDS
 from sft_jax.data.spans import TRAIN_REASONING
@@ -91,6 +91,10 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
     _need(config, context == 1 or experts == 0, "mesh.context",
           f"context parallelism (mesh.context={context}) is not built for mixtures of experts "
           f"({model_config.model_type}) yet: use mesh.context=1.")  # fmt: skip
+    lora = config.get("lora", {})
+    for field in ("expert_adapters", "train_router"):
+        _need(config, experts > 0 or not lora.get(field, False), f"lora.{field}",
+              "applies to mixtures of experts; this model is dense: set it to False.")  # fmt: skip
 
 
 def _need(config: Any, ok: bool, field: str, problem: str) -> None:
@@ -257,6 +261,7 @@ def _check_model(config: Any) -> None:
           f"the {jax.default_backend()} backend does not have (the policy would move nothing): "
           "use 'full' or 'save_matmuls' here, 'offload' on GPUs and TPUs.")  # fmt: skip
     check_choice("model.attention", model.attention, ATTENTION_CHOICES)
+    check_choice("model.moe_dispatch", model.get("moe_dispatch", "auto"), MOE_DISPATCH_CHOICES)
     check_choice("model.param_dtype", model.param_dtype, tuple(DTYPES))
     check_choice("model.compute_dtype", model.compute_dtype, tuple(DTYPES))
 
@@ -278,6 +283,9 @@ def _check_lora(config: Any) -> None:
             "lora.target_modules",
             f"unknown {unknown}; use 'all-linear' or names among {', '.join(PROJECTIONS)}.",
         )
+    for field in ("expert_adapters", "train_router"):
+        _need(config, lora.rank > 0 or not lora.get(field, False), f"lora.{field}",
+              "needs LoRA (lora.rank > 0); full fine-tuning trains all of them.")  # fmt: skip
     extra = names(lora.trainable_modules)
     _need(config, not set(extra) - set(EXTRA_MODULES), "lora.trainable_modules",
           f"expected names among {list(EXTRA_MODULES)}.")  # fmt: skip
@@ -300,6 +308,10 @@ def _check_adapter_method(config: Any) -> None:
     if lora.get("use_dora", False) or method == "adalora":
         _need(config, lora.rank > 0, "lora.use_dora" if method == "lora" else "lora.method",
               "needs adapters: set lora.rank > 0 (AdaLoRA: its initial rank).")  # fmt: skip
+    _need(config, not lora.get("expert_adapters", False) or (method == "lora"
+          and not lora.get("use_dora", False)), "lora.expert_adapters",
+          "adapters on the experts are plain LoRA: turn DoRA / AdaLoRA off, or set "
+          "lora.expert_adapters=False.")  # fmt: skip
     if method != "adalora":
         return
     _need(config, not lora.use_dora, "lora.use_dora",

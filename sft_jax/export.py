@@ -121,9 +121,12 @@ def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path
             tokenizer=run_tokenizer(config),
             generation_config_from=resolve_model_dir(config.model.name_or_path),
         )
-        save_adapter(model, partial / "adapter", spec, base_model=config.model.name_or_path)
-    log.info("exported step %d of %s: adapter in %s/adapter, merged model in %s", step,
-             checkpoints.directory, out, out)  # fmt: skip
+        if spec.experts:  # expert adapters have no PEFT form: merged only
+            log.info("config.lora.expert_adapters: no PEFT adapter, the merged model only")
+        else:
+            save_adapter(model, partial / "adapter", spec, base_model=config.model.name_or_path)
+    log.info("exported step %d of %s: merged model in %s%s", step, checkpoints.directory, out,
+             "" if spec.experts else f", adapter in {out}/adapter")  # fmt: skip
     return out
 
 

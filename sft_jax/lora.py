@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sft_jax.adalora import AdaLoRASpec
+from sft_jax.errors import ConfigError
 from sft_jax.models import safetensors_io
 from sft_jax.models.decoder import (
     ATTENTION_PROJECTIONS,
@@ -36,6 +37,7 @@ from sft_jax.models.decoder import (
 )
 from sft_jax.models.hf_io import hf_module_name, to_host
 from sft_jax.models.layers import LoRAParam
+from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
 from sft_jax.models.partitioning import named_sharding
 from sft_jax.models.quantize import QuantSpec
 
@@ -58,6 +60,8 @@ class LoRASpec:
     quantization: QuantSpec | None = None
     use_dora: bool = False  # DoRA: a trained magnitude per output feature (PEFT's use_dora)
     adalora: AdaLoRASpec | None = None  # AdaLoRA: SVD-form adapters of initial rank `rank`
+    experts: bool = False  # adapters on every expert's projections too (merged export only)
+    train_router: bool = False  # the routers of a mixture of experts trained in full
 
     @property
     def enabled(self) -> bool:
@@ -99,6 +103,7 @@ class LoRASpec:
         return cls(
             lora.rank, lora.alpha, lora.dropout, targets, lora.use_rslora,
             names(lora.trainable_modules), quantization, lora.get("use_dora", False), adalora,
+            lora.get("expert_adapters", False), lora.get("train_router", False),
         )  # fmt: skip
 
 
@@ -111,6 +116,8 @@ def trainable_filter(spec: LoRASpec) -> Any:
     if not spec.enabled:
         return nnx.Param
     extras = [nnx.PathContains(module) for module in spec.extra_trainable]
+    if spec.train_router:
+        extras.append(nnx.PathContains("router"))
     return nnx.Any(LoRAParam, *extras)
 
 
@@ -146,6 +153,15 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
             m_sharding = named_sharding((linear.axes[1],), (out_features,), mesh)
             norms = jax.device_put(_column_norms(linear.weight()), m_sharding)
             linear.lora_magnitude = LoRAParam(norms, logical_axes=(linear.axes[1],))
+
+    for index, block in enumerate(moe_blocks(model) if spec.experts else ()):
+        block_key = jax.random.fold_in(key, len(model.layers) * 16 + index)  # after the linears'
+        add_expert_adapters(block, spec.rank, spec.scale, block_key)
+        for variable in block.expert_lora.values():
+            value = variable.get_value()
+            variable.set_value(
+                jax.device_put(value, named_sharding(variable.logical_axes, value.shape, mesh))
+            )
 
 
 @jax.jit
@@ -187,13 +203,18 @@ def adapters_off(model: CausalLM) -> Iterator[CausalLM]:
     adapter's scale is 0, so W x + 0 * B A x = W x. The reference of preference tuning under
     LoRA / QLoRA (sft_jax.preference); the scales come back on leaving, also on an error."""
     scales = [(linear, linear.lora_scale) for _, _, linear in decoder_linears(model)]
+    expert_scales = [(block, block.expert_lora_scale) for block in moe_blocks(model)]
     try:
         for linear, _ in scales:
             linear.lora_scale = 0.0
+        for block, _ in expert_scales:
+            block.expert_lora_scale = 0.0
         yield model
     finally:
         for linear, scale in scales:
             linear.lora_scale = scale
+        for block, scale in expert_scales:
+            block.expert_lora_scale = scale
 
 
 def merged(model: CausalLM) -> CausalLM:
@@ -216,6 +237,9 @@ def merged(model: CausalLM) -> CausalLM:
             if linear.lora_magnitude is not None:  # DoRA: m / ||W'|| * W' per output column
                 kernel = kernel * linear.dora_factor()[None, :]
             value = kernel.astype(variable.get_value().dtype)
+        elif path[0] == "layers" and path[-1] in EXPERT_PARAMS:  # with any expert adapters
+            block = model.layers[path[1]].mlp
+            value = block.expert_weight(path[-1], variable.get_value().dtype)
         else:
             value = source[path].get_value()
         values.append((path, variable.replace(value)))
@@ -225,8 +249,14 @@ def merged(model: CausalLM) -> CausalLM:
 def save_adapter(
     model: CausalLM, out_dir: str | Path, spec: LoRASpec, base_model: str = ""
 ) -> Path:
-    """adapter_config.json + adapter_model.safetensors in PEFT's format (process 0 writes)."""
+    """adapter_config.json + adapter_model.safetensors in PEFT's format (process 0 writes).
+    Adapters on the experts of a mixture of experts have no PEFT form here: export merged."""
     out_dir = Path(out_dir)
+    if any(block.expert_lora is not None for block in moe_blocks(model)):
+        raise ConfigError(
+            "config.lora.expert_adapters=True: adapters on the experts export merged only (the "
+            "full model, lora.merged); the PEFT adapter holds attention and MLP adapters alone."
+        )
     tensors, rank_pattern = [], {}
     for index, name, linear in decoder_linears(model):
         if linear.lora_a is None:

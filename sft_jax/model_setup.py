@@ -17,6 +17,7 @@ from sft_jax.data import run_tokenizer
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
+from sft_jax.models.moe import quantize_experts
 from sft_jax.prompts import PromptParam, PromptSpec, apply_prompt, trainable_line
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
         score_labels=score_labels(config),
     )
     check_for_model(config, model.config, mesh.shape["expert"])
+    if spec.quantization is not None and model.config.num_experts:
+        quantize_experts(model, spec.quantization, mesh)
     if spec.enabled:
         tied = spec.for_model(model)
         if tied != spec:

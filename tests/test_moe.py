@@ -22,12 +22,13 @@ from hf_models import MOE_FAMILIES, VOCAB, hf_config, hf_logits, save_hf_model
 from test_demo import DEMO_MODEL, logged, run_demo
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, step_builder, synthetic_batch, train_config
+from test_trainer import tensorboard_scalars
 
 from sft_jax import sharding
 from sft_jax.compile_plan import init_state
-from sft_jax.config_check import check_for_model
+from sft_jax.config_check import check_for_model, check_values
 from sft_jax.errors import ConfigError
-from sft_jax.lora import LoRASpec, apply_lora, save_adapter, trainable_filter
+from sft_jax.lora import LoRASpec, adapters_off, apply_lora, save_adapter, trainable_filter
 from sft_jax.lora import merged as fold_adapters
 from sft_jax.metrics import matmul_params
 from sft_jax.models import (
@@ -38,9 +39,10 @@ from sft_jax.models import (
     save_pretrained,
 )
 from sft_jax.models.decoder import decoder_linears
-from sft_jax.models.layers import activate
-from sft_jax.models.moe import dropless_experts
+from sft_jax.models.layers import LoRAParam, activate
+from sft_jax.models.moe import dropless_experts, quantize_experts, use_moe_dispatch
 from sft_jax.models.partitioning import experts_per_shard
+from sft_jax.models.quantize import QuantSpec
 from sft_jax.moe_loss import load_balancing_loss
 from sft_jax.optim import make_optimizer
 from sft_jax.sharding import device_batch
@@ -221,9 +223,10 @@ def _moe_options(model: CausalLM, accumulation: int = 1) -> dict:
     }  # fmt: skip
 
 
-def _moe_steps(mesh, batches, accumulation: int = 1):
+def _moe_steps(mesh, batches, accumulation: int = 1, dispatch: str = "gather"):
     """Metrics of each step and the final state, training a tiny random Qwen3-MoE on `mesh`."""
     model = CausalLM(from_hf_config(hf_config("qwen3_moe")), rngs=nnx.Rngs(0))
+    use_moe_dispatch(model, dispatch)
     build = step_builder(model, mesh, ROWS, SEQ_LEN, **_moe_options(model, accumulation))
     tx, _ = make_optimizer(train_config())
     state, _ = init_state(model, tx, mesh)
@@ -241,13 +244,14 @@ def moe_single_device():
     return batches, _moe_steps(sharding.single_device_mesh(), batches)
 
 
+@pytest.mark.parametrize("dispatch", ["gather", "all_to_all"])
 @pytest.mark.parametrize(("fsdp", "expert"), [(1, 4), (2, 4)], ids=["expert4", "fsdp2xexpert4"])
-def test_expert_parallel_equals_single_device(moe_single_device, fsdp, expert):
+def test_expert_parallel_equals_single_device(moe_single_device, fsdp, expert, dispatch):
     """Packed, padded rows; loss, aux loss, gradient norm and the updated weights of two steps
-    equal a single device's, with one expert per device."""
+    equal a single device's, with one expert per device, by either dispatch."""
     batches, (expected, expected_state) = moe_single_device
     mesh = sharding.make_mesh(fsdp=fsdp, expert=expert, devices=jax.devices()[: fsdp * expert])
-    history, state = _moe_steps(mesh, batches)
+    history, state = _moe_steps(mesh, batches, dispatch=dispatch)
     keys = ("train/loss", "train/ce", "train/aux_loss", "train/router_z_loss", "train/grad_norm")
     for key in (*keys, "train/expert_load_max_over_mean/layer_02"):
         np.testing.assert_allclose(
@@ -261,22 +265,38 @@ def test_expert_parallel_equals_single_device(moe_single_device, fsdp, expert):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_expert_parallel_dispatch_moves_tokens_not_weights():
-    """Under an expert axis the dispatch runs per device on its own experts: tokens gathered
-    over the expert axis, partial outputs reduce-scattered back; equal to one device."""
+@pytest.mark.parametrize(
+    ("dispatch", "collectives"),
+    [("gather", ("all-gather", "reduce-scatter")), ("all_to_all", ("all-to-all",))],
+)
+def test_expert_parallel_dispatch_equals_one_device(dispatch, collectives):
+    """Under an expert axis the dispatch runs per device on its own experts (tokens gathered
+    and partial sums reduce-scattered back, or token copies sent to their experts' devices and
+    back by all-to-all): output and gradients equal one device's, skewed routing included
+    (two of the four devices' experts get no token)."""
     x, gate, up, down = _expert_weights(1)
     x = jnp.tile(x, (4, 1))  # 40 tokens, 10 per device
-    experts = jnp.asarray(np.tile(ROUTINGS["random"], (4, 1)), jnp.int32)
-    weights = jnp.full(experts.shape, 0.5)
+    weights = jax.nn.softmax(jax.random.normal(jax.random.key(5), (x.shape[0], TOP_K)), -1)
     local = functools.partial(dropless_experts, activation="silu")
-    expected = local(x, experts, weights, gate, up, down)
+
+    def loss(x, weights, gate, up, down, experts):
+        out = experts_per_shard(local, x, experts, weights, (gate, up, down), dispatch=dispatch)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=range(5)))
     mesh = sharding.make_mesh(fsdp=1, expert=4, devices=jax.devices()[:4])
-    run = jax.jit(lambda *a: experts_per_shard(local, *a[:3], a[3:]))
+    for routing in ("random", "skewed"):
+        experts = jnp.asarray(np.tile(ROUTINGS[routing], (4, 1)), jnp.int32)
+        expected = grad(x, weights, gate, up, down, experts)
+        with jax.set_mesh(mesh):
+            actual = grad(x, weights, gate, up, down, experts)
+        np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5, err_msg=routing)
+        names = ("x", "weights", "gate", "up", "down")
+        for name, g, ref in zip(names, actual[1], expected[1], strict=True):
+            np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5, err_msg=f"{routing}: {name}")
     with jax.set_mesh(mesh):
-        text = run.lower(x, experts, weights, gate, up, down).as_text()
-        actual = run(x, experts, weights, gate, up, down)
-    assert "all_gather" in text and "reduce_scatter" in text
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+        compiled = grad.lower(x, weights, gate, up, down, experts).compile().as_text()
+    assert all(name in compiled for name in collectives), dispatch
 
 
 def test_mfu_counts_active_parameters():
@@ -325,12 +345,17 @@ def test_lora_on_attention_of_moe_exports_exactly(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
     expected = hf_logits(peft_model, batch["input_ids"], batch["attention_mask"])
     assert_close_on_tokens(actual, expected, batch["attention_mask"], rel_tol=1e-4)
-    merged_dir = save_pretrained(fold_adapters(model), tmp_path / "merged")
+    merged_logits = _merged_export_logits(model, tmp_path / "merged", batch)
+    assert_close_on_tokens(merged_logits, actual, batch["attention_mask"], rel_tol=1e-4)
+
+
+def _merged_export_logits(model: CausalLM, out_dir, batch) -> np.ndarray:
+    """transformers' logits of `model` exported with its adapters merged."""
+    merged_dir = save_pretrained(fold_adapters(model), out_dir)
     merged = transformers.AutoModelForCausalLM.from_pretrained(
         merged_dir, attn_implementation="eager"
     )
-    merged_logits = hf_logits(merged.eval(), batch["input_ids"], batch["attention_mask"])
-    assert_close_on_tokens(merged_logits, actual, batch["attention_mask"], rel_tol=1e-4)
+    return hf_logits(merged.eval(), batch["input_ids"], batch["attention_mask"])
 
 
 def test_tiny_moe_sft_run_on_the_demo_data(tmp_path):
@@ -365,6 +390,10 @@ def test_tiny_moe_sft_run_on_the_demo_data(tmp_path):
     # checkpoint's 0.01 layer 1 stays at 2.0 for these 60 steps).
     final = [train[-1][f"train/expert_load_max_over_mean/layer_{i:02d}"] for i in (0, 1)]
     assert max(final) < 1.9, final
+    scalars = tensorboard_scalars(workdir / "tensorboard")  # the per-layer load reaches it too
+    for i, load in enumerate(final):
+        tag = f"train/expert_load_max_over_mean/layer_{i:02d}"
+        assert scalars[(tag, train[-1]["step"])] == pytest.approx(load, rel=1e-6)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(workdir / "export")
     assert type(reloaded).__name__ == "Qwen3MoeForCausalLM"
 
@@ -376,6 +405,27 @@ def test_expert_axis_must_divide_the_experts():
         check_for_model(config, from_hf_config(hf_config("mixtral")), 3)
     with pytest.raises(ConfigError, match=r"dense model has none"):
         check_for_model(config, from_hf_config(hf_config("llama2")), 3)
+
+
+def test_moe_fields_of_the_config_are_checked():
+    """The dispatch names a known kind; expert adapters and a trained router need LoRA and a
+    mixture of experts, each refused naming its field."""
+    import configs.base
+
+    config = configs.base.get_config()
+    check_values(config, 8, 8)
+    config.model.moe_dispatch = "ragged"
+    with pytest.raises(ConfigError, match=r"moe_dispatch='ragged': expected one of auto, gather"):
+        check_values(config, 8, 8)
+    config.model.moe_dispatch = "all_to_all"
+    config.lora.expert_adapters = True
+    with pytest.raises(ConfigError, match=r"lora\.expert_adapters=True: needs LoRA"):
+        check_values(config, 8, 8)
+    config.lora.rank = 8
+    check_values(config, 8, 8)
+    check_for_model(config, from_hf_config(hf_config("mixtral")), 1)
+    with pytest.raises(ConfigError, match=r"lora\.expert_adapters=True: applies to mixtures"):
+        check_for_model(config, from_hf_config(hf_config("llama2")), 1)
 
 
 def test_aux_loss_of_packed_rows_equals_transformers_on_the_documents(tmp_path):
@@ -421,3 +471,76 @@ def test_accumulated_aux_is_the_mean_over_micro_batches(moe_single_device):
     ]
     assert abs(float(micro_aux[0]) - float(micro_aux[1])) > 1e-4  # the mean is not trivial
     np.testing.assert_allclose(history[0]["train/aux_loss"], np.mean(micro_aux), rtol=2e-5)
+
+
+def _adapted_qwen3_moe(
+    tmp_path, train_router: bool, quantization: QuantSpec | None = None
+) -> tuple[CausalLM, LoRASpec]:
+    """A tiny Qwen3-MoE from the hub layout with adapters on attention and every expert, their
+    B made non-zero so that they change the logits (with `quantization`: QLoRA, experts too)."""
+    save_hf_model("qwen3_moe", tmp_path / "base")
+    mesh = sharding.single_device_mesh()
+    model = from_pretrained(tmp_path / "base", mesh=mesh, quantization=quantization)
+    if quantization is not None:
+        quantize_experts(model, quantization, mesh)
+    spec = LoRASpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), experts=True,
+                    train_router=train_router, quantization=quantization)  # fmt: skip
+    apply_lora(model, spec, mesh)
+    keys = iter(jax.random.split(jax.random.key(2), 64))
+    for path, variable in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        if str(path[-1]).endswith("_b"):  # lora_b, and experts_gate_b etc.
+            variable.set_value(0.3 * jax.random.normal(next(keys), variable.get_value().shape))
+    return model, spec
+
+
+@pytest.mark.parametrize("train_router", [False, True], ids=["frozen_router", "trained_router"])
+def test_expert_adapters_get_gradients_only_where_asked(tmp_path, train_router):
+    """Adapters on every expert: the trainable state is the attention and expert adapters (and
+    the routers only when asked), and each of them gets a non-zero gradient."""
+    model, spec = _adapted_qwen3_moe(tmp_path, train_router)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(spec), ...)
+    batch = padded_batch(seed=1)
+
+    def loss(trainable):
+        logits = nnx.merge(graphdef, trainable, frozen)(
+            batch["input_ids"], batch["positions"], batch["segment_ids"]
+        )
+        return jnp.mean(jnp.square(logits))
+
+    grads = dict(nnx.to_flat_state(jax.jit(jax.grad(loss))(trainable)))
+    names = {"/".join(map(str, path)) for path in grads}
+    expert_adapters = {name for name in names if "expert_lora" in name}
+    assert len(expert_adapters) == 6 * len(model.config.moe_layers)  # A, B of gate, up, down
+    routers = {name for name in names if name.endswith("router")}
+    assert len(routers) == (len(model.config.moe_layers) if train_router else 0)
+    others = names - expert_adapters - routers
+    assert others and all("attn" in name and "lora_" in name for name in others), others
+    for path, grad in grads.items():
+        assert np.any(np.asarray(grad.get_value())), path
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora_nf4"])
+def test_merged_export_with_expert_adapters_reloads_in_transformers(tmp_path, quantized):
+    """The merged export folds every expert's adapter (and, with QLoRA, the dequantized NF4
+    expert weights) into plain weights: transformers' logits of the export equal ours; a PEFT
+    adapter of expert adapters is refused with a clear error."""
+    quantization = QuantSpec("nf4", block=16) if quantized else None
+    model, spec = _adapted_qwen3_moe(tmp_path, train_router=True, quantization=quantization)
+    if quantized:  # stored as 4-bit codes, which moved the weights (within NF4's error)
+        block = model.layers[0].mlp
+        assert block.experts_gate is None
+        assert block.expert_quant["experts_gate"]["codes"][...].dtype == jnp.uint8
+        with safetensors.safe_open(tmp_path / "base" / "model.safetensors", "np") as f:
+            original = f.get_tensor("model.layers.0.mlp.experts.0.gate_proj.weight").T
+        with adapters_off(model):
+            error = np.abs(np.asarray(block.expert_weight("experts_gate"))[0] - original)
+        assert 0 < error.max() < 0.2 * np.abs(original).max()
+    batch = padded_batch(seed=3)
+    actual = jax_logits(model, batch)
+    expected = _merged_export_logits(model, tmp_path / "merged", batch)
+    assert_close_on_tokens(actual, expected, batch["attention_mask"], rel_tol=1e-4)
+    with adapters_off(model):
+        base = jax_logits(model, batch)
+    assert np.abs(base - actual).max() > 1e-2  # the expert adapters did change the logits
+    with pytest.raises(ConfigError, match=r"expert_adapters=True: adapters on the experts"):
+        save_adapter(model, tmp_path / "adapter", spec)

@@ -1,6 +1,7 @@
 """Mixture-of-experts MLP block (Qwen3-MoE, Mixtral, Qwen2-MoE): a float32 top-k router,
 dropless dispatch (token copies sorted by expert, experts run as grouped matmuls with
-jax.lax.ragged_dot: no capacity, no dropped token) and Qwen2-MoE's sigmoid-gated shared expert.
+jax.lax.ragged_dot: no capacity, no dropped token) and Qwen2-MoE's sigmoid-gated shared expert;
+the slots the adapter code fills (LoRA on every expert, QLoRA storage of the expert weights).
 
 Dimension legend: N tokens (B * T flattened), D model width, F expert MLP width, X experts,
 K experts per token, M = N * K token copies, L MoE layers (B, T as in decoder.py).
@@ -20,8 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.config import ModelConfig
-from sft_jax.models.layers import MLP, Linear, activate, fold_key, normal_init
-from sft_jax.models.partitioning import experts_per_shard
+from sft_jax.models.layers import MLP, Linear, LoRAParam, activate, fold_key, normal_init
+from sft_jax.models.partitioning import DISPATCH_KINDS, experts_per_shard, named_sharding
+from sft_jax.models.quantize import QuantizedState, QuantSpec, dequantize, quantize, stored_axes
 
 # The stacked expert parameters of a MoEBlock, by attribute name.
 EXPERT_PARAMS = ("experts_gate", "experts_up", "experts_down")
@@ -107,6 +109,17 @@ class MoEBlock(nnx.Module):
         c = config
         d, f, x = c.hidden_size, c.moe_intermediate_size, c.num_experts
         self.dtype = dtype
+        # How tokens reach experts on other devices under an expert mesh axis (DISPATCH_KINDS;
+        # set by use_moe_dispatch).
+        self.dispatch = "gather"
+        # Optional low-rank adapters on every expert (add_expert_adapters): per projection in
+        # EXPERT_PARAMS an A [X, in, r] and a B [X, r, out], added to the weights as scale * A B.
+        self.expert_lora = nnx.data(None)  # nnx.Dict of LoRAParam
+        self.expert_lora_scale = 0.0
+        # QLoRA (quantize_experts): per projection an nnx.Dict of QuantizedState [X, ...]
+        # replacing the stacked weights (then None), dequantized for the grouped matmuls.
+        self.expert_quant = nnx.data(None)
+        self.expert_quant_spec = None
         self.top_k, self.renormalize, self.activation = (
             c.experts_per_token, c.norm_topk_prob, c.activation,
         )  # fmt: skip
@@ -121,12 +134,41 @@ class MoEBlock(nnx.Module):
         self.experts_down = nnx.Param(
             normal_init(rngs, (x, f, d), param_dtype), logical_axes=out_axes
         )
+        # (name, shape, logical axes) of each stacked weight, known also once it is stored
+        # quantized; a tuple, as NNX hashes static attributes.
+        self.expert_layout = (
+            ("experts_gate", (x, d, f), in_axes), ("experts_up", (x, d, f), in_axes),
+            ("experts_down", (x, f, d), out_axes),
+        )  # fmt: skip
         shared = c.shared_expert_intermediate_size
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.shared_expert = MLP(c, width=shared, **dense) if shared else None
         self.shared_expert_gate = (
             Linear(d, 1, axes=("embed", None), use_bias=False, **dense) if shared else None
         )
+
+    def layout_of(self, name: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(shape, logical axes) of the stacked weights of one projection in EXPERT_PARAMS."""
+        return {entry[0]: entry[1:] for entry in self.expert_layout}[name]
+
+    def expert_weight(self, name: str, dtype: jnp.dtype | None = None) -> jax.Array:
+        """The stacked weights [X, in, out] of one projection in `dtype` (the compute dtype by
+        default), with the expert adapters added: ragged_dot takes whole weights, so the
+        low-rank update is folded in as a merged export does (no adapter dropout here)."""
+        dtype = dtype or self.dtype
+        if self.expert_quant is None:
+            weight_XxIxO = getattr(self, name)[...]
+        else:
+            stored = {key: value[...] for key, value in self.expert_quant[name].items()}
+            dequantize_one = functools.partial(
+                dequantize, spec=self.expert_quant_spec, dtype=jnp.float32
+            )
+            weight_XxIxO = jax.vmap(dequantize_one)(stored)
+        if self.expert_lora is None:
+            return weight_XxIxO.astype(dtype)
+        a_XxIxR, b_XxRxO = (self.expert_lora[f"{name}_{part}"][...] for part in ("a", "b"))
+        update = jnp.einsum("XIR,XRO->XIO", a_XxIxR.astype(jnp.float32), b_XxRxO)
+        return (weight_XxIxO.astype(jnp.float32) + self.expert_lora_scale * update).astype(dtype)
 
     def __call__(
         self, x_BxTxD: jax.Array, real_BxT: jax.Array, dropout_key: jax.Array | None = None
@@ -137,16 +179,71 @@ class MoEBlock(nnx.Module):
         logits_NxX, experts_NxK, weights_NxK = route(
             x_NxD, self.router[...], self.top_k, self.renormalize
         )
-        stacked = tuple(getattr(self, name)[...].astype(self.dtype) for name in EXPERT_PARAMS)
+        stacked = tuple(self.expert_weight(name) for name in EXPERT_PARAMS)
         out_NxD = experts_per_shard(
             functools.partial(dropless_experts, activation=self.activation),
-            x_NxD, experts_NxK, weights_NxK, stacked,
+            x_NxD, experts_NxK, weights_NxK, stacked, dispatch=self.dispatch,
         )  # fmt: skip
         out_BxTxD = out_NxD.reshape(batch, seq_len, width)
         if self.shared_expert is not None:
             gate_BxTx1 = jax.nn.sigmoid(self.shared_expert_gate(x_BxTxD, fold_key(dropout_key, 3)))
             out_BxTxD = out_BxTxD + gate_BxTx1 * self.shared_expert(x_BxTxD, dropout_key)
         return out_BxTxD, router_stats(logits_NxX, experts_NxK, real_BxT.reshape(-1))
+
+
+def add_expert_adapters(block: MoEBlock, rank: int, scale: float, key: jax.Array) -> None:
+    """LoRA on every expert's projections of `block`: A ~ U(+-1/sqrt(in)) (PEFT's default) and
+    B = 0 per expert, so the adapted block starts equal to the base; split over experts like
+    the weights they adapt."""
+    adapters = {}
+    for index, name in enumerate(EXPERT_PARAMS):
+        (experts, fan_in, fan_out), (_, in_axis, out_axis) = block.layout_of(name)
+        bound = 1.0 / fan_in**0.5
+        a = jax.random.uniform(
+            jax.random.fold_in(key, index), (experts, fan_in, rank), jnp.float32, -bound, bound
+        )
+        adapters[f"{name}_a"] = LoRAParam(a, logical_axes=("expert", in_axis, "lora_rank"))
+        adapters[f"{name}_b"] = LoRAParam(
+            jnp.zeros((experts, rank, fan_out), jnp.float32),
+            logical_axes=("expert", "lora_rank", out_axis),
+        )
+    block.expert_lora, block.expert_lora_scale = nnx.Dict(adapters), scale
+
+
+def quantize_experts(model: nnx.Module, spec: QuantSpec, mesh: jax.sharding.Mesh) -> None:
+    """QLoRA of the expert weights: every expert's [in, out] weight of every MoE block stored as
+    quantize.py stores a dense kernel (NF4 / int8 blocks along `in`), split over experts. The
+    weights are quantized after loading, one MoE layer at a time, so loading peaks at their
+    unquantized size (dense kernels are quantized tensor by tensor as they load)."""
+    for block in moe_blocks(model):
+        stored_by_name = {}
+        for name in EXPERT_PARAMS:
+            param = getattr(block, name)
+            axes = block.layout_of(name)[1]
+            quantize_all = jax.jit(jax.vmap(functools.partial(quantize, spec=spec)))
+            stored = quantize_all(param[...])
+            stored_by_name[name] = nnx.Dict({
+                key: QuantizedState(
+                    jax.device_put(value, named_sharding(
+                        ("expert", *stored_axes(key, axes[1:])), value.shape, mesh)),
+                    logical_axes=("expert", *stored_axes(key, axes[1:])),
+                )
+                for key, value in stored.items()
+            })  # fmt: skip
+            setattr(block, name, None)
+        block.expert_quant, block.expert_quant_spec = nnx.Dict(stored_by_name), spec
+
+
+def moe_blocks(model: nnx.Module) -> list[MoEBlock]:
+    return [block for _, block in nnx.iter_graph(model) if isinstance(block, MoEBlock)]
+
+
+def use_moe_dispatch(model: nnx.Module, kind: str) -> None:
+    """Switches how every expert block of `model` moves tokens over the expert mesh axis."""
+    if kind not in DISPATCH_KINDS:
+        raise ValueError(f"moe dispatch={kind!r}: expected one of {DISPATCH_KINDS}.")
+    for block in moe_blocks(model):
+        block.dispatch = kind
 
 
 def stack_stats(per_layer: list[RouterStats]) -> RouterStats | None:

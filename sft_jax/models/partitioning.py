@@ -98,6 +98,9 @@ def attention_per_shard(
     )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
 
 
+DISPATCH_KINDS = ("gather", "all_to_all")
+
+
 def context_shards(mesh: jax.sharding.AbstractMesh | Mesh | None = None) -> int:
     """Devices the time axis is split over (the mesh's context axis; 1 without a mesh)."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
@@ -172,15 +175,24 @@ def experts_per_shard(
     experts_NxK: jax.Array,
     weights_NxK: jax.Array,
     stacked: tuple[jax.Array, ...],
+    dispatch: str = "gather",
 ) -> jax.Array:
     """local(x, experts, weights, *stacked) -> [N, D], the weighted sum of the experts each token
     chose among the stacked experts [X, ...] it is given (an expert id >= X: none of them).
 
     Under a mesh with an expert axis (the train step sets one) each device holds X / expert
-    experts: the tokens of the devices along the expert axis are gathered, each device runs its
-    own experts on the slots routed to them, and the partial outputs are summed back onto the
-    devices that own the tokens (reduce-scatter). Without one, local runs on everything.
+    experts and the tokens move to them by `dispatch`:
+    - "gather": the tokens of the devices along the expert axis are gathered, each device runs
+      its own experts on the slots routed to them, and the partial outputs are summed back
+      onto the devices that own the tokens (reduce-scatter).
+    - "all_to_all": each token copy (N * K per device) is sent to the device holding its expert
+      and its output sent back (two all-to-alls). XLA's all-to-all has fixed buffers, so each
+      device's buffer for each peer holds all its N * K copies (the worst case: dropless): G
+      times the bytes a ragged all-to-all would send (which this jax cannot run on CPU).
+    Without an expert axis (or with rows not split over it) local runs on every token.
     """
+    if dispatch not in DISPATCH_KINDS:
+        raise ValueError(f"dispatch={dispatch!r}: expected one of {DISPATCH_KINDS}.")
     mesh = jax.sharding.get_abstract_mesh()
     axis = "expert"
     num_experts = stacked[0].shape[0]
@@ -191,24 +203,10 @@ def experts_per_shard(
     rows = logical_to_spec(("batch", None), x_NxD.shape, mesh)
     row_axes = () if rows[0] is None else (rows[0],) if isinstance(rows[0], str) else rows[0]
     tokens_split = axis in row_axes
-
-    def per_device(x_NxD, experts_NxK, weights_NxK, *stacked):
-        if tokens_split:  # every token of this expert group, in device order
-            gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
-            x_NxD, experts_NxK, weights_NxK = (
-                gather(x_NxD),
-                gather(experts_NxK),
-                gather(weights_NxK),
-            )
-        local_experts = stacked[0].shape[0]
-        first = jax.lax.axis_index(axis) * local_experts
-        own_NxK = (experts_NxK >= first) & (experts_NxK < first + local_experts)
-        local_ids_NxK = jnp.where(own_NxK, experts_NxK - first, local_experts)
-        out_NxD = local(x_NxD, local_ids_NxK, weights_NxK, *stacked)
-        if tokens_split:
-            return jax.lax.psum_scatter(out_NxD, axis, scatter_dimension=0, tiled=True)
-        return jax.lax.psum(out_NxD, axis)
-
+    if dispatch == "all_to_all" and tokens_split:
+        per_device = functools.partial(_all_to_all_experts, local, axis)
+    else:
+        per_device = functools.partial(_gathered_experts, local, axis, tokens_split)
     stacked_spec = PartitionSpec(axis)
     return jax.shard_map(
         per_device,
@@ -216,3 +214,60 @@ def experts_per_shard(
         in_specs=(rows, rows, rows, *(stacked_spec for _ in stacked)),
         out_specs=rows,
     )(x_NxD, experts_NxK, weights_NxK, *stacked)
+
+
+def _gathered_experts(local, axis, tokens_split, x_NxD, experts_NxK, weights_NxK, *stacked):
+    """Per device: every token of the expert group through this device's experts, the partial
+    sums reduce-scattered back to their owners."""
+    if tokens_split:  # every token of this expert group, in device order
+        gather = functools.partial(jax.lax.all_gather, axis_name=axis, tiled=True)
+        x_NxD, experts_NxK, weights_NxK = gather(x_NxD), gather(experts_NxK), gather(weights_NxK)
+    local_experts = stacked[0].shape[0]
+    first = jax.lax.axis_index(axis) * local_experts
+    own_NxK = (experts_NxK >= first) & (experts_NxK < first + local_experts)
+    local_ids_NxK = jnp.where(own_NxK, experts_NxK - first, local_experts)
+    out_NxD = local(x_NxD, local_ids_NxK, weights_NxK, *stacked)
+    if tokens_split:
+        return jax.lax.psum_scatter(out_NxD, axis, scatter_dimension=0, tiled=True)
+    return jax.lax.psum(out_NxD, axis)
+
+
+def _all_to_all_experts(local, axis, x_NxD, experts_NxK, weights_NxK, *stacked):
+    """Per device: token copies sorted by expert (so by the device holding it, G of them), packed
+    into G buffers of M = N * K rows, exchanged; the received rows run through this device's
+    experts (empty rows carry the id "none") and go back the same way; the sender weights them.
+
+    Dimension legend: G devices on the expert axis, M = N * K token copies, E experts per device.
+    """
+    num_tokens, top_k = experts_NxK.shape
+    local_experts, devices = stacked[0].shape[0], jax.lax.axis_size(axis)
+    copies = num_tokens * top_k
+    flat_experts = experts_NxK.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)  # copies by expert, so by device
+    expert_of_copy = flat_experts[order]
+    device_of_copy = expert_of_copy // local_experts
+    copies_per_device = jnp.sum(jax.nn.one_hot(device_of_copy, devices, dtype=jnp.int32), axis=0)
+    row_of_copy = (
+        jnp.arange(copies) - (jnp.cumsum(copies_per_device) - copies_per_device)[device_of_copy]
+    )
+    send_GxMxD = (
+        jnp.zeros((devices, copies, x_NxD.shape[-1]), x_NxD.dtype)
+        .at[device_of_copy, row_of_copy]
+        .set(jnp.take(x_NxD, order // top_k, axis=0))
+    )
+    ids_GxM = jnp.full((devices, copies), local_experts, expert_of_copy.dtype)
+    ids_GxM = ids_GxM.at[device_of_copy, row_of_copy].set(expert_of_copy % local_experts)
+    exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0)
+    received_GxMxD, received_ids_GxM = exchange(send_GxMxD), exchange(ids_GxM)
+    ones = jnp.ones((devices * copies, 1), weights_NxK.dtype)
+    out_GxMxD = local(
+        received_GxMxD.reshape(devices * copies, -1),
+        received_ids_GxM.reshape(-1, 1), ones, *stacked,
+    ).reshape(devices, copies, -1)  # fmt: skip
+    returned_MxD = exchange(out_GxMxD)[device_of_copy, row_of_copy]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(copies))
+    out_NxKxD = returned_MxD[inverse].reshape(num_tokens, top_k, -1)
+    combined_NxD = jnp.einsum(
+        "NKD,NK->ND", out_NxKxD.astype(jnp.float32), weights_NxK.astype(jnp.float32)
+    )
+    return combined_NxD.astype(x_NxD.dtype)

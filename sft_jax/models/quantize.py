@@ -119,7 +119,7 @@ def stored_bytes(stored: dict[str, jax.Array]) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in stored.values())
 
 
-def _stored_axes(name: str, axes: tuple[str, str]) -> tuple[str | None, ...]:
+def stored_axes(name: str, axes: tuple[str, str]) -> tuple[str | None, ...]:
     """Logical axes of one stored array of a kernel with logical axes `axes`."""
     return {"scale_scales": (axes[0], None), "scale_mean": (None,)}.get(name, axes)
 
@@ -134,7 +134,7 @@ def quantize_structure(linears: Iterable[Any], spec: QuantSpec) -> None:
         )
         linear.quant = nnx.Dict(
             {
-                k: QuantizedState(v, logical_axes=_stored_axes(k, linear.axes))
+                k: QuantizedState(v, logical_axes=stored_axes(k, linear.axes))
                 for k, v in stored.items()
             }
         )
@@ -154,5 +154,5 @@ def _quantizer(shape, dtype, in_sharding, spec: QuantSpec, axes, mesh: jax.shard
     """A compiled quantize for one kernel shape and layout (layers share it)."""
     quantize_with = functools.partial(quantize, spec=spec)
     shapes = jax.eval_shape(quantize_with, jax.ShapeDtypeStruct(shape, dtype))
-    out = {k: named_sharding(_stored_axes(k, axes), v.shape, mesh) for k, v in shapes.items()}
+    out = {k: named_sharding(stored_axes(k, axes), v.shape, mesh) for k, v in shapes.items()}
     return jax.jit(quantize_with, in_shardings=in_sharding, out_shardings=out)
