@@ -34,8 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Attention kernel in training: "auto" (the fused kernel of the accelerator where the model
     # allows it, else "xla", also if the kernel does not compile; the log says which and why),
     # "xla" (explicit einsums; every backend), "cudnn" (fused cuDNN flash attention; NVIDIA
-    # GPUs, bfloat16 compute, no soft-capping) or "splash" (Pallas splash attention; TPUs,
-    # max_length a multiple of 128).
+    # GPUs, bfloat16 compute, no soft-capping), "splash" (Pallas splash attention; TPUs,
+    # max_length a multiple of 128) or "blockwise" (flash-style attention in plain JAX, every
+    # backend: memory of a fused kernel, never a [T, T] score matrix; models/blockwise.py).
     config.model.attention = "auto"
     # Mixtures of experts under an expert mesh axis: how tokens reach the device holding their
     # expert. "gather" (the expert group's tokens gathered, partial outputs reduce-scattered

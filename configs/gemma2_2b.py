@@ -4,6 +4,9 @@ Gemma's template has no system role: examples with a system message are counted 
 Sized for one 80 GB GPU (fp32 weights, gradients and Adam moments: ~42 GB) or a TPU host
 (attention "auto" picks splash on TPUs; on GPUs einsums, as cuDNN attention cannot soft-cap):
   python main.py --config=configs/gemma2_2b.py --workdir=/tmp/gemma2_2b_sft
+Plan it before a GPU is rented (XLA's memory per device, no weights read; not yet run for this
+preset, so no planner figure is quoted here):
+  python -m sft_jax.plan --config=configs/gemma2_2b.py --devices=1 --device_memory=80GB
 """
 
 from configs import base

@@ -3,6 +3,9 @@
 Sized for one 80 GB GPU or one TPU host (raise gradient_accumulation_steps on smaller ones;
 attention "auto" picks the fused kernel: cuDNN on NVIDIA GPUs, splash on TPUs):
   python main.py --config=configs/qwen2_5_0_5b_full.py --workdir=/tmp/qwen2_5_0_5b_sft
+Plan it before a GPU is rented (XLA's memory per device, no weights read; not yet run for this
+preset, so no planner figure is quoted here):
+  python -m sft_jax.plan --config=configs/qwen2_5_0_5b_full.py --devices=1 --device_memory=80GB
 """
 
 from configs import base

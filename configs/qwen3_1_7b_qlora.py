@@ -4,6 +4,9 @@ Sized for one 24 GB GPU (micro-batches of 2 rows of 4096 tokens); on a TPU host 
 --config.train.gradient_accumulation_steps=2 --config.eval.global_batch_size=8 (rows must split
 over the chips). Attention "auto" picks cuDNN (NVIDIA) or splash (TPU) fused kernels:
   python main.py --config=configs/qwen3_1_7b_qlora.py --workdir=/tmp/qwen3_1_7b_qlora
+Plan it before a GPU is rented (XLA's memory per device, no weights read; not yet run for this
+preset, so no planner figure is quoted here):
+  python -m sft_jax.plan --config=configs/qwen3_1_7b_qlora.py --devices=1 --device_memory=24GB
 """
 
 from configs import base

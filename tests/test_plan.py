@@ -21,7 +21,7 @@ from test_step import SEQ_LEN
 from test_trainer import base_config, synthetic_source
 
 from configs import base
-from sft_jax import hlo_stats, plan_search, trainer
+from sft_jax import hlo_stats, plan_estimate, plan_search, trainer
 from sft_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,15 +44,15 @@ def config_for(model_dir: Path):
     return config
 
 
-HARDWARE = plan_search.Hardware(None, 100e12, 100e9)
+HARDWARE = plan_estimate.Hardware(None, 100e12, 100e9)
 
 
-def estimate_of(config, mesh: str, remat: str, accumulation: int = 1):
-    shape = plan_search.model_config(config)
+def estimate_of(config, mesh: str, remat: str, accumulation: int = 1, **subject):
+    shape = plan_estimate.model_config(config)
     sizes = plan_search.parse_mesh(mesh, jax.device_count())
-    model, trainable = plan_search.abstract_run_model(config, shape)
-    candidate = plan_search.Candidate(*sizes, accumulation, remat)
-    return plan_search.estimate(config, model, trainable, candidate, jax.devices(), HARDWARE)
+    candidate = plan_estimate.Candidate(*sizes, accumulation, remat)
+    subject = plan_estimate.Subject(config, shape, **subject)
+    return plan_estimate.estimate(subject, candidate, jax.devices(), HARDWARE)
 
 
 def test_fsdp_collectives_match_the_textbook(llama_dir):
@@ -125,7 +125,7 @@ def test_recommended_mesh_compiles_without_involuntary_rematerialization(llama_d
     assert planned.returncode == 0, planned.stderr[-2000:]
     rows = [line for line in planned.stdout.splitlines() if re.match(r"\d+x\d+x\d+ ", line)]
     assert len(rows) == 5  # 1x8x1 cannot split 8 rows into 2 micro-batches over 8 devices
-    warned = [int(row.split("|")[-1]) for row in rows]
+    warned = [int(row.split("|")[-2]) for row in rows]  # the column before "layers"
     assert sum(warned) == planned.stderr.count(hlo_stats.INVOLUNTARY) == 0
     flags = re.search(r"^flags: (.*)$", planned.stdout, re.M).group(1).split()
     chosen = {f.split("=")[0].rsplit(".", 1)[1]: f.split("=")[1] for f in flags}
@@ -161,18 +161,20 @@ def test_a_mesh_the_devices_cannot_form_is_a_clear_error():
         plan_search.parse_mesh("3x1x1", 8)
     with pytest.raises(ConfigError, match="expected DATAxFSDPxTENSOR"):
         plan_search.parse_mesh("2x4", 8)
-    assert plan_search.parse_mesh("2x-1x2", 8) == (2, 2, 2)
+    assert plan_search.parse_mesh("2x-1x2", 8) == (2, 2, 2, 1)
+    assert plan_search.parse_mesh("1x2x4x1", 8) == (1, 2, 1, 4)  # data x fsdp x expert x tensor
 
 
 def test_a_model_that_fits_nowhere_names_the_closest_candidates(llama_dir):
     config = config_for(llama_dir)
-    tiny = plan_search.Hardware(64 * 1024, 100e12, 100e9)  # 64 KiB per device
+    tiny = plan_estimate.Hardware(64 * 1024, 100e12, 100e9)  # 64 KiB per device
     with pytest.raises(ConfigError) as raised:
         plan_search.plan(config, jax.devices(), tiny, meshes=["1x8x1"], remats=["none", "full"],
                          accumulations=[1])  # fmt: skip
     message = str(raised.value)
     assert "no candidate fits" in message
-    assert re.search(r"mesh 1x8x1, 1 micro-batches, remat (none|full): [\d.]+ [KMG]iB", message)
+    # Its weights and optimizer state alone overflow 64 KiB: not even compiled.
+    assert re.search(r"mesh 1x8x1: weights and optimizer state alone [\d.]+ [KMG]iB", message)
     assert "gradient_accumulation_steps" in message
 
 
@@ -208,12 +210,14 @@ def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
 ):
     """With config.mesh.auto the run trains on the mesh the planner recommends (here of two
     candidate meshes), and its first log line names the mesh and why."""
-    monkeypatch.setattr(plan_search, "factorizations", lambda devices: [(2, 2, 2), (1, 8, 1)])
+    monkeypatch.setattr(
+        plan_search, "factorizations", lambda devices, experts: [(2, 2, 2, 1), (1, 8, 1, 1)]
+    )
     config = base_config(weights_dir, steps=1)
     config.data.max_length = SEQ_LEN
     config.eval.at_start, config.eval.every_steps = False, 0
-    hardware = plan_search.Hardware(None, 989e12, plan_search.DEFAULT_INTERCONNECT)
-    _, expected = plan_search.plan(config, jax.devices(), hardware)
+    hardware = plan_estimate.Hardware(None, 989e12, plan_search.DEFAULT_INTERCONNECT)
+    expected = plan_search.plan(config, jax.devices(), hardware, target="cpu").best
     config.mesh.auto = True
     with caplog.at_level(logging.INFO, logger="sft_jax"):
         trainer.run(config, tmp_path, data_factory=lambda _: synthetic_source())
@@ -259,3 +263,50 @@ def test_planned_memory_is_within_15_percent_of_the_measured_peak():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(result)
     assert result["predicted"] == pytest.approx(result["measured"], rel=0.15)
+
+
+def test_shallow_compiles_extrapolate_to_the_full_depth(tmp_path):
+    """An 8-layer model planned from compiles with 2 and 4 layers: memory, XLA's FLOPs and each
+    collective kind within 3% of compiling all 8 layers."""
+    hf = hf_config("llama3.1")
+    hf.num_hidden_layers = 8
+    hf.save_pretrained(tmp_path)
+    config = config_for(tmp_path)
+    whole = estimate_of(config, "2x4x1", "full", extrapolate=False)
+    line = estimate_of(config, "2x4x1", "full")
+    assert (line.depths, line.layers, whole.depths) == ((2, 4), 8, None)
+    print(f"memory {line.memory_bytes} extrapolated vs {whole.memory_bytes} compiled")
+    assert line.memory_bytes == pytest.approx(whole.memory_bytes, rel=0.03)
+    assert line.xla_flops == pytest.approx(whole.xla_flops, rel=0.03)
+    for kind, compiled in whole.collective_buffer.items():
+        assert line.collective_buffer[kind] == pytest.approx(compiled, rel=0.03, abs=1024), kind
+
+
+def test_a_fused_kernel_is_planned_with_the_blockwise_stand_in(llama_dir):
+    config = config_for(llama_dir)
+    shape = plan_estimate.model_config(config)
+    config.model.compute_dtype = "bfloat16"
+    assert plan_estimate.planned_attention(config, shape, "nvidia") == (
+        "blockwise",
+        "attention: cudnn on the target, planned with the blockwise stand-in",
+    )
+    config.data.max_length = 256
+    assert plan_estimate.planned_attention(config, shape, "tpu")[1] == (
+        "attention: splash on the target, planned with the blockwise stand-in"
+    )
+    assert plan_estimate.planned_attention(config, shape, "cpu")[0] == "xla"
+
+
+def test_mixtures_of_experts_search_the_expert_axis(tmp_path):
+    """qwen3_moe's 4 experts on 8 devices: meshes with expert = 2 and 4 are candidates (8 does
+    not divide the experts), and one compiles cleanly with the experts split."""
+    hf_config("qwen3_moe").save_pretrained(tmp_path)
+    config = config_for(tmp_path)
+    shape = plan_estimate.model_config(config)
+    found = plan_search.candidates(8, ROWS, shape, remats=["none"], accumulations=[1])
+    experts = {c.expert for c in found}
+    assert experts == {1, 2, 4}
+    assert "1x2x4x1" in {c.mesh for c in found}
+    split = estimate_of(config, "1x2x4x1", "none")
+    assert split.involuntary_remats == 0
+    assert "--config.mesh.expert=4" in split.candidate.flags()

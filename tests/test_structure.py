@@ -48,6 +48,8 @@ LAYERS = {
     "sft_jax.export": 6,
     "sft_jax.trainer": 6,
     "sft_jax.plan_search": 6,
+    "sft_jax.plan_estimate": 6,
+    "sft_jax.plan_depth": 6,
     "sft_jax.chat": 7,
     "sft_jax.plan": 7,
     "sft_jax.data.inspect": 7,

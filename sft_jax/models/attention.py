@@ -6,7 +6,8 @@ heads, G query heads per key/value head (H = K * G), E head dim.
 Inputs are packed rows: `positions_BxT` restart at 0 for every document and `segment_ids_BxT`
 number the documents of a row (0 = padding). A token attends only to earlier tokens of its own
 segment (and, in sliding-window layers, to the last `window` of them, itself included). The
-explicit einsums here are the reference; models/kernels.py holds the fused kernels.
+explicit einsums here are the reference; models/kernels.py holds the fused kernels and
+models/blockwise.py a flash-style attention in plain JAX.
 
 Generation runs tokens through `Attention.extend` against a `KVCache` instead: each token
 attends to the cached slots that hold earlier positions of its own row (positions < 0 mark
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import kernels
+from sft_jax.models import blockwise, kernels
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key
 from sft_jax.models.partitioning import context_attention, context_shards
@@ -201,6 +202,12 @@ class Attention(nnx.Module):
             return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
         if self.kind == "splash":
             out_BxTxHE = kernels.splash_attention(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
+                self.softcap,
+            )  # fmt: skip
+            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+        if self.kind == "blockwise":
+            out_BxTxHE = blockwise.blockwise_attention(
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
                 self.softcap,
             )  # fmt: skip

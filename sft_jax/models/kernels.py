@@ -22,7 +22,7 @@ FUSED_IMPLEMENTATION = {"cudnn": "cudnn"}
 PACKED_KERNEL = {"fn": None}
 # Run the splash kernel in the Pallas interpreter (tests on CPU; far too slow for training).
 SPLASH_INTERPRET = {"interpret": False}
-ATTENTION_KINDS = ("xla", "cudnn", "splash")
+ATTENTION_KINDS = ("xla", "cudnn", "splash", "blockwise")  # blockwise: models/blockwise.py
 SPLASH_BLOCKS = (512, 256, 128)  # the kernel's tile along both sequence axes, largest first
 
 

@@ -1,0 +1,26 @@
+"""Full fine-tune of Llama-3.1-8B-Instruct on a TPU v5p slice of 64 chips (95 GB HBM, 459 bf16
+TFLOP/s each): the recipe of configs/llama3_1_8b_lora.py with what differs (no adapters, float32
+master weights and Adam state sharded over the slice, a lower learning rate, a larger batch).
+
+Plan it first (no TPU, no weights; the table is in the README, "Plan before you run"):
+  python -m sft_jax.plan --config=configs/llama3_1_8b_full_tpu.py --devices=64 \\
+    --accelerator=tpu --device_memory=95GB --peak_tflops=459 --interconnect_gbps=300 \\
+    --model_config=assets/model_configs/llama3_1_8b
+Run on the slice (every host runs the same command):
+  python main.py --config=configs/llama3_1_8b_full_tpu.py --workdir=gs://BUCKET/llama3_1_8b_full
+"""
+
+from configs import llama3_1_8b_lora
+
+
+def get_config():
+    config = llama3_1_8b_lora.get_config()
+    config.model.param_dtype = "float32"  # master weights in f32, matmuls in bf16
+    config.lora.rank = 0  # full fine-tuning
+    config.lora.dropout = 0.0
+    config.train.global_batch_size = 64
+    config.train.gradient_accumulation_steps = 1
+    config.train.learning_rate = 1e-5
+    config.train.weight_decay = 0.01
+    config.eval.global_batch_size = 64
+    return config
