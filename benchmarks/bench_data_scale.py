@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def time_formats(root: Path, count: int, reads: int = 20_000) -> dict:
     for i in picks:
         tokens, trained = mapped.document(int(i))
         np.asarray(tokens).sum(), np.asarray(trained).sum()
-    out["memmap store"] = (megabytes / write, reads / (time.perf_counter() - start))
+    out["store"] = (megabytes / write, reads / (time.perf_counter() - start))
 
     start = time.perf_counter()
     writer = ar.ArrayRecordWriter(str(root / "docs.array_record"), "group_size:1")
@@ -133,24 +134,29 @@ def time_index_streams(count: int = 100_000, reads: int = 2_000) -> dict:
             dataset[i]
         timings[name] = (time.perf_counter() - start) / reads
     start = time.perf_counter()
-    stream.index_shuffle(np.arange(reads * 100), count, (0, 0, 0))
-    timings["index_shuffle"] = (time.perf_counter() - start) / (reads * 100)
+    stream.index_shuffle(np.arange(count), count, (0, 0, 0))
+    timings["index_shuffle"] = (time.perf_counter() - start) / count
     return timings
 
 
-def peak_rss_child(root: Path, key: str, loader: str, batches: int = 200) -> tuple[float, float]:
-    """Peak resident MiB of a fresh process before (imports only) and after streaming
-    `batches` global batches."""
+def peak_rss_child(root: Path, key: str, loader: str, batches: int = 200) -> dict:
+    """Resident MiB of a fresh process: after its imports, then peak and current after
+    streaming `batches` global batches (the imports' own peak can hide the data's)."""
     code = (
-        f"import sys, resource; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "from bench_data_scale import consume; "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
-        f"consume({str(root)!r}, {key!r}, {loader!r}, {batches}); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from bench_data_scale import consume, resident; print(*resident()); "
+        f"consume({str(root)!r}, {key!r}, {loader!r}, {batches}); print(*resident())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    before, after = (int(x) / 1024 for x in out.stdout.split()[-2:])
-    return before, after
+    numbers = [float(x) for x in out.stdout.split()[-4:]]
+    return {"imports": numbers[1], "peak": numbers[2], "current": numbers[3]}
+
+
+def resident() -> tuple[float, float]:
+    """(peak, current) resident MiB of this process."""
+    status = Path("/proc/self/status").read_text()
+    current = int(status.split("VmRSS:")[1].split()[0]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, current
 
 
 def consume(root: str, key: str, loader: str, batches: int) -> None:
@@ -238,8 +244,12 @@ def rss_table(root: Path, documents: int, growth: int) -> None:
     for loader in ("stream", "memory"):
         small, large = figures[(loader, sizes[0])], figures[(loader, sizes[1])]
         print(
-            f"{loader:>7}: peak RSS {small:,.0f} MiB at {sizes[0]:,} documents, "
-            f"{large:,.0f} MiB at {sizes[1]:,} ({large / small - 1:+.1%})"
+            f"{loader:>7}: at {sizes[0]:,} -> {sizes[1]:,} documents: peak RSS "
+            f"{small['peak']:,.0f} -> {large['peak']:,.0f} MiB "
+            f"({large['peak'] / small['peak'] - 1:+.1%}), RSS after the batches "
+            f"{small['current']:,.0f} -> {large['current']:,.0f} MiB "
+            f"({large['current'] / small['current'] - 1:+.1%}); after the imports alone "
+            f"{small['imports']:,.0f} MiB"
         )
 
 

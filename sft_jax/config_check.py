@@ -178,6 +178,8 @@ def _check_stream(config: Any) -> None:
     _need(config, data.stream_window >= 1, "data.stream_window", "at least 1 document.")
     _need(config, stream or not (data.mixture or data.contamination != "off"),
           "data.loader", "a mixture and the contamination check need loader='stream'.")  # fmt: skip
+    _need(config, not stream or config.train.get("objective", "sft") == "sft", "data.loader",
+          "preference pairs are read with loader='memory'.")  # fmt: skip
     _need(config, not (stream and data.eval_fraction), "data.eval_fraction",
           "the stream loader evaluates eval_files: set those (per source).")  # fmt: skip
     names: set[str] = set()

@@ -35,7 +35,7 @@ def main() -> None:
          "eval_files": str(data_dir / f"{name}_eval.jsonl")}
         for name, weight in (("math", 3), ("chat", 1))
     ]  # fmt: skip
-    config.eval.every_steps = 4
+    config.eval.update(every_steps=0, at_start=False)  # one eval, at the end: fewer seconds
     config.checkpoint.update(enabled=processes == 1, every_steps=2, keep_last=3)
     recorded = {}
 

@@ -100,21 +100,27 @@ def uninterrupted(model_dir, tmp_path_factory):
 def test_kill_9_then_resume_equals_uninterrupted(model_dir, uninterrupted, tmp_path):
     reference = dict(train_losses(uninterrupted[0]))
     kill_at = random.Random(os.getpid()).randint(3, STEPS - 6)
-    process = start(model_dir, tmp_path)
-    wait_for_step(tmp_path, kill_at, process)
-    wait_for_checkpoint(tmp_path, 2, process)
+    kill_9_at(tmp_path, kill_at, start(model_dir, tmp_path))
+    summary = finish(start(model_dir, tmp_path))
+    assert_resumed_bitwise(tmp_path, summary, reference, STEPS)
+
+
+def kill_9_at(workdir: Path, step: int, process: subprocess.Popen) -> None:
+    """SIGKILL (no cleanup runs) once the run reached `step` and committed a checkpoint."""
+    wait_for_step(workdir, step, process)
+    wait_for_checkpoint(workdir, 2, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    summary = finish(start(model_dir, tmp_path))
+
+
+def assert_resumed_bitwise(workdir: Path, summary: dict, reference: dict, steps: int) -> None:
+    """The steps past the checkpoint ran twice; metrics.jsonl keeps each step once, and every
+    loss is bitwise the uninterrupted run's (same params, optimizer state and data order)."""
     assert summary["start_step"] >= 2, "a checkpoint should have been there to resume from"
-    # The steps past the checkpoint ran twice; metrics.jsonl keeps each step once, and every
-    # loss is bitwise the uninterrupted run's (same params, optimizer state and data order).
-    logged = train_losses(tmp_path)
-    assert [s for s, _ in logged] == list(range(1, STEPS + 1))
+    logged = train_losses(workdir)
+    assert [s for s, _ in logged] == list(range(1, steps + 1))
     for step, loss in logged:
-        assert loss == reference[step], (
-            f"step {step}: {loss} != {reference[step]} (killed at {kill_at})"
-        )
+        assert loss == reference[step], f"step {step}: {loss} != {reference[step]}"
 
 
 def test_sigterm_saves_the_step_reached(model_dir, tmp_path):

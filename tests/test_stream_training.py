@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from chat_tokenizers import make_tokenizer
 from hf_models import save_tiny_llama
-from test_resume import train_losses, wait_for_checkpoint, wait_for_step
+from test_resume import assert_resumed_bitwise, kill_9_at, train_losses
 from test_trainer import chat_rows
 
 WORKER = Path(__file__).with_name("stream_worker.py")
@@ -55,17 +54,8 @@ def uninterrupted(setup, tmp_path_factory):
 def test_kill_9_then_resume_with_a_mixture_equals_uninterrupted(setup, uninterrupted, tmp_path):
     reference = dict(train_losses(uninterrupted[0]))
     assert {"eval/math/loss", "eval/chat/loss", "eval/loss"} <= set(uninterrupted[1]["final_eval"])
-    process = start(setup, tmp_path)
-    wait_for_step(tmp_path, 4, process)
-    wait_for_checkpoint(tmp_path, 2, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    summary = finish(start(setup, tmp_path))
-    assert summary["start_step"] >= 2, "a checkpoint should have been there to resume from"
-    logged = train_losses(tmp_path)
-    assert [s for s, _ in logged] == list(range(1, STEPS + 1))
-    for step, loss in logged:
-        assert loss == reference[step], f"step {step}: {loss} != {reference[step]}"
+    kill_9_at(tmp_path, 4, start(setup, tmp_path))
+    assert_resumed_bitwise(tmp_path, finish(start(setup, tmp_path)), reference, STEPS)
 
 
 def test_two_processes_read_their_halves_and_make_the_same_global_batches(

@@ -16,8 +16,8 @@ only the offsets index, with random-access advice (8 bytes a document at most).
 
 Raw arrays with an offsets index rather than ArrayRecord or Parquet: a document is two
 contiguous reads (no decoding), the lengths of any set of documents one vectorised gather,
-and the measured random reads are ~12x ArrayRecord's and ~20x Parquet's, writes 3-8x faster
-(benchmarks/bench_data_scale.py --store).
+and on 100k documents random single-document reads ran 50x ArrayRecord's and 260x Parquet's,
+writes 6x and 17x (benchmarks/bench_data_scale.py --store).
 """
 
 from __future__ import annotations
