@@ -272,7 +272,9 @@ def test_bad_dora_and_adalora_settings_are_named(changes, field, message):
     [["--config.lora.use_dora=True"],
      ["--config.lora.method=adalora", "--config.lora.adalora.target_r=4",
       "--config.lora.adalora.tinit=5", "--config.lora.adalora.tfinal=10",
-      "--config.lora.adalora.delta_t=5"]],
+      "--config.lora.adalora.delta_t=5",
+      # P, Q ~ N(0, 0.02) and Lambda = 0 (PEFT's init) start slowly: a higher rate for 30 steps.
+      "--config.train.learning_rate=2e-2"]],
     ids=["dora", "adalora"],
 )  # fmt: skip
 def test_demo_trains_and_exports_a_peft_adapter(tmp_path, method):
