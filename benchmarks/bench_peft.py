@@ -32,6 +32,10 @@ METHODS: dict[str, list[str]] = {
     "dora": [*ADAPTERS, "--config.lora.use_dora=True"],
     # init_r 16 pruned to an average of 8 per layer between steps 10% and 70% of the run.
     "adalora": [*ADAPTERS, "--config.lora.method=adalora", "--config.lora.adalora.target_r=8"],
+    "prompt_tuning": ["--config.prompt.method=prompt_tuning"],
+    "p_tuning": ["--config.prompt.method=p_tuning"],
+    "prefix_tuning": ["--config.prompt.method=prefix_tuning"],
+    "neftune": ["--config.train.neftune_noise_alpha=5"],  # full fine-tuning with NEFTune
 }
 
 
