@@ -2,10 +2,18 @@
 token, 3.3B of 30.5B parameters active), with UltraChat.
 
 Mesh: one host of 8 GPUs (80 GB) as fsdp=2 x expert=4: each device holds 32 of the 128
-experts of every layer, halved again by fsdp. Weights alone (bf16, arithmetic, not XLA's memory
-plan): 29.0B expert parameters / 8 devices = 7.2 GB, plus 1.5B attention/embedding parameters
-(3.1 GB) / 2 (fsdp) = 1.5 GB, about 8.8 GB per device before activations. The log prints
-XLA's plan of the compiled step and warns before the first step if it exceeds the device.
+experts of every layer, halved again by fsdp. The planner (XLA's memory plan of the train step
+compiled from config.json on 8 fake CPU devices, cuDNN attention planned with the blockwise
+stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 48; 20 min 28 s
+wall, 80 s CPU, on a 2-core machine shared by 8 jobs) predicts 254 GiB per device for this mesh
+with 1 micro-batch, and 402 GiB for expert=8: it does NOT fit 80 GB as configured (which buffers
+dominate is not broken down yet; the expert dispatch in models/moe.py is being reworked). Plan
+again after it changes, with more micro-batches:
+  python -m sft_jax.plan --config=configs/qwen3_30b_a3b_lora.py --devices=8 \
+    --device_memory=80GB --model_config=assets/model_configs/qwen3_30b_a3b \
+    --meshes=1x2x4x1,1x1x8x1 --accumulation=1
+The log prints XLA's plan of the compiled step and warns before the first step if it exceeds
+the device.
   python main.py --config=configs/qwen3_30b_a3b_lora.py --workdir=/tmp/qwen3_30b_a3b_lora
 """
 

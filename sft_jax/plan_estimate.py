@@ -263,7 +263,9 @@ class Reading:
     involuntary_remats: int
 
     @classmethod
-    def compile(cls, subject: Subject, layers: int, candidate, devices) -> Reading:
+    def compile(
+        cls, subject: Subject, layers: int, candidate: Candidate, devices: Sequence[jax.Device]
+    ) -> Reading:
         """`candidate` compiled with `layers` layers of the subject's model, and read."""
         model, trainable = subject.model(layers)
         compiled, log_lines = compile_candidate(
