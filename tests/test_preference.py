@@ -460,21 +460,26 @@ def test_config_check_names_the_bad_preference_field(overrides, field):
 
 def test_a_dpo_run_reports_trl_metrics_and_starts_at_the_reference(tmp_path):
     """The loop end to end (data, plan, steps, eval): at step 0 the LoRA policy is its
-    reference, so every reward is exactly 0 and the eval loss is log 2 + the chosen NLL."""
+    reference, so every reward is exactly 0 and the eval loss is log 2 + rpo_alpha x the
+    chosen NLL."""
     import json
     import math
 
     from sft_jax import trainer
     from sft_jax.data import open_run_data
 
-    summary = trainer.run(demo_dpo_config(), tmp_path, open_run_data)
+    config = demo_dpo_config()
+    summary = trainer.run(config, tmp_path, open_run_data)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval/loss" in r}
     assert sorted(evals) == [0, 2, 4] and summary["end_step"] == 4
     first = evals[0]
     assert first["eval/rewards/margins"] == first["eval/rewards/chosen"] == 0.0
     assert first["eval/rewards/accuracies"] == 0.0  # ties: TRL counts chosen > rejected
-    np.testing.assert_allclose(first["eval/loss"], math.log(2) + first["eval/nll"], rtol=1e-5)
+    nll_weight = config.preference.rpo_alpha
+    np.testing.assert_allclose(
+        first["eval/loss"], math.log(2) + nll_weight * first["eval/nll"], rtol=1e-5
+    )
     assert first["eval/pairs"] == 200 and "eval/exact_match" in first
     train = [r for r in records if "train/rewards/accuracies" in r]
     assert train and all(math.isfinite(r["train/loss"]) for r in train)
