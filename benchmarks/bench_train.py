@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 import transformers
 
-from sft_jax.compile_plan import ATTENTION_CHOICES
+from sft_jax.kernel_choice import ATTENTION_CHOICES
 from sft_jax.lora import PROJECTIONS
 from sft_jax.metrics import PEAK_BF16_TFLOPS, matmul_params, training_flops_per_token
 from sft_jax.models import ModelConfig, from_hf_config
@@ -153,7 +153,8 @@ def _jax_linear_bytes_per_weight(model: Any) -> float:
 
 def time_sft_jax(args: argparse.Namespace, mode: str, checkpoint: str) -> dict:
     from sft_jax import sharding
-    from sft_jax.compile_plan import attention_for, build_steps, init_state
+    from sft_jax.compile_plan import build_steps, init_state
+    from sft_jax.kernel_choice import attention_for
     from sft_jax.metrics import peak_flops_per_device
     from sft_jax.model_setup import build_model
     from sft_jax.models.decoder import use_attention

@@ -9,13 +9,13 @@ from typing import Any
 
 import jax
 
-from sft_jax.compile_plan import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.mixture import CONTAMINATION, LOADERS, SOURCE_FIELDS
 from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.errors import ConfigError, check_choice
+from sft_jax.kernel_choice import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.lora import ADAPTER_METHODS, EXTRA_MODULES, PROJECTIONS, names
 from sft_jax.memory_plan import host_offload_supported
 from sft_jax.models import DTYPES

@@ -20,9 +20,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import memory_plan, plan_depth, sharding
-from sft_jax.compile_plan import choose_attention, lower_train_step, moe_options
+from sft_jax.compile_plan import lower_train_step, moe_options
 from sft_jax.errors import ConfigError
 from sft_jax.hlo_stats import INVOLUNTARY, collective_bytes, compiler_log
+from sft_jax.kernel_choice import choose_attention
 from sft_jax.lora import LoRASpec, trainable_filter
 from sft_jax.memory_plan import StepMemory
 from sft_jax.metrics import training_flops_per_token
@@ -70,7 +71,7 @@ def planned_attention(
     config: ml_collections.ConfigDict, shape: ModelConfig, target: str
 ) -> tuple[str, str]:
     """(the attention the planner compiles, a line saying what the target runs): the target's
-    choice for config.model.attention (compile_plan.choose_attention); a fused kernel that
+    choice for config.model.attention (kernel_choice.choose_attention); a fused kernel that
     this machine cannot compile is planned with the blockwise stand-in, whose residuals and
     blocks take the memory of a flash kernel, never the einsum's [T, S] scores."""
     kind, why = choose_attention(

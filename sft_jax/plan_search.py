@@ -23,8 +23,9 @@ import ml_collections
 from jax.sharding import Mesh
 
 from sft_jax import memory_plan
-from sft_jax.compile_plan import AUTO_REMAT, accelerator
+from sft_jax.compile_plan import AUTO_REMAT
 from sft_jax.errors import ConfigError
+from sft_jax.kernel_choice import accelerator
 from sft_jax.metrics import peak_flops_per_device
 from sft_jax.models import ModelConfig
 from sft_jax.plan_estimate import (

@@ -308,8 +308,8 @@ def test_kernels_on_a_sharded_mesh_train_like_the_einsum_path(kind, monkeypatch)
 
 def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
     from configs import base
-    from sft_jax.compile_plan import attention_for
     from sft_jax.errors import ConfigError
+    from sft_jax.kernel_choice import attention_for
     from sft_jax.models.hf_io import load_hf_config, resolve_model_dir
 
     config = base.get_config()
@@ -342,7 +342,7 @@ def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
 def test_auto_attention_takes_the_accelerators_kernel_where_the_model_allows(
     family, accelerator, compute_dtype, max_length, expected, why
 ):
-    from sft_jax.compile_plan import choose_attention
+    from sft_jax.kernel_choice import choose_attention
 
     kind, reason = choose_attention(
         "auto", accelerator=accelerator, model=from_hf_config(hf_config(family)),
@@ -353,8 +353,8 @@ def test_auto_attention_takes_the_accelerators_kernel_where_the_model_allows(
 
 
 def test_a_named_kernel_the_run_cannot_use_says_why():
-    from sft_jax.compile_plan import choose_attention
     from sft_jax.errors import ConfigError
+    from sft_jax.kernel_choice import choose_attention
 
     llama, gemma2 = from_hf_config(hf_config("llama3.1")), from_hf_config(hf_config("gemma2"))
     nvidia = {"accelerator": "nvidia", "max_length": 4096}

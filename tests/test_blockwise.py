@@ -18,8 +18,8 @@ from test_step import synthetic_batch
 
 from configs import base
 from sft_jax import config_check
-from sft_jax.compile_plan import choose_attention
 from sft_jax.errors import ConfigError
+from sft_jax.kernel_choice import choose_attention
 from sft_jax.models import CausalLM, blockwise, from_hf_config
 from sft_jax.models.attention import attention_mask
 

@@ -13,7 +13,7 @@ from hf_models import hf_config, save_hf_model
 from test_step import packed_rows, step_builder, train_config
 
 from configs import base
-from sft_jax import compile_plan, sharding
+from sft_jax import kernel_choice, sharding
 from sft_jax.compile_plan import init_state
 from sft_jax.config_check import check_values
 from sft_jax.errors import ConfigError
@@ -181,11 +181,11 @@ def test_context_that_does_not_divide_max_length_is_a_config_error():
 
 def test_auto_attention_with_context_leaves_splash_for_xla(monkeypatch):
     """On a TPU "auto" would take splash, which cannot take tokens out of order."""
-    monkeypatch.setattr(compile_plan, "accelerator", lambda: "tpu")
+    monkeypatch.setattr(kernel_choice, "accelerator", lambda: "tpu")
     config = base.get_config()
     config.data.max_length = 1024
     shape = from_hf_config(hf_config("llama3.1"))
-    assert compile_plan.attention_for(config, shape, 0)[0] == "splash"
+    assert kernel_choice.attention_for(config, shape, 0)[0] == "splash"
     config.mesh.context = 4
-    attention, why = compile_plan.attention_for(config, shape, 0)
+    attention, why = kernel_choice.attention_for(config, shape, 0)
     assert attention == "xla" and "mesh.context" in why

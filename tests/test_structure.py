@@ -36,6 +36,7 @@ LAYERS = {
     "sft_jax.memory_plan": 5,
     "sft_jax.model_setup": 5,
     "sft_jax.compile_plan": 5,
+    "sft_jax.kernel_choice": 5,
     "sft_jax.config_check": 5,
     "sft_jax.distributed": 5,
     "sft_jax.hlo_stats": 5,
