@@ -10,9 +10,9 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sft_jax import cli, config_check, rundir, trainer
-from sft_jax.checkpointing import CheckpointSaveError
+from sft_jax.checkpointing import CheckpointSaveError, require_local
 from sft_jax.data import open_run_data
-from sft_jax.errors import TrainingDivergedError
+from sft_jax.errors import ConfigError, TrainingDivergedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -28,6 +28,10 @@ def main(argv: list[str]) -> None:
     # Our progress at INFO; the libraries' (orbax logs every save and restore) at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("sft_jax").setLevel(logging.INFO)
+    try:  # before anything is created: pathlib would make a local 's3:/...' folder of a URL
+        require_local(FLAGS.workdir, "--workdir")
+    except ConfigError as e:
+        cli.fail(str(e))
     workdir = cli.writable_directory(FLAGS.workdir)
     cli.run_command(
         lambda: trainer.run(FLAGS.config, workdir, data_factory=open_run_data),

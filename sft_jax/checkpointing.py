@@ -54,6 +54,30 @@ _WRITE_FAILURES = {
 }
 
 
+# Orbax 0.12.8 (the newest release) hands array data to TensorStore with its GCS driver for gs://
+# and its local file driver for every other path (orbax/checkpoint/_src/serialization/
+# tensorstore_utils.py: _use_gcs_driver l.213, _normalize_path l.222, the file-driver specs of
+# l.366 and l.471), while JSON metadata goes through etils.epath (s3fs). An s3:// directory is
+# refused with OCDBT (l.356, "should be absolute": 's3://' normalised to 's3:/') and without it
+# the arrays silently land in a local './s3:/bucket/...' folder. A gs:// WORKDIR would hold the
+# run lock (flock), metrics.jsonl and TensorBoard files too, which need a local file system.
+_REMOTE_CHECKPOINTS = (
+    "checkpoints cannot be written to or read from a bucket: Orbax {orbax} writes arrays to "
+    "S3 through a local file path (its TensorStore specs route only gs:// to a remote driver), "
+    "and a WORKDIR also holds the run lock, metrics.jsonl and TensorBoard files, which need a "
+    "local file system. Use a local or mounted directory (gcsfuse, mountpoint-s3) and copy the "
+    "checkpoints to the bucket afterwards (aws s3 sync / gcloud storage rsync)."
+)
+
+
+def require_local(path: str | Path, field: str) -> None:
+    """A ConfigError naming `field` where `path` is a bucket URL (s3://, gs://, ...): pathlib
+    would turn 's3://b/run' into a local 's3:/b/run' and Orbax cannot write arrays to S3."""
+    if "://" in str(path):
+        problem = _REMOTE_CHECKPOINTS.format(orbax=ocp.__version__)
+        raise ConfigError(f"{field}={path}: {problem}")
+
+
 class Checkpoints:
     """WORKDIR/checkpoints/<step>/{state, data, meta}: written in the background, atomically.
 
@@ -69,6 +93,7 @@ class Checkpoints:
         async_save: bool = True,
         read_only: bool = False,
     ):
+        require_local(directory, "checkpoint directory")
         self.directory = Path(directory).absolute()
         preserve = [policies.LatestN(n=max(keep_last, 1))]
         if keep_best > 0:

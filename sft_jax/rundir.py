@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 
-from sft_jax.checkpointing import Checkpoints
+from sft_jax.checkpointing import Checkpoints, require_local
 from sft_jax.errors import ConfigError
 
 LOCK_FILE = ".sft_jax.lock"
@@ -61,6 +61,7 @@ def export_dir(workdir: str | Path, out: str | Path | None = None) -> Path:
 
 def open_run(workdir: str | Path, field: str = "--workdir") -> Checkpoints:
     """Another (finished or stopped) run's checkpoints, read only; a clear error when none."""
+    require_local(workdir, field)
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise ConfigError(
