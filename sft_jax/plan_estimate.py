@@ -29,8 +29,10 @@ from sft_jax.metrics import training_flops_per_token
 from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.config import DTYPES, from_hf_config
 from sft_jax.models.decoder import decoder_linears, use_attention
+from sft_jax.models.grouped_matmul import STAND_IN as GROUPED_STAND_IN
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
 from sft_jax.models.layers import LoRAParam
+from sft_jax.models.moe import use_grouped_matmul
 from sft_jax.optim import make_optimizer
 from sft_jax.step import StepOptions, StepSpec
 
@@ -83,8 +85,26 @@ def planned_attention(
     return kind, f"attention: {kind} on the target and in the plan ({why})"
 
 
+def planned_experts(shape: ModelConfig, target: str) -> tuple[str, str]:
+    """(the grouped matmul the planner compiles, a line saying so; "" for a dense model): for a
+    GPU/TPU target planned on CPU, the padded-blocks stand-in (models/grouped_matmul.py), as
+    XLA:CPU lowers ragged_dot to a dense product per expert over every token copy, temporaries
+    [experts, copies, width] that a grouped-GEMM kernel never holds."""
+    if not shape.num_experts:
+        return "ragged_dot", ""
+    if target != "cpu" and jax.devices()[0].platform == "cpu":
+        return (
+            GROUPED_STAND_IN,
+            "experts: ragged_dot on the target, planned with the grouped-matmul stand-in",
+        )
+    return "ragged_dot", "experts: ragged_dot on the target and in the plan"
+
+
 def abstract_run_model(
-    config: ml_collections.ConfigDict, shape: ModelConfig, attention: str = "xla"
+    config: ml_collections.ConfigDict,
+    shape: ModelConfig,
+    attention: str = "xla",
+    experts: str = "ragged_dot",
 ) -> tuple[Any, Any]:
     """(abstract model with abstract adapters where config.lora asks for them, the filter of
     what trains): the structure of build_model's model, nothing allocated."""
@@ -105,6 +125,7 @@ def abstract_run_model(
             linear.lora_b = LoRAParam(b, logical_axes=b_axes)
             linear.lora_scale, linear.lora_dropout = spec.scale, spec.dropout
     use_attention(model, attention)
+    use_grouped_matmul(model, experts)
     return model, trainable_filter(spec)
 
 
@@ -318,6 +339,7 @@ class Subject:
     attention: str = "xla"
     extrapolate: bool = True  # compile two shallow depths (plan_depth.depths), extrapolate
     widened: bool = False  # bfloat16 compiled as float32 (see WIDENED)
+    experts: str = "ragged_dot"  # the grouped matmul compiled (planned_experts)
     _models: dict[tuple[int, bool], tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -339,7 +361,7 @@ class Subject:
         if key not in self._models:
             shape = plan_depth.truncated(self.shape, layers)
             config = self.config if key[1] else self.compiled_config
-            self._models[key] = abstract_run_model(config, shape, self.attention)
+            self._models[key] = abstract_run_model(config, shape, self.attention, self.experts)
         return self._models[key]
 
     @property

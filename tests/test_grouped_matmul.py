@@ -1,0 +1,67 @@
+"""The planner's grouped-matmul stand-in (models/grouped_matmul.py) equals jax.lax.ragged_dot:
+output and both gradients, an expert with no rows, rows past the groups' total, and inside the
+expert block."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax.models.grouped_matmul import block_rows, grouped_matmul
+from sft_jax.models.moe import dropless_experts
+
+
+def product_and_gradients(matmul, lhs, rhs, group_sizes, d_out):
+    out, pullback = jax.vjp(lambda a, b: matmul(a, b, group_sizes), lhs, rhs)
+    return (out, *pullback(d_out))
+
+
+@pytest.mark.parametrize(
+    "group_sizes",
+    [(7, 0, 5, 6), (0, 0, 20, 0), (3, 4, 5, 8), (1, 2, 0, 3)],
+    ids=["empty-expert-and-unrouted-rows", "one-expert", "all-rows", "mostly-unrouted"],
+)
+def test_stand_in_equals_ragged_dot(group_sizes):
+    keys = jax.random.split(jax.random.key(0), 3)
+    lhs = jax.random.normal(keys[0], (20, 6))
+    rhs = jax.random.normal(keys[1], (4, 6, 5))
+    d_out = jax.random.normal(keys[2], (20, 5))
+    sizes = jnp.array(group_sizes, jnp.int32)
+    want = product_and_gradients(jax.lax.ragged_dot, lhs, rhs, sizes, d_out)
+    got = jax.jit(product_and_gradients, static_argnums=0)(grouped_matmul, lhs, rhs, sizes, d_out)
+    for name, w, g in zip(("output", "d_lhs", "d_rhs"), want, got, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=name)
+    if group_sizes[1] == 0:  # an expert without rows gets a zero gradient
+        assert not np.any(got[2][1])
+
+
+def test_padding_never_exceeds_the_rows():
+    for rows, groups in [(20, 4), (512, 128), (3, 8), (1 << 20, 128)]:
+        block = block_rows(rows, groups)
+        assert block & (block - 1) == 0 and block <= 128
+        assert groups * (block - 1) <= max(rows, groups)
+
+
+def test_expert_block_with_the_stand_in_equals_ragged_dot():
+    """dropless_experts (routing, sorting, three grouped matmuls, unsorting) with either kind:
+    equal output and gradients, a token routed past the experts included."""
+    keys = jax.random.split(jax.random.key(1), 6)
+    tokens, width, hidden, experts, top_k = 12, 8, 6, 4, 2
+    x = jax.random.normal(keys[0], (tokens, width))
+    chosen = jax.random.randint(keys[1], (tokens, top_k), 0, experts).at[0, 0].set(experts)
+    weights = jax.nn.softmax(jax.random.normal(keys[2], (tokens, top_k)))
+    gate = jax.random.normal(keys[3], (experts, width, hidden))
+    up = jax.random.normal(keys[4], (experts, width, hidden))
+    down = jax.random.normal(keys[5], (experts, hidden, width))
+
+    def loss(kind, x, gate, up, down):
+        out = dropless_experts(x, chosen, weights, gate, up, down, "silu", kind)
+        return jnp.sum(out * jnp.cos(out))
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)
+    want, got = grad("ragged_dot", x, gate, up, down), grad("padded_blocks", x, gate, up, down)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for w, g in zip(want[1], got[1], strict=True):  # float32 sums in another order
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
