@@ -4,7 +4,9 @@ rows ([groups, rows, out] temporaries, linear in the expert count).
 
 Rows are copied into a layout where each group is padded to whole blocks of `block` rows; a
 loop over the blocks multiplies each by its group's weight, so temporaries are O(rows * out)
-whatever the group count, and FLOPs those of the rows plus at most one padded block per group.
+whatever the group count, and FLOPs those of the rows plus at most one padded block per group
+(run FLOPs: XLA's cost analysis counts a loop's body once, so the planner's XLA-FLOPs column
+undercounts the experts with it; its roofline takes the larger of that and the model's count).
 A custom VJP runs the backward as the same loop (the input gradient per block, the weight
 gradient accumulated into its group's slot), so autodiff saves no per-block weight copies.
 
