@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sft_jax.models.grouped_matmul import block_rows, grouped_matmul
 from sft_jax.models.moe import dropless_experts
@@ -65,3 +67,27 @@ def test_expert_block_with_the_stand_in_equals_ragged_dot():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for w, g in zip(want[1], got[1], strict=True):  # float32 sums in another order
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_stand_in_equals_ragged_dot_under_shard_map():
+    """Rows split over fsdp, experts over expert (as experts_per_shard runs it): the gradients
+    are summed over the axes their operand does not vary over, as autodiff does for ragged_dot."""
+    mesh = jax.make_mesh((2, 4), ("fsdp", "expert"))
+    keys = jax.random.split(jax.random.key(2), 2)
+    x = jax.device_put(jax.random.normal(keys[0], (16, 6)), NamedSharding(mesh, P("fsdp")))
+    w = jax.device_put(jax.random.normal(keys[1], (8, 6, 5)), NamedSharding(mesh, P("expert")))
+
+    def loss_and_gradients(matmul):
+        def local(x, w):  # 8 rows, 2 experts per device: 2 rows each, 4 rows unrouted
+            return matmul(x, w, jnp.array([2, 2], jnp.int32))
+
+        sharded = jax.shard_map(
+            local, mesh=mesh, in_specs=(P("fsdp"), P("expert")), out_specs=P("fsdp", "expert")
+        )
+        loss = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(sharded(x, w))), (0, 1))
+        return jax.jit(loss)(x, w)
+
+    want, got = loss_and_gradients(jax.lax.ragged_dot), loss_and_gradients(grouped_matmul)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for w_grad, g_grad in zip(want[1], got[1], strict=True):
+        np.testing.assert_allclose(g_grad, w_grad, rtol=1e-5, atol=1e-5)

@@ -101,11 +101,27 @@ def _backward(residuals, d_out_MxO):
         d_rhs_GxIxO = d_rhs_GxIxO.at[group].add(jnp.dot(rows_BxI.T, d_rows_BxO))
         return d_rhs_GxIxO, jnp.dot(d_rows_BxO, rhs_GxIxO[group].T)
 
+    # Under shard_map a loop's carry must vary over every mesh axis its updates vary over: a
+    # zero computed from both operands (never their product: no inf * 0) carries those axes.
+    zero = jnp.where(True, 0, lhs_PxI[0, 0] + d_out_PxO[0, 0]).astype(rhs_GxIxO.dtype)
     d_rhs_GxIxO, d_lhs_CxBxI = jax.lax.scan(
-        one_block, jnp.zeros_like(rhs_GxIxO), jnp.arange(padded // block)
+        one_block, jnp.zeros_like(rhs_GxIxO) + zero, jnp.arange(padded // block)
     )
     d_lhs_MxI = _from_padded(d_lhs_CxBxI.reshape(padded, -1), positions)
-    return d_lhs_MxI, d_rhs_GxIxO, None
+    return _summed_like(d_lhs_MxI, lhs_MxI), _summed_like(d_rhs_GxIxO, rhs_GxIxO), None
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The shard_map mesh axes `x` varies over (none outside shard_map)."""
+    axis_type = getattr(jax.typeof(x), "manual_axis_type", None)  # jax 0.10's name
+    return frozenset(getattr(axis_type, "varying", None) or ())
+
+
+def _summed_like(gradient: jax.Array, primal: jax.Array) -> jax.Array:
+    """`gradient` summed over the mesh axes it varies over and `primal` does not: the psum
+    autodiff inserts when it transposes ragged_dot under shard_map."""
+    extra = tuple(sorted(_varying_axes(gradient) - _varying_axes(primal)))
+    return jax.lax.psum(gradient, extra) if extra else gradient
 
 
 grouped_matmul.defvjp(_forward_with_residuals, _backward)
