@@ -5,8 +5,7 @@ experts), micro-batches (config.train.gradient_accumulation_steps) and remat pol
 devices (fake CPU devices where the machine has fewer), from the model's config.json alone (no
 weights), prints a table (memory, FLOPs, collective bytes and a roofline step time per
 candidate) and the flags of the recommended configuration. --accelerator names the target's
-kind: its fused attention kernel is planned with the blockwise stand-in (models/blockwise.py),
-its grouped matmul (the experts) with the grouped-matmul stand-in (models/grouped_matmul.py).
+kind: its fused attention kernel is planned with the blockwise stand-in (models/blockwise.py).
 """
 
 import os

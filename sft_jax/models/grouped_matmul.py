@@ -61,10 +61,18 @@ def _from_padded(x_PxO: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take(x_PxO, positions, axis=0, mode="fill", fill_value=0)
 
 
-@jax.custom_vjp
 def grouped_matmul(lhs_MxI: jax.Array, rhs_GxIxO: jax.Array, group_sizes: jax.Array):
     """jax.lax.ragged_dot(lhs, rhs, group_sizes): row m of the first group_sizes[0] rows times
-    rhs[0], of the next group_sizes[1] rows times rhs[1], ...; rows past the total are zero."""
+    rhs[0], of the next group_sizes[1] rows times rhs[1], ...; rows past the total are zero.
+    One group (one expert per device) is ragged_dot itself: XLA:CPU's one dense product is
+    then what a kernel does."""
+    if rhs_GxIxO.shape[0] == 1:
+        return jax.lax.ragged_dot(lhs_MxI, rhs_GxIxO, group_sizes)
+    return _padded_blocks(lhs_MxI, rhs_GxIxO, group_sizes)
+
+
+@jax.custom_vjp
+def _padded_blocks(lhs_MxI: jax.Array, rhs_GxIxO: jax.Array, group_sizes: jax.Array):
     return _forward(lhs_MxI, rhs_GxIxO, group_sizes)
 
 
@@ -124,7 +132,7 @@ def _summed_like(gradient: jax.Array, primal: jax.Array) -> jax.Array:
     return jax.lax.psum(gradient, extra) if extra else gradient
 
 
-grouped_matmul.defvjp(_forward_with_residuals, _backward)
+_padded_blocks.defvjp(_forward_with_residuals, _backward)
 
 # What MoEBlock.grouped_matmul names: the kernel the run uses, or the planner's stand-in.
 GROUPED_MATMULS = {"ragged_dot": jax.lax.ragged_dot, "padded_blocks": grouped_matmul}
