@@ -6,9 +6,15 @@ experts of every layer, halved again by fsdp. The planner (XLA's memory plan of 
 compiled from config.json on 8 fake CPU devices, cuDNN attention planned with the blockwise
 stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 48; 20 min 28 s
 wall, 80 s CPU, on a 2-core machine shared by 8 jobs) predicts 254 GiB per device for this mesh
-with 1 micro-batch, and 402 GiB for expert=8: it does NOT fit 80 GB as configured (which buffers
-dominate is not broken down yet; the expert dispatch in models/moe.py is being reworked). Plan
-again after it changes, with more micro-batches:
+with 1 micro-batch, and 402 GiB for expert=8: it does NOT fit 80 GB as configured. These are an
+upper bound: XLA:CPU lowers the experts' ragged_dot to a dense product per local expert (32
+here) over every token copy, temporaries a GPU grouped-GEMM kernel never holds. The
+grouped-matmul stand-in (models/grouped_matmul.py, which plans a kernel's memory on a tiny
+MoE) planned MORE at this scale: 643 GiB for fsdp=2 x expert=4 and 1.16e3 GiB for expert=8
+(same command with --meshes=1x2x4x1,1x1x8x1 and the stand-in compiled; 6 min 15 s wall,
+110 s CPU, 2 Dec 2026, 2-core machine shared with a test run), not yet explained, so the
+planner does not use it and no trustworthy figure for this preset exists yet. Plan again with
+more micro-batches:
   python -m sft_jax.plan --config=configs/qwen3_30b_a3b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/qwen3_30b_a3b \
     --meshes=1x2x4x1,1x1x8x1 --accumulation=1

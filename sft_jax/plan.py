@@ -140,6 +140,8 @@ def _plan() -> None:
     )  # fmt: skip
     best = outcome.best
     print(outcome.attention)
+    if outcome.experts:
+        print(outcome.experts)
     if outcome.precision:
         print(outcome.precision)
     for mesh, floor in outcome.too_small.items():

@@ -7,8 +7,9 @@ the bytes each collective moves (parsed from the compiled, partitioned HLO) and 
 "Involuntary full rematerialization" warnings. A roofline turns these into a step time. Deep
 models are compiled at two shallow depths and extrapolated (sft_jax.plan_depth); where the
 target runs a fused attention kernel the CPU cannot compile, models/blockwise.py, whose memory
-is the kernel's, stands in for it; meshes whose weights and optimizer state alone overflow the
-device are not compiled.
+is the kernel's, stands in for it (the experts' ragged_dot is still XLA:CPU's dense lowering,
+an upper bound: plan_estimate.planned_experts); meshes whose weights and optimizer state
+alone overflow the device are not compiled.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from sft_jax.plan_estimate import (
     estimate,
     model_config,
     planned_attention,
+    planned_experts,
     state_bytes,
 )
 
@@ -117,6 +119,7 @@ class Outcome:
     attention: str  # e.g. "attention: cudnn on the target, planned with the blockwise stand-in"
     precision: str  # how the dtypes were compiled (plan_estimate.WIDENED), or ""
     too_small: dict[str, int]  # mesh -> bytes of weights and optimizer state per device
+    experts: str = ""  # e.g. "experts: ragged_dot on the target, planned with the ..."; "" dense
 
 
 def search(
@@ -215,6 +218,7 @@ def plan(
     'tpu', 'cpu': which attention kernel it runs) would run it."""
     shape = model_config(config, model_dir)
     attention, attention_line = planned_attention(config, shape, target)
+    experts, experts_line = planned_experts(shape, target)
     requested = config.model.remat
     remats = remats or (AUTO_REMAT if requested == "auto" else (requested,))
     sizes = [parse_mesh(m, len(devices)) for m in meshes]
@@ -231,10 +235,11 @@ def plan(
         and devices[0].platform == "cpu"
         and config.model.compute_dtype == "bfloat16"
     )
-    subject = Subject(config, shape, attention, extrapolate, widened)
+    subject = Subject(config, shape, attention, extrapolate, widened, experts)
     estimates, too_small = search(subject, devices, hardware, found, exhaustive, report)
     best = recommend(estimates, too_small, hardware.memory_bytes)
-    return Outcome(estimates, best, attention_line, WIDENED if widened else "", too_small)
+    precision = WIDENED if widened else ""
+    return Outcome(estimates, best, attention_line, precision, too_small, experts_line)
 
 
 def apply_choice(config: ml_collections.ConfigDict, choice: Candidate) -> ml_collections.ConfigDict:

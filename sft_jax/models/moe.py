@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.config import ModelConfig
+from sft_jax.models.grouped_matmul import grouped_matmul_kind
 from sft_jax.models.layers import MLP, Linear, LoRAParam, activate, fold_key, normal_init
 from sft_jax.models.partitioning import DISPATCH_KINDS, experts_per_shard, named_sharding
 from sft_jax.models.quantize import QuantizedState, QuantSpec, dequantize, quantize, stored_axes
@@ -60,9 +61,12 @@ def dropless_experts(
     up_XxDxF: jax.Array,
     down_XxFxD: jax.Array,
     activation: str,
+    grouped_matmul: str = "ragged_dot",
 ) -> jax.Array:
     """sum_k weight[n, k] * expert[n, k](x[n]) for every token: the N * K token copies sorted by
-    expert, each expert's run a group of one grouped matmul (ragged_dot), then unsorted."""
+    expert, each expert's run a group of one grouped matmul (ragged_dot, or the planner's
+    stand-in: models/grouped_matmul.py), then unsorted."""
+    matmul = grouped_matmul_kind(grouped_matmul)
     num_tokens, top_k = experts_NxK.shape
     flat_experts = experts_NxK.reshape(-1)
     # Slots routed to an expert id >= X (another device's, under expert parallelism) sort
@@ -72,9 +76,9 @@ def dropless_experts(
         jax.nn.one_hot(flat_experts, gate_XxDxF.shape[0], dtype=jnp.int32), axis=0
     )
     x_MxD = jnp.take(x_NxD, order // top_k, axis=0)
-    gate_MxF = jax.lax.ragged_dot(x_MxD, gate_XxDxF, group_sizes)
-    up_MxF = jax.lax.ragged_dot(x_MxD, up_XxDxF, group_sizes)
-    out_MxD = jax.lax.ragged_dot(activate(activation, gate_MxF) * up_MxF, down_XxFxD, group_sizes)
+    gate_MxF = matmul(x_MxD, gate_XxDxF, group_sizes)
+    up_MxF = matmul(x_MxD, up_XxDxF, group_sizes)
+    out_MxD = matmul(activate(activation, gate_MxF) * up_MxF, down_XxFxD, group_sizes)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
     out_NxKxD = jnp.take(out_MxD, inverse, axis=0).reshape(num_tokens, top_k, -1)
     combined_NxD = jnp.einsum(
@@ -112,6 +116,9 @@ class MoEBlock(nnx.Module):
         # How tokens reach experts on other devices under an expert mesh axis (DISPATCH_KINDS;
         # set by use_moe_dispatch).
         self.dispatch = "gather"
+        # The grouped matmul the experts run (a key of grouped_matmul.GROUPED_MATMULS; the
+        # planner sets its stand-in by use_grouped_matmul).
+        self.grouped_matmul = "ragged_dot"
         # Optional low-rank adapters on every expert (add_expert_adapters): per projection in
         # EXPERT_PARAMS an A [X, in, r] and a B [X, r, out], added to the weights as scale * A B.
         self.expert_lora = nnx.data(None)  # nnx.Dict of LoRAParam
@@ -181,7 +188,9 @@ class MoEBlock(nnx.Module):
         )
         stacked = tuple(self.expert_weight(name) for name in EXPERT_PARAMS)
         out_NxD = experts_per_shard(
-            functools.partial(dropless_experts, activation=self.activation),
+            functools.partial(
+                dropless_experts, activation=self.activation, grouped_matmul=self.grouped_matmul
+            ),
             x_NxD, experts_NxK, weights_NxK, stacked, dispatch=self.dispatch,
         )  # fmt: skip
         out_BxTxD = out_NxD.reshape(batch, seq_len, width)
@@ -244,6 +253,13 @@ def use_moe_dispatch(model: nnx.Module, kind: str) -> None:
         raise ValueError(f"moe dispatch={kind!r}: expected one of {DISPATCH_KINDS}.")
     for block in moe_blocks(model):
         block.dispatch = kind
+
+
+def use_grouped_matmul(model: nnx.Module, kind: str) -> None:
+    """Switches the grouped matmul every expert block of `model` runs (GROUPED_MATMULS)."""
+    grouped_matmul_kind(kind)
+    for block in moe_blocks(model):
+        block.grouped_matmul = kind
 
 
 def stack_stats(per_layer: list[RouterStats]) -> RouterStats | None:
