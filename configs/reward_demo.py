@@ -21,13 +21,16 @@ def get_config():
     config.data.eval_files = str(base.ASSETS / "demo_data" / "preference_eval.jsonl")
     config.data.max_length = 256  # a row holds whole pairs: both replies and their prompts
     config.lora.rank = 0  # the new head trains, and so does every other weight
-    config.train.steps = 300
-    config.train.global_batch_size = 16
-    config.train.learning_rate = 5e-4
+    # ~48 pairs an update (rows pack whole pairs): 1500 updates are ~9 passes over the 8000 pairs.
+    # Judging a sum or a reversal from one hidden state is slow to learn for a 2-layer model;
+    # a higher peak rate learns it worse (5e-4: 74.5% after 300 updates, against 80.5% at 1e-4).
+    config.train.steps = 1500
+    config.train.global_batch_size = 12
+    config.train.learning_rate = 1e-4
     config.train.warmup_steps = 10
-    config.eval.every_steps = 100
+    config.eval.every_steps = 300
     config.eval.global_batch_size = 16
     config.eval.generate_examples = 0  # a reward model scores; it does not generate
     config.eval.show_samples = 0
-    config.checkpoint.every_steps = 100
+    config.checkpoint.every_steps = 500
     return config
