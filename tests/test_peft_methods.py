@@ -326,5 +326,9 @@ def test_dora_and_adalora_on_fsdp_tensor_mesh_equal_single_device(spec):
 
     single = three_steps(sharding.single_device_mesh())
     sharded = three_steps(sharding.make_mesh(1, 4, 2))
+    # Adam divides each gradient by its own scale, so a weight whose gradients are tiny moves as
+    # far as any other and reduction-order noise in them shows up in full: compare each leaf
+    # against its own largest value (a sharding error moves leaves by O(1) of it).
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+        scale = float(np.max(np.abs(np.asarray(b)))) or 1.0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-3 * scale)
