@@ -36,6 +36,7 @@ if __name__ == "__main__":  # fake devices must be asked for before jax starts
 
 import argparse
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -53,25 +54,13 @@ from sft_jax.optim import make_optimizer
 from sft_jax.step import StepOptions, StepSpec
 
 GIB = 2.0**30
+ROOT = Path(__file__).resolve().parents[1]
 # The presets' models, from their config.json (public fields), and the meshes they run on.
 PRESETS = {
     "llama3_1_8b_32k_cp": {
-        "hf": lambda: transformers.LlamaConfig(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            max_position_embeddings=131072,
-            rope_theta=500000.0,
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
+        # The published config.json, kept in assets/ for the planner too (no weights).
+        "hf": lambda: transformers.AutoConfig.from_pretrained(
+            ROOT / "assets/model_configs/llama3_1_8b"
         ),
         "seq": 32768,
         "mesh": {"fsdp": 2, "context": 4},
