@@ -5,6 +5,7 @@ Unexpected exceptions always show theirs."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import sys
@@ -75,6 +76,10 @@ def run_command(
         if debugging():
             raise
         note = saved_note(e) if saved_note is not None else ""
+        # Background writes that failed with it (a save past a disk or file-size limit) are
+        # logged again by asyncio at exit, each with its own copy of the same error: the
+        # failure is reported once, here.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         fail(describe(e) + (f" {note}" if note else ""))
     sys.unraisablehook = previous_hook
     return result

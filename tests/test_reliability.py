@@ -197,6 +197,7 @@ def test_a_save_past_the_file_size_limit_keeps_the_previous_checkpoint(straight,
     limited = train(workdir, "--config.train.steps=4", *common, shell_prefix="ulimit -f 1000")
     assert_one_line_error(limited, "saving the checkpoint of step 4", "file-size limit",
                           "The last complete checkpoint (step 2) is intact")  # fmt: skip
+    assert "Future exception was never retrieved" not in limited.stderr  # reported once
     assert saved_steps(workdir) == [2]
     resumed = train(workdir, "--config.train.steps=4", *common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
