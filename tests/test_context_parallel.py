@@ -13,13 +13,13 @@ from hf_models import hf_config, save_hf_model
 from test_step import packed_rows, step_builder, train_config
 
 from configs import base
-from sft_jax import kernel_choice, sharding
+from sft_jax import kernel_choice, plan_estimate, plan_search, sharding
 from sft_jax.compile_plan import init_state
 from sft_jax.config_check import check_values
 from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.loss import CrossEntropy
-from sft_jax.models import CausalLM, from_hf_config, from_pretrained, kernels
+from sft_jax.models import CausalLM, blockwise, from_hf_config, from_pretrained, kernels
 from sft_jax.models.decoder import decoder_linears, use_attention
 from sft_jax.models.partitioning import balanced_order, context_layout
 from sft_jax.models.quantize import QuantSpec
@@ -112,17 +112,23 @@ def single_device(checkpoint):
 
 
 @pytest.mark.parametrize(
-    "fsdp,context,tensor,remat",
-    [(1, 2, 1, "none"), (1, 4, 1, "none"), (1, 8, 1, "none"), (2, 4, 1, "full"),
-     (1, 4, 2, "none")],
-    ids=["context2", "context4", "context8", "fsdp2xcontext4_remat", "context4xtensor2"],
+    "fsdp,context,tensor,remat,attention",
+    [(1, 2, 1, "none", "xla"), (1, 4, 1, "none", "xla"), (1, 8, 1, "none", "xla"),
+     (2, 4, 1, "full", "xla"), (1, 4, 2, "none", "xla"), (1, 2, 1, "none", "blockwise"),
+     (1, 4, 1, "none", "blockwise")],
+    ids=["context2", "context4", "context8", "fsdp2xcontext4_remat", "context4xtensor2",
+         "context2_blockwise", "context4_blockwise"],
 )  # fmt: skip
 def test_context_parallel_equals_one_device(
-    checkpoint, single_device, fsdp, context, tensor, remat
+    checkpoint, single_device, fsdp, context, tensor, remat, attention, monkeypatch
 ):
+    """The einsum path per shard, or the blockwise kernel in 6-token blocks: blocks that
+    straddle a shard's two chunks, rows padded up to whole blocks, unseen blocks skipped."""
+    monkeypatch.setitem(blockwise.BLOCK, "tokens", 6)
     devices = jax.devices()[: fsdp * context * tensor]
     mesh = sharding.make_mesh(1, fsdp, tensor, devices=devices, context=context)
     model = tiny_model(checkpoint("llama3.1"), mesh, remat=remat)
+    use_attention(model, attention)
     assert_same(loss_and_grads(model, mesh), single_device)
 
 
@@ -175,11 +181,11 @@ def test_context_that_does_not_divide_max_length_is_a_config_error():
         check_values(config, device_count=8, batch_shards=2)
     config.data.max_length = 128
     config.model.attention = "splash"
-    with pytest.raises(ConfigError, match=r"model\.attention='splash'.*'xla'"):
+    with pytest.raises(ConfigError, match=r"model\.attention='splash'.*'blockwise'"):
         check_values(config, device_count=8, batch_shards=2)
 
 
-def test_auto_attention_with_context_leaves_splash_for_xla(monkeypatch):
+def test_auto_attention_with_context_leaves_splash_for_blockwise(monkeypatch):
     """On a TPU "auto" would take splash, which cannot take tokens out of order."""
     monkeypatch.setattr(kernel_choice, "accelerator", lambda: "tpu")
     config = base.get_config()
@@ -188,4 +194,27 @@ def test_auto_attention_with_context_leaves_splash_for_xla(monkeypatch):
     assert kernel_choice.attention_for(config, shape, 0)[0] == "splash"
     config.mesh.context = 4
     attention, why = kernel_choice.attention_for(config, shape, 0)
-    assert attention == "xla" and "mesh.context" in why
+    assert attention == "blockwise" and "mesh.context" in why
+
+
+def test_the_planner_keeps_the_context_axis_and_searches_the_rest(checkpoint):
+    """config.mesh.context=4 on 8 devices: the planner compiles the step with the sequence
+    split (the other axes over the remaining 2 devices), recommends it with its flags, and
+    refuses a context size that does not divide the devices or 2 x context the row."""
+    config = base.get_config()
+    config.model.name_or_path = str(checkpoint("llama3.1"))
+    config.model.attention = "blockwise"
+    config.data.max_length = SEQ_LEN
+    config.train.global_batch_size = 2
+    config.mesh.context = 4
+    hardware = plan_estimate.Hardware(None, 100e12, 100e9)
+    outcome = plan_search.plan(config, jax.devices()[:8], hardware, meshes=["1x2x1"],
+                               accumulations=[1], remats=["none"])  # fmt: skip
+    best = outcome.best.candidate
+    assert (best.mesh, best.context) == ("1x2x1 ctx4", 4)
+    assert outcome.best.memory_bytes > 0 and "blockwise" in outcome.attention
+    assert "--config.mesh.context=4" in best.flags()
+    assert plan_search.apply_choice(config, best).mesh.context == 4
+    for context in (3, 16):  # 3 does not divide 8 devices; 2 x 16 does not divide 64 tokens
+        with pytest.raises(ConfigError, match=f"context={context}.*max_length=64"):
+            plan_search.context_sizes(config, 8, [context])
