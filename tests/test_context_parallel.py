@@ -3,6 +3,12 @@ gradients of one device, on packed rows whose documents cross the shards' bounda
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +16,7 @@ import optax
 import pytest
 from flax import nnx
 from hf_models import hf_config, save_hf_model
+from jax.tree_util import keystr
 from test_step import packed_rows, step_builder, train_config
 
 from configs import base
@@ -74,7 +81,12 @@ def loss_and_grads(model: CausalLM, mesh, trainable=nnx.Param) -> tuple[float, d
         frozen = jax.device_put(
             nnx.to_pure_dict(frozen), sharding.param_shardings(model, mesh, nnx.Not(trainable))
         )
-        device_batch = sharding.device_batch(batch, sharding.batch_shardings(mesh))
+        # From the whole batch, each process taking its shards: with a context axis across
+        # processes a process holds part of every row (device_batch takes whole rows).
+        device_batch = {
+            key: jax.make_array_from_callback(batch[key].shape, shards, batch[key].__getitem__)
+            for key, shards in sharding.batch_shardings(mesh).items()
+        }
 
         @jax.jit
         def run(params, frozen, batch):
@@ -218,3 +230,27 @@ def test_the_planner_keeps_the_context_axis_and_searches_the_rest(checkpoint):
     for context in (3, 16):  # 3 does not divide 8 devices; 2 x 16 does not divide 64 tokens
         with pytest.raises(ConfigError, match=f"context={context}.*max_length=64"):
             plan_search.context_sizes(config, 8, [context])
+
+
+def test_context_axis_across_two_processes_equals_one_device(checkpoint, single_device, tmp_path):
+    """context=4 over 2 processes x 2 CPU devices (jax.distributed on loopback, gloo): keys and
+    values gathered across the processes give one device's loss and gradients."""
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "grads.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    script = Path(__file__).with_name("context_worker.py")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(checkpoint("llama3.1")), str(i), "2",
+                          str(port), str(out)], env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    saved = dict(np.load(out))
+    flat, structure = jax.tree_util.tree_flatten_with_path(single_device[1])
+    grads = jax.tree_util.tree_unflatten(structure, [saved[keystr(p)] for p, _ in flat])
+    assert_same((float(saved["loss"]), grads), single_device)
