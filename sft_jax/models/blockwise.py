@@ -12,6 +12,9 @@ attention, which is why the planner (sft_jax.plan_search) compiles it in their p
 The mask is the einsum path's: same segment (padding, id 0, is a segment of its own), causal,
 and in sliding-window layers less than `window` tokens back. Distance is counted in tokens of
 the row, as the splash kernel does: inside a packed document it equals the position distance.
+Tokens need not come in order: with the sequence split over mesh.context, each shard's
+queries (two chunks of the row) run against the gathered keys, each token placed by its index
+in the row (flash_attention, called by models/attention.py).
 """
 
 from __future__ import annotations
