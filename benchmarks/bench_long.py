@@ -3,14 +3,16 @@ sequence split over mesh.context = 1, 2, 4, 8 (fake CPU devices, no weights allo
 packing time of long-context data at two sizes.
 
   python benchmarks/bench_long.py                        # T = 16k, small model, context 1-8
+  python benchmarks/bench_long.py --attention=blockwise  # one kernel (default: xla,blockwise)
   python benchmarks/bench_long.py --packing              # best_fit time at N and 4N documents
-  python benchmarks/bench_long.py --preset=llama3_1_8b_32k_cp   # a preset's shapes and mesh
 
 Each context size compiles the train step on its own C devices (data = fsdp = tensor = 1, one
 row), so parameters and optimizer state are the same on every device and what falls with C is
 the activations: XLA's `temp` bytes (memory_analysis of the compiled step). The einsum
-attention path is compiled (CPU), whose scores per layer are [heads, T / C, T]: they fall as
-1 / C too, but a fused kernel (cuDNN on a GPU) never holds them.
+attention path ("xla") holds scores of [heads, T / C, T] per layer: they fall as 1 / C too,
+but a fused kernel never holds them, nor does the blockwise kernel (models/blockwise.py),
+whose scores are one [heads, block, block] tile at a time. The presets' per-device memory
+comes from the planner (python -m sft_jax.plan; the command is in each preset's docstring).
 
 On a GPU, tokens/s and peak memory at seq 32k with a ~1B model, with and without offload:
 
@@ -36,7 +38,6 @@ if __name__ == "__main__":  # fake devices must be asked for before jax starts
 
 import argparse
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,51 +46,17 @@ import transformers
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from configs import base
 from sft_jax import sharding
 from sft_jax.compile_plan import lower_train_step
 from sft_jax.data.batches import best_fit
 from sft_jax.memory_plan import StepMemory
 from sft_jax.models.config import from_hf_config
 from sft_jax.optim import make_optimizer
+from sft_jax.plan_estimate import abstract_run_model
 from sft_jax.step import StepOptions, StepSpec
 
 GIB = 2.0**30
-ROOT = Path(__file__).resolve().parents[1]
-# The presets' models, from their config.json (public fields), and the meshes they run on.
-PRESETS = {
-    "llama3_1_8b_32k_cp": {
-        # The published config.json, kept in assets/ for the planner too (no weights).
-        "hf": lambda: transformers.AutoConfig.from_pretrained(
-            ROOT / "assets/model_configs/llama3_1_8b"
-        ),
-        "seq": 32768,
-        "mesh": {"fsdp": 2, "context": 4},
-        "rows": 2,
-        "lora_rank": 16,
-    },
-    "qwen3_8b_64k_tpu": {
-        "hf": lambda: transformers.Qwen3Config(
-            vocab_size=151936,
-            hidden_size=4096,
-            intermediate_size=12288,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=131072,
-            rope_theta=1000000.0,
-            rope_scaling={
-                "rope_type": "yarn",
-                "factor": 4.0,
-                "original_max_position_embeddings": 32768,
-            },
-        ),
-        "seq": 65536,
-        "mesh": {"context": 8, "tensor": 4},
-        "rows": 1,
-        "lora_rank": 16,
-    },
-}
 
 
 def small_model(args: argparse.Namespace) -> transformers.PretrainedConfig:
@@ -118,15 +85,12 @@ def _abstract_state(model, mesh, tx, trainable) -> tuple[tuple, tuple]:
 
 
 def compiled_memory(hf, seq: int, rows: int, mesh_sizes: dict, remat: str, dtype: str,
-                    lora_rank: int = 0) -> StepMemory:  # fmt: skip
+                    lora_rank: int = 0, attention: str = "xla") -> StepMemory:  # fmt: skip
     """XLA's per-device memory plan of the train step on a mesh of `mesh_sizes`."""
-    from configs import base
-    from sft_jax.plan_search import abstract_run_model
-
     config = base.get_config()
     config.model.param_dtype = config.model.compute_dtype = dtype
     config.lora.rank = lora_rank
-    model, trainable = abstract_run_model(config, from_hf_config(hf))
+    model, trainable = abstract_run_model(config, from_hf_config(hf), attention)
     model.remat = remat
     devices = jax.devices()[: int(np.prod(list(mesh_sizes.values())))]
     sizes = {"data": 1, "fsdp": 1, "tensor": 1} | mesh_sizes
@@ -143,16 +107,18 @@ def compiled_memory(hf, seq: int, rows: int, mesh_sizes: dict, remat: str, dtype
 def context_table(args: argparse.Namespace) -> None:
     print(f"seq {args.seq}, hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, "
           f"1 row, remat {args.remat}, {args.dtype}; XLA's plan per device (GiB)")  # fmt: skip
-    print("| context | arguments | temporaries | total | temporaries vs context=1 |")
-    print("|---|---|---|---|---|")
-    first = None
-    for context in args.contexts:
-        plan = compiled_memory(small_model(args), args.seq, 1, {"context": context},
-                               args.remat, args.dtype)  # fmt: skip
-        first = first or plan.temporaries
-        ratio = f"{plan.temporaries / first:.3f} (1/C = {1 / context:.3f})"
-        print(f"| {context} | {plan.arguments / GIB:.3f} | {plan.temporaries / GIB:.3f} | "
-              f"{plan.total / GIB:.3f} | {ratio} |", flush=True)  # fmt: skip
+    print("| attention | context | arguments | temporaries | total | temporaries vs context=1 |")
+    print("|---|---|---|---|---|---|")
+    for attention in args.attention:
+        first = None
+        for context in args.contexts:
+            plan = compiled_memory(small_model(args), args.seq, 1, {"context": context},
+                                   args.remat, args.dtype, attention=attention)  # fmt: skip
+            first = first or plan.temporaries
+            ratio = f"{plan.temporaries / first:.3f} (1/C = {1 / context:.3f})"
+            print(f"| {attention} | {context} | {plan.arguments / GIB:.3f} | "
+                  f"{plan.temporaries / GIB:.3f} | {plan.total / GIB:.3f} | {ratio} |",
+                  flush=True)  # fmt: skip
 
 
 def packing_times(args: argparse.Namespace) -> None:
@@ -170,15 +136,6 @@ def packing_times(args: argparse.Namespace) -> None:
     print(f"4x the documents: {times[1] / times[0]:.2f}x the time (linear: 4x)")
 
 
-def preset_memory(name: str, remat: str) -> None:
-    preset = PRESETS[name]
-    plan = compiled_memory(preset["hf"](), preset["seq"], preset["rows"], preset["mesh"], remat,
-                           "bfloat16", preset["lora_rank"])  # fmt: skip
-    shape = f"seq {preset['seq']}, {preset['rows']} rows, mesh {preset['mesh']}"
-    print(f"{name}: {shape}, LoRA rank {preset['lora_rank']}, bf16, remat {remat}, attention "
-          f"xla: {plan.describe()}")  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=16384)
@@ -188,15 +145,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--remat", default="full")
+    parser.add_argument("--attention", type=lambda s: s.split(","), default=["xla", "blockwise"],
+                        help="attention kernels to compare: xla (einsums), blockwise")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--packing", action="store_true", help="time packing instead")
     parser.add_argument("--documents", type=int, default=50000)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="")
     args = parser.parse_args()
     if args.packing:
         packing_times(args)
-    elif args.preset:
-        preset_memory(args.preset, args.remat)
     else:
         context_table(args)
 

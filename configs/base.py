@@ -327,12 +327,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.tensor = 1  # tensor parallelism inside layers (heads, MLP width, vocab)
     # context parallelism for long sequences: every row's T tokens split over this many
     # devices (T / context each, in a causally load-balanced order), keys and values gathered
-    # per layer. 2 x context must divide data.max_length; attention "xla" or "cudnn".
+    # per layer. 2 x context must divide data.max_length; attention "blockwise" (scores a block
+    # at a time), "cudnn" (a mask per shard), "xla" (scores [T / context, T]) or "auto".
     config.mesh.context = 1
     # True: the pre-flight planner (python -m sft_jax.plan) compiles candidate meshes, micro-batch
     # counts and remat policies before the run and it takes its recommendation: data, fsdp and
     # tensor above and train.gradient_accumulation_steps are then ignored, and model.remat only
-    # where it is "auto" (else the planner keeps the policy named). The log says what it chose.
+    # where it is "auto" (else the planner keeps the policy named); context stays as set and the
+    # other axes share the rest of the devices. The log says what it chose.
     config.mesh.auto = False
 
     # ---------------------------------------------------------------- log

@@ -1,13 +1,27 @@
 """LoRA (r=16, every linear layer) on Llama-3.1-8B-Instruct with 32k-token rows: the recipe of
-configs/llama3_1_8b_lora.py with the sequence split over 4 GPUs (context parallelism).
+configs/llama3_1_8b_lora.py with the sequence split over the 8 GPUs of one host (context
+parallelism).
 
-Mesh: one host of 8 GPUs (80 GB) as fsdp=2 x context=4: each row's 32768 tokens are split over
-4 devices (8192 each, in a causally load-balanced order), keys and values gathered per layer;
-the two fsdp groups take a row each. Attention "auto" takes cuDNN's fused kernel with a mask
-per shard (splash and cuDNN's packed layout assume tokens in order).
-Per-device memory (XLA's plan of the compiled step, from the model's shapes, no weights):
-  python benchmarks/bench_long.py --preset=llama3_1_8b_32k_cp
-not measured for this change (the compile did not finish on its shared 2-core CPU).
+Mesh: context=8: each row's 32768 tokens are split over the 8 devices (4096 each, in a causally
+load-balanced order), keys and values gathered per layer; one row per micro-batch, 8
+micro-batches. Attention "auto" takes cuDNN's fused kernel with a mask per shard (splash and
+cuDNN's packed layout assume tokens in order); attention='blockwise' needs no mask.
+Per-device memory the planner predicts (XLA's plan of the train step compiled from config.json
+on 8 fake CPU devices, cuDNN planned with the blockwise stand-in, bf16 read back from an f32
+compile, 2 and 4 layers extrapolated to 32; about 52 s CPU, 7.5 min wall each on a shared
+2-core machine), with 80 GB GPUs in mind:
+  context=8, 8 micro-batches                  77.3 GiB (the lowest; this preset)
+  context=4 x tensor=2, 8 micro-batches        82.4 GiB
+  context=4 x fsdp=2, 4 micro-batches         151 GiB
+All three are above 95% of 80 GB. They are upper bounds: the same plan counts 2k-token LoRA on
+this model at 52.9 GiB (configs/llama3_1_8b_lora.py), far above what 8B LoRA needs, likely the
+CPU compile keeping all-gathered frozen weights alive (README, "Plan before you run"); the fsdp
+row, which gathers weights, is the most inflated. Check on a GPU before relying on them.
+  python -m sft_jax.plan --config=configs/llama3_1_8b_32k_cp.py --devices=8 --peak_tflops=989 \
+    --interconnect_gbps=450 --model_config=assets/model_configs/llama3_1_8b \
+    --contexts=8 --meshes=1x1x1 --accumulation=8
+(--contexts=4 --meshes=1x1x2 --accumulation=8, or --meshes=1x2x1 --accumulation=4 --contexts=4
+for the other two rows.) Run:
   python main.py --config=configs/llama3_1_8b_32k_cp.py --workdir=/tmp/llama3_1_8b_32k_cp
 """
 
@@ -16,14 +30,14 @@ from configs import llama3_1_8b_lora
 
 def get_config():
     config = llama3_1_8b_lora.get_config()
-    config.mesh.fsdp = 2
-    config.mesh.context = 4
+    config.mesh.fsdp = 1
+    config.mesh.context = 8
     # Long instruction-following chats (8k-64k tokens): longer ones are cut to 32768 tokens.
     config.data.train_files = "hf:THUDM/LongAlign-10k"
     config.data.max_length = 32768
     config.data.overlong = "truncate"
     config.train.global_batch_size = 8  # rows of 32768 tokens: 262k tokens per update
-    config.train.gradient_accumulation_steps = 4
+    config.train.gradient_accumulation_steps = 8
     config.train.steps = 600
     config.train.loss_chunk_size = 1024
     config.eval.global_batch_size = 2

@@ -113,9 +113,6 @@ def check_mesh(config: Any) -> None:
     context = mesh.get("context", 1)
     _need(config, isinstance(context, int) and context >= 1, "mesh.context",
           "devices the sequence is split over: 1 (off) or more.")  # fmt: skip
-    _need(config, context == 1 or not mesh.get("auto", False), "mesh.auto",
-          f"the planner does not search the context axis (mesh.context={context}): set "
-          "config.mesh.auto=False and the mesh by hand.")  # fmt: skip
 
 
 def _check_train(config: Any) -> None:
@@ -244,10 +241,10 @@ def _check_context(config: Any) -> None:
           f"mesh.context={context} splits every row into 2 x {context} equal chunks (two per "
           f"device, for an equal share of causal work): use a multiple of {2 * context}.",
           )  # fmt: skip
-    _need(config, config.model.attention in ("auto", "xla", "cudnn"), "model.attention",
+    _need(config, config.model.attention != "splash", "model.attention",
           f"splash attention cannot run with the sequence split over mesh.context={context} "
-          "(its causal tiles assume tokens in order): use 'xla', 'cudnn' or 'auto', or "
-          "mesh.context=1.")  # fmt: skip
+          "(its causal tiles assume tokens in order): use 'blockwise' (flash-style, any "
+          "backend), 'auto', 'cudnn' or 'xla', or mesh.context=1.")  # fmt: skip
     _need(
         config,
         config.train.get("objective", "sft") == "sft",

@@ -17,6 +17,10 @@ from sft_jax.models.partitioning import DISPATCH_KINDS
 ATTENTION_CHOICES = ("auto", *ATTENTION_KINDS)
 MOE_DISPATCH_CHOICES = ("auto", *DISPATCH_KINDS)
 CUDNN_DTYPES = ("bfloat16",)  # cuDNN's flash attention takes 16-bit inputs only
+CONTEXT_SPLASH = (
+    "auto: splash cannot run with the sequence split over mesh.context (its causal tiles "
+    "assume tokens in order); the blockwise kernel holds a block of scores, not [T / C, T]"
+)
 
 
 def accelerator() -> str:
@@ -126,9 +130,9 @@ def attention_for(
         compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
         max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
     )  # fmt: skip
-    if config.mesh.get("context", 1) > 1:  # tokens out of order: kernels/attention.py
+    if config.mesh.get("context", 1) > 1:  # tokens out of order: models/attention.py
         if attention == "splash":  # "auto" on a TPU; naming it is a ConfigError
-            return "xla", "auto: splash cannot run with the sequence split over mesh.context"
+            return "blockwise", CONTEXT_SPLASH
         if attention == "cudnn":
             return attention, why + "; a mask per context shard keeps documents apart"
     if attention == "cudnn":

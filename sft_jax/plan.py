@@ -4,8 +4,10 @@ Compiles the train step for candidate meshes (data x fsdp x tensor, and expert f
 experts), micro-batches (config.train.gradient_accumulation_steps) and remat policies on N
 devices (fake CPU devices where the machine has fewer), from the model's config.json alone (no
 weights), prints a table (memory, FLOPs, collective bytes and a roofline step time per
-candidate) and the flags of the recommended configuration. --accelerator names the target's
-kind: its fused attention kernel is planned with the blockwise stand-in (models/blockwise.py).
+candidate) and the flags of the recommended configuration. The context axis (mesh.context,
+or each of --contexts) splits every row's tokens; the other axes share the rest.
+--accelerator names the target's kind: its fused attention kernel is planned with the
+blockwise stand-in (models/blockwise.py).
 """
 
 import os
@@ -53,6 +55,9 @@ flags.DEFINE_bool("extrapolate", True, "Compile deep models at two shallow depth
                   "extrapolate to the full depth (--noextrapolate: compile whole).")  # fmt: skip
 flags.DEFINE_list("meshes", [], "Meshes to try, DATAxFSDPxTENSOR or DATAxFSDPxEXPERTxTENSOR "
                   "(default: all).")  # fmt: skip
+flags.DEFINE_list("contexts", [], "Context axis sizes to try, each splitting every row's tokens "
+                  "over that many devices (default: config.mesh.context); --meshes then "
+                  "split the rest of the devices.")  # fmt: skip
 flags.DEFINE_list("accumulation", [], "Micro-batch counts to try (default: all that divide).")
 flags.DEFINE_list("remat", [], "Remat policies to try (default: config.model.remat, or all).")
 flags.DEFINE_bool("exhaustive", False, "Compile every candidate (default: per mesh, stop at the "
@@ -94,8 +99,8 @@ def _layers(e: plan_estimate.Estimate) -> str:
 def table(estimates: Sequence[plan_estimate.Estimate]) -> str:
     """One row per candidate: memory, FLOPs, collective GiB by kind, the roofline."""
     short = [f"{s} GiB" for s in ("AG", "RS", "AR", "A2A", "CP")]
-    head = ["mesh DxFx[E]xT", "accum", "remat", "GiB/dev", "fits", "TFLOP xla", "model", *short,
-            "compute ms", "comm ms", "step ms", "inv.remat", "layers"]  # fmt: skip
+    head = ["mesh DxFx[E]xT[ ctxC]", "accum", "remat", "GiB/dev", "fits", "TFLOP xla", "model",
+            *short, "compute ms", "comm ms", "step ms", "inv.remat", "layers"]  # fmt: skip
     rows = [head]
     for e in estimates:
         c = e.candidate
@@ -136,6 +141,7 @@ def _plan() -> None:
         config, devices, hardware, model_dir=FLAGS.model_config, meshes=FLAGS.meshes,
         accumulations=[int(k) for k in FLAGS.accumulation], remats=FLAGS.remat,
         exhaustive=FLAGS.exhaustive, target=FLAGS.accelerator, extrapolate=FLAGS.extrapolate,
+        contexts=[int(c) for c in FLAGS.contexts],
         report=lambda e: print(f"  compiled {e.candidate}", flush=True),
     )  # fmt: skip
     best = outcome.best

@@ -23,7 +23,7 @@ from sft_jax import memory_plan, plan_depth, sharding
 from sft_jax.compile_plan import lower_train_step, moe_options
 from sft_jax.errors import ConfigError
 from sft_jax.hlo_stats import INVOLUNTARY, collective_bytes, compiler_log
-from sft_jax.kernel_choice import choose_attention
+from sft_jax.kernel_choice import CONTEXT_SPLASH, choose_attention
 from sft_jax.lora import LoRASpec, trainable_filter
 from sft_jax.memory_plan import StepMemory
 from sft_jax.metrics import training_flops_per_token
@@ -79,6 +79,8 @@ def planned_attention(
         config.model.attention, accelerator=target, model=shape,
         compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
     )  # fmt: skip
+    if kind == "splash" and config.mesh.get("context", 1) > 1:  # as kernel_choice.attention_for
+        return "blockwise", f"attention: blockwise on the target and in the plan ({CONTEXT_SPLASH})"
     here = jax.devices()[0].platform
     if kind in ("cudnn", "splash") and {"cudnn": "gpu", "splash": "tpu"}[kind] != here:
         return STAND_IN, f"attention: {kind} on the target, planned with the {STAND_IN} stand-in"
@@ -144,13 +146,16 @@ class Candidate:
     expert: int
     accumulation: int  # config.train.gradient_accumulation_steps
     remat: str
+    context: int = 1  # config.mesh.context: devices each row's tokens are split over
 
     @property
     def mesh(self) -> str:
-        """DATAxFSDPxTENSOR, or DATAxFSDPxEXPERTxTENSOR where the expert axis splits."""
+        """DATAxFSDPxTENSOR, or DATAxFSDPxEXPERTxTENSOR where the expert axis splits; with
+        ' ctxC' where the sequence is split over C devices."""
+        split = f" ctx{self.context}" if self.context > 1 else ""
         if self.expert == 1:
-            return f"{self.data}x{self.fsdp}x{self.tensor}"
-        return f"{self.data}x{self.fsdp}x{self.expert}x{self.tensor}"
+            return f"{self.data}x{self.fsdp}x{self.tensor}{split}"
+        return f"{self.data}x{self.fsdp}x{self.expert}x{self.tensor}{split}"
 
     @property
     def row_shards(self) -> int:
@@ -161,6 +166,7 @@ class Candidate:
         return (
             f"--config.mesh.data={self.data} --config.mesh.fsdp={self.fsdp} "
             f"--config.mesh.expert={self.expert} --config.mesh.tensor={self.tensor} "
+            f"--config.mesh.context={self.context} "
             f"--config.train.gradient_accumulation_steps={self.accumulation} "
             f"--config.model.remat={self.remat}"
         )
@@ -233,7 +239,7 @@ def _abstract_inputs(model: Any, mesh: Mesh, tx: Any, trainable: Any) -> tuple[A
 
 def candidate_mesh(candidate: Candidate, devices: Sequence[jax.Device]) -> Mesh:
     return sharding.make_mesh(candidate.data, candidate.fsdp, candidate.tensor, devices,
-                              expert=candidate.expert)  # fmt: skip
+                              expert=candidate.expert, context=candidate.context)  # fmt: skip
 
 
 def state_bytes(config: ml_collections.ConfigDict, model: Any, trainable: Any, mesh: Mesh) -> int:

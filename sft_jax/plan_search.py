@@ -89,11 +89,14 @@ def candidates(
     meshes: Sequence[tuple[int, int, int, int]] = (),
     accumulations: Sequence[int] = (),
     remats: Sequence[str] = AUTO_REMAT,
+    context: int = 1,
 ) -> list[Candidate]:
     """Candidates in the order the search tries them for each mesh: least recomputation first,
     then fewest micro-batches. Meshes whose tensor axis does not divide the key/value heads (or
     whose expert axis does not divide the experts), and micro-batches the global batch cannot
-    split over the mesh's rows, are left out."""
+    split over the mesh's rows, are left out. With `context` > 1 each row's tokens are split
+    over that many devices and `devices` counts the rest (the devices / context the other
+    axes split)."""
     meshes = list(meshes) or [
         m for m in factorizations(devices, shape.num_experts) if shape.num_kv_heads % m[2] == 0
     ]
@@ -102,8 +105,26 @@ def candidates(
         shards = data * fsdp * expert
         steps = accumulations or [k for k in range(1, rows + 1) if rows % (k * shards) == 0]
         usable = [k for k in steps if rows % (k * shards) == 0]
-        out += [Candidate(data, fsdp, tensor, expert, k, r) for r in remats for k in usable]
+        out += [Candidate(data, fsdp, tensor, expert, k, r, context) for r in remats
+                for k in usable]  # fmt: skip
     return out
+
+
+def context_sizes(
+    config: ml_collections.ConfigDict, devices: int, contexts: Sequence[int]
+) -> list[int]:
+    """The context axis sizes to plan: `contexts`, else config.mesh.context. Each must divide
+    the devices and split every row into 2 x context equal chunks (causal load balancing)."""
+    contexts = list(contexts) or [config.mesh.get("context", 1)]
+    max_length = config.data.max_length
+    for context in contexts:
+        if context < 1 or devices % context or max_length % (2 * context):
+            raise ConfigError(
+                f"context={context}: the context axis must divide the {devices} devices, and "
+                f"2 x context must divide config.data.max_length={max_length} (two chunks per "
+                "device, for an equal share of causal work); choose another."
+            )
+    return contexts
 
 
 # --- The search and its recommendation ------------------------------------------------------
@@ -213,17 +234,22 @@ def plan(
     report: Any = None,
     target: str = "nvidia",
     extrapolate: bool = True,
+    contexts: Sequence[int] = (),
 ) -> Outcome:
     """The whole planner, for `config` on `devices`, as the `target` accelerator ('nvidia',
-    'tpu', 'cpu': which attention kernel it runs) would run it."""
+    'tpu', 'cpu': which attention kernel it runs) would run it; the sequence split over each
+    of `contexts` devices (default config.mesh.context), the rest searched over the others."""
     shape = model_config(config, model_dir)
     attention, attention_line = planned_attention(config, shape, target)
     experts, experts_line = planned_experts(shape, target)
     requested = config.model.remat
     remats = remats or (AUTO_REMAT if requested == "auto" else (requested,))
-    sizes = [parse_mesh(m, len(devices)) for m in meshes]
-    found = candidates(len(devices), config.train.global_batch_size, shape, sizes,
-                       accumulations, remats)  # fmt: skip
+    found = []
+    for context in context_sizes(config, len(devices), contexts):
+        rest = len(devices) // context  # the devices the other axes split
+        sizes = [parse_mesh(m, rest) for m in meshes]
+        found += candidates(rest, config.train.global_batch_size, shape, sizes, accumulations,
+                            remats, context)  # fmt: skip
     if not found:
         raise ConfigError(
             f"config.train.global_batch_size={config.train.global_batch_size}: no candidate mesh "
@@ -249,6 +275,7 @@ def apply_choice(config: ml_collections.ConfigDict, choice: Candidate) -> ml_col
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.expert = (
             choice.data, choice.fsdp, choice.tensor, choice.expert,
         )  # fmt: skip
+        config.mesh.context = choice.context
         config.train.gradient_accumulation_steps = choice.accumulation
         config.model.remat = choice.remat
     return config

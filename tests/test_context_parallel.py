@@ -3,6 +3,12 @@ gradients of one device, on packed rows whose documents cross the shards' bounda
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,16 +16,17 @@ import optax
 import pytest
 from flax import nnx
 from hf_models import hf_config, save_hf_model
+from jax.tree_util import keystr
 from test_step import packed_rows, step_builder, train_config
 
 from configs import base
-from sft_jax import kernel_choice, sharding
+from sft_jax import kernel_choice, plan_estimate, plan_search, sharding
 from sft_jax.compile_plan import init_state
 from sft_jax.config_check import check_values
 from sft_jax.errors import ConfigError
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.loss import CrossEntropy
-from sft_jax.models import CausalLM, from_hf_config, from_pretrained, kernels
+from sft_jax.models import CausalLM, blockwise, from_hf_config, from_pretrained, kernels
 from sft_jax.models.decoder import decoder_linears, use_attention
 from sft_jax.models.partitioning import balanced_order, context_layout
 from sft_jax.models.quantize import QuantSpec
@@ -74,7 +81,12 @@ def loss_and_grads(model: CausalLM, mesh, trainable=nnx.Param) -> tuple[float, d
         frozen = jax.device_put(
             nnx.to_pure_dict(frozen), sharding.param_shardings(model, mesh, nnx.Not(trainable))
         )
-        device_batch = sharding.device_batch(batch, sharding.batch_shardings(mesh))
+        # From the whole batch, each process taking its shards: with a context axis across
+        # processes a process holds part of every row (device_batch takes whole rows).
+        device_batch = {
+            key: jax.make_array_from_callback(batch[key].shape, shards, batch[key].__getitem__)
+            for key, shards in sharding.batch_shardings(mesh).items()
+        }
 
         @jax.jit
         def run(params, frozen, batch):
@@ -112,17 +124,23 @@ def single_device(checkpoint):
 
 
 @pytest.mark.parametrize(
-    "fsdp,context,tensor,remat",
-    [(1, 2, 1, "none"), (1, 4, 1, "none"), (1, 8, 1, "none"), (2, 4, 1, "full"),
-     (1, 4, 2, "none")],
-    ids=["context2", "context4", "context8", "fsdp2xcontext4_remat", "context4xtensor2"],
+    "fsdp,context,tensor,remat,attention",
+    [(1, 2, 1, "none", "xla"), (1, 4, 1, "none", "xla"), (1, 8, 1, "none", "xla"),
+     (2, 4, 1, "full", "xla"), (1, 4, 2, "none", "xla"), (1, 2, 1, "none", "blockwise"),
+     (1, 4, 1, "none", "blockwise")],
+    ids=["context2", "context4", "context8", "fsdp2xcontext4_remat", "context4xtensor2",
+         "context2_blockwise", "context4_blockwise"],
 )  # fmt: skip
 def test_context_parallel_equals_one_device(
-    checkpoint, single_device, fsdp, context, tensor, remat
+    checkpoint, single_device, fsdp, context, tensor, remat, attention, monkeypatch
 ):
+    """The einsum path per shard, or the blockwise kernel in 6-token blocks: blocks that
+    straddle a shard's two chunks, rows padded up to whole blocks, unseen blocks skipped."""
+    monkeypatch.setitem(blockwise.BLOCK, "tokens", 6)
     devices = jax.devices()[: fsdp * context * tensor]
     mesh = sharding.make_mesh(1, fsdp, tensor, devices=devices, context=context)
     model = tiny_model(checkpoint("llama3.1"), mesh, remat=remat)
+    use_attention(model, attention)
     assert_same(loss_and_grads(model, mesh), single_device)
 
 
@@ -175,11 +193,11 @@ def test_context_that_does_not_divide_max_length_is_a_config_error():
         check_values(config, device_count=8, batch_shards=2)
     config.data.max_length = 128
     config.model.attention = "splash"
-    with pytest.raises(ConfigError, match=r"model\.attention='splash'.*'xla'"):
+    with pytest.raises(ConfigError, match=r"model\.attention='splash'.*'blockwise'"):
         check_values(config, device_count=8, batch_shards=2)
 
 
-def test_auto_attention_with_context_leaves_splash_for_xla(monkeypatch):
+def test_auto_attention_with_context_leaves_splash_for_blockwise(monkeypatch):
     """On a TPU "auto" would take splash, which cannot take tokens out of order."""
     monkeypatch.setattr(kernel_choice, "accelerator", lambda: "tpu")
     config = base.get_config()
@@ -188,4 +206,51 @@ def test_auto_attention_with_context_leaves_splash_for_xla(monkeypatch):
     assert kernel_choice.attention_for(config, shape, 0)[0] == "splash"
     config.mesh.context = 4
     attention, why = kernel_choice.attention_for(config, shape, 0)
-    assert attention == "xla" and "mesh.context" in why
+    assert attention == "blockwise" and "mesh.context" in why
+
+
+def test_the_planner_keeps_the_context_axis_and_searches_the_rest(checkpoint):
+    """config.mesh.context=4 on 8 devices: the planner compiles the step with the sequence
+    split (the other axes over the remaining 2 devices), recommends it with its flags, and
+    refuses a context size that does not divide the devices or 2 x context the row."""
+    config = base.get_config()
+    config.model.name_or_path = str(checkpoint("llama3.1"))
+    config.model.attention = "blockwise"
+    config.data.max_length = SEQ_LEN
+    config.train.global_batch_size = 2
+    config.mesh.context = 4
+    hardware = plan_estimate.Hardware(None, 100e12, 100e9)
+    outcome = plan_search.plan(config, jax.devices()[:8], hardware, meshes=["1x2x1"],
+                               accumulations=[1], remats=["none"])  # fmt: skip
+    best = outcome.best.candidate
+    assert (best.mesh, best.context) == ("1x2x1 ctx4", 4)
+    assert outcome.best.memory_bytes > 0 and "blockwise" in outcome.attention
+    assert "--config.mesh.context=4" in best.flags()
+    assert plan_search.apply_choice(config, best).mesh.context == 4
+    for context in (3, 16):  # 3 does not divide 8 devices; 2 x 16 does not divide 64 tokens
+        with pytest.raises(ConfigError, match=f"context={context}.*max_length=64"):
+            plan_search.context_sizes(config, 8, [context])
+
+
+def test_context_axis_across_two_processes_equals_one_device(checkpoint, single_device, tmp_path):
+    """context=4 over 2 processes x 2 CPU devices (jax.distributed on loopback, gloo): keys and
+    values gathered across the processes give one device's loss and gradients."""
+    with socket.socket() as probe:  # a free port for the coordinator
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "grads.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    script = Path(__file__).with_name("context_worker.py")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(checkpoint("llama3.1")), str(i), "2",
+                          str(port), str(out)], env=env, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    saved = dict(np.load(out))
+    flat, structure = jax.tree_util.tree_flatten_with_path(single_device[1])
+    grads = jax.tree_util.tree_unflatten(structure, [saved[keystr(p)] for p, _ in flat])
+    assert_same((float(saved["loss"]), grads), single_device)

@@ -29,7 +29,7 @@ from flax import nnx
 from sft_jax.models import blockwise, kernels
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key
-from sft_jax.models.partitioning import context_attention, context_shards
+from sft_jax.models.partitioning import balanced_order, context_attention, context_shards
 
 
 def attention_mask(
@@ -235,23 +235,53 @@ class Attention(nnx.Module):
         if self.kind == "splash":
             raise UnsupportedModelError(
                 "attention='splash' cannot run with the sequence split over mesh.context: its "
-                "causal tiles assume tokens in order. Set config.model.attention='xla' (or "
+                "causal tiles assume tokens in order. Set config.model.attention='blockwise' (or "
                 "mesh.context=1)."
             )
-
-        def local(q, k, v, q_segment_ids, q_positions, kv_segment_ids, kv_positions):
-            mask_BxTxS = position_mask(
-                q_segment_ids, q_positions, kv_segment_ids, kv_positions, self.window
+        if self.kind == "blockwise":  # in blocks: no [T / C, T] scores
+            out_BxTxKxGxE = self._context_blockwise(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT
             )
-            if self.kind == "cudnn":  # the mask path: cuDNN's causal tiles assume order too
-                return kernels.masked_attention(q, k, v, mask_BxTxS, self.scale)
-            return self._weighted_values(q, k, v, mask_BxTxS)
-
-        out_BxTxKxGxE = context_attention(
-            local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, positions_BxT
-        )
+        else:
+            out_BxTxKxGxE = context_attention(
+                self._context_masked, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT,
+                positions_BxT,
+            )  # fmt: skip
         batch, seq_len = q_BxTxKxGxE.shape[:2]
         return out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
+
+    def _context_masked(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
+        q_positions: jax.Array, kv_segment_ids: jax.Array, kv_positions: jax.Array,
+    ) -> jax.Array:  # fmt: skip
+        """One context shard's attention through a [B, T / C, T] mask (einsums or cuDNN)."""
+        mask_BxTxS = position_mask(
+            q_segment_ids, q_positions, kv_segment_ids, kv_positions, self.window
+        )
+        if self.kind == "cudnn":  # the mask path: cuDNN's causal tiles assume order too
+            return kernels.masked_attention(q, k, v, mask_BxTxS, self.scale)
+        return self._weighted_values(q, k, v, mask_BxTxS)
+
+    def _context_blockwise(
+        self, q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+        segment_ids_BxT: jax.Array,
+    ) -> jax.Array:  # fmt: skip
+        """The blockwise kernel on each context shard: its queries against the gathered keys,
+        every token placed by its index in the row (context_layout's order gives it), so that
+        causality, the window and the skipping of unseen blocks count in the row's order."""
+        batch, seq_len = segment_ids_BxT.shape
+        order_T = jnp.asarray(balanced_order(seq_len, context_shards()), jnp.int32)
+        index_BxT = jnp.broadcast_to(order_T, (batch, seq_len))  # rows share their order
+
+        def local(q, k, v, q_segment_ids, q_index, kv_segment_ids, kv_index):
+            return blockwise.flash_attention(
+                q, k, v, (q_segment_ids, kv_segment_ids), (q_index[0], kv_index[0]),
+                self.scale, self.window, self.softcap,
+            )  # fmt: skip
+
+        return context_attention(
+            local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, index_BxT
+        )
 
     def extend(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache,

@@ -12,6 +12,9 @@ attention, which is why the planner (sft_jax.plan_search) compiles it in their p
 The mask is the einsum path's: same segment (padding, id 0, is a segment of its own), causal,
 and in sliding-window layers less than `window` tokens back. Distance is counted in tokens of
 the row, as the splash kernel does: inside a packed document it equals the position distance.
+Tokens need not come in order: with the sequence split over mesh.context, each shard's
+queries (two chunks of the row) run against the gathered keys, each token placed by its index
+in the row (flash_attention, called by models/attention.py).
 """
 
 from __future__ import annotations
@@ -59,18 +62,21 @@ def _scores(q_BxQxKxGxE, k_BxCxKxE, queries, keys, scale, window, softcap):
 
 
 def _reaches(index_q: jax.Array, index_k: jax.Array, window: int | None) -> jax.Array:
-    """Whether any query of the block may see any key of the block (else the block is skipped)."""
-    causal = index_k[0] <= index_q[-1]
+    """Whether any query of the block may see any key of the block (else the block is skipped).
+    Tokens may come in any order (context shards hold two chunks each): their extremes decide."""
+    causal = index_k.min() <= index_q.max()
     if window is None:
         return causal
-    return causal & (index_q[0] - index_k[-1] < window)
+    return causal & (index_q.min() - index_k.max() < window)
 
 
-def _forward(q, k, v, segment_ids_BxT, scale, window, softcap, block):
-    """(output [B, T, K, G, E], log-sum-exp [B, K, G, T] in float32)."""
+def _forward(q, k, v, tokens, scale, window, softcap, block):
+    """(output [B, T, K, G, E], log-sum-exp [B, K, G, T] in float32). `tokens`: the segment ids
+    of queries [B, T] and keys [B, S], and the index in the row of each query [T] and key [S]."""
+    segment_q_BxT, segment_k_BxS, index_T, index_S = tokens
     batch, seq_len, kv_heads, groups, _ = q.shape
-    index_NxQ = jnp.arange(seq_len).reshape(-1, block)
-    keys = (_blocks(k, block), _blocks(v, block), _blocks(segment_ids_BxT, block), index_NxQ)
+    keys = (_blocks(k, block), _blocks(v, block), _blocks(segment_k_BxS, block),
+            index_S.reshape(-1, block))  # fmt: skip
 
     def query_block(args):
         q_BxQxKxGxE, segment_q, index_q = args
@@ -97,23 +103,25 @@ def _forward(q, k, v, segment_ids_BxT, scale, window, softcap, block):
         shape = (batch, kv_heads, groups, block)
         init = (jnp.full(shape, _LOWEST), jnp.zeros(shape), jnp.zeros((*shape, q.shape[-1])))
         (max_, sum_, acc), _ = jax.lax.scan(key_block, init, keys)
-        out_BxKxGxQxE = acc / sum_[..., None]  # every query sees itself: the sum is never 0
+        # Every real query sees itself; a padding query may see nothing: output 0, not 0 / 0.
+        sum_ = jnp.where(sum_ > 0, sum_, 1.0)
+        out_BxKxGxQxE = acc / sum_[..., None]
         return jnp.moveaxis(out_BxKxGxQxE, 3, 1).astype(q.dtype), max_ + jnp.log(sum_)
 
-    queries = (_blocks(q, block), _blocks(segment_ids_BxT, block), index_NxQ)
+    queries = (_blocks(q, block), _blocks(segment_q_BxT, block), index_T.reshape(-1, block))
     out_NxBxQxKxGxE, lse_NxBxKxGxQ = jax.lax.map(query_block, queries)
     lse_BxKxGxT = jnp.moveaxis(lse_NxBxKxGxQ, 0, 3).reshape(batch, kv_heads, groups, seq_len)
     return _unblocks(out_NxBxQxKxGxE), lse_BxKxGxT
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _attention(q, k, v, segment_ids_BxT, scale, window, softcap, block):
-    return _forward(q, k, v, segment_ids_BxT, scale, window, softcap, block)[0]
+def _attention(q, k, v, tokens, scale, window, softcap, block):
+    return _forward(q, k, v, tokens, scale, window, softcap, block)[0]
 
 
-def _attention_fwd(q, k, v, segment_ids_BxT, scale, window, softcap, block):
-    out, lse = _forward(q, k, v, segment_ids_BxT, scale, window, softcap, block)
-    return out, (q, k, v, segment_ids_BxT, out, lse)
+def _attention_fwd(q, k, v, tokens, scale, window, softcap, block):
+    out, lse = _forward(q, k, v, tokens, scale, window, softcap, block)
+    return out, (q, k, v, tokens, out, lse)
 
 
 def _score_grads(q_BxQxKxGxE, blocks_q, blocks_k, scale, window, softcap):
@@ -132,15 +140,15 @@ def _score_grads(q_BxQxKxGxE, blocks_q, blocks_k, scale, window, softcap):
 
 
 def _attention_bwd(scale, window, softcap, block, residuals, dout_BxTxKxGxE):
-    q, k, v, segment_ids_BxT, out, lse_BxKxGxT = residuals
-    seq_len = q.shape[1]
+    q, k, v, tokens, out, lse_BxKxGxT = residuals
+    segment_q_BxT, segment_k_BxS, index_T, index_S = tokens
     delta_BxTxKxG = jnp.sum(dout_BxTxKxGxE.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    index_NxQ = jnp.arange(seq_len).reshape(-1, block)
     lse_NxBxKxGxQ = jnp.moveaxis(lse_BxKxGxT.reshape(*lse_BxKxGxT.shape[:3], -1, block), 3, 0)
     delta_NxBxKxGxQ = jnp.moveaxis(_blocks(delta_BxTxKxG, block), 2, -1)
-    per_query = (_blocks(q, block), _blocks(segment_ids_BxT, block), index_NxQ, lse_NxBxKxGxQ,
-                 _blocks(dout_BxTxKxGxE, block), delta_NxBxKxGxQ)  # fmt: skip
-    per_key = (_blocks(k, block), _blocks(v, block), _blocks(segment_ids_BxT, block), index_NxQ)
+    per_query = (_blocks(q, block), _blocks(segment_q_BxT, block), index_T.reshape(-1, block),
+                 lse_NxBxKxGxQ, _blocks(dout_BxTxKxGxE, block), delta_NxBxKxGxQ)  # fmt: skip
+    per_key = (_blocks(k, block), _blocks(v, block), _blocks(segment_k_BxS, block),
+               index_S.reshape(-1, block))  # fmt: skip
     grads = functools.partial(_score_grads, scale=scale, window=window, softcap=softcap)
 
     def dquery_block(args):  # dq of one query block: a sum over key blocks
@@ -184,26 +192,45 @@ def _attention_bwd(scale, window, softcap, block, residuals, dout_BxTxKxGxE):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def flash_attention(
+    q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+    segment_ids: tuple[jax.Array, jax.Array], index: tuple[jax.Array, jax.Array],
+    scale: float, window: int | None, softcap: float | None,
+) -> jax.Array:  # fmt: skip
+    """Output [B, T, K, G, E] of T queries against S keys, on one device: `segment_ids` of the
+    queries [B, T] and keys [B, S]; `index`, each token's place in the row, of the queries [T]
+    and keys [S] (in any order; causality and the window are counted in it). Queries and keys
+    are padded to a multiple of the block with a segment of their own (id -1), placed after
+    every real token, and cut off again after."""
+    seq_len, keys_len = q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1]
+    block = min(BLOCK["tokens"], seq_len)
+
+    def widen(x, length, value=0):
+        pad = [(0, 0), (0, -length % block)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, pad, constant_values=value)
+
+    def widen_index(index_T, length):
+        after = keys_len + jnp.arange(-length % block, dtype=index_T.dtype)
+        return jnp.concatenate([index_T, after])
+
+    tokens = (widen(segment_ids[0], seq_len, -1), widen(segment_ids[1], keys_len, -1),
+              widen_index(index[0], seq_len), widen_index(index[1], keys_len))  # fmt: skip
+    q, k, v = widen(q_BxTxKxGxE, seq_len), widen(k_BxSxKxE, keys_len), widen(v_BxSxKxE, keys_len)
+    return _attention(q, k, v, tokens, scale, window, softcap, block)[:, :seq_len]
+
+
 def blockwise_attention(
     q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
     segment_ids_BxT: jax.Array, scale: float, window: int | None, softcap: float | None,
 ) -> jax.Array:  # fmt: skip
-    """Causal attention over packed rows, block by block: output [B, T, H * E]. Rows are padded
-    to a multiple of the block with a segment of their own (id -1), cut off again after."""
+    """Causal attention over packed rows in sequence order, block by block: output
+    [B, T, H * E], on each shard of the mesh (rows over the batch axes, heads over tensor)."""
     batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
-    block = min(BLOCK["tokens"], seq_len)
-    pad = -seq_len % block
 
     def local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT):
-        if pad:
-            widen = lambda x, value=0: jnp.pad(  # noqa: E731
-                x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=value
-            )
-            q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = map(widen, (q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE))
-            segment_ids_BxT = widen(segment_ids_BxT, -1)
-        out = _attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, scale, window,
-                         softcap, block)  # fmt: skip
-        return out[:, :seq_len]
+        index_T = jnp.arange(seq_len)
+        return flash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, (segment_ids_BxT,) * 2,
+                               (index_T, index_T), scale, window, softcap)  # fmt: skip
 
     out_BxTxKxGxE = attention_per_shard(local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
     return out_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
