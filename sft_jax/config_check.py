@@ -220,9 +220,9 @@ def _check_eval_and_outputs(config: Any) -> None:
         _need(config, _get(config, field) >= 0, field, "must be 0 (off) or positive.")
     _need(config, config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")
     _need(config, config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "keep at least 1.")
-    _need(config, "://" not in config.checkpoint.init_from, "checkpoint.init_from",
-          "checkpoints are read from a local or mounted directory, not a bucket URL (Orbax "
-          "cannot read S3 arrays; see README 'Data at scale').")  # fmt: skip
+    _need(config, "://" not in config.checkpoint.staging_dir, "checkpoint.staging_dir",
+          "the staging copy of a bucket WORKDIR must be a local (or shared, mounted) directory; "
+          "the bucket is --workdir itself.")  # fmt: skip
     _need(config, config.export.at_end in ("best", "last", "none"), "export.at_end",
           "expected 'best', 'last' or 'none'.")  # fmt: skip
     _need(
