@@ -84,9 +84,11 @@ class BucketMirror:
     def publish(self, step_dir: Path, kept: list[int]) -> None:
         """After Orbax finalized a step (Checkpoints calls it in its upload thread): the step,
         then the bucket pruned to the steps kept locally, then metrics and TensorBoard files."""
-        self.upload_step(step_dir)
-        self.prune(step_dir.parent, kept)
-        self.push_files(self._run_files_skip)
+        run = cloud.list_tree(self.url)  # one listing serves the three
+        steps = _under(run, self.remote(step_dir.parent).removeprefix(self.url + "/"))
+        self.upload_step(step_dir, steps)
+        self.prune(step_dir.parent, kept, steps)
+        self.push_files(self._run_files_skip, run)
 
     def push_run(self) -> None:
         """The run's last metrics and TensorBoard files (after its last checkpoint)."""
@@ -103,10 +105,13 @@ class BucketMirror:
             for name in markers
         }
 
-    def upload_step(self, step_dir: Path) -> None:
-        """Uploads a finalized step, its marker last (an earlier marker of it removed first)."""
+    def upload_step(self, step_dir: Path, listing: dict[str, int] | None = None) -> None:
+        """Uploads a finalized step, its marker last (an earlier marker of it removed first).
+        `listing`: the bucket's objects under the step's parent, where the caller has it."""
         remote = self.remote(step_dir)
-        if MARKER in cloud.list_tree(remote):  # the step is saved again: unmark, then replace
+        if listing is None:
+            listing = cloud.list_tree(self.remote(step_dir.parent))
+        if f"{step_dir.name}/{MARKER}" in listing:  # saved again: unmarked, then replaced
             cloud.delete([f"{remote}/{MARKER}"])
         files = {
             path.relative_to(step_dir).as_posix(): path.stat().st_size
@@ -129,12 +134,14 @@ class BucketMirror:
         shutil.rmtree(step_dir, ignore_errors=True)
         partial.rename(step_dir)
 
-    def prune(self, directory: Path, keep: Iterable[int]) -> None:
+    def prune(
+        self, directory: Path, keep: Iterable[int], listing: dict[str, int] | None = None
+    ) -> None:
         """Deletes the bucket's steps (complete or partial) that are not in `keep`, each one's
         marker first: a reader never sees a marked step with files missing."""
         remote, keep = self.remote(directory), set(keep)
         doomed: dict[str, list[str]] = defaultdict(list)
-        for name in cloud.list_tree(remote):
+        for name in cloud.list_tree(remote) if listing is None else listing:
             step = name.split("/")[0]
             if step.isdigit() and int(step) not in keep:
                 doomed[step].append(name)
@@ -168,10 +175,10 @@ class BucketMirror:
 
     # --- Metrics, TensorBoard, export -------------------------------------------------------
 
-    def push_files(self, skip: Iterable[str]) -> None:
+    def push_files(self, skip: Iterable[str], listing: dict[str, int] | None = None) -> None:
         """Uploads the staging directory's files outside `skip` (top-level names) that changed
-        since this process uploaded them or that the bucket lacks."""
-        remote, skip = cloud.list_tree(self.url), set(skip)
+        since this process uploaded them or that the bucket lacks (`listing`: the run's)."""
+        remote, skip = cloud.list_tree(self.url) if listing is None else listing, set(skip)
         pairs = []
         for path in _files(self.staging, skip):
             relative = path.relative_to(self.staging).as_posix()
@@ -214,6 +221,13 @@ def readable_run(workdir: str | Path, root: str = "", field: str = "--workdir") 
     with rundir.lock(mirror.staging):
         mirror.pull_steps(rundir.checkpoints_path(mirror.staging), upload_newer=False)
     return mirror.staging
+
+
+def _under(listing: dict[str, int], prefix: str) -> dict[str, int]:
+    """The part of a listing under `prefix`, relative to it."""
+    start = prefix + "/"
+    return {name.removeprefix(start): size for name, size in listing.items()
+            if name.startswith(start)}  # fmt: skip
 
 
 def _is_marker(name: str) -> bool:

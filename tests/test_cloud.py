@@ -15,14 +15,13 @@ import test_stream
 from chat_tokenizers import make_tokenizer
 from etils import epath
 from hf_models import save_tiny_llama
-from test_checkpointing import trained_state
 from test_data import conversation, write_jsonl
 from test_resume import train_losses
 from test_step import train_config
 from test_trainer import base_config as trainer_config
 from test_trainer import chat_rows
 
-from sft_jax import config_check, sharding, trainer
+from sft_jax import config_check, trainer
 from sft_jax.bucket_mirror import MARKER, BucketMirror, staging_dir
 from sft_jax.checkpointing import Checkpoints, CheckpointSaveError, committed_steps
 from sft_jax.data import open_run_data
@@ -115,23 +114,23 @@ class StopAfter2(trainer.StopSignal):
 
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    """A tiny Llama with a ChatML tokenizer, and chat data (train and eval) as local files."""
+    """A tiny Llama with a ChatML tokenizer, and chat data as a local file."""
     model_dir, data_dir = tmp_path_factory.mktemp("llama"), tmp_path_factory.mktemp("chat")
     save_tiny_llama(model_dir, make_tokenizer("chatml"))
     write_jsonl(data_dir / "train.jsonl", chat_rows(40, 0))
-    write_jsonl(data_dir / "eval.jsonl", chat_rows(8, 1))
     return model_dir, data_dir
 
 
 def run_config(chat_model, data: str, staging: Path):
-    """4 steps of the tiny model on the stream loader, data from `data` (a folder or URL),
-    a checkpoint every step of which the bucket keeps 2, the last one exported."""
+    """4 steps of the tiny model on the stream loader, data from `data` (a folder or URL), a
+    checkpoint every 2 steps of which the bucket keeps the last, exported. No eval: fewer
+    seconds (the eval data path is the train data's)."""
     config = trainer_config(chat_model[0], steps=4, learning_rate=1e-3)
     config.data.update(loader="stream", stream_window=16, max_length=64, num_workers=1,
-                       train_files=f"{data}/train.jsonl", eval_files=f"{data}/eval.jsonl",
+                       train_files=f"{data}/train.jsonl", eval_files="",
                        cache_dir=str(staging.parent / "cache"))  # fmt: skip
     config.eval.update(every_steps=0, at_start=False)
-    config.checkpoint.update(enabled=True, every_steps=1, keep_last=2, keep_best=0,
+    config.checkpoint.update(enabled=True, every_steps=2, keep_last=1, keep_best=0,
                              staging_dir=str(staging))  # fmt: skip
     config.export.at_end = "last"
     return config
@@ -147,17 +146,18 @@ def test_a_run_in_s3_stops_and_resumes_from_the_bucket_bitwise(s3, chat_model, t
     fresh machine (an empty staging directory) from the bucket, ignoring a half-uploaded step
     3, and logs the losses of an uninterrupted local run bitwise; the export lands in the
     bucket and reads back through `python -m sft_jax.export --workdir=s3://...`."""
-    for name in ("train", "eval"):
-        s3.upload_file(str(chat_model[1] / f"{name}.jsonl"), BUCKET, f"chat/{name}.jsonl")
+    s3.upload_file(str(chat_model[1] / "train.jsonl"), BUCKET, "chat/train.jsonl")
     data = f"s3://{BUCKET}/chat"
     straight = tmp_path / "straight"
-    trainer.run(run_config(chat_model, str(chat_model[1]), tmp_path / "a"), straight, open_run_data)
+    reference = run_config(chat_model, str(chat_model[1]), tmp_path / "a")
+    reference.export.at_end = "none"
+    trainer.run(reference, straight, open_run_data)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer, "StopSignal", StopAfter2)
         first = trainer.run(run_config(chat_model, data, tmp_path / "a"), RUN, open_run_data)
     assert first["interrupted"] and first["end_step"] == 2
     steps = bucket_keys(s3, "run/checkpoints/")
-    assert {key for key in steps if key.endswith(MARKER)} == {f"{s}/{MARKER}" for s in (1, 2)}
+    assert {key for key in steps if key.endswith(MARKER)} == {f"2/{MARKER}"}
     for key in [key for key in steps if key.startswith("2/")]:  # step 3, half uploaded
         s3.copy_object(Bucket=BUCKET, Key=f"run/checkpoints/3/{key[2:]}",
                        CopySource={"Bucket": BUCKET, "Key": f"run/checkpoints/{key}"})  # fmt: skip
@@ -166,9 +166,9 @@ def test_a_run_in_s3_stops_and_resumes_from_the_bucket_bitwise(s3, chat_model, t
     assert resumed["start_step"] == 2 and resumed["end_step"] == 4
     staged = staging_dir(RUN, str(tmp_path / "b"))
     assert train_losses(staged) == train_losses(straight) and len(train_losses(straight)) == 4
-    in_bucket = bucket_keys(s3, "run/")
-    assert {k.split("/")[1] for k in in_bucket if k.startswith("checkpoints/")} == {"3", "4"}
-    assert f"checkpoints/3/{MARKER}" in in_bucket, "the half-uploaded step 3 was saved again"
+    in_bucket = bucket_keys(s3, "run/")  # step 4 kept (keep_last=1); 2 and the half 3 gone
+    assert {k.split("/")[1] for k in in_bucket if k.startswith("checkpoints/")} == {"4"}
+    assert f"checkpoints/4/{MARKER}" in in_bucket
     assert in_bucket["metrics.jsonl"] == (staged / "metrics.jsonl").stat().st_size
     assert {"export/config.json", "export/model.safetensors"} <= set(in_bucket)
     again = export_run(RUN, which=4, out=f"s3://{BUCKET}/again", staging_root=str(tmp_path / "c"))
@@ -180,7 +180,7 @@ def test_a_run_in_s3_stops_and_resumes_from_the_bucket_bitwise(s3, chat_model, t
 def test_an_upload_that_fails_keeps_the_staged_step_and_names_it(s3, tmp_path, monkeypatch):
     """Credentials gone mid-run: the save of step 2 names the step and where it is; step 1 stays
     complete in the bucket, step 2 stays complete locally and goes up on the next start."""
-    state, _ = trained_state(sharding.single_device_mesh(), steps=0)
+    state = {"params": {"w": np.arange(8, dtype=np.float32)}, "step": np.int32(0)}
     mirror = BucketMirror(RUN, str(tmp_path))
     checkpoints = Checkpoints(mirror.checkpoints, keep_last=2, keep_best=0, on_saved=mirror.publish)
     checkpoints.save(1, state, {"position": 1}, train_config())

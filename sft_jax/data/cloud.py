@@ -12,7 +12,9 @@ for gs://. Every failure is a CloudError naming the path and what to check.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +22,7 @@ from typing import IO, Any
 from sft_jax.errors import UserError
 
 PREFIXES = ("s3://", "gs://", "gcs://")
+_SETTINGS = ("AWS_", "GOOGLE_", "GCE_", "CLOUDSDK_")  # environment variables clients read
 _CHECK = {
     "s3": "the bucket and key exist and the credentials (AWS_ACCESS_KEY_ID / "
     "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role; AWS_ENDPOINT_URL for another S3 "
@@ -38,10 +41,20 @@ def is_remote(path: str) -> bool:
 
 
 def _filesystem(path: str) -> Any:
+    """A client for the path's protocol and the credentials the environment names now."""
+    settings = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_SETTINGS)))
+    return _client(_protocol(path), settings)
+
+
+@functools.lru_cache(maxsize=8)
+def _client(protocol: str, settings: tuple[tuple[str, str], ...]) -> Any:
+    """One client per protocol and credential settings (making one costs a botocore or
+    google-auth session): a changed AWS_* / GOOGLE_* variable makes a new one, so old
+    credentials are never kept; listings are never cached, so every listing is the bucket's."""
     import fsspec
 
-    # A fresh client each time: a cached one would keep old credentials and old listings.
-    return fsspec.core.url_to_fs(path, skip_instance_cache=True, use_listings_cache=False)[0]
+    del settings  # part of the cache key only: the client reads the environment itself
+    return fsspec.filesystem(protocol, skip_instance_cache=True, use_listings_cache=False)
 
 
 def _protocol(path: str) -> str:
