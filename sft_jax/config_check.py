@@ -178,10 +178,14 @@ def _check_stream(config: Any) -> None:
     _need(config, data.stream_window >= 1, "data.stream_window", "at least 1 document.")
     _need(config, stream or not (data.mixture or data.contamination != "off"),
           "data.loader", "a mixture and the contamination check need loader='stream'.")  # fmt: skip
-    _need(config, not stream or config.train.get("objective", "sft") == "sft", "data.loader",
-          "preference pairs are read with loader='memory'.")  # fmt: skip
+    objective = config.train.get("objective", "sft")
+    _need(config, not stream or objective == "sft", "data.loader",
+          f"train.objective={objective!r} trains on preference pairs, which only "
+          "loader='memory' reads: set config.data.loader='memory' (no mixture).")  # fmt: skip
     _need(config, not (stream and data.eval_fraction), "data.eval_fraction",
-          "the stream loader evaluates eval_files: set those (per source).")  # fmt: skip
+          "the stream loader does not split eval examples off train_files: set 0 and give "
+          "config.data.eval_files (in a mixture, each source's eval_files), or use "
+          "loader='memory'.")  # fmt: skip
     names: set[str] = set()
     for number, entry in enumerate(data.mixture):
         names.add(_check_source(number, entry, names))
