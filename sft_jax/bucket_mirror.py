@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +30,7 @@ from sft_jax.data.cloud import CloudError, is_remote
 
 log = logging.getLogger(__name__)
 MARKER = "sft_jax_complete.json"  # written last into a step's folder: {"files": {name: bytes}}
+RUN_FILE = "sft_jax_run.json"  # written when a run starts: the bucket path holds a run
 DEFAULT_ROOT = "sft_jax_staging"  # under the system's temporary directory
 _IN_FLIGHT = (".partial", ".download")  # local folders being written: never uploaded
 
@@ -72,14 +75,37 @@ class BucketMirror:
         """Top-level names that are not pushed as files: the lock, the checkpoint folders
         (steps go up with their markers; damaged ones stay local), the export (whole, at its
         end)."""
-        names = {rundir.LOCK_FILE, rundir.export_dir(self.staging).name}
+        names = {rundir.LOCK_FILE, RUN_FILE, rundir.export_dir(self.staging).name}
         return names | {p.name for p in self.staging.glob(self.checkpoints.name + "*")}
 
     def pull_run(self) -> None:
         """Before a run: the bucket's complete steps (and its metrics, where it went further)
-        into the staging copy; local steps a killed or failed upload left go up first."""
+        into the staging copy; local steps a killed or failed upload left go up first.
+
+        RUN_FILE is written first (so a bucket the credentials may read but not write stops
+        the run now, not at its first checkpoint). Where the bucket path had none, no run was
+        ever there (or it was deleted): a staging copy left from an earlier run of that path
+        is removed, not resumed from.
+        """
+        if RUN_FILE not in cloud.list_tree(self.url):
+            self._forget_staging()
+        started = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname()}
+        cloud.write_text(f"{self.url}/{RUN_FILE}", json.dumps(started))
         newer = self.pull_steps(self.checkpoints, upload_newer=True)
         self.pull_files(self._run_files_skip | {self.checkpoints.name}, replace=newer)
+
+    def _forget_staging(self) -> None:
+        if not self.staging.is_dir():
+            return
+        stale = [p for p in self.staging.iterdir() if p.name != rundir.LOCK_FILE]
+        if stale:
+            log.warning("%s holds no run: removing the staging copy of an earlier one in %s",
+                        self.url, self.staging)  # fmt: skip
+        for path in stale:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def publish(self, step_dir: Path, kept: list[int]) -> None:
         """After Orbax finalized a step (Checkpoints calls it in its upload thread): the step,

@@ -6,6 +6,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from test_trainer import base_config as trainer_config
 from test_trainer import chat_rows
 
 from sft_jax import config_check, trainer
-from sft_jax.bucket_mirror import MARKER, BucketMirror, staging_dir
+from sft_jax.bucket_mirror import MARKER, RUN_FILE, BucketMirror, staging_dir
 from sft_jax.checkpointing import Checkpoints, CheckpointSaveError, committed_steps
 from sft_jax.data import open_run_data
 from sft_jax.data.cloud import CloudError
@@ -56,6 +57,8 @@ def s3(monkeypatch):
     client = boto3.client("s3", endpoint_url=endpoint)
     client.create_bucket(Bucket=BUCKET)
     yield client
+    # moto keeps its buckets in this process's memory across servers: each test starts empty.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
     server.stop()
 
 
@@ -181,7 +184,8 @@ def test_an_upload_that_fails_keeps_the_staged_step_and_names_it(s3, tmp_path, m
     """Credentials gone mid-run: the save of step 2 names the step and where it is; step 1 stays
     complete in the bucket, step 2 stays complete locally and goes up on the next start."""
     state = {"params": {"w": np.arange(8, dtype=np.float32)}, "step": np.int32(0)}
-    mirror = BucketMirror(RUN, str(tmp_path))
+    mirror = BucketMirror.open(RUN, str(tmp_path), "--workdir")
+    mirror.pull_run()  # as a run starts
     checkpoints = Checkpoints(mirror.checkpoints, keep_last=2, keep_best=0, on_saved=mirror.publish)
     checkpoints.save(1, state, {"position": 1}, train_config())
     checkpoints.wait()
@@ -197,6 +201,11 @@ def test_an_upload_that_fails_keeps_the_staged_step_and_names_it(s3, tmp_path, m
     assert set(mirror.complete_steps(mirror.checkpoints)) == {1}
     BucketMirror.open(RUN, str(tmp_path), "--workdir").pull_run()
     assert set(mirror.complete_steps(mirror.checkpoints)) == {1, 2}
+    # A bucket path with no run (never used, or deleted): an old staging copy is not resumed.
+    fresh = BucketMirror.open(f"s3://{BUCKET}/fresh", str(tmp_path), "--workdir")
+    (fresh.checkpoints / "7").mkdir(parents=True)
+    fresh.pull_run()
+    assert not fresh.checkpoints.exists() and RUN_FILE in bucket_keys(s3, "fresh/")
 
 
 def test_a_missing_bucket_or_no_credentials_stop_a_bucket_run_before_it_starts(
