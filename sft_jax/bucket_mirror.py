@@ -23,6 +23,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+import jax
+from jax.experimental import multihost_utils
+
 from sft_jax import rundir
 from sft_jax.checkpointing import committed_steps
 from sft_jax.data import cloud
@@ -244,8 +247,11 @@ def readable_run(workdir: str | Path, root: str = "", field: str = "--workdir") 
     if not is_remote(str(workdir)):
         return Path(workdir)
     mirror = BucketMirror.open(str(workdir), root, field)
-    with rundir.lock(mirror.staging):
-        mirror.pull_steps(rundir.checkpoints_path(mirror.staging), upload_newer=False)
+    with rundir.lock(mirror.staging):  # process 0 pulls (the staging copy is shared)
+        if jax.process_index() == 0:
+            mirror.pull_steps(rundir.checkpoints_path(mirror.staging), upload_newer=False)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"sft_jax: {workdir} pulled")
     return mirror.staging
 
 

@@ -180,10 +180,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     # Flags are defined only when run as a command: importing this module defines none.
-    flags.DEFINE_string("workdir", None, "The run's WORKDIR (or its checkpoints/ folder).")
+    flags.DEFINE_string("workdir", None, "The run's WORKDIR (or its checkpoints/ folder, or URL).")
     flags.DEFINE_string("which", "best", "'best', 'last', or a step number.")
     flags.DEFINE_integer("step", None, "Step to export (overrides --which).")
-    flags.DEFINE_string("out", None, "Output directory (default WORKDIR/export).")
+    flags.DEFINE_string("out", None, "Output directory or bucket URL (default WORKDIR/export).")
     flags.mark_flag_as_required("workdir")
     cli.define_debug_flag()
     app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, lambda argv: None))
