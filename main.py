@@ -10,13 +10,16 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sft_jax import cli, config_check, rundir, trainer
-from sft_jax.checkpointing import CheckpointSaveError, require_local
+from sft_jax.checkpointing import CheckpointSaveError
 from sft_jax.data import open_run_data
-from sft_jax.errors import ConfigError, TrainingDivergedError
+from sft_jax.data.cloud import is_remote
+from sft_jax.errors import TrainingDivergedError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events and checkpoints.")
+flags.DEFINE_string(
+    "workdir", None, "Directory (or s3:// / gs:// URL) for metrics, TensorBoard and checkpoints."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 cli.define_debug_flag()
 # Failures after training started, where what is saved matters; not config or data errors.
@@ -28,14 +31,14 @@ def main(argv: list[str]) -> None:
     # Our progress at INFO; the libraries' (orbax logs every save and restore) at WARNING.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("sft_jax").setLevel(logging.INFO)
-    try:  # before anything is created: pathlib would make a local 's3:/...' folder of a URL
-        require_local(FLAGS.workdir, "--workdir")
-    except ConfigError as e:
-        cli.fail(str(e))
-    workdir = cli.writable_directory(FLAGS.workdir)
+    # A bucket URL stays a string (pathlib would make 's3:/...' of it): trainer.run stages it.
+    remote = is_remote(FLAGS.workdir)
+    workdir = FLAGS.workdir if remote else cli.writable_directory(FLAGS.workdir)
     cli.run_command(
         lambda: trainer.run(FLAGS.config, workdir, data_factory=open_run_data),
-        saved_note=lambda error: rundir.saved_note(workdir) if isinstance(error, MID_RUN) else "",
+        saved_note=lambda error: (
+            rundir.saved_note(workdir) if isinstance(error, MID_RUN) and not remote else ""
+        ),
     )
 
 

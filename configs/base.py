@@ -307,13 +307,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Start from another run's parameters (its WORKDIR; its best checkpoint, else its newest)
     # with a fresh optimizer: fine-tune a fine-tune. Ignored when WORKDIR has checkpoints.
     config.checkpoint.init_from = ""
+    # A bucket WORKDIR (or init_from, or export.dir: s3://, gs://) is worked in locally and
+    # uploaded: its local copy is STAGING_DIR/<bucket>/<path>; "" = $TMPDIR/sft_jax_staging.
+    # With several processes, a directory all of them see (a shared file system).
+    config.checkpoint.staging_dir = ""
 
     # ---------------------------------------------------------------- export
     # Hugging Face directory written when training ends (not after a stop signal).
     config.export = ml_collections.ConfigDict()
     # Which checkpoint: "best" (lowest eval loss), "last", or "none" to skip the export.
     config.export.at_end = "best"
-    # Output directory; "" = WORKDIR/export.
+    # Output directory, or a bucket URL (s3://, gs://; staged and uploaded); "" = WORKDIR/export.
     config.export.dir = ""
 
     # ---------------------------------------------------------------- mesh

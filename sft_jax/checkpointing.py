@@ -6,8 +6,9 @@ import json
 import logging
 import re
 import shutil
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,23 +60,25 @@ _WRITE_FAILURES = {
 # tensorstore_utils.py: _use_gcs_driver l.213, _normalize_path l.222, the file-driver specs of
 # l.366 and l.471), while JSON metadata goes through etils.epath (s3fs). An s3:// directory is
 # refused with OCDBT (l.356, "should be absolute": 's3://' normalised to 's3:/') and without it
-# the arrays silently land in a local './s3:/bucket/...' folder. A gs:// WORKDIR would hold the
-# run lock (flock), metrics.jsonl and TensorBoard files too, which need a local file system.
-_REMOTE_CHECKPOINTS = (
-    "checkpoints cannot be written to or read from a bucket: Orbax {orbax} writes arrays to "
-    "S3 through a local file path (its TensorStore specs route only gs:// to a remote driver), "
-    "and a WORKDIR also holds the run lock, metrics.jsonl and TensorBoard files, which need a "
-    "local file system. Use a local or mounted directory (gcsfuse, mountpoint-s3) and copy the "
-    "checkpoints to the bucket afterwards (aws s3 sync / gcloud storage rsync)."
-)
-
-
+# the arrays silently land in a local './s3:/bucket/...' folder. So Checkpoints always writes to
+# a local directory; a bucket WORKDIR is staged locally and mirrored (sft_jax.bucket_mirror).
 def require_local(path: str | Path, field: str) -> None:
-    """A ConfigError naming `field` where `path` is a bucket URL (s3://, gs://, ...): pathlib
-    would turn 's3://b/run' into a local 's3:/b/run' and Orbax cannot write arrays to S3."""
+    """A ConfigError naming `field` where `path` is a bucket URL (s3://, gs://, ...) given
+    where only a local directory works: pathlib would turn 's3://b/run' into 's3:/b/run'."""
     if "://" in str(path):
-        problem = _REMOTE_CHECKPOINTS.format(orbax=ocp.__version__)
-        raise ConfigError(f"{field}={path}: {problem}")
+        raise ConfigError(
+            f"{field}={path}: must be a local or mounted directory, not a bucket URL (Orbax "
+            f"{ocp.__version__} cannot write checkpoint arrays to S3). A bucket --workdir is "
+            "staged in a local directory and uploaded; see README 'Data at scale'."
+        )
+
+
+def committed_steps(directory: Path) -> list[int]:
+    """Steps whose checkpoint is committed (Orbax renames a finished save to its bare step
+    number), read from the directory alone: safe to call after any failure."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 class Checkpoints:
@@ -83,6 +86,9 @@ class Checkpoints:
 
     `state` is the train-state pytree (params, optimizer state, step), `data` the data
     iterator's JSON state, `meta` the config of the run and the metrics at that step.
+    `on_saved(step_dir, kept_steps)`, where given, runs in a background thread (process 0) once
+    Orbax has finalized a step -- a bucket WORKDIR's upload -- and is waited on before the next
+    save (which may delete older local steps) and on close; its failure is a CheckpointSaveError.
     """
 
     def __init__(
@@ -92,6 +98,7 @@ class Checkpoints:
         keep_best: int = 1,
         async_save: bool = True,
         read_only: bool = False,
+        on_saved: Callable[[Path, list[int]], None] | None = None,
     ):
         require_local(directory, "checkpoint directory")
         self.directory = Path(directory).absolute()
@@ -120,6 +127,9 @@ class Checkpoints:
             self.directory, options=options, item_names=("state", "data", "meta")
         )
         self._saving: int | None = None  # the step of the save in flight
+        self._on_saved = on_saved
+        self._publishing: threading.Thread | None = None
+        self._publish_error: tuple[int, Exception] | None = None
 
     def save(
         self,
@@ -139,6 +149,20 @@ class Checkpoints:
             self._start_save(step, state, data_state, meta, metrics)
         except Exception as e:
             raise self._save_failed(e) from e
+        if self._on_saved is not None and jax.process_index() == 0:
+            self._publishing = threading.Thread(target=self._publish, args=(step,), daemon=True)
+            self._publishing.start()
+
+    def _publish(self, step: int) -> None:
+        """In the background: once the step is finalized, hands it to on_saved."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception:
+            return  # the save itself failed: wait() reports that
+        try:
+            self._on_saved(self.directory / str(step), committed_steps(self.directory))
+        except Exception as e:  # reported by wait(), in the main thread
+            self._publish_error = step, e
 
     def _start_save(self, step: int, state: Any, data_state: Any, meta: dict, metrics) -> None:
         self.manager.save(
@@ -155,11 +179,25 @@ class Checkpoints:
         )
 
     def wait(self) -> None:
-        """Until the background save is written; a failed one raises CheckpointSaveError."""
+        """Until the background save is written and handed to on_saved; a failure of either
+        raises CheckpointSaveError."""
+        if self._publishing is not None:
+            self._publishing.join()
+            self._publishing = None
         try:
             self.manager.wait_until_finished()
         except Exception as e:
             raise self._save_failed(e) from e
+        if self._publish_error is not None:
+            (step, error), self._publish_error = self._publish_error, None
+            raise self._publish_failed(step, error) from error
+
+    def _publish_failed(self, step: int, error: Exception) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"step {step} was saved to {self.directory / str(step)} but could not be uploaded ("
+            f"{str(error).splitlines()[0][:400]}). It is kept there, complete, and the steps "
+            "uploaded before it are intact: run the same command again to upload it and resume."
+        )
 
     def _save_failed(self, error: Exception) -> CheckpointSaveError:
         text = str(error).splitlines()[0] if str(error) else type(error).__name__

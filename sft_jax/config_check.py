@@ -175,10 +175,14 @@ def _check_stream(config: Any) -> None:
     _need(config, data.stream_window >= 1, "data.stream_window", "at least 1 document.")
     _need(config, stream or not (data.mixture or data.contamination != "off"),
           "data.loader", "a mixture and the contamination check need loader='stream'.")  # fmt: skip
-    _need(config, not stream or config.train.get("objective", "sft") == "sft", "data.loader",
-          "preference pairs are read with loader='memory'.")  # fmt: skip
+    objective = config.train.get("objective", "sft")
+    _need(config, not stream or objective == "sft", "data.loader",
+          f"train.objective={objective!r} trains on preference pairs, which only "
+          "loader='memory' reads: set config.data.loader='memory' (no mixture).")  # fmt: skip
     _need(config, not (stream and data.eval_fraction), "data.eval_fraction",
-          "the stream loader evaluates eval_files: set those (per source).")  # fmt: skip
+          "the stream loader does not split eval examples off train_files: set 0 and give "
+          "config.data.eval_files (in a mixture, each source's eval_files), or use "
+          "loader='memory'.")  # fmt: skip
     names: set[str] = set()
     for number, entry in enumerate(data.mixture):
         names.add(_check_source(number, entry, names))
@@ -217,9 +221,9 @@ def _check_eval_and_outputs(config: Any) -> None:
         _need(config, _get(config, field) >= 0, field, "must be 0 (off) or positive.")
     _need(config, config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")
     _need(config, config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "keep at least 1.")
-    _need(config, "://" not in config.checkpoint.init_from, "checkpoint.init_from",
-          "checkpoints are read from a local or mounted directory, not a bucket URL (Orbax "
-          "cannot read S3 arrays; see README 'Data at scale').")  # fmt: skip
+    _need(config, "://" not in config.checkpoint.staging_dir, "checkpoint.staging_dir",
+          "the staging copy of a bucket WORKDIR must be a local (or shared, mounted) directory; "
+          "the bucket is --workdir itself.")  # fmt: skip
     _need(config, config.export.at_end in ("best", "last", "none"), "export.at_end",
           "expected 'best', 'last' or 'none'.")  # fmt: skip
     _need(

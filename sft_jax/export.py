@@ -1,6 +1,9 @@
 """Export a run's checkpoint as a Hugging Face directory.
 
 python -m sft_jax.export --workdir=DIR [--step=N | --which=best|last] [--out=DIR]
+
+--workdir and --out may be bucket URLs (s3://, gs://): read and written through a local
+staging copy (sft_jax.bucket_mirror).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import ml_collections
 from absl import app, flags
 from flax import nnx
 
-from sft_jax import cli, rundir, sharding
+from sft_jax import bucket_mirror, cli, rundir, sharding
+from sft_jax.bucket_mirror import BucketMirror
 from sft_jax.checkpointing import Checkpoints
 from sft_jax.data import run_tokenizer
+from sft_jax.data.cloud import is_remote
 from sft_jax.lora import LoRASpec, merged, save_adapter
 from sft_jax.model_setup import build_model, score_labels
 from sft_jax.models import DTYPES, CheckpointError, from_hf_config, save_pretrained
@@ -32,13 +37,48 @@ log = logging.getLogger(__name__)
 
 
 def export_run(
-    workdir: str | Path, *, which: str | int = "best", out: str | Path | None = None
-) -> Path:
-    """Writes the chosen checkpoint's parameters with config, tokenizer and generation config."""
+    workdir: str | Path,
+    *,
+    which: str | int = "best",
+    out: str | Path | None = None,
+    staging_root: str = "",
+    mirror: BucketMirror | None = None,
+) -> str | Path:
+    """Writes the chosen checkpoint's parameters with config, tokenizer and generation config.
+
+    A bucket `workdir` is read from its staging copy; an export bound for a bucket (`out` a
+    URL, or the default WORKDIR/export of a bucket run, `mirror` that run's when `workdir` is
+    already its staging copy) is written locally, complete, then uploaded. Returns where it is.
+    """
+    local = bucket_mirror.readable_run(workdir, staging_root)
+    if mirror is None and is_remote(str(workdir)):
+        mirror = BucketMirror(str(workdir), staging_root)
+    staged, url = _export_target(local, out, staging_root, mirror)
+    _export(local, which, staged)
+    if url is None:
+        return staged
+    if jax.process_index() == 0:
+        bucket_mirror.upload_tree(staged, url)
+    return url
+
+
+def _export_target(
+    local: Path, out: str | Path | None, staging_root: str, mirror: BucketMirror | None
+) -> tuple[Path, str | None]:
+    """(the local folder the export is written to, the URL it is uploaded to or None)."""
+    if out is not None and is_remote(str(out)):
+        return bucket_mirror.staging_dir(str(out), staging_root), str(out).rstrip("/")
+    staged = rundir.export_dir(local, out)
+    if out is None and mirror is not None:
+        return staged, mirror.remote(staged)
+    return staged, None
+
+
+def _export(workdir: Path, which: str | int, out: Path) -> Path:
+    """The export of a local WORKDIR's checkpoint to the local folder `out`."""
     checkpoints = rundir.open_run(workdir)
     step = rundir.pick_step(checkpoints, which)
     config = ml_collections.ConfigDict(json.loads(checkpoints.meta(step)["config"]))
-    out = rundir.export_dir(workdir, out)
     if LoRASpec.from_config(config.lora, config.train.steps).enabled:
         return _export_lora(checkpoints, step, config, out)
     if PromptSpec.from_config(config).enabled:
@@ -140,10 +180,10 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     # Flags are defined only when run as a command: importing this module defines none.
-    flags.DEFINE_string("workdir", None, "The run's WORKDIR (or its checkpoints/ folder).")
+    flags.DEFINE_string("workdir", None, "The run's WORKDIR (or its checkpoints/ folder, or URL).")
     flags.DEFINE_string("which", "best", "'best', 'last', or a step number.")
     flags.DEFINE_integer("step", None, "Step to export (overrides --which).")
-    flags.DEFINE_string("out", None, "Output directory (default WORKDIR/export).")
+    flags.DEFINE_string("out", None, "Output directory or bucket URL (default WORKDIR/export).")
     flags.mark_flag_as_required("workdir")
     cli.define_debug_flag()
     app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, lambda argv: None))

@@ -4,6 +4,9 @@ WORKDIR/checkpoints/<step>/      Orbax checkpoints (sft_jax.checkpointing)
 WORKDIR/checkpoints_damaged/     steps that could not be restored, kept for a look
 WORKDIR/export/                  the Hugging Face export (default of config.export.dir)
 WORKDIR/metrics.jsonl, events.*  metrics (sft_jax.metrics)
+
+A bucket WORKDIR (s3://, gs://) has the same layout, in the bucket and in its local staging copy
+(sft_jax.bucket_mirror).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import jax
 
-from sft_jax.checkpointing import Checkpoints, require_local
+from sft_jax.checkpointing import Checkpoints, committed_steps
 from sft_jax.errors import ConfigError
 
 LOCK_FILE = ".sft_jax.lock"
@@ -35,12 +38,9 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 
 def saved_steps(workdir: str | Path) -> list[int]:
-    """Steps whose checkpoint is committed (Orbax renames a finished save to its bare step
-    number), read from the directory alone: safe to call after any failure."""
-    directory = checkpoints_path(workdir)
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    """Steps whose checkpoint is committed, read from the directory alone: safe to call after
+    any failure."""
+    return committed_steps(checkpoints_path(workdir))
 
 
 def saved_note(workdir: str | Path) -> str:
@@ -60,8 +60,8 @@ def export_dir(workdir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def open_run(workdir: str | Path, field: str = "--workdir") -> Checkpoints:
-    """Another (finished or stopped) run's checkpoints, read only; a clear error when none."""
-    require_local(workdir, field)
+    """Another (finished or stopped) run's checkpoints, read only; a clear error when none.
+    (A run in a bucket is read from its staging copy: bucket_mirror.readable_run.)"""
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise ConfigError(

@@ -16,12 +16,15 @@ from typing import Any
 import jax
 import ml_collections
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from sft_jax import compile_plan, distributed, plan_search, rundir, sharding
+from sft_jax import bucket_mirror, compile_plan, distributed, plan_search, rundir, sharding
+from sft_jax.bucket_mirror import BucketMirror
 from sft_jax.checkpointing import ADAPTER_FIELDS, Checkpoints, config_changes, model_summary
 from sft_jax.config_check import check_mesh, check_values
 from sft_jax.data import DataSource
+from sft_jax.data.cloud import is_remote
 from sft_jax.errors import ConfigError, TrainingDivergedError
 from sft_jax.evaluation import EarlyStopping, eval_message, evaluate, final_report
 from sft_jax.export import export_run
@@ -52,7 +55,9 @@ class Trainer:
         data: DataSource,
         trainable: Any = nnx.Param,
         mesh: Mesh | None = None,
+        mirror: BucketMirror | None = None,
     ):
+        """`workdir` is local: a bucket WORKDIR's staging copy, whose steps `mirror` uploads."""
         self.config, self.workdir, self.data = config, workdir, data
         self.has_eval = next(iter(data.eval_batches()), None) is not None
         self.checkpoints = None
@@ -67,6 +72,7 @@ class Trainer:
                 keep_last=config.checkpoint.keep_last,
                 keep_best=config.checkpoint.keep_best,
                 async_save=config.checkpoint.async_save,
+                on_saved=mirror.publish if mirror is not None else None,
             )
         plan = compile_plan.plan_run(
             config, mesh or sharding.mesh_for(config), model, seq_len=data.seq_len,
@@ -152,7 +158,9 @@ class Trainer:
 
     def init_from(self, workdir: str) -> None:
         """Parameters of another run's best (else newest) checkpoint; optimizer and step fresh."""
-        source = rundir.open_run(workdir, "config.checkpoint.init_from")
+        field = "config.checkpoint.init_from"
+        local = bucket_mirror.readable_run(workdir, self.config.checkpoint.staging_dir, field)
+        source = rundir.open_run(local, field)
         step = rundir.pick_step(source, "best")
         changes = config_changes(source.meta(step)["config"], self.config, ADAPTER_FIELDS)
         if changes:
@@ -285,8 +293,8 @@ class Trainer:
 def run(
     config: ml_collections.ConfigDict, workdir: str | Path, data_factory: Callable[..., DataSource]
 ) -> dict:
-    """Everything main.py does after parsing flags."""
-    workdir = Path(workdir)
+    """Everything main.py does after parsing flags. A bucket `workdir` (s3://, gs://) runs in
+    its local staging copy, mirrored to the bucket (sft_jax.bucket_mirror)."""
     distributed.initialize(config.distributed)
     check_mesh(config)
     why = "as configured (config.mesh)"
@@ -295,12 +303,35 @@ def run(
     mesh = sharding.mesh_for(config)
     log.info("mesh: %s; %s", plan_search.mesh_summary(mesh), why)
     check_values(config, mesh.size, sharding.batch_shards(mesh))
-    with rundir.lock(workdir):
-        return _run_locked(config, workdir, mesh, data_factory)
+    mirror = _bucket_mirror(config, str(workdir))
+    local = mirror.staging if mirror is not None else Path(workdir)
+    with rundir.lock(local):
+        if mirror is not None and jax.process_index() == 0:
+            mirror.pull_run()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sft_jax: staging copy pulled")
+        return _run_locked(config, local, mesh, data_factory, mirror)
+
+
+def _bucket_mirror(config: ml_collections.ConfigDict, workdir: str) -> BucketMirror | None:
+    """For a bucket WORKDIR: its mirror, once the bucket answers (before any work starts)."""
+    if not is_remote(workdir):
+        return None
+    if jax.process_count() > 1 and not config.checkpoint.staging_dir:
+        raise ConfigError(
+            f"--workdir={workdir} with {jax.process_count()} processes: set "
+            "config.checkpoint.staging_dir to a directory every process sees (a shared file "
+            "system): Orbax writes each process's shards of a step into one staging folder."
+        )
+    return BucketMirror.open(workdir, config.checkpoint.staging_dir, "--workdir")
 
 
 def _run_locked(
-    config: ml_collections.ConfigDict, workdir: Path, mesh: Mesh, data_factory: Callable
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    mesh: Mesh,
+    data_factory: Callable,
+    mirror: BucketMirror | None,
 ) -> dict:
     data = data_factory(config)
     model, _, trainable = build_model(config, mesh)
@@ -310,17 +341,21 @@ def _run_locked(
             f"{model.config.vocab_size}: ids past it would index nothing. Use the model's own "
             "tokenizer (config.data.tokenizer='') or resize the model's embeddings first."
         )
-    trainer = Trainer(config, workdir, model, data, trainable, mesh=mesh)
+    trainer = Trainer(config, workdir, model, data, trainable, mesh=mesh, mirror=mirror)
     try:
         trainer.resume()
         summary = trainer.train()
     finally:
         trainer.close()
     if config.export.at_end != "none" and not summary["interrupted"]:
-        again = f"python -m sft_jax.export --workdir={workdir}"
+        source = mirror.url if mirror is not None else workdir
+        again = f"python -m sft_jax.export --workdir={source}"
         with signals_raise(f"the export stopped; the checkpoints are complete: {again}"):
-            out = export_run(workdir, which=config.export.at_end, out=config.export.dir or None)
+            out = export_run(workdir, which=config.export.at_end, out=config.export.dir or None,
+                             staging_root=config.checkpoint.staging_dir, mirror=mirror)  # fmt: skip
         summary["export"] = str(out)
+    if mirror is not None and jax.process_index() == 0:
+        mirror.push_run()
     if jax.process_index() == 0:
         log.info("%s", final_report(summary))
     return summary

@@ -199,6 +199,23 @@ def test_mixture_needs_the_stream_loader(stream_config):
         check_values(stream_config, device_count=1, batch_shards=1)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("train.objective", "dpo", r"^config\.data\.loader='stream': train\.objective='dpo' "
+         r"trains on preference pairs, which only loader='memory' reads"),
+        ("data.eval_fraction", 0.1, r"^config\.data\.eval_fraction=0\.1: the stream loader "
+         r"does not split .* give config\.data\.eval_files"),
+    ],
+    ids=["preference_objective", "eval_fraction"],
+)  # fmt: skip
+def test_what_the_stream_loader_does_not_do_is_named(stream_config, field, value, problem):
+    section, name = field.split(".")
+    stream_config[section][name] = value
+    with pytest.raises(ConfigError, match=problem):
+        check_values(stream_config, device_count=1, batch_shards=1)
+
+
 def test_source_shares_are_counted_in_stream_order():
     loader = stream([random_documents(100, seed=1), random_documents(100, seed=2)], [1, 3])
     refs = loader.window_documents(0)

@@ -43,6 +43,7 @@ LAYERS = {
     "sft_jax.checkpointing": 6,
     "sft_jax.signals": 6,
     "sft_jax.rundir": 6,
+    "sft_jax.bucket_mirror": 6,
     "sft_jax.metrics": 6,
     "sft_jax.prefetch": 6,
     "sft_jax.evaluation": 6,
