@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sft_jax.data.batches import MARGIN_KEY
 from sft_jax.errors import ConfigError
 from sft_jax.models.decoder import CausalLM
 from sft_jax.moe_loss import load_balancing_loss
 
 Batch = dict[str, jax.Array]
-MARGIN_KEY = "pair_margins"  # optional batch key: each token of a chosen reply holds its margin
 
 
 class SegmentRewards(NamedTuple):
@@ -98,6 +98,7 @@ class RewardObjective:
     center_rewards_coefficient: float = 0.0
     aux_loss_coef: float = 0.0
     micro_batches: int = 1
+    batch_keys: tuple[str, ...] = (MARGIN_KEY,)  # the step's batch arrays beyond BATCH_KEYS
 
     def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> RewardSums:
         hidden_BxTxD, stats = model.forward(

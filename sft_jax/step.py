@@ -149,3 +149,10 @@ def eval_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> Any:
     """The objective's sums over an eval batch (no dropout); the caller adds them up."""
     batch = context_layout(batch)
     return spec.objective.sums(nnx.merge(spec.graphdef, params, frozen), batch, None)
+
+
+def reference_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> jax.Array:
+    """The objective's reference log-probs of a batch, [rows, T] (DPO with a precomputed
+    reference: run once over the data with the initial weights)."""
+    batch = context_layout(batch)
+    return spec.objective.reference_token_logps(nnx.merge(spec.graphdef, params, frozen), batch)
