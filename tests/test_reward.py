@@ -142,6 +142,9 @@ def test_loss_and_gradients_equal_pytorch_and_trl(reward_dir, center):
     difference = (chosen - rejected).detach()
     np.testing.assert_allclose(float(metrics["train/margin"]), difference.mean().item(), rtol=1e-5)
     assert float(metrics["train/accuracy"]) == (difference > 0).float().mean().item()
+    every = torch.cat([chosen, rejected]).detach()  # TRL's min_reward / max_reward
+    np.testing.assert_allclose(float(metrics["train/min_reward"]), every.min().item(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["train/max_reward"]), every.max().item(), rtol=1e-5)
     np.testing.assert_allclose(
         trl_reward_loss(hf, pairs, margin, center), expected.item(), rtol=1e-5
     )
@@ -191,18 +194,23 @@ def sequences_of(batches) -> list[np.ndarray]:
 
 
 def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(tmp_path):
-    """The loop end to end on the demo's pairs (4 updates): TRL's metric names, and the export's
-    transformers scores reproduce the run's final eval accuracy and margin over all 200 pairs."""
+    """The loop end to end on the demo's pairs (4 updates of 2 micro-batches): TRL's metric
+    names, and the export's transformers scores reproduce the run's final eval accuracy,
+    margin and extreme rewards over all 200 pairs."""
     import json
 
     from sft_jax import trainer
     from sft_jax.data import open_run_data
 
-    config = reward_demo_config()
+    config = reward_demo_config(
+        **{"train.gradient_accumulation_steps": 2, "train.global_batch_size": 16}
+    )
     summary = trainer.run(config, tmp_path, open_run_data)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("step") == 4 and "eval/accuracy" in r][-1]
-    assert final["eval/pairs"] == 200 and "train/accuracy" in records[-2] | records[-1]
+    train = records[-2] | records[-1]
+    assert final["eval/pairs"] == 200 and "train/accuracy" in train
+    assert -1e3 < train["train/min_reward"] < train["train/mean_reward"] < train["train/max_reward"]
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(summary["export"])
     assert hf.config.architectures == ["LlamaForSequenceClassification"]
     sequences = sequences_of(open_run_data(config).eval_batches())
@@ -212,6 +220,9 @@ def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(t
     difference = (chosen - rejected).numpy()
     np.testing.assert_allclose(final["eval/margin"], difference.mean(), rtol=1e-4, atol=1e-6)
     assert final["eval/accuracy"] == pytest.approx((difference > 0).mean())
+    every = torch.cat([chosen, rejected]).numpy()  # the extremes over every eval batch
+    np.testing.assert_allclose(final["eval/min_reward"], every.min(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(final["eval/max_reward"], every.max(), rtol=1e-4, atol=1e-6)
 
 
 # --- LoRA: adapters on the body, the score head trained in full -----------------------------
