@@ -97,6 +97,12 @@ def test_the_step_holds_no_copy_of_the_weights(setup):
     assert dpo.arguments - sft.arguments == ROWS * SEQ_LEN * 4
 
 
+def logged(lines: list[str]) -> dict[tuple[int, str], float]:
+    """(step, name) -> value of the losses and eval margins in metrics.jsonl lines."""
+    names = ("train/loss", "eval/loss", "eval/rewards/margins")
+    return {(r["step"], k): r[k] for r in map(json.loads, lines) for k in names if k in r}
+
+
 def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     """4 updates of full fine-tuning DPO saved every 2; the last checkpoint removed (as if the
     run died after step 2) and the run started again: it recomputes the reference from
@@ -111,7 +117,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
         "lora.rank": 0, "preference.reference": "precomputed", "checkpoint.enabled": True,
         "checkpoint.every_steps": 2, "checkpoint.async_save": False, "eval.generate_examples": 0,
         "train.learning_rate": 1e-3, "log.every_steps": 1, "data.train_files": str(pairs),
-        "data.eval_files": str(pairs),
+        "data.eval_files": str(pairs), "eval.at_start": False, "eval.every_steps": 4,
     })  # fmt: skip
     tmp_path = tmp_path / "run"
     first = trainer.run(config, tmp_path, open_run_data)
@@ -121,21 +127,10 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     shutil.rmtree(tmp_path / "checkpoints" / "4")
     resumed = trainer.run(config, tmp_path, open_run_data)
     assert resumed["start_step"] == 2
-    after = metrics.read_text().splitlines()
-    losses = {
-        (r["step"], k): r[k]
-        for r in map(json.loads, before)
-        for k in ("train/loss", "eval/loss", "eval/rewards/margins")
-        if k in r
-    }
-    again = {(r["step"], k): r[k] for r in map(json.loads, after) for k in
-             ("train/loss", "eval/loss", "eval/rewards/margins") if k in r}  # fmt: skip
+    losses, again = logged(before), logged(metrics.read_text().splitlines())
     assert {k for k in losses if k[0] > 2} == {
-        (3, "train/loss"),
-        (4, "train/loss"),
-        (4, "eval/loss"),
-        (4, "eval/rewards/margins"),
-    }
+        (3, "train/loss"), (4, "train/loss"), (4, "eval/loss"), (4, "eval/rewards/margins")
+    }  # fmt: skip
     assert again == losses
     assert losses[(4, "eval/rewards/margins")] != 0.0  # the policy moved off its reference
 
