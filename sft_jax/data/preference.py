@@ -16,7 +16,10 @@ that in a batch pair j of a row is segments 2j - 1 and 2j (what sft_jax.preferen
   row   = [P C C <eot>][P R <eot>][pad]     segment_ids = [1 1 1 1 2 2 2 0]
 A pair whose two documents do not fit in one row (config.data.max_length) is dropped and counted
 ("pair_too_long"). Bad pairs (identical replies, an empty reply, a prompt that is not a prefix of
-the conversation) stop the run naming file:line, or are counted with skip_bad_examples.
+the conversation, a `margin` that is not a number) stop the run naming file:line, or are counted
+with skip_bad_examples. A pair's margin (TRL's optional column; 0 without it) rides with it into
+the rows (batches.MARGIN_KEY), and so do DPO's reference log-probs once precomputed
+(batches.REFERENCE_KEY; Pairs.precompute_reference), whatever rows packing makes.
 """
 
 from __future__ import annotations
