@@ -57,6 +57,8 @@ def setup(tmp_path_factory):
     pairs.precompute_reference(
         lambda rows: steps.reference(state["params"], rows), ROWS, SEQ_LEN, MAX_PAIRS, (0, 1)
     )
+    assert steps.batch_shardings[REFERENCE_KEY] == steps.batch_shardings["input_ids"]
+    assert REFERENCE_KEY not in sft.batch_shardings  # the SFT step takes no such array
     return path, pairs, sft.train_memory, steps.train_memory
 
 
