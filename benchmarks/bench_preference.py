@@ -1,6 +1,7 @@
 """A DPO step's throughput relative to an SFT step on the same tokens; TRL + PyTorch the same.
 
   python benchmarks/bench_preference.py --batch=8 --seq=256 --steps=5
+  python benchmarks/bench_preference.py --lora_rank=0 --no_torch   # full fine-tuning references
 
 One random Llama-shaped model (transformers writes it to a temp directory; both sides load it),
 LoRA of rank --lora_rank on every linear projection (the DPO reference is the model with its
@@ -10,6 +11,9 @@ the replies half of each), so the DPO and SFT steps see the very same rows and t
 trains the same completion tokens. sft_jax: the compiled train step with the PairObjective vs
 CrossEntropy; PyTorch: trl.DPOTrainer._compute_loss (its fused LM head, reference forward under
 no_grad with the adapters off) + backward + AdamW vs the model's own loss on the same tokens.
+With --lora_rank=0 every weight trains and sft_jax's DPO runs twice, with
+preference.reference='copy' (a frozen copy of the weights, a reference forward per step) and
+'precomputed' (the reference log-probs read from the batch: no reference forward).
 Reported: tokens/s of each (mean of --steps after one warm-up), DPO / SFT ratios per side, one
 JSON line. On CPU only the ratios mean anything.
 """
@@ -30,11 +34,11 @@ import transformers
 
 from sft_jax import sharding
 from sft_jax.compile_plan import build_steps, init_state
-from sft_jax.data.batches import make_rows
+from sft_jax.data.batches import REFERENCE_KEY, make_rows
 from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import from_pretrained
 from sft_jax.optim import make_optimizer
-from sft_jax.preference import PairObjective, PreferenceSpec
+from sft_jax.preference import PairObjective, PreferenceSpec, attach_frozen_copy
 from sft_jax.step import StepOptions
 
 
@@ -48,7 +52,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch / TRL side")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not args.lora_rank and not args.no_torch:
+        parser.error("--lora_rank=0 compares sft_jax's DPO references only: add --no_torch.")
+    return args
 
 
 def pair_documents(args: argparse.Namespace) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -72,28 +79,34 @@ class _Docs:
         return self.docs[index]
 
 
-def time_jax(args: argparse.Namespace, checkpoint: str, docs: list, dpo: bool) -> float:
+def time_jax(args: argparse.Namespace, checkpoint: str, docs: list, reference: str) -> float:
+    """tokens/s of sft_jax's SFT step (reference "") or DPO step with that reference."""
+    import ml_collections
+
     mesh = sharding.single_device_mesh()
     model = from_pretrained(checkpoint, mesh=mesh)
     spec = LoRASpec(rank=args.lora_rank, alpha=16.0)
-    apply_lora(model, spec, mesh)
+    if spec.enabled:
+        apply_lora(model, spec, mesh)
     trainable = trainable_filter(spec)
     train = {"steps": 100, "learning_rate": 1e-4, "warmup_steps": 0, "lr_schedule": "constant",
              "min_lr_ratio": 1.0, "weight_decay": 0.0, "adam_b1": 0.9, "adam_b2": 0.95,
              "adam_eps": 1e-8, "max_grad_norm": 1.0}  # fmt: skip
-    import ml_collections
-
     tx, schedule = make_optimizer(ml_collections.ConfigDict(train))
     state, shardings = init_state(model, tx, mesh, trainable)
-    objective = (
-        PairObjective(PreferenceSpec("sigmoid", beta=0.1), "adapters_off", 1) if dpo else None
-    )
+    objective = None
+    if reference:
+        objective = PairObjective(PreferenceSpec("sigmoid", beta=0.1), reference, 1)
+    if reference == "copy":
+        attach_frozen_copy(model)
     steps = build_steps(
         model, tx, schedule, mesh, shardings, train_rows=args.batch, eval_rows=args.batch,
         seq_len=args.seq, options=StepOptions(), trainable=trainable, objective=objective,
     )  # fmt: skip
-    rows = [[2 * r, 2 * r + 1] for r in range(args.batch)]
-    batch = sharding.device_batch(make_rows(_Docs(docs), rows, args.seq), steps.batch_shardings)
+    rows = make_rows(_Docs(docs), [[2 * r, 2 * r + 1] for r in range(args.batch)], args.seq)
+    if reference == "precomputed":  # the values do not change the work
+        rows[REFERENCE_KEY] = np.full(rows["target_ids"].shape, -1.0, np.float32)
+    batch = sharding.device_batch(rows, steps.batch_shardings)
     state, metrics = steps.train(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -169,8 +182,11 @@ def main() -> None:
     docs = pair_documents(args)
     with tempfile.TemporaryDirectory() as checkpoint:
         transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(checkpoint)
-        result = {f"sft_jax_{k}": time_jax(args, checkpoint, docs, k == "dpo")
-                  for k in ("sft", "dpo")}  # fmt: skip
+        references = {"sft": "", "dpo": "adapters_off"}
+        if not args.lora_rank:
+            references = {"sft": "", "dpo": "copy", "dpo_precomputed": "precomputed"}
+        result = {f"sft_jax_{k}": time_jax(args, checkpoint, docs, reference)
+                  for k, reference in references.items()}  # fmt: skip
         if not args.no_torch:
             torch.manual_seed(0)
             result |= {f"torch_{k}": time_torch(args, checkpoint, docs, k == "dpo")
@@ -179,6 +195,15 @@ def main() -> None:
         print(f"{name:>14}: {value:10.0f} tokens/s")
     result["sft_jax_dpo_over_sft"] = result["sft_jax_dpo"] / result["sft_jax_sft"]
     print(f"sft_jax DPO / SFT tokens/s: {result['sft_jax_dpo_over_sft']:.3f}")
+    if "sft_jax_dpo_precomputed" in result:
+        result["sft_jax_precomputed_over_sft"] = (
+            result["sft_jax_dpo_precomputed"] / result["sft_jax_sft"]
+        )
+        result["sft_jax_precomputed_over_copy"] = (
+            result["sft_jax_dpo_precomputed"] / result["sft_jax_dpo"]
+        )
+        print(f"sft_jax DPO precomputed / SFT: {result['sft_jax_precomputed_over_sft']:.3f}, "
+              f"/ DPO copy: {result['sft_jax_precomputed_over_copy']:.3f}")  # fmt: skip
     if "torch_dpo" in result:
         result["torch_dpo_over_sft"] = result["torch_dpo"] / result["torch_sft"]
         result["sft_jax_dpo_over_trl_dpo"] = result["sft_jax_dpo"] / result["torch_dpo"]

@@ -265,7 +265,10 @@ def get_config() -> ml_collections.ConfigDict:
     # DPO's reference model: "adapters_off" (LoRA / QLoRA: the same weights with the adapters
     # switched off, no second copy in memory), "copy" (a frozen copy of the initial weights,
     # sharded like them: one more copy of the weights in memory, none in the optimizer state),
-    # or "auto": adapters_off under LoRA, else copy.
+    # "precomputed" (the reference's log-probs of every train and eval pair, computed in one
+    # pass with the initial weights (adapters off) before training and read from the batches:
+    # no reference weights, no reference forward per step; redone on a resume), or "auto":
+    # adapters_off under LoRA, else copy.
     config.preference.reference = "auto"
     # Reward models: weight of mean (r_chosen + r_rejected)^2 in the loss, which keeps rewards
     # centred on 0 (TRL's center_rewards_coefficient; 0 = off).

@@ -20,7 +20,7 @@ def get_config():
     config.data.train_files = str(base.ASSETS / "demo_data" / "preference_train.jsonl")
     config.data.eval_files = str(base.ASSETS / "demo_data" / "preference_eval.jsonl")
     config.data.max_length = 256  # a row holds whole pairs: both replies and their prompts
-    config.lora.rank = 0  # the new head trains, and so does every other weight
+    config.lora.rank = 0  # every weight trains (with a rank: LoRA, the new head in full)
     # ~48 pairs an update (rows pack whole pairs): 1500 updates are ~9 passes over the 8000 pairs.
     # Judging a sum or a reversal from one hidden state is slow to learn for a 2-layer model;
     # a higher peak rate learns it worse (5e-4: 74.5% after 300 updates, against 80.5% at 1e-4).

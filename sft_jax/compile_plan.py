@@ -19,11 +19,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import memory_plan, preference, reward, sharding, step
+from sft_jax.data.batches import BATCH_KEYS
 from sft_jax.errors import ConfigError
 from sft_jax.kernel_choice import attention_for, choose_moe_dispatch, segments_bound
 from sft_jax.lora import LoRASpec
@@ -57,10 +59,18 @@ class Steps:
     graphdef: Any = None  # with `frozen`, turns trained params back into a model
     objective: Any = None  # what the steps optimize (its eval_metrics read the eval sums)
     train_memory: StepMemory | None = None  # the train step's planned memory per device
+    # (params, this process's rows of an eval-sized batch) -> the reference log-probs of every
+    # row of the global batch, [rows, T] on the host: DPO with reference='precomputed'.
+    reference: Callable[[Any, dict[str, Any]], np.ndarray] | None = None
 
     def model_of(self, params: Any) -> CausalLM:
         """The model with these trained parameters (e.g. to generate with during eval)."""
         return nnx.merge(self.graphdef, params, self.frozen)
+
+
+def batch_keys(objective: step.Objective) -> tuple[str, ...]:
+    """The arrays of the steps' batches: data.batches.BATCH_KEYS and the objective's own."""
+    return (*BATCH_KEYS, *getattr(objective, "batch_keys", ()))
 
 
 def init_state(
@@ -147,8 +157,7 @@ def build_steps(
         jax.eval_shape(lambda: _abstract_state(model, tx, trainable)), state_shardings
     )
     abstract_frozen = sharding.abstract_like(frozen)
-    batches = sharding.batch_shardings(mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    batches = sharding.batch_shardings(mesh, batch_keys(objective))
     start = time.perf_counter()
     # Traced under the mesh: the loss (sft_jax.loss) and the fused attention kernels run per
     # shard, in shard_map over it.
@@ -160,10 +169,14 @@ def build_steps(
         evaluate = jax.jit(
             functools.partial(step.eval_step, spec),
             in_shardings=(state_shardings["params"], frozen_shardings, batches),
-            out_shardings=replicated,
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
         )
-        eval_batch = sharding.abstract_batch(eval_rows, seq_len, mesh)
+        eval_batch = sharding.abstract_batch(eval_rows, seq_len, mesh, batch_keys(objective))
         evaluate = evaluate.lower(abstract_state["params"], abstract_frozen, eval_batch).compile()
+        reference = compile_reference(
+            spec, mesh, (abstract_state["params"], state_shardings["params"]),
+            (frozen, frozen_shardings), rows=eval_rows, seq_len=seq_len,
+        )  # fmt: skip
     return Steps(
         train=lambda state, batch: train(state, frozen, batch),
         eval=lambda params, batch: evaluate(params, frozen, batch),
@@ -174,7 +187,34 @@ def build_steps(
         graphdef=graphdef,
         objective=objective,
         train_memory=StepMemory.of(train),
+        reference=reference,
     )
+
+
+def compile_reference(
+    spec: StepSpec, mesh: Mesh, params: tuple[Any, Any], frozen: tuple[Any, Any], *, rows: int,
+    seq_len: int,
+) -> Callable[[Any, dict[str, Any]], np.ndarray] | None:  # fmt: skip
+    """step.reference_step compiled for batches of rows x seq_len (sharded like the steps'),
+    its output replicated so that every process reads every row; call under the mesh. None
+    unless the objective reads a precomputed reference.
+    params, frozen: (abstract params, their shardings), (frozen variables, their shardings)."""
+    if getattr(spec.objective, "reference", None) != "precomputed":
+        return None
+    (abstract_params, params_shardings), (frozen, frozen_shardings) = params, frozen
+    batches = sharding.batch_shardings(mesh)
+    compiled = jax.jit(
+        functools.partial(step.reference_step, spec),
+        in_shardings=(params_shardings, frozen_shardings, batches),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    ).lower(abstract_params, sharding.abstract_like(frozen),
+            sharding.abstract_batch(rows, seq_len, mesh)).compile()  # fmt: skip
+
+    def reference(params: Any, local_rows: dict[str, Any]) -> np.ndarray:
+        logps = compiled(params, frozen, sharding.device_batch(local_rows, batches))
+        return np.asarray(logps.addressable_data(0))
+
+    return reference
 
 
 def lower_train_step(
@@ -191,13 +231,14 @@ def lower_train_step(
     under jax.set_mesh(mesh). Weights never need to exist: sft_jax.plan_search compiles it from
     an abstract model."""
     (abstract_state, state_shardings), (abstract_frozen, frozen_shardings) = state, frozen
+    keys = batch_keys(spec.objective)
     train = jax.jit(
         functools.partial(step.train_step, spec),
-        in_shardings=(state_shardings, frozen_shardings, sharding.batch_shardings(mesh)),
+        in_shardings=(state_shardings, frozen_shardings, sharding.batch_shardings(mesh, keys)),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=(0,),
     )
-    batch = sharding.abstract_batch(rows, seq_len, mesh)
+    batch = sharding.abstract_batch(rows, seq_len, mesh, keys)
     return train.lower(abstract_state, abstract_frozen, batch)
 
 

@@ -416,9 +416,9 @@ def _check_preference(config: Any) -> None:
 
 
 def _check_reward(config: Any) -> None:
-    _need(config, config.lora.rank == 0, "lora.rank",
-          "a reward model trains its new score head in full: use lora.rank=0 (full "
-          "fine-tuning).")  # fmt: skip
+    _need(config, "lm_head" not in names(config.lora.trainable_modules),
+          "lora.trainable_modules", "a reward model has no LM head (its score head trains in "
+          "full under LoRA anyway): leave 'lm_head' out.")  # fmt: skip
     _need(config, config.preference.center_rewards_coefficient >= 0,
           "preference.center_rewards_coefficient", "must be 0 (off) or positive.")  # fmt: skip
     for field in ("generate_examples", "show_samples"):

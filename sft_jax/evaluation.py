@@ -13,6 +13,7 @@ import numpy as np
 from sft_jax.compile_plan import Steps
 from sft_jax.errors import ConfigError
 from sft_jax.sharding import device_batch
+from sft_jax.step import add_sums
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def evaluate(
     totals = None
     for batch in batches:
         sums = jax.device_get(steps.eval(params, device_batch(batch, steps.batch_shardings)))
-        totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+        totals = sums if totals is None else add_sums(steps.objective, totals, sums, np.add)
     if totals is None:
         raise ConfigError("the eval set is empty: check config.data.eval_files.")
     return steps.objective.eval_metrics(totals)

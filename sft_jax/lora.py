@@ -43,8 +43,11 @@ from sft_jax.models.quantize import QuantSpec
 
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 ADAPTER_METHODS = ("lora", "adalora")  # config.lora.method
-# Modules trained in full beside the adapters, by their Hugging Face names.
+# Modules trained in full beside the adapters, by their Hugging Face names (config choices).
 EXTRA_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}
+# ... and a reward model's new score head, always trained in full under LoRA (PEFT's
+# modules_to_save=["score"], which task_type SEQ_CLS adds and TRL's RewardTrainer uses).
+SAVED_MODULES = EXTRA_MODULES | {"score": "score"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +59,7 @@ class LoRASpec:
     dropout: float = 0.0
     targets: tuple[str, ...] = PROJECTIONS
     use_rslora: bool = False
-    extra_trainable: tuple[str, ...] = ()  # "embed" and/or "lm_head", trained in full
+    extra_trainable: tuple[str, ...] = ()  # "embed", "lm_head", "score": trained in full
     quantization: QuantSpec | None = None
     use_dora: bool = False  # DoRA: a trained magnitude per output feature (PEFT's use_dora)
     adalora: AdaLoRASpec | None = None  # AdaLoRA: SVD-form adapters of initial rank `rank`
@@ -76,12 +79,14 @@ class LoRASpec:
 
     def for_model(self, model: CausalLM) -> LoRASpec:
         """The spec as it applies to `model`: with tied embeddings the LM head is the embedding
-        matrix, so training "lm_head" trains "embed" (there is no separate head to update)."""
-        if model.lm_head is not None or "lm_head" not in self.extra_trainable:
-            return self
-        others = [module for module in self.extra_trainable if module != "lm_head"]
-        extras = tuple(dict.fromkeys(["embed", *others]))
-        return dataclasses.replace(self, extra_trainable=extras)
+        matrix, so training "lm_head" trains "embed" (there is no separate head to update); a
+        reward model's score head is new, so it trains in full ("score")."""
+        extras = list(self.extra_trainable)
+        if model.lm_head is None and "lm_head" in extras:
+            extras = ["embed", *(module for module in extras if module != "lm_head")]
+        if model.score is not None:
+            extras.append("score")
+        return dataclasses.replace(self, extra_trainable=tuple(dict.fromkeys(extras)))
 
     @classmethod
     def from_config(cls, lora: ml_collections.ConfigDict, train_steps: int = 0) -> LoRASpec:
@@ -179,14 +184,19 @@ def _normal_init(key: jax.Array, shape: tuple[int, int], out_sharding: Any) -> j
 
 def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
     """(trained, all) parameter counts as PEFT's get_nb_trainable_parameters counts them: a
-    quantized kernel counts as its in * out weights, and PEFT's AdaLoRA layers hold one more
-    (frozen) parameter each, `ranknum`."""
-    trained = sum(x.size for x in jax.tree.leaves(nnx.state(model, trainable)))
+    quantized kernel counts as its in * out weights, PEFT's AdaLoRA layers hold one more
+    (frozen) parameter each, `ranknum`, and a module trained in full beside adapters
+    (modules_to_save) is a trained copy beside its frozen original: both count."""
+    trained_state = nnx.to_flat_state(nnx.state(model, trainable))
+    trained = sum(x.get_value().size for _, x in trained_state)
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     linears = [linear for _, _, linear in decoder_linears(model)]
     quantized = sum(lin.in_features * lin.out_features for lin in linears if lin.quant is not None)
     ranknums = sum(lin.lora_e is not None for lin in linears)
-    return trained, total + quantized + ranknums
+    adapted = any(lin.lora_a is not None for lin in linears)
+    copies = sum(x.get_value().size for path, x in trained_state
+                 if adapted and path[0] in ("embed", "lm_head", "score"))  # fmt: skip
+    return trained, total + quantized + ranknums + copies
 
 
 @partial(jax.jit, static_argnames=("shape", "out_sharding"))
@@ -273,14 +283,13 @@ def save_adapter(
             magnitude = linear.lora_magnitude[...]
             tensors.append(_pending(f"{prefix}.lora_magnitude_vector", magnitude, transpose=False))
     extras = list(spec.extra_trainable)
-    if model.config.tie_word_embeddings and extras and "lm_head" not in extras:
+    if _ties_head(model, spec) and "lm_head" not in extras:
         extras.append("lm_head")  # PEFT ties its copies: the head's must be in the file too
     for module in extras:
-        array = (
-            model.embed[...] if module == "embed" or model.lm_head is None else model.lm_head[...]
-        )
+        head = model.embed if model.lm_head is None else model.lm_head
+        array = {"embed": model.embed, "lm_head": head, "score": model.score}[module][...]
         tensors.append(
-            _pending(f"base_model.model.{EXTRA_MODULES[module]}.weight", array, transpose=False)
+            _pending(f"base_model.model.{SAVED_MODULES[module]}.weight", array, transpose=False)
         )
     write = jax.process_index() == 0
     if write:
@@ -291,12 +300,18 @@ def save_adapter(
         safetensors_io.write_file(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
         (out_dir / "adapter_config.json").write_text(
             json.dumps(
-                _adapter_config(spec, base_model, model.config.tie_word_embeddings, rank_pattern),
+                _adapter_config(spec, base_model, _ties_head(model, spec), rank_pattern),
                 indent=2,
             )
             + "\n"
         )
     return out_dir
+
+
+def _ties_head(model: CausalLM, spec: LoRASpec) -> bool:
+    """Whether a trained embedding is also the LM head (tied, and the model has a head)."""
+    tied = model.config.tie_word_embeddings and model.score is None
+    return tied and bool({"embed", "lm_head"} & set(spec.extra_trainable))
 
 
 def rank_kept(linear: Any) -> np.ndarray:
@@ -341,16 +356,17 @@ def _adapter_config(
     fields = {
         # A trained, tied embedding is also the LM head (as in sft_jax); without this PEFT
         # would keep the head on the old embedding.
-        "ensure_weight_tying": tied and bool(spec.extra_trainable),
+        "ensure_weight_tying": tied,
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        # A reward model loads as PeftModelForSequenceClassification (its score head saved).
+        "task_type": "SEQ_CLS" if "score" in spec.extra_trainable else "CAUSAL_LM",
         "base_model_name_or_path": base_model or None,
         "r": spec.rank,
         "lora_alpha": spec.alpha,
         "lora_dropout": spec.dropout,
         "use_rslora": spec.use_rslora,
         "target_modules": sorted(spec.targets),
-        "modules_to_save": [EXTRA_MODULES[m].split(".")[-1] for m in spec.extra_trainable] or None,
+        "modules_to_save": [SAVED_MODULES[m].split(".")[-1] for m in spec.extra_trainable] or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,

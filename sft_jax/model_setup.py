@@ -43,11 +43,14 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
     if spec.quantization is not None and model.config.num_experts:
         quantize_experts(model, spec.quantization, mesh)
     if spec.enabled:
-        tied = spec.for_model(model)
-        if tied != spec:
+        applied = spec.for_model(model)
+        if "embed" in set(applied.extra_trainable) - set(spec.extra_trainable):
             log.info("config.lora.trainable_modules: the LM head is tied to the embedding, so "
                      "the embedding matrix (model.embed_tokens) is trained")  # fmt: skip
-        spec = tied
+        if model.score is not None:
+            log.info("reward model: the new score head trains in full beside the adapters "
+                     "(PEFT's modules_to_save=['score'])")  # fmt: skip
+        spec = applied
         apply_lora(model, spec, mesh, seed=config.train.seed)
     trainable = trainable_filter(spec)
     prompt = PromptSpec.from_config(config)

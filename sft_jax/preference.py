@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from sft_jax.data.batches import REFERENCE_KEY
 from sft_jax.errors import ConfigError
 from sft_jax.lora import adapters_off
 from sft_jax.loss import hidden_token_logps, token_logps
@@ -42,7 +43,7 @@ from sft_jax.moe_loss import load_balancing_loss
 
 Batch = dict[str, jax.Array]
 REFERENCE_FREE = ("simpo", "orpo")
-REFERENCES = ("auto", "adapters_off", "copy")  # config.preference.reference
+REFERENCES = ("auto", "adapters_off", "copy", "precomputed")  # config.preference.reference
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
 OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE, "reward")  # config.train.objective (reward.py)
@@ -203,7 +204,10 @@ class PairObjective:
 
     reference: "adapters_off" (LoRA / QLoRA: the same weights with every adapter scaled to 0,
     under stop_gradient: no second copy of the model), "copy" (full fine-tuning: a frozen copy
-    of the initial weights, model.reference, see attach_frozen_copy) or "none" (SimPO, ORPO).
+    of the initial weights, model.reference, see attach_frozen_copy), "precomputed" (the
+    batch's REFERENCE_KEY, reference_token_logps of the initial model computed in one pass
+    before training: no reference weights and no reference forward in the step) or "none"
+    (SimPO, ORPO).
     max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs).
     aux_loss_coef, micro_batches: a mixture of experts' load-balancing loss weight (added as
     for SFT, sft_jax.moe_loss) and the step's gradient accumulation.
@@ -221,6 +225,19 @@ class PairObjective:
         """Forward passes of a reference model per step (for MFU): 1 where the step runs one."""
         return 0 if self.reference in ("none", "precomputed") else 1
 
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """Batch arrays the step takes beyond data.batches.BATCH_KEYS."""
+        return (REFERENCE_KEY,) if self.reference == "precomputed" else ()
+
+    def reference_token_logps(self, model: CausalLM, batch: Batch) -> jax.Array:
+        """The reference's log p(target) [B, T] (0 off the completion tokens) under `model`
+        with its adapters off (a no-op without any): what reference='precomputed' reads from
+        the batch, computed once with the initial weights (sft_jax.compile_plan)."""
+        with adapters_off(model):
+            logps_BxT = token_logps(model, batch, self.loss_chunk_size)
+        return jnp.where(batch["target_mask"], logps_BxT, 0.0)
+
     def policy_and_reference(
         self, model: CausalLM, batch: Batch, dropout_key: jax.Array | None
     ) -> tuple[jax.Array, PairLogps, PairLogps | None]:
@@ -236,7 +253,9 @@ class PairObjective:
             aux = load_balancing_loss(stats)
         if self.reference == "none":
             return logps_BxT, policy, None, aux
-        if self.reference == "copy":
+        if self.reference == "precomputed":
+            reference_BxT = batch[REFERENCE_KEY]
+        elif self.reference == "copy":
             reference_BxT = token_logps(model.reference, batch, self.loss_chunk_size)
         else:
             with adapters_off(model):

@@ -12,7 +12,9 @@ sequence, pair k of the row being segments 2k - 1 (chosen) and 2k (rejected) as 
 With r_c, r_r the rewards of a pair and m its margin (TRL's `margin` column; 0 without one):
   loss = mean over pairs of -log sigmoid(r_c - r_r - m)
          + center_rewards_coefficient * mean over pairs of (r_c + r_r)^2
-Metrics with TRL's names: accuracy (pairs with r_c > r_r), margin (mean r_c - r_r), mean_reward.
+Metrics with TRL's names: accuracy (pairs with r_c > r_r), margin (mean r_c - r_r), mean_reward,
+min_reward and max_reward (over the global batch, and over the whole eval set where TRL logs
+the mean of its eval batches' extremes).
 On a mixture of experts the router's load-balancing loss is added as for SFT (moe_loss.py).
 """
 
@@ -25,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sft_jax.data.batches import MARGIN_KEY
 from sft_jax.errors import ConfigError
 from sft_jax.models.decoder import CausalLM
 from sft_jax.moe_loss import load_balancing_loss
 
 Batch = dict[str, jax.Array]
-MARGIN_KEY = "pair_margins"  # optional batch key: each token of a chosen reply holds its margin
 
 
 class SegmentRewards(NamedTuple):
@@ -79,6 +81,8 @@ class RewardSums(NamedTuple):
     accuracy: jax.Array  # pairs with r_c > r_r
     margin: jax.Array  # sum of r_c - r_r
     rewards: jax.Array  # sum of r_c + r_r
+    min_reward: jax.Array  # the lowest reward of a chosen or rejected sequence (not a sum)
+    max_reward: jax.Array  # the highest (not a sum)
     aux: jax.Array  # MoE load-balancing loss of each micro-batch, summed (0 for a dense model)
     micro_batches: jax.Array  # 1 per micro-batch
 
@@ -98,6 +102,7 @@ class RewardObjective:
     center_rewards_coefficient: float = 0.0
     aux_loss_coef: float = 0.0
     micro_batches: int = 1
+    batch_keys: tuple[str, ...] = (MARGIN_KEY,)  # the step's batch arrays beyond BATCH_KEYS
 
     def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> RewardSums:
         hidden_BxTxD, stats = model.forward(
@@ -121,9 +126,26 @@ class RewardObjective:
             accuracy=total((difference > 0).astype(jnp.float32)),
             margin=total(difference),
             rewards=total(pairs.chosen + pairs.rejected),
+            min_reward=jnp.min(
+                jnp.where(valid, jnp.minimum(pairs.chosen, pairs.rejected), jnp.inf)
+            ),
+            max_reward=jnp.max(
+                jnp.where(valid, jnp.maximum(pairs.chosen, pairs.rejected), -jnp.inf)
+            ),
             aux=aux,
             micro_batches=jnp.ones((), jnp.float32),
         )
+
+    def no_sums(self, zeros: RewardSums) -> RewardSums:
+        """The sums of no pairs (what add_sums starts from)."""
+        return zeros._replace(min_reward=zeros.min_reward + jnp.inf,
+                              max_reward=zeros.max_reward - jnp.inf)  # fmt: skip
+
+    def add_sums(self, a: RewardSums, b: RewardSums) -> RewardSums:
+        """Two batches' sums as one: sums add, the extreme rewards are the extremes of both."""
+        added = jax.tree.map(jnp.add, a, b)
+        return added._replace(min_reward=jnp.minimum(a.min_reward, b.min_reward),
+                              max_reward=jnp.maximum(a.max_reward, b.max_reward))  # fmt: skip
 
     def normalizer(self, batch: Batch) -> jax.Array:
         """Pairs of the whole global batch."""
@@ -142,6 +164,8 @@ class RewardObjective:
             f"{prefix}/accuracy": sums.accuracy / normalizer,
             f"{prefix}/margin": sums.margin / normalizer,
             f"{prefix}/mean_reward": sums.rewards / (2 * normalizer),
+            f"{prefix}/min_reward": sums.min_reward,
+            f"{prefix}/max_reward": sums.max_reward,
             f"{prefix}/pairs": sums.pairs,
         }
         if self.aux_loss_coef:

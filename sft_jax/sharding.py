@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sft_jax.data.batches import BATCH_DTYPES, BATCH_KEYS
+from sft_jax.data.batches import ALL_DTYPES, BATCH_KEYS
 from sft_jax.errors import ConfigError
 from sft_jax.models.partitioning import (
     CONTEXT_AXIS,
@@ -103,28 +103,31 @@ def opt_state_shardings(abstract_opt_state: Any, params_shardings: Any, mesh: Me
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    """Rows split over the batch axes; with a context axis, the time axis over it too."""
+def batch_shardings(mesh: Mesh, keys: Sequence[str] = BATCH_KEYS) -> dict[str, NamedSharding]:
+    """Rows split over the batch axes; with a context axis, the time axis over it too. keys:
+    the batch's arrays (an objective's own keys after data.batches.BATCH_KEYS)."""
     time = CONTEXT_AXIS if context_shards(mesh) > 1 else None
     rows = NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], time))
-    return {k: rows for k in BATCH_KEYS}
+    return {k: rows for k in keys}
 
 
-def abstract_batch(rows: int, seq_len: int, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    shardings = batch_shardings(mesh)
+def abstract_batch(
+    rows: int, seq_len: int, mesh: Mesh, keys: Sequence[str] = BATCH_KEYS
+) -> dict[str, jax.ShapeDtypeStruct]:
     return {
-        k: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=shardings[k])
-        for k, dtype in BATCH_DTYPES.items()
+        k: jax.ShapeDtypeStruct((rows, seq_len), ALL_DTYPES[k], sharding=s)
+        for k, s in batch_shardings(mesh, keys).items()
     }
 
 
 def device_batch(
     local_batch: dict[str, Any], shardings: dict[str, NamedSharding]
 ) -> dict[str, jax.Array]:
-    """This process's rows of the global batch -> global arrays sharded over the mesh."""
+    """This process's rows of the global batch -> global arrays sharded over the mesh (the
+    arrays `shardings` names; a batch may hold more)."""
     return {
-        k: jax.make_array_from_process_local_data(shardings[k], local_batch[k].astype(dtype))
-        for k, dtype in BATCH_DTYPES.items()
+        k: jax.make_array_from_process_local_data(s, local_batch[k].astype(ALL_DTYPES[k]))
+        for k, s in shardings.items()
     }
 
 

@@ -31,7 +31,8 @@ Batch = dict[str, jax.Array]
 
 
 class Objective(Protocol):
-    """What a train step optimizes; see sft_jax.loss.CrossEntropy, the SFT objective."""
+    """What a train step optimizes; see sft_jax.loss.CrossEntropy, the SFT objective. Sums
+    add up over micro-batches and eval batches (add_sums), unless the objective says how."""
 
     def sums(self, model: Any, batch: Batch, dropout_key: jax.Array | None = None) -> Any: ...
     def normalizer(self, batch: Batch) -> jax.Array: ...
@@ -90,6 +91,12 @@ def micro_batches(batch: Batch, k: int) -> Batch:
     return {key: split(x) for key, x in batch.items()}
 
 
+def add_sums(objective: Objective, a: Any, b: Any, add: Any = jnp.add) -> Any:
+    """The sums of two batches as one (objective.add_sums where it has one: minima, maxima)."""
+    own = getattr(objective, "add_sums", None)
+    return own(a, b) if own is not None else jax.tree.map(add, a, b)
+
+
 def gradients(
     spec: StepSpec, params: Any, frozen: Any, batch: Batch, step_key: jax.Array
 ) -> tuple[Any, Any]:
@@ -111,14 +118,15 @@ def gradients(
         micro, index = micro_and_index
         grads, sums = grad_fn(params, micro, jax.random.fold_in(step_key, index))
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-        return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+        return (grads_acc, add_sums(spec.objective, sums_acc, sums)), None
 
     micro = micro_batches(batch, spec.accumulation)
     first = jax.tree.map(lambda x: x[0], micro)
     sums_shape = jax.eval_shape(lambda: loss_of(params, first, step_key)[1])
+    no_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
     zeros = (
         jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+        getattr(spec.objective, "no_sums", lambda zeros: zeros)(no_sums),
     )
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(spec.accumulation)))
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), sums
@@ -149,3 +157,10 @@ def eval_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> Any:
     """The objective's sums over an eval batch (no dropout); the caller adds them up."""
     batch = context_layout(batch)
     return spec.objective.sums(nnx.merge(spec.graphdef, params, frozen), batch, None)
+
+
+def reference_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> jax.Array:
+    """The objective's reference log-probs of a batch, [rows, T] (DPO with a precomputed
+    reference: run once over the data with the initial weights)."""
+    batch = context_layout(batch)
+    return spec.objective.reference_token_logps(nnx.merge(spec.graphdef, params, frozen), batch)

@@ -80,6 +80,8 @@ class Trainer:
             pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
         )  # fmt: skip
         self.steps, self.state = plan.steps, plan.state
+        if self.steps.reference is not None:
+            self.precompute_reference()
         self.model_summary = model_summary(model.config.hf_config)
         self.writer = MetricsWriter(workdir)
         self.early_stopping = EarlyStopping(
@@ -97,6 +99,22 @@ class Trainer:
             model.config, data.seq_len, adapters, reference_forwards
         )
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
+
+    def precompute_reference(self) -> None:
+        """DPO's reference='precomputed': the reference log-probs of every train and eval pair,
+        in one pass with the initial weights (model.name_or_path's, also on a resume: the
+        same program on the same weights and rows gives bitwise the same values, so nothing
+        is stored in checkpoints)."""
+        if self.data.precompute_reference is None:
+            raise ConfigError(
+                "config.preference.reference='precomputed': this data loader cannot carry "
+                "reference log-probs; use data.loader='memory'."
+            )
+        start, params = time.perf_counter(), self.state["params"]
+        self.data.precompute_reference(
+            lambda rows: self.steps.reference(params, rows), self.config.eval.global_batch_size
+        )
+        log.info("reference log-probs precomputed in %.1f s", time.perf_counter() - start)
 
     # --- Eval ---------------------------------------------------------------------------
 

@@ -440,7 +440,7 @@ def demo_dpo_config(**overrides):
     [
         ({"train.objective": "kto"}, "train.objective"),
         ({"lora.rank": 0, "preference.reference": "adapters_off"}, "preference.reference"),
-        ({"preference.reference": "precomputed"}, "preference.reference"),
+        ({"preference.reference": "precomputed", "data.loader": "stream"}, "data.loader"),
         ({"lora.trainable_modules": "embed"}, "lora.trainable_modules"),
         ({"preference.loss_type": "simpo"}, "preference.loss_type"),
         ({"preference.label_smoothing": 0.5}, "preference.label_smoothing"),

@@ -75,6 +75,10 @@ def test_hh_style_strings_split_after_the_last_shared_assistant_marker():
         ({"chosen": USER + reply("4"), "rejected": USER}, "empty_completion"),
         ({"prompt": USER, "chosen": 4, "rejected": "5"}, "mistyped_field"),
         ({"prompt": USER, "chosen": reply("4")}, "missing_field"),
+        ({"prompt": USER, "chosen": reply("4"), "rejected": reply("5"), "margin": "high"},
+         "bad_margin"),
+        ({"prompt": USER, "chosen": reply("4"), "rejected": reply("5"), "margin": None},
+         "bad_margin"),
     ],
 )  # fmt: skip
 def test_bad_pairs_stop_with_file_and_line_or_are_counted(tokenizer, tmp_path, value, reason):
@@ -86,13 +90,13 @@ def test_bad_pairs_stop_with_file_and_line_or_are_counted(tokenizer, tmp_path, v
         pref.tokenize_pairs(tokenizer, iter(records), options())
     counted = pref.tokenize_pairs(tokenizer, iter(records), options(skip_bad=True))
     assert counted.stats["dropped"] == {reason: 1}
-    assert len(counted) == 4 and counted.stats["examples_kept"] == 2
+    assert len(counted) == 2 and counted.stats["examples_kept"] == 2
 
 
 def test_chosen_and_rejected_train_the_reply_and_its_end_token_only(tokenizer):
     stream = [Record("f:1", {"prompt": SYSTEM + USER, "chosen": reply("4"),
                              "rejected": reply("five")})]  # fmt: skip
-    docs = pref.tokenize_pairs(tokenizer, iter(stream), options())
+    docs = pref.tokenize_pairs(tokenizer, iter(stream), options()).documents
     for index, text in ((0, "4"), (1, "five")):
         tokens, trained = docs.document(index)
         assert tokenizer.decode(tokens[trained]) == text + "<|im_end|>"
@@ -106,7 +110,7 @@ def test_a_pair_longer_than_a_row_is_dropped_and_counted(tokenizer):
         Record("f:2", {"prompt": USER, "chosen": reply("4"), "rejected": reply("5")}),
     ]
     docs = pref.tokenize_pairs(tokenizer, iter(stream), options(max_length=40))
-    assert docs.stats["dropped"] == {"pair_too_long": 1} and len(docs) == 2
+    assert docs.stats["dropped"] == {"pair_too_long": 1} and len(docs) == 1
 
 
 def random_pairs(count: int, seed: int = 0) -> tok.Tokenized:
@@ -122,7 +126,12 @@ def random_pairs(count: int, seed: int = 0) -> tok.Tokenized:
 def test_rows_hold_whole_pairs_chosen_then_rejected(packing, max_pairs):
     documents = random_pairs(30)
     batches = pref.PairTrainBatches(
-        documents, global_rows=4, row_len=48, packing=packing, seed=0, max_docs=max_pairs
+        pref.Pairs(documents),
+        global_rows=4,
+        row_len=48,
+        packing=packing,
+        seed=0,
+        max_docs=max_pairs,
     )
     per_row = batches.documents_per_row()
     assert per_row == 1 if not packing else 1 < per_row <= (max_pairs or 99)
@@ -141,3 +150,35 @@ def test_rows_hold_whole_pairs_chosen_then_rejected(packing, max_pairs):
                 for k in range(30)}  # fmt: skip
     assert len(seen) == len(set(seen)) and set(seen) <= expected
     assert len(seen) >= 30 - 4 * per_row  # every pair but those of a last, partial batch
+
+
+def test_margins_from_the_file_reach_the_reward_loss(tokenizer, tmp_path):
+    """TRL's `margin` column (numbers, or numbers as text as CSV gives them) rides with its
+    pair into packed rows in any order: the Bradley-Terry loss equals
+    mean -log sigmoid(r_c - r_r - margin) with the file's margins."""
+    import jax.numpy as jnp
+
+    from sft_jax.models import from_pretrained
+    from sft_jax.reward import RewardObjective, pair_rewards
+
+    margins = [0.5, -1.0, "2.25", 0]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": [*USER, {"role": "user", "content": str(k)}],
+                                        "chosen": reply(f"{k} yes"), "rejected": reply("no"),
+                                        "margin": m}) + "\n"
+                            for k, m in enumerate(margins)))  # fmt: skip
+    pairs = pref.tokenize_pairs(tokenizer, iter(read_records(str(path), "train", None)), options())
+    np.testing.assert_array_equal(pairs.margins, [0.5, -1.0, 2.25, 0.0])
+    rows = [[2, 0], [1, 3]]
+    batch = {k: jnp.asarray(v) for k, v in pairs.make_rows(rows, 128).items()}
+    model = from_pretrained(DEMO, score_labels=1)
+    objective = RewardObjective(tokenizer.pad_token_id, max_pairs=2)
+    loss = objective.loss(objective.sums(model, batch), objective.normalizer(batch))
+    hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    without = {k: v for k, v in batch.items() if k != "pair_margins"}
+    rewards = pair_rewards(model.scores(hidden)[..., 0], without, 2, tokenizer.pad_token_id)
+    chosen, rejected = np.asarray(rewards.chosen), np.asarray(rewards.rejected)
+    margin = np.asarray([[2.25, 0.5], [-1.0, 0.0]])
+    expected = np.mean(np.logaddexp(0.0, -(chosen - rejected - margin)))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    assert abs(expected - np.mean(np.logaddexp(0.0, -(chosen - rejected)))) > 0.1

@@ -142,6 +142,9 @@ def test_loss_and_gradients_equal_pytorch_and_trl(reward_dir, center):
     difference = (chosen - rejected).detach()
     np.testing.assert_allclose(float(metrics["train/margin"]), difference.mean().item(), rtol=1e-5)
     assert float(metrics["train/accuracy"]) == (difference > 0).float().mean().item()
+    every = torch.cat([chosen, rejected]).detach()  # TRL's min_reward / max_reward
+    np.testing.assert_allclose(float(metrics["train/min_reward"]), every.min().item(), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["train/max_reward"]), every.max().item(), rtol=1e-5)
     np.testing.assert_allclose(
         trl_reward_loss(hf, pairs, margin, center), expected.item(), rtol=1e-5
     )
@@ -191,18 +194,23 @@ def sequences_of(batches) -> list[np.ndarray]:
 
 
 def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(tmp_path):
-    """The loop end to end on the demo's pairs (4 updates): TRL's metric names, and the export's
-    transformers scores reproduce the run's final eval accuracy and margin over all 200 pairs."""
+    """The loop end to end on the demo's pairs (4 updates of 2 micro-batches): TRL's metric
+    names, and the export's transformers scores reproduce the run's final eval accuracy,
+    margin and extreme rewards over all 200 pairs."""
     import json
 
     from sft_jax import trainer
     from sft_jax.data import open_run_data
 
-    config = reward_demo_config()
+    config = reward_demo_config(
+        **{"train.gradient_accumulation_steps": 2, "train.global_batch_size": 16}
+    )
     summary = trainer.run(config, tmp_path, open_run_data)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r.get("step") == 4 and "eval/accuracy" in r][-1]
-    assert final["eval/pairs"] == 200 and "train/accuracy" in records[-2] | records[-1]
+    train = records[-2] | records[-1]
+    assert final["eval/pairs"] == 200 and "train/accuracy" in train
+    assert -1e3 < train["train/min_reward"] < train["train/mean_reward"] < train["train/max_reward"]
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(summary["export"])
     assert hf.config.architectures == ["LlamaForSequenceClassification"]
     sequences = sequences_of(open_run_data(config).eval_batches())
@@ -212,3 +220,71 @@ def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(t
     difference = (chosen - rejected).numpy()
     np.testing.assert_allclose(final["eval/margin"], difference.mean(), rtol=1e-4, atol=1e-6)
     assert final["eval/accuracy"] == pytest.approx((difference > 0).mean())
+    every = torch.cat([chosen, rejected]).numpy()  # the extremes over every eval batch
+    np.testing.assert_allclose(final["eval/min_reward"], every.min(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(final["eval/max_reward"], every.max(), rtol=1e-4, atol=1e-6)
+
+
+# --- LoRA: adapters on the body, the score head trained in full -----------------------------
+
+
+def test_lora_reward_model_trains_the_head_and_loads_in_peft_and_merged(reward_dir, tmp_path):
+    """Under LoRA the new score head trains in full (PEFT's modules_to_save=["score"], as
+    task_type SEQ_CLS sets it): the trainable count equals PEFT's, the PEFT adapter loads on
+    AutoModelForSequenceClassification and the merged export in transformers, both scoring as
+    we do (rel 1e-4)."""
+    import peft
+
+    from sft_jax.lora import (
+        LoRASpec,
+        apply_lora,
+        merged,
+        parameter_counts,
+        save_adapter,
+        trainable_filter,
+    )
+    from sft_jax.models.decoder import decoder_linears
+
+    causal, _ = reward_dir
+    mesh = sharding.single_device_mesh()
+    model = from_pretrained(causal, mesh=mesh, score_labels=1)
+    spec = LoRASpec(rank=4, alpha=8.0).for_model(model)
+    assert spec.extra_trainable == ("score",)
+    apply_lora(model, spec, mesh)
+    keys = iter(jax.random.split(jax.random.key(5), 100))
+    for _, _, linear in decoder_linears(model):  # trained-looking adapters and head
+        linear.lora_b[...] = 0.3 * jax.random.normal(next(keys), linear.lora_b[...].shape)
+    model.score[...] = jax.random.normal(next(keys), model.score[...].shape)
+    trainable = nnx.state(model, trainable_filter(spec))
+    assert ("score",) in {path for path, _ in nnx.to_flat_state(trainable)}
+
+    def seq_cls():
+        return transformers.AutoModelForSequenceClassification.from_pretrained(causal, num_labels=1)
+
+    config = peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=list(spec.targets)
+    )
+    counts = peft.get_peft_model(seq_cls(), config).get_nb_trainable_parameters()
+    assert parameter_counts(model, trainable_filter(spec)) == counts
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(causal))
+    save_pretrained(merged(model), tmp_path / "merged")
+    pairs = make_pairs(seed=4)
+    ours = jax_rewards(model, pairs, per_row=2)
+    adapter = peft.PeftModel.from_pretrained(seq_cls(), tmp_path / "adapter")
+    merged_hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    for hf in (adapter, merged_hf):
+        with torch.no_grad():
+            chosen, rejected = (r.numpy() for r in torch_rewards(hf.eval(), pairs))
+        np.testing.assert_allclose(ours[0], chosen, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ours[1], rejected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_config_takes_lora_for_a_reward_model_but_no_lm_head():
+    from sft_jax.config_check import check_values
+    from sft_jax.errors import ConfigError
+
+    check_values(reward_demo_config(**{"lora.rank": 8}), 1, 1)
+    with pytest.raises(ConfigError, match=r"config\.lora\.trainable_modules"):
+        check_values(
+            reward_demo_config(**{"lora.rank": 8, "lora.trainable_modules": "lm_head"}), 1, 1
+        )

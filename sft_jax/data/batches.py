@@ -32,6 +32,12 @@ BATCH_DTYPES = {
     "segment_ids": np.int32,
 }
 BATCH_KEYS = tuple(BATCH_DTYPES)
+# Arrays only some objectives read, [rows, T] as well; a compiled step takes the keys its
+# objective names in `batch_keys` (sft_jax.compile_plan), and a batch may hold more.
+MARGIN_KEY = "pair_margins"  # a preference pair's margin at every token of its chosen reply
+REFERENCE_KEY = "reference_logps"  # DPO's reference log p(target_ids[t]), 0 off target_mask
+OBJECTIVE_DTYPES = {MARGIN_KEY: np.float32, REFERENCE_KEY: np.float32}
+ALL_DTYPES = BATCH_DTYPES | OBJECTIVE_DTYPES
 
 
 def best_fit(
@@ -262,13 +268,18 @@ def batches_of_rows(
     process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """This process's share of each global batch of `rows`, the last padded with empty rows."""
+    return [make_rows(tokenized, mine, row_len)
+            for mine in local_rows(rows, global_rows, process_index, process_count)]  # fmt: skip
+
+
+def local_rows(
+    rows: list[list[int]], global_rows: int, process_index: int = 0, process_count: int = 1
+) -> list[list[list[int]]]:
+    """This process's share of each global batch of `rows`, the last padded with empty rows."""
     rows = rows + [[] for _ in range(-len(rows) % global_rows)]
     local = global_rows // process_count
-    batches = []
-    for start in range(0, len(rows), global_rows):
-        mine = rows[start + process_index * local : start + (process_index + 1) * local]
-        batches.append(make_rows(tokenized, mine, row_len))
-    return batches
+    return [rows[start + process_index * local : start + (process_index + 1) * local]
+            for start in range(0, len(rows), global_rows)]  # fmt: skip
 
 
 def eval_rows(

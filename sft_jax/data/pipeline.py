@@ -216,6 +216,11 @@ class DataSource:
     eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]] = dataclasses.field(
         default_factory=dict
     )
+    # Preference pairs: precompute_reference(score, global_rows) runs `score` (this process's
+    # rows of a batch of global_rows -> [global_rows, T] reference log-probs of every row) once
+    # over the train and eval pairs; from then on their batches hold REFERENCE_KEY. None:
+    # this data cannot carry it.
+    precompute_reference: Callable[[Callable, int], None] | None = None
 
 
 @dataclasses.dataclass

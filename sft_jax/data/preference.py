@@ -16,13 +16,18 @@ that in a batch pair j of a row is segments 2j - 1 and 2j (what sft_jax.preferen
   row   = [P C C <eot>][P R <eot>][pad]     segment_ids = [1 1 1 1 2 2 2 0]
 A pair whose two documents do not fit in one row (config.data.max_length) is dropped and counted
 ("pair_too_long"). Bad pairs (identical replies, an empty reply, a prompt that is not a prefix of
-the conversation) stop the run naming file:line, or are counted with skip_bad_examples.
+the conversation, a `margin` that is not a number) stop the run naming file:line, or are counted
+with skip_bad_examples. A pair's margin (TRL's optional column; 0 without it) rides with it into
+the rows (batches.MARGIN_KEY), and so do DPO's reference log-probs once precomputed
+(batches.REFERENCE_KEY; Pairs.precompute_reference), whatever rows packing makes.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
+import numbers
 from typing import Any
 
 import jax
@@ -110,16 +115,95 @@ def normalize_pair(value: Any) -> tuple[Conversation | Completion, Conversation 
     return Completion(prompt, chosen), Completion(prompt, rejected)
 
 
-def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> tokenize.Tokenized:
-    """Chosen and rejected documents of every pair (pair k: documents 2k, 2k + 1); bad pairs
-    raise DataError naming their file:line, or are counted when options.skip_bad."""
-    docs, stats = [], tokenize.empty_stats()
+def pair_margin(value: dict[str, Any]) -> float:
+    """TRL's optional `margin` column (RewardTrainer: loss -log s(r_c - r_r - margin)): a
+    finite number (or its text, as CSV gives it); 0 without the field."""
+    margin = value.get("margin", 0.0)
+    try:
+        if isinstance(margin, bool) or not isinstance(margin, numbers.Real | str):
+            raise ValueError
+        margin = float(margin)
+    except ValueError:
+        raise BadExample(f"'margin' must be a number, got {margin!r}", "bad_margin") from None
+    if not math.isfinite(margin):
+        raise BadExample(f"'margin' must be finite, got {margin!r}", "bad_margin")
+    return margin
+
+
+class Pairs:
+    """Pair documents (pair k: documents 2k chosen, 2k + 1 rejected) seen as pairs, the unit
+    the row packer packs, with each pair's margin and, once precomputed, the reference model's
+    log-probs of every token (reference_logps[i]: log p(tokens[i]) given the tokens of its
+    document before it; 0 for a first or untrained token)."""
+
+    def __init__(self, documents: tokenize.Tokenized, margins: np.ndarray | None = None):
+        self.documents = documents
+        self.margins = np.zeros(len(self), np.float32) if margins is None else margins
+        self.reference_logps: np.ndarray | None = None
+        self.stats = documents.stats
+
+    def __len__(self) -> int:
+        return len(self.documents) // 2
+
+    def lengths(self) -> np.ndarray:
+        lengths = self.documents.lengths()
+        return lengths[0::2] + lengths[1::2]
+
+    def make_rows(self, rows: list[list[int]], row_len: int) -> dict[str, np.ndarray]:
+        """The arrays of rows of pairs (batches.make_rows of their documents), with MARGIN_KEY
+        on every token of a chosen reply and, once precomputed, REFERENCE_KEY aligned with
+        target_ids (as target_mask: the value of token t + 1 at position t)."""
+        out = batches.make_rows(self.documents, documents_of(rows), row_len)
+        out[batches.MARGIN_KEY] = np.zeros((len(rows), row_len), np.float32)
+        reference = self.reference_logps
+        if reference is not None:
+            out[batches.REFERENCE_KEY] = np.zeros((len(rows), row_len), np.float32)
+        offsets = self.documents.offsets
+        for r, pairs in enumerate(rows):
+            start = 0
+            for doc in documents_of([pairs])[0]:
+                end = start + int(offsets[doc + 1] - offsets[doc])
+                if doc % 2 == 0:
+                    out[batches.MARGIN_KEY][r, start:end] = self.margins[doc // 2]
+                if reference is not None:
+                    span = reference[offsets[doc] + 1 : offsets[doc + 1]]
+                    out[batches.REFERENCE_KEY][r, start : end - 1] = span
+                start = end
+        return out
+
+    def precompute_reference(
+        self, score: Any, global_rows: int, row_len: int, max_pairs: int, process: tuple
+    ) -> None:
+        """reference_logps from one pass of `score` (pipeline.DataSource.precompute_reference)
+        over every pair, packed into fixed rows of at most max_pairs pairs (0: no limit)."""
+        rows = batches.eval_rows(self, row_len=row_len, packing=True, max_docs=max_pairs)
+        store = np.zeros(len(self.documents.tokens), np.float32)
+        offsets = self.documents.offsets
+        for number, local in enumerate(batches.local_rows(rows, global_rows, *process)):
+            logps = score(self.make_rows(local, row_len))  # every process's rows
+            for r, pairs in enumerate(rows[number * global_rows : (number + 1) * global_rows]):
+                start = 0
+                for doc in documents_of([pairs])[0]:
+                    length = int(offsets[doc + 1] - offsets[doc])
+                    store[offsets[doc] + 1 : offsets[doc + 1]] = logps[
+                        r, start : start + length - 1
+                    ]
+                    start += length
+        self.reference_logps = store
+
+
+def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> Pairs:
+    """Chosen and rejected documents of every pair (pair k: documents 2k, 2k + 1) and their
+    margins; bad pairs raise DataError naming their file:line, or are counted when
+    options.skip_bad."""
+    docs, margins, stats = [], [], tokenize.empty_stats()
     dropped: collections.Counter[str] = collections.Counter()
     for record in stream:
         stats["examples_read"] += 1
         try:
             pair = [tokenize.tokenize_example(tokenizer, side, options)[:2]
                     for side in normalize_pair(record.value)]  # fmt: skip
+            margin = pair_margin(record.value)
             if sum(len(tokens) for tokens, _ in pair) > options.max_length:
                 raise BadExample("chosen and rejected do not fit in one row", "pair_too_long")
         except BadExample as e:
@@ -133,25 +217,12 @@ def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> to
         except tokenize.TemplateError as e:
             raise tokenize.TemplateError(f"{record.where}: {e}") from None
         docs.extend(pair)
+        margins.append(margin)
     tokenized = tokenize.from_documents(docs, stats)
     stats |= {"dropped": dict(sorted(dropped.items())), "examples_kept": len(docs) // 2,
               "tokens": len(tokenized.tokens),
               "trainable_tokens": tokenize.trainable_tokens(tokenized)}  # fmt: skip
-    return tokenized
-
-
-class Pairs:
-    """A Tokenized of pair documents seen as pairs: what the row packer packs."""
-
-    def __init__(self, documents: tokenize.Tokenized):
-        self.documents = documents
-
-    def __len__(self) -> int:
-        return len(self.documents) // 2
-
-    def lengths(self) -> np.ndarray:
-        lengths = self.documents.lengths()
-        return lengths[0::2] + lengths[1::2]
+    return Pairs(tokenized, np.asarray(margins, np.float32))
 
 
 def documents_of(rows: list[list[int]]) -> list[list[int]]:
@@ -162,26 +233,26 @@ def documents_of(rows: list[list[int]]) -> list[list[int]]:
 class PairTrainBatches(batches.TrainBatches):
     """TrainBatches whose packing unit is a pair (see the module docstring)."""
 
-    def __init__(self, documents: tokenize.Tokenized, **kwargs: Any):
-        self.documents = documents
-        super().__init__(Pairs(documents), **kwargs)
+    def __init__(self, pairs: Pairs, **kwargs: Any):
+        self.pairs = pairs
+        super().__init__(pairs, **kwargs)
 
     def make_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
-        return batches.make_rows(self.documents, documents_of(rows), self.row_len)
+        return self.pairs.make_rows(rows, self.row_len)
 
 
-def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> tokenize.Tokenized:
+def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> Pairs:
     sources = records.expand_sources(spec, field)
     options = tokenize.Options("messages", data.train_on, data.max_length, data.skip_bad_examples)
     bad = pipeline.BadRecords(data.skip_bad_examples)
     stream = (r for source in sources for r in records.read_records(source, split, bad))
-    tokenized = tokenize_pairs(tokenizer, stream, options)
-    if len(tokenized) == 0:
+    pairs = tokenize_pairs(tokenizer, stream, options)
+    if len(pairs) == 0:
         raise DataError(f"{field}={spec!r}: no usable preference pairs in "
-                        f"{tokenized.stats['examples_read']} examples (dropped: "
-                        f"{tokenized.stats['dropped']}).")  # fmt: skip
-    log.info("%s: %s", field, pipeline.summary_line(tokenized.stats))
-    return tokenized
+                        f"{pairs.stats['examples_read']} examples (dropped: "
+                        f"{pairs.stats['dropped']}).")  # fmt: skip
+    log.info("%s: %s", field, pipeline.summary_line(pairs.stats))
+    return pairs
 
 
 def open_pair_data(config: ml_collections.ConfigDict) -> pipeline.DataSource:
@@ -201,18 +272,30 @@ def open_pair_data(config: ml_collections.ConfigDict) -> pipeline.DataSource:
         process_index=process[0], process_count=process[1], max_docs=max_pairs,
         fingerprint=f"pairs/{data.train_files}/{tokenize.tokenizer_fingerprint(tokenizer)}",
     )  # fmt: skip
-    pairs_per_row, eval_data, prompts = train_batches.documents_per_row(), [], []
+    pairs_per_row, eval_rows, prompts = train_batches.documents_per_row(), [], []
     if evaluation is not None:
-        rows = batches.eval_rows(Pairs(evaluation), row_len=data.max_length,
-                                 packing=data.packing, max_docs=max_pairs)  # fmt: skip
-        pairs_per_row = max([pairs_per_row, *(len(row) for row in rows)])
-        eval_data = batches.batches_of_rows(evaluation, documents_of(rows),
-                                            config.eval.global_batch_size, data.max_length,
-                                            *process)  # fmt: skip
-        chosen = evaluation.subset(range(0, len(evaluation), 2))
+        eval_rows = batches.eval_rows(evaluation, row_len=data.max_length, packing=data.packing,
+                                      max_docs=max_pairs)  # fmt: skip
+        pairs_per_row = max([pairs_per_row, *(len(row) for row in eval_rows)])
+        chosen = evaluation.documents.subset(range(0, len(evaluation.documents), 2))
         count = max(config.eval.generate_examples, config.eval.show_samples)
         prompts = pipeline.eval_prompts(chosen, count)
+    eval_data: list[dict[str, np.ndarray]] = []  # built once, again after precompute_reference
+
+    def eval_batches() -> list[dict[str, np.ndarray]]:
+        if evaluation is not None and not eval_data:
+            groups = batches.local_rows(eval_rows, config.eval.global_batch_size, *process)
+            eval_data.extend(evaluation.make_rows(rows, data.max_length) for rows in groups)
+        return eval_data
+
+    def precompute_reference(score: Any, global_rows: int) -> None:
+        for pairs in (train, evaluation) if evaluation is not None else (train,):
+            pairs.precompute_reference(score, global_rows, data.max_length, pairs_per_row,
+                                       process)  # fmt: skip
+        eval_data.clear()
+
     return pipeline.DataSource(
-        train_batches=train_batches, eval_batches=lambda: eval_data, seq_len=data.max_length,
+        train_batches=train_batches, eval_batches=eval_batches, seq_len=data.max_length,
         max_segments=2 * pairs_per_row + 1, tokenizer=tokenizer, eval_prompts=prompts,
+        precompute_reference=precompute_reference,
     )  # fmt: skip
