@@ -28,16 +28,16 @@ SHAPES = {  # hidden, layers, seq, rows, vocab
     "medium": (256, 4, 256, 8, 4096),
     "long": (256, 2, 1024, 4, 4096),
 }
-# Planned on 8 devices: (family, overrides of its tiny config, mesh, expert grouped matmul).
+# Planned on 8 devices: (family, overrides of its tiny config, mesh, expert grouped matmul,
+# tokens per row of an 8-row batch).
 PLANNED = {
     "fsdp_lora": ("llama3.1", {"hidden_size": 256, "intermediate_size": 768,
-                                "num_hidden_layers": 2, "head_dim": 64}, "1x8x1", "ragged_dot"),
-    "moe_lora": ("qwen3_moe", {"num_experts": 16, "num_hidden_layers": 2, "mlp_only_layers": [],
-                               "hidden_size": 128, "moe_intermediate_size": 128},
-                 "1x2x4x1", "padded_blocks"),
+                                "num_hidden_layers": 2, "head_dim": 64}, "1x8x1", "ragged_dot", 64),
+    "moe_lora": ("qwen3_moe", {"num_experts": 32, "num_hidden_layers": 1, "mlp_only_layers": [],
+                               "hidden_size": 256, "moe_intermediate_size": 256},
+                 "1x2x4x1", "padded_blocks", 128),
 }  # fmt: skip
 DEVICES = 8
-SEQ = 64  # tokens per row of PLANNED's 8-row batch
 
 
 def _kib(field: str) -> int:
@@ -94,12 +94,12 @@ def measure_planned(name: str) -> dict:
     from sft_jax import plan_estimate, plan_search, sharding
     from sft_jax.optim import make_optimizer
 
-    family, overrides, mesh_text, experts = PLANNED[name]
+    family, overrides, mesh_text, experts, seq = PLANNED[name]
     config = base.get_config()
     config.model.name_or_path = tempfile.mkdtemp()
     hf_config(family, **overrides).save_pretrained(config.model.name_or_path)
     config.lora.rank, config.lora.target_modules = 8, "q_proj,k_proj,v_proj,o_proj"
-    config.data.max_length, config.train.global_batch_size = SEQ, 8
+    config.data.max_length, config.train.global_batch_size = seq, 8
     subject = plan_estimate.Subject(config, plan_estimate.model_config(config), experts=experts,
                                     extrapolate=False)  # fmt: skip
     candidate = plan_estimate.Candidate(*plan_search.parse_mesh(mesh_text, DEVICES), 1, "full")
@@ -111,7 +111,7 @@ def measure_planned(name: str) -> dict:
     (state, _), (frozen, _) = plan_estimate._abstract_inputs(model, mesh, tx, trainable)
     rng = np.random.default_rng(0)
     state, frozen = _concrete(state, rng), _concrete(frozen, rng)
-    batch = _concrete(sharding.abstract_batch(8, SEQ, mesh), rng)
+    batch = _concrete(sharding.abstract_batch(8, seq, mesh), rng)
     before, peak = _step_memory(lambda s: compiled(s, frozen, batch)[0], state)
     plan = plan_estimate.StepMemory.of(compiled)
     result = {"shape": name, "predicted": plan.total - plan.arguments,

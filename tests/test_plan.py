@@ -286,7 +286,7 @@ def test_fsdp_lora_plan_gathers_weights_where_used_and_is_the_measured_peak():
 
 
 def test_moe_lora_plan_with_the_grouped_matmul_stand_in_is_the_measured_peak():
-    """A mixture of experts (16 experts, top-k of qwen3_moe's tiny config) with LoRA on
+    """A mixture of experts (32 experts, top-k of qwen3_moe's tiny config) with LoRA on
     fsdp=2 x expert=4, planned with the grouped-matmul stand-in the planner compiles for
     ragged_dot (plan_estimate.planned_experts), then run: within 15% of the measured peak."""
     result = _measured("moe_lora")
