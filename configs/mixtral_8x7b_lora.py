@@ -4,15 +4,13 @@ with what differs.
 
 Mesh: one host of 8 GPUs (80 GB) as fsdp=1 x expert=8: one expert of every layer per device.
 The planner (XLA's memory plan of the train step compiled from config.json on 8 fake CPU
-devices, the cuDNN attention planned with the blockwise stand-in, bf16 read back from an f32
-compile, 2 and 4 layers extrapolated to 32; 13 min 24 s wall, 42 s CPU, on a 2-core machine
-shared by 8 jobs) predicts 254 GiB per device for this mesh and 1 micro-batch: it does NOT fit
-80 GB as configured. Rerun on 2 Dec 2026 after the expert-dispatch rework (command below,
-ragged_dot compiled; about 2 min wall, not timed exactly, on a 2-core machine shared with a
-test run): 254 GiB again. With one expert per device XLA:CPU's dense lowering of ragged_dot
-is a single product, what a GPU kernel computes, so this figure is not inflated by it (the
-grouped-matmul stand-in in models/grouped_matmul.py defers to ragged_dot for one expert).
-Which buffers dominate is not broken down yet; plan again with more micro-batches:
+devices with XLA:CPU's memory-optimized scheduler, the cuDNN attention planned with the
+blockwise stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 32; 3 min
+31 s wall, 45 s CPU, on a shared 2-core machine, 2 Dec 2026) predicts 44.0 GiB per device for
+this mesh and 1 micro-batch: it fits 80 GB. With one expert per device the grouped-matmul
+stand-in is ragged_dot itself (XLA:CPU's single dense product: memory a kernel's, FLOPs up to 8x
+over, so the planned step time overstates). An upper bound still (README, "Plan before you
+run"); before the scheduler fix the plan said 254 GiB.
   python -m sft_jax.plan --config=configs/mixtral_8x7b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/mixtral_8x7b --meshes=1x1x8x1 \
     --accumulation=1

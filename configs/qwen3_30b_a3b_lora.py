@@ -2,22 +2,18 @@
 token, 3.3B of 30.5B parameters active), with UltraChat.
 
 Mesh: one host of 8 GPUs (80 GB) as fsdp=2 x expert=4: each device holds 32 of the 128
-experts of every layer, halved again by fsdp. The planner (XLA's memory plan of the train step
-compiled from config.json on 8 fake CPU devices, cuDNN attention planned with the blockwise
-stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 48; 20 min 28 s
-wall, 80 s CPU, on a 2-core machine shared by 8 jobs) predicts 254 GiB per device for this mesh
-with 1 micro-batch, and 402 GiB for expert=8: it does NOT fit 80 GB as configured. These are an
-upper bound: XLA:CPU lowers the experts' ragged_dot to a dense product per local expert (32
-here) over every token copy, temporaries a GPU grouped-GEMM kernel never holds. The
-grouped-matmul stand-in (models/grouped_matmul.py, which plans a kernel's memory on a tiny
-MoE) planned MORE at this scale: 643 GiB for fsdp=2 x expert=4 and 1.16e3 GiB for expert=8
-(same command with --meshes=1x2x4x1,1x1x8x1 and the stand-in compiled; 6 min 15 s wall,
-110 s CPU, 2 Dec 2026, 2-core machine shared with a test run), not yet explained, so the
-planner does not use it and no trustworthy figure for this preset exists yet. Plan again with
-more micro-batches:
+experts of every layer, halved again by fsdp. The planner (XLA's memory plan of the train
+step compiled from config.json on 8 fake CPU devices with XLA:CPU's memory-optimized
+scheduler, cuDNN attention planned with the blockwise stand-in, the experts' ragged_dot with
+the grouped-matmul stand-in of models/grouped_matmul.py, bf16 read back from an f32 compile, 2
+and 4 layers extrapolated to 48; 4 min 20 s wall, 63 s CPU, on a shared 2-core machine, 2 Dec
+2026) predicts 65.3 GiB per device for this mesh with 1 micro-batch: it fits 80 GB. An upper
+bound still (XLA:CPU starts some layers' backward all-gathers early; README, "Plan before you
+run"); the stand-in's plan equals its measured peak on a small MoE (tests/test_plan.py).
+Before the scheduler fix and the stand-in, the plan said 254 GiB.
   python -m sft_jax.plan --config=configs/qwen3_30b_a3b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/qwen3_30b_a3b \
-    --meshes=1x2x4x1,1x1x8x1 --accumulation=1
+    --meshes=1x2x4x1 --accumulation=1
 The log prints XLA's plan of the compiled step and warns before the first step if it exceeds
 the device.
   python main.py --config=configs/qwen3_30b_a3b_lora.py --workdir=/tmp/qwen3_30b_a3b_lora

@@ -30,6 +30,7 @@ from sft_jax.metrics import training_flops_per_token
 from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.config import DTYPES, from_hf_config
 from sft_jax.models.decoder import decoder_linears, use_attention
+from sft_jax.models.grouped_matmul import STAND_IN as STAND_IN_EXPERTS
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
 from sft_jax.models.layers import LoRAParam
 from sft_jax.models.moe import use_grouped_matmul
@@ -89,16 +90,17 @@ def planned_attention(
 
 def planned_experts(shape: ModelConfig, target: str) -> tuple[str, str]:
     """(the grouped matmul the planner compiles, a line saying so; "" for a dense model).
-    XLA:CPU lowers ragged_dot to a dense product per local expert over every token copy, an
-    upper bound for a GPU/TPU kernel. models/grouped_matmul.py is not compiled in its place
-    yet: on a tiny MoE it plans what a kernel holds, but on Qwen3-30B-A3B and Mixtral-8x7B it
-    planned 2.5x more than ragged_dot (643 vs 254 GiB), not yet explained."""
+    XLA:CPU lowers ragged_dot to a dense product per local expert over every token copy
+    ([experts, rows, width] temporaries a GPU/TPU grouped-GEMM kernel never holds), so an MoE is
+    planned with the stand-in of models/grouped_matmul.py, whose temporaries are a kernel's
+    (its measured peak on CPU: benchmarks/plan_memory.py moe_lora)."""
     del target
     if not shape.num_experts:
         return "ragged_dot", ""
     return (
-        "ragged_dot",
-        "experts: ragged_dot, XLA:CPU's dense lowering per local expert (an upper bound)",
+        STAND_IN_EXPERTS,
+        f"experts: ragged_dot on the target, planned with the {STAND_IN_EXPERTS} stand-in "
+        "(XLA:CPU's ragged_dot is a dense product per local expert)",
     )
 
 
@@ -275,7 +277,7 @@ def compile_candidate(
     with jax.set_mesh(mesh), compiler_log() as log_lines:
         lowered = lower_train_step(spec, mesh, state, frozen, rows=train.global_batch_size,
                                    seq_len=config.data.max_length)  # fmt: skip
-        compiled = lowered.compile()
+        compiled = memory_plan.compile_as_planned(lowered)
     return compiled, log_lines
 
 

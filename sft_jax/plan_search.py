@@ -7,8 +7,8 @@ the bytes each collective moves (parsed from the compiled, partitioned HLO) and 
 "Involuntary full rematerialization" warnings. A roofline turns these into a step time. Deep
 models are compiled at two shallow depths and extrapolated (sft_jax.plan_depth); where the
 target runs a fused attention kernel the CPU cannot compile, models/blockwise.py, whose memory
-is the kernel's, stands in for it (the experts' ragged_dot is still XLA:CPU's dense lowering,
-an upper bound: plan_estimate.planned_experts); meshes whose weights and optimizer state
+is the kernel's, stands in for it (and models/grouped_matmul.py for the experts' ragged_dot:
+plan_estimate.planned_experts); meshes whose weights and optimizer state
 alone overflow the device are not compiled.
 """
 
