@@ -29,7 +29,7 @@ from sft_jax.data.batches import make_rows
 from sft_jax.data.tokenize import from_documents
 from sft_jax.errors import ConfigError
 from sft_jax.generate import chat_prompt_ids, generate
-from sft_jax.models import from_pretrained
+from sft_jax.models import CheckpointError, from_pretrained
 from sft_jax.models.attention import KVCache
 from sft_jax.optim import make_optimizer
 from sft_jax.prompts import (
@@ -37,6 +37,7 @@ from sft_jax.prompts import (
     PromptParam,
     PromptSpec,
     apply_prompt,
+    load_prompt_adapter,
     parameter_counts,
     save_prompt_adapter,
     virtual_token_ids,
@@ -460,3 +461,15 @@ def test_chat_on_a_prompt_export_generates_with_its_adapter(
     for directory in (export, export / "adapter"):
         out = run_chat(f"--model={directory}", "--prompt=t10 t11", "--max_new_tokens=8")
         assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+
+
+def test_a_prompt_adapter_of_another_model_or_kind_is_a_clear_error(base, gemma2, tmp_path):
+    spec = SPECS["prefix_tuning"]
+    save_prompt_adapter(prompt_model(base, spec), tmp_path / "adapter", spec)
+    other = from_pretrained(gemma2, mesh=sharding.single_device_mesh())
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        load_prompt_adapter(other, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace("PREFIX_TUNING", "LORA"))
+    with pytest.raises(CheckpointError, match="not a prompt tuning, P-tuning or prefix tuning"):
+        load_prompt_adapter(other, tmp_path / "adapter")
