@@ -6,14 +6,21 @@ python -m sft_jax.chat --workdir=RUN_DIR [--step=N | --which=best|last] ...
 
 With --prompt it prints one reply; without, it reads one user turn per line from stdin until EOF
 and keeps the conversation. --raw continues the text as is instead of using the chat template.
+The export of a prompt tuning, P-tuning or prefix tuning run is its base model with the PEFT
+adapter in DIR/adapter: the reply is generated with the adapter's virtual tokens or prefixes.
+--model may also name such an adapter directory (adapter_config.json) alone: its base is then
+the adapter's base_model_name_or_path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -25,6 +32,7 @@ from sft_jax.errors import UsageError
 from sft_jax.generate import chat, chat_stop_token_ids, reply
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.hf_io import resolve_model_dir
+from sft_jax.prompts import PEFT_TYPES, load_prompt_adapter
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A Hugging Face model directory (or hub id) with a tokenizer.")
@@ -53,11 +61,39 @@ def model_directory(model: str | None, workdir: str | None, which: str | int) ->
 
 
 def load(name_or_path: str, dtype: Any) -> tuple[CausalLM, Any, list[int]]:
-    """Model, tokenizer and chat stop tokens of a Hugging Face directory (or hub id)."""
-    model_dir = resolve_model_dir(name_or_path)
+    """Model (with its prompt adapter, if any), tokenizer and chat stop tokens of a Hugging Face
+    directory (or hub id), or of a prompt adapter's directory."""
+    model_dir, adapter_dir = _base_and_adapter(resolve_model_dir(name_or_path))
     tokenizer = load_tokenizer(model_dir)  # first: a folder without one fails fast
     model = from_pretrained(model_dir, param_dtype=dtype)
+    if adapter_dir is not None:
+        spec = load_prompt_adapter(model, adapter_dir)
+        logging.info("%s adapter of %d virtual tokens: %s", spec.method,
+                     spec.num_virtual_tokens, adapter_dir)  # fmt: skip
     return model, tokenizer, chat_stop_token_ids(tokenizer, model_dir)
+
+
+def _base_and_adapter(directory: Path) -> tuple[Path, Path | None]:
+    """(the model directory, the prompt adapter to put on it or None): an export's adapter/
+    holding a prompt method's adapter (a LoRA export's model is merged already: no adapter), or
+    `directory` itself when it is such an adapter."""
+    for adapter in (directory, directory / "adapter"):
+        config_file = adapter / "adapter_config.json"
+        if not config_file.is_file():
+            continue
+        config = json.loads(config_file.read_text())
+        if config.get("peft_type") not in PEFT_TYPES.values():
+            continue
+        if adapter == directory:
+            base = config.get("base_model_name_or_path")
+            if not base:
+                raise UsageError(
+                    f"{adapter}: the adapter names no base model (base_model_name_or_path); "
+                    "pass --model=the export directory that holds it."
+                )
+            return resolve_model_dir(base), adapter
+        return directory, adapter
+    return directory, None
 
 
 def respond(

@@ -344,6 +344,13 @@ class Plan:
     device_limit: int | None  # bytes one device holds; None where unknown (CPU)
 
 
+def run_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+    """(the run's optimizer, its learning-rate schedule): AdamW, wrapped by AdaLoRA's rank
+    allocation and orthogonality gradient where config.lora asks for AdaLoRA."""
+    adalora = LoRASpec.from_config(config.lora, config.train.steps).adalora
+    return make_optimizer(config.train, adalora)
+
+
 def plan_run(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -367,7 +374,7 @@ def plan_run(
         log.info("expert dispatch: %s (%s)", dispatch, why)
         use_moe_dispatch(model, dispatch)
     train = config.train
-    tx, schedule = make_optimizer(train, LoRASpec.from_config(config.lora, train.steps).adalora)
+    tx, schedule = run_optimizer(config)
     state, state_shardings = init_state(model, tx, mesh, trainable)
     options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
                           train.loss_chunk_size, dropout_seed=train.seed,

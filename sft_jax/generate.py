@@ -26,6 +26,7 @@ from flax import nnx
 
 from sft_jax.models.attention import KVCache
 from sft_jax.models.decoder import CausalLM
+from sft_jax.prompts import prompt_prefix_ids
 
 _MIN_LENGTH_BUCKET = 16
 # End-of-turn markers of common chat templates; a stop token when the template writes it.
@@ -193,9 +194,11 @@ def reply(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> str:
-    """The decoded continuation of prompt_ids, without its stop token and special tokens."""
+    """The decoded continuation of prompt_ids, without its stop token and special tokens. A
+    model with virtual tokens (prompt tuning, P-tuning) reads them first, as in training."""
     (new_ids,) = generate(
-        model, [list(prompt_ids)], max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+        model, [prompt_prefix_ids(model) + list(prompt_ids)], max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids,
         temperature=temperature, top_p=top_p, seed=seed, pad_id=tokenizer.pad_token_id or 0,
     )  # fmt: skip
     if new_ids and new_ids[-1] in stop_token_ids:

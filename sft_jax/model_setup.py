@@ -6,6 +6,7 @@ once it knows the data and the device.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -42,6 +43,23 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
     check_for_model(config, model.config, mesh.shape["expert"])
     if spec.quantization is not None and model.config.num_experts:
         quantize_experts(model, spec.quantization, mesh)
+    tokenizer = None
+    if PromptSpec.from_config(config).init == "text":
+        tokenizer = run_tokenizer(config)
+    spec, trainable = add_adapters(model, config, mesh, tokenizer)
+    model.embedding_noise = config.train.get("neftune_noise_alpha", 0.0)
+    log.info("%s (as PEFT's print_trainable_parameters)", trainable_line(model, trainable))
+    return model, spec, trainable
+
+
+def add_adapters(
+    model: CausalLM, config: ml_collections.ConfigDict, mesh: Mesh, tokenizer: Any = None
+) -> tuple[LoRASpec, Any]:
+    """Puts the run's adapters on `model` (LoRA, DoRA, AdaLoRA; or a prompt method's module)
+    and returns (its LoRA spec, the filter of what trains): the one partition of trained and
+    frozen parameters, shared by training and the planner (which calls it on an abstract model
+    under nnx.eval_shape). `tokenizer`: for prompt tuning's text init only."""
+    spec = LoRASpec.from_config(config.lora, config.train.steps)
     if spec.enabled:
         applied = spec.for_model(model)
         if "embed" in set(applied.extra_trainable) - set(spec.extra_trainable):
@@ -52,12 +70,10 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
                      "(PEFT's modules_to_save=['score'])")  # fmt: skip
         spec = applied
         apply_lora(model, spec, mesh, seed=config.train.seed)
-    trainable = trainable_filter(spec)
     prompt = PromptSpec.from_config(config)
-    if prompt.enabled:
-        tokenizer = run_tokenizer(config) if prompt.init == "text" else None
-        apply_prompt(model, prompt, seed=config.train.seed, tokenizer=tokenizer)
-        trainable = PromptParam
-    model.embedding_noise = config.train.get("neftune_noise_alpha", 0.0)
-    log.info("%s (as PEFT's print_trainable_parameters)", trainable_line(model, trainable))
-    return model, spec, trainable
+    if not prompt.enabled:
+        return spec, trainable_filter(spec)
+    if prompt.init == "text" and tokenizer is None:  # the shapes are those of any init
+        prompt = dataclasses.replace(prompt, init="random")
+    apply_prompt(model, prompt, seed=config.train.seed, tokenizer=tokenizer)
+    return spec, PromptParam

@@ -20,21 +20,20 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax import memory_plan, plan_depth, sharding
-from sft_jax.compile_plan import lower_train_step, moe_options
+from sft_jax.compile_plan import lower_train_step, moe_options, run_optimizer
 from sft_jax.errors import ConfigError
 from sft_jax.hlo_stats import INVOLUNTARY, collective_bytes, compiler_log
 from sft_jax.kernel_choice import CONTEXT_SPLASH, choose_attention
-from sft_jax.lora import LoRASpec, trainable_filter
+from sft_jax.lora import LoRASpec
 from sft_jax.memory_plan import StepMemory
 from sft_jax.metrics import training_flops_per_token
+from sft_jax.model_setup import add_adapters
 from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.config import DTYPES, from_hf_config
-from sft_jax.models.decoder import decoder_linears, use_attention
+from sft_jax.models.decoder import use_attention
 from sft_jax.models.grouped_matmul import STAND_IN as STAND_IN_EXPERTS
 from sft_jax.models.hf_io import abstract_model, load_hf_config, resolve_model_dir
-from sft_jax.models.layers import LoRAParam
 from sft_jax.models.moe import use_grouped_matmul
-from sft_jax.optim import make_optimizer
 from sft_jax.step import StepOptions, StepSpec
 
 OVERLAP = "collectives overlap compute fully: step = max(compute, collectives)"
@@ -110,34 +109,32 @@ def abstract_run_model(
     attention: str = "xla",
     experts: str = "ragged_dot",
 ) -> tuple[Any, Any]:
-    """(abstract model with abstract adapters where config.lora asks for them, the filter of
-    what trains): the structure of build_model's model, nothing allocated."""
-    spec = LoRASpec.from_config(config.lora)
+    """(abstract model with the run's adapters, the filter of what trains): build_model's
+    structure and partition (model_setup.add_adapters, traced: nothing allocated)."""
     model = abstract_model(
         shape, dtype=DTYPES[config.model.compute_dtype],
-        param_dtype=DTYPES[config.model.param_dtype], quantization=spec.quantization,
+        param_dtype=DTYPES[config.model.param_dtype],
+        quantization=LoRASpec.from_config(config.lora).quantization,
     )  # fmt: skip
-    if spec.enabled:
-        spec = spec.for_model(model)
-        for _, name, linear in decoder_linears(model):
-            if name not in spec.targets:
-                continue
-            a_axes, b_axes = (linear.axes[0], "lora_rank"), ("lora_rank", linear.axes[1])
-            a = jax.ShapeDtypeStruct((linear.in_features, spec.rank), jnp.float32)
-            b = jax.ShapeDtypeStruct((spec.rank, linear.out_features), jnp.float32)
-            linear.lora_a = LoRAParam(a, logical_axes=a_axes)
-            linear.lora_b = LoRAParam(b, logical_axes=b_axes)
-            linear.lora_scale, linear.lora_dropout = spec.scale, spec.dropout
+    trainable = []
+
+    def with_adapters(model: CausalLM) -> CausalLM:
+        # Shapes only: each candidate's shardings come from the logical axes later.
+        trainable.append(add_adapters(model, config, sharding.single_device_mesh())[1])
+        return model
+
+    model = nnx.eval_shape(with_adapters, model)
     use_attention(model, attention)
     use_grouped_matmul(model, experts)
-    return model, trainable_filter(spec)
+    return model, trainable[0]
 
 
-def adapter_params(model: CausalLM, trainable: Any, full: bool) -> int | None:
-    """Trained parameters with LoRA (what training_flops_per_token takes), None for full."""
-    if full:
-        return None
-    return sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, trainable))))
+def adapter_params(model: CausalLM, trainable: Any) -> int | None:
+    """Trained parameters where the base is frozen (adapters, prompt methods: what
+    training_flops_per_token takes), None where every parameter trains."""
+    count = lambda which: sum(x.size for x in jax.tree.leaves(nnx.state(model, which)))  # noqa: E731
+    trained = count(trainable)
+    return None if trained == count(nnx.Param) else trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,11 +244,24 @@ def candidate_mesh(candidate: Candidate, devices: Sequence[jax.Device]) -> Mesh:
 def state_bytes(config: ml_collections.ConfigDict, model: Any, trainable: Any, mesh: Mesh) -> int:
     """Bytes of one device's shards of the weights and optimizer state on `mesh`, counted from
     their shardings without compiling: a floor under the step's memory."""
-    tx, _ = make_optimizer(config.train)
+    return sum(state_parts(config, model, trainable, mesh).values())
+
+
+def state_parts(
+    config: ml_collections.ConfigDict, model: Any, trainable: Any, mesh: Mesh
+) -> dict[str, int]:
+    """state_bytes by part: "params" (trained), "opt_state" (the run's optimizer: AdamW's
+    moments, AdaLoRA's allocator), "frozen" (the rest of the weights)."""
+    tx, _ = run_optimizer(config)
     (state, _), (frozen, _) = _abstract_inputs(model, mesh, tx, trainable)
+    parts = {"params": state["params"], "opt_state": state["opt_state"], "frozen": frozen}
+    return {name: shard_bytes(tree) for name, tree in parts.items()}
+
+
+def shard_bytes(tree: Any) -> int:
+    """Bytes of one device's shards of a tree of (abstract or real) sharded arrays."""
     return sum(
-        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-        for x in jax.tree.leaves((state, frozen))
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
     )
 
 
@@ -266,7 +276,7 @@ def compile_candidate(
     mesh = candidate_mesh(candidate, devices)
     model.remat = candidate.remat
     train = config.train
-    tx, schedule = make_optimizer(train)
+    tx, schedule = run_optimizer(config)
     options = StepOptions(candidate.accumulation, train.z_loss_weight, train.loss_chunk_size,
                           dropout_seed=train.seed,
                           **moe_options(train, model.config))  # fmt: skip
@@ -392,11 +402,8 @@ def estimate(
         shallow, deep = (Reading.compile(subject, d, candidate, devices) for d in at)
         reading = shallow.extended(deep, *at, layers)
     model, trainable = subject.model(layers, as_run=True)  # abstract: counting costs nothing
-    full = not LoRASpec.from_config(config.lora).enabled
     seq_len = config.data.max_length
-    per_token = training_flops_per_token(
-        subject.shape, seq_len, adapter_params(model, trainable, full)
-    )
+    per_token = training_flops_per_token(subject.shape, seq_len, adapter_params(model, trainable))
     tokens = config.train.global_batch_size * seq_len
     return Estimate(
         candidate, reading.memory, reading.xla_flops, per_token * tokens / len(devices),

@@ -34,7 +34,7 @@ from sft_jax.lora import parameter_counts
 from sft_jax.models import safetensors_io
 from sft_jax.models.attention import KVPrefix
 from sft_jax.models.decoder import CausalLM
-from sft_jax.models.hf_io import to_host
+from sft_jax.models.hf_io import CheckpointError, to_host
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING",
@@ -294,6 +294,40 @@ def adapter_config(spec: PromptSpec, model: CausalLM, base_model: str = "") -> d
         config |= {"encoder_hidden_size": hidden, "prefix_projection": spec.prefix_projection,
                    "init_weights": None}  # fmt: skip
     return config
+
+
+def load_prompt_adapter(model: CausalLM, adapter_dir: str | Path) -> PromptSpec:
+    """Puts an exported adapter (ours or PEFT's: adapter_config.json + prompt_embeddings) on
+    `model` for inference: virtual tokens as a table (P-tuning's encoder output, as PEFT saves
+    it), or every layer's prefix from the flat [N, L * 2 * K * E]. Returns its spec."""
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    method = {peft: ours for ours, peft in PEFT_TYPES.items()}.get(config.get("peft_type"))
+    entries = safetensors_io.read_header(adapter_dir / "adapter_model.safetensors")
+    if method is None or "prompt_embeddings" not in entries:
+        raise CheckpointError(f"{adapter_dir}: not a prompt tuning, P-tuning or prefix tuning "
+                              f"adapter (peft_type {config.get('peft_type')!r}).")  # fmt: skip
+    table = entries["prompt_embeddings"].read().astype(np.float32)
+    spec = PromptSpec(method, int(config["num_virtual_tokens"]))
+    as_table = "prefix_tuning" if method == "prefix_tuning" else "prompt_tuning"
+    apply_prompt(model, PromptSpec(as_table, spec.num_virtual_tokens))
+    module = model.kv_prefix if method == "prefix_tuning" else model.virtual_tokens
+    expected = module.embedding[...].shape
+    if table.shape != expected or config.get("num_transformer_submodules", 1) != 1:
+        raise CheckpointError(
+            f"{adapter_dir}: prompt_embeddings {table.shape} do not fit this model (expected "
+            f"{expected}); was the adapter trained on another base model?"
+        )
+    module.embedding[...] = jnp.asarray(table)
+    return spec
+
+
+def prompt_prefix_ids(model: CausalLM) -> list[int]:
+    """Input ids a prompt starts with on `model`: its virtual tokens (prompt tuning, P-tuning),
+    else none (prefix tuning's keys and values come from the model itself)."""
+    if model.virtual_tokens is None:
+        return []
+    return virtual_token_ids(model.virtual_tokens().shape[0]).tolist()
 
 
 def trainable_filter() -> Any:

@@ -332,3 +332,40 @@ def test_dora_and_adalora_on_fsdp_tensor_mesh_equal_single_device(spec):
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
         scale = float(np.max(np.abs(np.asarray(b)))) or 1.0
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"prompt.method": "prompt_tuning"}, {"lora.rank": 4, "lora.use_dora": True},
+     {"lora.rank": 4, "lora.method": "adalora", "lora.adalora.target_r": 2}],
+    ids=["prompt_tuning", "dora", "adalora"],
+)  # fmt: skip
+def test_planner_counts_the_state_training_holds(overrides):
+    """The planner's abstract model and optimizer (plan_estimate) hold, per device, the bytes of
+    the trained parameters, optimizer state (AdaLoRA's allocator included) and frozen weights
+    that training builds (model_setup.build_model, compile_plan.init_state)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from configs import base
+    from sft_jax.compile_plan import run_optimizer
+    from sft_jax.model_setup import build_model
+    from sft_jax.plan_estimate import abstract_run_model, model_config, shard_bytes, state_parts
+
+    config = base.get_config().unlock()
+    config.model.name_or_path = str(build_and_save_llama())
+    for dotted, value in overrides.items():
+        *groups, name = dotted.split(".")
+        node = config
+        for group in groups:
+            node = node[group]
+        node[name] = value
+    mesh = sharding.single_device_mesh()
+    model, _, trainable = build_model(config, mesh)
+    state, _ = init_state(model, run_optimizer(config)[0], mesh, trainable)
+    frozen = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Not(trainable))))
+    real = {"params": state["params"], "opt_state": state["opt_state"], "frozen": frozen}
+    planned = state_parts(config, *abstract_run_model(config, model_config(config)), mesh)
+    assert planned == {part: shard_bytes(tree) for part, tree in real.items()}
+    assert planned["params"] < planned["frozen"] / 5  # not planned as full fine-tuning

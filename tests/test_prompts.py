@@ -4,6 +4,8 @@ generation, parameter counts), packing, what trains, and the noise."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,20 +14,22 @@ import peft
 import pytest
 import torch
 import transformers
+from flax import nnx
 from hf_models import build_hf_model, hf_logits, save_hf_model
 from test_data import base_config, conversation, data_config, write_jsonl  # noqa: F401
+from test_generate import chat_model_dir, checkpoints, run_chat  # noqa: F401
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, synthetic_batch, train_config
 
-from sft_jax import sharding
+from sft_jax import sharding, step
 from sft_jax.compile_plan import build_steps, init_state
 from sft_jax.config_check import check_values
 from sft_jax.data import load_datasets, open_data
 from sft_jax.data.batches import make_rows
 from sft_jax.data.tokenize import from_documents
 from sft_jax.errors import ConfigError
-from sft_jax.generate import generate
-from sft_jax.models import from_pretrained
+from sft_jax.generate import chat_prompt_ids, generate
+from sft_jax.models import CheckpointError, from_pretrained
 from sft_jax.models.attention import KVCache
 from sft_jax.optim import make_optimizer
 from sft_jax.prompts import (
@@ -33,12 +37,13 @@ from sft_jax.prompts import (
     PromptParam,
     PromptSpec,
     apply_prompt,
+    load_prompt_adapter,
     parameter_counts,
     save_prompt_adapter,
     virtual_token_ids,
 )
 from sft_jax.sharding import device_batch
-from sft_jax.step import StepOptions
+from sft_jax.step import StepOptions, StepSpec
 
 N = 5
 SPECS = {
@@ -364,3 +369,107 @@ def test_prompt_tuning_inits_as_peft(base):
     assert all(tuple(r) in rows for r in np.asarray(sampled.virtual_tokens()).round(6))
     random = np.asarray(prompt_model(base, PromptSpec("prompt_tuning", 64)).virtual_tokens())
     assert abs(random.std() - 1) < 0.05 and abs(random.mean()) < 0.05
+
+
+# --- Sharded equals one device; chat on an export ------------------------------------------
+
+
+def _loss_and_gradients(path, mesh) -> tuple[float, list[np.ndarray]]:
+    """The SFT loss on `mesh` and its gradients with respect to P-tuning's encoder and a
+    projected prefix, both on one model (the decoder takes virtual tokens and prefixes at
+    once: one compile covers every path of the three methods, prompt tuning's table being
+    P-tuning's without the encoder)."""
+    model = from_pretrained(path, mesh=mesh)
+    apply_prompt(model, SPECS["prefix_projection"], seed=1)
+    apply_prompt(model, SPECS["p_tuning_mlp"], seed=2)
+    graphdef, params, frozen = nnx.split(model, PromptParam, ...)
+    params, frozen = (
+        jax.device_put(nnx.to_pure_dict(state), sharding.param_shardings(model, mesh, which))
+        for state, which in ((params, PromptParam), (frozen, nnx.Not(PromptParam)))
+    )
+    tx, schedule = make_optimizer(train_config())  # unused by the gradients
+    objective = StepOptions(loss_chunk_size=4).objective()
+    step_spec = StepSpec(graphdef, tx, schedule, objective)
+    batch = device_batch(prompt_batch(SPECS["p_tuning_mlp"]), sharding.batch_shardings(mesh))
+    with jax.set_mesh(mesh):
+        grads, sums = jax.jit(functools.partial(step.gradients, step_spec))(
+            params, frozen, batch, jax.random.key(0)
+        )
+        loss = objective.loss(sums, objective.normalizer(batch))
+    return float(loss), [np.asarray(g) for g in jax.tree.leaves(grads)]
+
+
+def test_virtual_tokens_and_prefixes_on_fsdp_tensor_mesh_equal_single_device(base):
+    """Loss and every gradient leaf equal on an fsdp x tensor mesh of 8 (the frozen model
+    sharded, key/value heads split over tensor) and on one device, each leaf within its own
+    scale."""
+    loss, grads = _loss_and_gradients(base, sharding.single_device_mesh())
+    sharded_loss, sharded_grads = _loss_and_gradients(base, sharding.make_mesh(1, 4, 2))
+    np.testing.assert_allclose(sharded_loss, loss, rtol=1e-5)
+    # Two tables (P-tuning's, the prefix's), weight and bias of 3 + 2 linears.
+    assert len(grads) == len(sharded_grads) == 2 + 2 * (3 + 2)
+    for ours, single in zip(sharded_grads, grads, strict=True):
+        scale = float(np.abs(single).max())
+        assert scale > 0  # every leaf gets a gradient
+        np.testing.assert_allclose(ours, single, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _peft_reference(peft_model, spec: PromptSpec, prompt: list[int], stops: list[int]):
+    """PEFT's greedy tokens: its generate without the KV cache for virtual tokens (equal to
+    ours, see test_greedy_generation_equals_peft), a greedy loop over its forward pass for
+    prefix tuning (its generate is wrong for prefixes in this version, with or without cache)."""
+    if spec.method == "prefix_tuning":
+        new = _peft_greedy(peft_model, prompt, 8)
+    else:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = peft_model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                do_sample=False, use_cache=False, eos_token_id=stops, pad_token_id=0,
+            )  # fmt: skip
+        new = out[0, len(prompt) :].tolist()
+    ends = [i for i, token in enumerate(new) if token in stops]
+    return new[: ends[0]] if ends else new
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "p_tuning_mlp", "prefix_tuning"])
+def test_chat_on_a_prompt_export_generates_with_its_adapter(
+    chat_model_dir,  # noqa: F811
+    run_chat,  # noqa: F811
+    tmp_path,
+    name,
+):
+    """`sft_jax.chat --model=EXPORT` (base model + adapter/, as a prompt run exports) and
+    `--model=EXPORT/adapter` reply with PEFT's greedy tokens for the same adapter."""
+    spec = SPECS[name]
+    export = tmp_path / "export"
+    shutil.copytree(chat_model_dir, export)
+    model = from_pretrained(export, mesh=sharding.single_device_mesh())
+    apply_prompt(model, spec, seed=2)
+    save_prompt_adapter(model, export / "adapter", spec, base_model=str(export))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    prompt = chat_prompt_ids(tokenizer, [{"role": "user", "content": "t10 t11"}])
+    expected = _peft_reference(load_in_peft(export, export / "adapter"), spec, prompt, [2, 4])
+    base_reply = (
+        transformers.AutoModelForCausalLM.from_pretrained(export)
+        .generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[2, 4])[
+            0, len(prompt) :
+        ]
+        .tolist()
+    )
+    assert base_reply[: len(expected)] != expected  # the adapter changes the reply
+    for directory in (export, export / "adapter"):
+        out = run_chat(f"--model={directory}", "--prompt=t10 t11", "--max_new_tokens=8")
+        assert out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+
+
+def test_a_prompt_adapter_of_another_model_or_kind_is_a_clear_error(base, gemma2, tmp_path):
+    spec = SPECS["prefix_tuning"]
+    save_prompt_adapter(prompt_model(base, spec), tmp_path / "adapter", spec)
+    other = from_pretrained(gemma2, mesh=sharding.single_device_mesh())
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        load_prompt_adapter(other, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace("PREFIX_TUNING", "LORA"))
+    with pytest.raises(CheckpointError, match="not a prompt tuning, P-tuning or prefix tuning"):
+        load_prompt_adapter(other, tmp_path / "adapter")
