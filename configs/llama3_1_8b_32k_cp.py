@@ -7,16 +7,16 @@ load-balanced order), keys and values gathered per layer; one row per micro-batc
 micro-batches. Attention "auto" takes cuDNN's fused kernel with a mask per shard (splash and
 cuDNN's packed layout assume tokens in order); attention='blockwise' needs no mask.
 Per-device memory the planner predicts (XLA's plan of the train step compiled from config.json
-on 8 fake CPU devices, cuDNN planned with the blockwise stand-in, bf16 read back from an f32
-compile, 2 and 4 layers extrapolated to 32; about 52 s CPU, 7.5 min wall each on a shared
-2-core machine), with 80 GB GPUs in mind:
-  context=8, 8 micro-batches                  77.3 GiB (the lowest; this preset)
-  context=4 x tensor=2, 8 micro-batches        82.4 GiB
-  context=4 x fsdp=2, 4 micro-batches         151 GiB
-All three are above 95% of 80 GB. They are upper bounds: the same plan counts 2k-token LoRA on
-this model at 52.9 GiB (configs/llama3_1_8b_lora.py), far above what 8B LoRA needs, likely the
-CPU compile keeping all-gathered frozen weights alive (README, "Plan before you run"); the fsdp
-row, which gathers weights, is the most inflated. Check on a GPU before relying on them.
+on 8 fake CPU devices with the memory-weighing scheduler, cuDNN planned with the blockwise
+stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 32; about 40 s CPU
+each), with 80 GB GPUs in mind:
+  context=8, 8 micro-batches                  19.7 GiB (the lowest; this preset)
+  context=4 x tensor=2, 8 micro-batches       58.7 GiB
+  context=4 x fsdp=2, 4 micro-batches        106 GiB (does not fit)
+(Before the planner compiled with XLA:CPU's memory-optimized scheduler these read 77.3, 82.4 and
+151 GiB: the default scheduler held every layer's gathered weights at once.) The fsdp row is an
+upper bound: XLA:CPU drops remat's optimization barriers, so some backward all-gathers start
+early (README, "Plan before you run"). Check on a GPU before relying on the figures.
   python -m sft_jax.plan --config=configs/llama3_1_8b_32k_cp.py --devices=8 --peak_tflops=989 \
     --interconnect_gbps=450 --model_config=assets/model_configs/llama3_1_8b \
     --contexts=8 --meshes=1x1x1 --accumulation=8

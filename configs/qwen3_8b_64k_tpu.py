@@ -12,8 +12,8 @@ MLP over 4. Attention "blockwise" (flash-style, in plain JAX): splash cannot run
 sequence split (its causal tiles assume tokens in order), and the einsum path ("xla") would
 hold [8192, 65536] float32 scores per head and layer.
 Per-device memory the planner predicts (XLA's plan of the train step compiled from config.json
-on 32 fake CPU devices, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 36; 53 s
-CPU, 5.5 min wall on a shared 2-core machine): 63.5 GiB per device with context=8 x tensor=4
+on 32 fake CPU devices with the memory-weighing scheduler, bf16 read back from an f32 compile, 2
+and 4 layers extrapolated to 36; 35 s CPU): 50.2 GiB per device with context=8 x tensor=4
 and 4 micro-batches of one row, within a v5p chip's 95 GB; an upper bound until checked on a
 TPU (README, "Plan before you run"). The figure's source, assets/model_configs/qwen3_8b_yarn,
 is Qwen3-8B's published config.json with the YaRN scaling above:
