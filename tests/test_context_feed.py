@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
+from sft_jax import sharding
 from sft_jax.errors import ConfigError
 from sft_jax.sharding import row_blocks
 
@@ -81,6 +84,22 @@ def test_context_axis_across_two_processes_trains_as_one_process(tmp_path):
         losses, rel=1e-5
     )
     assert spanned[STEPS]["eval/loss"] == pytest.approx(reference[STEPS]["eval/loss"], rel=1e-5)
+
+
+def test_device_batch_gives_each_device_its_rows_and_its_slice_of_the_sequence():
+    """fsdp=2 x context=4 in one process: the process feeds every row (block 0 of 1); each
+    device holds its row and its contiguous quarter of the sequence (step.context_layout
+    reorders on the devices)."""
+    mesh = sharding.make_mesh(1, 2, context=4, devices=jax.devices()[:8])
+    assert sharding.row_feed(mesh) == (0, 1)
+    ids = np.arange(2 * 16).reshape(2, 16)
+    batch = sharding.device_batch({"input_ids": ids}, sharding.batch_shardings(mesh, ["input_ids"]))
+    placed = batch["input_ids"]
+    np.testing.assert_array_equal(np.asarray(placed), ids)
+    for shard in placed.addressable_shards:
+        rows, time = shard.index
+        assert shard.data.shape == (1, 4)
+        np.testing.assert_array_equal(np.asarray(shard.data), ids[rows, time])
 
 
 def test_row_blocks_give_a_data_parallel_group_one_block():
