@@ -158,16 +158,24 @@ def row_blocks(
 
 
 def device_batch(
-    local_batch: dict[str, Any], shardings: dict[str, NamedSharding]
+    local_batch: dict[str, Any], shardings: dict[str, NamedSharding], global_rows: int = 0
 ) -> dict[str, jax.Array]:
     """This process's rows of the global batch (block row_feed of each sharding's mesh, whole
     rows in sequence order) -> global arrays sharded over the mesh: each device takes its rows
     and, under a context axis, its contiguous slice of the time axis (step.context_layout
-    reorders them on the devices). The arrays `shardings` names; a batch may hold more."""
+    reorders them on the devices). The arrays `shardings` names; a batch may hold more.
+    global_rows: the batch's rows over every process, checked against the feed (0: not)."""
     out = {}
     for key, sharding in shardings.items():
         local = np.asarray(local_batch[key], ALL_DTYPES[key])
         block, blocks = row_feed(sharding.mesh)
+        if global_rows and local.shape[0] * blocks != global_rows:
+            raise ConfigError(
+                f"this process fed {local.shape[0]} rows of a {global_rows}-row batch that the "
+                f"mesh cuts into {blocks} block(s) of {global_rows // blocks} rows, one per "
+                "data-parallel group of processes (sharding.row_feed): a data source must take "
+                "its rows from the feed trainer.run passes it (data_factory(config, feed))."
+            )
         first = block * local.shape[0]
 
         def piece(index: tuple[slice, ...], local=local, first=first) -> np.ndarray:

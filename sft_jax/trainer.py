@@ -220,8 +220,9 @@ class Trainer:
             if self.initial_eval:
                 summary["initial_eval"] = self.initial_eval
             shardings = self.steps.batch_shardings
-            feed = Prefetch(self.data.train_batches, lambda rows: device_batch(rows, shardings),
-                            depth=self.config.data.prefetch)  # fmt: skip
+            rows = self.config.train.global_batch_size
+            feed = Prefetch(self.data.train_batches, lambda local: device_batch(local, shardings,
+                            rows), depth=self.config.data.prefetch)  # fmt: skip
             with contextlib.closing(feed):
                 step = self._loop(step, feed, stop, progress, summary)
         progress.close()

@@ -102,6 +102,13 @@ def test_device_batch_gives_each_device_its_rows_and_its_slice_of_the_sequence()
         np.testing.assert_array_equal(np.asarray(shard.data), ids[rows, time])
 
 
+def test_a_feed_of_other_rows_than_the_mesh_asks_is_a_config_error():
+    mesh = sharding.make_mesh(1, 2, context=4, devices=jax.devices()[:8])
+    shardings = sharding.batch_shardings(mesh, ["input_ids"])
+    with pytest.raises(ConfigError, match=r"fed 1 rows of a 2-row batch.*data_factory"):
+        sharding.device_batch({"input_ids": np.zeros((1, 16))}, shardings, global_rows=2)
+
+
 def test_row_blocks_give_a_data_parallel_group_one_block():
     mesh = {"data": 2, "context": 4}
     # context=4 over processes of 2 devices: processes 0, 1 hold row shard 0, processes 2, 3
