@@ -8,9 +8,11 @@ checkpoint and add to its config.json
 then point --config.model.name_or_path at the copy (sft_jax applies YaRN as transformers does,
 attention factor included; tests/test_long_rope.py).
 Mesh: context=8 x tensor=4: each row's 65536 tokens split over 8 chips (8192 each), heads and
-MLP over 4. Attention "blockwise" (flash-style, in plain JAX): splash cannot run with the
-sequence split (its causal tiles assume tokens in order), and the einsum path ("xla") would
-hold [8192, 65536] float32 scores per head and layer.
+MLP over 4. Both axes span the 8 hosts (4 chips each): the batch's rows are one block that
+every host feeds whole, each chip taking its slice (sharding.row_feed). Attention
+"blockwise" (flash-style, in plain JAX): splash cannot run with the sequence split (its
+causal tiles assume tokens in order), and the einsum path ("xla") would hold [8192, 65536]
+float32 scores per head and layer.
 Per-device memory the planner predicts (XLA's plan of the train step compiled from config.json
 on 32 fake CPU devices with the memory-weighing scheduler, bf16 read back from an f32 compile, 2
 and 4 layers extrapolated to 36; 35 s CPU): 50.2 GiB per device with context=8 x tensor=4

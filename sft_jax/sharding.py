@@ -6,6 +6,7 @@ module builds meshes from config and lays arrays (and their abstract stand-ins) 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from sft_jax.models.partitioning import (
     single_device_mesh,
 )
 
-__all__ = ["make_mesh", "mesh_for", "single_device_mesh"]
+__all__ = ["make_mesh", "mesh_for", "row_feed", "single_device_mesh"]
 
 
 def make_mesh(
@@ -120,15 +121,72 @@ def abstract_batch(
     }
 
 
+@functools.cache
+def row_feed(mesh: Mesh) -> tuple[int, int]:
+    """(block, blocks): which rows of each global batch this process feeds. The rows are cut
+    into `blocks` equal contiguous blocks and this process feeds block `block`, whole rows.
+
+    A data-parallel group of processes (their devices hold the same rows: a context or tensor
+    axis spans them) is one block, fed by each of its processes; without one, every process
+    is its own block. The data pipeline takes its share from this, device_batch lays it out."""
+    sharding = NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"]))
+    holds: dict[int, set[int]] = {}  # process -> the row shards its devices hold
+    for device, (rows,) in sharding.devices_indices_map((batch_shards(mesh),)).items():
+        holds.setdefault(device.process_index, set()).add(rows.start or 0)
+    blocks = row_blocks(holds, batch_shards(mesh), dict(mesh.shape))
+    return blocks.index(tuple(sorted(holds[jax.process_index()]))), len(blocks)
+
+
+def row_blocks(
+    holds: dict[int, set[int]], shards: int, mesh_shape: dict[str, int]
+) -> list[tuple[int, ...]]:
+    """The blocks of row shards processes feed, in row order, from the row shards each
+    process's devices hold (`holds`); a ConfigError when they are not equal contiguous blocks
+    that processes share whole or not at all (no process could then feed whole rows)."""
+    blocks = sorted({tuple(sorted(held)) for held in holds.values()})
+    in_order = [shard for block in blocks for shard in block] == list(range(shards))
+    if in_order and len({len(block) for block in blocks}) == 1:
+        return blocks
+    per_process = {process: sorted(held) for process, held in sorted(holds.items())}
+    raise ConfigError(
+        f"mesh {mesh_shape} over {len(holds)} processes: the row shards of the batch that each "
+        f"process's devices hold ({per_process}) are not equal contiguous blocks that processes "
+        "share whole or not at all, so the processes cannot feed whole rows. Make "
+        "config.mesh.context x config.mesh.tensor divide the devices of one process, or be a "
+        "multiple of them."
+    )
+
+
 def device_batch(
-    local_batch: dict[str, Any], shardings: dict[str, NamedSharding]
+    local_batch: dict[str, Any], shardings: dict[str, NamedSharding], global_rows: int = 0
 ) -> dict[str, jax.Array]:
-    """This process's rows of the global batch -> global arrays sharded over the mesh (the
-    arrays `shardings` names; a batch may hold more)."""
-    return {
-        k: jax.make_array_from_process_local_data(s, local_batch[k].astype(ALL_DTYPES[k]))
-        for k, s in shardings.items()
-    }
+    """This process's rows of the global batch (block row_feed of each sharding's mesh, whole
+    rows in sequence order) -> global arrays sharded over the mesh: each device takes its rows
+    and, under a context axis, its contiguous slice of the time axis (step.context_layout
+    reorders them on the devices). The arrays `shardings` names; a batch may hold more.
+    global_rows: the batch's rows over every process, checked against the feed (0: not)."""
+    out = {}
+    for key, sharding in shardings.items():
+        local = np.asarray(local_batch[key], ALL_DTYPES[key])
+        block, blocks = row_feed(sharding.mesh)
+        if global_rows and local.shape[0] * blocks != global_rows:
+            raise ConfigError(
+                f"this process fed {local.shape[0]} rows of a {global_rows}-row batch that the "
+                f"mesh cuts into {blocks} block(s) of {global_rows // blocks} rows, one per "
+                "data-parallel group of processes (sharding.row_feed): a data source must take "
+                "its rows from the feed trainer.run passes it (data_factory(config, feed))."
+            )
+        first = block * local.shape[0]
+
+        def piece(index: tuple[slice, ...], local=local, first=first) -> np.ndarray:
+            rows, *rest = index
+            start = (rows.start or 0) - first
+            stop = local.shape[0] if rows.stop is None else rows.stop - first
+            return local[(slice(start, stop), *rest)]
+
+        shape = (local.shape[0] * blocks, *local.shape[1:])
+        out[key] = jax.make_array_from_callback(shape, sharding, piece)
+    return out
 
 
 def with_shardings(tree: Any, shardings: Any) -> Any:

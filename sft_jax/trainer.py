@@ -220,8 +220,9 @@ class Trainer:
             if self.initial_eval:
                 summary["initial_eval"] = self.initial_eval
             shardings = self.steps.batch_shardings
-            feed = Prefetch(self.data.train_batches, lambda rows: device_batch(rows, shardings),
-                            depth=self.config.data.prefetch)  # fmt: skip
+            rows = self.config.train.global_batch_size
+            feed = Prefetch(self.data.train_batches, lambda local: device_batch(local, shardings,
+                            rows), depth=self.config.data.prefetch)  # fmt: skip
             with contextlib.closing(feed):
                 step = self._loop(step, feed, stop, progress, summary)
         progress.close()
@@ -312,7 +313,8 @@ def run(
     config: ml_collections.ConfigDict, workdir: str | Path, data_factory: Callable[..., DataSource]
 ) -> dict:
     """Everything main.py does after parsing flags. A bucket `workdir` (s3://, gs://) runs in
-    its local staging copy, mirrored to the bucket (sft_jax.bucket_mirror)."""
+    its local staging copy, mirrored to the bucket (sft_jax.bucket_mirror). data_factory(config,
+    feed) opens the data; feed (sharding.row_feed) says which rows of each batch it feeds."""
     distributed.initialize(config.distributed)
     check_mesh(config)
     why = "as configured (config.mesh)"
@@ -351,7 +353,7 @@ def _run_locked(
     data_factory: Callable,
     mirror: BucketMirror | None,
 ) -> dict:
-    data = data_factory(config)
+    data = data_factory(config, sharding.row_feed(mesh))  # a data-parallel group: same rows
     model, _, trainable = build_model(config, mesh)
     if data.tokenizer is not None and len(data.tokenizer) > model.config.vocab_size:
         raise ConfigError(

@@ -39,8 +39,8 @@ def main() -> None:
     config.checkpoint.update(enabled=processes == 1, every_steps=2, keep_last=3)
     recorded = {}
 
-    def data_factory(config):
-        source = open_run_data(config)
+    def data_factory(config, feed):
+        source = open_run_data(config, feed)
         source.train_batches = recorded["loader"] = Recorded(source.train_batches)
         return source
 

@@ -212,7 +212,7 @@ def test_a_missing_bucket_or_no_credentials_stop_a_bucket_run_before_it_starts(
     s3, chat_model, tmp_path, monkeypatch
 ):
     config = run_config(chat_model, str(chat_model[1]), tmp_path / "stage")
-    no_data = lambda config: pytest.fail("the run started")  # noqa: E731
+    no_data = lambda *_: pytest.fail("the run started")  # noqa: E731
     with pytest.raises(CloudError, match=r"^--workdir=s3://no-such-bucket/run: s3://no-such"):
         trainer.run(config, "s3://no-such-bucket/run", no_data)
     without_credentials(monkeypatch)

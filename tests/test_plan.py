@@ -220,7 +220,7 @@ def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
     expected = plan_search.plan(config, jax.devices(), hardware, target="cpu").best
     config.mesh.auto = True
     with caplog.at_level(logging.INFO, logger="sft_jax"):
-        trainer.run(config, tmp_path, data_factory=lambda _: synthetic_source())
+        trainer.run(config, tmp_path, data_factory=lambda *_: synthetic_source())
     first = next(r.getMessage() for r in caplog.records if r.name.startswith("sft_jax"))
     c = expected.candidate
     assert first.startswith(
@@ -233,7 +233,7 @@ def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
     config.mesh.auto = False
     config.mesh.data, config.mesh.fsdp = 2, 4
     with caplog.at_level(logging.INFO, logger="sft_jax"):
-        trainer.run(config, tmp_path / "fixed", data_factory=lambda _: synthetic_source())
+        trainer.run(config, tmp_path / "fixed", data_factory=lambda *_: synthetic_source())
     first = next(r.getMessage() for r in caplog.records if r.name.startswith("sft_jax"))
     assert (
         first == "mesh: data=2 fsdp=4 expert=1 context=1 tensor=1: 8 cpu devices in 1 process; "

@@ -24,7 +24,7 @@ def main() -> None:
     config.checkpoint.keep_last = 3
     config.export.at_end = "best"
 
-    def data_factory(_config):
+    def data_factory(_config, _feed):
         source = synthetic_source()
         source.train_batches = SyntheticBatches()
         return source

@@ -23,10 +23,14 @@ __all__ = [
 ]
 
 
-def open_run_data(config: ml_collections.ConfigDict) -> DataSource:
-    """The run's data: preference pairs for a preference objective, else SFT examples."""
+def open_run_data(
+    config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None
+) -> DataSource:
+    """The run's data: preference pairs for a preference objective, else SFT examples. feed:
+    (block, blocks) of each global batch's rows this process feeds (sharding.row_feed; the
+    trainer passes it), else each process its own block."""
     if config.train.get("objective", "sft") != "sft":
-        return open_pair_data(config)
+        return open_pair_data(config, feed)
     if config.data.get("loader", "memory") == "stream":
-        return open_stream_data(config)
-    return open_data(config)
+        return open_stream_data(config, feed)
+    return open_data(config, feed)

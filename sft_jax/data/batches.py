@@ -175,7 +175,8 @@ class TrainBatches:
         if global_rows % process_count:
             raise DataError(
                 f"config.train.global_batch_size={global_rows} rows does not split over "
-                f"{process_count} processes; use a multiple of {process_count}."
+                f"{process_count} processes (or data-parallel groups of processes); use a "
+                f"multiple of {process_count}."
             )
         if len(tokenized) == 0:
             raise DataError("no training documents.")

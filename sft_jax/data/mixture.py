@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_collections
 
 from sft_jax.data import batches, contamination, pipeline, records, store, stream, tokenize
@@ -188,10 +187,13 @@ def _eval_set(config: ml_collections.ConfigDict, source: Source, sources: list[S
     return tokenized, key
 
 
-def open_stream_data(config: ml_collections.ConfigDict) -> pipeline.DataSource:
-    """The trainer's DataSource for this process, streamed from the stores."""
+def open_stream_data(
+    config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None
+) -> pipeline.DataSource:
+    """The trainer's DataSource for this process, streamed from the stores; `feed`:
+    pipeline.row_share."""
     ready, data = prepare_all(config), config.data
-    process = (jax.process_index(), jax.process_count())
+    process = pipeline.row_share(feed)
     documents = stream.Documents(ready.train)
     train = stream.StreamBatches(
         documents, [s.weight for s in ready.sources], window=data.stream_window,

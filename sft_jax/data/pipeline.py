@@ -267,10 +267,17 @@ def with_virtual_tokens(loaded: Datasets, spec: PromptSpec) -> Datasets:
     return dataclasses.replace(loaded, train=loaded.train.with_prefix(ids), eval=evaluation)
 
 
-def open_data(config: ml_collections.ConfigDict) -> DataSource:
-    """The trainer's DataSource for this process, built from config.data."""
+def row_share(feed: tuple[int, int] | None) -> tuple[int, int]:
+    """(block, blocks) of each global batch's rows this process feeds: `feed` as the trainer
+    gives it (sharding.row_feed: processes of one data-parallel group feed the same block),
+    else each process its own block."""
+    return feed if feed is not None else (jax.process_index(), jax.process_count())
+
+
+def open_data(config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None) -> DataSource:
+    """The trainer's DataSource for this process, built from config.data; `feed`: row_share."""
     loaded = with_virtual_tokens(load_datasets(config), PromptSpec.from_config(config))
-    data, process = config.data, (jax.process_index(), jax.process_count())
+    data, process = config.data, row_share(feed)
     train = batches.TrainBatches(
         loaded.train,
         global_rows=config.train.global_batch_size,

@@ -30,7 +30,6 @@ import math
 import numbers
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -255,9 +254,12 @@ def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> Pairs
     return pairs
 
 
-def open_pair_data(config: ml_collections.ConfigDict) -> pipeline.DataSource:
-    """The trainer's DataSource of preference pairs (config.data, as for SFT data; no cache)."""
-    data, process = config.data, (jax.process_index(), jax.process_count())
+def open_pair_data(
+    config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None
+) -> pipeline.DataSource:
+    """The trainer's DataSource of preference pairs (config.data, as for SFT data; no cache);
+    `feed`: pipeline.row_share."""
+    data, process = config.data, pipeline.row_share(feed)
     tokenizer = pipeline.run_tokenizer(config)
     train = _load(data.train_files, data.train_split, "config.data.train_files", tokenizer, data)
     evaluation = None
