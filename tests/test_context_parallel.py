@@ -239,9 +239,11 @@ def test_context_axis_across_two_processes_equals_one_device(checkpoint, single_
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "grads.npz"
+    tests = Path(__file__).parent  # the worker imports this file and configs/ from the repo
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")  # fmt: skip
-    script = Path(__file__).with_name("context_worker.py")
+               JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join((str(tests.parent), str(tests))))  # fmt: skip
+    script = tests / "context_worker.py"
     procs = [
         subprocess.Popen([sys.executable, str(script), str(checkpoint("llama3.1")), str(i), "2",
                           str(port), str(out)], env=env, stderr=subprocess.PIPE, text=True)
