@@ -211,7 +211,8 @@ class BucketMirror:
         pairs = []
         for path in _files(self.staging, skip):
             relative = path.relative_to(self.staging).as_posix()
-            seen = (path.stat().st_size, path.stat().st_mtime_ns)
+            stat = path.stat()
+            seen = (stat.st_size, stat.st_mtime_ns)
             pushed = self._pushed.get(path)
             if (pushed != seen) if pushed else (remote.get(relative) != seen[0]):
                 pairs.append((path, f"{self.url}/{relative}"))

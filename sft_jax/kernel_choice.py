@@ -68,10 +68,27 @@ def choose_attention(
     compute_dtype: str,
     max_length: int,
     max_head_dim: int = 256,
+    context: int = 1,
 ) -> tuple[str, str]:
     """(attention kind, why): "auto" takes the fused kernel of this accelerator where the model
     and config allow it (cuDNN on NVIDIA GPUs, splash on TPUs), else the einsum path. Naming a
-    kernel the run cannot use is a ConfigError that says why."""
+    kernel the run cannot use is a ConfigError that says why. With the sequence split over a
+    context axis of `context` devices, splash ("auto" on a TPU) gives way to blockwise."""
+    kind, why = _choose_attention(requested, accelerator, model, compute_dtype, max_length,
+                                  max_head_dim)  # fmt: skip
+    if kind == "splash" and context > 1:  # tokens out of order: models/attention.py
+        return "blockwise", CONTEXT_SPLASH
+    return kind, why
+
+
+def _choose_attention(
+    requested: str,
+    accelerator: str,
+    model: ModelConfig,
+    compute_dtype: str,
+    max_length: int,
+    max_head_dim: int,
+) -> tuple[str, str]:
     check_choice("model.attention", requested, ATTENTION_CHOICES)
     blockers = {
         "cudnn": _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
@@ -129,12 +146,10 @@ def attention_for(
         config.model.attention, accelerator=here, model=model,
         compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
         max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
+        context=config.mesh.get("context", 1),
     )  # fmt: skip
-    if config.mesh.get("context", 1) > 1:  # tokens out of order: models/attention.py
-        if attention == "splash":  # "auto" on a TPU; naming it is a ConfigError
-            return "blockwise", CONTEXT_SPLASH
-        if attention == "cudnn":
-            return attention, why + "; a mask per context shard keeps documents apart"
+    if config.mesh.get("context", 1) > 1 and attention == "cudnn":
+        return attention, why + "; a mask per context shard keeps documents apart"
     if attention == "cudnn":
         why += (
             f"; documents kept apart by a table of {max_segments} segments per row"

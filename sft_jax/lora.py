@@ -195,7 +195,7 @@ def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
     ranknums = sum(lin.lora_e is not None for lin in linears)
     adapted = any(lin.lora_a is not None for lin in linears)
     copies = sum(x.get_value().size for path, x in trained_state
-                 if adapted and path[0] in ("embed", "lm_head", "score"))  # fmt: skip
+                 if adapted and path[0] in SAVED_MODULES)  # fmt: skip
     return trained, total + quantized + ranknums + copies
 
 

@@ -23,7 +23,7 @@ from sft_jax import memory_plan, plan_depth, sharding
 from sft_jax.compile_plan import lower_train_step, moe_options, run_optimizer
 from sft_jax.errors import ConfigError
 from sft_jax.hlo_stats import INVOLUNTARY, collective_bytes, compiler_log
-from sft_jax.kernel_choice import CONTEXT_SPLASH, choose_attention
+from sft_jax.kernel_choice import choose_attention
 from sft_jax.lora import LoRASpec
 from sft_jax.memory_plan import StepMemory
 from sft_jax.metrics import training_flops_per_token
@@ -78,9 +78,8 @@ def planned_attention(
     kind, why = choose_attention(
         config.model.attention, accelerator=target, model=shape,
         compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
+        context=config.mesh.get("context", 1),
     )  # fmt: skip
-    if kind == "splash" and config.mesh.get("context", 1) > 1:  # as kernel_choice.attention_for
-        return "blockwise", f"attention: blockwise on the target and in the plan ({CONTEXT_SPLASH})"
     here = jax.devices()[0].platform
     if kind in ("cudnn", "splash") and {"cudnn": "gpu", "splash": "tpu"}[kind] != here:
         return STAND_IN, f"attention: {kind} on the target, planned with the {STAND_IN} stand-in"

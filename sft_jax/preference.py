@@ -258,8 +258,7 @@ class PairObjective:
         elif self.reference == "copy":
             reference_BxT = token_logps(model.reference, batch, self.loss_chunk_size)
         else:
-            with adapters_off(model):
-                reference_BxT = token_logps(model, batch, self.loss_chunk_size)
+            reference_BxT = self.reference_token_logps(model, batch)
         reference_BxT = jax.lax.stop_gradient(reference_BxT)
         return logps_BxT, policy, pair_logps(reference_BxT, batch, self.max_pairs), aux
 

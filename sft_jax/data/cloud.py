@@ -85,7 +85,7 @@ def glob(pattern: str) -> list[str]:
     prefix = pattern.split("://", 1)[0] + "://"
     with _named(pattern):
         fs = _filesystem(pattern)
-        fs.ls(pattern.split("://", 1)[1].split("/", 1)[0])  # a missing bucket fails here
+        fs.ls(_key(pattern).split("/", 1)[0])  # a missing bucket fails here
         return sorted(prefix + p.removeprefix(prefix) for p in fs.glob(pattern))
 
 

@@ -28,6 +28,7 @@ import collections
 import logging
 import math
 import numbers
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -158,17 +159,23 @@ class Pairs:
         if reference is not None:
             out[batches.REFERENCE_KEY] = np.zeros((len(rows), row_len), np.float32)
         offsets = self.documents.offsets
-        for r, pairs in enumerate(rows):
-            start = 0
-            for doc in documents_of([pairs])[0]:
-                end = start + int(offsets[doc + 1] - offsets[doc])
-                if doc % 2 == 0:
-                    out[batches.MARGIN_KEY][r, start:end] = self.margins[doc // 2]
-                if reference is not None:
-                    span = reference[offsets[doc] + 1 : offsets[doc + 1]]
-                    out[batches.REFERENCE_KEY][r, start : end - 1] = span
-                start = end
+        for r, doc, start, end in self._spans(rows):
+            if doc % 2 == 0:
+                out[batches.MARGIN_KEY][r, start:end] = self.margins[doc // 2]
+            if reference is not None:
+                span = reference[offsets[doc] + 1 : offsets[doc + 1]]
+                out[batches.REFERENCE_KEY][r, start : end - 1] = span
         return out
+
+    def _spans(self, rows: list[list[int]]) -> Iterator[tuple[int, int, int, int]]:
+        """(row, document, start, end) of every document of rows of pairs, in row order."""
+        offsets = self.documents.offsets
+        for r, docs in enumerate(documents_of(rows)):
+            start = 0
+            for doc in docs:
+                end = start + int(offsets[doc + 1] - offsets[doc])
+                yield r, doc, start, end
+                start = end
 
     def precompute_reference(
         self, score: Any, global_rows: int, row_len: int, max_pairs: int, process: tuple
@@ -180,14 +187,9 @@ class Pairs:
         offsets = self.documents.offsets
         for number, local in enumerate(batches.local_rows(rows, global_rows, *process)):
             logps = score(self.make_rows(local, row_len))  # every process's rows
-            for r, pairs in enumerate(rows[number * global_rows : (number + 1) * global_rows]):
-                start = 0
-                for doc in documents_of([pairs])[0]:
-                    length = int(offsets[doc + 1] - offsets[doc])
-                    store[offsets[doc] + 1 : offsets[doc + 1]] = logps[
-                        r, start : start + length - 1
-                    ]
-                    start += length
+            batch = rows[number * global_rows : (number + 1) * global_rows]
+            for r, doc, start, end in self._spans(batch):
+                store[offsets[doc] + 1 : offsets[doc + 1]] = logps[r, start : end - 1]
         self.reference_logps = store
 
 
