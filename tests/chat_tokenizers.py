@@ -169,6 +169,7 @@ REAL_TEMPLATES = {
         DEEPSEEK_SPECIALS, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
     "google-gemma-3-it": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>",
                           "<eos>"),
+    "meta-llama-Llama-2-7b-chat-hf": (["<s>", "</s>"], "<s>", "</s>"),
 }  # fmt: skip
 TEMPLATE_DIR = __import__("pathlib").Path(__file__).parent / "data" / "templates"
 

@@ -97,6 +97,9 @@ CASES = {
     # the prompt as at inference (generation prompt included) and the reply after it.
     "hermes_tools": ("NousResearch-Hermes-3-Llama-3.1-8B-tool_use", TOOL_CHAT, "all", {},
                      [[QWEN_CALL, "It is 7 .<|im_end|>"]]),
+    # Llama 2 puts a space before each reply and one before </s>: both are the reply's.
+    "llama2_plain": ("meta-llama-Llama-2-7b-chat-hf", PLAIN_CHAT, "all", {},
+                     [[" Hello ! </s>", " Fine thanks . </s>"]]),
     "gemma3_plain": ("google-gemma-3-it", PLAIN_CHAT, "all", {},
                      [["Hello !<end_of_turn>", "Fine thanks .<end_of_turn>"]]),
     # Gemma 3 renders no reasoning: with train_reasoning="none" the answers train.

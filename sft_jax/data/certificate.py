@@ -105,10 +105,31 @@ def _span_problem(
             f"a token straddles the span boundary: tokens cover {text[covered[0] : covered[1]]!r}"
             f", the span is {text[span[0] : span[1]]!r}"
         )
-    decoded = tokenizer.decode(tokens[first : last + 1].tolist())
+    decoded = _decoded_in_context(tokenizer, tokens, first, last + 1)
+    if decoded is None:
+        return f"decoding the trained tokens of {text[span[0] : span[1]]!r} changes the text before"
     if decoded != text[span[0] : span[1]]:
         return f"the trained tokens decode to {decoded!r}, the span is {text[span[0] : span[1]]!r}"
     return None
+
+
+def _decoded_in_context(tokenizer: Any, tokens: np.ndarray, start: int, stop: int) -> str | None:
+    """The text tokens[start:stop] add to the decoding of the tokens before them.
+
+    A slice decoded on its own is not its text: SentencePiece-style decoders (Metaspace, or a
+    Strip of one leading space: Llama 2, Mistral, TinyLlama) drop the leading space of the
+    first token decoded, so a reply ' 42' would decode to '42'. Decoding the prefix through the
+    slice and taking away the prefix gives what the slice reads as in its document. A slice at
+    the very start gets a special token in front, so the decoder's strip falls on that token.
+    None where the prefix's text changes when the slice follows it (nothing to compare)."""
+    context = tokens[:start].tolist()
+    if not context and tokenizer.all_special_ids:
+        context = [tokenizer.all_special_ids[0]]
+    before = tokenizer.decode(context, clean_up_tokenization_spaces=False)
+    through = tokenizer.decode(
+        context + tokens[start:stop].tolist(), clean_up_tokenization_spaces=False
+    )
+    return through[len(before) :] if through.startswith(before) else None
 
 
 def _char_labels(rendered: Rendered, messages: list[dict], specials: list[str]) -> list[str]:
