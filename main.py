@@ -9,11 +9,14 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sft_jax import cli, config_check, rundir, trainer
-from sft_jax.checkpointing import CheckpointSaveError
+from sft_jax import cli
+from sft_jax.core.errors import TrainingDivergedError
 from sft_jax.data import open_run_data
 from sft_jax.data.cloud import is_remote
-from sft_jax.errors import TrainingDivergedError
+from sft_jax.loop import trainer
+from sft_jax.train import config_check
+from sft_jax.workdir import rundir
+from sft_jax.workdir.checkpointing import CheckpointSaveError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)

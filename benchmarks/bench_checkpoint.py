@@ -23,13 +23,13 @@ import transformers
 from bench_train import random_batch, run_config
 from flax import nnx
 
-from sft_jax import sharding
-from sft_jax.checkpointing import Checkpoints
-from sft_jax.compile_plan import build_steps, init_state
 from sft_jax.models import CausalLM, from_hf_config
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import abstract_like, device_batch
-from sft_jax.step import StepOptions
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import abstract_like, device_batch
+from sft_jax.train.step import StepOptions
+from sft_jax.workdir.checkpointing import Checkpoints
 
 
 def state_bytes(state) -> int:

@@ -35,8 +35,8 @@ from sft_jax.data import batches
 from sft_jax.data.records import Record
 from sft_jax.data.templates import CHATML
 from sft_jax.data.tokenize import Options, tokenize_records
-from sft_jax.metrics import training_flops_per_token
 from sft_jax.models import from_hf_config
+from sft_jax.train.flops import training_flops_per_token
 
 WORDS = " ".join(
     [

@@ -31,7 +31,7 @@ def make_checkpoint(out: Path, layers: int) -> tuple[int, int]:
     import ml_dtypes
     import transformers
 
-    from sft_jax.models import safetensors_io
+    from sft_jax.models.io import safetensors as safetensors_io
 
     config = transformers.LlamaConfig(
         vocab_size=32000,
@@ -92,8 +92,8 @@ def measure(path: str, devices: int) -> dict:
     import jax.numpy as jnp
     import transformers
 
-    from sft_jax import sharding
     from sft_jax.models import from_pretrained
+    from sft_jax.train import sharding
 
     # Backend up and transformers' lazy imports (torch, when installed) done before the
     # baseline, so that the figure measures the loader, not library imports.

@@ -47,14 +47,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import base
-from sft_jax import sharding
-from sft_jax.compile_plan import lower_train_step
 from sft_jax.data.batches import best_fit
-from sft_jax.memory_plan import StepMemory
 from sft_jax.models.config import from_hf_config
-from sft_jax.optim import make_optimizer
-from sft_jax.plan_estimate import abstract_run_model
-from sft_jax.step import StepOptions, StepSpec
+from sft_jax.planning.estimate import abstract_run_model
+from sft_jax.train import sharding
+from sft_jax.train.compiled import lower_train_step
+from sft_jax.train.memory import StepMemory
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.step import StepOptions, StepSpec
 
 GIB = 2.0**30
 

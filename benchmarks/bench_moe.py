@@ -43,12 +43,12 @@ import torch
 import transformers
 from flax import nnx
 
-from sft_jax import sharding
-from sft_jax.metrics import training_flops_per_token
 from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.moe import MoEBlock, dropless_experts
 from sft_jax.models.partitioning import DISPATCH_KINDS, experts_per_shard, named_sharding
+from sft_jax.train import sharding
+from sft_jax.train.flops import training_flops_per_token
 
 DISPATCH_SHAPES = "256x8x2,256x16x4,1024x16x2,1024x32x8"
 

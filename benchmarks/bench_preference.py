@@ -5,12 +5,13 @@
 
 One random Llama-shaped model (transformers writes it to a temp directory; both sides load it),
 LoRA of rank --lora_rank on every linear projection (the DPO reference is the model with its
-adapters off on both sides: sft_jax.lora.adapters_off, peft's disable_adapter). Each row holds
-one pair: a prompt + chosen reply and the same prompt + rejected reply (--seq / 2 tokens each,
-the replies half of each), so the DPO and SFT steps see the very same rows and tokens; SFT
-trains the same completion tokens. sft_jax: the compiled train step with the PairObjective vs
-CrossEntropy; PyTorch: trl.DPOTrainer._compute_loss (its fused LM head, reference forward under
-no_grad with the adapters off) + backward + AdamW vs the model's own loss on the same tokens.
+adapters off on both sides: sft_jax.adapters.lora.adapters_off, peft's disable_adapter). Each
+row holds one pair: a prompt + chosen reply and the same prompt + rejected reply (--seq / 2
+tokens each, the replies half of each), so the DPO and SFT steps see the very same rows and
+tokens; SFT trains the same completion tokens. sft_jax: the compiled train step with the
+PairObjective vs CrossEntropy; PyTorch: trl.DPOTrainer._compute_loss (its fused LM head,
+reference forward under no_grad with the adapters off) + backward + AdamW vs the model's own
+loss on the same tokens.
 With --lora_rank=0 every weight trains and sft_jax's DPO runs twice, with
 preference.reference='copy' (a frozen copy of the weights, a reference forward per step) and
 'precomputed' (the reference log-probs read from the batch: no reference forward).
@@ -32,14 +33,14 @@ import numpy as np
 import torch
 import transformers
 
-from sft_jax import sharding
-from sft_jax.compile_plan import build_steps, init_state
+from sft_jax.adapters.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.data.batches import REFERENCE_KEY, make_rows
-from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.models import from_pretrained
-from sft_jax.optim import make_optimizer
-from sft_jax.preference import PairObjective, PreferenceSpec, attach_frozen_copy
-from sft_jax.step import StepOptions
+from sft_jax.objectives.preference import PairObjective, PreferenceSpec, attach_frozen_copy
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.step import StepOptions
 
 
 def parse() -> argparse.Namespace:

@@ -6,7 +6,7 @@
 
 Random weights (no download): transformers writes a random checkpoint of the shape to a temp
 directory and both sides load it. sft_jax builds each model as the trainer does
-(sft_jax.model_setup.build_model: from_pretrained, quantizing the decoder's kernels while
+(sft_jax.train.setup.build_model: from_pretrained, quantizing the decoder's kernels while
 loading for QLoRA, then apply_lora) and runs its compiled train step on the trainable filter;
 PyTorch runs loss.backward() + optimizer.step() with SDPA attention. Both use AdamW on the same
 rows of random tokens (every position trained). sft_jax keeps --param_dtype parameters and computes
@@ -24,7 +24,7 @@ only a fresh process gives each mode its own peak; it also keeps JAX's prealloca
 away from PyTorch, and a mode that runs out of memory does not stop the others.
 
 Reported per run: step time (mean of --steps after one warm-up step), tokens/s, MFU (when the
-device's peak is known, see sft_jax.metrics), peak device memory of the child (loading included;
+device's peak is known, see sft_jax.train.flops), peak device memory of the child (loading included;
 n/a on CPU), XLA's planned memory of sft_jax's compiled train step per device ("plan"; known
 before the step runs, on every backend), peak resident host memory of the child (on CPU
 everything lives there), and measured bytes of the trainable parameters, the optimizer state and
@@ -32,8 +32,8 @@ the frozen variables (the base under LoRA: embedding, norms, and kernels, quanti
 QLoRA), plus the bytes per weight of the decoder's linear kernels. Then ratios, a table and one
 JSON line.
 
-MFU's model FLOPs per token, N = sft_jax.metrics.matmul_params:
-  full        6N + attention (sft_jax.metrics.training_flops_per_token);
+MFU's model FLOPs per token, N = sft_jax.train.flops.matmul_params:
+  full        6N + attention (sft_jax.train.flops.training_flops_per_token);
   lora/qlora  4N + attention + 6 x adapter parameters: the frozen base runs forward (2N) and
               the input-gradient half of backward (2N) but computes no weight gradients.
 Dequantization and remat recomputation are not counted (the trainer's train/mfu uses the same
@@ -61,11 +61,11 @@ import ml_collections
 import numpy as np
 import transformers
 
-from sft_jax.kernel_choice import ATTENTION_CHOICES
-from sft_jax.lora import PROJECTIONS
-from sft_jax.metrics import PEAK_BF16_TFLOPS, matmul_params, training_flops_per_token
+from sft_jax.adapters.lora import PROJECTIONS
 from sft_jax.models import ModelConfig, from_hf_config
 from sft_jax.models.decoder import REMAT_POLICIES
+from sft_jax.train.flops import PEAK_BF16_TFLOPS, matmul_params, training_flops_per_token
+from sft_jax.train.kernel_choice import ATTENTION_CHOICES
 
 SHAPES = {
     # intermediate_size 704 (not 688 as before): QLoRA blocks of 64 must divide it.
@@ -152,16 +152,16 @@ def _jax_linear_bytes_per_weight(model: Any) -> float:
 
 
 def time_sft_jax(args: argparse.Namespace, mode: str, checkpoint: str) -> dict:
-    from sft_jax import sharding
-    from sft_jax.compile_plan import build_steps, init_state
-    from sft_jax.kernel_choice import attention_for
-    from sft_jax.metrics import peak_flops_per_device
-    from sft_jax.model_setup import build_model
     from sft_jax.models.decoder import use_attention
-    from sft_jax.models.kernels import packed_cudnn_supported
-    from sft_jax.optim import make_optimizer
-    from sft_jax.sharding import device_batch
-    from sft_jax.step import StepOptions
+    from sft_jax.models.kernels.fused import packed_cudnn_supported
+    from sft_jax.train import sharding
+    from sft_jax.train.compiled import build_steps, init_state
+    from sft_jax.train.flops import peak_flops_per_device
+    from sft_jax.train.kernel_choice import attention_for
+    from sft_jax.train.optim import make_optimizer
+    from sft_jax.train.setup import build_model
+    from sft_jax.train.sharding import device_batch
+    from sft_jax.train.step import StepOptions
 
     config = run_config(args, mode, checkpoint)
     mesh = sharding.make_mesh(fsdp=-1)

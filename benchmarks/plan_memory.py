@@ -1,6 +1,6 @@
 """XLA's planned memory of a train step (what the planner reads) against the process's measured
 peak on CPU, for a few model shapes: full fine-tunes on one device, and LoRA steps compiled by
-the planner itself (sft_jax.plan_estimate, from config.json alone) on 8 fake devices: an FSDP
+the planner itself (sft_jax.planning.estimate, from config.json alone) on 8 fake devices: an FSDP
 mesh where the all-gathered frozen weights dominate, and a mixture of experts on fsdp x expert
 with the grouped-matmul stand-in the planner compiles for it.
 
@@ -91,8 +91,10 @@ def measure_planned(name: str) -> dict:
     from hf_models import hf_config
 
     from configs import base
-    from sft_jax import plan_estimate, plan_search, sharding
-    from sft_jax.optim import make_optimizer
+    from sft_jax.planning import estimate as plan_estimate
+    from sft_jax.planning import search as plan_search
+    from sft_jax.train import sharding
+    from sft_jax.train.optim import make_optimizer
 
     family, overrides, mesh_text, experts, seq = PLANNED[name]
     config = base.get_config()
@@ -127,7 +129,7 @@ def measure_planned(name: str) -> dict:
 
 @contextlib.contextmanager
 def _default_scheduler():
-    from sft_jax import memory_plan
+    from sft_jax.train import memory as memory_plan
 
     saved = dict(memory_plan.PLAN_COMPILER_OPTIONS)
     memory_plan.PLAN_COMPILER_OPTIONS.clear()
@@ -146,12 +148,12 @@ def measure(name: str) -> dict:
     from flax import nnx
 
     from configs import base
-    from sft_jax import compile_plan
     from sft_jax.models import CausalLM
     from sft_jax.models.config import from_hf_config
-    from sft_jax.optim import make_optimizer
-    from sft_jax.sharding import device_batch, single_device_mesh
-    from sft_jax.step import StepOptions
+    from sft_jax.train import compiled as compile_plan
+    from sft_jax.train.optim import make_optimizer
+    from sft_jax.train.sharding import device_batch, single_device_mesh
+    from sft_jax.train.step import StepOptions
 
     hidden, layers, seq, rows, vocab = SHAPES[name]
     hf = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from test_context_parallel import loss_and_grads, tiny_model
 
-from sft_jax import distributed, sharding
+from sft_jax.train import distributed, sharding
 
 
 def main() -> None:

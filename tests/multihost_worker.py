@@ -17,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_step import SEQ_LEN, synthetic_batch
 from test_trainer import SyntheticBatches, base_config
 
-from sft_jax import distributed, trainer
+from sft_jax.loop import trainer
 from sft_jax.models import from_pretrained
+from sft_jax.train import distributed
 
 
 def local_rows(batch: dict, process_id: int, processes: int) -> dict:
@@ -45,7 +46,7 @@ def main() -> None:
         ],
         seq_len=SEQ_LEN,
     )
-    from sft_jax import sharding
+    from sft_jax.train import sharding
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     run = trainer.Trainer(config, Path(workdir), from_pretrained(model_dir, mesh=mesh), source)

@@ -22,7 +22,8 @@ from flax import nnx
 from hf_models import hf_config
 from test_step import mean_loss, synthetic_batch
 
-from sft_jax.models import CausalLM, UnsupportedModelError, from_hf_config, kernels
+from sft_jax.models import CausalLM, UnsupportedModelError, from_hf_config
+from sft_jax.models.kernels import fused as kernels
 
 
 def model_pair(family: str, max_segments: int = 0) -> tuple[CausalLM, CausalLM]:
@@ -280,11 +281,11 @@ def test_kernels_on_a_sharded_mesh_train_like_the_einsum_path(kind, monkeypatch)
     "cudnn" in its packed form, whose segment table each shard builds for its own rows."""
     from test_step import train_config
 
-    from sft_jax import sharding
-    from sft_jax.compile_plan import build_steps, init_state
-    from sft_jax.optim import make_optimizer
-    from sft_jax.sharding import device_batch
-    from sft_jax.step import StepOptions
+    from sft_jax.train import sharding
+    from sft_jax.train.compiled import build_steps, init_state
+    from sft_jax.train.optim import make_optimizer
+    from sft_jax.train.sharding import device_batch
+    from sft_jax.train.step import StepOptions
 
     monkeypatch.setitem(kernels.SPLASH_INTERPRET, "interpret", True)
     monkeypatch.setitem(kernels.PACKED_KERNEL, "fn", emulated_packed_kernel)
@@ -308,9 +309,9 @@ def test_kernels_on_a_sharded_mesh_train_like_the_einsum_path(kind, monkeypatch)
 
 def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
     from configs import base
-    from sft_jax.errors import ConfigError
-    from sft_jax.kernel_choice import attention_for
-    from sft_jax.models.hf_io import load_hf_config, resolve_model_dir
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.models.io.hf import load_hf_config, resolve_model_dir
+    from sft_jax.train.kernel_choice import attention_for
 
     config = base.get_config()
     model = from_hf_config(load_hf_config(resolve_model_dir(config.model.name_or_path)))
@@ -342,7 +343,7 @@ def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
 def test_auto_attention_takes_the_accelerators_kernel_where_the_model_allows(
     family, accelerator, compute_dtype, max_length, expected, why
 ):
-    from sft_jax.kernel_choice import choose_attention
+    from sft_jax.train.kernel_choice import choose_attention
 
     kind, reason = choose_attention(
         "auto", accelerator=accelerator, model=from_hf_config(hf_config(family)),
@@ -353,8 +354,8 @@ def test_auto_attention_takes_the_accelerators_kernel_where_the_model_allows(
 
 
 def test_a_named_kernel_the_run_cannot_use_says_why():
-    from sft_jax.errors import ConfigError
-    from sft_jax.kernel_choice import choose_attention
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.train.kernel_choice import choose_attention
 
     llama, gemma2 = from_hf_config(hf_config("llama3.1")), from_hf_config(hf_config("gemma2"))
     nvidia = {"accelerator": "nvidia", "max_length": 4096}

@@ -17,11 +17,12 @@ from test_attention import assert_grads_close, loss_and_grads
 from test_step import synthetic_batch
 
 from configs import base
-from sft_jax import config_check
-from sft_jax.errors import ConfigError
-from sft_jax.kernel_choice import choose_attention
-from sft_jax.models import CausalLM, blockwise, from_hf_config
+from sft_jax.core.errors import ConfigError
+from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.models.attention import attention_mask
+from sft_jax.models.kernels import blockwise
+from sft_jax.train import config_check
+from sft_jax.train.kernel_choice import choose_attention
 
 
 def test_blockwise_model_equals_the_einsum_path(monkeypatch):

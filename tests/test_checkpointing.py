@@ -6,12 +6,12 @@ import jax
 import numpy as np
 from test_step import ROWS, SEQ_LEN, synthetic_batch, tiny_model, train_config
 
-from sft_jax import sharding
-from sft_jax.checkpointing import Checkpoints
-from sft_jax.compile_plan import build_steps, init_state
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import abstract_like, device_batch
-from sft_jax.step import StepOptions
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import abstract_like, device_batch
+from sft_jax.train.step import StepOptions
+from sft_jax.workdir.checkpointing import Checkpoints
 
 
 def trained_state(mesh, steps: int = 2):
@@ -80,7 +80,7 @@ def test_checkpoints_of_another_config_are_an_error_not_damage(tmp_path):
     import pytest
 
     from configs import base
-    from sft_jax.errors import ConfigError
+    from sft_jax.core.errors import ConfigError
 
     state, _ = trained_state(sharding.single_device_mesh(), steps=0)
     config = base.get_config()

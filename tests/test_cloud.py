@@ -22,13 +22,14 @@ from test_step import train_config
 from test_trainer import base_config as trainer_config
 from test_trainer import chat_rows
 
-from sft_jax import config_check, trainer
-from sft_jax.bucket_mirror import MARKER, RUN_FILE, BucketMirror, staging_dir
-from sft_jax.checkpointing import Checkpoints, CheckpointSaveError, committed_steps
+from sft_jax.core.errors import ConfigError
 from sft_jax.data import open_run_data
 from sft_jax.data.cloud import CloudError
-from sft_jax.errors import ConfigError
-from sft_jax.export import export_run
+from sft_jax.loop import trainer
+from sft_jax.loop.export import export_run
+from sft_jax.train import config_check
+from sft_jax.workdir.bucket_mirror import MARKER, RUN_FILE, BucketMirror, staging_dir
+from sft_jax.workdir.checkpointing import Checkpoints, CheckpointSaveError, committed_steps
 
 BUCKET = "sft-data"
 stream_config = test_stream.stream_config  # the fixture
@@ -87,8 +88,8 @@ def test_a_missing_bucket_or_missing_credentials_name_the_path(s3, stream_config
 
 
 def test_orbax_still_writes_s3_checkpoint_arrays_to_local_disk(s3, tmp_path, monkeypatch):
-    """Why a bucket WORKDIR is staged locally and uploaded (sft_jax.bucket_mirror). Once this
-    fails, Orbax writes arrays to S3 itself and the staging layer could give way to it."""
+    """Why a bucket WORKDIR is staged locally and uploaded (sft_jax.workdir.bucket_mirror). Once
+    this fails, Orbax writes arrays to S3 itself and the staging layer could give way to it."""
     monkeypatch.chdir(tmp_path)
     tree = {"w": np.arange(6, dtype=np.float32)}
     with pytest.raises(ValueError, match=r"should be absolute\. Got s3:/sft-data"):  # OCDBT

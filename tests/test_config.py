@@ -44,7 +44,7 @@ def test_presets_load_and_change_only_existing_fields():
     sys.path.insert(0, str(REPO))
     import importlib
 
-    from sft_jax.config_check import check_values
+    from sft_jax.train.config_check import check_values
 
     base = importlib.import_module("configs.base").get_config()
     presets = sorted(
@@ -82,8 +82,8 @@ def test_values_that_would_fail_later_are_named_up_front():
     import pytest
 
     from configs import base
-    from sft_jax.config_check import check_values
-    from sft_jax.errors import ConfigError
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.train.config_check import check_values
 
     check_values(base.get_config(), 8, 8)  # the defaults pass
     for field, value, message in BAD_VALUES:

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from sft_jax import sharding
-from sft_jax.errors import ConfigError
-from sft_jax.sharding import row_blocks
+from sft_jax.core.errors import ConfigError
+from sft_jax.train import sharding
+from sft_jax.train.sharding import row_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3

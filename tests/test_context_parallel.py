@@ -20,18 +20,22 @@ from jax.tree_util import keystr
 from test_step import packed_rows, step_builder, train_config
 
 from configs import base
-from sft_jax import kernel_choice, plan_estimate, plan_search, sharding
-from sft_jax.compile_plan import init_state
-from sft_jax.config_check import check_values
-from sft_jax.errors import ConfigError
-from sft_jax.lora import LoRASpec, apply_lora, trainable_filter
-from sft_jax.loss import CrossEntropy
-from sft_jax.models import CausalLM, blockwise, from_hf_config, from_pretrained, kernels
+from sft_jax.adapters.lora import LoRASpec, apply_lora, trainable_filter
+from sft_jax.core.errors import ConfigError
+from sft_jax.models import CausalLM, from_hf_config, from_pretrained
 from sft_jax.models.decoder import decoder_linears, use_attention
+from sft_jax.models.kernels import blockwise
+from sft_jax.models.kernels import fused as kernels
 from sft_jax.models.partitioning import balanced_order, context_layout
 from sft_jax.models.quantize import QuantSpec
-from sft_jax.optim import make_optimizer
-from sft_jax.step import StepSpec, gradients
+from sft_jax.objectives.loss import CrossEntropy
+from sft_jax.planning import estimate as plan_estimate
+from sft_jax.planning import search as plan_search
+from sft_jax.train import kernel_choice, sharding
+from sft_jax.train.compiled import init_state
+from sft_jax.train.config_check import check_values
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.step import StepSpec, gradients
 
 SEQ_LEN = 64  # 2 x 8 chunks of 4 tokens at context=8
 # Documents per row (lengths); they straddle the shards' chunk boundaries; padding at the end.

@@ -461,7 +461,7 @@ def test_unknown_format_and_zero_trainable_tokens_are_errors(data_config, tmp_pa
 
 
 def test_inspect_prints_spans_and_totals(data_config, tmp_path, capsys):
-    from sft_jax.data import inspect as inspect_cli
+    from sft_jax.cli import inspect as inspect_cli
 
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(5)])
     totals = inspect_cli.report(data_config, num_examples=2, as_json=True)

@@ -11,10 +11,9 @@ from flax import nnx
 from hf_models import save_hf_model
 from test_preference import compiled_memory_of, demo_dpo_config, make_pairs, pair_batch
 
-from sft_jax.config_check import check_values
-from sft_jax.loss import token_logps
 from sft_jax.models import from_pretrained
-from sft_jax.preference import (
+from sft_jax.objectives.loss import token_logps
+from sft_jax.objectives.preference import (
     PairObjective,
     PreferenceSpec,
     attach_frozen_copy,
@@ -22,6 +21,7 @@ from sft_jax.preference import (
     pair_terms,
     reference_of,
 )
+from sft_jax.train.config_check import check_values
 
 SPEC = PreferenceSpec("sigmoid", beta=0.5, rpo_alpha=0.3)
 

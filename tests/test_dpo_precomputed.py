@@ -18,15 +18,15 @@ from test_dpo_full import SPEC, perturbed
 from test_preference import SEQ_LEN, demo_dpo_config, make_pairs
 from test_step import train_config
 
-from sft_jax import sharding
-from sft_jax.compile_plan import build_steps, init_state
 from sft_jax.data import preference as pair_data
 from sft_jax.data import tokenize
 from sft_jax.data.batches import REFERENCE_KEY
 from sft_jax.models import from_pretrained
-from sft_jax.optim import make_optimizer
-from sft_jax.preference import PairObjective, attach_frozen_copy
-from sft_jax.step import StepOptions
+from sft_jax.objectives.preference import PairObjective, attach_frozen_copy
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.step import StepOptions
 
 ROWS = 4  # train and eval rows of the compiled steps (the pass runs at the eval size)
 MAX_PAIRS = 3
@@ -109,8 +109,8 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     """4 updates of full fine-tuning DPO saved every 2; the last checkpoint removed (as if the
     run died after step 2) and the run started again: it recomputes the reference from
     model.name_or_path and its steps 3 and 4 (train and eval) are bitwise the first run's."""
-    from sft_jax import trainer
     from sft_jax.data import open_run_data
+    from sft_jax.loop import trainer
 
     pairs = tmp_path / "pairs.jsonl"
     with open(demo_dpo_config().data.train_files) as source:
@@ -139,8 +139,8 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("rank", [0, 4])
 def test_the_config_takes_precomputed_with_or_without_lora(rank):
-    from sft_jax.config_check import check_values
-    from sft_jax.preference import reference_of
+    from sft_jax.objectives.preference import reference_of
+    from sft_jax.train.config_check import check_values
 
     config = demo_dpo_config(**{"lora.rank": rank, "preference.reference": "precomputed"})
     check_values(config, 1, 1)

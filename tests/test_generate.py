@@ -17,19 +17,20 @@ from absl import flags
 from hf_models import VOCAB, save_hf_model
 from test_models import jax_logits
 
-from sft_jax import chat, sharding
-from sft_jax.generate import (
+from sft_jax.adapters.lora import LoRASpec, apply_lora, merged
+from sft_jax.cli import chat
+from sft_jax.generation.sampler import (
     chat_prompt_ids,
     chat_stop_token_ids,
     generate,
     left_pad,
     nucleus,
 )
-from sft_jax.lora import LoRASpec, apply_lora, merged
 from sft_jax.models import from_pretrained
 from sft_jax.models.attention import KVCache
 from sft_jax.models.decoder import CausalLM, decoder_linears
 from sft_jax.models.quantize import QuantSpec
+from sft_jax.train import sharding
 
 EOS = 2
 # Different lengths; with 16 new tokens every row outgrows the families' 5-token windows.

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sft_jax.models.grouped_matmul import block_rows, grouped_matmul
+from sft_jax.models.kernels.grouped_matmul import block_rows, grouped_matmul
 from sft_jax.models.moe import dropless_experts
 
 

@@ -9,11 +9,11 @@ from chat_tokenizers import make_tokenizer
 from test_data import TURNS, options
 
 from configs import base
-from sft_jax.config_check import check_values
+from sft_jax.core.errors import ConfigError
 from sft_jax.data import batches as batching
 from sft_jax.data import tokenize as tok
 from sft_jax.data.records import Record
-from sft_jax.errors import ConfigError
+from sft_jax.train.config_check import check_values
 
 LONG_ROW = 131072
 

@@ -13,17 +13,17 @@ from hf_models import hf_logits, save_hf_model
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, synthetic_batch, train_config
 
-from sft_jax import sharding
-from sft_jax.compile_plan import build_steps, init_state
-from sft_jax.lora import LoRASpec, apply_lora, save_adapter, trainable_filter
-from sft_jax.lora import merged as fold_adapters
+from sft_jax.adapters.lora import LoRASpec, apply_lora, save_adapter, trainable_filter
+from sft_jax.adapters.lora import merged as fold_adapters
 from sft_jax.models import from_pretrained, save_pretrained
 from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.layers import LoRAParam
 from sft_jax.models.quantize import QuantSpec, dequantize, quantize, stored_bytes
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import device_batch
-from sft_jax.step import StepOptions
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import device_batch
+from sft_jax.train.step import StepOptions
 
 SPEC = LoRASpec(rank=4, alpha=8.0, extra_trainable=("embed",))
 

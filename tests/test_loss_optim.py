@@ -15,10 +15,10 @@ from flax import nnx
 from hf_models import hf_config
 from test_step import SEQ_LEN, mean_loss, step_builder, synthetic_batch, train_config
 
-from sft_jax.errors import ConfigError
-from sft_jax.loss import loss_sums
+from sft_jax.core.errors import ConfigError
 from sft_jax.models import CausalLM, from_hf_config
-from sft_jax.optim import decay_mask, learning_rate_schedule
+from sft_jax.objectives.loss import loss_sums
+from sft_jax.train.optim import decay_mask, learning_rate_schedule
 
 
 def model_of(family: str = "llama3.2", **kwargs) -> CausalLM:
@@ -68,7 +68,7 @@ def test_loss_on_a_mesh_equals_the_loss_on_one_device(family, vocab, mesh_shape)
     """Under a mesh each device computes its rows' loss in shard_map (and its slice of the
     vocabulary where tensor splits it): sums and gradients, z-loss included, are the single
     device's."""
-    from sft_jax import sharding
+    from sft_jax.train import sharding
 
     config = dataclasses.replace(from_hf_config(hf_config(family)), vocab_size=vocab)
     model = CausalLM(config, rngs=nnx.Rngs(0))
@@ -211,7 +211,7 @@ def test_the_compiled_train_step_never_holds_full_float32_logits():
     """XLA's memory plan of the real train step (chunked loss, recomputed in the backward
     pass): its temporaries stay below one [B, T, V] float32 logits array. The control, one
     chunk of the whole sequence, plans more than that array, so the measure sees logits."""
-    from sft_jax import sharding
+    from sft_jax.train import sharding
 
     config = dataclasses.replace(from_hf_config(hf_config("llama3.2")), vocab_size=65536)
     mesh = sharding.make_mesh(fsdp=-1)
@@ -236,7 +236,7 @@ def test_each_device_computes_its_own_rows_and_sums_the_head_gradient_once():
     (summed once per step, where the loss's shard_map ends)."""
     import re
 
-    from sft_jax import sharding
+    from sft_jax.train import sharding
 
     config = dataclasses.replace(from_hf_config(hf_config("llama3.2")), vocab_size=4096)
     mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
@@ -275,7 +275,7 @@ def test_bf16_compute_adds_up_the_head_gradient_in_float32_over_chunks_and_devic
     """With bf16 compute and float32 parameters the head's gradient is a sum over loss chunks
     (and, on a mesh, devices): it adds up in float32, so many small chunks cost no accuracy.
     (Summed in bf16, its error grew with the chunk count: 4x at 64 chunks, 6x on 8 devices.)"""
-    from sft_jax import sharding
+    from sft_jax.train import sharding
 
     config = dataclasses.replace(from_hf_config(hf_config("llama3.1")), vocab_size=256)
     rows, seq_len = 8, 256

@@ -14,8 +14,8 @@ import transformers
 from flax import nnx
 from hf_models import FAMILIES, MOE_FAMILIES, VOCAB, build_hf_model, hf_logits, save_hf_model
 
-from sft_jax import sharding
 from sft_jax.models import CheckpointError, UnsupportedModelError, from_pretrained, save_pretrained
+from sft_jax.train import sharding
 
 SEQ_LEN = 16
 PAD = 4  # the second row of every test batch is right-padded by this many tokens

@@ -24,13 +24,9 @@ from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, step_builder, synthetic_batch, train_config
 from test_trainer import tensorboard_scalars
 
-from sft_jax import sharding
-from sft_jax.compile_plan import init_state
-from sft_jax.config_check import check_for_model, check_values
-from sft_jax.errors import ConfigError
-from sft_jax.lora import LoRASpec, adapters_off, apply_lora, save_adapter, trainable_filter
-from sft_jax.lora import merged as fold_adapters
-from sft_jax.metrics import matmul_params
+from sft_jax.adapters.lora import LoRASpec, adapters_off, apply_lora, save_adapter, trainable_filter
+from sft_jax.adapters.lora import merged as fold_adapters
+from sft_jax.core.errors import ConfigError
 from sft_jax.models import (
     CausalLM,
     UnsupportedModelError,
@@ -43,10 +39,14 @@ from sft_jax.models.layers import LoRAParam, activate
 from sft_jax.models.moe import dropless_experts, quantize_experts, use_moe_dispatch
 from sft_jax.models.partitioning import experts_per_shard
 from sft_jax.models.quantize import QuantSpec
-from sft_jax.moe_loss import load_balancing_loss
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import device_batch
-from sft_jax.step import StepOptions
+from sft_jax.objectives.moe import load_balancing_loss
+from sft_jax.train import sharding
+from sft_jax.train.compiled import init_state
+from sft_jax.train.config_check import check_for_model, check_values
+from sft_jax.train.flops import matmul_params
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import device_batch
+from sft_jax.train.step import StepOptions
 
 NUM_EXPERTS, WIDTH, EXPERT_WIDTH, TOP_K, TOKENS = 4, 8, 6, 2, 10
 

@@ -16,11 +16,11 @@ from hf_models import save_hf_model
 from test_preference import make_pairs, pair_batch
 
 from configs import base
-from sft_jax.checkpointing import config_changes
-from sft_jax.metrics import matmul_params, training_flops_per_token
 from sft_jax.models import from_pretrained
-from sft_jax.preference import PairObjective, PreferenceSpec
-from sft_jax.reward import RewardObjective
+from sft_jax.objectives.preference import PairObjective, PreferenceSpec
+from sft_jax.objectives.reward import RewardObjective
+from sft_jax.train.flops import matmul_params, training_flops_per_token
+from sft_jax.workdir.checkpointing import config_changes
 
 
 def hf_aux_loss(hf_model, pairs) -> float:
@@ -73,7 +73,7 @@ def test_mfu_counts_the_reference_forward_and_the_score_head():
     from dataclasses import replace
 
     from sft_jax.models.config import from_hf_config
-    from sft_jax.models.hf_io import load_hf_config
+    from sft_jax.models.io.hf import load_hf_config
 
     config = from_hf_config(load_hf_config(base.ASSETS / "demo_model"))
     seq_len, n = 256, matmul_params(config)

@@ -13,12 +13,13 @@ from hf_models import hf_config
 from test_step import synthetic_batch
 
 from configs import base
-from sft_jax import compile_plan, memory_plan
-from sft_jax.config_check import check_values
-from sft_jax.errors import ConfigError
-from sft_jax.loss import loss_sums
-from sft_jax.memory_plan import StepMemory
+from sft_jax.core.errors import ConfigError
 from sft_jax.models import CausalLM, from_hf_config
+from sft_jax.objectives.loss import loss_sums
+from sft_jax.train import compiled as compile_plan
+from sft_jax.train import memory as memory_plan
+from sft_jax.train.config_check import check_values
+from sft_jax.train.memory import StepMemory
 
 
 def test_offload_on_cpu_is_a_config_error():

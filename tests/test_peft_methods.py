@@ -17,11 +17,14 @@ from peft.tuners.adalora.layer import RankAllocator
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, synthetic_batch, train_config
 
-from sft_jax import adalora, sharding
-from sft_jax.adalora import AdaLoRASpec, budget_schedule, keep_within_budget, triplet_scores
-from sft_jax.checkpointing import Checkpoints
-from sft_jax.compile_plan import build_steps, init_state
-from sft_jax.lora import (
+from sft_jax.adapters import adalora
+from sft_jax.adapters.adalora import (
+    AdaLoRASpec,
+    budget_schedule,
+    keep_within_budget,
+    triplet_scores,
+)
+from sft_jax.adapters.lora import (
     LoRASpec,
     apply_lora,
     parameter_counts,
@@ -29,13 +32,16 @@ from sft_jax.lora import (
     save_adapter,
     trainable_filter,
 )
-from sft_jax.lora import merged as fold_adapters
+from sft_jax.adapters.lora import merged as fold_adapters
 from sft_jax.models import from_pretrained, save_pretrained
 from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.layers import LoRAParam
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import device_batch
-from sft_jax.step import StepOptions
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import device_batch
+from sft_jax.train.step import StepOptions
+from sft_jax.workdir.checkpointing import Checkpoints
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 ADA = AdaLoRASpec(init_r=6, target_r=2, tinit=2, tfinal=3, delta_t=2, beta1=0.85, beta2=0.85,
@@ -252,8 +258,8 @@ def test_bad_dora_and_adalora_settings_are_named(changes, field, message):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from configs import base
-    from sft_jax.config_check import check_values
-    from sft_jax.errors import ConfigError
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.train.config_check import check_values
 
     config = base.get_config().unlock()
     config.lora.rank = 8
@@ -349,9 +355,9 @@ def test_planner_counts_the_state_training_holds(overrides):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from configs import base
-    from sft_jax.compile_plan import run_optimizer
-    from sft_jax.model_setup import build_model
-    from sft_jax.plan_estimate import abstract_run_model, model_config, shard_bytes, state_parts
+    from sft_jax.planning.estimate import abstract_run_model, model_config, shard_bytes, state_parts
+    from sft_jax.train.compiled import run_optimizer
+    from sft_jax.train.setup import build_model
 
     config = base.get_config().unlock()
     config.model.name_or_path = str(build_and_save_llama())

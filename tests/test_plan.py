@@ -1,5 +1,5 @@
-"""The pre-flight planner (sft_jax.plan, sft_jax.plan_search): compiles from config.json alone,
-counts collectives as the textbook does, recommends a clean mesh, refuses clearly."""
+"""The pre-flight planner (sft_jax.cli.plan, sft_jax.planning.search): compiles from config.json
+alone, counts collectives as the textbook does, recommends a clean mesh, refuses clearly."""
 
 from __future__ import annotations
 
@@ -21,8 +21,11 @@ from test_step import SEQ_LEN
 from test_trainer import base_config, synthetic_source
 
 from configs import base
-from sft_jax import hlo_stats, plan_estimate, plan_search, trainer
-from sft_jax.errors import ConfigError
+from sft_jax.core.errors import ConfigError
+from sft_jax.loop import trainer
+from sft_jax.planning import estimate as plan_estimate
+from sft_jax.planning import hlo_stats
+from sft_jax.planning import search as plan_search
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS, SEQ = 8, 32  # the global batch of every test: 8 rows of 32 tokens
@@ -242,7 +245,7 @@ def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
 
 
 def test_mesh_fields_are_checked_before_a_mesh_is_built(llama_dir):
-    from sft_jax.config_check import check_mesh
+    from sft_jax.train.config_check import check_mesh
 
     config = config_for(llama_dir)
     config.mesh.auto = True

@@ -18,18 +18,18 @@ from flax import nnx
 from hf_models import save_hf_model
 from test_step import train_config
 
-from sft_jax import sharding
-from sft_jax.compile_plan import build_steps, init_state
+from sft_jax.adapters.lora import LoRASpec, adapters_off, apply_lora, save_adapter, trainable_filter
 from sft_jax.data.batches import make_rows
-from sft_jax.lora import LoRASpec, adapters_off, apply_lora, save_adapter, trainable_filter
-from sft_jax.loss import CrossEntropy, token_logps
 from sft_jax.models import from_pretrained
 from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.layers import LoRAParam
-from sft_jax.optim import make_optimizer
-from sft_jax.preference import PairCount, PairObjective, PreferenceSpec
-from sft_jax.sharding import device_batch
-from sft_jax.step import StepOptions
+from sft_jax.objectives.loss import CrossEntropy, token_logps
+from sft_jax.objectives.preference import PairCount, PairObjective, PreferenceSpec
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import device_batch
+from sft_jax.train.step import StepOptions
 
 LORA = LoRASpec(rank=4, alpha=8.0)
 SEQ_LEN = 48
@@ -450,8 +450,8 @@ def demo_dpo_config(**overrides):
     ],
 )
 def test_config_check_names_the_bad_preference_field(overrides, field):
-    from sft_jax.config_check import check_values
-    from sft_jax.errors import ConfigError
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.train.config_check import check_values
 
     check_values(demo_dpo_config(), 1, 1)  # the demo itself is fine
     with pytest.raises(ConfigError, match=f"config.{field}"):
@@ -465,8 +465,8 @@ def test_a_dpo_run_reports_trl_metrics_and_starts_at_the_reference(tmp_path):
     import json
     import math
 
-    from sft_jax import trainer
     from sft_jax.data import open_run_data
+    from sft_jax.loop import trainer
 
     config = demo_dpo_config()
     summary = trainer.run(config, tmp_path, open_run_data)

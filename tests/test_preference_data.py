@@ -12,7 +12,7 @@ from sft_jax.data import preference as pref
 from sft_jax.data import tokenize as tok
 from sft_jax.data.formats import Completion, Conversation
 from sft_jax.data.records import Record, read_records
-from sft_jax.preference import pair_logps
+from sft_jax.objectives.preference import pair_logps
 
 DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "assets" / "demo_model"
 USER = [{"role": "user", "content": "2+2?"}]
@@ -159,7 +159,7 @@ def test_margins_from_the_file_reach_the_reward_loss(tokenizer, tmp_path):
     import jax.numpy as jnp
 
     from sft_jax.models import from_pretrained
-    from sft_jax.reward import RewardObjective, pair_rewards
+    from sft_jax.objectives.reward import RewardObjective, pair_rewards
 
     margins = [0.5, -1.0, "2.25", 0]
     path = tmp_path / "pairs.jsonl"

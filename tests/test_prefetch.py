@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from sft_jax.prefetch import Prefetch
+from sft_jax.train.prefetch import Prefetch
 
 
 class Counting:

@@ -21,18 +21,7 @@ from test_generate import chat_model_dir, checkpoints, run_chat  # noqa: F401
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import ROWS, SEQ_LEN, synthetic_batch, train_config
 
-from sft_jax import sharding, step
-from sft_jax.compile_plan import build_steps, init_state
-from sft_jax.config_check import check_values
-from sft_jax.data import load_datasets, open_data
-from sft_jax.data.batches import make_rows
-from sft_jax.data.tokenize import from_documents
-from sft_jax.errors import ConfigError
-from sft_jax.generate import chat_prompt_ids, generate
-from sft_jax.models import CheckpointError, from_pretrained
-from sft_jax.models.attention import KVCache
-from sft_jax.optim import make_optimizer
-from sft_jax.prompts import (
+from sft_jax.adapters.prompts import (
     PromptEncoder,
     PromptParam,
     PromptSpec,
@@ -42,8 +31,19 @@ from sft_jax.prompts import (
     save_prompt_adapter,
     virtual_token_ids,
 )
-from sft_jax.sharding import device_batch
-from sft_jax.step import StepOptions, StepSpec
+from sft_jax.core.errors import ConfigError
+from sft_jax.data import load_datasets, open_data
+from sft_jax.data.batches import make_rows
+from sft_jax.data.tokenize import from_documents
+from sft_jax.generation.sampler import chat_prompt_ids, generate
+from sft_jax.models import CheckpointError, from_pretrained
+from sft_jax.models.attention import KVCache
+from sft_jax.train import sharding, step
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.config_check import check_values
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import device_batch
+from sft_jax.train.step import StepOptions, StepSpec
 
 N = 5
 SPECS = {
@@ -439,7 +439,7 @@ def test_chat_on_a_prompt_export_generates_with_its_adapter(
     tmp_path,
     name,
 ):
-    """`sft_jax.chat --model=EXPORT` (base model + adapter/, as a prompt run exports) and
+    """`sft_jax.cli.chat --model=EXPORT` (base model + adapter/, as a prompt run exports) and
     `--model=EXPORT/adapter` reply with PEFT's greedy tokens for the same adapter."""
     spec = SPECS[name]
     export = tmp_path / "export"

@@ -295,8 +295,8 @@ def test_certificate_of_plain_completions():
 
 
 def test_config_checks_train_reasoning_and_template_kwargs():
-    from sft_jax.config_check import check_values
-    from sft_jax.errors import ConfigError
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.train.config_check import check_values
 
     config = base_config()
     config.data.train_reasoning = "some"

@@ -271,8 +271,8 @@ def test_sigterm_during_the_first_eval_leaves_a_usable_checkpoint(tmp_path):
 
 
 def test_a_signal_during_export_leaves_the_checkpoints_and_no_half_export(straight, tmp_path):
-    from sft_jax import export
-    from sft_jax.signals import SignalStopError, signals_raise
+    from sft_jax.loop import export
+    from sft_jax.loop.signals import SignalStopError, signals_raise
 
     copy = tmp_path / "run"
     shutil.copytree(straight, copy)

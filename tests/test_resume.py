@@ -20,11 +20,11 @@ from flax import nnx
 from hf_models import VOCAB, hf_logits, save_hf_model
 from test_models import jax_logits, padded_batch
 
-from sft_jax.checkpointing import Checkpoints
-from sft_jax.export import export_run
+from sft_jax.loop.export import export_run
 from sft_jax.models import from_pretrained
-from sft_jax.rundir import checkpoint_dir
-from sft_jax.sharding import abstract_like
+from sft_jax.train.sharding import abstract_like
+from sft_jax.workdir.checkpointing import Checkpoints
+from sft_jax.workdir.rundir import checkpoint_dir
 
 WORKER = Path(__file__).with_name("train_worker.py")
 STEPS = 24

@@ -18,9 +18,9 @@ from flax import nnx
 from hf_models import save_hf_model
 from test_preference import pair_batch, small_pair_config
 
-from sft_jax import sharding
 from sft_jax.models import from_pretrained, save_pretrained
-from sft_jax.reward import MARGIN_KEY, RewardObjective, pair_rewards
+from sft_jax.objectives.reward import MARGIN_KEY, RewardObjective, pair_rewards
+from sft_jax.train import sharding
 
 PAD = 0  # the tiny models' pad_token_id; every sequence ends with it (pad = eos, as in the demo)
 SEQ_LEN = 48
@@ -199,8 +199,8 @@ def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(t
     margin and extreme rewards over all 200 pairs."""
     import json
 
-    from sft_jax import trainer
     from sft_jax.data import open_run_data
+    from sft_jax.loop import trainer
 
     config = reward_demo_config(
         **{"train.gradient_accumulation_steps": 2, "train.global_batch_size": 16}
@@ -235,7 +235,7 @@ def test_lora_reward_model_trains_the_head_and_loads_in_peft_and_merged(reward_d
     we do (rel 1e-4)."""
     import peft
 
-    from sft_jax.lora import (
+    from sft_jax.adapters.lora import (
         LoRASpec,
         apply_lora,
         merged,
@@ -280,8 +280,8 @@ def test_lora_reward_model_trains_the_head_and_loads_in_peft_and_merged(reward_d
 
 
 def test_the_config_takes_lora_for_a_reward_model_but_no_lm_head():
-    from sft_jax.config_check import check_values
-    from sft_jax.errors import ConfigError
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.train.config_check import check_values
 
     check_values(reward_demo_config(**{"lora.rank": 8}), 1, 1)
     with pytest.raises(ConfigError, match=r"config\.lora\.trainable_modules"):

@@ -13,13 +13,13 @@ import pytest
 from flax import nnx
 from hf_models import hf_config
 
-from sft_jax import sharding
-from sft_jax.compile_plan import build_steps, init_state
-from sft_jax.loss import loss_sums
 from sft_jax.models import CausalLM, from_hf_config
-from sft_jax.optim import make_optimizer
-from sft_jax.sharding import device_batch
-from sft_jax.step import StepOptions
+from sft_jax.objectives.loss import loss_sums
+from sft_jax.train import sharding
+from sft_jax.train.compiled import build_steps, init_state
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.sharding import device_batch
+from sft_jax.train.step import StepOptions
 
 SEQ_LEN = 16
 ROWS = 8

@@ -13,49 +13,30 @@ from hf_models import save_hf_model
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "sft_jax"
 
-# The layers of the README's "Architecture" section, lowest first; a module may import from
-# its own layer and the ones below it, never from above.
-LAYERS = {
-    "sft_jax": 0,
-    "sft_jax.errors": 0,
-    "sft_jax.cli": 0,
-    "sft_jax.models": 1,  # and everything under it
-    "sft_jax.lora": 2,
-    "sft_jax.prompts": 2,
-    "sft_jax.adalora": 2,
-    "sft_jax.generate": 2,
-    "sft_jax.samples": 2,
-    "sft_jax.data": 3,
-    "sft_jax.loss": 4,
-    "sft_jax.optim": 4,
-    "sft_jax.step": 4,
-    "sft_jax.moe_loss": 4,
-    "sft_jax.preference": 4,
-    "sft_jax.reward": 4,
-    "sft_jax.sharding": 5,
-    "sft_jax.memory_plan": 5,
-    "sft_jax.model_setup": 5,
-    "sft_jax.compile_plan": 5,
-    "sft_jax.kernel_choice": 5,
-    "sft_jax.config_check": 5,
-    "sft_jax.distributed": 5,
-    "sft_jax.hlo_stats": 5,
-    "sft_jax.checkpointing": 6,
-    "sft_jax.signals": 6,
-    "sft_jax.rundir": 6,
-    "sft_jax.bucket_mirror": 6,
-    "sft_jax.metrics": 6,
-    "sft_jax.prefetch": 6,
-    "sft_jax.evaluation": 6,
-    "sft_jax.export": 6,
-    "sft_jax.trainer": 6,
-    "sft_jax.plan_search": 6,
-    "sft_jax.plan_estimate": 6,
-    "sft_jax.plan_depth": 6,
-    "sft_jax.chat": 7,
-    "sft_jax.plan": 7,
-    "sft_jax.data.inspect": 7,
-    "sft_jax.data.prepare": 7,
+# The packages of the README's "Architecture" section, lowest first: a module may import from
+# its own package and the packages below it, never from one above. The top level holds only
+# the package's __init__ and the commands' entry points (COMMANDS).
+PACKAGES = [
+    "sft_jax.core",
+    "sft_jax.models",
+    "sft_jax.adapters",
+    "sft_jax.data",
+    "sft_jax.objectives",
+    "sft_jax.generation",
+    "sft_jax.train",
+    "sft_jax.planning",
+    "sft_jax.workdir",
+    "sft_jax.loop",
+    "sft_jax.cli",
+]
+LAYERS = {"sft_jax": 0, **{package: layer for layer, package in enumerate(PACKAGES)}}
+# `python -m sft_jax.X` as users type it -> the cli module it runs.
+COMMANDS = {
+    "sft_jax.chat": "sft_jax.cli.chat",
+    "sft_jax.plan": "sft_jax.cli.plan",
+    "sft_jax.export": "sft_jax.cli.export",
+    "sft_jax.data.inspect": "sft_jax.cli.inspect",
+    "sft_jax.data.prepare": "sft_jax.cli.prepare",
 }
 
 
@@ -65,12 +46,13 @@ def module_name(path: Path) -> str:
 
 
 def layer_of(module: str) -> int:
-    """The layer of the longest entry of LAYERS that names the module or a package above it."""
-    parts = module.split(".")
-    for end in range(len(parts), 0, -1):
-        if ".".join(parts[:end]) in LAYERS:
-            return LAYERS[".".join(parts[:end])]
-    raise AssertionError(f"{module} has no layer: add it to LAYERS and the README")
+    """The layer of the package that holds the module."""
+    if module == "sft_jax" or module in COMMANDS:
+        return 0
+    package = ".".join(module.split(".")[:2])
+    if package not in LAYERS:
+        raise AssertionError(f"{module} is in no package of PACKAGES (and the README)")
+    return LAYERS[package]
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -94,6 +76,19 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     files = {module_name(path): path for path in PACKAGE.rglob("*.py")}
     return {name: imports_of(path, set(files)) for name, path in files.items()}
+
+
+def test_every_module_is_in_a_package_and_commands_only_run_their_cli_module():
+    graph = import_graph()
+    for module in graph:
+        layer_of(module)
+    top_level = {m for m in graph if m.count(".") == 1 and m not in LAYERS}
+    assert top_level == {c for c in COMMANDS if c.count(".") == 1}
+    for command, target in COMMANDS.items():
+        source = (REPO / (command.replace(".", "/") + ".py")).read_text()
+        assert graph[command] == set(), command  # an entry point imports nothing of ours
+        assert f'runpy.run_module("{target}", run_name="__main__"' in source, command
+        assert target in graph, target
 
 
 def test_every_import_points_down_or_sideways():
@@ -140,7 +135,12 @@ def test_models_load_without_adapters_data_training_or_checkpoints(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     loaded = result.stdout.split()
-    assert "sft_jax.models.hf_io" in loaded
-    assert [m for m in loaded if layer_of(m) > 1] == []
-    for above in ("sft_jax.trainer", "sft_jax.lora", "sft_jax.data", "sft_jax.checkpointing"):
+    assert "sft_jax.models.io.hf" in loaded
+    assert [m for m in loaded if layer_of(m) > LAYERS["sft_jax.models"]] == []
+    for above in (
+        "sft_jax.loop.trainer",
+        "sft_jax.adapters.lora",
+        "sft_jax.data",
+        "sft_jax.workdir.checkpointing",
+    ):
         assert above not in loaded

@@ -19,9 +19,9 @@ from hf_models import hf_logits, save_tiny_llama
 from test_chat_templates import THINK_CHAT, TOOL_CHAT, build
 from test_trainer import base_config
 
-from sft_jax import trainer
 from sft_jax.data import open_data
 from sft_jax.data.formats import normalize
+from sft_jax.loop import trainer
 from sft_jax.models import from_pretrained
 
 QWEN3 = "Qwen-Qwen3-0.6B"

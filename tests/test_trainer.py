@@ -21,11 +21,13 @@ from flax import nnx
 from hf_models import hf_logits, save_hf_model
 from test_step import SEQ_LEN, synthetic_batch
 
-from sft_jax import compile_plan, memory_plan, trainer
-from sft_jax.checkpointing import Checkpoints
-from sft_jax.errors import ConfigError
+from sft_jax.core.errors import ConfigError
+from sft_jax.loop import trainer
 from sft_jax.models import from_pretrained
-from sft_jax.rundir import checkpoint_dir
+from sft_jax.train import compiled as compile_plan
+from sft_jax.train import memory as memory_plan
+from sft_jax.workdir.checkpointing import Checkpoints
+from sft_jax.workdir.rundir import checkpoint_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,7 +233,7 @@ def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
     and masks it has no engine for) costs "auto" speed, not the run; a named kernel fails."""
     import logging
 
-    from sft_jax.models import kernels
+    from sft_jax.models.kernels import fused as kernels
 
     def refuses(*args, **kwargs):
         raise NotImplementedError("no cuDNN engine supports this graph")
@@ -243,7 +245,7 @@ def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
     config.eval.at_start = False
     config.model.attention = "auto"  # as if it had picked cudnn on a GPU
     model = from_pretrained(model_dir, attention="cudnn", max_segments=4)
-    with caplog.at_level(logging.WARNING, logger="sft_jax.compile_plan"):
+    with caplog.at_level(logging.WARNING, logger="sft_jax.train.compiled"):
         run = trainer.Trainer(config, tmp_path / "auto", model, synthetic_source())
     assert "attention 'cudnn' did not compile (NotImplementedError: no cuDNN engine" in caplog.text
     assert model.config.attention == "xla"
@@ -390,8 +392,8 @@ def test_eval_loss_is_the_same_packed_or_padded(chat_model_dir, tmp_path):
 
 
 def test_eval_generates_samples_and_scores_exact_match(chat_model_dir, tmp_path, monkeypatch):
-    from sft_jax import samples
     from sft_jax.data import open_data
+    from sft_jax.generation import samples
 
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat_rows(6, 1)))
     config = base_config(chat_model_dir)
@@ -421,8 +423,8 @@ def test_eval_generates_samples_and_scores_exact_match(chat_model_dir, tmp_path,
 def test_lora_with_dropout_resumes_exactly(model_dir, tmp_path, monkeypatch):
     """Dropout keys come from (seed, step): a run stopped (as by SIGTERM) after step 3 and
     resumed logs the same losses, bitwise, as one that ran straight through."""
-    from sft_jax import sharding
-    from sft_jax.model_setup import build_model
+    from sft_jax.train import sharding
+    from sft_jax.train.setup import build_model
 
     class StopAfter3(trainer.StopSignal):
         checks = 0
@@ -455,18 +457,18 @@ def test_lora_with_dropout_resumes_exactly(model_dir, tmp_path, monkeypatch):
 def test_a_step_planned_beyond_the_device_warns_before_it_runs(caplog):
     """XLA's memory plan of the compiled step is logged; one over the device's limit warns,
     naming what lowers it, instead of leaving the user to a RESOURCE_EXHAUSTED mid-step."""
-    from sft_jax.memory_plan import StepMemory, warn_if_over_memory
+    from sft_jax.train.memory import StepMemory, warn_if_over_memory
 
     plan = StepMemory(arguments=6 << 30, outputs=5 << 30, aliased=5 << 30, temporaries=4 << 30,
                       code=0)  # fmt: skip
     assert plan.total == 10 << 30
-    with caplog.at_level("INFO", logger="sft_jax.memory_plan"):
+    with caplog.at_level("INFO", logger="sft_jax.train.memory"):
         warn_if_over_memory(plan, 16 << 30, "none")
         warn_if_over_memory(plan, None, "none")  # CPU: no limit known
     assert "10.00 GiB per device" in caplog.text and "WARNING" not in caplog.text
     for remat, advice in (("none", True), ("full", False)):
         caplog.clear()
-        with caplog.at_level("INFO", logger="sft_jax.memory_plan"):
+        with caplog.at_level("INFO", logger="sft_jax.train.memory"):
             warn_if_over_memory(plan, 8 << 30, remat)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1
@@ -515,7 +517,7 @@ def test_auto_remat_moves_on_when_the_compiler_runs_out_of_memory():
 def test_a_kernel_out_of_memory_is_not_blamed_on_the_kernel(model_dir, tmp_path, monkeypatch):
     """attention="auto" falls back to einsums when a fused kernel does not compile, but not when
     the compile ran out of memory: einsums need more, and the error says what lowers it."""
-    from sft_jax.models import kernels
+    from sft_jax.models.kernels import fused as kernels
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError(OUT_OF_MEMORY)
@@ -537,8 +539,8 @@ def test_auto_remat_takes_the_least_recomputation_whose_step_fits():
     from hf_models import hf_config
     from test_step import step_builder
 
-    from sft_jax import sharding
     from sft_jax.models import CausalLM, from_hf_config
+    from sft_jax.train import sharding
 
     mesh = sharding.single_device_mesh()
     hf = hf_config("llama3.1")  # deeper and wider than the test models: activations show

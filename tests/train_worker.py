@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_trainer import SyntheticBatches, base_config, synthetic_source
 
-from sft_jax import trainer
+from sft_jax.loop import trainer
 
 
 def main() -> None:

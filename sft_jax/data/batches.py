@@ -33,7 +33,7 @@ BATCH_DTYPES = {
 }
 BATCH_KEYS = tuple(BATCH_DTYPES)
 # Arrays only some objectives read, [rows, T] as well; a compiled step takes the keys its
-# objective names in `batch_keys` (sft_jax.compile_plan), and a batch may hold more.
+# objective names in `batch_keys` (sft_jax.train.compiled), and a batch may hold more.
 MARGIN_KEY = "pair_margins"  # a preference pair's margin at every token of its chosen reply
 REFERENCE_KEY = "reference_logps"  # DPO's reference log p(target_ids[t]), 0 off target_mask
 OBJECTIVE_DTYPES = {MARGIN_KEY: np.float32, REFERENCE_KEY: np.float32}

@@ -1,7 +1,8 @@
 """Files in buckets: s3:// and gs:// paths read and written through fsspec (s3fs, gcsfs).
 
 The one owner of bucket access: data files are read here, and a bucket WORKDIR's staged
-checkpoints, metrics and export (sft_jax.bucket_mirror) are listed, written and deleted here.
+checkpoints, metrics and export (sft_jax.workdir.bucket_mirror) are listed, written and
+deleted here.
 
 Credentials come from the environment the usual way: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
 AWS_PROFILE or an instance role for s3:// (AWS_ENDPOINT_URL for another S3 API); application
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from sft_jax.errors import UserError
+from sft_jax.core.errors import UserError
 
 PREFIXES = ("s3://", "gs://", "gcs://")
 _SETTINGS = ("AWS_", "GOOGLE_", "GCE_", "CLOUDSDK_")  # environment variables clients read

@@ -14,10 +14,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from sft_jax.adapters.prompts import PromptSpec, virtual_token_ids
 from sft_jax.data import batches, certificate, cloud, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
-from sft_jax.models.hf_io import resolve_model_dir
-from sft_jax.prompts import PromptSpec, virtual_token_ids
+from sft_jax.models.io.hf import resolve_model_dir
 
 log = logging.getLogger(__name__)
 _PARALLEL_ABOVE_BYTES = 64 * 1024**2

@@ -11,7 +11,8 @@ end-of-turn token, never the prompt or the assistant header. (TRL's DPOTrainer a
 the template writes after the end-of-turn token, e.g. Qwen's "\\n": not followed.)
 
 Pair k of the data is documents 2k (chosen) and 2k + 1 (rejected); a row holds whole pairs, so
-that in a batch pair j of a row is segments 2j - 1 and 2j (what sft_jax.preference reads):
+that in a batch pair j of a row is segments 2j - 1 and 2j (what sft_jax.objectives.preference
+reads):
 
   row   = [P C C <eot>][P R <eot>][pad]     segment_ids = [1 1 1 1 2 2 2 0]
 A pair whose two documents do not fit in one row (config.data.max_length) is dropped and counted

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sft_jax.core.errors import UserError
 from sft_jax.data import cloud
-from sft_jax.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 HUB_PREFIX = "hf:"

@@ -4,6 +4,7 @@ Self-contained: nothing here imports from sft_jax outside models/ (but its error
 data, meshes and training sit above and import it.
 """
 
+from sft_jax.core.errors import CheckpointError
 from sft_jax.models.config import (
     DTYPES,
     SUPPORTED_MODEL_TYPES,
@@ -12,7 +13,7 @@ from sft_jax.models.config import (
     from_hf_config,
 )
 from sft_jax.models.decoder import CausalLM
-from sft_jax.models.hf_io import CheckpointError, from_pretrained, save_pretrained
+from sft_jax.models.io.hf import from_pretrained, save_pretrained
 
 __all__ = [
     "DTYPES",

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models import blockwise, kernels
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
+from sft_jax.models.kernels import blockwise
+from sft_jax.models.kernels import fused as kernels
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key
 from sft_jax.models.partitioning import balanced_order, context_attention, context_shards
 

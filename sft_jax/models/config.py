@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.errors import UserError
+from sft_jax.core.errors import UserError
 
 # Parameter and compute dtypes by their config names.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

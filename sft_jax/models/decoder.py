@@ -9,7 +9,7 @@ Parameters carry logical axis names in their `logical_axes` metadata; models/par
 maps them to mesh axes. Attention (and its fused kernels) lives in attention.py and kernels.py,
 the building blocks in layers.py. Inputs are packed rows (see attention.py).
 
-Hooks for adapters that add inputs rather than weights (sft_jax.prompts sets them; nothing
+Hooks for adapters that add inputs rather than weights (sft_jax.adapters.prompts sets them; nothing
 here knows them): `virtual_tokens`, a module whose call gives N embeddings [N, D] that input
 ids -1, -2, ..., -N stand for (prompt tuning, P-tuning); `kv_prefix`, a module whose call gives
 every layer's KVPrefix (prefix tuning: the tokens' positions then start at N, as Hugging Face
@@ -30,7 +30,7 @@ from flax import nnx
 
 from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, write_slots
 from sft_jax.models.config import ModelConfig
-from sft_jax.models.kernels import ATTENTION_KINDS
+from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.partitioning import logical_to_spec

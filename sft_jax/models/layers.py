@@ -29,20 +29,21 @@ def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: jnp.dtype) -> jax
 
 class LoRAParam(nnx.Param):
     """Low-rank adapter weights: with adapters, the parameters training updates (the
-    adapter code, sft_jax.lora, creates them; the model only computes with them)."""
+    adapter code, sft_jax.adapters.lora, creates them; the model only computes with them)."""
 
 
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias) (+ LoRA: scale * dropout(x) @ lora_a @ lora_b), kernel [in, out].
 
     The frozen kernel may be stored quantized (`quant`, see models/quantize.py); the adapter
-    code (sft_jax.lora, sft_jax.adalora) fills the low-rank slots after the model is built:
+    code (sft_jax.adapters.lora, sft_jax.adapters.adalora) fills the low-rank slots after the
+    model is built:
     - AdaLoRA (`lora_e`, singular values [rank]): scale * dropout(x) @ lora_a @ diag(e) @ lora_b.
     - DoRA (`lora_magnitude`, [out]): with W' = kernel + scale * lora_a @ lora_b and
       n = ||W'|| per output column (a constant of the gradient, as in the DoRA paper and PEFT),
       y = x @ kernel + (m / n - 1) * x' @ kernel + (m / n) * scale * x' @ lora_a @ lora_b
       (x' = dropout(x)), i.e. x @ (m / n * W') without dropout.
-    A scale of 0 turns the adapter off entirely (sft_jax.lora.adapters_off).
+    A scale of 0 turns the adapter off entirely (sft_jax.adapters.lora.adapters_off).
     """
 
     def __init__(
@@ -67,7 +68,7 @@ class Linear(nnx.Module):
             if use_bias
             else None
         )
-        # Filled in later (models/quantize.py, sft_jax.lora); declared as data so that NNX
+        # Filled in later (models/quantize.py, sft_jax.adapters.lora); declared as data so that NNX
         # tracks what they hold.
         self.quant = nnx.data(None)  # nnx.Dict of QuantizedState replacing `kernel` (QLoRA)
         self.quant_spec = None

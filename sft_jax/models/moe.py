@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.config import ModelConfig
-from sft_jax.models.grouped_matmul import grouped_matmul_kind
+from sft_jax.models.kernels.grouped_matmul import grouped_matmul_kind
 from sft_jax.models.layers import MLP, Linear, LoRAParam, activate, fold_key, normal_init
 from sft_jax.models.partitioning import DISPATCH_KINDS, experts_per_shard, named_sharding
 from sft_jax.models.quantize import QuantizedState, QuantSpec, dequantize, quantize, stored_axes

@@ -4,7 +4,7 @@ Parameters carry logical axis names in their `logical_axes` metadata ("embed", "
 "q_heads", ...), activations are named the same way where it matters; LOGICAL_RULES says which
 mesh axes ("data", "fsdp", "expert", "context", "tensor") split each. Nothing else in models/
 names a mesh axis.
-Meshes are built by sft_jax.sharding.
+Meshes are built by sft_jax.train.sharding.
 """
 
 from __future__ import annotations

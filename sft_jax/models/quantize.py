@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.errors import ConfigError
+from sft_jax.core.errors import ConfigError
 from sft_jax.models.partitioning import named_sharding
 
 # The 16 NF4 levels: quantiles of a standard normal rescaled to [-1, 1] (Dettmers et al. 2023).

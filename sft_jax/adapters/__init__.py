@@ -1,0 +1,1 @@
+"""Parameter-efficient methods added to a model: LoRA, DoRA, AdaLoRA, prompt/prefix tuning."""

@@ -1,0 +1,1 @@
+"""Below everything: errors, and (as it grows) the typed run spec and the batch schema."""

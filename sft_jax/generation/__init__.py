@@ -1,0 +1,1 @@
+"""Sampling from the live (sharded) policy: the greedy/temperature sampler and eval replies."""

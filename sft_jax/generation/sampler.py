@@ -1,0 +1,220 @@
+"""Batched generation with a KV cache: one prefill, then a jitted loop of one token per step.
+
+Prompts are left-padded into one [B, T] batch so that every row's last prompt token sits in the
+same slot; positions count from 0 at each prompt's first real token and are -1 on padding, which
+the cache never attends, so a row generates exactly what it would alone. Example (T = 4):
+  prompts   = [[5, 6, 7], [8]]
+  tokens    = [[0, 5, 6, 7], [0, 0, 0, 8]]
+  positions = [[-1, 0, 1, 2], [-1, -1, -1, 0]]
+The batch, the prompt length and the number of new tokens are rounded up to powers of two, and
+max_new_tokens, temperature, top_p and the seed are traced, so repeated calls (one per eval)
+reuse one compilation per bucket.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sft_jax.adapters.prompts import prompt_prefix_ids
+from sft_jax.models.attention import KVCache
+from sft_jax.models.decoder import CausalLM
+
+_MIN_LENGTH_BUCKET = 16
+# End-of-turn markers of common chat templates; a stop token when the template writes it.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], batch: int, length: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """tokens and positions [batch, length] as in the module docstring; rows past the prompts
+    are all padding (they start done and their output is dropped)."""
+    tokens_BxT = np.full((batch, length), pad_id, np.int32)
+    positions_BxT = np.full((batch, length), -1, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens_BxT[row, length - len(prompt) :] = prompt
+        positions_BxT[row, length - len(prompt) :] = np.arange(len(prompt))
+    return tokens_BxT, positions_BxT
+
+
+def nucleus(logits_BxV: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Logits with every token outside the top-p nucleus set to -inf: the smallest set of most
+    likely tokens whose probabilities sum to at least top_p (the most likely always stays)."""
+    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf)
+    cutoff_Bx1 = jnp.min(kept_BxV, axis=-1, keepdims=True)
+    return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
+
+
+def sample(
+    logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool
+) -> jax.Array:
+    """Next tokens [B]: argmax when greedy, else a draw from softmax(logits / T) in the nucleus."""
+    if greedy:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    filtered_BxV = nucleus(logits_BxV / temperature, top_p)
+    return jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_bucket", "greedy"))
+def _generate_ids(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    is_stop: jax.Array,
+    max_new_tokens: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_bucket: int,
+    greedy: bool,
+) -> jax.Array:
+    """New tokens [B, max_new_bucket]; a row holds 0 after its first stop token."""
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = tokens_BxT.shape
+    cache = KVCache.empty(model.config, batch, prompt_len + max_new_bucket, model.dtype)
+
+    # Prefill: every prompt token at once; the last slot holds each row's last prompt token.
+    hidden_BxTxD, cache = model.extend(tokens_BxT, positions_BxT, cache)
+    first_B = sample(model.logits(hidden_BxTxD[:, -1]), key, temperature, top_p, greedy)
+    out_BxN = jnp.zeros((batch, max_new_bucket), jnp.int32).at[:, 0].set(first_B)
+    next_position_B = positions_BxT[:, -1] + 1
+
+    def keep_going(carry) -> jax.Array:
+        step, _, done_B, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done_B)
+
+    # Decode: feed the token chosen at step - 1, choose the one at step.
+    def decode_one(carry):
+        step, last_B, done_B, out_BxN, cache = carry
+        positions_Bx1 = (next_position_B + step - 1)[:, None]
+        hidden_Bx1xD, cache = model.extend(last_B[:, None], positions_Bx1, cache)
+        step_key = jax.random.fold_in(key, step)
+        token_B = sample(model.logits(hidden_Bx1xD[:, 0]), step_key, temperature, top_p, greedy)
+        token_B = jnp.where(done_B, 0, token_B)
+        out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, token_B[:, None], step, axis=1)
+        return step + 1, token_B, done_B | is_stop[token_B], out_BxN, cache
+
+    padding_row_B = positions_BxT[:, -1] < 0
+    carry = (jnp.int32(1), first_B, is_stop[first_B] | padding_row_B, out_BxN, cache)
+    return jax.lax.while_loop(keep_going, decode_one, carry)[3]
+
+
+def generate(
+    model: CausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    pad_id: int = 0,
+) -> list[list[int]]:
+    """The new tokens of each prompt, up to max_new_tokens, ending with the first stop token
+    when one is generated (the stop token is included, as transformers does).
+
+    temperature 0 is greedy decoding; otherwise tokens are drawn from softmax(logits /
+    temperature) restricted to the top_p nucleus, with keys folded from `seed`, so a call is
+    reproducible for the same prompts, batch and seed.
+    """
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generate: every prompt needs at least one token.")
+    vocab_size = model.config.vocab_size
+    is_stop = np.zeros(vocab_size, bool)  # [V]: which tokens end a row
+    is_stop[[t for t in stop_token_ids if 0 <= t < vocab_size]] = True
+    tokens_BxT, positions_BxT = left_pad(
+        prompts,
+        bucket(len(prompts)),
+        bucket(max(map(len, prompts)), _MIN_LENGTH_BUCKET),
+        pad_id,
+    )
+    graphdef, state = nnx.split(model)
+    out_BxN = _generate_ids(
+        graphdef, state, tokens_BxT, positions_BxT, is_stop,
+        np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)), np.float32(top_p),
+        jax.random.key(seed),
+        max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET), greedy=temperature <= 0,
+    )  # fmt: skip
+    return [
+        _until_stop(row[:max_new_tokens], is_stop) for row in np.asarray(out_BxN)[: len(prompts)]
+    ]
+
+
+def _until_stop(tokens: np.ndarray, is_stop: np.ndarray) -> list[int]:
+    stops = np.flatnonzero(is_stop[tokens])
+    return tokens[: stops[0] + 1 if stops.size else len(tokens)].tolist()
+
+
+# --- Chat: templates, stop tokens and decoding with a transformers tokenizer. ---
+
+
+def chat_stop_token_ids(tokenizer: Any, model_dir: str | Path | None = None) -> list[int]:
+    """The tokenizer's eos, the end-of-turn tokens its chat template writes, and the eos ids of
+    model_dir/generation_config.json when present."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN_TOKENS if t in template and t in vocab}
+    config_file = Path(model_dir) / "generation_config.json" if model_dir else None
+    if config_file is not None and config_file.exists():
+        eos = json.loads(config_file.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return sorted(ids)
+
+
+def reply(
+    model: CausalLM,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    *,
+    stop_token_ids: Sequence[int],
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """The decoded continuation of prompt_ids, without its stop token and special tokens. A
+    model with virtual tokens (prompt tuning, P-tuning) reads them first, as in training."""
+    (new_ids,) = generate(
+        model, [prompt_prefix_ids(model) + list(prompt_ids)], max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids,
+        temperature=temperature, top_p=top_p, seed=seed, pad_id=tokenizer.pad_token_id or 0,
+    )  # fmt: skip
+    if new_ids and new_ids[-1] in stop_token_ids:
+        new_ids = new_ids[:-1]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """messages rendered by the chat template with the assistant's turn opened, as token ids
+    (no special tokens added: the template writes BOS itself)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def chat(
+    model: CausalLM, tokenizer: Any, messages: Sequence[dict[str, str]], **options: Any
+) -> str:
+    """The assistant's reply to a conversation; options as for `reply` (stop_token_ids needed)."""
+    return reply(model, tokenizer, chat_prompt_ids(tokenizer, messages), **options)

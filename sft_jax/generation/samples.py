@@ -1,0 +1,60 @@
+"""What the model says during eval: greedy replies to eval prompts, exact match, logged samples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sft_jax.generation.sampler import generate
+from sft_jax.models import CausalLM
+
+
+def _text(tokenizer: Any, ids: Sequence[int], stop_token_ids: Sequence[int]) -> str:
+    kept = [int(t) for t in ids if int(t) not in stop_token_ids]
+    return tokenizer.decode(kept, skip_special_tokens=True).strip()
+
+
+def generation_metrics(
+    model: CausalLM,
+    tokenizer: Any,
+    prompts: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    stop_token_ids: Sequence[int],
+    max_new_tokens: int,
+    show: int,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Greedy replies to (prompt, reference reply) pairs of the eval set.
+
+    eval/exact_match: share of replies whose text equals the reference's (special tokens such
+    as the end-of-turn marker left out, surrounding whitespace ignored). eval/samples: the first
+    `show` prompts with the reply and the reference, as text for the metrics file and
+    TensorBoard.
+    """
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [p.tolist() for p, _ in prompts[start : start + batch_size]]
+        replies += generate(
+            model, chunk, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+            pad_id=tokenizer.pad_token_id or 0,
+        )  # fmt: skip
+    said = [_text(tokenizer, r, stop_token_ids) for r in replies]
+    expected = [_text(tokenizer, ref.tolist(), stop_token_ids) for _, ref in prompts]
+    matches = [a == b for a, b in zip(said, expected, strict=True)]
+    samples = []
+    for index in range(min(show, len(prompts))):
+        # Ids < 0 are virtual tokens (prompt tuning): no text.
+        shown = [t for t in prompts[index][0].tolist() if t >= 0]
+        prompt = tokenizer.decode(shown, skip_special_tokens=False)
+        verdict = "match" if matches[index] else "differs"
+        samples.append(
+            f"--- sample {index} ({verdict})\n{prompt.strip()}\n>>> model: {said[index]}\n"
+            f">>> reference: {expected[index]}"
+        )
+    return {
+        "eval/exact_match": float(np.mean(matches)) if matches else 0.0,
+        "eval/generated": len(matches),
+        "eval/samples": "\n".join(samples),
+    }

@@ -1,0 +1,1 @@
+"""The training loop and what follows it: trainer, preemption signals, export."""

@@ -1,0 +1,386 @@
+"""The training loop: data in, compiled steps (sft_jax.train.compiled), eval, checkpoints, metrics.
+
+`run(config, workdir, data_factory)` is everything main.py does after parsing flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from sft_jax.adapters.lora import LoRASpec
+from sft_jax.adapters.prompts import PromptSpec
+from sft_jax.core.errors import ConfigError, TrainingDivergedError
+from sft_jax.data import DataSource
+from sft_jax.data.cloud import is_remote
+from sft_jax.generation.sampler import chat_stop_token_ids
+from sft_jax.generation.samples import generation_metrics
+from sft_jax.loop.export import export_run
+from sft_jax.loop.signals import StopSignal, signals_raise
+from sft_jax.models import CausalLM
+from sft_jax.planning import search as plan_search
+from sft_jax.train import compiled as compile_plan
+from sft_jax.train import distributed, sharding
+from sft_jax.train.config_check import check_mesh, check_values
+from sft_jax.train.evaluation import EarlyStopping, eval_message, evaluate, final_report
+from sft_jax.train.flops import peak_flops_per_device, training_flops_per_token
+from sft_jax.train.prefetch import Prefetch
+from sft_jax.train.setup import build_model
+from sft_jax.train.sharding import abstract_like, device_batch
+from sft_jax.workdir import bucket_mirror, rundir
+from sft_jax.workdir.bucket_mirror import BucketMirror
+from sft_jax.workdir.checkpointing import ADAPTER_FIELDS, Checkpoints, config_changes, model_summary
+from sft_jax.workdir.metrics import MetricsWriter, Progress
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DataSource", "StopSignal", "Trainer", "TrainingDivergedError", "run"]
+
+
+class Trainer:
+    """Runs one run's loop over the steps its compile plan made: train, eval, save, stop."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: Path,
+        model: CausalLM,
+        data: DataSource,
+        trainable: Any = nnx.Param,
+        mesh: Mesh | None = None,
+        mirror: BucketMirror | None = None,
+    ):
+        """`workdir` is local: a bucket WORKDIR's staging copy, whose steps `mirror` uploads."""
+        self.config, self.workdir, self.data = config, workdir, data
+        self.has_eval = next(iter(data.eval_batches()), None) is not None
+        self.checkpoints = None
+        self.last_saved_step = -1
+        self.initial_eval: dict[str, Any] | None = None  # the eval before the first update
+        # The data iterator's state after the last batch training consumed (what a checkpoint
+        # records; the prefetch thread reads ahead of it).
+        self.data_state = data.train_batches.get_state()
+        if config.checkpoint.enabled:
+            self.checkpoints = Checkpoints(
+                rundir.checkpoints_path(workdir),
+                keep_last=config.checkpoint.keep_last,
+                keep_best=config.checkpoint.keep_best,
+                async_save=config.checkpoint.async_save,
+                on_saved=mirror.publish if mirror is not None else None,
+            )
+        plan = compile_plan.plan_run(
+            config, mesh or sharding.mesh_for(config), model, seq_len=data.seq_len,
+            max_segments=data.max_segments, trainable=trainable,
+            pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
+        )  # fmt: skip
+        self.steps, self.state = plan.steps, plan.state
+        if self.steps.reference is not None:
+            self.precompute_reference()
+        self.model_summary = model_summary(model.config.hf_config)
+        self.writer = MetricsWriter(workdir)
+        self.early_stopping = EarlyStopping(
+            config.eval.early_stopping_patience, config.eval.early_stopping_min_delta
+        )
+        # With adapters the base is frozen: see training_flops_per_token.
+        trained = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+        adapted = (
+            LoRASpec.from_config(config.lora).enabled or PromptSpec.from_config(config).enabled
+        )
+        adapters = trained if adapted else None
+        # A DPO reference adds a forward pass per step (objectives without one have no field).
+        reference_forwards = getattr(self.steps.objective, "reference_forwards", 0)
+        self.flops_per_token = training_flops_per_token(
+            model.config, data.seq_len, adapters, reference_forwards
+        )
+        self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
+
+    def precompute_reference(self) -> None:
+        """DPO's reference='precomputed': the reference log-probs of every train and eval pair,
+        in one pass with the initial weights (model.name_or_path's, also on a resume: the
+        same program on the same weights and rows gives bitwise the same values, so nothing
+        is stored in checkpoints)."""
+        if self.data.precompute_reference is None:
+            raise ConfigError(
+                "config.preference.reference='precomputed': this data loader cannot carry "
+                "reference log-probs; use data.loader='memory'."
+            )
+        start, params = time.perf_counter(), self.state["params"]
+        self.data.precompute_reference(
+            lambda rows: self.steps.reference(params, rows), self.config.eval.global_batch_size
+        )
+        log.info("reference log-probs precomputed in %.1f s", time.perf_counter() - start)
+
+    # --- Eval ---------------------------------------------------------------------------
+
+    def run_eval(self, step: int) -> dict[str, float]:
+        log.info("step %d: evaluating", step)
+        metrics = evaluate(self.steps, self.state["params"], self.data.eval_batches())
+        for name, batches in self.data.eval_sets.items():  # a mixture's sources, each alone
+            part = evaluate(self.steps, self.state["params"], batches())
+            metrics |= {f"eval/{name}/{k.removeprefix('eval/')}": v for k, v in part.items()}
+        metrics |= self._generation_metrics()
+        stop = self.early_stopping.update(step, metrics["eval/loss"])
+        metrics |= {
+            "eval/best_loss": self.early_stopping.best_loss,
+            "eval/best_step": self.early_stopping.best_step,
+        }
+        self.writer.write(step, metrics)
+        metrics["stop"] = stop
+        return metrics
+
+    def _generation_metrics(self) -> dict[str, Any]:
+        """Greedy replies to the first eval prompts: exact match and samples (eval config)."""
+        count = max(self.config.eval.generate_examples, self.config.eval.show_samples)
+        prompts = self.data.eval_prompts[:count]
+        if not prompts or self.data.tokenizer is None:
+            return {}
+        model_dir = Path(self.config.model.name_or_path)
+        return generation_metrics(
+            self.steps.model_of(self.state["params"]),
+            self.data.tokenizer,
+            prompts,
+            stop_token_ids=chat_stop_token_ids(
+                self.data.tokenizer, model_dir if model_dir.is_dir() else None
+            ),
+            max_new_tokens=self.config.eval.max_new_tokens,
+            show=self.config.eval.show_samples,
+        )
+
+    # --- Checkpoints --------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Continues from the newest complete checkpoint in WORKDIR, or starts from init_from."""
+        if self.checkpoints is not None and self.checkpoints.steps():
+            restored = self.checkpoints.restore_latest(
+                abstract_like(self.state), self.config, self.model_summary
+            )
+            if restored is not None:
+                step, self.state, data_state, meta = restored
+                self.data.train_batches.set_state(data_state)
+                self.data_state = data_state
+                self.last_saved_step = step
+                saved = meta.get("trainer", {})
+                self.early_stopping.load(saved.get("early_stopping", {}))
+                self.initial_eval = saved.get("initial_eval") or None  # for the final report
+                self.writer.drop_after(step)  # steps past it run again, as the same steps
+                log.info("resumed from %s at step %d", self.checkpoints.directory, step)
+                return
+        if self.config.checkpoint.init_from:
+            self.init_from(self.config.checkpoint.init_from)
+
+    def init_from(self, workdir: str) -> None:
+        """Parameters of another run's best (else newest) checkpoint; optimizer and step fresh."""
+        field = "config.checkpoint.init_from"
+        local = bucket_mirror.readable_run(workdir, self.config.checkpoint.staging_dir, field)
+        source = rundir.open_run(local, field)
+        step = rundir.pick_step(source, "best")
+        changes = config_changes(source.meta(step)["config"], self.config, ADAPTER_FIELDS)
+        if changes:
+            raise ConfigError(
+                f"config.checkpoint.init_from={workdir}: that run trained other parameters "
+                f"({'; '.join(changes)}), so its checkpoint does not fit this run's config.lora. "
+                f"Export it (python -m sft_jax.export --workdir={workdir} --out=DIR) and set "
+                "config.model.name_or_path=DIR instead."
+            )
+        params = source.restore_params(step, abstract_like(self.state["params"]))
+        self.state = {**self.state, "params": params}
+        log.info("initialized parameters from %s, step %d", source.directory, step)
+
+    def save(self, step: int, metrics: dict[str, float] | None = None) -> None:
+        if self.checkpoints is None or step == self.last_saved_step:
+            return
+        first = {k: v for k, v in (self.initial_eval or {}).items() if isinstance(v, float | int)}
+        trainer_state = {"early_stopping": self.early_stopping.dump(), "initial_eval": first,
+                         "model": self.model_summary}  # fmt: skip
+        self.checkpoints.save(
+            step, self.state, self.data_state, self.config, metrics, trainer_state
+        )
+        self.last_saved_step = step
+
+    # --- The loop -------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Runs to config.train.steps, an early stop or a stop signal, saving on the way.
+
+        Step s's metrics are read once step s+1 is queued, so the device never waits on the
+        host; before any save they are read first, so a non-finite step is never saved.
+        """
+        step = int(jax.device_get(self.state["step"]))
+        progress = Progress(self.config.train.steps, step, self.config.log.every_steps)
+        summary: dict[str, Any] = {"start_step": step, "interrupted": False, "stopped_early": False}
+        # A signal during the first eval stops the run once that eval is saved.
+        with StopSignal() as stop:
+            self._eval_at_start(step, progress)
+            if self.initial_eval:
+                summary["initial_eval"] = self.initial_eval
+            shardings = self.steps.batch_shardings
+            rows = self.config.train.global_batch_size
+            feed = Prefetch(self.data.train_batches, lambda local: device_batch(local, shardings,
+                            rows), depth=self.config.data.prefetch)  # fmt: skip
+            with contextlib.closing(feed):
+                step = self._loop(step, feed, stop, progress, summary)
+        progress.close()
+        if summary["interrupted"]:
+            progress.message(f"stopped by signal at step {step}; checkpoint saved. Run the same "
+                             "command again to resume.")  # fmt: skip
+        summary |= {"end_step": step, "best_step": self.early_stopping.best_step,
+                    "best_eval_loss": self.early_stopping.best_loss}  # fmt: skip
+        return summary
+
+    def _eval_at_start(self, step: int, progress: Progress) -> None:
+        if self.config.eval.at_start and step == 0 and self.has_eval:
+            self.initial_eval = self.run_eval(step)
+            self.initial_eval.pop("stop")
+            progress.message(eval_message(step, self.initial_eval))
+            self.save(0, self.initial_eval)  # the untrained model can be the best one to export
+
+    def _loop(
+        self, step: int, feed: Prefetch, stop: StopSignal, progress: Progress, summary: dict
+    ) -> int:
+        """Steps until the end, an early stop or a signal; returns the step reached (saved)."""
+        total, eval_every = self.config.train.steps, self.config.eval.every_steps
+        save_every = self.config.checkpoint.every_steps
+        pending, last_time = None, time.perf_counter()
+        while step < total and not summary["stopped_early"]:
+            if stop.agreed():
+                summary["interrupted"] = True
+                break
+            batch, self.data_state = next(feed)
+            self.state, metrics = self.steps.train(self.state, batch)
+            step += 1
+            if pending is not None:  # the previous step's metrics: the device is busy already
+                last_time = self._log_train(*pending, last_time, progress)
+            pending = (step, metrics)
+            eval_due = (eval_every and step % eval_every == 0) or step == total
+            save_due = (save_every and step % save_every == 0) or step == total
+            if not (eval_due or save_due):
+                continue
+            last_time = self._log_train(*pending, last_time, progress)
+            pending = None
+            result = self.run_eval(step) if eval_due and self.has_eval else None
+            if result is not None:
+                progress.message(eval_message(step, result))
+                summary["final_eval"] = result
+                summary["stopped_early"] = result.pop("stop")
+            self.save(step, result)
+            last_time = time.perf_counter()
+        if pending is not None:
+            self._log_train(*pending, last_time, progress)
+        self.save(step)  # the step reached: after a signal or an early stop
+        return step
+
+    def _log_train(self, step: int, metrics: Any, last_time: float, progress: Progress) -> float:
+        values = jax.device_get(metrics)
+        self._check_finite(step, values)
+        now = time.perf_counter()
+        values = {k: float(v) for k, v in values.items()} | self._throughput(now - last_time)
+        if step % self.config.log.every_steps == 0 or step == self.config.train.steps:
+            self.writer.write(step, values)
+        progress.update(step, values)
+        return now
+
+    def _throughput(self, seconds: float) -> dict[str, float]:
+        tokens = self.config.train.global_batch_size * self.data.seq_len
+        values = {"train/step_seconds": seconds, "train/tokens_per_sec": tokens / seconds}
+        if self.peak_flops:
+            achieved = tokens * self.flops_per_token / seconds / jax.device_count()
+            values["train/mfu"] = achieved / self.peak_flops
+        return values
+
+    def _check_finite(self, step: int, metrics: dict[str, Any]) -> None:
+        loss, grad_norm = float(metrics["train/loss"]), float(metrics["train/grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise TrainingDivergedError(
+                f"step {step}: loss {loss}, grad norm {grad_norm}; stopping before anything "
+                "more is saved. Lower config.train.learning_rate, check the data, or use float32."
+            )
+
+    def close(self) -> None:
+        try:
+            if self.checkpoints is not None:
+                self.checkpoints.close()  # raises if the last save failed
+        finally:
+            self.writer.close()
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str | Path, data_factory: Callable[..., DataSource]
+) -> dict:
+    """Everything main.py does after parsing flags. A bucket `workdir` (s3://, gs://) runs in
+    its local staging copy, mirrored to the bucket (sft_jax.workdir.bucket_mirror).
+    data_factory(config, feed) opens the data; feed (sharding.row_feed) says which rows of each
+    batch it feeds."""
+    distributed.initialize(config.distributed)
+    check_mesh(config)
+    why = "as configured (config.mesh)"
+    if config.mesh.get("auto", False):
+        config, why = plan_search.auto_config(config)
+    mesh = sharding.mesh_for(config)
+    log.info("mesh: %s; %s", plan_search.mesh_summary(mesh), why)
+    check_values(config, mesh.size, sharding.batch_shards(mesh))
+    mirror = _bucket_mirror(config, str(workdir))
+    local = mirror.staging if mirror is not None else Path(workdir)
+    with rundir.lock(local):
+        if mirror is not None and jax.process_index() == 0:
+            mirror.pull_run()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("sft_jax: staging copy pulled")
+        return _run_locked(config, local, mesh, data_factory, mirror)
+
+
+def _bucket_mirror(config: ml_collections.ConfigDict, workdir: str) -> BucketMirror | None:
+    """For a bucket WORKDIR: its mirror, once the bucket answers (before any work starts)."""
+    if not is_remote(workdir):
+        return None
+    if jax.process_count() > 1 and not config.checkpoint.staging_dir:
+        raise ConfigError(
+            f"--workdir={workdir} with {jax.process_count()} processes: set "
+            "config.checkpoint.staging_dir to a directory every process sees (a shared file "
+            "system): Orbax writes each process's shards of a step into one staging folder."
+        )
+    return BucketMirror.open(workdir, config.checkpoint.staging_dir, "--workdir")
+
+
+def _run_locked(
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    mesh: Mesh,
+    data_factory: Callable,
+    mirror: BucketMirror | None,
+) -> dict:
+    data = data_factory(config, sharding.row_feed(mesh))  # a data-parallel group: same rows
+    model, _, trainable = build_model(config, mesh)
+    if data.tokenizer is not None and len(data.tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(data.tokenizer)} tokens but the model's vocabulary only "
+            f"{model.config.vocab_size}: ids past it would index nothing. Use the model's own "
+            "tokenizer (config.data.tokenizer='') or resize the model's embeddings first."
+        )
+    trainer = Trainer(config, workdir, model, data, trainable, mesh=mesh, mirror=mirror)
+    try:
+        trainer.resume()
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    if config.export.at_end != "none" and not summary["interrupted"]:
+        source = mirror.url if mirror is not None else workdir
+        again = f"python -m sft_jax.export --workdir={source}"
+        with signals_raise(f"the export stopped; the checkpoints are complete: {again}"):
+            out = export_run(workdir, which=config.export.at_end, out=config.export.dir or None,
+                             staging_root=config.checkpoint.staging_dir, mirror=mirror)  # fmt: skip
+        summary["export"] = str(out)
+    if mirror is not None and jax.process_index() == 0:
+        mirror.push_run()
+    if jax.process_index() == 0:
+        log.info("%s", final_report(summary))
+    return summary

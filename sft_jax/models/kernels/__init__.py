@@ -1,0 +1,1 @@
+"""Kernels the model layers call: fused attention (cuDNN, Pallas splash), blockwise, grouped."""

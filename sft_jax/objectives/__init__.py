@@ -1,0 +1,1 @@
+"""What a step minimises: masked cross-entropy, preference and reward losses, MoE auxiliary loss."""

@@ -1,0 +1,361 @@
+"""Preference objectives (DPO and its variants, SimPO, ORPO) with TRL's definitions and names.
+
+A batch holds preference pairs as documents of its rows: pair k of a row is segment 2k - 1 (the
+chosen reply, with its prompt) and segment 2k (the rejected one), so the two never attend to each
+other (segment ids) and one or several pairs share a row (sft_jax.data.preference builds them).
+`target_mask` marks the completion tokens; a sequence's log-prob is the sum of log p(target) over
+them, computed in chunks (sft_jax.objectives.loss.token_logps), never from full float32 logits.
+
+With p = log pi(chosen), q = log pi(rejected) summed over completion tokens, p0, q0 the same
+under the reference, d = (p - p0) - (q - q0), n_c, n_r the completion lengths (TRL 1.16):
+  sigmoid  -(1 - e) log s(b d) - e log s(-b d)        (e = label_smoothing: cDPO; TRL 1.16's
+                                                     "sigmoid" ignores e, which equals e = 0)
+  robust   (-(1 - e) log s(b d) + e log s(-b d)) / (1 - 2 e)
+  hinge    relu(1 - b d)
+  ipo      ((p - p0) / n_c - (q - q0) / n_r - 1 / (2 b))^2
+  simpo    -(1 - e) log s(b m) - e log s(-b m), m = p / n_c - q / n_r - gamma / b (no reference)
+  orpo     -b log s(log odds(p / n_c) - log odds(q / n_r)), log odds(x) = x - log(1 - e^x),
+           plus the NLL of the chosen completion tokens (token mean over the batch)
+rpo_alpha adds rpo_alpha x that NLL to any of them (TRL: loss_type ["sigmoid", "sft"] with
+loss_weights [1, rpo_alpha]; CPOTrainer's cpo_alpha for simpo). Pair losses are means over the
+pairs of the global batch, the NLL a mean over its chosen completion tokens: both are summed per
+micro-batch and divided once, so accumulation and the mesh do not change them.
+Rewards as TRL logs them: b (p - p0) and b (q - q0); b p / n_c and b q / n_r for simpo and orpo,
+whose logps/* are per-token means too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from sft_jax.adapters.lora import adapters_off
+from sft_jax.core.errors import ConfigError
+from sft_jax.data.batches import REFERENCE_KEY
+from sft_jax.models.decoder import CausalLM
+from sft_jax.objectives.loss import hidden_token_logps, token_logps
+from sft_jax.objectives.moe import load_balancing_loss
+
+Batch = dict[str, jax.Array]
+REFERENCE_FREE = ("simpo", "orpo")
+REFERENCES = ("auto", "adapters_off", "copy", "precomputed")  # config.preference.reference
+DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
+LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
+OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE, "reward")  # config.train.objective (reward.py)
+
+
+class PairLogps(NamedTuple):
+    """Per pair slot [B, P] of a batch (P pairs a row at most): summed log-probs and lengths."""
+
+    chosen: jax.Array
+    rejected: jax.Array
+    chosen_tokens: jax.Array
+    rejected_tokens: jax.Array
+
+    @property
+    def valid(self) -> jax.Array:
+        """Slots that hold a pair (rows may hold fewer than P; padding rows none)."""
+        return (self.chosen_tokens > 0) & (self.rejected_tokens > 0)
+
+
+def pair_logps(logps_BxT: jax.Array, batch: Batch, max_pairs: int) -> PairLogps:
+    """Sums of log p over the completion tokens of each pair's chosen and rejected segment."""
+    segments = jnp.arange(1, 2 * max_pairs + 1, dtype=batch["segment_ids"].dtype)
+    one_hot_BxTxS = batch["segment_ids"][..., None] == segments[None, None, :]
+    weights_BxTxS = (one_hot_BxTxS & batch["target_mask"][..., None]).astype(jnp.float32)
+    logps_BxS = jnp.einsum("bt,bts->bs", jnp.where(batch["target_mask"], logps_BxT, 0.0),
+                           weights_BxTxS)  # fmt: skip
+    tokens_BxS = jnp.sum(weights_BxTxS, axis=1)
+    return PairLogps(logps_BxS[:, 0::2], logps_BxS[:, 1::2], tokens_BxS[:, 0::2],
+                     tokens_BxS[:, 1::2])  # fmt: skip
+
+
+def chosen_token_mask(batch: Batch) -> jax.Array:
+    """Completion tokens [B, T] of chosen replies (odd segments)."""
+    return batch["target_mask"] & (batch["segment_ids"] % 2 == 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceSpec:
+    """config.preference: the loss and its constants (TRL's names)."""
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
+
+    @property
+    def nll_weight(self) -> float:
+        """Weight of the chosen replies' NLL in the loss (ORPO's SFT term is 1)."""
+        return self.rpo_alpha + (1.0 if self.loss_type == "orpo" else 0.0)
+
+
+def _smoothed_sigmoid(logits: jax.Array, beta: float, smoothing: float) -> jax.Array:
+    return -(1 - smoothing) * jax.nn.log_sigmoid(beta * logits) - smoothing * jax.nn.log_sigmoid(
+        -beta * logits
+    )
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """log(1 - e^x) for x < 0, accurate at both ends."""
+    return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+class PairTerms(NamedTuple):
+    """Per pair: the loss, the rewards TRL logs, and the log-probs it logs as logps/*."""
+
+    loss: jax.Array
+    chosen_rewards: jax.Array
+    rejected_rewards: jax.Array
+    chosen_logps: jax.Array
+    rejected_logps: jax.Array
+
+
+def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | None) -> PairTerms:
+    """The loss of each pair slot (see the module docstring); slots without a pair give finite
+    values, which the caller weights by 0."""
+    beta, smoothing = spec.beta, spec.label_smoothing
+    chosen_len = jnp.maximum(policy.chosen_tokens, 1.0)
+    rejected_len = jnp.maximum(policy.rejected_tokens, 1.0)
+    if spec.loss_type in REFERENCE_FREE:
+        chosen, rejected = policy.chosen / chosen_len, policy.rejected / rejected_len
+        if spec.loss_type == "simpo":
+            loss = _smoothed_sigmoid(chosen - rejected - spec.simpo_gamma / beta, beta, smoothing)
+        else:  # orpo; padding slots (0 / 1) would give log(0)
+            chosen_safe = jnp.minimum(chosen, -1e-6)
+            rejected_safe = jnp.minimum(rejected, -1e-6)
+            log_odds = (chosen_safe - rejected_safe) - (
+                _log1mexp(chosen_safe) - _log1mexp(rejected_safe)
+            )
+            loss = -beta * jax.nn.log_sigmoid(log_odds)
+        return PairTerms(loss, beta * chosen, beta * rejected, chosen, rejected)
+    chosen_ratio = policy.chosen - reference.chosen
+    rejected_ratio = policy.rejected - reference.rejected
+    delta = chosen_ratio - rejected_ratio
+    if spec.loss_type == "sigmoid":
+        loss = _smoothed_sigmoid(delta, beta, smoothing)
+    elif spec.loss_type == "robust":
+        loss = (
+            -(1 - smoothing) * jax.nn.log_sigmoid(beta * delta)
+            + smoothing * jax.nn.log_sigmoid(-beta * delta)
+        ) / (1 - 2 * smoothing)
+    elif spec.loss_type == "hinge":
+        loss = jax.nn.relu(1 - beta * delta)
+    else:  # ipo, length-normalised as TRL
+        loss = jnp.square(chosen_ratio / chosen_len - rejected_ratio / rejected_len - 0.5 / beta)
+    return PairTerms(
+        loss, beta * chosen_ratio, beta * rejected_ratio, policy.chosen, policy.rejected
+    )
+
+
+class ReferenceWeight(nnx.Variable):
+    """A weight of DPO's frozen reference copy (full fine-tuning): not an nnx.Param, so never
+    trained, never in the optimizer state or a checkpoint; sharded like the parameter it
+    copies (same logical axes)."""
+
+
+def attach_frozen_copy(model: CausalLM) -> None:
+    """model.reference: a copy of the model as it is now (the run's initial weights, also on a
+    resume, which reloads them), its parameters turned into ReferenceWeights held in new
+    buffers (the train step donates the parameters' buffers)."""
+    copy = nnx.clone(model)
+    for _, node in nnx.iter_graph(copy):
+        if isinstance(node, nnx.Module):
+            for name, value in list(vars(node).items()):
+                if isinstance(value, nnx.Param):
+                    weight = jnp.copy(value.get_value())
+                    setattr(node, name, ReferenceWeight(weight, **value.get_metadata()))
+    model.reference = copy
+
+
+class PreferenceSums(NamedTuple):
+    """Sums over the pairs (and chosen completion tokens) of a batch; additive."""
+
+    loss: jax.Array  # sum over pairs of the pair loss
+    chosen_nll: jax.Array  # sum of -log p over chosen completion tokens
+    pairs: jax.Array
+    chosen_tokens: jax.Array
+    rewards_chosen: jax.Array
+    rewards_rejected: jax.Array
+    accuracies: jax.Array  # pairs whose chosen reward beats the rejected one
+    margins: jax.Array
+    logps_chosen: jax.Array
+    logps_rejected: jax.Array
+    aux: jax.Array  # MoE load-balancing loss of each micro-batch, summed (0 for a dense model)
+    micro_batches: jax.Array  # 1 per micro-batch
+
+
+class PairCount(NamedTuple):
+    """What the sums are divided by, over the whole global batch."""
+
+    pairs: jax.Array
+    chosen_tokens: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PairObjective:
+    """A preference loss as a step.Objective (the train step is SFT's, unchanged).
+
+    reference: "adapters_off" (LoRA / QLoRA: the same weights with every adapter scaled to 0,
+    under stop_gradient: no second copy of the model), "copy" (full fine-tuning: a frozen copy
+    of the initial weights, model.reference, see attach_frozen_copy), "precomputed" (the
+    batch's REFERENCE_KEY, reference_token_logps of the initial model computed in one pass
+    before training: no reference weights and no reference forward in the step) or "none"
+    (SimPO, ORPO).
+    max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs).
+    aux_loss_coef, micro_batches: a mixture of experts' load-balancing loss weight (added as
+    for SFT, sft_jax.objectives.moe) and the step's gradient accumulation.
+    """
+
+    spec: PreferenceSpec
+    reference: str = "adapters_off"
+    max_pairs: int = 1
+    loss_chunk_size: int = 512
+    aux_loss_coef: float = 0.0
+    micro_batches: int = 1
+
+    @property
+    def reference_forwards(self) -> int:
+        """Forward passes of a reference model per step (for MFU): 1 where the step runs one."""
+        return 0 if self.reference in ("none", "precomputed") else 1
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """Batch arrays the step takes beyond data.batches.BATCH_KEYS."""
+        return (REFERENCE_KEY,) if self.reference == "precomputed" else ()
+
+    def reference_token_logps(self, model: CausalLM, batch: Batch) -> jax.Array:
+        """The reference's log p(target) [B, T] (0 off the completion tokens) under `model`
+        with its adapters off (a no-op without any): what reference='precomputed' reads from
+        the batch, computed once with the initial weights (sft_jax.train.compiled)."""
+        with adapters_off(model):
+            logps_BxT = token_logps(model, batch, self.loss_chunk_size)
+        return jnp.where(batch["target_mask"], logps_BxT, 0.0)
+
+    def policy_and_reference(
+        self, model: CausalLM, batch: Batch, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array, PairLogps, PairLogps | None]:
+        """(per-token log-probs, pair log-probs under the policy, and under the reference,
+        the router's load-balancing loss (0 for a dense model))."""
+        hidden_BxTxD, stats = model.forward(
+            batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+        )
+        logps_BxT = hidden_token_logps(model, hidden_BxTxD, batch, self.loss_chunk_size)
+        policy = pair_logps(logps_BxT, batch, self.max_pairs)
+        aux = jnp.zeros((), jnp.float32)
+        if stats is not None and self.aux_loss_coef:
+            aux = load_balancing_loss(stats)
+        if self.reference == "none":
+            return logps_BxT, policy, None, aux
+        if self.reference == "precomputed":
+            reference_BxT = batch[REFERENCE_KEY]
+        elif self.reference == "copy":
+            reference_BxT = token_logps(model.reference, batch, self.loss_chunk_size)
+        else:
+            reference_BxT = self.reference_token_logps(model, batch)
+        reference_BxT = jax.lax.stop_gradient(reference_BxT)
+        return logps_BxT, policy, pair_logps(reference_BxT, batch, self.max_pairs), aux
+
+    def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> PreferenceSums:
+        logps_BxT, policy, reference, aux = self.policy_and_reference(model, batch, dropout_key)
+        terms = pair_terms(self.spec, policy, reference)
+        valid = policy.valid.astype(jnp.float32)
+        chosen_mask = chosen_token_mask(batch)
+
+        def total(x: jax.Array) -> jax.Array:
+            return jnp.sum(jnp.where(valid > 0, x, 0.0))
+
+        wins = (terms.chosen_rewards > terms.rejected_rewards).astype(jnp.float32)
+        return PreferenceSums(
+            loss=total(terms.loss),
+            chosen_nll=-jnp.sum(jnp.where(chosen_mask, logps_BxT, 0.0)),
+            pairs=jnp.sum(valid),
+            chosen_tokens=jnp.sum(chosen_mask.astype(jnp.float32)),
+            rewards_chosen=total(terms.chosen_rewards),
+            rewards_rejected=total(terms.rejected_rewards),
+            accuracies=total(wins),
+            margins=total(terms.chosen_rewards - terms.rejected_rewards),
+            logps_chosen=total(terms.chosen_logps),
+            logps_rejected=total(terms.rejected_logps),
+            aux=aux,
+            micro_batches=jnp.ones((), jnp.float32),
+        )
+
+    def normalizer(self, batch: Batch) -> PairCount:
+        ones = jnp.ones(batch["target_mask"].shape, jnp.float32)
+        slots = pair_logps(ones, batch, self.max_pairs)
+        chosen = jnp.sum(chosen_token_mask(batch).astype(jnp.float32))
+        return PairCount(
+            jnp.maximum(jnp.sum(slots.valid.astype(jnp.float32)), 1.0), jnp.maximum(chosen, 1.0)
+        )
+
+    def loss(self, sums: PreferenceSums, normalizer: PairCount) -> jax.Array:
+        loss = sums.loss / normalizer.pairs
+        if self.spec.nll_weight:
+            loss = loss + self.spec.nll_weight * sums.chosen_nll / normalizer.chosen_tokens
+        if self.aux_loss_coef:  # as moe_loss.MoECrossEntropy: each micro-batch's, averaged
+            loss = loss + self.aux_loss_coef * sums.aux / self.micro_batches
+        return loss
+
+    def eval_metrics(self, sums: PreferenceSums) -> dict[str, float]:
+        """Over the whole eval set (its sums added up): the metrics, as "eval/..."."""
+        if float(sums.pairs) == 0:
+            raise ConfigError(
+                "the eval set holds no preference pairs: check config.data.eval_files."
+            )
+        count = PairCount(sums.pairs, jnp.maximum(sums.chosen_tokens, 1.0))
+        metrics = self.metrics(sums._replace(aux=sums.aux * 0), count, prefix="eval")
+        return {k: float(v) for k, v in metrics.items() if k != "eval/aux_loss"}
+
+    def metrics(self, sums: PreferenceSums, normalizer: PairCount, prefix: str = "train"):
+        """TRL's names: means over the pairs of the batch."""
+        per_pair = {
+            "rewards/chosen": sums.rewards_chosen,
+            "rewards/rejected": sums.rewards_rejected,
+            "rewards/accuracies": sums.accuracies,
+            "rewards/margins": sums.margins,
+            "logps/chosen": sums.logps_chosen,
+            "logps/rejected": sums.logps_rejected,
+        }
+        metrics = {f"{prefix}/{k}": v / normalizer.pairs for k, v in per_pair.items()}
+        metrics |= {
+            f"{prefix}/loss": self.loss(sums, normalizer),
+            f"{prefix}/nll": sums.chosen_nll / normalizer.chosen_tokens,
+            f"{prefix}/pairs": sums.pairs,
+        }
+        if self.aux_loss_coef:
+            metrics[f"{prefix}/aux_loss"] = sums.aux / sums.micro_batches
+        return metrics
+
+
+def reference_of(config: ml_collections.ConfigDict) -> str:
+    """config.preference.reference, "auto" resolved: adapters off under LoRA, else a copy."""
+    reference = config.preference.reference
+    if reference == "auto":
+        return "adapters_off" if config.lora.rank > 0 else "copy"
+    return reference
+
+
+def objective_from_config(
+    config: ml_collections.ConfigDict, max_segments: int, aux_loss_coef: float = 0.0
+) -> PairObjective:
+    """The PairObjective of config.train.objective ("dpo", "simpo", "orpo") and
+    config.preference (checked by config_check); rows hold (max_segments - 1) // 2 pairs;
+    aux_loss_coef: a mixture of experts' load-balancing loss weight."""
+    pref, objective = config.preference, config.train.objective
+    spec = PreferenceSpec(
+        loss_type=pref.loss_type if objective == "dpo" else objective, beta=pref.beta,
+        label_smoothing=pref.label_smoothing, simpo_gamma=pref.simpo_gamma,
+        rpo_alpha=pref.rpo_alpha,
+    )  # fmt: skip
+    return PairObjective(
+        spec, reference=reference_of(config) if objective == "dpo" else "none",
+        max_pairs=max(1, (max_segments - 1) // 2), loss_chunk_size=config.train.loss_chunk_size,
+        aux_loss_coef=aux_loss_coef, micro_batches=config.train.gradient_accumulation_steps,
+    )  # fmt: skip

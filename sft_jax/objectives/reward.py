@@ -1,0 +1,200 @@
+"""The reward-model objective: Bradley-Terry on preference pairs, as TRL's RewardTrainer.
+
+The model is a causal LM with a scalar `score` head (models/decoder.py; transformers'
+*ForSequenceClassification with num_labels=1). A sequence's reward is the head's output at its
+last token that is not the pad token, as transformers reads it; in a packed row each segment is a
+sequence, pair k of the row being segments 2k - 1 (chosen) and 2k (rejected) as for DPO
+(sft_jax.data.preference builds the rows):
+
+  row          = [P C C <eot>][P R <eot>][pad]      (pad id = <eot> id: the reward is read at the
+  segment_ids  = [1 1 1 1     2 2 2     0  ]         last C and at R, as transformers does)
+
+With r_c, r_r the rewards of a pair and m its margin (TRL's `margin` column; 0 without one):
+  loss = mean over pairs of -log sigmoid(r_c - r_r - m)
+         + center_rewards_coefficient * mean over pairs of (r_c + r_r)^2
+Metrics with TRL's names: accuracy (pairs with r_c > r_r), margin (mean r_c - r_r), mean_reward,
+min_reward and max_reward (over the global batch, and over the whole eval set where TRL logs
+the mean of its eval batches' extremes).
+On a mixture of experts the router's load-balancing loss is added as for SFT (moe_loss.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sft_jax.core.errors import ConfigError
+from sft_jax.data.batches import MARGIN_KEY
+from sft_jax.models.decoder import CausalLM
+from sft_jax.objectives.moe import load_balancing_loss
+
+Batch = dict[str, jax.Array]
+
+
+class SegmentRewards(NamedTuple):
+    """Per pair slot [B, P]: the rewards of the chosen and rejected sequence."""
+
+    chosen: jax.Array
+    rejected: jax.Array
+    valid: jax.Array  # slots that hold a pair
+    margin: jax.Array
+
+
+def last_token_index(batch: Batch, segments: int, pad_token_id: int) -> jax.Array:
+    """[B, S]: the position of the last token of segment s + 1 whose id is not the pad id
+    (transformers' rule for a sequence alone in its row), -1 where the segment has none."""
+    segment_ids = jnp.arange(1, segments + 1, dtype=batch["segment_ids"].dtype)
+    member_BxTxS = (batch["segment_ids"][..., None] == segment_ids[None, None, :]) & (
+        batch["input_ids"] != pad_token_id
+    )[..., None]
+    positions_T = jnp.arange(batch["input_ids"].shape[1])
+    return jnp.max(jnp.where(member_BxTxS, positions_T[None, :, None], -1), axis=1)
+
+
+def pair_rewards(
+    scores_BxT: jax.Array, batch: Batch, max_pairs: int, pad_token_id: int
+) -> SegmentRewards:
+    """The reward of each pair's chosen and rejected sequence, and its margin."""
+    last_BxS = last_token_index(batch, 2 * max_pairs, pad_token_id)
+    index_BxS = jnp.maximum(last_BxS, 0)
+    rewards_BxS = jnp.take_along_axis(scores_BxT, index_BxS, axis=1)
+    present_BxS = last_BxS >= 0
+    margin = jnp.zeros_like(rewards_BxS[:, 0::2])
+    if MARGIN_KEY in batch:
+        margin = jnp.take_along_axis(batch[MARGIN_KEY], index_BxS[:, 0::2], axis=1)
+    return SegmentRewards(
+        rewards_BxS[:, 0::2], rewards_BxS[:, 1::2], present_BxS[:, 0::2] & present_BxS[:, 1::2],
+        margin,
+    )  # fmt: skip
+
+
+class RewardSums(NamedTuple):
+    """Sums over the pairs of a batch (additive over micro-batches)."""
+
+    loss: jax.Array  # sum over pairs of -log sigmoid(r_c - r_r - m)
+    centering: jax.Array  # sum over pairs of (r_c + r_r)^2
+    pairs: jax.Array
+    accuracy: jax.Array  # pairs with r_c > r_r
+    margin: jax.Array  # sum of r_c - r_r
+    rewards: jax.Array  # sum of r_c + r_r
+    min_reward: jax.Array  # the lowest reward of a chosen or rejected sequence (not a sum)
+    max_reward: jax.Array  # the highest (not a sum)
+    aux: jax.Array  # MoE load-balancing loss of each micro-batch, summed (0 for a dense model)
+    micro_batches: jax.Array  # 1 per micro-batch
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardObjective:
+    """Bradley-Terry as a step.Objective (the train step is SFT's, unchanged).
+
+    pad_token_id: the token the reward is never read at (the exported config.json's).
+    max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs).
+    aux_loss_coef, micro_batches: a mixture of experts' load-balancing loss weight, and the
+    step's gradient accumulation (each micro-batch's aux weighs 1 / micro_batches).
+    """
+
+    pad_token_id: int
+    max_pairs: int = 1
+    center_rewards_coefficient: float = 0.0
+    aux_loss_coef: float = 0.0
+    micro_batches: int = 1
+    batch_keys: tuple[str, ...] = (MARGIN_KEY,)  # the step's batch arrays beyond BATCH_KEYS
+
+    def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> RewardSums:
+        hidden_BxTxD, stats = model.forward(
+            batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+        )
+        scores_BxT = model.scores(hidden_BxTxD)[..., 0]
+        pairs = pair_rewards(scores_BxT, batch, self.max_pairs, self.pad_token_id)
+        difference = pairs.chosen - pairs.rejected
+        valid = pairs.valid
+
+        def total(x: jax.Array) -> jax.Array:
+            return jnp.sum(jnp.where(valid, x, 0.0))
+
+        aux = jnp.zeros((), jnp.float32)
+        if stats is not None and self.aux_loss_coef:
+            aux = load_balancing_loss(stats)
+        return RewardSums(
+            loss=total(-jax.nn.log_sigmoid(difference - pairs.margin)),
+            centering=total(jnp.square(pairs.chosen + pairs.rejected)),
+            pairs=jnp.sum(valid.astype(jnp.float32)),
+            accuracy=total((difference > 0).astype(jnp.float32)),
+            margin=total(difference),
+            rewards=total(pairs.chosen + pairs.rejected),
+            min_reward=jnp.min(
+                jnp.where(valid, jnp.minimum(pairs.chosen, pairs.rejected), jnp.inf)
+            ),
+            max_reward=jnp.max(
+                jnp.where(valid, jnp.maximum(pairs.chosen, pairs.rejected), -jnp.inf)
+            ),
+            aux=aux,
+            micro_batches=jnp.ones((), jnp.float32),
+        )
+
+    def no_sums(self, zeros: RewardSums) -> RewardSums:
+        """The sums of no pairs (what add_sums starts from)."""
+        return zeros._replace(min_reward=zeros.min_reward + jnp.inf,
+                              max_reward=zeros.max_reward - jnp.inf)  # fmt: skip
+
+    def add_sums(self, a: RewardSums, b: RewardSums) -> RewardSums:
+        """Two batches' sums as one: sums add, the extreme rewards are the extremes of both."""
+        added = jax.tree.map(jnp.add, a, b)
+        return added._replace(min_reward=jnp.minimum(a.min_reward, b.min_reward),
+                              max_reward=jnp.maximum(a.max_reward, b.max_reward))  # fmt: skip
+
+    def normalizer(self, batch: Batch) -> jax.Array:
+        """Pairs of the whole global batch."""
+        last_BxS = last_token_index(batch, 2 * self.max_pairs, self.pad_token_id)
+        valid = (last_BxS[:, 0::2] >= 0) & (last_BxS[:, 1::2] >= 0)
+        return jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
+
+    def loss(self, sums: RewardSums, normalizer: jax.Array) -> jax.Array:
+        loss = (sums.loss + self.center_rewards_coefficient * sums.centering) / normalizer
+        return loss + self.aux_loss_coef * sums.aux / self.micro_batches
+
+    def metrics(self, sums: RewardSums, normalizer: jax.Array, prefix: str = "train"):
+        """TRL's names (RewardTrainer): means over the pairs of the batch."""
+        metrics = {
+            f"{prefix}/loss": self.loss(sums, normalizer),
+            f"{prefix}/accuracy": sums.accuracy / normalizer,
+            f"{prefix}/margin": sums.margin / normalizer,
+            f"{prefix}/mean_reward": sums.rewards / (2 * normalizer),
+            f"{prefix}/min_reward": sums.min_reward,
+            f"{prefix}/max_reward": sums.max_reward,
+            f"{prefix}/pairs": sums.pairs,
+        }
+        if self.aux_loss_coef:
+            metrics[f"{prefix}/aux_loss"] = sums.aux / sums.micro_batches
+        return metrics
+
+    def eval_metrics(self, sums: RewardSums) -> dict[str, float]:
+        """Over the whole eval set (its sums added up): the metrics, as "eval/..."."""
+        if float(sums.pairs) == 0:
+            raise ConfigError(
+                "the eval set holds no preference pairs: check config.data.eval_files."
+            )
+        metrics = self.metrics(sums._replace(aux=sums.aux * 0), sums.pairs, prefix="eval")
+        return {k: float(v) for k, v in metrics.items() if k != "eval/aux_loss"}
+
+
+def objective_from_config(
+    config: ml_collections.ConfigDict, max_segments: int, pad_token_id: int | None,
+    aux_loss_coef: float = 0.0,
+) -> RewardObjective:  # fmt: skip
+    """The RewardObjective of a run: rows hold (max_segments - 1) // 2 pairs."""
+    if pad_token_id is None:
+        raise ConfigError(
+            "train.objective='reward' reads each sequence's reward at its last token that is not "
+            "the pad token, but neither the tokenizer nor config.json names a pad token. Set "
+            "pad_token_id in the model's config.json (or the tokenizer's pad_token)."
+        )
+    return RewardObjective(
+        pad_token_id, max_pairs=max(1, (max_segments - 1) // 2),
+        center_rewards_coefficient=config.preference.center_rewards_coefficient,
+        aux_loss_coef=aux_loss_coef, micro_batches=config.train.gradient_accumulation_steps,
+    )  # fmt: skip

@@ -1,0 +1,396 @@
+"""The compile plan: what a run executes, decided once.
+
+`plan_run(config, mesh, model, ...)` takes the checked config, the mesh, the model and the batch
+shape and returns a Plan: the jitted train and eval steps with their shardings, the initial
+train state, the attention kernel and remat policy it chose (and why), and XLA's memory plan of
+the train step. attention='auto', remat='auto' and the memory check are decided here and
+nowhere else; the trainer only runs the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sft_jax.adapters.lora import LoRASpec
+from sft_jax.core.errors import ConfigError
+from sft_jax.data.batches import BATCH_KEYS
+from sft_jax.models import CausalLM
+from sft_jax.models.decoder import use_attention
+from sft_jax.models.moe import use_moe_dispatch
+from sft_jax.models.score_head import reward_pad_id
+from sft_jax.objectives import preference, reward
+from sft_jax.train import memory as memory_plan
+from sft_jax.train import sharding, step
+from sft_jax.train.kernel_choice import attention_for, choose_moe_dispatch, segments_bound
+from sft_jax.train.memory import StepMemory
+from sft_jax.train.optim import make_optimizer
+from sft_jax.train.step import StepOptions, StepSpec
+
+log = logging.getLogger(__name__)
+
+# remat "auto" tries these in turn, least recomputation first (and so most memory).
+AUTO_REMAT = ("none", "save_matmuls", "full")
+
+
+# --- Train state and compiled steps -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Steps:
+    """Compiled steps and the shardings they expect."""
+
+    train: Any  # (state, batch) -> (state, metrics)
+    eval: Any  # (params, batch) -> the objective's sums
+    state_shardings: Any
+    frozen: Any  # the frozen variables both steps read (a pure dict, possibly empty)
+    batch_shardings: dict[str, NamedSharding]
+    compile_seconds: float
+    graphdef: Any = None  # with `frozen`, turns trained params back into a model
+    objective: Any = None  # what the steps optimize (its eval_metrics read the eval sums)
+    train_memory: StepMemory | None = None  # the train step's planned memory per device
+    # (params, this process's rows of an eval-sized batch) -> the reference log-probs of every
+    # row of the global batch, [rows, T] on the host: DPO with reference='precomputed'.
+    reference: Callable[[Any, dict[str, Any]], np.ndarray] | None = None
+
+    def model_of(self, params: Any) -> CausalLM:
+        """The model with these trained parameters (e.g. to generate with during eval)."""
+        return nnx.merge(self.graphdef, params, self.frozen)
+
+
+def batch_keys(objective: step.Objective) -> tuple[str, ...]:
+    """The arrays of the steps' batches: data.batches.BATCH_KEYS and the objective's own."""
+    return (*BATCH_KEYS, *getattr(objective, "batch_keys", ()))
+
+
+def init_state(
+    model: CausalLM, tx: optax.GradientTransformation, mesh: Mesh, trainable: Any = nnx.Param
+) -> tuple[Any, Any]:
+    """Train state of the `trainable` variables placed on the mesh, and its shardings."""
+    shardings = sharding.param_shardings(model, mesh, trainable)
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model, trainable)), shardings)
+    opt_shardings = sharding.opt_state_shardings(jax.eval_shape(tx.init, params), shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = {
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "params": params,
+        "opt_state": opt_state,
+    }
+    state_shardings = {"step": replicated, "params": shardings, "opt_state": opt_shardings}
+    return state, state_shardings
+
+
+def _abstract_state(model: CausalLM, tx: optax.GradientTransformation, trainable: Any) -> dict:
+    params = nnx.to_pure_dict(nnx.state(model, trainable))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
+    """The StepOptions of a mixture of experts (none for a dense model)."""
+    if not model_config.moe_layers:
+        return {}
+    coef = train.router_aux_loss_coef
+    return {
+        "moe_layers": model_config.moe_layers,
+        "router_aux_loss_coef": model_config.router_aux_loss_coef if coef == -1 else coef,
+        "router_z_loss_weight": train.router_z_loss_weight,
+    }
+
+
+def objective_for(
+    config: ml_collections.ConfigDict, model: CausalLM, max_segments: int,
+    pad_token_id: int | None,
+) -> step.Objective | None:  # fmt: skip
+    """config.train.objective's objective; None for SFT (StepOptions.objective: cross-entropy,
+    with the router's losses on a mixture of experts). DPO with a frozen copy of the weights
+    as its reference attaches that copy to the model here."""
+    objective = config.train.get("objective", "sft")
+    if objective == "sft":
+        return None
+    aux_loss_coef = moe_options(config.train, model.config).get("router_aux_loss_coef", 0.0)
+    if objective == "reward":
+        pad = reward_pad_id(pad_token_id, model.config.hf_config)
+        chosen = reward.objective_from_config(config, max_segments or 3, pad, aux_loss_coef)
+    else:
+        chosen = preference.objective_from_config(config, max_segments or 3, aux_loss_coef)
+        if chosen.reference == "copy":
+            preference.attach_frozen_copy(model)  # frozen variables of the steps, sharded
+    log.info("objective: %s, %s", objective, chosen)
+    return chosen
+
+
+def build_steps(
+    model: CausalLM,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    state_shardings: Any,
+    *,
+    train_rows: int,
+    eval_rows: int,
+    seq_len: int,
+    options: StepOptions,
+    trainable: Any = nnx.Param,
+    objective: step.Objective | None = None,
+) -> Steps:
+    """Compiles step.train_step (donating the state) and step.eval_step, once, ahead of time
+    from abstract inputs: a batch of another shape or sharding is an error, never a silent
+    recompilation. The objective is SFT's cross-entropy unless given
+    (sft_jax.objectives.preference)."""
+    graphdef, _, frozen_state = nnx.split(model, trainable, ...)
+    frozen_shardings = sharding.param_shardings(model, mesh, nnx.Not(trainable))
+    frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
+    objective = objective or options.objective()
+    spec = StepSpec(graphdef, tx, schedule, objective,
+                    options.gradient_accumulation_steps, options.dropout_seed)  # fmt: skip
+    abstract_state = sharding.with_shardings(
+        jax.eval_shape(lambda: _abstract_state(model, tx, trainable)), state_shardings
+    )
+    abstract_frozen = sharding.abstract_like(frozen)
+    batches = sharding.batch_shardings(mesh, batch_keys(objective))
+    start = time.perf_counter()
+    # Traced under the mesh: the loss (sft_jax.objectives.loss) and the fused attention kernels
+    # run per shard, in shard_map over it.
+    with jax.set_mesh(mesh):
+        train = lower_train_step(
+            spec, mesh, (abstract_state, state_shardings), (abstract_frozen, frozen_shardings),
+            rows=train_rows, seq_len=seq_len,
+        ).compile()  # fmt: skip
+        evaluate = jax.jit(
+            functools.partial(step.eval_step, spec),
+            in_shardings=(state_shardings["params"], frozen_shardings, batches),
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
+        )
+        eval_batch = sharding.abstract_batch(eval_rows, seq_len, mesh, batch_keys(objective))
+        evaluate = evaluate.lower(abstract_state["params"], abstract_frozen, eval_batch).compile()
+        reference = compile_reference(
+            spec, mesh, (abstract_state["params"], state_shardings["params"]),
+            (frozen, frozen_shardings), rows=eval_rows, seq_len=seq_len,
+        )  # fmt: skip
+    return Steps(
+        train=lambda state, batch: train(state, frozen, batch),
+        eval=lambda params, batch: evaluate(params, frozen, batch),
+        state_shardings=state_shardings,
+        frozen=frozen,
+        batch_shardings=batches,
+        compile_seconds=time.perf_counter() - start,
+        graphdef=graphdef,
+        objective=objective,
+        train_memory=StepMemory.of(train),
+        reference=reference,
+    )
+
+
+def compile_reference(
+    spec: StepSpec, mesh: Mesh, params: tuple[Any, Any], frozen: tuple[Any, Any], *, rows: int,
+    seq_len: int,
+) -> Callable[[Any, dict[str, Any]], np.ndarray] | None:  # fmt: skip
+    """step.reference_step compiled for batches of rows x seq_len (sharded like the steps'),
+    its output replicated so that every process reads every row; call under the mesh. None
+    unless the objective reads a precomputed reference.
+    params, frozen: (abstract params, their shardings), (frozen variables, their shardings)."""
+    if getattr(spec.objective, "reference", None) != "precomputed":
+        return None
+    (abstract_params, params_shardings), (frozen, frozen_shardings) = params, frozen
+    batches = sharding.batch_shardings(mesh)
+    compiled = jax.jit(
+        functools.partial(step.reference_step, spec),
+        in_shardings=(params_shardings, frozen_shardings, batches),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    ).lower(abstract_params, sharding.abstract_like(frozen),
+            sharding.abstract_batch(rows, seq_len, mesh)).compile()  # fmt: skip
+
+    def reference(params: Any, local_rows: dict[str, Any]) -> np.ndarray:
+        logps = compiled(params, frozen, sharding.device_batch(local_rows, batches))
+        return np.asarray(logps.addressable_data(0))
+
+    return reference
+
+
+def lower_train_step(
+    spec: StepSpec,
+    mesh: Mesh,
+    state: tuple[Any, Any],
+    frozen: tuple[Any, Any],
+    *,
+    rows: int,
+    seq_len: int,
+) -> Any:
+    """step.train_step jitted with explicit shardings (state donated) and lowered for abstract
+    (state, frozen) = (ShapeDtypeStructs, shardings) pairs and a batch of rows x seq_len; call
+    under jax.set_mesh(mesh). Weights never need to exist: sft_jax.planning.search compiles it from
+    an abstract model."""
+    (abstract_state, state_shardings), (abstract_frozen, frozen_shardings) = state, frozen
+    keys = batch_keys(spec.objective)
+    train = jax.jit(
+        functools.partial(step.train_step, spec),
+        in_shardings=(state_shardings, frozen_shardings, sharding.batch_shardings(mesh, keys)),
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=(0,),
+    )
+    batch = sharding.abstract_batch(rows, seq_len, mesh, keys)
+    return train.lower(abstract_state, abstract_frozen, batch)
+
+
+# --- Remat and the attention fall-back ---------------------------------------------------
+
+
+def auto_remat_policies() -> tuple[str, ...]:
+    """AUTO_REMAT, with "offload" (matmul outputs kept in host memory: no recomputation, less
+    device memory) tried before "full" where the backend can offload."""
+    if not memory_plan.host_offload_supported():
+        return AUTO_REMAT
+    return (*AUTO_REMAT[:-1], "offload", AUTO_REMAT[-1])
+
+
+def compile_with_remat(
+    build: Callable[[CausalLM], Steps], model: CausalLM, remat: str, limit: int | None
+) -> Steps:
+    """The compiled steps with `remat`. "auto" compiles auto_remat_policies() in turn and keeps
+    the first
+    whose train step XLA plans within FIT_FRACTION of `limit` bytes per device ("none" where
+    the limit is unknown; "full" where none fits); a compile refused for want of memory counts
+    as not fitting. No step runs."""
+    error, steps = None, None
+    for policy in auto_remat_policies() if remat == "auto" else (remat,):
+        model.remat = policy
+        try:
+            steps = build(model)
+        except Exception as e:
+            if not memory_plan.out_of_memory(e):
+                raise
+            error, steps = e, None
+            log.info("remat %r: the compiler ran out of device memory (%s)", policy, str(e)[:300])
+            continue
+        if remat != "auto" or memory_plan.fits(steps.train_memory, limit):
+            break
+        log.info(
+            "remat %r: the train step plans %.2f GiB per device, over %.0f%% of %.2f GiB",
+            policy, steps.train_memory.total / 2**30, 100 * memory_plan.FIT_FRACTION,
+            limit / 2**30,
+        )  # fmt: skip
+    if steps is None:
+        raise ConfigError(
+            f"the train step does not fit in device memory with config.model.remat={remat!r} "
+            f"(the compiler: {str(error).splitlines()[0][:300]}). {memory_plan.lower_it(remat)}"
+        ) from error
+    if remat == "auto":
+        log.info("remat: %s (auto: %s)", model.remat, _why_remat(steps.train_memory, limit))
+    return steps
+
+
+def _why_remat(plan: StepMemory | None, limit: int | None) -> str:
+    share = f"{100 * memory_plan.FIT_FRACTION:.0f}% of the device"
+    if limit is None:
+        return "the device's memory is unknown"
+    if plan is None:
+        return "XLA gives no memory plan here"
+    if memory_plan.fits(plan, limit):
+        return f"the least recomputation that fits {share}"
+    return f"no policy fits {share}; the last one"
+
+
+def with_attention_fallback(
+    build: Callable[[CausalLM], Steps], requested: str
+) -> Callable[[CausalLM], Steps]:
+    """`build`, but where "auto" picked a fused kernel that does not compile (cuDNN can refuse
+    a graph at compile time), the einsum path instead, with a warning. A named kernel fails,
+    and so does a step too large for the device (compile_with_remat's business)."""
+
+    def build_or_fall_back(model: CausalLM) -> Steps:
+        try:
+            return build(model)
+        except Exception as e:
+            if (
+                requested != "auto"
+                or model.config.attention == "xla"
+                or memory_plan.out_of_memory(e)
+            ):
+                raise
+            log.warning(
+                "attention %r did not compile (%s: %s); config.model.attention='auto' "
+                "falls back to 'xla'.", model.config.attention, type(e).__name__, str(e)[:500],
+            )  # fmt: skip
+            use_attention(model, "xla")
+            if getattr(model, "reference", None) is not None:  # DPO's frozen copy
+                use_attention(model.reference, "xla")
+            return build(model)
+
+    return build_or_fall_back
+
+
+# --- The entry point -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run executes, and what was chosen for it."""
+
+    steps: Steps
+    state: dict[str, Any]  # the initial train state, on the mesh
+    tx: optax.GradientTransformation
+    attention: str
+    remat: str
+    device_limit: int | None  # bytes one device holds; None where unknown (CPU)
+
+
+def run_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+    """(the run's optimizer, its learning-rate schedule): AdamW, wrapped by AdaLoRA's rank
+    allocation and orthogonality gradient where config.lora asks for AdaLoRA."""
+    adalora = LoRASpec.from_config(config.lora, config.train.steps).adalora
+    return make_optimizer(config.train, adalora)
+
+
+def plan_run(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    model: CausalLM,
+    *,
+    seq_len: int,
+    max_segments: int = 0,
+    trainable: Any = nnx.Param,
+    pad_token_id: int | None = None,
+) -> Plan:
+    """Chooses the attention kernel and remat policy, compiles the steps, checks the memory.
+
+    max_segments: most segments in a row of the batches (0: the bound of config.data);
+    pad_token_id: the tokenizer's (a reward model never reads its score at it)."""
+    max_segments = max_segments or segments_bound(config.data)
+    attention, why = attention_for(config, model.config, max_segments)
+    log.info("attention: %s (%s)", attention, why)
+    use_attention(model, attention, max_segments)
+    if model.config.num_experts:
+        dispatch, why = choose_moe_dispatch(config.model.get("moe_dispatch", "auto"))
+        log.info("expert dispatch: %s (%s)", dispatch, why)
+        use_moe_dispatch(model, dispatch)
+    train = config.train
+    tx, schedule = run_optimizer(config)
+    state, state_shardings = init_state(model, tx, mesh, trainable)
+    options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
+                          train.loss_chunk_size, dropout_seed=train.seed,
+                          **moe_options(train, model.config))  # fmt: skip
+    objective = objective_for(config, model, max_segments, pad_token_id)
+    build = functools.partial(
+        build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=state_shardings,
+        train_rows=train.global_batch_size, eval_rows=config.eval.global_batch_size,
+        seq_len=seq_len, options=options, trainable=trainable, objective=objective,
+    )  # fmt: skip
+    limit = memory_plan.device_bytes_limit()
+    build = with_attention_fallback(build, config.model.attention)
+    steps = compile_with_remat(build, model, config.model.remat, limit)
+    log.info("train and eval steps compiled in %.1f s", steps.compile_seconds)
+    memory_plan.warn_if_over_memory(steps.train_memory, limit, config.model.remat)
+    return Plan(steps, state, tx, model.config.attention, model.remat, limit)

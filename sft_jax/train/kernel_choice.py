@@ -1,0 +1,160 @@
+"""The kernels a run uses on this machine, chosen with the reason why: the attention kernel
+(cuDNN on NVIDIA GPUs, splash on TPUs, blockwise or einsums elsewhere) and the dispatch of the
+expert blocks over the expert mesh axis. compile_plan installs what these choose."""
+
+from __future__ import annotations
+
+import jax
+import jax.extend
+import ml_collections
+
+from sft_jax.core.errors import ConfigError, check_choice
+from sft_jax.models import ModelConfig
+from sft_jax.models.kernels.fused import ATTENTION_KINDS, SPLASH_BLOCKS, SPLASH_INTERPRET
+from sft_jax.models.kernels.fused import packed_cudnn_supported as _packed_cudnn_supported
+from sft_jax.models.partitioning import DISPATCH_KINDS
+
+ATTENTION_CHOICES = ("auto", *ATTENTION_KINDS)
+MOE_DISPATCH_CHOICES = ("auto", *DISPATCH_KINDS)
+CUDNN_DTYPES = ("bfloat16",)  # cuDNN's flash attention takes 16-bit inputs only
+CONTEXT_SPLASH = (
+    "auto: splash cannot run with the sequence split over mesh.context (its causal tiles "
+    "assume tokens in order); the blockwise kernel holds a block of scores, not [T / C, T]"
+)
+
+
+def accelerator() -> str:
+    """'nvidia' (CUDA GPUs), 'tpu', or the backend's name (cpu, rocm GPUs, ...)."""
+    backend = jax.extend.backend.get_backend()
+    if backend.platform == "gpu" and "cuda" in backend.platform_version.lower():
+        return "nvidia"
+    return backend.platform
+
+
+def cudnn_max_head_dim() -> int:
+    """cuDNN flash attention's largest head dim on this GPU: 256 from Hopper on, else 128."""
+    try:
+        return 256 if int(str(jax.devices()[0].compute_capability).split(".")[0]) >= 9 else 128
+    except (AttributeError, ValueError):
+        return 128
+
+
+def _cudnn_blocker(accelerator: str, model: ModelConfig, compute_dtype: str, max_head_dim: int):
+    if accelerator != "nvidia":
+        return f"this run's accelerator is {accelerator}, not an NVIDIA GPU"
+    if compute_dtype not in CUDNN_DTYPES:
+        return f"config.model.compute_dtype={compute_dtype!r} (cuDNN takes bfloat16)"
+    if model.attn_logit_softcap is not None:
+        return f"{model.model_type} soft-caps attention logits, which cuDNN cannot"
+    if model.head_dim % 8 or model.head_dim > max_head_dim:
+        return f"head_dim {model.head_dim} is not a multiple of 8 up to {max_head_dim} (this GPU)"
+    return ""
+
+
+def _splash_blocker(accelerator: str, max_length: int) -> str:
+    tile = SPLASH_BLOCKS[-1]
+    if accelerator != "tpu" and not SPLASH_INTERPRET["interpret"]:
+        return f"this run's accelerator is {accelerator}, not a TPU"
+    if max_length % tile:
+        return f"config.data.max_length={max_length} is not a multiple of its {tile}-token tile"
+    return ""
+
+
+def choose_attention(
+    requested: str,
+    *,
+    accelerator: str,
+    model: ModelConfig,
+    compute_dtype: str,
+    max_length: int,
+    max_head_dim: int = 256,
+    context: int = 1,
+) -> tuple[str, str]:
+    """(attention kind, why): "auto" takes the fused kernel of this accelerator where the model
+    and config allow it (cuDNN on NVIDIA GPUs, splash on TPUs), else the einsum path. Naming a
+    kernel the run cannot use is a ConfigError that says why. With the sequence split over a
+    context axis of `context` devices, splash ("auto" on a TPU) gives way to blockwise."""
+    kind, why = _choose_attention(requested, accelerator, model, compute_dtype, max_length,
+                                  max_head_dim)  # fmt: skip
+    if kind == "splash" and context > 1:  # tokens out of order: models/attention.py
+        return "blockwise", CONTEXT_SPLASH
+    return kind, why
+
+
+def _choose_attention(
+    requested: str,
+    accelerator: str,
+    model: ModelConfig,
+    compute_dtype: str,
+    max_length: int,
+    max_head_dim: int,
+) -> tuple[str, str]:
+    check_choice("model.attention", requested, ATTENTION_CHOICES)
+    blockers = {
+        "cudnn": _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
+        "splash": _splash_blocker(accelerator, max_length),
+    }
+    if requested == "auto":
+        if accelerator == "nvidia" and not blockers["cudnn"]:
+            return "cudnn", "auto: fused cuDNN attention on this NVIDIA GPU"
+        if accelerator == "tpu" and not blockers["splash"]:
+            return "splash", "auto: Pallas splash attention on this TPU"
+        blocker = {"nvidia": blockers["cudnn"], "tpu": blockers["splash"]}.get(accelerator)
+        why = (
+            f"not the fused kernel, as {blocker}"
+            if blocker
+            else f"no fused kernel on {accelerator}"
+        )
+        return "xla", f"auto: {why}"
+    if blockers.get(requested):
+        raise ConfigError(
+            f"config.model.attention={requested!r} cannot run: {blockers[requested]}; set it to "
+            "'auto' or 'xla'."
+        )
+    return requested, "as configured"
+
+
+def choose_moe_dispatch(requested: str) -> tuple[str, str]:
+    """(dispatch, why) of the expert blocks over the expert mesh axis. "auto" takes "gather":
+    XLA's all-to-all has fixed buffers, so a dropless one sizes each peer's buffer for every
+    token copy (N * K rows) and moves top_k times the bytes of gather + reduce-scatter, with
+    more memory (benchmarks/bench_moe.py --dispatch; README "Mixture of experts")."""
+    check_choice("model.moe_dispatch", requested, MOE_DISPATCH_CHOICES)
+    if requested == "auto":
+        return "gather", "auto: a dropless fixed-size all-to-all moves top_k times its bytes"
+    return requested, "as configured"
+
+
+def segments_bound(data: ml_collections.ConfigDict) -> int:
+    """Most segments a row of batches built from this config can hold (documents, plus padding
+    as one more), or 0 when unbounded. The data pipeline knows a tighter bound for its data."""
+    if not data.packing:
+        return 2
+    documents = data.get("max_documents_per_row", 0)  # configs saved before the field: none
+    return documents + 1 if documents > 0 else 0
+
+
+def attention_for(
+    config: ml_collections.ConfigDict, model: ModelConfig, max_segments: int
+) -> tuple[str, str]:
+    """(kernel, why) for this run on this machine, the why saying how documents stay apart."""
+    here = accelerator()
+    if config.get("prompt") is not None and config.prompt.method == "prefix_tuning":
+        # config_check allows only auto and xla: the fused kernels take no key/value prefix.
+        return "xla", "prefix tuning: the key/value prefix needs the einsum path"
+    attention, why = choose_attention(
+        config.model.attention, accelerator=here, model=model,
+        compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
+        max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
+        context=config.mesh.get("context", 1),
+    )  # fmt: skip
+    if config.mesh.get("context", 1) > 1 and attention == "cudnn":
+        return attention, why + "; a mask per context shard keeps documents apart"
+    if attention == "cudnn":
+        why += (
+            f"; documents kept apart by a table of {max_segments} segments per row"
+            if max_segments and _packed_cudnn_supported()
+            else "; documents kept apart by a [B, 1, T, S] mask (the segment table needs a "
+            "Hopper GPU and a bound on config.data.max_documents_per_row)"
+        )
+    return attention, why

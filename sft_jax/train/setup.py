@@ -1,0 +1,79 @@
+"""The model a run trains, built from its config: loaded, optionally quantized, with adapters.
+
+The attention kernel and remat policy are not chosen here: sft_jax.train.compiled decides both
+once it knows the data and the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import ml_collections
+from jax.sharding import Mesh
+
+from sft_jax.adapters.lora import LoRASpec, apply_lora, trainable_filter
+from sft_jax.adapters.prompts import PromptParam, PromptSpec, apply_prompt, trainable_line
+from sft_jax.data import run_tokenizer
+from sft_jax.models import CausalLM, from_pretrained
+from sft_jax.models.config import DTYPES
+from sft_jax.models.moe import quantize_experts
+from sft_jax.train.config_check import check_for_model
+
+log = logging.getLogger(__name__)
+
+
+def score_labels(config: ml_collections.ConfigDict) -> int | None:
+    """A reward model's outputs (1: a scalar score head); None: the checkpoint's own head."""
+    return 1 if config.train.get("objective", "sft") == "reward" else None
+
+
+def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
+    """(model on the mesh, its LoRA spec, the filter of what training updates)."""
+    spec = LoRASpec.from_config(config.lora, config.train.steps)
+    model = from_pretrained(
+        config.model.name_or_path,
+        mesh=mesh,
+        param_dtype=DTYPES[config.model.param_dtype],
+        dtype=DTYPES[config.model.compute_dtype],
+        quantization=spec.quantization,
+        score_labels=score_labels(config),
+    )
+    check_for_model(config, model.config, mesh.shape["expert"])
+    if spec.quantization is not None and model.config.num_experts:
+        quantize_experts(model, spec.quantization, mesh)
+    tokenizer = None
+    if PromptSpec.from_config(config).init == "text":
+        tokenizer = run_tokenizer(config)
+    spec, trainable = add_adapters(model, config, mesh, tokenizer)
+    model.embedding_noise = config.train.get("neftune_noise_alpha", 0.0)
+    log.info("%s (as PEFT's print_trainable_parameters)", trainable_line(model, trainable))
+    return model, spec, trainable
+
+
+def add_adapters(
+    model: CausalLM, config: ml_collections.ConfigDict, mesh: Mesh, tokenizer: Any = None
+) -> tuple[LoRASpec, Any]:
+    """Puts the run's adapters on `model` (LoRA, DoRA, AdaLoRA; or a prompt method's module)
+    and returns (its LoRA spec, the filter of what trains): the one partition of trained and
+    frozen parameters, shared by training and the planner (which calls it on an abstract model
+    under nnx.eval_shape). `tokenizer`: for prompt tuning's text init only."""
+    spec = LoRASpec.from_config(config.lora, config.train.steps)
+    if spec.enabled:
+        applied = spec.for_model(model)
+        if "embed" in set(applied.extra_trainable) - set(spec.extra_trainable):
+            log.info("config.lora.trainable_modules: the LM head is tied to the embedding, so "
+                     "the embedding matrix (model.embed_tokens) is trained")  # fmt: skip
+        if model.score is not None:
+            log.info("reward model: the new score head trains in full beside the adapters "
+                     "(PEFT's modules_to_save=['score'])")  # fmt: skip
+        spec = applied
+        apply_lora(model, spec, mesh, seed=config.train.seed)
+    prompt = PromptSpec.from_config(config)
+    if not prompt.enabled:
+        return spec, trainable_filter(spec)
+    if prompt.init == "text" and tokenizer is None:  # the shapes are those of any init
+        prompt = dataclasses.replace(prompt, init="random")
+    apply_prompt(model, prompt, seed=config.train.seed, tokenizer=tokenizer)
+    return spec, PromptParam
