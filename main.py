@@ -11,10 +11,10 @@ from ml_collections import config_flags
 
 from sft_jax import cli
 from sft_jax.core.errors import TrainingDivergedError
-from sft_jax.data import open_run_data
 from sft_jax.data.cloud import is_remote
 from sft_jax.loop import trainer
 from sft_jax.train import config_check
+from sft_jax.train.setup import open_run_data
 from sft_jax.workdir import rundir
 from sft_jax.workdir.checkpointing import CheckpointSaveError
 

@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sft_jax.data import open_run_data, store, stream
+from sft_jax.data import store, stream
 from sft_jax.data.batches import TrainBatches
 from sft_jax.data.tokenize import Tokenized, empty_stats
+from sft_jax.train.setup import open_run_data
 
 REPO = Path(__file__).resolve().parents[1]
 PART = 100_000  # documents generated and appended at a time

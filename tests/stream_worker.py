@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_trainer import base_config
 
-from sft_jax.data import open_run_data
 from sft_jax.loop import trainer
+from sft_jax.train.setup import open_run_data
 
 
 def main() -> None:

@@ -23,11 +23,11 @@ from test_trainer import base_config as trainer_config
 from test_trainer import chat_rows
 
 from sft_jax.core.errors import ConfigError
-from sft_jax.data import open_run_data
 from sft_jax.data.cloud import CloudError
 from sft_jax.loop import trainer
 from sft_jax.loop.export import export_run
 from sft_jax.train import config_check
+from sft_jax.train.setup import open_run_data
 from sft_jax.workdir.bucket_mirror import MARKER, RUN_FILE, BucketMirror, staging_dir
 from sft_jax.workdir.checkpointing import Checkpoints, CheckpointSaveError, committed_steps
 

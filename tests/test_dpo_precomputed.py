@@ -109,8 +109,8 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     """4 updates of full fine-tuning DPO saved every 2; the last checkpoint removed (as if the
     run died after step 2) and the run started again: it recomputes the reference from
     model.name_or_path and its steps 3 and 4 (train and eval) are bitwise the first run's."""
-    from sft_jax.data import open_run_data
     from sft_jax.loop import trainer
+    from sft_jax.train.setup import open_run_data
 
     pairs = tmp_path / "pairs.jsonl"
     with open(demo_dpo_config().data.train_files) as source:

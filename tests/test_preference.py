@@ -465,8 +465,8 @@ def test_a_dpo_run_reports_trl_metrics_and_starts_at_the_reference(tmp_path):
     import json
     import math
 
-    from sft_jax.data import open_run_data
     from sft_jax.loop import trainer
+    from sft_jax.train.setup import open_run_data
 
     config = demo_dpo_config()
     summary = trainer.run(config, tmp_path, open_run_data)

@@ -199,8 +199,8 @@ def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(t
     margin and extreme rewards over all 200 pairs."""
     import json
 
-    from sft_jax.data import open_run_data
     from sft_jax.loop import trainer
+    from sft_jax.train.setup import open_run_data
 
     config = reward_demo_config(
         **{"train.gradient_accumulation_steps": 2, "train.global_batch_size": 16}

@@ -11,12 +11,13 @@ from chat_tokenizers import make_tokenizer
 from test_data import base_config, conversation, random_documents, write_jsonl
 
 from sft_jax.core.errors import ConfigError
-from sft_jax.data import load_datasets, open_run_data
+from sft_jax.data import load_datasets
 from sft_jax.data import tokenize as tok
 from sft_jax.data.mixture import prepared
 from sft_jax.data.pipeline import run_tokenizer
 from sft_jax.data.stream import Documents, StreamBatches, index_shuffle
 from sft_jax.train.config_check import check_values
+from sft_jax.train.setup import open_run_data
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """Errors that reach the user as one clear message (main.py prints them without a traceback)."""
 
+from typing import Any
+
 
 class UserError(ValueError):
     """A problem with the user's config, data or model files: one message, no traceback."""
@@ -29,3 +31,12 @@ def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None
         raise ConfigError(
             f"config.{field}={value!r}: expected one of {', '.join(map(str, choices))}."
         )
+
+
+def need(config: Any, ok: bool, field: str, problem: str) -> None:
+    """The one wording of "this config field cannot be this value": config.FIELD=VALUE: why."""
+    if not ok:
+        value = config
+        for part in field.split("."):
+            value = value[part]
+        raise ConfigError(f"config.{field}={value!r}: {problem}")

@@ -35,7 +35,7 @@ import ml_collections
 from flax import nnx
 
 from sft_jax.adapters.lora import adapters_off
-from sft_jax.core.errors import ConfigError
+from sft_jax.core.errors import ConfigError, check_choice, need
 from sft_jax.data.batches import REFERENCE_KEY
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.loss import hidden_token_logps, token_logps
@@ -46,7 +46,6 @@ REFERENCE_FREE = ("simpo", "orpo")
 REFERENCES = ("auto", "adapters_off", "copy", "precomputed")  # config.preference.reference
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
-OBJECTIVES = ("sft", "dpo", *REFERENCE_FREE, "reward")  # config.train.objective (reward.py)
 
 
 class PairLogps(NamedTuple):
@@ -343,19 +342,53 @@ def reference_of(config: ml_collections.ConfigDict) -> str:
 
 
 def objective_from_config(
-    config: ml_collections.ConfigDict, max_segments: int, aux_loss_coef: float = 0.0
-) -> PairObjective:
-    """The PairObjective of config.train.objective ("dpo", "simpo", "orpo") and
-    config.preference (checked by config_check); rows hold (max_segments - 1) // 2 pairs;
-    aux_loss_coef: a mixture of experts' load-balancing loss weight."""
-    pref, objective = config.preference, config.train.objective
+    config: ml_collections.ConfigDict, max_segments: int, aux_loss_coef: float, loss_type: str,
+    reference: str,
+) -> PairObjective:  # fmt: skip
+    """The PairObjective of config.preference (checked by check_pairs / check_dpo) with
+    `loss_type` (LOSS_TYPES) against `reference` (REFERENCES resolved, or "none");
+    rows hold (max_segments - 1) // 2 pairs; aux_loss_coef: a mixture of experts'
+    load-balancing loss weight."""
+    pref = config.preference
     spec = PreferenceSpec(
-        loss_type=pref.loss_type if objective == "dpo" else objective, beta=pref.beta,
-        label_smoothing=pref.label_smoothing, simpo_gamma=pref.simpo_gamma,
-        rpo_alpha=pref.rpo_alpha,
+        loss_type=loss_type, beta=pref.beta, label_smoothing=pref.label_smoothing,
+        simpo_gamma=pref.simpo_gamma, rpo_alpha=pref.rpo_alpha,
     )  # fmt: skip
     return PairObjective(
-        spec, reference=reference_of(config) if objective == "dpo" else "none",
-        max_pairs=max(1, (max_segments - 1) // 2), loss_chunk_size=config.train.loss_chunk_size,
-        aux_loss_coef=aux_loss_coef, micro_batches=config.train.gradient_accumulation_steps,
+        spec, reference=reference, max_pairs=max(1, (max_segments - 1) // 2),
+        loss_chunk_size=config.train.loss_chunk_size, aux_loss_coef=aux_loss_coef,
+        micro_batches=config.train.gradient_accumulation_steps,
     )  # fmt: skip
+
+
+def check_pair_fields(config: ml_collections.ConfigDict) -> None:
+    """The fields every objective over preference pairs reads (DPO's family and reward models)."""
+    pref = config.preference
+    check_choice("preference.reference", pref.reference, REFERENCES)
+    need(config, pref.beta > 0, "preference.beta", "must be positive.")
+    need(config, 0 <= pref.label_smoothing < 0.5, "preference.label_smoothing",
+         "must be within [0, 0.5).")  # fmt: skip
+    need(config, pref.rpo_alpha >= 0, "preference.rpo_alpha", "must be 0 (off) or positive.")
+    need(config, config.data.max_documents_per_row != 1, "data.max_documents_per_row",
+         "a row holds whole preference pairs (2 documents each): use 0 or 2 or more.")  # fmt: skip
+    need(config, not config.data.eval_fraction, "data.eval_fraction",
+         "preference pairs are evaluated from config.data.eval_files; set that.")  # fmt: skip
+
+
+def check_pairs(config: ml_collections.ConfigDict) -> None:
+    """config.preference for the reference-free objectives ("simpo", "orpo")."""
+    check_choice("preference.loss_type", config.preference.loss_type, DPO_LOSSES)
+    check_pair_fields(config)
+
+
+def check_dpo(config: ml_collections.ConfigDict) -> None:
+    """config.preference for "dpo": the pair fields, and a reference the run can have."""
+    check_pairs(config)
+    if reference_of(config) == "adapters_off":
+        need(config, config.lora.rank > 0, "preference.reference",
+             "'adapters_off' is the model with its LoRA adapters off, and this run has none "
+             "(lora.rank=0): use 'copy' (a frozen copy of the initial weights) or "
+             "'auto'.")  # fmt: skip
+        need(config, not config.lora.trainable_modules, "lora.trainable_modules",
+             "with DPO the reference is the model with its adapters off; modules trained in "
+             "full would change it too. Leave it empty.")  # fmt: skip

@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sft_jax.core.errors import ConfigError
+from sft_jax.adapters.lora import names
+from sft_jax.core.errors import ConfigError, need
 from sft_jax.data.batches import MARGIN_KEY
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.moe import load_balancing_loss
+from sft_jax.objectives.preference import check_pair_fields
 
 Batch = dict[str, jax.Array]
 
@@ -198,3 +200,17 @@ def objective_from_config(
         center_rewards_coefficient=config.preference.center_rewards_coefficient,
         aux_loss_coef=aux_loss_coef, micro_batches=config.train.gradient_accumulation_steps,
     )  # fmt: skip
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """The fields a reward model reads: no LM head, reward centring, no generation; then the
+    fields of every objective over pairs."""
+    need(config, "lm_head" not in names(config.lora.trainable_modules),
+         "lora.trainable_modules", "a reward model has no LM head (its score head trains in "
+         "full under LoRA anyway): leave 'lm_head' out.")  # fmt: skip
+    need(config, config.preference.center_rewards_coefficient >= 0,
+         "preference.center_rewards_coefficient", "must be 0 (off) or positive.")  # fmt: skip
+    for field in ("generate_examples", "show_samples"):
+        need(config, config.eval[field] == 0, f"eval.{field}",
+             "a reward model scores sequences and does not generate: set it to 0.")  # fmt: skip
+    check_pair_fields(config)

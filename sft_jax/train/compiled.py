@@ -30,8 +30,7 @@ from sft_jax.data.batches import BATCH_KEYS
 from sft_jax.models import CausalLM
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.moe import use_moe_dispatch
-from sft_jax.models.score_head import reward_pad_id
-from sft_jax.objectives import preference, reward
+from sft_jax.objectives import registry
 from sft_jax.train import memory as memory_plan
 from sft_jax.train import sharding, step
 from sft_jax.train.kernel_choice import attention_for, choose_moe_dispatch, segments_bound
@@ -114,21 +113,13 @@ def objective_for(
     config: ml_collections.ConfigDict, model: CausalLM, max_segments: int,
     pad_token_id: int | None,
 ) -> step.Objective | None:  # fmt: skip
-    """config.train.objective's objective; None for SFT (StepOptions.objective: cross-entropy,
-    with the router's losses on a mixture of experts). DPO with a frozen copy of the weights
-    as its reference attaches that copy to the model here."""
-    objective = config.train.get("objective", "sft")
-    if objective == "sft":
-        return None
+    """config.train.objective's objective (objectives/registry.py); None for SFT
+    (StepOptions.objective: cross-entropy, with the router's losses on a mixture of experts).
+    DPO with a frozen copy of the weights as its reference attaches that copy to the model."""
     aux_loss_coef = moe_options(config.train, model.config).get("router_aux_loss_coef", 0.0)
-    if objective == "reward":
-        pad = reward_pad_id(pad_token_id, model.config.hf_config)
-        chosen = reward.objective_from_config(config, max_segments or 3, pad, aux_loss_coef)
-    else:
-        chosen = preference.objective_from_config(config, max_segments or 3, aux_loss_coef)
-        if chosen.reference == "copy":
-            preference.attach_frozen_copy(model)  # frozen variables of the steps, sharded
-    log.info("objective: %s, %s", objective, chosen)
+    chosen = registry.build(config, model, max_segments, pad_token_id, aux_loss_coef)
+    if chosen is not None:
+        log.info("objective: %s, %s", registry.name_of(config), chosen)
     return chosen
 
 

@@ -11,7 +11,7 @@ import jax
 
 from sft_jax.adapters.lora import ADAPTER_METHODS, EXTRA_MODULES, PROJECTIONS, names
 from sft_jax.adapters.prompts import ENCODERS, INITS, METHODS
-from sft_jax.core.errors import ConfigError, check_choice
+from sft_jax.core.errors import ConfigError, check_choice, need
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.mixture import CONTAMINATION, LOADERS, SOURCE_FIELDS
 from sft_jax.data.spans import TRAIN_REASONING
@@ -19,7 +19,7 @@ from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.models import DTYPES
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
-from sft_jax.objectives.preference import DPO_LOSSES, OBJECTIVES, REFERENCES, reference_of
+from sft_jax.objectives import registry
 from sft_jax.train.kernel_choice import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.train.memory import host_offload_supported
 from sft_jax.train.optim import SCHEDULES
@@ -76,7 +76,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_context(config)
     _check_lora(config)
     _check_prompt(config)
-    _check_preference(config)
+    _check_objective(config)
 
 
 def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None:
@@ -97,9 +97,7 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
               "applies to mixtures of experts; this model is dense: set it to False.")  # fmt: skip
 
 
-def _need(config: Any, ok: bool, field: str, problem: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{field}={_get(config, field)!r}: {problem}")
+_need = need
 
 
 def check_mesh(config: Any) -> None:
@@ -175,9 +173,9 @@ def _check_stream(config: Any) -> None:
     _need(config, data.stream_window >= 1, "data.stream_window", "at least 1 document.")
     _need(config, stream or not (data.mixture or data.contamination != "off"),
           "data.loader", "a mixture and the contamination check need loader='stream'.")  # fmt: skip
-    objective = config.train.get("objective", "sft")
-    _need(config, not stream or objective == "sft", "data.loader",
-          f"train.objective={objective!r} trains on preference pairs, which only "
+    objective = registry.kind_of(config)
+    _need(config, not stream or objective.reads == "examples", "data.loader",
+          f"train.objective={objective.name!r} trains on preference pairs, which only "
           "loader='memory' reads: set config.data.loader='memory' (no mixture).")  # fmt: skip
     _need(config, not (stream and data.eval_fraction), "data.eval_fraction",
           "the stream loader does not split eval examples off train_files: set 0 and give "
@@ -251,7 +249,7 @@ def _check_context(config: Any) -> None:
           "backend), 'auto', 'cudnn' or 'xla', or mesh.context=1.")  # fmt: skip
     _need(
         config,
-        config.train.get("objective", "sft") == "sft",
+        registry.kind_of(config).context_axis,
         "train.objective",
         f"mesh.context={context} is built for SFT only so far: use mesh.context=1.",
     )
@@ -368,7 +366,7 @@ def _check_prompt(config: Any) -> None:
           "does not combine with LoRA here. Set lora.rank=0 or prompt.method=''.")  # fmt: skip
     _need(
         config,
-        config.train.get("objective", "sft") == "sft",
+        registry.kind_of(config).virtual_tokens,
         "train.objective",
         f"config.prompt.method={prompt.method!r} trains with the SFT objective only.",
     )
@@ -386,44 +384,9 @@ def _check_prompt(config: Any) -> None:
               "splash) do not take: use 'auto' (which then picks 'xla') or 'xla'.")  # fmt: skip
 
 
-def _check_preference(config: Any) -> None:
-    objective = config.train.get("objective", "sft")  # configs saved before the field: SFT
-    check_choice("train.objective", objective, OBJECTIVES)
-    if objective == "sft":
-        return
-    pref = config.preference
-    if objective == "reward":
-        _check_reward(config)
-    else:
-        check_choice("preference.loss_type", pref.loss_type, DPO_LOSSES)
-    check_choice("preference.reference", pref.reference, REFERENCES)
-    _need(config, pref.beta > 0, "preference.beta", "must be positive.")
-    _need(config, 0 <= pref.label_smoothing < 0.5, "preference.label_smoothing",
-          "must be within [0, 0.5).")  # fmt: skip
-    _need(config, pref.rpo_alpha >= 0, "preference.rpo_alpha", "must be 0 (off) or positive.")
-    _need(config, config.data.max_documents_per_row != 1, "data.max_documents_per_row",
-          "a row holds whole preference pairs (2 documents each): use 0 or 2 or more.")  # fmt: skip
-    _need(config, not config.data.eval_fraction, "data.eval_fraction",
-          "preference pairs are evaluated from config.data.eval_files; set that.")  # fmt: skip
-    if objective == "dpo" and reference_of(config) == "adapters_off":
-        _need(config, config.lora.rank > 0, "preference.reference",
-              "'adapters_off' is the model with its LoRA adapters off, and this run has none "
-              "(lora.rank=0): use 'copy' (a frozen copy of the initial weights) or "
-              "'auto'.")  # fmt: skip
-        _need(config, not config.lora.trainable_modules, "lora.trainable_modules",
-              "with DPO the reference is the model with its adapters off; modules trained in "
-              "full would change it too. Leave it empty.")  # fmt: skip
-
-
-def _check_reward(config: Any) -> None:
-    _need(config, "lm_head" not in names(config.lora.trainable_modules),
-          "lora.trainable_modules", "a reward model has no LM head (its score head trains in "
-          "full under LoRA anyway): leave 'lm_head' out.")  # fmt: skip
-    _need(config, config.preference.center_rewards_coefficient >= 0,
-          "preference.center_rewards_coefficient", "must be 0 (off) or positive.")  # fmt: skip
-    for field in ("generate_examples", "show_samples"):
-        _need(config, config.eval[field] == 0, f"eval.{field}",
-              "a reward model scores sequences and does not generate: set it to 0.")  # fmt: skip
+def _check_objective(config: Any) -> None:
+    """config.train.objective, then the sections its objective owns (objectives/registry.py)."""
+    registry.kind_of(config).check(config)
 
 
 def _get(config: Any, dotted: str) -> Any:

@@ -15,10 +15,11 @@ from jax.sharding import Mesh
 
 from sft_jax.adapters.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.adapters.prompts import PromptParam, PromptSpec, apply_prompt, trainable_line
-from sft_jax.data import run_tokenizer
+from sft_jax.data import DataSource, open_data, open_pair_data, open_stream_data, run_tokenizer
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
 from sft_jax.models.moe import quantize_experts
+from sft_jax.objectives import registry
 from sft_jax.train.config_check import check_for_model
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def score_labels(config: ml_collections.ConfigDict) -> int | None:
     """A reward model's outputs (1: a scalar score head); None: the checkpoint's own head."""
-    return 1 if config.train.get("objective", "sft") == "reward" else None
+    return registry.kind_of(config).score_labels
 
 
 def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
@@ -77,3 +78,17 @@ def add_adapters(
         prompt = dataclasses.replace(prompt, init="random")
     apply_prompt(model, prompt, seed=config.train.seed, tokenizer=tokenizer)
     return spec, PromptParam
+
+
+def open_run_data(
+    config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None
+) -> DataSource:
+    """The run's data (main.py's data factory): preference pairs for an objective that reads
+    them, else SFT examples, in memory or streamed. feed: (block, blocks) of each global
+    batch's rows this process feeds (sharding.row_feed; the trainer passes it), else each
+    process its own block."""
+    if registry.kind_of(config).reads == "pairs":
+        return open_pair_data(config, feed)
+    if config.data.get("loader", "memory") == "stream":
+        return open_stream_data(config, feed)
+    return open_data(config, feed)

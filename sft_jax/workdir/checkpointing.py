@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sft_jax.core.errors import ConfigError, UserError
+from sft_jax.objectives import registry
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "eval/loss"
@@ -353,7 +354,7 @@ RESUME_FIELDS = (
     "train.objective", "preference.reference",
 )  # fmt: skip
 # Values of fields that configs saved before the field existed stand for.
-_ABSENT_MEANS = {"train.objective": "sft", "preference.reference": "auto"}
+_ABSENT_MEANS = {"train.objective": registry.DEFAULT, "preference.reference": "auto"}
 
 
 def config_changes(

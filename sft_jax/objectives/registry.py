@@ -1,0 +1,115 @@
+"""The objectives a run trains with, by `config.train.objective`: the one place that compares
+their names. Everything else asks the registry what an objective reads, what it supports and
+how it is built.
+
+A new objective (online RL, say) is a module in objectives/ (a class with the five methods of
+train/step.Objective) and one `register(ObjectiveKind(...))` call below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from sft_jax.core.errors import check_choice
+from sft_jax.models.decoder import CausalLM
+from sft_jax.models.score_head import reward_pad_id
+from sft_jax.objectives import preference, reward
+
+# What a run whose config predates config.train.objective trained with.
+DEFAULT = "sft"
+
+# build(config, model, max_segments, pad_token_id, aux_loss_coef) -> the objective, or None for
+# the step's own cross-entropy (with the router's losses on a mixture of experts).
+Build = Callable[[Any, CausalLM, int, "int | None", float], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveKind:
+    """What the rest of a run needs to know of an objective before it is built."""
+
+    name: str
+    build: Build
+    # The rows it reads: "examples" (documents of SFT data, any loader) or "pairs" (whole
+    # chosen/rejected pairs, sft_jax.data.preference; the in-memory loader).
+    reads: str = "examples"
+    # A score head of this many labels replaces the LM head (a reward model); None: a causal LM.
+    score_labels: int | None = None
+    # Runs with the sequence split over mesh.context; with virtual tokens (prompt methods).
+    context_axis: bool = False
+    virtual_tokens: bool = False
+    # Checks the config sections it owns (config_check calls it); raises ConfigError.
+    check: Callable[[Any], None] = lambda config: None
+
+
+_KINDS: dict[str, ObjectiveKind] = {}
+
+
+def register(kind: ObjectiveKind) -> ObjectiveKind:
+    if kind.name in _KINDS:
+        raise ValueError(f"objective {kind.name!r} is registered twice")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_KINDS)
+
+
+def name_of(config: Any) -> str:
+    """config.train.objective (a config saved before the field existed: DEFAULT)."""
+    return config.train.get("objective", DEFAULT)
+
+
+def kind_of(config: Any) -> ObjectiveKind:
+    """The registered kind of config.train.objective; a ConfigError naming the choices."""
+    name = name_of(config)
+    check_choice("train.objective", name, names())
+    return _KINDS[name]
+
+
+def build(
+    config: Any, model: CausalLM, max_segments: int, pad_token_id: int | None, aux: float
+) -> Any:
+    """The objective of the run, or None for the step's own cross-entropy."""
+    return kind_of(config).build(config, model, max_segments, pad_token_id, aux)
+
+
+def _dpo(config, model, max_segments, pad_token_id, aux):
+    reference = preference.reference_of(config)
+    chosen = preference.objective_from_config(
+        config, max_segments or 3, aux, config.preference.loss_type, reference
+    )
+    if reference == "copy":
+        preference.attach_frozen_copy(model)  # frozen variables of the steps, sharded
+    return chosen
+
+
+def _reference_free(loss_type: str) -> Build:
+    """SimPO and ORPO: the objective's name is its loss type, and there is no reference."""
+    return lambda config, model, max_segments, pad_token_id, aux: preference.objective_from_config(
+        config, max_segments or 3, aux, loss_type, "none"
+    )
+
+
+def _reward_objective(config, model, max_segments, pad_token_id, aux):
+    pad = reward_pad_id(pad_token_id, model.config.hf_config)
+    return reward.objective_from_config(config, max_segments or 3, pad, aux)
+
+
+register(
+    ObjectiveKind(
+        "sft", build=lambda *args: None, reads="examples", context_axis=True, virtual_tokens=True
+    )
+)
+register(ObjectiveKind("dpo", build=_dpo, reads="pairs", check=preference.check_dpo))
+for _name in preference.REFERENCE_FREE:
+    register(
+        ObjectiveKind(_name, _reference_free(_name), reads="pairs", check=preference.check_pairs)
+    )
+register(
+    ObjectiveKind(
+        "reward", _reward_objective, reads="pairs", score_labels=1, check=reward.check_config
+    )
+)
