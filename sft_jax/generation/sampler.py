@@ -9,10 +9,15 @@ the cache never attends, so a row generates exactly what it would alone. Example
 The batch, the prompt length and the number of new tokens are rounded up to powers of two, and
 max_new_tokens, temperature, top_p and the seed are traced, so repeated calls (one per eval)
 reuse one compilation per bucket.
+
+`rollout` is the interface a batch producer (online RL) and eval generation share: from the
+live, possibly sharded, params it returns each prompt's new tokens, their log-probs under the
+sampling distribution and why each row stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Sequence
@@ -64,12 +69,20 @@ def nucleus(logits_BxV: jax.Array, top_p: jax.Array) -> jax.Array:
 
 def sample(
     logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool
-) -> jax.Array:
-    """Next tokens [B]: argmax when greedy, else a draw from softmax(logits / T) in the nucleus."""
+) -> tuple[jax.Array, jax.Array]:
+    """Next tokens [B]: argmax when greedy, else a draw from softmax(logits / T) in the nucleus;
+    and their log-probs [B] under softmax(logits / T) before the nucleus (T = 1 when greedy),
+    float32: what an importance ratio of online RL divides by."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
     if greedy:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    filtered_BxV = nucleus(logits_BxV / temperature, top_p)
-    return jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
+        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        scaled_BxV = logits_BxV
+    else:
+        scaled_BxV = logits_BxV / temperature
+        filtered_BxV = nucleus(scaled_BxV, top_p)
+        token_B = jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
+    logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
+    return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_bucket", "greedy"))
@@ -86,39 +99,57 @@ def _generate_ids(
     *,
     max_new_bucket: int,
     greedy: bool,
-) -> jax.Array:
-    """New tokens [B, max_new_bucket]; a row holds 0 after its first stop token."""
+) -> tuple[jax.Array, jax.Array]:
+    """New tokens [B, max_new_bucket] (a row holds 0 after its first stop token) and their
+    log-probs (0 after the stop token)."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens_BxT.shape
     cache = KVCache.empty(model.config, batch, prompt_len + max_new_bucket, model.dtype)
 
     # Prefill: every prompt token at once; the last slot holds each row's last prompt token.
     hidden_BxTxD, cache = model.extend(tokens_BxT, positions_BxT, cache)
-    first_B = sample(model.logits(hidden_BxTxD[:, -1]), key, temperature, top_p, greedy)
+    first_B, first_logp_B = sample(
+        model.logits(hidden_BxTxD[:, -1]), key, temperature, top_p, greedy
+    )
     out_BxN = jnp.zeros((batch, max_new_bucket), jnp.int32).at[:, 0].set(first_B)
+    logps_BxN = jnp.zeros((batch, max_new_bucket), jnp.float32).at[:, 0].set(first_logp_B)
     next_position_B = positions_BxT[:, -1] + 1
 
     def keep_going(carry) -> jax.Array:
-        step, _, done_B, _, _ = carry
+        step, _, done_B, _, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done_B)
 
     # Decode: feed the token chosen at step - 1, choose the one at step.
     def decode_one(carry):
-        step, last_B, done_B, out_BxN, cache = carry
+        step, last_B, done_B, out_BxN, logps_BxN, cache = carry
         positions_Bx1 = (next_position_B + step - 1)[:, None]
         hidden_Bx1xD, cache = model.extend(last_B[:, None], positions_Bx1, cache)
         step_key = jax.random.fold_in(key, step)
-        token_B = sample(model.logits(hidden_Bx1xD[:, 0]), step_key, temperature, top_p, greedy)
+        token_B, logp_B = sample(
+            model.logits(hidden_Bx1xD[:, 0]), step_key, temperature, top_p, greedy
+        )
         token_B = jnp.where(done_B, 0, token_B)
+        logp_B = jnp.where(done_B, 0.0, logp_B)
         out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, token_B[:, None], step, axis=1)
-        return step + 1, token_B, done_B | is_stop[token_B], out_BxN, cache
+        logps_BxN = jax.lax.dynamic_update_slice_in_dim(logps_BxN, logp_B[:, None], step, axis=1)
+        return step + 1, token_B, done_B | is_stop[token_B], out_BxN, logps_BxN, cache
 
     padding_row_B = positions_BxT[:, -1] < 0
-    carry = (jnp.int32(1), first_B, is_stop[first_B] | padding_row_B, out_BxN, cache)
-    return jax.lax.while_loop(keep_going, decode_one, carry)[3]
+    carry = (jnp.int32(1), first_B, is_stop[first_B] | padding_row_B, out_BxN, logps_BxN, cache)
+    _, _, _, out_BxN, logps_BxN, _ = jax.lax.while_loop(keep_going, decode_one, carry)
+    return out_BxN, logps_BxN
 
 
-def generate(
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """What sampling from the policy gave, per prompt (the rollout interface)."""
+
+    tokens: list[list[int]]  # the new tokens, ending with the stop token when one came
+    logps: list[np.ndarray]  # float32 log-prob of each new token (see `sample`)
+    stop_reasons: list[str]  # "stop": a stop token ended it; "length": max_new_tokens did
+
+
+def rollout(
     model: CausalLM,
     prompts: Sequence[Sequence[int]],
     *,
@@ -128,16 +159,18 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     pad_id: int = 0,
-) -> list[list[int]]:
-    """The new tokens of each prompt, up to max_new_tokens, ending with the first stop token
-    when one is generated (the stop token is included, as transformers does).
+) -> Rollout:
+    """Samples a continuation of each prompt from `model` as it is now (the live params, on
+    whatever mesh they are sharded over), up to max_new_tokens, ending with the first stop
+    token when one is generated (included, as transformers does).
 
     temperature 0 is greedy decoding; otherwise tokens are drawn from softmax(logits /
     temperature) restricted to the top_p nucleus, with keys folded from `seed`, so a call is
     reproducible for the same prompts, batch and seed.
     """
     if not prompts or max_new_tokens <= 0:
-        return [[] for _ in prompts]
+        return Rollout([[] for _ in prompts], [np.zeros(0, np.float32) for _ in prompts],
+                       ["length" for _ in prompts])  # fmt: skip
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token.")
     vocab_size = model.config.vocab_size
@@ -150,15 +183,25 @@ def generate(
         pad_id,
     )
     graphdef, state = nnx.split(model)
-    out_BxN = _generate_ids(
+    out_BxN, logps_BxN = _generate_ids(
         graphdef, state, tokens_BxT, positions_BxT, is_stop,
         np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)), np.float32(top_p),
         jax.random.key(seed),
         max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET), greedy=temperature <= 0,
     )  # fmt: skip
-    return [
-        _until_stop(row[:max_new_tokens], is_stop) for row in np.asarray(out_BxN)[: len(prompts)]
-    ]
+    rows = np.asarray(out_BxN)[: len(prompts), :max_new_tokens]
+    logps = np.asarray(logps_BxN)[: len(prompts), :max_new_tokens]
+    tokens = [_until_stop(row, is_stop) for row in rows]
+    return Rollout(
+        tokens,
+        [row_logps[: len(row)] for row_logps, row in zip(logps, tokens, strict=True)],
+        ["stop" if row and is_stop[row[-1]] else "length" for row in tokens],
+    )
+
+
+def generate(model: CausalLM, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
+    """The new tokens of each prompt (`rollout`'s tokens; options as for `rollout`)."""
+    return rollout(model, prompts, **options).tokens
 
 
 def _until_stop(tokens: np.ndarray, is_stop: np.ndarray) -> list[int]:
