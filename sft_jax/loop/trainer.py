@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from sft_jax.data import DataSource
 from sft_jax.data.cloud import is_remote
 from sft_jax.generation.sampler import chat_stop_token_ids
 from sft_jax.generation.samples import generation_metrics
+from sft_jax.loop.batch_source import BatchSource, FileBatches
 from sft_jax.loop.export import export_run
 from sft_jax.loop.signals import StopSignal, signals_raise
 from sft_jax.models import CausalLM
@@ -35,9 +35,8 @@ from sft_jax.train import distributed, sharding
 from sft_jax.train.config_check import check_mesh, check_values
 from sft_jax.train.evaluation import EarlyStopping, eval_message, evaluate, final_report
 from sft_jax.train.flops import peak_flops_per_device, training_flops_per_token
-from sft_jax.train.prefetch import Prefetch
 from sft_jax.train.setup import build_model
-from sft_jax.train.sharding import abstract_like, device_batch
+from sft_jax.train.sharding import abstract_like
 from sft_jax.workdir import bucket_mirror, rundir
 from sft_jax.workdir.bucket_mirror import BucketMirror
 from sft_jax.workdir.checkpointing import ADAPTER_FIELDS, Checkpoints, config_changes, model_summary
@@ -60,16 +59,16 @@ class Trainer:
         trainable: Any = nnx.Param,
         mesh: Mesh | None = None,
         mirror: BucketMirror | None = None,
+        batch_source: Callable[[compile_plan.Steps], BatchSource] | None = None,
     ):
-        """`workdir` is local: a bucket WORKDIR's staging copy, whose steps `mirror` uploads."""
+        """`workdir` is local: a bucket WORKDIR's staging copy, whose steps `mirror` uploads.
+        batch_source(steps) gives the train batches (default: `data`'s rows, FileBatches);
+        `data` still gives the eval batches, the tokenizer and the row shape."""
         self.config, self.workdir, self.data = config, workdir, data
         self.has_eval = next(iter(data.eval_batches()), None) is not None
         self.checkpoints = None
         self.last_saved_step = -1
         self.initial_eval: dict[str, Any] | None = None  # the eval before the first update
-        # The data iterator's state after the last batch training consumed (what a checkpoint
-        # records; the prefetch thread reads ahead of it).
-        self.data_state = data.train_batches.get_state()
         if config.checkpoint.enabled:
             self.checkpoints = Checkpoints(
                 rundir.checkpoints_path(workdir),
@@ -84,6 +83,10 @@ class Trainer:
             pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
         )  # fmt: skip
         self.steps, self.state = plan.steps, plan.state
+        self.source = (batch_source or self._file_batches)(self.steps)
+        # The source's state after the last batch training consumed (what a checkpoint
+        # records; a prefetching source reads ahead of it).
+        self.data_state = self.source.get_state()
         if self.steps.reference is not None:
             self.precompute_reference()
         self.model_summary = model_summary(model.config.hf_config)
@@ -103,6 +106,10 @@ class Trainer:
             model.config, data.seq_len, adapters, reference_forwards
         )
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
+
+    def _file_batches(self, steps: compile_plan.Steps) -> BatchSource:
+        rows = self.config.train.global_batch_size
+        return FileBatches(self.data, steps.batch_shardings, rows, self.config.data.prefetch)
 
     def precompute_reference(self) -> None:
         """DPO's reference='precomputed': the reference log-probs of every train and eval pair,
@@ -166,7 +173,7 @@ class Trainer:
             )
             if restored is not None:
                 step, self.state, data_state, meta = restored
-                self.data.train_batches.set_state(data_state)
+                self.source.set_state(data_state)
                 self.data_state = data_state
                 self.last_saved_step = step
                 saved = meta.get("trainer", {})
@@ -223,11 +230,7 @@ class Trainer:
             self._eval_at_start(step, progress)
             if self.initial_eval:
                 summary["initial_eval"] = self.initial_eval
-            shardings = self.steps.batch_shardings
-            rows = self.config.train.global_batch_size
-            feed = Prefetch(self.data.train_batches, lambda local: device_batch(local, shardings,
-                            rows), depth=self.config.data.prefetch)  # fmt: skip
-            with contextlib.closing(feed):
+            with self.source.open(lambda: self.state["params"]) as feed:
                 step = self._loop(step, feed, stop, progress, summary)
         progress.close()
         if summary["interrupted"]:
@@ -245,7 +248,12 @@ class Trainer:
             self.save(0, self.initial_eval)  # the untrained model can be the best one to export
 
     def _loop(
-        self, step: int, feed: Prefetch, stop: StopSignal, progress: Progress, summary: dict
+        self,
+        step: int,
+        feed: Iterator[tuple[Any, Any]],
+        stop: StopSignal,
+        progress: Progress,
+        summary: dict,
     ) -> int:
         """Steps until the end, an early stop or a signal; returns the step reached (saved)."""
         total, eval_every = self.config.train.steps, self.config.eval.every_steps
@@ -314,12 +322,15 @@ class Trainer:
 
 
 def run(
-    config: ml_collections.ConfigDict, workdir: str | Path, data_factory: Callable[..., DataSource]
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    data_factory: Callable[..., DataSource],
+    batch_source: Callable[[compile_plan.Steps], BatchSource] | None = None,
 ) -> dict:
     """Everything main.py does after parsing flags. A bucket `workdir` (s3://, gs://) runs in
     its local staging copy, mirrored to the bucket (sft_jax.workdir.bucket_mirror).
     data_factory(config, feed) opens the data; feed (sharding.row_feed) says which rows of each
-    batch it feeds."""
+    batch it feeds. batch_source: see Trainer (default: the data's train rows)."""
     distributed.initialize(config.distributed)
     check_mesh(config)
     why = "as configured (config.mesh)"
@@ -335,7 +346,7 @@ def run(
             mirror.pull_run()
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("sft_jax: staging copy pulled")
-        return _run_locked(config, local, mesh, data_factory, mirror)
+        return _run_locked(config, local, mesh, data_factory, mirror, batch_source)
 
 
 def _bucket_mirror(config: ml_collections.ConfigDict, workdir: str) -> BucketMirror | None:
@@ -357,6 +368,7 @@ def _run_locked(
     mesh: Mesh,
     data_factory: Callable,
     mirror: BucketMirror | None,
+    batch_source: Callable[[compile_plan.Steps], BatchSource] | None,
 ) -> dict:
     data = data_factory(config, sharding.row_feed(mesh))  # a data-parallel group: same rows
     model, _, trainable = build_model(config, mesh)
@@ -366,7 +378,9 @@ def _run_locked(
             f"{model.config.vocab_size}: ids past it would index nothing. Use the model's own "
             "tokenizer (config.data.tokenizer='') or resize the model's embeddings first."
         )
-    trainer = Trainer(config, workdir, model, data, trainable, mesh=mesh, mirror=mirror)
+    trainer = Trainer(
+        config, workdir, model, data, trainable, mesh=mesh, mirror=mirror, batch_source=batch_source
+    )
     try:
         trainer.resume()
         summary = trainer.train()
