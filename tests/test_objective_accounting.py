@@ -20,7 +20,7 @@ from sft_jax.models import from_pretrained
 from sft_jax.objectives.preference import PairObjective, PreferenceSpec
 from sft_jax.objectives.reward import RewardObjective
 from sft_jax.train.flops import matmul_params, training_flops_per_token
-from sft_jax.workdir.checkpointing import config_changes
+from sft_jax.workdir.compatibility import config_changes
 
 
 def hf_aux_loss(hf_model, pairs) -> float:

@@ -151,8 +151,10 @@ def rank_allocation(
 
     def init(params: Any) -> RankAllocationState:
         layers = svd_layers(params)
-        zeros = {p: {k: jnp.zeros(v.shape, jnp.float32) for k, v in layer.items()}
-                 for p, layer in layers.items()}  # fmt: skip
+        zeros = {
+            p: {k: jnp.zeros(v.shape, jnp.float32) for k, v in layer.items()}
+            for p, layer in layers.items()
+        }
         keep = {
             (*p, "lora_e"): jnp.ones(layer["lora_e"].shape, bool) for p, layer in layers.items()
         }
@@ -192,9 +194,12 @@ def rank_allocation(
         zero_now = allocate | (step > end)
         updates = _zero_pruned(updates, params, keep, zero_now)
         new_state = RankAllocationState(
-            step + 1, _nest(sensitivity), _nest(uncertainty),
-            _nest({(*p, "lora_e"): k for p, k in keep.items()}), inner_state,
-        )  # fmt: skip
+            step + 1,
+            _nest(sensitivity),
+            _nest(uncertainty),
+            _nest({(*p, "lora_e"): k for p, k in keep.items()}),
+            inner_state,
+        )
         return updates, new_state
 
     return optax.GradientTransformation(init, update)

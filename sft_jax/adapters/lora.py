@@ -102,14 +102,29 @@ class LoRASpec:
         if lora.get("method", "lora") == "adalora":
             ada = lora.adalora
             adalora = AdaLoRASpec(
-                lora.rank, ada.target_r, ada.tinit, ada.tfinal, ada.delta_t, ada.beta1,
-                ada.beta2, ada.orth_reg_weight, ada.total_step or train_steps,
-            )  # fmt: skip
+                lora.rank,
+                ada.target_r,
+                ada.tinit,
+                ada.tfinal,
+                ada.delta_t,
+                ada.beta1,
+                ada.beta2,
+                ada.orth_reg_weight,
+                ada.total_step or train_steps,
+            )
         return cls(
-            lora.rank, lora.alpha, lora.dropout, targets, lora.use_rslora,
-            names(lora.trainable_modules), quantization, lora.get("use_dora", False), adalora,
-            lora.get("expert_adapters", False), lora.get("train_router", False),
-        )  # fmt: skip
+            lora.rank,
+            lora.alpha,
+            lora.dropout,
+            targets,
+            lora.use_rslora,
+            names(lora.trainable_modules),
+            quantization,
+            lora.get("use_dora", False),
+            adalora,
+            lora.get("expert_adapters", False),
+            lora.get("train_router", False),
+        )
 
 
 def names(text: str) -> tuple[str, ...]:
@@ -194,8 +209,9 @@ def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
     quantized = sum(lin.in_features * lin.out_features for lin in linears if lin.quant is not None)
     ranknums = sum(lin.lora_e is not None for lin in linears)
     adapted = any(lin.lora_a is not None for lin in linears)
-    copies = sum(x.get_value().size for path, x in trained_state
-                 if adapted and path[0] in SAVED_MODULES)  # fmt: skip
+    copies = sum(
+        x.get_value().size for path, x in trained_state if adapted and path[0] in SAVED_MODULES
+    )
     return trained, total + quantized + ranknums + copies
 
 
@@ -380,8 +396,14 @@ def _adapter_config(
     fields.pop("r")  # AdaLoRA's rank is init_r (PEFT warns on an r it ignores)
     return fields | {
         "peft_type": "ADALORA",
-        "init_r": ada.init_r, "target_r": ada.target_r, "tinit": ada.tinit,
-        "tfinal": ada.tfinal, "deltaT": ada.delta_t, "beta1": ada.beta1, "beta2": ada.beta2,
-        "orth_reg_weight": ada.orth_reg_weight, "total_step": ada.total_step,
+        "init_r": ada.init_r,
+        "target_r": ada.target_r,
+        "tinit": ada.tinit,
+        "tfinal": ada.tfinal,
+        "deltaT": ada.delta_t,
+        "beta1": ada.beta1,
+        "beta2": ada.beta2,
+        "orth_reg_weight": ada.orth_reg_weight,
+        "total_step": ada.total_step,
         "rank_pattern": rank_pattern,
-    }  # fmt: skip
+    }

@@ -38,8 +38,11 @@ from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import to_host
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
-PEFT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING",
-              "prefix_tuning": "PREFIX_TUNING"}  # fmt: skip
+PEFT_TYPES = {
+    "prompt_tuning": "PROMPT_TUNING",
+    "p_tuning": "P_TUNING",
+    "prefix_tuning": "PREFIX_TUNING",
+}
 INITS = ("random", "sample_vocab", "text")  # PEFT's RANDOM, SAMPLE_VOCAB, TEXT
 ENCODERS = ("mlp", "lstm")  # PEFT's encoder_reparameterization_type
 REPLICATED = (None, None)
@@ -78,10 +81,15 @@ class PromptSpec:
         if prompt is None or not prompt.method:
             return cls()
         return cls(
-            prompt.method, prompt.num_virtual_tokens, prompt.init, prompt.init_text,
-            prompt.encoder_type, prompt.encoder_hidden_size, prompt.encoder_num_layers,
+            prompt.method,
+            prompt.num_virtual_tokens,
+            prompt.init,
+            prompt.init_text,
+            prompt.encoder_type,
+            prompt.encoder_hidden_size,
+            prompt.encoder_num_layers,
             prompt.prefix_projection,
-        )  # fmt: skip
+        )
 
 
 def virtual_token_ids(count: int) -> np.ndarray:
@@ -99,8 +107,9 @@ class _Dense(nnx.Module):
     def __init__(self, key: jax.Array, fan_in: int, fan_out: int):
         bound = 1.0 / math.sqrt(fan_in)
         weight_key, bias_key = jax.random.split(key)
-        self.weight = _param(jax.random.uniform(weight_key, (fan_out, fan_in), minval=-bound,
-                                                maxval=bound))  # fmt: skip
+        self.weight = _param(
+            jax.random.uniform(weight_key, (fan_out, fan_in), minval=-bound, maxval=bound)
+        )
         self.bias = _param(jax.random.uniform(bias_key, (fan_out,), minval=-bound, maxval=bound))
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,8 +131,12 @@ class _LSTMDirection(nnx.Module):
 
     def __init__(self, key: jax.Array, fan_in: int, hidden: int):
         bound = 1.0 / math.sqrt(hidden)
-        shapes = {"weight_ih": (4 * hidden, fan_in), "weight_hh": (4 * hidden, hidden),
-                  "bias_ih": (4 * hidden,), "bias_hh": (4 * hidden,)}  # fmt: skip
+        shapes = {
+            "weight_ih": (4 * hidden, fan_in),
+            "weight_hh": (4 * hidden, hidden),
+            "bias_ih": (4 * hidden,),
+            "bias_hh": (4 * hidden,),
+        }
         for (name, shape), sub in zip(shapes.items(), jax.random.split(key, 4), strict=True):
             setattr(self, name, _param(jax.random.uniform(sub, shape, minval=-bound, maxval=bound)))
         self.hidden = hidden
@@ -151,11 +164,19 @@ class PromptEncoder(nnx.Module):
         self.embedding = _param(jax.random.normal(next(keys), (spec.num_virtual_tokens, token_dim)))
         self.lstm = nnx.data(None)
         if spec.encoder_type == "lstm":
-            self.lstm = nnx.List([
-                nnx.List([_LSTMDirection(next(keys), token_dim if layer == 0 else 2 * hidden,
-                                         hidden) for _ in range(2)])
-                for layer in range(spec.encoder_num_layers)
-            ])  # fmt: skip
+            self.lstm = nnx.List(
+                [
+                    nnx.List(
+                        [
+                            _LSTMDirection(
+                                next(keys), token_dim if layer == 0 else 2 * hidden, hidden
+                            )
+                            for _ in range(2)
+                        ]
+                    )
+                    for layer in range(spec.encoder_num_layers)
+                ]
+            )
             widths = (2 * hidden, 2 * hidden, token_dim)
         else:
             widths = (token_dim, hidden, hidden, token_dim)
@@ -182,8 +203,9 @@ class PrefixEncoder(nnx.Module):
         if spec.prefix_projection:
             hidden = spec.encoder_hidden_size or kv_width
             self.embedding = _param(jax.random.normal(keys[0], (count, kv_width)))
-            self.transform = nnx.List([_Dense(keys[1], kv_width, hidden),
-                                       _Dense(keys[2], hidden, width)])  # fmt: skip
+            self.transform = nnx.List(
+                [_Dense(keys[1], kv_width, hidden), _Dense(keys[2], hidden, width)]
+            )
         else:
             self.embedding = _param(jax.random.normal(keys[0], (count, width)))
 
@@ -231,8 +253,10 @@ def apply_prompt(model: CausalLM, spec: PromptSpec, seed: int = 0, tokenizer: An
 
 def trainable_line(model: CausalLM, trainable: Any) -> str:
     trained, total = parameter_counts(model, trainable)
-    return (f"trainable params: {trained:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trained / total:.4f}")  # fmt: skip
+    return (
+        f"trainable params: {trained:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trained / total:.4f}"
+    )
 
 
 def prompt_embeddings(model: CausalLM) -> jax.Array:
@@ -283,17 +307,26 @@ def adapter_config(spec: PromptSpec, model: CausalLM, base_model: str = "") -> d
     }
     hidden = spec.encoder_hidden_size or token_dim
     if spec.method == "prompt_tuning":
-        config |= {"prompt_tuning_init": spec.init.upper(), "tokenizer_name_or_path": None,
-                   "prompt_tuning_init_text": spec.init_text or None}  # fmt: skip
+        config |= {
+            "prompt_tuning_init": spec.init.upper(),
+            "tokenizer_name_or_path": None,
+            "prompt_tuning_init_text": spec.init_text or None,
+        }
         if spec.init == "text":  # PEFT's config requires the tokenizer with a TEXT init
             config["tokenizer_name_or_path"] = base_model or None
     elif spec.method == "p_tuning":
-        config |= {"encoder_reparameterization_type": spec.encoder_type.upper(),
-                   "encoder_hidden_size": hidden, "encoder_num_layers": spec.encoder_num_layers,
-                   "encoder_dropout": 0.0}  # fmt: skip
+        config |= {
+            "encoder_reparameterization_type": spec.encoder_type.upper(),
+            "encoder_hidden_size": hidden,
+            "encoder_num_layers": spec.encoder_num_layers,
+            "encoder_dropout": 0.0,
+        }
     else:
-        config |= {"encoder_hidden_size": hidden, "prefix_projection": spec.prefix_projection,
-                   "init_weights": None}  # fmt: skip
+        config |= {
+            "encoder_hidden_size": hidden,
+            "prefix_projection": spec.prefix_projection,
+            "init_weights": None,
+        }
     return config
 
 
@@ -306,8 +339,10 @@ def load_prompt_adapter(model: CausalLM, adapter_dir: str | Path) -> PromptSpec:
     method = {peft: ours for ours, peft in PEFT_TYPES.items()}.get(config.get("peft_type"))
     entries = safetensors_io.read_header(adapter_dir / "adapter_model.safetensors")
     if method is None or "prompt_embeddings" not in entries:
-        raise CheckpointError(f"{adapter_dir}: not a prompt tuning, P-tuning or prefix tuning "
-                              f"adapter (peft_type {config.get('peft_type')!r}).")  # fmt: skip
+        raise CheckpointError(
+            f"{adapter_dir}: not a prompt tuning, P-tuning or prefix tuning "
+            f"adapter (peft_type {config.get('peft_type')!r})."
+        )
     table = entries["prompt_embeddings"].read().astype(np.float32)
     spec = PromptSpec(method, int(config["num_virtual_tokens"]))
     as_table = "prefix_tuning" if method == "prefix_tuning" else "prompt_tuning"

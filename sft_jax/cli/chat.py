@@ -69,8 +69,9 @@ def load(name_or_path: str, dtype: Any) -> tuple[CausalLM, Any, list[int]]:
     model = from_pretrained(model_dir, param_dtype=dtype)
     if adapter_dir is not None:
         spec = load_prompt_adapter(model, adapter_dir)
-        logging.info("%s adapter of %d virtual tokens: %s", spec.method,
-                     spec.num_virtual_tokens, adapter_dir)  # fmt: skip
+        logging.info(
+            "%s adapter of %d virtual tokens: %s", spec.method, spec.num_virtual_tokens, adapter_dir
+        )
     return model, tokenizer, chat_stop_token_ids(tokenizer, model_dir)
 
 

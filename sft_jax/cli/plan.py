@@ -50,21 +50,39 @@ flags.DEFINE_float("peak_tflops", 989.0, "Peak bf16 TFLOP/s of one device (roofl
 flags.DEFINE_float(
     "interconnect_gbps", 100.0, "GB/s (gigabytes) one device sends, for the collectives."
 )
-flags.DEFINE_string("model_config", "", "Directory with the model's config.json (default: "
-                    "config.model.name_or_path); only config.json is read.")  # fmt: skip
-flags.DEFINE_enum("accelerator", "nvidia", ["nvidia", "tpu", "cpu"], "The target's kind: "
-                  "which attention kernel config.model.attention gives it.")  # fmt: skip
-flags.DEFINE_bool("extrapolate", True, "Compile deep models at two shallow depths, "
-                  "extrapolate to the full depth (--noextrapolate: compile whole).")  # fmt: skip
-flags.DEFINE_list("meshes", [], "Meshes to try, DATAxFSDPxTENSOR or DATAxFSDPxEXPERTxTENSOR "
-                  "(default: all).")  # fmt: skip
-flags.DEFINE_list("contexts", [], "Context axis sizes to try, each splitting every row's tokens "
-                  "over that many devices (default: config.mesh.context); --meshes then "
-                  "split the rest of the devices.")  # fmt: skip
+flags.DEFINE_string(
+    "model_config",
+    "",
+    "Directory with the model's config.json (default: "
+    "config.model.name_or_path); only config.json is read.",
+)
+flags.DEFINE_enum(
+    "accelerator",
+    "nvidia",
+    ["nvidia", "tpu", "cpu"],
+    "The target's kind: which attention kernel config.model.attention gives it.",
+)
+flags.DEFINE_bool(
+    "extrapolate",
+    True,
+    "Compile deep models at two shallow depths, "
+    "extrapolate to the full depth (--noextrapolate: compile whole).",
+)
+flags.DEFINE_list(
+    "meshes", [], "Meshes to try, DATAxFSDPxTENSOR or DATAxFSDPxEXPERTxTENSOR (default: all)."
+)
+flags.DEFINE_list(
+    "contexts",
+    [],
+    "Context axis sizes to try, each splitting every row's tokens "
+    "over that many devices (default: config.mesh.context); --meshes then "
+    "split the rest of the devices.",
+)
 flags.DEFINE_list("accumulation", [], "Micro-batch counts to try (default: all that divide).")
 flags.DEFINE_list("remat", [], "Remat policies to try (default: config.model.remat, or all).")
-flags.DEFINE_bool("exhaustive", False, "Compile every candidate (default: per mesh, stop at the "
-                  "first that fits).")  # fmt: skip
+flags.DEFINE_bool(
+    "exhaustive", False, "Compile every candidate (default: per mesh, stop at the first that fits)."
+)
 flags.mark_flags_as_required(["config"])
 cli.define_debug_flag()
 
@@ -102,19 +120,41 @@ def _layers(e: plan_estimate.Estimate) -> str:
 def table(estimates: Sequence[plan_estimate.Estimate]) -> str:
     """One row per candidate: memory, FLOPs, collective GiB by kind, the roofline."""
     short = [f"{s} GiB" for s in ("AG", "RS", "AR", "A2A", "CP")]
-    head = ["mesh DxFx[E]xT[ ctxC]", "accum", "remat", "GiB/dev", "fits", "TFLOP xla", "model",
-            *short, "compute ms", "comm ms", "step ms", "inv.remat", "layers"]  # fmt: skip
+    head = [
+        "mesh DxFx[E]xT[ ctxC]",
+        "accum",
+        "remat",
+        "GiB/dev",
+        "fits",
+        "TFLOP xla",
+        "model",
+        *short,
+        "compute ms",
+        "comm ms",
+        "step ms",
+        "inv.remat",
+        "layers",
+    ]
     rows = [head]
     for e in estimates:
         c = e.candidate
-        rows.append([
-            c.mesh, str(c.accumulation), c.remat, f"{e.memory_bytes / 2**30:.3g}",
-            "yes" if e.fits else "no", f"{e.xla_flops / 1e12:.3g}",
-            f"{e.model_flops / 1e12:.3g}",
-            *[f"{e.collective_buffer[k] / 2**30:.3g}" for k in COLLECTIVES],
-            f"{1e3 * e.compute_seconds:.3g}", f"{1e3 * e.collective_seconds:.3g}",
-            f"{1e3 * e.step_seconds:.3g}", str(e.involuntary_remats), _layers(e),
-        ])  # fmt: skip
+        rows.append(
+            [
+                c.mesh,
+                str(c.accumulation),
+                c.remat,
+                f"{e.memory_bytes / 2**30:.3g}",
+                "yes" if e.fits else "no",
+                f"{e.xla_flops / 1e12:.3g}",
+                f"{e.model_flops / 1e12:.3g}",
+                *[f"{e.collective_buffer[k] / 2**30:.3g}" for k in COLLECTIVES],
+                f"{1e3 * e.compute_seconds:.3g}",
+                f"{1e3 * e.collective_seconds:.3g}",
+                f"{1e3 * e.step_seconds:.3g}",
+                str(e.involuntary_remats),
+                _layers(e),
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -137,16 +177,26 @@ def _plan() -> None:
     hardware = plan_estimate.Hardware(
         parse_bytes(FLAGS.device_memory), FLAGS.peak_tflops * 1e12, FLAGS.interconnect_gbps * 1e9
     )
-    print(f"planning {config.model.name_or_path} on {len(devices)} devices; roofline: "
-          f"{FLAGS.peak_tflops:g} TFLOP/s, {FLAGS.interconnect_gbps:g} GB/s per device, "
-          f"{plan_estimate.OVERLAP}", flush=True)  # fmt: skip
+    print(
+        f"planning {config.model.name_or_path} on {len(devices)} devices; roofline: "
+        f"{FLAGS.peak_tflops:g} TFLOP/s, {FLAGS.interconnect_gbps:g} GB/s per device, "
+        f"{plan_estimate.OVERLAP}",
+        flush=True,
+    )
     outcome = plan_search.plan(
-        config, devices, hardware, model_dir=FLAGS.model_config, meshes=FLAGS.meshes,
-        accumulations=[int(k) for k in FLAGS.accumulation], remats=FLAGS.remat,
-        exhaustive=FLAGS.exhaustive, target=FLAGS.accelerator, extrapolate=FLAGS.extrapolate,
+        config,
+        devices,
+        hardware,
+        model_dir=FLAGS.model_config,
+        meshes=FLAGS.meshes,
+        accumulations=[int(k) for k in FLAGS.accumulation],
+        remats=FLAGS.remat,
+        exhaustive=FLAGS.exhaustive,
+        target=FLAGS.accelerator,
+        extrapolate=FLAGS.extrapolate,
         contexts=[int(c) for c in FLAGS.contexts],
         report=lambda e: print(f"  compiled {e.candidate}", flush=True),
-    )  # fmt: skip
+    )
     best = outcome.best
     print(outcome.attention)
     if outcome.experts:
@@ -154,16 +204,22 @@ def _plan() -> None:
     if outcome.precision:
         print(outcome.precision)
     for mesh, floor in outcome.too_small.items():
-        print(f"not compiled: mesh {mesh}, weights and optimizer state alone "
-              f"{plan_search.size(floor)} per device")  # fmt: skip
+        print(
+            f"not compiled: mesh {mesh}, weights and optimizer state alone "
+            f"{plan_search.size(floor)} per device"
+        )
     print(table(outcome.estimates))
     print(LEGEND)
     if best.depths is not None:
-        print(f"extrapolated: every figure from compiles with {best.depths[0]} and "
-              f"{best.depths[1]} layers to the model's {best.layers}")  # fmt: skip
-    print(f"recommended: mesh {best.candidate.mesh}, {best.candidate.accumulation} "
-          f"micro-batches, remat {best.candidate.remat}: {plan_search.size(best.memory_bytes)} per "
-          f"device, {1e3 * best.step_seconds:.3g} ms per step (roofline)")  # fmt: skip
+        print(
+            f"extrapolated: every figure from compiles with {best.depths[0]} and "
+            f"{best.depths[1]} layers to the model's {best.layers}"
+        )
+    print(
+        f"recommended: mesh {best.candidate.mesh}, {best.candidate.accumulation} "
+        f"micro-batches, remat {best.candidate.remat}: {plan_search.size(best.memory_bytes)} per "
+        f"device, {1e3 * best.step_seconds:.3g} ms per step (roofline)"
+    )
     print(f"flags: {best.candidate.flags()}")
 
 

@@ -207,8 +207,15 @@ class TrainBatches:
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         """The rows of one epoch (of packing units: documents here)."""
-        return epoch_rows(self.tokenized, self.row_len, self.packing, self.seed, epoch,
-                          self.shuffle, self.max_docs)  # fmt: skip
+        return epoch_rows(
+            self.tokenized,
+            self.row_len,
+            self.packing,
+            self.seed,
+            epoch,
+            self.shuffle,
+            self.max_docs,
+        )
 
     def rows_per_epoch(self) -> int:
         return len(self._rows(0))
@@ -269,8 +276,10 @@ def batches_of_rows(
     process_count: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """This process's share of each global batch of `rows`, the last padded with empty rows."""
-    return [make_rows(tokenized, mine, row_len)
-            for mine in local_rows(rows, global_rows, process_index, process_count)]  # fmt: skip
+    return [
+        make_rows(tokenized, mine, row_len)
+        for mine in local_rows(rows, global_rows, process_index, process_count)
+    ]
 
 
 def local_rows(
@@ -279,8 +288,10 @@ def local_rows(
     """This process's share of each global batch of `rows`, the last padded with empty rows."""
     rows = rows + [[] for _ in range(-len(rows) % global_rows)]
     local = global_rows // process_count
-    return [rows[start + process_index * local : start + (process_index + 1) * local]
-            for start in range(0, len(rows), global_rows)]  # fmt: skip
+    return [
+        rows[start + process_index * local : start + (process_index + 1) * local]
+        for start in range(0, len(rows), global_rows)
+    ]
 
 
 def eval_rows(

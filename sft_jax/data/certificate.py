@@ -60,8 +60,10 @@ def _documents(tokenizer: Any, value: Any, options: Options) -> list[tuple[Rende
     example = normalize(value, options.data_format)
     if isinstance(example, Completion):
         text, spans = completion_text(tokenizer, example.prompt, example.completion)
-        messages = [{"role": "user", "content": example.prompt},
-                    {"role": "assistant", "content": example.completion}]  # fmt: skip
+        messages = [
+            {"role": "user", "content": example.prompt},
+            {"role": "assistant", "content": example.completion},
+        ]
         return [(Rendered(text, spans, [1]), messages)]
     rendered = render_documents(
         tokenizer, example, options.train_on, options.train_reasoning, **options.kwargs()
@@ -156,8 +158,11 @@ def _char_labels(rendered: Rendered, messages: list[dict], specials: list[str]) 
                 labels[found : found + len(value)] = [category] * len(value)
                 position = found + len(value)
         if index in spans and message.get("tool_calls"):
-            calls_from = max(start, *(i + 1 for i in range(start, end) if labels[i] in
-                                      ("assistant", "reasoning")), 0)  # fmt: skip
+            calls_from = max(
+                start,
+                *(i + 1 for i in range(start, end) if labels[i] in ("assistant", "reasoning")),
+                0,
+            )
             eot = next((t for t in specials if text[:end].endswith(t)), "")
             for i in range(calls_from, end - len(eot)):
                 labels[i] = "tool_call"

@@ -115,8 +115,11 @@ def list_tree(url: str) -> dict[str, int]:
     with _named(url, "list"):
         found = _filesystem(url).find(_key(url), detail=True)
     root = _key(url) + "/"
-    return {name.removeprefix(root): int(info.get("size") or 0) for name, info in found.items()
-            if name.startswith(root)}  # fmt: skip
+    return {
+        name.removeprefix(root): int(info.get("size") or 0)
+        for name, info in found.items()
+        if name.startswith(root)
+    }
 
 
 def put_files(pairs: list[tuple[Path, str]]) -> None:

@@ -72,13 +72,19 @@ def report(spec: str, split: str, data_format: str, seen: set[bytes], field: str
     found, total = [], 0
     for record, (prompt, reply) in _examples(spec, split, data_format, field):
         total += 1
-        hits = [k for k, t in (("prompt", prompt), ("reply", reply))
-                if t and _digest(k[0], t) in seen]  # fmt: skip
+        hits = [
+            k for k, t in (("prompt", prompt), ("reply", reply)) if t and _digest(k[0], t) in seen
+        ]
         if hits:
             found.append(f"{record.where} ({' and '.join(hits)})")
     if found:
-        log.warning("%s: %d of %d eval examples also occur in training (first: %s)", field,
-                    len(found), total, ", ".join(found[:_SHOWN]))  # fmt: skip
+        log.warning(
+            "%s: %d of %d eval examples also occur in training (first: %s)",
+            field,
+            len(found),
+            total,
+            ", ".join(found[:_SHOWN]),
+        )
     else:
         log.info("%s: none of %d eval examples occurs in training", field, total)
     return {entry.rsplit(" (", 1)[0] for entry in found}

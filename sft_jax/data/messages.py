@@ -231,7 +231,6 @@ def sharegpt_turn(turn: dict, role: str, value: Any, where: str) -> dict:
             else value
         )
         calls = calls if isinstance(calls, list) else [calls]
-        wrapped = [{"type": "function", "function": c} if isinstance(c, dict) else c
-                   for c in calls]  # fmt: skip
+        wrapped = [{"type": "function", "function": c} if isinstance(c, dict) else c for c in calls]
         return chat_message({"tool_calls": wrapped}, "assistant", "", where, "value")
     return chat_message(turn, role, value, where, "value")

@@ -25,8 +25,17 @@ from sft_jax.data import batches, contamination, pipeline, records, store, strea
 from sft_jax.data.records import DataError, Record
 
 log = logging.getLogger(__name__)
-SOURCE_FIELDS = ("name", "train_files", "weight", "eval_files", "train_split", "eval_split",
-                 "format", "template_kwargs", "max_examples")  # fmt: skip
+SOURCE_FIELDS = (
+    "name",
+    "train_files",
+    "weight",
+    "eval_files",
+    "train_split",
+    "eval_split",
+    "format",
+    "template_kwargs",
+    "max_examples",
+)
 LOADERS = ("memory", "stream")  # config.data.loader
 CONTAMINATION = ("off", "report", "drop")  # config.data.contamination
 _PART = 50_000  # examples tokenized and appended to a store at a time (bounds memory)
@@ -48,20 +57,34 @@ def sources_of(data: ml_collections.ConfigDict) -> list[Source]:
     """config.data.mixture, or config.data's own files as the one source "train"."""
     mixture = list(data.get("mixture", None) or [])
     if not mixture:
-        mixture = [{"name": "train", "train_files": data.train_files, "weight": 1.0,
-                    "eval_files": data.eval_files}]  # fmt: skip
+        mixture = [
+            {
+                "name": "train",
+                "train_files": data.train_files,
+                "weight": 1.0,
+                "eval_files": data.eval_files,
+            }
+        ]
     out = []
     for number, entry in enumerate(mixture):
         entry = dict(entry)
-        overrides = {k: entry[k] for k in ("format", "template_kwargs", "train_split",
-                                          "eval_split") if k in entry}  # fmt: skip
+        overrides = {
+            k: entry[k]
+            for k in ("format", "template_kwargs", "train_split", "eval_split")
+            if k in entry
+        }
         source_data = ml_collections.ConfigDict(data.to_dict())
         source_data.update(overrides)
-        out.append(Source(
-            name=str(entry.get("name", f"source{number}")), train_files=entry["train_files"],
-            weight=float(entry.get("weight", 1.0)), eval_files=entry.get("eval_files", ""),
-            data=source_data, max_examples=int(entry.get("max_examples", 0)),
-        ))  # fmt: skip
+        out.append(
+            Source(
+                name=str(entry.get("name", f"source{number}")),
+                train_files=entry["train_files"],
+                weight=float(entry.get("weight", 1.0)),
+                eval_files=entry.get("eval_files", ""),
+                data=source_data,
+                max_examples=int(entry.get("max_examples", 0)),
+            )
+        )
     return out
 
 
@@ -98,8 +121,15 @@ def prepared(
     return found, key
 
 
-def _write(writer: store.StoreWriter, tokenizer: Any, stream_: Any, options: tokenize.Options,
-           bad: pipeline.BadRecords, sources: list[str], field: str) -> None:  # fmt: skip
+def _write(
+    writer: store.StoreWriter,
+    tokenizer: Any,
+    stream_: Any,
+    options: tokenize.Options,
+    bad: pipeline.BadRecords,
+    sources: list[str],
+    field: str,
+) -> None:
     """Tokenizes part after part (in parallel within a part) and appends each to the store."""
     stats, workers = tokenize.empty_stats(), pipeline.auto_workers(sources)
     try:
@@ -154,8 +184,14 @@ def prepare_all(config: ml_collections.ConfigDict) -> Prepared:
     train, evals, keys = [], {}, []
     for source in sources:
         field = f"config.data.mixture[{source.name}].train_files"
-        tokenized, key = prepared(source.train_files, source.data.train_split, field, tokenizer,
-                                  source.data, limit=source.max_examples)  # fmt: skip
+        tokenized, key = prepared(
+            source.train_files,
+            source.data.train_split,
+            field,
+            tokenizer,
+            source.data,
+            limit=source.max_examples,
+        )
         train.append(tokenized)
         keys.append(f"{key}*{source.weight}")
     for source in sources:
@@ -166,8 +202,9 @@ def prepare_all(config: ml_collections.ConfigDict) -> Prepared:
     return Prepared(sources, train, evals, tokenizer, "/".join(keys))
 
 
-def _eval_set(config: ml_collections.ConfigDict, source: Source, sources: list[Source],
-              tokenizer: Any) -> tuple[tokenize.Tokenized, str]:  # fmt: skip
+def _eval_set(
+    config: ml_collections.ConfigDict, source: Source, sources: list[Source], tokenizer: Any
+) -> tuple[tokenize.Tokenized, str]:
     """A source's eval store, checked against every source's training examples."""
     field = f"config.data.mixture[{source.name}].eval_files"
     mode, keep, extra = config.data.get("contamination", "off"), None, ""
@@ -175,12 +212,20 @@ def _eval_set(config: ml_collections.ConfigDict, source: Source, sources: list[S
         seen = contamination.train_index(
             [(s.train_files, s.data.train_split, s.data.format, s.max_examples) for s in sources]
         )
-        found = contamination.report(source.eval_files, source.data.eval_split,
-                                     source.data.format, seen, field)  # fmt: skip
+        found = contamination.report(
+            source.eval_files, source.data.eval_split, source.data.format, seen, field
+        )
         if mode == "drop" and found:
             keep, extra = (lambda record: record.where not in found), f"drop={sorted(found)}"
-    tokenized, key = prepared(source.eval_files, source.data.eval_split, field, tokenizer,
-                              source.data, keep=keep, key_extra=extra)  # fmt: skip
+    tokenized, key = prepared(
+        source.eval_files,
+        source.data.eval_split,
+        field,
+        tokenizer,
+        source.data,
+        keep=keep,
+        key_extra=extra,
+    )
     limit = config.data.eval_max_examples
     if 0 < limit < len(tokenized):
         tokenized = tokenized.subset(range(limit))
@@ -196,18 +241,31 @@ def open_stream_data(
     process = pipeline.row_share(feed)
     documents = stream.Documents(ready.train)
     train = stream.StreamBatches(
-        documents, [s.weight for s in ready.sources], window=data.stream_window,
-        seed=config.train.seed, shuffle=data.shuffle, max_docs=data.max_documents_per_row,
-        global_rows=config.train.global_batch_size, row_len=data.max_length,
-        packing=data.packing, process_index=process[0], process_count=process[1],
+        documents,
+        [s.weight for s in ready.sources],
+        window=data.stream_window,
+        seed=config.train.seed,
+        shuffle=data.shuffle,
+        max_docs=data.max_documents_per_row,
+        global_rows=config.train.global_batch_size,
+        row_len=data.max_length,
+        packing=data.packing,
+        process_index=process[0],
+        process_count=process[1],
         fingerprint=ready.fingerprint,
-    )  # fmt: skip
+    )
     for source, tokenized in zip(ready.sources, ready.train, strict=True):
-        log.info("train %s (weight %g): %s", source.name, source.weight,
-                 pipeline.summary_line(tokenized.stats))  # fmt: skip
+        log.info(
+            "train %s (weight %g): %s",
+            source.name,
+            source.weight,
+            pipeline.summary_line(tokenized.stats),
+        )
     bound = train.documents_per_row()
-    eval_sets = {name: _eval_batches(config, tokenized, process, bound)
-                 for name, tokenized in ready.evals.items()}  # fmt: skip
+    eval_sets = {
+        name: _eval_batches(config, tokenized, process, bound)
+        for name, tokenized in ready.evals.items()
+    }
     everything = [batch for batches_ in eval_sets.values() for batch in batches_]
     first_eval = next(iter(ready.evals.values()), None)
     return pipeline.DataSource(
@@ -219,16 +277,26 @@ def open_stream_data(
         eval_prompts=pipeline.eval_prompts(
             first_eval, max(config.eval.generate_examples, config.eval.show_samples)
         ),
-        eval_sets={name: (lambda b=b: b) for name, b in eval_sets.items()} if len(eval_sets) > 1
+        eval_sets={name: (lambda b=b: b) for name, b in eval_sets.items()}
+        if len(eval_sets) > 1
         else {},
-    )  # fmt: skip
+    )
 
 
-def _eval_batches(config: ml_collections.ConfigDict, tokenized: tokenize.Tokenized,
-                  process: tuple[int, int], bound: int) -> list[dict]:  # fmt: skip
+def _eval_batches(
+    config: ml_collections.ConfigDict,
+    tokenized: tokenize.Tokenized,
+    process: tuple[int, int],
+    bound: int,
+) -> list[dict]:
     """Eval rows hold at most as many documents as training rows (the kernel's bound)."""
     data = config.data
-    return batches.eval_batches(tokenized, global_rows=config.eval.global_batch_size,
-                                row_len=data.max_length, packing=data.packing,
-                                process_index=process[0], process_count=process[1],
-                                max_docs=bound)  # fmt: skip
+    return batches.eval_batches(
+        tokenized,
+        global_rows=config.eval.global_batch_size,
+        row_len=data.max_length,
+        packing=data.packing,
+        process_index=process[0],
+        process_count=process[1],
+        max_docs=bound,
+    )

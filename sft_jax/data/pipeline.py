@@ -71,9 +71,13 @@ class BadRecords:
 
 
 def tokenize_sources(
-    spec: str, split: str, field: str, tokenizer: Any, data: ml_collections.ConfigDict,
+    spec: str,
+    split: str,
+    field: str,
+    tokenizer: Any,
+    data: ml_collections.ConfigDict,
     reserved: int = 0,
-) -> tuple[tokenize.Tokenized, str]:  # fmt: skip
+) -> tuple[tokenize.Tokenized, str]:
     """Tokenized documents of comma-separated sources (from the cache when possible)."""
     sources = records.expand_sources(spec, field)
     options = tokenize_options(data, sources, split, reserved)
@@ -110,8 +114,10 @@ def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
             "%s: %d examples have an empty assistant reply (the first at %s); each trains "
             "only its end-of-turn token. Fix them, or set config.data.empty_replies='skip' to "
             "drop them or 'error' to stop at the first.",
-            field, stats["empty_replies"], stats["first_empty_reply"],
-        )  # fmt: skip
+            field,
+            stats["empty_replies"],
+            stats["first_empty_reply"],
+        )
 
 
 def tokenize_options(
@@ -159,8 +165,11 @@ def certify(config: ml_collections.ConfigDict, tokenizer: Any, sample: int = 0) 
 def _check_at_start(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
     """Training's start-up check: the certificate of a sample, logged; violations stop it."""
     report = certify(config, tokenizer, _CERTIFY_SAMPLE)
-    log.info("what trains (mask certificate of %d examples):\n%s", report["examples"],
-             certificate.table(report))  # fmt: skip
+    log.info(
+        "what trains (mask certificate of %d examples):\n%s",
+        report["examples"],
+        certificate.table(report),
+    )
     if report["violations"]:
         first = report["violations"][0]
         raise DataError(
@@ -274,30 +283,43 @@ def row_share(feed: tuple[int, int] | None) -> tuple[int, int]:
     return feed if feed is not None else (jax.process_index(), jax.process_count())
 
 
+def row_options(config: ml_collections.ConfigDict, feed: tuple[int, int] | None) -> dict:
+    """The arguments every train-row iterator takes from the config and the process's feed."""
+    data, process = config.data, row_share(feed)
+    return {
+        "global_rows": config.train.global_batch_size,
+        "row_len": data.max_length,
+        "packing": data.packing,
+        "seed": config.train.seed,
+        "shuffle": data.shuffle,
+        "process_index": process[0],
+        "process_count": process[1],
+    }
+
+
 def open_data(config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None) -> DataSource:
     """The trainer's DataSource for this process, built from config.data; `feed`: row_share."""
     loaded = with_virtual_tokens(load_datasets(config), PromptSpec.from_config(config))
     data, process = config.data, row_share(feed)
     train = batches.TrainBatches(
         loaded.train,
-        global_rows=config.train.global_batch_size,
-        row_len=data.max_length,
-        packing=data.packing,
-        seed=config.train.seed,
-        shuffle=data.shuffle,
-        process_index=process[0],
-        process_count=process[1],
+        **row_options(config, feed),
         fingerprint=loaded.fingerprint,
         max_docs=data.max_documents_per_row,
     )
     log.info("train: %s", summary_line(loaded.train.stats))
     documents, evaluation = train.documents_per_row(), []
     if loaded.eval is not None:
-        rows = batches.eval_rows(loaded.eval, row_len=data.max_length, packing=data.packing,
-                                 max_docs=data.max_documents_per_row)  # fmt: skip
+        rows = batches.eval_rows(
+            loaded.eval,
+            row_len=data.max_length,
+            packing=data.packing,
+            max_docs=data.max_documents_per_row,
+        )
         documents = max([documents, *(len(row) for row in rows)])
-        evaluation = batches.batches_of_rows(loaded.eval, rows, config.eval.global_batch_size,
-                                             data.max_length, *process)  # fmt: skip
+        evaluation = batches.batches_of_rows(
+            loaded.eval, rows, config.eval.global_batch_size, data.max_length, *process
+        )
     return DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,

@@ -90,8 +90,10 @@ def _conversational(value: dict[str, Any]) -> tuple[Conversation, Conversation]:
             )
     if not prompt:
         raise BadExample("chosen and rejected share no prompt", "prompt_not_prefix")
-    return (Conversation(prompt + chosen, trained_from=len(prompt)),
-            Conversation(prompt + rejected, trained_from=len(prompt)))  # fmt: skip
+    return (
+        Conversation(prompt + chosen, trained_from=len(prompt)),
+        Conversation(prompt + rejected, trained_from=len(prompt)),
+    )
 
 
 def normalize_pair(value: Any) -> tuple[Conversation | Completion, Conversation | Completion]:
@@ -104,8 +106,9 @@ def normalize_pair(value: Any) -> tuple[Conversation | Completion, Conversation 
         return _conversational(value)
     for field in ("prompt", "chosen", "rejected"):
         if field in value and not isinstance(value[field], str):
-            raise BadExample(f"field {field!r} must be a string or a list of messages",
-                             "mistyped_field")  # fmt: skip
+            raise BadExample(
+                f"field {field!r} must be a string or a list of messages", "mistyped_field"
+            )
     chosen, rejected = value["chosen"], value["rejected"]
     prompt = value.get("prompt")
     if prompt is None:
@@ -203,17 +206,21 @@ def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> Pa
     for record in stream:
         stats["examples_read"] += 1
         try:
-            pair = [tokenize.tokenize_example(tokenizer, side, options)[:2]
-                    for side in normalize_pair(record.value)]  # fmt: skip
+            pair = [
+                tokenize.tokenize_example(tokenizer, side, options)[:2]
+                for side in normalize_pair(record.value)
+            ]
             margin = pair_margin(record.value)
             if sum(len(tokens) for tokens, _ in pair) > options.max_length:
                 raise BadExample("chosen and rejected do not fit in one row", "pair_too_long")
         except BadExample as e:
             expected = e.reason in (*tokenize.EXPECTED_DROPS, "pair_too_long")
             if not (expected or options.skip_bad):
-                raise DataError(f"{record.where}: {e}. Fix the pair, or set "
-                                "config.data.skip_bad_examples=True to count and skip such "
-                                "pairs.") from None  # fmt: skip
+                raise DataError(
+                    f"{record.where}: {e}. Fix the pair, or set "
+                    "config.data.skip_bad_examples=True to count and skip such "
+                    "pairs."
+                ) from None
             dropped[e.reason] += 1
             continue
         except tokenize.TemplateError as e:
@@ -221,9 +228,12 @@ def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> Pa
         docs.extend(pair)
         margins.append(margin)
     tokenized = tokenize.from_documents(docs, stats)
-    stats |= {"dropped": dict(sorted(dropped.items())), "examples_kept": len(docs) // 2,
-              "tokens": len(tokenized.tokens),
-              "trainable_tokens": tokenize.trainable_tokens(tokenized)}  # fmt: skip
+    stats |= {
+        "dropped": dict(sorted(dropped.items())),
+        "examples_kept": len(docs) // 2,
+        "tokens": len(tokenized.tokens),
+        "trainable_tokens": tokenize.trainable_tokens(tokenized),
+    }
     return Pairs(tokenized, np.asarray(margins, np.float32))
 
 
@@ -250,9 +260,11 @@ def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> Pairs
     stream = (r for source in sources for r in records.read_records(source, split, bad))
     pairs = tokenize_pairs(tokenizer, stream, options)
     if len(pairs) == 0:
-        raise DataError(f"{field}={spec!r}: no usable preference pairs in "
-                        f"{pairs.stats['examples_read']} examples (dropped: "
-                        f"{pairs.stats['dropped']}).")  # fmt: skip
+        raise DataError(
+            f"{field}={spec!r}: no usable preference pairs in "
+            f"{pairs.stats['examples_read']} examples (dropped: "
+            f"{pairs.stats['dropped']})."
+        )
     log.info("%s: %s", field, pipeline.summary_line(pairs.stats))
     return pairs
 
@@ -267,20 +279,22 @@ def open_pair_data(
     train = _load(data.train_files, data.train_split, "config.data.train_files", tokenizer, data)
     evaluation = None
     if data.eval_files:
-        evaluation = _load(data.eval_files, data.eval_split, "config.data.eval_files",
-                           tokenizer, data)  # fmt: skip
+        evaluation = _load(
+            data.eval_files, data.eval_split, "config.data.eval_files", tokenizer, data
+        )
     documents = data.max_documents_per_row
     max_pairs = max(1, documents // 2) if documents else 0  # 0: no limit
     train_batches = PairTrainBatches(
-        train, global_rows=config.train.global_batch_size, row_len=data.max_length,
-        packing=data.packing, seed=config.train.seed, shuffle=data.shuffle,
-        process_index=process[0], process_count=process[1], max_docs=max_pairs,
+        train,
+        **pipeline.row_options(config, feed),
+        max_docs=max_pairs,
         fingerprint=f"pairs/{data.train_files}/{tokenize.tokenizer_fingerprint(tokenizer)}",
-    )  # fmt: skip
+    )
     pairs_per_row, eval_rows, prompts = train_batches.documents_per_row(), [], []
     if evaluation is not None:
-        eval_rows = batches.eval_rows(evaluation, row_len=data.max_length, packing=data.packing,
-                                      max_docs=max_pairs)  # fmt: skip
+        eval_rows = batches.eval_rows(
+            evaluation, row_len=data.max_length, packing=data.packing, max_docs=max_pairs
+        )
         pairs_per_row = max([pairs_per_row, *(len(row) for row in eval_rows)])
         chosen = evaluation.documents.subset(range(0, len(evaluation.documents), 2))
         count = max(config.eval.generate_examples, config.eval.show_samples)
@@ -295,12 +309,15 @@ def open_pair_data(
 
     def precompute_reference(score: Any, global_rows: int) -> None:
         for pairs in (train, evaluation) if evaluation is not None else (train,):
-            pairs.precompute_reference(score, global_rows, data.max_length, pairs_per_row,
-                                       process)  # fmt: skip
+            pairs.precompute_reference(score, global_rows, data.max_length, pairs_per_row, process)
         eval_data.clear()
 
     return pipeline.DataSource(
-        train_batches=train_batches, eval_batches=eval_batches, seq_len=data.max_length,
-        max_segments=2 * pairs_per_row + 1, tokenizer=tokenizer, eval_prompts=prompts,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        seq_len=data.max_length,
+        max_segments=2 * pairs_per_row + 1,
+        tokenizer=tokenizer,
+        eval_prompts=prompts,
         precompute_reference=precompute_reference,
-    )  # fmt: skip
+    )

@@ -123,8 +123,9 @@ class _Context:
 
     def render(self, count: int, generation_prompt: bool) -> str:
         """The first `count` messages rendered, with the generation prompt or without."""
-        return render(self.tokenizer, self.messages[:count], generation_prompt, self.tools,
-                      self.kwargs)  # fmt: skip
+        return render(
+            self.tokenizer, self.messages[:count], generation_prompt, self.tools, self.kwargs
+        )
 
 
 def _reply_span(

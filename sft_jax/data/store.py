@@ -68,8 +68,13 @@ class StoreWriter:
         """Writes meta.json and renames the directory into place (a crash leaves no store)."""
         for f in self.files.values():
             f.close()
-        meta = {"version": _VERSION, "documents": self.documents, "tokens": self.total,
-                "min_length": self.min_length, "stats": stats}  # fmt: skip
+        meta = {
+            "version": _VERSION,
+            "documents": self.documents,
+            "tokens": self.total,
+            "min_length": self.min_length,
+            "stats": stats,
+        }
         (self.temporary / "meta.json").write_text(json.dumps(meta))
         try:
             os.replace(self.temporary, self.final)

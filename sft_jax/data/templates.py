@@ -111,8 +111,10 @@ def warn_without_end_of_turn(tokenizer: Any, reply: str) -> None:
         "the chat template of %r ends an assistant reply with %r, not an end-of-turn token "
         "(none of %s): no terminator is trained, so the model may not learn to stop. Use a "
         "config.data.chat_template that closes replies with one.",
-        tokenizer.name_or_path, reply[-20:], ", ".join(specials[:6]),
-    )  # fmt: skip
+        tokenizer.name_or_path,
+        reply[-20:],
+        ", ".join(specials[:6]),
+    )
 
 
 def completion_text(

@@ -271,8 +271,9 @@ def _note_empty_reply(
     if not empty:
         return
     if options.empty_replies != "warn":
-        raise BadExample("an assistant reply is empty (it would train only its end-of-turn "
-                         "token)", "empty_reply")  # fmt: skip
+        raise BadExample(
+            "an assistant reply is empty (it would train only its end-of-turn token)", "empty_reply"
+        )
     stats["empty_replies"] += 1
     stats["first_empty_reply"] = stats["first_empty_reply"] or where
 

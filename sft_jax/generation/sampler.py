@@ -169,8 +169,11 @@ def rollout(
     reproducible for the same prompts, batch and seed.
     """
     if not prompts or max_new_tokens <= 0:
-        return Rollout([[] for _ in prompts], [np.zeros(0, np.float32) for _ in prompts],
-                       ["length" for _ in prompts])  # fmt: skip
+        return Rollout(
+            [[] for _ in prompts],
+            [np.zeros(0, np.float32) for _ in prompts],
+            ["length" for _ in prompts],
+        )
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token.")
     vocab_size = model.config.vocab_size
@@ -184,11 +187,18 @@ def rollout(
     )
     graphdef, state = nnx.split(model)
     out_BxN, logps_BxN = _generate_ids(
-        graphdef, state, tokens_BxT, positions_BxT, is_stop,
-        np.int32(max_new_tokens), np.float32(max(temperature, 1e-6)), np.float32(top_p),
+        graphdef,
+        state,
+        tokens_BxT,
+        positions_BxT,
+        is_stop,
+        np.int32(max_new_tokens),
+        np.float32(max(temperature, 1e-6)),
+        np.float32(top_p),
         jax.random.key(seed),
-        max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET), greedy=temperature <= 0,
-    )  # fmt: skip
+        max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET),
+        greedy=temperature <= 0,
+    )
     rows = np.asarray(out_BxN)[: len(prompts), :max_new_tokens]
     logps = np.asarray(logps_BxN)[: len(prompts), :max_new_tokens]
     tokens = [_until_stop(row, is_stop) for row in rows]
@@ -240,10 +250,15 @@ def reply(
     """The decoded continuation of prompt_ids, without its stop token and special tokens. A
     model with virtual tokens (prompt tuning, P-tuning) reads them first, as in training."""
     (new_ids,) = generate(
-        model, [prompt_prefix_ids(model) + list(prompt_ids)], max_new_tokens=max_new_tokens,
+        model,
+        [prompt_prefix_ids(model) + list(prompt_ids)],
+        max_new_tokens=max_new_tokens,
         stop_token_ids=stop_token_ids,
-        temperature=temperature, top_p=top_p, seed=seed, pad_id=tokenizer.pad_token_id or 0,
-    )  # fmt: skip
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        pad_id=tokenizer.pad_token_id or 0,
+    )
     if new_ids and new_ids[-1] in stop_token_ids:
         new_ids = new_ids[:-1]
     return tokenizer.decode(new_ids, skip_special_tokens=True)

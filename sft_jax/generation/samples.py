@@ -37,9 +37,12 @@ def generation_metrics(
     for start in range(0, len(prompts), batch_size):
         chunk = [p.tolist() for p, _ in prompts[start : start + batch_size]]
         replies += generate(
-            model, chunk, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+            model,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
             pad_id=tokenizer.pad_token_id or 0,
-        )  # fmt: skip
+        )
     said = [_text(tokenizer, r, stop_token_ids) for r in replies]
     expected = [_text(tokenizer, ref.tolist(), stop_token_ids) for _, ref in prompts]
     matches = [a == b for a, b in zip(said, expected, strict=True)]

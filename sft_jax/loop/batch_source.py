@@ -56,9 +56,10 @@ class FileBatches:
         del params  # rows from files do not depend on the params
         shardings, rows = self.shardings, self.global_rows
         feed = Prefetch(
-            self.data.train_batches, lambda local: device_batch(local, shardings, rows),
+            self.data.train_batches,
+            lambda local: device_batch(local, shardings, rows),
             depth=self.depth,
-        )  # fmt: skip
+        )
         with contextlib.closing(feed):
             yield feed
 

@@ -141,13 +141,23 @@ def _export_prompt(checkpoints: Checkpoints, step: int, config, out: Path) -> Pa
     model, _ = _trained_model(checkpoints, step, config)
     model_dir = resolve_model_dir(config.model.name_or_path)
     with _replacing(out) as partial:
-        save_prompt_adapter(model, partial / "adapter", PromptSpec.from_config(config),
-                            base_model=config.model.name_or_path)  # fmt: skip
+        save_prompt_adapter(
+            model,
+            partial / "adapter",
+            PromptSpec.from_config(config),
+            base_model=config.model.name_or_path,
+        )
         model.virtual_tokens, model.kv_prefix = None, None
-        save_pretrained(model, partial, tokenizer=run_tokenizer(config),
-                        generation_config_from=model_dir)  # fmt: skip
-    log.info("exported step %d of %s: PEFT adapter in %s/adapter on the base model in %s",
-             step, checkpoints.directory, out, out)  # fmt: skip
+        save_pretrained(
+            model, partial, tokenizer=run_tokenizer(config), generation_config_from=model_dir
+        )
+    log.info(
+        "exported step %d of %s: PEFT adapter in %s/adapter on the base model in %s",
+        step,
+        checkpoints.directory,
+        out,
+        out,
+    )
     return out
 
 
@@ -165,6 +175,11 @@ def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path
             log.info("config.lora.expert_adapters: no PEFT adapter, the merged model only")
         else:
             save_adapter(model, partial / "adapter", spec, base_model=config.model.name_or_path)
-    log.info("exported step %d of %s: merged model in %s%s", step, checkpoints.directory, out,
-             "" if spec.experts else f", adapter in {out}/adapter")  # fmt: skip
+    log.info(
+        "exported step %d of %s: merged model in %s%s",
+        step,
+        checkpoints.directory,
+        out,
+        "" if spec.experts else f", adapter in {out}/adapter",
+    )
     return out

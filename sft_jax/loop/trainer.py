@@ -39,7 +39,8 @@ from sft_jax.train.setup import build_model
 from sft_jax.train.sharding import abstract_like
 from sft_jax.workdir import bucket_mirror, rundir
 from sft_jax.workdir.bucket_mirror import BucketMirror
-from sft_jax.workdir.checkpointing import ADAPTER_FIELDS, Checkpoints, config_changes, model_summary
+from sft_jax.workdir.checkpointing import Checkpoints
+from sft_jax.workdir.compatibility import ADAPTER_FIELDS, config_changes, model_summary
 from sft_jax.workdir.metrics import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,14 @@ class Trainer:
                 on_saved=mirror.publish if mirror is not None else None,
             )
         plan = compile_plan.plan_run(
-            config, mesh or sharding.mesh_for(config), model, seq_len=data.seq_len,
-            max_segments=data.max_segments, trainable=trainable,
+            config,
+            mesh or sharding.mesh_for(config),
+            model,
+            seq_len=data.seq_len,
+            max_segments=data.max_segments,
+            trainable=trainable,
             pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
-        )  # fmt: skip
+        )
         self.steps, self.state = plan.steps, plan.state
         self.source = (batch_source or self._file_batches)(self.steps)
         # The source's state after the last batch training consumed (what a checkpoint
@@ -207,8 +212,11 @@ class Trainer:
         if self.checkpoints is None or step == self.last_saved_step:
             return
         first = {k: v for k, v in (self.initial_eval or {}).items() if isinstance(v, float | int)}
-        trainer_state = {"early_stopping": self.early_stopping.dump(), "initial_eval": first,
-                         "model": self.model_summary}  # fmt: skip
+        trainer_state = {
+            "early_stopping": self.early_stopping.dump(),
+            "initial_eval": first,
+            "model": self.model_summary,
+        }
         self.checkpoints.save(
             step, self.state, self.data_state, self.config, metrics, trainer_state
         )
@@ -234,10 +242,15 @@ class Trainer:
                 step = self._loop(step, feed, stop, progress, summary)
         progress.close()
         if summary["interrupted"]:
-            progress.message(f"stopped by signal at step {step}; checkpoint saved. Run the same "
-                             "command again to resume.")  # fmt: skip
-        summary |= {"end_step": step, "best_step": self.early_stopping.best_step,
-                    "best_eval_loss": self.early_stopping.best_loss}  # fmt: skip
+            progress.message(
+                f"stopped by signal at step {step}; checkpoint saved. Run the same "
+                "command again to resume."
+            )
+        summary |= {
+            "end_step": step,
+            "best_step": self.early_stopping.best_step,
+            "best_eval_loss": self.early_stopping.best_loss,
+        }
         return summary
 
     def _eval_at_start(self, step: int, progress: Progress) -> None:
@@ -390,8 +403,13 @@ def _run_locked(
         source = mirror.url if mirror is not None else workdir
         again = f"python -m sft_jax.export --workdir={source}"
         with signals_raise(f"the export stopped; the checkpoints are complete: {again}"):
-            out = export_run(workdir, which=config.export.at_end, out=config.export.dir or None,
-                             staging_root=config.checkpoint.staging_dir, mirror=mirror)  # fmt: skip
+            out = export_run(
+                workdir,
+                which=config.export.at_end,
+                out=config.export.dir or None,
+                staging_root=config.checkpoint.staging_dir,
+                mirror=mirror,
+            )
         summary["export"] = str(out)
     if mirror is not None and jax.process_index() == 0:
         mirror.push_run()

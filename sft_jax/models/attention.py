@@ -48,9 +48,12 @@ def attention_mask(
 
 
 def position_mask(
-    q_segment_ids_BxT: jax.Array, q_positions_BxT: jax.Array,
-    kv_segment_ids_BxS: jax.Array, kv_positions_BxS: jax.Array, window: int | None,
-) -> jax.Array:  # fmt: skip
+    q_segment_ids_BxT: jax.Array,
+    q_positions_BxT: jax.Array,
+    kv_segment_ids_BxS: jax.Array,
+    kv_positions_BxS: jax.Array,
+    window: int | None,
+) -> jax.Array:
     """[B, T, S] True where query t may attend key s, for tokens in any order: same segment
     and an earlier (or the same) position, inside the window. Equal to attention_mask on rows
     in sequence order, as a document is a contiguous run of increasing positions."""
@@ -84,9 +87,13 @@ class KVPrefix:
 
 
 def with_prefix(
-    prefix: KVPrefix, keys_BxSxKxE: jax.Array, values_BxSxKxE: jax.Array, mask_BxTxS: jax.Array,
-    positions_BxT: jax.Array, window: int | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    prefix: KVPrefix,
+    keys_BxSxKxE: jax.Array,
+    values_BxSxKxE: jax.Array,
+    mask_BxTxS: jax.Array,
+    positions_BxT: jax.Array,
+    window: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Keys, values [B, N + S, K, E] and mask [B, T, N + S] with the prefix slots first; a
     query at position p sees slot j < N where p - j is inside the window."""
     batch = keys_BxSxKxE.shape[0]
@@ -201,35 +208,44 @@ class Attention(nnx.Module):
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, positions_BxT
             )
             return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
-        if self.kind == "splash":
-            out_BxTxHE = kernels.splash_attention(
-                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
-                self.softcap,
-            )  # fmt: skip
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
-        if self.kind == "blockwise":
-            out_BxTxHE = blockwise.blockwise_attention(
-                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
-                self.softcap,
-            )  # fmt: skip
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
-        if self.kind == "cudnn" and self.max_segments and kernels.packed_cudnn_supported():
-            out_BxTxHE = kernels.cudnn_packed_attention(
-                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window,
-                self.max_segments,
-            )  # fmt: skip
+        out_BxTxHE = self._segment_kernel(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+        if out_BxTxHE is not None:
             return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
         mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
         if self.kind == "cudnn":
-            out_BxTxHE = kernels.fused_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS,
-                                         self.scale, self.window)  # fmt: skip
+            out_BxTxHE = kernels.fused_attention(
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, self.scale, self.window
+            )
             return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
         return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3))
 
+    def _segment_kernel(
+        self,
+        q_BxTxKxGxE: jax.Array,
+        k_BxSxKxE: jax.Array,
+        v_BxSxKxE: jax.Array,
+        segment_ids_BxT: jax.Array,
+    ) -> jax.Array | None:
+        """[B, T, H*E] from this layer's kernel that keeps documents apart by segment ids
+        (splash, blockwise, cuDNN's packed layout); None where the layer takes a mask instead
+        (the einsum path, cuDNN without its packed layout)."""
+        qkv = (q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, self.scale, self.window)
+        if self.kind == "splash":
+            return kernels.splash_attention(*qkv, self.softcap)
+        if self.kind == "blockwise":
+            return blockwise.blockwise_attention(*qkv, self.softcap)
+        if self.kind == "cudnn" and self.max_segments and kernels.packed_cudnn_supported():
+            return kernels.cudnn_packed_attention(*qkv, self.max_segments)
+        return None
+
     def _context_parallel(
-        self, q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
-        segment_ids_BxT: jax.Array, positions_BxT: jax.Array,
-    ) -> jax.Array:  # fmt: skip
+        self,
+        q_BxTxKxGxE: jax.Array,
+        k_BxSxKxE: jax.Array,
+        v_BxSxKxE: jax.Array,
+        segment_ids_BxT: jax.Array,
+        positions_BxT: jax.Array,
+    ) -> jax.Array:
         """Attention with the sequence split over the mesh's context axis: each device's
         queries against the gathered keys (models/partitioning.py), masked by segment and
         position, as tokens come in load-balanced order. Output [B, T, H * E]."""
@@ -245,16 +261,26 @@ class Attention(nnx.Module):
             )
         else:
             out_BxTxKxGxE = context_attention(
-                self._context_masked, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT,
+                self._context_masked,
+                q_BxTxKxGxE,
+                k_BxSxKxE,
+                v_BxSxKxE,
+                segment_ids_BxT,
                 positions_BxT,
-            )  # fmt: skip
+            )
         batch, seq_len = q_BxTxKxGxE.shape[:2]
         return out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
 
     def _context_masked(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array,
-        q_positions: jax.Array, kv_segment_ids: jax.Array, kv_positions: jax.Array,
-    ) -> jax.Array:  # fmt: skip
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        q_segment_ids: jax.Array,
+        q_positions: jax.Array,
+        kv_segment_ids: jax.Array,
+        kv_positions: jax.Array,
+    ) -> jax.Array:
         """One context shard's attention through a [B, T / C, T] mask (einsums or cuDNN)."""
         mask_BxTxS = position_mask(
             q_segment_ids, q_positions, kv_segment_ids, kv_positions, self.window
@@ -264,9 +290,12 @@ class Attention(nnx.Module):
         return self._weighted_values(q, k, v, mask_BxTxS)
 
     def _context_blockwise(
-        self, q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+        self,
+        q_BxTxKxGxE: jax.Array,
+        k_BxSxKxE: jax.Array,
+        v_BxSxKxE: jax.Array,
         segment_ids_BxT: jax.Array,
-    ) -> jax.Array:  # fmt: skip
+    ) -> jax.Array:
         """The blockwise kernel on each context shard: its queries against the gathered keys,
         every token placed by its index in the row (context_layout's order gives it), so that
         causality, the window and the skipping of unseen blocks count in the row's order."""
@@ -276,18 +305,27 @@ class Attention(nnx.Module):
 
         def local(q, k, v, q_segment_ids, q_index, kv_segment_ids, kv_index):
             return blockwise.flash_attention(
-                q, k, v, (q_segment_ids, kv_segment_ids), (q_index[0], kv_index[0]),
-                self.scale, self.window, self.softcap,
-            )  # fmt: skip
+                q,
+                k,
+                v,
+                (q_segment_ids, kv_segment_ids),
+                (q_index[0], kv_index[0]),
+                self.scale,
+                self.window,
+                self.softcap,
+            )
 
         return context_attention(
             local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, index_BxT
         )
 
     def extend(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache,
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        cache: LayerCache,
         prefix: KVPrefix | None = None,
-    ) -> tuple[jax.Array, LayerCache]:  # fmt: skip
+    ) -> tuple[jax.Array, LayerCache]:
         """Writes the T new keys/values at slot cache.index and attends over the cache (after
         the prefix, where given); returns the output and the cache with the new keys and
         values."""
@@ -339,9 +377,12 @@ class Attention(nnx.Module):
         return self.o_proj(out_BxTxHE, dropout_key)
 
     def _weighted_values(
-        self, q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
+        self,
+        q_BxTxKxGxE: jax.Array,
+        k_BxSxKxE: jax.Array,
+        v_BxSxKxE: jax.Array,
         mask_BxTxS: jax.Array,
-    ) -> jax.Array:  # fmt: skip
+    ) -> jax.Array:
         """softmax(q.k * scale, soft-capped, masked) . v: [B, T, K, G, E], the einsum path."""
         scores = einsum_f32("BTKGE,BSKE->BKGTS", q_BxTxKxGxE, k_BxSxKxE)
         scores = scores * self.scale

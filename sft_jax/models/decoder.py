@@ -71,9 +71,13 @@ class DecoderLayer(nnx.Module):
         self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
 
     def __call__(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, segment_ids_BxT: jax.Array,
-        dropout_key: jax.Array | None = None, prefix: KVPrefix | None = None,
-    ) -> tuple[jax.Array, RouterStats | None]:  # fmt: skip
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        dropout_key: jax.Array | None = None,
+        prefix: KVPrefix | None = None,
+    ) -> tuple[jax.Array, RouterStats | None]:
         """(output, router statistics over real tokens; None for a dense MLP)."""
         normed = self.attn_norm(x_BxTxD)
         attn_out = self.attn(
@@ -84,18 +88,24 @@ class DecoderLayer(nnx.Module):
         )
 
     def extend(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, cache: LayerCache,
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        cache: LayerCache,
         prefix: KVPrefix | None = None,
-    ) -> tuple[jax.Array, LayerCache]:  # fmt: skip
+    ) -> tuple[jax.Array, LayerCache]:
         """The layer on T new tokens against its cache (see Attention.extend)."""
         attn_out, cache = self.attn.extend(self.attn_norm(x_BxTxD), positions_BxT, cache, prefix)
         x_BxTxD, _ = self._add_attention_and_mlp(x_BxTxD, attn_out, positions_BxT >= 0, None)
         return x_BxTxD, cache
 
     def _add_attention_and_mlp(
-        self, x_BxTxD: jax.Array, attn_out: jax.Array, real_BxT: jax.Array,
+        self,
+        x_BxTxD: jax.Array,
+        attn_out: jax.Array,
+        real_BxT: jax.Array,
         dropout_key: jax.Array | None,
-    ) -> tuple[jax.Array, RouterStats | None]:  # fmt: skip
+    ) -> tuple[jax.Array, RouterStats | None]:
         if self.attn_post_norm is not None:
             attn_out = self.attn_post_norm(attn_out)
         x_BxTxD = x_BxTxD + attn_out

@@ -128,8 +128,10 @@ class MoEBlock(nnx.Module):
         self.expert_quant = nnx.data(None)
         self.expert_quant_spec = None
         self.top_k, self.renormalize, self.activation = (
-            c.experts_per_token, c.norm_topk_prob, c.activation,
-        )  # fmt: skip
+            c.experts_per_token,
+            c.norm_topk_prob,
+            c.activation,
+        )
         self.router = nnx.Param(
             normal_init(rngs, (d, x), param_dtype), logical_axes=("embed", None)
         )
@@ -144,9 +146,10 @@ class MoEBlock(nnx.Module):
         # (name, shape, logical axes) of each stacked weight, known also once it is stored
         # quantized; a tuple, as NNX hashes static attributes.
         self.expert_layout = (
-            ("experts_gate", (x, d, f), in_axes), ("experts_up", (x, d, f), in_axes),
+            ("experts_gate", (x, d, f), in_axes),
+            ("experts_up", (x, d, f), in_axes),
             ("experts_down", (x, f, d), out_axes),
-        )  # fmt: skip
+        )
         shared = c.shared_expert_intermediate_size
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.shared_expert = MLP(c, width=shared, **dense) if shared else None
@@ -191,8 +194,12 @@ class MoEBlock(nnx.Module):
             functools.partial(
                 dropless_experts, activation=self.activation, grouped_matmul=self.grouped_matmul
             ),
-            x_NxD, experts_NxK, weights_NxK, stacked, dispatch=self.dispatch,
-        )  # fmt: skip
+            x_NxD,
+            experts_NxK,
+            weights_NxK,
+            stacked,
+            dispatch=self.dispatch,
+        )
         out_BxTxD = out_NxD.reshape(batch, seq_len, width)
         if self.shared_expert is not None:
             gate_BxTx1 = jax.nn.sigmoid(self.shared_expert_gate(x_BxTxD, fold_key(dropout_key, 3)))
@@ -231,14 +238,20 @@ def quantize_experts(model: nnx.Module, spec: QuantSpec, mesh: jax.sharding.Mesh
             axes = block.layout_of(name)[1]
             quantize_all = jax.jit(jax.vmap(functools.partial(quantize, spec=spec)))
             stored = quantize_all(param[...])
-            stored_by_name[name] = nnx.Dict({
-                key: QuantizedState(
-                    jax.device_put(value, named_sharding(
-                        ("expert", *stored_axes(key, axes[1:])), value.shape, mesh)),
-                    logical_axes=("expert", *stored_axes(key, axes[1:])),
-                )
-                for key, value in stored.items()
-            })  # fmt: skip
+            stored_by_name[name] = nnx.Dict(
+                {
+                    key: QuantizedState(
+                        jax.device_put(
+                            value,
+                            named_sharding(
+                                ("expert", *stored_axes(key, axes[1:])), value.shape, mesh
+                            ),
+                        ),
+                        logical_axes=("expert", *stored_axes(key, axes[1:])),
+                    )
+                    for key, value in stored.items()
+                }
+            )
             setattr(block, name, None)
         block.expert_quant, block.expert_quant_spec = nnx.Dict(stored_by_name), spec
 

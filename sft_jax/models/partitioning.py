@@ -157,8 +157,9 @@ def context_attention(
     gather = functools.partial(jax.lax.all_gather, axis_name=CONTEXT_AXIS, axis=1, tiled=True)
 
     def per_device(q, k, v, segment_ids, positions):
-        return local(q, gather(k), gather(v), segment_ids, positions, gather(segment_ids),
-                     gather(positions))  # fmt: skip
+        return local(
+            q, gather(k), gather(v), segment_ids, positions, gather(segment_ids), gather(positions)
+        )
 
     return jax.shard_map(
         per_device,
@@ -262,8 +263,10 @@ def _all_to_all_experts(local, axis, x_NxD, experts_NxK, weights_NxK, *stacked):
     ones = jnp.ones((devices * copies, 1), weights_NxK.dtype)
     out_GxMxD = local(
         received_GxMxD.reshape(devices * copies, -1),
-        received_ids_GxM.reshape(-1, 1), ones, *stacked,
-    ).reshape(devices, copies, -1)  # fmt: skip
+        received_ids_GxM.reshape(-1, 1),
+        ones,
+        *stacked,
+    ).reshape(devices, copies, -1)
     returned_MxD = exchange(out_GxMxD)[device_of_copy, row_of_copy]
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(copies))
     out_NxKxD = returned_MxD[inverse].reshape(num_tokens, top_k, -1)

@@ -37,11 +37,14 @@ def sequence_classification_config(
     architectures = hf_config.get("architectures") or []
     causal = [a for a in architectures if a.endswith("ForCausalLM")]
     if not causal and not architectures[0].endswith("ForSequenceClassification"):
-        raise ValueError(f"architectures={architectures}: no *ForCausalLM to turn into a reward "
-                         "model.")  # fmt: skip
-    name = causal[0].removesuffix("ForCausalLM") + "ForSequenceClassification" if causal else (
-        architectures[0]
-    )  # fmt: skip
+        raise ValueError(
+            f"architectures={architectures}: no *ForCausalLM to turn into a reward model."
+        )
+    name = (
+        causal[0].removesuffix("ForCausalLM") + "ForSequenceClassification"
+        if causal
+        else (architectures[0])
+    )
     id2label = {str(i): f"LABEL_{i}" for i in range(labels)}
     return {
         **{k: v for k, v in hf_config.items() if k != "num_labels"},

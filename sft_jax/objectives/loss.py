@@ -225,9 +225,12 @@ def hidden_loss_sums(
 
     scalar = PartitionSpec()
     return _per_device(
-        local, hidden_BxTxD, head_VxD, (targets_BxT, mask_BxT),
+        local,
+        hidden_BxTxD,
+        head_VxD,
+        (targets_BxT, mask_BxT),
         lambda rows: LossSums(scalar, scalar, scalar),
-    )  # fmt: skip
+    )
 
 
 def token_logps(

@@ -67,11 +67,13 @@ def pair_logps(logps_BxT: jax.Array, batch: Batch, max_pairs: int) -> PairLogps:
     segments = jnp.arange(1, 2 * max_pairs + 1, dtype=batch["segment_ids"].dtype)
     one_hot_BxTxS = batch["segment_ids"][..., None] == segments[None, None, :]
     weights_BxTxS = (one_hot_BxTxS & batch["target_mask"][..., None]).astype(jnp.float32)
-    logps_BxS = jnp.einsum("bt,bts->bs", jnp.where(batch["target_mask"], logps_BxT, 0.0),
-                           weights_BxTxS)  # fmt: skip
+    logps_BxS = jnp.einsum(
+        "bt,bts->bs", jnp.where(batch["target_mask"], logps_BxT, 0.0), weights_BxTxS
+    )
     tokens_BxS = jnp.sum(weights_BxTxS, axis=1)
-    return PairLogps(logps_BxS[:, 0::2], logps_BxS[:, 1::2], tokens_BxS[:, 0::2],
-                     tokens_BxS[:, 1::2])  # fmt: skip
+    return PairLogps(
+        logps_BxS[:, 0::2], logps_BxS[:, 1::2], tokens_BxS[:, 0::2], tokens_BxS[:, 1::2]
+    )
 
 
 def chosen_token_mask(batch: Batch) -> jax.Array:
@@ -342,23 +344,32 @@ def reference_of(config: ml_collections.ConfigDict) -> str:
 
 
 def objective_from_config(
-    config: ml_collections.ConfigDict, max_segments: int, aux_loss_coef: float, loss_type: str,
+    config: ml_collections.ConfigDict,
+    max_segments: int,
+    aux_loss_coef: float,
+    loss_type: str,
     reference: str,
-) -> PairObjective:  # fmt: skip
+) -> PairObjective:
     """The PairObjective of config.preference (checked by check_pairs / check_dpo) with
     `loss_type` (LOSS_TYPES) against `reference` (REFERENCES resolved, or "none");
     rows hold (max_segments - 1) // 2 pairs; aux_loss_coef: a mixture of experts'
     load-balancing loss weight."""
     pref = config.preference
     spec = PreferenceSpec(
-        loss_type=loss_type, beta=pref.beta, label_smoothing=pref.label_smoothing,
-        simpo_gamma=pref.simpo_gamma, rpo_alpha=pref.rpo_alpha,
-    )  # fmt: skip
+        loss_type=loss_type,
+        beta=pref.beta,
+        label_smoothing=pref.label_smoothing,
+        simpo_gamma=pref.simpo_gamma,
+        rpo_alpha=pref.rpo_alpha,
+    )
     return PairObjective(
-        spec, reference=reference, max_pairs=max(1, (max_segments - 1) // 2),
-        loss_chunk_size=config.train.loss_chunk_size, aux_loss_coef=aux_loss_coef,
+        spec,
+        reference=reference,
+        max_pairs=max(1, (max_segments - 1) // 2),
+        loss_chunk_size=config.train.loss_chunk_size,
+        aux_loss_coef=aux_loss_coef,
         micro_batches=config.train.gradient_accumulation_steps,
-    )  # fmt: skip
+    )
 
 
 def check_pair_fields(config: ml_collections.ConfigDict) -> None:
@@ -366,13 +377,25 @@ def check_pair_fields(config: ml_collections.ConfigDict) -> None:
     pref = config.preference
     check_choice("preference.reference", pref.reference, REFERENCES)
     need(config, pref.beta > 0, "preference.beta", "must be positive.")
-    need(config, 0 <= pref.label_smoothing < 0.5, "preference.label_smoothing",
-         "must be within [0, 0.5).")  # fmt: skip
+    need(
+        config,
+        0 <= pref.label_smoothing < 0.5,
+        "preference.label_smoothing",
+        "must be within [0, 0.5).",
+    )
     need(config, pref.rpo_alpha >= 0, "preference.rpo_alpha", "must be 0 (off) or positive.")
-    need(config, config.data.max_documents_per_row != 1, "data.max_documents_per_row",
-         "a row holds whole preference pairs (2 documents each): use 0 or 2 or more.")  # fmt: skip
-    need(config, not config.data.eval_fraction, "data.eval_fraction",
-         "preference pairs are evaluated from config.data.eval_files; set that.")  # fmt: skip
+    need(
+        config,
+        config.data.max_documents_per_row != 1,
+        "data.max_documents_per_row",
+        "a row holds whole preference pairs (2 documents each): use 0 or 2 or more.",
+    )
+    need(
+        config,
+        not config.data.eval_fraction,
+        "data.eval_fraction",
+        "preference pairs are evaluated from config.data.eval_files; set that.",
+    )
 
 
 def check_pairs(config: ml_collections.ConfigDict) -> None:
@@ -385,10 +408,18 @@ def check_dpo(config: ml_collections.ConfigDict) -> None:
     """config.preference for "dpo": the pair fields, and a reference the run can have."""
     check_pairs(config)
     if reference_of(config) == "adapters_off":
-        need(config, config.lora.rank > 0, "preference.reference",
-             "'adapters_off' is the model with its LoRA adapters off, and this run has none "
-             "(lora.rank=0): use 'copy' (a frozen copy of the initial weights) or "
-             "'auto'.")  # fmt: skip
-        need(config, not config.lora.trainable_modules, "lora.trainable_modules",
-             "with DPO the reference is the model with its adapters off; modules trained in "
-             "full would change it too. Leave it empty.")  # fmt: skip
+        need(
+            config,
+            config.lora.rank > 0,
+            "preference.reference",
+            "'adapters_off' is the model with its LoRA adapters off, and this run has none "
+            "(lora.rank=0): use 'copy' (a frozen copy of the initial weights) or "
+            "'auto'.",
+        )
+        need(
+            config,
+            not config.lora.trainable_modules,
+            "lora.trainable_modules",
+            "with DPO the reference is the model with its adapters off; modules trained in "
+            "full would change it too. Leave it empty.",
+        )

@@ -69,9 +69,11 @@ def pair_rewards(
     if MARGIN_KEY in batch:
         margin = jnp.take_along_axis(batch[MARGIN_KEY], index_BxS[:, 0::2], axis=1)
     return SegmentRewards(
-        rewards_BxS[:, 0::2], rewards_BxS[:, 1::2], present_BxS[:, 0::2] & present_BxS[:, 1::2],
+        rewards_BxS[:, 0::2],
+        rewards_BxS[:, 1::2],
+        present_BxS[:, 0::2] & present_BxS[:, 1::2],
         margin,
-    )  # fmt: skip
+    )
 
 
 class RewardSums(NamedTuple):
@@ -140,14 +142,17 @@ class RewardObjective:
 
     def no_sums(self, zeros: RewardSums) -> RewardSums:
         """The sums of no pairs (what add_sums starts from)."""
-        return zeros._replace(min_reward=zeros.min_reward + jnp.inf,
-                              max_reward=zeros.max_reward - jnp.inf)  # fmt: skip
+        return zeros._replace(
+            min_reward=zeros.min_reward + jnp.inf, max_reward=zeros.max_reward - jnp.inf
+        )
 
     def add_sums(self, a: RewardSums, b: RewardSums) -> RewardSums:
         """Two batches' sums as one: sums add, the extreme rewards are the extremes of both."""
         added = jax.tree.map(jnp.add, a, b)
-        return added._replace(min_reward=jnp.minimum(a.min_reward, b.min_reward),
-                              max_reward=jnp.maximum(a.max_reward, b.max_reward))  # fmt: skip
+        return added._replace(
+            min_reward=jnp.minimum(a.min_reward, b.min_reward),
+            max_reward=jnp.maximum(a.max_reward, b.max_reward),
+        )
 
     def normalizer(self, batch: Batch) -> jax.Array:
         """Pairs of the whole global batch."""
@@ -185,9 +190,11 @@ class RewardObjective:
 
 
 def objective_from_config(
-    config: ml_collections.ConfigDict, max_segments: int, pad_token_id: int | None,
+    config: ml_collections.ConfigDict,
+    max_segments: int,
+    pad_token_id: int | None,
     aux_loss_coef: float = 0.0,
-) -> RewardObjective:  # fmt: skip
+) -> RewardObjective:
     """The RewardObjective of a run: rows hold (max_segments - 1) // 2 pairs."""
     if pad_token_id is None:
         raise ConfigError(
@@ -196,21 +203,35 @@ def objective_from_config(
             "pad_token_id in the model's config.json (or the tokenizer's pad_token)."
         )
     return RewardObjective(
-        pad_token_id, max_pairs=max(1, (max_segments - 1) // 2),
+        pad_token_id,
+        max_pairs=max(1, (max_segments - 1) // 2),
         center_rewards_coefficient=config.preference.center_rewards_coefficient,
-        aux_loss_coef=aux_loss_coef, micro_batches=config.train.gradient_accumulation_steps,
-    )  # fmt: skip
+        aux_loss_coef=aux_loss_coef,
+        micro_batches=config.train.gradient_accumulation_steps,
+    )
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """The fields a reward model reads: no LM head, reward centring, no generation; then the
     fields of every objective over pairs."""
-    need(config, "lm_head" not in names(config.lora.trainable_modules),
-         "lora.trainable_modules", "a reward model has no LM head (its score head trains in "
-         "full under LoRA anyway): leave 'lm_head' out.")  # fmt: skip
-    need(config, config.preference.center_rewards_coefficient >= 0,
-         "preference.center_rewards_coefficient", "must be 0 (off) or positive.")  # fmt: skip
+    need(
+        config,
+        "lm_head" not in names(config.lora.trainable_modules),
+        "lora.trainable_modules",
+        "a reward model has no LM head (its score head trains in "
+        "full under LoRA anyway): leave 'lm_head' out.",
+    )
+    need(
+        config,
+        config.preference.center_rewards_coefficient >= 0,
+        "preference.center_rewards_coefficient",
+        "must be 0 (off) or positive.",
+    )
     for field in ("generate_examples", "show_samples"):
-        need(config, config.eval[field] == 0, f"eval.{field}",
-             "a reward model scores sequences and does not generate: set it to 0.")  # fmt: skip
+        need(
+            config,
+            config.eval[field] == 0,
+            f"eval.{field}",
+            "a reward model scores sequences and does not generate: set it to 0.",
+        )
     check_pair_fields(config)

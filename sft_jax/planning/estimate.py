@@ -32,11 +32,11 @@ from sft_jax.planning import depth as plan_depth
 from sft_jax.planning.hlo_stats import INVOLUNTARY, collective_bytes, compiler_log
 from sft_jax.train import memory as memory_plan
 from sft_jax.train import sharding
-from sft_jax.train.compiled import lower_train_step, moe_options, run_optimizer
+from sft_jax.train.compiled import lower_train_step, run_optimizer
 from sft_jax.train.flops import training_flops_per_token
 from sft_jax.train.kernel_choice import choose_attention
 from sft_jax.train.memory import StepMemory
-from sft_jax.train.setup import add_adapters
+from sft_jax.train.setup import add_adapters, moe_options
 from sft_jax.train.step import StepOptions, StepSpec
 
 OVERLAP = "collectives overlap compute fully: step = max(compute, collectives)"
@@ -79,10 +79,13 @@ def planned_attention(
     this machine cannot compile is planned with the blockwise stand-in, whose residuals and
     blocks take the memory of a flash kernel, never the einsum's [T, S] scores."""
     kind, why = choose_attention(
-        config.model.attention, accelerator=target, model=shape,
-        compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
+        config.model.attention,
+        accelerator=target,
+        model=shape,
+        compute_dtype=config.model.compute_dtype,
+        max_length=config.data.max_length,
         context=config.mesh.get("context", 1),
-    )  # fmt: skip
+    )
     here = jax.devices()[0].platform
     if kind in ("cudnn", "splash") and {"cudnn": "gpu", "splash": "tpu"}[kind] != here:
         return STAND_IN, f"attention: {kind} on the target, planned with the {STAND_IN} stand-in"
@@ -114,10 +117,11 @@ def abstract_run_model(
     """(abstract model with the run's adapters, the filter of what trains): build_model's
     structure and partition (model_setup.add_adapters, traced: nothing allocated)."""
     model = abstract_model(
-        shape, dtype=DTYPES[config.model.compute_dtype],
+        shape,
+        dtype=DTYPES[config.model.compute_dtype],
         param_dtype=DTYPES[config.model.param_dtype],
         quantization=LoRASpec.from_config(config.lora).quantization,
-    )  # fmt: skip
+    )
     trainable = []
 
     def with_adapters(model: CausalLM) -> CausalLM:
@@ -233,14 +237,22 @@ def _abstract_inputs(model: Any, mesh: Mesh, tx: Any, trainable: Any) -> tuple[A
         "opt_state": sharding.with_shardings(opt_state, opt_shardings),
     }
     frozen = nnx.Not(trainable)
-    frozen_pair = (sharding.abstract_params(model, mesh, frozen),
-                   sharding.param_shardings(model, mesh, frozen))  # fmt: skip
+    frozen_pair = (
+        sharding.abstract_params(model, mesh, frozen),
+        sharding.param_shardings(model, mesh, frozen),
+    )
     return (state, state_shardings), frozen_pair
 
 
 def candidate_mesh(candidate: Candidate, devices: Sequence[jax.Device]) -> Mesh:
-    return sharding.make_mesh(candidate.data, candidate.fsdp, candidate.tensor, devices,
-                              expert=candidate.expert, context=candidate.context)  # fmt: skip
+    return sharding.make_mesh(
+        candidate.data,
+        candidate.fsdp,
+        candidate.tensor,
+        devices,
+        expert=candidate.expert,
+        context=candidate.context,
+    )
 
 
 def state_bytes(config: ml_collections.ConfigDict, model: Any, trainable: Any, mesh: Mesh) -> int:
@@ -279,16 +291,22 @@ def compile_candidate(
     model.remat = candidate.remat
     train = config.train
     tx, schedule = run_optimizer(config)
-    options = StepOptions(candidate.accumulation, train.z_loss_weight, train.loss_chunk_size,
-                          dropout_seed=train.seed,
-                          **moe_options(train, model.config))  # fmt: skip
+    options = StepOptions(
+        candidate.accumulation,
+        train.z_loss_weight,
+        train.loss_chunk_size,
+        dropout_seed=train.seed,
+        **moe_options(train, model.config),
+    )
     graphdef = nnx.split(model, trainable, ...)[0]
-    spec = StepSpec(graphdef, tx, schedule, options.objective(), candidate.accumulation,
-                    options.dropout_seed)  # fmt: skip
+    spec = StepSpec(
+        graphdef, tx, schedule, options.objective(), candidate.accumulation, options.dropout_seed
+    )
     state, frozen = _abstract_inputs(model, mesh, tx, trainable)
     with jax.set_mesh(mesh), compiler_log() as log_lines:
-        lowered = lower_train_step(spec, mesh, state, frozen, rows=train.global_batch_size,
-                                   seq_len=config.data.max_length)  # fmt: skip
+        lowered = lower_train_step(
+            spec, mesh, state, frozen, rows=train.global_batch_size, seq_len=config.data.max_length
+        )
         compiled = memory_plan.compile_as_planned(lowered)
     return compiled, log_lines
 
@@ -330,13 +348,17 @@ class Reading:
         memory, ratio = self.memory, real / wide
         if memory is not None:
             memory = StepMemory(
-                memory.arguments - wide + real, round(memory.outputs * ratio),
-                round(memory.aliased * ratio), memory.temporaries // 2, memory.code,
-            )  # fmt: skip
+                memory.arguments - wide + real,
+                round(memory.outputs * ratio),
+                round(memory.aliased * ratio),
+                memory.temporaries // 2,
+                memory.code,
+            )
         share = 0.5 if subject.config.model.param_dtype == "bfloat16" else 1.0
         halve = lambda kinds: {k: share * v for k, v in kinds.items()}  # noqa: E731
-        return Reading(memory, self.xla_flops, halve(self.buffer), halve(self.wire),
-                       self.involuntary_remats)  # fmt: skip
+        return Reading(
+            memory, self.xla_flops, halve(self.buffer), halve(self.wire), self.involuntary_remats
+        )
 
     def extended(self, deeper: Reading, d1: int, d2: int, depth: int) -> Reading:
         """The reading at `depth` layers from this one (d1 layers) and `deeper` (d2)."""
@@ -408,6 +430,14 @@ def estimate(
     per_token = training_flops_per_token(subject.shape, seq_len, adapter_params(model, trainable))
     tokens = config.train.global_batch_size * seq_len
     return Estimate(
-        candidate, reading.memory, reading.xla_flops, per_token * tokens / len(devices),
-        reading.buffer, reading.wire, reading.involuntary_remats, hardware, at, layers,
-    )  # fmt: skip
+        candidate,
+        reading.memory,
+        reading.xla_flops,
+        per_token * tokens / len(devices),
+        reading.buffer,
+        reading.wire,
+        reading.involuntary_remats,
+        hardware,
+        at,
+        layers,
+    )

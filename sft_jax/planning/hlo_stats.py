@@ -20,9 +20,27 @@ _WIRE = {
     "all-to-all": lambda n: (n - 1) / n,
     "collective-permute": lambda n: 1.0,
 }
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5,
-          "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-          "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}  # fmt: skip
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+    "bf16": 2,
+    "f16": 2,
+    "s16": 2,
+    "u16": 2,
+    "f32": 4,
+    "s32": 4,
+    "u32": 4,
+    "f64": 8,
+    "s64": 8,
+    "u64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 
 
 INVOLUNTARY = "Involuntary full rematerialization"  # what XLA's SPMD partitioner warns
@@ -89,8 +107,9 @@ def collective_bytes(hlo: str, devices: int) -> tuple[dict[str, float], dict[str
     reduce-scatter its input, an all-reduce / all-to-all / permute its operand; loops count
     once per trip. Wire bytes assume ring algorithms over each replica group."""
     bodies = _computations(hlo)
-    entry = next((line.split()[1].lstrip("%") for line in hlo.splitlines()
-                  if line.startswith("ENTRY ")), "")  # fmt: skip
+    entry = next(
+        (line.split()[1].lstrip("%") for line in hlo.splitlines() if line.startswith("ENTRY ")), ""
+    )
     runs = _executions(bodies, entry)
     buffer = dict.fromkeys(COLLECTIVES, 0.0)
     wire = dict.fromkeys(COLLECTIVES, 0.0)

@@ -78,8 +78,14 @@ def factorizations(devices: int, experts: int = 0) -> list[tuple[int, int, int, 
     most 8, the expert axis (a mixture of `experts` experts) a divisor of the experts."""
     divisors = [d for d in range(1, devices + 1) if devices % d == 0]
     expert_sizes = [e for e in divisors if experts and experts % e == 0] or [1]
-    return [(devices // (f * t * e), f, t, e) for e in expert_sizes for t in divisors if t <= 8
-            for f in divisors if devices % (f * t * e) == 0]  # fmt: skip
+    return [
+        (devices // (f * t * e), f, t, e)
+        for e in expert_sizes
+        for t in divisors
+        if t <= 8
+        for f in divisors
+        if devices % (f * t * e) == 0
+    ]
 
 
 def candidates(
@@ -105,8 +111,9 @@ def candidates(
         shards = data * fsdp * expert
         steps = accumulations or [k for k in range(1, rows + 1) if rows % (k * shards) == 0]
         usable = [k for k in steps if rows % (k * shards) == 0]
-        out += [Candidate(data, fsdp, tensor, expert, k, r, context) for r in remats
-                for k in usable]  # fmt: skip
+        out += [
+            Candidate(data, fsdp, tensor, expert, k, r, context) for r in remats for k in usable
+        ]
     return out
 
 
@@ -179,9 +186,10 @@ def search(
 
 
 def recommend(
-    estimates: Sequence[Estimate], too_small: dict[str, int] | None = None,
+    estimates: Sequence[Estimate],
+    too_small: dict[str, int] | None = None,
     limit: int | None = None,
-) -> Estimate:  # fmt: skip
+) -> Estimate:
     """The fastest predicted step among the candidates that fit without involuntary
     rematerialization (ties: less memory); a ConfigError naming the closest where none fits."""
     clean = [e for e in estimates if e.fits and not e.involuntary_remats]
@@ -190,10 +198,13 @@ def recommend(
     closest = sorted(estimates, key=lambda e: e.memory_bytes)[:3]
     limit = limit or (estimates[0].hardware.memory_bytes if estimates else None)
     skipped = sorted((too_small or {}).items(), key=lambda item: item[1])[:3]
-    what = "; ".join([_needs(e) for e in closest] + [
-        f"mesh {mesh}: weights and optimizer state alone {size(floor)} per device"
-        for mesh, floor in skipped
-    ])  # fmt: skip
+    what = "; ".join(
+        [_needs(e) for e in closest]
+        + [
+            f"mesh {mesh}: weights and optimizer state alone {size(floor)} per device"
+            for mesh, floor in skipped
+        ]
+    )
     room = size(memory_plan.FIT_FRACTION * limit) if limit else "the device"
     raise ConfigError(
         f"no candidate fits {room} per device (95% of --device_memory) without involuntary "
@@ -248,8 +259,9 @@ def plan(
     for context in context_sizes(config, len(devices), contexts):
         rest = len(devices) // context  # the devices the other axes split
         sizes = [parse_mesh(m, rest) for m in meshes]
-        found += candidates(rest, config.train.global_batch_size, shape, sizes, accumulations,
-                            remats, context)  # fmt: skip
+        found += candidates(
+            rest, config.train.global_batch_size, shape, sizes, accumulations, remats, context
+        )
     if not found:
         raise ConfigError(
             f"config.train.global_batch_size={config.train.global_batch_size}: no candidate mesh "
@@ -273,8 +285,11 @@ def apply_choice(config: ml_collections.ConfigDict, choice: Candidate) -> ml_col
     config = config.copy_and_resolve_references()
     with config.unlocked():
         config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.expert = (
-            choice.data, choice.fsdp, choice.tensor, choice.expert,
-        )  # fmt: skip
+            choice.data,
+            choice.fsdp,
+            choice.tensor,
+            choice.expert,
+        )
         config.mesh.context = choice.context
         config.train.gradient_accumulation_steps = choice.accumulation
         config.model.remat = choice.remat

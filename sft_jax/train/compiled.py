@@ -30,12 +30,12 @@ from sft_jax.data.batches import BATCH_KEYS
 from sft_jax.models import CausalLM
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.moe import use_moe_dispatch
-from sft_jax.objectives import registry
 from sft_jax.train import memory as memory_plan
 from sft_jax.train import sharding, step
 from sft_jax.train.kernel_choice import attention_for, choose_moe_dispatch, segments_bound
 from sft_jax.train.memory import StepMemory
 from sft_jax.train.optim import make_optimizer
+from sft_jax.train.setup import moe_options, objective_for
 from sft_jax.train.step import StepOptions, StepSpec
 
 log = logging.getLogger(__name__)
@@ -97,32 +97,6 @@ def _abstract_state(model: CausalLM, tx: optax.GradientTransformation, trainable
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
-    """The StepOptions of a mixture of experts (none for a dense model)."""
-    if not model_config.moe_layers:
-        return {}
-    coef = train.router_aux_loss_coef
-    return {
-        "moe_layers": model_config.moe_layers,
-        "router_aux_loss_coef": model_config.router_aux_loss_coef if coef == -1 else coef,
-        "router_z_loss_weight": train.router_z_loss_weight,
-    }
-
-
-def objective_for(
-    config: ml_collections.ConfigDict, model: CausalLM, max_segments: int,
-    pad_token_id: int | None,
-) -> step.Objective | None:  # fmt: skip
-    """config.train.objective's objective (objectives/registry.py); None for SFT
-    (StepOptions.objective: cross-entropy, with the router's losses on a mixture of experts).
-    DPO with a frozen copy of the weights as its reference attaches that copy to the model."""
-    aux_loss_coef = moe_options(config.train, model.config).get("router_aux_loss_coef", 0.0)
-    chosen = registry.build(config, model, max_segments, pad_token_id, aux_loss_coef)
-    if chosen is not None:
-        log.info("objective: %s, %s", registry.name_of(config), chosen)
-    return chosen
-
-
 def build_steps(
     model: CausalLM,
     tx: optax.GradientTransformation,
@@ -145,32 +119,22 @@ def build_steps(
     frozen_shardings = sharding.param_shardings(model, mesh, nnx.Not(trainable))
     frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
     objective = objective or options.objective()
-    spec = StepSpec(graphdef, tx, schedule, objective,
-                    options.gradient_accumulation_steps, options.dropout_seed)  # fmt: skip
+    spec = StepSpec(
+        graphdef, tx, schedule, objective, options.gradient_accumulation_steps, options.dropout_seed
+    )
     abstract_state = sharding.with_shardings(
         jax.eval_shape(lambda: _abstract_state(model, tx, trainable)), state_shardings
     )
-    abstract_frozen = sharding.abstract_like(frozen)
     batches = sharding.batch_shardings(mesh, batch_keys(objective))
     start = time.perf_counter()
-    # Traced under the mesh: the loss (sft_jax.objectives.loss) and the fused attention kernels
-    # run per shard, in shard_map over it.
-    with jax.set_mesh(mesh):
-        train = lower_train_step(
-            spec, mesh, (abstract_state, state_shardings), (abstract_frozen, frozen_shardings),
-            rows=train_rows, seq_len=seq_len,
-        ).compile()  # fmt: skip
-        evaluate = jax.jit(
-            functools.partial(step.eval_step, spec),
-            in_shardings=(state_shardings["params"], frozen_shardings, batches),
-            out_shardings=NamedSharding(mesh, PartitionSpec()),
-        )
-        eval_batch = sharding.abstract_batch(eval_rows, seq_len, mesh, batch_keys(objective))
-        evaluate = evaluate.lower(abstract_state["params"], abstract_frozen, eval_batch).compile()
-        reference = compile_reference(
-            spec, mesh, (abstract_state["params"], state_shardings["params"]),
-            (frozen, frozen_shardings), rows=eval_rows, seq_len=seq_len,
-        )  # fmt: skip
+    train, evaluate, reference = _compile_steps(
+        spec,
+        mesh,
+        (abstract_state, state_shardings),
+        (frozen, frozen_shardings),
+        (train_rows, eval_rows),
+        seq_len,
+    )
     return Steps(
         train=lambda state, batch: train(state, frozen, batch),
         eval=lambda params, batch: evaluate(params, frozen, batch),
@@ -185,27 +149,96 @@ def build_steps(
     )
 
 
-def compile_reference(
-    spec: StepSpec, mesh: Mesh, params: tuple[Any, Any], frozen: tuple[Any, Any], *, rows: int,
+def _compile_steps(
+    spec: StepSpec,
+    mesh: Mesh,
+    state: tuple[Any, Any],
+    frozen: tuple[Any, Any],
+    rows: tuple[int, int],
     seq_len: int,
-) -> Callable[[Any, dict[str, Any]], np.ndarray] | None:  # fmt: skip
+) -> tuple[Any, Any, Any]:
+    """The train, eval and reference steps compiled: state (abstract state, shardings), frozen
+    (the frozen variables, shardings), rows (train rows, eval rows)."""
+    (abstract_state, state_shardings), (values, frozen_shardings) = state, frozen
+    abstract_frozen = sharding.abstract_like(values)
+    params = (abstract_state["params"], state_shardings["params"])
+    # Traced under the mesh: the loss (sft_jax.objectives.loss) and the fused attention kernels
+    # run per shard, in shard_map over it.
+    with jax.set_mesh(mesh):
+        train = lower_train_step(
+            spec, mesh, state, (abstract_frozen, frozen_shardings), rows=rows[0], seq_len=seq_len
+        ).compile()
+        evaluate = compile_eval(
+            spec, mesh, params, (abstract_frozen, frozen_shardings), rows=rows[1], seq_len=seq_len
+        )
+        reference = compile_reference(spec, mesh, params, frozen, rows=rows[1], seq_len=seq_len)
+    return train, evaluate, reference
+
+
+def _lowered(
+    function: Callable,
+    mesh: Mesh,
+    first: tuple[Any, Any],
+    frozen: tuple[Any, Any],
+    batch: tuple[int, int, tuple[str, ...]],
+    out_shardings: Any,
+    donate: tuple[int, ...] = (),
+) -> Any:
+    """function(first, frozen, batch) jitted with explicit shardings and lowered at abstract
+    inputs: first and frozen are (abstract values, shardings); batch is (rows, seq_len, keys)."""
+    rows, seq_len, keys = batch
+    jitted = jax.jit(
+        function,
+        in_shardings=(first[1], frozen[1], sharding.batch_shardings(mesh, keys)),
+        out_shardings=out_shardings,
+        donate_argnums=donate,
+    )
+    return jitted.lower(first[0], frozen[0], sharding.abstract_batch(rows, seq_len, mesh, keys))
+
+
+def compile_eval(
+    spec: StepSpec,
+    mesh: Mesh,
+    params: tuple[Any, Any],
+    frozen: tuple[Any, Any],
+    *,
+    rows: int,
+    seq_len: int,
+) -> Any:
+    """step.eval_step compiled for batches of rows x seq_len; params and frozen are (abstract
+    values, shardings)."""
+    batch = (rows, seq_len, batch_keys(spec.objective))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    eval_step = functools.partial(step.eval_step, spec)
+    return _lowered(eval_step, mesh, params, frozen, batch, replicated).compile()
+
+
+def compile_reference(
+    spec: StepSpec,
+    mesh: Mesh,
+    params: tuple[Any, Any],
+    frozen: tuple[Any, Any],
+    *,
+    rows: int,
+    seq_len: int,
+) -> Callable[[Any, dict[str, Any]], np.ndarray] | None:
     """step.reference_step compiled for batches of rows x seq_len (sharded like the steps'),
     its output replicated so that every process reads every row; call under the mesh. None
     unless the objective reads a precomputed reference.
     params, frozen: (abstract params, their shardings), (frozen variables, their shardings)."""
     if getattr(spec.objective, "reference", None) != "precomputed":
         return None
-    (abstract_params, params_shardings), (frozen, frozen_shardings) = params, frozen
+    values, frozen_shardings = frozen
+    abstract_frozen = (sharding.abstract_like(values), frozen_shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    reference_step = functools.partial(step.reference_step, spec)
+    compiled = _lowered(
+        reference_step, mesh, params, abstract_frozen, (rows, seq_len, BATCH_KEYS), replicated
+    ).compile()
     batches = sharding.batch_shardings(mesh)
-    compiled = jax.jit(
-        functools.partial(step.reference_step, spec),
-        in_shardings=(params_shardings, frozen_shardings, batches),
-        out_shardings=NamedSharding(mesh, PartitionSpec()),
-    ).lower(abstract_params, sharding.abstract_like(frozen),
-            sharding.abstract_batch(rows, seq_len, mesh)).compile()  # fmt: skip
 
     def reference(params: Any, local_rows: dict[str, Any]) -> np.ndarray:
-        logps = compiled(params, frozen, sharding.device_batch(local_rows, batches))
+        logps = compiled(params, values, sharding.device_batch(local_rows, batches))
         return np.asarray(logps.addressable_data(0))
 
     return reference
@@ -222,18 +255,12 @@ def lower_train_step(
 ) -> Any:
     """step.train_step jitted with explicit shardings (state donated) and lowered for abstract
     (state, frozen) = (ShapeDtypeStructs, shardings) pairs and a batch of rows x seq_len; call
-    under jax.set_mesh(mesh). Weights never need to exist: sft_jax.planning.search compiles it from
-    an abstract model."""
-    (abstract_state, state_shardings), (abstract_frozen, frozen_shardings) = state, frozen
-    keys = batch_keys(spec.objective)
-    train = jax.jit(
-        functools.partial(step.train_step, spec),
-        in_shardings=(state_shardings, frozen_shardings, sharding.batch_shardings(mesh, keys)),
-        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=(0,),
-    )
-    batch = sharding.abstract_batch(rows, seq_len, mesh, keys)
-    return train.lower(abstract_state, abstract_frozen, batch)
+    under jax.set_mesh(mesh). Weights never need to exist: sft_jax.planning.search compiles it
+    from an abstract model."""
+    batch = (rows, seq_len, batch_keys(spec.objective))
+    out = (state[1], NamedSharding(mesh, PartitionSpec()))
+    train_step = functools.partial(step.train_step, spec)
+    return _lowered(train_step, mesh, state, frozen, batch, out, donate=(0,))
 
 
 # --- Remat and the attention fall-back ---------------------------------------------------
@@ -270,9 +297,11 @@ def compile_with_remat(
             break
         log.info(
             "remat %r: the train step plans %.2f GiB per device, over %.0f%% of %.2f GiB",
-            policy, steps.train_memory.total / 2**30, 100 * memory_plan.FIT_FRACTION,
+            policy,
+            steps.train_memory.total / 2**30,
+            100 * memory_plan.FIT_FRACTION,
             limit / 2**30,
-        )  # fmt: skip
+        )
     if steps is None:
         raise ConfigError(
             f"the train step does not fit in device memory with config.model.remat={remat!r} "
@@ -313,8 +342,11 @@ def with_attention_fallback(
                 raise
             log.warning(
                 "attention %r did not compile (%s: %s); config.model.attention='auto' "
-                "falls back to 'xla'.", model.config.attention, type(e).__name__, str(e)[:500],
-            )  # fmt: skip
+                "falls back to 'xla'.",
+                model.config.attention,
+                type(e).__name__,
+                str(e)[:500],
+            )
             use_attention(model, "xla")
             if getattr(model, "reference", None) is not None:  # DPO's frozen copy
                 use_attention(model.reference, "xla")
@@ -370,15 +402,27 @@ def plan_run(
     train = config.train
     tx, schedule = run_optimizer(config)
     state, state_shardings = init_state(model, tx, mesh, trainable)
-    options = StepOptions(train.gradient_accumulation_steps, train.z_loss_weight,
-                          train.loss_chunk_size, dropout_seed=train.seed,
-                          **moe_options(train, model.config))  # fmt: skip
+    options = StepOptions(
+        train.gradient_accumulation_steps,
+        train.z_loss_weight,
+        train.loss_chunk_size,
+        dropout_seed=train.seed,
+        **moe_options(train, model.config),
+    )
     objective = objective_for(config, model, max_segments, pad_token_id)
     build = functools.partial(
-        build_steps, tx=tx, schedule=schedule, mesh=mesh, state_shardings=state_shardings,
-        train_rows=train.global_batch_size, eval_rows=config.eval.global_batch_size,
-        seq_len=seq_len, options=options, trainable=trainable, objective=objective,
-    )  # fmt: skip
+        build_steps,
+        tx=tx,
+        schedule=schedule,
+        mesh=mesh,
+        state_shardings=state_shardings,
+        train_rows=train.global_batch_size,
+        eval_rows=config.eval.global_batch_size,
+        seq_len=seq_len,
+        options=options,
+        trainable=trainable,
+        objective=objective,
+    )
     limit = memory_plan.device_bytes_limit()
     build = with_attention_fallback(build, config.model.attention)
     steps = compile_with_remat(build, model, config.model.remat, limit)

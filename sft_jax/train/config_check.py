@@ -9,8 +9,6 @@ from typing import Any
 
 import jax
 
-from sft_jax.adapters.lora import ADAPTER_METHODS, EXTRA_MODULES, PROJECTIONS, names
-from sft_jax.adapters.prompts import ENCODERS, INITS, METHODS
 from sft_jax.core.errors import ConfigError, check_choice, need
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.mixture import CONTAMINATION, LOADERS, SOURCE_FIELDS
@@ -18,8 +16,8 @@ from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.models import DTYPES
-from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
 from sft_jax.objectives import registry
+from sft_jax.train import adapter_checks
 from sft_jax.train.kernel_choice import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.train.memory import host_offload_supported
 from sft_jax.train.optim import SCHEDULES
@@ -74,8 +72,8 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_eval_and_outputs(config)
     _check_model(config)
     _check_context(config)
-    _check_lora(config)
-    _check_prompt(config)
+    adapter_checks.check_lora(config)
+    adapter_checks.check_prompt(config)
     _check_objective(config)
 
 
@@ -83,18 +81,29 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
     """Values that depend on the checkpoint: the expert mesh axis (expert_devices, as
     resolved) must divide its experts."""
     experts = model_config.num_experts
-    _need(config, expert_devices == 1 or (experts > 0 and experts % expert_devices == 0),
-          "mesh.expert", f"an expert axis of {expert_devices} devices must divide the model's "
-          f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
-          )  # fmt: skip
+    _need(
+        config,
+        expert_devices == 1 or (experts > 0 and experts % expert_devices == 0),
+        "mesh.expert",
+        f"an expert axis of {expert_devices} devices must divide the model's "
+        f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
+    )
     context = config.mesh.get("context", 1)
-    _need(config, context == 1 or experts == 0, "mesh.context",
-          f"context parallelism (mesh.context={context}) is not built for mixtures of experts "
-          f"({model_config.model_type}) yet: use mesh.context=1.")  # fmt: skip
+    _need(
+        config,
+        context == 1 or experts == 0,
+        "mesh.context",
+        f"context parallelism (mesh.context={context}) is not built for mixtures of experts "
+        f"({model_config.model_type}) yet: use mesh.context=1.",
+    )
     lora = config.get("lora", {})
     for field in ("expert_adapters", "train_router"):
-        _need(config, experts > 0 or not lora.get(field, False), f"lora.{field}",
-              "applies to mixtures of experts; this model is dense: set it to False.")  # fmt: skip
+        _need(
+            config,
+            experts > 0 or not lora.get(field, False),
+            f"lora.{field}",
+            "applies to mixtures of experts; this model is dense: set it to False.",
+        )
 
 
 _need = need
@@ -105,12 +114,20 @@ def check_mesh(config: Any) -> None:
     mesh = config.mesh
     _need(config, isinstance(mesh.get("auto", False), bool), "mesh.auto", "expected True or False.")
     sizes = [mesh.data, mesh.fsdp, mesh.tensor]
-    _need(config, all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1, "mesh.data",
-          f"data, fsdp, tensor = {sizes}: positive sizes, at most one -1 (the rest of the "
-          "devices); or config.mesh.auto=True to let the planner choose.")  # fmt: skip
+    _need(
+        config,
+        all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
+        "mesh.data",
+        f"data, fsdp, tensor = {sizes}: positive sizes, at most one -1 (the rest of the "
+        "devices); or config.mesh.auto=True to let the planner choose.",
+    )
     context = mesh.get("context", 1)
-    _need(config, isinstance(context, int) and context >= 1, "mesh.context",
-          "devices the sequence is split over: 1 (off) or more.")  # fmt: skip
+    _need(
+        config,
+        isinstance(context, int) and context >= 1,
+        "mesh.context",
+        "devices the sequence is split over: 1 (off) or more.",
+    )
 
 
 def _check_train(config: Any) -> None:
@@ -121,8 +138,12 @@ def _check_train(config: Any) -> None:
     _need(config, 0 <= train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be within [0, 1].")
     _need(config, train.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (off) or positive.")
     _need(config, train.loss_chunk_size > 0, "train.loss_chunk_size", "must be positive.")
-    _need(config, train.router_aux_loss_coef == -1 or train.router_aux_loss_coef >= 0,
-          "train.router_aux_loss_coef", "must be -1 (the checkpoint's) or 0 or more.")  # fmt: skip
+    _need(
+        config,
+        train.router_aux_loss_coef == -1 or train.router_aux_loss_coef >= 0,
+        "train.router_aux_loss_coef",
+        "must be -1 (the checkpoint's) or 0 or more.",
+    )
     _need(
         config, train.router_z_loss_weight >= 0, "train.router_z_loss_weight", "must be 0 or more."
     )
@@ -133,8 +154,7 @@ def _check_train(config: Any) -> None:
 
 def _check_batches(config: Any, device_count: int, batch_shards: int) -> None:
     accumulation = config.train.gradient_accumulation_steps
-    for field, pieces in (("train.global_batch_size", accumulation),
-                          ("eval.global_batch_size", 1)):  # fmt: skip
+    for field, pieces in (("train.global_batch_size", accumulation), ("eval.global_batch_size", 1)):
         rows = _get(config, field)
         split = f"{pieces} micro-batches x " if pieces > 1 else ""
         _need(
@@ -151,13 +171,21 @@ def _check_data(config: Any) -> None:
     data = config.data
     _need(config, data.max_length > 1, "data.max_length", "rows need at least 2 tokens.")
     _need(config, data.prefetch >= 1, "data.prefetch", "prefetch at least 1 batch.")
-    _need(config, data.max_documents_per_row >= 0, "data.max_documents_per_row",
-          "must be 0 (no limit) or positive.")  # fmt: skip
+    _need(
+        config,
+        data.max_documents_per_row >= 0,
+        "data.max_documents_per_row",
+        "must be 0 (no limit) or positive.",
+    )
     _need(config, 0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "expected [0, 1).")
     check_choice("data.train_on", data.train_on, TRAIN_ON)
     check_choice("data.train_reasoning", data.train_reasoning, TRAIN_REASONING)
-    _need(config, _is_json_object(data.template_kwargs), "data.template_kwargs",
-          "expected '' or a JSON object, e.g. '{\"enable_thinking\": false}'.")  # fmt: skip
+    _need(
+        config,
+        _is_json_object(data.template_kwargs),
+        "data.template_kwargs",
+        "expected '' or a JSON object, e.g. '{\"enable_thinking\": false}'.",
+    )
     check_choice("data.format", data.format, ("auto", *FORMATS))
     check_choice("data.empty_replies", data.empty_replies, EMPTY_REPLIES)
     check_choice("data.overlong", data.get("overlong", "truncate"), OVERLONG)
@@ -171,16 +199,28 @@ def _check_stream(config: Any) -> None:
     check_choice("data.contamination", data.contamination, CONTAMINATION)
     stream = data.loader == "stream"
     _need(config, data.stream_window >= 1, "data.stream_window", "at least 1 document.")
-    _need(config, stream or not (data.mixture or data.contamination != "off"),
-          "data.loader", "a mixture and the contamination check need loader='stream'.")  # fmt: skip
+    _need(
+        config,
+        stream or not (data.mixture or data.contamination != "off"),
+        "data.loader",
+        "a mixture and the contamination check need loader='stream'.",
+    )
     objective = registry.kind_of(config)
-    _need(config, not stream or objective.reads == "examples", "data.loader",
-          f"train.objective={objective.name!r} trains on preference pairs, which only "
-          "loader='memory' reads: set config.data.loader='memory' (no mixture).")  # fmt: skip
-    _need(config, not (stream and data.eval_fraction), "data.eval_fraction",
-          "the stream loader does not split eval examples off train_files: set 0 and give "
-          "config.data.eval_files (in a mixture, each source's eval_files), or use "
-          "loader='memory'.")  # fmt: skip
+    _need(
+        config,
+        not stream or objective.reads == "examples",
+        "data.loader",
+        f"train.objective={objective.name!r} trains on preference pairs, which only "
+        "loader='memory' reads: set config.data.loader='memory' (no mixture).",
+    )
+    _need(
+        config,
+        not (stream and data.eval_fraction),
+        "data.eval_fraction",
+        "the stream loader does not split eval examples off train_files: set 0 and give "
+        "config.data.eval_files (in a mixture, each source's eval_files), or use "
+        "loader='memory'.",
+    )
     names: set[str] = set()
     for number, entry in enumerate(data.mixture):
         names.add(_check_source(number, entry, names))
@@ -194,36 +234,65 @@ def _check_source(number: int, entry: Any, names: set[str]) -> str:
         if not ok:
             raise ConfigError(f"config.{where}={value!r}: {problem}")
 
-    need(isinstance(entry, dict) and "train_files" in entry, field, entry,
-         "a dict with at least train_files (and name, weight).")  # fmt: skip
+    need(
+        isinstance(entry, dict) and "train_files" in entry,
+        field,
+        entry,
+        "a dict with at least train_files (and name, weight).",
+    )
     unknown = sorted(set(entry) - set(SOURCE_FIELDS))
     need(not unknown, field, entry, f"unknown keys {unknown}; known: {', '.join(SOURCE_FIELDS)}.")
     weight = entry.get("weight", 1.0)
-    need(isinstance(weight, int | float) and weight > 0, f"{field}.weight", weight,
-         "a positive number.")  # fmt: skip
+    need(
+        isinstance(weight, int | float) and weight > 0,
+        f"{field}.weight",
+        weight,
+        "a positive number.",
+    )
     name = str(entry.get("name", f"source{number}"))
-    need(name not in names and "/" not in name, f"{field}.name", name,
-         "names must be unique and hold no '/' (they name eval/<name>/loss).")  # fmt: skip
+    need(
+        name not in names and "/" not in name,
+        f"{field}.name",
+        name,
+        "names must be unique and hold no '/' (they name eval/<name>/loss).",
+    )
     if "format" in entry:
         check_choice(f"{field}.format", entry["format"], ("auto", *FORMATS))
     if "template_kwargs" in entry:
-        need(_is_json_object(entry["template_kwargs"]), f"{field}.template_kwargs",
-             entry["template_kwargs"], "a JSON object (or '').")  # fmt: skip
+        need(
+            _is_json_object(entry["template_kwargs"]),
+            f"{field}.template_kwargs",
+            entry["template_kwargs"],
+            "a JSON object (or '').",
+        )
     return name
 
 
 def _check_eval_and_outputs(config: Any) -> None:
     _need(config, config.log.every_steps > 0, "log.every_steps", "log at least every N > 0 steps.")
-    for field in ("eval.every_steps", "checkpoint.every_steps", "eval.generate_examples",
-                  "eval.show_samples", "eval.early_stopping_patience"):  # fmt: skip
+    for field in (
+        "eval.every_steps",
+        "checkpoint.every_steps",
+        "eval.generate_examples",
+        "eval.show_samples",
+        "eval.early_stopping_patience",
+    ):
         _need(config, _get(config, field) >= 0, field, "must be 0 (off) or positive.")
     _need(config, config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")
     _need(config, config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "keep at least 1.")
-    _need(config, "://" not in config.checkpoint.staging_dir, "checkpoint.staging_dir",
-          "the staging copy of a bucket WORKDIR must be a local (or shared, mounted) directory; "
-          "the bucket is --workdir itself.")  # fmt: skip
-    _need(config, config.export.at_end in ("best", "last", "none"), "export.at_end",
-          "expected 'best', 'last' or 'none'.")  # fmt: skip
+    _need(
+        config,
+        "://" not in config.checkpoint.staging_dir,
+        "checkpoint.staging_dir",
+        "the staging copy of a bucket WORKDIR must be a local (or shared, mounted) directory; "
+        "the bucket is --workdir itself.",
+    )
+    _need(
+        config,
+        config.export.at_end in ("best", "last", "none"),
+        "export.at_end",
+        "expected 'best', 'last' or 'none'.",
+    )
     _need(
         config,
         config.checkpoint.enabled or config.export.at_end == "none",
@@ -239,14 +308,21 @@ def _check_context(config: Any) -> None:
     context = config.mesh.get("context", 1)
     if context == 1:
         return
-    _need(config, config.data.max_length % (2 * context) == 0, "data.max_length",
-          f"mesh.context={context} splits every row into 2 x {context} equal chunks (two per "
-          f"device, for an equal share of causal work): use a multiple of {2 * context}.",
-          )  # fmt: skip
-    _need(config, config.model.attention != "splash", "model.attention",
-          f"splash attention cannot run with the sequence split over mesh.context={context} "
-          "(its causal tiles assume tokens in order): use 'blockwise' (flash-style, any "
-          "backend), 'auto', 'cudnn' or 'xla', or mesh.context=1.")  # fmt: skip
+    _need(
+        config,
+        config.data.max_length % (2 * context) == 0,
+        "data.max_length",
+        f"mesh.context={context} splits every row into 2 x {context} equal chunks (two per "
+        f"device, for an equal share of causal work): use a multiple of {2 * context}.",
+    )
+    _need(
+        config,
+        config.model.attention != "splash",
+        "model.attention",
+        f"splash attention cannot run with the sequence split over mesh.context={context} "
+        "(its causal tiles assume tokens in order): use 'blockwise' (flash-style, any "
+        "backend), 'auto', 'cudnn' or 'xla', or mesh.context=1.",
+    )
     _need(
         config,
         registry.kind_of(config).context_axis,
@@ -257,131 +333,24 @@ def _check_context(config: Any) -> None:
 
 def _check_model(config: Any) -> None:
     model = config.model
-    _need(config, model.remat in ("none", "save_matmuls", "offload", "full", "auto"),
-          "model.remat", "expected 'none', 'save_matmuls', 'offload', 'full' or 'auto'.",
-          )  # fmt: skip
-    _need(config, model.remat != "offload" or host_offload_supported(), "model.remat",
-          f"offloading activations needs pinned host memory apart from the device's, which "
-          f"the {jax.default_backend()} backend does not have (the policy would move nothing): "
-          "use 'full' or 'save_matmuls' here, 'offload' on GPUs and TPUs.")  # fmt: skip
+    _need(
+        config,
+        model.remat in ("none", "save_matmuls", "offload", "full", "auto"),
+        "model.remat",
+        "expected 'none', 'save_matmuls', 'offload', 'full' or 'auto'.",
+    )
+    _need(
+        config,
+        model.remat != "offload" or host_offload_supported(),
+        "model.remat",
+        f"offloading activations needs pinned host memory apart from the device's, which "
+        f"the {jax.default_backend()} backend does not have (the policy would move nothing): "
+        "use 'full' or 'save_matmuls' here, 'offload' on GPUs and TPUs.",
+    )
     check_choice("model.attention", model.attention, ATTENTION_CHOICES)
     check_choice("model.moe_dispatch", model.get("moe_dispatch", "auto"), MOE_DISPATCH_CHOICES)
     check_choice("model.param_dtype", model.param_dtype, tuple(DTYPES))
     check_choice("model.compute_dtype", model.compute_dtype, tuple(DTYPES))
-
-
-def _check_lora(config: Any) -> None:
-    lora = config.lora
-    _need(config, lora.rank >= 0, "lora.rank", "0 (full fine-tuning) or a positive adapter rank.")
-    if lora.rank:
-        _need(config, 0 <= lora.dropout < 1, "lora.dropout", "must be within [0, 1).")
-        _need(config, lora.alpha > 0, "lora.alpha", "must be positive.")
-        targets = names(lora.target_modules)
-        _need(config, bool(targets), "lora.target_modules",
-              "no module to adapt: with lora.rank > 0 nothing would train. Name projections "
-              "(q_proj, ..., down_proj) or use 'all-linear'.")  # fmt: skip
-        unknown = sorted(set(targets) - {"all-linear", *PROJECTIONS})
-        _need(
-            config,
-            not unknown,
-            "lora.target_modules",
-            f"unknown {unknown}; use 'all-linear' or names among {', '.join(PROJECTIONS)}.",
-        )
-    for field in ("expert_adapters", "train_router"):
-        _need(config, lora.rank > 0 or not lora.get(field, False), f"lora.{field}",
-              "needs LoRA (lora.rank > 0); full fine-tuning trains all of them.")  # fmt: skip
-    extra = names(lora.trainable_modules)
-    _need(config, not set(extra) - set(EXTRA_MODULES), "lora.trainable_modules",
-          f"expected names among {list(EXTRA_MODULES)}.")  # fmt: skip
-    if lora.quantize:
-        _need(config, lora.quantize in QUANT_FORMATS, "lora.quantize",
-              f"expected {' or '.join(map(repr, (*QUANT_FORMATS, '')))}.")  # fmt: skip
-        _need(config, lora.rank > 0, "lora.quantize",
-              "needs LoRA (lora.rank > 0): quantized weights are frozen.")  # fmt: skip
-        block = lora.quant_block_size
-        _need(config, block > 0 and block % 2 == 0, "lora.quant_block_size",
-              "weights per scale: a positive even number (64 is the QLoRA default).")  # fmt: skip
-    _check_adapter_method(config)
-
-
-def _check_adapter_method(config: Any) -> None:
-    """DoRA and AdaLoRA: what PEFT accepts (AdaLoraConfig's own checks included)."""
-    lora = config.lora
-    method = lora.get("method", "lora")  # configs saved before the field: LoRA
-    check_choice("lora.method", method, ADAPTER_METHODS)
-    if lora.get("use_dora", False) or method == "adalora":
-        _need(config, lora.rank > 0, "lora.use_dora" if method == "lora" else "lora.method",
-              "needs adapters: set lora.rank > 0 (AdaLoRA: its initial rank).")  # fmt: skip
-    _need(config, not lora.get("expert_adapters", False) or (method == "lora"
-          and not lora.get("use_dora", False)), "lora.expert_adapters",
-          "adapters on the experts are plain LoRA: turn DoRA / AdaLoRA off, or set "
-          "lora.expert_adapters=False.")  # fmt: skip
-    if method != "adalora":
-        return
-    _need(config, not lora.use_dora, "lora.use_dora",
-          "AdaLoRA does not support DoRA (as PEFT's AdaLoraConfig); set one of them.")  # fmt: skip
-    _need(config, not lora.use_rslora, "lora.use_rslora",
-          "AdaLoRA scales by alpha / init_r; rsLoRA does not apply to it.")  # fmt: skip
-    ada = lora.adalora
-    _need(config, 0 < ada.target_r <= lora.rank, "lora.adalora.target_r",
-          f"the average rank kept must be within [1, lora.rank={lora.rank}].")  # fmt: skip
-    _need(config, ada.delta_t >= 1, "lora.adalora.delta_t", "updates between allocations, >= 1.")
-    for name in ("beta1", "beta2"):
-        _need(config, 0 < ada[name] < 1, f"lora.adalora.{name}", "must be within (0, 1).")
-    _need(config, ada.orth_reg_weight >= 0, "lora.adalora.orth_reg_weight", "must be >= 0.")
-    total = ada.total_step or config.train.steps
-    counts = ada.total_step >= 0 and ada.tinit >= 0 and ada.tfinal >= 0
-    _need(config, counts, "lora.adalora.total_step",
-          "total_step, tinit and tfinal are update counts, >= 0.")  # fmt: skip
-    _need(config, ada.tinit < total - ada.tfinal, "lora.adalora.tinit",
-          f"tinit={ada.tinit} and tfinal={ada.tfinal} leave no updates to reallocate ranks in "
-          f"total_step={total}: decrease them or raise total_step / train.steps.")  # fmt: skip
-
-
-def _check_prompt(config: Any) -> None:
-    """config.prompt (absent in configs saved before it: off) and NEFTune's alpha."""
-    alpha = config.train.get("neftune_noise_alpha", 0.0)
-    _need(config, alpha >= 0, "train.neftune_noise_alpha", "must be 0 (off) or positive.")
-    prompt = config.get("prompt")
-    if prompt is None or not prompt.method:
-        return
-    check_choice("prompt.method", prompt.method, ("", *METHODS))
-    check_choice("prompt.init", prompt.init, INITS)
-    check_choice("prompt.encoder_type", prompt.encoder_type, ENCODERS)
-    count = prompt.num_virtual_tokens
-    _need(config, count > 0, "prompt.num_virtual_tokens", "at least 1 virtual token.")
-    if prompt.method != "prefix_tuning":
-        _need(config, count <= config.data.max_length - 2, "prompt.num_virtual_tokens",
-              f"every document holds the {count} virtual tokens within config.data.max_length="
-              f"{config.data.max_length}, leaving no room for its own tokens: use fewer virtual "
-              "tokens or a longer max_length.")  # fmt: skip
-    _need(config, prompt.encoder_hidden_size >= 0, "prompt.encoder_hidden_size",
-          "0 (the token width) or a positive width.")  # fmt: skip
-    _need(config, prompt.encoder_num_layers >= 1, "prompt.encoder_num_layers", "at least 1.")
-    _need(config, prompt.method != "prompt_tuning" or prompt.init != "text"
-          or bool(prompt.init_text.strip()), "prompt.init_text",
-          "prompt.init='text' starts the virtual tokens from this text: give one.")  # fmt: skip
-    _need(config, config.lora.rank == 0 and not config.lora.quantize, "lora.rank",
-          f"config.prompt.method={prompt.method!r} trains virtual tokens on a frozen model; it "
-          "does not combine with LoRA here. Set lora.rank=0 or prompt.method=''.")  # fmt: skip
-    _need(
-        config,
-        registry.kind_of(config).virtual_tokens,
-        "train.objective",
-        f"config.prompt.method={prompt.method!r} trains with the SFT objective only.",
-    )
-    _need(config, config.mesh.get("context", 1) == 1, "mesh.context",
-          f"config.prompt.method={prompt.method!r} does not run with the sequence split over "
-          "mesh.context yet (its virtual tokens and key/value prefixes sit in every "
-          "document): use mesh.context=1.")  # fmt: skip
-    _need(config, prompt.method == "prefix_tuning" or config.data.get("loader") != "stream",
-          "data.loader", f"config.prompt.method={prompt.method!r} puts virtual tokens in the "
-          "rows of the in-memory loader only so far: use data.loader='memory' (or "
-          "prefix_tuning, which adds no tokens to rows).")  # fmt: skip
-    if prompt.method == "prefix_tuning":
-        _need(config, config.model.attention in ("auto", "xla"), "model.attention",
-              "prefix tuning adds key/value slots the fused kernels (cuDNN's packed layout, "
-              "splash) do not take: use 'auto' (which then picks 'xla') or 'xla'.")  # fmt: skip
 
 
 def _check_objective(config: Any) -> None:

@@ -38,8 +38,11 @@ class EarlyStopping:
     def dump(self) -> dict[str, Any]:
         """What a checkpoint keeps, so patience and the best step survive a restart."""
         best = None if math.isinf(self.best_loss) else self.best_loss
-        return {"best_loss": best, "best_step": self.best_step,
-                "evals_without_improvement": self.evals_without_improvement}  # fmt: skip
+        return {
+            "best_loss": best,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+        }
 
     def load(self, saved: dict[str, Any]) -> None:
         if saved:
@@ -66,11 +69,12 @@ def evaluate(
 def eval_message(step: int, metrics: dict[str, Any]) -> str:
     text = f"step {step}: eval loss {metrics['eval/loss']:.4f}"
     if "eval/rewards/accuracies" in metrics:
-        text += (f", rewards/accuracies {metrics['eval/rewards/accuracies']:.1%}, margins "
-                 f"{metrics['eval/rewards/margins']:.3f}")  # fmt: skip
+        text += (
+            f", rewards/accuracies {metrics['eval/rewards/accuracies']:.1%}, margins "
+            f"{metrics['eval/rewards/margins']:.3f}"
+        )
     if "eval/accuracy" in metrics:  # a reward model (TRL's RewardTrainer names)
-        text += (f", accuracy {metrics['eval/accuracy']:.1%}, margin "
-                 f"{metrics['eval/margin']:.3f}")  # fmt: skip
+        text += f", accuracy {metrics['eval/accuracy']:.1%}, margin {metrics['eval/margin']:.3f}"
     if "eval/exact_match" in metrics:
         text += f", exact match {metrics['eval/exact_match']:.1%} of {metrics['eval/generated']}"
     if metrics.get("eval/samples"):
@@ -83,20 +87,28 @@ def final_report(summary: dict[str, Any]) -> str:
     first, last = summary.get("initial_eval"), summary.get("final_eval")
     lines = [f"finished at step {summary['end_step']} (started at {summary['start_step']})"]
     if first and last:
-        lines.append(f"eval loss {first['eval/loss']:.4f} -> {last['eval/loss']:.4f} "
-                     f"({first['eval/loss'] / last['eval/loss']:.1f}x lower)")  # fmt: skip
+        lines.append(
+            f"eval loss {first['eval/loss']:.4f} -> {last['eval/loss']:.4f} "
+            f"({first['eval/loss'] / last['eval/loss']:.1f}x lower)"
+        )
         if "eval/rewards/accuracies" in first:
-            lines.append(f"eval rewards/accuracies {first['eval/rewards/accuracies']:.1%} -> "
-                         f"{last['eval/rewards/accuracies']:.1%}")  # fmt: skip
+            lines.append(
+                f"eval rewards/accuracies {first['eval/rewards/accuracies']:.1%} -> "
+                f"{last['eval/rewards/accuracies']:.1%}"
+            )
         if "eval/accuracy" in first:
-            lines.append(f"eval accuracy {first['eval/accuracy']:.1%} -> "
-                         f"{last['eval/accuracy']:.1%}")  # fmt: skip
+            lines.append(
+                f"eval accuracy {first['eval/accuracy']:.1%} -> {last['eval/accuracy']:.1%}"
+            )
         if "eval/exact_match" in first:
-            lines.append(f"exact match of greedy replies {first['eval/exact_match']:.1%} -> "
-                         f"{last['eval/exact_match']:.1%}")  # fmt: skip
+            lines.append(
+                f"exact match of greedy replies {first['eval/exact_match']:.1%} -> "
+                f"{last['eval/exact_match']:.1%}"
+            )
     if summary.get("best_step", -1) >= 0:
-        lines.append(f"best eval loss {summary['best_eval_loss']:.4f} at step "
-                     f"{summary['best_step']}")  # fmt: skip
+        lines.append(
+            f"best eval loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}"
+        )
     if summary.get("export"):
         lines.append(f"exported to {summary['export']}")
     return "\n".join(lines)

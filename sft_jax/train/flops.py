@@ -51,15 +51,19 @@ def matmul_params(config: ModelConfig) -> int:
     num_moe = len(c.moe_layers)
     dense_layers = c.num_layers - num_moe
     return (
-        c.num_layers * attention + dense_layers * mlp + num_moe * moe
+        c.num_layers * attention
+        + dense_layers * mlp
+        + num_moe * moe
         + (c.score_labels or c.vocab_size) * c.hidden_size  # a reward model's head: its score
-    )  # fmt: skip
+    )
 
 
 def training_flops_per_token(
-    config: ModelConfig, seq_len: int, adapter_params: int | None = None,
+    config: ModelConfig,
+    seq_len: int,
+    adapter_params: int | None = None,
     reference_forwards: int = 0,
-) -> float:  # fmt: skip
+) -> float:
     """Model FLOPs per trained token for forward + backward (what MFU divides by peak).
 
     6 * matmul_params, plus attention scores and values: forward 4 * T * H * E per token per

@@ -74,8 +74,9 @@ def choose_attention(
     and config allow it (cuDNN on NVIDIA GPUs, splash on TPUs), else the einsum path. Naming a
     kernel the run cannot use is a ConfigError that says why. With the sequence split over a
     context axis of `context` devices, splash ("auto" on a TPU) gives way to blockwise."""
-    kind, why = _choose_attention(requested, accelerator, model, compute_dtype, max_length,
-                                  max_head_dim)  # fmt: skip
+    kind, why = _choose_attention(
+        requested, accelerator, model, compute_dtype, max_length, max_head_dim
+    )
     if kind == "splash" and context > 1:  # tokens out of order: models/attention.py
         return "blockwise", CONTEXT_SPLASH
     return kind, why
@@ -143,11 +144,14 @@ def attention_for(
         # config_check allows only auto and xla: the fused kernels take no key/value prefix.
         return "xla", "prefix tuning: the key/value prefix needs the einsum path"
     attention, why = choose_attention(
-        config.model.attention, accelerator=here, model=model,
-        compute_dtype=config.model.compute_dtype, max_length=config.data.max_length,
+        config.model.attention,
+        accelerator=here,
+        model=model,
+        compute_dtype=config.model.compute_dtype,
+        max_length=config.data.max_length,
         max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
         context=config.mesh.get("context", 1),
-    )  # fmt: skip
+    )
     if config.mesh.get("context", 1) > 1 and attention == "cudnn":
         return attention, why + "; a mask per context shard keeps documents apart"
     if attention == "cudnn":

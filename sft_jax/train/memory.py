@@ -132,5 +132,8 @@ def warn_if_over_memory(plan: StepMemory | None, limit: int | None, remat: str) 
     if limit and plan.total > limit:
         log.warning(
             "the train step plans %.2f GiB per device but the device holds %.2f GiB: it will "
-            "likely run out of memory. %s", plan.total / 2**30, limit / 2**30, lower_it(remat),
-        )  # fmt: skip
+            "likely run out of memory. %s",
+            plan.total / 2**30,
+            limit / 2**30,
+            lower_it(remat),
+        )

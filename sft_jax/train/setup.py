@@ -1,4 +1,5 @@
-"""The model a run trains, built from its config: loaded, optionally quantized, with adapters.
+"""What a run trains, from its config: the model (loaded, optionally quantized, with adapters),
+its objective (objectives/registry.py) and its data.
 
 The attention kernel and remat policy are not chosen here: sft_jax.train.compiled decides both
 once it knows the data and the device.
@@ -21,6 +22,7 @@ from sft_jax.models.config import DTYPES
 from sft_jax.models.moe import quantize_experts
 from sft_jax.objectives import registry
 from sft_jax.train.config_check import check_for_model
+from sft_jax.train.step import Objective
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,15 @@ def add_adapters(
     if spec.enabled:
         applied = spec.for_model(model)
         if "embed" in set(applied.extra_trainable) - set(spec.extra_trainable):
-            log.info("config.lora.trainable_modules: the LM head is tied to the embedding, so "
-                     "the embedding matrix (model.embed_tokens) is trained")  # fmt: skip
+            log.info(
+                "config.lora.trainable_modules: the LM head is tied to the embedding, so "
+                "the embedding matrix (model.embed_tokens) is trained"
+            )
         if model.score is not None:
-            log.info("reward model: the new score head trains in full beside the adapters "
-                     "(PEFT's modules_to_save=['score'])")  # fmt: skip
+            log.info(
+                "reward model: the new score head trains in full beside the adapters "
+                "(PEFT's modules_to_save=['score'])"
+            )
         spec = applied
         apply_lora(model, spec, mesh, seed=config.train.seed)
     prompt = PromptSpec.from_config(config)
@@ -92,3 +98,31 @@ def open_run_data(
     if config.data.get("loader", "memory") == "stream":
         return open_stream_data(config, feed)
     return open_data(config, feed)
+
+
+def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
+    """The StepOptions of a mixture of experts (none for a dense model)."""
+    if not model_config.moe_layers:
+        return {}
+    coef = train.router_aux_loss_coef
+    return {
+        "moe_layers": model_config.moe_layers,
+        "router_aux_loss_coef": model_config.router_aux_loss_coef if coef == -1 else coef,
+        "router_z_loss_weight": train.router_z_loss_weight,
+    }
+
+
+def objective_for(
+    config: ml_collections.ConfigDict,
+    model: CausalLM,
+    max_segments: int,
+    pad_token_id: int | None,
+) -> Objective | None:
+    """config.train.objective's objective (objectives/registry.py); None for SFT
+    (StepOptions.objective: cross-entropy, with the router's losses on a mixture of experts).
+    DPO with a frozen copy of the weights as its reference attaches that copy to the model."""
+    aux_loss_coef = moe_options(config.train, model.config).get("router_aux_loss_coef", 0.0)
+    chosen = registry.build(config, model, max_segments, pad_token_id, aux_loss_coef)
+    if chosen is not None:
+        log.info("objective: %s, %s", registry.name_of(config), chosen)
+    return chosen

@@ -58,9 +58,13 @@ class StepOptions:
     def objective(self) -> CrossEntropy | MoECrossEntropy:
         if self.moe_layers:
             return MoECrossEntropy(
-                self.moe_layers, self.router_aux_loss_coef, self.router_z_loss_weight,
-                self.z_loss_weight, self.loss_chunk_size, self.gradient_accumulation_steps,
-            )  # fmt: skip
+                self.moe_layers,
+                self.router_aux_loss_coef,
+                self.router_z_loss_weight,
+                self.z_loss_weight,
+                self.loss_chunk_size,
+                self.gradient_accumulation_steps,
+            )
         return CrossEntropy(self.z_loss_weight, self.loss_chunk_size)
 
 

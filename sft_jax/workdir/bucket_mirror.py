@@ -102,8 +102,11 @@ class BucketMirror:
             return
         stale = [p for p in self.staging.iterdir() if p.name != rundir.LOCK_FILE]
         if stale:
-            log.warning("%s holds no run: removing the staging copy of an earlier one in %s",
-                        self.url, self.staging)  # fmt: skip
+            log.warning(
+                "%s holds no run: removing the staging copy of an earlier one in %s",
+                self.url,
+                self.staging,
+            )
         for path in stale:
             if path.is_dir():
                 shutil.rmtree(path)
@@ -192,8 +195,9 @@ class BucketMirror:
         for step in local:
             if step > newest:
                 if upload_newer:
-                    log.warning("step %d in %s was never uploaded: uploading it now", step,
-                                directory)  # fmt: skip
+                    log.warning(
+                        "step %d in %s was never uploaded: uploading it now", step, directory
+                    )
                     self.upload_step(directory / str(step))
             elif step not in remote:
                 shutil.rmtree(directory / str(step))
@@ -259,8 +263,9 @@ def readable_run(workdir: str | Path, root: str = "", field: str = "--workdir") 
 def _under(listing: dict[str, int], prefix: str) -> dict[str, int]:
     """The part of a listing under `prefix`, relative to it."""
     start = prefix + "/"
-    return {name.removeprefix(start): size for name, size in listing.items()
-            if name.startswith(start)}  # fmt: skip
+    return {
+        name.removeprefix(start): size for name, size in listing.items() if name.startswith(start)
+    }
 
 
 def _is_marker(name: str) -> bool:
@@ -269,8 +274,9 @@ def _is_marker(name: str) -> bool:
 
 
 def _same_files(step_dir: Path, files: dict[str, int]) -> bool:
-    return all((step_dir / n).is_file() and (step_dir / n).stat().st_size == s
-               for n, s in files.items())  # fmt: skip
+    return all(
+        (step_dir / n).is_file() and (step_dir / n).stat().st_size == s for n, s in files.items()
+    )
 
 
 def _files(root: Path, skip: set[str]) -> list[Path]:

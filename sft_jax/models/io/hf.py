@@ -286,9 +286,12 @@ def from_pretrained(
         raise CheckpointError(str(e)) from e
     mesh = mesh or single_device_mesh()
     model = abstract_model(
-        config, dtype=dtype or param_dtype, param_dtype=param_dtype, remat=remat,
+        config,
+        dtype=dtype or param_dtype,
+        param_dtype=param_dtype,
+        remat=remat,
         quantization=quantization,
-    )  # fmt: skip
+    )
     graphdef, abstract_state = nnx.split(model)
     loaded, used = _load_variables(model, abstract_state, entries, mesh, param_dtype)
     unused = sorted(

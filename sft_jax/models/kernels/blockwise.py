@@ -75,8 +75,12 @@ def _forward(q, k, v, tokens, scale, window, softcap, block):
     of queries [B, T] and keys [B, S], and the index in the row of each query [T] and key [S]."""
     segment_q_BxT, segment_k_BxS, index_T, index_S = tokens
     batch, seq_len, kv_heads, groups, _ = q.shape
-    keys = (_blocks(k, block), _blocks(v, block), _blocks(segment_k_BxS, block),
-            index_S.reshape(-1, block))  # fmt: skip
+    keys = (
+        _blocks(k, block),
+        _blocks(v, block),
+        _blocks(segment_k_BxS, block),
+        index_S.reshape(-1, block),
+    )
 
     def query_block(args):
         q_BxQxKxGxE, segment_q, index_q = args
@@ -86,15 +90,24 @@ def _forward(q, k, v, tokens, scale, window, softcap, block):
 
             def update(carry):
                 max_BxKxGxQ, sum_BxKxGxQ, acc_BxKxGxQxE = carry
-                scores, mask = _scores(q_BxQxKxGxE, k_BxCxKxE, (segment_q, index_q),
-                                       (segment_k, index_k), scale, window, softcap)  # fmt: skip
+                scores, mask = _scores(
+                    q_BxQxKxGxE,
+                    k_BxCxKxE,
+                    (segment_q, index_q),
+                    (segment_k, index_k),
+                    scale,
+                    window,
+                    softcap,
+                )
                 new_max = jnp.maximum(max_BxKxGxQ, jnp.where(mask, scores, _LOWEST).max(-1))
                 probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
                 rescale = jnp.exp(max_BxKxGxQ - new_max)
                 acc_BxKxGxQxE = acc_BxKxGxQxE * rescale[..., None] + jnp.einsum(
-                    "BKGQC,BCKE->BKGQE", probs.astype(v_BxCxKxE.dtype), v_BxCxKxE,
+                    "BKGQC,BCKE->BKGQE",
+                    probs.astype(v_BxCxKxE.dtype),
+                    v_BxCxKxE,
                     preferred_element_type=jnp.float32,
-                )  # fmt: skip
+                )
                 return new_max, sum_BxKxGxQ * rescale + probs.sum(-1), acc_BxKxGxQxE
 
             reached = _reaches(index_q, index_k, window)
@@ -129,8 +142,9 @@ def _score_grads(q_BxQxKxGxE, blocks_q, blocks_k, scale, window, softcap):
     blocks_q: (segment ids, index, log-sum-exp, output cotangent, delta) of the query block."""
     segment_q, index_q, lse_BxKxGxQ, dout, delta_BxKxGxQ = blocks_q
     k_BxCxKxE, v_BxCxKxE, segment_k, index_k = blocks_k
-    scores, mask = _scores(q_BxQxKxGxE, k_BxCxKxE, (segment_q, index_q),
-                           (segment_k, index_k), scale, window, softcap)  # fmt: skip
+    scores, mask = _scores(
+        q_BxQxKxGxE, k_BxCxKxE, (segment_q, index_q), (segment_k, index_k), scale, window, softcap
+    )
     probs = jnp.where(mask, jnp.exp(scores - lse_BxKxGxQ[..., None]), 0.0)
     dprobs = jnp.einsum("BQKGE,BCKE->BKGQC", dout, v_BxCxKxE, preferred_element_type=jnp.float32)
     dscores = probs * (dprobs - delta_BxKxGxQ[..., None])
@@ -145,58 +159,93 @@ def _attention_bwd(scale, window, softcap, block, residuals, dout_BxTxKxGxE):
     delta_BxTxKxG = jnp.sum(dout_BxTxKxGxE.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     lse_NxBxKxGxQ = jnp.moveaxis(lse_BxKxGxT.reshape(*lse_BxKxGxT.shape[:3], -1, block), 3, 0)
     delta_NxBxKxGxQ = jnp.moveaxis(_blocks(delta_BxTxKxG, block), 2, -1)
-    per_query = (_blocks(q, block), _blocks(segment_q_BxT, block), index_T.reshape(-1, block),
-                 lse_NxBxKxGxQ, _blocks(dout_BxTxKxGxE, block), delta_NxBxKxGxQ)  # fmt: skip
-    per_key = (_blocks(k, block), _blocks(v, block), _blocks(segment_k_BxS, block),
-               index_S.reshape(-1, block))  # fmt: skip
+    per_query = (
+        _blocks(q, block),
+        _blocks(segment_q_BxT, block),
+        index_T.reshape(-1, block),
+        lse_NxBxKxGxQ,
+        _blocks(dout_BxTxKxGxE, block),
+        delta_NxBxKxGxQ,
+    )
+    per_key = (
+        _blocks(k, block),
+        _blocks(v, block),
+        _blocks(segment_k_BxS, block),
+        index_S.reshape(-1, block),
+    )
     grads = functools.partial(_score_grads, scale=scale, window=window, softcap=softcap)
 
-    def dquery_block(args):  # dq of one query block: a sum over key blocks
-        q_i, index_q = args[0], args[2]
-
-        def key_block(dq_BxQxKxGxE, blocks_k):
-            def add(dq):
-                _, dscores = grads(q_i, args[1:], blocks_k)
-                return dq + jnp.einsum("BKGQC,BCKE->BQKGE", dscores.astype(q.dtype), blocks_k[0],
-                                       preferred_element_type=jnp.float32)  # fmt: skip
-
-            reached = _reaches(index_q, blocks_k[3], window)
-            return jax.lax.cond(reached, add, lambda dq: dq, dq_BxQxKxGxE), None
-
-        dq, _ = jax.lax.scan(key_block, jnp.zeros(q_i.shape, jnp.float32), per_key)
-        return dq.astype(q.dtype)
-
-    def dkey_block(blocks_k):  # dk, dv of one key block: sums over query blocks
-        def query_block(carry, args):
-            def add(carry):
-                dk, dv = carry
-                probs, dscores = grads(args[0], args[1:], blocks_k)
-                dk = dk + jnp.einsum("BKGQC,BQKGE->BCKE", dscores.astype(q.dtype), args[0],
-                                     preferred_element_type=jnp.float32)  # fmt: skip
-                dv = dv + jnp.einsum("BKGQC,BQKGE->BCKE", probs.astype(v.dtype), args[4],
-                                     preferred_element_type=jnp.float32)  # fmt: skip
-                return dk, dv
-
-            reached = _reaches(args[2], blocks_k[3], window)
-            return jax.lax.cond(reached, add, lambda c: c, carry), None
-
-        zeros = jnp.zeros(blocks_k[0].shape, jnp.float32)
-        (dk, dv), _ = jax.lax.scan(query_block, (zeros, zeros), per_query)
-        return dk.astype(k.dtype), dv.astype(v.dtype)
-
-    dq = _unblocks(jax.lax.map(dquery_block, per_query))
-    dk_NxBxCxKxE, dv_NxBxCxKxE = jax.lax.map(dkey_block, per_key)
+    dquery = functools.partial(_dquery_block, grads, per_key, window, q.dtype)
+    dkey = functools.partial(_dkey_block, grads, per_query, window, (q.dtype, k.dtype, v.dtype))
+    dq = _unblocks(jax.lax.map(dquery, per_query))
+    dk_NxBxCxKxE, dv_NxBxCxKxE = jax.lax.map(dkey, per_key)
     return dq, _unblocks(dk_NxBxCxKxE), _unblocks(dv_NxBxCxKxE), None
+
+
+def _dquery_block(grads, per_key, window, dtype, args):
+    """dq of one query block (args: its per-query blocks): a sum over the key blocks it reaches."""
+    q_i, index_q = args[0], args[2]
+
+    def key_block(dq_BxQxKxGxE, blocks_k):
+        def add(dq):
+            _, dscores = grads(q_i, args[1:], blocks_k)
+            return dq + jnp.einsum(
+                "BKGQC,BCKE->BQKGE",
+                dscores.astype(dtype),
+                blocks_k[0],
+                preferred_element_type=jnp.float32,
+            )
+
+        reached = _reaches(index_q, blocks_k[3], window)
+        return jax.lax.cond(reached, add, lambda dq: dq, dq_BxQxKxGxE), None
+
+    dq, _ = jax.lax.scan(key_block, jnp.zeros(q_i.shape, jnp.float32), per_key)
+    return dq.astype(dtype)
+
+
+def _dkey_block(grads, per_query, window, dtypes, blocks_k):
+    """dk, dv of one key block: sums over the query blocks that reach it. dtypes: q, k, v's."""
+    q_dtype, k_dtype, v_dtype = dtypes
+
+    def query_block(carry, args):
+        def add(carry):
+            dk, dv = carry
+            probs, dscores = grads(args[0], args[1:], blocks_k)
+            dk = dk + jnp.einsum(
+                "BKGQC,BQKGE->BCKE",
+                dscores.astype(q_dtype),
+                args[0],
+                preferred_element_type=jnp.float32,
+            )
+            dv = dv + jnp.einsum(
+                "BKGQC,BQKGE->BCKE",
+                probs.astype(v_dtype),
+                args[4],
+                preferred_element_type=jnp.float32,
+            )
+            return dk, dv
+
+        reached = _reaches(args[2], blocks_k[3], window)
+        return jax.lax.cond(reached, add, lambda c: c, carry), None
+
+    zeros = jnp.zeros(blocks_k[0].shape, jnp.float32)
+    (dk, dv), _ = jax.lax.scan(query_block, (zeros, zeros), per_query)
+    return dk.astype(k_dtype), dv.astype(v_dtype)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def flash_attention(
-    q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
-    segment_ids: tuple[jax.Array, jax.Array], index: tuple[jax.Array, jax.Array],
-    scale: float, window: int | None, softcap: float | None,
-) -> jax.Array:  # fmt: skip
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids: tuple[jax.Array, jax.Array],
+    index: tuple[jax.Array, jax.Array],
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> jax.Array:
     """Output [B, T, K, G, E] of T queries against S keys, on one device: `segment_ids` of the
     queries [B, T] and keys [B, S]; `index`, each token's place in the row, of the queries [T]
     and keys [S] (in any order; causality and the window are counted in it). Queries and keys
@@ -213,24 +262,41 @@ def flash_attention(
         after = keys_len + jnp.arange(-length % block, dtype=index_T.dtype)
         return jnp.concatenate([index_T, after])
 
-    tokens = (widen(segment_ids[0], seq_len, -1), widen(segment_ids[1], keys_len, -1),
-              widen_index(index[0], seq_len), widen_index(index[1], keys_len))  # fmt: skip
+    tokens = (
+        widen(segment_ids[0], seq_len, -1),
+        widen(segment_ids[1], keys_len, -1),
+        widen_index(index[0], seq_len),
+        widen_index(index[1], keys_len),
+    )
     q, k, v = widen(q_BxTxKxGxE, seq_len), widen(k_BxSxKxE, keys_len), widen(v_BxSxKxE, keys_len)
     return _attention(q, k, v, tokens, scale, window, softcap, block)[:, :seq_len]
 
 
 def blockwise_attention(
-    q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
-    segment_ids_BxT: jax.Array, scale: float, window: int | None, softcap: float | None,
-) -> jax.Array:  # fmt: skip
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids_BxT: jax.Array,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> jax.Array:
     """Causal attention over packed rows in sequence order, block by block: output
     [B, T, H * E], on each shard of the mesh (rows over the batch axes, heads over tensor)."""
     batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
 
     def local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT):
         index_T = jnp.arange(seq_len)
-        return flash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, (segment_ids_BxT,) * 2,
-                               (index_T, index_T), scale, window, softcap)  # fmt: skip
+        return flash_attention(
+            q_BxTxKxGxE,
+            k_BxSxKxE,
+            v_BxSxKxE,
+            (segment_ids_BxT,) * 2,
+            (index_T, index_T),
+            scale,
+            window,
+            softcap,
+        )
 
     out_BxTxKxGxE = attention_per_shard(local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
     return out_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups * head_dim)

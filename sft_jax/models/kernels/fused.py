@@ -8,6 +8,7 @@ shard (models/partitioning.py). The einsum path in attention.py is their referen
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +61,15 @@ def _splash_kernel(
         else masks.LocalMask(shape, window_size=(window - 1, 0), offset=0)
     )
     sizes = splash.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
-    )  # fmt: skip
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     with jax.ensure_compile_time_eval():  # the mask tables are constants, even mid-trace
         return splash.make_splash_mqa_single_device(
             masks.MultiHeadMask([head_mask] * groups),
@@ -73,9 +80,14 @@ def _splash_kernel(
 
 
 def splash_attention(
-    q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
-    segment_ids_BxT: jax.Array, scale: float, window: int | None, softcap: float | None,
-) -> jax.Array:  # fmt: skip
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids_BxT: jax.Array,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> jax.Array:
     """Attention through the splash kernel: output [B, T, H * E]. Segment ids keep packed
     documents apart inside the kernel, which skips the tiles they mask out."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import (
@@ -170,9 +182,14 @@ def _kv_offsets_use_key_heads() -> bool:
 
 
 def cudnn_packed_attention(
-    q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
-    segment_ids_BxT: jax.Array, scale: float, window: int | None, max_segments: int,
-) -> jax.Array:  # fmt: skip
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    segment_ids_BxT: jax.Array,
+    scale: float,
+    window: int | None,
+    max_segments: int,
+) -> jax.Array:
     """cuDNN flash attention over each segment of a row as its own causal sequence: output
     [B, T, H * E]. No mask or bias goes in; the kernel reads the segment table (lengths and
     starts, see segment_table) and skips every tile outside a segment's causal triangle.
@@ -192,10 +209,16 @@ def cudnn_packed_attention(
             v_BxSxKxE = jnp.repeat(v_BxSxKxE, groups, axis=2)
         lengths_BxM, starts_BxM1, fits_B = segment_table(segment_ids_BxT, max_segments)
         out_BxTxHxE = kernel(
-            q_BxTxKxGxE.reshape(rows, seq_len, -1, head_dim), k_BxSxKxE, v_BxSxKxE,
-            q_seqlen=lengths_BxM, kv_seqlen=lengths_BxM, q_offsets=starts_BxM1,
-            kv_offsets=starts_BxM1, scale=scale, sliding_window_length=window,
-        )  # fmt: skip
+            q_BxTxKxGxE.reshape(rows, seq_len, -1, head_dim),
+            k_BxSxKxE,
+            v_BxSxKxE,
+            q_seqlen=lengths_BxM,
+            kv_seqlen=lengths_BxM,
+            q_offsets=starts_BxM1,
+            kv_offsets=starts_BxM1,
+            scale=scale,
+            sliding_window_length=window,
+        )
         out_BxTxHxE = jnp.where(fits_B[:, None, None, None], out_BxTxHxE, jnp.nan)
         return out_BxTxHxE.reshape(q_BxTxKxGxE.shape)
 
@@ -217,26 +240,51 @@ def fused_attention(
     causal and window mask goes in whole, so segments never attend to each other. Causal and
     window are also named, so that cuDNN skips the tiles they rule out.
     """
-    batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
-    q_BxTxHxE = q_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups, head_dim)
-    out_BxTxHxE = jax.nn.dot_product_attention(
-        q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxTxS[:, None], scale=scale, is_causal=True,
+    out_BxTxKxGxE = _cudnn(
+        q_BxTxKxGxE,
+        k_BxSxKxE,
+        v_BxSxKxE,
+        mask_BxTxS,
+        scale,
+        is_causal=True,
         local_window_size=None if window is None else (window - 1, 0),
-        implementation=FUSED_IMPLEMENTATION["cudnn"],
-    )  # fmt: skip
-    return out_BxTxHxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
+    )
+    batch, seq_len = q_BxTxKxGxE.shape[:2]
+    return out_BxTxKxGxE.reshape(batch, seq_len, -1)
 
 
 def masked_attention(
-    q_BxTxKxGxE: jax.Array, k_BxSxKxE: jax.Array, v_BxSxKxE: jax.Array,
-    mask_BxTxS: jax.Array, scale: float,
-) -> jax.Array:  # fmt: skip
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
     """jax.nn.dot_product_attention (cuDNN) under an arbitrary mask alone, no causal tiles:
     for queries that are not in sequence order (one context shard's). Output [B, T, K, G, E]."""
+    return _cudnn(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, scale)
+
+
+def _cudnn(
+    q_BxTxKxGxE: jax.Array,
+    k_BxSxKxE: jax.Array,
+    v_BxSxKxE: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+    **tiles: Any,
+) -> jax.Array:
+    """jax.nn.dot_product_attention (cuDNN) with query head h = k * G + g reading key/value
+    head k; tiles: is_causal, local_window_size (so cuDNN skips the tiles they rule out).
+    Output [B, T, K, G, E]."""
     batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
     q_BxTxHxE = q_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups, head_dim)
     out_BxTxHxE = jax.nn.dot_product_attention(
-        q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask=mask_BxTxS[:, None], scale=scale,
+        q_BxTxHxE,
+        k_BxSxKxE,
+        v_BxSxKxE,
+        mask=mask_BxTxS[:, None],
+        scale=scale,
         implementation=FUSED_IMPLEMENTATION["cudnn"],
-    )  # fmt: skip
+        **tiles,
+    )
     return out_BxTxHxE.reshape(q_BxTxKxGxE.shape)
