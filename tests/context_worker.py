@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-
+import folders_on_path  # noqa: F401 (every folder of test modules on sys.path)
 import jax
 import ml_collections
 import numpy as np

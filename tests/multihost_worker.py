@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-
+import folders_on_path  # noqa: F401 (every folder of test modules on sys.path)
 from test_step import SEQ_LEN, synthetic_batch
 from test_trainer import SyntheticBatches, base_config
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-
+import folders_on_path  # noqa: F401 (every folder of test modules on sys.path)
 from test_trainer import base_config
 
 from sft_jax.loop import trainer

@@ -193,6 +193,7 @@ def sequences_of(batches) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.e2e
 def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(tmp_path):
     """The loop end to end on the demo's pairs (4 updates of 2 micro-batches): TRL's metric
     names, and the export's transformers scores reproduce the run's final eval accuracy,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hf_models import save_hf_model
 from test_generate import EOS, NEW_TOKENS, PROMPTS
 from test_models import jax_logits
 
@@ -15,10 +14,8 @@ from sft_jax.train import sharding
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3_rollout")
-    save_hf_model("qwen3", path)
-    return path
+def qwen3_dir(hf_checkpoint):
+    return hf_checkpoint("qwen3")[0]
 
 
 def teacher_forced_logps(model, prompt: list[int], new: list[int], temperature: float):

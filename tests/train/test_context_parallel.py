@@ -236,6 +236,7 @@ def test_the_planner_keeps_the_context_axis_and_searches_the_rest(checkpoint):
             plan_search.context_sizes(config, 8, [context])
 
 
+@pytest.mark.e2e
 def test_context_axis_across_two_processes_equals_one_device(checkpoint, single_device, tmp_path):
     """context=4 over 2 processes x 2 CPU devices (jax.distributed on loopback, gloo): keys and
     values gathered across the processes give one device's loss and gradients."""
@@ -243,7 +244,7 @@ def test_context_axis_across_two_processes_equals_one_device(checkpoint, single_
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     out = tmp_path / "grads.npz"
-    tests = Path(__file__).parent  # the worker imports this file and configs/ from the repo
+    tests = Path(__file__).parents[1]  # the worker imports test modules and configs/ from the repo
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join((str(tests.parent), str(tests))))  # fmt: skip

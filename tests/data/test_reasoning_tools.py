@@ -21,7 +21,7 @@ from sft_jax.data.messages import reasoning_and_answer
 from sft_jax.data.pipeline import certify
 from sft_jax.data.records import Record
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 CALL = {"type": "function", "id": "c1", "function": {"name": "add", "arguments": {"a": 1}}}
 
 
@@ -178,6 +178,7 @@ def test_a_straddling_token_trains_by_the_overlap_rule_and_fails_the_check(tmp_p
     )
 
 
+@pytest.mark.e2e
 def test_inspect_check_exits_non_zero_naming_file_line_and_span(data_config, tmp_path):
     tokenizer = make_tokenizer("chatml", corpus="U Hi BotHello")
     tokenizer.chat_template = STRADDLING

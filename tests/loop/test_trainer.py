@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from hf_models import hf_logits, save_hf_model
+from hf_models import hf_logits
 from test_step import SEQ_LEN, synthetic_batch
 
 from sft_jax.core.errors import ConfigError
@@ -29,7 +29,7 @@ from sft_jax.train import memory as memory_plan
 from sft_jax.workdir.checkpointing import Checkpoints
 from sft_jax.workdir.rundir import checkpoint_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def base_config(model_dir: Path, **train) -> ml_collections.ConfigDict:
@@ -80,10 +80,8 @@ def synthetic_source(eval_seeds=(100, 101)) -> trainer.DataSource:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    save_hf_model("llama3.1", path)
-    return path
+def model_dir(hf_checkpoint):
+    return hf_checkpoint("llama3.1")[0]
 
 
 def reference_eval_loss(model_dir: Path, batches) -> float:
@@ -118,6 +116,7 @@ def test_eval_loss_at_step_zero_matches_transformers(model_dir, tmp_path):
     assert metrics["eval/perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_training_logs_metrics_and_learns(model_dir, tmp_path):
     source = synthetic_source()
     repeated = synthetic_batch(0)
@@ -182,6 +181,7 @@ def tensorboard_scalars(directory: Path) -> dict[tuple[str, int], float]:
     return scalars
 
 
+@pytest.mark.e2e
 def test_early_stopping_records_best_step(model_dir, tmp_path):
     config = base_config(model_dir, steps=12)
     config.eval.early_stopping_patience = 2
@@ -194,6 +194,7 @@ def test_early_stopping_records_best_step(model_dir, tmp_path):
     assert summary["best_step"] == 0
 
 
+@pytest.mark.e2e
 def test_best_and_patience_survive_a_restart_and_step_0_can_be_the_export(
     model_dir, tmp_path, monkeypatch
 ):
@@ -226,6 +227,7 @@ def test_best_and_patience_survive_a_restart_and_step_0_can_be_the_export(
     assert 0 in checkpoints.steps() and checkpoints.best_step() == 0
 
 
+@pytest.mark.e2e
 def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
     model_dir, tmp_path, monkeypatch, caplog
 ):
@@ -259,6 +261,7 @@ def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
                         synthetic_source())  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_naming_the_step(model_dir, tmp_path):
     model = from_pretrained(model_dir)
     model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], jnp.nan)
@@ -286,7 +289,7 @@ def _launch(
         JAX_PLATFORMS="cpu",
         **worker_env,
     )
-    script = Path(__file__).with_name("multihost_worker.py")
+    script = Path(__file__).parents[1] / "multihost_worker.py"
     procs = [
         subprocess.Popen(
             [
@@ -311,6 +314,7 @@ def _launch(
     return [json.loads(out.splitlines()[-1]) for out, _ in outputs]
 
 
+@pytest.mark.e2e
 def test_two_processes_equal_one(model_dir, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed over loopback, gloo) == 1 process x 4."""
     (single,) = _launch(model_dir, tmp_path / "one", processes=1, devices_each=4)
@@ -320,6 +324,7 @@ def test_two_processes_equal_one(model_dir, tmp_path):
     assert jax.process_count() == 1
 
 
+@pytest.mark.e2e
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(model_dir, tmp_path):
     """Preemption of one host: SIGTERM reaches process 1 alone, after step 3. Both processes
     agree (a vote on the devices, read a step later) and stop at the same step, where the
@@ -420,6 +425,7 @@ def test_eval_generates_samples_and_scores_exact_match(chat_model_dir, tmp_path,
     assert run.run_eval(0)["eval/exact_match"] == pytest.approx(5 / 6)
 
 
+@pytest.mark.e2e
 def test_lora_with_dropout_resumes_exactly(model_dir, tmp_path, monkeypatch):
     """Dropout keys come from (seed, step): a run stopped (as by SIGTERM) after step 3 and
     resumed logs the same losses, bitwise, as one that ran straight through."""
@@ -580,6 +586,7 @@ def test_auto_remat_takes_the_least_recomputation_whose_step_fits():
     )
 
 
+@pytest.mark.e2e
 def test_auto_remat_in_a_run_trains_as_the_policy_it_picked(model_dir, tmp_path, monkeypatch):
     config = base_config(model_dir, steps=2)
     config.eval.at_start = False

@@ -14,7 +14,7 @@ from sft_jax.data.formats import Completion, Conversation
 from sft_jax.data.records import Record, read_records
 from sft_jax.objectives.preference import pair_logps
 
-DEMO = __import__("pathlib").Path(__file__).resolve().parents[1] / "assets" / "demo_model"
+DEMO = __import__("pathlib").Path(__file__).resolve().parents[2] / "assets" / "demo_model"
 USER = [{"role": "user", "content": "2+2?"}]
 SYSTEM = [{"role": "system", "content": "Be brief."}]
 

@@ -16,7 +16,7 @@ from hf_models import save_tiny_llama
 from test_resume import assert_resumed_bitwise, kill_9_at, train_losses
 from test_trainer import chat_rows
 
-WORKER = Path(__file__).with_name("stream_worker.py")
+WORKER = Path(__file__).parents[1] / "stream_worker.py"
 STEPS = 8
 
 
@@ -51,6 +51,7 @@ def uninterrupted(setup, tmp_path_factory):
     return workdir, finish(start(setup, workdir))
 
 
+@pytest.mark.e2e
 def test_kill_9_then_resume_with_a_mixture_equals_uninterrupted(setup, uninterrupted, tmp_path):
     reference = dict(train_losses(uninterrupted[0]))
     assert {"eval/math/loss", "eval/chat/loss", "eval/loss"} <= set(uninterrupted[1]["final_eval"])
@@ -58,6 +59,7 @@ def test_kill_9_then_resume_with_a_mixture_equals_uninterrupted(setup, uninterru
     assert_resumed_bitwise(tmp_path, finish(start(setup, tmp_path)), reference, STEPS)
 
 
+@pytest.mark.e2e
 def test_two_processes_read_their_halves_and_make_the_same_global_batches(
     setup, uninterrupted, tmp_path
 ):

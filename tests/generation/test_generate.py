@@ -14,7 +14,7 @@ import tokenizers
 import torch
 import transformers
 from absl import flags
-from hf_models import VOCAB, save_hf_model
+from hf_models import VOCAB
 from test_models import jax_logits
 
 from sft_jax.adapters.lora import LoRASpec, apply_lora, merged
@@ -39,17 +39,9 @@ NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """family -> (directory, transformers model), saved on first use."""
-    saved = {}
-
-    def get(family: str):
-        if family not in saved:
-            path = tmp_path_factory.mktemp(family.replace(".", "_"))
-            saved[family] = (path, save_hf_model(family, path))
-        return saved[family]
-
-    return get
+def checkpoints(hf_checkpoint):
+    """family -> (directory, transformers model), saved on first use (tests/conftest.py)."""
+    return hf_checkpoint
 
 
 def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:

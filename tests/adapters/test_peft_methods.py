@@ -256,7 +256,7 @@ def test_bad_dora_and_adalora_settings_are_named(changes, field, message):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from configs import base
     from sft_jax.core.errors import ConfigError
     from sft_jax.train.config_check import check_values
@@ -273,6 +273,7 @@ def test_bad_dora_and_adalora_settings_are_named(changes, field, message):
     check_values(config, 8, 8)  # DoRA on a quantized base, as PEFT allows
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "method",
     [["--config.lora.use_dora=True"],
@@ -353,7 +354,7 @@ def test_planner_counts_the_state_training_holds(overrides):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from configs import base
     from sft_jax.planning.estimate import abstract_run_model, model_config, shard_bytes, state_parts
     from sft_jax.train.compiled import run_optimizer

@@ -14,7 +14,7 @@ from sft_jax.objectives import registry
 from sft_jax.train.config_check import check_values
 from sft_jax.train.setup import score_labels
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sft_jax"
+PACKAGE = Path(__file__).resolve().parents[2] / "sft_jax"
 
 
 def test_the_registered_objectives_and_what_each_reads():

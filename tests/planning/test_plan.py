@@ -27,7 +27,7 @@ from sft_jax.planning import estimate as plan_estimate
 from sft_jax.planning import hlo_stats
 from sft_jax.planning import search as plan_search
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROWS, SEQ = 8, 32  # the global batch of every test: 8 rows of 32 tokens
 
 
@@ -117,6 +117,7 @@ def _plan_command(model_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_recommended_mesh_compiles_without_involuntary_rematerialization(llama_dir):
     """On 8 devices the demo model's meshes, data=2 x fsdp=2 x tensor=2 among them (it warned
     twice before the embedding lookup was laid out like the batch), compile without a single
@@ -208,6 +209,7 @@ def weights_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
     weights_dir, tmp_path, monkeypatch, caplog
 ):
@@ -268,6 +270,7 @@ def _measured(shape: str) -> dict:
     return result
 
 
+@pytest.mark.e2e
 def test_planned_memory_is_within_15_percent_of_the_measured_peak():
     """XLA's plan of a train step (temporaries and new outputs) against the peak resident set
     the step adds to a fresh CPU process (benchmarks/plan_memory.py says how it measures; it
@@ -276,6 +279,7 @@ def test_planned_memory_is_within_15_percent_of_the_measured_peak():
     assert result["predicted"] == pytest.approx(result["measured"], rel=0.15)
 
 
+@pytest.mark.e2e
 def test_fsdp_lora_plan_gathers_weights_where_used_and_is_the_measured_peak():
     """LoRA on fsdp=8, where the all-gathered frozen weights dominate the step: compiled by the
     planner from config.json and then run on random weights, the step adds to the process
@@ -288,6 +292,7 @@ def test_fsdp_lora_plan_gathers_weights_where_used_and_is_the_measured_peak():
     assert result["default_scheduler_temporaries"] > 1.5 * result["temporaries"]
 
 
+@pytest.mark.e2e
 def test_moe_lora_plan_with_the_grouped_matmul_stand_in_is_the_measured_peak():
     """A mixture of experts (32 experts, top-k of qwen3_moe's tiny config) with LoRA on
     fsdp=2 x expert=4, planned with the grouped-matmul stand-in the planner compiles for

@@ -358,6 +358,7 @@ def _merged_export_logits(model: CausalLM, out_dir, batch) -> np.ndarray:
     return hf_logits(merged.eval(), batch["input_ids"], batch["attention_mask"])
 
 
+@pytest.mark.e2e
 def test_tiny_moe_sft_run_on_the_demo_data(tmp_path):
     """A Qwen3-MoE shaped like the demo model (4 experts, top 2) through main.py: its eval loss
     falls like the dense demo's (to under half in 60 steps), no NaN, the expert load ends

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "assets"
 # A short demo run: 8 rows a step, no generation, eval on 8 examples, no export.
 FAST = (
@@ -92,6 +92,7 @@ def straight(tmp_path_factory) -> Path:
 # --- Bad input -------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_empty_assistant_replies_are_counted_and_named(tmp_path):
     rows = [conversation("4"), conversation(""), conversation("  "), conversation("4")]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -107,6 +108,7 @@ def test_empty_assistant_replies_are_counted_and_named(tmp_path):
     assert json.loads(skipped.stdout)["train"]["dropped"] == {"empty_reply": 2}
 
 
+@pytest.mark.e2e
 def test_a_corrupt_parquet_file_is_named(tmp_path):
     data = tmp_path / "train.parquet"
     data.write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
@@ -114,6 +116,7 @@ def test_a_corrupt_parquet_file_is_named(tmp_path):
     assert_one_line_error(result, f"{data}: not a readable Parquet file")
 
 
+@pytest.mark.e2e
 def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_bytes(json.dumps(conversation("4")).encode() + b'\n{"messages": "caf\xe9"}\n')
@@ -121,6 +124,7 @@ def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path):
     assert_one_line_error(result, f"{data}:2: not UTF-8 text (byte 0xe9", "skip_bad_examples")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -142,6 +146,7 @@ def test_bad_flags_are_one_line(tmp_path, argv, expected):
     assert_one_line_error(run("main.py", *argv), expected)
 
 
+@pytest.mark.e2e
 def test_resume_after_a_model_change_keeps_the_checkpoints_and_names_the_change(tmp_path):
     model = tmp_path / "model"
     shutil.copytree(ASSETS / "demo_model", model)
@@ -161,6 +166,7 @@ def test_resume_after_a_model_change_keeps_the_checkpoints_and_names_the_change(
     assert not (workdir / "checkpoints_damaged").exists()
 
 
+@pytest.mark.e2e
 def test_chat_on_a_model_folder_without_a_tokenizer(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -170,12 +176,14 @@ def test_chat_on_a_model_folder_without_a_tokenizer(tmp_path):
     assert_one_line_error(result, f"{model}: no tokenizer could be loaded")
 
 
+@pytest.mark.e2e
 def test_inspect_with_a_model_path_that_does_not_exist(tmp_path):
     result = run("-m", "sft_jax.data.inspect", "--config=configs/base.py",
                  f"--config.model.name_or_path={tmp_path / 'nope'}")  # fmt: skip
     assert_one_line_error(result, f"{tmp_path / 'nope'}: not a model directory")
 
 
+@pytest.mark.e2e
 def test_export_of_a_damaged_step_names_it(straight, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(straight, copy)
@@ -189,6 +197,7 @@ def test_export_of_a_damaged_step_names_it(straight, tmp_path):
 # --- Faults ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_save_past_the_file_size_limit_keeps_the_previous_checkpoint(straight, tmp_path):
     workdir = tmp_path / "run"
     common = ("--config.checkpoint.every_steps=2",)
@@ -205,6 +214,7 @@ def test_a_save_past_the_file_size_limit_keeps_the_previous_checkpoint(straight,
     assert train_losses(workdir) == train_losses(straight)  # bitwise
 
 
+@pytest.mark.e2e
 def test_a_second_run_on_the_same_workdir_is_refused_and_kill_9_frees_it(tmp_path):
     workdir = tmp_path / "run"
     first = subprocess.Popen(
@@ -228,6 +238,7 @@ def test_a_second_run_on_the_same_workdir_is_refused_and_kill_9_frees_it(tmp_pat
     assert third.returncode == 0, third.stderr[-3000:]
 
 
+@pytest.mark.e2e
 def test_a_corrupt_tokenization_cache_entry_is_rebuilt(tmp_path):
     cache = tmp_path / "cache"
     inspect = ("-m", "sft_jax.data.inspect", "--config=configs/base.py", "--json",
@@ -244,6 +255,7 @@ def test_a_corrupt_tokenization_cache_entry_is_rebuilt(tmp_path):
     assert json.loads(second.stdout) == json.loads(first.stdout)
 
 
+@pytest.mark.e2e
 def test_sigterm_during_the_first_eval_leaves_a_usable_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     slow_eval = ("--config.eval.at_start=True", "--config.eval.generate_examples=64",
@@ -270,6 +282,7 @@ def test_sigterm_during_the_first_eval_leaves_a_usable_checkpoint(tmp_path):
     assert resumed.returncode == 0 and "at step 0" in resumed.stderr, resumed.stderr[-3000:]
 
 
+@pytest.mark.e2e
 def test_a_signal_during_export_leaves_the_checkpoints_and_no_half_export(straight, tmp_path):
     from sft_jax.loop import export
     from sft_jax.loop.signals import SignalStopError, signals_raise
@@ -296,6 +309,7 @@ def test_a_signal_during_export_leaves_the_checkpoints_and_no_half_export(straig
     assert (copy / "export" / "model.safetensors").stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_finite_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     result = train(workdir, "--config.train.steps=30", "--config.checkpoint.every_steps=1",

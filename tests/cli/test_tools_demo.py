@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.e2e
 def test_tools_demo_trains_on_tool_conversations(tmp_path):
     workdir = tmp_path / "run"
     result = subprocess.run(

@@ -105,6 +105,7 @@ def logged(lines: list[str]) -> dict[tuple[int, str], float]:
     return {(r["step"], k): r[k] for r in map(json.loads, lines) for k in names if k in r}
 
 
+@pytest.mark.e2e
 def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
     """4 updates of full fine-tuning DPO saved every 2; the last checkpoint removed (as if the
     run died after step 2) and the run started again: it recomputes the reference from

@@ -17,7 +17,7 @@ import transformers
 from safetensors import safe_open
 from test_trainer import reference_eval_loss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "assets" / "demo_model"
 
 
@@ -39,6 +39,7 @@ def logged(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_demo_trains_evaluates_checkpoints_and_exports_for_transformers(tmp_path):
     workdir = tmp_path / "run"
     result = run_demo(workdir)
@@ -121,6 +122,7 @@ def test_demo_trains_evaluates_checkpoints_and_exports_for_transformers(tmp_path
         assert "Traceback" not in failed.stderr
 
 
+@pytest.mark.e2e
 def test_qlora_on_the_demo_data_lowers_the_loss(tmp_path):
     """NF4 base + rank-16 adapters. The demo base is random: its frozen (tied) head bounds the
     logits to about +-2.6, so adapters alone stall near 5.2; the head is trained in full too, as

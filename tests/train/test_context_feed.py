@@ -18,7 +18,7 @@ from sft_jax.core.errors import ConfigError
 from sft_jax.train import sharding
 from sft_jax.train.sharding import row_blocks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 
@@ -63,6 +63,7 @@ def logged(process: subprocess.Popen, workdir: Path) -> dict[int, dict]:
     return merged
 
 
+@pytest.mark.e2e
 def test_context_axis_across_two_processes_trains_as_one_process(tmp_path):
     """main.py with mesh.context=4 over 2 processes x 2 CPU devices (jax.distributed on
     loopback, gloo): both processes feed the same rows, each device its quarter of every row;

@@ -145,6 +145,7 @@ def bucket_keys(s3, prefix: str) -> dict[str, int]:
     return {o["Key"].removeprefix(prefix): o["Size"] for o in found}
 
 
+@pytest.mark.e2e
 def test_a_run_in_s3_stops_and_resumes_from_the_bucket_bitwise(s3, chat_model, tmp_path):
     """Data and checkpoints round-trip through S3: a run stopped after step 2 resumes on a
     fresh machine (an empty staging directory) from the bucket, ignoring a half-uploaded step
@@ -209,6 +210,7 @@ def test_an_upload_that_fails_keeps_the_staged_step_and_names_it(s3, tmp_path, m
     assert not fresh.checkpoints.exists() and RUN_FILE in bucket_keys(s3, "fresh/")
 
 
+@pytest.mark.e2e
 def test_a_missing_bucket_or_no_credentials_stop_a_bucket_run_before_it_starts(
     s3, chat_model, tmp_path, monkeypatch
 ):
@@ -227,8 +229,9 @@ def test_a_missing_bucket_or_no_credentials_stop_a_bucket_run_before_it_starts(
         Checkpoints("s3://sft-data/run/checkpoints")  # type: ignore[arg-type]
 
 
+@pytest.mark.e2e
 def test_train_with_a_missing_bucket_says_so_in_one_line(s3, tmp_path):
-    root = Path(__file__).parents[1]
+    root = Path(__file__).parents[2]
     command = [sys.executable, str(root / "main.py"), f"--config={root}/configs/base.py",
                "--workdir=s3://no-such-bucket/run",
                f"--config.checkpoint.staging_dir={tmp_path}/stage"]  # fmt: skip

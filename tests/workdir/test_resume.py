@@ -26,7 +26,7 @@ from sft_jax.train.sharding import abstract_like
 from sft_jax.workdir.checkpointing import Checkpoints
 from sft_jax.workdir.rundir import checkpoint_dir
 
-WORKER = Path(__file__).with_name("train_worker.py")
+WORKER = Path(__file__).parents[1] / "train_worker.py"
 STEPS = 24
 
 
@@ -97,6 +97,7 @@ def uninterrupted(model_dir, tmp_path_factory):
     return workdir, summary
 
 
+@pytest.mark.e2e
 def test_kill_9_then_resume_equals_uninterrupted(model_dir, uninterrupted, tmp_path):
     reference = dict(train_losses(uninterrupted[0]))
     kill_at = random.Random(os.getpid()).randint(3, STEPS - 6)
@@ -123,6 +124,7 @@ def assert_resumed_bitwise(workdir: Path, summary: dict, reference: dict, steps:
         assert loss == reference[step], f"step {step}: {loss} != {reference[step]}"
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_the_step_reached(model_dir, tmp_path):
     process = start(model_dir, tmp_path, steps=400)
     wait_for_step(tmp_path, 3, process)
@@ -144,6 +146,7 @@ def summary_model_dir(workdir: Path) -> str:
     return ml_collections.ConfigDict(config).model.name_or_path
 
 
+@pytest.mark.e2e
 def test_export_loads_in_transformers_with_equal_logits(uninterrupted, tmp_path):
     workdir, summary = uninterrupted
     export_dir = Path(summary["export"])

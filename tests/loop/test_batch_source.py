@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from test_step import synthetic_batch
 from test_trainer import base_config, model_dir, synthetic_source  # noqa: F401 (fixture)
 
@@ -39,6 +40,7 @@ def losses(workdir) -> list[float]:
     return [r["train/loss"] for r in map(__import__("json").loads, lines) if "train/loss" in r]
 
 
+@pytest.mark.e2e
 def test_an_on_policy_producer_sees_the_params_each_step_wrote(model_dir, tmp_path):  # noqa: F811
     config = base_config(model_dir, steps=3, warmup_steps=0)  # every step moves the params
     config.eval.every_steps = 0
@@ -70,6 +72,7 @@ def test_an_on_policy_producer_sees_the_params_each_step_wrote(model_dir, tmp_pa
     )
 
 
+@pytest.mark.e2e
 def test_a_resumed_run_continues_the_producer_after_the_saved_batch(model_dir, tmp_path):  # noqa: F811
     config = base_config(model_dir, steps=2)
     config.eval.every_steps = 0

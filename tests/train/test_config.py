@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_field_of_the_base_config_is_documented():
@@ -32,6 +34,7 @@ def run_main(workdir, *overrides: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_a_mistyped_override_is_named_with_suggestions(tmp_path):
     result = run_main(tmp_path, "--config.train.learning_rat=1e-4")
     assert result.returncode != 0
@@ -112,6 +115,7 @@ def test_values_that_would_fail_later_are_named_up_front():
         check_values(config, 8, 8)
 
 
+@pytest.mark.e2e
 def test_a_bad_value_stops_main_with_one_line(tmp_path):
     result = run_main(tmp_path, "--config.log.every_steps=0")
     assert result.returncode != 0

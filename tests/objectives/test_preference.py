@@ -415,7 +415,7 @@ def small_pair_config(name: str):
     import importlib.util
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location(name, root / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -458,6 +458,7 @@ def test_config_check_names_the_bad_preference_field(overrides, field):
         check_values(demo_dpo_config(**overrides), 1, 1)
 
 
+@pytest.mark.e2e
 def test_a_dpo_run_reports_trl_metrics_and_starts_at_the_reference(tmp_path):
     """The loop end to end (data, plan, steps, eval): at step 0 the LoRA policy is its
     reference, so every reward is exactly 0 and the eval loss is log 2 + rpo_alpha x the

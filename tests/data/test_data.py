@@ -17,7 +17,7 @@ from sft_jax.data import tokenize as tok
 from sft_jax.data.formats import Completion, Conversation, normalize
 from sft_jax.data.records import Record
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SYSTEM = {"role": "system", "content": "Be brief ."}
 TURNS = (
     {"role": "user", "content": "Hi !"},
