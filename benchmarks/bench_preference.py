@@ -34,7 +34,8 @@ import torch
 import transformers
 
 from sft_jax.adapters.lora import LoRASpec, apply_lora, trainable_filter
-from sft_jax.data.batches import REFERENCE_KEY, make_rows
+from sft_jax.core.batch import REFERENCE_KEY
+from sft_jax.data.batches import make_rows
 from sft_jax.models import from_pretrained
 from sft_jax.objectives.preference import PairObjective, PreferenceSpec, attach_frozen_copy
 from sft_jax.train import sharding

@@ -20,24 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.core.batch import BASE_KEYS, FIELDS
 from sft_jax.data.records import DataError
 from sft_jax.data.tokenize import Tokenized
 
-# The arrays of a batch, each [rows, T], and their dtypes (every layer reads these).
-BATCH_DTYPES = {
-    "input_ids": np.int32,
-    "target_ids": np.int32,
-    "target_mask": np.bool_,
-    "positions": np.int32,
-    "segment_ids": np.int32,
-}
-BATCH_KEYS = tuple(BATCH_DTYPES)
-# Arrays only some objectives read, [rows, T] as well; a compiled step takes the keys its
-# objective names in `batch_keys` (sft_jax.train.compiled), and a batch may hold more.
-MARGIN_KEY = "pair_margins"  # a preference pair's margin at every token of its chosen reply
-REFERENCE_KEY = "reference_logps"  # DPO's reference log p(target_ids[t]), 0 off target_mask
-OBJECTIVE_DTYPES = {MARGIN_KEY: np.float32, REFERENCE_KEY: np.float32}
-ALL_DTYPES = BATCH_DTYPES | OBJECTIVE_DTYPES
+# The arrays every batch holds, each [rows, T] (core/batch.py: the schema of every field).
+BATCH_KEYS = BASE_KEYS
 
 
 def best_fit(
@@ -134,7 +122,7 @@ def epoch_rows(
 
 def make_rows(tokenized: Tokenized, rows: list[list[int]], row_len: int) -> dict[str, np.ndarray]:
     """Arrays [len(rows), row_len] of the documents of each row, padding after them."""
-    out = {k: np.zeros((len(rows), row_len), dtype) for k, dtype in BATCH_DTYPES.items()}
+    out = {k: np.zeros((len(rows), row_len), FIELDS[k].dtype) for k in BASE_KEYS}
     for r, docs in enumerate(rows):
         start = 0
         for segment, doc in enumerate(docs, start=1):

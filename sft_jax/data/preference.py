@@ -19,8 +19,9 @@ A pair whose two documents do not fit in one row (config.data.max_length) is dro
 ("pair_too_long"). Bad pairs (identical replies, an empty reply, a prompt that is not a prefix of
 the conversation, a `margin` that is not a number) stop the run naming file:line, or are counted
 with skip_bad_examples. A pair's margin (TRL's optional column; 0 without it) rides with it into
-the rows (batches.MARGIN_KEY), and so do DPO's reference log-probs once precomputed
-(batches.REFERENCE_KEY; Pairs.precompute_reference), whatever rows packing makes.
+the rows (MARGIN_KEY, a value per segment), and so do DPO's reference log-probs once
+precomputed (REFERENCE_KEY, per token; Pairs.precompute_reference), whatever rows packing
+makes.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from sft_jax.core.batch import MARGIN_KEY, REFERENCE_KEY, shape
 from sft_jax.data import batches, pipeline, records, tokenize
 from sft_jax.data.formats import ROLES, BadExample, Completion, Conversation, _messages
 from sft_jax.data.records import DataError
@@ -155,20 +157,23 @@ class Pairs:
 
     def make_rows(self, rows: list[list[int]], row_len: int) -> dict[str, np.ndarray]:
         """The arrays of rows of pairs (batches.make_rows of their documents), with MARGIN_KEY
-        on every token of a chosen reply and, once precomputed, REFERENCE_KEY aligned with
-        target_ids (as target_mask: the value of token t + 1 at position t)."""
+        (per segment: pair j of a row, segments 2j + 1 and 2j + 2, has its margin at index 2j)
+        and, once precomputed, REFERENCE_KEY aligned with target_ids (as target_mask: the
+        value of token t + 1 at position t)."""
         out = batches.make_rows(self.documents, documents_of(rows), row_len)
-        out[batches.MARGIN_KEY] = np.zeros((len(rows), row_len), np.float32)
+        out[MARGIN_KEY] = np.zeros(shape(MARGIN_KEY, len(rows), row_len), np.float32)
         reference = self.reference_logps
         if reference is not None:
-            out[batches.REFERENCE_KEY] = np.zeros((len(rows), row_len), np.float32)
+            out[REFERENCE_KEY] = np.zeros(shape(REFERENCE_KEY, len(rows), row_len), np.float32)
         offsets = self.documents.offsets
         for r, doc, start, end in self._spans(rows):
-            if doc % 2 == 0:
-                out[batches.MARGIN_KEY][r, start:end] = self.margins[doc // 2]
             if reference is not None:
                 span = reference[offsets[doc] + 1 : offsets[doc + 1]]
-                out[batches.REFERENCE_KEY][r, start : end - 1] = span
+                out[REFERENCE_KEY][r, start : end - 1] = span
+        for r, docs in enumerate(documents_of(rows)):
+            for index, doc in enumerate(docs):  # segment index + 1
+                if doc % 2 == 0:
+                    out[MARGIN_KEY][r, index] = self.margins[doc // 2]
         return out
 
     def _spans(self, rows: list[list[int]]) -> Iterator[tuple[int, int, int, int]]:

@@ -35,8 +35,8 @@ import ml_collections
 from flax import nnx
 
 from sft_jax.adapters.lora import adapters_off
+from sft_jax.core.batch import REFERENCE_KEY
 from sft_jax.core.errors import ConfigError, check_choice, need
-from sft_jax.data.batches import REFERENCE_KEY
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.loss import hidden_token_logps, token_logps
 from sft_jax.objectives.moe import load_balancing_loss
@@ -228,7 +228,7 @@ class PairObjective:
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
-        """Batch arrays the step takes beyond data.batches.BATCH_KEYS."""
+        """Batch arrays the step takes beyond core.batch.BASE_KEYS."""
         return (REFERENCE_KEY,) if self.reference == "precomputed" else ()
 
     def reference_token_logps(self, model: CausalLM, batch: Batch) -> jax.Array:

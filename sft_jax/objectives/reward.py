@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from sft_jax.adapters.lora import names
+from sft_jax.core.batch import MARGIN_KEY
 from sft_jax.core.errors import ConfigError, need
-from sft_jax.data.batches import MARGIN_KEY
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.moe import load_balancing_loss
 from sft_jax.objectives.preference import check_pair_fields
@@ -67,7 +67,7 @@ def pair_rewards(
     present_BxS = last_BxS >= 0
     margin = jnp.zeros_like(rewards_BxS[:, 0::2])
     if MARGIN_KEY in batch:
-        margin = jnp.take_along_axis(batch[MARGIN_KEY], index_BxS[:, 0::2], axis=1)
+        margin = batch[MARGIN_KEY][:, : 2 * max_pairs : 2]  # per segment: chosen ones
     return SegmentRewards(
         rewards_BxS[:, 0::2],
         rewards_BxS[:, 1::2],
@@ -106,7 +106,7 @@ class RewardObjective:
     center_rewards_coefficient: float = 0.0
     aux_loss_coef: float = 0.0
     micro_batches: int = 1
-    batch_keys: tuple[str, ...] = (MARGIN_KEY,)  # the step's batch arrays beyond BATCH_KEYS
+    batch_keys: tuple[str, ...] = (MARGIN_KEY,)  # the step's batch arrays beyond BASE_KEYS
 
     def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> RewardSums:
         hidden_BxTxD, stats = model.forward(

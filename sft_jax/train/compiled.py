@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax.adapters.lora import LoRASpec
+from sft_jax.core.batch import BASE_KEYS
 from sft_jax.core.errors import ConfigError
-from sft_jax.data.batches import BATCH_KEYS
 from sft_jax.models import CausalLM
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.moe import use_moe_dispatch
@@ -70,8 +70,8 @@ class Steps:
 
 
 def batch_keys(objective: step.Objective) -> tuple[str, ...]:
-    """The arrays of the steps' batches: data.batches.BATCH_KEYS and the objective's own."""
-    return (*BATCH_KEYS, *getattr(objective, "batch_keys", ()))
+    """The arrays of the steps' batches: core.batch.BASE_KEYS and the objective's own."""
+    return (*BASE_KEYS, *getattr(objective, "batch_keys", ()))
 
 
 def init_state(
@@ -233,7 +233,7 @@ def compile_reference(
     replicated = NamedSharding(mesh, PartitionSpec())
     reference_step = functools.partial(step.reference_step, spec)
     compiled = _lowered(
-        reference_step, mesh, params, abstract_frozen, (rows, seq_len, BATCH_KEYS), replicated
+        reference_step, mesh, params, abstract_frozen, (rows, seq_len, BASE_KEYS), replicated
     ).compile()
     batches = sharding.batch_shardings(mesh)
 

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sft_jax.core.batch import BASE_KEYS, FIELDS, ROW, TOKEN, shape
 from sft_jax.core.errors import ConfigError
-from sft_jax.data.batches import ALL_DTYPES, BATCH_KEYS
 from sft_jax.models.partitioning import (
     CONTEXT_AXIS,
     LOGICAL_RULES,
@@ -104,19 +104,25 @@ def opt_state_shardings(abstract_opt_state: Any, params_shardings: Any, mesh: Me
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def batch_shardings(mesh: Mesh, keys: Sequence[str] = BATCH_KEYS) -> dict[str, NamedSharding]:
-    """Rows split over the batch axes; with a context axis, the time axis over it too. keys:
-    the batch's arrays (an objective's own keys after data.batches.BATCH_KEYS)."""
+def batch_shardings(mesh: Mesh, keys: Sequence[str] = BASE_KEYS) -> dict[str, NamedSharding]:
+    """Rows split over the batch axes; with a context axis, the time axis of per-token arrays
+    over it too (core/batch.py: each field's kind). keys: the batch's arrays (an objective's
+    own keys after core.batch.BASE_KEYS)."""
     time = CONTEXT_AXIS if context_shards(mesh) > 1 else None
-    rows = NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], time))
-    return {k: rows for k in keys}
+    batch_axes = LOGICAL_RULES["batch"]
+    specs = {
+        TOKEN: PartitionSpec(batch_axes, time),
+        ROW: PartitionSpec(batch_axes),
+    }
+    segment = PartitionSpec(batch_axes, None)
+    return {k: NamedSharding(mesh, specs.get(FIELDS[k].kind, segment)) for k in keys}
 
 
 def abstract_batch(
-    rows: int, seq_len: int, mesh: Mesh, keys: Sequence[str] = BATCH_KEYS
+    rows: int, seq_len: int, mesh: Mesh, keys: Sequence[str] = BASE_KEYS
 ) -> dict[str, jax.ShapeDtypeStruct]:
     return {
-        k: jax.ShapeDtypeStruct((rows, seq_len), ALL_DTYPES[k], sharding=s)
+        k: jax.ShapeDtypeStruct(shape(k, rows, seq_len), FIELDS[k].dtype, sharding=s)
         for k, s in batch_shardings(mesh, keys).items()
     }
 
@@ -167,7 +173,7 @@ def device_batch(
     global_rows: the batch's rows over every process, checked against the feed (0: not)."""
     out = {}
     for key, sharding in shardings.items():
-        local = np.asarray(local_batch[key], ALL_DTYPES[key])
+        local = np.asarray(local_batch[key], FIELDS[key].dtype)
         block, blocks = row_feed(sharding.mesh)
         if global_rows and local.shape[0] * blocks != global_rows:
             raise ConfigError(

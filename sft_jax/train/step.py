@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from sft_jax.core.batch import FIELDS, TOKEN
 from sft_jax.models.partitioning import (
     CONTEXT_AXIS,
     LOGICAL_RULES,
@@ -28,6 +29,13 @@ from sft_jax.objectives.loss import CrossEntropy
 from sft_jax.objectives.moe import MoECrossEntropy
 
 Batch = dict[str, jax.Array]
+
+
+def token_layout(batch: Batch) -> Batch:
+    """The batch with its per-token arrays in the context axis's order (context_layout);
+    per-segment and per-row arrays as they are (core/batch.py)."""
+    tokens = {k: v for k, v in batch.items() if FIELDS[k].kind == TOKEN}
+    return {**batch, **context_layout(tokens)}
 
 
 class Objective(Protocol):
@@ -142,7 +150,7 @@ def train_step(
     """One optimizer update: (new state, metrics of this step)."""
     step_key = jax.random.fold_in(jax.random.key(spec.dropout_seed), state["step"])
     params = state["params"]
-    batch = context_layout(batch)
+    batch = token_layout(batch)
     grads, sums = gradients(spec, params, frozen, batch, step_key)
     updates, opt_state = spec.tx.update(grads, state["opt_state"], params)
     new_state = {
@@ -159,12 +167,12 @@ def train_step(
 
 def eval_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> Any:
     """The objective's sums over an eval batch (no dropout); the caller adds them up."""
-    batch = context_layout(batch)
+    batch = token_layout(batch)
     return spec.objective.sums(nnx.merge(spec.graphdef, params, frozen), batch, None)
 
 
 def reference_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> jax.Array:
     """The objective's reference log-probs of a batch, [rows, T] (DPO with a precomputed
     reference: run once over the data with the initial weights)."""
-    batch = context_layout(batch)
+    batch = token_layout(batch)
     return spec.objective.reference_token_logps(nnx.merge(spec.graphdef, params, frozen), batch)

@@ -18,9 +18,9 @@ from test_dpo_full import SPEC, perturbed
 from test_preference import SEQ_LEN, demo_dpo_config, make_pairs
 from test_step import train_config
 
+from sft_jax.core.batch import REFERENCE_KEY
 from sft_jax.data import preference as pair_data
 from sft_jax.data import tokenize
-from sft_jax.data.batches import REFERENCE_KEY
 from sft_jax.models import from_pretrained
 from sft_jax.objectives.preference import PairObjective, attach_frozen_copy
 from sft_jax.train import sharding

@@ -105,11 +105,11 @@ def test_export_loads_in_transformers_with_the_same_scores(reward_dir, tmp_path)
 
 
 def with_margins(batch, margins, per_row: int):
-    """The batch with each chosen reply's tokens holding its pair's margin."""
+    """The batch with each pair's margin at its chosen reply's segment (core/batch.py)."""
     out = np.zeros(batch["input_ids"].shape, np.float32)
     for index, margin in enumerate(margins):
         row, slot = divmod(index, per_row)
-        out[row][batch["segment_ids"][row] == 2 * slot + 1] = margin
+        out[row, 2 * slot] = margin  # segment 2 * slot + 1
     return batch | {MARGIN_KEY: out}
 
 

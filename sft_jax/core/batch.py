@@ -1,0 +1,66 @@
+"""The batch schema: every array a train or eval batch may hold, its dtype, what one value
+stands for (a token, a segment or a row) and so how it is laid out and sharded.
+
+  TOKEN    [rows, T]  one value per position of the row; sharded over the batch axes and,
+                      with a context axis, the time axis (reordered with the tokens)
+  SEGMENT  [rows, T]  one value per document of the row: segment s's value at index s - 1
+                      (a row of T tokens holds at most T segments); the rest 0. Sharded over
+                      the batch axes only: its second axis is not time
+  ROW      [rows]     one value per row; sharded over the batch axes
+
+The data layer fills the arrays by name without knowing which objective reads them; an
+objective names the keys it reads beyond BASE_KEYS (its `batch_keys`), and the compiled steps
+take exactly those. A new kind of input (images beside the tokens, an advantage per sequence)
+is one `register` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+TOKEN, SEGMENT, ROW = "token", "segment", "row"
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    dtype: type
+    kind: str  # TOKEN, SEGMENT or ROW
+    meaning: str
+
+
+FIELDS: dict[str, Field] = {}
+
+
+def register(name: str, field: Field) -> str:
+    if name in FIELDS:
+        raise ValueError(f"batch field {name!r} is registered twice")
+    if field.kind not in (TOKEN, SEGMENT, ROW):
+        raise ValueError(f"batch field {name!r}: kind {field.kind!r} is not token/segment/row")
+    FIELDS[name] = field
+    return name
+
+
+def shape(name: str, rows: int, seq_len: int) -> tuple[int, ...]:
+    """The shape of field `name` in a batch of rows x seq_len tokens."""
+    return (rows,) if FIELDS[name].kind == ROW else (rows, seq_len)
+
+
+# What every batch holds (data/batches.py documents the label shift).
+BASE_KEYS = (
+    register("input_ids", Field(np.int32, TOKEN, "token ids")),
+    register("target_ids", Field(np.int32, TOKEN, "the token each position predicts")),
+    register("target_mask", Field(np.bool_, TOKEN, "whether that prediction trains")),
+    register("positions", Field(np.int32, TOKEN, "position in its document, from 0")),
+    register("segment_ids", Field(np.int32, TOKEN, "document number in the row, 1.. (0: pad)")),
+)
+# What some objectives read.
+MARGIN_KEY = register(
+    "pair_margins",
+    Field(np.float32, SEGMENT, "a preference pair's margin, at its chosen sequence's segment"),
+)
+REFERENCE_KEY = register(
+    "reference_logps",
+    Field(np.float32, TOKEN, "DPO's reference log p(target_ids[t]); 0 off target_mask"),
+)
