@@ -279,9 +279,19 @@ class CrossEntropy:
 
     z_loss_weight: float = 0.0
     loss_chunk_size: int = 512
+    loss_metric = "ce"  # its loss's own name where the MoE wrapper adds the router's to it
 
     def sums(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None) -> LossSums:
         return loss_sums(model, batch, self.loss_chunk_size, dropout_key=dropout_key)
+
+    def sums_with_router(
+        self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None
+    ) -> tuple[LossSums, Any]:
+        """sums, and the router statistics of the forward pass (objectives/moe.py)."""
+        hidden_BxTxD, stats = model.forward(
+            batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+        )
+        return hidden_loss_sums(model, hidden_BxTxD, batch, self.loss_chunk_size), stats
 
     def normalizer(self, batch: dict[str, jax.Array]) -> jax.Array:
         """Target tokens of the whole global batch (all devices, all micro-batches): uneven

@@ -27,7 +27,7 @@ whose logps/* are per-token means too.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,6 @@ from sft_jax.core.batch import REFERENCE_KEY
 from sft_jax.core.errors import ConfigError, check_choice, need
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.loss import hidden_token_logps, token_logps
-from sft_jax.objectives.moe import load_balancing_loss
 
 Batch = dict[str, jax.Array]
 REFERENCE_FREE = ("simpo", "orpo")
@@ -188,8 +187,6 @@ class PreferenceSums(NamedTuple):
     margins: jax.Array
     logps_chosen: jax.Array
     logps_rejected: jax.Array
-    aux: jax.Array  # MoE load-balancing loss of each micro-batch, summed (0 for a dense model)
-    micro_batches: jax.Array  # 1 per micro-batch
 
 
 class PairCount(NamedTuple):
@@ -209,17 +206,14 @@ class PairObjective:
     batch's REFERENCE_KEY, reference_token_logps of the initial model computed in one pass
     before training: no reference weights and no reference forward in the step) or "none"
     (SimPO, ORPO).
-    max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs).
-    aux_loss_coef, micro_batches: a mixture of experts' load-balancing loss weight (added as
-    for SFT, sft_jax.objectives.moe) and the step's gradient accumulation.
+    max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs). On a mixture of experts
+    the router's losses are added by objectives/moe.RouterLosses, as for SFT.
     """
 
     spec: PreferenceSpec
     reference: str = "adapters_off"
     max_pairs: int = 1
     loss_chunk_size: int = 512
-    aux_loss_coef: float = 0.0
-    micro_batches: int = 1
 
     @property
     def reference_forwards(self) -> int:
@@ -241,19 +235,16 @@ class PairObjective:
 
     def policy_and_reference(
         self, model: CausalLM, batch: Batch, dropout_key: jax.Array | None
-    ) -> tuple[jax.Array, PairLogps, PairLogps | None]:
+    ) -> tuple[jax.Array, PairLogps, PairLogps | None, Any]:
         """(per-token log-probs, pair log-probs under the policy, and under the reference,
-        the router's load-balancing loss (0 for a dense model))."""
+        the router statistics of the policy's forward pass (None for a dense model))."""
         hidden_BxTxD, stats = model.forward(
             batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
         )
         logps_BxT = hidden_token_logps(model, hidden_BxTxD, batch, self.loss_chunk_size)
         policy = pair_logps(logps_BxT, batch, self.max_pairs)
-        aux = jnp.zeros((), jnp.float32)
-        if stats is not None and self.aux_loss_coef:
-            aux = load_balancing_loss(stats)
         if self.reference == "none":
-            return logps_BxT, policy, None, aux
+            return logps_BxT, policy, None, stats
         if self.reference == "precomputed":
             reference_BxT = batch[REFERENCE_KEY]
         elif self.reference == "copy":
@@ -261,10 +252,16 @@ class PairObjective:
         else:
             reference_BxT = self.reference_token_logps(model, batch)
         reference_BxT = jax.lax.stop_gradient(reference_BxT)
-        return logps_BxT, policy, pair_logps(reference_BxT, batch, self.max_pairs), aux
+        return logps_BxT, policy, pair_logps(reference_BxT, batch, self.max_pairs), stats
 
     def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> PreferenceSums:
-        logps_BxT, policy, reference, aux = self.policy_and_reference(model, batch, dropout_key)
+        return self.sums_with_router(model, batch, dropout_key)[0]
+
+    def sums_with_router(
+        self, model: CausalLM, batch: Batch, dropout_key=None
+    ) -> tuple[PreferenceSums, Any]:
+        """sums, and the router statistics of the policy's forward pass (objectives/moe.py)."""
+        logps_BxT, policy, reference, stats = self.policy_and_reference(model, batch, dropout_key)
         terms = pair_terms(self.spec, policy, reference)
         valid = policy.valid.astype(jnp.float32)
         chosen_mask = chosen_token_mask(batch)
@@ -284,9 +281,7 @@ class PairObjective:
             margins=total(terms.chosen_rewards - terms.rejected_rewards),
             logps_chosen=total(terms.chosen_logps),
             logps_rejected=total(terms.rejected_logps),
-            aux=aux,
-            micro_batches=jnp.ones((), jnp.float32),
-        )
+        ), stats
 
     def normalizer(self, batch: Batch) -> PairCount:
         ones = jnp.ones(batch["target_mask"].shape, jnp.float32)
@@ -300,8 +295,6 @@ class PairObjective:
         loss = sums.loss / normalizer.pairs
         if self.spec.nll_weight:
             loss = loss + self.spec.nll_weight * sums.chosen_nll / normalizer.chosen_tokens
-        if self.aux_loss_coef:  # as moe_loss.MoECrossEntropy: each micro-batch's, averaged
-            loss = loss + self.aux_loss_coef * sums.aux / self.micro_batches
         return loss
 
     def eval_metrics(self, sums: PreferenceSums) -> dict[str, float]:
@@ -311,8 +304,7 @@ class PairObjective:
                 "the eval set holds no preference pairs: check config.data.eval_files."
             )
         count = PairCount(sums.pairs, jnp.maximum(sums.chosen_tokens, 1.0))
-        metrics = self.metrics(sums._replace(aux=sums.aux * 0), count, prefix="eval")
-        return {k: float(v) for k, v in metrics.items() if k != "eval/aux_loss"}
+        return {k: float(v) for k, v in self.metrics(sums, count, prefix="eval").items()}
 
     def metrics(self, sums: PreferenceSums, normalizer: PairCount, prefix: str = "train"):
         """TRL's names: means over the pairs of the batch."""
@@ -330,8 +322,6 @@ class PairObjective:
             f"{prefix}/nll": sums.chosen_nll / normalizer.chosen_tokens,
             f"{prefix}/pairs": sums.pairs,
         }
-        if self.aux_loss_coef:
-            metrics[f"{prefix}/aux_loss"] = sums.aux / sums.micro_batches
         return metrics
 
 
@@ -346,14 +336,12 @@ def reference_of(config: ml_collections.ConfigDict) -> str:
 def objective_from_config(
     config: ml_collections.ConfigDict,
     max_segments: int,
-    aux_loss_coef: float,
     loss_type: str,
     reference: str,
 ) -> PairObjective:
     """The PairObjective of config.preference (checked by check_pairs / check_dpo) with
     `loss_type` (LOSS_TYPES) against `reference` (REFERENCES resolved, or "none");
-    rows hold (max_segments - 1) // 2 pairs; aux_loss_coef: a mixture of experts'
-    load-balancing loss weight."""
+    rows hold (max_segments - 1) // 2 pairs."""
     pref = config.preference
     spec = PreferenceSpec(
         loss_type=loss_type,
@@ -367,8 +355,6 @@ def objective_from_config(
         reference=reference,
         max_pairs=max(1, (max_segments - 1) // 2),
         loss_chunk_size=config.train.loss_chunk_size,
-        aux_loss_coef=aux_loss_coef,
-        micro_batches=config.train.gradient_accumulation_steps,
     )
 
 

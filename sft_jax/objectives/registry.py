@@ -20,9 +20,10 @@ from sft_jax.objectives import preference, reward
 # What a run whose config predates config.train.objective trained with.
 DEFAULT = "sft"
 
-# build(config, model, max_segments, pad_token_id, aux_loss_coef) -> the objective, or None for
-# the step's own cross-entropy (with the router's losses on a mixture of experts).
-Build = Callable[[Any, CausalLM, int, "int | None", float], Any]
+# build(config, model, max_segments, pad_token_id) -> the objective, or None for the step's own
+# cross-entropy. On a mixture of experts the step adds the router's losses to either
+# (objectives/moe.RouterLosses).
+Build = Callable[[Any, CausalLM, int, "int | None"], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +70,15 @@ def kind_of(config: Any) -> ObjectiveKind:
     return _KINDS[name]
 
 
-def build(
-    config: Any, model: CausalLM, max_segments: int, pad_token_id: int | None, aux: float
-) -> Any:
+def build(config: Any, model: CausalLM, max_segments: int, pad_token_id: int | None) -> Any:
     """The objective of the run, or None for the step's own cross-entropy."""
-    return kind_of(config).build(config, model, max_segments, pad_token_id, aux)
+    return kind_of(config).build(config, model, max_segments, pad_token_id)
 
 
-def _dpo(config, model, max_segments, pad_token_id, aux):
+def _dpo(config, model, max_segments, pad_token_id):
     reference = preference.reference_of(config)
     chosen = preference.objective_from_config(
-        config, max_segments or 3, aux, config.preference.loss_type, reference
+        config, max_segments or 3, config.preference.loss_type, reference
     )
     if reference == "copy":
         preference.attach_frozen_copy(model)  # frozen variables of the steps, sharded
@@ -88,14 +87,14 @@ def _dpo(config, model, max_segments, pad_token_id, aux):
 
 def _reference_free(loss_type: str) -> Build:
     """SimPO and ORPO: the objective's name is its loss type, and there is no reference."""
-    return lambda config, model, max_segments, pad_token_id, aux: preference.objective_from_config(
-        config, max_segments or 3, aux, loss_type, "none"
+    return lambda config, model, max_segments, pad_token_id: preference.objective_from_config(
+        config, max_segments or 3, loss_type, "none"
     )
 
 
-def _reward_objective(config, model, max_segments, pad_token_id, aux):
+def _reward_objective(config, model, max_segments, pad_token_id):
     pad = reward_pad_id(pad_token_id, model.config.hf_config)
-    return reward.objective_from_config(config, max_segments or 3, pad, aux)
+    return reward.objective_from_config(config, max_segments or 3, pad)
 
 
 register(

@@ -21,7 +21,7 @@ On a mixture of experts the router's load-balancing loss is added as for SFT (mo
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,6 @@ from sft_jax.adapters.lora import names
 from sft_jax.core.batch import MARGIN_KEY
 from sft_jax.core.errors import ConfigError, need
 from sft_jax.models.decoder import CausalLM
-from sft_jax.objectives.moe import load_balancing_loss
 from sft_jax.objectives.preference import check_pair_fields
 
 Batch = dict[str, jax.Array]
@@ -87,8 +86,6 @@ class RewardSums(NamedTuple):
     rewards: jax.Array  # sum of r_c + r_r
     min_reward: jax.Array  # the lowest reward of a chosen or rejected sequence (not a sum)
     max_reward: jax.Array  # the highest (not a sum)
-    aux: jax.Array  # MoE load-balancing loss of each micro-batch, summed (0 for a dense model)
-    micro_batches: jax.Array  # 1 per micro-batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +94,21 @@ class RewardObjective:
 
     pad_token_id: the token the reward is never read at (the exported config.json's).
     max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs).
-    aux_loss_coef, micro_batches: a mixture of experts' load-balancing loss weight, and the
-    step's gradient accumulation (each micro-batch's aux weighs 1 / micro_batches).
+    On a mixture of experts the router's losses are added by objectives/moe.RouterLosses.
     """
 
     pad_token_id: int
     max_pairs: int = 1
     center_rewards_coefficient: float = 0.0
-    aux_loss_coef: float = 0.0
-    micro_batches: int = 1
     batch_keys: tuple[str, ...] = (MARGIN_KEY,)  # the step's batch arrays beyond BASE_KEYS
 
     def sums(self, model: CausalLM, batch: Batch, dropout_key=None) -> RewardSums:
+        return self.sums_with_router(model, batch, dropout_key)[0]
+
+    def sums_with_router(
+        self, model: CausalLM, batch: Batch, dropout_key=None
+    ) -> tuple[RewardSums, Any]:
+        """sums, and the router statistics of the forward pass (objectives/moe.py)."""
         hidden_BxTxD, stats = model.forward(
             batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
         )
@@ -120,9 +120,6 @@ class RewardObjective:
         def total(x: jax.Array) -> jax.Array:
             return jnp.sum(jnp.where(valid, x, 0.0))
 
-        aux = jnp.zeros((), jnp.float32)
-        if stats is not None and self.aux_loss_coef:
-            aux = load_balancing_loss(stats)
         return RewardSums(
             loss=total(-jax.nn.log_sigmoid(difference - pairs.margin)),
             centering=total(jnp.square(pairs.chosen + pairs.rejected)),
@@ -136,9 +133,7 @@ class RewardObjective:
             max_reward=jnp.max(
                 jnp.where(valid, jnp.maximum(pairs.chosen, pairs.rejected), -jnp.inf)
             ),
-            aux=aux,
-            micro_batches=jnp.ones((), jnp.float32),
-        )
+        ), stats
 
     def no_sums(self, zeros: RewardSums) -> RewardSums:
         """The sums of no pairs (what add_sums starts from)."""
@@ -161,8 +156,7 @@ class RewardObjective:
         return jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
 
     def loss(self, sums: RewardSums, normalizer: jax.Array) -> jax.Array:
-        loss = (sums.loss + self.center_rewards_coefficient * sums.centering) / normalizer
-        return loss + self.aux_loss_coef * sums.aux / self.micro_batches
+        return (sums.loss + self.center_rewards_coefficient * sums.centering) / normalizer
 
     def metrics(self, sums: RewardSums, normalizer: jax.Array, prefix: str = "train"):
         """TRL's names (RewardTrainer): means over the pairs of the batch."""
@@ -175,8 +169,6 @@ class RewardObjective:
             f"{prefix}/max_reward": sums.max_reward,
             f"{prefix}/pairs": sums.pairs,
         }
-        if self.aux_loss_coef:
-            metrics[f"{prefix}/aux_loss"] = sums.aux / sums.micro_batches
         return metrics
 
     def eval_metrics(self, sums: RewardSums) -> dict[str, float]:
@@ -185,15 +177,13 @@ class RewardObjective:
             raise ConfigError(
                 "the eval set holds no preference pairs: check config.data.eval_files."
             )
-        metrics = self.metrics(sums._replace(aux=sums.aux * 0), sums.pairs, prefix="eval")
-        return {k: float(v) for k, v in metrics.items() if k != "eval/aux_loss"}
+        return {k: float(v) for k, v in self.metrics(sums, sums.pairs, prefix="eval").items()}
 
 
 def objective_from_config(
     config: ml_collections.ConfigDict,
     max_segments: int,
     pad_token_id: int | None,
-    aux_loss_coef: float = 0.0,
 ) -> RewardObjective:
     """The RewardObjective of a run: rows hold (max_segments - 1) // 2 pairs."""
     if pad_token_id is None:
@@ -206,8 +196,6 @@ def objective_from_config(
         pad_token_id,
         max_pairs=max(1, (max_segments - 1) // 2),
         center_rewards_coefficient=config.preference.center_rewards_coefficient,
-        aux_loss_coef=aux_loss_coef,
-        micro_batches=config.train.gradient_accumulation_steps,
     )
 
 

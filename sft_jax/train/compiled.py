@@ -118,7 +118,7 @@ def build_steps(
     graphdef, _, frozen_state = nnx.split(model, trainable, ...)
     frozen_shardings = sharding.param_shardings(model, mesh, nnx.Not(trainable))
     frozen = jax.device_put(nnx.to_pure_dict(frozen_state), frozen_shardings)
-    objective = objective or options.objective()
+    objective = options.objective(objective)  # with the router's losses on an MoE
     spec = StepSpec(
         graphdef, tx, schedule, objective, options.gradient_accumulation_steps, options.dropout_seed
     )

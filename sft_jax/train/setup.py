@@ -121,8 +121,7 @@ def objective_for(
     """config.train.objective's objective (objectives/registry.py); None for SFT
     (StepOptions.objective: cross-entropy, with the router's losses on a mixture of experts).
     DPO with a frozen copy of the weights as its reference attaches that copy to the model."""
-    aux_loss_coef = moe_options(config.train, model.config).get("router_aux_loss_coef", 0.0)
-    chosen = registry.build(config, model, max_segments, pad_token_id, aux_loss_coef)
+    chosen = registry.build(config, model, max_segments, pad_token_id)
     if chosen is not None:
         log.info("objective: %s, %s", registry.name_of(config), chosen)
     return chosen

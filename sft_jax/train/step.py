@@ -26,7 +26,7 @@ from sft_jax.models.partitioning import (
     context_shards,
 )
 from sft_jax.objectives.loss import CrossEntropy
-from sft_jax.objectives.moe import MoECrossEntropy
+from sft_jax.objectives.moe import RouterLosses
 
 Batch = dict[str, jax.Array]
 
@@ -63,17 +63,19 @@ class StepOptions:
     router_aux_loss_coef: float = 0.0
     router_z_loss_weight: float = 0.0
 
-    def objective(self) -> CrossEntropy | MoECrossEntropy:
-        if self.moe_layers:
-            return MoECrossEntropy(
-                self.moe_layers,
-                self.router_aux_loss_coef,
-                self.router_z_loss_weight,
-                self.z_loss_weight,
-                self.loss_chunk_size,
-                self.gradient_accumulation_steps,
-            )
-        return CrossEntropy(self.z_loss_weight, self.loss_chunk_size)
+    def objective(self, inner: Objective | None = None) -> Objective:
+        """`inner` (default: SFT's cross-entropy), with the router's losses on a mixture of
+        experts (objectives/moe.RouterLosses)."""
+        inner = inner or CrossEntropy(self.z_loss_weight, self.loss_chunk_size)
+        if not self.moe_layers:
+            return inner
+        return RouterLosses(
+            inner,
+            self.moe_layers,
+            self.router_aux_loss_coef,
+            self.router_z_loss_weight,
+            self.gradient_accumulation_steps,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from test_preference import make_pairs, pair_batch
 
 from configs import base
 from sft_jax.models import from_pretrained
+from sft_jax.objectives.moe import RouterLosses
 from sft_jax.objectives.preference import PairObjective, PreferenceSpec
 from sft_jax.objectives.reward import RewardObjective
 from sft_jax.train.flops import matmul_params, training_flops_per_token
@@ -47,10 +48,11 @@ def test_a_preference_objective_on_moe_adds_the_load_balancing_loss(tmp_path, ob
     batch = {k: jnp.asarray(v) for k, v in pair_batch(pairs, 2).items()}
     graphdef, params = nnx.split(model)
 
-    def objective(coef: float):
+    def objective(coef: float):  # the router's losses wrap the pair objective, as in a run
         if objective_name == "reward":
-            return RewardObjective(0, max_pairs=2, aux_loss_coef=coef)
-        return PairObjective(PreferenceSpec("orpo", beta=0.1), "none", 2, aux_loss_coef=coef)
+            return RouterLosses(RewardObjective(0, max_pairs=2), model.config.moe_layers, coef)
+        pairs = PairObjective(PreferenceSpec("orpo", beta=0.1), "none", 2)
+        return RouterLosses(pairs, model.config.moe_layers, coef)
 
     def loss_and_sums(params, coef):
         chosen = objective(coef)
