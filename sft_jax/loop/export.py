@@ -21,8 +21,8 @@ import jax
 import ml_collections
 from flax import nnx
 
-from sft_jax.adapters.lora import LoRASpec, merged, save_adapter
-from sft_jax.adapters.prompts import PromptSpec, save_prompt_adapter
+from sft_jax.adapters import methods as adapter_methods
+from sft_jax.adapters.methods import AdapterMethod
 from sft_jax.data import run_tokenizer
 from sft_jax.data.cloud import is_remote
 from sft_jax.models import DTYPES, CheckpointError, from_hf_config, save_pretrained
@@ -79,10 +79,9 @@ def _export(workdir: Path, which: str | int, out: Path) -> Path:
     checkpoints = rundir.open_run(workdir)
     step = rundir.pick_step(checkpoints, which)
     config = ml_collections.ConfigDict(json.loads(checkpoints.meta(step)["config"]))
-    if LoRASpec.from_config(config.lora, config.train.steps).enabled:
-        return _export_lora(checkpoints, step, config, out)
-    if PromptSpec.from_config(config).enabled:
-        return _export_prompt(checkpoints, step, config, out)
+    adapted = adapter_methods.enabled_methods(config)
+    if adapted:
+        return _export_adapted(checkpoints, step, config, out, adapted[0])
     model_dir = resolve_model_dir(config.model.name_or_path)
     param_dtype = DTYPES[config.model.param_dtype]
     model_config = from_hf_config(load_hf_config(model_dir))
@@ -135,51 +134,19 @@ def _trained_model(checkpoints: Checkpoints, step: int, config) -> tuple[Any, An
     return model, spec
 
 
-def _export_prompt(checkpoints: Checkpoints, step: int, config, out: Path) -> Path:
-    """Virtual tokens or prefixes cannot be merged into weights: the PEFT adapter in
-    out/adapter, the unchanged base model (with the run's tokenizer) in out to load it on."""
+def _export_adapted(
+    checkpoints: Checkpoints, step: int, config, out: Path, method: AdapterMethod
+) -> Path:
+    """The run's adapters as `method` exports them (adapters/methods.py): its PEFT adapter in
+    out/adapter, and in out the model merged with them, or the base model to load them on."""
     model, _ = _trained_model(checkpoints, step, config)
-    model_dir = resolve_model_dir(config.model.name_or_path)
     with _replacing(out) as partial:
-        save_prompt_adapter(
+        model, written = method.export(model, config, partial)
+        save_pretrained(
             model,
-            partial / "adapter",
-            PromptSpec.from_config(config),
-            base_model=config.model.name_or_path,
-        )
-        model.virtual_tokens, model.kv_prefix = None, None
-        save_pretrained(
-            model, partial, tokenizer=run_tokenizer(config), generation_config_from=model_dir
-        )
-    log.info(
-        "exported step %d of %s: PEFT adapter in %s/adapter on the base model in %s",
-        step,
-        checkpoints.directory,
-        out,
-        out,
-    )
-    return out
-
-
-def _export_lora(checkpoints: Checkpoints, step: int, config, out: Path) -> Path:
-    """Base model + the checkpoint's adapters: PEFT adapter in out/adapter, merged model in out."""
-    model, spec = _trained_model(checkpoints, step, config)
-    with _replacing(out) as partial:
-        save_pretrained(
-            merged(model),
             partial,
             tokenizer=run_tokenizer(config),
             generation_config_from=resolve_model_dir(config.model.name_or_path),
         )
-        if spec.experts:  # expert adapters have no PEFT form: merged only
-            log.info("config.lora.expert_adapters: no PEFT adapter, the merged model only")
-        else:
-            save_adapter(model, partial / "adapter", spec, base_model=config.model.name_or_path)
-    log.info(
-        "exported step %d of %s: merged model in %s%s",
-        step,
-        checkpoints.directory,
-        out,
-        "" if spec.experts else f", adapter in {out}/adapter",
-    )
+    log.info("exported step %d of %s to %s: %s", step, checkpoints.directory, out, written)
     return out

@@ -18,8 +18,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from sft_jax.adapters.lora import LoRASpec
-from sft_jax.adapters.prompts import PromptSpec
+from sft_jax.adapters import methods as adapter_methods
 from sft_jax.core.errors import ConfigError, TrainingDivergedError
 from sft_jax.data import DataSource
 from sft_jax.data.cloud import is_remote
@@ -101,9 +100,7 @@ class Trainer:
         )
         # With adapters the base is frozen: see training_flops_per_token.
         trained = sum(x.size for x in jax.tree.leaves(self.state["params"]))
-        adapted = (
-            LoRASpec.from_config(config.lora).enabled or PromptSpec.from_config(config).enabled
-        )
+        adapted = adapter_methods.enabled_methods(config)
         adapters = trained if adapted else None
         # A DPO reference adds a forward pass per step (objectives without one have no field).
         reference_forwards = getattr(self.steps.objective, "reference_forwards", 0)

@@ -7,15 +7,16 @@ once it knows the data and the device.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
 import ml_collections
+from flax import nnx
 from jax.sharding import Mesh
 
-from sft_jax.adapters.lora import LoRASpec, apply_lora, trainable_filter
-from sft_jax.adapters.prompts import PromptParam, PromptSpec, apply_prompt, trainable_line
+from sft_jax.adapters import methods as adapter_methods
+from sft_jax.adapters.lora import LoRASpec
+from sft_jax.adapters.prompts import PromptSpec, trainable_line
 from sft_jax.data import DataSource, open_data, open_pair_data, open_stream_data, run_tokenizer
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
@@ -58,32 +59,15 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
 def add_adapters(
     model: CausalLM, config: ml_collections.ConfigDict, mesh: Mesh, tokenizer: Any = None
 ) -> tuple[LoRASpec, Any]:
-    """Puts the run's adapters on `model` (LoRA, DoRA, AdaLoRA; or a prompt method's module)
-    and returns (its LoRA spec, the filter of what trains): the one partition of trained and
-    frozen parameters, shared by training and the planner (which calls it on an abstract model
-    under nnx.eval_shape). `tokenizer`: for prompt tuning's text init only."""
-    spec = LoRASpec.from_config(config.lora, config.train.steps)
-    if spec.enabled:
-        applied = spec.for_model(model)
-        if "embed" in set(applied.extra_trainable) - set(spec.extra_trainable):
-            log.info(
-                "config.lora.trainable_modules: the LM head is tied to the embedding, so "
-                "the embedding matrix (model.embed_tokens) is trained"
-            )
-        if model.score is not None:
-            log.info(
-                "reward model: the new score head trains in full beside the adapters "
-                "(PEFT's modules_to_save=['score'])"
-            )
-        spec = applied
-        apply_lora(model, spec, mesh, seed=config.train.seed)
-    prompt = PromptSpec.from_config(config)
-    if not prompt.enabled:
-        return spec, trainable_filter(spec)
-    if prompt.init == "text" and tokenizer is None:  # the shapes are those of any init
-        prompt = dataclasses.replace(prompt, init="random")
-    apply_prompt(model, prompt, seed=config.train.seed, tokenizer=tokenizer)
-    return spec, PromptParam
+    """Puts the run's adapters on `model` (adapters/methods.py: LoRA, DoRA, AdaLoRA; or a
+    prompt method's module) and returns (its LoRA spec, the filter of what trains): the one
+    partition of trained and frozen parameters, shared by training and the planner (which calls
+    it on an abstract model under nnx.eval_shape). `tokenizer`: for prompt tuning's text init
+    only."""
+    trainable = nnx.Param  # full fine-tuning: every parameter
+    for method in adapter_methods.enabled_methods(config):
+        trainable = method.add(model, config, mesh, tokenizer)
+    return adapter_methods.lora_spec(config, model), trainable
 
 
 def open_run_data(

@@ -13,29 +13,13 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from sft_jax.adapters import methods as adapter_methods
 from sft_jax.objectives import registry
 
 # What a resumed run must share with the run that saved: the saved state's structure (model,
 # dtypes, adapters, quantization, clipping) and the meaning of the data position (data, row
 # length, batch, seed). Steps, learning rate, eval and logging may change between restarts.
-ADAPTER_FIELDS = (
-    "lora.rank",
-    "lora.target_modules",
-    "lora.trainable_modules",
-    "lora.quantize",
-    "lora.quant_block_size",
-    "lora.double_quant",
-    "lora.use_dora",
-    "lora.method",
-    "prompt.method",
-    "prompt.num_virtual_tokens",
-    "prompt.encoder_type",
-    "prompt.encoder_hidden_size",
-    "prompt.encoder_num_layers",
-    "prompt.prefix_projection",
-    "lora.expert_adapters",
-    "lora.train_router",
-)
+ADAPTER_FIELDS = adapter_methods.fields()  # adapters/methods.py: each family's
 RESUME_FIELDS = (
     "model.name_or_path",
     "model.param_dtype",
