@@ -39,6 +39,10 @@ class AdapterMethod:
     # save at `out` in Hugging Face's layout (merged into the weights, or the base to load it
     # on) and what was written, for the log.
     export: Callable[[CausalLM, Any, Path], tuple[CausalLM, str]]
+    # The PEFT adapter types an export leaves to load at inference (none where the export is
+    # merged into the weights), and load(model, adapter_dir) -> what it put on the model.
+    peft_types: tuple[str, ...] = ()
+    load: Callable[[CausalLM, Path], str] | None = None
 
 
 _METHODS: dict[str, AdapterMethod] = {}
@@ -58,6 +62,11 @@ def methods() -> tuple[AdapterMethod, ...]:
 def enabled_methods(config: Any) -> tuple[AdapterMethod, ...]:
     """The families this config turns on (config_check allows one at a time)."""
     return tuple(m for m in _METHODS.values() if m.enabled(config))
+
+
+def for_peft_type(peft_type: Any) -> AdapterMethod | None:
+    """The family whose exports leave adapters of this PEFT type to load (chat), else None."""
+    return next((m for m in _METHODS.values() if peft_type in m.peft_types), None)
 
 
 def fields() -> tuple[str, ...]:
@@ -145,6 +154,11 @@ def _export_prompt(model: CausalLM, config: Any, out: Path) -> tuple[CausalLM, s
     return model, "PEFT adapter in adapter/ on the base model"
 
 
+def _load_prompt(model: CausalLM, adapter_dir: Path) -> str:
+    spec = prompts.load_prompt_adapter(model, adapter_dir)
+    return f"{spec.method} adapter of {spec.num_virtual_tokens} virtual tokens"
+
+
 register(
     AdapterMethod(
         "prompt",
@@ -159,5 +173,7 @@ register(
         enabled=lambda config: prompts.PromptSpec.from_config(config).enabled,
         add=_add_prompt,
         export=_export_prompt,
+        peft_types=tuple(prompts.PEFT_TYPES.values()),
+        load=_load_prompt,
     )
 )

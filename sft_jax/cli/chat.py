@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from sft_jax import cli
-from sft_jax.adapters.prompts import PEFT_TYPES, load_prompt_adapter
+from sft_jax.adapters import methods as adapter_methods
+from sft_jax.adapters.methods import AdapterMethod
 from sft_jax.core.errors import UsageError
 from sft_jax.data.templates import load_tokenizer
 from sft_jax.generation.sampler import chat, chat_stop_token_ids, reply
@@ -64,27 +65,26 @@ def model_directory(model: str | None, workdir: str | None, which: str | int) ->
 def load(name_or_path: str, dtype: Any) -> tuple[CausalLM, Any, list[int]]:
     """Model (with its prompt adapter, if any), tokenizer and chat stop tokens of a Hugging Face
     directory (or hub id), or of a prompt adapter's directory."""
-    model_dir, adapter_dir = _base_and_adapter(resolve_model_dir(name_or_path))
+    model_dir, adapter_dir, method = _base_and_adapter(resolve_model_dir(name_or_path))
     tokenizer = load_tokenizer(model_dir)  # first: a folder without one fails fast
     model = from_pretrained(model_dir, param_dtype=dtype)
-    if adapter_dir is not None:
-        spec = load_prompt_adapter(model, adapter_dir)
-        logging.info(
-            "%s adapter of %d virtual tokens: %s", spec.method, spec.num_virtual_tokens, adapter_dir
-        )
+    if method is not None:
+        logging.info("%s: %s", method.load(model, adapter_dir), adapter_dir)
     return model, tokenizer, chat_stop_token_ids(tokenizer, model_dir)
 
 
-def _base_and_adapter(directory: Path) -> tuple[Path, Path | None]:
-    """(the model directory, the prompt adapter to put on it or None): an export's adapter/
-    holding a prompt method's adapter (a LoRA export's model is merged already: no adapter), or
-    `directory` itself when it is such an adapter."""
+def _base_and_adapter(directory: Path) -> tuple[Path, Path | None, AdapterMethod | None]:
+    """(the model directory, the adapter to put on it and the family that loads it, or None):
+    an export's adapter/ holding an adapter that loads at inference (adapters/methods.py: a
+    prompt method's; a LoRA export's model is merged already), or `directory` itself when it
+    is such an adapter."""
     for adapter in (directory, directory / "adapter"):
         config_file = adapter / "adapter_config.json"
         if not config_file.is_file():
             continue
         config = json.loads(config_file.read_text())
-        if config.get("peft_type") not in PEFT_TYPES.values():
+        method = adapter_methods.for_peft_type(config.get("peft_type"))
+        if method is None:
             continue
         if adapter == directory:
             base = config.get("base_model_name_or_path")
@@ -93,9 +93,9 @@ def _base_and_adapter(directory: Path) -> tuple[Path, Path | None]:
                     f"{adapter}: the adapter names no base model (base_model_name_or_path); "
                     "pass --model=the export directory that holds it."
                 )
-            return resolve_model_dir(base), adapter
-        return directory, adapter
-    return directory, None
+            return resolve_model_dir(base), adapter, method
+        return directory, adapter, method
+    return directory, None, None
 
 
 def respond(
