@@ -18,6 +18,7 @@ from typing import Any
 from jax.sharding import Mesh
 
 from sft_jax.adapters import lora, prompts
+from sft_jax.core.registry import Registry
 from sft_jax.models import CausalLM
 
 log = logging.getLogger(__name__)
@@ -45,33 +46,30 @@ class AdapterMethod:
     load: Callable[[CausalLM, Path], str] | None = None
 
 
-_METHODS: dict[str, AdapterMethod] = {}
+METHODS: Registry[AdapterMethod] = Registry("adapter family")
 
 
 def register(method: AdapterMethod) -> AdapterMethod:
-    if method.name in _METHODS:
-        raise ValueError(f"adapter family {method.name!r} is registered twice")
-    _METHODS[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def methods() -> tuple[AdapterMethod, ...]:
-    return tuple(_METHODS.values())
+    return tuple(METHODS)
 
 
 def enabled_methods(config: Any) -> tuple[AdapterMethod, ...]:
     """The families this config turns on (config_check allows one at a time)."""
-    return tuple(m for m in _METHODS.values() if m.enabled(config))
+    return tuple(m for m in METHODS if m.enabled(config))
 
 
 def for_peft_type(peft_type: Any) -> AdapterMethod | None:
     """The family whose exports leave adapters of this PEFT type to load (chat), else None."""
-    return next((m for m in _METHODS.values() if peft_type in m.peft_types), None)
+    return next((m for m in METHODS if peft_type in m.peft_types), None)
 
 
 def fields() -> tuple[str, ...]:
     """Every family's fields: what a checkpoint's adapters are shaped by."""
-    return tuple(f for m in _METHODS.values() for f in m.fields)
+    return tuple(f for m in METHODS for f in m.fields)
 
 
 # --- LoRA, QLoRA, DoRA, AdaLoRA (config.lora) ------------------------------------------------

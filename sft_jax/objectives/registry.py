@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from sft_jax.core.errors import check_choice
+from sft_jax.core.registry import Registry
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.score_head import reward_pad_id
 from sft_jax.objectives import preference, reward
@@ -44,18 +44,15 @@ class ObjectiveKind:
     check: Callable[[Any], None] = lambda config: None
 
 
-_KINDS: dict[str, ObjectiveKind] = {}
+KINDS: Registry[ObjectiveKind] = Registry("objective")
 
 
 def register(kind: ObjectiveKind) -> ObjectiveKind:
-    if kind.name in _KINDS:
-        raise ValueError(f"objective {kind.name!r} is registered twice")
-    _KINDS[kind.name] = kind
-    return kind
+    return KINDS.register(kind.name, kind)
 
 
 def names() -> tuple[str, ...]:
-    return tuple(_KINDS)
+    return KINDS.names()
 
 
 def name_of(config: Any) -> str:
@@ -65,9 +62,7 @@ def name_of(config: Any) -> str:
 
 def kind_of(config: Any) -> ObjectiveKind:
     """The registered kind of config.train.objective; a ConfigError naming the choices."""
-    name = name_of(config)
-    check_choice("train.objective", name, names())
-    return _KINDS[name]
+    return KINDS.get("train.objective", name_of(config))
 
 
 def build(config: Any, model: CausalLM, max_segments: int, pad_token_id: int | None) -> Any:

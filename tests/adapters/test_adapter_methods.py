@@ -40,7 +40,7 @@ def test_a_registered_family_is_added_by_setup_and_shapes_resume(monkeypatch, hf
         add=add,
         export=lambda model, config, out: (model, "toy"),
     )
-    monkeypatch.setitem(methods._METHODS, "toy", toy)
+    monkeypatch.setitem(methods.METHODS.entries, "toy", toy)
     config = base_config()
     config.train.seed = 7
     model = from_pretrained(hf_checkpoint("llama3.1")[0])

@@ -77,27 +77,24 @@ def test_a_resumed_run_continues_the_producer_after_the_saved_batch(model_dir, t
     config = base_config(model_dir, steps=2)
     config.eval.every_steps = 0
     config.checkpoint.enabled = True
-    first = Producer()
-    run = trainer.Trainer(
-        config,
-        tmp_path,
-        from_pretrained(model_dir),
-        synthetic_source(),
-        batch_source=on_policy(first, config),
-    )
-    run.resume()
+    first, second = Producer(), Producer()
+
+    def resumed_run(producer: Producer) -> trainer.Trainer:
+        run = trainer.Trainer(
+            config,
+            tmp_path,
+            from_pretrained(model_dir),
+            synthetic_source(),
+            batch_source=on_policy(producer, config),
+        )
+        run.resume()
+        return run
+
+    run = resumed_run(first)
     run.train()
     run.close()
     config.train.steps = 4
-    second = Producer()
-    run = trainer.Trainer(
-        config,
-        tmp_path,
-        from_pretrained(model_dir),
-        synthetic_source(),
-        batch_source=on_policy(second, config),
-    )
-    run.resume()
+    run = resumed_run(second)
     assert run.source.get_state() == {"batches": 2}
     run.train()
     run.close()

@@ -58,16 +58,16 @@ def test_a_registered_objective_is_checked_and_built_by_the_run(monkeypatch):
     checked = []
     kind = registry.ObjectiveKind(
         "toy",
-        build=lambda config, model, segments, pad, aux: ("toy objective", segments, aux),
+        build=lambda config, model, segments, pad: ("toy objective", segments, pad),
         reads="examples",
         check=checked.append,
     )
-    monkeypatch.setitem(registry._KINDS, "toy", kind)
+    monkeypatch.setitem(registry.KINDS.entries, "toy", kind)
     config = base_config()
     config.train.objective = "toy"
     check_values(config, device_count=1, batch_shards=1)
     assert checked == [config]
-    assert registry.build(config, None, 7, None, 0.5) == ("toy objective", 7, 0.5)
+    assert registry.build(config, None, 7, 0) == ("toy objective", 7, 0)
     with pytest.raises(ValueError, match="registered twice"):
         registry.register(kind)
 
