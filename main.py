@@ -4,6 +4,7 @@ Add --debug (or SFT_JAX_DEBUG=1) to see the traceback behind an error message.
 """
 
 import logging
+from pathlib import Path
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -36,9 +37,18 @@ def main(argv: list[str]) -> None:
     logging.getLogger("sft_jax").setLevel(logging.INFO)
     # A bucket URL stays a string (pathlib would make 's3:/...' of it): trainer.run stages it.
     remote = is_remote(FLAGS.workdir)
+    created = not remote and not Path(FLAGS.workdir).expanduser().exists()
     workdir = FLAGS.workdir if remote else cli.writable_directory(FLAGS.workdir)
+
+    def train() -> dict:
+        try:
+            return trainer.run(FLAGS.config, workdir, data_factory=open_run_data)
+        finally:
+            if created:  # a run that stops before writing anything leaves no empty WORKDIR
+                rundir.remove_if_empty(workdir)
+
     cli.run_command(
-        lambda: trainer.run(FLAGS.config, workdir, data_factory=open_run_data),
+        train,
         saved_note=lambda error: (
             rundir.saved_note(workdir) if isinstance(error, MID_RUN) and not remote else ""
         ),

@@ -100,6 +100,7 @@ def lock(workdir: Path) -> Iterator[None]:
         yield
         return
     workdir.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in workdir.iterdir()}
     with open(workdir / LOCK_FILE, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -119,3 +120,14 @@ def lock(workdir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+            wrote_nothing = {p.name for p in workdir.iterdir()} == before | {LOCK_FILE}
+            if LOCK_FILE not in before and wrote_nothing:  # no lock file left by a non-run
+                (workdir / LOCK_FILE).unlink()
+
+
+def remove_if_empty(workdir: str | Path) -> None:
+    """Removes WORKDIR where a run that created it stopped before writing anything into it
+    (a config or data error): nothing is left behind to mistake for a run."""
+    path = Path(workdir)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
