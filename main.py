@@ -3,11 +3,9 @@
 Add --debug (or SFT_JAX_DEBUG=1) to see the traceback behind an error message.
 """
 
-import logging
 from pathlib import Path
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from sft_jax import cli
@@ -32,9 +30,6 @@ MID_RUN = (TrainingDivergedError, CheckpointSaveError, OSError)
 
 def main(argv: list[str]) -> None:
     del argv
-    # Our progress at INFO; the libraries' (orbax logs every save and restore) at WARNING.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("sft_jax").setLevel(logging.INFO)
     # A bucket URL stays a string (pathlib would make 's3:/...' of it): trainer.run stages it.
     remote = is_remote(FLAGS.workdir)
     created = not remote and not Path(FLAGS.workdir).expanduser().exists()

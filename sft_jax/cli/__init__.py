@@ -14,8 +14,13 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 from absl import flags
+from absl import logging as absl_logging
 
 from sft_jax.core.errors import TrainingDivergedError, UserError
+
+# transformers gives us tokenizers, configs and chat templates only: its advice that PyTorch is
+# missing ("Models won't be available") is noise to a user of ours (set before it is imported).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 Result = TypeVar("Result")
 
@@ -65,6 +70,7 @@ def run_command(
 ) -> Result:
     """body(), with expected errors turned into one line and exit status 1. saved_note(error),
     where given, says what is still on disk (e.g. the last complete checkpoint)."""
+    quiet_logs()
     # A write past `ulimit -f` then fails with EFBIG instead of killing the process unnoticed.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     previous_hook = sys.unraisablehook
@@ -83,6 +89,15 @@ def run_command(
         fail(describe(e) + (f" {note}" if note else ""))
     sys.unraisablehook = previous_hook
     return result
+
+
+def quiet_logs() -> None:
+    """Our messages at INFO; the libraries' at WARNING (Orbax logs every save and restore, jax
+    its search for backends). absl's --verbosity=0 (or higher) brings theirs back."""
+    asked = "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
+    if not asked:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("sft_jax").setLevel(logging.INFO)
 
 
 def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

@@ -37,6 +37,7 @@ from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.io.hf import resolve_model_dir
 
 FLAGS = flags.FLAGS
+log = logging.getLogger(__name__)
 flags.DEFINE_string("model", None, "A Hugging Face model directory (or hub id) with a tokenizer.")
 flags.DEFINE_string("workdir", None, "Instead of --model: a training run's WORKDIR.")
 flags.DEFINE_string("which", "best", "With --workdir: 'best', 'last', or a step number.")
@@ -69,7 +70,7 @@ def load(name_or_path: str, dtype: Any) -> tuple[CausalLM, Any, list[int]]:
     tokenizer = load_tokenizer(model_dir)  # first: a folder without one fails fast
     model = from_pretrained(model_dir, param_dtype=dtype)
     if method is not None:
-        logging.info("%s: %s", method.load(model, adapter_dir), adapter_dir)
+        log.info("%s: %s", method.load(model, adapter_dir), adapter_dir)
     return model, tokenizer, chat_stop_token_ids(tokenizer, model_dir)
 
 

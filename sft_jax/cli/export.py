@@ -6,8 +6,6 @@ The merged model (and a LoRA run's PEFT adapter) in Hugging Face's layout
 
 from __future__ import annotations
 
-import logging
-
 from absl import app, flags
 
 from sft_jax import cli
@@ -16,7 +14,6 @@ from sft_jax.loop.export import export_run
 
 def main(argv: list[str]) -> None:
     del argv
-    logging.getLogger().setLevel(logging.INFO)
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
     which = FLAGS.step if FLAGS.step is not None else FLAGS.which
     print(cli.run_command(lambda: export_run(FLAGS.workdir, which=which, out=FLAGS.out)))
