@@ -6,7 +6,7 @@
 #            "auto" (cuDNN, with its segment table on Hopper), against transformers + PyTorch
 #            (bf16, SDPA) in the same run: MFU, tokens/s ratio, compile time, peak memory;
 #   tests    the cuDNN kernel (segment-table and mask forms) against float32 einsums, loss and
-#            gradients, on the GPU (tests/test_attention.py);
+#            gradients, on the GPU (tests/models/test_attention.py);
 #   llama8b  Llama-3-8B-shaped LoRA (rank 16, every linear projection; bf16 base, fp32 adapters,
 #            as configs/llama3_1_8b_lora.py) at seq 4096: does it fit, MFU;
 #   variants the 1B step without remat (fits in 80 GB; no recomputation), with cuDNN's mask
@@ -54,7 +54,7 @@ for step in "${steps[@]}"; do
     llama1b) timed 300 "$out/llama1b_auto.txt" "${bench[@]}" "${llama1b[@]}" --attention=auto ;;
     tests)
       JAX_PLATFORMS=cuda XLA_FLAGS= timed 180 "$out/attention_tests.txt" \
-        python -m pytest -q -rs tests/test_attention.py -k "cudnn_kernel" ;;
+        python -m pytest -q -rs tests/models/test_attention.py -k "cudnn_kernel" ;;
     llama8b)
       timed 300 "$out/llama8b_lora.txt" "${bench[@]}" --shape=llama-8b --batch=1 --seq=4096 \
         --param_dtype=bfloat16 --remat=full --steps=5 --mode=lora --lora_rank=16 \

@@ -9,7 +9,7 @@ the grouped-matmul stand-in of models/grouped_matmul.py, bf16 read back from an 
 and 4 layers extrapolated to 48; 4 min 20 s wall, 63 s CPU, on a shared 2-core machine, 2 Dec
 2026) predicts 65.3 GiB per device for this mesh with 1 micro-batch: it fits 80 GB. An upper
 bound still (XLA:CPU starts some layers' backward all-gathers early; README, "Plan before you
-run"); the stand-in's plan equals its measured peak on a small MoE (tests/test_plan.py).
+run"); the stand-in's plan equals its measured peak on a small MoE (tests/planning/test_plan.py).
 Before the scheduler fix and the stand-in, the plan said 254 GiB.
   python -m sft_jax.plan --config=configs/qwen3_30b_a3b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/qwen3_30b_a3b \

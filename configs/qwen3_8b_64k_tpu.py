@@ -6,7 +6,7 @@ Qwen3-8B's native context is 32768 tokens; its model card reaches 131072 with Ya
 checkpoint and add to its config.json
   "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 then point --config.model.name_or_path at the copy (sft_jax applies YaRN as transformers does,
-attention factor included; tests/test_long_rope.py).
+attention factor included; tests/models/test_long_rope.py).
 Mesh: context=8 x tensor=4: each row's 65536 tokens split over 8 chips (8192 each), heads and
 MLP over 4. Both axes span the 8 hosts (4 chips each): the batch's rows are one block that
 every host feeds whole, each chip taking its slice (sharding.row_feed). Attention

@@ -5,7 +5,7 @@ FLOPs, collective bytes) is, to within a few percent, a constant (embedding, LM 
 optimizer state of both) plus one share per layer. The planner compiles a candidate with d1 and
 d2 layers, whole periods of the model's layer pattern (sliding / full attention, dense / expert
 MLP), and extends the line through the two to the full depth: an 8B model's 32 layers cost the
-compile time of 6. tests/test_plan.py checks the line against a full compile.
+compile time of 6. tests/planning/test_plan.py checks the line against a full compile.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 # soon as its operands exist, so an FSDP step's all-gathers of every layer's weights (the
 # forward's and the backward's recomputation's) all run first and their results stay alive
 # together: a Llama LoRA step on 8 devices planned 2.4x the temporaries of one layer at a time
-# (tests/test_plan.py). Accelerators' schedulers weigh memory; compiles that stand for them on
-# CPU (the planner's) use XLA:CPU's memory-optimized scheduler instead.
+# (tests/planning/test_plan.py). Accelerators' schedulers weigh memory; compiles that stand for
+# them on CPU (the planner's) use XLA:CPU's memory-optimized scheduler instead.
 PLAN_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 # The share of a device's memory a train step's plan may fill: the rest absorbs the

@@ -214,7 +214,7 @@ def _relative_error(grads: dict, reference: dict) -> float:
 # the same call through jax's XLA kernel. benchmarks/gpu_check.sh runs this on a GPU.
 @pytest.mark.skipif(
     jax.default_backend() != "gpu",
-    reason="needs an NVIDIA GPU: JAX_PLATFORMS=cuda pytest tests/test_attention.py",
+    reason="needs an NVIDIA GPU: JAX_PLATFORMS=cuda pytest tests/models/test_attention.py",
 )
 @pytest.mark.parametrize("layout", ["packed", "mask"])
 @pytest.mark.parametrize("family", ["llama3.1", "mistral", "qwen3", "gemma3"])

@@ -1,6 +1,6 @@
 """Mixture of experts: config parsing, unsupported variants, dropless dispatch against a dense
 loop over experts (skewed routing included). Logit parity and export of the three families run
-in tests/test_models.py (they are in hf_models.FAMILIES)."""
+in tests/models/test_models.py (they are in hf_models.FAMILIES)."""
 
 from __future__ import annotations
 

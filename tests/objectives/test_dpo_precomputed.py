@@ -94,7 +94,7 @@ def test_loss_and_gradients_equal_the_frozen_copy(setup):
 def test_the_step_holds_no_copy_of_the_weights(setup):
     """XLA's plan of the compiled step: the SFT step's arguments plus the batch's reference
     log-probs (rows x T float32), nothing more; the frozen copy holds one more set of
-    weights (tests/test_dpo_full.py)."""
+    weights (tests/objectives/test_dpo_full.py)."""
     _, _, sft, dpo = setup
     assert dpo.arguments - sft.arguments == ROWS * SEQ_LEN * 4
 

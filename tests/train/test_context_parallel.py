@@ -86,7 +86,7 @@ def loss_and_grads(model: CausalLM, mesh, trainable=nnx.Param) -> tuple[float, d
             nnx.to_pure_dict(frozen), sharding.param_shardings(model, mesh, nnx.Not(trainable))
         )
         # From the whole batch, each process taking its shards: the step alone (the trainer's
-        # feed across processes, sharding.device_batch, is tests/test_context_feed.py's).
+        # feed across processes, sharding.device_batch, is tests/train/test_context_feed.py's).
         device_batch = {
             key: jax.make_array_from_callback(batch[key].shape, shards, batch[key].__getitem__)
             for key, shards in sharding.batch_shardings(mesh).items()
