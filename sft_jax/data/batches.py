@@ -139,6 +139,15 @@ def make_rows(tokenized: Tokenized, rows: list[list[int]], row_len: int) -> dict
     return out
 
 
+# The data position of the in-memory loader is tied to its documents' content (pipeline.
+# content_fingerprint); checkpoints of older versions hold a cache key there instead.
+DOCUMENTS_FINGERPRINT = "documents:"
+
+
+def _older_fingerprint(saved: str, now: str) -> bool:
+    return now.startswith(DOCUMENTS_FINGERPRINT) and not saved.startswith(DOCUMENTS_FINGERPRINT)
+
+
 class TrainBatches:
     """Endless iterator of this process's rows of each global batch, epoch after epoch.
 
@@ -231,7 +240,16 @@ class TrainBatches:
         return {"epoch": self.epoch, "row": self.row, "data_fingerprint": self.fingerprint}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("data_fingerprint", self.fingerprint) != self.fingerprint:
+        saved = state.get("data_fingerprint", self.fingerprint)
+        if saved != self.fingerprint and _older_fingerprint(saved, self.fingerprint):
+            raise DataError(
+                "the checkpoint records its data position with an older sft_jax's fingerprint "
+                "(its tokenization cache key, which changes with the code too), so this version "
+                "cannot tell whether these are its documents. Resume with the sft_jax version "
+                "that wrote it, or start in a new WORKDIR with "
+                "config.checkpoint.init_from=<this WORKDIR> (its parameters, data from the start)."
+            )
+        if saved != self.fingerprint:
             raise DataError(
                 "the checkpoint was trained on other data (or another tokenizer or data options):"
                 " its data position does not apply. Resume with the original data, or start in "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import os
@@ -234,7 +235,8 @@ class DataSource:
 
 @dataclasses.dataclass
 class Datasets:
-    """Tokenized train and eval documents, with the tokenizer and a fingerprint of them."""
+    """Tokenized train and eval documents, the tokenizer, and the fingerprint of the train
+    documents (content_fingerprint: what a checkpoint's data position means)."""
 
     train: tokenize.Tokenized
     eval: tokenize.Tokenized | None
@@ -246,24 +248,32 @@ def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
     data = config.data
     tokenizer = run_tokenizer(config)
     reserved = PromptSpec.from_config(config).tokens_in_rows
-    train, key = tokenize_sources(
+    train, _ = tokenize_sources(
         data.train_files, data.train_split, "config.data.train_files", tokenizer, data, reserved
     )
     if data.train_on != "all_tokens":
         _check_at_start(config, tokenizer)
     evaluation = None
     if data.eval_files:
-        evaluation, eval_key = tokenize_sources(
+        evaluation, _ = tokenize_sources(
             data.eval_files, data.eval_split, "config.data.eval_files", tokenizer, data, reserved
         )
-        key += eval_key
         if 0 < data.eval_max_examples < len(evaluation):
             evaluation = evaluation.subset(range(data.eval_max_examples))
-            key += f"/eval_max_examples={data.eval_max_examples}"
     elif data.eval_fraction > 0:
         train, evaluation = split_eval(train, data.eval_fraction, config.train.seed)
-        key += f"/eval_fraction={data.eval_fraction}/seed={config.train.seed}"
-    return Datasets(train, evaluation, tokenizer, key)
+    return Datasets(train, evaluation, tokenizer, content_fingerprint(train))
+
+
+def content_fingerprint(tokenized: tokenize.Tokenized) -> str:
+    """What a checkpoint's data position means: the training documents themselves (tokens,
+    trained flags, boundaries). It changes exactly when the rows would, so a resume is refused
+    for other data, another tokenizer or other options, and not for a code change that left
+    every document as it was (the tokenization cache's key, which does change, is not it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (tokenized.tokens, tokenized.trained, tokenized.offsets):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return batches.DOCUMENTS_FINGERPRINT + digest.hexdigest()
 
 
 def with_virtual_tokens(loaded: Datasets, spec: PromptSpec) -> Datasets:
