@@ -144,3 +144,19 @@ def test_models_load_without_adapters_data_training_or_checkpoints(tmp_path):
         "sft_jax.workdir.checkpointing",
     ):
         assert above not in loaded
+
+
+def test_the_readme_architecture_names_every_package_and_module():
+    """README's "Architecture" table matches the tree: every package of PACKAGES and every
+    module below the top level is named (a moved or new module updates it)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Architecture") :]
+    table = section[: section.index("The path of one batch")]
+    missing = [
+        p for p in PACKAGES if f"`{p.removeprefix('sft_jax.').replace('.', '/')}/`" not in table
+    ]
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(path)
+        if path.name != "__init__.py" and module not in COMMANDS and f"`{path.name}`" not in table:
+            missing.append(module)
+    assert missing == []
