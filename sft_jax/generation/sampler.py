@@ -175,7 +175,7 @@ def rollout(
             ["length" for _ in prompts],
         )
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token.")
+        raise ValueError("rollout: every prompt needs at least one token.")
     vocab_size = model.config.vocab_size
     is_stop = np.zeros(vocab_size, bool)  # [V]: which tokens end a row
     is_stop[[t for t in stop_token_ids if 0 <= t < vocab_size]] = True

@@ -124,14 +124,14 @@ def _replacing(out: Path) -> Iterator[Path]:
         partial.rename(out)
 
 
-def _trained_model(checkpoints: Checkpoints, step: int, config) -> tuple[Any, Any]:
-    """(the run's model with the checkpoint's trained parameters, its LoRA spec)."""
-    model, spec, trainable = build_model(config, sharding.make_mesh(fsdp=-1))
+def _trained_model(checkpoints: Checkpoints, step: int, config) -> Any:
+    """The run's model, with its adapters, holding the checkpoint's trained parameters."""
+    model, _, trainable = build_model(config, sharding.make_mesh(fsdp=-1))
     state = nnx.state(model, trainable)
     abstract = sharding.abstract_like(nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, _restore(checkpoints, step, abstract))
     nnx.update(model, state)
-    return model, spec
+    return model
 
 
 def _export_adapted(
@@ -139,7 +139,7 @@ def _export_adapted(
 ) -> Path:
     """The run's adapters as `method` exports them (adapters/methods.py): its PEFT adapter in
     out/adapter, and in out the model merged with them, or the base model to load them on."""
-    model, _ = _trained_model(checkpoints, step, config)
+    model = _trained_model(checkpoints, step, config)
     with _replacing(out) as partial:
         model, written = method.export(model, config, partial)
         save_pretrained(

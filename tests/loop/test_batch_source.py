@@ -3,15 +3,22 @@ params (what online RL needs), resumed from the checkpointed source state."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
 from test_step import synthetic_batch
-from test_trainer import base_config, model_dir, synthetic_source  # noqa: F401 (fixture)
+from test_trainer import base_config, synthetic_source
 
 from sft_jax.loop import trainer
 from sft_jax.loop.batch_source import OnPolicyBatches
 from sft_jax.models import from_pretrained
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_checkpoint):
+    return hf_checkpoint("llama3.1")[0]
 
 
 def first_leaf(params) -> np.ndarray:
@@ -37,11 +44,11 @@ def on_policy(producer, config):
 
 def losses(workdir) -> list[float]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [r["train/loss"] for r in map(__import__("json").loads, lines) if "train/loss" in r]
+    return [r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r]
 
 
 @pytest.mark.e2e
-def test_an_on_policy_producer_sees_the_params_each_step_wrote(model_dir, tmp_path):  # noqa: F811
+def test_an_on_policy_producer_sees_the_params_each_step_wrote(model_dir, tmp_path):
     config = base_config(model_dir, steps=3, warmup_steps=0)  # every step moves the params
     config.eval.every_steps = 0
     files = trainer.Trainer(
@@ -73,7 +80,7 @@ def test_an_on_policy_producer_sees_the_params_each_step_wrote(model_dir, tmp_pa
 
 
 @pytest.mark.e2e
-def test_a_resumed_run_continues_the_producer_after_the_saved_batch(model_dir, tmp_path):  # noqa: F811
+def test_a_resumed_run_continues_the_producer_after_the_saved_batch(model_dir, tmp_path):
     config = base_config(model_dir, steps=2)
     config.eval.every_steps = 0
     config.checkpoint.enabled = True
