@@ -9,10 +9,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sft_jax import cli
+from sft_jax.cli.overrides import unknown_override
 from sft_jax.core.errors import TrainingDivergedError
+from sft_jax.core.spec import RunSpec
 from sft_jax.data.cloud import is_remote
 from sft_jax.loop import trainer
-from sft_jax.train import config_check
 from sft_jax.train.setup import open_run_data
 from sft_jax.workdir import rundir
 from sft_jax.workdir.checkpointing import CheckpointSaveError
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> None:
 
     def train() -> dict:
         try:
-            return trainer.run(FLAGS.config, workdir, data_factory=open_run_data)
+            return trainer.run(RunSpec.of(FLAGS.config), workdir, data_factory=open_run_data)
         finally:
             if created:  # a run that stops before writing anything leaves no empty WORKDIR
                 rundir.remove_if_empty(workdir)
@@ -51,4 +52,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config_check.unknown_override))
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, unknown_override))

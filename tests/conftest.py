@@ -1,5 +1,6 @@
 """Test-wide settings: 8 fake CPU devices, strict rank promotion, fp32 matmuls; every folder
-of test modules importable (folders_on_path.py)."""
+of test modules importable (folders_on_path.py); no ConfigDict read below the entry points
+(config_guard.py)."""
 
 import os
 
@@ -15,8 +16,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import jax
 import pytest
 
+import config_guard
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+config_guard.install()
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,17 @@
 """Test modules share helpers by name (`from test_step import synthetic_batch`) across the
-package folders they sit in: this puts tests/ and every folder of test modules on sys.path
-(conftest.py does it for pytest; the worker scripts, which run alone, do it themselves)."""
+package folders they sit in: this puts tests/, every folder of test modules and the repository
+(for `configs`) on sys.path (conftest.py does it for pytest; the worker scripts, which run
+alone, do it themselves)."""
 
 import sys
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-FOLDERS = [TESTS, *sorted(p for p in TESTS.iterdir() if p.is_dir() and any(p.glob("test_*.py")))]
+FOLDERS = [
+    TESTS.parent,
+    TESTS,
+    *sorted(p for p in TESTS.iterdir() if p.is_dir() and any(p.glob("test_*.py"))),
+]
 
 
 def add_test_folders() -> None:

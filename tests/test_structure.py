@@ -101,6 +101,27 @@ def test_every_import_points_down_or_sideways():
     assert upward == []
 
 
+def test_nothing_below_the_entry_points_imports_ml_collections():
+    """The ConfigDict is the user interface: main.py and the CLIs turn it into a RunSpec
+    (core/spec.py); below them only the spec travels (tests/config_guard.py checks the same
+    at run time for every test)."""
+    readers = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.is_relative_to(PACKAGE / "cli"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(name.split(".")[0] == "ml_collections" for name in names):
+                readers.append(module_name(path))
+    assert readers == []
+
+
 def test_the_import_graph_has_no_cycles():
     graph = import_graph()
     # A package's __init__ re-exporting its own modules is not a cycle.

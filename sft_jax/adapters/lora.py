@@ -21,13 +21,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from sft_jax.adapters.adalora import AdaLoRASpec
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import LoraConfigSpec
 from sft_jax.models.decoder import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
@@ -89,7 +89,7 @@ class LoRASpec:
         return dataclasses.replace(self, extra_trainable=tuple(dict.fromkeys(extras)))
 
     @classmethod
-    def from_config(cls, lora: ml_collections.ConfigDict, train_steps: int = 0) -> LoRASpec:
+    def from_config(cls, lora: LoraConfigSpec, train_steps: int = 0) -> LoRASpec:
         """The spec of config.lora (whose values config_check has checked); train_steps is
         AdaLoRA's total_step where config.lora.adalora.total_step is 0."""
         targets = PROJECTIONS if lora.target_modules == "all-linear" else names(lora.target_modules)
@@ -99,7 +99,7 @@ class LoRASpec:
             else None
         )
         adalora = None
-        if lora.get("method", "lora") == "adalora":
+        if lora.method == "adalora":
             ada = lora.adalora
             adalora = AdaLoRASpec(
                 lora.rank,
@@ -120,10 +120,10 @@ class LoRASpec:
             lora.use_rslora,
             names(lora.trainable_modules),
             quantization,
-            lora.get("use_dora", False),
+            lora.use_dora,
             adalora,
-            lora.get("expert_adapters", False),
-            lora.get("train_router", False),
+            lora.expert_adapters,
+            lora.train_router,
         )
 
 

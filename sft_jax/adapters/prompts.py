@@ -26,12 +26,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from sft_jax.adapters.lora import parameter_counts
 from sft_jax.core.errors import CheckpointError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models.attention import KVPrefix
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.io import safetensors as safetensors_io
@@ -75,10 +75,10 @@ class PromptSpec:
         return self.num_virtual_tokens if self.method in ("prompt_tuning", "p_tuning") else 0
 
     @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict) -> PromptSpec:
+    def from_config(cls, config: RunSpec) -> PromptSpec:
         """The spec of config.prompt (checked by config_check); none in configs without it."""
-        prompt = config.get("prompt")
-        if prompt is None or not prompt.method:
+        prompt = config.prompt
+        if not prompt.method:
             return cls()
         return cls(
             prompt.method,

@@ -18,16 +18,17 @@ import json
 import sys
 from typing import Any
 
-import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 from sft_jax import cli
+from sft_jax.cli.overrides import unknown_override
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import batches, certificate
 from sft_jax.data.pipeline import certify, load_datasets, run_tokenizer
 from sft_jax.data.tokenize import Tokenized
-from sft_jax.train.config_check import check_values, unknown_override
+from sft_jax.train.config_check import check_values
 
 
 def marked_text(tokenizer: Any, tokens: np.ndarray, trained: np.ndarray) -> str:
@@ -51,7 +52,7 @@ def totals(tokenized: Tokenized, row_len: int, packing: bool, seed: int) -> dict
     }
 
 
-def report(config: ml_collections.ConfigDict, num_examples: int, as_json: bool) -> dict:
+def report(config: RunSpec, num_examples: int, as_json: bool) -> dict:
     """Prints examples and totals of the train (and eval) data; returns the totals."""
     loaded = load_datasets(config)
     data = config.data
@@ -87,7 +88,7 @@ def report(config: ml_collections.ConfigDict, num_examples: int, as_json: bool) 
     return result
 
 
-def check(config: ml_collections.ConfigDict, sample: int, as_json: bool) -> dict:
+def check(config: RunSpec, sample: int, as_json: bool) -> dict:
     """Prints the mask certificate of the training data; returns it."""
     result = certify(config, run_tokenizer(config), sample)
     if as_json:
@@ -104,10 +105,11 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
 
     def inspect() -> None:
-        check_values(FLAGS.config, device_count=1, batch_shards=1)  # the data fields matter here
+        spec = RunSpec.of(FLAGS.config)
+        check_values(spec, device_count=1, batch_shards=1)  # the data fields matter here
         if FLAGS.check:
-            sys.exit(1 if check(FLAGS.config, FLAGS.sample, FLAGS.json)["violations"] else 0)
-        report(FLAGS.config, FLAGS.num_examples, FLAGS.json)
+            sys.exit(1 if check(spec, FLAGS.sample, FLAGS.json)["violations"] else 0)
+        report(spec, FLAGS.num_examples, FLAGS.json)
 
     cli.run_command(inspect)
 

@@ -36,11 +36,12 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from sft_jax import cli  # noqa: E402
+from sft_jax.cli.overrides import unknown_override  # noqa: E402
 from sft_jax.core.errors import ConfigError  # noqa: E402
+from sft_jax.core.spec import RunSpec  # noqa: E402
 from sft_jax.planning import estimate as plan_estimate  # noqa: E402
 from sft_jax.planning import search as plan_search  # noqa: E402
 from sft_jax.planning.hlo_stats import COLLECTIVES  # noqa: E402
-from sft_jax.train import config_check  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -167,7 +168,7 @@ def main(argv: list[str]) -> None:
 
 
 def _plan() -> None:
-    config = FLAGS.config
+    config = RunSpec.of(FLAGS.config)
     devices = jax.devices()
     if FLAGS.devices and FLAGS.devices != len(devices):
         raise ConfigError(
@@ -224,4 +225,4 @@ def _plan() -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, config_check.unknown_override))
+    app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, unknown_override))

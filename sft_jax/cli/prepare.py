@@ -14,16 +14,18 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sft_jax import cli
+from sft_jax.cli.overrides import unknown_override
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import pipeline
 from sft_jax.data.mixture import prepare_all
-from sft_jax.train.config_check import check_values, unknown_override
+from sft_jax.train.config_check import check_values
 
 
 def main(argv: list[str]) -> None:
     del argv
 
     def prepare() -> None:
-        config = flags.FLAGS.config
+        config = RunSpec.of(flags.FLAGS.config)
         check_values(config, device_count=1, batch_shards=1)  # the data fields matter here
         ready = prepare_all(config)
         for source, tokenized in zip(ready.sources, ready.train, strict=True):

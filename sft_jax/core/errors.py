@@ -38,5 +38,5 @@ def need(config: Any, ok: bool, field: str, problem: str) -> None:
     if not ok:
         value = config
         for part in field.split("."):
-            value = value[part]
+            value = getattr(value, part)
         raise ConfigError(f"config.{field}={value!r}: {problem}")

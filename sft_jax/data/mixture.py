@@ -19,8 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ml_collections
-
+from sft_jax.core.spec import DataSpec, RunSpec
 from sft_jax.data import batches, contamination, pipeline, records, store, stream, tokenize
 from sft_jax.data.records import DataError, Record
 
@@ -49,13 +48,13 @@ class Source:
     train_files: str
     weight: float
     eval_files: str
-    data: ml_collections.ConfigDict  # config.data with this source's overrides
+    data: DataSpec  # config.data with this source's overrides
     max_examples: int  # training examples read (0: all)
 
 
-def sources_of(data: ml_collections.ConfigDict) -> list[Source]:
+def sources_of(data: DataSpec) -> list[Source]:
     """config.data.mixture, or config.data's own files as the one source "train"."""
-    mixture = list(data.get("mixture", None) or [])
+    mixture = list(data.mixture)
     if not mixture:
         mixture = [
             {
@@ -73,8 +72,7 @@ def sources_of(data: ml_collections.ConfigDict) -> list[Source]:
             for k in ("format", "template_kwargs", "train_split", "eval_split")
             if k in entry
         }
-        source_data = ml_collections.ConfigDict(data.to_dict())
-        source_data.update(overrides)
+        source_data = data.replace(**overrides)
         out.append(
             Source(
                 name=str(entry.get("name", f"source{number}")),
@@ -93,7 +91,7 @@ def prepared(
     split: str,
     field: str,
     tokenizer: Any,
-    data: ml_collections.ConfigDict,
+    data: DataSpec,
     limit: int = 0,
     keep: Callable[[Record], bool] | None = None,
     key_extra: str = "",
@@ -162,7 +160,7 @@ def _add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
             total[key] += value
 
 
-def store_root(data: ml_collections.ConfigDict) -> Path:
+def store_root(data: DataSpec) -> Path:
     base = data.cache_dir if data.cache_dir not in ("", "none") else pipeline.default_cache_dir()
     return Path(base).expanduser() / "stores"
 
@@ -178,7 +176,7 @@ class Prepared:
     fingerprint: str
 
 
-def prepare_all(config: ml_collections.ConfigDict) -> Prepared:
+def prepare_all(config: RunSpec) -> Prepared:
     """The stores of every source (what `python -m sft_jax.data.prepare` writes)."""
     tokenizer, sources = pipeline.run_tokenizer(config), sources_of(config.data)
     train, evals, keys = [], {}, []
@@ -203,11 +201,11 @@ def prepare_all(config: ml_collections.ConfigDict) -> Prepared:
 
 
 def _eval_set(
-    config: ml_collections.ConfigDict, source: Source, sources: list[Source], tokenizer: Any
+    config: RunSpec, source: Source, sources: list[Source], tokenizer: Any
 ) -> tuple[tokenize.Tokenized, str]:
     """A source's eval store, checked against every source's training examples."""
     field = f"config.data.mixture[{source.name}].eval_files"
-    mode, keep, extra = config.data.get("contamination", "off"), None, ""
+    mode, keep, extra = config.data.contamination, None, ""
     if mode != "off":
         seen = contamination.train_index(
             [(s.train_files, s.data.train_split, s.data.format, s.max_examples) for s in sources]
@@ -232,9 +230,7 @@ def _eval_set(
     return tokenized, key
 
 
-def open_stream_data(
-    config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None
-) -> pipeline.DataSource:
+def open_stream_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pipeline.DataSource:
     """The trainer's DataSource for this process, streamed from the stores; `feed`:
     pipeline.row_share."""
     ready, data = prepare_all(config), config.data
@@ -284,7 +280,7 @@ def open_stream_data(
 
 
 def _eval_batches(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     tokenized: tokenize.Tokenized,
     process: tuple[int, int],
     bound: int,

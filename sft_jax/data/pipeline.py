@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
 from sft_jax.adapters.prompts import PromptSpec, virtual_token_ids
+from sft_jax.core.spec import DataSpec, RunSpec
 from sft_jax.data import batches, certificate, cloud, formats, records, templates, tokenize
 from sft_jax.data.records import DataError
 from sft_jax.models.io.hf import resolve_model_dir
@@ -25,12 +25,12 @@ _PARALLEL_ABOVE_BYTES = 64 * 1024**2
 _CERTIFY_SAMPLE = 64  # training examples checked at start-up
 
 
-def run_tokenizer(config: ml_collections.ConfigDict) -> Any:
+def run_tokenizer(config: RunSpec) -> Any:
     """The run's tokenizer: config.data.tokenizer, else the model's, with config.data's
     chat template (also what export writes beside the weights)."""
     data = config.data
-    source = data.get("tokenizer", "") or str(resolve_model_dir(config.model.name_or_path))
-    return templates.load_tokenizer(source, data.get("chat_template", ""))
+    source = data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
+    return templates.load_tokenizer(source, data.chat_template)
 
 
 def _resolve_format(data_format: str, sources: list[str], split: str) -> str:
@@ -76,7 +76,7 @@ def tokenize_sources(
     split: str,
     field: str,
     tokenizer: Any,
-    data: ml_collections.ConfigDict,
+    data: DataSpec,
     reserved: int = 0,
 ) -> tuple[tokenize.Tokenized, str]:
     """Tokenized documents of comma-separated sources (from the cache when possible)."""
@@ -122,7 +122,7 @@ def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
 
 
 def tokenize_options(
-    data: ml_collections.ConfigDict, sources: list[str], split: str, reserved: int = 0
+    data: DataSpec, sources: list[str], split: str, reserved: int = 0
 ) -> tokenize.Options:
     """reserved: slots of each row's document taken by virtual tokens (prompt / P-tuning), so
     documents are cut, and counted as truncated, at max_length - reserved."""
@@ -131,8 +131,8 @@ def tokenize_options(
         train_on=data.train_on,
         max_length=data.max_length - reserved,
         skip_bad=data.skip_bad_examples,
-        empty_replies=data.get("empty_replies", "warn"),
-        overlong=data.get("overlong", "truncate"),  # configs saved before the field: truncate
+        empty_replies=data.empty_replies,
+        overlong=data.overlong,
         train_reasoning=data.train_reasoning,
         template_kwargs=data.template_kwargs,
     )
@@ -145,7 +145,7 @@ class _IgnoreBadRecords:
         del where, problem, reason
 
 
-def certify(config: ml_collections.ConfigDict, tokenizer: Any, sample: int = 0) -> dict:
+def certify(config: RunSpec, tokenizer: Any, sample: int = 0) -> dict:
     """The mask certificate (sft_jax.data.certificate) of the first `sample` training
     examples (0: all of them)."""
     data = config.data
@@ -163,7 +163,7 @@ def certify(config: ml_collections.ConfigDict, tokenizer: Any, sample: int = 0) 
     return certificate.check_records(tokenizer, stream, options)
 
 
-def _check_at_start(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
+def _check_at_start(config: RunSpec, tokenizer: Any) -> None:
     """Training's start-up check: the certificate of a sample, logged; violations stop it."""
     report = certify(config, tokenizer, _CERTIFY_SAMPLE)
     log.info(
@@ -244,7 +244,7 @@ class Datasets:
     fingerprint: str
 
 
-def load_datasets(config: ml_collections.ConfigDict) -> Datasets:
+def load_datasets(config: RunSpec) -> Datasets:
     data = config.data
     tokenizer = run_tokenizer(config)
     reserved = PromptSpec.from_config(config).tokens_in_rows
@@ -293,7 +293,7 @@ def row_share(feed: tuple[int, int] | None) -> tuple[int, int]:
     return feed if feed is not None else (jax.process_index(), jax.process_count())
 
 
-def row_options(config: ml_collections.ConfigDict, feed: tuple[int, int] | None) -> dict:
+def row_options(config: RunSpec, feed: tuple[int, int] | None) -> dict:
     """The arguments every train-row iterator takes from the config and the process's feed."""
     data, process = config.data, row_share(feed)
     return {
@@ -307,7 +307,7 @@ def row_options(config: ml_collections.ConfigDict, feed: tuple[int, int] | None)
     }
 
 
-def open_data(config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None) -> DataSource:
+def open_data(config: RunSpec, feed: tuple[int, int] | None = None) -> DataSource:
     """The trainer's DataSource for this process, built from config.data; `feed`: row_share."""
     loaded = with_virtual_tokens(load_datasets(config), PromptSpec.from_config(config))
     data, process = config.data, row_share(feed)

@@ -33,10 +33,10 @@ import numbers
 from collections.abc import Iterator
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from sft_jax.core.batch import MARGIN_KEY, REFERENCE_KEY, shape
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import batches, pipeline, records, tokenize
 from sft_jax.data.formats import ROLES, BadExample, Completion, Conversation, _messages
 from sft_jax.data.records import DataError
@@ -274,9 +274,7 @@ def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> Pairs
     return pairs
 
 
-def open_pair_data(
-    config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None
-) -> pipeline.DataSource:
+def open_pair_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pipeline.DataSource:
     """The trainer's DataSource of preference pairs (config.data, as for SFT data; no cache);
     `feed`: pipeline.row_share."""
     data, process = config.data, pipeline.row_share(feed)

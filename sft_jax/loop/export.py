@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import shutil
 from collections.abc import Iterator
@@ -18,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 from flax import nnx
 
 from sft_jax.adapters import methods as adapter_methods
 from sft_jax.adapters.methods import AdapterMethod
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import run_tokenizer
 from sft_jax.data.cloud import is_remote
 from sft_jax.models import DTYPES, CheckpointError, from_hf_config, save_pretrained
@@ -78,7 +77,7 @@ def _export(workdir: Path, which: str | int, out: Path) -> Path:
     """The export of a local WORKDIR's checkpoint to the local folder `out`."""
     checkpoints = rundir.open_run(workdir)
     step = rundir.pick_step(checkpoints, which)
-    config = ml_collections.ConfigDict(json.loads(checkpoints.meta(step)["config"]))
+    config = RunSpec.from_saved(checkpoints.meta(step)["config"], f"{checkpoints.directory}/{step}")
     adapted = adapter_methods.enabled_methods(config)
     if adapted:
         return _export_adapted(checkpoints, step, config, out, adapted[0])

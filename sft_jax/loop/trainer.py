@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from sft_jax.adapters import methods as adapter_methods
 from sft_jax.core.errors import ConfigError, TrainingDivergedError
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataSource
 from sft_jax.data.cloud import is_remote
 from sft_jax.generation.sampler import chat_stop_token_ids
@@ -52,7 +52,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: ml_collections.ConfigDict,
+        config: RunSpec,
         workdir: Path,
         model: CausalLM,
         data: DataSource,
@@ -332,7 +332,7 @@ class Trainer:
 
 
 def run(
-    config: ml_collections.ConfigDict,
+    config: Any,
     workdir: str | Path,
     data_factory: Callable[..., DataSource],
     batch_source: Callable[[compile_plan.Steps], BatchSource] | None = None,
@@ -340,11 +340,13 @@ def run(
     """Everything main.py does after parsing flags. A bucket `workdir` (s3://, gs://) runs in
     its local staging copy, mirrored to the bucket (sft_jax.workdir.bucket_mirror).
     data_factory(config, feed) opens the data; feed (sharding.row_feed) says which rows of each
-    batch it feeds. batch_source: see Trainer (default: the data's train rows)."""
+    batch it feeds. batch_source: see Trainer (default: the data's train rows). `config` is a
+    RunSpec, or the ConfigDict of a config file (the Python API's edge: made a RunSpec here)."""
+    config = RunSpec.of(config)
     distributed.initialize(config.distributed)
     check_mesh(config)
     why = "as configured (config.mesh)"
-    if config.mesh.get("auto", False):
+    if config.mesh.auto:
         config, why = plan_search.auto_config(config)
     mesh = sharding.mesh_for(config)
     log.info("mesh: %s; %s", plan_search.mesh_summary(mesh), why)
@@ -359,7 +361,7 @@ def run(
         return _run_locked(config, local, mesh, data_factory, mirror, batch_source)
 
 
-def _bucket_mirror(config: ml_collections.ConfigDict, workdir: str) -> BucketMirror | None:
+def _bucket_mirror(config: RunSpec, workdir: str) -> BucketMirror | None:
     """For a bucket WORKDIR: its mirror, once the bucket answers (before any work starts)."""
     if not is_remote(workdir):
         return None
@@ -373,7 +375,7 @@ def _bucket_mirror(config: ml_collections.ConfigDict, workdir: str) -> BucketMir
 
 
 def _run_locked(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     workdir: Path,
     mesh: Mesh,
     data_factory: Callable,

@@ -40,7 +40,6 @@ from sft_jax.models.partitioning import logical_to_spec
 # offloaded to host memory.
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
     # Keeps the weight matmuls' outputs (no batch dims); recomputes the rest, attention scores
     # included ([B, K, G, T, S] per layer would not fit at long sequence lengths).
     "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -48,6 +47,7 @@ REMAT_POLICIES = {
     # in the forward pass, back in the backward one (GPUs and TPUs; the CPU backend has no
     # separate host memory and config_check refuses it there).
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 

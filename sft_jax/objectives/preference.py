@@ -31,12 +31,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from sft_jax.adapters.lora import adapters_off
 from sft_jax.core.batch import REFERENCE_KEY
 from sft_jax.core.errors import ConfigError, check_choice, need
+from sft_jax.core.spec import RunSpec
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.loss import hidden_token_logps, token_logps
 
@@ -325,7 +325,7 @@ class PairObjective:
         return metrics
 
 
-def reference_of(config: ml_collections.ConfigDict) -> str:
+def reference_of(config: RunSpec) -> str:
     """config.preference.reference, "auto" resolved: adapters off under LoRA, else a copy."""
     reference = config.preference.reference
     if reference == "auto":
@@ -334,7 +334,7 @@ def reference_of(config: ml_collections.ConfigDict) -> str:
 
 
 def objective_from_config(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     max_segments: int,
     loss_type: str,
     reference: str,
@@ -358,7 +358,7 @@ def objective_from_config(
     )
 
 
-def check_pair_fields(config: ml_collections.ConfigDict) -> None:
+def check_pair_fields(config: RunSpec) -> None:
     """The fields every objective over preference pairs reads (DPO's family and reward models)."""
     pref = config.preference
     check_choice("preference.reference", pref.reference, REFERENCES)
@@ -384,13 +384,13 @@ def check_pair_fields(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_pairs(config: ml_collections.ConfigDict) -> None:
+def check_pairs(config: RunSpec) -> None:
     """config.preference for the reference-free objectives ("simpo", "orpo")."""
     check_choice("preference.loss_type", config.preference.loss_type, DPO_LOSSES)
     check_pair_fields(config)
 
 
-def check_dpo(config: ml_collections.ConfigDict) -> None:
+def check_dpo(config: RunSpec) -> None:
     """config.preference for "dpo": the pair fields, and a reference the run can have."""
     check_pairs(config)
     if reference_of(config) == "adapters_off":

@@ -56,8 +56,8 @@ def names() -> tuple[str, ...]:
 
 
 def name_of(config: Any) -> str:
-    """config.train.objective (a config saved before the field existed: DEFAULT)."""
-    return config.train.get("objective", DEFAULT)
+    """config.train.objective (a run saved before the field existed: core.spec says DEFAULT)."""
+    return config.train.objective
 
 
 def kind_of(config: Any) -> ObjectiveKind:

@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from sft_jax.adapters.lora import names
 from sft_jax.core.batch import MARGIN_KEY
 from sft_jax.core.errors import ConfigError, need
+from sft_jax.core.spec import RunSpec
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.preference import check_pair_fields
 
@@ -181,7 +181,7 @@ class RewardObjective:
 
 
 def objective_from_config(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     max_segments: int,
     pad_token_id: int | None,
 ) -> RewardObjective:
@@ -199,7 +199,7 @@ def objective_from_config(
     )
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: RunSpec) -> None:
     """The fields a reward model reads: no LM head, reward centring, no generation; then the
     fields of every objective over pairs."""
     need(
@@ -218,7 +218,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("generate_examples", "show_samples"):
         need(
             config,
-            config.eval[field] == 0,
+            getattr(config.eval, field) == 0,
             f"eval.{field}",
             "a reward model scores sequences and does not generate: set it to 0.",
         )

@@ -16,12 +16,12 @@ from typing import Any
 import huggingface_hub
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import CausalLM, ModelConfig
 from sft_jax.models.config import DTYPES, from_hf_config
 from sft_jax.models.decoder import use_attention
@@ -34,7 +34,7 @@ from sft_jax.train import memory as memory_plan
 from sft_jax.train import sharding
 from sft_jax.train.compiled import lower_train_step, run_optimizer
 from sft_jax.train.flops import training_flops_per_token
-from sft_jax.train.kernel_choice import choose_attention
+from sft_jax.train.kernel_choice import choose_attention, forced_attention
 from sft_jax.train.memory import StepMemory
 from sft_jax.train.setup import add_adapters, moe_options
 from sft_jax.train.step import StepOptions, StepSpec
@@ -53,7 +53,7 @@ WIDENED = (
 # --- The abstract model ----------------------------------------------------------------------
 
 
-def model_config(config: ml_collections.ConfigDict, model_dir: str = "") -> ModelConfig:
+def model_config(config: RunSpec, model_dir: str = "") -> ModelConfig:
     """The model's shape from its Hugging Face config.json (read from `model_dir`, else from
     config.model.name_or_path); no weights are read."""
     name = model_dir or config.model.name_or_path
@@ -68,23 +68,24 @@ def model_config(config: ml_collections.ConfigDict, model_dir: str = "") -> Mode
     return from_hf_config(load_hf_config(resolve_model_dir(name)))
 
 
-STAND_IN = "blockwise"  # what the CPU compiles for a fused kernel (models/blockwise.py)
+STAND_IN = "blockwise"  # what the CPU compiles for a fused kernel (models/kernels/blockwise.py)
 
 
-def planned_attention(
-    config: ml_collections.ConfigDict, shape: ModelConfig, target: str
-) -> tuple[str, str]:
+def planned_attention(config: RunSpec, shape: ModelConfig, target: str) -> tuple[str, str]:
     """(the attention the planner compiles, a line saying what the target runs): the target's
     choice for config.model.attention (kernel_choice.choose_attention); a fused kernel that
     this machine cannot compile is planned with the blockwise stand-in, whose residuals and
     blocks take the memory of a flash kernel, never the einsum's [T, S] scores."""
+    forced = forced_attention(config)
+    if forced is not None:
+        return forced[0], f"attention: {forced[0]} on the target and in the plan ({forced[1]})"
     kind, why = choose_attention(
         config.model.attention,
         accelerator=target,
         model=shape,
         compute_dtype=config.model.compute_dtype,
         max_length=config.data.max_length,
-        context=config.mesh.get("context", 1),
+        context=config.mesh.context,
     )
     here = jax.devices()[0].platform
     if kind in ("cudnn", "splash") and {"cudnn": "gpu", "splash": "tpu"}[kind] != here:
@@ -109,7 +110,7 @@ def planned_experts(shape: ModelConfig, target: str) -> tuple[str, str]:
 
 
 def abstract_run_model(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     shape: ModelConfig,
     attention: str = "xla",
     experts: str = "ragged_dot",
@@ -255,15 +256,13 @@ def candidate_mesh(candidate: Candidate, devices: Sequence[jax.Device]) -> Mesh:
     )
 
 
-def state_bytes(config: ml_collections.ConfigDict, model: Any, trainable: Any, mesh: Mesh) -> int:
+def state_bytes(config: RunSpec, model: Any, trainable: Any, mesh: Mesh) -> int:
     """Bytes of one device's shards of the weights and optimizer state on `mesh`, counted from
     their shardings without compiling: a floor under the step's memory."""
     return sum(state_parts(config, model, trainable, mesh).values())
 
 
-def state_parts(
-    config: ml_collections.ConfigDict, model: Any, trainable: Any, mesh: Mesh
-) -> dict[str, int]:
+def state_parts(config: RunSpec, model: Any, trainable: Any, mesh: Mesh) -> dict[str, int]:
     """state_bytes by part: "params" (trained), "opt_state" (the run's optimizer: AdamW's
     moments, AdaLoRA's allocator), "frozen" (the rest of the weights)."""
     tx, _ = run_optimizer(config)
@@ -280,7 +279,7 @@ def shard_bytes(tree: Any) -> int:
 
 
 def compile_candidate(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     model: Any,
     trainable: Any,
     candidate: Candidate,
@@ -376,7 +375,7 @@ class Subject:
     """What the planner plans: the run's config, the model's full shape and the attention it
     compiles; abstract models of each depth are built once and shared by the candidates."""
 
-    config: ml_collections.ConfigDict
+    config: RunSpec
     shape: ModelConfig
     attention: str = "xla"
     extrapolate: bool = True  # compile two shallow depths (plan_depth.depths), extrapolate
@@ -385,16 +384,18 @@ class Subject:
     _models: dict[tuple[int, bool], tuple[Any, Any]] = dataclasses.field(default_factory=dict)
 
     @property
-    def compiled_config(self) -> ml_collections.ConfigDict:
+    def compiled_config(self) -> RunSpec:
         """The config the CPU compiles: the run's, its bfloat16 dtypes float32 if widened."""
         if not self.widened:
             return self.config
-        config = self.config.copy_and_resolve_references()
-        with config.unlocked():
-            for field in ("param_dtype", "compute_dtype"):
-                if config.model[field] == "bfloat16":
-                    config.model[field] = "float32"
-        return config
+        model = self.config.model
+        return self.config.with_values(
+            {
+                f"model.{field}": "float32"
+                for field in ("param_dtype", "compute_dtype")
+                if getattr(model, field) == "bfloat16"
+            }
+        )
 
     def model(self, layers: int, as_run: bool = False) -> tuple[Any, Any]:
         """(abstract model of `layers` layers as compiled, or with the run's dtypes, the

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 from jax.sharding import Mesh
 
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import ModelConfig
 from sft_jax.planning.estimate import (
     WIDENED,
@@ -117,12 +117,10 @@ def candidates(
     return out
 
 
-def context_sizes(
-    config: ml_collections.ConfigDict, devices: int, contexts: Sequence[int]
-) -> list[int]:
+def context_sizes(config: RunSpec, devices: int, contexts: Sequence[int]) -> list[int]:
     """The context axis sizes to plan: `contexts`, else config.mesh.context. Each must divide
     the devices and split every row into 2 x context equal chunks (causal load balancing)."""
-    contexts = list(contexts) or [config.mesh.get("context", 1)]
+    contexts = list(contexts) or [config.mesh.context]
     max_length = config.data.max_length
     for context in contexts:
         if context < 1 or devices % context or max_length % (2 * context):
@@ -233,7 +231,7 @@ def _needs(e: Estimate) -> str:
 
 
 def plan(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     devices: Sequence[jax.Device],
     hardware: Hardware,
     *,
@@ -280,26 +278,25 @@ def plan(
     return Outcome(estimates, best, attention_line, precision, too_small, experts_line)
 
 
-def apply_choice(config: ml_collections.ConfigDict, choice: Candidate) -> ml_collections.ConfigDict:
+def apply_choice(config: RunSpec, choice: Candidate) -> RunSpec:
     """A copy of `config` with the candidate's mesh, micro-batches and remat policy."""
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, config.mesh.expert = (
-            choice.data,
-            choice.fsdp,
-            choice.tensor,
-            choice.expert,
-        )
-        config.mesh.context = choice.context
-        config.train.gradient_accumulation_steps = choice.accumulation
-        config.model.remat = choice.remat
-    return config
+    return config.with_values(
+        {
+            "mesh.data": choice.data,
+            "mesh.fsdp": choice.fsdp,
+            "mesh.tensor": choice.tensor,
+            "mesh.expert": choice.expert,
+            "mesh.context": choice.context,
+            "train.gradient_accumulation_steps": choice.accumulation,
+            "model.remat": choice.remat,
+        }
+    )
 
 
 DEFAULT_INTERCONNECT = 100e9  # bytes/s per device where config.mesh.auto must assume one
 
 
-def auto_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
+def auto_config(config: RunSpec) -> tuple[RunSpec, str]:
     """config.mesh.auto: (the config with the planner's recommended mesh, micro-batches and
     remat policy for this job's devices, why). Every process compiles the same candidates
     against the same (least) device memory, so all choose alike."""

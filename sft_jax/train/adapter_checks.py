@@ -38,7 +38,7 @@ def check_lora(config: Any) -> None:
     for field in ("expert_adapters", "train_router"):
         _need(
             config,
-            lora.rank > 0 or not lora.get(field, False),
+            lora.rank > 0 or not getattr(lora, field),
             f"lora.{field}",
             "needs LoRA (lora.rank > 0); full fine-tuning trains all of them.",
         )
@@ -75,9 +75,9 @@ def check_lora(config: Any) -> None:
 def _check_adapter_method(config: Any) -> None:
     """DoRA and AdaLoRA: what PEFT accepts (AdaLoraConfig's own checks included)."""
     lora = config.lora
-    method = lora.get("method", "lora")  # configs saved before the field: LoRA
+    method = lora.method
     check_choice("lora.method", method, ADAPTER_METHODS)
-    if lora.get("use_dora", False) or method == "adalora":
+    if lora.use_dora or method == "adalora":
         _need(
             config,
             lora.rank > 0,
@@ -86,8 +86,7 @@ def _check_adapter_method(config: Any) -> None:
         )
     _need(
         config,
-        not lora.get("expert_adapters", False)
-        or (method == "lora" and not lora.get("use_dora", False)),
+        not lora.expert_adapters or (method == "lora" and not lora.use_dora),
         "lora.expert_adapters",
         "adapters on the experts are plain LoRA: turn DoRA / AdaLoRA off, or set "
         "lora.expert_adapters=False.",
@@ -115,7 +114,7 @@ def _check_adapter_method(config: Any) -> None:
     )
     _need(config, ada.delta_t >= 1, "lora.adalora.delta_t", "updates between allocations, >= 1.")
     for name in ("beta1", "beta2"):
-        _need(config, 0 < ada[name] < 1, f"lora.adalora.{name}", "must be within (0, 1).")
+        _need(config, 0 < getattr(ada, name) < 1, f"lora.adalora.{name}", "must be within (0, 1).")
     _need(config, ada.orth_reg_weight >= 0, "lora.adalora.orth_reg_weight", "must be >= 0.")
     total = ada.total_step or config.train.steps
     counts = ada.total_step >= 0 and ada.tinit >= 0 and ada.tfinal >= 0
@@ -136,10 +135,10 @@ def _check_adapter_method(config: Any) -> None:
 
 def check_prompt(config: Any) -> None:
     """config.prompt (absent in configs saved before it: off) and NEFTune's alpha."""
-    alpha = config.train.get("neftune_noise_alpha", 0.0)
+    alpha = config.train.neftune_noise_alpha
     _need(config, alpha >= 0, "train.neftune_noise_alpha", "must be 0 (off) or positive.")
-    prompt = config.get("prompt")
-    if prompt is None or not prompt.method:
+    prompt = config.prompt
+    if not prompt.method:
         return
     _check_prompt_fields(config, prompt)
     _check_prompt_with_the_run(config, prompt)
@@ -194,7 +193,7 @@ def _check_prompt_with_the_run(config: Any, prompt: Any) -> None:
     )
     _need(
         config,
-        config.mesh.get("context", 1) == 1,
+        config.mesh.context == 1,
         "mesh.context",
         f"config.prompt.method={prompt.method!r} does not run with the sequence split over "
         "mesh.context yet (its virtual tokens and key/value prefixes sit in every "
@@ -202,7 +201,7 @@ def _check_prompt_with_the_run(config: Any, prompt: Any) -> None:
     )
     _need(
         config,
-        prompt.method == "prefix_tuning" or config.data.get("loader") != "stream",
+        prompt.method == "prefix_tuning" or config.data.loader != "stream",
         "data.loader",
         f"config.prompt.method={prompt.method!r} puts virtual tokens in the "
         "rows of the in-memory loader only so far: use data.loader='memory' (or "

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -27,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.core.batch import BASE_KEYS
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import CausalLM
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.moe import use_moe_dispatch
@@ -370,7 +370,7 @@ class Plan:
     device_limit: int | None  # bytes one device holds; None where unknown (CPU)
 
 
-def run_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+def run_optimizer(config: RunSpec) -> tuple[optax.GradientTransformation, Any]:
     """(the run's optimizer, its learning-rate schedule): AdamW, wrapped by AdaLoRA's rank
     allocation and orthogonality gradient where config.lora asks for AdaLoRA."""
     adalora = LoRASpec.from_config(config.lora, config.train.steps).adalora
@@ -378,7 +378,7 @@ def run_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTran
 
 
 def plan_run(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     mesh: Mesh,
     model: CausalLM,
     *,
@@ -396,7 +396,7 @@ def plan_run(
     log.info("attention: %s (%s)", attention, why)
     use_attention(model, attention, max_segments)
     if model.config.num_experts:
-        dispatch, why = choose_moe_dispatch(config.model.get("moe_dispatch", "auto"))
+        dispatch, why = choose_moe_dispatch(config.model.moe_dispatch)
         log.info("expert dispatch: %s (%s)", dispatch, why)
         use_moe_dispatch(model, dispatch)
     train = config.train

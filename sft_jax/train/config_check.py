@@ -1,10 +1,8 @@
-"""Every check of a config's values, and the mistyped field of a --config.a.b=value override."""
+"""Every check of a run spec's values, section by section, made once at the entry point."""
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -16,47 +14,14 @@ from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.models import DTYPES
+from sft_jax.models.decoder import REMAT_POLICIES
 from sft_jax.objectives import registry
 from sft_jax.train import adapter_checks
 from sft_jax.train.kernel_choice import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.train.memory import host_offload_supported
 from sft_jax.train.optim import SCHEDULES
 
-
-def _load(config_arg: str) -> Any:
-    path = config_arg.split(":", 1)[0]
-    spec = importlib.util.spec_from_file_location("_config_for_check", Path(path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def unknown_override(argv: list[str]) -> str | None:
-    """A message for the first --config.* override whose field does not exist, else None."""
-    config_args = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    if not config_args:
-        return None
-    try:
-        config = _load(config_args[-1])
-    except Exception:  # the config file itself is broken: let the original error speak
-        return None
-    for arg in argv:
-        if not arg.startswith("--config."):
-            continue
-        dotted = arg[len("--config.") :].split("=", 1)[0]
-        node = config
-        for depth, key in enumerate(dotted.split(".")):
-            if not hasattr(node, "keys") or key not in node:
-                known = sorted(node.keys()) if hasattr(node, "keys") else []
-                close = difflib.get_close_matches(key, known, n=3)
-                where = ".".join(dotted.split(".")[:depth]) or "the config"
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                return (
-                    f"--config.{dotted}: {where} has no field {key!r}.{hint} "
-                    f"Fields of {where}: {', '.join(known)}."
-                )
-            node = node[key]
-    return None
+REMAT_CHOICES = (*REMAT_POLICIES, "auto")  # the decoder's policies, or the compiler's pick
 
 
 def check_values(config: Any, device_count: int, batch_shards: int) -> None:
@@ -88,7 +53,7 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
         f"an expert axis of {expert_devices} devices must divide the model's "
         f"number of experts ({experts}; a dense model has none: use mesh.data or mesh.fsdp).",
     )
-    context = config.mesh.get("context", 1)
+    context = config.mesh.context
     _need(
         config,
         context == 1 or experts == 0,
@@ -96,11 +61,11 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
         f"context parallelism (mesh.context={context}) is not built for mixtures of experts "
         f"({model_config.model_type}) yet: use mesh.context=1.",
     )
-    lora = config.get("lora", {})
+    lora = config.lora
     for field in ("expert_adapters", "train_router"):
         _need(
             config,
-            experts > 0 or not lora.get(field, False),
+            experts > 0 or not getattr(lora, field),
             f"lora.{field}",
             "applies to mixtures of experts; this model is dense: set it to False.",
         )
@@ -112,7 +77,7 @@ _need = need
 def check_mesh(config: Any) -> None:
     """config.mesh before a mesh is built from it (the planner's fields included)."""
     mesh = config.mesh
-    _need(config, isinstance(mesh.get("auto", False), bool), "mesh.auto", "expected True or False.")
+    _need(config, isinstance(mesh.auto, bool), "mesh.auto", "expected True or False.")
     sizes = [mesh.data, mesh.fsdp, mesh.tensor]
     _need(
         config,
@@ -121,7 +86,7 @@ def check_mesh(config: Any) -> None:
         f"data, fsdp, tensor = {sizes}: positive sizes, at most one -1 (the rest of the "
         "devices); or config.mesh.auto=True to let the planner choose.",
     )
-    context = mesh.get("context", 1)
+    context = mesh.context
     _need(
         config,
         isinstance(context, int) and context >= 1,
@@ -188,7 +153,7 @@ def _check_data(config: Any) -> None:
     )
     check_choice("data.format", data.format, ("auto", *FORMATS))
     check_choice("data.empty_replies", data.empty_replies, EMPTY_REPLIES)
-    check_choice("data.overlong", data.get("overlong", "truncate"), OVERLONG)
+    check_choice("data.overlong", data.overlong, OVERLONG)
     _check_stream(config)
 
 
@@ -229,6 +194,7 @@ def _check_stream(config: Any) -> None:
 def _check_source(number: int, entry: Any, names: set[str]) -> str:
     """One entry of config.data.mixture; returns its name."""
     field = f"data.mixture[{number}]"
+    entry = dict(entry) if isinstance(entry, Mapping) else entry
 
     def need(ok: bool, where: str, value: Any, problem: str) -> None:
         if not ok:
@@ -305,7 +271,7 @@ def _check_eval_and_outputs(config: Any) -> None:
 def _check_context(config: Any) -> None:
     """mesh.context: it splits each row into 2 x context chunks (causal load balancing), and
     only kernels that take tokens out of order can attend over them."""
-    context = config.mesh.get("context", 1)
+    context = config.mesh.context
     if context == 1:
         return
     _need(
@@ -335,9 +301,9 @@ def _check_model(config: Any) -> None:
     model = config.model
     _need(
         config,
-        model.remat in ("none", "save_matmuls", "offload", "full", "auto"),
+        model.remat in REMAT_CHOICES,
         "model.remat",
-        "expected 'none', 'save_matmuls', 'offload', 'full' or 'auto'.",
+        f"expected {', '.join(map(repr, REMAT_CHOICES[:-1]))} or {REMAT_CHOICES[-1]!r}.",
     )
     _need(
         config,
@@ -348,7 +314,7 @@ def _check_model(config: Any) -> None:
         "use 'full' or 'save_matmuls' here, 'offload' on GPUs and TPUs.",
     )
     check_choice("model.attention", model.attention, ATTENTION_CHOICES)
-    check_choice("model.moe_dispatch", model.get("moe_dispatch", "auto"), MOE_DISPATCH_CHOICES)
+    check_choice("model.moe_dispatch", model.moe_dispatch, MOE_DISPATCH_CHOICES)
     check_choice("model.param_dtype", model.param_dtype, tuple(DTYPES))
     check_choice("model.compute_dtype", model.compute_dtype, tuple(DTYPES))
 
@@ -360,7 +326,7 @@ def _check_objective(config: Any) -> None:
 
 def _get(config: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        config = config[part]
+        config = getattr(config, part)
     return config
 
 

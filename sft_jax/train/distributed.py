@@ -6,7 +6,8 @@ import logging
 import os
 
 import jax
-import ml_collections
+
+from sft_jax.core.spec import DistributedSpec
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ def _launched_on_several_hosts() -> bool:
     return len([h for h in tpu_hosts.split(",") if h]) > 1
 
 
-def initialize(config: ml_collections.ConfigDict) -> None:
+def initialize(config: DistributedSpec) -> None:
     """Starts jax.distributed when the job spans processes; a single process does nothing.
 
     config.coordinator_address set: explicit (num_processes, process_id from the config).

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import jax
 import jax.extend
-import ml_collections
 
 from sft_jax.core.errors import ConfigError, check_choice
+from sft_jax.core.spec import DataSpec, RunSpec
 from sft_jax.models import ModelConfig
 from sft_jax.models.kernels.fused import ATTENTION_KINDS, SPLASH_BLOCKS, SPLASH_INTERPRET
 from sft_jax.models.kernels.fused import packed_cudnn_supported as _packed_cudnn_supported
@@ -126,23 +126,30 @@ def choose_moe_dispatch(requested: str) -> tuple[str, str]:
     return requested, "as configured"
 
 
-def segments_bound(data: ml_collections.ConfigDict) -> int:
+def segments_bound(data: DataSpec) -> int:
     """Most segments a row of batches built from this config can hold (documents, plus padding
     as one more), or 0 when unbounded. The data pipeline knows a tighter bound for its data."""
     if not data.packing:
         return 2
-    documents = data.get("max_documents_per_row", 0)  # configs saved before the field: none
+    documents = data.max_documents_per_row
     return documents + 1 if documents > 0 else 0
 
 
-def attention_for(
-    config: ml_collections.ConfigDict, model: ModelConfig, max_segments: int
-) -> tuple[str, str]:
-    """(kernel, why) for this run on this machine, the why saying how documents stay apart."""
-    here = accelerator()
-    if config.get("prompt") is not None and config.prompt.method == "prefix_tuning":
+def forced_attention(config: RunSpec) -> tuple[str, str] | None:
+    """(kernel, why) where the run's adapters decide the kernel whatever config.model.attention
+    says; the run (attention_for) and the planner (planning/estimate.planned_attention) ask."""
+    if config.prompt.method == "prefix_tuning":
         # config_check allows only auto and xla: the fused kernels take no key/value prefix.
         return "xla", "prefix tuning: the key/value prefix needs the einsum path"
+    return None
+
+
+def attention_for(config: RunSpec, model: ModelConfig, max_segments: int) -> tuple[str, str]:
+    """(kernel, why) for this run on this machine, the why saying how documents stay apart."""
+    here = accelerator()
+    forced = forced_attention(config)
+    if forced is not None:
+        return forced
     attention, why = choose_attention(
         config.model.attention,
         accelerator=here,
@@ -150,9 +157,9 @@ def attention_for(
         compute_dtype=config.model.compute_dtype,
         max_length=config.data.max_length,
         max_head_dim=cudnn_max_head_dim() if here == "nvidia" else 256,
-        context=config.mesh.get("context", 1),
+        context=config.mesh.context,
     )
-    if config.mesh.get("context", 1) > 1 and attention == "cudnn":
+    if config.mesh.context > 1 and attention == "cudnn":
         return attention, why + "; a mask per context shard keeps documents apart"
     if attention == "cudnn":
         why += (

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import ml_collections
 import optax
 
 from sft_jax.adapters.adalora import AdaLoRASpec, orthogonality_gradient, rank_allocation
 from sft_jax.core.errors import check_choice
+from sft_jax.core.spec import TrainSpec
 
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(train: TrainSpec) -> optax.Schedule:
     """Linear warmup from 0 to learning_rate, then cosine / linear decay or constant."""
     check_choice("train.lr_schedule", train.lr_schedule, SCHEDULES)
     peak, warmup = train.learning_rate, train.warmup_steps
@@ -38,7 +38,7 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    train: ml_collections.ConfigDict, adalora: AdaLoRASpec | None = None
+    train: TrainSpec, adalora: AdaLoRASpec | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping; returns the transformation and its schedule. With
     AdaLoRA, the orthogonality regulariser's gradient is added first (it is part of the loss,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
 from sft_jax.adapters import methods as adapter_methods
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.adapters.prompts import PromptSpec, trainable_line
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataSource, open_data, open_pair_data, open_stream_data, run_tokenizer
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
@@ -28,12 +28,12 @@ from sft_jax.train.step import Objective
 log = logging.getLogger(__name__)
 
 
-def score_labels(config: ml_collections.ConfigDict) -> int | None:
+def score_labels(config: RunSpec) -> int | None:
     """A reward model's outputs (1: a scalar score head); None: the checkpoint's own head."""
     return registry.kind_of(config).score_labels
 
 
-def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
+def build_model(config: RunSpec, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
     spec = LoRASpec.from_config(config.lora, config.train.steps)
     model = from_pretrained(
@@ -51,13 +51,13 @@ def build_model(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[CausalLM
     if PromptSpec.from_config(config).init == "text":
         tokenizer = run_tokenizer(config)
     spec, trainable = add_adapters(model, config, mesh, tokenizer)
-    model.embedding_noise = config.train.get("neftune_noise_alpha", 0.0)
+    model.embedding_noise = config.train.neftune_noise_alpha
     log.info("%s (as PEFT's print_trainable_parameters)", trainable_line(model, trainable))
     return model, spec, trainable
 
 
 def add_adapters(
-    model: CausalLM, config: ml_collections.ConfigDict, mesh: Mesh, tokenizer: Any = None
+    model: CausalLM, config: RunSpec, mesh: Mesh, tokenizer: Any = None
 ) -> tuple[LoRASpec, Any]:
     """Puts the run's adapters on `model` (adapters/methods.py: LoRA, DoRA, AdaLoRA; or a
     prompt method's module) and returns (its LoRA spec, the filter of what trains): the one
@@ -70,16 +70,14 @@ def add_adapters(
     return adapter_methods.lora_spec(config, model), trainable
 
 
-def open_run_data(
-    config: ml_collections.ConfigDict, feed: tuple[int, int] | None = None
-) -> DataSource:
+def open_run_data(config: RunSpec, feed: tuple[int, int] | None = None) -> DataSource:
     """The run's data (main.py's data factory): preference pairs for an objective that reads
     them, else SFT examples, in memory or streamed. feed: (block, blocks) of each global
     batch's rows this process feeds (sharding.row_feed; the trainer passes it), else each
     process its own block."""
     if registry.kind_of(config).reads == "pairs":
         return open_pair_data(config, feed)
-    if config.data.get("loader", "memory") == "stream":
+    if config.data.loader == "stream":
         return open_stream_data(config, feed)
     return open_data(config, feed)
 
@@ -97,7 +95,7 @@ def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
 
 
 def objective_for(
-    config: ml_collections.ConfigDict,
+    config: RunSpec,
     model: CausalLM,
     max_segments: int,
     pad_token_id: int | None,

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sft_jax.core.batch import BASE_KEYS, FIELDS, ROW, TOKEN, shape
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models.partitioning import (
     CONTEXT_AXIS,
     LOGICAL_RULES,
@@ -61,10 +61,10 @@ def make_mesh(
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def mesh_for(config: ml_collections.ConfigDict) -> Mesh:
+def mesh_for(config: RunSpec) -> Mesh:
     """The mesh config.mesh asks for, over every device of the job."""
     mesh = config.mesh
-    context = mesh.get("context", 1)  # configs saved before the field: none
+    context = mesh.context
     return make_mesh(mesh.data, mesh.fsdp, mesh.tensor, expert=mesh.expert, context=context)
 
 

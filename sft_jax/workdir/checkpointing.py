@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from sft_jax.core.errors import ConfigError, UserError
+from sft_jax.core.spec import RunSpec
 from sft_jax.workdir.compatibility import config_changes, shape_changes
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ class Checkpoints:
         step: int,
         state: Any,
         data_state: dict[str, Any],
-        config: ml_collections.ConfigDict,
+        config: RunSpec,
         metrics: dict[str, float] | None = None,
         trainer_state: dict[str, Any] | None = None,
     ) -> None:
@@ -255,7 +255,7 @@ class Checkpoints:
     def restore_latest(
         self,
         abstract_state: Any,
-        config: ml_collections.ConfigDict | None = None,
+        config: RunSpec | None = None,
         model: dict[str, Any] | None = None,
     ) -> tuple[int, Any, dict[str, Any], dict[str, Any]] | None:
         """(step, state, data state, meta) of the newest checkpoint that restores.
@@ -294,7 +294,7 @@ class Checkpoints:
         step: int,
         meta: dict[str, Any],
         abstract_state: Any,
-        config: ml_collections.ConfigDict | None,
+        config: RunSpec | None,
         model: dict[str, Any] | None,
     ) -> list[str]:
         """What makes a step another run's: config fields, model fields, state shapes."""

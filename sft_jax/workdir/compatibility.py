@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 
 from sft_jax.adapters import methods as adapter_methods
-from sft_jax.objectives import registry
+from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD, RunSpec
 
 # What a resumed run must share with the run that saved: the saved state's structure (model,
 # dtypes, adapters, quantization, clipping) and the meaning of the data position (data, row
@@ -40,12 +39,10 @@ RESUME_FIELDS = (
     "train.objective",
     "preference.reference",
 )
-# Values of fields that configs saved before the field existed stand for.
-_ABSENT_MEANS = {"train.objective": registry.DEFAULT, "preference.reference": "auto"}
 
 
 def config_changes(
-    saved_json: str, config: ml_collections.ConfigDict, fields: tuple[str, ...] = RESUME_FIELDS
+    saved_json: str, config: RunSpec, fields: tuple[str, ...] = RESUME_FIELDS
 ) -> list[str]:
     """'field: saved -> now' for each of `fields` that differs (for RESUME_FIELDS, also
     clipping turned on or off, which changes the optimizer state)."""
@@ -54,7 +51,7 @@ def config_changes(
     def lookup(tree: Any, dotted: str) -> Any:
         for part in dotted.split("."):
             tree = tree.get(part) if isinstance(tree, Mapping) else None
-        return _ABSENT_MEANS.get(dotted) if tree is None else tree
+        return SAVED_BEFORE_THE_FIELD.get(dotted) if tree is None else tree
 
     now = config.to_dict()
     changes = [

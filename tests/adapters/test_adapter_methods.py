@@ -7,6 +7,7 @@ from flax import nnx
 from test_data import base_config
 
 from sft_jax.adapters import methods
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import from_pretrained
 from sft_jax.train import sharding
 from sft_jax.train.setup import add_adapters
@@ -17,11 +18,11 @@ def test_the_registered_families_and_what_turns_each_on():
     assert [m.name for m in methods.methods()] == ["lora", "prompt"]
     assert methods.fields() == ADAPTER_FIELDS
     config = base_config()
-    assert methods.enabled_methods(config) == ()
+    assert methods.enabled_methods(RunSpec.of(config)) == ()
     config.lora.rank = 8
-    assert [m.name for m in methods.enabled_methods(config)] == ["lora"]
+    assert [m.name for m in methods.enabled_methods(RunSpec.of(config))] == ["lora"]
     config.lora.rank, config.prompt.method = 0, "prompt_tuning"
-    assert [m.name for m in methods.enabled_methods(config)] == ["prompt"]
+    assert [m.name for m in methods.enabled_methods(RunSpec.of(config))] == ["prompt"]
 
 
 def test_a_registered_family_is_added_by_setup_and_shapes_resume(monkeypatch, hf_checkpoint):
@@ -44,7 +45,7 @@ def test_a_registered_family_is_added_by_setup_and_shapes_resume(monkeypatch, hf
     config = base_config()
     config.train.seed = 7
     model = from_pretrained(hf_checkpoint("llama3.1")[0])
-    spec, trainable = add_adapters(model, config, sharding.single_device_mesh())
+    spec, trainable = add_adapters(model, RunSpec.of(config), sharding.single_device_mesh())
     assert added == [config.train.steps] and not spec.enabled
     trained = nnx.to_flat_state(nnx.state(model, trainable))
     assert trained and all("embed" in "/".join(map(str, path)) for path, _ in trained)

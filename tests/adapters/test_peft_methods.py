@@ -33,6 +33,7 @@ from sft_jax.adapters.lora import (
     trainable_filter,
 )
 from sft_jax.adapters.lora import merged as fold_adapters
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import from_pretrained, save_pretrained
 from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.layers import LoRAParam
@@ -267,10 +268,10 @@ def test_bad_dora_and_adalora_settings_are_named(changes, field, message):
         section, _, field_name = name.rpartition(".")
         (config.lora.adalora if section else config.lora)[field_name] = value
     with pytest.raises(ConfigError, match=f"config.{re.escape(field)}=.*{re.escape(message)}"):
-        check_values(config, 8, 8)
+        check_values(RunSpec.of(config), 8, 8)
     config = base.get_config().unlock()
     config.lora.rank, config.lora.use_dora, config.lora.quantize = 8, True, "nf4"
-    check_values(config, 8, 8)  # DoRA on a quantized base, as PEFT allows
+    check_values(RunSpec.of(config), 8, 8)  # DoRA on a quantized base, as PEFT allows
 
 
 @pytest.mark.e2e
@@ -369,10 +370,11 @@ def test_planner_counts_the_state_training_holds(overrides):
             node = node[group]
         node[name] = value
     mesh = sharding.single_device_mesh()
-    model, _, trainable = build_model(config, mesh)
-    state, _ = init_state(model, run_optimizer(config)[0], mesh, trainable)
+    model, _, trainable = build_model(RunSpec.of(config), mesh)
+    spec = RunSpec.of(config)
+    state, _ = init_state(model, run_optimizer(spec)[0], mesh, trainable)
     frozen = jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Not(trainable))))
     real = {"params": state["params"], "opt_state": state["opt_state"], "frozen": frozen}
-    planned = state_parts(config, *abstract_run_model(config, model_config(config)), mesh)
+    planned = state_parts(spec, *abstract_run_model(spec, model_config(spec)), mesh)
     assert planned == {part: shard_bytes(tree) for part, tree in real.items()}
     assert planned["params"] < planned["frozen"] / 5  # not planned as full fine-tuning

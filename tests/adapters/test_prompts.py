@@ -32,6 +32,7 @@ from sft_jax.adapters.prompts import (
     virtual_token_ids,
 )
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import load_datasets, open_data
 from sft_jax.data.batches import make_rows
 from sft_jax.data.tokenize import from_documents
@@ -317,12 +318,12 @@ def test_virtual_tokens_count_against_max_length(data_config, tmp_path):  # noqa
                                {"role": "assistant", "content": reply}]}  # fmt: skip
     write_jsonl(tmp_path / "train.jsonl", [long_reply, conversation(2)])
     data_config.prompt.method, data_config.prompt.num_virtual_tokens = "prompt_tuning", 10
-    data = open_data(data_config)
+    data = open_data(RunSpec.of(data_config))
     assert data.seq_len == 64
     batch = next(iter(data.train_batches))
     for ids, segments in zip(batch["input_ids"], batch["segment_ids"], strict=True):
         assert (ids < 0).sum() == 10 * len(set(segments[segments > 0].tolist()))
-    train = load_datasets(data_config).train  # from the cache open_data wrote
+    train = load_datasets(RunSpec.of(data_config)).train  # from the cache open_data wrote
     assert train.stats["truncated"] == 1
     assert train.lengths().max() == 64 - 10
 
@@ -347,7 +348,7 @@ def test_bad_prompt_configs_are_config_errors(overrides, field):
         group, name = dotted.split(".")
         config[group][name] = value
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        check_values(config, 1, 1)
+        check_values(RunSpec.of(config), 1, 1)
 
 
 def test_prompt_tuning_inits_as_peft(base):

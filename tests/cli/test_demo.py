@@ -17,6 +17,8 @@ import transformers
 from safetensors import safe_open
 from test_trainer import reference_eval_loss
 
+from sft_jax.core.spec import RunSpec
+
 REPO = Path(__file__).resolve().parents[2]
 DEMO_MODEL = REPO / "assets" / "demo_model"
 
@@ -85,7 +87,7 @@ def test_demo_trains_evaluates_checkpoints_and_exports_for_transformers(tmp_path
     config.model.name_or_path = str(export)
     config.data.eval_max_examples = 64
     config.data.cache_dir = "none"
-    source = open_data(config)
+    source = open_data(RunSpec.of(config))
     expected = reference_eval_loss(export, source.eval_batches())
     assert best["eval/loss"] == pytest.approx(expected, rel=1e-4)
 

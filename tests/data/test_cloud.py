@@ -23,6 +23,7 @@ from test_trainer import base_config as trainer_config
 from test_trainer import chat_rows
 
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.data.cloud import CloudError
 from sft_jax.loop import trainer
 from sft_jax.loop.export import export_run
@@ -66,9 +67,9 @@ def s3(monkeypatch):
 def test_training_data_is_read_from_s3_like_a_local_file(s3, stream_config, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(24)])
     s3.upload_file(str(tmp_path / "train.jsonl"), BUCKET, "chat/train.jsonl")
-    local = next(open_run_data(stream_config).train_batches)
+    local = next(open_run_data(RunSpec.of(stream_config)).train_batches)
     stream_config.data.train_files = f"s3://{BUCKET}/chat/*.jsonl"
-    remote = next(open_run_data(stream_config).train_batches)
+    remote = next(open_run_data(RunSpec.of(stream_config)).train_batches)
     for key, value in local.items():
         np.testing.assert_array_equal(remote[key], value)
 
@@ -76,7 +77,7 @@ def test_training_data_is_read_from_s3_like_a_local_file(s3, stream_config, tmp_
 def test_a_missing_bucket_or_missing_credentials_name_the_path(s3, stream_config, monkeypatch):
     stream_config.data.train_files = "s3://no-such-bucket/train.jsonl"
     with pytest.raises(CloudError, match=r"s3://no-such-bucket/train\.jsonl: cannot read it"):
-        open_run_data(stream_config)
+        open_run_data(RunSpec.of(stream_config))
     s3.put_object(Bucket=BUCKET, Key="train.jsonl", Body=b"{}\n")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
@@ -84,7 +85,7 @@ def test_a_missing_bucket_or_missing_credentials_name_the_path(s3, stream_config
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     stream_config.data.train_files = f"s3://{BUCKET}/train.jsonl"
     with pytest.raises(CloudError, match=rf"s3://{BUCKET}/train\.jsonl: .*AWS_ACCESS_KEY_ID"):
-        open_run_data(stream_config)
+        open_run_data(RunSpec.of(stream_config))
 
 
 def test_orbax_still_writes_s3_checkpoint_arrays_to_local_disk(s3, tmp_path, monkeypatch):
@@ -224,7 +225,7 @@ def test_a_missing_bucket_or_no_credentials_stop_a_bucket_run_before_it_starts(
     assert not (tmp_path / "stage").exists()
     config.checkpoint.staging_dir = f"s3://{BUCKET}/stage"
     with pytest.raises(ConfigError, match=r"^config\.checkpoint\.staging_dir='s3://"):
-        config_check.check_values(config, device_count=1, batch_shards=1)
+        config_check.check_values(RunSpec.of(config), device_count=1, batch_shards=1)
     with pytest.raises(ConfigError, match=r"^checkpoint directory=s3://sft-data/run/checkpoints"):
         Checkpoints("s3://sft-data/run/checkpoints")  # type: ignore[arg-type]
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from chat_tokenizers import make_tokenizer
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataError, TemplateError, load_datasets
 from sft_jax.data import batches as batching
 from sft_jax.data import tokenize as tok
@@ -351,7 +352,7 @@ def test_formats_are_detected_from_columns_in_every_file_type(data_config, tmp_p
                 writer.writerow({k: json.dumps(v) if isinstance(v, list) else v
                                  for k, v in row.items()})  # fmt: skip
     data_config.data.train_files = str(path)
-    loaded = load_datasets(data_config)
+    loaded = load_datasets(RunSpec.of(data_config))
     tokenizer = loaded.tokenizer
     assert len(loaded.train) == 3
     tokens, trained = loaded.train.document(0)
@@ -361,8 +362,8 @@ def test_formats_are_detected_from_columns_in_every_file_type(data_config, tmp_p
 def test_eval_fraction_holds_out_deterministically(data_config, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(40)])
     data_config.data.eval_fraction = 0.25
-    first = load_datasets(data_config)
-    again = load_datasets(data_config)
+    first = load_datasets(RunSpec.of(data_config))
+    again = load_datasets(RunSpec.of(data_config))
     assert len(first.eval) == 10 and len(first.train) == 30
     np.testing.assert_array_equal(first.eval.tokens, again.eval.tokens)
     held = {tuple(first.eval.document(i)[0]) for i in range(10)}
@@ -373,28 +374,28 @@ def test_tokenization_is_cached_and_the_key_follows_the_template(
     data_config, tmp_path, monkeypatch
 ):
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(20)])
-    first = load_datasets(data_config)
+    first = load_datasets(RunSpec.of(data_config))
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although cached")
 
     monkeypatch.setattr(tok, "tokenize_records", no_tokenizing)
-    cached = load_datasets(data_config)
+    cached = load_datasets(RunSpec.of(data_config))
     np.testing.assert_array_equal(cached.train.tokens, first.train.tokens)
     np.testing.assert_array_equal(cached.train.trained, first.train.trained)
     assert cached.train.stats == first.train.stats and cached.fingerprint == first.fingerprint
     data_config.data.train_on = "last_assistant"  # other options: another key, tokenized anew
     with pytest.raises(AssertionError, match="tokenized again"):
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
 
 
 def test_worker_processes_give_the_same_documents(data_config, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(600)])
     data_config.data.cache_dir = "none"
-    single = load_datasets(data_config)
+    single = load_datasets(RunSpec.of(data_config))
     data_config.data.num_workers = 2
-    parallel = load_datasets(data_config)
+    parallel = load_datasets(RunSpec.of(data_config))
     np.testing.assert_array_equal(parallel.train.tokens, single.train.tokens)
     np.testing.assert_array_equal(parallel.train.offsets, single.train.offsets)
     assert parallel.train.stats == single.train.stats
@@ -426,10 +427,10 @@ def test_bad_input_names_file_and_line_or_is_a_counted_skip(data_config, tmp_pat
              json.dumps(conversation(2))]  # fmt: skip
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=message) as error:
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
     assert "skip_bad_examples=True" in str(error.value)
     data_config.data.skip_bad_examples = True
-    loaded = load_datasets(data_config)
+    loaded = load_datasets(RunSpec.of(data_config))
     assert len(loaded.train) == 2
     assert loaded.train.stats["dropped"] == {reason: 1}
     assert loaded.train.stats["examples_read"] == 3
@@ -441,35 +442,35 @@ def test_tokenizer_without_chat_template_is_a_clear_error(data_config, tmp_path)
     write_jsonl(tmp_path / "train.jsonl", [conversation(1)])
     with pytest.raises(TemplateError, match=r"train.jsonl:1: tokenizer .* has no chat template.*"
                                             r"config.data.chat_template"):  # fmt: skip
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
     data_config.data.chat_template = "chatml"  # the built-in default fixes it
-    assert len(load_datasets(data_config).train) == 1
+    assert len(load_datasets(RunSpec.of(data_config)).train) == 1
 
 
 def test_unknown_format_and_zero_trainable_tokens_are_errors(data_config, tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(DataError, match=r"train.jsonl:1: cannot tell the data format from the "
                                         r"fields \['answer', 'question'\]"):  # fmt: skip
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
     write_jsonl(tmp_path / "train.jsonl", [conversation(1)])
     data_config.data.max_length = 4
     with pytest.raises(DataError, match="no trainable tokens in 1 examples"):
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
     data_config.data.train_files = str(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match=r"missing.jsonl'?: no such file"):
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
 
 
 def test_inspect_prints_spans_and_totals(data_config, tmp_path, capsys):
     from sft_jax.cli import inspect as inspect_cli
 
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(5)])
-    totals = inspect_cli.report(data_config, num_examples=2, as_json=True)
+    totals = inspect_cli.report(RunSpec.of(data_config), num_examples=2, as_json=True)
     printed = json.loads(capsys.readouterr().out)
     assert printed == totals
     assert totals["train"]["examples_read"] == 5 and totals["train"]["examples_kept"] == 5
     assert 0 < totals["train"]["packing_efficiency"] <= 1
-    inspect_cli.report(data_config, num_examples=2, as_json=False)
+    inspect_cli.report(RunSpec.of(data_config), num_examples=2, as_json=False)
     text = capsys.readouterr().out
     assert "<|im_start|>assistant\n[[Answer 0<|im_end|>]]" in text
     assert "trainable tokens" in text

@@ -10,6 +10,7 @@ from test_data import TURNS, options
 
 from configs import base
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import batches as batching
 from sft_jax.data import tokenize as tok
 from sft_jax.data.records import Record
@@ -50,10 +51,10 @@ def test_rows_of_131072_tokens_are_accepted_with_context_and_pack():
     config = base.get_config()
     config.data.max_length = LONG_ROW
     config.mesh.context = 8
-    check_values(config, device_count=8, batch_shards=1)
+    check_values(RunSpec.of(config), device_count=8, batch_shards=1)
     config.data.overlong = "split"
     with pytest.raises(ConfigError, match=r"data\.overlong.*truncate.*drop"):
-        check_values(config, device_count=8, batch_shards=1)
+        check_values(RunSpec.of(config), device_count=8, batch_shards=1)
     rng = np.random.default_rng(0)
     lengths = [LONG_ROW, 70000, 61072, 100000, 5]  # a full row, a pair that fills one, ...
     docs = tok.from_documents(

@@ -14,6 +14,7 @@ from chat_tokenizers import make_tokenizer
 from test_chat_templates import TOOL_CHAT, build, trained_runs
 from test_data import base_config, write_jsonl
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataError, certificate, load_datasets
 from sft_jax.data import tokenize as tok
 from sft_jax.data.formats import normalize
@@ -126,9 +127,9 @@ def test_bad_tool_and_reasoning_input_names_file_line_and_field(data_config, tmp
     bad, message = BAD_EXAMPLES[reason]
     write_jsonl(tmp_path / "train.jsonl", [chat(ANSWER), bad, chat(ANSWER)])
     with pytest.raises(DataError, match=r"train.jsonl:2: " + message):
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
     data_config.data.skip_bad_examples = True
-    loaded = load_datasets(data_config)
+    loaded = load_datasets(RunSpec.of(data_config))
     assert len(loaded.train) == 2 and loaded.train.stats["dropped"] == {reason: 1}
 
 
@@ -184,7 +185,7 @@ def test_inspect_check_exits_non_zero_naming_file_line_and_span(data_config, tmp
     tokenizer.chat_template = STRADDLING
     tokenizer.save_pretrained(tmp_path / "straddling")
     write_jsonl(tmp_path / "train.jsonl", [chat(ANSWER)] * 2)
-    ok = certify(data_config, load_tokenizer(data_config.data.tokenizer))
+    ok = certify(RunSpec.of(data_config), load_tokenizer(data_config.data.tokenizer))
     assert ok["violations"] == [] and ok["examples"] == 2
     command = [sys.executable, "-m", "sft_jax.data.inspect", f"--config={REPO}/configs/base.py",
                f"--config.data.tokenizer={tmp_path / 'straddling'}",
@@ -207,7 +208,7 @@ def load_tokenizer(path: str):
 def test_startup_check_logs_the_table(data_config, tmp_path, caplog):
     write_jsonl(tmp_path / "train.jsonl", [chat(ANSWER)] * 3)
     with caplog.at_level(logging.INFO, logger="sft_jax.data.pipeline"):
-        load_datasets(data_config)
+        load_datasets(RunSpec.of(data_config))
     assert "mask certificate of 3 examples" in caplog.text and "tool_result" in caplog.text
 
 
@@ -272,7 +273,7 @@ def test_history_rewriting_expansion_is_counted_and_logged(data_config, tmp_path
     build("Qwen-Qwen3-0.6B", [THINK_CHAT]).save_pretrained(tmp_path / "qwen3")
     data_config.data.tokenizer = str(tmp_path / "qwen3")
     write_jsonl(tmp_path / "train.jsonl", [THINK_CHAT] * 3 + [chat(ANSWER)])
-    loaded = load_datasets(data_config)
+    loaded = load_datasets(RunSpec.of(data_config))
     stats = loaded.train.stats
     assert (stats["examples_kept"], stats["documents"]) == (4, 7)
     assert (stats["expanded_examples"], stats["expanded_documents"]) == (3, 6)
@@ -304,10 +305,10 @@ def test_config_checks_train_reasoning_and_template_kwargs():
     with pytest.raises(
         ConfigError, match=r"data\.train_reasoning='some': expected one of all, last_turn, none"
     ):
-        check_values(config, 1, 1)
+        check_values(RunSpec.of(config), 1, 1)
     config.data.train_reasoning = "none"
     config.data.template_kwargs = '{"enable_thinking": fals'
     with pytest.raises(ConfigError, match=r"data\.template_kwargs.*a JSON object"):
-        check_values(config, 1, 1)
+        check_values(RunSpec.of(config), 1, 1)
     config.data.template_kwargs = '{"enable_thinking": false}'
-    check_values(config, 1, 1)
+    check_values(RunSpec.of(config), 1, 1)

@@ -19,6 +19,7 @@ from chat_tokenizers import TEMPLATE_DIR, make_tokenizer
 from test_chat_templates import trained_runs
 from test_data import base_config
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataError, certificate, load_datasets
 from sft_jax.data import tokenize as tok
 from sft_jax.data.formats import normalize
@@ -110,7 +111,7 @@ def test_training_starts_on_a_llama_2_chat_tokenizer(tmp_path):
     config.data.cache_dir = str(tmp_path / "cache")
     config.data.num_workers = 1
     try:
-        loaded = load_datasets(config)
+        loaded = load_datasets(RunSpec.of(config))
     except DataError as e:  # today's main: "the mask check failed at characters [...]"
         pytest.fail(f"a Llama 2 chat tokenizer is refused: {e}")
     assert len(loaded.train) == 6

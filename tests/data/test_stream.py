@@ -11,6 +11,7 @@ from chat_tokenizers import make_tokenizer
 from test_data import base_config, conversation, random_documents, write_jsonl
 
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import load_datasets
 from sft_jax.data import tokenize as tok
 from sft_jax.data.mixture import prepared
@@ -45,10 +46,11 @@ def test_store_is_written_once_memory_mapped_and_equals_tokenizing(
     stream_config, tmp_path, monkeypatch
 ):
     write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(30)])
-    tokenizer, data = run_tokenizer(stream_config), stream_config.data
+    spec = RunSpec.of(stream_config)
+    tokenizer, data = run_tokenizer(spec), spec.data
     first, key = prepared(data.train_files, "train", "train_files", tokenizer, data)
     assert not isinstance(first.tokens, np.ndarray) and (tmp_path / "cache/stores" / key).is_dir()
-    reference = load_datasets(stream_config).train
+    reference = load_datasets(RunSpec.of(stream_config)).train
     np.testing.assert_array_equal(first.tokens, reference.tokens)
     np.testing.assert_array_equal(first.trained, reference.trained)
     np.testing.assert_array_equal(first.offsets, reference.offsets)
@@ -59,7 +61,7 @@ def test_store_is_written_once_memory_mapped_and_equals_tokenizing(
     monkeypatch.setattr(tok, "tokenize_records", no_tokenizing)
     again, same_key = prepared(data.train_files, "train", "train_files", tokenizer, data)
     assert same_key == key and again.stats["trainable_tokens"] == first.stats["trainable_tokens"]
-    data.train_on = "last_assistant"  # another option: another key, tokenized anew
+    data = data.replace(train_on="last_assistant")  # another option: another key, tokenized anew
     with pytest.raises(AssertionError, match="tokenized again"):
         prepared(data.train_files, "train", "train_files", tokenizer, data)
 
@@ -142,9 +144,9 @@ def test_mixture_data_source_reports_each_source_and_finds_planted_duplicates(
          "eval_files": str(tmp_path / "chat_eval.jsonl"), "max_examples": 10},
     ]  # fmt: skip
     stream_config.train.global_batch_size = 4
-    check_values(stream_config, device_count=1, batch_shards=1)
+    check_values(RunSpec.of(stream_config), device_count=1, batch_shards=1)
     with caplog.at_level("INFO"):
-        source = open_run_data(stream_config)
+        source = open_run_data(RunSpec.of(stream_config))
     warnings = [r.getMessage() for r in caplog.records if "also occur in training" in r.message]
     assert len(warnings) == 1 and "2 of 5 eval examples" in warnings[0], warnings
     assert (
@@ -173,7 +175,7 @@ def test_contamination_report_finds_nothing_in_clean_eval(stream_config, tmp_pat
         str(tmp_path / "eval.jsonl"),
     )
     with caplog.at_level("INFO"):
-        open_run_data(stream_config)
+        open_run_data(RunSpec.of(stream_config))
     assert any("none of 4 eval examples" in r.getMessage() for r in caplog.records)
 
 
@@ -190,14 +192,14 @@ def test_bad_mixture_entries_are_config_errors(stream_config, entry, problem):
     stream_config.data.loader = "stream"
     stream_config.data.mixture = [entry]
     with pytest.raises(ConfigError, match=problem):
-        check_values(stream_config, device_count=1, batch_shards=1)
+        check_values(RunSpec.of(stream_config), device_count=1, batch_shards=1)
 
 
 def test_mixture_needs_the_stream_loader(stream_config):
     stream_config.data.loader = "memory"
     stream_config.data.mixture = [{"train_files": "x"}]
     with pytest.raises(ConfigError, match="loader='stream'"):
-        check_values(stream_config, device_count=1, batch_shards=1)
+        check_values(RunSpec.of(stream_config), device_count=1, batch_shards=1)
 
 
 @pytest.mark.parametrize(
@@ -214,7 +216,7 @@ def test_what_the_stream_loader_does_not_do_is_named(stream_config, field, value
     section, name = field.split(".")
     stream_config[section][name] = value
     with pytest.raises(ConfigError, match=problem):
-        check_values(stream_config, device_count=1, batch_shards=1)
+        check_values(RunSpec.of(stream_config), device_count=1, batch_shards=1)
 
 
 def test_source_shares_are_counted_in_stream_order():

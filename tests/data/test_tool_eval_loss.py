@@ -19,6 +19,7 @@ from hf_models import hf_logits, save_tiny_llama
 from test_chat_templates import THINK_CHAT, TOOL_CHAT, build
 from test_trainer import base_config
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import open_data
 from sft_jax.data.formats import normalize
 from sft_jax.loop import trainer
@@ -109,8 +110,10 @@ def test_step_zero_eval_loss_equals_transformers_packed_and_unpacked(qwen3_chat_
         config.data.max_length = 1024 if packing else 512
         config.data.packing = packing
         config.data.cache_dir = "none"
-        source = open_data(config)
-        run = trainer.Trainer(config, tmp_path / str(packing), from_pretrained(model_dir), source)
+        source = open_data(RunSpec.of(config))
+        run = trainer.Trainer(
+            RunSpec.of(config), tmp_path / str(packing), from_pretrained(model_dir), source
+        )
         losses[packing] = run.run_eval(0)
     for metrics in losses.values():
         assert metrics["eval/target_tokens"] == targets

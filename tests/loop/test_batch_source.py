@@ -11,6 +11,7 @@ import pytest
 from test_step import synthetic_batch
 from test_trainer import base_config, synthetic_source
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.loop import trainer
 from sft_jax.loop.batch_source import OnPolicyBatches
 from sft_jax.models import from_pretrained
@@ -52,13 +53,13 @@ def test_an_on_policy_producer_sees_the_params_each_step_wrote(model_dir, tmp_pa
     config = base_config(model_dir, steps=3, warmup_steps=0)  # every step moves the params
     config.eval.every_steps = 0
     files = trainer.Trainer(
-        config, tmp_path / "files", from_pretrained(model_dir), synthetic_source()
+        RunSpec.of(config), tmp_path / "files", from_pretrained(model_dir), synthetic_source()
     )
     initial = first_leaf(files.state["params"])
     files.train()
     producer = Producer()
     live = trainer.Trainer(
-        config,
+        RunSpec.of(config),
         tmp_path / "live",
         from_pretrained(model_dir),
         synthetic_source(),
@@ -88,7 +89,7 @@ def test_a_resumed_run_continues_the_producer_after_the_saved_batch(model_dir, t
 
     def resumed_run(producer: Producer) -> trainer.Trainer:
         run = trainer.Trainer(
-            config,
+            RunSpec.of(config),
             tmp_path,
             from_pretrained(model_dir),
             synthetic_source(),

@@ -22,6 +22,7 @@ from hf_models import hf_logits
 from test_step import SEQ_LEN, synthetic_batch
 
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.loop import trainer
 from sft_jax.models import from_pretrained
 from sft_jax.train import compiled as compile_plan
@@ -109,7 +110,7 @@ def reference_eval_loss(model_dir: Path, batches) -> float:
 def test_eval_loss_at_step_zero_matches_transformers(model_dir, tmp_path):
     source = synthetic_source()
     config = base_config(model_dir)
-    run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), source)
+    run = trainer.Trainer(RunSpec.of(config), tmp_path, from_pretrained(model_dir), source)
     metrics = run.run_eval(0)
     expected = reference_eval_loss(model_dir, source.eval_batches())
     assert metrics["eval/loss"] == pytest.approx(expected, rel=1e-5)
@@ -132,7 +133,7 @@ def test_training_logs_metrics_and_learns(model_dir, tmp_path):
     expected_flops = 6 * (kernels + c.vocab_size * c.hidden_size) + 6 * c.num_layers * (
         SEQ_LEN * c.num_heads * c.head_dim
     )
-    run = trainer.Trainer(config, tmp_path, model, source)
+    run = trainer.Trainer(RunSpec.of(config), tmp_path, model, source)
     assert run.flops_per_token == expected_flops
     summary = run.train()
     run.writer.close()
@@ -188,7 +189,9 @@ def test_early_stopping_records_best_step(model_dir, tmp_path):
     config.eval.early_stopping_min_delta = (
         1e9  # nothing counts as an improvement after the first eval
     )
-    run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), synthetic_source())
+    run = trainer.Trainer(
+        RunSpec.of(config), tmp_path, from_pretrained(model_dir), synthetic_source()
+    )
     summary = run.train()
     assert summary["stopped_early"] and summary["end_step"] == 6
     assert summary["best_step"] == 0
@@ -210,7 +213,9 @@ def test_best_and_patience_survive_a_restart_and_step_0_can_be_the_export(
 
     def run(steps):
         config.train.steps = steps
-        run = trainer.Trainer(config, tmp_path, from_pretrained(model_dir), synthetic_source())
+        run = trainer.Trainer(
+            RunSpec.of(config), tmp_path, from_pretrained(model_dir), synthetic_source()
+        )
         run.resume()
         summary = run.train()
         run.close()
@@ -248,15 +253,15 @@ def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
     config.model.attention = "auto"  # as if it had picked cudnn on a GPU
     model = from_pretrained(model_dir, attention="cudnn", max_segments=4)
     with caplog.at_level(logging.WARNING, logger="sft_jax.train.compiled"):
-        run = trainer.Trainer(config, tmp_path / "auto", model, synthetic_source())
+        run = trainer.Trainer(RunSpec.of(config), tmp_path / "auto", model, synthetic_source())
     assert "attention 'cudnn' did not compile (NotImplementedError: no cuDNN engine" in caplog.text
     assert model.config.attention == "xla"
-    einsum_run = trainer.Trainer(config, tmp_path / "xla", from_pretrained(model_dir),
+    einsum_run = trainer.Trainer(RunSpec.of(config), tmp_path / "xla", from_pretrained(model_dir),
                                  synthetic_source())  # fmt: skip
     assert run.train()["final_eval"] == einsum_run.train()["final_eval"]
     config.model.attention = "cudnn"
     with pytest.raises(NotImplementedError, match="no cuDNN engine"):
-        trainer.Trainer(config, tmp_path / "named",
+        trainer.Trainer(RunSpec.of(config), tmp_path / "named",
                         from_pretrained(model_dir, attention="cudnn", max_segments=4),
                         synthetic_source())  # fmt: skip
 
@@ -267,7 +272,7 @@ def test_non_finite_loss_stops_naming_the_step(model_dir, tmp_path):
     model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], jnp.nan)
     config = base_config(model_dir)
     config.eval.at_start = False
-    run = trainer.Trainer(config, tmp_path, model, synthetic_source())
+    run = trainer.Trainer(RunSpec.of(config), tmp_path, model, synthetic_source())
     with pytest.raises(trainer.TrainingDivergedError, match=r"step 1: loss nan"):
         run.train()
 
@@ -377,7 +382,7 @@ def test_eval_loss_is_the_same_packed_or_padded(chat_model_dir, tmp_path):
         config.data.max_length = 256  # several documents to a packed row
         config.data.packing = packing
         config.data.cache_dir = "none"
-        source = open_data(config)
+        source = open_data(RunSpec.of(config))
         # The segments per row the model is built for: the most the batches ever hold, over
         # eval and two train epochs (the second packs no row fuller than the first).
         batches = list(source.eval_batches())
@@ -386,7 +391,8 @@ def test_eval_loss_is_the_same_packed_or_padded(chat_model_dir, tmp_path):
         documents = max(int(b["segment_ids"].max()) for b in batches)
         assert source.max_segments == documents + 1
         assert documents > 1 if packing else documents == 1
-        run = trainer.Trainer(config, tmp_path / str(packing), from_pretrained(chat_model_dir),
+        spec = RunSpec.of(config)
+        run = trainer.Trainer(spec, tmp_path / str(packing), from_pretrained(chat_model_dir),
                               source)  # fmt: skip
         losses[packing] = run.run_eval(0)
         if packing:
@@ -408,8 +414,8 @@ def test_eval_generates_samples_and_scores_exact_match(chat_model_dir, tmp_path,
     config.eval.generate_examples = 6
     config.eval.show_samples = 2
     config.eval.max_new_tokens = 8
-    source = open_data(config)
-    run = trainer.Trainer(config, tmp_path, from_pretrained(chat_model_dir), source)
+    source = open_data(RunSpec.of(config))
+    run = trainer.Trainer(RunSpec.of(config), tmp_path, from_pretrained(chat_model_dir), source)
     metrics = run.run_eval(0)
     assert metrics["eval/generated"] == 6 and 0.0 <= metrics["eval/exact_match"] <= 1.0
     reference = source.tokenizer.decode(source.eval_prompts[0][1], skip_special_tokens=True)
@@ -444,8 +450,8 @@ def test_lora_with_dropout_resumes_exactly(model_dir, tmp_path, monkeypatch):
         config.lora.rank, config.lora.dropout = 4, 0.3
         config.checkpoint.enabled, config.checkpoint.every_steps = True, 3
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-        model, _, trainable = build_model(config, mesh)
-        run = trainer.Trainer(config, workdir, model, synthetic_source(), trainable)
+        model, _, trainable = build_model(RunSpec.of(config), mesh)
+        run = trainer.Trainer(RunSpec.of(config), workdir, model, synthetic_source(), trainable)
         run.resume()
         run.train()
         run.close()
@@ -535,7 +541,7 @@ def test_a_kernel_out_of_memory_is_not_blamed_on_the_kernel(model_dir, tmp_path,
     config.model.attention = "auto"  # as if it had picked cudnn on a GPU
     model = from_pretrained(model_dir, attention="cudnn", max_segments=4)
     with pytest.raises(ConfigError, match=r"does not fit in device memory.*remat='auto'"):
-        trainer.Trainer(config, tmp_path, model, synthetic_source())
+        trainer.Trainer(RunSpec.of(config), tmp_path, model, synthetic_source())
     assert model.config.attention == "cudnn"
 
 
@@ -591,11 +597,12 @@ def test_auto_remat_in_a_run_trains_as_the_policy_it_picked(model_dir, tmp_path,
     config = base_config(model_dir, steps=2)
     config.eval.at_start = False
     config.model.remat = "full"
-    expected = trainer.Trainer(config, tmp_path / "full", from_pretrained(model_dir, remat="full"),
+    spec = RunSpec.of(config)
+    expected = trainer.Trainer(spec, tmp_path / "full", from_pretrained(model_dir, remat="full"),
                                synthetic_source()).train()  # fmt: skip
     config.model.remat = "auto"
     monkeypatch.setattr(memory_plan, "device_bytes_limit", lambda device=None: 1)  # nothing fits
     model = from_pretrained(model_dir)
-    run = trainer.Trainer(config, tmp_path / "auto", model, synthetic_source())
+    run = trainer.Trainer(RunSpec.of(config), tmp_path / "auto", model, synthetic_source())
     assert model.remat == "full"
     assert run.train()["final_eval"] == expected["final_eval"]

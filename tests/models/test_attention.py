@@ -22,6 +22,7 @@ from flax import nnx
 from hf_models import hf_config
 from test_step import mean_loss, synthetic_batch
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import CausalLM, UnsupportedModelError, from_hf_config
 from sft_jax.models.kernels import fused as kernels
 
@@ -318,12 +319,12 @@ def test_kernels_the_backend_lacks_are_config_errors(monkeypatch):
     for kind, needs in (("splash", "not a TPU"), ("cudnn", "not an NVIDIA GPU")):
         config.model.attention = kind
         with pytest.raises(ConfigError, match=needs):
-            attention_for(config, model, max_segments=0)
+            attention_for(RunSpec.of(config), model, max_segments=0)
     monkeypatch.setitem(kernels.SPLASH_INTERPRET, "interpret", True)
     config.model.attention = "splash"
     config.data.max_length = 100
     with pytest.raises(ConfigError, match="is not a multiple of its 128-token tile"):
-        attention_for(config, model, max_segments=0)
+        attention_for(RunSpec.of(config), model, max_segments=0)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from test_step import synthetic_batch
 
 from configs import base
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.models.attention import attention_mask
 from sft_jax.models.kernels import blockwise
@@ -94,10 +95,10 @@ def test_blockwise_saves_no_score_matrix():
 def test_blockwise_is_a_config_choice_on_every_backend():
     config = base.get_config()
     config.model.attention = "blockwise"
-    config_check.check_values(config, device_count=1, batch_shards=1)
+    config_check.check_values(RunSpec.of(config), device_count=1, batch_shards=1)
     config.model.attention = "flash"
     with pytest.raises(ConfigError, match=r"model\.attention"):
-        config_check.check_values(config, device_count=1, batch_shards=1)
+        config_check.check_values(RunSpec.of(config), device_count=1, batch_shards=1)
     model = from_hf_config(hf_config("gemma2"))  # soft-capping: no cuDNN, but blockwise
     for accelerator in ("cpu", "nvidia", "tpu"):
         kind, _ = choose_attention("blockwise", accelerator=accelerator, model=model,

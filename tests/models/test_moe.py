@@ -10,7 +10,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import peft
 import pytest
@@ -27,6 +26,7 @@ from test_trainer import tensorboard_scalars
 from sft_jax.adapters.lora import LoRASpec, adapters_off, apply_lora, save_adapter, trainable_filter
 from sft_jax.adapters.lora import merged as fold_adapters
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import (
     CausalLM,
     UnsupportedModelError,
@@ -403,12 +403,15 @@ def test_tiny_moe_sft_run_on_the_demo_data(tmp_path):
 
 
 def test_expert_axis_must_divide_the_experts():
-    config = ml_collections.ConfigDict({"mesh": {"expert": 3}})
-    check_for_model(config, from_hf_config(hf_config("mixtral")), 1)  # resolved to 1: fine
+    import configs.base
+
+    config = configs.base.get_config()
+    config.mesh.expert = 3
+    check_for_model(RunSpec.of(config), from_hf_config(hf_config("mixtral")), 1)  # resolved: fine
     with pytest.raises(ConfigError, match=r"config\.mesh\.expert=3: .* of 3 devices .*\(4"):
-        check_for_model(config, from_hf_config(hf_config("mixtral")), 3)
+        check_for_model(RunSpec.of(config), from_hf_config(hf_config("mixtral")), 3)
     with pytest.raises(ConfigError, match=r"dense model has none"):
-        check_for_model(config, from_hf_config(hf_config("llama2")), 3)
+        check_for_model(RunSpec.of(config), from_hf_config(hf_config("llama2")), 3)
 
 
 def test_moe_fields_of_the_config_are_checked():
@@ -417,19 +420,19 @@ def test_moe_fields_of_the_config_are_checked():
     import configs.base
 
     config = configs.base.get_config()
-    check_values(config, 8, 8)
+    check_values(RunSpec.of(config), 8, 8)
     config.model.moe_dispatch = "ragged"
     with pytest.raises(ConfigError, match=r"moe_dispatch='ragged': expected one of auto, gather"):
-        check_values(config, 8, 8)
+        check_values(RunSpec.of(config), 8, 8)
     config.model.moe_dispatch = "all_to_all"
     config.lora.expert_adapters = True
     with pytest.raises(ConfigError, match=r"lora\.expert_adapters=True: needs LoRA"):
-        check_values(config, 8, 8)
+        check_values(RunSpec.of(config), 8, 8)
     config.lora.rank = 8
-    check_values(config, 8, 8)
-    check_for_model(config, from_hf_config(hf_config("mixtral")), 1)
+    check_values(RunSpec.of(config), 8, 8)
+    check_for_model(RunSpec.of(config), from_hf_config(hf_config("mixtral")), 1)
     with pytest.raises(ConfigError, match=r"lora\.expert_adapters=True: applies to mixtures"):
-        check_for_model(config, from_hf_config(hf_config("llama2")), 1)
+        check_for_model(RunSpec.of(config), from_hf_config(hf_config("llama2")), 1)
 
 
 def test_aux_loss_of_packed_rows_equals_transformers_on_the_documents(tmp_path):

@@ -11,6 +11,7 @@ from flax import nnx
 from hf_models import save_hf_model
 from test_preference import compiled_memory_of, demo_dpo_config, make_pairs, pair_batch
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import from_pretrained
 from sft_jax.objectives.loss import token_logps
 from sft_jax.objectives.preference import (
@@ -93,5 +94,6 @@ def test_the_copy_is_one_more_copy_of_the_weights_in_the_memory_plan(tmp_path):
 
 def test_full_fine_tuning_dpo_takes_the_copy():
     config = demo_dpo_config(**{"lora.rank": 0})
-    check_values(config, 1, 1)
-    assert reference_of(config) == "copy" and reference_of(demo_dpo_config()) == "adapters_off"
+    check_values(RunSpec.of(config), 1, 1)
+    assert reference_of(RunSpec.of(config)) == "copy"
+    assert reference_of(RunSpec.of(demo_dpo_config())) == "adapters_off"

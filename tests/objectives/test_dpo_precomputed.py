@@ -19,6 +19,7 @@ from test_preference import SEQ_LEN, demo_dpo_config, make_pairs
 from test_step import train_config
 
 from sft_jax.core.batch import REFERENCE_KEY
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import preference as pair_data
 from sft_jax.data import tokenize
 from sft_jax.models import from_pretrained
@@ -144,5 +145,5 @@ def test_the_config_takes_precomputed_with_or_without_lora(rank):
     from sft_jax.train.config_check import check_values
 
     config = demo_dpo_config(**{"lora.rank": rank, "preference.reference": "precomputed"})
-    check_values(config, 1, 1)
-    assert reference_of(config) == "precomputed"
+    check_values(RunSpec.of(config), 1, 1)
+    assert reference_of(RunSpec.of(config)) == "precomputed"

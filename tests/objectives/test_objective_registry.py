@@ -4,12 +4,14 @@ config.train.objective to names; a new objective is one registration away from a
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
 from test_data import base_config
 
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.objectives import registry
 from sft_jax.train.config_check import check_values
 from sft_jax.train.setup import score_labels
@@ -23,7 +25,7 @@ def test_the_registered_objectives_and_what_each_reads():
     reads = {}
     for name in registry.names():
         config.train.objective = name
-        reads[name] = registry.kind_of(config).reads
+        reads[name] = registry.kind_of(RunSpec.of(config)).reads
     assert reads == {
         "sft": "examples",
         "dpo": "pairs",
@@ -31,9 +33,9 @@ def test_the_registered_objectives_and_what_each_reads():
         "orpo": "pairs",
         "reward": "pairs",
     }
-    assert score_labels(config) == 1  # reward: a scalar score head
+    assert score_labels(RunSpec.of(config)) == 1  # reward: a scalar score head
     config.train.objective = "sft"
-    assert score_labels(config) is None
+    assert score_labels(RunSpec.of(config)) is None
 
 
 def test_an_unknown_objective_names_the_field_and_the_choices():
@@ -44,13 +46,14 @@ def test_an_unknown_objective_names_the_field_and_the_choices():
         match=r"config.train.objective='grpo': expected one of "
         r"sft, dpo, simpo, orpo, reward\.",
     ):
-        check_values(config, device_count=1, batch_shards=1)
+        check_values(RunSpec.of(config), device_count=1, batch_shards=1)
 
 
 def test_a_config_saved_before_the_objective_field_trains_sft():
     config = base_config().to_dict()
     del config["train"]["objective"]
-    assert registry.kind_of(_Dotted(config)).name == registry.DEFAULT == "sft"
+    saved = RunSpec.from_saved(json.dumps(config), "a checkpoint")
+    assert registry.kind_of(saved).name == registry.DEFAULT == "sft"
 
 
 def test_a_registered_objective_is_checked_and_built_by_the_run(monkeypatch):
@@ -65,9 +68,10 @@ def test_a_registered_objective_is_checked_and_built_by_the_run(monkeypatch):
     monkeypatch.setitem(registry.KINDS.entries, "toy", kind)
     config = base_config()
     config.train.objective = "toy"
-    check_values(config, device_count=1, batch_shards=1)
-    assert checked == [config]
-    assert registry.build(config, None, 7, 0) == ("toy objective", 7, 0)
+    spec = RunSpec.of(config)
+    check_values(spec, device_count=1, batch_shards=1)
+    assert checked == [spec]
+    assert registry.build(spec, None, 7, 0) == ("toy objective", 7, 0)
     with pytest.raises(ValueError, match="registered twice"):
         registry.register(kind)
 
@@ -94,11 +98,3 @@ def test_only_the_registry_reads_the_objective_name():
         if any(reads_the_objective(node) for node in ast.walk(ast.parse(path.read_text())))
     )
     assert readers == ["objectives/registry.py"]
-
-
-class _Dotted(dict):
-    """A saved config as plain dicts with attribute access (what a checkpoint's JSON gives)."""
-
-    def __getattr__(self, name):
-        value = self[name]
-        return _Dotted(value) if isinstance(value, dict) else value

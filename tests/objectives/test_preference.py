@@ -19,6 +19,7 @@ from hf_models import save_hf_model
 from test_step import train_config
 
 from sft_jax.adapters.lora import LoRASpec, adapters_off, apply_lora, save_adapter, trainable_filter
+from sft_jax.core.spec import RunSpec
 from sft_jax.data.batches import make_rows
 from sft_jax.models import from_pretrained
 from sft_jax.models.decoder import decoder_linears
@@ -453,9 +454,9 @@ def test_config_check_names_the_bad_preference_field(overrides, field):
     from sft_jax.core.errors import ConfigError
     from sft_jax.train.config_check import check_values
 
-    check_values(demo_dpo_config(), 1, 1)  # the demo itself is fine
+    check_values(RunSpec.of(demo_dpo_config()), 1, 1)  # the demo itself is fine
     with pytest.raises(ConfigError, match=f"config.{field}"):
-        check_values(demo_dpo_config(**overrides), 1, 1)
+        check_values(RunSpec.of(demo_dpo_config(**overrides)), 1, 1)
 
 
 @pytest.mark.e2e

@@ -18,6 +18,7 @@ from flax import nnx
 from hf_models import save_hf_model
 from test_preference import pair_batch, small_pair_config
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import from_pretrained, save_pretrained
 from sft_jax.objectives.reward import MARGIN_KEY, RewardObjective, pair_rewards
 from sft_jax.train import sharding
@@ -214,7 +215,7 @@ def test_the_reward_demo_trains_and_its_export_scores_the_same_in_transformers(t
     assert -1e3 < train["train/min_reward"] < train["train/mean_reward"] < train["train/max_reward"]
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(summary["export"])
     assert hf.config.architectures == ["LlamaForSequenceClassification"]
-    sequences = sequences_of(open_run_data(config).eval_batches())
+    sequences = sequences_of(open_run_data(RunSpec.of(config)).eval_batches())
     pairs = [((sequences[i], None), (sequences[i + 1], None)) for i in range(0, 400, 2)]
     with torch.no_grad():
         chosen, rejected = torch_rewards(hf.eval(), pairs)
@@ -284,8 +285,10 @@ def test_the_config_takes_lora_for_a_reward_model_but_no_lm_head():
     from sft_jax.core.errors import ConfigError
     from sft_jax.train.config_check import check_values
 
-    check_values(reward_demo_config(**{"lora.rank": 8}), 1, 1)
+    check_values(RunSpec.of(reward_demo_config(**{"lora.rank": 8})), 1, 1)
     with pytest.raises(ConfigError, match=r"config\.lora\.trainable_modules"):
         check_values(
-            reward_demo_config(**{"lora.rank": 8, "lora.trainable_modules": "lm_head"}), 1, 1
+            RunSpec.of(reward_demo_config(**{"lora.rank": 8, "lora.trainable_modules": "lm_head"})),
+            1,
+            1,
         )

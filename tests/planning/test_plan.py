@@ -22,10 +22,12 @@ from test_trainer import base_config, synthetic_source
 
 from configs import base
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.loop import trainer
 from sft_jax.planning import estimate as plan_estimate
 from sft_jax.planning import hlo_stats
 from sft_jax.planning import search as plan_search
+from sft_jax.train import kernel_choice
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS, SEQ = 8, 32  # the global batch of every test: 8 rows of 32 tokens
@@ -51,10 +53,10 @@ HARDWARE = plan_estimate.Hardware(None, 100e12, 100e9)
 
 
 def estimate_of(config, mesh: str, remat: str, accumulation: int = 1, **subject):
-    shape = plan_estimate.model_config(config)
+    shape = plan_estimate.model_config(RunSpec.of(config))
     sizes = plan_search.parse_mesh(mesh, jax.device_count())
     candidate = plan_estimate.Candidate(*sizes, accumulation, remat)
-    subject = plan_estimate.Subject(config, shape, **subject)
+    subject = plan_estimate.Subject(RunSpec.of(config), shape, **subject)
     return plan_estimate.estimate(subject, candidate, jax.devices(), HARDWARE)
 
 
@@ -173,8 +175,8 @@ def test_a_model_that_fits_nowhere_names_the_closest_candidates(llama_dir):
     config = config_for(llama_dir)
     tiny = plan_estimate.Hardware(64 * 1024, 100e12, 100e9)  # 64 KiB per device
     with pytest.raises(ConfigError) as raised:
-        plan_search.plan(config, jax.devices(), tiny, meshes=["1x8x1"], remats=["none", "full"],
-                         accumulations=[1])  # fmt: skip
+        plan_search.plan(RunSpec.of(config), jax.devices(), tiny, meshes=["1x8x1"],
+                         remats=["none", "full"], accumulations=[1])  # fmt: skip
     message = str(raised.value)
     assert "no candidate fits" in message
     # Its weights and optimizer state alone overflow 64 KiB: not even compiled.
@@ -222,7 +224,7 @@ def test_training_logs_the_mesh_first_and_auto_takes_the_planners_pick(
     config.data.max_length = SEQ_LEN
     config.eval.at_start, config.eval.every_steps = False, 0
     hardware = plan_estimate.Hardware(None, 989e12, plan_search.DEFAULT_INTERCONNECT)
-    expected = plan_search.plan(config, jax.devices(), hardware, target="cpu").best
+    expected = plan_search.plan(RunSpec.of(config), jax.devices(), hardware, target="cpu").best
     config.mesh.auto = True
     with caplog.at_level(logging.INFO, logger="sft_jax"):
         trainer.run(config, tmp_path, data_factory=lambda *_: synthetic_source())
@@ -251,10 +253,10 @@ def test_mesh_fields_are_checked_before_a_mesh_is_built(llama_dir):
 
     config = config_for(llama_dir)
     config.mesh.auto = True
-    check_mesh(config)  # auto with the default axes: fine
+    check_mesh(RunSpec.of(config))  # auto with the default axes: fine
     config.mesh.data, config.mesh.fsdp = -1, -1
     with pytest.raises(ConfigError, match=r"config.mesh.data=-1: .*at most one -1.*mesh.auto=True"):
-        check_mesh(config)
+        check_mesh(RunSpec.of(config))
 
 
 def _measured(shape: str) -> dict:
@@ -320,17 +322,31 @@ def test_shallow_compiles_extrapolate_to_the_full_depth(tmp_path):
 
 def test_a_fused_kernel_is_planned_with_the_blockwise_stand_in(llama_dir):
     config = config_for(llama_dir)
-    shape = plan_estimate.model_config(config)
+    shape = plan_estimate.model_config(RunSpec.of(config))
     config.model.compute_dtype = "bfloat16"
-    assert plan_estimate.planned_attention(config, shape, "nvidia") == (
+    assert plan_estimate.planned_attention(RunSpec.of(config), shape, "nvidia") == (
         "blockwise",
         "attention: cudnn on the target, planned with the blockwise stand-in",
     )
     config.data.max_length = 256
-    assert plan_estimate.planned_attention(config, shape, "tpu")[1] == (
+    assert plan_estimate.planned_attention(RunSpec.of(config), shape, "tpu")[1] == (
         "attention: splash on the target, planned with the blockwise stand-in"
     )
-    assert plan_estimate.planned_attention(config, shape, "cpu")[0] == "xla"
+    assert plan_estimate.planned_attention(RunSpec.of(config), shape, "cpu")[0] == "xla"
+
+
+def test_the_planner_and_the_run_choose_the_same_kernel_for_prefix_tuning(llama_dir):
+    """Prefix tuning's key/value prefix needs the einsum path on every target: the planner
+    compiles what the run will run (one rule, kernel_choice.forced_attention)."""
+    config = config_for(llama_dir)
+    config.model.compute_dtype = "bfloat16"
+    config.prompt.method = "prefix_tuning"
+    spec = RunSpec.of(config)
+    shape = plan_estimate.model_config(spec)
+    for target in ("nvidia", "tpu", "cpu"):
+        planned, line = plan_estimate.planned_attention(spec, shape, target)
+        assert planned == "xla" and "prefix tuning" in line
+    assert kernel_choice.attention_for(spec, shape, max_segments=0)[0] == "xla"
 
 
 def test_mixtures_of_experts_search_the_expert_axis(tmp_path):
@@ -338,7 +354,7 @@ def test_mixtures_of_experts_search_the_expert_axis(tmp_path):
     not divide the experts), and one compiles cleanly with the experts split."""
     hf_config("qwen3_moe").save_pretrained(tmp_path)
     config = config_for(tmp_path)
-    shape = plan_estimate.model_config(config)
+    shape = plan_estimate.model_config(RunSpec.of(config))
     found = plan_search.candidates(8, ROWS, shape, remats=["none"], accumulations=[1])
     experts = {c.expert for c in found}
     assert experts == {1, 2, 4}
@@ -361,7 +377,7 @@ def test_grouped_matmul_stand_in_plans_no_per_expert_temporaries(tmp_path):
             "qwen3_moe", num_experts=experts, num_hidden_layers=1, mlp_only_layers=[]
         ).save_pretrained(model_dir)
         config = config_for(model_dir)
-        shapes[experts] = plan_estimate.model_config(config)
+        shapes[experts] = plan_estimate.model_config(RunSpec.of(config))
         for kind in ("padded_blocks", "ragged_dot")[: 1 if experts == 4 else 2]:
             line = estimate_of(config, "8x1x1", "none", experts=kind, extrapolate=False)
             planned[experts, kind] = line.memory.temporaries

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sft_jax.core.spec import RunSpec
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -60,7 +62,7 @@ def test_presets_load_and_change_only_existing_fields():
         assert "python main.py --config=configs/" + name + ".py" in module.__doc__
         assert config.model.name_or_path != base.model.name_or_path
         assert set(config.keys()) == set(base.keys())
-        check_values(config, 1, 1)  # runs as shipped on one GPU
+        check_values(RunSpec.of(config), 1, 1)  # runs as shipped on one GPU
 
 
 BAD_VALUES = [
@@ -88,7 +90,7 @@ def test_values_that_would_fail_later_are_named_up_front():
     from sft_jax.core.errors import ConfigError
     from sft_jax.train.config_check import check_values
 
-    check_values(base.get_config(), 8, 8)  # the defaults pass
+    check_values(RunSpec.of(base.get_config()), 8, 8)  # the defaults pass
     for field, value, message in BAD_VALUES:
         config = ml_collections.ConfigDict(base.get_config().to_dict())
         section, name = field.split(".")
@@ -96,23 +98,23 @@ def test_values_that_would_fail_later_are_named_up_front():
         if field.startswith("lora.quant"):
             config.lora.rank, config.lora.quantize = 8, "nf4"
         with pytest.raises(ConfigError, match=f"config.{field}={value!r}: .*{re.escape(message)}"):
-            check_values(config, 8, 8)
+            check_values(RunSpec.of(config), 8, 8)
     # Accumulation splits the batch too: 32 rows = 4 micro-batches x 8 devices, but not 3.
     config = ml_collections.ConfigDict(base.get_config().to_dict())
     config.train.gradient_accumulation_steps = 3
     with pytest.raises(ConfigError, match="3 micro-batches x 8 devices"):
-        check_values(config, 8, 8)
+        check_values(RunSpec.of(config), 8, 8)
     # LoRA that adapts nothing, and an export that would have no checkpoint to come from.
     config = ml_collections.ConfigDict(base.get_config().to_dict())
     config.lora.rank, config.lora.target_modules = 8, " , "
     with pytest.raises(ConfigError, match="nothing would train"):
-        check_values(config, 8, 8)
+        check_values(RunSpec.of(config), 8, 8)
     config = ml_collections.ConfigDict(base.get_config().to_dict())
     config.checkpoint.enabled = False
     with pytest.raises(
         ConfigError, match=re.escape("enable checkpoints or set config.export.at_end='none'")
     ):
-        check_values(config, 8, 8)
+        check_values(RunSpec.of(config), 8, 8)
 
 
 @pytest.mark.e2e

@@ -22,6 +22,7 @@ from test_step import packed_rows, step_builder, train_config
 from configs import base
 from sft_jax.adapters.lora import LoRASpec, apply_lora, trainable_filter
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import CausalLM, from_hf_config, from_pretrained
 from sft_jax.models.decoder import decoder_linears, use_attention
 from sft_jax.models.kernels import blockwise
@@ -194,11 +195,11 @@ def test_context_that_does_not_divide_max_length_is_a_config_error():
     config.mesh.context = 4
     config.data.max_length = 100  # not a multiple of 2 x 4
     with pytest.raises(ConfigError, match=r"data\.max_length=100.*multiple of 8"):
-        check_values(config, device_count=8, batch_shards=2)
+        check_values(RunSpec.of(config), device_count=8, batch_shards=2)
     config.data.max_length = 128
     config.model.attention = "splash"
     with pytest.raises(ConfigError, match=r"model\.attention='splash'.*'blockwise'"):
-        check_values(config, device_count=8, batch_shards=2)
+        check_values(RunSpec.of(config), device_count=8, batch_shards=2)
 
 
 def test_auto_attention_with_context_leaves_splash_for_blockwise(monkeypatch):
@@ -207,9 +208,9 @@ def test_auto_attention_with_context_leaves_splash_for_blockwise(monkeypatch):
     config = base.get_config()
     config.data.max_length = 1024
     shape = from_hf_config(hf_config("llama3.1"))
-    assert kernel_choice.attention_for(config, shape, 0)[0] == "splash"
+    assert kernel_choice.attention_for(RunSpec.of(config), shape, 0)[0] == "splash"
     config.mesh.context = 4
-    attention, why = kernel_choice.attention_for(config, shape, 0)
+    attention, why = kernel_choice.attention_for(RunSpec.of(config), shape, 0)
     assert attention == "blockwise" and "mesh.context" in why
 
 
@@ -224,16 +225,16 @@ def test_the_planner_keeps_the_context_axis_and_searches_the_rest(checkpoint):
     config.train.global_batch_size = 2
     config.mesh.context = 4
     hardware = plan_estimate.Hardware(None, 100e12, 100e9)
-    outcome = plan_search.plan(config, jax.devices()[:8], hardware, meshes=["1x2x1"],
+    outcome = plan_search.plan(RunSpec.of(config), jax.devices()[:8], hardware, meshes=["1x2x1"],
                                accumulations=[1], remats=["none"])  # fmt: skip
     best = outcome.best.candidate
     assert (best.mesh, best.context) == ("1x2x1 ctx4", 4)
     assert outcome.best.memory_bytes > 0 and "blockwise" in outcome.attention
     assert "--config.mesh.context=4" in best.flags()
-    assert plan_search.apply_choice(config, best).mesh.context == 4
+    assert plan_search.apply_choice(RunSpec.of(config), best).mesh.context == 4
     for context in (3, 16):  # 3 does not divide 8 devices; 2 x 16 does not divide 64 tokens
         with pytest.raises(ConfigError, match=f"context={context}.*max_length=64"):
-            plan_search.context_sizes(config, 8, [context])
+            plan_search.context_sizes(RunSpec.of(config), 8, [context])
 
 
 @pytest.mark.e2e

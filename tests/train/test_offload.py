@@ -14,6 +14,7 @@ from test_step import synthetic_batch
 
 from configs import base
 from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.objectives.loss import loss_sums
 from sft_jax.train import compiled as compile_plan
@@ -26,7 +27,7 @@ def test_offload_on_cpu_is_a_config_error():
     config = base.get_config()
     config.model.remat = "offload"
     with pytest.raises(ConfigError, match=r"model\.remat='offload'.*cpu backend.*'full'"):
-        check_values(config, device_count=8, batch_shards=8)
+        check_values(RunSpec.of(config), device_count=8, batch_shards=8)
 
 
 def test_offload_policy_leaves_gradients_unchanged():

@@ -7,12 +7,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from hf_models import hf_config
 
+from configs import base
+from sft_jax.core.spec import RunSpec, TrainSpec
 from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.objectives.loss import loss_sums
 from sft_jax.train import sharding
@@ -25,23 +26,21 @@ SEQ_LEN = 16
 ROWS = 8
 
 
-def train_config(**overrides) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(
-        {
-            "steps": 10,
-            "learning_rate": 1e-2,
-            "warmup_steps": 2,
-            "lr_schedule": "cosine",
-            "min_lr_ratio": 0.1,
-            "weight_decay": 0.1,
-            "adam_b1": 0.9,
-            "adam_b2": 0.95,
-            "adam_eps": 1e-8,
-            "max_grad_norm": 1.0,
-        }
-    )
-    config.update(overrides)
-    return config
+def train_config(**overrides) -> TrainSpec:
+    """config.train of configs/base.py with the test optimizer's values, and `overrides`."""
+    values = {
+        "steps": 10,
+        "learning_rate": 1e-2,
+        "warmup_steps": 2,
+        "lr_schedule": "cosine",
+        "min_lr_ratio": 0.1,
+        "weight_decay": 0.1,
+        "adam_b1": 0.9,
+        "adam_b2": 0.95,
+        "adam_eps": 1e-8,
+        "max_grad_norm": 1.0,
+    }
+    return RunSpec.of(base.get_config()).train.replace(**{**values, **overrides})
 
 
 def synthetic_batch(seed: int, rows: int = ROWS, vocab: int = 128) -> dict[str, np.ndarray]:
