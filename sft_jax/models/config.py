@@ -10,39 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_jax.core.errors import UserError
+from sft_jax.models.families import FAMILIES, Family, UnsupportedModelError, family_of
 
 # Parameter and compute dtypes by their config names.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# model_type (as in config.json) -> family settings that config.json does not spell out.
-_FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {"qkv_bias": True},
-    "qwen3": {"qk_norm": True},
-    "gemma2": {"gemma_norms": True, "sandwich_norms": True, "embed_scale": True},
-    "gemma3_text": {
-        "gemma_norms": True,
-        "sandwich_norms": True,
-        "embed_scale": True,
-        "qk_norm": True,
-    },
-    # Mixtures of experts (models/moe.py).
-    "mixtral": {"moe": True},
-    "qwen2_moe": {"moe": True},
-    "qwen3_moe": {"moe": True, "qk_norm": True},
-}
-# Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
-_UNSUPPORTED_MOE = {
-    "deepseek_v2": "MLA attention and group-limited routing (n_group, topk_group)",
-    "deepseek_v3": "MLA attention, sigmoid routing with a score-correction bias and "
-    "group-limited top-k (n_group, topk_group), routed_scaling_factor, dense first layers",
-    "gpt_oss": "biased experts with a clamped SwiGLU, attention sinks, softmax after top-k",
-    "olmoe": "q/k norms over all heads, routing like qwen2_moe",
-    "qwen3_next": "gated delta-net linear attention layers",
-    "glm4_moe": "sigmoid routing with a score-correction bias and group-limited top-k",
-}
 # HF config fields of routing modes the expert block does not implement: any of them present
 # (and not at its neutral value) means the checkpoint routes differently.
 _UNSUPPORTED_ROUTING_FIELDS = {
@@ -53,13 +25,9 @@ _UNSUPPORTED_ROUTING_FIELDS = {
     "routed_scaling_factor": 1.0,
     "router_jitter_noise": 0.0,
 }
-SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
+SUPPORTED_MODEL_TYPES = FAMILIES.names()
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
-
-
-class UnsupportedModelError(UserError):
-    """The checkpoint's architecture is not one sft_jax implements."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,20 +252,9 @@ def _layer_types(hf: Any, num_layers: int) -> tuple[str, ...]:
 
 def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
-    model_type = getattr(hf, "model_type", None)
-    if model_type in _UNSUPPORTED_MOE:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} (config.json) is a mixture of experts sft_jax does not "
-            f"implement yet: it needs {_UNSUPPORTED_MOE[model_type]}. Supported: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-    if model_type not in _FAMILIES:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported by sft_jax; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-    family = _FAMILIES[model_type]
-    moe = _moe_fields(hf, model_type) if family.get("moe") else {}
+    family = family_of(getattr(hf, "model_type", None))
+    model_type = family.model_type
+    moe = _moe_fields(hf, family) if family.moe else {}
     activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
     if activation not in _ACTIVATIONS:
         raise UnsupportedModelError(f"{model_type}: activation {activation!r} is not supported.")
@@ -317,15 +274,13 @@ def from_hf_config(hf: Any) -> ModelConfig:
         rms_norm_eps=hf.rms_norm_eps,
         activation=activation,
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        qkv_bias=family.get("qkv_bias", False)
-        or attention_bias
-        or bool(getattr(hf, "qkv_bias", False)),
+        qkv_bias=family.qkv_bias or attention_bias or bool(getattr(hf, "qkv_bias", False)),
         o_bias=attention_bias,
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        qk_norm=family.get("qk_norm", False),
-        gemma_norms=family.get("gemma_norms", False),
-        sandwich_norms=family.get("sandwich_norms", False),
-        embed_scale=family.get("embed_scale", False),
+        qk_norm=family.qk_norm,
+        gemma_norms=family.gemma_norms,
+        sandwich_norms=family.sandwich_norms,
+        embed_scale=family.embed_scale,
         query_scale=query_pre_attn_scalar**-0.5 if query_pre_attn_scalar else 0.0,
         attn_logit_softcap=getattr(hf, "attn_logit_softcapping", None),
         final_logit_softcap=getattr(hf, "final_logit_softcapping", None),
@@ -346,9 +301,10 @@ def _score_labels(hf: Any) -> int:
     return 0
 
 
-def _moe_fields(hf: Any, model_type: str) -> dict[str, Any]:
+def _moe_fields(hf: Any, family: Family) -> dict[str, Any]:
     """The ModelConfig fields of a mixture of experts, or UnsupportedModelError naming the
     config.json field of a variant the expert block does not implement."""
+    model_type = family.model_type
     for field, neutral in _UNSUPPORTED_ROUTING_FIELDS.items():
         value = getattr(hf, field, neutral)
         if value is not None and value != neutral:
@@ -363,7 +319,7 @@ def _moe_fields(hf: Any, model_type: str) -> dict[str, Any]:
             f"num_experts_per_tok={top_k}: expected 1 <= num_experts_per_tok <= num_experts."
         )
     num_layers = hf.num_hidden_layers
-    if model_type == "mixtral":  # every layer is sparse, experts as wide as intermediate_size
+    if family.moe == "mixtral":  # every layer is sparse, experts as wide as intermediate_size
         moe_layers, width, renormalize = tuple(range(num_layers)), hf.intermediate_size, True
     else:
         step, dense = int(hf.decoder_sparse_step), set(hf.mlp_only_layers or ())
@@ -376,6 +332,6 @@ def _moe_fields(hf: Any, model_type: str) -> dict[str, Any]:
         "norm_topk_prob": renormalize,
         "moe_layers": moe_layers,
         "shared_expert_intermediate_size": getattr(hf, "shared_expert_intermediate_size", 0) or 0,
-        "expert_names": "mixtral" if model_type == "mixtral" else "qwen",
+        "expert_names": family.moe,
         "router_aux_loss_coef": float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
     }

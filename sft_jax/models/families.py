@@ -1,0 +1,75 @@
+"""Model families by config.json's model_type: what each needs that config.json does not
+spell out. A new family registers a `Family` here (and its layers in models/); nothing else
+compares model_type names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sft_jax.core.errors import UserError
+from sft_jax.core.registry import Registry
+
+
+class UnsupportedModelError(UserError):
+    """The checkpoint's architecture (config.json) is one sft_jax does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    model_type: str
+    qkv_bias: bool = False  # q/k/v projections carry biases whatever attention_bias says
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys
+    gemma_norms: bool = False  # norms scale by (1 + weight)
+    sandwich_norms: bool = False  # norms after attention and MLP too
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size)
+    # Mixture of experts: "" (dense), "mixtral" (every layer sparse, experts as wide as
+    # intermediate_size, top-k weights renormalised, Mixtral's w1/w2/w3 names) or "qwen"
+    # (sparse layers by decoder_sparse_step and mlp_only_layers, moe_intermediate_size,
+    # norm_topk_prob, gate/up/down names, an optional shared expert).
+    moe: str = ""
+
+
+FAMILIES: Registry[Family] = Registry("model family")
+
+
+def register(family: Family) -> Family:
+    return FAMILIES.register(family.model_type, family)
+
+
+register(Family("llama"))
+register(Family("mistral"))
+register(Family("qwen2", qkv_bias=True))
+register(Family("qwen3", qk_norm=True))
+register(Family("gemma2", gemma_norms=True, sandwich_norms=True, embed_scale=True))
+register(
+    Family("gemma3_text", gemma_norms=True, sandwich_norms=True, embed_scale=True, qk_norm=True)
+)
+register(Family("mixtral", moe="mixtral"))  # models/moe.py
+register(Family("qwen2_moe", moe="qwen"))
+register(Family("qwen3_moe", moe="qwen", qk_norm=True))
+
+# Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
+NOT_YET = {
+    "deepseek_v2": "MLA attention and group-limited routing (n_group, topk_group)",
+    "deepseek_v3": "MLA attention, sigmoid routing with a score-correction bias and "
+    "group-limited top-k (n_group, topk_group), routed_scaling_factor, dense first layers",
+    "gpt_oss": "biased experts with a clamped SwiGLU, attention sinks, softmax after top-k",
+    "olmoe": "q/k norms over all heads, routing like qwen2_moe",
+    "qwen3_next": "gated delta-net linear attention layers",
+    "glm4_moe": "sigmoid routing with a score-correction bias and group-limited top-k",
+}
+
+
+def family_of(model_type: str | None) -> Family:
+    """The registered family of a config.json's model_type, or an error saying why not."""
+    supported = ", ".join(FAMILIES.names())
+    if model_type in NOT_YET:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} (config.json) is a mixture of experts sft_jax does not "
+            f"implement yet: it needs {NOT_YET[model_type]}. Supported: {supported}."
+        )
+    if model_type not in FAMILIES.entries:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by sft_jax; supported: {supported}."
+        )
+    return FAMILIES.entries[model_type]

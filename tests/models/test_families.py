@@ -1,0 +1,43 @@
+"""Model families register themselves (sft_jax/models/families.py); from_hf_config asks the
+registry and nothing else compares model_type names."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hf_models import hf_config
+
+from sft_jax.models import from_hf_config
+from sft_jax.models.families import FAMILIES, NOT_YET, Family, UnsupportedModelError
+
+
+def test_a_registered_family_is_read_with_its_settings(monkeypatch):
+    """What a new family needs before its weights load: one registration."""
+    hf = hf_config("llama3.1")
+    hf.model_type = "toy"
+    with pytest.raises(UnsupportedModelError, match=r"'toy' is not supported.*llama, mistral"):
+        from_hf_config(hf)
+    monkeypatch.setitem(FAMILIES.entries, "toy", Family("toy", qk_norm=True, embed_scale=True))
+    config = from_hf_config(hf)
+    llama = from_hf_config(hf_config("llama3.1"))
+    assert config.model_type == "toy" and config.qk_norm and config.embed_scale
+    assert dataclasses.replace(
+        config, model_type="llama", qk_norm=False, embed_scale=False, hf_config=llama.hf_config
+    ) == dataclasses.replace(llama, hf_config=llama.hf_config)
+
+
+def test_the_shipped_families_and_those_not_yet_implemented():
+    dense = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+    assert FAMILIES.names() == (*dense, "mixtral", "qwen2_moe", "qwen3_moe")
+    assert {FAMILIES.entries[n].moe for n in ("mixtral", "qwen2_moe", "qwen3_moe")} == {
+        "mixtral",
+        "qwen",
+    }
+    hf = hf_config("llama3.1")
+    hf.model_type = "gpt_oss"
+    with pytest.raises(UnsupportedModelError, match=r"'gpt_oss' .* needs biased experts"):
+        from_hf_config(hf)
+    assert "deepseek_v3" in NOT_YET
+    with pytest.raises(ValueError, match="registered twice"):
+        FAMILIES.register("llama", Family("llama"))
