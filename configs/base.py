@@ -36,13 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
     # "xla" (explicit einsums; every backend), "cudnn" (fused cuDNN flash attention; NVIDIA
     # GPUs, bfloat16 compute, no soft-capping), "splash" (Pallas splash attention; TPUs,
     # max_length a multiple of 128) or "blockwise" (flash-style attention in plain JAX, every
-    # backend: memory of a fused kernel, never a [T, T] score matrix; models/blockwise.py).
+    # backend: memory of a fused kernel, never a [T, T] score matrix; models/kernels/blockwise.py).
     config.model.attention = "auto"
     # Mixtures of experts under an expert mesh axis: how tokens reach the device holding their
     # expert. "gather" (the expert group's tokens gathered, partial outputs reduce-scattered
     # back), "all_to_all" (each token copy sent to its expert's device and back, in fixed
     # buffers sized for the worst case: top_k times gather's bytes) or "auto" (= "gather";
-    # README "Mixture of experts" has the measured comparison).
+    # docs/moe.md has the measured comparison).
     config.model.moe_dispatch = "auto"
 
     # ---------------------------------------------------------------- data

@@ -16,7 +16,7 @@ each), with 80 GB GPUs in mind:
 (Before the planner compiled with XLA:CPU's memory-optimized scheduler these read 77.3, 82.4 and
 151 GiB: the default scheduler held every layer's gathered weights at once.) The fsdp row is an
 upper bound: XLA:CPU drops remat's optimization barriers, so some backward all-gathers start
-early (README, "Plan before you run"). Check on a GPU before relying on the figures.
+early (docs/planning.md). Check on a GPU before relying on the figures.
   python -m sft_jax.plan --config=configs/llama3_1_8b_32k_cp.py --devices=8 --peak_tflops=989 \
     --interconnect_gbps=450 --model_config=assets/model_configs/llama3_1_8b \
     --contexts=8 --meshes=1x1x1 --accumulation=8

@@ -2,10 +2,9 @@
 TFLOP/s each): the recipe of configs/llama3_1_8b_lora.py with what differs (no adapters, float32
 master weights and Adam state sharded over the slice, a lower learning rate, a larger batch).
 
-The planner (no TPU, no weights; 3 min 45 s wall, 77 s CPU on a shared 2-core machine, 2 Dec
-2026, with XLA:CPU's memory-optimized scheduler; the table is in the README, "Plan before you
-run") recommends fsdp=32 x tensor=2: 10 GiB per device, 260 ms per step by its roofline
-(fsdp=64: 21 GiB, 408 ms):
+The planner (no TPU, no weights; about 77 s of CPU time, with XLA:CPU's memory-optimized
+scheduler; the table is in docs/planning.md) recommends fsdp=32 x tensor=2: 10 GiB per device,
+260 ms per step by its roofline (fsdp=64: 21 GiB, 408 ms):
   python -m sft_jax.plan --config=configs/llama3_1_8b_full_tpu.py --devices=64 \\
     --accelerator=tpu --device_memory=95GB --peak_tflops=459 --interconnect_gbps=300 \\
     --model_config=assets/model_configs/llama3_1_8b --meshes=1x64x1,1x32x2,2x32x1 --accumulation=1

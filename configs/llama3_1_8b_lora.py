@@ -5,12 +5,11 @@ Run on one 80 GB GPU, or a TPU host (the base is sharded over every local device
   python main.py --config=configs/llama3_1_8b_lora.py --workdir=/tmp/llama3_1_8b_lora
 On one host of 8 GPUs of 80 GB the planner (XLA's memory plan compiled from config.json on 8
 fake CPU devices with XLA:CPU's memory-optimized scheduler, cuDNN attention planned with the
-blockwise stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 32; 12 min
-38 s wall, 136 s CPU, on a shared 2-core machine, 2 Dec 2026) recommends fsdp=8 with 2
+blockwise stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 32; about
+136 s of CPU time) recommends fsdp=8 with 2
 micro-batches: 19.6 GiB per device (fsdp=4 x tensor=2: 37.8 GiB; data=2 x fsdp=4: 26.7 GiB).
-Still an upper bound: XLA:CPU starts some layers' backward all-gathers early (README, "Plan
-before you run"); by arithmetic the step needs about 2 GiB of weights per device plus a few
-GiB of activations:
+Still an upper bound: XLA:CPU starts some layers' backward all-gathers early (docs/planning.md); by
+arithmetic the step needs about 2 GiB of weights per device plus a few GiB of activations:
   python -m sft_jax.plan --config=configs/llama3_1_8b_lora.py --devices=8 --device_memory=80GB \
     --peak_tflops=989 --interconnect_gbps=450 --model_config=assets/model_configs/llama3_1_8b \
     --meshes=1x8x1,1x4x2,2x4x1 --accumulation=2

@@ -5,12 +5,11 @@ with what differs.
 Mesh: one host of 8 GPUs (80 GB) as fsdp=1 x expert=8: one expert of every layer per device.
 The planner (XLA's memory plan of the train step compiled from config.json on 8 fake CPU
 devices with XLA:CPU's memory-optimized scheduler, the cuDNN attention planned with the
-blockwise stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 32; 3 min
-31 s wall, 45 s CPU, on a shared 2-core machine, 2 Dec 2026) predicts 44.0 GiB per device for
+blockwise stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 32; about
+45 s of CPU time) predicts 44.0 GiB per device for
 this mesh and 1 micro-batch: it fits 80 GB. With one expert per device the grouped-matmul
 stand-in is ragged_dot itself (XLA:CPU's single dense product: memory a kernel's, FLOPs up to 8x
-over, so the planned step time overstates). An upper bound still (README, "Plan before you
-run"); before the scheduler fix the plan said 254 GiB.
+over, so the planned step time overstates). An upper bound still (docs/planning.md).
   python -m sft_jax.plan --config=configs/mixtral_8x7b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/mixtral_8x7b --meshes=1x1x8x1 \
     --accumulation=1

@@ -5,12 +5,11 @@ Mesh: one host of 8 GPUs (80 GB) as fsdp=2 x expert=4: each device holds 32 of t
 experts of every layer, halved again by fsdp. The planner (XLA's memory plan of the train
 step compiled from config.json on 8 fake CPU devices with XLA:CPU's memory-optimized
 scheduler, cuDNN attention planned with the blockwise stand-in, the experts' ragged_dot with
-the grouped-matmul stand-in of models/grouped_matmul.py, bf16 read back from an f32 compile, 2
-and 4 layers extrapolated to 48; 4 min 20 s wall, 63 s CPU, on a shared 2-core machine, 2 Dec
-2026) predicts 65.3 GiB per device for this mesh with 1 micro-batch: it fits 80 GB. An upper
-bound still (XLA:CPU starts some layers' backward all-gathers early; README, "Plan before you
-run"); the stand-in's plan equals its measured peak on a small MoE (tests/planning/test_plan.py).
-Before the scheduler fix and the stand-in, the plan said 254 GiB.
+the grouped-matmul stand-in of models/kernels/grouped_matmul.py, bf16 read back from an f32
+compile, 2 and 4 layers extrapolated to 48; about 63 s of CPU time) predicts 65.3 GiB per device
+for this mesh with 1 micro-batch: it fits 80 GB. An upper bound still (XLA:CPU starts some
+layers' backward all-gathers early; docs/planning.md); the stand-in's plan equals its measured
+peak on a small MoE (tests/planning/test_plan.py).
   python -m sft_jax.plan --config=configs/qwen3_30b_a3b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/qwen3_30b_a3b \
     --meshes=1x2x4x1 --accumulation=1

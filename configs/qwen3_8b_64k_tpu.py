@@ -17,7 +17,7 @@ Per-device memory the planner predicts (XLA's plan of the train step compiled fr
 on 32 fake CPU devices with the memory-weighing scheduler, bf16 read back from an f32 compile, 2
 and 4 layers extrapolated to 36; 35 s CPU): 50.2 GiB per device with context=8 x tensor=4
 and 4 micro-batches of one row, within a v5p chip's 95 GB; an upper bound until checked on a
-TPU (README, "Plan before you run"). The figure's source, assets/model_configs/qwen3_8b_yarn,
+TPU (docs/planning.md). The figure's source, assets/model_configs/qwen3_8b_yarn,
 is Qwen3-8B's published config.json with the YaRN scaling above:
   python -m sft_jax.plan --config=configs/qwen3_8b_64k_tpu.py --devices=32 --accelerator=tpu \
     --peak_tflops=459 --interconnect_gbps=600 \

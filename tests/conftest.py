@@ -12,15 +12,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The metrics writer refuses keys missing from the metrics reference (workdir/metric_names.py),
+# in this process and in every run it starts.
+os.environ.setdefault("SFT_JAX_STRICT_METRICS", "1")
 
+import config_guard
 import jax
 import pytest
 
-import config_guard
+config_guard.install()
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
-
-config_guard.install()
 
 
 @pytest.fixture(scope="session")

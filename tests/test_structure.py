@@ -1,4 +1,4 @@
-"""The package's layering (README, "Architecture"): imports point down, no cycles, and models/
+"""The package's layering (docs/architecture.md): imports point down, no cycles, and models/
 stands alone."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def layer_of(module: str) -> int:
         return 0
     package = ".".join(module.split(".")[:2])
     if package not in LAYERS:
-        raise AssertionError(f"{module} is in no package of PACKAGES (and the README)")
+        raise AssertionError(f"{module} is in no package of PACKAGES (and docs/architecture.md)")
     return LAYERS[package]
 
 
@@ -167,12 +167,11 @@ def test_models_load_without_adapters_data_training_or_checkpoints(tmp_path):
         assert above not in loaded
 
 
-def test_the_readme_architecture_names_every_package_and_module():
-    """README's "Architecture" table matches the tree: every package of PACKAGES and every
+def test_the_architecture_page_names_every_package_and_module():
+    """docs/architecture.md's table matches the tree: every package of PACKAGES and every
     module below the top level is named (a moved or new module updates it)."""
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Architecture") :]
-    table = section[: section.index("The path of one batch")]
+    page = (REPO / "docs" / "architecture.md").read_text()
+    table = page[: page.index("The path of one batch")]
     missing = [
         p for p in PACKAGES if f"`{p.removeprefix('sft_jax.').replace('.', '/')}/`" not in table
     ]

@@ -92,12 +92,21 @@ def run_command(
 
 
 def quiet_logs() -> None:
-    """Our messages at INFO; the libraries' at WARNING (Orbax logs every save and restore, jax
-    its search for backends). absl's --verbosity=0 (or higher) brings theirs back."""
+    """The terminal gets our messages at INFO and the libraries' from WARNING (Orbax logs every
+    save and restore, jax its search for backends); their INFO still reaches a run's log file
+    (workdir/rundir.run_log). absl's --verbosity=0 (or higher) brings theirs back."""
     asked = "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
-    if not asked:
-        absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("sft_jax").setLevel(logging.INFO)
+    if asked:
+        return
+    absl_logging.set_verbosity(absl_logging.INFO)
+    terminal = absl_logging.get_absl_handler()
+    if _ours_or_warnings not in terminal.filters:
+        terminal.addFilter(_ours_or_warnings)
+
+
+def _ours_or_warnings(record: logging.LogRecord) -> bool:
+    return record.name.startswith("sft_jax") or record.levelno >= logging.WARNING
 
 
 def _quiet_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

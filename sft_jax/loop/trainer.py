@@ -353,7 +353,7 @@ def run(
     check_values(config, mesh.size, sharding.batch_shards(mesh))
     mirror = _bucket_mirror(config, str(workdir))
     local = mirror.staging if mirror is not None else Path(workdir)
-    with rundir.lock(local):
+    with rundir.lock(local), rundir.run_log(local):
         if mirror is not None and jax.process_index() == 0:
             mirror.pull_run()
         if jax.process_count() > 1:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+
+from sft_jax.workdir.metric_names import documented
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,12 @@ class MetricsWriter:
             self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
+        if os.environ.get("SFT_JAX_STRICT_METRICS"):  # the tests: no metric ships undocumented
+            undocumented = sorted(key for key in values if not documented(key))
+            if undocumented:
+                raise AssertionError(
+                    f"metrics {undocumented} are not in sft_jax/workdir/metric_names.py"
+                )
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import time
@@ -25,6 +26,7 @@ from sft_jax.core.errors import ConfigError
 from sft_jax.workdir.checkpointing import Checkpoints, committed_steps
 
 LOCK_FILE = ".sft_jax.lock"
+LOG_FILE = "log.txt"  # everything logged, the libraries' INFO included (run_log)
 
 
 def checkpoints_path(workdir: str | Path) -> Path:
@@ -92,6 +94,26 @@ def pick_step(checkpoints: Checkpoints, which: str | int) -> int:
 
 
 @contextlib.contextmanager
+def run_log(workdir: Path) -> Iterator[None]:
+    """Every log record of the run at INFO and above, the libraries' included (the terminal
+    shows sft_jax's and the libraries' warnings: cli.quiet_logs), appended to WORKDIR/log.txt
+    by process 0."""
+    if jax.process_index() != 0:
+        yield
+        return
+    handler = logging.FileHandler(workdir / LOG_FILE, delay=True)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
 def lock(workdir: Path) -> Iterator[None]:
     """Holds WORKDIR for one run: a second run on it stops with a clear message. The lock is
     the kernel's (flock), so it goes away with its process, even after kill -9. Process 0
@@ -120,9 +142,11 @@ def lock(workdir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-            wrote_nothing = {p.name for p in workdir.iterdir()} == before | {LOCK_FILE}
-            if LOCK_FILE not in before and wrote_nothing:  # no lock file left by a non-run
-                (workdir / LOCK_FILE).unlink()
+            ours = {LOCK_FILE, LOG_FILE} - before  # what this run made besides its output
+            wrote_nothing = {p.name for p in workdir.iterdir()} <= before | ours
+            if LOCK_FILE in ours and wrote_nothing:  # a run that never started leaves nothing
+                for name in ours:
+                    (workdir / name).unlink(missing_ok=True)
 
 
 def remove_if_empty(workdir: str | Path) -> None:

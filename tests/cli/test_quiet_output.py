@@ -31,8 +31,12 @@ def test_export_and_chat_print_only_our_lines(straight, tmp_path):  # noqa: F811
 
 
 @pytest.mark.e2e
-def test_a_training_run_shows_no_library_noise(tmp_path):
+def test_a_training_run_shows_no_library_noise_and_logs_it_to_its_workdir(tmp_path):
     result = train(tmp_path / "run", "--config.train.steps=2")
     assert result.returncode == 0, result.stderr[-2000:]
     for noise in ("Unable to initialize backend", "orbax", "PyTorch was not found"):
         assert noise not in result.stderr, noise
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert " INFO sft_jax." in log  # ours, as on the terminal
+    libraries = [line for line in log.splitlines() if " INFO " in line and " sft_jax." not in line]
+    assert any("orbax" in line.lower() for line in libraries)  # theirs, only here

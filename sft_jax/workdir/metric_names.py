@@ -1,0 +1,149 @@
+"""Every metric the trainer writes (metrics.jsonl, TensorBoard), with what it means: the one
+list the metrics reference (docs/metrics.md, made by scripts/refresh_docs.py) is generated
+from. `<name>` in a key stands for one part chosen at run time (a mixture source, a layer).
+
+The writer (workdir/metrics.py) refuses a key missing here when $SFT_JAX_STRICT_METRICS is
+set, as the test suite sets it: a new metric cannot ship undocumented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    key: str
+    when: str  # which runs write it
+    meaning: str
+
+
+_TRAIN = "every log.every_steps updates"
+_EVAL = "every eval"
+_PAIRS = "objective dpo, simpo, orpo"
+_REWARD = "objective reward"
+_MOE = "mixtures of experts"
+
+METRICS: tuple[Metric, ...] = (
+    Metric(
+        "train/loss",
+        _TRAIN,
+        "the loss the update minimises (its objective's, plus the "
+        "router's losses on a mixture of experts)",
+    ),
+    Metric("train/ce", f"{_TRAIN}; {_MOE}", "the cross-entropy alone, without the router's losses"),
+    Metric(
+        "train/z_loss",
+        f"{_TRAIN}; SFT",
+        "mean logsumexp(logits)^2 over the target tokens "
+        "(added to the loss with train.z_loss_weight)",
+    ),
+    Metric("train/target_tokens", f"{_TRAIN}; SFT", "tokens that carry the loss in the batch"),
+    Metric("train/grad_norm", _TRAIN, "global gradient norm before clipping"),
+    Metric("train/learning_rate", _TRAIN, "the learning rate of the update"),
+    Metric("train/step_seconds", _TRAIN, "wall time of the last update, data included"),
+    Metric("train/tokens_per_sec", _TRAIN, "row tokens (padding included) per second"),
+    Metric(
+        "train/mfu",
+        f"{_TRAIN}; devices of known peak (GPU, TPU, or log.peak_tflops_per_device)",
+        "model FLOPs utilisation: achieved over peak FLOP/s per device",
+    ),
+    Metric("train/aux_loss", f"{_TRAIN}; {_MOE}", "the load-balancing loss (before its weight)"),
+    Metric("train/router_z_loss", f"{_TRAIN}; {_MOE}", "mean logsumexp(router logits)^2"),
+    Metric(
+        "train/expert_load_max_over_mean/layer_<NN>",
+        f"{_TRAIN}; {_MOE}",
+        "tokens of the busiest expert over the mean, per MoE layer (1 is even)",
+    ),
+    Metric(
+        "train/rewards/chosen",
+        f"{_TRAIN}; {_PAIRS}",
+        "mean implicit reward of the chosen replies (TRL's name)",
+    ),
+    Metric(
+        "train/rewards/rejected",
+        f"{_TRAIN}; {_PAIRS}",
+        "mean implicit reward of the rejected replies",
+    ),
+    Metric(
+        "train/rewards/accuracies",
+        f"{_TRAIN}; {_PAIRS}",
+        "share of pairs whose chosen reward is higher",
+    ),
+    Metric("train/rewards/margins", f"{_TRAIN}; {_PAIRS}", "mean chosen minus rejected reward"),
+    Metric(
+        "train/logps/chosen", f"{_TRAIN}; {_PAIRS}", "mean log-probability of the chosen replies"
+    ),
+    Metric(
+        "train/logps/rejected",
+        f"{_TRAIN}; {_PAIRS}",
+        "mean log-probability of the rejected replies",
+    ),
+    Metric("train/nll", f"{_TRAIN}; {_PAIRS}", "NLL per token of the chosen replies"),
+    Metric("train/pairs", f"{_TRAIN}; {_PAIRS}, {_REWARD}", "preference pairs in the batch"),
+    Metric(
+        "train/accuracy",
+        f"{_TRAIN}; {_REWARD}",
+        "share of pairs scored chosen > rejected (TRL RewardTrainer's name)",
+    ),
+    Metric("train/margin", f"{_TRAIN}; {_REWARD}", "mean chosen minus rejected score"),
+    Metric("train/mean_reward", f"{_TRAIN}; {_REWARD}", "mean score of all replies"),
+    Metric("train/min_reward", f"{_TRAIN}; {_REWARD}", "lowest score in the batch"),
+    Metric("train/max_reward", f"{_TRAIN}; {_REWARD}", "highest score in the batch"),
+    Metric("eval/loss", _EVAL, "the objective's loss over the whole eval set"),
+    Metric("eval/perplexity", f"{_EVAL}; SFT", "exp(eval/loss)"),
+    Metric("eval/target_tokens", f"{_EVAL}; SFT", "tokens that carry the loss in the eval set"),
+    Metric("eval/best_loss", _EVAL, "lowest eval/loss so far"),
+    Metric("eval/best_step", _EVAL, "the step of eval/best_loss"),
+    Metric(
+        "eval/exact_match",
+        f"{_EVAL}; eval.generate_examples > 0",
+        "share of greedy replies equal to the reference",
+    ),
+    Metric("eval/generated", f"{_EVAL}; eval.generate_examples > 0", "replies generated"),
+    Metric(
+        "eval/samples",
+        f"{_EVAL}; eval.show_samples > 0",
+        "the shown replies next to their references (text; TensorBoard's text tab)",
+    ),
+    Metric("eval/rewards/chosen", f"{_EVAL}; {_PAIRS}", "as train/rewards/chosen, on eval"),
+    Metric("eval/rewards/rejected", f"{_EVAL}; {_PAIRS}", "as train/rewards/rejected, on eval"),
+    Metric("eval/rewards/accuracies", f"{_EVAL}; {_PAIRS}", "as train/rewards/accuracies"),
+    Metric("eval/rewards/margins", f"{_EVAL}; {_PAIRS}", "as train/rewards/margins"),
+    Metric("eval/logps/chosen", f"{_EVAL}; {_PAIRS}", "as train/logps/chosen"),
+    Metric("eval/logps/rejected", f"{_EVAL}; {_PAIRS}", "as train/logps/rejected"),
+    Metric("eval/nll", f"{_EVAL}; {_PAIRS}", "as train/nll"),
+    Metric("eval/pairs", f"{_EVAL}; {_PAIRS}, {_REWARD}", "preference pairs in the eval set"),
+    Metric("eval/accuracy", f"{_EVAL}; {_REWARD}", "as train/accuracy"),
+    Metric("eval/margin", f"{_EVAL}; {_REWARD}", "as train/margin"),
+    Metric("eval/mean_reward", f"{_EVAL}; {_REWARD}", "as train/mean_reward"),
+    Metric("eval/min_reward", f"{_EVAL}; {_REWARD}", "as train/min_reward"),
+    Metric("eval/max_reward", f"{_EVAL}; {_REWARD}", "as train/max_reward"),
+    Metric(
+        "eval/<source>/<metric>",
+        f"{_EVAL}; data.mixture sources with eval files",
+        "an eval metric of that source's eval set alone (e.g. eval/math/loss)",
+    ),
+)
+
+
+def _pattern(key: str) -> re.Pattern[str]:
+    """<metric> stands for any metric's own key (slashes and all), other <names> for one part."""
+    pieces = re.split(r"(<[A-Za-z]+>)", key)
+    return re.compile(
+        "".join(
+            (".+" if piece == "<metric>" else "[^/]+")
+            if piece.startswith("<")
+            else re.escape(piece)
+            for piece in pieces
+        )
+        + r"\Z"
+    )
+
+
+_PATTERNS = [_pattern(metric.key) for metric in METRICS]
+
+
+def documented(key: str) -> bool:
+    return key == "step" or any(pattern.match(key) for pattern in _PATTERNS)
