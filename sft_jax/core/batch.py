@@ -62,5 +62,5 @@ MARGIN_KEY = register(
 )
 REFERENCE_KEY = register(
     "reference_logps",
-    Field(np.float32, TOKEN, "DPO's reference log p(target_ids[t]); 0 off target_mask"),
+    Field(np.float32, TOKEN, "a reference model's log p(target_ids[t]); 0 off target_mask"),
 )

@@ -91,16 +91,15 @@ class StepSpec:
 
 
 def micro_batches(batch: Batch, k: int) -> Batch:
-    """[G, T] -> [k, G/k, T], micro-batch j holding rows j, j+k, ...: every device keeps an
-    equal share of every micro-batch (traced under the mesh: rows stay on their devices)."""
-    spec = PartitionSpec(
-        None, LOGICAL_RULES["batch"], CONTEXT_AXIS if context_shards() > 1 else None
-    )
+    """[G, T] -> [k, G/k, T] (a per-row [G] -> [k, G/k]), micro-batch j holding rows j, j+k,
+    ...: every device keeps an equal share of every micro-batch (traced under the mesh: rows
+    stay on their devices)."""
+    spec = (None, LOGICAL_RULES["batch"], CONTEXT_AXIS if context_shards() > 1 else None)
 
     def split(x: jax.Array) -> jax.Array:
         rows = x.shape[0]
         x = jnp.swapaxes(x.reshape(rows // k, k, *x.shape[1:]), 0, 1)
-        return jax.lax.with_sharding_constraint(x, spec)
+        return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec[: x.ndim]))
 
     return {key: split(x) for key, x in batch.items()}
 
