@@ -1,12 +1,13 @@
 """Regenerate the parts of the docs that the code and real runs decide.
 
-  python scripts/refresh_docs.py             # docs/reference/config.md and metrics.md
-  python scripts/refresh_docs.py --check     # exit 1 if those are stale (the tests run this)
-  python scripts/refresh_docs.py --excerpts  # also rerun the demo and the planner and replace
-                                             # every <!-- output: NAME --> block with their
-                                             # output, stamped with the date and the machine
+  python scripts/refresh_docs.py                  # docs/reference/config.md and metrics.md
+  python scripts/refresh_docs.py --check          # exit 1 if those are stale (a test runs it)
+  python scripts/refresh_docs.py --excerpts       # also rerun the command of every
+                                                  # <!-- output: NAME --> block (EXCERPTS)
+  python scripts/refresh_docs.py --excerpts plan  # ... of the named blocks only
 
-The config reference is configs/base.py's fields with their comments (the one place each
+Each block is replaced by its command's output, stamped with the command, the machine and the
+date. The config reference is configs/base.py's fields with their comments (the one place each
 default is written); the metrics reference is sft_jax/workdir/metric_names.py.
 """
 
@@ -21,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,23 +129,64 @@ def _stamp(command: str) -> str:
     return f"`{command}` on {machine}, {datetime.date.today().isoformat()}"
 
 
-def _run(command: list[str]) -> str:
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
-    return result.stdout + result.stderr
+def _run(arguments: list[str]) -> str:
+    """stdout and stderr of `python ARGUMENTS` run from the repository on the CPU."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, *arguments], cwd=REPO, capture_output=True, text=True, check=True, env=env
+    )
+    return (result.stdout + result.stderr).replace(str(REPO) + "/", "")
 
 
-def _demo_excerpt(workdir: Path) -> str:
-    command = ["python", "main.py", "--config=configs/base.py", f"--workdir={workdir}"]
-    output = _run([sys.executable, *command[1:]]).replace(str(workdir), "/tmp/sft_demo")
-    lines = [ABSL_PREFIX.sub("", line) for line in output.splitlines()]
-    shown_lines = r"(step \d+: eval loss|finished|eval loss|exact match|best eval|exported)"
-    keep = [line for line in lines if re.match(shown_lines, line)]
-    shown = " ".join(command[:3]) + " --workdir=/tmp/sft_demo"
-    return f"{_stamp(shown)}:\n\n```\n" + "\n".join(keep) + "\n```\n"
+def _block(command: str, lines: list[str]) -> str:
+    return f"{_stamp(command)}:\n\n```\n" + "\n".join(lines).rstrip() + "\n```\n"
 
 
-def _plan_excerpt() -> str:
-    command = [
+def _training(config: str, shown_workdir: str) -> Callable[[Path], str]:
+    """A training run's evals and summary (the sample replies and the progress left out)."""
+
+    def excerpt(tmp: Path) -> str:
+        workdir = tmp / Path(shown_workdir).name
+        output = _run(["main.py", f"--config={config}", f"--workdir={workdir}"])
+        lines = [
+            ABSL_PREFIX.sub("", line)
+            for line in output.replace(str(workdir), shown_workdir).splitlines()
+        ]
+        shown = r"(step \d+: eval loss|finished|eval loss|exact match|best eval|exported)"
+        command = f"python main.py --config={config} --workdir={shown_workdir}"
+        return _block(command, [line for line in lines if re.match(shown, line)])
+
+    return excerpt
+
+
+def _command(*arguments: str) -> Callable[[Path], str]:
+    """A command's whole stdout (its log lines left out)."""
+
+    def excerpt(tmp: Path) -> str:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        result = subprocess.run(
+            [sys.executable, *arguments],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+            env=env,
+        )
+        return _block(
+            "python " + " ".join(arguments), result.stdout.replace(str(REPO) + "/", "").splitlines()
+        )
+
+    return excerpt
+
+
+# The output blocks of README.md and docs/, by name: what produces each.
+EXCERPTS: dict[str, Callable[[Path], str]] = {
+    "demo": _training("configs/base.py", "/tmp/sft_demo"),
+    "tools_demo": _training("configs/tools_demo.py", "/tmp/sft_tools_demo"),
+    "inspect_tools": _command(
+        "-m", "sft_jax.data.inspect", "--config=configs/tools_demo.py", "--check"
+    ),
+    "plan": _command(
         "-m",
         "sft_jax.plan",
         "--config=configs/base.py",
@@ -153,22 +196,24 @@ def _plan_excerpt() -> str:
         "--interconnect_gbps=450",
         "--meshes=1x8x1,2x2x2,2x4x1,1x4x2",
         "--remat=none",
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, *command], cwd=REPO, capture_output=True, text=True, check=True, env=env
-    )
-    shown = result.stdout.rstrip().replace(str(REPO) + "/", "")
-    return f"{_stamp('python ' + ' '.join(command))}:\n\n```\n{shown}\n```\n"
+    ),
+}
 
 
-def refresh_excerpts() -> list[Path]:
+def refresh_excerpts(names: list[str]) -> list[Path]:
+    """Reruns the commands of the named blocks (every block: all of them) and writes their
+    output into every page that holds such a block."""
     with tempfile.TemporaryDirectory() as tmp:
-        made = {"demo": _demo_excerpt(Path(tmp) / "demo"), "plan": _plan_excerpt()}
+        made = {name: EXCERPTS[name](Path(tmp)) for name in names}
     changed = []
     for path in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
         text = path.read_text()
-        new = BLOCK.sub(lambda m: m.group(1) + made[m.group("name")] + m.group(4), text)
+
+        def fill(m: re.Match) -> str:
+            body = made.get(m.group("name"), m.group("body"))
+            return m.group(1) + body + m.group(4)
+
+        new = BLOCK.sub(fill, text)
         if new != text:
             path.write_text(new)
             changed.append(path)
@@ -178,7 +223,12 @@ def refresh_excerpts() -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a reference is stale")
-    parser.add_argument("--excerpts", action="store_true", help="rerun the demo and planner")
+    parser.add_argument(
+        "--excerpts",
+        nargs="*",
+        choices=sorted(EXCERPTS),
+        help="rerun the commands of these output blocks (none named: all of them)",
+    )
     args = parser.parse_args()
     stale = [
         path for path, text in references().items() if not path.exists() or path.read_text() != text
@@ -190,8 +240,8 @@ def main() -> int:
     for path, text in references().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    if args.excerpts:
-        for path in refresh_excerpts():
+    if args.excerpts is not None:
+        for path in refresh_excerpts(args.excerpts or sorted(EXCERPTS)):
             print(f"refreshed the output excerpts of {path.relative_to(REPO)}")
     return 0
 

@@ -128,7 +128,7 @@ def test_output_excerpts_come_from_the_script():
     and date."""
     refresh = _refresh_docs()
     blocks = [(page, m) for page in PAGES for m in refresh.BLOCK.finditer(page.read_text())]
-    assert {m.group("name") for _, m in blocks} == {"demo", "plan"}
+    assert {m.group("name") for _, m in blocks} == set(refresh.EXCERPTS)
     for page, match in blocks:
         body = match.group("body")
         assert re.match(r"`python .*` on .*, \d{4}-\d{2}-\d{2}:\n\n```\n", body), page
