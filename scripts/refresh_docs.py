@@ -129,13 +129,16 @@ def _stamp(command: str) -> str:
     return f"`{command}` on {machine}, {datetime.date.today().isoformat()}"
 
 
-def _run(arguments: list[str]) -> str:
-    """stdout and stderr of `python ARGUMENTS` run from the repository on the CPU."""
+def _run(arguments: list[str], logs: bool = True) -> str:
+    """`python ARGUMENTS` run from the repository on the CPU: its stdout, and its stderr (the
+    log lines) unless logs=False; paths into the repository shown relative to it. A training
+    run must succeed; a shown command's exit status is part of what it shows (inspect --check
+    exits 1 on violations)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, *arguments], cwd=REPO, capture_output=True, text=True, check=True, env=env
+        [sys.executable, *arguments], cwd=REPO, capture_output=True, text=True, check=logs, env=env
     )
-    return (result.stdout + result.stderr).replace(str(REPO) + "/", "")
+    return (result.stdout + (result.stderr if logs else "")).replace(str(REPO) + "/", "")
 
 
 def _block(command: str, lines: list[str]) -> str:
@@ -163,18 +166,8 @@ def _command(*arguments: str) -> Callable[[Path], str]:
     """A command's whole stdout (its log lines left out)."""
 
     def excerpt(tmp: Path) -> str:
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-        result = subprocess.run(
-            [sys.executable, *arguments],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-            env=env,
-        )
-        return _block(
-            "python " + " ".join(arguments), result.stdout.replace(str(REPO) + "/", "").splitlines()
-        )
+        lines = _run(list(arguments), logs=False).splitlines()
+        return _block("python " + " ".join(arguments), lines)
 
     return excerpt
 

@@ -100,17 +100,9 @@ class LoRASpec:
         )
         adalora = None
         if lora.method == "adalora":
-            ada = lora.adalora
+            ada = lora.adalora  # PEFT's fields by the same names; init_r is the LoRA rank
             adalora = AdaLoRASpec(
-                lora.rank,
-                ada.target_r,
-                ada.tinit,
-                ada.tfinal,
-                ada.delta_t,
-                ada.beta1,
-                ada.beta2,
-                ada.orth_reg_weight,
-                ada.total_step or train_steps,
+                init_r=lora.rank, **(ada.to_dict() | {"total_step": ada.total_step or train_steps})
             )
         return cls(
             lora.rank,

@@ -78,18 +78,7 @@ class PromptSpec:
     def from_config(cls, config: RunSpec) -> PromptSpec:
         """The spec of config.prompt (checked by config_check); none in configs without it."""
         prompt = config.prompt
-        if not prompt.method:
-            return cls()
-        return cls(
-            prompt.method,
-            prompt.num_virtual_tokens,
-            prompt.init,
-            prompt.init_text,
-            prompt.encoder_type,
-            prompt.encoder_hidden_size,
-            prompt.encoder_num_layers,
-            prompt.prefix_projection,
-        )
+        return cls(**prompt.to_dict()) if prompt.method else cls()
 
 
 def virtual_token_ids(count: int) -> np.ndarray:

@@ -33,10 +33,14 @@ def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None
         )
 
 
+def value_at(config: Any, field: str) -> Any:
+    """The value of a dotted config field, e.g. value_at(spec, "train.steps")."""
+    for part in field.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def need(config: Any, ok: bool, field: str, problem: str) -> None:
     """The one wording of "this config field cannot be this value": config.FIELD=VALUE: why."""
     if not ok:
-        value = config
-        for part in field.split("."):
-            value = getattr(value, part)
-        raise ConfigError(f"config.{field}={value!r}: {problem}")
+        raise ConfigError(f"config.{field}={value_at(config, field)!r}: {problem}")

@@ -80,7 +80,6 @@ class GRPOSums(NamedTuple):
 
     policy: jax.Array  # the loss's numerator (see the module docstring)
     tokens: jax.Array  # completion tokens
-    sequences: jax.Array
     kl: jax.Array  # sum of the k3 estimate over completion tokens
     clipped_low: jax.Array  # ratio below 1 - epsilon with a negative advantage (count)
     clipped_high: jax.Array  # ratio above 1 + epsilon_high with a positive advantage
@@ -177,7 +176,6 @@ class GRPOObjective:
         return GRPOSums(
             policy=reduce_loss(self.spec, loss, mask),
             tokens=jnp.sum(mask.astype(jnp.float32)),
-            sequences=jnp.sum(jnp.any(mask, -1).astype(jnp.float32)),
             kl=jnp.sum(kl * mask),
             clipped_low=count["low"],
             clipped_high=count["high"],
@@ -267,9 +265,8 @@ def sampling_metrics(
     mask = np.asarray(mask, bool)
     if not mask.any():
         return {}
-    gap = np.abs(np.asarray(train_logps, np.float64) - np.asarray(sampler_logps, np.float64))[mask]
-    ratio = np.exp(np.asarray(train_logps, np.float64) - np.asarray(sampler_logps, np.float64))
-    ratio = ratio[mask]
+    log_ratio = (np.asarray(train_logps, np.float64) - np.asarray(sampler_logps, np.float64))[mask]
+    gap, ratio = np.abs(log_ratio), np.exp(log_ratio)
     return {
         "sampling/sampling_logp_difference/mean": float(gap.mean()),
         "sampling/sampling_logp_difference/max": float(gap.max()),

@@ -13,12 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 from sft_jax.core.registry import Registry
+from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.score_head import reward_pad_id
 from sft_jax.objectives import preference, reward
 
-# What a run whose config predates config.train.objective trained with.
-DEFAULT = "sft"
+# What a run whose config predates config.train.objective trained with (core/spec.py's table).
+DEFAULT = SAVED_BEFORE_THE_FIELD["train.objective"]
 
 # build(config, model, max_segments, pad_token_id) -> the objective, or None for the step's own
 # cross-entropy. On a mixture of experts the step adds the router's losses to either

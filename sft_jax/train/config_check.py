@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from sft_jax.core.errors import ConfigError, check_choice, need
+from sft_jax.core.errors import ConfigError, check_choice, need, value_at
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.mixture import CONTAMINATION, LOADERS, SOURCE_FIELDS
 from sft_jax.data.spans import TRAIN_REASONING
@@ -120,7 +120,7 @@ def _check_train(config: Any) -> None:
 def _check_batches(config: Any, device_count: int, batch_shards: int) -> None:
     accumulation = config.train.gradient_accumulation_steps
     for field, pieces in (("train.global_batch_size", accumulation), ("eval.global_batch_size", 1)):
-        rows = _get(config, field)
+        rows = value_at(config, field)
         split = f"{pieces} micro-batches x " if pieces > 1 else ""
         _need(
             config,
@@ -243,7 +243,7 @@ def _check_eval_and_outputs(config: Any) -> None:
         "eval.show_samples",
         "eval.early_stopping_patience",
     ):
-        _need(config, _get(config, field) >= 0, field, "must be 0 (off) or positive.")
+        _need(config, value_at(config, field) >= 0, field, "must be 0 (off) or positive.")
     _need(config, config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")
     _need(config, config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "keep at least 1.")
     _need(
@@ -322,12 +322,6 @@ def _check_model(config: Any) -> None:
 def _check_objective(config: Any) -> None:
     """config.train.objective, then the sections its objective owns (objectives/registry.py)."""
     registry.kind_of(config).check(config)
-
-
-def _get(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = getattr(config, part)
-    return config
 
 
 def _is_json_object(text: str) -> bool:

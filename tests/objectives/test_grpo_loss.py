@@ -15,7 +15,7 @@ import pytest
 import torch
 import trl
 from flax import nnx
-from test_step import tiny_model, train_config
+from test_step import run_steps, tiny_model
 from trl.trainer.grpo_trainer import GRPOTrainer
 from trl.trainer.utils import nanstd
 
@@ -25,10 +25,6 @@ from sft_jax.models.io.hf import from_pretrained
 from sft_jax.objectives import grpo
 from sft_jax.objectives.loss import token_logps
 from sft_jax.train import sharding
-from sft_jax.train.compiled import build_steps, init_state
-from sft_jax.train.optim import make_optimizer
-from sft_jax.train.sharding import device_batch
-from sft_jax.train.step import StepOptions
 
 assert trl.__version__.startswith("1.16"), "the reference is TRL 1.16"
 PROMPT, COMPLETION, ROWS, G = 5, 7, 8, 4  # 2 prompts x 4 completions, one sequence a row
@@ -266,28 +262,18 @@ def test_one_completion_per_prompt_is_refused():
 
 
 def compiled_history(mesh, batch: dict[str, np.ndarray], spec: grpo.GRPOSpec, steps: int = 2):
-    """train/loss and train/grad_norm of `steps` compiled train steps on the same batch (TRL's
-    num_iterations: the rollouts reused while the policy moves)."""
-    model = tiny_model()
-    tx, schedule = make_optimizer(train_config())
-    state, shardings = init_state(model, tx, mesh)
-    compiled = build_steps(
-        model,
-        tx,
-        schedule,
+    """train/loss, train/grad_norm, ... of `steps` compiled train steps on the same batch
+    (TRL's num_iterations: the rollouts reused while the policy moves)."""
+    history, _, _ = run_steps(
         mesh,
-        shardings,
-        train_rows=ROWS,
-        eval_rows=ROWS,
+        [batch] * steps,
+        accumulation=spec.accumulation,
+        rows=ROWS,
         seq_len=SEQ,
-        options=StepOptions(gradient_accumulation_steps=spec.accumulation, loss_chunk_size=SEQ),
+        loss_chunk_size=SEQ,
         objective=grpo.GRPOObjective(spec, loss_chunk_size=SEQ),
     )
-    history = []
-    for _ in range(steps):
-        state, metrics = compiled.train(state, device_batch(batch, compiled.batch_shardings))
-        history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
-    return history
+    return [{k: float(v) for k, v in metrics.items()} for metrics in history]
 
 
 def test_the_compiled_step_on_a_mesh_equals_one_device_and_the_reference_loss():

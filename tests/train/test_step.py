@@ -109,7 +109,19 @@ def tiny_model(family: str = "llama3.1") -> CausalLM:
     return CausalLM(from_hf_config(hf_config(family)), rngs=nnx.Rngs(0))
 
 
-def run_steps(mesh, batches, *, accumulation: int = 1, family: str = "llama3.1", rows: int = ROWS):
+def run_steps(
+    mesh,
+    batches,
+    *,
+    accumulation: int = 1,
+    family: str = "llama3.1",
+    rows: int = ROWS,
+    seq_len: int = SEQ_LEN,
+    loss_chunk_size: int = 4,
+    objective=None,
+):
+    """(metrics of a compiled train step over each batch, the final state, the steps) of the
+    tiny model of `family` on `mesh`; the objective is SFT's unless given."""
     model = tiny_model(family)
     tx, schedule = make_optimizer(train_config())
     state, shardings = init_state(model, tx, mesh)
@@ -121,8 +133,11 @@ def run_steps(mesh, batches, *, accumulation: int = 1, family: str = "llama3.1",
         shardings,
         train_rows=rows,
         eval_rows=rows,
-        seq_len=SEQ_LEN,
-        options=StepOptions(gradient_accumulation_steps=accumulation, loss_chunk_size=4),
+        seq_len=seq_len,
+        options=StepOptions(
+            gradient_accumulation_steps=accumulation, loss_chunk_size=loss_chunk_size
+        ),
+        objective=objective,
     )
     history = []
     for batch in batches:
