@@ -7,8 +7,8 @@ the cache never attends, so a row generates exactly what it would alone. Example
   tokens    = [[0, 5, 6, 7], [0, 0, 0, 8]]
   positions = [[-1, 0, 1, 2], [-1, -1, -1, 0]]
 The batch, the prompt length and the number of new tokens are rounded up to powers of two, and
-max_new_tokens, temperature, top_p and the seed are traced, so repeated calls (one per eval)
-reuse one compilation per bucket.
+max_new_tokens, temperature, top_k, top_p, min_p and the seed are traced, so repeated calls (one
+per eval, one per RL step) reuse one compilation per bucket.
 
 `rollout` is the interface a batch producer (online RL) and eval generation share: from the
 live, possibly sharded, params it returns each prompt's new tokens, their log-probs under the
@@ -56,30 +56,74 @@ def left_pad(
     return tokens_BxT, positions_BxT
 
 
-def nucleus(logits_BxV: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Logits with every token outside the top-p nucleus set to -inf: the smallest set of most
-    likely tokens whose probabilities sum to at least top_p (the most likely always stays)."""
-    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
+def top_k_cutoff(sorted_BxV: jax.Array, top_k: jax.Array) -> jax.Array:
+    """[B, 1]: the k-th largest logit (ties with it stay, as transformers' TopKLogitsWarper
+    keeps them), or -inf when top_k <= 0 (off). sorted_BxV is sorted descending."""
+    vocab = sorted_BxV.shape[-1]
+    kth_Bx1 = jnp.take(sorted_BxV, jnp.clip(top_k, 1, vocab) - 1, axis=-1)[:, None]
+    return jnp.where(top_k > 0, kth_Bx1, -jnp.inf)
+
+
+def top_p_cutoff(sorted_BxV: jax.Array, top_p: jax.Array) -> jax.Array:
+    """[B, 1]: the smallest logit of the top-p nucleus, the smallest set of most likely tokens
+    whose probabilities sum to at least top_p (transformers' TopPLogitsWarper); the most likely
+    token always stays. -inf when top_p >= 1 (off: a float32 cumsum can reach 1 before the
+    tail and would drop it). sorted_BxV is sorted descending, -inf where a filter dropped."""
     probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
     mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
     kept_BxV = jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf)
-    cutoff_Bx1 = jnp.min(kept_BxV, axis=-1, keepdims=True)
+    cutoff_Bx1 = jnp.minimum(jnp.min(kept_BxV, axis=-1, keepdims=True), sorted_BxV[:, :1])
+    return jnp.where(top_p < 1.0, cutoff_Bx1, -jnp.inf)
+
+
+def min_p_cutoff(sorted_BxV: jax.Array, min_p: jax.Array) -> jax.Array:
+    """[B, 1]: the logit of probability min_p times the most likely token's (transformers'
+    MinPLogitsWarper: a ratio of probabilities, so renormalising after earlier filters changes
+    nothing); -inf when min_p is 0 (off). sorted_BxV is sorted descending."""
+    return sorted_BxV[:, :1] + jnp.log(min_p)
+
+
+def filter_logits(
+    logits_BxV: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array
+) -> jax.Array:
+    """Logits with every token that top_k, then top_p, then min_p (the order of transformers'
+    generate, each on what the one before kept) filters out set to -inf. Each keeps the tokens
+    at or above a cutoff logit, so one sort serves all three. top_k 0, top_p 1, min_p 0: off."""
+    sorted_BxV = jnp.flip(jnp.sort(logits_BxV, axis=-1), axis=-1)
+    cutoff_Bx1 = jnp.full_like(sorted_BxV[:, :1], -jnp.inf)
+    for cutoff_of, value in ((top_k_cutoff, top_k), (top_p_cutoff, top_p), (min_p_cutoff, min_p)):
+        cutoff_Bx1 = jnp.maximum(cutoff_Bx1, cutoff_of(sorted_BxV, value))
+        sorted_BxV = jnp.where(sorted_BxV >= cutoff_Bx1, sorted_BxV, -jnp.inf)
     return jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, -jnp.inf)
 
 
+def nucleus(logits_BxV: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Logits with every token outside the top-p nucleus set to -inf (see top_p_cutoff)."""
+    return filter_logits(logits_BxV, jnp.int32(0), top_p, jnp.float32(0.0))
+
+
 def sample(
-    logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool
+    logits_BxV: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    greedy: bool,
+    *,
+    top_k: jax.Array | int = 0,
+    min_p: jax.Array | float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Next tokens [B]: argmax when greedy, else a draw from softmax(logits / T) in the nucleus;
-    and their log-probs [B] under softmax(logits / T) before the nucleus (T = 1 when greedy),
-    float32: what an importance ratio of online RL divides by."""
+    """Next tokens [B]: argmax when greedy, else a draw from softmax(logits / T) restricted to
+    what filter_logits keeps (top_k, then top_p, then min_p, on the scaled logits), renormalised;
+    and their log-probs [B] under softmax(logits / T) (T = 1 when greedy), float32, BEFORE any
+    filter: the filters change which tokens can be drawn, never the reported log-prob (what an
+    importance ratio of online RL divides by, and what a training forward recomputes)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if greedy:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         scaled_BxV = logits_BxV
     else:
         scaled_BxV = logits_BxV / temperature
-        filtered_BxV = nucleus(scaled_BxV, top_p)
+        filtered_BxV = filter_logits(scaled_BxV, top_k, top_p, min_p)
         token_B = jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
     logp_BxV = jax.nn.log_softmax(scaled_BxV, axis=-1)
     return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
@@ -94,7 +138,9 @@ def _generate_ids(
     is_stop: jax.Array,
     max_new_tokens: jax.Array,
     temperature: jax.Array,
+    top_k: jax.Array,
     top_p: jax.Array,
+    min_p: jax.Array,
     key: jax.Array,
     *,
     max_new_bucket: int,
@@ -108,8 +154,9 @@ def _generate_ids(
 
     # Prefill: every prompt token at once; the last slot holds each row's last prompt token.
     hidden_BxTxD, cache = model.extend(tokens_BxT, positions_BxT, cache)
+    filters = {"top_k": top_k, "min_p": min_p}
     first_B, first_logp_B = sample(
-        model.logits(hidden_BxTxD[:, -1]), key, temperature, top_p, greedy
+        model.logits(hidden_BxTxD[:, -1]), key, temperature, top_p, greedy, **filters
     )
     out_BxN = jnp.zeros((batch, max_new_bucket), jnp.int32).at[:, 0].set(first_B)
     logps_BxN = jnp.zeros((batch, max_new_bucket), jnp.float32).at[:, 0].set(first_logp_B)
@@ -126,7 +173,7 @@ def _generate_ids(
         hidden_Bx1xD, cache = model.extend(last_B[:, None], positions_Bx1, cache)
         step_key = jax.random.fold_in(key, step)
         token_B, logp_B = sample(
-            model.logits(hidden_Bx1xD[:, 0]), step_key, temperature, top_p, greedy
+            model.logits(hidden_Bx1xD[:, 0]), step_key, temperature, top_p, greedy, **filters
         )
         token_B = jnp.where(done_B, 0, token_B)
         logp_B = jnp.where(done_B, 0.0, logp_B)
@@ -156,7 +203,9 @@ def rollout(
     max_new_tokens: int,
     stop_token_ids: Sequence[int],
     temperature: float = 0.0,
+    top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int = 0,
     pad_id: int = 0,
 ) -> Rollout:
@@ -164,10 +213,14 @@ def rollout(
     whatever mesh they are sharded over), up to max_new_tokens, ending with the first stop
     token when one is generated (included, as transformers does).
 
-    temperature 0 is greedy decoding; otherwise tokens are drawn from softmax(logits /
-    temperature) restricted to the top_p nucleus, with keys folded from `seed`, so a call is
-    reproducible for the same prompts, batch and seed.
+    temperature 0 is greedy decoding (the filters then do nothing); otherwise tokens are drawn
+    from softmax(logits / temperature) restricted, as transformers' generate does in this
+    order, to the top_k most likely tokens (0: off), then to the top_p nucleus (1: off), then to
+    the tokens at least min_p times as likely as the most likely one (0: off), with keys folded
+    from `seed`, so a call is reproducible for the same prompts, batch and seed. The log-probs
+    are under softmax(logits / temperature) before the filters (see `sample`).
     """
+    _check_sampling_options(top_k, top_p, min_p)
     if not prompts or max_new_tokens <= 0:
         return Rollout(
             [[] for _ in prompts],
@@ -194,19 +247,38 @@ def rollout(
         is_stop,
         np.int32(max_new_tokens),
         np.float32(max(temperature, 1e-6)),
+        np.int32(top_k),
         np.float32(top_p),
+        np.float32(min_p),
         jax.random.key(seed),
         max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET),
         greedy=temperature <= 0,
     )
-    rows = np.asarray(out_BxN)[: len(prompts), :max_new_tokens]
-    logps = np.asarray(logps_BxN)[: len(prompts), :max_new_tokens]
+    return _trimmed(out_BxN, logps_BxN, len(prompts), max_new_tokens, is_stop)
+
+
+def _trimmed(
+    out_BxN: jax.Array, logps_BxN: jax.Array, count: int, max_new_tokens: int, is_stop: np.ndarray
+) -> Rollout:
+    """The Rollout of the first `count` rows: each row up to its first stop token."""
+    rows = np.asarray(out_BxN)[:count, :max_new_tokens]
+    logps = np.asarray(logps_BxN)[:count, :max_new_tokens]
     tokens = [_until_stop(row, is_stop) for row in rows]
     return Rollout(
         tokens,
         [row_logps[: len(row)] for row_logps, row in zip(logps, tokens, strict=True)],
         ["stop" if row and is_stop[row[-1]] else "length" for row in tokens],
     )
+
+
+def _check_sampling_options(top_k: int, top_p: float, min_p: float) -> None:
+    """Raises ValueError on values transformers' warpers refuse (0 still means off)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"rollout: top_k must be an int >= 0 (0: off), not {top_k!r}.")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"rollout: top_p must be in [0, 1] (1: off), not {top_p!r}.")
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"rollout: min_p must be in [0, 1] (0: off), not {min_p!r}.")
 
 
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
@@ -244,7 +316,9 @@ def reply(
     stop_token_ids: Sequence[int],
     max_new_tokens: int = 256,
     temperature: float = 0.0,
+    top_k: int = 0,
     top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int = 0,
 ) -> str:
     """The decoded continuation of prompt_ids, without its stop token and special tokens. A
@@ -255,7 +329,9 @@ def reply(
         max_new_tokens=max_new_tokens,
         stop_token_ids=stop_token_ids,
         temperature=temperature,
+        top_k=top_k,
         top_p=top_p,
+        min_p=min_p,
         seed=seed,
         pad_id=tokenizer.pad_token_id or 0,
     )
