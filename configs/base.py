@@ -245,7 +245,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.seed = 0
     # What the step optimizes: "sft" (cross-entropy on the trained tokens), or on preference
     # pairs (config.preference; data with chosen/rejected fields): "dpo", "simpo" or "orpo";
-    # or "reward": a reward model (a scalar score head, Bradley-Terry loss) on the same pairs.
+    # or "reward": a reward model (a scalar score head, Bradley-Terry loss) on the same pairs;
+    # or "grpo": online RL on prompts with verifiable rewards (config.grpo).
     config.train.objective = "sft"
 
     # ---------------------------------------------------------------- preference
@@ -259,9 +260,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.preference.label_smoothing = 0.0
     # SimPO's target reward margin gamma.
     config.preference.simpo_gamma = 0.5
-    # Weight of the NLL of the chosen replies added to the loss (RPO; CPO's cpo_alpha); ORPO
-    # always adds it with weight 1.
+    # Weight of the NLL of the chosen replies (their completion tokens) added to the loss (RPO;
+    # CPO's cpo_alpha).
     config.preference.rpo_alpha = 0.0
+    # ORPO's NLL term (weight 1) over the chosen sequence's "prompt_and_reply" (every token after
+    # its first: TRL's ORPOTrainer, the ORPO authors' code) or its "reply" only.
+    config.preference.orpo_nll = "prompt_and_reply"
     # DPO's reference model: "adapters_off" (LoRA / QLoRA: the same weights with the adapters
     # switched off, no second copy in memory), "copy" (a frozen copy of the initial weights,
     # sharded like them: one more copy of the weights in memory, none in the optimizer state),
@@ -273,6 +277,61 @@ def get_config() -> ml_collections.ConfigDict:
     # Reward models: weight of mean (r_chosen + r_rejected)^2 in the loss, which keeps rewards
     # centred on 0 (TRL's center_rewards_coefficient; 0 = off).
     config.preference.center_rewards_coefficient = 0.0
+
+    # ---------------------------------------------------------------- grpo
+    # Online RL (config.train.objective = "grpo"), with TRL 1.16's GRPOConfig names and
+    # definitions. Each update trains on train.global_batch_size completions: global_batch_size /
+    # num_generations prompts of config.data.train_files (TRL's prompt format: a `prompt` string
+    # or message list, other fields passed to the reward functions), num_generations completions
+    # each, sampled in this process from the live params on the training mesh.
+    config.grpo = ml_collections.ConfigDict()
+    # Completions per prompt (TRL's G); at least 2 (the group is each one's baseline).
+    config.grpo.num_generations = 8
+    # Longest prompt, in tokens (templated); longer ones: see long_prompts.
+    config.grpo.max_prompt_length = 256
+    # Longest completion, in tokens; rows are max_prompt_length + max_completion_length long.
+    config.grpo.max_completion_length = 256
+    # A prompt longer than max_prompt_length: "skip" (counted and logged with its file:line)
+    # or "error".
+    config.grpo.long_prompts = "skip"
+    # Sampling: softmax(logits / temperature), then top_k (0 = off), top_p, min_p (0 = off),
+    # as transformers' generate applies them. The loss's log-probs use the same temperature.
+    config.grpo.temperature = 1.0
+    config.grpo.top_p = 1.0
+    config.grpo.top_k = 0
+    config.grpo.min_p = 0.0
+    # The loss: "dapo" (TRL's default), "grpo", "dr_grpo", "bnpo" or "cispo"
+    # (sft_jax/objectives/grpo.py has each definition).
+    config.grpo.loss_type = "dapo"
+    # Importance ratio per "token", or per "sequence" (GSPO: the mean log-ratio's exponential).
+    config.grpo.importance_sampling_level = "token"
+    # Advantages: reward minus the group's mean, divided by the std of the "group", of the
+    # "batch", or "none" (Dr. GRPO).
+    config.grpo.scale_rewards = "group"
+    # Clipping of the ratio to [1 - epsilon, 1 + epsilon_high] (epsilon_high 0: = epsilon;
+    # DAPO's clip-higher uses 0.28); delta > 0 also caps the unclipped ratio (two-sided clip).
+    config.grpo.epsilon = 0.2
+    config.grpo.epsilon_high = 0.0
+    config.grpo.delta = 0.0
+    # Weight of the k3 KL estimate against the reference (the initial policy: adapters off under
+    # LoRA, else a frozen copy of the initial weights); 0 = no reference (TRL's default).
+    config.grpo.beta = 0.0
+    # Completions cut at max_completion_length (no stop token) carry no loss.
+    config.grpo.mask_truncated_completions = False
+    # Reward functions, comma-separated: built-ins "math" (answer equal by value, math-verify),
+    # "exact_match", "think_format", "overlong" (DAPO's length penalty), or
+    # "package.module:function" with TRL's signature; their weights ("" = 1.0 each).
+    config.grpo.reward_funcs = "math"
+    config.grpo.reward_weights = ""
+    # Optimizer updates on each rollout (TRL's num_iterations, mu): the ratio's denominator is
+    # the policy that sampled it.
+    config.grpo.num_iterations = 1
+    # The numerics gate: stop when the sampler's log-prob of a sampled token differs from the
+    # training forward's on the same params by more than this (0 = off).
+    config.grpo.max_sampling_logp_difference = 1.0
+    # Held-out prompts (config.data.eval_files) at each eval: mean reward of greedy replies
+    # (pass@1) and pass@k of this many samples at the sampling settings (0 = greedy only).
+    config.grpo.eval_samples = 4
 
     # ---------------------------------------------------------------- eval
     config.eval = ml_collections.ConfigDict()

@@ -145,17 +145,26 @@ def _block(command: str, lines: list[str]) -> str:
     return f"{_stamp(command)}:\n\n```\n" + "\n".join(lines).rstrip() + "\n```\n"
 
 
-def _training(config: str, shown_workdir: str) -> Callable[[Path], str]:
-    """A training run's evals and summary (the sample replies and the progress left out)."""
+def _training(config: str, shown_workdir: str, starts_from: str = "") -> Callable[[Path], str]:
+    """A training run's evals and summary (the sample replies and the progress left out).
+    starts_from: the shown workdir of the run whose export it starts from (that run's excerpt
+    made it in this refresh, else it is read where the config says)."""
 
     def excerpt(tmp: Path) -> str:
         workdir = tmp / Path(shown_workdir).name
-        output = _run(["main.py", f"--config={config}", f"--workdir={workdir}"])
+        flags = [f"--config={config}", f"--workdir={workdir}"]
+        made = tmp / Path(starts_from).name / "export"
+        if starts_from and made.is_dir():
+            flags.append(f"--config.model.name_or_path={made}")
+        output = _run(["main.py", *flags])
         lines = [
             ABSL_PREFIX.sub("", line)
             for line in output.replace(str(workdir), shown_workdir).splitlines()
         ]
-        shown = r"(step \d+: eval loss|finished|eval loss|exact match|best eval|exported)"
+        shown = (
+            r"(step \d+: eval (loss|reward)|finished|eval (loss|reward|pass)|exact match|"
+            r"best eval|exported)"
+        )
         command = f"python main.py --config={config} --workdir={shown_workdir}"
         return _block(command, [line for line in lines if re.match(shown, line)])
 
@@ -176,6 +185,7 @@ def _command(*arguments: str) -> Callable[[Path], str]:
 EXCERPTS: dict[str, Callable[[Path], str]] = {
     "demo": _training("configs/base.py", "/tmp/sft_demo"),
     "tools_demo": _training("configs/tools_demo.py", "/tmp/sft_tools_demo"),
+    "grpo_demo": _training("configs/grpo_demo.py", "/tmp/grpo_demo", starts_from="/tmp/sft_demo"),
     "inspect_tools": _command(
         "-m", "sft_jax.data.inspect", "--config=configs/tools_demo.py", "--check"
     ),

@@ -202,6 +202,32 @@ class PreferenceSpec(Section):
     simpo_gamma: float
     center_rewards_coefficient: float
     reference: str
+    orpo_nll: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfigSpec(Section):
+    num_generations: int
+    max_prompt_length: int
+    max_completion_length: int
+    long_prompts: str
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    loss_type: str
+    importance_sampling_level: str
+    scale_rewards: str
+    epsilon: float
+    epsilon_high: float
+    delta: float
+    beta: float
+    mask_truncated_completions: bool
+    reward_funcs: str
+    reward_weights: str
+    num_iterations: int
+    max_sampling_logp_difference: float
+    eval_samples: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +294,7 @@ class RunSpec(Section):
     prompt: PromptConfigSpec
     train: TrainSpec
     preference: PreferenceSpec
+    grpo: GRPOConfigSpec
     eval: EvalSpec
     checkpoint: CheckpointSpec
     export: ExportSpec
@@ -316,6 +343,7 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "train.objective": "sft",
     "train.neftune_noise_alpha": 0.0,
     "preference.reference": "auto",
+    "preference.orpo_nll": "reply",  # ORPO's NLL before it followed TRL's (prompt and reply)
     "model.moe_dispatch": "auto",
     "mesh.context": 1,
     "mesh.auto": False,
@@ -329,4 +357,31 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "lora.use_dora": False,
     "lora.expert_adapters": False,
     "lora.train_router": False,
+    # Runs before online RL: none of them was one (every grpo field as configs/base.py has it).
+    **{
+        f"grpo.{name}": value
+        for name, value in {
+            "num_generations": 8,
+            "max_prompt_length": 256,
+            "max_completion_length": 256,
+            "long_prompts": "skip",
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "loss_type": "dapo",
+            "importance_sampling_level": "token",
+            "scale_rewards": "group",
+            "epsilon": 0.2,
+            "epsilon_high": 0.0,
+            "delta": 0.0,
+            "beta": 0.0,
+            "mask_truncated_completions": False,
+            "reward_funcs": "math",
+            "reward_weights": "",
+            "num_iterations": 1,
+            "max_sampling_logp_difference": 1.0,
+            "eval_samples": 4,
+        }.items()
+    },
 }

@@ -231,6 +231,8 @@ class DataSource:
     # over the train and eval pairs; from then on their batches hold REFERENCE_KEY. None:
     # this data cannot carry it.
     precompute_reference: Callable[[Callable, int], None] | None = None
+    # Online RL: the prompts the policy's completions are sampled from (sft_jax.data.prompts).
+    prompts: Any = None
 
 
 @dataclasses.dataclass

@@ -32,6 +32,9 @@ class BatchSource(Protocol):
     def open(self, params: Params) -> contextlib.AbstractContextManager[Iterator[tuple[Any, Any]]]:
         """(device batch, state after it), one per step, for as long as the loop draws."""
 
+    def metrics(self) -> dict[str, float]:
+        """Host metrics of the batch drawn last, logged with its step's (may be empty)."""
+
 
 class FileBatches:
     """A DataSource's train rows, built and put on the mesh ahead of the step by a prefetch
@@ -50,6 +53,9 @@ class FileBatches:
 
     def set_state(self, state: Any) -> None:
         self.data.train_batches.set_state(state)
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     @contextlib.contextmanager
     def open(self, params: Params) -> Iterator[Prefetch]:
@@ -79,6 +85,9 @@ class OnPolicyBatches:
 
     def set_state(self, state: Any) -> None:
         self.index = int(state["batches"])
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
     @contextlib.contextmanager
     def open(self, params: Params) -> Iterator[Iterator[tuple[Any, Any]]]:

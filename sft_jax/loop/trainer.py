@@ -26,8 +26,10 @@ from sft_jax.generation.sampler import chat_stop_token_ids
 from sft_jax.generation.samples import generation_metrics
 from sft_jax.loop.batch_source import BatchSource, FileBatches
 from sft_jax.loop.export import export_run
+from sft_jax.loop.rollouts import GRPOBatches
 from sft_jax.loop.signals import StopSignal, signals_raise
 from sft_jax.models import CausalLM
+from sft_jax.objectives import registry
 from sft_jax.planning import search as plan_search
 from sft_jax.train import compiled as compile_plan
 from sft_jax.train import distributed, sharding
@@ -38,11 +40,15 @@ from sft_jax.train.setup import build_model
 from sft_jax.train.sharding import abstract_like
 from sft_jax.workdir import bucket_mirror, rundir
 from sft_jax.workdir.bucket_mirror import BucketMirror
-from sft_jax.workdir.checkpointing import Checkpoints
+from sft_jax.workdir.checkpointing import Checkpoints, selection_score
 from sft_jax.workdir.compatibility import ADAPTER_FIELDS, config_changes, model_summary
 from sft_jax.workdir.metrics import MetricsWriter, Progress
 
 log = logging.getLogger(__name__)
+
+# Sources of train rows that objectives make themselves, by what they read (objectives/
+# registry.py); any other objective's rows come from the data files (FileBatches).
+PRODUCERS = {"prompts": GRPOBatches}
 
 __all__ = ["DataSource", "StopSignal", "Trainer", "TrainingDivergedError", "run"]
 
@@ -65,7 +71,6 @@ class Trainer:
         batch_source(steps) gives the train batches (default: `data`'s rows, FileBatches);
         `data` still gives the eval batches, the tokenizer and the row shape."""
         self.config, self.workdir, self.data = config, workdir, data
-        self.has_eval = next(iter(data.eval_batches()), None) is not None
         self.checkpoints = None
         self.last_saved_step = -1
         self.initial_eval: dict[str, Any] | None = None  # the eval before the first update
@@ -87,7 +92,8 @@ class Trainer:
             pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
         )
         self.steps, self.state = plan.steps, plan.state
-        self.source = (batch_source or self._file_batches)(self.steps)
+        self.source = (batch_source or self._default_source)(self.steps)
+        self.sampled_eval, self.has_eval = self._eval_kind()
         # The source's state after the last batch training consumed (what a checkpoint
         # records; a prefetching source reads ahead of it).
         self.data_state = self.source.get_state()
@@ -109,7 +115,18 @@ class Trainer:
         )
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
 
-    def _file_batches(self, steps: compile_plan.Steps) -> BatchSource:
+    def _eval_kind(self) -> tuple[Callable | None, bool]:
+        """(the source's own eval, whether there is anything to evaluate): online RL evaluates
+        by sampling held-out prompts (its source's `evaluate`), the rest by a loss."""
+        sampled = getattr(self.source, "evaluate", None)
+        if sampled is not None:
+            return sampled, self.source.has_eval
+        return None, next(iter(self.data.eval_batches()), None) is not None
+
+    def _default_source(self, steps: compile_plan.Steps) -> BatchSource:
+        producer = PRODUCERS.get(registry.kind_of(self.config).reads)
+        if producer is not None:
+            return producer(self.config, self.workdir, self.data, steps)
         rows = self.config.train.global_batch_size
         return FileBatches(self.data, steps.batch_shardings, rows, self.config.data.prefetch)
 
@@ -133,19 +150,27 @@ class Trainer:
 
     def run_eval(self, step: int) -> dict[str, float]:
         log.info("step %d: evaluating", step)
+        if self.sampled_eval is not None:
+            metrics = self.sampled_eval(self.steps.model_of(self.state["params"]))
+        else:
+            metrics = self._loss_eval()
+        stop = self.early_stopping.update(step, selection_score(metrics))
+        best = self.early_stopping.best_loss
+        if "eval/loss" in metrics:
+            metrics["eval/best_loss"] = best
+        else:
+            metrics["eval/best_reward"] = -best
+        metrics["eval/best_step"] = self.early_stopping.best_step
+        self.writer.write(step, metrics)
+        metrics["stop"] = stop
+        return metrics
+
+    def _loss_eval(self) -> dict[str, Any]:
         metrics = evaluate(self.steps, self.state["params"], self.data.eval_batches())
         for name, batches in self.data.eval_sets.items():  # a mixture's sources, each alone
             part = evaluate(self.steps, self.state["params"], batches())
             metrics |= {f"eval/{name}/{k.removeprefix('eval/')}": v for k, v in part.items()}
-        metrics |= self._generation_metrics()
-        stop = self.early_stopping.update(step, metrics["eval/loss"])
-        metrics |= {
-            "eval/best_loss": self.early_stopping.best_loss,
-            "eval/best_step": self.early_stopping.best_step,
-        }
-        self.writer.write(step, metrics)
-        metrics["stop"] = stop
-        return metrics
+        return metrics | self._generation_metrics()
 
     def _generation_metrics(self) -> dict[str, Any]:
         """Greedy replies to the first eval prompts: exact match and samples (eval config)."""
@@ -274,11 +299,12 @@ class Trainer:
                 summary["interrupted"] = True
                 break
             batch, self.data_state = next(feed)
+            host_metrics = self.source.metrics()  # the batch's own (online RL: its rollout's)
             self.state, metrics = self.steps.train(self.state, batch)
             step += 1
             if pending is not None:  # the previous step's metrics: the device is busy already
                 last_time = self._log_train(*pending, last_time, progress)
-            pending = (step, metrics)
+            pending = (step, metrics, host_metrics)
             eval_due = (eval_every and step % eval_every == 0) or step == total
             save_due = (save_every and step % save_every == 0) or step == total
             if not (eval_due or save_due):
@@ -297,11 +323,14 @@ class Trainer:
         self.save(step)  # the step reached: after a signal or an early stop
         return step
 
-    def _log_train(self, step: int, metrics: Any, last_time: float, progress: Progress) -> float:
+    def _log_train(
+        self, step: int, metrics: Any, host: dict, last_time: float, progress: Progress
+    ) -> float:
         values = jax.device_get(metrics)
         self._check_finite(step, values)
         now = time.perf_counter()
         values = {k: float(v) for k, v in values.items()} | self._throughput(now - last_time)
+        values |= host
         if step % self.config.log.every_steps == 0 or step == self.config.train.steps:
             self.writer.write(step, values)
         progress.update(step, values)

@@ -35,10 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.adapters.lora import adapters_off
 from sft_jax.core.batch import REFERENCE_KEY, ROW, TOKEN, Field, register
-from sft_jax.core.errors import ConfigError, UserError, check_choice
+from sft_jax.core.errors import ConfigError, UserError, check_choice, need
+from sft_jax.core.spec import RunSpec
 from sft_jax.models.decoder import CausalLM
-from sft_jax.objectives.loss import token_logps
+from sft_jax.objectives import rewards
+from sft_jax.objectives.loss import hidden_token_logps, token_logps
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -145,19 +148,60 @@ def reduce_loss(spec: GRPOSpec, loss_BxT: jax.Array, mask_BxT: jax.Array) -> jax
 
 @dataclasses.dataclass(frozen=True)
 class GRPOObjective:
-    """The train step's objective (train/step.Objective) for a GRPO-family loss."""
+    """The train step's objective (train/step.Objective) for a GRPO-family loss.
+
+    temperature: the sampler's; log-probs are of softmax(logits / temperature), as TRL's.
+    reference: where the KL term's reference log-probs come from, computed once per rollout
+    (rollout_logps) and read from the batch: "none" (beta 0), "adapters_off" (LoRA: the same
+    weights with the adapters off) or "copy" (full fine-tuning: model.reference, a frozen copy
+    of the initial weights, preference.attach_frozen_copy)."""
 
     spec: GRPOSpec
     loss_chunk_size: int = 512
+    temperature: float = 1.0
+    reference: str = "none"
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
         keys = (OLD_LOGPS_KEY, ADVANTAGE_KEY)
         return (*keys, REFERENCE_KEY) if self.spec.beta != 0.0 else keys
 
+    def token_logps(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None):
+        """log p(target) [B, T] of softmax(logits / temperature), chunked (no [B, T, V])."""
+        return token_logps(model, batch, self.loss_chunk_size, dropout_key, self.temperature)
+
+    def rollout_logps(
+        self, model: CausalLM, batch: dict[str, jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
+        """(the policy's, the reference's) log-probs [B, T] of a rollout's tokens, 0 off the
+        completions: the ratio's denominator (and the numerics gate's training side) and the
+        KL term's reference (zeros without one)."""
+        mask = batch["target_mask"]
+        policy = jnp.where(mask, self.token_logps(model, batch), 0.0)
+        if self.reference == "none":
+            return policy, jnp.zeros_like(policy)
+        if self.reference == "copy":
+            reference = self.token_logps(model.reference, batch)
+        else:
+            with adapters_off(model):
+                reference = self.token_logps(model, batch)
+        return policy, jnp.where(mask, reference, 0.0)
+
     def sums(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None) -> GRPOSums:
-        logps = token_logps(model, batch, self.loss_chunk_size, dropout_key)
-        return self.sums_of_logps(logps, batch)
+        return self.sums_of_logps(self.token_logps(model, batch, dropout_key), batch)
+
+    def sums_with_router(
+        self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None
+    ) -> tuple[GRPOSums, Any]:
+        """sums, and the router statistics of the forward pass (a mixture of experts:
+        objectives/moe.RouterLosses adds the router's losses)."""
+        hidden_BxTxD, stats = model.forward(
+            batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+        )
+        logps_BxT = hidden_token_logps(
+            model, hidden_BxTxD, batch, self.loss_chunk_size, self.temperature
+        )
+        return self.sums_of_logps(logps_BxT, batch), stats
 
     def sums_of_logps(self, logps_BxT: jax.Array, batch: dict[str, jax.Array]) -> GRPOSums:
         mask = batch["target_mask"]
@@ -199,7 +243,7 @@ class GRPOObjective:
             "train/clip_ratio/low_mean": sums.clipped_low / weight,
             "train/clip_ratio/high_mean": sums.clipped_high / weight,
             "train/clip_ratio/region_mean": sums.clipped_region / weight,
-            "train/num_tokens": sums.tokens,
+            "train/completion_tokens": sums.tokens,
         }
 
     def eval_metrics(self, sums: GRPOSums) -> dict[str, float]:
@@ -209,7 +253,7 @@ class GRPOObjective:
 # --- advantages (on the host, from the rewards of a step's completions) ----------------------
 
 
-def _nanstd(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+def nanstd(x: np.ndarray, axis: int | None = None) -> np.ndarray:
     """The standard deviation ignoring NaNs, with Bessel's correction (NaN below 2 values)."""
     count = np.sum(~np.isnan(x), axis=axis)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -232,22 +276,31 @@ def advantages(
             "baseline (every advantage would be 0) and has no std to scale by; sample at least "
             "2 completions per prompt."
         )
-    rewards = np.asarray(rewards, np.float64)
-    unscorable = np.all(np.isnan(rewards), axis=1)
-    total = np.nansum(rewards * np.asarray(weights, np.float64)[None, :], axis=1)
-    total[unscorable] = np.nan
-    groups = total.reshape(-1, num_generations)
+    total = total_rewards(rewards, weights)
     with np.errstate(invalid="ignore"):
-        mean = np.repeat(np.nanmean(groups, axis=1), num_generations)
-    if scale_rewards == "batch":
-        std = np.full_like(total, _nanstd(total) if total.size > 1 else 0.0)
-    else:  # group (and none: the std only says which groups are flat)
-        std = np.repeat(_nanstd(groups, axis=1), num_generations)
+        mean = np.repeat(np.nanmean(total.reshape(-1, num_generations), axis=1), num_generations)
+    std = reward_std(total, num_generations, scale_rewards)
     result = total - mean
     if scale_rewards != "none":
         result = result / (std + 1e-4)
     zero_std = np.isclose(std, 0.0)  # NaN (a group of one scored completion): not zero
     return np.nan_to_num(result, nan=0.0), total, zero_std
+
+
+def total_rewards(rewards: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[N] weighted sums of rewards [N, F] over the functions that apply (NaN where none)."""
+    rewards = np.asarray(rewards, np.float64)
+    total = np.nansum(rewards * np.asarray(weights, np.float64)[None, :], axis=1)
+    total[np.all(np.isnan(rewards), axis=1)] = np.nan
+    return total
+
+
+def reward_std(total: np.ndarray, num_generations: int, scale_rewards: str) -> np.ndarray:
+    """[N] the std each total reward is scaled by: its group's ("group", and "none", where it
+    only says which groups are flat: TRL's reward_std) or the whole batch's ("batch")."""
+    if scale_rewards == "batch":
+        return np.full_like(total, nanstd(total) if total.size > 1 else 0.0)
+    return np.repeat(nanstd(total.reshape(-1, num_generations), axis=1), num_generations)
 
 
 # --- the numerics gate: the sampler's log-probs against the training forward's ----------------
@@ -289,3 +342,92 @@ def check_sampling(step: int, metrics: dict[str, float], max_difference: float) 
             "must compute the same distribution (same dtype, temperature, top_p/top_k applied "
             "after the log-probs); nothing of this step was trained on."
         )
+
+
+# --- the config section (config.grpo) ------------------------------------------------------
+
+
+LONG_PROMPTS = ("skip", "error")
+
+
+def reference_of(config: RunSpec) -> str:
+    """Where the KL term's reference comes from: none without beta, else the initial policy
+    (adapters off under LoRA, else a frozen copy)."""
+    if config.grpo.beta == 0.0:
+        return "none"
+    return "adapters_off" if config.lora.rank > 0 else "copy"
+
+
+def objective_from_config(config: RunSpec) -> GRPOObjective:
+    grpo = config.grpo
+    spec = GRPOSpec(
+        loss_type=grpo.loss_type,
+        importance_sampling_level=grpo.importance_sampling_level,
+        epsilon=grpo.epsilon,
+        epsilon_high=grpo.epsilon_high or None,
+        delta=grpo.delta,
+        beta=grpo.beta,
+        max_completion_length=grpo.max_completion_length,
+        accumulation=config.train.gradient_accumulation_steps,
+    )
+    return GRPOObjective(spec, config.train.loss_chunk_size, grpo.temperature, reference_of(config))
+
+
+def check_config(config: RunSpec) -> None:
+    """config.grpo, and what online RL asks of the other sections; the reward functions are
+    imported here, so a path that does not import stops the run before anything is loaded."""
+    grpo = config.grpo
+    for field, choices in (
+        ("loss_type", LOSS_TYPES),
+        ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS),
+        ("scale_rewards", SCALE_REWARDS),
+        ("long_prompts", LONG_PROMPTS),
+    ):
+        check_choice(f"grpo.{field}", getattr(grpo, field), choices)
+    need(
+        config,
+        grpo.num_generations >= 2,
+        "grpo.num_generations",
+        "a group of one completion has no std (scale_rewards) and is its own baseline (every "
+        "advantage 0): sample at least 2 completions per prompt.",
+    )
+    need(
+        config,
+        config.train.global_batch_size % grpo.num_generations == 0,
+        "train.global_batch_size",
+        f"an update trains on whole groups: a multiple of grpo.num_generations "
+        f"({grpo.num_generations}); global_batch_size / num_generations prompts per update.",
+    )
+    for field in ("max_prompt_length", "max_completion_length", "num_iterations"):
+        need(config, getattr(grpo, field) >= 1, f"grpo.{field}", "must be at least 1.")
+    need(config, grpo.temperature > 0, "grpo.temperature", "must be positive.")
+    need(config, 0 < grpo.top_p <= 1, "grpo.top_p", "must be within (0, 1].")
+    need(config, grpo.top_k >= 0, "grpo.top_k", "must be 0 (off) or positive.")
+    need(config, 0 <= grpo.min_p < 1, "grpo.min_p", "must be within [0, 1) (0: off).")
+    need(config, 0 < grpo.epsilon < 1, "grpo.epsilon", "must be within (0, 1).")
+    need(config, grpo.epsilon_high >= 0, "grpo.epsilon_high", "0 (= epsilon) or positive.")
+    need(config, grpo.delta >= 0, "grpo.delta", "0 (off) or a cap above 1 + epsilon.")
+    need(config, grpo.beta >= 0, "grpo.beta", "must be 0 (no KL term) or positive.")
+    need(config, grpo.eval_samples >= 0, "grpo.eval_samples", "0 (greedy only) or more.")
+    need(
+        config,
+        grpo.max_sampling_logp_difference >= 0,
+        "grpo.max_sampling_logp_difference",
+        "0 (no gate) or a positive log-prob difference.",
+    )
+    need(
+        config,
+        bool(config.data.train_files) and not config.data.mixture,
+        "data.train_files",
+        "online RL reads prompts from files (TRL's format: a `prompt` field, a string or a "
+        "message list); a data.mixture is not supported here.",
+    )
+    if reference_of(config) == "adapters_off":
+        need(
+            config,
+            not config.lora.trainable_modules,
+            "lora.trainable_modules",
+            "with grpo.beta > 0 the reference is the model with its adapters off; modules "
+            "trained in full would change it too. Leave it empty.",
+        )
+    rewards.rewards_from_config(grpo.reward_funcs, grpo.reward_weights, grpo.max_completion_length)

@@ -51,10 +51,14 @@ def _chunk_stats(
     targets_BxC: jax.Array,
     softcap: float | None,
     vocab_axes: tuple[str, ...],
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
-    """(log-normalizer, target logit) [B, C] of one chunk; head_VxD is this device's slice of
-    the vocabulary when vocab_axes name the mesh axes it is split over, else the whole head."""
+    """(log-normalizer, target logit) [B, C] of one chunk, of the logits divided by temperature;
+    head_VxD is this device's slice of the vocabulary when vocab_axes name the mesh axes it is
+    split over, else the whole head."""
     logits_BxCxV = head_logits(hidden_BxCxD, head_VxD, softcap)
+    if temperature != 1.0:  # online RL scores its samples as the sampler drew them
+        logits_BxCxV = logits_BxCxV / temperature
     local_vocab = logits_BxCxV.shape[-1]
     if vocab_axes:
         # log sum exp over the whole vocabulary from every slice's partial sums; the shift is
@@ -135,11 +139,14 @@ def _scan_token_logps(
     chunk: int,
     softcap: float | None,
     vocab_axes: tuple[str, ...] = (),
+    temperature: float = 1.0,
 ) -> jax.Array:
     """log p(target) [B, T] in float32, computed (and recomputed backward) chunk by chunk."""
 
     def chunk_logps(h: jax.Array, t: jax.Array) -> jax.Array:
-        log_normalizer_BxC, target_logit_BxC = _chunk_stats(h, head_VxD, t, softcap, vocab_axes)
+        log_normalizer_BxC, target_logit_BxC = _chunk_stats(
+            h, head_VxD, t, softcap, vocab_axes, temperature
+        )
         return target_logit_BxC - log_normalizer_BxC
 
     chunk_logps = jax.checkpoint(chunk_logps)
@@ -238,15 +245,21 @@ def token_logps(
     batch: dict[str, jax.Array],
     max_chunk: int = 512,
     dropout_key: jax.Array | None = None,
+    temperature: float = 1.0,
 ) -> jax.Array:
-    """log p(target_ids[b, t]) [B, T] in float32 under `model`, at every position (the caller
-    masks): chunked like loss_sums, so full logits never exist; the rows stay sharded."""
+    """log p(target_ids[b, t]) [B, T] in float32 under `model` (of softmax(logits /
+    temperature)), at every position (the caller masks): chunked like loss_sums, so full
+    logits never exist; the rows stay sharded."""
     hidden_BxTxD, _ = _final_hidden(model, batch, dropout_key)
-    return hidden_token_logps(model, hidden_BxTxD, batch, max_chunk)
+    return hidden_token_logps(model, hidden_BxTxD, batch, max_chunk, temperature)
 
 
 def hidden_token_logps(
-    model: CausalLM, hidden_BxTxD: jax.Array, batch: dict[str, jax.Array], max_chunk: int = 512
+    model: CausalLM,
+    hidden_BxTxD: jax.Array,
+    batch: dict[str, jax.Array],
+    max_chunk: int = 512,
+    temperature: float = 1.0,
 ) -> jax.Array:
     """token_logps from the model's final hidden states (an objective that runs the decoder
     itself, for a mixture of experts' router statistics)."""
@@ -254,11 +267,15 @@ def hidden_token_logps(
     chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)
     softcap = model.config.final_logit_softcap
     if jax.sharding.get_abstract_mesh().empty:
-        return _scan_token_logps(hidden_BxTxD, head_VxD, batch["target_ids"], chunk, softcap)
+        return _scan_token_logps(
+            hidden_BxTxD, head_VxD, batch["target_ids"], chunk, softcap, (), temperature
+        )
 
     def local(hidden_BxTxD, head_VxD, targets_BxT, vocab_axes, row_axes) -> jax.Array:
         chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)  # of this device's tokens
-        return _scan_token_logps(hidden_BxTxD, head_VxD, targets_BxT, chunk, softcap, vocab_axes)
+        return _scan_token_logps(
+            hidden_BxTxD, head_VxD, targets_BxT, chunk, softcap, vocab_axes, temperature
+        )
 
     return _per_device(local, hidden_BxTxD, head_VxD, (batch["target_ids"],), lambda rows: rows)
 

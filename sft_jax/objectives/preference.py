@@ -15,13 +15,27 @@ under the reference, d = (p - p0) - (q - q0), n_c, n_r the completion lengths (T
   ipo      ((p - p0) / n_c - (q - q0) / n_r - 1 / (2 b))^2
   simpo    -(1 - e) log s(b m) - e log s(-b m), m = p / n_c - q / n_r - gamma / b (no reference)
   orpo     -b log s(log odds(p / n_c) - log odds(q / n_r)), log odds(x) = x - log(1 - e^x),
-           plus the NLL of the chosen completion tokens (token mean over the batch)
-rpo_alpha adds rpo_alpha x that NLL to any of them (TRL: loss_type ["sigmoid", "sft"] with
-loss_weights [1, rpo_alpha]; CPOTrainer's cpo_alpha for simpo). Pair losses are means over the
-pairs of the global batch, the NLL a mean over its chosen completion tokens: both are summed per
-micro-batch and divided once, so accumulation and the mesh do not change them.
+           plus the NLL of the chosen sequences (a token mean over the batch): with
+           orpo_nll="prompt_and_reply" (the default) TRL's, every token of the chosen sequence
+           after its first, prompt included; with orpo_nll="reply" its completion tokens only
+rpo_alpha adds rpo_alpha x the NLL of the chosen completion tokens to any of them (TRL:
+loss_type ["sigmoid", "sft"] with loss_weights [1, rpo_alpha]; CPOTrainer's cpo_alpha for
+simpo). Pair losses are means over the pairs of the global batch, the NLLs means over the
+chosen tokens they cover: all are summed per micro-batch and divided once, so accumulation and
+the mesh do not change them.
+
+ORPO's NLL follows TRL 1.16's ORPOTrainer.concatenated_forward (as the ORPO authors' code):
+labels = the chosen input_ids where attention_mask is 1 ("orpo chosen nll loss is computed over
+the full prompt and response"), cross_entropy_loss shifts them (logits[..., :-1], labels[...,
+1:]) and nn.CrossEntropyLoss averages over every label of every chosen row. So a chosen
+sequence of L tokens (its BOS, prompt, reply and whatever the template writes after the
+end-of-turn token) contributes L - 1 predictions: of every token but its first, made at every
+position but its last (chosen_sequence_mask). The odds ratio's log-probs are per-token means
+over the completion tokens only (get_batch_logps on the labels with the prompt at -100).
+
 Rewards as TRL logs them: b (p - p0) and b (q - q0); b p / n_c and b q / n_r for simpo and orpo,
-whose logps/* are per-token means too.
+whose logps/* are per-token means too. ORPO also logs ORPOTrainer's nll_loss (its NLL term),
+log_odds_ratio (the mean over pairs of log s(log odds)) and log_odds_chosen (the mean log odds).
 """
 
 from __future__ import annotations
@@ -35,8 +49,7 @@ from flax import nnx
 
 from sft_jax.adapters.lora import adapters_off
 from sft_jax.core.batch import REFERENCE_KEY
-from sft_jax.core.errors import ConfigError, check_choice, need
-from sft_jax.core.spec import RunSpec
+from sft_jax.core.errors import ConfigError
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives.loss import hidden_token_logps, token_logps
 
@@ -45,6 +58,9 @@ REFERENCE_FREE = ("simpo", "orpo")
 REFERENCES = ("auto", "adapters_off", "copy", "precomputed")  # config.preference.reference
 DPO_LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 LOSS_TYPES = (*DPO_LOSSES, *REFERENCE_FREE)
+# config.preference.orpo_nll: ORPO's NLL over the chosen sequence's prompt and reply (TRL's), or
+# over its reply only.
+ORPO_NLL = ("prompt_and_reply", "reply")
 
 
 class PairLogps(NamedTuple):
@@ -80,6 +96,20 @@ def chosen_token_mask(batch: Batch) -> jax.Array:
     return batch["target_mask"] & (batch["segment_ids"] % 2 == 1)
 
 
+def chosen_sequence_mask(batch: Batch, max_pairs: int) -> jax.Array:
+    """Positions [B, T] of the chosen sequences (odd segments) that predict a token of their own
+    sequence: all but each sequence's last, prompt included (TRL ORPOTrainer's NLL labels; see
+    the module docstring). A position is its sequence's last by its `positions` value against
+    the sequence's length, not by its neighbour, so the context axis's token order
+    (models/partitioning.context_layout) does not change the mask."""
+    segment_ids = batch["segment_ids"]
+    chosen = jnp.arange(1, 2 * max_pairs, 2, dtype=segment_ids.dtype)
+    one_hot_BxTxP = segment_ids[..., None] == chosen[None, None, :]
+    lengths_BxP = jnp.sum(one_hot_BxTxP, axis=1, dtype=jnp.int32)
+    length_BxT = jnp.sum(jnp.where(one_hot_BxTxP, lengths_BxP[:, None, :], 0), axis=-1)
+    return (length_BxT > 0) & (batch["positions"] < length_BxT - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class PreferenceSpec:
     """config.preference: the loss and its constants (TRL's names)."""
@@ -89,11 +119,19 @@ class PreferenceSpec:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     rpo_alpha: float = 0.0
+    orpo_nll: str = "prompt_and_reply"  # ORPO_NLL
+
+    @property
+    def orpo_sequence_nll(self) -> bool:
+        """Whether the loss holds ORPO's NLL over the chosen sequences, prompt included (TRL's)."""
+        return self.loss_type == "orpo" and self.orpo_nll == "prompt_and_reply"
 
     @property
     def nll_weight(self) -> float:
-        """Weight of the chosen replies' NLL in the loss (ORPO's SFT term is 1)."""
-        return self.rpo_alpha + (1.0 if self.loss_type == "orpo" else 0.0)
+        """Weight of the NLL of the chosen replies' completion tokens in the loss: rpo_alpha,
+        plus ORPO's SFT term (weight 1) under orpo_nll="reply"."""
+        orpo_reply = self.loss_type == "orpo" and not self.orpo_sequence_nll
+        return self.rpo_alpha + (1.0 if orpo_reply else 0.0)
 
 
 def _smoothed_sigmoid(logits: jax.Array, beta: float, smoothing: float) -> jax.Array:
@@ -108,13 +146,15 @@ def _log1mexp(x: jax.Array) -> jax.Array:
 
 
 class PairTerms(NamedTuple):
-    """Per pair: the loss, the rewards TRL logs, and the log-probs it logs as logps/*."""
+    """Per pair: the loss, the rewards TRL logs, the log-probs it logs as logps/*, and ORPO's
+    log odds ratio (0 for the other losses)."""
 
     loss: jax.Array
     chosen_rewards: jax.Array
     rejected_rewards: jax.Array
     chosen_logps: jax.Array
     rejected_logps: jax.Array
+    log_odds: jax.Array
 
 
 def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | None) -> PairTerms:
@@ -127,6 +167,7 @@ def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | N
         chosen, rejected = policy.chosen / chosen_len, policy.rejected / rejected_len
         if spec.loss_type == "simpo":
             loss = _smoothed_sigmoid(chosen - rejected - spec.simpo_gamma / beta, beta, smoothing)
+            log_odds = jnp.zeros_like(loss)
         else:  # orpo; padding slots (0 / 1) would give log(0)
             chosen_safe = jnp.minimum(chosen, -1e-6)
             rejected_safe = jnp.minimum(rejected, -1e-6)
@@ -134,7 +175,7 @@ def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | N
                 _log1mexp(chosen_safe) - _log1mexp(rejected_safe)
             )
             loss = -beta * jax.nn.log_sigmoid(log_odds)
-        return PairTerms(loss, beta * chosen, beta * rejected, chosen, rejected)
+        return PairTerms(loss, beta * chosen, beta * rejected, chosen, rejected, log_odds)
     chosen_ratio = policy.chosen - reference.chosen
     rejected_ratio = policy.rejected - reference.rejected
     delta = chosen_ratio - rejected_ratio
@@ -150,7 +191,12 @@ def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | N
     else:  # ipo, length-normalised as TRL
         loss = jnp.square(chosen_ratio / chosen_len - rejected_ratio / rejected_len - 0.5 / beta)
     return PairTerms(
-        loss, beta * chosen_ratio, beta * rejected_ratio, policy.chosen, policy.rejected
+        loss,
+        beta * chosen_ratio,
+        beta * rejected_ratio,
+        policy.chosen,
+        policy.rejected,
+        jnp.zeros_like(loss),
     )
 
 
@@ -187,6 +233,12 @@ class PreferenceSums(NamedTuple):
     margins: jax.Array
     logps_chosen: jax.Array
     logps_rejected: jax.Array
+    # ORPO (0 for the other losses): TRL's NLL term over the chosen sequences, prompt included
+    # (orpo_nll="prompt_and_reply"; chosen_sequence_mask), and the log odds ratio's sums.
+    sequence_nll: jax.Array  # sum of -log p over the chosen sequences' tokens after their first
+    sequence_tokens: jax.Array
+    log_odds_ratio: jax.Array  # sum over pairs of log s(log odds) (TRL's log_odds_ratio)
+    log_odds_chosen: jax.Array  # sum over pairs of the log odds (TRL's log_odds_chosen)
 
 
 class PairCount(NamedTuple):
@@ -194,6 +246,7 @@ class PairCount(NamedTuple):
 
     pairs: jax.Array
     chosen_tokens: jax.Array
+    sequence_tokens: jax.Array  # chosen_sequence_mask's tokens (ORPO's NLL), at least 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +323,15 @@ class PairObjective:
             return jnp.sum(jnp.where(valid > 0, x, 0.0))
 
         wins = (terms.chosen_rewards > terms.rejected_rewards).astype(jnp.float32)
+        zero = jnp.zeros((), jnp.float32)
+        sequence_nll = sequence_tokens = log_odds_ratio = log_odds_chosen = zero
+        if self.spec.orpo_sequence_nll:
+            sequence_mask = chosen_sequence_mask(batch, self.max_pairs)
+            sequence_nll = -jnp.sum(jnp.where(sequence_mask, logps_BxT, 0.0))
+            sequence_tokens = jnp.sum(sequence_mask.astype(jnp.float32))
+        if self.spec.loss_type == "orpo":
+            log_odds_ratio = total(jax.nn.log_sigmoid(terms.log_odds))
+            log_odds_chosen = total(terms.log_odds)
         return PreferenceSums(
             loss=total(terms.loss),
             chosen_nll=-jnp.sum(jnp.where(chosen_mask, logps_BxT, 0.0)),
@@ -281,20 +343,38 @@ class PairObjective:
             margins=total(terms.chosen_rewards - terms.rejected_rewards),
             logps_chosen=total(terms.chosen_logps),
             logps_rejected=total(terms.rejected_logps),
+            sequence_nll=sequence_nll,
+            sequence_tokens=sequence_tokens,
+            log_odds_ratio=log_odds_ratio,
+            log_odds_chosen=log_odds_chosen,
         ), stats
 
     def normalizer(self, batch: Batch) -> PairCount:
         ones = jnp.ones(batch["target_mask"].shape, jnp.float32)
         slots = pair_logps(ones, batch, self.max_pairs)
         chosen = jnp.sum(chosen_token_mask(batch).astype(jnp.float32))
+        sequence = jnp.zeros((), jnp.float32)
+        if self.spec.orpo_sequence_nll:
+            sequence = jnp.sum(chosen_sequence_mask(batch, self.max_pairs).astype(jnp.float32))
         return PairCount(
-            jnp.maximum(jnp.sum(slots.valid.astype(jnp.float32)), 1.0), jnp.maximum(chosen, 1.0)
+            jnp.maximum(jnp.sum(slots.valid.astype(jnp.float32)), 1.0),
+            jnp.maximum(chosen, 1.0),
+            jnp.maximum(sequence, 1.0),
         )
+
+    def orpo_nll(self, sums: PreferenceSums, normalizer: PairCount) -> jax.Array:
+        """ORPO's NLL term (TRL's nll_loss): over the chosen sequences, prompt included, or
+        over the chosen replies (spec.orpo_nll)."""
+        if self.spec.orpo_sequence_nll:
+            return sums.sequence_nll / normalizer.sequence_tokens
+        return sums.chosen_nll / normalizer.chosen_tokens
 
     def loss(self, sums: PreferenceSums, normalizer: PairCount) -> jax.Array:
         loss = sums.loss / normalizer.pairs
         if self.spec.nll_weight:
             loss = loss + self.spec.nll_weight * sums.chosen_nll / normalizer.chosen_tokens
+        if self.spec.orpo_sequence_nll:
+            loss = loss + self.orpo_nll(sums, normalizer)
         return loss
 
     def eval_metrics(self, sums: PreferenceSums) -> dict[str, float]:
@@ -303,11 +383,15 @@ class PairObjective:
             raise ConfigError(
                 "the eval set holds no preference pairs: check config.data.eval_files."
             )
-        count = PairCount(sums.pairs, jnp.maximum(sums.chosen_tokens, 1.0))
+        count = PairCount(
+            sums.pairs,
+            jnp.maximum(sums.chosen_tokens, 1.0),
+            jnp.maximum(sums.sequence_tokens, 1.0),
+        )
         return {k: float(v) for k, v in self.metrics(sums, count, prefix="eval").items()}
 
     def metrics(self, sums: PreferenceSums, normalizer: PairCount, prefix: str = "train"):
-        """TRL's names: means over the pairs of the batch."""
+        """TRL's names: means over the pairs of the batch (the NLLs over their tokens)."""
         per_pair = {
             "rewards/chosen": sums.rewards_chosen,
             "rewards/rejected": sums.rewards_rejected,
@@ -322,90 +406,10 @@ class PairObjective:
             f"{prefix}/nll": sums.chosen_nll / normalizer.chosen_tokens,
             f"{prefix}/pairs": sums.pairs,
         }
+        if self.spec.loss_type == "orpo":  # ORPOTrainer's own
+            metrics |= {
+                f"{prefix}/nll_loss": self.orpo_nll(sums, normalizer),
+                f"{prefix}/log_odds_ratio": sums.log_odds_ratio / normalizer.pairs,
+                f"{prefix}/log_odds_chosen": sums.log_odds_chosen / normalizer.pairs,
+            }
         return metrics
-
-
-def reference_of(config: RunSpec) -> str:
-    """config.preference.reference, "auto" resolved: adapters off under LoRA, else a copy."""
-    reference = config.preference.reference
-    if reference == "auto":
-        return "adapters_off" if config.lora.rank > 0 else "copy"
-    return reference
-
-
-def objective_from_config(
-    config: RunSpec,
-    max_segments: int,
-    loss_type: str,
-    reference: str,
-) -> PairObjective:
-    """The PairObjective of config.preference (checked by check_pairs / check_dpo) with
-    `loss_type` (LOSS_TYPES) against `reference` (REFERENCES resolved, or "none");
-    rows hold (max_segments - 1) // 2 pairs."""
-    pref = config.preference
-    spec = PreferenceSpec(
-        loss_type=loss_type,
-        beta=pref.beta,
-        label_smoothing=pref.label_smoothing,
-        simpo_gamma=pref.simpo_gamma,
-        rpo_alpha=pref.rpo_alpha,
-    )
-    return PairObjective(
-        spec,
-        reference=reference,
-        max_pairs=max(1, (max_segments - 1) // 2),
-        loss_chunk_size=config.train.loss_chunk_size,
-    )
-
-
-def check_pair_fields(config: RunSpec) -> None:
-    """The fields every objective over preference pairs reads (DPO's family and reward models)."""
-    pref = config.preference
-    check_choice("preference.reference", pref.reference, REFERENCES)
-    need(config, pref.beta > 0, "preference.beta", "must be positive.")
-    need(
-        config,
-        0 <= pref.label_smoothing < 0.5,
-        "preference.label_smoothing",
-        "must be within [0, 0.5).",
-    )
-    need(config, pref.rpo_alpha >= 0, "preference.rpo_alpha", "must be 0 (off) or positive.")
-    need(
-        config,
-        config.data.max_documents_per_row != 1,
-        "data.max_documents_per_row",
-        "a row holds whole preference pairs (2 documents each): use 0 or 2 or more.",
-    )
-    need(
-        config,
-        not config.data.eval_fraction,
-        "data.eval_fraction",
-        "preference pairs are evaluated from config.data.eval_files; set that.",
-    )
-
-
-def check_pairs(config: RunSpec) -> None:
-    """config.preference for the reference-free objectives ("simpo", "orpo")."""
-    check_choice("preference.loss_type", config.preference.loss_type, DPO_LOSSES)
-    check_pair_fields(config)
-
-
-def check_dpo(config: RunSpec) -> None:
-    """config.preference for "dpo": the pair fields, and a reference the run can have."""
-    check_pairs(config)
-    if reference_of(config) == "adapters_off":
-        need(
-            config,
-            config.lora.rank > 0,
-            "preference.reference",
-            "'adapters_off' is the model with its LoRA adapters off, and this run has none "
-            "(lora.rank=0): use 'copy' (a frozen copy of the initial weights) or "
-            "'auto'.",
-        )
-        need(
-            config,
-            not config.lora.trainable_modules,
-            "lora.trainable_modules",
-            "with DPO the reference is the model with its adapters off; modules trained in "
-            "full would change it too. Leave it empty.",
-        )

@@ -16,7 +16,7 @@ from sft_jax.core.registry import Registry
 from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.score_head import reward_pad_id
-from sft_jax.objectives import preference, reward
+from sft_jax.objectives import grpo, preference, preference_config, reward
 
 # What a run whose config predates config.train.objective trained with (core/spec.py's table).
 DEFAULT = SAVED_BEFORE_THE_FIELD["train.objective"]
@@ -33,8 +33,9 @@ class ObjectiveKind:
 
     name: str
     build: Build
-    # The rows it reads: "examples" (documents of SFT data, any loader) or "pairs" (whole
-    # chosen/rejected pairs, sft_jax.data.preference; the in-memory loader).
+    # The rows it reads: "examples" (documents of SFT data, any loader), "pairs" (whole
+    # chosen/rejected pairs, sft_jax.data.preference; the in-memory loader) or "prompts"
+    # (online RL: prompts, sft_jax.data.prompts; the rows are sampled from the live policy).
     reads: str = "examples"
     # A score head of this many labels replaces the LM head (a reward model); None: a causal LM.
     score_labels: int | None = None
@@ -72,8 +73,8 @@ def build(config: Any, model: CausalLM, max_segments: int, pad_token_id: int | N
 
 
 def _dpo(config, model, max_segments, pad_token_id):
-    reference = preference.reference_of(config)
-    chosen = preference.objective_from_config(
+    reference = preference_config.reference_of(config)
+    chosen = preference_config.objective_from_config(
         config, max_segments or 3, config.preference.loss_type, reference
     )
     if reference == "copy":
@@ -83,8 +84,8 @@ def _dpo(config, model, max_segments, pad_token_id):
 
 def _reference_free(loss_type: str) -> Build:
     """SimPO and ORPO: the objective's name is its loss type, and there is no reference."""
-    return lambda config, model, max_segments, pad_token_id: preference.objective_from_config(
-        config, max_segments or 3, loss_type, "none"
+    return lambda config, model, max_segments, pad_token_id: (
+        preference_config.objective_from_config(config, max_segments or 3, loss_type, "none")
     )
 
 
@@ -98,13 +99,25 @@ register(
         "sft", build=lambda *args: None, reads="examples", context_axis=True, virtual_tokens=True
     )
 )
-register(ObjectiveKind("dpo", build=_dpo, reads="pairs", check=preference.check_dpo))
+register(ObjectiveKind("dpo", build=_dpo, reads="pairs", check=preference_config.check_dpo))
 for _name in preference.REFERENCE_FREE:
     register(
-        ObjectiveKind(_name, _reference_free(_name), reads="pairs", check=preference.check_pairs)
+        ObjectiveKind(
+            _name, _reference_free(_name), reads="pairs", check=preference_config.check_pairs
+        )
     )
 register(
     ObjectiveKind(
         "reward", _reward_objective, reads="pairs", score_labels=1, check=reward.check_config
     )
 )
+
+
+def _grpo(config, model, max_segments, pad_token_id):
+    chosen = grpo.objective_from_config(config)
+    if chosen.reference == "copy":
+        preference.attach_frozen_copy(model)
+    return chosen
+
+
+register(ObjectiveKind("grpo", _grpo, reads="prompts", check=grpo.check_config))

@@ -31,7 +31,7 @@ from sft_jax.core.batch import MARGIN_KEY
 from sft_jax.core.errors import ConfigError, need
 from sft_jax.core.spec import RunSpec
 from sft_jax.models.decoder import CausalLM
-from sft_jax.objectives.preference import check_pair_fields
+from sft_jax.objectives.preference_config import check_pair_fields
 
 Batch = dict[str, jax.Array]
 

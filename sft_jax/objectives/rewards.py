@@ -42,6 +42,14 @@ class Reward:
     weight: float = 1.0
 
 
+def completion_text(completion: Any) -> str:
+    """A completion's text: itself, or the content of a conversational one's first message
+    ([{"role": "assistant", "content": ...}], as TRL passes completions of chat prompts)."""
+    if isinstance(completion, str):
+        return completion
+    return str(completion[0]["content"])
+
+
 def _reference(columns: dict[str, Sequence[Any]], name: str, count: int) -> Sequence[Any]:
     for key in ("solution", "answer"):
         if key in columns:
@@ -54,11 +62,13 @@ def _reference(columns: dict[str, Sequence[Any]], name: str, count: int) -> Sequ
 
 
 def math_reward(prompts, completions, completion_ids, **columns) -> list[float | None]:
-    """1.0 where the completion's answer (the first \\boxed{} or LaTeX expression) equals the
-    solution by value (math-verify), else 0.0; None where the solution does not parse."""
+    """1.0 where the completion's answer (the first \\boxed{} or LaTeX expression, else the
+    first plain expression such as "52" or "3/4") equals the solution by value (math-verify),
+    else 0.0; None where the solution does not parse. A conversational completion (a message
+    list, as TRL passes them) is scored by its first message's content."""
     try:
         from latex2sympy2_extended import NormalizationConfig
-        from math_verify import LatexExtractionConfig, parse, verify
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     except ImportError as e:
         raise RewardError(
             "reward 'math' needs the math-verify package: pip install math-verify"
@@ -71,11 +81,12 @@ def math_reward(prompts, completions, completion_ids, **columns) -> list[float |
             normalization_config=NormalizationConfig(units=True),
             boxed_match_priority=0,
             try_extract_without_anchor=False,
-        )
+        ),
+        ExprExtractionConfig(),
     ]
     out: list[float | None] = []
     solutions = _reference(columns, "math", len(completions))
-    for text, solution in zip(completions, solutions, strict=True):
+    for text, solution in zip(map(completion_text, completions), solutions, strict=True):
         gold = parse(str(solution), **timeout)
         if not gold:
             out.append(None)
@@ -90,7 +101,7 @@ def exact_match_reward(prompts, completions, completion_ids, **columns) -> list[
     answers = _reference(columns, "exact_match", len(completions))
     return [
         float(text.strip() == str(answer).strip())
-        for text, answer in zip(completions, answers, strict=True)
+        for text, answer in zip(map(completion_text, completions), answers, strict=True)
     ]
 
 
@@ -100,7 +111,7 @@ _THINK = re.compile(r"^<think>(?!.*<think>)(.*?)</think>.*$", re.DOTALL)
 def think_format_reward(prompts, completions, completion_ids, **columns) -> list[float]:
     """1.0 where the completion opens with one <think>...</think> block (TRL's
     think_format_reward), else 0.0."""
-    return [1.0 if _THINK.match(text) else 0.0 for text in completions]
+    return [1.0 if _THINK.match(completion_text(c)) else 0.0 for c in completions]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,9 @@ class Steps:
     # (params, this process's rows of an eval-sized batch) -> the reference log-probs of every
     # row of the global batch, [rows, T] on the host: DPO with reference='precomputed'.
     reference: Callable[[Any, dict[str, Any]], np.ndarray] | None = None
+    # (params, this process's rows of a train batch) -> (the policy's, the reference's) log-probs
+    # [rows, T] of every row of the global batch on the host: online RL's rollouts.
+    rollout_logps: Callable[[Any, dict[str, Any]], tuple[np.ndarray, np.ndarray]] | None = None
 
     def model_of(self, params: Any) -> CausalLM:
         """The model with these trained parameters (e.g. to generate with during eval)."""
@@ -127,7 +130,7 @@ def build_steps(
     )
     batches = sharding.batch_shardings(mesh, batch_keys(objective))
     start = time.perf_counter()
-    train, evaluate, reference = _compile_steps(
+    train, evaluate, reference, rollout_logps = _compile_steps(
         spec,
         mesh,
         (abstract_state, state_shardings),
@@ -146,6 +149,7 @@ def build_steps(
         objective=objective,
         train_memory=StepMemory.of(train),
         reference=reference,
+        rollout_logps=rollout_logps,
     )
 
 
@@ -156,9 +160,9 @@ def _compile_steps(
     frozen: tuple[Any, Any],
     rows: tuple[int, int],
     seq_len: int,
-) -> tuple[Any, Any, Any]:
-    """The train, eval and reference steps compiled: state (abstract state, shardings), frozen
-    (the frozen variables, shardings), rows (train rows, eval rows)."""
+) -> tuple[Any, Any, Any, Any]:
+    """The train, eval, reference and rollout log-prob steps compiled: state (abstract state,
+    shardings), frozen (the frozen variables, shardings), rows (train rows, eval rows)."""
     (abstract_state, state_shardings), (values, frozen_shardings) = state, frozen
     abstract_frozen = sharding.abstract_like(values)
     params = (abstract_state["params"], state_shardings["params"])
@@ -171,8 +175,8 @@ def _compile_steps(
         evaluate = compile_eval(
             spec, mesh, params, (abstract_frozen, frozen_shardings), rows=rows[1], seq_len=seq_len
         )
-        reference = compile_reference(spec, mesh, params, frozen, rows=rows[1], seq_len=seq_len)
-    return train, evaluate, reference
+        host_steps = compile_host_steps(spec, mesh, params, frozen, (*rows, seq_len))
+    return train, evaluate, *host_steps
 
 
 def _lowered(
@@ -213,35 +217,42 @@ def compile_eval(
     return _lowered(eval_step, mesh, params, frozen, batch, replicated).compile()
 
 
-def compile_reference(
-    spec: StepSpec,
-    mesh: Mesh,
-    params: tuple[Any, Any],
-    frozen: tuple[Any, Any],
-    *,
-    rows: int,
-    seq_len: int,
-) -> Callable[[Any, dict[str, Any]], np.ndarray] | None:
-    """step.reference_step compiled for batches of rows x seq_len (sharded like the steps'),
-    its output replicated so that every process reads every row; call under the mesh. None
-    unless the objective reads a precomputed reference.
-    params, frozen: (abstract params, their shardings), (frozen variables, their shardings)."""
-    if getattr(spec.objective, "reference", None) != "precomputed":
-        return None
+def _host_step(
+    step_fn: Callable, mesh: Mesh, params: tuple[Any, Any], frozen: tuple[Any, Any], rows: int
+) -> Callable[[Any, dict[str, Any]], Any]:
+    """step_fn(params, frozen, batch) compiled for batches of rows x seq_len (base keys, sharded
+    like the steps') with its outputs replicated: (params, this process's rows) -> the outputs
+    of every row, as NumPy arrays. rows: (rows, seq_len); params, frozen: (abstract values,
+    shardings) as for the steps. Call under the mesh."""
     values, frozen_shardings = frozen
     abstract_frozen = (sharding.abstract_like(values), frozen_shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
-    reference_step = functools.partial(step.reference_step, spec)
-    compiled = _lowered(
-        reference_step, mesh, params, abstract_frozen, (rows, seq_len, BASE_KEYS), replicated
-    ).compile()
+    keys = (*rows, BASE_KEYS)
+    compiled = _lowered(step_fn, mesh, params, abstract_frozen, keys, replicated).compile()
     batches = sharding.batch_shardings(mesh)
 
-    def reference(params: Any, local_rows: dict[str, Any]) -> np.ndarray:
-        logps = compiled(params, values, sharding.device_batch(local_rows, batches))
-        return np.asarray(logps.addressable_data(0))
+    def run(params: Any, local_rows: dict[str, Any]) -> Any:
+        out = compiled(params, values, sharding.device_batch(local_rows, batches))
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), out)
 
-    return reference
+    return run
+
+
+def compile_host_steps(
+    spec: StepSpec, mesh: Mesh, params: tuple[Any, Any], frozen: tuple[Any, Any], rows: tuple
+) -> tuple[Any, Any]:
+    """(DPO's reference step: params, rows -> reference log-probs [rows, T], for eval-sized
+    batches, where the objective reads a precomputed reference; online RL's rollout step:
+    params, rows -> the policy's and the reference's log-probs [rows, T] of a train batch,
+    where the objective samples its rows), each None where not. rows: (train, eval, seq_len)."""
+    reference = rollout = None
+    if getattr(spec.objective, "reference", None) == "precomputed":
+        step_fn = functools.partial(step.reference_step, spec)
+        reference = _host_step(step_fn, mesh, params, frozen, (rows[1], rows[2]))
+    if hasattr(spec.objective, "rollout_logps"):
+        step_fn = functools.partial(step.rollout_logps_step, spec)
+        rollout = _host_step(step_fn, mesh, params, frozen, (rows[0], rows[2]))
+    return reference, rollout
 
 
 def lower_train_step(

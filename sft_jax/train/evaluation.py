@@ -18,7 +18,9 @@ from sft_jax.train.step import add_sums
 
 @dataclasses.dataclass
 class EarlyStopping:
-    """Stops after `patience` evaluations without an improvement of at least `min_delta`."""
+    """Stops after `patience` evaluations without an improvement of at least `min_delta`.
+    best_loss is the lowest score so far (workdir/checkpointing.selection_score: the eval loss,
+    or online RL's eval reward negated)."""
 
     patience: int
     min_delta: float
@@ -67,7 +69,14 @@ def evaluate(
 
 
 def eval_message(step: int, metrics: dict[str, Any]) -> str:
-    text = f"step {step}: eval loss {metrics['eval/loss']:.4f}"
+    if "eval/loss" in metrics:
+        text = f"step {step}: eval loss {metrics['eval/loss']:.4f}"
+    else:  # online RL: held-out prompts, sampled
+        text = f"step {step}: eval reward {metrics['eval/reward']:.4f}, pass@1 " + (
+            f"{metrics['eval/pass@1']:.1%}"
+        )
+        if "eval/pass@k" in metrics:
+            text += f", pass@k {metrics['eval/pass@k']:.1%}"
     if "eval/rewards/accuracies" in metrics:
         text += (
             f", rewards/accuracies {metrics['eval/rewards/accuracies']:.1%}, margins "
@@ -82,11 +91,25 @@ def eval_message(step: int, metrics: dict[str, Any]) -> str:
     return text
 
 
+# Online RL's report lines: (name, eval metric, format).
+_RL_REPORT = (
+    ("reward", "eval/reward", ".4f"),
+    ("pass@1", "eval/pass@1", ".1%"),
+    ("pass@k", "eval/pass@k", ".1%"),
+)
+
+
 def final_report(summary: dict[str, Any]) -> str:
     """What changed over the run, in a few lines: eval loss, exact match, where things are."""
     first, last = summary.get("initial_eval"), summary.get("final_eval")
     lines = [f"finished at step {summary['end_step']} (started at {summary['start_step']})"]
-    if first and last:
+    if first and last and "eval/reward" in first:
+        lines += [
+            f"eval {name} {first[key]:{form}} -> {last[key]:{form}}"
+            for name, key, form in _RL_REPORT
+            if key in first and key in last
+        ]
+    elif first and last:
         lines.append(
             f"eval loss {first['eval/loss']:.4f} -> {last['eval/loss']:.4f} "
             f"({first['eval/loss'] / last['eval/loss']:.1f}x lower)"
@@ -105,7 +128,11 @@ def final_report(summary: dict[str, Any]) -> str:
                 f"exact match of greedy replies {first['eval/exact_match']:.1%} -> "
                 f"{last['eval/exact_match']:.1%}"
             )
-    if summary.get("best_step", -1) >= 0:
+    if summary.get("best_step", -1) >= 0 and "eval/reward" in (last or first or {}):
+        lines.append(
+            f"best eval reward {-summary['best_eval_loss']:.4f} at step {summary['best_step']}"
+        )
+    elif summary.get("best_step", -1) >= 0:
         lines.append(
             f"best eval loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}"
         )

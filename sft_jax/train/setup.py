@@ -18,6 +18,7 @@ from sft_jax.adapters.lora import LoRASpec
 from sft_jax.adapters.prompts import PromptSpec, trainable_line
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataSource, open_data, open_pair_data, open_stream_data, run_tokenizer
+from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
 from sft_jax.models.moe import quantize_experts
@@ -75,8 +76,11 @@ def open_run_data(config: RunSpec, feed: tuple[int, int] | None = None) -> DataS
     them, else SFT examples, in memory or streamed. feed: (block, blocks) of each global
     batch's rows this process feeds (sharding.row_feed; the trainer passes it), else each
     process its own block."""
-    if registry.kind_of(config).reads == "pairs":
+    reads = registry.kind_of(config).reads
+    if reads == "pairs":
         return open_pair_data(config, feed)
+    if reads == "prompts":
+        return open_prompt_data(config, feed)
     if config.data.loader == "stream":
         return open_stream_data(config, feed)
     return open_data(config, feed)

@@ -177,3 +177,12 @@ def reference_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> ja
     reference: run once over the data with the initial weights)."""
     batch = token_layout(batch)
     return spec.objective.reference_token_logps(nnx.merge(spec.graphdef, params, frozen), batch)
+
+
+def rollout_logps_step(
+    spec: StepSpec, params: Any, frozen: Any, batch: Batch
+) -> tuple[jax.Array, jax.Array]:
+    """The policy's and the reference's log-probs of a rollout's tokens, [rows, T] each (online
+    RL: once per rollout, with the params that sampled it)."""
+    batch = token_layout(batch)
+    return spec.objective.rollout_logps(nnx.merge(spec.graphdef, params, frozen), batch)

@@ -21,7 +21,17 @@ from sft_jax.core.spec import RunSpec
 from sft_jax.workdir.compatibility import config_changes, shape_changes
 
 log = logging.getLogger(__name__)
-BEST_METRIC = "eval/loss"
+# What "best" means: the first of these eval metrics a run writes, times its sign, lowest
+# (SFT, preference and reward models: the eval loss; online RL: the mean reward, highest).
+SELECTION = (("eval/loss", 1.0), ("eval/reward", -1.0))
+
+
+def selection_score(metrics: dict[str, Any] | None) -> float | None:
+    """The lower-is-better score of an eval's metrics (SELECTION); None without one."""
+    for key, sign in SELECTION:
+        if metrics and key in metrics:
+            return sign * float(metrics[key])
+    return None
 
 
 class _OrbaxLogFilter(logging.Filter):
@@ -110,8 +120,8 @@ class Checkpoints:
         if keep_best > 0:
             preserve.append(
                 policies.BestN(
-                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
-                    reverse=True,  # lower eval loss is better
+                    get_metric_fn=selection_score,
+                    reverse=True,  # a lower score is better
                     n=keep_best,
                     keep_checkpoints_without_metrics=False,
                 )
@@ -124,7 +134,7 @@ class Checkpoints:
             save_interval_steps=0 if read_only else 1,
             # Without best_fn Orbax never writes a step's metrics to disk, so after a restart
             # BestN sees none and deletes the best checkpoint: keep them on disk.
-            best_fn=lambda metrics: metrics[BEST_METRIC],
+            best_fn=selection_score,
             best_mode="min",
         )
         self.manager = ocp.CheckpointManager(
@@ -172,6 +182,7 @@ class Checkpoints:
             self._publish_error = step, e
 
     def _start_save(self, step: int, state: Any, data_state: Any, meta: dict, metrics) -> None:
+        scored = {key: float(metrics[key]) for key, _ in SELECTION if metrics and key in metrics}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -179,9 +190,7 @@ class Checkpoints:
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
             ),
-            metrics={BEST_METRIC: metrics[BEST_METRIC]}
-            if metrics and BEST_METRIC in metrics
-            else None,
+            metrics=scored or None,
             force=True,
         )
 
@@ -224,11 +233,11 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def best_step(self) -> int | None:
-        """The kept step with the lowest eval loss, or None when no eval was saved."""
+        """The kept step with the best eval (SELECTION), or None when no eval was saved."""
         scored = [
-            (m[BEST_METRIC], s)
+            (score, s)
             for s in self.steps()
-            if BEST_METRIC in (m := self.meta(s)["metrics"])
+            if (score := selection_score(self.meta(s)["metrics"])) is not None
         ]
         return min(scored)[1] if scored else None
 

@@ -22,8 +22,11 @@ class Metric:
 _TRAIN = "every log.every_steps updates"
 _EVAL = "every eval"
 _PAIRS = "objective dpo, simpo, orpo"
+_ORPO = "objective orpo"
 _REWARD = "objective reward"
 _MOE = "mixtures of experts"
+_RL = "objective grpo"
+_ROLLOUT = "each update that samples a rollout (objective grpo)"
 
 METRICS: tuple[Metric, ...] = (
     Metric(
@@ -81,6 +84,24 @@ METRICS: tuple[Metric, ...] = (
         "mean log-probability of the rejected replies",
     ),
     Metric("train/nll", f"{_TRAIN}; {_PAIRS}", "NLL per token of the chosen replies"),
+    Metric(
+        "train/nll_loss",
+        f"{_TRAIN}; {_ORPO}",
+        "ORPO's NLL term (TRL's name): per token of the chosen sequences, prompt included "
+        "(preference.orpo_nll=prompt_and_reply), or of the chosen replies (reply)",
+    ),
+    Metric(
+        "train/log_odds_ratio",
+        f"{_TRAIN}; {_ORPO}",
+        "mean log sigmoid of the log odds ratio of chosen over rejected (TRL's name; the odds "
+        "ratio loss is -beta times it)",
+    ),
+    Metric(
+        "train/log_odds_chosen",
+        f"{_TRAIN}; {_ORPO}",
+        "mean log odds ratio of chosen over rejected, log odds(chosen) - log odds(rejected) "
+        "(TRL's name)",
+    ),
     Metric("train/pairs", f"{_TRAIN}; {_PAIRS}, {_REWARD}", "preference pairs in the batch"),
     Metric(
         "train/accuracy",
@@ -91,11 +112,88 @@ METRICS: tuple[Metric, ...] = (
     Metric("train/mean_reward", f"{_TRAIN}; {_REWARD}", "mean score of all replies"),
     Metric("train/min_reward", f"{_TRAIN}; {_REWARD}", "lowest score in the batch"),
     Metric("train/max_reward", f"{_TRAIN}; {_REWARD}", "highest score in the batch"),
+    Metric(
+        "train/reward",
+        _ROLLOUT,
+        "mean weighted reward of the rollout's completions (TRL's name, as all train/ metrics of "
+        "online RL)",
+    ),
+    Metric("train/reward_std", _ROLLOUT, "mean std of the rewards in a group (batch: of all)"),
+    Metric(
+        "train/rewards/<name>/mean",
+        _ROLLOUT,
+        "mean of one reward function (named as in grpo.reward_funcs) where it applies",
+    ),
+    Metric("train/rewards/<name>/std", _ROLLOUT, "std of one reward function where it applies"),
+    Metric(
+        "train/frac_reward_zero_std",
+        _ROLLOUT,
+        "share of completions in groups whose rewards are all equal (advantage 0: no signal)",
+    ),
+    Metric("train/completions/mean_length", _ROLLOUT, "mean completion length, in tokens"),
+    Metric("train/completions/min_length", _ROLLOUT, "shortest completion"),
+    Metric("train/completions/max_length", _ROLLOUT, "longest completion"),
+    Metric(
+        "train/completions/clipped_ratio",
+        _ROLLOUT,
+        "share of completions cut at grpo.max_completion_length (no stop token)",
+    ),
+    Metric(
+        "train/completions/mean_terminated_length",
+        _ROLLOUT,
+        "mean length of the completions that ended with a stop token",
+    ),
+    Metric("train/completions/min_terminated_length", _ROLLOUT, "shortest of those"),
+    Metric("train/completions/max_terminated_length", _ROLLOUT, "longest of those"),
+    Metric("train/num_tokens", _ROLLOUT, "prompt and completion tokens sampled so far, in all"),
+    Metric(
+        "train/sampling/sampling_logp_difference/mean",
+        _ROLLOUT,
+        "mean |log p| difference of the sampled tokens between the sampler and the training "
+        "forward on the same params (the numerics gate)",
+    ),
+    Metric(
+        "train/sampling/sampling_logp_difference/max",
+        _ROLLOUT,
+        "largest such difference (over grpo.max_sampling_logp_difference stops the run)",
+    ),
+    Metric(
+        "train/sampling/importance_sampling_ratio/min",
+        _ROLLOUT,
+        "smallest p_train / p_sampler of a sampled token",
+    ),
+    Metric("train/sampling/importance_sampling_ratio/mean", _ROLLOUT, "mean of that ratio"),
+    Metric("train/sampling/importance_sampling_ratio/max", _ROLLOUT, "largest of that ratio"),
+    Metric("train/time/sampling_s", _ROLLOUT, "seconds sampling the rollout"),
+    Metric(
+        "train/time/scoring_s",
+        _ROLLOUT,
+        "seconds scoring it: rewards, advantages, the log-prob pass, the completions log",
+    ),
+    Metric(
+        "train/time/update_s",
+        _ROLLOUT,
+        "seconds from the previous rollout's end to this one's start: the updates in between",
+    ),
+    Metric("train/sampled_tokens_per_sec", _ROLLOUT, "completion tokens sampled per second"),
+    Metric(
+        "train/kl",
+        f"{_TRAIN}; {_RL}",
+        "mean k3 estimate of KL(policy || reference) over completion tokens (0 without beta)",
+    ),
+    Metric(
+        "train/clip_ratio/low_mean",
+        f"{_TRAIN}; {_RL}",
+        "share of completion tokens (sequences, GSPO) whose ratio is clipped below",
+    ),
+    Metric("train/clip_ratio/high_mean", f"{_TRAIN}; {_RL}", "share clipped above"),
+    Metric("train/clip_ratio/region_mean", f"{_TRAIN}; {_RL}", "share clipped either way"),
+    Metric("train/completion_tokens", f"{_TRAIN}; {_RL}", "completion tokens in the update"),
     Metric("eval/loss", _EVAL, "the objective's loss over the whole eval set"),
     Metric("eval/perplexity", f"{_EVAL}; SFT", "exp(eval/loss)"),
     Metric("eval/target_tokens", f"{_EVAL}; SFT", "tokens that carry the loss in the eval set"),
     Metric("eval/best_loss", _EVAL, "lowest eval/loss so far"),
-    Metric("eval/best_step", _EVAL, "the step of eval/best_loss"),
+    Metric("eval/best_step", _EVAL, "the step of eval/best_loss (online RL: eval/best_reward)"),
     Metric(
         "eval/exact_match",
         f"{_EVAL}; eval.generate_examples > 0",
@@ -114,12 +212,34 @@ METRICS: tuple[Metric, ...] = (
     Metric("eval/logps/chosen", f"{_EVAL}; {_PAIRS}", "as train/logps/chosen"),
     Metric("eval/logps/rejected", f"{_EVAL}; {_PAIRS}", "as train/logps/rejected"),
     Metric("eval/nll", f"{_EVAL}; {_PAIRS}", "as train/nll"),
+    Metric("eval/nll_loss", f"{_EVAL}; {_ORPO}", "as train/nll_loss"),
+    Metric("eval/log_odds_ratio", f"{_EVAL}; {_ORPO}", "as train/log_odds_ratio"),
+    Metric("eval/log_odds_chosen", f"{_EVAL}; {_ORPO}", "as train/log_odds_chosen"),
     Metric("eval/pairs", f"{_EVAL}; {_PAIRS}, {_REWARD}", "preference pairs in the eval set"),
     Metric("eval/accuracy", f"{_EVAL}; {_REWARD}", "as train/accuracy"),
     Metric("eval/margin", f"{_EVAL}; {_REWARD}", "as train/margin"),
     Metric("eval/mean_reward", f"{_EVAL}; {_REWARD}", "as train/mean_reward"),
     Metric("eval/min_reward", f"{_EVAL}; {_REWARD}", "as train/min_reward"),
     Metric("eval/max_reward", f"{_EVAL}; {_REWARD}", "as train/max_reward"),
+    Metric(
+        "eval/reward",
+        f"{_EVAL}; {_RL}",
+        "mean weighted reward of greedy replies to the held-out prompts (highest: the best step)",
+    ),
+    Metric(
+        "eval/pass@1",
+        f"{_EVAL}; {_RL}",
+        "share of held-out prompts whose greedy reply scores 1.0 or more by the first reward "
+        "function (the verifier)",
+    ),
+    Metric(
+        "eval/pass@k",
+        f"{_EVAL}; {_RL}, grpo.eval_samples = k > 0",
+        "share of held-out prompts with at least one of k sampled replies passing",
+    ),
+    Metric("eval/rewards/<name>/mean", f"{_EVAL}; {_RL}", "one reward function's mean, greedy"),
+    Metric("eval/completions/mean_length", f"{_EVAL}; {_RL}", "mean greedy reply length"),
+    Metric("eval/best_reward", f"{_EVAL}; {_RL}", "highest eval/reward so far"),
     Metric(
         "eval/<source>/<metric>",
         f"{_EVAL}; data.mixture sources with eval files",

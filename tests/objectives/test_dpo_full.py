@@ -20,8 +20,8 @@ from sft_jax.objectives.preference import (
     attach_frozen_copy,
     pair_logps,
     pair_terms,
-    reference_of,
 )
+from sft_jax.objectives.preference_config import reference_of
 from sft_jax.train.config_check import check_values
 
 SPEC = PreferenceSpec("sigmoid", beta=0.5, rpo_alpha=0.3)

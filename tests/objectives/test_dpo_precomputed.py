@@ -141,7 +141,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("rank", [0, 4])
 def test_the_config_takes_precomputed_with_or_without_lora(rank):
-    from sft_jax.objectives.preference import reference_of
+    from sft_jax.objectives.preference_config import reference_of
     from sft_jax.train.config_check import check_values
 
     config = demo_dpo_config(**{"lora.rank": rank, "preference.reference": "precomputed"})

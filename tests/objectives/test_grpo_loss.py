@@ -296,7 +296,7 @@ def test_the_compiled_step_on_a_mesh_equals_one_device_and_the_reference_loss():
     eight = compiled_history(sharding.make_mesh(1, 4, 2), batch, spec)
     for key in ("train/loss", "train/grad_norm", "train/kl", "train/clip_ratio/region_mean"):
         np.testing.assert_allclose([m[key] for m in eight], [m[key] for m in one], rtol=2e-5)
-    assert one[1]["train/clip_ratio/region_mean"] >= 0.0 and one[0]["train/num_tokens"] > 0
+    assert one[1]["train/clip_ratio/region_mean"] >= 0.0 and one[0]["train/completion_tokens"] > 0
     eager = our_loss_and_grad_norm(spec, tiny_model(), batch, spec.accumulation)
     assert (one[0]["train/loss"], one[0]["train/grad_norm"]) == pytest.approx(eager, rel=1e-5)
 

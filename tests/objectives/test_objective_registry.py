@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sft_jax"
 
 
 def test_the_registered_objectives_and_what_each_reads():
-    assert registry.names() == ("sft", "dpo", "simpo", "orpo", "reward")
+    assert registry.names() == ("sft", "dpo", "simpo", "orpo", "reward", "grpo")
     config = base_config()
     reads = {}
     for name in registry.names():
@@ -32,7 +32,9 @@ def test_the_registered_objectives_and_what_each_reads():
         "simpo": "pairs",
         "orpo": "pairs",
         "reward": "pairs",
+        "grpo": "prompts",
     }
+    config.train.objective = "reward"
     assert score_labels(RunSpec.of(config)) == 1  # reward: a scalar score head
     config.train.objective = "sft"
     assert score_labels(RunSpec.of(config)) is None
@@ -40,11 +42,11 @@ def test_the_registered_objectives_and_what_each_reads():
 
 def test_an_unknown_objective_names_the_field_and_the_choices():
     config = base_config()
-    config.train.objective = "grpo"
+    config.train.objective = "ppo"
     with pytest.raises(
         ConfigError,
-        match=r"config.train.objective='grpo': expected one of "
-        r"sft, dpo, simpo, orpo, reward\.",
+        match=r"config.train.objective='ppo': expected one of "
+        r"sft, dpo, simpo, orpo, reward, grpo\.",
     ):
         check_values(RunSpec.of(config), device_count=1, batch_shards=1)
 

@@ -44,6 +44,7 @@ CASES = {  # name -> PreferenceSpec
     "simpo": PreferenceSpec("simpo", beta=2.0, simpo_gamma=0.5),
     "simpo_cpo_alpha": PreferenceSpec("simpo", beta=2.0, simpo_gamma=0.5, rpo_alpha=1.0),
     "orpo": PreferenceSpec("orpo", beta=0.1),
+    "orpo_reply": PreferenceSpec("orpo", beta=0.1, orpo_nll="reply"),
 }
 
 
@@ -123,26 +124,32 @@ def jax_loss_and_grad_norm(model, objective, batch):
 
 
 def torch_sequence(model, tokens, trained):
-    """(sum of log p over the completion tokens, their count, sum of -log p): one sequence
-    alone in its own row (unpacked)."""
+    """(sum of log p over the completion tokens, their count, sum of log p over every token
+    after the first, their count): one sequence alone in its own row (unpacked)."""
     ids = torch.as_tensor(tokens[None], dtype=torch.long)
     logits = model(input_ids=ids).logits[0, :-1].float()
     logp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
     mask = torch.as_tensor(trained[1:], dtype=torch.float32)
-    return (logp * mask).sum(), mask.sum()
+    return (logp * mask).sum(), mask.sum(), logp.sum(), torch.tensor(float(logp.numel()))
 
 
 def torch_logps(model, pairs, reference: bool):
-    out = {"c": [], "r": [], "nc": [], "nr": []}
+    """c, r: completion log-probs of the chosen and rejected sequences, nc, nr their token
+    counts; s, ns: the chosen sequences' log-probs over every token after the first (ORPO's NLL,
+    as TRL's) and their counts."""
+    out = {"c": [], "r": [], "nc": [], "nr": [], "s": [], "ns": []}
     for chosen, rejected in pairs:
         for key, (tokens, trained) in (("c", chosen), ("r", rejected)):
             if reference:
                 with torch.no_grad(), model.disable_adapter():
-                    logp, n = torch_sequence(model, tokens, trained)
+                    logp, n, sequence, tokens_after_first = torch_sequence(model, tokens, trained)
             else:
-                logp, n = torch_sequence(model, tokens, trained)
+                logp, n, sequence, tokens_after_first = torch_sequence(model, tokens, trained)
             out[key].append(logp)
             out["n" + key].append(n)
+            if key == "c":
+                out["s"].append(sequence)
+                out["ns"].append(tokens_after_first)
     return {k: torch.stack(v) for k, v in out.items()}
 
 
@@ -169,7 +176,10 @@ def torch_loss(spec: PreferenceSpec, pol, ref):
             "ipo": lambda: (cr / pol["nc"] - rr / pol["nr"] - 1 / (2 * b)) ** 2,
         }[spec.loss_type]()
     nll = -pol["c"].sum() / pol["nc"].sum()
-    return pair.mean() + spec.nll_weight * nll
+    loss = pair.mean() + spec.nll_weight * nll
+    if spec.orpo_sequence_nll:  # ORPO's NLL as TRL's: the chosen sequences, prompt included
+        loss = loss - pol["s"].sum() / pol["ns"].sum()
+    return loss
 
 
 def torch_grad_norm(model, loss) -> float:
@@ -264,13 +274,15 @@ def test_dpo_losses_and_metrics_equal_trl(tiny, case):
 
 
 def _count(sums):
-    return PairCount(sums.pairs, sums.chosen_tokens)
+    return PairCount(sums.pairs, sums.chosen_tokens, sums.sequence_tokens)
 
 
-@pytest.mark.parametrize("case", ["simpo", "simpo_cpo_alpha", "orpo"])
+@pytest.mark.parametrize("case", ["simpo", "simpo_cpo_alpha", "orpo", "orpo_reply"])
 def test_simpo_and_orpo_equal_trl_loss_functions(tiny, case):
     """CPOTrainer.cpo_loss / ORPOTrainer.odds_ratio_loss on the per-token mean log-probs; the
-    NLL is of the chosen completion tokens (TRL's ORPO also trains the prompt: not followed)."""
+    NLL of CPO's cpo_alpha is of the chosen completion tokens, ORPO's of every chosen token
+    after the first, prompt included, as TRL's (orpo_nll="reply": the completion tokens).
+    tests/objectives/test_orpo_trl.py runs ORPOTrainer itself."""
     pytest.importorskip("trl")
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
@@ -281,6 +293,8 @@ def test_simpo_and_orpo_equal_trl_loss_functions(tiny, case):
     policy = torch_logps(peft_model(path, adapter), pairs, False)
     chosen, rejected = policy["c"] / policy["nc"], policy["r"] / policy["nr"]
     nll = -policy["c"].sum() / policy["nc"].sum()
+    if spec.orpo_sequence_nll:
+        nll = -policy["s"].sum() / policy["ns"].sum()
     device = types.SimpleNamespace(device="cpu")
     if spec.loss_type == "simpo":
         trainer = types.SimpleNamespace(alpha=0.0, beta=spec.beta, simpo_gamma=spec.simpo_gamma,
@@ -446,6 +460,7 @@ def demo_dpo_config(**overrides):
         ({"preference.loss_type": "simpo"}, "preference.loss_type"),
         ({"preference.label_smoothing": 0.5}, "preference.label_smoothing"),
         ({"preference.beta": 0.0}, "preference.beta"),
+        ({"preference.orpo_nll": "prompt"}, "preference.orpo_nll"),
         ({"data.eval_fraction": 0.1}, "data.eval_fraction"),
         ({"data.max_documents_per_row": 1}, "data.max_documents_per_row"),
     ],
