@@ -115,7 +115,7 @@ def prepared(
             stream_ = filter(keep, stream_)
         _write(store.StoreWriter(root, key), tokenizer, stream_, options, bad, sources, field)
         found = store.open_store(root, key)
-    pipeline.warn_about_empty_replies(field, found.stats)
+    pipeline.warn_about_counts(field, found.stats)
     return found, key
 
 
@@ -154,7 +154,7 @@ def _add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
         if key == "dropped":
             for reason, count in value.items():
                 total[key][reason] = total[key].get(reason, 0) + count
-        elif key == "first_empty_reply":
+        elif key.startswith("first_"):  # where the first one was read
             total[key] = total[key] or value
         else:
             total[key] += value

@@ -87,7 +87,7 @@ def tokenize_sources(
     cached = tokenize.load_cached(cache_dir, key) if data.cache_dir != "none" else None
     if cached is not None:
         log.info("%s: %d documents from the tokenization cache", field, len(cached))
-        warn_about_empty_replies(field, cached.stats)
+        warn_about_counts(field, cached.stats)
         return cached, key
     bad = BadRecords(data.skip_bad_examples)
     stream = (r for source in sources for r in records.read_records(source, split, bad))
@@ -96,7 +96,7 @@ def tokenize_sources(
     for _, reason in bad.skipped:
         tokenized.stats["examples_read"] += 1
         tokenized.stats["dropped"][reason] = tokenized.stats["dropped"].get(reason, 0) + 1
-    warn_about_empty_replies(field, tokenized.stats)
+    warn_about_counts(field, tokenized.stats)
     if tokenized.stats["trainable_tokens"] == 0:
         raise DataError(
             f"{field}={spec!r}: no trainable tokens in {tokenized.stats['examples_read']} examples"
@@ -106,6 +106,27 @@ def tokenize_sources(
     if data.cache_dir != "none":
         tokenize.save_cached(cache_dir, key, tokenized)
     return tokenized, key
+
+
+def warn_about_counts(field: str, stats: dict[str, Any]) -> None:
+    """One warning per kind of kept example worth a look: empty replies, and turns trained as
+    the template renders them without their text content (each with the first file:line)."""
+    warn_about_empty_replies(field, stats)
+    warn_about_dropped_content(field, stats)
+
+
+def warn_about_dropped_content(field: str, stats: dict[str, Any]) -> None:
+    """The count and first place of trained turns whose text content the template leaves out."""
+    if stats.get("template_dropped_content"):
+        log.warning(
+            "%s: %d assistant turns have text content the chat template does not render (the "
+            "first at %s; template_dropped_content): each trains as rendered, its tool calls "
+            "without the text, which is what the model reads and writes at inference. Use a "
+            "config.data.chat_template that renders the text to train it.",
+            field,
+            stats["template_dropped_content"],
+            stats["first_template_dropped_content"],
+        )
 
 
 def warn_about_empty_replies(field: str, stats: dict[str, Any]) -> None:
@@ -360,6 +381,7 @@ def eval_prompts(
 
 def summary_line(stats: dict[str, Any]) -> str:
     expanded = stats.get("expanded_examples", 0)
+    dropped_content = stats.get("template_dropped_content", 0)
     return (
         f"{stats['examples_kept']} of {stats['examples_read']} examples kept "
         f"(dropped {stats['dropped'] or 'none'}, truncated {stats['truncated']}), "
@@ -369,6 +391,12 @@ def summary_line(stats: dict[str, Any]) -> str:
             "(the chat template renders earlier turns differently later: each such turn is "
             "trained as rendered at inference)"
             if expanded
+            else ""
+        )
+        + (
+            f"; {dropped_content} assistant turns trained as the chat template renders them, "
+            "without their text content (template_dropped_content)"
+            if dropped_content
             else ""
         )
     )

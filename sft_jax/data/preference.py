@@ -211,10 +211,11 @@ def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> Pa
     for record in stream:
         stats["examples_read"] += 1
         try:
-            pair = [
-                tokenize.tokenize_example(tokenizer, side, options)[:2]
+            sides = [
+                tokenize.tokenize_example(tokenizer, side, options)
                 for side in normalize_pair(record.value)
             ]
+            pair = [(tokens, trained) for tokens, trained, _ in sides]
             margin = pair_margin(record.value)
             if sum(len(tokens) for tokens, _ in pair) > options.max_length:
                 raise BadExample("chosen and rejected do not fit in one row", "pair_too_long")
@@ -232,6 +233,8 @@ def tokenize_pairs(tokenizer: Any, stream: Any, options: tokenize.Options) -> Pa
             raise tokenize.TemplateError(f"{record.where}: {e}") from None
         docs.extend(pair)
         margins.append(margin)
+        dropped_content = sum(notes["template_dropped_content"] for *_, notes in sides)
+        tokenize.note_dropped_content(dropped_content, record.where, stats)
     tokenized = tokenize.from_documents(docs, stats)
     stats |= {
         "dropped": dict(sorted(dropped.items())),
@@ -271,6 +274,7 @@ def _load(spec: str, split: str, field: str, tokenizer: Any, data: Any) -> Pairs
             f"{pairs.stats['dropped']})."
         )
     log.info("%s: %s", field, pipeline.summary_line(pairs.stats))
+    pipeline.warn_about_dropped_content(field, pairs.stats)
     return pairs
 
 

@@ -14,6 +14,18 @@ never the assistant header (the generation prompt), system, user or tool-result 
 tool schemas. Each reply is verified: `before` must be a prefix of `through`, and the reply must
 contain the message's content, each tool call's name and (when trained) its reasoning.
 
+A template may leave out a field it never shows: Llama 3.1/3.2 render only the call of a turn
+with text and a tool call. What the model reads and writes at inference is that rendering, so
+it trains as rendered (counted as template_dropped_content), the text never trained:
+
+  message = {"role": "assistant", "content": "Let me add .", "tool_calls": [add(a=3, b=4)]}
+  reply   = '{"name": "add", "parameters": {"a": 3, "b": 4}}<|eot_id|>'    -> all trained
+  masks     [0 ... 0 (prompt, header) | 1 ... 1 (the call and <|eot_id|>)]  "Let me add ." in none
+
+The content counts as left out when rendering the turn with content "" gives the same text.
+Reasoning the user asked to train (train_reasoning "all", or "last_turn" on the last turn) that
+the template never renders stays refused: that training is impossible, not a rendering choice.
+
 Templates that rewrite history (Qwen3 drops the `<think>` of turns before the last user
 message) render a turn differently once later turns follow, so `through` is not a prefix of
 the whole conversation. Then the conversation is expanded: such a turn gets a document of its
@@ -46,6 +58,8 @@ class Rendered:
     text: str
     spans: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     turns: list[int] = dataclasses.field(default_factory=list)  # message index of each span
+    # Trained turns whose text content the template leaves out (it renders their calls only).
+    dropped_content: list[int] = dataclasses.field(default_factory=list)
 
 
 def render_documents(
@@ -70,9 +84,11 @@ def render_documents(
         reasoning_trained = train_reasoning == "all" or (
             train_reasoning == "last_turn" and index == last
         )
-        span = _reply_span(context, index, before, through, reasoning_trained)
+        span, dropped = _reply_span(context, index, before, through, reasoning_trained)
         documents[-1].spans.insert(0, span)
         documents[-1].turns.insert(0, index)
+        if dropped:
+            documents[-1].dropped_content.insert(0, index)
     return [d for d in reversed(documents) if d.spans]
 
 
@@ -84,7 +100,10 @@ def _as_at_inference(context: _Context, index: int, before: str, through: str) -
     header = before[len(context_text) :] if before.startswith(context_text) else ""
     message = context.messages[index]
     names = [call["function"]["name"] for call in message.get("tool_calls", ())]
-    anchor = through.rfind(reasoning_and_answer(message)[1].strip() or (names or [""])[0])
+    answer = reasoning_and_answer(message)[1].strip()
+    # Its text, or its first call where it has none or the template leaves it out.
+    shown = answer if answer and answer in through else ""
+    anchor = through.rfind(shown or (names or [answer])[0])
     if not header or through.rfind(header, 0, anchor) < 0:
         # No generation prompt to find (Mistral): the prompt ends with the message before.
         previous = context.messages[index - 1]["content"].strip() if index else ""
@@ -123,22 +142,39 @@ class _Context:
 
     def render(self, count: int, generation_prompt: bool) -> str:
         """The first `count` messages rendered, with the generation prompt or without."""
-        return render(
-            self.tokenizer, self.messages[:count], generation_prompt, self.tools, self.kwargs
-        )
+        return self._render(self.messages[:count], generation_prompt)
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return render(self.tokenizer, messages, generation_prompt, self.tools, self.kwargs)
+
+    def drops_content(self, index: int) -> bool:
+        """Does the template leave out the text content of assistant message `index`, a turn
+        that calls tools? True when the turn renders the same with content "" (Llama 3.1
+        renders {"content": "Let me add .", "tool_calls": [add]} as the call alone)."""
+        message = self.messages[index]
+        if not message.get("tool_calls"):
+            return False
+        blank = [*self.messages[:index], {**message, "content": ""}]
+        try:
+            return self._render(blank, False) == self.render(index + 1, False)
+        except BadExample:  # the template refuses an empty content: it renders it
+            return False
 
 
 def _reply_span(
     context: _Context, index: int, before: str, through: str, reasoning_trained: bool
-) -> tuple[int, int]:
-    """The trained characters of assistant message `index`, verified against its fields."""
+) -> tuple[tuple[int, int], bool]:
+    """The trained characters of assistant message `index`, verified against its fields, and
+    whether the template leaves out its text content (see the module docstring)."""
     message = context.messages[index]
     reply = through[len(before) :].rstrip()
     warn_without_end_of_turn(context.tokenizer, reply)
     where = f"assistant message {index}"
     reasoning, answer = (text.strip() for text in reasoning_and_answer(message))
-    _require(reply, answer, where, "content", "template_drops_content")
-    calls_text = reply.replace(answer, "", 1)  # not found in the text
+    dropped = bool(answer) and context.drops_content(index)
+    if not dropped:
+        _require(reply, answer, where, "content", "template_drops_content")
+    calls_text = reply if dropped else reply.replace(answer, "", 1)  # not found in the text
     for k, call in enumerate(message.get("tool_calls", ())):
         function = call["function"]
         for text in (function["name"], *(f'"{key}"' for key in function["arguments"])):
@@ -148,7 +184,7 @@ def _reply_span(
         _require(reply, reasoning, where, "reasoning_content", "template_drops_reasoning")
     elif reasoning and reasoning in reply:
         start += _reasoning_end(reply, reasoning)
-    return start, len(before) + len(reply)
+    return (start, len(before) + len(reply)), dropped
 
 
 def _require(reply: str, text: str, where: str, field: str, reason: str) -> None:

@@ -138,6 +138,10 @@ def empty_stats() -> dict[str, Any]:
         "truncated": 0,
         "empty_replies": 0,
         "first_empty_reply": "",  # where the first one was read
+        # Trained assistant turns whose text content the chat template leaves out (Llama 3.1
+        # renders a turn with text and a tool call as the call alone): trained as rendered.
+        "template_dropped_content": 0,
+        "first_template_dropped_content": "",  # where the first one was read
         "tokens": 0,
         "trainable_tokens": 0,
         "duplicate_bos_removed": 0,
@@ -165,8 +169,9 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> n
 def tokenize_example(
     tokenizer: Any, example: Conversation | Completion, options: Options
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """Tokens, trained flags and notes ("truncated", "duplicate_bos_removed") of an example
-    that is one document (see tokenize_documents for conversations a template expands)."""
+    """Tokens, trained flags and notes ("truncated", "duplicate_bos_removed",
+    "template_dropped_content") of an example that is one document (see tokenize_documents for
+    conversations a template expands)."""
     documents, notes = tokenize_documents(tokenizer, example, options)
     if len(documents) != 1:
         raise ValueError(f"the example is {len(documents)} documents; use tokenize_documents")
@@ -176,15 +181,17 @@ def tokenize_example(
 def tokenize_documents(
     tokenizer: Any, example: Conversation | Completion, options: Options
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
-    """The documents (tokens, trained flags) of one example, and notes on what was cut."""
+    """The documents (tokens, trained flags) of one example, and notes on what was cut and
+    how many trained turns the template renders without their text content."""
+    notes = {"truncated": 0, "duplicate_bos_removed": 0, "template_dropped_content": 0}
     if isinstance(example, Conversation):
         rendered = render_documents(
             tokenizer, example, options.train_on, options.train_reasoning, **options.kwargs()
         )
         texts = [(r.text, r.spans) for r in rendered]
+        notes["template_dropped_content"] = sum(len(r.dropped_content) for r in rendered)
     else:
         texts = [completion_text(tokenizer, example.prompt, example.completion)]
-    notes = {"truncated": 0, "duplicate_bos_removed": 0}
     documents = []
     for text, spans in texts:
         tokens, trained = _tokens_and_flags(tokenizer, text, spans, options, notes)
@@ -249,7 +256,16 @@ def _tokenize_chunk(
             stats["expanded_documents"] += len(documents)
         stats["truncated"] += notes["truncated"]
         stats["duplicate_bos_removed"] += notes["duplicate_bos_removed"]
+        note_dropped_content(notes["template_dropped_content"], record.where, stats)
     return docs, stats, bad
+
+
+def note_dropped_content(turns: int, where: str, stats: dict[str, Any]) -> None:
+    """Counts the trained turns of a kept example that the template renders without their text
+    content, and where the first was read."""
+    if turns:
+        stats["template_dropped_content"] += turns
+        stats["first_template_dropped_content"] = stats["first_template_dropped_content"] or where
 
 
 def _note_empty_reply(
@@ -285,7 +301,7 @@ EXPECTED_DROPS = ("no_target_tokens", "no_target_tokens_after_truncation", "too_
 
 def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
     for key, value in part.items():
-        if key == "first_empty_reply":
+        if key.startswith("first_"):  # where the first one was read
             total[key] = total[key] or value
         elif key != "dropped":
             total[key] += value

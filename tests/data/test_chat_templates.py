@@ -38,6 +38,9 @@ TOOL_TURNS = [
     {"role": "assistant", "content": "It is 7 ."},
 ]
 TOOL_CHAT = {"tools": TOOLS, "messages": [SYSTEM, *TOOL_TURNS]}
+# A calling turn with text too: Llama 3.1/3.2's templates render its call alone.
+TEXT_AND_CALL = {"tools": TOOLS, "messages": [SYSTEM, TOOL_TURNS[0],
+                 {**TOOL_TURNS[1], "content": "Let me add ."}, *TOOL_TURNS[2:]]}  # fmt: skip
 THINK_CHAT = {"messages": [
     {"role": "user", "content": "What is 2 + 2 ?"},
     {"role": "assistant", "reasoning_content": "Two and two make four .", "content": "4"},
@@ -171,15 +174,30 @@ def test_template_that_drops_reasoning_or_tool_calls_is_a_bad_example():
     with pytest.raises(BadExample, match="leaves out its reasoning_content") as error:
         render_documents(tokenizer, normalize(THINK_CHAT, "messages"), "all_assistant")
     assert error.value.reason == "template_drops_reasoning"
-    # Gemma 3's template ignores tool calls; Llama 3.1's drops the text of a calling turn.
+    # Gemma 3's template ignores tool calls.
     calling = {"messages": [TOOL_TURNS[0], {**TOOL_TURNS[1], "content": "Let me add ."}]}
-    drops = {"google-gemma-3-it": "template_drops_tool_calls",
-             "meta-llama-Llama-3.1-8B-Instruct": "template_drops_content"}  # fmt: skip
-    for name, reason in drops.items():
-        tokenizer = build(name, [calling])
-        with pytest.raises(BadExample, match=r"assistant message 1: .* leaves out its") as error:
-            render_documents(tokenizer, normalize(calling, "messages"), "all_assistant")
-        assert error.value.reason == reason
+    tokenizer = build("google-gemma-3-it", [calling])
+    with pytest.raises(BadExample, match=r"assistant message 1: .* leaves out its tool_calls"):
+        render_documents(tokenizer, normalize(calling, "messages"), "all_assistant")
+
+
+@pytest.mark.parametrize("name", ["meta-llama-Llama-3.1-8B-Instruct",
+                                  "meta-llama-Llama-3.2-3B-Instruct"])  # fmt: skip
+def test_reasoning_a_template_never_renders_is_refused_when_asked_for(name):
+    """Llama 3.1/3.2 render a turn with reasoning, text and a call as the call alone. The
+    text trains as rendered (the template's choice); reasoning the user asks to train cannot
+    be, so train_reasoning="all" is still refused; "none" trains the call."""
+    calling = {"messages": [TOOL_TURNS[0], {**TOOL_TURNS[1], "content": "Let me add .",
+                                            "reasoning_content": "Use the tool ."}]}  # fmt: skip
+    tokenizer, conversation = build(name, [calling]), normalize(calling, "messages")
+    with pytest.raises(BadExample, match=r"leaves out its reasoning_content") as error:
+        render_documents(tokenizer, conversation, "all_assistant", "all")
+    assert error.value.reason == "template_drops_reasoning"
+    [(tokens, trained)], notes = tok.tokenize_documents(tokenizer, conversation, options("none"))
+    assert trained_runs(tokenizer, tokens, trained) == [
+        '{"name": "add", "parameters": {"a": 3, "b": 4}}<|eot_id|>'
+    ]
+    assert notes["template_dropped_content"] == 1
 
 
 # Copies of two real templates with {% generation %} markers around what the model writes

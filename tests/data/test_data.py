@@ -78,7 +78,7 @@ def test_assistant_spans_per_template_style(style):
         tokenizer, Conversation((SYSTEM, *TURNS)), options()
     )
     assert marked(tokenizer, tokens, trained) == EXPECTED[style]
-    assert notes == {"truncated": 0, "duplicate_bos_removed": 0}
+    assert notes == {"truncated": 0, "duplicate_bos_removed": 0, "template_dropped_content": 0}
     # Exactly one BOS, although this tokenizer also adds one to plain text.
     if tokenizer.bos_token_id is not None:
         assert tokens[0] == tokenizer.bos_token_id

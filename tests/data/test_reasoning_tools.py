@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 from chat_tokenizers import make_tokenizer
-from test_chat_templates import TOOL_CHAT, build, trained_runs
+from test_chat_templates import TEXT_AND_CALL, TOOL_CHAT, build, trained_runs
 from test_data import base_config, write_jsonl
 
 from sft_jax.core.spec import RunSpec
@@ -312,3 +312,45 @@ def test_config_checks_train_reasoning_and_template_kwargs():
         check_values(RunSpec.of(config), 1, 1)
     config.data.template_kwargs = '{"enable_thinking": false}'
     check_values(RunSpec.of(config), 1, 1)
+
+
+LLAMA3_1 = "meta-llama-Llama-3.1-8B-Instruct"
+LLAMA_REPLY_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def rendered_replies(tokenizer, example: dict) -> tuple[str, list[str]]:
+    """The conversation as apply_chat_template renders it (tool-call arguments as objects,
+    as templates take them), and each assistant reply in it: after its header through
+    <|eot_id|>."""
+    conversation = normalize(example, "messages")
+    text = tokenizer.apply_chat_template(
+        list(conversation.messages), tools=list(conversation.tools), tokenize=False
+    )
+    replies = [r[: r.index("<|eot_id|>")] + "<|eot_id|>" for r in text.split(LLAMA_REPLY_HEADER)]
+    return text, replies[1:]
+
+
+def test_text_a_template_drops_from_a_tool_turn_trains_as_rendered(data_config, tmp_path, caplog):
+    """Llama 3.1 renders only the call of a turn with text and a call: that rendering trains
+    (what the model reads and writes at inference), counted and warned once naming file:line."""
+    tokenizer = build(LLAMA3_1, [TEXT_AND_CALL])
+    tokenizer.save_pretrained(tmp_path / "llama")
+    data_config.data.tokenizer = str(tmp_path / "llama")
+    data_config.data.max_length = 1024  # Llama 3.1 puts the tool schemas in the user turn
+    write_jsonl(tmp_path / "train.jsonl", [TOOL_CHAT, TEXT_AND_CALL, TEXT_AND_CALL])
+    with caplog.at_level(logging.WARNING, logger="sft_jax.data.pipeline"):
+        loaded = load_datasets(RunSpec.of(data_config))
+    text, replies = rendered_replies(tokenizer, TEXT_AND_CALL)
+    assert "Let me add" not in text and replies[0].startswith('{"name": "add"')
+    tokens, trained = loaded.train.document(1)
+    assert tokens.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert trained_runs(loaded.tokenizer, tokens, trained) == replies
+    stats = loaded.train.stats
+    assert (stats["examples_kept"], stats["dropped"]) == (3, {})
+    assert stats["template_dropped_content"] == 2
+    assert stats["first_template_dropped_content"].endswith("train.jsonl:2")
+    warnings = [r.getMessage() for r in caplog.records if "template_dropped_content" in r.message]
+    assert len(warnings) == 1 and "train.jsonl:2" in warnings[0], caplog.text
+    from sft_jax.data.pipeline import summary_line
+
+    assert "2 assistant turns" in summary_line(stats)
