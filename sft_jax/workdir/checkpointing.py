@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
+from orbax.checkpoint._src import asyncio_utils
 
 from sft_jax.core.errors import ConfigError, UserError
 from sft_jax.core.spec import RunSpec
@@ -53,6 +56,53 @@ class _OrbaxLogFilter(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_OrbaxLogFilter())
+
+
+_SETTLE_S = 120.0  # how long a failed restore waits for its other reads
+
+
+def _run_until_settled(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Orbax's asyncio_utils._run_sync_via_new_loop, except that a failure first waits for the
+    operations still in flight. Orbax closes its loop as soon as one array of a restore fails;
+    the reads of the others were left pending on the closed loop, and TensorStore completing
+    them (RuntimeError: Event loop is closed) or the garbage collector finalizing them
+    ("Exception ignored in: <coroutine object _read_array_index_and_device_put ...>", the
+    TensorStore spec of each) printed tracebacks after the one clear message."""
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(coro)
+        except Exception:
+            # A pending read may start others (an array's shards): until none is left. What is
+            # still pending after _SETTLE_S (a read that hangs) is cancelled instead.
+            deadline = time.monotonic() + _SETTLE_S
+            while pending := asyncio.all_tasks(loop):
+                settled = asyncio.gather(*pending, return_exceptions=True)
+                try:
+                    wait = asyncio.wait_for(settled, max(deadline - time.monotonic(), 0.0))
+                    loop.run_until_complete(wait)
+                except asyncio.TimeoutError:
+                    break
+            raise
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+@contextlib.contextmanager
+def _settled_reads() -> Iterator[None]:
+    """Restores through _run_until_settled (Orbax 0.12.8 runs each one through
+    asyncio_utils._run_sync_via_new_loop; another version without it is left as it is)."""
+    original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+    if original is None:
+        yield
+        return
+    asyncio_utils._run_sync_via_new_loop = _run_until_settled
+    try:
+        yield
+    finally:
+        asyncio_utils._run_sync_via_new_loop = original
 
 
 class CheckpointSaveError(UserError):
@@ -230,7 +280,11 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def meta(self, step: int) -> dict[str, Any]:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        with _settled_reads():
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )
+        return restored.meta
 
     def best_step(self) -> int | None:
         """The kept step with the best eval (SELECTION), or None when no eval was saved."""
@@ -243,22 +297,24 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         """State (resharded onto `abstract_state`'s shardings), data state and meta of a step."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=_tree_restore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        with _settled_reads():
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=_tree_restore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
         return restored.state, restored.data, restored.meta
 
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the parameters of a step (no optimizer state is read)."""
         target = {"params": abstract_params}
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=_tree_restore(target, partial=True))
-        )
+        with _settled_reads():
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=_tree_restore(target, partial=True))
+            )
         return restored.state["params"]
 
     def restore_latest(
@@ -318,13 +374,17 @@ class Checkpoints:
         return changes + shape_changes(self.directory / str(step) / "state", abstract_state)
 
     def _set_aside(self, step: int, error: Exception) -> None:
+        # Orbax wraps a failed read in "Encountered error while reading array index ..." and
+        # the TensorStore spec, over many lines; what failed is in the error it was raised from.
+        while error.__cause__ is not None:
+            error = error.__cause__
         log.warning(
             "checkpoint %d in %s cannot be restored (%s: %s); moving it to %s and trying "
             "the one before.",
             step,
             self.directory,
             type(error).__name__,
-            str(error)[:300],
+            (str(error).splitlines() or [""])[0][:300],
             self.damaged_dir,
         )
         self._move_aside(step)
