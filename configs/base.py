@@ -274,6 +274,14 @@ def get_config() -> ml_collections.ConfigDict:
     # no reference weights, no reference forward per step; redone on a resume), or "auto":
     # adapters_off under LoRA, else copy.
     config.preference.reference = "auto"
+    # DPO's reference as another model (TRL's ref_model): "" = the initial policy (above); else
+    # a Hugging Face model directory or hub id (safetensors only), loaded as model.name_or_path
+    # is and sharded like it, of the same architecture and vocabulary (e.g. the SFT model a DPO
+    # run starts from, or that run's reference when continuing from its export). With it,
+    # preference.reference is "copy" or "auto" (its frozen weights beside the policy, run every
+    # step) or "precomputed" (its log-probs computed once before training; its weights stay
+    # in memory as frozen variables); "adapters_off" is an error. LoRA or full fine-tuning.
+    config.preference.reference_model = ""
     # Reward models: weight of mean (r_chosen + r_rejected)^2 in the loss, which keeps rewards
     # centred on 0 (TRL's center_rewards_coefficient; 0 = off).
     config.preference.center_rewards_coefficient = 0.0
@@ -319,8 +327,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Completions cut at max_completion_length (no stop token) carry no loss.
     config.grpo.mask_truncated_completions = False
     # Reward functions, comma-separated: built-ins "math" (answer equal by value, math-verify),
-    # "exact_match", "think_format", "overlong" (DAPO's length penalty), or
-    # "package.module:function" with TRL's signature; their weights ("" = 1.0 each).
+    # "exact_match", "think_format", "overlong" (DAPO's length penalty), a reward model's export
+    # as "reward_model:DIR", or "package.module:function" with TRL's signature; their weights
+    # ("" = 1.0 each).
     config.grpo.reward_funcs = "math"
     config.grpo.reward_weights = ""
     # Optimizer updates on each rollout (TRL's num_iterations, mu): the ratio's denominator is

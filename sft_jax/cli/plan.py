@@ -39,7 +39,9 @@ from sft_jax import cli  # noqa: E402
 from sft_jax.cli.overrides import unknown_override  # noqa: E402
 from sft_jax.core.errors import ConfigError  # noqa: E402
 from sft_jax.core.spec import RunSpec  # noqa: E402
+from sft_jax.objectives import registry  # noqa: E402
 from sft_jax.planning import estimate as plan_estimate  # noqa: E402
+from sft_jax.planning import rollout as plan_rollout  # noqa: E402
 from sft_jax.planning import search as plan_search  # noqa: E402
 from sft_jax.planning.hlo_stats import COLLECTIVES  # noqa: E402
 
@@ -222,6 +224,10 @@ def _plan() -> None:
         f"device, {1e3 * best.step_seconds:.3g} ms per step (roofline)"
     )
     print(f"flags: {best.candidate.flags()}")
+    if registry.kind_of(config).reads == "prompts":  # online RL: the sampler runs there too
+        shape = plan_estimate.model_config(config, FLAGS.model_config)
+        for line in plan_rollout.report(config, shape, best, devices, hardware.memory_bytes):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,7 @@ class PreferenceSpec(Section):
     center_rewards_coefficient: float
     reference: str
     orpo_nll: str
+    reference_model: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +344,7 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "train.objective": "sft",
     "train.neftune_noise_alpha": 0.0,
     "preference.reference": "auto",
+    "preference.reference_model": "",  # DPO's reference was the initial policy
     "preference.orpo_nll": "reply",  # ORPO's NLL before it followed TRL's (prompt and reply)
     "model.moe_dispatch": "auto",
     "mesh.context": 1,

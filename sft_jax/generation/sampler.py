@@ -281,6 +281,39 @@ def _check_sampling_options(top_k: int, top_p: float, min_p: float) -> None:
         raise ValueError(f"rollout: min_p must be in [0, 1] (0: off), not {min_p!r}.")
 
 
+def lower_rollout(
+    model: CausalLM,
+    rows: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    state: nnx.State | None = None,
+) -> Any:
+    """The sampler's program for `rows` prompts of up to prompt_len tokens and max_new_tokens
+    new ones (in rollout's buckets), lowered from abstract inputs and the model's variables as
+    they are sharded (or `state`: abstract variables with shardings, the planner's): what a
+    rollout of that shape will compile, before any sampling."""
+    graphdef, own = nnx.split(model)
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        own if state is None else state,
+    )
+    shape = (bucket(rows), bucket(prompt_len, _MIN_LENGTH_BUCKET))
+    tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
+    scalars = [jax.ShapeDtypeStruct((), dtype) for dtype in (jnp.int32, jnp.float32, jnp.int32)]
+    return _generate_ids.lower(
+        graphdef,
+        abstract_state,
+        tokens,
+        tokens,
+        jax.ShapeDtypeStruct((model.config.vocab_size,), jnp.bool_),
+        *scalars,
+        *(jax.ShapeDtypeStruct((), jnp.float32) for _ in range(2)),
+        jax.eval_shape(lambda: jax.random.key(0)),
+        max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET),
+        greedy=False,
+    )
+
+
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]], **options: Any) -> list[list[int]]:
     """The new tokens of each prompt (`rollout`'s tokens; options as for `rollout`)."""
     return rollout(model, prompts, **options).tokens

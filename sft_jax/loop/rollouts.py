@@ -38,9 +38,10 @@ from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataSource
 from sft_jax.data.prompts import Prompt, columns_of
-from sft_jax.generation.sampler import Rollout, chat_stop_token_ids, rollout
+from sft_jax.generation.sampler import Rollout, chat_stop_token_ids, lower_rollout, rollout
 from sft_jax.loop.batch_source import Params
 from sft_jax.objectives import grpo, rewards
+from sft_jax.train import memory as memory_plan
 from sft_jax.train.compiled import Steps
 from sft_jax.train.sharding import device_batch, row_feed
 
@@ -81,6 +82,7 @@ class GRPOBatches:
         self.last_end: float | None = None
         self.has_eval = bool(self.prompts.eval)
         self.pad_id = self.tokenizer.pad_token_id or 0
+        self.memory_checked = False
 
     # --- BatchSource ------------------------------------------------------------------------
 
@@ -109,6 +111,24 @@ class GRPOBatches:
         return self.last_metrics
 
     # --- Producing rows ---------------------------------------------------------------------
+
+    def check_memory(self, model: Any) -> None:
+        """Once, before the first rollout or eval: the sampler's plan fits beside the train
+        state (train/memory.check_rollout), or the run stops with the numbers."""
+        if self.memory_checked:
+            return
+        grpo_config, rows = self.grpo, self.rows
+        shape = (
+            f"{rows} rows x ({grpo_config.max_prompt_length} prompt + "
+            f"{grpo_config.max_completion_length} completion) tokens"
+        )
+        lowered = lower_rollout(
+            model, rows, grpo_config.max_prompt_length, grpo_config.max_completion_length
+        )
+        plan = memory_plan.StepMemory.of(memory_plan.compile_as_planned(lowered))
+        limit = memory_plan.device_bytes_limit()
+        memory_plan.check_rollout(plan, self.steps.train_memory, limit, shape)
+        self.memory_checked = True
 
     def produce(self, params: Any, index: int) -> dict[str, np.ndarray]:
         """The global rows of update `index` (0-based): rollout index // mu's."""
@@ -173,12 +193,15 @@ class GRPOBatches:
         return self.tokenizer.decode(kept, skip_special_tokens=True)
 
     def _sample_rows(self, params: Any, number: int, step: int) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        update_s = start - self.last_end if self.last_end is not None else None
+        # The updates since the last rollout run ahead of the host: their time ends once the
+        # params they write are there (the sampler would wait for them anyway).
+        jax.block_until_ready(params)
+        update_s = time.perf_counter() - self.last_end if self.last_end is not None else None
         chosen = self.prompts_of(number)
         seed = int(np.random.SeedSequence([self.config.train.seed, number]).generate_state(1)[0])
         g = self.grpo.num_generations
         model = self.steps.model_of(params)
+        self.check_memory(model)
         sampled_at = time.perf_counter()
         sampled = self.sample(model, [p for _, p in chosen], g, greedy=False, seed=seed)
         scored_at = time.perf_counter()
@@ -187,7 +210,7 @@ class GRPOBatches:
         )
         rows, sampler_logps = self._rows(sampled)
         rows[grpo.ADVANTAGE_KEY] = advantages.astype(np.float32)
-        policy, reference = self.steps.rollout_logps(params, self.local(rows))
+        policy, reference, entropy = self.steps.rollout_logps(params, self.local(rows))
         gate = grpo.sampling_metrics(sampler_logps, policy, rows["target_mask"])
         grpo.check_sampling(step, gate, self.grpo.max_sampling_logp_difference)
         rows[grpo.OLD_LOGPS_KEY] = policy
@@ -205,6 +228,7 @@ class GRPOBatches:
         times = {"time/sampling_s": scored_at - sampled_at, "time/scoring_s": end - scored_at}
         if update_s is not None:
             times["time/update_s"] = update_s
+        gate["entropy"] = float(entropy.sum() / max(rows["target_mask"].sum(), 1))
         self.last_metrics = self._metrics(sampled, total, zero_std, gate, times)
         self.last_end = time.perf_counter()
         return rows
@@ -325,6 +349,7 @@ class GRPOBatches:
         """Greedy replies to the held-out prompts (eval/reward, eval/pass@1) and, with
         grpo.eval_samples = k, k samples each at the sampling settings (eval/pass@k). The first
         reward function is the verifier: a reply passes where it scores 1.0 or more there."""
+        self.check_memory(model)
         held_out, batch = self.prompts.eval, max(self.config.eval.global_batch_size, 1)
         greedy = [
             self.sample(model, held_out[i : i + batch], 1, greedy=True, seed=0)
@@ -383,14 +408,17 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _drop_after(path: Path, index: int) -> None:
-    """Keeps the completions of updates 1 .. index (a resume samples the later ones again)."""
+    """Keeps the completions of updates 1 .. index (a resume samples the later ones again),
+    and drops a line a kill cut short."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-        if line.strip() and json.loads(line)["step"] <= index
-    ]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= index and line.endswith("\n"):
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # the last line, torn by a kill: its update runs again
     partial = path.with_suffix(".partial")
     partial.write_text("".join(kept), encoding="utf-8")
     partial.replace(path)

@@ -41,7 +41,8 @@ from sft_jax.core.errors import ConfigError, UserError, check_choice, need
 from sft_jax.core.spec import RunSpec
 from sft_jax.models.decoder import CausalLM
 from sft_jax.objectives import rewards
-from sft_jax.objectives.loss import hidden_token_logps, token_logps
+from sft_jax.objectives.loss import hidden_token_entropy, hidden_token_logps, token_logps
+from sft_jax.objectives.preference_config import check_no_reference_model
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -172,20 +173,25 @@ class GRPOObjective:
 
     def rollout_logps(
         self, model: CausalLM, batch: dict[str, jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
-        """(the policy's, the reference's) log-probs [B, T] of a rollout's tokens, 0 off the
-        completions: the ratio's denominator (and the numerics gate's training side) and the
-        KL term's reference (zeros without one)."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(the policy's log-probs, the reference's, the policy's entropy) [B, T] of a
+        rollout's tokens, 0 off the completions: the ratio's denominator (and the numerics
+        gate's training side), the KL term's reference (zeros without one), TRL's `entropy`."""
         mask = batch["target_mask"]
-        policy = jnp.where(mask, self.token_logps(model, batch), 0.0)
+        hidden_BxTxD, _ = model.forward(
+            batch["input_ids"], batch["positions"], batch["segment_ids"]
+        )
+        chunk, temperature = self.loss_chunk_size, self.temperature
+        policy = hidden_token_logps(model, hidden_BxTxD, batch, chunk, temperature)
+        entropy = hidden_token_entropy(model, hidden_BxTxD, chunk, temperature)
         if self.reference == "none":
-            return policy, jnp.zeros_like(policy)
-        if self.reference == "copy":
+            reference = jnp.zeros_like(policy)
+        elif self.reference == "copy":
             reference = self.token_logps(model.reference, batch)
         else:
             with adapters_off(model):
                 reference = self.token_logps(model, batch)
-        return policy, jnp.where(mask, reference, 0.0)
+        return tuple(jnp.where(mask, x, 0.0) for x in (policy, reference, entropy))
 
     def sums(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None) -> GRPOSums:
         return self.sums_of_logps(self.token_logps(model, batch, dropout_key), batch)
@@ -373,6 +379,14 @@ def objective_from_config(config: RunSpec) -> GRPOObjective:
     return GRPOObjective(spec, config.train.loss_chunk_size, grpo.temperature, reference_of(config))
 
 
+def _check_sampling(config: RunSpec) -> None:
+    grpo = config.grpo
+    need(config, grpo.temperature > 0, "grpo.temperature", "must be positive.")
+    need(config, 0 < grpo.top_p <= 1, "grpo.top_p", "must be within (0, 1].")
+    need(config, grpo.top_k >= 0, "grpo.top_k", "must be 0 (off) or positive.")
+    need(config, 0 <= grpo.min_p < 1, "grpo.min_p", "must be within [0, 1) (0: off).")
+
+
 def check_config(config: RunSpec) -> None:
     """config.grpo, and what online RL asks of the other sections; the reward functions are
     imported here, so a path that does not import stops the run before anything is loaded."""
@@ -400,10 +414,7 @@ def check_config(config: RunSpec) -> None:
     )
     for field in ("max_prompt_length", "max_completion_length", "num_iterations"):
         need(config, getattr(grpo, field) >= 1, f"grpo.{field}", "must be at least 1.")
-    need(config, grpo.temperature > 0, "grpo.temperature", "must be positive.")
-    need(config, 0 < grpo.top_p <= 1, "grpo.top_p", "must be within (0, 1].")
-    need(config, grpo.top_k >= 0, "grpo.top_k", "must be 0 (off) or positive.")
-    need(config, 0 <= grpo.min_p < 1, "grpo.min_p", "must be within [0, 1) (0: off).")
+    _check_sampling(config)
     need(config, 0 < grpo.epsilon < 1, "grpo.epsilon", "must be within (0, 1).")
     need(config, grpo.epsilon_high >= 0, "grpo.epsilon_high", "0 (= epsilon) or positive.")
     need(config, grpo.delta >= 0, "grpo.delta", "0 (off) or a cap above 1 + epsilon.")
@@ -430,4 +441,7 @@ def check_config(config: RunSpec) -> None:
             "with grpo.beta > 0 the reference is the model with its adapters off; modules "
             "trained in full would change it too. Leave it empty.",
         )
-    rewards.rewards_from_config(grpo.reward_funcs, grpo.reward_weights, grpo.max_completion_length)
+    check_no_reference_model(config)
+    rewards.rewards_from_config(
+        grpo.reward_funcs, grpo.reward_weights, grpo.max_completion_length, models=False
+    )

@@ -45,6 +45,43 @@ def _axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def _scaled_logits(
+    hidden_BxCxD: jax.Array, head_VxD: jax.Array, softcap: float | None, temperature: float
+) -> jax.Array:
+    logits_BxCxV = head_logits(hidden_BxCxD, head_VxD, softcap)
+    if temperature != 1.0:  # online RL scores its samples as the sampler drew them
+        logits_BxCxV = logits_BxCxV / temperature
+    return logits_BxCxV
+
+
+def _log_normalizer(logits_BxCxV: jax.Array, vocab_axes: tuple[str, ...]) -> jax.Array:
+    """log sum exp over the whole vocabulary [B, C]; with vocab_axes, from every slice's partial
+    sums (the shift is any constant, here the global max, so it needs no gradient)."""
+    if not vocab_axes:
+        return jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    shift_BxC = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits_BxCxV, -1)), vocab_axes)
+    partial_BxC = jnp.sum(jnp.exp(logits_BxCxV - shift_BxC[..., None]), -1)
+    return shift_BxC + jnp.log(jax.lax.psum(partial_BxC, vocab_axes))
+
+
+def _chunk_entropy(
+    hidden_BxCxD: jax.Array,
+    head_VxD: jax.Array,
+    softcap: float | None,
+    vocab_axes: tuple[str, ...],
+    temperature: float,
+) -> jax.Array:
+    """The entropy [B, C] of softmax(logits / temperature) at each position of one chunk:
+    log Z - sum_v p_v * logit_v."""
+    logits_BxCxV = _scaled_logits(hidden_BxCxD, head_VxD, softcap, temperature)
+    log_normalizer_BxC = _log_normalizer(logits_BxCxV, vocab_axes)
+    probs_BxCxV = jnp.exp(logits_BxCxV - log_normalizer_BxC[..., None])
+    expected_BxC = jnp.sum(probs_BxCxV * logits_BxCxV, -1)
+    if vocab_axes:
+        expected_BxC = jax.lax.psum(expected_BxC, vocab_axes)
+    return log_normalizer_BxC - expected_BxC
+
+
 def _chunk_stats(
     hidden_BxCxD: jax.Array,
     head_VxD: jax.Array,
@@ -56,20 +93,12 @@ def _chunk_stats(
     """(log-normalizer, target logit) [B, C] of one chunk, of the logits divided by temperature;
     head_VxD is this device's slice of the vocabulary when vocab_axes name the mesh axes it is
     split over, else the whole head."""
-    logits_BxCxV = head_logits(hidden_BxCxD, head_VxD, softcap)
-    if temperature != 1.0:  # online RL scores its samples as the sampler drew them
-        logits_BxCxV = logits_BxCxV / temperature
+    logits_BxCxV = _scaled_logits(hidden_BxCxD, head_VxD, softcap, temperature)
     local_vocab = logits_BxCxV.shape[-1]
+    log_normalizer_BxC = _log_normalizer(logits_BxCxV, vocab_axes)
+    local_targets_BxC = targets_BxC
     if vocab_axes:
-        # log sum exp over the whole vocabulary from every slice's partial sums; the shift is
-        # any constant (here the global max), so it needs no gradient.
-        shift_BxC = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits_BxCxV, -1)), vocab_axes)
-        partial_BxC = jnp.sum(jnp.exp(logits_BxCxV - shift_BxC[..., None]), -1)
-        log_normalizer_BxC = shift_BxC + jnp.log(jax.lax.psum(partial_BxC, vocab_axes))
         local_targets_BxC = targets_BxC - jax.lax.axis_index(vocab_axes) * local_vocab
-    else:
-        log_normalizer_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        local_targets_BxC = targets_BxC
     here_BxC = (local_targets_BxC >= 0) & (local_targets_BxC < local_vocab)
     index_BxCx1 = jnp.clip(local_targets_BxC, 0, local_vocab - 1)[..., None]
     target_logit_BxC = jnp.take_along_axis(logits_BxCxV, index_BxCx1, axis=-1)[..., 0]
@@ -252,6 +281,38 @@ def token_logps(
     logits never exist; the rows stay sharded."""
     hidden_BxTxD, _ = _final_hidden(model, batch, dropout_key)
     return hidden_token_logps(model, hidden_BxTxD, batch, max_chunk, temperature)
+
+
+def hidden_token_entropy(
+    model: CausalLM,
+    hidden_BxTxD: jax.Array,
+    max_chunk: int = 512,
+    temperature: float = 1.0,
+) -> jax.Array:
+    """The entropy [B, T] of the model's next-token distribution (softmax(logits /
+    temperature)) at every position, chunked like token_logps; no gradient (a metric: TRL's
+    `entropy` of online RL)."""
+    head_VxD = jax.lax.stop_gradient(model.head())
+    hidden_BxTxD = jax.lax.stop_gradient(hidden_BxTxD)
+    softcap = model.config.final_logit_softcap
+
+    def scan(hidden_BxTxD, head_VxD, vocab_axes) -> jax.Array:
+        chunk = time_chunk(hidden_BxTxD.shape[1], max_chunk)
+
+        def per_chunk(carry: None, h_BxCxD: jax.Array) -> tuple[None, jax.Array]:
+            return carry, _chunk_entropy(h_BxCxD, head_VxD, softcap, vocab_axes, temperature)
+
+        _, out_NxBxC = jax.lax.scan(per_chunk, None, _to_chunks(hidden_BxTxD, chunk))
+        return jnp.swapaxes(out_NxBxC, 0, 1).reshape(hidden_BxTxD.shape[:2])
+
+    if jax.sharding.get_abstract_mesh().empty:
+        return scan(hidden_BxTxD, head_VxD, ())
+    positions_BxT = jnp.zeros(hidden_BxTxD.shape[:2], jnp.int32)  # rows' layout for shard_map
+
+    def local(hidden_BxTxD, head_VxD, _rows_BxT, vocab_axes, row_axes) -> jax.Array:
+        return scan(hidden_BxTxD, head_VxD, vocab_axes)
+
+    return _per_device(local, hidden_BxTxD, head_VxD, (positions_BxT,), lambda rows: rows)
 
 
 def hidden_token_logps(

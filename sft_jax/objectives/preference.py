@@ -201,23 +201,36 @@ def pair_terms(spec: PreferenceSpec, policy: PairLogps, reference: PairLogps | N
 
 
 class ReferenceWeight(nnx.Variable):
-    """A weight of DPO's frozen reference copy (full fine-tuning): not an nnx.Param, so never
-    trained, never in the optimizer state or a checkpoint; sharded like the parameter it
-    copies (same logical axes)."""
+    """A weight of DPO's frozen reference (a copy of the initial weights, or
+    config.preference.reference_model's): not an nnx.Param, so never trained, never in the
+    optimizer state or a checkpoint; sharded like the parameter it stands for (same logical
+    axes)."""
+
+
+def _freeze(model: CausalLM, copy: bool) -> CausalLM:
+    """`model` with its parameters turned into ReferenceWeights (in place), each in a new
+    buffer where `copy` (the train step donates the parameters' buffers)."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            for name, value in list(vars(node).items()):
+                if isinstance(value, nnx.Param):
+                    weight = jnp.copy(value.get_value()) if copy else value.get_value()
+                    setattr(node, name, ReferenceWeight(weight, **value.get_metadata()))
+    return model
 
 
 def attach_frozen_copy(model: CausalLM) -> None:
     """model.reference: a copy of the model as it is now (the run's initial weights, also on a
     resume, which reloads them), its parameters turned into ReferenceWeights held in new
     buffers (the train step donates the parameters' buffers)."""
-    copy = nnx.clone(model)
-    for _, node in nnx.iter_graph(copy):
-        if isinstance(node, nnx.Module):
-            for name, value in list(vars(node).items()):
-                if isinstance(value, nnx.Param):
-                    weight = jnp.copy(value.get_value())
-                    setattr(node, name, ReferenceWeight(weight, **value.get_metadata()))
-    model.reference = copy
+    model.reference = _freeze(nnx.clone(model), copy=True)
+
+
+def attach_reference(model: CausalLM, reference: CausalLM) -> None:
+    """model.reference: `reference` (another model of the same architecture, loaded on the
+    policy's mesh: config.preference.reference_model), its parameters turned into
+    ReferenceWeights: frozen variables of the steps, as attach_frozen_copy's copy."""
+    model.reference = _freeze(reference, copy=False)
 
 
 class PreferenceSums(NamedTuple):
@@ -254,10 +267,10 @@ class PairObjective:
     """A preference loss as a step.Objective (the train step is SFT's, unchanged).
 
     reference: "adapters_off" (LoRA / QLoRA: the same weights with every adapter scaled to 0,
-    under stop_gradient: no second copy of the model), "copy" (full fine-tuning: a frozen copy
-    of the initial weights, model.reference, see attach_frozen_copy), "precomputed" (the
-    batch's REFERENCE_KEY, reference_token_logps of the initial model computed in one pass
-    before training: no reference weights and no reference forward in the step) or "none"
+    under stop_gradient: no second copy of the model), "copy" (model.reference, frozen: a copy
+    of the initial weights, see attach_frozen_copy, or config.preference.reference_model's,
+    see attach_reference), "precomputed" (the batch's REFERENCE_KEY: reference_token_logps
+    computed in one pass before training, no reference forward in the step) or "none"
     (SimPO, ORPO).
     max_pairs: most pairs a row holds (segments 1 .. 2 * max_pairs). On a mixture of experts
     the router's losses are added by objectives/moe.RouterLosses, as for SFT.
@@ -279,11 +292,16 @@ class PairObjective:
         return (REFERENCE_KEY,) if self.reference == "precomputed" else ()
 
     def reference_token_logps(self, model: CausalLM, batch: Batch) -> jax.Array:
-        """The reference's log p(target) [B, T] (0 off the completion tokens) under `model`
-        with its adapters off (a no-op without any): what reference='precomputed' reads from
-        the batch, computed once with the initial weights (sft_jax.train.compiled)."""
-        with adapters_off(model):
-            logps_BxT = token_logps(model, batch, self.loss_chunk_size)
+        """The reference's log p(target) [B, T] (0 off the completion tokens): under
+        model.reference where the model has one (config.preference.reference_model), else
+        under `model` with its adapters off (a no-op without any). What reference='precomputed'
+        reads from the batch, computed once before training (sft_jax.train.compiled)."""
+        reference = getattr(model, "reference", None)
+        if reference is not None:
+            logps_BxT = token_logps(reference, batch, self.loss_chunk_size)
+        else:
+            with adapters_off(model):
+                logps_BxT = token_logps(model, batch, self.loss_chunk_size)
         return jnp.where(batch["target_mask"], logps_BxT, 0.0)
 
     def policy_and_reference(

@@ -1,10 +1,28 @@
 """config.preference for the objectives over preference pairs (objectives/preference.py):
-the objective a config asks for, its reference, and the checks of the fields they read."""
+the objective a config asks for, its reference, and the checks of the fields they read.
+
+DPO's reference is the initial policy, or with config.preference.reference_model=PATH another
+model of the same architecture (TRL's ref_model: the SFT model a DPO run starts from, or the
+one an earlier DPO run started from when this one continues from its export). Then
+preference.reference says how the step gets its log-probs: "copy" (and "auto") holds that model
+as frozen weights beside the policy and runs it every step; "precomputed" runs it once over
+every pair before training; "adapters_off" (the policy with its adapters off) is not that
+model, and a ConfigError.
+"""
 
 from __future__ import annotations
 
-from sft_jax.core.errors import check_choice, need
+import dataclasses
+
+import jax
+from flax import nnx
+
+from sft_jax.adapters.lora import LoRASpec
+from sft_jax.core.errors import ConfigError, check_choice, need
 from sft_jax.core.spec import RunSpec
+from sft_jax.models import CausalLM, from_pretrained
+from sft_jax.models.config import DTYPES, ModelConfig
+from sft_jax.models.moe import moe_blocks, quantize_experts
 from sft_jax.objectives.preference import (
     DPO_LOSSES,
     ORPO_NLL,
@@ -13,13 +31,70 @@ from sft_jax.objectives.preference import (
     PreferenceSpec,
 )
 
+# ModelConfig fields that say how the model runs, not what it is (the reference takes the
+# policy's).
+_RUNTIME_FIELDS = ("attention", "max_segments")
+
 
 def reference_of(config: RunSpec) -> str:
-    """config.preference.reference, "auto" resolved: adapters off under LoRA, else a copy."""
+    """config.preference.reference, "auto" resolved: with a reference_model a frozen copy of
+    it; else adapters off under LoRA, else a frozen copy of the initial weights."""
     reference = config.preference.reference
     if reference == "auto":
-        return "adapters_off" if config.lora.rank > 0 else "copy"
+        if config.preference.reference_model or config.lora.rank == 0:
+            return "copy"
+        return "adapters_off"
     return reference
+
+
+def load_reference_model(config: RunSpec, policy: CausalLM) -> CausalLM:
+    """config.preference.reference_model loaded as the policy was (train/setup.build_model:
+    safetensors only, the run's dtypes and quantization) on the policy's mesh, running with
+    its attention kernel and expert dispatch; a ConfigError where its architecture is not the
+    policy's."""
+    spec = LoRASpec.from_config(config.lora, config.train.steps)
+    mesh = _mesh_of(policy)
+    reference = from_pretrained(
+        config.preference.reference_model,
+        mesh=mesh,
+        param_dtype=DTYPES[config.model.param_dtype],
+        dtype=DTYPES[config.model.compute_dtype],
+        quantization=spec.quantization,
+        attention=policy.config.attention,
+        max_segments=policy.config.max_segments,
+    )
+    check_same_architecture(config, policy.config, reference.config)
+    if spec.quantization is not None and reference.config.num_experts:
+        quantize_experts(reference, spec.quantization, mesh)
+    for ours, theirs in zip(moe_blocks(policy), moe_blocks(reference), strict=True):
+        theirs.dispatch, theirs.grouped_matmul = ours.dispatch, ours.grouped_matmul
+    return reference
+
+
+def _mesh_of(model: CausalLM) -> jax.sharding.Mesh:
+    """The mesh the model's parameters are sharded on."""
+    leaf = jax.tree.leaves(nnx.state(model, nnx.Param))[0]
+    return leaf.sharding.mesh
+
+
+def check_same_architecture(config: RunSpec, policy: ModelConfig, reference: ModelConfig) -> None:
+    """A ConfigError naming preference.reference_model and every field of the architecture
+    (vocabulary included) where the reference differs from the policy."""
+    differences = [
+        f"{field.name} {getattr(reference, field.name)!r} (the policy's: "
+        f"{getattr(policy, field.name)!r})"
+        for field in dataclasses.fields(ModelConfig)
+        if field.compare
+        and field.name not in _RUNTIME_FIELDS
+        and getattr(reference, field.name) != getattr(policy, field.name)
+    ]
+    if differences:
+        raise ConfigError(
+            f"config.preference.reference_model={config.preference.reference_model!r}: not the "
+            f"architecture of config.model.name_or_path={config.model.name_or_path!r}: "
+            f"{'; '.join(differences)}. The reference must be the policy's architecture and "
+            "vocabulary (e.g. the SFT model the policy was trained from)."
+        )
 
 
 def objective_from_config(
@@ -81,9 +156,61 @@ def check_pairs(config: RunSpec) -> None:
     check_pair_fields(config)
 
 
+def check_reference_free(config: RunSpec) -> None:
+    """config.preference for "simpo" and "orpo": the pair fields, and no reference model."""
+    check_pairs(config)
+    check_no_reference_model(config)
+
+
+def check_no_reference_model(config: RunSpec) -> None:
+    """preference.reference_model is DPO's reference; another objective would ignore it."""
+    need(
+        config,
+        not config.preference.reference_model,
+        "preference.reference_model",
+        f"only train.objective='dpo' has a reference model ('{config.train.objective}' has "
+        "none, or its own: grpo.beta's is the initial policy); leave it empty.",
+    )
+
+
+def has_reference_model(config: RunSpec) -> bool:
+    """Whether DPO's reference is config.preference.reference_model (not the initial policy)."""
+    return bool(config.preference.reference_model)
+
+
+def _check_no_full_modules(config: RunSpec) -> None:
+    """LoRA with a frozen reference model held beside the policy (model.reference): the
+    modules LoRA trains in full are picked by name (adapters/lora.trainable_filter), which would
+    pick the reference's modules of that name too."""
+    why = (
+        "with a frozen reference model beside the policy (preference.reference 'copy', or "
+        "preference.reference_model), the reference's modules of that name would train too. "
+    )
+    need(
+        config,
+        not config.lora.trainable_modules,
+        "lora.trainable_modules",
+        why + "Leave it empty, or use preference.reference='precomputed' without a "
+        "reference_model.",
+    )
+    need(config, not config.lora.train_router, "lora.train_router", why + "Leave it False.")
+
+
 def check_dpo(config: RunSpec) -> None:
     """config.preference for "dpo": the pair fields, and a reference the run can have."""
     check_pairs(config)
+    if has_reference_model(config):
+        need(
+            config,
+            config.preference.reference != "adapters_off",
+            "preference.reference",
+            "with preference.reference_model set the reference is that model, not the policy "
+            "with its adapters off: use 'copy' (or 'auto': that model's frozen weights beside "
+            "the policy) or 'precomputed' (its log-probs computed once before training), or "
+            "leave reference_model empty.",
+        )
+    if config.lora.rank > 0 and (reference_of(config) == "copy" or has_reference_model(config)):
+        _check_no_full_modules(config)
     if reference_of(config) == "adapters_off":
         need(
             config,

@@ -44,6 +44,8 @@ class ObjectiveKind:
     virtual_tokens: bool = False
     # Checks the config sections it owns (config_check calls it); raises ConfigError.
     check: Callable[[Any], None] = lambda config: None
+    # Tokens of a train row (the planner's; the data source makes rows of this length).
+    row_length: Callable[[Any], int] = lambda config: config.data.max_length
 
 
 KINDS: Registry[ObjectiveKind] = Registry("objective")
@@ -67,17 +69,29 @@ def kind_of(config: Any) -> ObjectiveKind:
     return KINDS.get("train.objective", name_of(config))
 
 
+def row_length(config: Any) -> int:
+    """Tokens of a train row of config.train.objective (config.data.max_length, or online
+    RL's prompt and completion)."""
+    return kind_of(config).row_length(config)
+
+
 def build(config: Any, model: CausalLM, max_segments: int, pad_token_id: int | None) -> Any:
     """The objective of the run, or None for the step's own cross-entropy."""
     return kind_of(config).build(config, model, max_segments, pad_token_id)
 
 
 def _dpo(config, model, max_segments, pad_token_id):
+    """DPO against the initial policy, or config.preference.reference_model: that model is
+    model.reference (frozen variables of the steps, sharded like the policy), run every step
+    ("copy") or once before training by the reference step ("precomputed")."""
     reference = preference_config.reference_of(config)
     chosen = preference_config.objective_from_config(
         config, max_segments or 3, config.preference.loss_type, reference
     )
-    if reference == "copy":
+    if config.preference.reference_model:
+        loaded = preference_config.load_reference_model(config, model)
+        preference.attach_reference(model, loaded)
+    elif reference == "copy":
         preference.attach_frozen_copy(model)  # frozen variables of the steps, sharded
     return chosen
 
@@ -103,7 +117,10 @@ register(ObjectiveKind("dpo", build=_dpo, reads="pairs", check=preference_config
 for _name in preference.REFERENCE_FREE:
     register(
         ObjectiveKind(
-            _name, _reference_free(_name), reads="pairs", check=preference_config.check_pairs
+            _name,
+            _reference_free(_name),
+            reads="pairs",
+            check=preference_config.check_reference_free,
         )
     )
 register(
@@ -120,4 +137,12 @@ def _grpo(config, model, max_segments, pad_token_id):
     return chosen
 
 
-register(ObjectiveKind("grpo", _grpo, reads="prompts", check=grpo.check_config))
+register(
+    ObjectiveKind(
+        "grpo",
+        _grpo,
+        reads="prompts",
+        check=grpo.check_config,
+        row_length=lambda config: config.grpo.max_prompt_length + config.grpo.max_completion_length,
+    )
+)

@@ -31,7 +31,7 @@ from sft_jax.core.batch import MARGIN_KEY
 from sft_jax.core.errors import ConfigError, need
 from sft_jax.core.spec import RunSpec
 from sft_jax.models.decoder import CausalLM
-from sft_jax.objectives.preference_config import check_pair_fields
+from sft_jax.objectives.preference_config import check_no_reference_model, check_pair_fields
 
 Batch = dict[str, jax.Array]
 
@@ -223,3 +223,4 @@ def check_config(config: RunSpec) -> None:
             "a reward model scores sequences and does not generate: set it to 0.",
         )
     check_pair_fields(config)
+    check_no_reference_model(config)

@@ -21,12 +21,14 @@ import numbers
 import re
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sft_jax.core.errors import ConfigError, UserError
 from sft_jax.core.registry import Registry
+from sft_jax.objectives import model_reward
 
 RewardFn = Callable[..., list]
 
@@ -145,10 +147,20 @@ BUILTINS.register(
 )
 
 
-def load(name: str, max_completion_length: int) -> RewardFn:
-    """A built-in by name, or the callable "package.module:function" names."""
+MODEL_PREFIX = model_reward.PREFIX  # a reward model's export
+
+
+def load(name: str, max_completion_length: int, models: bool = True) -> RewardFn | None:
+    """A built-in by name, a reward model's export as "reward_model:DIR" (models=False: only
+    checked, None), or the callable "package.module:function" names."""
     if name in BUILTINS.entries:
         return BUILTINS.entries[name](max_completion_length)
+    if name.startswith(MODEL_PREFIX):
+        directory = name.removeprefix(MODEL_PREFIX)
+        if models:
+            return model_reward.ModelReward(directory)
+        model_reward.check(directory)
+        return None
     module_name, _, attribute = name.partition(":")
     if not attribute:
         raise ConfigError(
@@ -168,8 +180,11 @@ def load(name: str, max_completion_length: int) -> RewardFn:
     return fn
 
 
-def rewards_from_config(names: str, weights: str, max_completion_length: int) -> list[Reward]:
-    """The rewards of comma-separated names and weights ("" weights: 1.0 each)."""
+def rewards_from_config(
+    names: str, weights: str, max_completion_length: int, models: bool = True
+) -> list[Reward]:
+    """The rewards of comma-separated names and weights ("" weights: 1.0 each); models=False
+    checks reward models' exports without loading them (their functions are then None)."""
     listed = [n.strip() for n in names.split(",") if n.strip()]
     if not listed:
         raise ConfigError("grpo.reward_funcs is empty: name at least one reward function.")
@@ -181,8 +196,16 @@ def rewards_from_config(names: str, weights: str, max_completion_length: int) ->
         )
     values = values or [1.0] * len(listed)
     return [
-        Reward(n, load(n, max_completion_length), w) for n, w in zip(listed, values, strict=True)
+        Reward(_metric_name(n), load(n, max_completion_length, models), w)
+        for n, w in zip(listed, values, strict=True)
     ]
+
+
+def _metric_name(name: str) -> str:
+    """The name in rewards/<name>/mean: a reward model's by its folder (no slashes)."""
+    if name.startswith(MODEL_PREFIX):
+        return MODEL_PREFIX + Path(name.removeprefix(MODEL_PREFIX).rstrip("/")).name
+    return name
 
 
 def score(

@@ -28,6 +28,7 @@ from sft_jax.models.decoder import use_attention
 from sft_jax.models.io.hf import abstract_model, load_hf_config, resolve_model_dir
 from sft_jax.models.kernels.grouped_matmul import STAND_IN as STAND_IN_EXPERTS
 from sft_jax.models.moe import use_grouped_matmul
+from sft_jax.objectives import registry
 from sft_jax.planning import depth as plan_depth
 from sft_jax.planning.hlo_stats import INVOLUNTARY, collective_bytes, compiler_log
 from sft_jax.train import memory as memory_plan
@@ -84,7 +85,7 @@ def planned_attention(config: RunSpec, shape: ModelConfig, target: str) -> tuple
         accelerator=target,
         model=shape,
         compute_dtype=config.model.compute_dtype,
-        max_length=config.data.max_length,
+        max_length=registry.row_length(config),
         context=config.mesh.context,
     )
     here = jax.devices()[0].platform
@@ -304,7 +305,12 @@ def compile_candidate(
     state, frozen = _abstract_inputs(model, mesh, tx, trainable)
     with jax.set_mesh(mesh), compiler_log() as log_lines:
         lowered = lower_train_step(
-            spec, mesh, state, frozen, rows=train.global_batch_size, seq_len=config.data.max_length
+            spec,
+            mesh,
+            state,
+            frozen,
+            rows=train.global_batch_size,
+            seq_len=registry.row_length(config),
         )
         compiled = memory_plan.compile_as_planned(lowered)
     return compiled, log_lines
@@ -427,7 +433,7 @@ def estimate(
         shallow, deep = (Reading.compile(subject, d, candidate, devices) for d in at)
         reading = shallow.extended(deep, *at, layers)
     model, trainable = subject.model(layers, as_run=True)  # abstract: counting costs nothing
-    seq_len = config.data.max_length
+    seq_len = registry.row_length(config)
     per_token = training_flops_per_token(subject.shape, seq_len, adapter_params(model, trainable))
     tokens = config.train.global_batch_size * seq_len
     return Estimate(

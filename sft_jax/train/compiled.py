@@ -63,9 +63,9 @@ class Steps:
     # (params, this process's rows of an eval-sized batch) -> the reference log-probs of every
     # row of the global batch, [rows, T] on the host: DPO with reference='precomputed'.
     reference: Callable[[Any, dict[str, Any]], np.ndarray] | None = None
-    # (params, this process's rows of a train batch) -> (the policy's, the reference's) log-probs
-    # [rows, T] of every row of the global batch on the host: online RL's rollouts.
-    rollout_logps: Callable[[Any, dict[str, Any]], tuple[np.ndarray, np.ndarray]] | None = None
+    # (params, this process's rows of a train batch) -> (the policy's, the reference's log-probs,
+    # the policy's entropy) [rows, T] of every row of the global batch on the host: online RL.
+    rollout_logps: Callable[[Any, dict[str, Any]], tuple[np.ndarray, ...]] | None = None
 
     def model_of(self, params: Any) -> CausalLM:
         """The model with these trained parameters (e.g. to generate with during eval)."""
@@ -243,7 +243,7 @@ def compile_host_steps(
 ) -> tuple[Any, Any]:
     """(DPO's reference step: params, rows -> reference log-probs [rows, T], for eval-sized
     batches, where the objective reads a precomputed reference; online RL's rollout step:
-    params, rows -> the policy's and the reference's log-probs [rows, T] of a train batch,
+    params, rows -> the policy's and the reference's log-probs and the entropy of a train batch,
     where the objective samples its rows), each None where not. rows: (train, eval, seq_len)."""
     reference = rollout = None
     if getattr(spec.objective, "reference", None) == "precomputed":

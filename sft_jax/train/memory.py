@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from sft_jax.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # XLA:CPU's default scheduler orders a program for concurrency: it starts every collective as
@@ -136,4 +138,28 @@ def warn_if_over_memory(plan: StepMemory | None, limit: int | None, remat: str) 
             plan.total / 2**30,
             limit / 2**30,
             lower_it(remat),
+        )
+
+
+def check_rollout(
+    sampler: StepMemory | None, train: StepMemory | None, limit: int | None, shape: str
+) -> None:
+    """Logs the sampler's planned memory and refuses, before any sampling, a rollout that does
+    not fit beside the train state: the train step's arguments (params, optimizer state, frozen
+    variables, a batch) stay on the device while the sampler's temporaries (KV cache, logits)
+    and outputs are added. shape says what is sampled (for the messages)."""
+    if sampler is None:
+        return
+    log.info("sampler memory (%s): %s", shape, sampler.describe())
+    resident = train.arguments if train is not None else sampler.arguments
+    needed = resident + sampler.temporaries + sampler.outputs
+    if limit and needed > FIT_FRACTION * limit:
+        gib = 2.0**30
+        raise ConfigError(
+            f"sampling {shape} plans {(needed - resident) / gib:.2f} GiB per device (KV cache and "
+            f"logits) beside the train state's {resident / gib:.2f} GiB: {needed / gib:.2f} GiB, "
+            f"over {100 * FIT_FRACTION:.0f}% of the device's {limit / gib:.2f} GiB. Lower "
+            "config.grpo.num_generations, config.grpo.max_completion_length, "
+            "config.grpo.max_prompt_length or config.train.global_batch_size (prompts per "
+            "update), or use more devices."
         )

@@ -181,8 +181,8 @@ def reference_step(spec: StepSpec, params: Any, frozen: Any, batch: Batch) -> ja
 
 def rollout_logps_step(
     spec: StepSpec, params: Any, frozen: Any, batch: Batch
-) -> tuple[jax.Array, jax.Array]:
-    """The policy's and the reference's log-probs of a rollout's tokens, [rows, T] each (online
-    RL: once per rollout, with the params that sampled it)."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The policy's and the reference's log-probs of a rollout's tokens and the policy's
+    entropy, [rows, T] each (online RL: once per rollout, with the params that sampled it)."""
     batch = token_layout(batch)
     return spec.objective.rollout_logps(nnx.merge(spec.graphdef, params, frozen), batch)

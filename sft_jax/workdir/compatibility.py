@@ -38,6 +38,12 @@ RESUME_FIELDS = (
     # head) and what the data rows hold; the reference is what DPO's rewards are measured from.
     "train.objective",
     "preference.reference",
+    "preference.reference_model",
+    # Online RL: which prompts each rollout takes, the rows' shape, the rollouts a resume reuses.
+    "grpo.num_generations",
+    "grpo.num_iterations",
+    "grpo.max_prompt_length",
+    "grpo.max_completion_length",
 )
 
 

@@ -164,6 +164,12 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("train/sampling/importance_sampling_ratio/mean", _ROLLOUT, "mean of that ratio"),
     Metric("train/sampling/importance_sampling_ratio/max", _ROLLOUT, "largest of that ratio"),
+    Metric(
+        "train/entropy",
+        _ROLLOUT,
+        "mean entropy of the policy's next-token distribution (softmax(logits / temperature)) "
+        "over the completion tokens, at the params that sampled them",
+    ),
     Metric("train/time/sampling_s", _ROLLOUT, "seconds sampling the rollout"),
     Metric(
         "train/time/scoring_s",

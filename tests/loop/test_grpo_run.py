@@ -4,6 +4,10 @@ devices, TRL's metrics, the completions log, exact resume, the numerics gate, ba
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from sft_jax.data.records import DataError
 from sft_jax.loop import rollouts, trainer
 from sft_jax.objectives.grpo import SamplerDivergedError
 from sft_jax.objectives.rewards import RewardError
+from sft_jax.train import memory as memory_plan
 from sft_jax.train.config_check import check_values
 from sft_jax.train.setup import open_run_data
 
@@ -82,7 +87,7 @@ def test_a_grpo_run_logs_trl_metrics_and_every_completion(chat_model_dir, tmp_pa
     steps = train_metrics(tmp_path / "run")
     assert [m["step"] for m in steps] == [1, 2, 3]
     for name in (
-        "reward", "reward_std", "frac_reward_zero_std", "kl",
+        "reward", "reward_std", "frac_reward_zero_std", "kl", "entropy",
         "rewards/grpo_rewards:even_tokens/mean", "rewards/grpo_rewards:needs_answer/std",
         "clip_ratio/region_mean",
         "completions/mean_length", "completions/clipped_ratio", "num_tokens",
@@ -178,6 +183,7 @@ def test_long_prompts_are_counted_skips_or_an_error_naming_the_line(chat_model_d
         ({"grpo.num_generations": 1}, ConfigError, "group of one completion has no std"),
         ({"train.global_batch_size": 8, "grpo.num_generations": 3}, ConfigError, "multiple of"),
         ({"grpo.loss_type": "ppo"}, ConfigError, "expected one of dapo"),
+        ({"preference.reference_model": "/sft"}, ConfigError, "only train.objective='dpo'"),
     ],
 )
 def test_bad_grpo_configs_are_refused_naming_the_field(
@@ -194,3 +200,52 @@ def test_a_reward_that_returns_nan_stops_the_run_naming_it(chat_model_dir, tmp_p
     config.grpo.reward_weights = ""
     with pytest.raises(RewardError, match=r"grpo_rewards:not_a_number.* returned nan"):
         run(config, tmp_path / "run")
+
+
+WORKER = Path(__file__).parents[1] / "grpo_worker.py"
+
+
+def start_worker(model_dir: Path, data: Path, workdir: Path, steps: int, num_iterations: int):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
+    arguments = [str(model_dir), str(data), str(workdir), str(steps), str(num_iterations)]
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *arguments],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_kill_9_at_a_random_update_then_resume_samples_and_trains_as_uninterrupted(
+    chat_model_dir, tmp_path
+):
+    """Inside a rollout (num_iterations 2), with checkpoints saved in the background: the
+    completions and every update's loss, gradient norm and reward equal an uninterrupted run's."""
+    from test_resume import finish, kill_9_at
+
+    steps, data = 10, tmp_path / "data"
+    data.mkdir()
+    finish(start_worker(chat_model_dir, data, tmp_path / "whole", steps, 2))
+    kill_at = random.Random(os.getpid()).randint(3, steps - 3)
+    parts = tmp_path / "parts"
+    kill_9_at(parts, kill_at, start_worker(chat_model_dir, data, parts, steps, 2))
+    summary = finish(start_worker(chat_model_dir, data, parts, steps, 2))
+    assert summary["start_step"] >= 2, "a checkpoint should have been there to resume from"
+    whole = tmp_path / "whole"
+    for name in ("train/loss", "train/grad_norm", "train/reward"):
+        assert [m.get(name) for m in train_metrics(parts)] == [
+            m.get(name) for m in train_metrics(whole)
+        ], name
+    assert records(parts / rollouts.COMPLETIONS_FILE) == records(whole / rollouts.COMPLETIONS_FILE)
+
+
+@pytest.mark.e2e
+def test_a_rollout_that_cannot_fit_is_refused_before_sampling(
+    chat_model_dir, tmp_path, monkeypatch
+):
+    config = grpo_config(chat_model_dir, tmp_path, steps=2)
+    monkeypatch.setattr(memory_plan, "device_bytes_limit", lambda: 1 << 20)  # 1 MiB devices
+    with pytest.raises(ConfigError, match=r"sampling 8 rows x \(32 prompt \+ 6 completion\)"):
+        run(config, tmp_path / "run")
+    assert not (tmp_path / "run" / rollouts.COMPLETIONS_FILE).exists()

@@ -390,3 +390,27 @@ def test_grouped_matmul_stand_in_plans_no_per_expert_temporaries(tmp_path):
           f"with the stand-in, {dense_growth} B with ragged_dot")  # fmt: skip
     assert stand_in_growth <= 1.25 * added_weight_bytes
     assert dense_growth > 4 * added_weight_bytes
+
+
+@pytest.mark.e2e
+def test_a_grpo_plan_reports_the_sampler_beside_the_update(llama_dir):
+    """Online RL: the update step is planned on rows of prompt + completion tokens, and the
+    sampler's memory on the recommended mesh is reported with the longest completion that
+    fits (train/memory.check_rollout, which the run applies before sampling)."""
+    planned = _plan_command(
+        llama_dir, "--config.train.objective=grpo", "--config.grpo.num_generations=4",
+        "--config.data.train_files=assets/demo_data/grpo_train.jsonl",
+        "--config.grpo.max_prompt_length=32", "--config.grpo.max_completion_length=16",
+        "--meshes=1x8x1", "--remat=none", "--device_memory=16GB",
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    out = planned.stdout
+    assert re.search(
+        rf"^sampler: {ROWS} rows \({ROWS // 4} prompts x 4 completions\) x \(32 prompt \+ 16 "
+        r"completion\) tokens: [\d.]+ [KMG]iB per device",
+        out,
+        re.M,
+    ), out
+    assert re.search(
+        r"^longest completion that fits with these rows: 128 tokens or more$", out, re.M
+    )
