@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,37 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             "rope_scaling": {"rope_type": "linear", "factor": 4.0},
         },
     ),
+    # Layer 1 (every 2nd) without RoPE, and (by transformers' rule: NoPE layers slide when
+    # use_sliding_window is set) windowed.
+    "smollm3": (
+        transformers.SmolLM3Config,
+        {
+            "no_rope_layer_interval": 2,
+            "use_sliding_window": True,
+            "sliding_window": 5,
+            "tie_word_embeddings": True,
+            "attention_bias": True,
+            "rope_theta": 50000.0,
+        },
+    ),
+    # Post-norms only, q/k norms over all heads, a full layer between sliding ones, YaRN on
+    # the full layer only.
+    "olmo3": (
+        transformers.Olmo3Config,
+        {
+            "sliding_window": 5,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "full_attention": {
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+    ),
     # Mixtures of experts: 4 experts, top 2; dense and sparse layers mixed where the family can.
     "qwen3_moe": (
         transformers.Qwen3MoeConfig,
@@ -126,7 +158,8 @@ MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
     """The family's tiny config; `overrides` replace its fields (rope scaling, lengths)."""
     config_class, family_overrides = FAMILIES[family]
-    return config_class(**{**_COMMON, **family_overrides, **overrides})
+    # A copy: configs keep (and tests change) nested dicts such as rope_parameters.
+    return config_class(**copy.deepcopy({**_COMMON, **family_overrides, **overrides}))
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:

@@ -148,7 +148,8 @@ def write_slots(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) ->
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE, optional q/k norms, soft-capping and a window."""
+    """Grouped-query attention with RoPE (or none: NoPE layers), optional q/k norms (per head
+    or over the whole projection), soft-capping and a window."""
 
     def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
         c = config
@@ -166,7 +167,7 @@ class Attention(nnx.Module):
             )
         self.kind, self.max_segments = c.attention, c.max_segments
         self.window = c.window_for(layer_index)
-        self.rope = c.rope_for(c.layer_types[layer_index])
+        self.rope = c.rope_of_layer(layer_index)  # None: no RoPE on this layer (NoPE)
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.q_proj = Linear(
@@ -182,8 +183,11 @@ class Attention(nnx.Module):
             q_width, c.hidden_size, axes=("q_heads", "embed"), use_bias=c.o_bias, **dense
         )
         norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
-        self.q_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
-        self.k_norm = RMSNorm(c.head_dim, **norm) if c.qk_norm else None
+        # Over each head's E, or (qk_norm_full, OLMo) over the whole projection H*E / K*E.
+        self.qk_norm_full = c.qk_norm_full
+        q_norm_width, k_norm_width = (q_width, kv_width) if c.qk_norm_full else (c.head_dim,) * 2
+        self.q_norm = RMSNorm(q_norm_width, **norm) if c.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_width, **norm) if c.qk_norm else None
 
     def __call__(
         self,
@@ -353,13 +357,16 @@ class Attention(nnx.Module):
         q_BxTxHxE = self.q_proj(x_BxTxD, fold_key(dropout_key, 0))
         k_BxSxKxE = self.k_proj(x_BxTxD, fold_key(dropout_key, 1))
         v_BxSxKxE = self.v_proj(x_BxTxD, fold_key(dropout_key, 2))
+        if self.q_norm is not None and self.qk_norm_full:  # still [B, T, H*E] / [B, T, K*E]
+            q_BxTxHxE, k_BxSxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxSxKxE)
         q_BxTxHxE = q_BxTxHxE.reshape(batch, seq_len, self.num_heads, self.head_dim)
         k_BxSxKxE = k_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         v_BxSxKxE = v_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q_BxTxHxE, k_BxSxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxSxKxE)
-        q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
-        k_BxSxKxE = apply_rope(k_BxSxKxE, positions_BxT, self.rope)
+        if self.rope is not None:
+            q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
+            k_BxSxKxE = apply_rope(k_BxSxKxE, positions_BxT, self.rope)
         q_BxTxKxGxE = q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
         return q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE
 

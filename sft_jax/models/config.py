@@ -131,6 +131,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over head_dim on q and k (Qwen3, Gemma 3)
     gemma_norms: bool = False  # RMSNorm scales by (1 + w) instead of w
     sandwich_norms: bool = False  # extra norms after attention and after the MLP (Gemma 2/3)
+    post_norms: bool = False  # norms after attention and the MLP only, none before (OLMo 2/3)
+    qk_norm_full: bool = False  # the q/k norms span all heads' projection, not one head (OLMo)
+    nope_layers: tuple[int, ...] = ()  # indices of the layers without RoPE (SmolLM3's NoPE)
     embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
     query_scale: float = 0.0  # multiplies q.k; 0 means head_dim ** -0.5
     attn_logit_softcap: float | None = None
@@ -165,6 +168,12 @@ class ModelConfig:
 
     def rope_for(self, layer_type: str) -> RopeSpec:
         return dict(self.rope)[layer_type]
+
+    def rope_of_layer(self, layer_index: int) -> RopeSpec | None:
+        """The RoPE of a layer, or None for a layer without position encoding (NoPE)."""
+        if layer_index in self.nope_layers:
+            return None
+        return self.rope_for(self.layer_types[layer_index])
 
     def window_for(self, layer_index: int) -> int | None:
         """Attention window of a layer in tokens (the query included), or None for full."""
@@ -250,6 +259,29 @@ def _layer_types(hf: Any, num_layers: int) -> tuple[str, ...]:
     return (kind,) * num_layers
 
 
+def _nope_layers(hf: Any, family: Family, layer_types: tuple[str, ...]) -> tuple[int, ...]:
+    """The layers without RoPE of a family that reads config.json's no_rope_layers (1: the
+    layer rotates, 0: it does not; SmolLM3 derives it from no_rope_layer_interval), or an
+    UnsupportedModelError naming the field sft_jax cannot follow."""
+    if not family.no_rope_layers:
+        return ()
+    flags = list(hf.no_rope_layers)
+    if len(flags) != len(layer_types):
+        raise UnsupportedModelError(
+            f"{family.model_type}: config.json no_rope_layers has {len(flags)} entries for "
+            f"{len(layer_types)} layers (num_hidden_layers)."
+        )
+    if not getattr(hf, "use_sliding_window", False) and "sliding_attention" in layer_types:
+        # transformers then gives such layers no window in its attention module but a
+        # sliding mask (eager, sdpa): no single behaviour to match.
+        raise UnsupportedModelError(
+            f"{family.model_type}: config.json layer_types has sliding_attention layers while "
+            "use_sliding_window is false; set use_sliding_window=true (windowed) or make "
+            "those layers full_attention."
+        )
+    return tuple(i for i, rotates in enumerate(flags) if not rotates)
+
+
 def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     family = family_of(getattr(hf, "model_type", None))
@@ -280,6 +312,9 @@ def from_hf_config(hf: Any) -> ModelConfig:
         qk_norm=family.qk_norm,
         gemma_norms=family.gemma_norms,
         sandwich_norms=family.sandwich_norms,
+        post_norms=family.post_norms,
+        qk_norm_full=family.qk_norm_full,
+        nope_layers=_nope_layers(hf, family, layer_types),
         embed_scale=family.embed_scale,
         query_scale=query_pre_attn_scalar**-0.5 if query_pre_attn_scalar else 0.0,
         attn_logit_softcap=getattr(hf, "attn_logit_softcapping", None),

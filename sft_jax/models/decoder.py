@@ -1,5 +1,6 @@
-"""The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3, and the mixtures
-of experts Qwen3-MoE, Mixtral, Qwen2-MoE: their expert blocks in moe.py), in Flax NNX.
+"""The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3,
+OLMo 3, and the mixtures of experts Qwen3-MoE, Mixtral, Qwen2-MoE: their expert blocks in
+moe.py), in Flax NNX.
 
 Dimension legend for einsum strings and shape suffixes:
   B batch, T query time, S key time, D model width, H query heads, K key/value heads,
@@ -56,19 +57,25 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+def _normed(norm: RMSNorm | None, x_BxTxD: jax.Array) -> jax.Array:
+    return x_BxTxD if norm is None else norm(x_BxTxD)
+
+
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block; Gemma adds norms on the attention and MLP outputs."""
+    """Pre-norm residual block; Gemma adds norms on the attention and MLP outputs, OLMo keeps
+    only those (post_norms: no norm before attention or the MLP)."""
 
     def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
         c = config
         norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
-        self.attn_norm = RMSNorm(c.hidden_size, **norm)
+        pre, post = not c.post_norms, c.sandwich_norms or c.post_norms
+        self.attn_norm = RMSNorm(c.hidden_size, **norm) if pre else None
         self.attn = Attention(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
-        self.mlp_norm = RMSNorm(c.hidden_size, **norm)
+        self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
+        self.mlp_norm = RMSNorm(c.hidden_size, **norm) if pre else None
         mlp_class = MoEBlock if c.is_moe_layer(layer_index) else MLP
         self.mlp = mlp_class(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if c.sandwich_norms else None
+        self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
 
     def __call__(
         self,
@@ -79,7 +86,7 @@ class DecoderLayer(nnx.Module):
         prefix: KVPrefix | None = None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """(output, router statistics over real tokens; None for a dense MLP)."""
-        normed = self.attn_norm(x_BxTxD)
+        normed = _normed(self.attn_norm, x_BxTxD)
         attn_out = self.attn(
             normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix
         )
@@ -95,7 +102,9 @@ class DecoderLayer(nnx.Module):
         prefix: KVPrefix | None = None,
     ) -> tuple[jax.Array, LayerCache]:
         """The layer on T new tokens against its cache (see Attention.extend)."""
-        attn_out, cache = self.attn.extend(self.attn_norm(x_BxTxD), positions_BxT, cache, prefix)
+        attn_out, cache = self.attn.extend(
+            _normed(self.attn_norm, x_BxTxD), positions_BxT, cache, prefix
+        )
         x_BxTxD, _ = self._add_attention_and_mlp(x_BxTxD, attn_out, positions_BxT >= 0, None)
         return x_BxTxD, cache
 
@@ -111,9 +120,9 @@ class DecoderLayer(nnx.Module):
         x_BxTxD = x_BxTxD + attn_out
         stats = None
         if isinstance(self.mlp, MoEBlock):
-            mlp_out, stats = self.mlp(self.mlp_norm(x_BxTxD), real_BxT, dropout_key)
+            mlp_out, stats = self.mlp(_normed(self.mlp_norm, x_BxTxD), real_BxT, dropout_key)
         else:
-            mlp_out = self.mlp(self.mlp_norm(x_BxTxD), dropout_key)
+            mlp_out = self.mlp(_normed(self.mlp_norm, x_BxTxD), dropout_key)
         if self.mlp_post_norm is not None:
             mlp_out = self.mlp_post_norm(mlp_out)
         return x_BxTxD + mlp_out, stats

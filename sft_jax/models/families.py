@@ -21,6 +21,13 @@ class Family:
     qk_norm: bool = False  # RMSNorm over each head's queries and keys
     gemma_norms: bool = False  # norms scale by (1 + weight)
     sandwich_norms: bool = False  # norms after attention and MLP too
+    # Norms after attention and after the MLP only, inside the residual, none before (OLMo 2/3).
+    post_norms: bool = False
+    # q/k norms over the whole projection (all heads at once) rather than each head (OLMo 2/3).
+    qk_norm_full: bool = False
+    # Layers without RoPE (NoPE) as config.json's no_rope_layers lists them (SmolLM3); the
+    # window of sliding layers only where use_sliding_window is set.
+    no_rope_layers: bool = False
     embed_scale: bool = False  # embeddings times sqrt(hidden_size)
     # Mixture of experts: "" (dense), "mixtral" (every layer sparse, experts as wide as
     # intermediate_size, top-k weights renormalised, Mixtral's w1/w2/w3 names) or "qwen"
@@ -44,6 +51,8 @@ register(Family("gemma2", gemma_norms=True, sandwich_norms=True, embed_scale=Tru
 register(
     Family("gemma3_text", gemma_norms=True, sandwich_norms=True, embed_scale=True, qk_norm=True)
 )
+register(Family("smollm3", no_rope_layers=True))
+register(Family("olmo3", qk_norm=True, qk_norm_full=True, post_norms=True))
 register(Family("mixtral", moe="mixtral"))  # models/moe.py
 register(Family("qwen2_moe", moe="qwen"))
 register(Family("qwen3_moe", moe="qwen", qk_norm=True))
