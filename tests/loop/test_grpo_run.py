@@ -75,6 +75,16 @@ def train_metrics(workdir: Path) -> list[dict]:
     return [r for r in records(workdir / "metrics.jsonl") if "train/loss" in r]
 
 
+def assert_same_run(resumed: Path, whole: Path) -> None:
+    """Every update's loss, gradient norm and reward, and every completion, bitwise equal."""
+    for name in ("train/loss", "train/grad_norm", "train/reward"):
+        assert [m.get(name) for m in train_metrics(resumed)] == [
+            m.get(name) for m in train_metrics(whole)
+        ], name
+    completions = rollouts.COMPLETIONS_FILE
+    assert records(resumed / completions) == records(whole / completions)
+
+
 def run(config, workdir: Path) -> dict:
     return trainer.run(RunSpec.of(config), workdir, data_factory=open_run_data)
 
@@ -130,12 +140,7 @@ def test_a_resumed_grpo_run_samples_and_trains_as_an_uninterrupted_one(
     run(config, tmp_path / "parts")
     config.train.steps = 4
     run(config, tmp_path / "parts")
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    for name in ("train/loss", "train/grad_norm", "train/reward"):
-        assert [m.get(name) for m in train_metrics(parts)] == [
-            m.get(name) for m in train_metrics(whole)
-        ], name
-    assert records(parts / rollouts.COMPLETIONS_FILE) == records(whole / rollouts.COMPLETIONS_FILE)
+    assert_same_run(tmp_path / "parts", tmp_path / "whole")
 
 
 @pytest.mark.e2e
@@ -232,12 +237,7 @@ def test_kill_9_at_a_random_update_then_resume_samples_and_trains_as_uninterrupt
     kill_9_at(parts, kill_at, start_worker(chat_model_dir, data, parts, steps, 2))
     summary = finish(start_worker(chat_model_dir, data, parts, steps, 2))
     assert summary["start_step"] >= 2, "a checkpoint should have been there to resume from"
-    whole = tmp_path / "whole"
-    for name in ("train/loss", "train/grad_norm", "train/reward"):
-        assert [m.get(name) for m in train_metrics(parts)] == [
-            m.get(name) for m in train_metrics(whole)
-        ], name
-    assert records(parts / rollouts.COMPLETIONS_FILE) == records(whole / rollouts.COMPLETIONS_FILE)
+    assert_same_run(parts, tmp_path / "whole")
 
 
 @pytest.mark.e2e
