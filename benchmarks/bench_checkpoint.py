@@ -13,6 +13,7 @@ the device while host threads write.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -40,26 +41,31 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", default="/tmp/sft_jax_bench_ckpts")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     # The trainer config of a full fine-tuning run (the optimizer's fields; saved as run meta).
     config = run_config(
-        argparse.Namespace(dtype="float32", remat="none", attention="xla", lora_rank=1,
-                           quantize="", steps=args.steps),
+        argparse.Namespace(dtype="float32", param_dtype="float32", remat="none",
+                           attention="xla", lora_rank=1, quantize="", steps=args.steps,
+                           seq=args.seq),
         "full", "",
     )  # fmt: skip
     hf = transformers.LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=4,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,  # 2816 at the default 1024
+        num_hidden_layers=args.layers,
+        num_attention_heads=max(args.hidden // 64, 1),
+        num_key_value_heads=max(args.hidden // 256, 1),
+        vocab_size=args.vocab,
     )
     model = CausalLM(from_hf_config(hf), rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh(fsdp=-1)
     tx, schedule = make_optimizer(config.train)
     state, shardings = init_state(model, tx, mesh)
-    rows, seq = 2 * jax.device_count(), 128
+    rows, seq = 2 * jax.device_count(), args.seq
     steps = build_steps(model, tx, schedule, mesh, shardings, train_rows=rows, eval_rows=rows,
                         seq_len=seq, options=StepOptions())  # fmt: skip
     batch = device_batch(random_batch(rows, seq, hf.vocab_size), steps.batch_shardings)
@@ -108,6 +114,9 @@ def main() -> None:
         f"{extra / save_s:.0%} of a blocking save"
     )
     shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({"state_bytes": size, "save_s": save_s, "restore_s": restore_s,
+                      "steps": args.steps, "plain_s": plain_s, "with_async_save_s": with_save_s,
+                      "async_overhead": extra / plain_s}))  # fmt: skip
 
 
 if __name__ == "__main__":

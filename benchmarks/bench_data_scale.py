@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--growth", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
+    out: dict = {}  # every part's figures, printed as one JSON line at the end
     with tempfile.TemporaryDirectory() as tmp:
         if args.store:
             result = time_formats(Path(tmp), args.documents)
@@ -228,15 +229,18 @@ def main() -> None:
             print(f"{'format':>14} {'write MB/s':>11} {'random reads/s':>15}")
             for name, (write, reads) in result["formats"].items():
                 print(f"{name:>14} {write:>11,.0f} {reads:>15,.0f}")
-            for name, seconds in time_index_streams().items():
+            streams = time_index_streams()
+            for name, seconds in streams.items():
                 print(f"{name:>14}: {seconds * 1e6:,.2f} us per index")
+            out["store"] = {**result, "index_seconds": streams}
         if args.rss:
-            rss_table(Path(tmp), args.documents, args.growth)
+            out["rss"] = rss_table(Path(tmp), args.documents, args.growth)
     if args.loader:
-        print(json.dumps(loader_ratio(args.steps)))
+        out["loader"] = loader_ratio(args.steps)
+    print(json.dumps(out))
 
 
-def rss_table(root: Path, documents: int, growth: int) -> None:
+def rss_table(root: Path, documents: int, growth: int) -> dict:
     sizes = (documents, documents * growth)
     for size in sizes:
         write_store(root, size)
@@ -252,6 +256,7 @@ def rss_table(root: Path, documents: int, growth: int) -> None:
             f"({large['current'] / small['current'] - 1:+.1%}); after the imports alone "
             f"{small['imports']:,.0f} MiB"
         )
+    return {f"{loader} {size}": figure for (loader, size), figure in figures.items()}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 
-def make_checkpoint(out: Path, layers: int) -> tuple[int, int]:
+def make_checkpoint(
+    out: Path, layers: int, hidden: int = 2048, vocab: int = 32000
+) -> tuple[int, int]:
     """A Llama-style config and random bf16 weights written tensor by tensor.
 
     Returns the checkpoint's bytes and its largest tensor's bytes.
@@ -33,17 +35,19 @@ def make_checkpoint(out: Path, layers: int) -> tuple[int, int]:
 
     from sft_jax.models.io import safetensors as safetensors_io
 
+    heads = max(hidden // 64, 1)  # TinyLlama's at the defaults: 32 heads of 64, 4 of them KV
+    kv_heads = max(heads // 8, 1)
     config = transformers.LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5632,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
     )
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
-    d, f, v, kv = 2048, 5632, 32000, 4 * 64
+    d, f, v, kv = hidden, hidden * 11 // 4, vocab, kv_heads * (hidden // heads)
     shapes = {
         "model.embed_tokens.weight": (v, d),
         "lm_head.weight": (v, d),
@@ -113,15 +117,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/sft_jax_bench_ckpt")
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--devices", default="1,8")
     parser.add_argument("--child", default="")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.out, int(args.child))))
         return
-    size, largest = make_checkpoint(Path(args.out), args.layers)
+    size, largest = make_checkpoint(Path(args.out), args.layers, args.hidden, args.vocab)
     print(f"checkpoint: {args.out}, {size / 1e9:.2f} GB bf16, largest tensor {largest / size:.1%}")
     print(f"{'devices':>8} {'load s':>8} {'GB/s':>6} {'peak host mem / ckpt':>22}")
+    results = []
     for devices in [int(d) for d in args.devices.split(",")]:
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
         env["JAX_PLATFORMS"] = "cpu"
@@ -135,6 +142,8 @@ def main() -> None:
             f"{devices:>8} {result['load_s']:>8.2f} {size / 1e9 / result['load_s']:>6.2f} "
             f"{result['peak_above_baseline'] / size:>21.2f}x"
         )
+        results.append(result)
+    print(json.dumps({"checkpoint_bytes": size, "loads": results}))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ if __name__ == "__main__":  # fake devices must be asked for before jax starts
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import argparse
+import json
 import time
 
 import jax
@@ -104,11 +105,12 @@ def compiled_memory(hf, seq: int, rows: int, mesh_sizes: dict, remat: str, dtype
     return StepMemory.of(compiled)
 
 
-def context_table(args: argparse.Namespace) -> None:
+def context_table(args: argparse.Namespace) -> list[dict]:
     print(f"seq {args.seq}, hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}, "
           f"1 row, remat {args.remat}, {args.dtype}; XLA's plan per device (GiB)")  # fmt: skip
     print("| attention | context | arguments | temporaries | total | temporaries vs context=1 |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for attention in args.attention:
         first = None
         for context in args.contexts:
@@ -119,9 +121,13 @@ def context_table(args: argparse.Namespace) -> None:
             print(f"| {attention} | {context} | {plan.arguments / GIB:.3f} | "
                   f"{plan.temporaries / GIB:.3f} | {plan.total / GIB:.3f} | {ratio} |",
                   flush=True)  # fmt: skip
+            rows.append({"attention": attention, "context": context,
+                         "arguments": plan.arguments, "temporaries": plan.temporaries,
+                         "total": plan.total})  # fmt: skip
+    return rows
 
 
-def packing_times(args: argparse.Namespace) -> None:
+def packing_times(args: argparse.Namespace) -> dict:
     """best_fit's time for N and 4N documents of long-tailed lengths into 131072-token rows."""
     rng = np.random.default_rng(0)
     times = []
@@ -134,6 +140,7 @@ def packing_times(args: argparse.Namespace) -> None:
         print(f"{count} documents -> {len(rows)} rows of 131072 (fill {fill:.3f}): "
               f"{times[-1]:.3f} s")  # fmt: skip
     print(f"4x the documents: {times[1] / times[0]:.2f}x the time (linear: 4x)")
+    return {"documents": args.documents, "seconds": times}
 
 
 def main() -> None:
@@ -152,9 +159,9 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=50000)
     args = parser.parse_args()
     if args.packing:
-        packing_times(args)
+        print(json.dumps({"packing": packing_times(args)}))
     else:
-        context_table(args)
+        print(json.dumps({"plans": context_table(args)}))
 
 
 if __name__ == "__main__":

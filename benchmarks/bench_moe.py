@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 import time
 from collections import Counter
@@ -120,7 +121,7 @@ def theirs(hf_config, block: MoEBlock, x: np.ndarray, steps: int) -> float:
     return time_it(step, steps)
 
 
-def stack(hf_config, args: argparse.Namespace) -> None:
+def stack(hf_config, args: argparse.Namespace) -> dict:
     """Train-step tokens/s and MFU of a Qwen3-MoE-shaped decoder stack (jax only, bf16)."""
     config = from_hf_config(hf_config)
     model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -145,6 +146,7 @@ def stack(hf_config, args: argparse.Namespace) -> None:
     print(f"stack: {tokens_per_s:,.0f} tokens/s, {flops * tokens_per_s / 1e12:.1f} TFLOP/s")
     if args.peak_tflops:
         print(f"MFU (active parameters): {flops * tokens_per_s / (args.peak_tflops * 1e12):.1%}")
+    return {"stack_tokens_per_sec": tokens_per_s, "flops_per_token": flops}
 
 
 # One collective of a compiled HLO module: its result type(s), its kind, its replica groups.
@@ -205,7 +207,7 @@ def dispatch_step(args: argparse.Namespace, dispatch: str, mesh):
     return compiled, (x, stacked)
 
 
-def compare_dispatch(args: argparse.Namespace) -> None:
+def compare_dispatch(args: argparse.Namespace) -> dict:
     """Per shape: collective bytes per device, XLA's per-device memory and step time of each
     dispatch, on a mesh of every device as the expert axis."""
     mesh = sharding.make_mesh(fsdp=1, expert=len(jax.devices()))
@@ -214,6 +216,7 @@ def compare_dispatch(args: argparse.Namespace) -> None:
     print("| tokens/device | experts | top-k | dispatch | all-gather | reduce-scatter | "
           "all-to-all | memory (temp + out) | step time / gather's |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for tokens, experts, top_k in args.shapes:
         shape = argparse.Namespace(**{**vars(args), "tokens": tokens, "experts": experts,
                                       "top_k": top_k})  # fmt: skip
@@ -230,6 +233,11 @@ def compare_dispatch(args: argparse.Namespace) -> None:
                   f"{mib(moved['reduce-scatter'])} | {mib(moved['all-to-all'])} | "
                   f"{mib(memory.temp_size_in_bytes + memory.output_size_in_bytes)} | "
                   f"{seconds[dispatch] / seconds['gather']:.2f} |")  # fmt: skip
+            rows.append({"tokens": tokens, "experts": experts, "top_k": top_k,
+                         "dispatch": dispatch, "collective_bytes": dict(moved),
+                         "memory_bytes": memory.temp_size_in_bytes + memory.output_size_in_bytes,
+                         "step_over_gather": seconds[dispatch] / seconds["gather"]})  # fmt: skip
+    return {"dispatch": rows}
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -255,11 +263,11 @@ def main() -> None:
                         help="--dispatch: TOKENS_PER_DEVICExEXPERTSxTOP_K,...")  # fmt: skip
     args = parser.parse_args()
     if args.dispatch:
-        compare_dispatch(args)
+        print(json.dumps(compare_dispatch(args)))
         return
     hf_config = hf_moe_config(args)
     if args.stack:
-        stack(hf_config, args)
+        print(json.dumps(stack(hf_config, args)))
         return
     x = np.random.default_rng(0).standard_normal((1, args.tokens, args.hidden), np.float32)
     ours_s, block = ours(from_hf_config(hf_config), x, args.steps)
@@ -269,6 +277,9 @@ def main() -> None:
     print(f"ours: {args.tokens / ours_s:,.0f} tokens/s (forward + backward)")
     print(f"transformers: {args.tokens / theirs_s:,.0f} tokens/s (forward + backward)")
     print(f"ratio ours / transformers: {theirs_s / ours_s:.2f}x")
+    print(json.dumps({"ours_tokens_per_sec": args.tokens / ours_s,
+                      "transformers_tokens_per_sec": args.tokens / theirs_s,
+                      "ratio": theirs_s / ours_s}))  # fmt: skip
 
 
 if __name__ == "__main__":

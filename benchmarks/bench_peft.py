@@ -72,6 +72,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--eval_examples", type=int, default=100)
     parser.add_argument("--train_examples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base_steps", type=int, default=0,
+                        help="without --base: the demo's updates (0: its config's)")  # fmt: skip
     return parser.parse_args()
 
 
@@ -85,9 +87,10 @@ def main_py(workdir: Path, *overrides: str) -> str:
     return result.stderr
 
 
-def train_start_model(tmp: Path) -> Path:
-    """The SFT demo (configs/base.py as is), exported at its last step."""
-    main_py(tmp / "sft", "--config.eval.every_steps=0", "--config.eval.at_start=False",
+def train_start_model(tmp: Path, steps: int = 0) -> Path:
+    """The SFT demo (configs/base.py as is; `steps` updates unless 0), exported at its last step."""
+    more = [f"--config.train.steps={steps}"] if steps else []
+    main_py(tmp / "sft", *more, "--config.eval.every_steps=0", "--config.eval.at_start=False",
             "--config.eval.generate_examples=0", "--config.checkpoint.every_steps=0",
             "--config.export.at_end=last")  # fmt: skip
     return tmp / "sft" / "export"
@@ -180,12 +183,13 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = Path(args.base) if args.base else train_start_model(tmp)
+        base = Path(args.base) if args.base else train_start_model(tmp, args.base_steps)
         write_new_format(tmp / "data", args.train_examples, args.eval_examples, args.seed)
         for name in names:
             results[name] = run_method(name, args, base, tmp / "data", tmp)
             print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     print(table(results, args.steps))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

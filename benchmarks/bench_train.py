@@ -54,20 +54,26 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 import transformers
 
 from sft_jax.adapters.lora import PROJECTIONS
+from sft_jax.core.spec import RunSpec
 from sft_jax.models import ModelConfig, from_hf_config
 from sft_jax.models.decoder import REMAT_POLICIES
 from sft_jax.train.flops import PEAK_BF16_TFLOPS, matmul_params, training_flops_per_token
 from sft_jax.train.kernel_choice import ATTENTION_CHOICES
 
+REPO = Path(__file__).resolve().parents[1]  # configs/base.py lives there
+
 SHAPES = {
+    # The smallest that runs every mode (tests/test_benchmarks.py): kernels in blocks of 64.
+    "micro": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 256},
     # intermediate_size 704 (not 688 as before): QLoRA blocks of 64 must divide it.
     "tiny": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
              "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192},
@@ -86,21 +92,30 @@ QUANT_BLOCK = 64  # configs/base.py's quant_block_size, and bitsandbytes' 4-bit 
 RESULT_PREFIX = "RESULT "  # marks a child's result line on its stdout
 
 
-def run_config(args: argparse.Namespace, mode: str, checkpoint: str) -> ml_collections.ConfigDict:
-    """The fields of a trainer config (configs/base.py) that build the model and optimizer."""
-    return ml_collections.ConfigDict(
-        {"model": {"name_or_path": checkpoint, "param_dtype": args.param_dtype,
-                   "compute_dtype": args.dtype, "remat": args.remat,
-                   "attention": args.attention},
-         "data": {"max_length": args.seq, "packing": True, "max_documents_per_row": 1},
-         "lora": {"rank": 0 if mode == "full" else args.lora_rank, "alpha": LORA_ALPHA,
-                  "dropout": 0.0, "target_modules": "all-linear", "use_rslora": False,
-                  "trainable_modules": "", "quantize": args.quantize if mode == "qlora" else "",
-                  "quant_block_size": QUANT_BLOCK, "double_quant": True},
-         "train": {"seed": 0, "steps": args.steps, "learning_rate": 1e-5, "warmup_steps": 0,
-                   "lr_schedule": "constant", "min_lr_ratio": 1.0, "weight_decay": 0.0,
-                   "adam_b1": 0.9, "adam_b2": 0.95, "adam_eps": 1e-8, "max_grad_norm": 1.0}}
-    )  # fmt: skip
+def run_config(args: argparse.Namespace, mode: str, checkpoint: str) -> RunSpec:
+    """configs/base.py with the fields that build the model and optimizer set, as a RunSpec."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from configs import base
+
+    config = base.get_config()
+    overrides = {
+        "model": {"name_or_path": checkpoint, "param_dtype": args.param_dtype,
+                  "compute_dtype": args.dtype, "remat": args.remat, "attention": args.attention},
+        "data": {"max_length": args.seq, "packing": True, "max_documents_per_row": 1},
+        "lora": {"rank": 0 if mode == "full" else args.lora_rank, "alpha": LORA_ALPHA,
+                 "dropout": 0.0, "target_modules": "all-linear", "use_rslora": False,
+                 "trainable_modules": "", "quantize": args.quantize if mode == "qlora" else "",
+                 "quant_block_size": QUANT_BLOCK, "double_quant": True},
+        "train": {"seed": 0, "steps": max(args.steps, 1), "learning_rate": 1e-5,
+                  "warmup_steps": 0, "lr_schedule": "constant", "min_lr_ratio": 1.0,
+                  "weight_decay": 0.0, "adam_b1": 0.9, "adam_b2": 0.95, "adam_eps": 1e-8,
+                  "max_grad_norm": 1.0},
+    }  # fmt: skip
+    for section, fields in overrides.items():
+        for name, value in fields.items():
+            setattr(config[section], name, value)
+    return RunSpec.of(config)
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:

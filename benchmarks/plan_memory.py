@@ -4,7 +4,8 @@ the planner itself (sft_jax.planning.estimate, from config.json alone) on 8 fake
 mesh where the all-gathered frozen weights dominate, and a mixture of experts on fsdp x expert
 with the grouped-matmul stand-in the planner compiles for it.
 
-  python benchmarks/plan_memory.py            # every shape, each in a fresh process
+  python benchmarks/plan_memory.py               # every shape, each in a fresh process
+  python benchmarks/plan_memory.py --only=small  # some of them (comma-separated)
 
 How it measures: the state and a batch are placed, then the kernel's peak resident set
 (VmHWM) is reset (`echo 5 > /proc/self/clear_refs`, Linux) and the compiled step runs (its second
@@ -16,6 +17,7 @@ On 8 devices the process holds all 8: the measured figure is the step's own memo
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -192,20 +194,38 @@ def measure(name: str) -> dict:
 def environment(name: str) -> dict[str, str]:
     """The variables of a fresh process measuring `name` (8 fake devices for PLANNED)."""
     devices = f"--xla_force_host_platform_device_count={DEVICES}" if name in PLANNED else ""
-    tests = str(Path(__file__).resolve().parents[1] / "tests")  # hf_models' tiny configs
-    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), tests) if p)
+    repo = Path(__file__).resolve().parents[1]  # configs/base.py
+    tests = str(repo / "tests")  # hf_models' tiny configs
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(repo), tests) if p)
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": devices, "PYTHONPATH": path}
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        name = sys.argv[1]
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join((*SHAPES, *PLANNED)),
+                        help=f"comma-separated, among {(*SHAPES, *PLANNED)}")  # fmt: skip
+    parser.add_argument("name", nargs="?", default="", help=argparse.SUPPRESS)  # child: one shape
+    args = parser.parse_args()
+    if args.name:
+        name = args.name
         print(json.dumps(measure_planned(name) if name in PLANNED else measure(name)))
-        sys.exit()
-    for name in (*SHAPES, *PLANNED):
-        out = subprocess.run([sys.executable, __file__, name], env=environment(name),
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-        result = json.loads(out.strip().splitlines()[-1])
+        return
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    if not names or set(names) - {*SHAPES, *PLANNED}:
+        parser.error(f"--only={args.only}: expected names among {(*SHAPES, *PLANNED)}")
+    results = []
+    for name in names:
+        child = subprocess.run([sys.executable, __file__, name], env=environment(name),
+                               capture_output=True, text=True)  # fmt: skip
+        if child.returncode != 0:
+            raise SystemExit(f"{name}: exit code {child.returncode}\n{child.stderr[-3000:]}")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
         ratio = result["predicted"] / result["measured"]
         print(f"{name}: predicted {result['predicted'] / 2**20:.1f} MiB, measured "
               f"{result['measured'] / 2**20:.1f} MiB (predicted/measured {ratio:.3f})")  # fmt: skip
+        results.append(result | {"ratio": ratio})
+    print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()
