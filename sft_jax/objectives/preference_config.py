@@ -168,8 +168,8 @@ def check_no_reference_model(config: RunSpec) -> None:
         config,
         not config.preference.reference_model,
         "preference.reference_model",
-        f"only train.objective='dpo' has a reference model ('{config.train.objective}' has "
-        "none, or its own: grpo.beta's is the initial policy); leave it empty.",
+        "only train.objective='dpo' has a reference model (the others have none, or their own: "
+        "grpo.beta's is the initial policy); leave it empty.",
     )
 
 
