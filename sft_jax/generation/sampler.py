@@ -43,6 +43,15 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
+def buckets(rows: int, prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """(rows, prompt length, new tokens) rounded up as one compilation serves them."""
+    return (
+        bucket(rows),
+        bucket(prompt_len, _MIN_LENGTH_BUCKET),
+        bucket(max_new_tokens, _MIN_LENGTH_BUCKET),
+    )
+
+
 def left_pad(
     prompts: Sequence[Sequence[int]], batch: int, length: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -232,12 +241,8 @@ def rollout(
     vocab_size = model.config.vocab_size
     is_stop = np.zeros(vocab_size, bool)  # [V]: which tokens end a row
     is_stop[[t for t in stop_token_ids if 0 <= t < vocab_size]] = True
-    tokens_BxT, positions_BxT = left_pad(
-        prompts,
-        bucket(len(prompts)),
-        bucket(max(map(len, prompts)), _MIN_LENGTH_BUCKET),
-        pad_id,
-    )
+    rows, length, max_new_bucket = buckets(len(prompts), max(map(len, prompts)), max_new_tokens)
+    tokens_BxT, positions_BxT = left_pad(prompts, rows, length, pad_id)
     graphdef, state = nnx.split(model)
     out_BxN, logps_BxN = _generate_ids(
         graphdef,
@@ -251,7 +256,7 @@ def rollout(
         np.float32(top_p),
         np.float32(min_p),
         jax.random.key(seed),
-        max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET),
+        max_new_bucket=max_new_bucket,
         greedy=temperature <= 0,
     )
     return _trimmed(out_BxN, logps_BxN, len(prompts), max_new_tokens, is_stop)
@@ -297,8 +302,8 @@ def lower_rollout(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         own if state is None else state,
     )
-    shape = (bucket(rows), bucket(prompt_len, _MIN_LENGTH_BUCKET))
-    tokens = jax.ShapeDtypeStruct(shape, jnp.int32)
+    *shape, max_new_bucket = buckets(rows, prompt_len, max_new_tokens)
+    tokens = jax.ShapeDtypeStruct(tuple(shape), jnp.int32)
     scalars = [jax.ShapeDtypeStruct((), dtype) for dtype in (jnp.int32, jnp.float32, jnp.int32)]
     return _generate_ids.lower(
         graphdef,
@@ -309,7 +314,7 @@ def lower_rollout(
         *scalars,
         *(jax.ShapeDtypeStruct((), jnp.float32) for _ in range(2)),
         jax.eval_shape(lambda: jax.random.key(0)),
-        max_new_bucket=bucket(max_new_tokens, _MIN_LENGTH_BUCKET),
+        max_new_bucket=max_new_bucket,
         greedy=False,
     )
 

@@ -83,6 +83,7 @@ class GRPOBatches:
         self.has_eval = bool(self.prompts.eval)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.memory_checked = False
+        self.order: tuple[int, np.ndarray] | None = None  # (epoch, its prompt order)
 
     # --- BatchSource ------------------------------------------------------------------------
 
@@ -151,11 +152,18 @@ class GRPOBatches:
         train, out = self.prompts.train, []
         for position in range(number * self.per_step, (number + 1) * self.per_step):
             epoch, offset = divmod(position, len(train))
-            order = np.arange(len(train))
+            index = int(self._epoch_order(epoch)[offset])
+            out.append((index, train[index]))
+        return out
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The prompts' order in `epoch`, drawn once per epoch (not once per prompt)."""
+        if self.order is None or self.order[0] != epoch:
+            order = np.arange(len(self.prompts.train))
             if self.config.data.shuffle:
                 order = np.random.default_rng([self.config.train.seed, epoch]).permutation(order)
-            out.append((int(order[offset]), train[order[offset]]))
-        return out
+            self.order = (epoch, order)
+        return self.order[1]
 
     def sample(self, model: Any, prompts: Sequence[Prompt], repeat: int, greedy: bool, seed: int):
         """`repeat` completions of each prompt, decoded and scored (Sampled)."""
