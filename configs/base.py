@@ -338,6 +338,15 @@ def get_config() -> ml_collections.ConfigDict:
     # The numerics gate: stop when the sampler's log-prob of a sampled token differs from the
     # training forward's on the same params by more than this (0 = off).
     config.grpo.max_sampling_logp_difference = 1.0
+    # TRL's truncated importance-sampling correction (vllm_importance_sampling_*): each token's
+    # loss weighted by exp(trainer - sampler log-prob), truncated ("token_truncate",
+    # "sequence_truncate") or masked ("token_mask", "sequence_mask") outside [clip_min,
+    # clip_max] (0: unbounded). Off: the in-process sampler computes the trainer's distribution
+    # (the gate above checks it); for a sampler in lower precision.
+    config.grpo.importance_sampling_correction = False
+    config.grpo.importance_sampling_mode = "sequence_mask"
+    config.grpo.importance_sampling_clip_min = 0.0
+    config.grpo.importance_sampling_clip_max = 3.0
     # Held-out prompts (config.data.eval_files) at each eval: mean reward of greedy replies
     # (pass@1) and pass@k of this many samples at the sampling settings (0 = greedy only).
     config.grpo.eval_samples = 4

@@ -228,6 +228,10 @@ class GRPOConfigSpec(Section):
     reward_weights: str
     num_iterations: int
     max_sampling_logp_difference: float
+    importance_sampling_correction: bool
+    importance_sampling_mode: str
+    importance_sampling_clip_min: float
+    importance_sampling_clip_max: float
     eval_samples: int
 
 
@@ -383,6 +387,10 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
             "reward_weights": "",
             "num_iterations": 1,
             "max_sampling_logp_difference": 1.0,
+            "importance_sampling_correction": False,
+            "importance_sampling_mode": "sequence_mask",
+            "importance_sampling_clip_min": 0.0,
+            "importance_sampling_clip_max": 3.0,
             "eval_samples": 4,
         }.items()
     },

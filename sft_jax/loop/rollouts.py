@@ -40,7 +40,7 @@ from sft_jax.data import DataSource
 from sft_jax.data.prompts import Prompt, columns_of
 from sft_jax.generation.sampler import Rollout, chat_stop_token_ids, lower_rollout, rollout
 from sft_jax.loop.batch_source import Params
-from sft_jax.objectives import grpo, rewards
+from sft_jax.objectives import grpo, grpo_sampling, rewards
 from sft_jax.train import memory as memory_plan
 from sft_jax.train.compiled import Steps
 from sft_jax.train.sharding import device_batch, row_feed
@@ -219,8 +219,8 @@ class GRPOBatches:
         rows, sampler_logps = self._rows(sampled)
         rows[grpo.ADVANTAGE_KEY] = advantages.astype(np.float32)
         policy, reference, entropy = self.steps.rollout_logps(params, self.local(rows))
-        gate = grpo.sampling_metrics(sampler_logps, policy, rows["target_mask"])
-        grpo.check_sampling(step, gate, self.grpo.max_sampling_logp_difference)
+        gate = self._correct(rows, sampler_logps, policy)
+        grpo_sampling.check_sampling(step, gate, self.grpo.max_sampling_logp_difference)
         rows[grpo.OLD_LOGPS_KEY] = policy
         if self.grpo.beta != 0.0:
             rows[REFERENCE_KEY] = reference
@@ -240,6 +240,23 @@ class GRPOBatches:
         self.last_metrics = self._metrics(sampled, total, zero_std, gate, times)
         self.last_end = time.perf_counter()
         return rows
+
+    def _correct(self, rows, sampler_logps, policy) -> dict[str, float]:
+        """The sampler-mismatch figures; with grpo.importance_sampling_correction, rows get
+        the correction's weights (objectives/grpo_sampling.py)."""
+        mask, mode = rows["target_mask"], self.grpo.importance_sampling_mode
+        if not self.grpo.importance_sampling_correction:
+            return grpo_sampling.sampling_metrics(sampler_logps, policy, mask)
+        weights = grpo_sampling.correction_weights(
+            sampler_logps,
+            policy,
+            mask,
+            mode,
+            self.grpo.importance_sampling_clip_min,
+            self.grpo.importance_sampling_clip_max,
+        )
+        rows[grpo_sampling.IS_RATIO_KEY] = weights
+        return grpo_sampling.sampling_metrics(sampler_logps, policy, mask, weights, mode)
 
     def _rows(self, sampled: Sampled) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """The rows of the module docstring, and the sampler's log-probs laid out as target_ids."""

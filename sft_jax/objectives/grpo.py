@@ -14,7 +14,9 @@ the exponential of the sequence's mean log-ratio (sequence level, GSPO):
                               r first capped at delta where delta > 0 (two-sided clipping)
   cispo                       -stop_gradient(min(r, epsilon_high)) A_i log p(t)
 
-plus beta * (exp(ref - logp) - (ref - logp) - 1), the k3 estimate of KL(policy || reference).
+each first weighted by the sampler-mismatch correction where it is on
+(objectives/grpo_sampling.py), plus beta * (exp(ref - logp) - (ref - logp) - 1), the k3
+estimate of KL(policy || reference).
 The token losses are reduced as TRL does:
 
   dapo, cispo   sum over the batch's completion tokens / their count (the whole batch's)
@@ -37,10 +39,10 @@ import numpy as np
 
 from sft_jax.adapters.lora import adapters_off
 from sft_jax.core.batch import REFERENCE_KEY, ROW, TOKEN, Field, register
-from sft_jax.core.errors import ConfigError, UserError, check_choice, need
+from sft_jax.core.errors import ConfigError, check_choice, need
 from sft_jax.core.spec import RunSpec
 from sft_jax.models.decoder import CausalLM
-from sft_jax.objectives import rewards
+from sft_jax.objectives import grpo_sampling, rewards
 from sft_jax.objectives.loss import hidden_token_entropy, hidden_token_logps, token_logps
 from sft_jax.objectives.preference_config import check_no_reference_model
 
@@ -65,6 +67,8 @@ class GRPOSpec:
     beta: float = 0.0  # weight of the k3 KL estimate against the reference
     max_completion_length: int = 256  # dr_grpo's constant normaliser
     accumulation: int = 1  # micro-batches per step (grpo, bnpo, dr_grpo divide by it)
+    # The batch carries grpo_sampling's importance weights; each token's policy loss times its.
+    importance_sampling_correction: bool = False
 
     def __post_init__(self) -> None:
         check_choice("grpo.loss_type", self.loss_type, LOSS_TYPES)
@@ -98,9 +102,11 @@ def per_token_loss(
     advantages_B: jax.Array,
     mask_BxT: jax.Array,
     reference_logps_BxT: jax.Array | None = None,
+    correction_BxT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """(per-token loss [B, T], the k3 KL [B, T] (zeros without beta), clip indicators [B, T]
-    or [B, 1]) of the module docstring; the loss is not yet masked."""
+    or [B, 1]) of the module docstring; the loss is not yet masked. correction_BxT: the
+    sampler-mismatch weights (None: no correction)."""
     mask = mask_BxT.astype(jnp.float32)
     log_ratio = logps_BxT - old_logps_BxT
     if spec.importance_sampling_level == "token":
@@ -123,6 +129,8 @@ def per_token_loss(
         low = (ratio < 1 - spec.epsilon) & (advantages < 0)
         high = (ratio > 1 + spec.high) & (advantages > 0)
         clipped = {"low": low, "high": high, "region": low | high}
+    if correction_BxT is not None:
+        loss = loss * correction_BxT
     kl = jnp.zeros_like(logps_BxT)
     if spec.beta != 0.0:
         if reference_logps_BxT is None:
@@ -165,6 +173,8 @@ class GRPOObjective:
     @property
     def batch_keys(self) -> tuple[str, ...]:
         keys = (OLD_LOGPS_KEY, ADVANTAGE_KEY)
+        if self.spec.importance_sampling_correction:
+            keys = (*keys, grpo_sampling.IS_RATIO_KEY)
         return (*keys, REFERENCE_KEY) if self.spec.beta != 0.0 else keys
 
     def token_logps(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None):
@@ -218,6 +228,7 @@ class GRPOObjective:
             batch[ADVANTAGE_KEY],
             mask,
             batch.get(REFERENCE_KEY),
+            batch.get(grpo_sampling.IS_RATIO_KEY),
         )
         weights = mask.astype(jnp.float32)
         if clipped["region"].shape[-1] == 1:  # sequence level: one ratio per sequence
@@ -309,47 +320,6 @@ def reward_std(total: np.ndarray, num_generations: int, scale_rewards: str) -> n
     return np.repeat(nanstd(total.reshape(-1, num_generations), axis=1), num_generations)
 
 
-# --- the numerics gate: the sampler's log-probs against the training forward's ----------------
-
-
-class SamplerDivergedError(UserError):
-    """The sampler's log-probs of its own tokens are not the training forward's."""
-
-
-def sampling_metrics(
-    sampler_logps: np.ndarray, train_logps: np.ndarray, mask: np.ndarray
-) -> dict[str, float]:
-    """TRL's names for how far the sampler's log-probs of the sampled tokens are from the
-    training forward's on the same tokens and params ([B, T] each, compared where mask)."""
-    mask = np.asarray(mask, bool)
-    if not mask.any():
-        return {}
-    log_ratio = (np.asarray(train_logps, np.float64) - np.asarray(sampler_logps, np.float64))[mask]
-    gap, ratio = np.abs(log_ratio), np.exp(log_ratio)
-    return {
-        "sampling/sampling_logp_difference/mean": float(gap.mean()),
-        "sampling/sampling_logp_difference/max": float(gap.max()),
-        "sampling/importance_sampling_ratio/min": float(ratio.min()),
-        "sampling/importance_sampling_ratio/mean": float(ratio.mean()),
-        "sampling/importance_sampling_ratio/max": float(ratio.max()),
-    }
-
-
-def check_sampling(step: int, metrics: dict[str, float], max_difference: float) -> None:
-    """Stops the run where the sampler and the trainer disagree by more than max_difference
-    (0: no gate): the ratios of the loss would then measure the disagreement, not the update."""
-    largest = metrics.get("sampling/sampling_logp_difference/max", 0.0)
-    if max_difference > 0 and largest > max_difference:
-        raise SamplerDivergedError(
-            f"step {step}: the sampler's log-probs of its tokens differ from the training "
-            f"forward's on the same tokens and params by up to {largest:.3g} (mean "
-            f"{metrics['sampling/sampling_logp_difference/mean']:.3g}), over "
-            f"grpo.max_sampling_logp_difference={max_difference:g}. The sampler and the trainer "
-            "must compute the same distribution (same dtype, temperature, top_p/top_k applied "
-            "after the log-probs); nothing of this step was trained on."
-        )
-
-
 # --- the config section (config.grpo) ------------------------------------------------------
 
 
@@ -375,6 +345,7 @@ def objective_from_config(config: RunSpec) -> GRPOObjective:
         beta=grpo.beta,
         max_completion_length=grpo.max_completion_length,
         accumulation=config.train.gradient_accumulation_steps,
+        importance_sampling_correction=grpo.importance_sampling_correction,
     )
     return GRPOObjective(spec, config.train.loss_chunk_size, grpo.temperature, reference_of(config))
 
@@ -385,6 +356,26 @@ def _check_sampling(config: RunSpec) -> None:
     need(config, 0 < grpo.top_p <= 1, "grpo.top_p", "must be within (0, 1].")
     need(config, grpo.top_k >= 0, "grpo.top_k", "must be 0 (off) or positive.")
     need(config, 0 <= grpo.min_p < 1, "grpo.min_p", "must be within [0, 1) (0: off).")
+
+
+def _check_correction(config: RunSpec) -> None:
+    grpo = config.grpo
+    check_choice(
+        "grpo.importance_sampling_mode", grpo.importance_sampling_mode, grpo_sampling.MODES
+    )
+    need(
+        config,
+        grpo.importance_sampling_clip_min >= 0,
+        "grpo.importance_sampling_clip_min",
+        "0 (no lower bound) or a positive weight.",
+    )
+    need(
+        config,
+        grpo.importance_sampling_clip_max == 0
+        or grpo.importance_sampling_clip_max > grpo.importance_sampling_clip_min,
+        "grpo.importance_sampling_clip_max",
+        "0 (no upper bound) or above importance_sampling_clip_min.",
+    )
 
 
 def check_config(config: RunSpec) -> None:
@@ -420,6 +411,7 @@ def check_config(config: RunSpec) -> None:
     need(config, grpo.delta >= 0, "grpo.delta", "0 (off) or a cap above 1 + epsilon.")
     need(config, grpo.beta >= 0, "grpo.beta", "must be 0 (no KL term) or positive.")
     need(config, grpo.eval_samples >= 0, "grpo.eval_samples", "0 (greedy only) or more.")
+    _check_correction(config)
     need(
         config,
         grpo.max_sampling_logp_difference >= 0,

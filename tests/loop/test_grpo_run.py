@@ -19,7 +19,7 @@ from sft_jax.core.spec import RunSpec
 from sft_jax.data.prompts import load_prompts
 from sft_jax.data.records import DataError
 from sft_jax.loop import rollouts, trainer
-from sft_jax.objectives.grpo import SamplerDivergedError
+from sft_jax.objectives.grpo_sampling import SamplerDivergedError
 from sft_jax.objectives.rewards import RewardError
 from sft_jax.train import memory as memory_plan
 from sft_jax.train.config_check import check_values
@@ -159,6 +159,33 @@ def test_the_numerics_gate_stops_a_sampler_that_disagrees_with_the_trainer(
         run(config, tmp_path / "run")
 
 
+@pytest.mark.e2e
+def test_the_sampler_correction_weights_a_mismatched_sampler(chat_model_dir, tmp_path, monkeypatch):
+    """With the gate off and TRL's token_truncate correction, a sampler 0.2 above the trainer
+    trains with every completion token's loss weighted exp(-0.2), as TRL logs it."""
+    real = rollouts.rollout
+
+    def perturbed(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.__class__(out.tokens, [lp + 0.2 for lp in out.logps], out.stop_reasons)
+
+    monkeypatch.setattr(rollouts, "rollout", perturbed)
+    config = grpo_config(
+        chat_model_dir,
+        tmp_path,
+        steps=1,
+        max_sampling_logp_difference=0.0,
+        importance_sampling_correction=True,
+        importance_sampling_mode="token_truncate",
+    )
+    run(config, tmp_path / "run")
+    (step,) = train_metrics(tmp_path / "run")
+    for name in ("min", "mean", "max"):
+        ratio = step[f"train/sampling/importance_sampling_ratio/{name}"]
+        assert ratio == pytest.approx(np.exp(-0.2), abs=1e-4)
+    assert step["train/sampling/sampling_logp_difference/mean"] == pytest.approx(0.2, abs=1e-4)
+
+
 def spec_of(config) -> RunSpec:
     return RunSpec.of(config)
 
@@ -188,6 +215,12 @@ def test_long_prompts_are_counted_skips_or_an_error_naming_the_line(chat_model_d
         ({"grpo.num_generations": 1}, ConfigError, "group of one completion has no std"),
         ({"train.global_batch_size": 8, "grpo.num_generations": 3}, ConfigError, "multiple of"),
         ({"grpo.loss_type": "ppo"}, ConfigError, "expected one of dapo"),
+        ({"grpo.importance_sampling_mode": "tis"}, ConfigError, "expected one of token_trunc"),
+        (
+            {"grpo.importance_sampling_clip_max": 0.5, "grpo.importance_sampling_clip_min": 1.0},
+            ConfigError,
+            "importance_sampling_clip_max",
+        ),
         ({"preference.reference_model": "/sft"}, ConfigError, "only train.objective='dpo'"),
     ],
 )

@@ -22,7 +22,7 @@ from trl.trainer.utils import nanstd
 from sft_jax.core.errors import ConfigError
 from sft_jax.generation.sampler import rollout
 from sft_jax.models.io.hf import from_pretrained
-from sft_jax.objectives import grpo
+from sft_jax.objectives import grpo, grpo_sampling
 from sft_jax.objectives.loss import token_logps
 from sft_jax.train import sharding
 
@@ -74,7 +74,7 @@ def completion_part(x_BxT: np.ndarray) -> np.ndarray:
 
 
 def trl_stub(
-    args: grpo.GRPOSpec, model: torch.nn.Module, accumulation: int
+    args: grpo.GRPOSpec, model: torch.nn.Module, accumulation: int, correction: bool = False
 ) -> types.SimpleNamespace:
     """What GRPOTrainer._compute_loss reads of its trainer, for one process."""
 
@@ -108,8 +108,8 @@ def trl_stub(
         loss_type=args.loss_type,
         epsilon_low=args.epsilon,
         epsilon_high=args.high,
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
+        use_vllm=correction,
+        vllm_importance_sampling_correction=correction,
         model=model,
         current_gradient_accumulation_steps=accumulation,
         max_completion_length=args.max_completion_length,
@@ -119,10 +119,13 @@ def trl_stub(
     )
 
 
-def trl_loss_and_grad_norm(spec, torch_model, data, old, ref, advantages, accumulation):
+def trl_loss_and_grad_norm(
+    spec, torch_model, data, old, ref, advantages, accumulation, is_ratio=None
+):
+    """is_ratio [B, C]: the sampler-mismatch weights TRL computes with vLLM's log-probs."""
     torch_model.train()
     torch_model.zero_grad()
-    stub = trl_stub(spec, torch_model, accumulation)
+    stub = trl_stub(spec, torch_model, accumulation, correction=is_ratio is not None)
     total = 0.0
     for k in range(accumulation):
         rows = np.arange(k, ROWS, accumulation)  # our micro-batch k: rows k, k + K, ...
@@ -136,6 +139,8 @@ def trl_loss_and_grad_norm(spec, torch_model, data, old, ref, advantages, accumu
             "ref_per_token_logps": None if ref is None else torch.tensor(ref[rows]),
             "num_items_in_batch": torch.tensor(float(data["completion_mask"].sum())),
         }
+        if is_ratio is not None:
+            inputs["importance_sampling_ratio"] = torch.tensor(is_ratio[rows])
         loss = GRPOTrainer._compute_loss(stub, torch_model, inputs)
         loss.backward()
         total += float(loss.detach())
@@ -212,6 +217,77 @@ def test_loss_and_gradient_norm_equal_trl(models, loss_type, level, iteration, a
         completion_part(ref_BxT).astype(np.float32) if beta else None,
         advantages,
         accumulation,
+    )
+    assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_correction_weights_by_mode():
+    """TRL's four modes on hand-worked log-prob differences (clip_max 3, clip_min 0.5)."""
+    mask = np.array([[True, True, False], [True, True, True]])
+    sampler = np.zeros((2, 3))
+    train = np.log([[4.0, 0.25, 9.0], [1.5, 1.0, 1.0]])  # d = log of these (row 0, col 2: off)
+    weights = {
+        mode: grpo_sampling.correction_weights(sampler, train, mask, mode, 0.5, 3.0)
+        for mode in grpo_sampling.MODES
+    }
+    np.testing.assert_allclose(weights["token_truncate"], [[3, 0.5, 0], [1.5, 1, 1]], rtol=1e-6)
+    np.testing.assert_allclose(weights["token_mask"], [[0, 0, 0], [1.5, 1, 1]], rtol=1e-6)
+    # sequences: exp(sum d) = 1.0 (row 0: 4 x 0.25) and 1.5
+    np.testing.assert_allclose(weights["sequence_truncate"], [[1, 1, 0], [1.5] * 3], rtol=1e-6)
+    np.testing.assert_allclose(weights["sequence_mask"], [[1, 1, 0], [1.5] * 3], rtol=1e-6)
+    unbounded = grpo_sampling.correction_weights(sampler, train, mask, "token_truncate", 0, 0)
+    np.testing.assert_allclose(unbounded, [[4, 0.25, 0], [1.5, 1, 1]], rtol=1e-6)
+    metrics = grpo_sampling.sampling_metrics(
+        sampler, train, mask, weights["sequence_mask"], "sequence_mask"
+    )
+    assert metrics["sampling/importance_sampling_ratio/min"] == pytest.approx(1.0)
+    assert metrics["sampling/importance_sampling_ratio/max"] == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(
+    "loss_type, level, mode",
+    [("dapo", "token", "token_truncate"), ("grpo", "sequence", "sequence_mask")],
+)
+def test_the_sampler_correction_equals_trl(models, loss_type, level, mode):
+    """TRL's vllm_importance_sampling_correction: each token's policy loss times the
+    sampler-mismatch weight, the KL term not; num_iterations 2, accumulation 2, beta."""
+    model, torch_model = models
+    spec = grpo.GRPOSpec(
+        loss_type=loss_type,
+        importance_sampling_level=level,
+        epsilon_high=0.28,
+        beta=0.04,
+        max_completion_length=COMPLETION,
+        accumulation=2,
+        importance_sampling_correction=True,
+    )
+    data = rollouts(model.config.vocab_size, seed=3)
+    batch = our_batch(data)
+    rng = np.random.default_rng(4)
+    current = np.asarray(token_logps(model, {k: jnp.asarray(v) for k, v in batch.items()}, SEQ))
+    mask = batch["target_mask"]
+    old_BxT = np.where(mask, current + rng.normal(0.0, 0.3, current.shape), 0.0)
+    sampler_BxT = np.where(mask, old_BxT + rng.normal(0.0, 0.5, current.shape), 0.0)
+    ref_BxT = np.where(mask, current - rng.normal(0, 0.2, current.shape), 0.0)
+    weights = grpo_sampling.correction_weights(sampler_BxT, old_BxT, mask, mode, 0.0, 3.0)
+    assert np.sum(weights[mask] != 1.0) > 0 and np.all(weights[~mask] == 0)
+    advantages = rng.normal(0.0, 1.0, ROWS).astype(np.float32)
+    batch |= {
+        grpo.OLD_LOGPS_KEY: old_BxT.astype(np.float32),
+        grpo.ADVANTAGE_KEY: advantages,
+        "reference_logps": ref_BxT.astype(np.float32),
+        grpo_sampling.IS_RATIO_KEY: weights,
+    }
+    ours = our_loss_and_grad_norm(spec, model, batch, 2)
+    theirs = trl_loss_and_grad_norm(
+        spec,
+        torch_model,
+        data,
+        completion_part(old_BxT).astype(np.float32),
+        completion_part(ref_BxT).astype(np.float32),
+        advantages,
+        2,
+        completion_part(weights),
     )
     assert ours == pytest.approx(theirs, rel=1e-4)
 
@@ -319,15 +395,17 @@ def test_the_numerics_gate_passes_the_sampler_and_stops_a_perturbed_one(models):
     sampler = np.zeros_like(train)
     sampler[:, PROMPT - 1 : PROMPT - 1 + COMPLETION] = np.array(out.logps)
     mask = rows["target_mask"]
-    healthy = grpo.sampling_metrics(sampler, train, mask)
+    healthy = grpo_sampling.sampling_metrics(sampler, train, mask)
     assert healthy["sampling/sampling_logp_difference/max"] < 1e-4
     assert healthy["sampling/importance_sampling_ratio/mean"] == pytest.approx(1.0, abs=1e-4)
-    grpo.check_sampling(7, healthy, max_difference=1e-3)
+    grpo_sampling.check_sampling(7, healthy, max_difference=1e-3)
     hotter = rollout(model, prompts, max_new_tokens=COMPLETION, stop_token_ids=[], temperature=1.5)
     data["completion_ids"] = np.array(hotter.tokens)
     rows = our_batch(data)
     train = np.asarray(token_logps(model, {k: jnp.asarray(v) for k, v in rows.items()}, SEQ))
     sampler[:, PROMPT - 1 : PROMPT - 1 + COMPLETION] = np.array(hotter.logps)
-    perturbed = grpo.sampling_metrics(sampler, train, mask)
-    with pytest.raises(grpo.SamplerDivergedError, match=r"step 7: .* differ .* by up to [0-9.]+"):
-        grpo.check_sampling(7, perturbed, max_difference=1e-3)
+    perturbed = grpo_sampling.sampling_metrics(sampler, train, mask)
+    with pytest.raises(
+        grpo_sampling.SamplerDivergedError, match=r"step 7: .* differ .* by up to [0-9.]+"
+    ):
+        grpo_sampling.check_sampling(7, perturbed, max_difference=1e-3)
