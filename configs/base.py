@@ -351,6 +351,23 @@ def get_config() -> ml_collections.ConfigDict:
     # (pass@1) and pass@k of this many samples at the sampling settings (0 = greedy only).
     config.grpo.eval_samples = 4
 
+    # ---------------------------------------------------------------- ppo
+    # Classic RLHF (config.train.objective = "ppo"): rollouts, rewards (a reward model's export
+    # as grpo.reward_funcs = "reward_model:DIR") and sampling as config.grpo says; a value head
+    # on the policy's trunk as the critic. TRL's PPOConfig names and defaults
+    # (sft_jax/objectives/ppo.py has the formulas).
+    config.ppo = ml_collections.ConfigDict()
+    # GAE's discount and lambda.
+    config.ppo.gamma = 1.0
+    config.ppo.lam = 0.95
+    # The per-token KL penalty's weight in the rewards (against the initial policy).
+    config.ppo.kl_coef = 0.05
+    # The policy ratio's clip, the value's clip around its rollout estimate.
+    config.ppo.cliprange = 0.2
+    config.ppo.cliprange_value = 0.2
+    # The value loss's weight beside the policy loss.
+    config.ppo.vf_coef = 0.1
+
     # ---------------------------------------------------------------- eval
     config.eval = ml_collections.ConfigDict()
     # Evaluate every N optimizer updates (0 = only at the end); also always at the last step.

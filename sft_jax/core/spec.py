@@ -236,6 +236,16 @@ class GRPOConfigSpec(Section):
 
 
 @dataclasses.dataclass(frozen=True)
+class PPOConfigSpec(Section):
+    gamma: float
+    lam: float
+    kl_coef: float
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalSpec(Section):
     every_steps: int
     global_batch_size: int
@@ -300,6 +310,7 @@ class RunSpec(Section):
     train: TrainSpec
     preference: PreferenceSpec
     grpo: GRPOConfigSpec
+    ppo: PPOConfigSpec
     eval: EvalSpec
     checkpoint: CheckpointSpec
     export: ExportSpec
@@ -392,6 +403,18 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
             "importance_sampling_clip_min": 0.0,
             "importance_sampling_clip_max": 3.0,
             "eval_samples": 4,
+        }.items()
+    },
+    # Runs before PPO: none of them was one (configs/base.py's values).
+    **{
+        f"ppo.{name}": value
+        for name, value in {
+            "gamma": 1.0,
+            "lam": 0.95,
+            "kl_coef": 0.05,
+            "cliprange": 0.2,
+            "cliprange_value": 0.2,
+            "vf_coef": 0.1,
         }.items()
     },
 }

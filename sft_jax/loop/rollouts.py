@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from sft_jax.core.batch import REFERENCE_KEY
 from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataSource
@@ -213,31 +212,29 @@ class GRPOBatches:
         sampled_at = time.perf_counter()
         sampled = self.sample(model, [p for _, p in chosen], g, greedy=False, seed=seed)
         scored_at = time.perf_counter()
-        advantages, total, zero_std = grpo.advantages(
-            sampled.table, self.weights, g, self.grpo.scale_rewards
-        )
         rows, sampler_logps = self._rows(sampled)
-        rows[grpo.ADVANTAGE_KEY] = advantages.astype(np.float32)
-        policy, reference, entropy = self.steps.rollout_logps(params, self.local(rows))
-        gate = self._correct(rows, sampler_logps, policy)
+        outputs = self.steps.rollout_logps(params, self.local(rows))
+        gate = self._correct(rows, sampler_logps, outputs[0])
         grpo_sampling.check_sampling(step, gate, self.grpo.max_sampling_logp_difference)
-        rows[grpo.OLD_LOGPS_KEY] = policy
-        if self.grpo.beta != 0.0:
-            rows[REFERENCE_KEY] = reference
         if self.grpo.mask_truncated_completions:
             truncated = np.array([s == "length" for s in sampled.out.stop_reasons])
             rows["target_mask"] &= ~truncated[:, None]
+        made = self.steps.objective.rollout_fields(
+            sampled.table, self.weights, rows["target_mask"], outputs
+        )
+        rows |= made.fields
         end = time.perf_counter()
         if jax.process_index() == 0:
-            self._log_completions(step, chosen, sampled, advantages)
+            self._log_completions(step, chosen, sampled, made.advantages)
         self.tokens_seen += sum(
             len(p.ids) + len(c) for p, c in zip(sampled.prompts, sampled.out.tokens, strict=True)
         )
         times = {"time/sampling_s": scored_at - sampled_at, "time/scoring_s": end - scored_at}
         if update_s is not None:
             times["time/update_s"] = update_s
-        gate["entropy"] = float(entropy.sum() / max(rows["target_mask"].sum(), 1))
-        self.last_metrics = self._metrics(sampled, total, zero_std, gate, times)
+        gate["entropy"] = float(outputs[2].sum() / max(rows["target_mask"].sum(), 1))
+        total = grpo.total_rewards(sampled.table, self.weights)
+        self.last_metrics = self._metrics(sampled, total, gate | made.metrics, times)
         self.last_end = time.perf_counter()
         return rows
 
@@ -291,14 +288,12 @@ class GRPOBatches:
 
     # --- Metrics and the completions log ---------------------------------------------------
 
-    def _metrics(self, sampled, total, zero_std, gate, times) -> dict[str, float]:
-        """TRL's names, under train/."""
-        g, lengths = self.grpo.num_generations, np.array([len(t) for t in sampled.out.tokens])
+    def _metrics(self, sampled, total, more, times) -> dict[str, float]:
+        """TRL's names, under train/ (more: the gate's and the objective's)."""
+        lengths = np.array([len(t) for t in sampled.out.tokens])
         stopped = np.array([s == "stop" for s in sampled.out.stop_reasons])
         values = {
             "reward": np.nanmean(total) if not np.all(np.isnan(total)) else None,
-            "reward_std": _nanmean(grpo.reward_std(total, g, self.grpo.scale_rewards)),
-            "frac_reward_zero_std": float(np.mean(zero_std)),
             "completions/mean_length": lengths.mean(),
             "completions/min_length": lengths.min(),
             "completions/max_length": lengths.max(),
@@ -315,7 +310,7 @@ class GRPOBatches:
             scores = sampled.table[:, column]
             values[f"rewards/{reward.name}/mean"] = _nanmean(scores)
             values[f"rewards/{reward.name}/std"] = _finite_or_none(grpo.nanstd(scores))
-        values |= gate
+        values |= more
         values |= times
         values["sampled_tokens_per_sec"] = lengths.sum() / max(times["time/sampling_s"], 1e-9)
         return {f"train/{k}": float(v) for k, v in values.items() if v is not None}

@@ -39,12 +39,10 @@ import numpy as np
 
 from sft_jax.adapters.lora import adapters_off
 from sft_jax.core.batch import REFERENCE_KEY, ROW, TOKEN, Field, register
-from sft_jax.core.errors import ConfigError, check_choice, need
-from sft_jax.core.spec import RunSpec
+from sft_jax.core.errors import ConfigError, check_choice
 from sft_jax.models.decoder import CausalLM
-from sft_jax.objectives import grpo_sampling, rewards
+from sft_jax.objectives import grpo_sampling
 from sft_jax.objectives.loss import hidden_token_entropy, hidden_token_logps, token_logps
-from sft_jax.objectives.preference_config import check_no_reference_model
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -81,6 +79,16 @@ class GRPOSpec:
     @property
     def high(self) -> float:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+class RolloutFields(NamedTuple):
+    """What an online-RL objective adds to a rollout's rows (rollout_fields): arrays by batch
+    key, each completion's advantage (for completions.jsonl: a token mean where advantages are
+    per token) and host metrics (TRL's names, without train/)."""
+
+    fields: dict[str, np.ndarray]
+    advantages: np.ndarray
+    metrics: dict[str, float]
 
 
 class GRPOSums(NamedTuple):
@@ -169,6 +177,8 @@ class GRPOObjective:
     loss_chunk_size: int = 512
     temperature: float = 1.0
     reference: str = "none"
+    num_generations: int = 2  # completions per prompt: the groups of the advantages
+    scale_rewards: str = "group"
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
@@ -202,6 +212,22 @@ class GRPOObjective:
             with adapters_off(model):
                 reference = self.token_logps(model, batch)
         return tuple(jnp.where(mask, x, 0.0) for x in (policy, reference, entropy))
+
+    def rollout_fields(
+        self, table: np.ndarray, weights: np.ndarray, mask: np.ndarray, outputs: tuple
+    ) -> RolloutFields:
+        """The rows' old log-probs, advantages (and reference log-probs with beta) from the
+        rewards [N, F] of a rollout's N completions and rollout_logps' outputs."""
+        g = self.num_generations
+        per_completion, total, zero_std = advantages(table, weights, g, self.scale_rewards)
+        fields = {OLD_LOGPS_KEY: outputs[0], ADVANTAGE_KEY: per_completion.astype(np.float32)}
+        if self.spec.beta != 0.0:
+            fields[REFERENCE_KEY] = outputs[1]
+        std = reward_std(total, g, self.scale_rewards)
+        metrics = {"frac_reward_zero_std": float(np.mean(zero_std))}
+        if not np.all(np.isnan(std)):
+            metrics["reward_std"] = float(np.nanmean(std))
+        return RolloutFields(fields, per_completion, metrics)
 
     def sums(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None) -> GRPOSums:
         return self.sums_of_logps(self.token_logps(model, batch, dropout_key), batch)
@@ -318,122 +344,3 @@ def reward_std(total: np.ndarray, num_generations: int, scale_rewards: str) -> n
     if scale_rewards == "batch":
         return np.full_like(total, nanstd(total) if total.size > 1 else 0.0)
     return np.repeat(nanstd(total.reshape(-1, num_generations), axis=1), num_generations)
-
-
-# --- the config section (config.grpo) ------------------------------------------------------
-
-
-LONG_PROMPTS = ("skip", "error")
-
-
-def reference_of(config: RunSpec) -> str:
-    """Where the KL term's reference comes from: none without beta, else the initial policy
-    (adapters off under LoRA, else a frozen copy)."""
-    if config.grpo.beta == 0.0:
-        return "none"
-    return "adapters_off" if config.lora.rank > 0 else "copy"
-
-
-def objective_from_config(config: RunSpec) -> GRPOObjective:
-    grpo = config.grpo
-    spec = GRPOSpec(
-        loss_type=grpo.loss_type,
-        importance_sampling_level=grpo.importance_sampling_level,
-        epsilon=grpo.epsilon,
-        epsilon_high=grpo.epsilon_high or None,
-        delta=grpo.delta,
-        beta=grpo.beta,
-        max_completion_length=grpo.max_completion_length,
-        accumulation=config.train.gradient_accumulation_steps,
-        importance_sampling_correction=grpo.importance_sampling_correction,
-    )
-    return GRPOObjective(spec, config.train.loss_chunk_size, grpo.temperature, reference_of(config))
-
-
-def _check_sampling(config: RunSpec) -> None:
-    grpo = config.grpo
-    need(config, grpo.temperature > 0, "grpo.temperature", "must be positive.")
-    need(config, 0 < grpo.top_p <= 1, "grpo.top_p", "must be within (0, 1].")
-    need(config, grpo.top_k >= 0, "grpo.top_k", "must be 0 (off) or positive.")
-    need(config, 0 <= grpo.min_p < 1, "grpo.min_p", "must be within [0, 1) (0: off).")
-
-
-def _check_correction(config: RunSpec) -> None:
-    grpo = config.grpo
-    check_choice(
-        "grpo.importance_sampling_mode", grpo.importance_sampling_mode, grpo_sampling.MODES
-    )
-    need(
-        config,
-        grpo.importance_sampling_clip_min >= 0,
-        "grpo.importance_sampling_clip_min",
-        "0 (no lower bound) or a positive weight.",
-    )
-    need(
-        config,
-        grpo.importance_sampling_clip_max == 0
-        or grpo.importance_sampling_clip_max > grpo.importance_sampling_clip_min,
-        "grpo.importance_sampling_clip_max",
-        "0 (no upper bound) or above importance_sampling_clip_min.",
-    )
-
-
-def check_config(config: RunSpec) -> None:
-    """config.grpo, and what online RL asks of the other sections; the reward functions are
-    imported here, so a path that does not import stops the run before anything is loaded."""
-    grpo = config.grpo
-    for field, choices in (
-        ("loss_type", LOSS_TYPES),
-        ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS),
-        ("scale_rewards", SCALE_REWARDS),
-        ("long_prompts", LONG_PROMPTS),
-    ):
-        check_choice(f"grpo.{field}", getattr(grpo, field), choices)
-    need(
-        config,
-        grpo.num_generations >= 2,
-        "grpo.num_generations",
-        "a group of one completion has no std (scale_rewards) and is its own baseline (every "
-        "advantage 0): sample at least 2 completions per prompt.",
-    )
-    need(
-        config,
-        config.train.global_batch_size % grpo.num_generations == 0,
-        "train.global_batch_size",
-        f"an update trains on whole groups: a multiple of grpo.num_generations "
-        f"({grpo.num_generations}); global_batch_size / num_generations prompts per update.",
-    )
-    for field in ("max_prompt_length", "max_completion_length", "num_iterations"):
-        need(config, getattr(grpo, field) >= 1, f"grpo.{field}", "must be at least 1.")
-    _check_sampling(config)
-    need(config, 0 < grpo.epsilon < 1, "grpo.epsilon", "must be within (0, 1).")
-    need(config, grpo.epsilon_high >= 0, "grpo.epsilon_high", "0 (= epsilon) or positive.")
-    need(config, grpo.delta >= 0, "grpo.delta", "0 (off) or a cap above 1 + epsilon.")
-    need(config, grpo.beta >= 0, "grpo.beta", "must be 0 (no KL term) or positive.")
-    need(config, grpo.eval_samples >= 0, "grpo.eval_samples", "0 (greedy only) or more.")
-    _check_correction(config)
-    need(
-        config,
-        grpo.max_sampling_logp_difference >= 0,
-        "grpo.max_sampling_logp_difference",
-        "0 (no gate) or a positive log-prob difference.",
-    )
-    need(
-        config,
-        bool(config.data.train_files) and not config.data.mixture,
-        "data.train_files",
-        "online RL reads prompts from files (TRL's format: a `prompt` field, a string or a "
-        "message list); a data.mixture is not supported here.",
-    )
-    if reference_of(config) == "adapters_off":
-        need(
-            config,
-            not config.lora.trainable_modules,
-            "lora.trainable_modules",
-            "with grpo.beta > 0 the reference is the model with its adapters off; modules "
-            "trained in full would change it too. Leave it empty.",
-        )
-    check_no_reference_model(config)
-    rewards.rewards_from_config(
-        grpo.reward_funcs, grpo.reward_weights, grpo.max_completion_length, models=False
-    )

@@ -19,8 +19,7 @@ the reference (ref):
 
 means over the batch's completion tokens. TRL 0.x's PPOTrainer bootstraps the last token's
 delta from the value one position past the completion; here the episode ends at the last token,
-as the published formula has it. Not yet a config.train.objective: a run needs a value head
-(on the policy's trunk or a critic initialised from the reward model) beside the LM head.
+as the published formula has it. The run's objective is objectives/ppo_run.py.
 """
 
 from __future__ import annotations
@@ -96,6 +95,41 @@ def gae(
     return advantages_BxT, jnp.where(mask_BxT, advantages_BxT + values_BxT, 0.0)
 
 
+class TokenTerms(NamedTuple):
+    """Per completion token [B, T]: the module docstring's policy and value terms (before their
+    means), and whether the clip decided each."""
+
+    policy: jax.Array
+    value: jax.Array
+    clipped: jax.Array
+    value_clipped: jax.Array
+
+
+def token_terms(
+    spec: PPOSpec,
+    logps_BxT: jax.Array,
+    old_logps_BxT: jax.Array,
+    advantages_BxT: jax.Array,
+    values_BxT: jax.Array,
+    old_values_BxT: jax.Array,
+    returns_BxT: jax.Array,
+) -> TokenTerms:
+    ratio = jnp.exp(logps_BxT - old_logps_BxT)
+    pg_unclipped = -advantages_BxT * ratio
+    pg_clipped = -advantages_BxT * jnp.clip(ratio, 1 - spec.cliprange, 1 + spec.cliprange)
+    clipped_values = old_values_BxT + jnp.clip(
+        values_BxT - old_values_BxT, -spec.cliprange_value, spec.cliprange_value
+    )
+    vf_unclipped = jnp.square(values_BxT - returns_BxT)
+    vf_clipped = jnp.square(clipped_values - returns_BxT)
+    return TokenTerms(
+        policy=jnp.maximum(pg_unclipped, pg_clipped),
+        value=0.5 * jnp.maximum(vf_unclipped, vf_clipped),
+        clipped=pg_clipped > pg_unclipped,
+        value_clipped=vf_clipped > vf_unclipped,
+    )
+
+
 class PPOLosses(NamedTuple):
     loss: jax.Array
     policy: jax.Array  # pg
@@ -115,20 +149,15 @@ def losses(
     mask_BxT: jax.Array,
 ) -> PPOLosses:
     """The module docstring's loss of one batch (advantages already whitened)."""
-    ratio = jnp.exp(logps_BxT - old_logps_BxT)
-    pg_unclipped = -advantages_BxT * ratio
-    pg_clipped = -advantages_BxT * jnp.clip(ratio, 1 - spec.cliprange, 1 + spec.cliprange)
-    clipped_values = old_values_BxT + jnp.clip(
-        values_BxT - old_values_BxT, -spec.cliprange_value, spec.cliprange_value
+    terms = token_terms(
+        spec, logps_BxT, old_logps_BxT, advantages_BxT, values_BxT, old_values_BxT, returns_BxT
     )
-    vf_unclipped = jnp.square(values_BxT - returns_BxT)
-    vf_clipped = jnp.square(clipped_values - returns_BxT)
-    policy = masked_mean(jnp.maximum(pg_unclipped, pg_clipped), mask_BxT)
-    value = 0.5 * masked_mean(jnp.maximum(vf_unclipped, vf_clipped), mask_BxT)
+    policy = masked_mean(terms.policy, mask_BxT)
+    value = masked_mean(terms.value, mask_BxT)
     return PPOLosses(
         loss=policy + spec.vf_coef * value,
         policy=policy,
         value=value,
-        clip_fraction=masked_mean((pg_clipped > pg_unclipped).astype(jnp.float32), mask_BxT),
-        value_clip_fraction=masked_mean((vf_clipped > vf_unclipped).astype(jnp.float32), mask_BxT),
+        clip_fraction=masked_mean(terms.clipped.astype(jnp.float32), mask_BxT),
+        value_clip_fraction=masked_mean(terms.value_clipped.astype(jnp.float32), mask_BxT),
     )

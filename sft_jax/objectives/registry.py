@@ -16,7 +16,7 @@ from sft_jax.core.registry import Registry
 from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.score_head import reward_pad_id
-from sft_jax.objectives import grpo, preference, preference_config, reward
+from sft_jax.objectives import grpo_config, ppo_run, preference, preference_config, reward
 
 # What a run whose config predates config.train.objective trained with (core/spec.py's table).
 DEFAULT = SAVED_BEFORE_THE_FIELD["train.objective"]
@@ -39,6 +39,8 @@ class ObjectiveKind:
     reads: str = "examples"
     # A score head of this many labels replaces the LM head (a reward model); None: a causal LM.
     score_labels: int | None = None
+    # A value head beside the LM head (models/value_head.py: PPO's critic), trained with it.
+    value_head: bool = False
     # Runs with the sequence split over mesh.context; with virtual tokens (prompt methods).
     context_axis: bool = False
     virtual_tokens: bool = False
@@ -130,8 +132,13 @@ register(
 )
 
 
+def _rollout_row(config) -> int:
+    """Online RL's rows: a prompt and its completion."""
+    return config.grpo.max_prompt_length + config.grpo.max_completion_length
+
+
 def _grpo(config, model, max_segments, pad_token_id):
-    chosen = grpo.objective_from_config(config)
+    chosen = grpo_config.objective_from_config(config)
     if chosen.reference == "copy":
         preference.attach_frozen_copy(model)
     return chosen
@@ -142,7 +149,26 @@ register(
         "grpo",
         _grpo,
         reads="prompts",
-        check=grpo.check_config,
-        row_length=lambda config: config.grpo.max_prompt_length + config.grpo.max_completion_length,
+        check=grpo_config.check_config,
+        row_length=_rollout_row,
+    )
+)
+
+
+def _ppo(config, model, max_segments, pad_token_id):
+    chosen = ppo_run.objective_from_config(config)
+    if chosen.reference == "copy":
+        preference.attach_frozen_copy(model)
+    return chosen
+
+
+register(
+    ObjectiveKind(
+        "ppo",
+        _ppo,
+        reads="prompts",
+        value_head=True,
+        check=ppo_run.check_config,
+        row_length=_rollout_row,
     )
 )

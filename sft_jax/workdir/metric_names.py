@@ -26,7 +26,9 @@ _ORPO = "objective orpo"
 _REWARD = "objective reward"
 _MOE = "mixtures of experts"
 _RL = "objective grpo"
-_ROLLOUT = "each update that samples a rollout (objective grpo)"
+_ROLLOUT = "each update that samples a rollout (objective grpo, ppo)"
+_PPO = "objective ppo"
+_PPO_ROLLOUT = "each update that samples a rollout (objective ppo)"
 
 METRICS: tuple[Metric, ...] = (
     Metric(
@@ -194,7 +196,24 @@ METRICS: tuple[Metric, ...] = (
     ),
     Metric("train/clip_ratio/high_mean", f"{_TRAIN}; {_RL}", "share clipped above"),
     Metric("train/clip_ratio/region_mean", f"{_TRAIN}; {_RL}", "share clipped either way"),
-    Metric("train/completion_tokens", f"{_TRAIN}; {_RL}", "completion tokens in the update"),
+    Metric("train/completion_tokens", f"{_TRAIN}; {_RL}, ppo", "completion tokens in the update"),
+    Metric(
+        "train/objective/kl",
+        _PPO_ROLLOUT,
+        "mean over completions of the summed log-ratio to the reference (TRL PPOTrainer's "
+        "names, as the other PPO metrics)",
+    ),
+    Metric("train/objective/non_score_reward", _PPO_ROLLOUT, "mean of -kl_coef x that sum"),
+    Metric("train/objective/scores", _PPO_ROLLOUT, "mean score (weighted rewards) per completion"),
+    Metric("train/objective/rlhf_reward", _PPO_ROLLOUT, "mean score plus non-score reward"),
+    Metric("train/val/mean", _PPO_ROLLOUT, "the value head's mean estimate at sampling time"),
+    Metric("train/loss/policy_avg", f"{_TRAIN}; {_PPO}", "the clipped policy loss per token"),
+    Metric("train/loss/value_avg", f"{_TRAIN}; {_PPO}", "the clipped value loss per token"),
+    Metric(
+        "train/policy/clipfrac_avg", f"{_TRAIN}; {_PPO}", "share of tokens the ratio's clip decided"
+    ),
+    Metric("train/val/clipfrac_avg", f"{_TRAIN}; {_PPO}", "share of tokens the value clip decided"),
+    Metric("train/val/vpred", f"{_TRAIN}; {_PPO}", "the value head's mean estimate in the update"),
     Metric("eval/loss", _EVAL, "the objective's loss over the whole eval set"),
     Metric("eval/perplexity", f"{_EVAL}; SFT", "exp(eval/loss)"),
     Metric("eval/target_tokens", f"{_EVAL}; SFT", "tokens that carry the loss in the eval set"),

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sft_jax"
 
 
 def test_the_registered_objectives_and_what_each_reads():
-    assert registry.names() == ("sft", "dpo", "simpo", "orpo", "reward", "grpo")
+    assert registry.names() == ("sft", "dpo", "simpo", "orpo", "reward", "grpo", "ppo")
     config = base_config()
     reads = {}
     for name in registry.names():
@@ -33,6 +33,7 @@ def test_the_registered_objectives_and_what_each_reads():
         "orpo": "pairs",
         "reward": "pairs",
         "grpo": "prompts",
+        "ppo": "prompts",
     }
     config.train.objective = "reward"
     assert score_labels(RunSpec.of(config)) == 1  # reward: a scalar score head
@@ -42,11 +43,11 @@ def test_the_registered_objectives_and_what_each_reads():
 
 def test_an_unknown_objective_names_the_field_and_the_choices():
     config = base_config()
-    config.train.objective = "ppo"
+    config.train.objective = "a2c"
     with pytest.raises(
         ConfigError,
-        match=r"config.train.objective='ppo': expected one of "
-        r"sft, dpo, simpo, orpo, reward, grpo\.",
+        match=r"config.train.objective='a2c': expected one of "
+        r"sft, dpo, simpo, orpo, reward, grpo, ppo\.",
     ):
         check_values(RunSpec.of(config), device_count=1, batch_shards=1)
 

@@ -95,3 +95,60 @@ def test_a_one_token_completion_has_one_delta_and_no_bootstrap():
         float(rewards[2, k]) - float(r["values"][2, k]), rel=1e-6
     )
     assert np.count_nonzero(np.asarray(advantages[2])) == 1
+
+
+def test_the_run_objective_equals_the_formulas_over_micro_batches():
+    """ppo_run: rollout_fields gives the reference's advantages and returns from a rollout's
+    scores, log-probs and values; the loss summed over two micro-batches of a tiny model equals
+    ppo.losses on the whole batch."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from test_step import tiny_model
+
+    from sft_jax.models.value_head import attach_value_head
+    from sft_jax.objectives import grpo, ppo_run
+
+    r = rollouts(2)
+    expected = reference(r)
+    objective = ppo_run.PPOObjective(SPEC, loss_chunk_size=9, reference="none")
+    outputs = (r["logps"], r["ref"], np.zeros_like(r["logps"]), r["values"])
+    made = objective.rollout_fields(r["scores"][:, None], np.ones(1), r["mask"], outputs)
+    np.testing.assert_allclose(
+        made.fields[ppo_run.ADVANTAGES_KEY], expected["whitened"], rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        made.fields[ppo_run.RETURNS_KEY], expected["returns"], rtol=1e-5, atol=1e-6
+    )
+
+    model = tiny_model()
+    attach_value_head(model)
+    model.value_head.weight[...] = 0.1 * jax.random.normal(
+        jax.random.key(3), (model.config.hidden_size,)
+    )
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, model.config.vocab_size, (4, 10)).astype(np.int32)
+    batch = {
+        "input_ids": ids[:, :-1],
+        "target_ids": ids[:, 1:],
+        "target_mask": r["mask"],
+        "positions": np.broadcast_to(np.arange(9, dtype=np.int32), (4, 9)).copy(),
+        "segment_ids": np.ones((4, 9), np.int32),
+    } | {k: np.asarray(v, np.float32) for k, v in made.fields.items()}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    parts = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
+    sums = jax.tree.map(lambda *xs: sum(xs), *[objective.sums(model, p) for p in parts])
+    ours = objective.loss(sums, objective.normalizer(batch))
+    logps, _, _, values = objective.rollout_logps(model, batch)
+    whole = ppo.losses(
+        SPEC,
+        logps,
+        batch[grpo.OLD_LOGPS_KEY],
+        batch[ppo_run.ADVANTAGES_KEY],
+        values,
+        batch[ppo_run.OLD_VALUES_KEY],
+        batch[ppo_run.RETURNS_KEY],
+        batch["target_mask"],
+    )
+    assert float(ours) == pytest.approx(float(whole.loss), rel=1e-5)
+    assert float(whole.value) > 0 and nnx.state(model.value_head)  # the critic is in the graph
