@@ -83,7 +83,8 @@ class WandB:
             config=run.config,
             dir=None if os.environ.get("WANDB_DIR") else str(run.workdir),
             # Our log lines already go to WORKDIR/log.txt; no second capture of the terminal.
-            settings=wandb.Settings(console="off"),
+            # A terminal without a W&B key is asked for one: a minute, then a warning.
+            settings=wandb.Settings(console="off", login_timeout=60.0),
         )
         return self.run.id
 

@@ -19,6 +19,7 @@ from sft_jax.core.errors import ConfigError, UsageError
 from sft_jax.core.spec import TRACKERS, RunSpec
 from sft_jax.generation.samples import SAMPLE_COLUMNS, sample_rows
 from sft_jax.workdir import trackers as run_trackers
+from sft_jax.workdir.metrics import MetricsWriter
 from sft_jax.workdir.tracker_backends import BACKENDS, mlflow_key
 
 WORKER = Path(__file__).parents[1] / "tracking_worker.py"
@@ -46,6 +47,9 @@ def tracked(tmp_path_factory) -> tuple[Path, dict[str, str], list[dict]]:
     root = tmp_path_factory.mktemp("tracked")
     env = dict(os.environ, JAX_PLATFORMS="cpu", **local_stores(root))
     env.pop("XLA_FLAGS", None)  # one CPU device
+    # The resumed run's steps compile to the same programs: read them back, not compiled again.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     command = [sys.executable, str(WORKER), str(root / "run")]
     result = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -213,3 +217,66 @@ def test_samples_text_becomes_rows_and_metric_names_fit_mlflow():
     ]
     assert mlflow_key("eval/pass@1") == "eval/pass_at_1"
     assert mlflow_key("train/rewards/my-reward.v2/mean") == "train/rewards/my-reward.v2/mean"
+
+
+class Recorder:
+    """A tracker that keeps what it is given."""
+
+    def __init__(self):
+        self.scalars, self.tables = {}, []
+
+    def start(self, run):
+        return "recorded"
+
+    def log(self, step, scalars, texts):
+        self.scalars |= {(step, key): value for key, value in scalars.items()}
+
+    def table(self, step, key, columns, rows):
+        self.tables.append((step, key, tuple(columns), rows))
+
+    def finish(self):
+        pass
+
+
+def test_steps_a_resume_repeats_are_not_sent_twice(tmp_path):
+    recorder = Recorder()
+    writer = MetricsWriter(tmp_path, trackers=lambda: run_trackers.RunTrackers(tmp_path, {}))
+    writer.trackers.trackers["recorder"] = recorder
+    for step in range(1, 5):
+        writer.write(step, {"train/loss": 10.0 - step})
+    writer.close()
+    # A kill after step 4, a checkpoint at step 2: the resume runs steps 3 and 4 again.
+    resumed = Recorder()
+    writer = MetricsWriter(tmp_path, trackers=lambda: run_trackers.RunTrackers(tmp_path, {}))
+    writer.trackers.trackers["recorder"] = resumed
+    writer.drop_after(2)
+    for step in range(3, 6):
+        writer.write(step, {"train/loss": 10.0 - step})
+    writer.close()
+    assert resumed.scalars == {(5, "train/loss"): 5.0}
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_the_newest_rollouts_completions_are_a_table_at_each_eval(tmp_path):
+    def completion(step, index):
+        texts = {"prompt": f"q{index}", "completion": f"a{step}{index}"}
+        return {
+            "step": step,
+            "prompt_index": index,
+            **texts,
+            "rewards": {"math": 1.0},
+            "advantage": 0.5,
+        }
+
+    path = tmp_path / run_trackers.COMPLETIONS_FILE
+    path.write_text("".join(json.dumps(completion(s, i)) + "\n" for s in (1, 2) for i in (0, 1)))
+    recorder = Recorder()
+    started = run_trackers.RunTrackers(tmp_path, {"recorder": recorder})
+    started.log({"step": 2, "train/loss": 1.0})  # no eval: no table
+    started.log({"step": 2, "eval/reward": 0.5})
+    started.log({"step": 2, "eval/reward": 0.5})  # nothing new since
+    [(step, key, columns, rows)] = recorder.tables
+    assert (step, key, columns) == (2, "train/completions", run_trackers.COMPLETION_COLUMNS)
+    rewards = '{"math": 1.0}'
+    assert rows == [[2, 0, "q0", "a20", rewards, 0.5], [2, 1, "q1", "a21", rewards, 0.5]]
