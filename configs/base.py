@@ -444,6 +444,22 @@ def get_config() -> ml_collections.ConfigDict:
     config.log.every_steps = 10
     # Peak dense bf16 TFLOP/s of one device for MFU; 0 = detect (H100/H200, A100, TPUs).
     config.log.peak_tflops_per_device = 0.0
+    # Where metrics go besides WORKDIR/metrics.jsonl (always written): any of "tensorboard"
+    # (WORKDIR/tensorboard), "wandb", "trackio", "mlflow", as a comma-separated string
+    # (--config.log.trackers=tensorboard,wandb) or a list; "" = metrics.jsonl alone. Each gets
+    # the config, every metric, the eval samples as a table; a resume continues the same run
+    # (its id is kept in WORKDIR/trackers.json). One that cannot start is a warning, not an error.
+    config.log.trackers = ml_collections.FieldReference("tensorboard", field_type=object)
+    # The run's name in the trackers; "" = the WORKDIR folder's name.
+    config.log.run_name = ""
+    # The W&B and trackio project, and the MLflow experiment.
+    config.log.project = "sft_jax"
+    # The W&B entity (team or user); "" = the account's default.
+    config.log.wandb_entity = ""
+    # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///WORKDIR/mlflow.db.
+    config.log.mlflow_tracking_uri = ""
+    # Draw WORKDIR/curves.png (losses, learning rate, scores by step) at each eval and at the end.
+    config.log.curves = True
 
     # ---------------------------------------------------------------- distributed
     # Several processes: set by hand, or left empty to detect SLURM / Cloud TPU pods.

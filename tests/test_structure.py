@@ -37,6 +37,7 @@ COMMANDS = {
     "sft_jax.export": "sft_jax.cli.export",
     "sft_jax.data.inspect": "sft_jax.cli.inspect",
     "sft_jax.data.prepare": "sft_jax.cli.prepare",
+    "sft_jax.report": "sft_jax.cli.report",
 }
 
 

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Self
 
-from sft_jax.core.errors import ConfigError
+from sft_jax.core.errors import ConfigError, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +278,29 @@ class ExportSpec(Section):
 class LogSpec(Section):
     every_steps: int
     peak_tflops_per_device: float
+    trackers: str  # comma-separated (a list in the config is joined)
+    run_name: str
+    project: str
+    wandb_entity: str
+    mlflow_tracking_uri: str
+    curves: bool
+
+    @classmethod
+    def from_mapping(cls, where: str, values: Mapping[str, Any]) -> Self:
+        trackers = values.get("trackers")
+        if isinstance(trackers, (list, tuple)):  # ("wandb", "mlflow") or ("wandb,mlflow",)
+            values = {**values, "trackers": ",".join(map(str, trackers))}
+        return super().from_mapping(where, values)
+
+    def tracker_names(self) -> tuple[str, ...]:
+        """The trackers named in log.trackers, in order, each once; unknown names refused."""
+        names = tuple(dict.fromkeys(n.strip() for n in self.trackers.split(",") if n.strip()))
+        for name in names:
+            check_choice("log.trackers", name, TRACKERS)
+        return names
+
+
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # sft_jax/workdir/tracker_backends.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +397,13 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "lora.use_dora": False,
     "lora.expert_adapters": False,
     "lora.train_router": False,
+    # Runs before the trackers: TensorBoard alone, no curves.png.
+    "log.trackers": "tensorboard",
+    "log.run_name": "",
+    "log.project": "sft_jax",
+    "log.wandb_entity": "",
+    "log.mlflow_tracking_uri": "",
+    "log.curves": False,
     # Runs before online RL: none of them was one (every grpo field as configs/base.py has it).
     **{
         f"grpo.{name}": value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,3 +62,20 @@ def generation_metrics(
         "eval/generated": len(matches),
         "eval/samples": "\n".join(samples),
     }
+
+
+# One sample of eval/samples as generation_metrics writes it (a reply may span lines).
+_SAMPLE = re.compile(
+    r"--- sample (?P<index>\d+) \((?P<verdict>match|differs)\)\n(?P<prompt>.*?)\n"
+    r">>> model: (?P<reply>.*?)\n>>> reference: (?P<reference>.*?)(?=\n--- sample \d+ \(|\Z)",
+    re.S,
+)
+SAMPLE_COLUMNS = ("index", "verdict", "prompt", "reply", "reference")
+
+
+def sample_rows(text: str) -> list[list[Any]]:
+    """The rows (SAMPLE_COLUMNS) of an eval/samples text: a table for the experiment trackers."""
+    return [
+        [int(m["index"]), m["verdict"], m["prompt"], m["reply"], m["reference"]]
+        for m in _SAMPLE.finditer(text)
+    ]

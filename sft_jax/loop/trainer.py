@@ -43,6 +43,7 @@ from sft_jax.workdir.bucket_mirror import BucketMirror
 from sft_jax.workdir.checkpointing import Checkpoints, selection_score
 from sft_jax.workdir.compatibility import ADAPTER_FIELDS, config_changes, model_summary
 from sft_jax.workdir.metrics import MetricsWriter, Progress
+from sft_jax.workdir.trackers import setup_figures
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,6 @@ class Trainer:
         if self.steps.reference is not None:
             self.precompute_reference()
         self.model_summary = model_summary(model.config.hf_config)
-        self.writer = MetricsWriter(workdir)
         self.early_stopping = EarlyStopping(
             config.eval.early_stopping_patience, config.eval.early_stopping_min_delta
         )
@@ -114,6 +114,7 @@ class Trainer:
             model.config, data.seq_len, adapters, reference_forwards
         )
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
+        self.writer = MetricsWriter.for_run(config, workdir, lambda: setup_figures(self))
 
     def _eval_kind(self) -> tuple[Callable | None, bool]:
         """(the source's own eval, whether there is anything to evaluate): online RL evaluates
@@ -427,6 +428,7 @@ def _run_locked(
         summary = trainer.train()
     finally:
         trainer.close()
+    summary["curves"] = str(trainer.writer.curves_path or "")  # "" where none was drawn
     if config.export.at_end != "none" and not summary["interrupted"]:
         source = mirror.url if mirror is not None else workdir
         again = f"python -m sft_jax.export --workdir={source}"

@@ -236,6 +236,7 @@ def _check_source(number: int, entry: Any, names: set[str]) -> str:
 
 def _check_eval_and_outputs(config: Any) -> None:
     _need(config, config.log.every_steps > 0, "log.every_steps", "log at least every N > 0 steps.")
+    config.log.tracker_names()  # each one known
     for field in (
         "eval.every_steps",
         "checkpoint.every_steps",

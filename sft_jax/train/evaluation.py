@@ -136,6 +136,8 @@ def final_report(summary: dict[str, Any]) -> str:
         lines.append(
             f"best eval loss {summary['best_eval_loss']:.4f} at step {summary['best_step']}"
         )
+    if summary.get("curves"):
+        lines.append(f"curves in {summary['curves']}")
     if summary.get("export"):
         lines.append(f"exported to {summary['export']}")
     return "\n".join(lines)

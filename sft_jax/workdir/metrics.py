@@ -1,4 +1,5 @@
-"""Metrics out: WORKDIR/metrics.jsonl, TensorBoard events, console (MFU's FLOPs: train/flops.py)."""
+"""Metrics out: WORKDIR/metrics.jsonl, the experiment trackers, curves.png, the console (MFU's
+FLOPs: train/flops.py)."""
 
 from __future__ import annotations
 
@@ -8,32 +9,58 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from sft_jax.core.spec import RunSpec
+from sft_jax.workdir.curves import CURVES_FILE, draw_run
 from sft_jax.workdir.metric_names import documented
+from sft_jax.workdir.trackers import RunTrackers
 
 log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
-    """Appends metric events to metrics.jsonl and TensorBoard; only process 0 writes."""
+    """Appends metric events to metrics.jsonl and hands them to the run's experiment trackers
+    (workdir/trackers.py; TensorBoard by default); draws WORKDIR/curves.png at each eval and at
+    the end (workdir/curves.py). Only process 0 writes."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        enabled: bool = True,
+        trackers: Callable[[], RunTrackers] | None = None,
+        curves: bool = False,
+    ):
+        """trackers: starts the run's trackers (called on process 0 only); curves: draw them."""
         self.enabled = enabled and jax.process_index() == 0
         # The tests set it: a key missing from workdir/metric_names.py is an error, so no metric
         # ships undocumented.
         self.strict = bool(os.environ.get("SFT_JAX_STRICT_METRICS"))
+        self.workdir, self.curves = workdir, curves and self.enabled
+        self.curves_path: Path | None = None
         self._file = None
-        self._tensorboard = None
+        self.trackers: RunTrackers | None = None
         if self.enabled:
             workdir.mkdir(parents=True, exist_ok=True)
             self._file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 (kept open for the run)
-            from tensorboardX import SummaryWriter
+            if trackers is not None:
+                self.trackers = trackers()
 
-            self._tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    @classmethod
+    def for_run(
+        cls, config: RunSpec, workdir: Path, setup: Callable[[], dict[str, Any]]
+    ) -> MetricsWriter:
+        """The writer of a run: config.log's trackers (setup() gives the planner, memory and
+        FLOPs figures they log with the config) and curves."""
+        return cls(
+            workdir,
+            trackers=lambda: RunTrackers.start(config, workdir, setup()),
+            curves=config.log.curves,
+        )
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if self.strict:
@@ -47,31 +74,46 @@ class MetricsWriter:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        for key, value in record.items():
-            if key == "step":
-                continue
-            if isinstance(value, str):
-                self._tensorboard.add_text(key, value, step)
-            elif isinstance(value, (int, float)) and math.isfinite(value):
-                self._tensorboard.add_scalar(key, value, step)
-        self._tensorboard.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
+        if any(key.startswith("eval/") for key in record):
+            self.draw_curves()
+
+    def draw_curves(self) -> None:
+        """WORKDIR/curves.png from metrics.jsonl; a failure (no matplotlib) is one warning and
+        no more pictures this run."""
+        if not self.curves:
+            return
+        try:
+            self.curves_path = draw_run(self.workdir)
+        except Exception as e:
+            log.warning("%s not drawn (%s: %s)", CURVES_FILE, type(e).__name__, e)
+            self.curves = False
 
     def drop_after(self, step: int) -> None:
-        """Removes metrics.jsonl records past `step` (a resumed run logs those steps again)."""
+        """Removes metrics.jsonl records past `step` (a resumed run logs those steps again;
+        the trackers, which hold them already, are not given them twice)."""
         if not self.enabled:
             return
         path = Path(self._file.name)
         self._file.close()
-        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _step_of(line) <= step]
         partial = path.with_suffix(".jsonl.tmp")
         partial.write_text("".join(line + "\n" for line in kept))
         partial.replace(path)
         self._file = open(path, "a")  # noqa: SIM115 (kept open for the run)
+        if self.trackers is not None:
+            dropped = [json.loads(line) for line in lines if step < _step_of(line) < math.inf]
+            self.trackers.skip((r["step"], key) for r in dropped for key in r if key != "step")
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-            self._tensorboard.close()
+            self._file = None
+            self.draw_curves()
+        if self.trackers is not None:
+            self.trackers.finish()
 
 
 def _step_of(line: str) -> float:

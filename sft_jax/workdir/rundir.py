@@ -4,6 +4,8 @@ WORKDIR/checkpoints/<step>/      Orbax checkpoints (sft_jax.workdir.checkpointin
 WORKDIR/checkpoints_damaged/     steps that could not be restored, kept for a look
 WORKDIR/export/                  the Hugging Face export (default of config.export.dir)
 WORKDIR/metrics.jsonl, events.*  metrics (sft_jax.workdir.metrics)
+WORKDIR/curves.png               losses, learning rate, scores by step (sft_jax.workdir.curves)
+WORKDIR/trackers.json            each experiment tracker's run id (sft_jax.workdir.trackers)
 
 A bucket WORKDIR (s3://, gs://) has the same layout, in the bucket and in its local staging copy
 (sft_jax.workdir.bucket_mirror).
