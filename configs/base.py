@@ -367,6 +367,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.ppo.cliprange_value = 0.2
     # The value loss's weight beside the policy loss.
     config.ppo.vf_coef = 0.1
+    # The critic: "" = a value head on the policy's trunk; a reward model's export (a folder)
+    # as a separate critic trained in full (TRL's value_model); "reward_model" = the one named
+    # in grpo.reward_funcs.
+    config.ppo.value_model = ""
 
     # ---------------------------------------------------------------- eval
     config.eval = ml_collections.ConfigDict()

@@ -1,9 +1,11 @@
-"""PPO's critic on the policy's trunk: a scalar value per position from the final hidden state
-(after the final norm), as TRL's ValueHead (a Linear(hidden_size, 1) with a bias) reads it.
+"""PPO's critic: a value per position of a sequence, trained beside the policy.
 
-Its weights are ValueWeights, trained with the policy whatever else trains (full fine-tuning,
-or adapters with a frozen base), kept in checkpoints and left out of the exported checkpoint
-(a causal LM's, which has no value head)."""
+Either a head on the policy's trunk (ValueHead: a scalar from the final hidden state, after the
+final norm, as TRL's ValueHead reads it: a Linear(hidden_size, 1) with a bias), or a separate
+model with a score head (a reward model's export, TRL's `value_model`) whose weights become
+CriticWeights. Both are trained with the policy whatever else trains (full fine-tuning, or
+adapters on a frozen base), kept in checkpoints and left out of the exported checkpoint: they
+are Variables of their own types, not the causal LM's nnx.Params."""
 
 from __future__ import annotations
 
@@ -14,8 +16,16 @@ from flax import nnx
 from sft_jax.models.layers import einsum_f32
 
 
-class ValueWeight(nnx.Param):
-    """A value head's parameter: trained in every run that has one."""
+class ValueWeight(nnx.Variable):
+    """A value head's parameter."""
+
+
+class CriticWeight(nnx.Variable):
+    """A parameter of a separate critic model."""
+
+
+# What a run with a critic trains besides its own trainable variables.
+CRITIC_WEIGHTS = nnx.Any(ValueWeight, CriticWeight)
 
 
 class ValueHead(nnx.Module):
@@ -37,3 +47,23 @@ def attach_value_head(model: nnx.Module) -> None:
     its (never quantized) final norm."""
     dtype = model.final_norm.scale[...].dtype
     model.value_head = ValueHead(model.config.hidden_size, dtype)
+
+
+def attach_critic(model: nnx.Module, critic: nnx.Module) -> None:
+    """model.critic: `critic` (a model with a one-label score head), its parameters turned into
+    CriticWeights in place."""
+    for _, node in nnx.iter_graph(critic):
+        if isinstance(node, nnx.Module):
+            for name, value in list(vars(node).items()):
+                if isinstance(value, nnx.Param):
+                    setattr(node, name, CriticWeight(value.get_value(), **value.get_metadata()))
+    model.critic = critic
+
+
+def values(model: nnx.Module, hidden_BxTxD: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """The critic's values [B, T] (float32) of a batch whose policy hidden states are given."""
+    critic = getattr(model, "critic", None)
+    if critic is None:
+        return model.value_head(hidden_BxTxD)
+    hidden, _ = critic.forward(batch["input_ids"], batch["positions"], batch["segment_ids"])
+    return critic.scores(hidden)[..., 0]

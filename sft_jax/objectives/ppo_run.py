@@ -1,7 +1,7 @@
 """Classic RLHF's PPO as a run (config.train.objective = "ppo"): the math of objectives/ppo.py
 on online RL's rollouts (loop/rollouts.py samples, scores and lays them out as for GRPO, with
 config.grpo's sampling, rewards, num_iterations and gate), with a value head on the policy's
-trunk (models/value_head.py) as the critic.
+trunk (models/value_head.py) or a reward model's export (config.ppo.value_model) as the critic.
 
 Per rollout, on the host: the policy's log-probs, the reference's and the values of its tokens
 (rollout_logps, one forward), the rewards' weighted sum as each completion's score (a reward
@@ -12,7 +12,9 @@ micro-batches, divided by the batch's completion tokens)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -23,8 +25,10 @@ from sft_jax.adapters.lora import adapters_off
 from sft_jax.core.batch import TOKEN, Field, register
 from sft_jax.core.errors import need
 from sft_jax.core.spec import RunSpec
+from sft_jax.models import from_pretrained, value_head
+from sft_jax.models.config import DTYPES
 from sft_jax.models.decoder import CausalLM
-from sft_jax.objectives import grpo, grpo_config, ppo
+from sft_jax.objectives import grpo, grpo_config, model_reward, ppo
 from sft_jax.objectives.loss import hidden_token_entropy, hidden_token_logps, token_logps
 
 ADVANTAGES_KEY = register(
@@ -71,7 +75,7 @@ class PPOObjective:
         chunk, temperature = self.loss_chunk_size, self.temperature
         policy = hidden_token_logps(model, hidden_BxTxD, batch, chunk, temperature)
         entropy = hidden_token_entropy(model, hidden_BxTxD, chunk, temperature)
-        values = model.value_head(hidden_BxTxD)
+        values = value_head.values(model, hidden_BxTxD, batch)
         if self.reference == "none":
             reference = jnp.zeros_like(policy)
         elif self.reference == "copy":
@@ -119,7 +123,7 @@ class PPOObjective:
         logps = hidden_token_logps(
             model, hidden_BxTxD, batch, self.loss_chunk_size, self.temperature
         )
-        values = model.value_head(hidden_BxTxD)
+        values = value_head.values(model, hidden_BxTxD, batch)
         terms = ppo.token_terms(
             self.spec,
             logps,
@@ -190,3 +194,67 @@ def check_config(config: RunSpec) -> None:
     need(config, section.vf_coef > 0, "ppo.vf_coef", "must be positive (the critic learns).")
     reference = grpo_config.reference_of(config, section.kl_coef)
     grpo_config.check_rollouts(config, reference, "ppo.kl_coef > 0")
+    if critic_dir(config):
+        model_reward.check(critic_dir(config))
+
+
+@contextlib.contextmanager
+def critic_set_aside(model: CausalLM) -> Iterator[None]:
+    """The model without its critic (value head or critic model) inside the block."""
+    held = {name: vars(model)[name] for name in ("value_head", "critic") if name in vars(model)}
+    for name in held:
+        delattr(model, name)
+    try:
+        yield
+    finally:
+        for name, module in held.items():
+            setattr(model, name, module)
+
+
+def critic_dir(config: RunSpec) -> str:
+    """The reward model export the critic starts from ("" for a value head on the trunk):
+    config.ppo.value_model, where "reward_model" names grpo.reward_funcs' reward model."""
+    chosen = config.ppo.value_model
+    if chosen != "reward_model":
+        return chosen
+    named = [
+        name.strip().removeprefix(model_reward.PREFIX)
+        for name in config.grpo.reward_funcs.split(",")
+        if name.strip().startswith(model_reward.PREFIX)
+    ]
+    need(
+        config,
+        len(named) == 1,
+        "ppo.value_model",
+        f"'reward_model' starts the critic from the reward model of grpo.reward_funcs, which "
+        f"names {len(named)}; name its export (a folder) instead.",
+    )
+    return named[0]
+
+
+def attach_critic(config: RunSpec, model: CausalLM, mesh: Any) -> Any:
+    """PPO's critic on `model` (models/value_head.py), and the filter of its weights (trained
+    beside the run's own): a zero value head on the trunk, or a copy of a reward model's
+    export (safetensors only) on the policy's mesh, which must read the policy's tokens."""
+    directory = critic_dir(config)
+    if not directory:
+        value_head.attach_value_head(model)
+        return value_head.CRITIC_WEIGHTS
+    critic = from_pretrained(
+        model_reward.check(directory),
+        mesh=mesh,
+        param_dtype=DTYPES[config.model.param_dtype],
+        dtype=DTYPES[config.model.compute_dtype],
+        attention=model.config.attention,
+        max_segments=model.config.max_segments,
+    )
+    need(
+        config,
+        critic.config.vocab_size == model.config.vocab_size,
+        "ppo.value_model",
+        f"{directory} reads a vocabulary of {critic.config.vocab_size} tokens, the policy "
+        f"{model.config.vocab_size}: the critic scores the policy's tokens, so it must share "
+        "its tokenizer (a reward model trained from the same base).",
+    )
+    value_head.attach_critic(model, critic)
+    return value_head.CRITIC_WEIGHTS

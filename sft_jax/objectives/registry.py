@@ -158,7 +158,8 @@ register(
 def _ppo(config, model, max_segments, pad_token_id):
     chosen = ppo_run.objective_from_config(config)
     if chosen.reference == "copy":
-        preference.attach_frozen_copy(model)
+        with ppo_run.critic_set_aside(model):  # the reference is the policy alone
+            preference.attach_frozen_copy(model)
     return chosen
 
 

@@ -22,8 +22,7 @@ from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
 from sft_jax.models.moe import quantize_experts
-from sft_jax.models.value_head import ValueWeight, attach_value_head
-from sft_jax.objectives import registry
+from sft_jax.objectives import ppo_run, registry
 from sft_jax.train.config_check import check_for_model
 from sft_jax.train.step import Objective
 
@@ -52,11 +51,9 @@ def build_model(config: RunSpec, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     tokenizer = None
     if PromptSpec.from_config(config).init == "text":
         tokenizer = run_tokenizer(config)
-    if registry.kind_of(config).value_head:
-        attach_value_head(model)  # trained whatever else trains
     spec, trainable = add_adapters(model, config, mesh, tokenizer)
-    if registry.kind_of(config).value_head:
-        trainable = nnx.Any(trainable, ValueWeight)
+    if registry.kind_of(config).value_head:  # PPO's critic: trained whatever else trains
+        trainable = nnx.Any(trainable, ppo_run.attach_critic(config, model, mesh))
     model.embedding_noise = config.train.neftune_noise_alpha
     log.info("%s (as PEFT's print_trainable_parameters)", trainable_line(model, trainable))
     return model, spec, trainable

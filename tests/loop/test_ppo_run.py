@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from test_grpo_run import (
     assert_same_run,
     grpo_config,
@@ -89,11 +90,62 @@ def test_a_ppo_run_trains_its_critic_resumes_exactly_and_exports_the_policy(
     assert torch.isfinite(reloaded(input_ids=ids).logits).all()
 
 
+def reward_model(path: Path) -> Path:
+    """A tiny reward model's export (LlamaForSequenceClassification) on the policy's tokenizer."""
+    import transformers
+    from chat_tokenizers import make_tokenizer
+
+    tokenizer = make_tokenizer("chatml")
+    tokenizer.save_pretrained(path)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.e2e
+def test_classic_rlhf_a_reward_model_scores_and_a_copy_of_it_is_the_critic(
+    chat_model_dir, tmp_path
+):
+    """TRL's recipe: the reward model's export scores the completions and a copy of it, trained
+    in full, is the critic (ppo.value_model), beside a LoRA policy; the export holds the policy
+    alone."""
+    config = ppo_config(chat_model_dir, tmp_path, steps=2)
+    config.grpo.reward_funcs = f"reward_model:{reward_model(tmp_path / 'rm')}"
+    config.grpo.reward_weights = ""
+    config.ppo.value_model = "reward_model"
+    config.lora.rank = 4
+    config.checkpoint.enabled = True
+    config.checkpoint.async_save = False
+    run(config, tmp_path / "run")
+    steps = train_metrics(tmp_path / "run")
+    assert [m["step"] for m in steps] == [1, 2]
+    # The critic starts as the reward model: its values are its scores, not a zero head's.
+    assert steps[0]["train/val/mean"] != 0.0 and steps[0]["train/objective/scores"] != 0.0
+    assert all(np.isfinite(m["train/loss/value_avg"]) for m in steps)
+    out = export.export_run(tmp_path / "run", which="last")
+    with safe_open(str(next(Path(out).glob("*.safetensors"))), "np") as f:
+        names = list(f.keys())
+    assert not [n for n in names if "critic" in n or "value" in n or "score" in n]
+    AutoModelForCausalLM.from_pretrained(out)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
         ({"ppo.lam": 1.5}, "ppo.lam"),
         ({"ppo.vf_coef": 0.0}, "ppo.vf_coef"),
+        ({"ppo.value_model": "reward_model"}, "grpo.reward_funcs, which names 0"),
+        ({"ppo.value_model": "/no/such/export"}, "no config.json there"),
         ({"grpo.reward_funcs": "no_such_module:f", "grpo.reward_weights": ""}, "does not import"),
         (
             {"lora.rank": 4, "lora.trainable_modules": "lm_head"},
