@@ -46,6 +46,8 @@ def _cudnn_blocker(accelerator: str, model: ModelConfig, compute_dtype: str, max
         return f"config.model.compute_dtype={compute_dtype!r} (cuDNN takes bfloat16)"
     if model.attn_logit_softcap is not None:
         return f"{model.model_type} soft-caps attention logits, which cuDNN cannot"
+    if model.attention_sinks:
+        return f"{model.model_type} has attention sinks, which only the einsum path computes"
     if model.head_dim % 8 or model.head_dim > max_head_dim:
         return f"head_dim {model.head_dim} is not a multiple of 8 up to {max_head_dim} (this GPU)"
     return ""
@@ -91,9 +93,11 @@ def _choose_attention(
     max_head_dim: int,
 ) -> tuple[str, str]:
     check_choice("model.attention", requested, ATTENTION_CHOICES)
+    sinks = model.attention_sinks and f"{model.model_type} has attention sinks (einsums only)"
     blockers = {
         "cudnn": _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
-        "splash": _splash_blocker(accelerator, max_length),
+        "splash": sinks or _splash_blocker(accelerator, max_length),
+        "blockwise": sinks,
     }
     if requested == "auto":
         if accelerator == "nvidia" and not blockers["cudnn"]:
