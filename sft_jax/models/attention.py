@@ -189,7 +189,7 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(q_norm_width, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(k_norm_width, **norm) if c.qk_norm else None
         # gpt-oss: one learned logit per query head joins every softmax (and takes its share of
-        # the probability, attending to nothing): only the einsum path computes it.
+        # the probability, attending to nothing): the einsum and blockwise paths compute it.
         self.sinks = (
             nnx.Param(normal_init(rngs, (c.num_heads,), param_dtype), logical_axes=(None,))
             if c.attention_sinks
@@ -204,10 +204,10 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None = None,
         prefix: KVPrefix | None = None,
     ):
-        if self.sinks is not None and self.kind != "xla":
+        if self.sinks is not None and self.kind not in ("xla", "blockwise"):
             raise UnsupportedModelError(
                 f"attention={self.kind!r} has no attention sinks (gpt-oss); set "
-                "config.model.attention='xla' (or 'auto', which picks it)."
+                "config.model.attention='blockwise' or 'xla' (or 'auto', which picks one)."
             )
         q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
         if prefix is not None:  # the fused kernels take no prefix: config_check refuses them
@@ -249,7 +249,8 @@ class Attention(nnx.Module):
         if self.kind == "splash":
             return kernels.splash_attention(*qkv, self.softcap)
         if self.kind == "blockwise":
-            return blockwise.blockwise_attention(*qkv, self.softcap)
+            sinks = None if self.sinks is None else self.sinks[...].reshape(self.num_kv_heads, -1)
+            return blockwise.blockwise_attention(*qkv, self.softcap, sinks)
         if self.kind == "cudnn" and self.max_segments and kernels.packed_cudnn_supported():
             return kernels.cudnn_packed_attention(*qkv, self.max_segments)
         return None
@@ -270,6 +271,11 @@ class Attention(nnx.Module):
                 "attention='splash' cannot run with the sequence split over mesh.context: its "
                 "causal tiles assume tokens in order. Set config.model.attention='blockwise' (or "
                 "mesh.context=1)."
+            )
+        if self.kind == "blockwise" and self.sinks is not None:
+            raise UnsupportedModelError(
+                "attention='blockwise' with the sequence split over mesh.context has no "
+                "attention sinks (gpt-oss): set config.model.attention='xla' (or mesh.context=1)."
             )
         if self.kind == "blockwise":  # in blocks: no [T / C, T] scores
             out_BxTxKxGxE = self._context_blockwise(

@@ -7,7 +7,6 @@ mesh against one device, LoRA against PEFT, and what is refused."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import jax
@@ -23,12 +22,14 @@ from safetensors import safe_open
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_moe import _hf_loss_and_grads, _labelled_batch, _merged_export_logits
 from test_smollm3_olmo3 import EOS, NEW_TOKENS, PROMPTS
+from test_step import synthetic_batch
 
 from sft_jax.adapters.lora import LoRASpec, apply_lora, save_adapter
 from sft_jax.core.errors import ConfigError
 from sft_jax.generation.sampler import generate
 from sft_jax.models import UnsupportedModelError, from_hf_config, from_pretrained, save_pretrained
 from sft_jax.models.decoder import decoder_linears, use_attention
+from sft_jax.models.kernels import blockwise
 from sft_jax.train import sharding
 from sft_jax.train.kernel_choice import choose_attention
 from sft_jax.train.step import StepOptions
@@ -233,22 +234,52 @@ def test_what_sft_jax_cannot_run_is_refused(hf_checkpoint, tmp_path):
         from_pretrained(tmp_path)
     path, _ = hf_checkpoint("gpt_oss")
     model = from_pretrained(path)
-    use_attention(model, "blockwise")
-    with pytest.raises(UnsupportedModelError, match=r"'blockwise' has no attention sinks"):
+    use_attention(model, "cudnn")
+    with pytest.raises(UnsupportedModelError, match=r"'cudnn' has no attention sinks"):
         jax_logits(model, padded_batch())
-    assert dataclasses.replace(model.config, attention="xla").attention_sinks
 
 
-def test_auto_attention_takes_the_einsum_path_and_fused_kernels_are_refused():
+@pytest.mark.parametrize("seed", [0, 1], ids=["padded", "packed"])
+def test_blockwise_with_sinks_equals_the_einsum_path(hf_checkpoint, monkeypatch, seed):
+    """The flash-style kernel with sinks (output scaled by sigmoid(lse - sink), the lse's
+    cotangent in its backward pass) in blocks of 4 tokens, windows of 5: loss and every
+    gradient, the sinks' included, equal the einsum path's, on padded and on packed rows."""
+    monkeypatch.setitem(blockwise.BLOCK, "tokens", 4)
+    path, _ = hf_checkpoint("gpt_oss")
+    if seed == 0:
+        batch, _ = _labelled_batch()
+    else:
+        batch = synthetic_batch(seed, rows=2)
+    model = from_pretrained(path)
+    expected = _loss_and_grads(model, batch)
+    use_attention(model, "blockwise")
+    actual = _loss_and_grads(model, batch)
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-5)
+    flat_expected = dict(nnx.to_flat_state(expected[2]))
+    for key, grad in nnx.to_flat_state(actual[2]):
+        np.testing.assert_allclose(
+            np.asarray(grad.get_value()),
+            np.asarray(flat_expected[key].get_value()),
+            rtol=1e-4,
+            atol=1e-6,
+            err_msg="/".join(map(str, key)),
+        )
+    sinks_grad = actual[2]["layers"][1]["attn"]["sinks"][...]
+    assert np.abs(sinks_grad).min() > 0
+
+
+def test_auto_attention_picks_a_kernel_with_sinks():
+    """'auto' takes blockwise on GPUs and TPUs (xla with a context axis, whose blockwise
+    shards have no sinks); naming cuDNN or splash is refused, saying why."""
     shape = from_hf_config(hf_config("gpt_oss"))
+    options = {"model": shape, "compute_dtype": "bfloat16", "max_length": 4096}
     for accelerator in ("nvidia", "tpu"):
-        kind, why = choose_attention(
-            "auto", accelerator=accelerator, model=shape, compute_dtype="bfloat16",
-            max_length=4096, context=2,
-        )  # fmt: skip
-        assert kind == "xla" and "attention sinks" in why, accelerator
-    for kind in ("cudnn", "splash", "blockwise"):
+        kind, why = choose_attention("auto", accelerator=accelerator, **options)
+        assert kind == "blockwise" and "attention sinks" in why, accelerator
+        kind, why = choose_attention("auto", accelerator=accelerator, context=2, **options)
+        assert kind == "xla" and "sinks" in why, accelerator
+    for kind in ("cudnn", "splash"):
         with pytest.raises(ConfigError, match=rf"attention='{kind}' cannot run: .*sinks"):
-            choose_attention(
-                kind, accelerator="nvidia", model=shape, compute_dtype="bfloat16", max_length=4096
-            )
+            choose_attention(kind, accelerator="nvidia", **options)
+    with pytest.raises(ConfigError, match=r"'blockwise' cannot run .*mesh.context=2.*sinks"):
+        choose_attention("blockwise", accelerator="nvidia", context=2, **options)
