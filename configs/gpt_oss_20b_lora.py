@@ -10,17 +10,17 @@ point the run at that directory:
     quantization_config=t.Mxfp4Config(dequantize=True)).save_pretrained(d); \
     t.AutoTokenizer.from_pretrained('openai/gpt-oss-20b').save_pretrained(d)"
 
-Attention runs the einsum path ('auto' picks it: the fused kernels have no sinks), so every
-layer holds [B, H, T, S] scores; remat 'full' keeps one layer's at a time.
+Attention runs the blockwise kernel ('auto' picks it on GPUs: cuDNN has no sinks).
 
 Mesh: one host of 8 GPUs (80 GB) as fsdp=2 x expert=4: each device holds 8 of the 32 experts
 of every layer, halved again by fsdp. The planner (the step compiled from config.json on 8
-fake CPU devices, the experts' ragged_dot with the grouped-matmul stand-in, bf16 read back
-from an f32 compile, layers extrapolated to 24) predicts PLANNED_GIB GiB per device for this
-mesh with 1 micro-batch:
+fake CPU devices, the blockwise attention, the experts' ragged_dot with the grouped-matmul
+stand-in, bf16 read back from an f32 compile, 2 and 4 layers extrapolated to 24; about 50 s
+of CPU time) predicts 32.1 GiB per device for this mesh with 2 micro-batches (one row of 4096
+tokens per device at a time); with 1 micro-batch it plans 143 GiB, which does not fit:
   python -m sft_jax.plan --config=configs/gpt_oss_20b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/gpt_oss_20b \
-    --meshes=1x2x4x1 --accumulation=1
+    --meshes=1x2x4x1 --accumulation=2
   python main.py --config=configs/gpt_oss_20b_lora.py --workdir=/tmp/gpt_oss_20b_lora \
     --config.model.name_or_path=/data/gpt-oss-20b-bf16
 """
@@ -47,6 +47,7 @@ def get_config():
     config.data.max_length = 4096
     config.train.steps = 1000
     config.train.global_batch_size = 16
+    config.train.gradient_accumulation_steps = 2  # 1 plans 143 GiB per device (see above)
     config.train.learning_rate = 1e-4
     config.train.warmup_steps = 50
     config.train.weight_decay = 0.0
