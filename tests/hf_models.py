@@ -151,6 +151,33 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             "tie_word_embeddings": True,
         },
     ),
+    # Attention sinks, biases on q/k/v/o, sliding and full layers, YaRN (truncate off), biased
+    # router and experts, softmax over the top 2 of 4 logits; the SwiGLU's limit so low that
+    # its clamps act (a quarter of the gate and half of the up units of these random weights
+    # are clipped; 7.0 in the real model).
+    "gpt_oss": (
+        transformers.GptOssConfig,
+        {
+            "head_dim": 16,
+            "intermediate_size": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 5,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 16,
+            },
+            "swiglu_limit": 0.6,
+            "max_position_embeddings": 64,  # YaRN: factor 4 x 16
+            "router_aux_loss_coef": 0.02,
+        },
+    ),
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 

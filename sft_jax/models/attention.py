@@ -29,7 +29,7 @@ from flax import nnx
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.kernels import blockwise
 from sft_jax.models.kernels import fused as kernels
-from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key
+from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key, normal_init
 from sft_jax.models.partitioning import balanced_order, context_attention, context_shards
 
 
@@ -188,6 +188,13 @@ class Attention(nnx.Module):
         q_norm_width, k_norm_width = (q_width, kv_width) if c.qk_norm_full else (c.head_dim,) * 2
         self.q_norm = RMSNorm(q_norm_width, **norm) if c.qk_norm else None
         self.k_norm = RMSNorm(k_norm_width, **norm) if c.qk_norm else None
+        # gpt-oss: one learned logit per query head joins every softmax (and takes its share of
+        # the probability, attending to nothing): the einsum and blockwise paths compute it.
+        self.sinks = (
+            nnx.Param(normal_init(rngs, (c.num_heads,), param_dtype), logical_axes=(None,))
+            if c.attention_sinks
+            else None
+        )
 
     def __call__(
         self,
@@ -197,6 +204,11 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None = None,
         prefix: KVPrefix | None = None,
     ):
+        if self.sinks is not None and self.kind not in ("xla", "blockwise"):
+            raise UnsupportedModelError(
+                f"attention={self.kind!r} has no attention sinks (gpt-oss); set "
+                "config.model.attention='blockwise' or 'xla' (or 'auto', which picks one)."
+            )
         q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
         if prefix is not None:  # the fused kernels take no prefix: config_check refuses them
             mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
@@ -237,7 +249,8 @@ class Attention(nnx.Module):
         if self.kind == "splash":
             return kernels.splash_attention(*qkv, self.softcap)
         if self.kind == "blockwise":
-            return blockwise.blockwise_attention(*qkv, self.softcap)
+            sinks = None if self.sinks is None else self.sinks[...].reshape(self.num_kv_heads, -1)
+            return blockwise.blockwise_attention(*qkv, self.softcap, sinks)
         if self.kind == "cudnn" and self.max_segments and kernels.packed_cudnn_supported():
             return kernels.cudnn_packed_attention(*qkv, self.max_segments)
         return None
@@ -258,6 +271,11 @@ class Attention(nnx.Module):
                 "attention='splash' cannot run with the sequence split over mesh.context: its "
                 "causal tiles assume tokens in order. Set config.model.attention='blockwise' (or "
                 "mesh.context=1)."
+            )
+        if self.kind == "blockwise" and self.sinks is not None:
+            raise UnsupportedModelError(
+                "attention='blockwise' with the sequence split over mesh.context has no "
+                "attention sinks (gpt-oss): set config.model.attention='xla' (or mesh.context=1)."
             )
         if self.kind == "blockwise":  # in blocks: no [T / C, T] scores
             out_BxTxKxGxE = self._context_blockwise(
@@ -396,5 +414,20 @@ class Attention(nnx.Module):
         if self.softcap is not None:
             scores = jnp.tanh(scores / self.softcap) * self.softcap
         scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-        return jnp.einsum("BKGTS,BSKE->BTKGE", probs, v_BxSxKxE)
+        if self.sinks is None:
+            probs = jax.nn.softmax(scores, axis=-1)
+        else:
+            probs = softmax_with_sinks(scores, self.sinks[...].reshape(scores.shape[1:3]))
+        return jnp.einsum("BKGTS,BSKE->BTKGE", probs.astype(v_BxSxKxE.dtype), v_BxSxKxE)
+
+
+def softmax_with_sinks(scores_BxKxGxTxS: jax.Array, sinks_KxG: jax.Array) -> jax.Array:
+    """softmax over S of the scores with one more logit per head (its sink) in the denominator,
+    that logit's probability dropped: rows sum to 1 - p(sink). float32."""
+    batch, _, _, seq_len, _ = scores_BxKxGxTxS.shape
+    sinks_BxKxGxTx1 = jnp.broadcast_to(
+        sinks_KxG.astype(jnp.float32)[None, :, :, None, None],
+        (batch, *sinks_KxG.shape, seq_len, 1),
+    )
+    combined = jnp.concatenate([scores_BxKxGxTxS, sinks_BxKxGxTx1], axis=-1)
+    return jax.nn.softmax(combined, axis=-1)[..., :-1]

@@ -158,6 +158,12 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert behind a sigmoid gate
     expert_names: str = "qwen"  # checkpoint layout: "qwen" (mlp.experts.N.gate_proj) / "mixtral"
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (HF's default)
+    # gpt-oss (expert_names "gpt_oss", models/moe_gpt_oss.py): router and experts with biases,
+    # softmax over the top-k router logits, and the clamped SwiGLU of swiglu_alpha and
+    # swiglu_limit; attention_sinks: a learned logit per head in the attention softmax.
+    swiglu_alpha: float = 0.0
+    swiglu_limit: float = 0.0
+    attention_sinks: bool = False
     # A reward model (transformers' *ForSequenceClassification): the outputs of its `score`
     # head [score_labels, D] in place of the LM head; 0 for a causal LM.
     score_labels: int = 0
@@ -286,6 +292,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     family = family_of(getattr(hf, "model_type", None))
     model_type = family.model_type
+    _refuse_quantized(hf)
     moe = _moe_fields(hf, family) if family.moe else {}
     activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
     if activation not in _ACTIVATIONS:
@@ -323,6 +330,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
         layer_types=layer_types,
         rope=_rope_table(hf, layer_types),
         score_labels=_score_labels(hf),
+        attention_sinks=family.attention_sinks,
         hf_config=hf.to_dict(),
         **moe,
     )
@@ -354,7 +362,11 @@ def _moe_fields(hf: Any, family: Family) -> dict[str, Any]:
             f"num_experts_per_tok={top_k}: expected 1 <= num_experts_per_tok <= num_experts."
         )
     num_layers = hf.num_hidden_layers
-    if family.moe == "mixtral":  # every layer is sparse, experts as wide as intermediate_size
+    gpt_oss = {}
+    if family.moe == "gpt_oss":  # every layer sparse; softmax over the top k: sums to one
+        moe_layers, width, renormalize = tuple(range(num_layers)), hf.intermediate_size, False
+        gpt_oss = {"swiglu_alpha": float(hf.swiglu_alpha), "swiglu_limit": float(hf.swiglu_limit)}
+    elif family.moe == "mixtral":  # every layer sparse, experts as wide as intermediate_size
         moe_layers, width, renormalize = tuple(range(num_layers)), hf.intermediate_size, True
     else:
         step, dense = int(hf.decoder_sparse_step), set(hf.mlp_only_layers or ())
@@ -369,4 +381,21 @@ def _moe_fields(hf: Any, family: Family) -> dict[str, Any]:
         "shared_expert_intermediate_size": getattr(hf, "shared_expert_intermediate_size", 0) or 0,
         "expert_names": family.moe,
         "router_aux_loss_coef": float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
+        **gpt_oss,
     }
+
+
+def _refuse_quantized(hf: Any) -> None:
+    """Weights stored quantized (config.json quantization_config) are not read by sft_jax."""
+    quantization = getattr(hf, "quantization_config", None)
+    if quantization:
+        if isinstance(quantization, dict):
+            method = quantization.get("quant_method", "?")
+        else:
+            method = getattr(quantization, "quant_method", "?")
+        raise UnsupportedModelError(
+            f"{hf.model_type}: config.json quantization_config (quant_method {method!r}): "
+            "sft_jax loads unquantized safetensors only. Use a dequantized copy (transformers: "
+            "from_pretrained with the quantizer's dequantize=True, e.g. Mxfp4Config(dequantize="
+            "True) for gpt-oss, then save_pretrained) and drop quantization_config."
+        )

@@ -1,6 +1,6 @@
 """The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3,
-OLMo 3, and the mixtures of experts Qwen3-MoE, Mixtral, Qwen2-MoE: their expert blocks in
-moe.py), in Flax NNX.
+OLMo 3, and the mixtures of experts Qwen3-MoE, Mixtral, Qwen2-MoE, gpt-oss: their expert blocks
+in moe.py and moe_gpt_oss.py), in Flax NNX.
 
 Dimension legend for einsum strings and shape suffixes:
   B batch, T query time, S key time, D model width, H query heads, K key/value heads,
@@ -34,6 +34,7 @@ from sft_jax.models.config import ModelConfig
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
+from sft_jax.models.moe_gpt_oss import GptOssMoEBlock
 from sft_jax.models.partitioning import logical_to_spec
 
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
@@ -74,6 +75,8 @@ class DecoderLayer(nnx.Module):
         self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
         self.mlp_norm = RMSNorm(c.hidden_size, **norm) if pre else None
         mlp_class = MoEBlock if c.is_moe_layer(layer_index) else MLP
+        if mlp_class is MoEBlock and c.expert_names == "gpt_oss":
+            mlp_class = GptOssMoEBlock
         self.mlp = mlp_class(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
 

@@ -30,10 +30,13 @@ class Family:
     no_rope_layers: bool = False
     embed_scale: bool = False  # embeddings times sqrt(hidden_size)
     # Mixture of experts: "" (dense), "mixtral" (every layer sparse, experts as wide as
-    # intermediate_size, top-k weights renormalised, Mixtral's w1/w2/w3 names) or "qwen"
+    # intermediate_size, top-k weights renormalised, Mixtral's w1/w2/w3 names), "gpt_oss"
+    # (every layer sparse, gpt-oss's fused gate_up_proj layout and expert block) or "qwen"
     # (sparse layers by decoder_sparse_step and mlp_only_layers, moe_intermediate_size,
     # norm_topk_prob, gate/up/down names, an optional shared expert).
     moe: str = ""
+    # A learned logit per query head in every softmax's denominator (gpt-oss's sinks).
+    attention_sinks: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -56,13 +59,14 @@ register(Family("olmo3", qk_norm=True, qk_norm_full=True, post_norms=True))
 register(Family("mixtral", moe="mixtral"))  # models/moe.py
 register(Family("qwen2_moe", moe="qwen"))
 register(Family("qwen3_moe", moe="qwen", qk_norm=True))
+# Biased router and experts, softmax over the top-k logits, clamped SwiGLU (models/moe_gpt_oss.py).
+register(Family("gpt_oss", moe="gpt_oss", attention_sinks=True))
 
 # Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
 NOT_YET = {
     "deepseek_v2": "MLA attention and group-limited routing (n_group, topk_group)",
     "deepseek_v3": "MLA attention, sigmoid routing with a score-correction bias and "
     "group-limited top-k (n_group, topk_group), routed_scaling_factor, dense first layers",
-    "gpt_oss": "biased experts with a clamped SwiGLU, attention sinks, softmax after top-k",
     "olmoe": "q/k norms over all heads, routing like qwen2_moe",
     "qwen3_next": "gated delta-net linear attention layers",
     "glm4_moe": "sigmoid routing with a score-correction bias and group-limited top-k",

@@ -7,8 +7,8 @@ Dimension legend: N tokens (B * T flattened), D model width, F expert MLP width,
 K experts per token, M = N * K token copies, L MoE layers (B, T as in decoder.py).
 
 Later variants slot in here: DeepSeek-V3 needs another router (sigmoid scores with a bias,
-group-limited top-k, a scaling factor) and n shared experts without a gate; gpt-oss needs
-biased experts with its clamped SwiGLU.
+group-limited top-k, a scaling factor) and n shared experts without a gate. gpt-oss's biased
+block subclasses MoEBlock in moe_gpt_oss.py.
 """
 
 from __future__ import annotations

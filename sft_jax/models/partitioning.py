@@ -80,22 +80,25 @@ def attention_per_shard(
     k_BxSxKxE: jax.Array,
     v_BxSxKxE: jax.Array,
     segment_ids_BxT: jax.Array,
+    *per_head_KxG: jax.Array,
 ) -> jax.Array:
-    """local(q, k, v, segment_ids) -> [B, T, K, G, E], run on each shard when a mesh is set
-    (the train step sets one): rows split over the batch axes, key/value heads over tensor.
-    Kernels that read a per-row table of the input then see only their own rows."""
+    """local(q, k, v, segment_ids, *per_head) -> [B, T, K, G, E], run on each shard when a mesh
+    is set (the train step sets one): rows split over the batch axes, key/value heads over
+    tensor, and so the per-head arrays [K, G] given (attention sinks). Kernels that read a
+    per-row table of the input then see only their own rows."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+        return local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, *per_head_KxG)
     kv_spec = logical_to_spec(("batch", None, "kv_heads", None), k_BxSxKxE.shape, mesh)
     q_spec = PartitionSpec(*kv_spec[:3], None, None)
+    head_specs = tuple(PartitionSpec(kv_spec[2], None) for _ in per_head_KxG)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0], None)),
+        in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0], None), *head_specs),
         out_specs=q_spec,
         check_vma=False,  # custom kernels do not declare how outputs vary over the mesh
-    )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+    )(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, *per_head_KxG)
 
 
 DISPATCH_KINDS = ("gather", "all_to_all")

@@ -22,6 +22,11 @@ CONTEXT_SPLASH = (
     "assume tokens in order); the blockwise kernel holds a block of scores, not [T / C, T]"
 )
 
+SINKS_BLOCKWISE = (
+    "auto: {}'s attention sinks: the blockwise kernel (flash-style, with sinks; cuDNN and "
+    "splash have none)"
+)
+
 
 def accelerator() -> str:
     """'nvidia' (CUDA GPUs), 'tpu', or the backend's name (cpu, rocm GPUs, ...)."""
@@ -46,6 +51,8 @@ def _cudnn_blocker(accelerator: str, model: ModelConfig, compute_dtype: str, max
         return f"config.model.compute_dtype={compute_dtype!r} (cuDNN takes bfloat16)"
     if model.attn_logit_softcap is not None:
         return f"{model.model_type} soft-caps attention logits, which cuDNN cannot"
+    if model.attention_sinks:
+        return f"{model.model_type} has attention sinks, which cuDNN cannot compute"
     if model.head_dim % 8 or model.head_dim > max_head_dim:
         return f"head_dim {model.head_dim} is not a multiple of 8 up to {max_head_dim} (this GPU)"
     return ""
@@ -79,6 +86,14 @@ def choose_attention(
     )
     if kind == "splash" and context > 1:  # tokens out of order: models/attention.py
         return "blockwise", CONTEXT_SPLASH
+    if kind == "blockwise" and context > 1 and model.attention_sinks:
+        if requested != "auto":
+            raise ConfigError(
+                "config.model.attention='blockwise' cannot run with the sequence split over "
+                f"mesh.context={context}: its context shards have no attention sinks "
+                f"({model.model_type}); set it to 'auto' or 'xla'."
+            )
+        return "xla", "auto: the blockwise kernel's context shards have no attention sinks"
     return kind, why
 
 
@@ -91,11 +106,14 @@ def _choose_attention(
     max_head_dim: int,
 ) -> tuple[str, str]:
     check_choice("model.attention", requested, ATTENTION_CHOICES)
+    sinks = model.attention_sinks and f"{model.model_type} has attention sinks, which splash lacks"
     blockers = {
         "cudnn": _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
-        "splash": _splash_blocker(accelerator, max_length),
+        "splash": sinks or _splash_blocker(accelerator, max_length),
     }
     if requested == "auto":
+        if model.attention_sinks and accelerator in ("nvidia", "tpu"):
+            return "blockwise", SINKS_BLOCKWISE.format(model.model_type)
         if accelerator == "nvidia" and not blockers["cudnn"]:
             return "cudnn", "auto: fused cuDNN attention on this NVIDIA GPU"
         if accelerator == "tpu" and not blockers["splash"]:

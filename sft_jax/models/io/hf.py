@@ -21,7 +21,9 @@ from jax.sharding import Mesh
 from sft_jax.core.errors import CheckpointError
 from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import ATTENTION_PROJECTIONS, CausalLM, decoder_linears
+from sft_jax.models.io import gpt_oss as gpt_oss_io
 from sft_jax.models.io import safetensors as safetensors_io
+from sft_jax.models.io.files import check_safetensors_present, load_hf_config, resolve_model_dir
 from sft_jax.models.moe import EXPERT_PARAMS
 from sft_jax.models.partitioning import named_sharding, single_device_mesh
 from sft_jax.models.quantize import QuantSpec, quantize_structure, quantized_kernel
@@ -29,8 +31,6 @@ from sft_jax.models.score_head import new_score_head, reward_pad_id, sequence_cl
 
 log = logging.getLogger(__name__)
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 # Buffers some checkpoints carry that are recomputed rather than loaded.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Semantic norm names -> Hugging Face names; Gemma's sandwich layout renames the MLP pre-norm.
@@ -53,6 +53,8 @@ def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, boo
         return "score.weight", False
     if path == ("final_norm", "scale"):
         return "model.norm.weight", False
+    if (gpt_oss := gpt_oss_io.tensor_name(path, config)) is not None:
+        return gpt_oss  # sinks, its router's weight and bias, its down projections
     _, index, *rest = path
     prefix = f"model.layers.{index}"
     if rest[0] in _NORM_NAMES:
@@ -87,8 +89,8 @@ _EXPERT_NAMES = {
 def hf_expert_names(path: tuple[Any, ...], config: ModelConfig) -> list[str] | None:
     """Per-expert Hugging Face tensor names (each stored [out, in]) of a stacked expert
     parameter [X, in, out], as the hub checkpoints hold them; None for any other parameter."""
-    if path[-1] not in EXPERT_PARAMS:
-        return None
+    if path[-1] not in EXPERT_PARAMS or config.expert_names not in _EXPERT_NAMES:
+        return None  # gpt-oss stores its experts fused (io/gpt_oss.py)
     projection = _EXPERT_NAMES[config.expert_names][path[-1]]
     prefix = f"model.layers.{path[1]}.{_mlp_module(config)}.experts"
     return [f"{prefix}.{e}.{projection}.weight" for e in range(config.num_experts)]
@@ -116,45 +118,6 @@ def _load_experts(
 def hf_module_name(index: int, name: str) -> str:
     """Hugging Face module name of projection `name` of decoder layer `index`."""
     return f"model.layers.{index}.{'self_attn' if name in ATTENTION_PROJECTIONS else 'mlp'}.{name}"
-
-
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local directory as is; otherwise a hub id fetched (safetensors only) into the hub cache."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise CheckpointError(f"{name_or_path}: not a model directory.")
-    import huggingface_hub
-
-    try:
-        return Path(
-            huggingface_hub.snapshot_download(str(name_or_path), allow_patterns=_HUB_PATTERNS)
-        )
-    except Exception as e:  # network, auth, unknown repo: say so in one line
-        raise CheckpointError(
-            f"{name_or_path}: not a local directory, and fetching it from the Hugging Face hub "
-            f"failed ({type(e).__name__}: {e}). Pass a local path or check network/auth."
-        ) from e
-
-
-def _check_safetensors_present(model_dir: Path) -> None:
-    if any(model_dir.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise CheckpointError(
-            f"{model_dir}: holds only pickle checkpoints ({', '.join(pickles)}), which can run "
-            "arbitrary code when loaded and are refused. Convert them to safetensors first "
-            "(e.g. load once with transformers and save_pretrained, which writes safetensors)."
-        )
-    raise CheckpointError(f"{model_dir}: no *.safetensors weights found.")
-
-
-def load_hf_config(model_dir: Path) -> Any:
-    if not (model_dir / "config.json").exists():
-        raise CheckpointError(f"{model_dir}: config.json is missing.")
-    return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def abstract_model(
@@ -279,7 +242,7 @@ def from_pretrained(
     )
     if score_labels is not None:
         config = dataclasses.replace(config, score_labels=score_labels)
-    _check_safetensors_present(model_dir)
+    check_safetensors_present(model_dir)
     try:
         entries = safetensors_io.read_checkpoint(model_dir)
     except safetensors_io.CheckpointFormatError as e:
@@ -334,6 +297,14 @@ def _load_variables(
             loaded.append((path, variable.replace(array)))
             used.update(expert_names)
             continue
+        if (fused := gpt_oss_io.interleaved(path, model.config)) is not None:
+            name, offset = fused  # the gate or up half of gate_up_proj (or of its bias)
+            shape = (*target.shape[:-1], 2 * target.shape[-1])
+            entry = _checked_entry(entries, name, shape, False)
+            array = gpt_oss_io.load_interleaved(entry, offset, target, param_sharding)
+            loaded.append((path, variable.replace(array)))
+            used.add(name)
+            continue
         name, transposed = hf_tensor_name(path, model.config)
         if name == "score.weight" and name not in entries:
             loaded.append((path, variable.replace(new_score_head(target, param_sharding))))
@@ -360,6 +331,9 @@ def _pending_tensors(
         expert_names = hf_expert_names(path, model.config)
         if expert_names is not None:  # the hub layout: one [out, in] tensor per expert
             yield from _expert_tensors(array, expert_names, out_dtype)
+            continue
+        if gpt_oss_io.interleaved(path, model.config):  # gate and up into gate_up_proj
+            yield from gpt_oss_io.interleaved_tensors(model, path, out_dtype, to_host)
             continue
         name, transposed = hf_tensor_name(path, model.config)
         dtype = np.dtype(out_dtype or array.dtype)

@@ -129,12 +129,13 @@ def _forward(q, k, v, tokens, scale, window, softcap, block):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _attention(q, k, v, tokens, scale, window, softcap, block):
-    return _forward(q, k, v, tokens, scale, window, softcap, block)[0]
+    """(output, log-sum-exp): both differentiable (the sinks of with_sinks scale by lse)."""
+    return _forward(q, k, v, tokens, scale, window, softcap, block)
 
 
 def _attention_fwd(q, k, v, tokens, scale, window, softcap, block):
     out, lse = _forward(q, k, v, tokens, scale, window, softcap, block)
-    return out, (q, k, v, tokens, out, lse)
+    return (out, lse), (q, k, v, tokens, out, lse)
 
 
 def _score_grads(q_BxQxKxGxE, blocks_q, blocks_k, scale, window, softcap):
@@ -153,10 +154,13 @@ def _score_grads(q_BxQxKxGxE, blocks_q, blocks_k, scale, window, softcap):
     return probs, dscores * scale
 
 
-def _attention_bwd(scale, window, softcap, block, residuals, dout_BxTxKxGxE):
+def _attention_bwd(scale, window, softcap, block, residuals, cotangents):
     q, k, v, tokens, out, lse_BxKxGxT = residuals
+    dout_BxTxKxGxE, dlse_BxKxGxT = cotangents
     segment_q_BxT, segment_k_BxS, index_T, index_S = tokens
     delta_BxTxKxG = jnp.sum(dout_BxTxKxGxE.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    # d lse / d score = its probability: a cotangent of lse adds to each score's dP - delta.
+    delta_BxTxKxG = delta_BxTxKxG - jnp.moveaxis(dlse_BxKxGxT, 3, 1)
     lse_NxBxKxGxQ = jnp.moveaxis(lse_BxKxGxT.reshape(*lse_BxKxGxT.shape[:3], -1, block), 3, 0)
     delta_NxBxKxGxQ = jnp.moveaxis(_blocks(delta_BxTxKxG, block), 2, -1)
     per_query = (
@@ -245,12 +249,15 @@ def flash_attention(
     scale: float,
     window: int | None,
     softcap: float | None,
+    sinks_KxG: jax.Array | None = None,
 ) -> jax.Array:
     """Output [B, T, K, G, E] of T queries against S keys, on one device: `segment_ids` of the
     queries [B, T] and keys [B, S]; `index`, each token's place in the row, of the queries [T]
     and keys [S] (in any order; causality and the window are counted in it). Queries and keys
     are padded to a multiple of the block with a segment of their own (id -1), placed after
-    every real token, and cut off again after."""
+    every real token, and cut off again after. With sinks (a logit per head in the softmax's
+    denominator, attending to nothing) the output is scaled by exp(lse) / (exp(lse) +
+    exp(sink)) = sigmoid(lse - sink), lse the log-sum-exp of the query's scores."""
     seq_len, keys_len = q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1]
     block = min(BLOCK["tokens"], seq_len)
 
@@ -269,7 +276,12 @@ def flash_attention(
         widen_index(index[1], keys_len),
     )
     q, k, v = widen(q_BxTxKxGxE, seq_len), widen(k_BxSxKxE, keys_len), widen(v_BxSxKxE, keys_len)
-    return _attention(q, k, v, tokens, scale, window, softcap, block)[:, :seq_len]
+    out_BxTxKxGxE, lse_BxKxGxT = _attention(q, k, v, tokens, scale, window, softcap, block)
+    if sinks_KxG is not None:
+        kept_BxKxGxT = jax.nn.sigmoid(lse_BxKxGxT - sinks_KxG.astype(jnp.float32)[None, :, :, None])
+        kept_BxTxKxG = jnp.moveaxis(kept_BxKxGxT, 3, 1).astype(out_BxTxKxGxE.dtype)
+        out_BxTxKxGxE = out_BxTxKxGxE * kept_BxTxKxG[..., None]
+    return out_BxTxKxGxE[:, :seq_len]
 
 
 def blockwise_attention(
@@ -280,12 +292,14 @@ def blockwise_attention(
     scale: float,
     window: int | None,
     softcap: float | None,
+    sinks_KxG: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention over packed rows in sequence order, block by block: output
-    [B, T, H * E], on each shard of the mesh (rows over the batch axes, heads over tensor)."""
+    [B, T, H * E], on each shard of the mesh (rows over the batch axes, heads over tensor);
+    sinks [K, G] as flash_attention takes them."""
     batch, seq_len, kv_heads, groups, head_dim = q_BxTxKxGxE.shape
 
-    def local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT):
+    def local(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, *sinks_KxG):
         index_T = jnp.arange(seq_len)
         return flash_attention(
             q_BxTxKxGxE,
@@ -296,7 +310,11 @@ def blockwise_attention(
             scale,
             window,
             softcap,
+            *sinks_KxG,
         )
 
-    out_BxTxKxGxE = attention_per_shard(local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
+    sinks = () if sinks_KxG is None else (sinks_KxG,)
+    out_BxTxKxGxE = attention_per_shard(
+        local, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, *sinks
+    )
     return out_BxTxKxGxE.reshape(batch, seq_len, kv_heads * groups * head_dim)
