@@ -23,6 +23,7 @@ PACKAGES = [
     "sft_jax.data",
     "sft_jax.objectives",
     "sft_jax.generation",
+    "sft_jax.evaluation",
     "sft_jax.train",
     "sft_jax.planning",
     "sft_jax.workdir",
@@ -35,6 +36,7 @@ COMMANDS = {
     "sft_jax.chat": "sft_jax.cli.chat",
     "sft_jax.plan": "sft_jax.cli.plan",
     "sft_jax.export": "sft_jax.cli.export",
+    "sft_jax.evaluate": "sft_jax.cli.evaluate",
     "sft_jax.data.inspect": "sft_jax.cli.inspect",
     "sft_jax.data.prepare": "sft_jax.cli.prepare",
 }
