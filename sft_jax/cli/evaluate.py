@@ -65,7 +65,13 @@ def model_directory(model: str | None, workdir: str | None, which: str | int) ->
 
 def evaluate(model_dir: str, tasks: list[str]) -> dict[str, Any]:
     """lm-eval's results (and samples, with --log_samples) of the model in model_dir."""
-    from lm_eval import simple_evaluate
+    try:
+        from lm_eval import simple_evaluate
+    except ImportError as e:
+        raise UsageError(
+            "lm-evaluation-harness is not installed: pip install 'sft_jax[eval]' "
+            "(lm-eval>=0.4.13,<0.5)."
+        ) from e
     from lm_eval.tasks import TaskManager
 
     from sft_jax.evaluation.harness import SftJaxLM
@@ -115,14 +121,14 @@ def write_results(results: dict[str, Any], out: Path) -> None:
 
 
 def run(model: str | None, workdir: str | None, which: str | int) -> None:
-    from lm_eval.utils import make_table
-
     if not FLAGS.tasks:
         raise UsageError("--tasks is required, e.g. --tasks=hellaswag,arc_easy.")
     if FLAGS.log_samples and not FLAGS.output_path:
         raise UsageError("--log_samples writes to --output_path: give one.")
     with model_directory(model, workdir, which) as model_dir:
         results = evaluate(model_dir, FLAGS.tasks)
+    from lm_eval.utils import make_table
+
     print(make_table(results))
     if FLAGS.output_path:
         write_results(results, cli.writable_directory(FLAGS.output_path, "--output_path"))

@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from tiny_tasks import TASKS, save_model, write_tasks
+from tiny_tasks import MAX_LENGTH, TASKS, save_model, write_tasks
 
 from sft_jax.core.errors import UsageError
 from sft_jax.evaluation.generate import sampling_options
@@ -71,8 +71,13 @@ def greedy_ids(hf: HFLM, context: list[int], count: int) -> list[int]:
     return ids[len(context) :]
 
 
-def test_registered_with_lm_eval():
+def test_registered_with_lm_eval(files):
+    """lm-eval builds it by name from a model_args string, as `--model sft_jax` does."""
     assert get_model("sft_jax") is SftJaxLM
+    lm = get_model("sft_jax").create_from_arg_string(
+        f"model={files / 'model'},batch_size=3,max_gen_toks=7", {"batch_size": None}
+    )
+    assert (lm.batch_size, lm.max_gen_toks, lm.max_length) == (3, 7, MAX_LENGTH)
 
 
 def test_requests_equal_hf_and_batched_equals_alone(lms):
@@ -85,19 +90,19 @@ def test_requests_equal_hf_and_batched_equals_alone(lms):
     rolling = hf.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in ROLLING]))
     generated = hf.generate_until(instances("generate_until", GENERATE))
     assert [g for _, g in expected[-2:]] == [True, False]
-    for lm in (ours, alone):
-        got = lm.loglikelihood(instances("loglikelihood", LOGLIKELIHOOD))
-        got += lm._loglikelihood_tokens(token_requests)
-        np.testing.assert_allclose([x for x, _ in got], [x for x, _ in expected], rtol=1e-4)
-        assert [g for _, g in got] == [g for _, g in expected]
-        got_rolling = lm.loglikelihood_rolling(
-            instances("loglikelihood_rolling", [(t,) for t in ROLLING])
-        )
-        np.testing.assert_allclose(got_rolling, rolling, rtol=1e-4)
-        assert lm.generate_until(instances("generate_until", GENERATE)) == generated
-    batched = ours.loglikelihood(instances("loglikelihood", LOGLIKELIHOOD))
+    got = ours.loglikelihood(instances("loglikelihood", LOGLIKELIHOOD))
+    got += ours._loglikelihood_tokens(token_requests)
+    np.testing.assert_allclose([x for x, _ in got], [x for x, _ in expected], rtol=1e-4)
+    assert [g for _, g in got] == [g for _, g in expected]
+    got_rolling = ours.loglikelihood_rolling(
+        instances("loglikelihood_rolling", [(t,) for t in ROLLING])
+    )
+    np.testing.assert_allclose(got_rolling, rolling, rtol=1e-4)
+    assert ours.generate_until(instances("generate_until", GENERATE)) == generated
+    # One request at a time: other batches, other buckets, the same figures.
     one_by_one = alone.loglikelihood(instances("loglikelihood", LOGLIKELIHOOD))
-    np.testing.assert_allclose(batched, one_by_one, rtol=1e-6)
+    np.testing.assert_allclose(one_by_one, got[: len(LOGLIKELIHOOD)], rtol=1e-6)
+    assert alone.generate_until(instances("generate_until", GENERATE[:2])) == generated[:2]
 
 
 def _run(lm, files, **options):
