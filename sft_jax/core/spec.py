@@ -239,6 +239,9 @@ class EvalSpec(Section):
     generate_examples: int
     show_samples: int
     max_new_tokens: int
+    harness_tasks: str
+    harness_limit: int
+    harness_include_path: str
     early_stopping_patience: int
     early_stopping_min_delta: float
 
@@ -342,6 +345,9 @@ class RunSpec(Section):
 # are configs/base.py's). Read when a checkpoint's saved config is compared or exported.
 SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "train.objective": "sft",
+    "eval.harness_tasks": "",
+    "eval.harness_limit": 0,
+    "eval.harness_include_path": "",
     "train.neftune_noise_alpha": 0.0,
     "preference.reference": "auto",
     "preference.reference_model": "",  # DPO's reference was the initial policy

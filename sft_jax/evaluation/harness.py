@@ -10,7 +10,6 @@ generated greedily (or sampled) with the KV-cache sampler (generation/sampler.py
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,9 @@ DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a config that names no context lengt
 _LENGTH_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")  # lm-eval's order
 
 
-def config_max_length(model_dir: Path, tokenizer: Any) -> int:
-    """The context length lm-eval's `hf` backend reads: the config's (its text_config's
+def config_max_length(config: dict[str, Any], tokenizer: Any) -> int:
+    """The context length lm-eval's `hf` backend reads from a config.json: its (text_config's
     first), else the tokenizer's model_max_length when set, else DEFAULT_MAX_LENGTH."""
-    config = json.loads((model_dir / "config.json").read_text())
     config = config.get("text_config") or config
     for field in _LENGTH_FIELDS:
         if config.get(field) is not None:
@@ -100,9 +98,7 @@ class SftJaxLM(TemplateLM):
         self._max_length = (
             _positive_int("max_length", max_length)
             if max_length is not None
-            else config_max_length(model_dir, tokenizer)
-            if model_dir is not None
-            else DEFAULT_MAX_LENGTH
+            else config_max_length(model.config.hf_config or {}, tokenizer)
         )
         self.max_gen_toks = _positive_int("max_gen_toks", max_gen_toks)
         self.add_bos_token = add_bos_token

@@ -5,6 +5,7 @@ one request at a time; the CLI; what is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,11 +18,22 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
+from test_generate import randomize_adapters
+from test_trainer import base_config
 from tiny_tasks import MAX_LENGTH, TASKS, save_model, write_tasks
 
+from configs.base import get_config
+from sft_jax.adapters.lora import LoRASpec, apply_lora, merged
 from sft_jax.core.errors import UsageError
+from sft_jax.core.spec import RunSpec
+from sft_jax.data import open_data
 from sft_jax.evaluation.generate import sampling_options
 from sft_jax.evaluation.harness import SftJaxLM
+from sft_jax.evaluation.tasks import harness_metrics, metric_key
+from sft_jax.loop import trainer
+from sft_jax.models import from_pretrained, save_pretrained
+from sft_jax.train import sharding
+from sft_jax.workdir.metric_names import documented
 
 NUMBERS = " ".join(str(n) for n in range(100, 160))  # 119 tokens: windows, truncation
 LOGLIKELIHOOD = [
@@ -171,6 +183,66 @@ def test_cli_writes_lm_eval_results(files, lms, tmp_path):
     assert written["acc,none"] == expected["acc,none"]
     samples = (tmp_path / "samples_tiny_mc.jsonl").read_text().splitlines()
     assert len(samples) == 3
+
+
+def test_live_lora_model_on_a_mesh_at_eval(lms, files, tmp_path):
+    """config.eval.harness_tasks: the training model as it is (sharded over fsdp x tensor,
+    LoRA unmerged) scores what lm-eval's hf backend scores on its merged export; every key
+    is in the metrics reference."""
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    model = from_pretrained(files / "model", mesh=mesh)
+    apply_lora(model, LoRASpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")), mesh)
+    randomize_adapters(model)
+    save_pretrained(merged(model), tmp_path, tokenizer=lms[1].tokenizer)
+    spec = dataclasses.replace(
+        RunSpec.of(get_config()).eval, harness_tasks="tiny_mc, tiny_ppl", harness_limit=3,
+        harness_include_path=str(files / "tasks"), global_batch_size=4,
+    )  # fmt: skip
+    got = harness_metrics(model, lms[1].tokenizer, spec)
+    hf = HFLM(pretrained=str(tmp_path), batch_size=4, device="cpu", dtype="float32")
+    expected = simple_evaluate(
+        model=hf, tasks=["tiny_mc", "tiny_ppl"], limit=3, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(files / "tasks"), include_defaults=False),
+    )["results"]  # fmt: skip
+    assert got.keys() == {
+        "harness/tiny_mc/acc", "harness/tiny_mc/acc_norm", "harness/tiny_ppl/word_perplexity",
+        "harness/tiny_ppl/byte_perplexity", "harness/tiny_ppl/bits_per_byte",
+    }  # fmt: skip
+    for key, value in got.items():
+        _, task, metric = key.split("/")
+        np.testing.assert_allclose(value, expected[task][f"{metric},none"], rtol=1e-4)
+        assert documented(key)
+    assert (
+        metric_key("gsm8k", "exact_match,strict-match") == "harness/gsm8k/exact_match_strict-match"
+    )
+
+
+def test_trainer_eval_writes_harness_metrics(lms, files, tmp_path):
+    """A run's eval with eval.harness_tasks: harness/<task>/<metric> in its metrics (and in
+    metrics.jsonl, whose writer refuses undocumented keys in the tests), equal to hf's."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
+                      {"role": "assistant", "content": f"Answer {2 * a + 1}"}]}
+        for a in range(8)
+    ]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = base_config(files / "model")
+    config.data.train_files = config.data.eval_files = str(tmp_path / "chat.jsonl")
+    config.data.max_length, config.data.cache_dir = 32, "none"
+    config.eval.generate_examples = config.eval.show_samples = 0
+    config.eval.harness_tasks, config.eval.harness_limit = "tiny_mc", 2
+    config.eval.harness_include_path = str(files / "tasks")
+    spec = RunSpec.of(config)
+    run = trainer.Trainer(spec, tmp_path, from_pretrained(files / "model"), open_data(spec))
+    metrics = run.run_eval(0)
+    expected = simple_evaluate(
+        model=lms[0], tasks=["tiny_mc"], limit=2, bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(files / "tasks"), include_defaults=False),
+    )["results"]["tiny_mc"]  # fmt: skip
+    assert metrics["harness/tiny_mc/acc"] == expected["acc,none"]
+    assert metrics["harness/tiny_mc/acc_norm"] == expected["acc_norm,none"]
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["harness/tiny_mc/acc"] == metrics["harness/tiny_mc/acc"]
 
 
 def test_refusals(files, tmp_path):
