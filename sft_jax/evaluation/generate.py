@@ -23,18 +23,18 @@ _SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
 _HANDLED = {"do_sample", "temperature", "until", "max_gen_toks"}
 
 
-def eos_token_ids(tokenizer: Any, model_dir: Path | None) -> list[int]:
+def eos_token_ids(
+    tokenizer: Any, hf_config: dict[str, Any], model_dir: Path | None = None
+) -> list[int]:
     """The tokens that end a generation as transformers' generate ends it for this model: the
-    eos ids of its generation_config.json, else of its config.json, and the tokenizer's EOS
-    (whose text lm-eval adds to every request's stop strings)."""
+    eos ids of model_dir/generation_config.json where it names them, else of the config; and
+    the tokenizer's EOS (whose text lm-eval adds to every request's stop strings)."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name if model_dir is not None else None
-        if path is not None and path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if eos is not None:
-                ids |= set(eos if isinstance(eos, list) else [eos])
-                break
+    eos = (hf_config.get("text_config") or hf_config).get("eos_token_id")
+    generation_config = model_dir / "generation_config.json" if model_dir else None
+    if generation_config is not None and generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id", eos)
+    ids |= set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return sorted(ids)
 
 

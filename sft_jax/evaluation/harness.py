@@ -10,6 +10,7 @@ generated greedily (or sampled) with the KV-cache sampler (generation/sampler.py
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from sft_jax.adapters.methods import for_peft_type
 from sft_jax.core.errors import UsageError
 from sft_jax.data.templates import load_tokenizer
 from sft_jax.evaluation import generate as generation
@@ -42,10 +44,19 @@ def config_max_length(config: dict[str, Any], tokenizer: Any) -> int:
     return int(limit) if limit is not None and limit < 10**12 else DEFAULT_MAX_LENGTH
 
 
+def _prompt_adapter(model_dir: Path) -> bool:
+    """Whether the export leaves a prompt adapter to load (a LoRA export's adapter/ is merged
+    into the weights already; adapters/methods.py)."""
+    config_file = model_dir / "adapter" / "adapter_config.json"
+    if not config_file.is_file():
+        return False
+    return for_peft_type(json.loads(config_file.read_text()).get("peft_type")) is not None
+
+
 def _load(directory: str, dtype: str) -> tuple[CausalLM, Any, Path]:
     """(model, tokenizer, directory) of an exported Hugging Face directory."""
     model_dir = resolve_model_dir(directory)
-    if (model_dir / "adapter" / "adapter_config.json").is_file():
+    if _prompt_adapter(model_dir):
         raise UsageError(
             f"{model_dir}/adapter: the sft_jax lm-eval backend does not evaluate prompt "
             "adapters (prompt tuning, P-tuning, prefix tuning) yet; evaluate a LoRA or full "
@@ -83,9 +94,17 @@ class SftJaxLM(TemplateLM):
         add_bos_token: bool | None = None,
         prefix_token_id: int | None = None,
         seed: int = 0,
-        **ignored: Any,
+        device: str | None = None,
+        max_batch_size: int | None = None,
+        **unknown: Any,
     ) -> None:
         super().__init__()
+        if unknown:
+            raise UsageError(
+                f"model_args {', '.join(sorted(unknown))}: not an argument of the sft_jax "
+                "backend (model, batch_size, max_length, max_gen_toks, dtype, add_bos_token, "
+                "prefix_token_id, seed)."
+            )
         model_dir = None
         if isinstance(model, str):
             model, tokenizer, model_dir = _load(model, dtype)
@@ -104,11 +123,9 @@ class SftJaxLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.seed = int(seed)
-        self.stop_token_ids = generation.eos_token_ids(tokenizer, model_dir)
-        self.model_dir = model_dir
-        unused = {k: v for k, v in ignored.items() if v is not None and k != "max_batch_size"}
-        if unused:
-            log.warning("sft_jax lm-eval backend: ignoring %s (JAX picks the devices)", unused)
+        self.stop_token_ids = generation.eos_token_ids(tokenizer, model.config.hf_config, model_dir)
+        if device not in (None, "cpu"):
+            log.warning("sft_jax lm-eval backend: device=%s ignored (JAX picks devices)", device)
 
     # --- Tokenization, as lm-eval's `hf` backend does it. ---
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -250,8 +251,13 @@ def test_refusals(files, tmp_path):
         sampling_options({"until": [], "repetition_penalty": 1.2}, 16)
     with pytest.raises(UsageError, match="batch_size"):
         SftJaxLM(str(files / "model"), batch_size=0)
-    adapter = tmp_path / "export" / "adapter"
-    adapter.mkdir(parents=True)
-    (adapter / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        SftJaxLM(str(files / "model"), max_new_tokens=8)
+    export = tmp_path / "export"
+    shutil.copytree(files / "model", export)
+    (export / "adapter").mkdir()
+    (export / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert SftJaxLM(str(export)).max_length == MAX_LENGTH  # LoRA: merged into the export
+    (export / "adapter" / "adapter_config.json").write_text('{"peft_type": "PROMPT_TUNING"}')
     with pytest.raises(UsageError, match="prompt adapters"):
-        SftJaxLM(str(tmp_path / "export"))
+        SftJaxLM(str(export))
