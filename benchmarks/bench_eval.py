@@ -1,6 +1,7 @@
 """lm-eval requests/s of model type sft_jax relative to lm-eval's own `hf` backend.
 
   python benchmarks/bench_eval.py --docs=64 --hidden=64 --layers=2 --batch_size=8
+  python benchmarks/bench_eval.py --torch_threads=1   # on a loaded CPU
 
 One tiny random Llama with a word-level tokenizer (tests/evaluation/tiny_tasks.py) saved to a
 temporary directory, which both backends load, and three local tasks of --docs documents each:
@@ -27,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "evaluation")]
 
+import torch  # noqa: E402
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -41,6 +43,11 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument(
+        "--torch_threads", type=int, default=0,
+        help="PyTorch's intra-op threads (0: its default); 1 on a loaded CPU, where its "
+        "threads otherwise wait on each other",
+    )  # fmt: skip
     return parser.parse_args()
 
 
@@ -79,6 +86,8 @@ def run_tasks(lm, spent: dict[str, list[float]], task_dir: Path) -> dict[str, fl
 
 def main() -> None:
     args = parse()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     logging.disable(logging.WARNING)  # lm-eval's per-metric notes on every task load
     result = {}
     with tempfile.TemporaryDirectory() as root:
