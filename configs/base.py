@@ -388,6 +388,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.show_samples = 3
     # Longest generated reply, in tokens.
     config.eval.max_new_tokens = 64
+    # lm-evaluation-harness tasks scored on the live model at every eval, comma-separated (e.g.
+    # "arc_easy,hellaswag"; "" = off): metrics harness/<task>/<metric>. Needs lm-eval installed.
+    config.eval.harness_tasks = ""
+    # Documents per harness task at each eval (0 = all of them).
+    config.eval.harness_limit = 0
+    # A folder of extra lm-eval task YAML files for eval.harness_tasks ("" = lm-eval's own only).
+    config.eval.harness_include_path = ""
     # Stop after this many evals without an improvement of the eval loss (0 = never).
     config.eval.early_stopping_patience = 0
     # Smallest eval-loss decrease that counts as an improvement.

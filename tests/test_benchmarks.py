@@ -25,6 +25,7 @@ TINY = {
                             "--vocab=256", "--seq=16"],
     "bench_data.py": ["--conversations=40", "--workers=1", "--max_length=256"],
     "bench_data_scale.py": ["--store", "--documents=200"],
+    "bench_eval.py": ["--docs=2", "--hidden=32", "--layers=1", "--batch_size=2"],
     "bench_grpo.py": ["--steps=1", "--warmup=1", "--completion=8", "--prompts=2",
                       "--generations=2"],
     "bench_load.py": ["--out={tmp}/checkpoint", "--layers=1", "--devices=1"],

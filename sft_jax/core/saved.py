@@ -9,6 +9,9 @@ from typing import Any
 # are configs/base.py's). Read when a checkpoint's saved config is compared or exported.
 SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "train.objective": "sft",
+    "eval.harness_tasks": "",
+    "eval.harness_limit": 0,
+    "eval.harness_include_path": "",
     "train.neftune_noise_alpha": 0.0,
     "preference.reference": "auto",
     "preference.reference_model": "",  # DPO's reference was the initial policy

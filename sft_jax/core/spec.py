@@ -257,6 +257,9 @@ class EvalSpec(Section):
     generate_examples: int
     show_samples: int
     max_new_tokens: int
+    harness_tasks: str
+    harness_limit: int
+    harness_include_path: str
     early_stopping_patience: int
     early_stopping_min_delta: float
 

@@ -22,6 +22,7 @@ from sft_jax.core.errors import ConfigError, TrainingDivergedError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import DataSource
 from sft_jax.data.cloud import is_remote
+from sft_jax.evaluation.tasks import harness_metrics
 from sft_jax.generation.sampler import chat_stop_token_ids
 from sft_jax.generation.samples import generation_metrics
 from sft_jax.loop.batch_source import BatchSource, FileBatches
@@ -171,7 +172,9 @@ class Trainer:
         for name, batches in self.data.eval_sets.items():  # a mixture's sources, each alone
             part = evaluate(self.steps, self.state["params"], batches())
             metrics |= {f"eval/{name}/{k.removeprefix('eval/')}": v for k, v in part.items()}
-        return metrics | self._generation_metrics()
+        model = self.steps.model_of(self.state["params"])  # eval.harness_tasks on it, live
+        harness = harness_metrics(model, self.data.tokenizer, self.config.eval)
+        return metrics | self._generation_metrics() | harness
 
     def _generation_metrics(self) -> dict[str, Any]:
         """Greedy replies to the first eval prompts: exact match and samples (eval config)."""

@@ -243,6 +243,7 @@ def _check_eval_and_outputs(config: Any) -> None:
         "eval.generate_examples",
         "eval.show_samples",
         "eval.early_stopping_patience",
+        "eval.harness_limit",
     ):
         _need(config, value_at(config, field) >= 0, field, "must be 0 (off) or positive.")
     _need(config, config.eval.max_new_tokens > 0, "eval.max_new_tokens", "must be positive.")

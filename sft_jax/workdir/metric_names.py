@@ -266,6 +266,12 @@ METRICS: tuple[Metric, ...] = (
     Metric("eval/completions/mean_length", f"{_EVAL}; {_RL}", "mean greedy reply length"),
     Metric("eval/best_reward", f"{_EVAL}; {_RL}", "highest eval/reward so far"),
     Metric(
+        "harness/<task>/<metric>",
+        f"{_EVAL}; eval.harness_tasks",
+        "an lm-evaluation-harness task's metric on the live model (e.g. harness/arc_easy/acc; "
+        "a filtered one as <metric>_<filter>, e.g. harness/gsm8k/exact_match_strict-match)",
+    ),
+    Metric(
         "eval/<source>/<metric>",
         f"{_EVAL}; data.mixture sources with eval files",
         "an eval metric of that source's eval set alone (e.g. eval/math/loss)",

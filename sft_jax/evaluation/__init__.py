@@ -1,0 +1,1 @@
+"""Evaluation of a model on lm-evaluation-harness tasks (model type "sft_jax")."""
