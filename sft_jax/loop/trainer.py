@@ -34,7 +34,7 @@ from sft_jax.objectives import registry
 from sft_jax.planning import search as plan_search
 from sft_jax.train import compiled as compile_plan
 from sft_jax.train import distributed, sharding
-from sft_jax.train.config_check import check_mesh, check_values
+from sft_jax.train.config_check import check_mesh, check_tokenizer_fits, check_values
 from sft_jax.train.evaluation import EarlyStopping, eval_message, evaluate, final_report
 from sft_jax.train.flops import peak_flops_per_device, training_flops_per_token
 from sft_jax.train.setup import build_model
@@ -172,19 +172,20 @@ class Trainer:
         for name, batches in self.data.eval_sets.items():  # a mixture's sources, each alone
             part = evaluate(self.steps, self.state["params"], batches())
             metrics |= {f"eval/{name}/{k.removeprefix('eval/')}": v for k, v in part.items()}
-        model = self.steps.model_of(self.state["params"])  # eval.harness_tasks on it, live
-        harness = harness_metrics(model, self.data.tokenizer, self.config.eval)
-        return metrics | self._generation_metrics() | harness
+        return metrics | self._model_metrics()
 
-    def _generation_metrics(self) -> dict[str, Any]:
-        """Greedy replies to the first eval prompts: exact match and samples (eval config)."""
+    def _model_metrics(self) -> dict[str, Any]:
+        """On the live params: eval.harness_tasks' scores, and greedy replies to the first eval
+        prompts (exact match and samples, eval config)."""
+        model = self.steps.model_of(self.state["params"])
+        metrics = harness_metrics(model, self.data.tokenizer, self.config.eval)
         count = max(self.config.eval.generate_examples, self.config.eval.show_samples)
         prompts = self.data.eval_prompts[:count]
         if not prompts or self.data.tokenizer is None:
-            return {}
+            return metrics
         model_dir = Path(self.config.model.name_or_path)
-        return generation_metrics(
-            self.steps.model_of(self.state["params"]),
+        return metrics | generation_metrics(
+            model,
             self.data.tokenizer,
             prompts,
             stop_token_ids=chat_stop_token_ids(
@@ -417,12 +418,7 @@ def _run_locked(
 ) -> dict:
     data = data_factory(config, sharding.row_feed(mesh))  # a data-parallel group: same rows
     model, _, trainable = build_model(config, mesh)
-    if data.tokenizer is not None and len(data.tokenizer) > model.config.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {len(data.tokenizer)} tokens but the model's vocabulary only "
-            f"{model.config.vocab_size}: ids past it would index nothing. Use the model's own "
-            "tokenizer (config.data.tokenizer='') or resize the model's embeddings first."
-        )
+    check_tokenizer_fits(data.tokenizer, model.config)
     trainer = Trainer(
         config, workdir, model, data, trainable, mesh=mesh, mirror=mirror, batch_source=batch_source
     )

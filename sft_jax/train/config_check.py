@@ -42,6 +42,16 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     _check_objective(config)
 
 
+def check_tokenizer_fits(tokenizer: Any, model_config: Any) -> None:
+    """The run's tokenizer has no id past the model's vocabulary."""
+    if tokenizer is not None and len(tokenizer) > model_config.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+            f"{model_config.vocab_size}: ids past it would index nothing. Use the model's own "
+            "tokenizer (config.data.tokenizer='') or resize the model's embeddings first."
+        )
+
+
 def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None:
     """Values that depend on the checkpoint: the expert mesh axis (expert_devices, as
     resolved) must divide its experts."""
