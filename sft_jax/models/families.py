@@ -5,6 +5,8 @@ compares model_type names."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from sft_jax.core.errors import UserError
 from sft_jax.core.registry import Registry
@@ -34,6 +36,9 @@ class Family:
     # (sparse layers by decoder_sparse_step and mlp_only_layers, moe_intermediate_size,
     # norm_topk_prob, gate/up/down names, an optional shared expert).
     moe: str = ""
+    # ModelConfig fields a family reads from config.json in its own way (Gemma 4): a function
+    # of the transformers config returning them, or None.
+    hf_fields: Callable[[Any], dict[str, Any]] | None = None
 
 
 FAMILIES: Registry[Family] = Registry("model family")
