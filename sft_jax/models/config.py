@@ -322,6 +322,8 @@ def _nope_layers(hf: Any, family: Family, layer_types: tuple[str, ...]) -> tuple
 def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     family = family_of(getattr(hf, "model_type", None))
+    if family.text_config:  # the text model of a multimodal checkpoint
+        return from_hf_config(hf.get_text_config())
     model_type = family.model_type
     if getattr(hf, "_heterogeneity_spec", None) is not None:
         # Per-layer attributes (Gemma 4's per_layer_config): read the global ones here, the

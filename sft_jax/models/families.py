@@ -39,6 +39,9 @@ class Family:
     # ModelConfig fields a family reads from config.json in its own way (Gemma 4): a function
     # of the transformers config returning them, or None.
     hf_fields: Callable[[Any], dict[str, Any]] | None = None
+    # config.json wraps the text model's config (text_config) with other modalities' (Gemma
+    # 4's image-text-audio checkpoints): sft_jax reads and loads the text model alone.
+    text_config: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("model family")

@@ -96,3 +96,5 @@ FAMILY = register(
         "gemma4_text", sandwich_norms=True, embed_scale=True, qk_norm=True, hf_fields=model_fields
     )
 )
+# The image-text(-audio) checkpoints (Gemma4ForConditionalGeneration): their text model.
+MULTIMODAL_FAMILY = register(Family("gemma4", text_config=True))

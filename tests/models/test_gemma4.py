@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+import transformers
 from flax import nnx
-from hf_models import build_hf_model, hf_config, hf_logits
+from hf_models import build_hf_model, hf_config, hf_logits, randomize_
 from safetensors import safe_open
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import synthetic_batch, tiny_model
@@ -118,6 +119,31 @@ def test_fsdp_tensor_mesh_equals_single_device():
     for gradient, reference in pairs:
         error = np.abs(np.asarray(gradient) - np.asarray(reference)).max()
         assert error <= 1e-4 * np.abs(np.asarray(reference)).max()
+
+
+def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint (model_type "gemma4", text_config, tensors
+    under model.language_model.) loads as its text model: logits equal the multimodal model's
+    on text; the export is the text-only causal LM (gemma4_text), which transformers loads with
+    equal logits."""
+    text = hf_config("gemma4")
+    config = transformers.Gemma4Config(
+        text_config=text.to_dict(), vision_config=None, audio_config=None
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.Gemma4ForConditionalGeneration(config)
+    randomize_(hf_model.model.language_model, seed=2)
+    hf_model.eval().save_pretrained(tmp_path / "multimodal")
+    model = from_pretrained(tmp_path / "multimodal")
+    assert model.config.model_type == "gemma4_text"
+    batch = padded_batch()
+    expected = hf_logits(hf_model, batch["input_ids"], batch["attention_mask"])
+    assert_close_on_tokens(jax_logits(model, batch), expected, batch["attention_mask"], 1e-4)
+    out = save_pretrained(model, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert reloaded.config.model_type == "gemma4_text"
+    again = hf_logits(reloaded.float().eval(), batch["input_ids"], batch["attention_mask"])
+    assert_close_on_tokens(again, expected, batch["attention_mask"], 1e-4)
 
 
 @pytest.mark.parametrize(

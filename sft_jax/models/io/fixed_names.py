@@ -32,6 +32,25 @@ _LAYER_NAMES = {
 }
 
 
+# Where a multimodal checkpoint (Gemma 4's) keeps its text model's tensors.
+_TEXT_MODEL_PREFIX = "model.language_model."
+
+
+def text_model_tensors(entries: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's tensors by the names of its text model as a causal LM: a multimodal
+    checkpoint's model.language_model.* as model.* (the other towers left out), the lm_head
+    as is; any other checkpoint's unchanged."""
+    if not any(name.startswith(_TEXT_MODEL_PREFIX) for name in entries):
+        return entries
+    return {
+        (
+            f"model.{name.removeprefix(_TEXT_MODEL_PREFIX)}" if name != "lm_head.weight" else name
+        ): entry
+        for name, entry in entries.items()
+        if name.startswith(_TEXT_MODEL_PREFIX) or name == "lm_head.weight"
+    }
+
+
 def fixed_tensor_name(path: tuple[Any, ...]) -> tuple[str, bool] | None:
     """(tensor name, stored transposed) of such a parameter, or None for any other."""
     if path in _MODEL_NAMES:

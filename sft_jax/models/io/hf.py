@@ -22,7 +22,7 @@ from sft_jax.core.errors import CheckpointError
 from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import ATTENTION_PROJECTIONS, CausalLM, decoder_linears
 from sft_jax.models.io import safetensors as safetensors_io
-from sft_jax.models.io.fixed_names import STORED_VARIABLES, fixed_tensor_name
+from sft_jax.models.io.fixed_names import STORED_VARIABLES, fixed_tensor_name, text_model_tensors
 from sft_jax.models.moe import EXPERT_PARAMS
 from sft_jax.models.partitioning import named_sharding, single_device_mesh
 from sft_jax.models.quantize import QuantSpec, quantize_structure, quantized_kernel
@@ -277,7 +277,7 @@ def from_pretrained(
         config = dataclasses.replace(config, score_labels=score_labels)
     _check_safetensors_present(model_dir)
     try:
-        entries = safetensors_io.read_checkpoint(model_dir)
+        entries = text_model_tensors(safetensors_io.read_checkpoint(model_dir))
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
     mesh = mesh or single_device_mesh()
