@@ -17,8 +17,10 @@ from safetensors import safe_open
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import synthetic_batch, tiny_model
 
+from sft_jax.adapters.lora import LoRASpec, apply_lora, merged
 from sft_jax.generation.sampler import generate
 from sft_jax.models import UnsupportedModelError, from_hf_config, from_pretrained, save_pretrained
+from sft_jax.models.decoder import decoder_linears
 from sft_jax.objectives.loss import loss_sums
 from sft_jax.train import sharding
 
@@ -144,6 +146,25 @@ def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
     assert reloaded.config.model_type == "gemma4_text"
     again = hf_logits(reloaded.float().eval(), batch["input_ids"], batch["attention_mask"])
     assert_close_on_tokens(again, expected, batch["attention_mask"], 1e-4)
+
+
+def test_lora_merges_and_exports(hf_checkpoint, tmp_path):
+    """LoRA on every projection Gemma 4 has (shared layers have no k/v_proj, k_eq_v layers no
+    v_proj), folded and exported with the layer scalars: transformers' logits equal the
+    adapted model's."""
+    path, _ = hf_checkpoint("gemma4")
+    model = from_pretrained(path)
+    apply_lora(model, LoRASpec(rank=4, alpha=8.0), sharding.single_device_mesh())
+    linears = list(decoder_linears(model))
+    assert len(linears) == 4 * 7 - 2 * 2 - 1  # 4 layers x 7, less shared k/v, one v_proj
+    for index, (_, _, linear) in enumerate(linears):
+        noise = jax.random.normal(jax.random.key(index), linear.lora_b[...].shape)
+        linear.lora_b.value = 0.05 * noise
+    batch = padded_batch()
+    out = save_pretrained(merged(model), tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    expected = hf_logits(reloaded.float().eval(), batch["input_ids"], batch["attention_mask"])
+    assert_close_on_tokens(jax_logits(model, batch), expected, batch["attention_mask"], 1e-4)
 
 
 @pytest.mark.parametrize(
