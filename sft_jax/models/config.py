@@ -178,6 +178,9 @@ class ModelConfig:
     per_layer_input_size: int = 0
     per_layer_vocab_size: int = 0
     layer_scalars: bool = False
+    # Gemma 4's expert block beside every layer's dense MLP (models/gemma4_moe.py), with
+    # num_experts, experts_per_token and moe_intermediate_size; moe_layers stays empty.
+    parallel_experts: bool = False
     # A reward model (transformers' *ForSequenceClassification): the outputs of its `score`
     # head [score_labels, D] in place of the LM head; 0 for a causal LM.
     score_labels: int = 0

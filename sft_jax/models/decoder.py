@@ -31,6 +31,7 @@ from flax import nnx
 
 from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, write_slots
 from sft_jax.models.config import ModelConfig
+from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
@@ -94,6 +95,7 @@ class DecoderLayer(nnx.Module):
         # Gemma 4: per-layer input embeddings (models/per_layer.py) and an output scalar.
         self.per_layer_input = PerLayerInput(c, **dense) if c.per_layer_input_size else None
         self.layer_scalar = layer_scalar(param_dtype) if c.layer_scalars else None
+        self.experts = Gemma4Experts(c, **dense) if c.parallel_experts else None
         # Whether later layers attend with this layer's keys/values (KV sharing).
         self.shares_kv = any(c.kv_source_of(i) == layer_index != i for i in range(c.num_layers))
 
@@ -162,6 +164,8 @@ class DecoderLayer(nnx.Module):
             mlp_out, stats = self.mlp(_normed(self.mlp_norm, x_BxTxD), real_BxT, dropout_key)
         else:
             mlp_out = self.mlp(_normed(self.mlp_norm, x_BxTxD), dropout_key)
+        if self.experts is not None:  # Gemma 4: experts beside the dense MLP
+            mlp_out = self.experts(x_BxTxD, mlp_out)
         if self.mlp_post_norm is not None:
             mlp_out = self.mlp_post_norm(mlp_out)
         return x_BxTxD + mlp_out, stats

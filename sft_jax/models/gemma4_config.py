@@ -12,7 +12,7 @@ What sets it apart from Gemma 3 (transformers' modeling_gemma4, text parts):
   keys/values of the last earlier layer of their type; with use_double_wide_mlp their MLP is
   twice intermediate_size.
 - per-layer input embeddings (PLE, models/per_layer.py) and a stored layer_scalar per layer.
-- enable_moe_block: an expert block beside the dense MLP (not implemented: refused).
+- enable_moe_block: an expert block beside the dense MLP of every layer (models/gemma4_moe.py).
 """
 
 from __future__ import annotations
@@ -28,11 +28,6 @@ def _refuse_unsupported(hf: Any) -> None:
         raise UnsupportedModelError(
             f"gemma4_text: config.json use_bidirectional_attention={bidirectional!r} (attention "
             "that is not causal) is not supported; sft_jax trains causal LMs (set it to null)."
-        )
-    if getattr(hf, "enable_moe_block", False):
-        raise UnsupportedModelError(
-            "gemma4_text: config.json enable_moe_block=true (Gemma 4's expert block beside the "
-            "dense MLP, e.g. gemma-4-26B-A4B) is not implemented in sft_jax yet."
         )
     shared, layers = int(hf.num_kv_shared_layers or 0), int(hf.num_hidden_layers)
     if shared >= layers:
@@ -88,6 +83,26 @@ def model_fields(hf: Any) -> dict[str, Any]:
         "per_layer_input_size": ple_width,
         "per_layer_vocab_size": int(hf.vocab_size_per_layer_input) if ple_width else 0,
         "layer_scalars": True,
+        **_expert_fields(hf),
+    }
+
+
+def _expert_fields(hf: Any) -> dict[str, Any]:
+    """The expert block's fields where enable_moe_block is set (else none)."""
+    if not getattr(hf, "enable_moe_block", False):
+        return {}
+    experts, top_k = int(hf.num_experts or 0), int(hf.top_k_experts or 0)
+    if not 1 <= top_k <= experts or not hf.moe_intermediate_size:
+        raise UnsupportedModelError(
+            f"gemma4_text: config.json enable_moe_block=true with num_experts={experts}, "
+            f"top_k_experts={top_k}, moe_intermediate_size={hf.moe_intermediate_size}: "
+            "expected 1 <= top_k_experts <= num_experts and a moe_intermediate_size."
+        )
+    return {
+        "parallel_experts": True,
+        "num_experts": experts,
+        "experts_per_token": top_k,
+        "moe_intermediate_size": int(hf.moe_intermediate_size),
     }
 
 

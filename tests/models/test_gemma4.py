@@ -1,7 +1,8 @@
 """Gemma 4 (text): what sets it apart is read from config.json, greedy generation with its
 shared KV cache equals transformers', the export writes the checkpoint's own tensor names, a
 variant without PLE, sharing or k_eq_v matches too, sharded training equals one device's, and
-what sft_jax does not implement is refused by name. Logit parity, packing, bf16 and the export
+the expert block (enable_moe_block) matches too, and what sft_jax does not implement is
+refused by name. Logit parity, packing, bf16 and the export
 round trip of the tiny model run in test_models.py (it is in hf_models.FAMILIES)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_models import build_hf_model, hf_config, hf_logits, randomize_
+from hf_models import build_hf_model, hf_config, hf_logits, randomize_, save_hf_model
 from safetensors import safe_open
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_step import synthetic_batch, tiny_model
@@ -148,6 +149,34 @@ def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
     assert_close_on_tokens(again, expected, batch["attention_mask"], 1e-4)
 
 
+MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}
+
+
+def test_expert_block_matches_transformers(tmp_path):
+    """enable_moe_block (26B-A4B's layout, tiny): padded and packed logits equal transformers',
+    and transformers reloads the export (fused gate_up_proj, router scales) with equal logits."""
+    hf_model = save_hf_model("gemma4", tmp_path / "moe", **MOE)
+    model = from_pretrained(tmp_path / "moe")
+    assert model.layers[0].experts.gate_up[...].shape == (4, 64, 64)
+    batch = padded_batch()
+    expected = hf_logits(hf_model, batch["input_ids"], batch["attention_mask"])
+    assert_close_on_tokens(jax_logits(model, batch), expected, batch["attention_mask"], 1e-4)
+    first, second = batch["input_ids"][0, :9], batch["input_ids"][0, 9:]
+    packed = {
+        "input_ids": batch["input_ids"][:1],
+        "positions": np.concatenate([np.arange(9), np.arange(7)])[None].astype(np.int32),
+        "segment_ids": np.array([[1] * 9 + [2] * 7], np.int32),
+    }
+    alone = np.concatenate(
+        [hf_logits(hf_model, first[None])[0], hf_logits(hf_model, second[None])[0]]
+    )
+    assert_close_on_tokens(jax_logits(model, packed)[0], alone, np.ones(16), 1e-4)
+    out = save_pretrained(model, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    again = hf_logits(reloaded.float().eval(), batch["input_ids"], batch["attention_mask"])
+    assert_close_on_tokens(again, expected, batch["attention_mask"], 1e-4)
+
+
 def test_lora_merges_and_exports(hf_checkpoint, tmp_path):
     """LoRA on every projection Gemma 4 has (shared layers have no k/v_proj, k_eq_v layers no
     v_proj), folded and exported with the layer scalars: transformers' logits equal the
@@ -170,7 +199,7 @@ def test_lora_merges_and_exports(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2}, "enable_moe_block"),
+        ({"enable_moe_block": True, "num_experts": 4, "top_k_experts": 5}, "top_k_experts"),
         ({"use_bidirectional_attention": "all"}, "use_bidirectional_attention"),
         ({"num_kv_shared_layers": 4}, "num_kv_shared_layers"),
     ],

@@ -29,6 +29,15 @@ _LAYER_NAMES = {
     ("per_layer_input", "projection", "kernel"): ("per_layer_projection.weight", True),
     ("per_layer_input", "norm", "scale"): ("post_per_layer_input_norm.weight", False),
     ("layer_scalar",): ("layer_scalar", False),
+    # Gemma 4's expert block (models/gemma4_moe.py), stored in the checkpoint's layout.
+    ("experts", "router_proj"): ("router.proj.weight", False),
+    ("experts", "router_scale"): ("router.scale", False),
+    ("experts", "per_expert_scale"): ("router.per_expert_scale", False),
+    ("experts", "gate_up"): ("experts.gate_up_proj", False),
+    ("experts", "down"): ("experts.down_proj", False),
+    ("experts", "dense_post_norm", "scale"): ("post_feedforward_layernorm_1.weight", False),
+    ("experts", "pre_norm", "scale"): ("pre_feedforward_layernorm_2.weight", False),
+    ("experts", "post_norm", "scale"): ("post_feedforward_layernorm_2.weight", False),
 }
 
 
