@@ -16,12 +16,12 @@ from flax import nnx
 from hf_models import build_hf_model, hf_config, hf_logits, randomize_, save_hf_model
 from safetensors import safe_open
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
-from test_step import synthetic_batch, tiny_model
+from test_step import synthetic_batch
 
 from sft_jax.adapters.lora import LoRASpec, apply_lora, merged
 from sft_jax.generation.sampler import generate
 from sft_jax.models import UnsupportedModelError, from_hf_config, from_pretrained, save_pretrained
-from sft_jax.models.decoder import decoder_linears
+from sft_jax.models.decoder import CausalLM, decoder_linears
 from sft_jax.objectives.loss import loss_sums
 from sft_jax.train import sharding
 
@@ -29,6 +29,7 @@ EOS = 2
 # Different lengths; with 12 new tokens every row outgrows the 5-token windows.
 PROMPTS = [[1, 17, 33, 5, 80, 9, 64, 101, 12], [1, 40, 7], [1, 90, 91, 3, 55, 28]]
 NEW_TOKENS = 12
+MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}
 
 
 def test_reads_per_layer_shapes_sharing_and_ple():
@@ -46,9 +47,11 @@ def test_reads_per_layer_shapes_sharing_and_ple():
     assert np.count_nonzero(inv_freq) == 4 and inv_freq.shape == (16,)
 
 
-def test_greedy_equals_transformers(hf_checkpoint):
-    """The KV cache of the shared layers is their source layer's (sliding and full)."""
-    path, hf_model = hf_checkpoint("gemma4")
+def test_greedy_equals_transformers(tmp_path):
+    """The KV cache of the shared layers is their source layer's (sliding and full); the
+    tiny model has every Gemma 4 feature on, the expert block included."""
+    hf_model = save_hf_model("gemma4", tmp_path, **MOE)
+    path = tmp_path
     actual = generate(
         from_pretrained(path), PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[EOS]
     )
@@ -99,9 +102,10 @@ def test_variant_without_ple_sharing_or_k_eq_v_matches(tmp_path):
 
 
 def test_fsdp_tensor_mesh_equals_single_device():
-    """Loss and gradients of packed, padded rows on a 4 (fsdp) x 2 (tensor) mesh equal one
-    device's: every gradient within 1e-4 of its largest entry (measured: 1.1e-5 at most)."""
-    model = tiny_model("gemma4")
+    """Loss and gradients of packed, padded rows (every Gemma 4 feature on, the expert block
+    included) on a 2 (fsdp) x 2 (expert) x 2 (tensor) mesh equal one device's: every gradient
+    within 1e-4 of its largest entry."""
+    model = CausalLM(from_hf_config(hf_config("gemma4", **MOE)), rngs=nnx.Rngs(0))
     batch = synthetic_batch(0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     frozen = nnx.to_pure_dict(rest)  # the layer scalars: buffers, never trained
@@ -112,7 +116,7 @@ def test_fsdp_tensor_mesh_equals_single_device():
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
     expected_loss, expected = value_and_grad(nnx.to_pure_dict(params))
-    mesh = sharding.make_mesh(fsdp=4, tensor=2)
+    mesh = sharding.make_mesh(fsdp=2, expert=2, tensor=2)
     placed = jax.device_put(nnx.to_pure_dict(params), sharding.param_shardings(model, mesh))
     with jax.set_mesh(mesh):
         actual_loss, actual = value_and_grad(placed)
@@ -122,6 +126,8 @@ def test_fsdp_tensor_mesh_equals_single_device():
     for gradient, reference in pairs:
         error = np.abs(np.asarray(gradient) - np.asarray(reference)).max()
         assert error <= 1e-4 * np.abs(np.asarray(reference)).max()
+    experts = placed["layers"][0]["experts"]["gate_up"]
+    assert experts.sharding.spec[0] == "expert"
 
 
 def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
@@ -147,9 +153,6 @@ def test_multimodal_checkpoint_loads_its_text_model(tmp_path):
     assert reloaded.config.model_type == "gemma4_text"
     again = hf_logits(reloaded.float().eval(), batch["input_ids"], batch["attention_mask"])
     assert_close_on_tokens(again, expected, batch["attention_mask"], 1e-4)
-
-
-MOE = {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 32}
 
 
 def test_expert_block_matches_transformers(tmp_path):
