@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, write_slots
-from sft_jax.models.config import ModelConfig
+from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
@@ -337,7 +337,10 @@ class CausalLM(nnx.Module):
         if self.per_layer_embed is None:
             return None
         if self.virtual_tokens is not None:  # transformers has no PLE for them either
-            raise ValueError("prompt tuning adds virtual tokens, which have no per-layer inputs.")
+            raise UnsupportedModelError(
+                f"{self.config.model_type}: prompt tuning's virtual tokens have no per-layer "
+                "input embeddings (PLE); use LoRA or full fine-tuning with this model."
+            )
         return self.per_layer_embed(input_ids_BxT, x_BxTxD)
 
     def _prefixes(self, positions_BxT: jax.Array) -> tuple[list[KVPrefix | None], jax.Array]:
