@@ -178,6 +178,34 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             "router_aux_loss_coef": 0.02,
         },
     ),
+    # Gemma 4: per-layer input embeddings, the last two layers sharing layers 0 and 1's keys
+    # and values with double-wide MLPs, full layers of their own head_dim and kv heads whose
+    # values are their keys (k_eq_v), proportional RoPE on a quarter of them.
+    "gemma4": (
+        transformers.Gemma4TextConfig,
+        {
+            "num_hidden_layers": 4,
+            "head_dim": 16,
+            "global_head_dim": 32,
+            "num_global_key_value_heads": 1,
+            "attention_k_eq_v": True,
+            "num_kv_shared_layers": 2,
+            "use_double_wide_mlp": True,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": VOCAB,
+            "sliding_window": 5,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "final_logit_softcapping": 10.0,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {
+                    "rope_type": "proportional",
+                    "partial_rotary_factor": 0.25,
+                    "rope_theta": 1000000.0,
+                },
+            },
+        },
+    ),
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -191,13 +219,23 @@ def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Large random weights so that every parameter, norms and biases included, shows in logits."""
-    gemma = model.config.model_type.startswith("gemma")
+    # Gemma 2/3 norms scale by 1 + w (Gemma 4's by w); Gemma 4's layer scalars are buffers.
+    plus_one = model.config.model_type in ("gemma2", "gemma3_text")
+    unscaled_scores = model.config.model_type == "gemma4_text"
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * 0.1
             is_norm = name.endswith("norm.weight")
-            param.copy_(noise + (1.0 if is_norm and not gemma else 0.0))
+            center = 1.0 if is_norm and not plus_one else 0.0
+            if name.endswith(("q_norm.weight", "k_norm.weight")) and unscaled_scores:
+                # Gemma 4 leaves q.k unscaled (its q/k norms set the scale): keep the scores of
+                # order one, as head_dim ** -0.5 does, so that bf16 rounding stays small.
+                center = param.shape[-1] ** -0.25
+            param.copy_(noise + center)
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.copy_(1.0 + torch.randn(buffer.shape, generator=generator) * 0.1)
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:

@@ -39,6 +39,7 @@ from sft_jax.models.io.hf import hf_module_name, to_host
 from sft_jax.models.layers import LoRAParam
 from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
 from sft_jax.models.partitioning import named_sharding
+from sft_jax.models.per_layer import Buffer
 from sft_jax.models.quantize import QuantSpec
 
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
@@ -244,7 +245,7 @@ def merged(model: CausalLM) -> CausalLM:
             model.config, dtype=model.dtype, param_dtype=model.embed[...].dtype, rngs=nnx.Rngs(0)
         )
     )
-    graphdef, abstract = nnx.split(plain, nnx.Param)
+    graphdef, abstract, _ = nnx.split(plain, nnx.Param, ...)
     source = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     linears = {(index, name): linear for index, name, linear in decoder_linears(model)}
     values = []
@@ -262,7 +263,8 @@ def merged(model: CausalLM) -> CausalLM:
         else:
             value = source[path].get_value()
         values.append((path, variable.replace(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(values))
+    # The checkpoint's buffers (Gemma 4's layer scalars) as the model holds them.
+    return nnx.merge(graphdef, nnx.from_flat_state(values), nnx.state(model, Buffer))
 
 
 def save_adapter(

@@ -31,6 +31,7 @@ from sft_jax.models.kernels import blockwise
 from sft_jax.models.kernels import fused as kernels
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key, normal_init
 from sft_jax.models.partitioning import balanced_order, context_attention, context_shards
+from sft_jax.models.per_layer import rms_normalize
 
 
 def attention_mask(
@@ -125,8 +126,19 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        # A layer that shares another's keys/values (KV sharing) keeps no slots of its own.
+        zeros = tuple(
+            jnp.zeros(
+                (
+                    batch,
+                    length if config.kv_source_of(i) == i else 0,
+                    config.kv_heads_of(i),
+                    config.head_dim_of(i),
+                ),
+                dtype,
+            )
+            for i in range(config.num_layers)
+        )
         return cls(zeros, zeros, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -153,8 +165,9 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
         c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
-        self.scale = c.attention_scale
+        self.num_heads, self.num_kv_heads = c.num_heads, c.kv_heads_of(layer_index)
+        self.head_dim = c.head_dim_of(layer_index)
+        self.scale = c.attention_scale_of(layer_index)
         self.softcap = c.attn_logit_softcap
         if c.attention not in kernels.ATTENTION_KINDS:
             raise ValueError(
@@ -169,25 +182,27 @@ class Attention(nnx.Module):
         self.window = c.window_for(layer_index)
         self.rope = c.rope_of_layer(layer_index)  # None: no RoPE on this layer (NoPE)
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q_width, kv_width = c.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # A layer that shares an earlier layer's keys/values (KV sharing) has no k/v
+        # projections; one whose values are its keys' projection (k_eq_v) no v_proj.
+        own_kv = c.kv_source_of(layer_index) == layer_index
+        own_values = own_kv and layer_index not in c.value_is_key_layers
         self.q_proj = Linear(
             c.hidden_size, q_width, axes=("embed", "q_heads"), use_bias=c.qkv_bias, **dense
         )
-        self.k_proj = Linear(
-            c.hidden_size, kv_width, axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **dense
-        )
-        self.v_proj = Linear(
-            c.hidden_size, kv_width, axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **dense
-        )
+        kv = {"axes": ("embed", "kv_heads"), "use_bias": c.qkv_bias, **dense}
+        self.k_proj = Linear(c.hidden_size, kv_width, **kv) if own_kv else None
+        self.v_proj = Linear(c.hidden_size, kv_width, **kv) if own_values else None
         self.o_proj = Linear(
             q_width, c.hidden_size, axes=("q_heads", "embed"), use_bias=c.o_bias, **dense
         )
         norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
         # Over each head's E, or (qk_norm_full, OLMo) over the whole projection H*E / K*E.
         self.qk_norm_full = c.qk_norm_full
-        q_norm_width, k_norm_width = (q_width, kv_width) if c.qk_norm_full else (c.head_dim,) * 2
+        q_norm_width, k_norm_width = (q_width, kv_width) if c.qk_norm_full else (self.head_dim,) * 2
         self.q_norm = RMSNorm(q_norm_width, **norm) if c.qk_norm else None
-        self.k_norm = RMSNorm(k_norm_width, **norm) if c.qk_norm else None
+        self.k_norm = RMSNorm(k_norm_width, **norm) if c.qk_norm and own_kv else None
+        self.v_norm_eps = c.rms_norm_eps if c.v_norm else None  # Gemma 4: no scale
         # gpt-oss: one learned logit per query head joins every softmax (and takes its share of
         # the probability, attending to nothing): the einsum and blockwise paths compute it.
         self.sinks = (
@@ -203,13 +218,19 @@ class Attention(nnx.Module):
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
         prefix: KVPrefix | None = None,
+        shared_kv: tuple[jax.Array, jax.Array] | None = None,
     ):
+        """Output [B, T, D]; shared_kv: the keys and values [B, S, K, E] to attend with in place
+        of this layer's own (KV sharing), as keys_values computes them."""
         if self.sinks is not None and self.kind not in ("xla", "blockwise"):
             raise UnsupportedModelError(
                 f"attention={self.kind!r} has no attention sinks (gpt-oss); set "
                 "config.model.attention='blockwise' or 'xla' (or 'auto', which picks one)."
             )
-        q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
+        q_BxTxKxGxE = self.queries(x_BxTxD, positions_BxT, dropout_key)
+        if shared_kv is None:
+            shared_kv = self.keys_values(x_BxTxD, positions_BxT, dropout_key)
+        k_BxSxKxE, v_BxSxKxE = shared_kv
         if prefix is not None:  # the fused kernels take no prefix: config_check refuses them
             mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
             k_BxSxKxE, v_BxSxKxE, mask_BxTxS = with_prefix(
@@ -351,12 +372,14 @@ class Attention(nnx.Module):
         """Writes the T new keys/values at slot cache.index and attends over the cache (after
         the prefix, where given); returns the output and the cache with the new keys and
         values."""
-        q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE = self._project(x_BxTxD, positions_BxT, None)
-        cache = dataclasses.replace(
-            cache,
-            keys_BxSxKxE=write_slots(cache.keys_BxSxKxE, k_BxTxKxE, cache.index),
-            values_BxSxKxE=write_slots(cache.values_BxSxKxE, v_BxTxKxE, cache.index),
-        )
+        q_BxTxKxGxE = self.queries(x_BxTxD, positions_BxT, None)
+        if self.k_proj is not None:  # else: `cache` is the layer's it shares, written already
+            k_BxTxKxE, v_BxTxKxE = self.keys_values(x_BxTxD, positions_BxT, None)
+            cache = dataclasses.replace(
+                cache,
+                keys_BxSxKxE=write_slots(cache.keys_BxSxKxE, k_BxTxKxE, cache.index),
+                values_BxSxKxE=write_slots(cache.values_BxSxKxE, v_BxTxKxE, cache.index),
+            )
         mask_BxTxS = cache_mask(positions_BxT, cache.key_positions_BxS, self.window)
         keys_BxSxKxE, values_BxSxKxE = cache.keys_BxSxKxE, cache.values_BxSxKxE
         if prefix is not None:
@@ -366,27 +389,43 @@ class Attention(nnx.Module):
         out_BxTxD = self._attend(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, None)
         return out_BxTxD, cache
 
-    def _project(
+    def queries(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, K, G, E] and keys, values [B, T, K, E], normed and rotated."""
+    ) -> jax.Array:
+        """Queries [B, T, K, G, E], normed and rotated."""
         batch, seq_len, _ = x_BxTxD.shape
-        groups = self.num_heads // self.num_kv_heads
         q_BxTxHxE = self.q_proj(x_BxTxD, fold_key(dropout_key, 0))
-        k_BxSxKxE = self.k_proj(x_BxTxD, fold_key(dropout_key, 1))
-        v_BxSxKxE = self.v_proj(x_BxTxD, fold_key(dropout_key, 2))
-        if self.q_norm is not None and self.qk_norm_full:  # still [B, T, H*E] / [B, T, K*E]
-            q_BxTxHxE, k_BxSxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxSxKxE)
+        if self.q_norm is not None and self.qk_norm_full:  # still [B, T, H*E]
+            q_BxTxHxE = self.q_norm(q_BxTxHxE)
         q_BxTxHxE = q_BxTxHxE.reshape(batch, seq_len, self.num_heads, self.head_dim)
-        k_BxSxKxE = k_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
-        v_BxSxKxE = v_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and not self.qk_norm_full:
-            q_BxTxHxE, k_BxSxKxE = self.q_norm(q_BxTxHxE), self.k_norm(k_BxSxKxE)
+            q_BxTxHxE = self.q_norm(q_BxTxHxE)
         if self.rope is not None:
             q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
+        groups = self.num_heads // self.num_kv_heads
+        return q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
+
+    def keys_values(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Keys [B, S, K, E] (normed, rotated) and values [B, S, K, E] (v-normed where the
+        family does; the k projection itself where the layer has no v_proj)."""
+        batch, seq_len, _ = x_BxTxD.shape
+        k_BxSxKxE = self.k_proj(x_BxTxD, fold_key(dropout_key, 1))
+        v_BxSxKxE = k_BxSxKxE
+        if self.v_proj is not None:
+            v_BxSxKxE = self.v_proj(x_BxTxD, fold_key(dropout_key, 2))
+        if self.k_norm is not None and self.qk_norm_full:  # still [B, T, K*E]
+            k_BxSxKxE = self.k_norm(k_BxSxKxE)
+        k_BxSxKxE = k_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v_BxSxKxE = v_BxSxKxE.reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None and not self.qk_norm_full:
+            k_BxSxKxE = self.k_norm(k_BxSxKxE)
+        if self.v_norm_eps is not None:
+            v_BxSxKxE = rms_normalize(v_BxSxKxE, self.v_norm_eps)
+        if self.rope is not None:
             k_BxSxKxE = apply_rope(k_BxSxKxE, positions_BxT, self.rope)
-        q_BxTxKxGxE = q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
-        return q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE
+        return k_BxSxKxE, v_BxSxKxE
 
     def _attend(
         self,

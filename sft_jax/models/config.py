@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.models import gemma4_config as _gemma4_config  # noqa: F401 (registers gemma4_text)
 from sft_jax.models.families import FAMILIES, Family, UnsupportedModelError, family_of
 
 # Parameter and compute dtypes by their config names.
@@ -26,7 +28,7 @@ _UNSUPPORTED_ROUTING_FIELDS = {
     "router_jitter_noise": 0.0,
 }
 SUPPORTED_MODEL_TYPES = FAMILIES.names()
-_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+_SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "proportional")
 _ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 
 
@@ -47,6 +49,7 @@ class RopeSpec:
     # yarn: cos and sin are multiplied by this (so q.k by its square); 1 for the other types.
     attention_factor: float = 1.0
     max_position_embeddings: int = 0  # dynamic: the length beyond which the base grows
+    partial_rotary_factor: float = 1.0  # proportional: the share of the head that rotates
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies [head_dim // 2] in float32, computed as transformers does
@@ -59,6 +62,8 @@ class RopeSpec:
             return self._llama3_scaled(inv_freq)
         if self.rope_type == "yarn":
             return self._yarn_scaled(head_dim)
+        if self.rope_type == "proportional":
+            return proportional_inverse_frequencies(self, head_dim)
         return inv_freq
 
     def dynamic_inverse_frequencies(self, head_dim: int, seq_len: jax.Array) -> jax.Array:
@@ -164,6 +169,24 @@ class ModelConfig:
     swiglu_alpha: float = 0.0
     swiglu_limit: float = 0.0
     attention_sinks: bool = False
+    # Layers that differ (Gemma 4, models/gemma4_config.py): per-layer head_dim, kv heads and
+    # MLP width (empty: head_dim, num_kv_heads, intermediate_size everywhere); the layer whose
+    # keys/values each layer attends with (KV sharing; empty: its own); the layers whose values
+    # are their keys' projection (no v_proj); an RMSNorm without scale on values; per-layer
+    # input embeddings (PLE) of this width over a table of per_layer_vocab_size rows (0: none);
+    # a stored scalar multiplying each layer's output.
+    layer_head_dims: tuple[int, ...] = ()
+    layer_kv_heads: tuple[int, ...] = ()
+    layer_mlp_widths: tuple[int, ...] = ()
+    kv_sources: tuple[int, ...] = ()
+    value_is_key_layers: tuple[int, ...] = ()
+    v_norm: bool = False
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+    layer_scalars: bool = False
+    # Gemma 4's expert block beside every layer's dense MLP (models/gemma4_moe.py), with
+    # num_experts, experts_per_token and moe_intermediate_size; moe_layers stays empty.
+    parallel_experts: bool = False
     # A reward model (transformers' *ForSequenceClassification): the outputs of its `score`
     # head [score_labels, D] in place of the LM head; 0 for a causal LM.
     score_labels: int = 0
@@ -187,12 +210,29 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def head_dim_of(self, layer_index: int) -> int:
+        return self.layer_head_dims[layer_index] if self.layer_head_dims else self.head_dim
+
+    def kv_heads_of(self, layer_index: int) -> int:
+        return self.layer_kv_heads[layer_index] if self.layer_kv_heads else self.num_kv_heads
+
+    def mlp_width_of(self, layer_index: int) -> int:
+        return self.layer_mlp_widths[layer_index] if self.layer_mlp_widths else 0
+
+    def kv_source_of(self, layer_index: int) -> int:
+        """The layer whose keys and values this layer attends with (its own index unless
+        it shares an earlier layer's)."""
+        return self.kv_sources[layer_index] if self.kv_sources else layer_index
+
     def is_moe_layer(self, layer_index: int) -> bool:
         return layer_index in self.moe_layers
 
     @property
     def attention_scale(self) -> float:
         return self.query_scale or self.head_dim**-0.5
+
+    def attention_scale_of(self, layer_index: int) -> float:
+        return self.query_scale or self.head_dim_of(layer_index) ** -0.5
 
 
 def _rope_spec(params: dict[str, Any], hf: Any) -> RopeSpec:
@@ -206,7 +246,7 @@ def _rope_spec(params: dict[str, Any], hf: Any) -> RopeSpec:
             f"{', '.join(_SUPPORTED_ROPE_TYPES)}."
         )
     partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
-    if partial not in (None, 1, 1.0):
+    if partial not in (None, 1, 1.0) and rope_type != "proportional":
         raise UnsupportedModelError(
             f"{hf.model_type}: config.json partial_rotary_factor={partial} (RoPE on part of each "
             "head) is not supported; sft_jax rotates the whole head."
@@ -291,8 +331,15 @@ def _nope_layers(hf: Any, family: Family, layer_types: tuple[str, ...]) -> tuple
 def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     family = family_of(getattr(hf, "model_type", None))
+    if family.text_config:  # the text model of a multimodal checkpoint
+        return from_hf_config(hf.get_text_config())
     model_type = family.model_type
     _refuse_quantized(hf)
+    if getattr(hf, "_heterogeneity_spec", None) is not None:
+        # Per-layer attributes (Gemma 4's per_layer_config): read the global ones here, the
+        # family's hf_fields the rest; a copy, so that the caller's config stays as it was.
+        hf = copy.copy(hf)
+        hf.allow_global_per_layer_attribute_access = True
     moe = _moe_fields(hf, family) if family.moe else {}
     activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
     if activation not in _ACTIVATIONS:
@@ -301,7 +348,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     layer_types = _layer_types(hf, num_layers)
     attention_bias = bool(getattr(hf, "attention_bias", False))
     query_pre_attn_scalar = getattr(hf, "query_pre_attn_scalar", None)
-    return ModelConfig(
+    config = ModelConfig(
         model_type=model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -334,6 +381,19 @@ def from_hf_config(hf: Any) -> ModelConfig:
         hf_config=hf.to_dict(),
         **moe,
     )
+    if family.hf_fields is None:
+        return config
+    return dataclasses.replace(config, **family.hf_fields(hf))
+
+
+def proportional_inverse_frequencies(rope: RopeSpec, head_dim: int) -> np.ndarray:
+    """ "proportional" RoPE (Gemma 4's full layers): the first partial_rotary_factor of the
+    head's frequency pairs at theta ** (-2i / head_dim), the rest 0 (not rotated), / factor."""
+    rotated = int(rope.partial_rotary_factor * head_dim // 2)
+    exponents = np.arange(0, 2 * rotated, 2, dtype=np.int64).astype(np.float32) / head_dim
+    inv_freq = np.zeros(head_dim // 2, np.float32)
+    inv_freq[:rotated] = 1.0 / (rope.theta**exponents)
+    return (inv_freq / np.float32(rope.factor)).astype(np.float32)
 
 
 def _score_labels(hf: Any) -> int:

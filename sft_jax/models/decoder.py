@@ -30,12 +30,14 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, write_slots
-from sft_jax.models.config import ModelConfig
+from sft_jax.models.config import ModelConfig, UnsupportedModelError
+from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.moe_gpt_oss import GptOssMoEBlock
 from sft_jax.models.partitioning import logical_to_spec
+from sft_jax.models.per_layer import PerLayerEmbeddings, PerLayerInput, layer_scalar
 
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
 # layer), or only matmul outputs (recompute the cheap elementwise work), on the device or
@@ -58,6 +60,17 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What a decoder layer takes beyond the residual stream, where its family has it: its
+    per-layer input embeddings [B, T, P] (PLE) and the keys and values [B, S, K, E] of the
+    earlier layer it shares them with."""
+
+    per_layer_input: jax.Array | None = None
+    shared_kv: tuple[jax.Array, jax.Array] | None = None
+
+
 def _normed(norm: RMSNorm | None, x_BxTxD: jax.Array) -> jax.Array:
     return x_BxTxD if norm is None else norm(x_BxTxD)
 
@@ -74,11 +87,19 @@ class DecoderLayer(nnx.Module):
         self.attn = Attention(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
         self.mlp_norm = RMSNorm(c.hidden_size, **norm) if pre else None
-        mlp_class = MoEBlock if c.is_moe_layer(layer_index) else MLP
-        if mlp_class is MoEBlock and c.expert_names == "gpt_oss":
-            mlp_class = GptOssMoEBlock
-        self.mlp = mlp_class(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        if c.is_moe_layer(layer_index):
+            moe_class = GptOssMoEBlock if c.expert_names == "gpt_oss" else MoEBlock
+            self.mlp = moe_class(c, **dense)
+        else:
+            self.mlp = MLP(c, width=c.mlp_width_of(layer_index), **dense)
         self.mlp_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
+        # Gemma 4: per-layer input embeddings (models/per_layer.py) and an output scalar.
+        self.per_layer_input = PerLayerInput(c, **dense) if c.per_layer_input_size else None
+        self.layer_scalar = layer_scalar(param_dtype) if c.layer_scalars else None
+        self.experts = Gemma4Experts(c, **dense) if c.parallel_experts else None
+        # Whether later layers attend with this layer's keys/values (KV sharing).
+        self.shares_kv = any(c.kv_source_of(i) == layer_index != i for i in range(c.num_layers))
 
     def __call__(
         self,
@@ -87,15 +108,23 @@ class DecoderLayer(nnx.Module):
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
         prefix: KVPrefix | None = None,
-    ) -> tuple[jax.Array, RouterStats | None]:
-        """(output, router statistics over real tokens; None for a dense MLP)."""
+        inputs: LayerInputs | None = None,
+    ) -> tuple[jax.Array, RouterStats | None, tuple[jax.Array, jax.Array] | None]:
+        """(output, router statistics over real tokens (None for a dense MLP), this layer's
+        keys and values where later layers share them (else None))."""
+        inputs = inputs or LayerInputs()
         normed = _normed(self.attn_norm, x_BxTxD)
+        kv = inputs.shared_kv
+        if kv is None and self.shares_kv:
+            kv = self.attn.keys_values(normed, positions_BxT, fold_key(dropout_key, 0))
         attn_out = self.attn(
-            normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix
+            normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix, kv
         )
-        return self._add_attention_and_mlp(
+        x_BxTxD, stats = self._add_attention_and_mlp(
             x_BxTxD, attn_out, segment_ids_BxT > 0, fold_key(dropout_key, 1)
         )
+        x_BxTxD = self._per_layer_tail(x_BxTxD, inputs.per_layer_input, fold_key(dropout_key, 2))
+        return x_BxTxD, stats, kv if self.shares_kv else None
 
     def extend(
         self,
@@ -103,13 +132,24 @@ class DecoderLayer(nnx.Module):
         positions_BxT: jax.Array,
         cache: LayerCache,
         prefix: KVPrefix | None = None,
+        per_layer_input: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache]:
         """The layer on T new tokens against its cache (see Attention.extend)."""
         attn_out, cache = self.attn.extend(
             _normed(self.attn_norm, x_BxTxD), positions_BxT, cache, prefix
         )
         x_BxTxD, _ = self._add_attention_and_mlp(x_BxTxD, attn_out, positions_BxT >= 0, None)
-        return x_BxTxD, cache
+        return self._per_layer_tail(x_BxTxD, per_layer_input, None), cache
+
+    def _per_layer_tail(
+        self, x_BxTxD: jax.Array, per_layer_input: jax.Array | None, key: jax.Array | None
+    ) -> jax.Array:
+        """Gemma 4's per-layer input block and layer scalar (nothing for other families)."""
+        if self.per_layer_input is not None:
+            x_BxTxD = self.per_layer_input(x_BxTxD, per_layer_input, key)
+        if self.layer_scalar is not None:
+            x_BxTxD = x_BxTxD * self.layer_scalar[...][0].astype(x_BxTxD.dtype)
+        return x_BxTxD
 
     def _add_attention_and_mlp(
         self,
@@ -126,6 +166,8 @@ class DecoderLayer(nnx.Module):
             mlp_out, stats = self.mlp(_normed(self.mlp_norm, x_BxTxD), real_BxT, dropout_key)
         else:
             mlp_out = self.mlp(_normed(self.mlp_norm, x_BxTxD), dropout_key)
+        if self.experts is not None:  # Gemma 4: experts beside the dense MLP
+            mlp_out = self.experts(x_BxTxD, mlp_out)
         if self.mlp_post_norm is not None:
             mlp_out = self.mlp_post_norm(mlp_out)
         return x_BxTxD + mlp_out, stats
@@ -154,9 +196,9 @@ def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | N
 
 
 def _call_layer(
-    layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix=None
-) -> tuple[jax.Array, RouterStats | None]:
-    return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix)
+    layer: DecoderLayer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix=None, inputs=None
+) -> tuple[jax.Array, RouterStats | None, tuple[jax.Array, jax.Array] | None]:
+    return layer(x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix, inputs)
 
 
 class CausalLM(nnx.Module):
@@ -190,6 +232,11 @@ class CausalLM(nnx.Module):
         )
         self.final_norm = RMSNorm(
             c.hidden_size, eps=c.rms_norm_eps, plus_one=c.gemma_norms, param_dtype=param_dtype
+        )
+        self.per_layer_embed = (
+            PerLayerEmbeddings(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if c.per_layer_input_size
+            else None
         )
         self.lm_head = (
             None
@@ -236,16 +283,23 @@ class CausalLM(nnx.Module):
         """(final-normed hidden states, router statistics of the MoE layers stacked [L, ...],
         or None for a dense model)."""
         x_BxTxD = self._embed(input_ids_BxT, fold_key(dropout_key, len(self.layers)))
+        ple_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD)
         prefixes, positions_BxT = self._prefixes(positions_BxT)
         apply_layer = _call_layer
         if self.remat != "none":
             apply_layer = nnx.remat(_call_layer, policy=REMAT_POLICIES[self.remat])
-        per_layer = []
+        per_layer, shared = [], {}
         for index, (layer, prefix) in enumerate(zip(self.layers, prefixes, strict=True)):
             key = fold_key(dropout_key, index)
-            x_BxTxD, stats = apply_layer(
-                layer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix
+            inputs = LayerInputs(
+                None if ple_BxTxLxP is None else ple_BxTxLxP[:, :, index],
+                shared.get(self.config.kv_source_of(index)),
             )
+            x_BxTxD, stats, kv = apply_layer(
+                layer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix, inputs
+            )
+            if kv is not None:
+                shared[index] = kv
             if stats is not None:
                 per_layer.append(stats)
         return self.final_norm(x_BxTxD), stack_stats(per_layer)
@@ -259,18 +313,37 @@ class CausalLM(nnx.Module):
         positions_BxT = jnp.where(positions_BxT >= 0, shifted_BxT, positions_BxT)
         key_positions_BxS = write_slots(cache.positions_BxS, positions_BxT, cache.index)
         x_BxTxD = self._embed(input_ids_BxT)
-        keys, values = [], []
-        for layer, prefix, layer_keys, layer_values in zip(
-            self.layers, prefixes, cache.keys, cache.values, strict=True
+        ple_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD)
+        keys, values, written = [], [], []
+        for index, (layer, prefix, layer_keys, layer_values) in enumerate(
+            zip(self.layers, prefixes, cache.keys, cache.values, strict=True)
         ):
-            layer_cache = LayerCache(layer_keys, layer_values, key_positions_BxS, cache.index)
-            x_BxTxD, layer_cache = layer.extend(x_BxTxD, positions_BxT, layer_cache, prefix)
-            keys.append(layer_cache.keys_BxSxKxE)
-            values.append(layer_cache.values_BxSxKxE)
+            source = self.config.kv_source_of(index)
+            layer_cache = (
+                written[source]  # KV sharing: the earlier layer's cache, this step's tokens in
+                if source != index
+                else LayerCache(layer_keys, layer_values, key_positions_BxS, cache.index)
+            )
+            ple = None if ple_BxTxLxP is None else ple_BxTxLxP[:, :, index]
+            x_BxTxD, layer_cache = layer.extend(x_BxTxD, positions_BxT, layer_cache, prefix, ple)
+            written.append(layer_cache)
+            keys.append(layer_keys if source != index else layer_cache.keys_BxSxKxE)
+            values.append(layer_values if source != index else layer_cache.values_BxSxKxE)
         new_index = cache.index + input_ids_BxT.shape[1]
         return self.final_norm(x_BxTxD), KVCache(
             tuple(keys), tuple(values), key_positions_BxS, new_index
         )
+
+    def _per_layer_inputs(self, input_ids_BxT: jax.Array, x_BxTxD: jax.Array) -> jax.Array | None:
+        """Gemma 4's per-layer input embeddings [B, T, L, P] (models/per_layer.py), or None."""
+        if self.per_layer_embed is None:
+            return None
+        if self.virtual_tokens is not None:  # transformers has no PLE for them either
+            raise UnsupportedModelError(
+                f"{self.config.model_type}: prompt tuning's virtual tokens have no per-layer "
+                "input embeddings (PLE); use LoRA or full fine-tuning with this model."
+            )
+        return self.per_layer_embed(input_ids_BxT, x_BxTxD)
 
     def _prefixes(self, positions_BxT: jax.Array) -> tuple[list[KVPrefix | None], jax.Array]:
         """(each layer's KV prefix or None, the positions the tokens then take)."""
@@ -342,7 +415,8 @@ def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
     """(layer index, projection name, module) of every linear layer in the decoder."""
     for index, layer in enumerate(model.layers):
         for name in ATTENTION_PROJECTIONS:
-            yield index, name, getattr(layer.attn, name)
+            if getattr(layer.attn, name) is not None:  # none: KV sharing, k_eq_v (Gemma 4)
+                yield index, name, getattr(layer.attn, name)
         if isinstance(layer.mlp, MLP):  # expert weights are stacked parameters, not Linears
             for name in MLP_PROJECTIONS:
                 yield index, name, getattr(layer.mlp, name)

@@ -5,6 +5,8 @@ compares model_type names."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from sft_jax.core.errors import UserError
 from sft_jax.core.registry import Registry
@@ -37,6 +39,12 @@ class Family:
     moe: str = ""
     # A learned logit per query head in every softmax's denominator (gpt-oss's sinks).
     attention_sinks: bool = False
+    # ModelConfig fields a family reads from config.json in its own way (Gemma 4): a function
+    # of the transformers config returning them, or None.
+    hf_fields: Callable[[Any], dict[str, Any]] | None = None
+    # config.json wraps the text model's config (text_config) with other modalities' (Gemma
+    # 4's image-text-audio checkpoints): sft_jax reads and loads the text model alone.
+    text_config: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("model family")

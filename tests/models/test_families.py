@@ -29,7 +29,8 @@ def test_a_registered_family_is_read_with_its_settings(monkeypatch):
 
 def test_the_shipped_families_and_those_not_yet_implemented():
     dense = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "olmo3")
-    assert FAMILIES.names() == (*dense, "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+    gemma4 = ("gemma4_text", "gemma4")  # models/gemma4_config.py registers them
+    assert FAMILIES.names() == (*dense, "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", *gemma4)
     assert {FAMILIES.entries[n].moe for n in ("mixtral", "qwen2_moe", "qwen3_moe")} == {
         "mixtral",
         "qwen",

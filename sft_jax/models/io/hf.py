@@ -24,6 +24,7 @@ from sft_jax.models.decoder import ATTENTION_PROJECTIONS, CausalLM, decoder_line
 from sft_jax.models.io import gpt_oss as gpt_oss_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.files import check_safetensors_present, load_hf_config, resolve_model_dir
+from sft_jax.models.io.fixed_names import STORED_VARIABLES, fixed_tensor_name, text_model_tensors
 from sft_jax.models.moe import EXPERT_PARAMS
 from sft_jax.models.partitioning import named_sharding, single_device_mesh
 from sft_jax.models.quantize import QuantSpec, quantize_structure, quantized_kernel
@@ -45,14 +46,9 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, bool]:
     """Hugging Face tensor name of a parameter path, and whether it is stored transposed."""
-    if path == ("embed",):
-        return "model.embed_tokens.weight", False
-    if path == ("lm_head",):
-        return "lm_head.weight", False
-    if path == ("score",):
-        return "score.weight", False
-    if path == ("final_norm", "scale"):
-        return "model.norm.weight", False
+    fixed = fixed_tensor_name(path)  # model-level tensors, Gemma 4's per-layer ones
+    if fixed is not None:
+        return fixed
     if (gpt_oss := gpt_oss_io.tensor_name(path, config)) is not None:
         return gpt_oss  # sinks, its router's weight and bias, its down projections
     _, index, *rest = path
@@ -244,7 +240,7 @@ def from_pretrained(
         config = dataclasses.replace(config, score_labels=score_labels)
     check_safetensors_present(model_dir)
     try:
-        entries = safetensors_io.read_checkpoint(model_dir)
+        entries = text_model_tensors(safetensors_io.read_checkpoint(model_dir))
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
     mesh = mesh or single_device_mesh()
@@ -326,7 +322,7 @@ def to_host(array: jax.Array) -> np.ndarray:
 def _pending_tensors(
     model: CausalLM, out_dtype: np.dtype | None
 ) -> Iterator[safetensors_io.PendingTensor]:
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, variable in nnx.to_flat_state(nnx.state(model, STORED_VARIABLES)):
         array = variable.get_value()
         expert_names = hf_expert_names(path, model.config)
         if expert_names is not None:  # the hub layout: one [out, in] tensor per expert
