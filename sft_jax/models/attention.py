@@ -127,7 +127,12 @@ class KVCache:
     def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
         shape = (batch, length, config.num_kv_heads, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(zeros, zeros, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+        values = zeros
+        if config.value_head_dim != config.head_dim:  # latent attention's value heads (MLA)
+            values_shape = (*shape[:-1], config.value_head_dim)
+            values = tuple(jnp.zeros(values_shape, dtype) for _ in range(config.num_layers))
+        empty_BxS = jnp.full((batch, length), -1, jnp.int32)
+        return cls(zeros, values, empty_BxS, jnp.zeros((), jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -150,6 +155,9 @@ def write_slots(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) ->
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE (or none: NoPE layers), optional q/k norms (per head
     or over the whole projection), soft-capping and a window."""
+
+    # Its linear layers by checkpoint name (decoder_linears: LoRA, quantization, export).
+    projection_names = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
         c = config

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.models.deepseek import MLASpec, deepseek_fields
 from sft_jax.models.families import FAMILIES, Family, UnsupportedModelError, family_of
 
 # Parameter and compute dtypes by their config names.
@@ -158,6 +159,16 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert behind a sigmoid gate
     expert_names: str = "qwen"  # checkpoint layout: "qwen" (mlp.experts.N.gate_proj) / "mixtral"
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss (HF's default)
+    # DeepSeek-V3 (models/deepseek.py): "sigmoid" scores whose top-k is chosen with a frozen
+    # score-correction bias among the best router_top_groups of router_groups expert groups,
+    # the weights scaled by routed_scaling_factor; shared experts without a gate.
+    router_scoring: str = "softmax"
+    router_groups: int = 1
+    router_top_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert
+    # Multi-head latent attention (DeepSeek-V3, models/mla.py); None: grouped-query attention.
+    mla: MLASpec | None = None
     # A reward model (transformers' *ForSequenceClassification): the outputs of its `score`
     # head [score_labels, D] in place of the LM head; 0 for a causal LM.
     score_labels: int = 0
@@ -187,6 +198,11 @@ class ModelConfig:
     @property
     def attention_scale(self) -> float:
         return self.query_scale or self.head_dim**-0.5
+
+    @property
+    def value_head_dim(self) -> int:
+        """Width of each value head (MLA's v_head_dim differs from the q/k head_dim)."""
+        return self.mla.v_head_dim if self.mla else self.head_dim
 
 
 def _rope_spec(params: dict[str, Any], hf: Any) -> RopeSpec:
@@ -286,7 +302,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     family = family_of(getattr(hf, "model_type", None))
     model_type = family.model_type
-    moe = _moe_fields(hf, family) if family.moe else {}
+    moe = _moe_fields(hf, family) if family.moe and not family.mla else {}
     activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
     if activation not in _ACTIVATIONS:
         raise UnsupportedModelError(f"{model_type}: activation {activation!r} is not supported.")
@@ -294,7 +310,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     layer_types = _layer_types(hf, num_layers)
     attention_bias = bool(getattr(hf, "attention_bias", False))
     query_pre_attn_scalar = getattr(hf, "query_pre_attn_scalar", None)
-    return ModelConfig(
+    config = ModelConfig(
         model_type=model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
@@ -326,6 +342,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
         hf_config=hf.to_dict(),
         **moe,
     )
+    return dataclasses.replace(config, **deepseek_fields(hf)) if family.mla else config
 
 
 def _score_labels(hf: Any) -> int:

@@ -33,6 +33,7 @@ from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, w
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
+from sft_jax.models.mla import MLA_ONLY_PROJECTIONS, MLAttention
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.partitioning import logical_to_spec
 
@@ -55,6 +56,8 @@ REMAT_POLICIES = {
 # The linear layers of a decoder layer, by the names Hugging Face checkpoints give them.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Every attention projection name, latent attention's (DeepSeek-V3) included.
+ATTENTION_NAMES = ATTENTION_PROJECTIONS + MLA_ONLY_PROJECTIONS
 
 
 def _normed(norm: RMSNorm | None, x_BxTxD: jax.Array) -> jax.Array:
@@ -70,7 +73,8 @@ class DecoderLayer(nnx.Module):
         norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
         pre, post = not c.post_norms, c.sandwich_norms or c.post_norms
         self.attn_norm = RMSNorm(c.hidden_size, **norm) if pre else None
-        self.attn = Attention(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        attention_class = MLAttention if c.mla else Attention
+        self.attn = attention_class(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
         self.mlp_norm = RMSNorm(c.hidden_size, **norm) if pre else None
         mlp_class = MoEBlock if c.is_moe_layer(layer_index) else MLP
@@ -338,7 +342,7 @@ class CausalLM(nnx.Module):
 def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
     """(layer index, projection name, module) of every linear layer in the decoder."""
     for index, layer in enumerate(model.layers):
-        for name in ATTENTION_PROJECTIONS:
+        for name in layer.attn.projection_names:
             yield index, name, getattr(layer.attn, name)
         if isinstance(layer.mlp, MLP):  # expert weights are stacked parameters, not Linears
             for name in MLP_PROJECTIONS:

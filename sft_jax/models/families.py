@@ -34,6 +34,10 @@ class Family:
     # (sparse layers by decoder_sparse_step and mlp_only_layers, moe_intermediate_size,
     # norm_topk_prob, gate/up/down names, an optional shared expert).
     moe: str = ""
+    # DeepSeek-V3: multi-head latent attention (models/mla.py) and its router (sigmoid scores,
+    # a frozen score-correction bias, group-limited top-k, scaling, ungated shared experts,
+    # dense first layers), read by models/deepseek.py.
+    mla: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -56,12 +60,11 @@ register(Family("olmo3", qk_norm=True, qk_norm_full=True, post_norms=True))
 register(Family("mixtral", moe="mixtral"))  # models/moe.py
 register(Family("qwen2_moe", moe="qwen"))
 register(Family("qwen3_moe", moe="qwen", qk_norm=True))
+register(Family("deepseek_v3", moe="qwen", mla=True))  # experts stored as Qwen's
 
 # Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
 NOT_YET = {
     "deepseek_v2": "MLA attention and group-limited routing (n_group, topk_group)",
-    "deepseek_v3": "MLA attention, sigmoid routing with a score-correction bias and "
-    "group-limited top-k (n_group, topk_group), routed_scaling_factor, dense first layers",
     "gpt_oss": "biased experts with a clamped SwiGLU, attention sinks, softmax after top-k",
     "olmoe": "q/k norms over all heads, routing like qwen2_moe",
     "qwen3_next": "gated delta-net linear attention layers",

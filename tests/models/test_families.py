@@ -29,7 +29,8 @@ def test_a_registered_family_is_read_with_its_settings(monkeypatch):
 
 def test_the_shipped_families_and_those_not_yet_implemented():
     dense = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "olmo3")
-    assert FAMILIES.names() == (*dense, "mixtral", "qwen2_moe", "qwen3_moe")
+    assert FAMILIES.names() == (*dense, "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+    assert FAMILIES.entries["deepseek_v3"].mla
     assert {FAMILIES.entries[n].moe for n in ("mixtral", "qwen2_moe", "qwen3_moe")} == {
         "mixtral",
         "qwen",
@@ -38,6 +39,6 @@ def test_the_shipped_families_and_those_not_yet_implemented():
     hf.model_type = "gpt_oss"
     with pytest.raises(UnsupportedModelError, match=r"'gpt_oss' .* needs biased experts"):
         from_hf_config(hf)
-    assert "deepseek_v3" in NOT_YET
+    assert "deepseek_v3" not in NOT_YET and {"deepseek_v2", "glm4_moe"} <= set(NOT_YET)
     with pytest.raises(ValueError, match="registered twice"):
         FAMILIES.register("llama", Family("llama"))
