@@ -1,6 +1,6 @@
 """The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3,
-OLMo 3, and the mixtures of experts Qwen3-MoE, Mixtral, Qwen2-MoE: their expert blocks in
-moe.py), in Flax NNX.
+OLMo 3, and the mixtures of experts Qwen3-MoE, Mixtral, Qwen2-MoE, DeepSeek-V3: their expert
+blocks in moe.py, DeepSeek-V3's latent attention in mla.py), in Flax NNX.
 
 Dimension legend for einsum strings and shape suffixes:
   B batch, T query time, S key time, D model width, H query heads, K key/value heads,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sft_jax.models.attention import Attention, KVPrefix
+from sft_jax.models.attention import Attention, KVPrefix, LayerCache
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, fold_key
 from sft_jax.models.partitioning import context_shards
@@ -98,7 +98,13 @@ class MLAttention(Attention):
         self._refuse(prefix)
         return super().__call__(x_BxTxD, positions_BxT, segment_ids_BxT, dropout_key)
 
-    def extend(self, x_BxTxD, positions_BxT, cache, prefix: KVPrefix | None = None):
+    def extend(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        cache: LayerCache,
+        prefix: KVPrefix | None = None,
+    ) -> tuple[jax.Array, LayerCache]:
         self._refuse(prefix)
         return super().extend(x_BxTxD, positions_BxT, cache)
 

@@ -91,9 +91,12 @@ def _choose_attention(
     max_head_dim: int,
 ) -> tuple[str, str]:
     check_choice("model.attention", requested, ATTENTION_CHOICES)
+    # Latent attention (DeepSeek-V3, models/mla.py) runs the einsum path only.
+    mla = f"{model.model_type}'s latent attention runs the einsum path only" if model.mla else ""
     blockers = {
-        "cudnn": _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
-        "splash": _splash_blocker(accelerator, max_length),
+        "cudnn": mla or _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
+        "splash": mla or _splash_blocker(accelerator, max_length),
+        "blockwise": mla,
     }
     if requested == "auto":
         if accelerator == "nvidia" and not blockers["cudnn"]:
