@@ -279,10 +279,11 @@ def save_adapter(
             "config.lora.expert_adapters=True: adapters on the experts export merged only (the "
             "full model, lora.merged); the PEFT adapter holds attention and MLP adapters alone."
         )
-    tensors, rank_pattern = [], {}
+    tensors, rank_pattern, adapted = [], {}, set()
     for index, name, linear in decoder_linears(model):
         if linear.lora_a is None:
             continue
+        adapted.add(name)
         prefix = f"base_model.model.{hf_module_name(index, name)}"
         if linear.lora_e is not None:
             kept = rank_kept(linear)
@@ -303,6 +304,8 @@ def save_adapter(
         tensors.append(
             _pending(f"base_model.model.{SAVED_MODULES[module]}.weight", array, transpose=False)
         )
+    # PEFT's target_modules: the names this model has ("all-linear" spans every family's).
+    spec = dataclasses.replace(spec, targets=tuple(t for t in spec.targets if t in adapted))
     write = jax.process_index() == 0
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)
