@@ -24,6 +24,7 @@ from test_step import synthetic_batch
 
 from sft_jax.adapters.lora import LoRASpec, apply_lora, save_adapter, trainable_filter
 from sft_jax.adapters.lora import merged as fold_adapters
+from sft_jax.core.errors import ConfigError
 from sft_jax.generation.sampler import generate
 from sft_jax.models import UnsupportedModelError, from_hf_config, from_pretrained, save_pretrained
 from sft_jax.models.decoder import decoder_linears, use_attention
@@ -31,6 +32,7 @@ from sft_jax.models.deepseek import MLASpec
 from sft_jax.models.layers import TRAINABLE
 from sft_jax.train import sharding
 from sft_jax.train.flops import matmul_params
+from sft_jax.train.kernel_choice import choose_attention
 from sft_jax.train.sharding import device_batch
 from sft_jax.train.step import StepOptions
 
@@ -319,6 +321,11 @@ def test_what_sft_jax_cannot_follow_is_refused_by_name(checkpoints):
         from_hf_config(hf_config("deepseek_v3", n_group=3))
     with pytest.raises(UnsupportedModelError, match="topk_group=5"):
         from_hf_config(hf_config("deepseek_v3", topk_group=5))
+    config = from_hf_config(hf_config("deepseek_v3"))
+    choice = {"accelerator": "nvidia", "model": config, "compute_dtype": "bfloat16"}
+    assert choose_attention("auto", max_length=128, **choice)[0] == "xla"
+    with pytest.raises(ConfigError, match="latent attention runs the einsum path only"):
+        choose_attention("blockwise", max_length=128, **choice)
     model = from_pretrained(checkpoints["plain_query"][0])
     use_attention(model, "blockwise")
     with pytest.raises(UnsupportedModelError, match="'blockwise' is not implemented for latent"):
