@@ -206,6 +206,38 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             },
         },
     ),
+    # Latent attention with a query latent, YaRN with mscale_all_dim (the softmax scale) over
+    # interleaved rope dims; 8 experts in 4 groups of which the best 2 are searched, a random
+    # score-correction bias (randomize_), 2 shared experts, a dense first layer.
+    "deepseek_v3": (
+        transformers.DeepseekV3Config,
+        {
+            "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-5,
+            "q_lora_rank": 24,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 12,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 10,
+            "n_routed_experts": 8,
+            "n_group": 4,
+            "topk_group": 2,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 16,
+            "n_shared_experts": 2,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 0.9,
+                "mscale_all_dim": 0.7,
+            },
+        },
+    ),
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -236,6 +268,8 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
         for name, buffer in model.named_buffers():
             if name.endswith("layer_scalar"):
                 buffer.copy_(1.0 + torch.randn(buffer.shape, generator=generator) * 0.1)
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's routing bias
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.3)
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:

@@ -36,13 +36,16 @@ from sft_jax.models.decoder import (
 )
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import hf_module_name, to_host
-from sft_jax.models.layers import LoRAParam
+from sft_jax.models.layers import TRAINABLE, LoRAParam
+from sft_jax.models.mla import MLA_ONLY_PROJECTIONS
 from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
 from sft_jax.models.partitioning import named_sharding
 from sft_jax.models.per_layer import Buffer
 from sft_jax.models.quantize import QuantSpec
 
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Latent attention's own projections (DeepSeek-V3) last: earlier names keep their index,
+# which seeds each adapter's init.
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + MLA_ONLY_PROJECTIONS
 ADAPTER_METHODS = ("lora", "adalora")  # config.lora.method
 # Modules trained in full beside the adapters, by their Hugging Face names (config choices).
 EXTRA_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}
@@ -127,7 +130,7 @@ def names(text: str) -> tuple[str, ...]:
 def trainable_filter(spec: LoRASpec) -> Any:
     """What the optimizer updates: every parameter, or the adapters plus any extra modules."""
     if not spec.enabled:
-        return nnx.Param
+        return TRAINABLE
     extras = [nnx.PathContains(module) for module in spec.extra_trainable]
     if spec.train_router:
         extras.append(nnx.PathContains("router"))
@@ -197,7 +200,7 @@ def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
     (modules_to_save) is a trained copy beside its frozen original: both count."""
     trained_state = nnx.to_flat_state(nnx.state(model, trainable))
     trained = sum(x.get_value().size for _, x in trained_state)
-    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))  # not buffers
     linears = [linear for _, _, linear in decoder_linears(model)]
     quantized = sum(lin.in_features * lin.out_features for lin in linears if lin.quant is not None)
     ranknums = sum(lin.lora_e is not None for lin in linears)
@@ -278,10 +281,11 @@ def save_adapter(
             "config.lora.expert_adapters=True: adapters on the experts export merged only (the "
             "full model, lora.merged); the PEFT adapter holds attention and MLP adapters alone."
         )
-    tensors, rank_pattern = [], {}
+    tensors, rank_pattern, adapted = [], {}, set()
     for index, name, linear in decoder_linears(model):
         if linear.lora_a is None:
             continue
+        adapted.add(name)
         prefix = f"base_model.model.{hf_module_name(index, name)}"
         if linear.lora_e is not None:
             kept = rank_kept(linear)
@@ -302,6 +306,8 @@ def save_adapter(
         tensors.append(
             _pending(f"base_model.model.{SAVED_MODULES[module]}.weight", array, transpose=False)
         )
+    # PEFT's target_modules: the names this model has ("all-linear" spans every family's).
+    spec = dataclasses.replace(spec, targets=tuple(t for t in spec.targets if t in adapted))
     write = jax.process_index() == 0
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)

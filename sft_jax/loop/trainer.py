@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -30,6 +29,7 @@ from sft_jax.loop.export import export_run
 from sft_jax.loop.rollouts import GRPOBatches
 from sft_jax.loop.signals import StopSignal, signals_raise
 from sft_jax.models import CausalLM
+from sft_jax.models.layers import TRAINABLE
 from sft_jax.objectives import registry
 from sft_jax.planning import search as plan_search
 from sft_jax.train import compiled as compile_plan
@@ -64,7 +64,7 @@ class Trainer:
         workdir: Path,
         model: CausalLM,
         data: DataSource,
-        trainable: Any = nnx.Param,
+        trainable: Any = TRAINABLE,
         mesh: Mesh | None = None,
         mirror: BucketMirror | None = None,
         batch_source: Callable[[compile_plan.Steps], BatchSource] | None = None,

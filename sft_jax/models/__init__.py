@@ -14,10 +14,12 @@ from sft_jax.models.config import (
 )
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.io.hf import from_pretrained, save_pretrained
+from sft_jax.models.layers import TRAINABLE
 
 __all__ = [
     "DTYPES",
     "SUPPORTED_MODEL_TYPES",
+    "TRAINABLE",
     "CausalLM",
     "CheckpointError",
     "ModelConfig",

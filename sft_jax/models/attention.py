@@ -126,20 +126,19 @@ class KVCache:
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
-        # A layer that shares another's keys/values (KV sharing) keeps no slots of its own.
-        zeros = tuple(
-            jnp.zeros(
-                (
-                    batch,
-                    length if config.kv_source_of(i) == i else 0,
-                    config.kv_heads_of(i),
-                    config.head_dim_of(i),
-                ),
-                dtype,
-            )
-            for i in range(config.num_layers)
-        )
-        return cls(zeros, zeros, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+        # A layer that shares another's keys/values (KV sharing) keeps no slots of its own;
+        # latent attention's value heads (MLA) are v_head_dim wide.
+        def slots(layer: int, width: int) -> jax.Array:
+            own = length if config.kv_source_of(layer) == layer else 0
+            return jnp.zeros((batch, own, config.kv_heads_of(layer), width), dtype)
+
+        layers = range(config.num_layers)
+        keys = tuple(slots(i, config.head_dim_of(i)) for i in layers)
+        values = keys
+        if config.mla is not None:
+            values = tuple(slots(i, config.value_head_dim) for i in layers)
+        empty_BxS = jnp.full((batch, length), -1, jnp.int32)
+        return cls(keys, values, empty_BxS, jnp.zeros((), jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -162,6 +161,9 @@ def write_slots(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) ->
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE (or none: NoPE layers), optional q/k norms (per head
     or over the whole projection), soft-capping and a window."""
+
+    # Its linear layers by checkpoint name (decoder_linears: LoRA, quantization, export).
+    projection_names = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __init__(self, config: ModelConfig, layer_index: int, *, dtype, param_dtype, rngs):
         c = config

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_jax.models import gemma4_config as _gemma4_config  # noqa: F401 (registers gemma4_text)
+from sft_jax.models.deepseek import MLASpec, deepseek_fields
 from sft_jax.models.families import FAMILIES, Family, UnsupportedModelError, family_of
 
 # Parameter and compute dtypes by their config names.
@@ -187,6 +188,16 @@ class ModelConfig:
     # Gemma 4's expert block beside every layer's dense MLP (models/gemma4_moe.py), with
     # num_experts, experts_per_token and moe_intermediate_size; moe_layers stays empty.
     parallel_experts: bool = False
+    # DeepSeek-V3 (models/deepseek.py): "sigmoid" scores whose top-k is chosen with a frozen
+    # score-correction bias among the best router_top_groups of router_groups expert groups,
+    # the weights scaled by routed_scaling_factor; shared experts without a gate.
+    router_scoring: str = "softmax"
+    router_groups: int = 1
+    router_top_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert
+    # Multi-head latent attention (DeepSeek-V3, models/mla.py); None: grouped-query attention.
+    mla: MLASpec | None = None
     # A reward model (transformers' *ForSequenceClassification): the outputs of its `score`
     # head [score_labels, D] in place of the LM head; 0 for a causal LM.
     score_labels: int = 0
@@ -233,6 +244,11 @@ class ModelConfig:
 
     def attention_scale_of(self, layer_index: int) -> float:
         return self.query_scale or self.head_dim_of(layer_index) ** -0.5
+
+    @property
+    def value_head_dim(self) -> int:
+        """Width of each value head (MLA's v_head_dim differs from the q/k head_dim)."""
+        return self.mla.v_head_dim if self.mla else self.head_dim
 
 
 def _rope_spec(params: dict[str, Any], hf: Any) -> RopeSpec:
@@ -340,7 +356,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
         # family's hf_fields the rest; a copy, so that the caller's config stays as it was.
         hf = copy.copy(hf)
         hf.allow_global_per_layer_attribute_access = True
-    moe = _moe_fields(hf, family) if family.moe else {}
+    moe = _moe_fields(hf, family) if family.moe and not family.mla else {}
     activation = getattr(hf, "hidden_activation", None) or hf.hidden_act
     if activation not in _ACTIVATIONS:
         raise UnsupportedModelError(f"{model_type}: activation {activation!r} is not supported.")
@@ -381,6 +397,8 @@ def from_hf_config(hf: Any) -> ModelConfig:
         hf_config=hf.to_dict(),
         **moe,
     )
+    if family.mla:
+        config = dataclasses.replace(config, **deepseek_fields(hf))
     if family.hf_fields is None:
         return config
     return dataclasses.replace(config, **family.hf_fields(hf))

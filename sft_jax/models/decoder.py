@@ -1,6 +1,7 @@
 """The causal decoder shared by every family (Llama, Mistral, Qwen2/3, Gemma 2/3, SmolLM3,
-OLMo 3, and the mixtures of experts Qwen3-MoE, Mixtral, Qwen2-MoE, gpt-oss: their expert blocks
-in moe.py and moe_gpt_oss.py), in Flax NNX.
+OLMo 3, and the mixtures of experts Qwen3-MoE, Mixtral, Qwen2-MoE, gpt-oss, DeepSeek-V3: their
+expert blocks in moe.py and moe_gpt_oss.py, DeepSeek-V3's latent attention in mla.py), in Flax
+NNX.
 
 Dimension legend for einsum strings and shape suffixes:
   B batch, T query time, S key time, D model width, H query heads, K key/value heads,
@@ -34,6 +35,7 @@ from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
+from sft_jax.models.mla import MLA_ONLY_PROJECTIONS, MLAttention
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.moe_gpt_oss import GptOssMoEBlock
 from sft_jax.models.partitioning import logical_to_spec
@@ -58,6 +60,8 @@ REMAT_POLICIES = {
 # The linear layers of a decoder layer, by the names Hugging Face checkpoints give them.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# Every attention projection name, latent attention's (DeepSeek-V3) included.
+ATTENTION_NAMES = ATTENTION_PROJECTIONS + MLA_ONLY_PROJECTIONS
 
 
 @jax.tree_util.register_dataclass
@@ -84,7 +88,8 @@ class DecoderLayer(nnx.Module):
         norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
         pre, post = not c.post_norms, c.sandwich_norms or c.post_norms
         self.attn_norm = RMSNorm(c.hidden_size, **norm) if pre else None
-        self.attn = Attention(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        attention_class = MLAttention if c.mla else Attention
+        self.attn = attention_class(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
         self.mlp_norm = RMSNorm(c.hidden_size, **norm) if pre else None
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
@@ -414,7 +419,7 @@ class CausalLM(nnx.Module):
 def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
     """(layer index, projection name, module) of every linear layer in the decoder."""
     for index, layer in enumerate(model.layers):
-        for name in ATTENTION_PROJECTIONS:
+        for name in layer.attn.projection_names:
             if getattr(layer.attn, name) is not None:  # none: KV sharing, k_eq_v (Gemma 4)
                 yield index, name, getattr(layer.attn, name)
         if isinstance(layer.mlp, MLP):  # expert weights are stacked parameters, not Linears

@@ -45,6 +45,10 @@ class Family:
     # config.json wraps the text model's config (text_config) with other modalities' (Gemma
     # 4's image-text-audio checkpoints): sft_jax reads and loads the text model alone.
     text_config: bool = False
+    # DeepSeek-V3: multi-head latent attention (models/mla.py) and its router (sigmoid scores,
+    # a frozen score-correction bias, group-limited top-k, scaling, ungated shared experts,
+    # dense first layers), read by models/deepseek.py.
+    mla: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -69,12 +73,11 @@ register(Family("qwen2_moe", moe="qwen"))
 register(Family("qwen3_moe", moe="qwen", qk_norm=True))
 # Biased router and experts, softmax over the top-k logits, clamped SwiGLU (models/moe_gpt_oss.py).
 register(Family("gpt_oss", moe="gpt_oss", attention_sinks=True))
+register(Family("deepseek_v3", moe="qwen", mla=True))  # experts stored as Qwen's
 
 # Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
 NOT_YET = {
     "deepseek_v2": "MLA attention and group-limited routing (n_group, topk_group)",
-    "deepseek_v3": "MLA attention, sigmoid routing with a score-correction bias and "
-    "group-limited top-k (n_group, topk_group), routed_scaling_factor, dense first layers",
     "olmoe": "q/k norms over all heads, routing like qwen2_moe",
     "qwen3_next": "gated delta-net linear attention layers",
     "glm4_moe": "sigmoid routing with a score-correction bias and group-limited top-k",

@@ -32,6 +32,16 @@ class LoRAParam(nnx.Param):
     adapter code, sft_jax.adapters.lora, creates them; the model only computes with them)."""
 
 
+class FrozenParam(nnx.Param):
+    """A checkpoint tensor that fine-tuning never updates (DeepSeek-V3's score-correction bias,
+    set by load statistics in pre-training, not by gradients): loaded and exported with the
+    parameters, outside TRAINABLE."""
+
+
+# The variables full fine-tuning trains: every parameter but the frozen ones.
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(FrozenParam))
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias) (+ LoRA: scale * dropout(x) @ lora_a @ lora_b), kernel [in, out].
 

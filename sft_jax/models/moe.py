@@ -6,9 +6,9 @@ the slots the adapter code fills (LoRA on every expert, QLoRA storage of the exp
 Dimension legend: N tokens (B * T flattened), D model width, F expert MLP width, X experts,
 K experts per token, M = N * K token copies, L MoE layers (B, T as in decoder.py).
 
-Later variants slot in here: DeepSeek-V3 needs another router (sigmoid scores with a bias,
-group-limited top-k, a scaling factor) and n shared experts without a gate. gpt-oss's biased
-block subclasses MoEBlock in moe_gpt_oss.py.
+DeepSeek-V3 routes with models/group_routing.py (sigmoid scores, a frozen score-correction
+bias, group-limited top-k) and adds its shared experts without a gate. gpt-oss's biased block
+subclasses MoEBlock in moe_gpt_oss.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.config import ModelConfig
+from sft_jax.models.group_routing import group_limited_route
 from sft_jax.models.kernels.grouped_matmul import grouped_matmul_kind
-from sft_jax.models.layers import MLP, Linear, LoRAParam, activate, fold_key, normal_init
+from sft_jax.models.layers import (
+    MLP,
+    FrozenParam,
+    Linear,
+    LoRAParam,
+    activate,
+    fold_key,
+    normal_init,
+)
 from sft_jax.models.partitioning import DISPATCH_KINDS, experts_per_shard, named_sharding
 from sft_jax.models.quantize import QuantizedState, QuantSpec, dequantize, quantize, stored_axes
 
@@ -135,6 +144,14 @@ class MoEBlock(nnx.Module):
         self.router = nnx.Param(
             normal_init(rngs, (d, x), param_dtype), logical_axes=("embed", None)
         )
+        # DeepSeek-V3: sigmoid routing with the checkpoint's e_score_correction_bias [X], set by
+        # load statistics in pre-training and frozen here (a FrozenParam: never trained).
+        self.router_bias = (
+            FrozenParam(jnp.zeros((x,), jnp.float32), logical_axes=(None,))
+            if c.router_scoring == "sigmoid"
+            else None
+        )
+        self.router_groups = (c.router_groups, c.router_top_groups, c.routed_scaling_factor)
         in_axes, out_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
         self.experts_gate = nnx.Param(
             normal_init(rngs, (x, d, f), param_dtype), logical_axes=in_axes
@@ -152,10 +169,13 @@ class MoEBlock(nnx.Module):
         )
         shared = c.shared_expert_intermediate_size
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.shared_expert = MLP(c, width=shared, **dense) if shared else None
+        gated = shared and c.shared_expert_gated
+        self.shared_expert = MLP(c, width=shared, **dense) if gated else None
         self.shared_expert_gate = (
-            Linear(d, 1, axes=("embed", None), use_bias=False, **dense) if shared else None
+            Linear(d, 1, axes=("embed", None), use_bias=False, **dense) if gated else None
         )
+        # DeepSeek-V3's n_shared_experts as one MLP of their summed width, always added.
+        self.shared_experts = MLP(c, width=shared, **dense) if shared and not gated else None
 
     def layout_of(self, name: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """(shape, logical axes) of the stacked weights of one projection in EXPERT_PARAMS."""
@@ -180,15 +200,29 @@ class MoEBlock(nnx.Module):
         update = jnp.einsum("XIR,XRO->XIO", a_XxIxR.astype(jnp.float32), b_XxRxO)
         return (weight_XxIxO.astype(jnp.float32) + self.expert_lora_scale * update).astype(dtype)
 
+    def route(self, x_NxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(router logits, chosen experts, their weights) of every token (see route)."""
+        if self.router_bias is None:
+            return route(x_NxD, self.router[...], self.top_k, self.renormalize)
+        groups, top_groups, scaling = self.router_groups
+        return group_limited_route(
+            x_NxD,
+            self.router[...],
+            self.router_bias[...],
+            top_k=self.top_k,
+            groups=groups,
+            top_groups=top_groups,
+            renormalize=self.renormalize,
+            scaling=scaling,
+        )
+
     def __call__(
         self, x_BxTxD: jax.Array, real_BxT: jax.Array, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, RouterStats]:
         """(output [B, T, D], router statistics over the tokens where real_BxT is true)."""
         batch, seq_len, width = x_BxTxD.shape
         x_NxD = x_BxTxD.astype(self.dtype).reshape(batch * seq_len, width)
-        logits_NxX, experts_NxK, weights_NxK = route(
-            x_NxD, self.router[...], self.top_k, self.renormalize
-        )
+        logits_NxX, experts_NxK, weights_NxK = self.route(x_NxD)
         stacked = tuple(self.expert_weight(name) for name in EXPERT_PARAMS)
         out_NxD = experts_per_shard(
             functools.partial(
@@ -204,6 +238,8 @@ class MoEBlock(nnx.Module):
         if self.shared_expert is not None:
             gate_BxTx1 = jax.nn.sigmoid(self.shared_expert_gate(x_BxTxD, fold_key(dropout_key, 3)))
             out_BxTxD = out_BxTxD + gate_BxTx1 * self.shared_expert(x_BxTxD, dropout_key)
+        if self.shared_experts is not None:
+            out_BxTxD = out_BxTxD + self.shared_experts(x_BxTxD, dropout_key)
         return out_BxTxD, router_stats(logits_NxX, experts_NxK, real_BxT.reshape(-1))
 
 

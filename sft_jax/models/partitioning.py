@@ -36,6 +36,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
     "norm": (),
+    "latent": ("fsdp",),  # the low-rank latent of latent attention (MLA), split like embed
     "lora_rank": (),
     "length": (),
     "sequence": ("context",),

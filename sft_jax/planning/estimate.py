@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
-from sft_jax.models import CausalLM, ModelConfig
+from sft_jax.models import TRAINABLE, CausalLM, ModelConfig
 from sft_jax.models.config import DTYPES, from_hf_config
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.io.hf import abstract_model, load_hf_config, resolve_model_dir
@@ -142,7 +142,7 @@ def adapter_params(model: CausalLM, trainable: Any) -> int | None:
     training_flops_per_token takes), None where every parameter trains."""
     count = lambda which: sum(x.size for x in jax.tree.leaves(nnx.state(model, which)))  # noqa: E731
     trained = count(trainable)
-    return None if trained == count(nnx.Param) else trained
+    return None if trained == count(TRAINABLE) else trained
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.models import CausalLM
 from sft_jax.models.decoder import use_attention
+from sft_jax.models.layers import TRAINABLE
 from sft_jax.models.moe import use_moe_dispatch
 from sft_jax.train import memory as memory_plan
 from sft_jax.train import sharding, step
@@ -78,7 +79,7 @@ def batch_keys(objective: step.Objective) -> tuple[str, ...]:
 
 
 def init_state(
-    model: CausalLM, tx: optax.GradientTransformation, mesh: Mesh, trainable: Any = nnx.Param
+    model: CausalLM, tx: optax.GradientTransformation, mesh: Mesh, trainable: Any = TRAINABLE
 ) -> tuple[Any, Any]:
     """Train state of the `trainable` variables placed on the mesh, and its shardings."""
     shardings = sharding.param_shardings(model, mesh, trainable)
@@ -111,7 +112,7 @@ def build_steps(
     eval_rows: int,
     seq_len: int,
     options: StepOptions,
-    trainable: Any = nnx.Param,
+    trainable: Any = TRAINABLE,
     objective: step.Objective | None = None,
 ) -> Steps:
     """Compiles step.train_step (donating the state) and step.eval_step, once, ahead of time
@@ -395,7 +396,7 @@ def plan_run(
     *,
     seq_len: int,
     max_segments: int = 0,
-    trainable: Any = nnx.Param,
+    trainable: Any = TRAINABLE,
     pad_token_id: int | None = None,
 ) -> Plan:
     """Chooses the attention kernel and remat policy, compiles the steps, checks the memory.

@@ -42,11 +42,14 @@ def matmul_params(config: ModelConfig) -> int:
     """
     c = config
     attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    if c.mla is not None:  # latent attention (DeepSeek-V3)
+        attention = c.mla.matmul_params(c.hidden_size, c.num_heads)
+    shared = c.shared_expert_intermediate_size
     mlp = 3 * c.hidden_size * c.intermediate_size
     moe = c.hidden_size * (
         c.num_experts
         + 3 * c.experts_per_token * c.moe_intermediate_size
-        + (3 * c.shared_expert_intermediate_size + 1 if c.shared_expert_intermediate_size else 0)
+        + (3 * shared + c.shared_expert_gated if shared else 0)  # + the gate's column
     )
     num_moe = len(c.moe_layers)
     dense_layers = c.num_layers - num_moe
@@ -80,7 +83,8 @@ def training_flops_per_token(
     factor: the chosen and rejected sequences are both tokens of the rows.
     """
     c = config
-    attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
+    # q.k over head_dim, p.v over the value heads' width (they differ under MLA).
+    attention = 3 * c.num_layers * seq_len * c.num_heads * (c.head_dim + c.value_head_dim)
     reference = reference_forwards * (2 * matmul_params(c) + attention / 3)
     if adapter_params is None:
         return 6 * matmul_params(c) + attention + reference

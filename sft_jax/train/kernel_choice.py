@@ -107,9 +107,12 @@ def _choose_attention(
 ) -> tuple[str, str]:
     check_choice("model.attention", requested, ATTENTION_CHOICES)
     sinks = model.attention_sinks and f"{model.model_type} has attention sinks, which splash lacks"
+    # Latent attention (DeepSeek-V3, models/mla.py) runs the einsum path only.
+    mla = f"{model.model_type}'s latent attention runs the einsum path only" if model.mla else ""
     blockers = {
-        "cudnn": _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
-        "splash": sinks or _splash_blocker(accelerator, max_length),
+        "cudnn": mla or _cudnn_blocker(accelerator, model, compute_dtype, max_head_dim),
+        "splash": mla or sinks or _splash_blocker(accelerator, max_length),
+        "blockwise": mla,
     }
     if requested == "auto":
         if model.attention_sinks and accelerator in ("nvidia", "tpu"):

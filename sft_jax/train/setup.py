@@ -21,6 +21,7 @@ from sft_jax.data import DataSource, open_data, open_pair_data, open_stream_data
 from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
+from sft_jax.models.layers import TRAINABLE
 from sft_jax.models.moe import quantize_experts
 from sft_jax.objectives import ppo_run, registry
 from sft_jax.train.config_check import check_for_model
@@ -67,7 +68,7 @@ def add_adapters(
     partition of trained and frozen parameters, shared by training and the planner (which calls
     it on an abstract model under nnx.eval_shape). `tokenizer`: for prompt tuning's text init
     only."""
-    trainable = nnx.Param  # full fine-tuning: every parameter
+    trainable = TRAINABLE  # full fine-tuning: every parameter but frozen buffers
     for method in adapter_methods.enabled_methods(config):
         trainable = method.add(model, config, mesh, tokenizer)
     return adapter_methods.lora_spec(config, model), trainable

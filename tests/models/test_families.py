@@ -30,7 +30,9 @@ def test_a_registered_family_is_read_with_its_settings(monkeypatch):
 def test_the_shipped_families_and_those_not_yet_implemented():
     dense = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "olmo3")
     gemma4 = ("gemma4_text", "gemma4")  # models/gemma4_config.py registers them
-    assert FAMILIES.names() == (*dense, "mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", *gemma4)
+    moe = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")
+    assert FAMILIES.names() == (*dense, *moe, *gemma4)
+    assert FAMILIES.entries["deepseek_v3"].mla
     assert {FAMILIES.entries[n].moe for n in ("mixtral", "qwen2_moe", "qwen3_moe")} == {
         "mixtral",
         "qwen",
@@ -39,6 +41,6 @@ def test_the_shipped_families_and_those_not_yet_implemented():
     hf.model_type = "deepseek_v2"
     with pytest.raises(UnsupportedModelError, match=r"'deepseek_v2' .* needs MLA attention"):
         from_hf_config(hf)
-    assert "deepseek_v3" in NOT_YET
+    assert "deepseek_v3" not in NOT_YET and {"deepseek_v2", "glm4_moe"} <= set(NOT_YET)
     with pytest.raises(ValueError, match="registered twice"):
         FAMILIES.register("llama", Family("llama"))

@@ -91,7 +91,7 @@ def test_export_writes_the_hub_per_expert_layout(family, tmp_path, caplog):
     [
         (transformers.MixtralConfig(num_hidden_layers=1, router_jitter_noise=0.1), "router_jitter"),
         (transformers.Qwen3MoeConfig(num_experts=4, num_experts_per_tok=8), "num_experts_per_tok"),
-        (transformers.DeepseekV3Config(num_hidden_layers=1), "deepseek_v3.*MLA"),
+        (transformers.DeepseekV2Config(num_hidden_layers=1), "deepseek_v2.*MLA"),
         (
             transformers.GptOssConfig(
                 num_hidden_layers=1, quantization_config={"quant_method": "mxfp4"}

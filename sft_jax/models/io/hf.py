@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from sft_jax.core.errors import CheckpointError
 from sft_jax.models.config import ModelConfig, from_hf_config
-from sft_jax.models.decoder import ATTENTION_PROJECTIONS, CausalLM, decoder_linears
+from sft_jax.models.decoder import ATTENTION_NAMES, CausalLM, decoder_linears
 from sft_jax.models.io import gpt_oss as gpt_oss_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.files import check_safetensors_present, load_hf_config, resolve_model_dir
@@ -59,8 +59,9 @@ def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, boo
             name = "pre_feedforward_layernorm"
         return f"{prefix}.{name}.weight", False
     module = "self_attn" if rest[0] == "attn" else _mlp_module(config)
-    if rest[1] == "router":
-        return f"{prefix}.{module}.gate.weight", True
+    if rest[1] in ("router", "router_bias"):  # router_bias: DeepSeek-V3's score-correction bias
+        leaf = "weight" if rest[1] == "router" else "e_score_correction_bias"
+        return f"{prefix}.{module}.gate.{leaf}", rest[1] == "router"
     leaf = rest[-1]
     # q_norm / k_norm scales, projections, the shared expert's projections and gate.
     inner = ".".join(str(key) for key in rest[1:-1])
@@ -113,7 +114,7 @@ def _load_experts(
 
 def hf_module_name(index: int, name: str) -> str:
     """Hugging Face module name of projection `name` of decoder layer `index`."""
-    return f"model.layers.{index}.{'self_attn' if name in ATTENTION_PROJECTIONS else 'mlp'}.{name}"
+    return f"model.layers.{index}.{'self_attn' if name in ATTENTION_NAMES else 'mlp'}.{name}"
 
 
 def abstract_model(
