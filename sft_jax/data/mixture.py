@@ -204,11 +204,11 @@ def _eval_set(
     field = f"config.data.mixture[{source.name}].eval_files"
     mode, keep, extra = config.data.contamination, None, ""
     if mode != "off":
-        seen = contamination.train_index(
-            [(s.train_files, s.data.train_split, s.data.format, s.max_examples) for s in sources]
-        )
+        train = [
+            (s.train_files, s.data.train_split, s.data.format, s.max_examples) for s in sources
+        ]
         found = contamination.report(
-            source.eval_files, source.data.eval_split, source.data.format, seen, field
+            source.eval_files, source.data.eval_split, source.data.format, train, field
         )
         if mode == "drop" and found:
             keep, extra = (lambda record: record.where not in found), f"drop={sorted(found)}"

@@ -1,8 +1,10 @@
-"""The stream loader's memory does not grow with the data: store writing, the offsets index."""
+"""Memory that does not grow with the training data: store writing, the offsets index, the
+contamination check."""
 
 from __future__ import annotations
 
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ from chat_tokenizers import make_tokenizer
 from test_data import base_config, conversation, write_jsonl
 
 from sft_jax.core.spec import RunSpec
-from sft_jax.data import records, store
+from sft_jax.data import contamination, records, store
 from sft_jax.data import tokenize as tok
 from sft_jax.data.mixture import prepared
 from sft_jax.data.pipeline import run_tokenizer
@@ -95,3 +97,19 @@ def test_offsets_index_held_is_one_window_whatever_the_document_count(tmp_path):
         assert len(source.window_documents(7)) == 256
         held[count] = _resident_kib(tmp_path / f"n{count}" / "offsets.bin")
     assert held[20_000] <= 16 and held[160_000] <= 16, held
+
+
+@pytest.mark.parametrize("train_examples", [500, 5000])
+def test_contamination_check_holds_the_eval_set_not_the_training_data(tmp_path, train_examples):
+    """Python memory at the check's peak stays ~the same for 10x the training examples (the
+    training texts were kept as digests, ~100 bytes each: ~1 MB at 5,000 examples), and the
+    planted duplicates are found."""
+    write_jsonl(tmp_path / "train.jsonl", [conversation(i) for i in range(train_examples)])
+    write_jsonl(tmp_path / "eval.jsonl", [conversation(i) for i in (3, 7, -1, -2)])
+    train = [(str(tmp_path / "train.jsonl"), "train", "messages", 0)]
+    tracemalloc.start()
+    found = contamination.report(str(tmp_path / "eval.jsonl"), "train", "messages", train, "f")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert found == {f"{tmp_path / 'eval.jsonl'}:1", f"{tmp_path / 'eval.jsonl'}:2"}
+    assert peak < 200_000, peak
