@@ -3,6 +3,7 @@
   python benchmarks/bench_data_scale.py --store --documents=200000
   python benchmarks/bench_data_scale.py --rss --documents=250000 --growth=8
   python benchmarks/bench_data_scale.py --loader --steps=30
+  python benchmarks/bench_data_scale.py --chats=25000 --growth=1,8,32
 
 --store writes the same synthetic tokenized documents (lengths 20-300 tokens) as the
 memory-mapped store (sft_jax.data.store: raw arrays + offsets index), as ArrayRecord (one
@@ -15,6 +16,12 @@ sft_jax.data.stream.index_shuffle per index (why the loader computes its own str
 process that streams 200 global batches of 64 x 2048 tokens from it (loader="stream") and
 reports its peak resident memory; the same for loader="memory" (all documents in memory,
 packed per epoch) for contrast. Flat means the stream figure changes < 10% across sizes.
+
+--chats=N writes N x growth synthetic chats (JSONL, 1-3 user/assistant turns, ~310 bytes
+each) for each growth factor and, for each, runs a fresh process that does the trainer's data
+side with loader="stream" from scratch: open_run_data on configs/base.py (tokenizing into a new
+store with the demo tokenizer), then 200 global batches; reports the peak resident memory of
+that process and its children together (sampled every 50 ms), and each phase's seconds.
 
 --loader runs the demo (configs/base.py, loader="stream") for --steps steps and reads its
 train/tokens_per_sec from metrics.jsonl, then times the same loader alone (tokens of rows
@@ -36,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.data import store, stream
 from sft_jax.data.batches import TrainBatches
 from sft_jax.data.tokenize import Tokenized, empty_stats
@@ -175,6 +183,96 @@ def consume(root: str, key: str, loader: str, batches: int) -> None:
         next(source)
 
 
+def write_chats(path: Path, count: int, seed: int = 0) -> None:
+    """`count` synthetic chats of 1-3 turns, sums with filler words, as JSONL."""
+    rng = np.random.default_rng(seed)
+    words = np.array(
+        [
+            "alpha",
+            "beta",
+            "gamma",
+            "delta",
+            "sort",
+            "add",
+            "count",
+            "reverse",
+            "letters",
+            "numbers",
+            "plus",
+        ]
+    )
+    with open(path, "w") as f:
+        for _ in range(count):
+            messages = []
+            for _ in range(int(rng.integers(1, 4))):
+                a, b = (int(x) for x in rng.integers(0, 100, 2))
+                ask = " ".join(rng.choice(words, int(rng.integers(2, 12))))
+                say = " ".join(rng.choice(words, int(rng.integers(1, 8))))
+                messages += [{"role": "user", "content": f"Add {a} and {b}. {ask}"},
+                             {"role": "assistant", "content": f"{a + b} {say}"}]  # fmt: skip
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def consume_chats(train_file: str, cache_dir: str, batches: int) -> None:
+    """The trainer's data side from scratch (tokenize into a store, open it), then `batches`
+    global batches; prints the seconds of each."""
+    config = _demo_config(cache_dir)
+    config.data.update(train_files=train_file, eval_files="")
+    start = time.perf_counter()
+    source = open_run_data(RunSpec.of(config))
+    opened = time.perf_counter()
+    for _ in range(batches):
+        next(source.train_batches)
+    print(opened - start, time.perf_counter() - opened)
+
+
+def tree_rss(pid: int) -> float:
+    """Resident MiB of a process and all its descendants now (0 once it is gone)."""
+    total, pending = 0.0, [pid]
+    while pending:
+        proc = Path(f"/proc/{pending.pop()}")
+        try:
+            total += int(proc.joinpath("status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+            for task in proc.joinpath("task").iterdir():
+                pending += [int(c) for c in task.joinpath("children").read_text().split()]
+        except (OSError, IndexError):
+            continue  # exited meanwhile (or a zombie, which holds no memory)
+    return total
+
+
+def chats_peak_rss(root: Path, chats: int, batches: int = 200) -> dict:
+    """Peak resident MiB of the process tree doing consume_chats on `chats` synthetic chats."""
+    train_file = root / f"chats{chats}.jsonl"
+    write_chats(train_file, chats)
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "from bench_data_scale import consume_chats; "
+        f"consume_chats({str(train_file)!r}, {str(root / f'cache{chats}')!r}, {batches})"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    peak = 0.0
+    while child.poll() is None:
+        peak = max(peak, tree_rss(child.pid))
+        time.sleep(0.05)
+    out = child.stdout.read().split()
+    if child.returncode:
+        raise RuntimeError(f"consume_chats on {chats} chats failed ({child.returncode})")
+    train_file.unlink()
+    return {"peak_tree_mib": peak, "open_seconds": float(out[-2]), "batch_seconds": float(out[-1])}
+
+
+def chats_table(root: Path, chats: int, growth: list[int]) -> dict:
+    figures = {}
+    for factor in growth:
+        figure = figures[factor * chats] = chats_peak_rss(root, factor * chats)
+        first = next(iter(figures.values()))["peak_tree_mib"]
+        print(f"x{factor:<3} {factor * chats:>9,} chats: peak RSS of the process tree "
+              f"{figure['peak_tree_mib']:,.0f} MiB ({figure['peak_tree_mib'] / first:.2f}x "
+              f"x1's); tokenize + open {figure['open_seconds']:.0f} s, "
+              f"200 batches {figure['batch_seconds']:.1f} s", flush=True)  # fmt: skip
+    return figures
+
+
 def loader_ratio(steps: int, batches: int = 200) -> dict:
     """The demo's train tokens/s (its metrics) and the stream loader's alone, and their ratio."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,7 +316,8 @@ def main() -> None:
     parser.add_argument("--rss", action="store_true")
     parser.add_argument("--loader", action="store_true")
     parser.add_argument("--documents", type=int, default=250_000)
-    parser.add_argument("--growth", type=int, default=8)
+    parser.add_argument("--growth", default="8", help="--rss: one factor; --chats: a list")
+    parser.add_argument("--chats", type=int, default=0)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     out: dict = {}  # every part's figures, printed as one JSON line at the end
@@ -234,7 +333,10 @@ def main() -> None:
                 print(f"{name:>14}: {seconds * 1e6:,.2f} us per index")
             out["store"] = {**result, "index_seconds": streams}
         if args.rss:
-            out["rss"] = rss_table(Path(tmp), args.documents, args.growth)
+            out["rss"] = rss_table(Path(tmp), args.documents, int(args.growth))
+        if args.chats:
+            growth = [int(g) for g in args.growth.split(",")]
+            out["chats"] = chats_table(Path(tmp), args.chats, growth)
     if args.loader:
         out["loader"] = loader_ratio(args.steps)
     print(json.dumps(out))

@@ -107,8 +107,11 @@ def get_config() -> ml_collections.ConfigDict:
     # "memory": every process tokenizes (or loads from the cache) all data into memory and
     # packs whole epochs. "stream": tokenized stores on disk, memory-mapped (written once by
     # `python -m sft_jax.data.prepare`, or on demand), each process reading only its own rows;
-    # host memory stays flat however large the data (sft_jax.data.stream).
-    config.data.loader = "memory"
+    # host memory stays flat however large the data (sft_jax.data.stream). "auto": "stream"
+    # when the training files hold more than 256 MiB (or a mixture / contamination check is
+    # set), else "memory" (also with eval_fraction, or a prompt method that adds tokens to
+    # rows); a resumed run keeps the loader it was trained with. The log says which and why.
+    config.data.loader = "auto"
     # With loader="stream": documents packed together (a window of the stream); larger packs
     # tighter, costs more memory (~100 bytes a document).
     config.data.stream_window = 8192

@@ -96,6 +96,12 @@ def open_file(path: str) -> IO[bytes]:
         return _filesystem(path).open(path, "rb")
 
 
+def size(path: str) -> int:
+    """The object's size in bytes."""
+    with _named(path):
+        return int(_filesystem(path).size(path))
+
+
 def version(path: str) -> str:
     """Changes when the object does: its ETag or generation, size and modification time."""
     with _named(path):

@@ -2,8 +2,8 @@
 
 An example's prompt is the text of its non-assistant turns (a completion's prompt), its reply
 the text of its assistant turns (a completion's completion), each with runs of whitespace made
-one space. Training texts are kept as 16-byte digests, so the index costs ~100 bytes per
-training example.
+one space. The eval texts are kept as 16-byte digests and the training examples streamed past
+them, so memory grows with the eval set (~200 bytes an example), never with the training data.
 """
 
 from __future__ import annotations
@@ -57,34 +57,39 @@ def _examples(spec: str, split: str, data_format: str, field: str, limit: int = 
         yield record, texts(record.value, data_format) if data_format else ("", "")
 
 
-def train_index(train: list[tuple[str, str, str, int]]) -> set[bytes]:
-    """Digests of every non-empty training prompt and reply; train holds
-    (files, split, format, max_examples) per source."""
-    seen = set()
-    for spec, split, data_format, limit in train:
-        for _, (prompt, reply) in _examples(spec, split, data_format, "train_files", limit):
-            seen.update(_digest(k, t) for k, t in (("p", prompt), ("r", reply)) if t)
-    return seen
-
-
-def report(spec: str, split: str, data_format: str, seen: set[bytes], field: str) -> set[str]:
-    """Where each contaminated eval example was read (e.g. "eval.jsonl:12"); logs the count."""
-    found, total = [], 0
+def report(
+    spec: str,
+    split: str,
+    data_format: str,
+    train: list[tuple[str, str, str, int]],
+    field: str,
+) -> set[str]:
+    """Where each contaminated eval example was read (e.g. "eval.jsonl:12"); logs the count.
+    train holds (files, split, format, max_examples) per source."""
+    wheres, wanted = [], {}  # digest of an eval prompt or reply -> [(example, "prompt")...]
     for record, (prompt, reply) in _examples(spec, split, data_format, field):
-        total += 1
-        hits = [
-            k for k, t in (("prompt", prompt), ("reply", reply)) if t and _digest(k[0], t) in seen
-        ]
-        if hits:
-            found.append(f"{record.where} ({' and '.join(hits)})")
+        for kind, text in (("prompt", prompt), ("reply", reply)):
+            if text:
+                wanted.setdefault(_digest(kind[0], text), []).append((len(wheres), kind))
+        wheres.append(record.where)
+    hits: dict[int, set[str]] = {}
+    for files, train_split, train_format, limit in train:
+        for _, texts_ in _examples(files, train_split, train_format, "train_files", limit):
+            for kind, text in zip("pr", texts_, strict=True):
+                for example, name in wanted.get(_digest(kind, text), []) if text else []:
+                    hits.setdefault(example, set()).add(name)
+    found = [
+        f"{wheres[i]} ({' and '.join(k for k in ('prompt', 'reply') if k in hits[i])})"
+        for i in sorted(hits)
+    ]
     if found:
         log.warning(
             "%s: %d of %d eval examples also occur in training (first: %s)",
             field,
             len(found),
-            total,
+            len(wheres),
             ", ".join(found[:_SHOWN]),
         )
     else:
-        log.info("%s: none of %d eval examples occurs in training", field, total)
+        log.info("%s: none of %d eval examples occurs in training", field, len(wheres))
     return {entry.rsplit(" (", 1)[0] for entry in found}

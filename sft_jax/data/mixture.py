@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from sft_jax.core.spec import DataSpec, RunSpec
-from sft_jax.data import batches, contamination, pipeline, records, store, stream, tokenize
+from sft_jax.data import (
+    batches,
+    contamination,
+    pipeline,
+    records,
+    stats,
+    store,
+    stream,
+    tokenize,
+)
 from sft_jax.data.records import DataError, Record
 
 log = logging.getLogger(__name__)
@@ -35,9 +44,7 @@ SOURCE_FIELDS = (
     "template_kwargs",
     "max_examples",
 )
-LOADERS = ("memory", "stream")  # config.data.loader
 CONTAMINATION = ("off", "report", "drop")  # config.data.contamination
-_PART = 50_000  # examples tokenized and appended to a store at a time (bounds memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +120,8 @@ def prepared(
             stream_ = itertools.islice(stream_, limit)
         if keep is not None:
             stream_ = filter(keep, stream_)
-        _write(store.StoreWriter(root, key), tokenizer, stream_, options, bad, sources, field)
+        workers = data.num_workers or pipeline.auto_workers(sources)
+        _write(store.StoreWriter(root, key), tokenizer, stream_, options, bad, workers, field)
         found = store.open_store(root, key)
     pipeline.warn_about_counts(field, found.stats)
     return found, key
@@ -125,39 +133,28 @@ def _write(
     stream_: Any,
     options: tokenize.Options,
     bad: pipeline.BadRecords,
-    sources: list[str],
+    workers: int,
     field: str,
 ) -> None:
-    """Tokenizes part after part (in parallel within a part) and appends each to the store."""
-    stats, workers = tokenize.empty_stats(), pipeline.auto_workers(sources)
+    """Tokenizes chunk after chunk (in parallel) and appends each to the store as it comes:
+    memory holds the chunks in flight, whatever the data's size."""
+    totals = tokenize.empty_stats()
     try:
-        while part := list(itertools.islice(stream_, _PART)):
-            tokenized = tokenize.tokenize_records(tokenizer, part, options, workers)
-            writer.append(tokenized)
-            _add_stats(stats, tokenized.stats)
+        for part in tokenize.tokenized_chunks(tokenizer, stream_, options, workers):
+            writer.append(part)
+            stats.add(totals, part.stats)
         for _, reason in bad.skipped:
-            stats["examples_read"] += 1
-            stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
-        if stats["trainable_tokens"] == 0:
+            totals["examples_read"] += 1
+            totals["dropped"][reason] = totals["dropped"].get(reason, 0) + 1
+        if totals["trainable_tokens"] == 0:
             raise DataError(
-                f"{field}: no trainable tokens in {stats['examples_read']} examples (dropped: "
-                f"{stats['dropped']}). Check config.data.train_on, max_length and the data."
+                f"{field}: no trainable tokens in {totals['examples_read']} examples (dropped: "
+                f"{totals['dropped']}). Check config.data.train_on, max_length and the data."
             )
     except BaseException:
         writer.abort()
         raise
-    writer.close(stats)
-
-
-def _add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
-    for key, value in part.items():
-        if key == "dropped":
-            for reason, count in value.items():
-                total[key][reason] = total[key].get(reason, 0) + count
-        elif key.startswith("first_"):  # where the first one was read
-            total[key] = total[key] or value
-        else:
-            total[key] += value
+    writer.close(totals)
 
 
 def store_root(data: DataSpec) -> Path:
@@ -207,11 +204,11 @@ def _eval_set(
     field = f"config.data.mixture[{source.name}].eval_files"
     mode, keep, extra = config.data.contamination, None, ""
     if mode != "off":
-        seen = contamination.train_index(
-            [(s.train_files, s.data.train_split, s.data.format, s.max_examples) for s in sources]
-        )
+        train = [
+            (s.train_files, s.data.train_split, s.data.format, s.max_examples) for s in sources
+        ]
         found = contamination.report(
-            source.eval_files, source.data.eval_split, source.data.format, seen, field
+            source.eval_files, source.data.eval_split, source.data.format, train, field
         )
         if mode == "drop" and found:
             keep, extra = (lambda record: record.where not in found), f"drop={sorted(found)}"

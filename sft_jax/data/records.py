@@ -77,7 +77,7 @@ def fingerprint(sources: list[str], split: str) -> str:
             digest.update(cloud.version(source).encode())
             continue
         with open(source, "rb") as f:
-            while chunk := f.read(1 << 24):
+            while chunk := f.read(1 << 20):  # 1 MiB at a time: memory flat with the size
                 digest.update(chunk)
     return digest.hexdigest()
 

@@ -12,7 +12,9 @@ fingerprint, tokenizer, template, options and span code):
 Reading copies each document out with pread (nothing of tokens.bin or trained.bin is mapped
 into the process, so its resident memory holds what it copies, whatever the file's size: a
 map would keep every page touched, plus the kernel's fault-around, in the process) and maps
-only the offsets index, with random-access advice (8 bytes a document at most).
+only the offsets index, with random-access advice; the stream loader releases its pages after
+each lookup (release_pages), so what the process holds of it is one window's, not 8 bytes per
+document it ever read.
 
 Raw arrays with an offsets index rather than ArrayRecord or Parquet: a document is two
 contiguous reads (no decoding), the lengths of any set of documents one vectorised gather,
@@ -109,8 +111,8 @@ class FileArray:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return self[:].astype(dtype or self.dtype)
 
-    def __del__(self) -> None:
-        os.close(self.fd)
+    def __del__(self, close: Any = os.close) -> None:  # os may be gone at interpreter exit
+        close(self.fd)
 
 
 def _mapped_index(path: Path) -> np.ndarray:
@@ -119,6 +121,18 @@ def _mapped_index(path: Path) -> np.ndarray:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     mapped.madvise(mmap.MADV_RANDOM)
     return np.frombuffer(mapped, np.int64)
+
+
+def release_pages(index: np.ndarray) -> None:
+    """Drops the pages of a mapped index (and of any array over the same map) from this
+    process's resident memory. They stay in the page cache, so a later lookup maps one back
+    for a minor fault; without this every page ever looked up stays resident, and the index
+    held grows with the documents read (8 bytes each) instead of staying one window's."""
+    base = index
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+        base.obj.madvise(mmap.MADV_DONTNEED)
 
 
 def open_store(root: Path, key: str) -> Tokenized | None:

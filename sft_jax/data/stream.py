@@ -28,6 +28,7 @@ import numpy as np
 
 from sft_jax.data.batches import TrainBatches, best_fit
 from sft_jax.data.records import DataError
+from sft_jax.data.store import release_pages
 from sft_jax.data.tokenize import Tokenized
 
 _ROUNDS = 4  # Feistel rounds: enough to mix, cheap
@@ -79,7 +80,13 @@ class Documents:
         for i, store in enumerate(self.stores):
             local = refs[source == i] - self.bases[i]
             out[source == i] = store.offsets[local + 1] - store.offsets[local]
+        self.release()
         return out
+
+    def release(self) -> None:
+        """Drops the offsets pages looked up so far from resident memory (store.release_pages)."""
+        for store in self.stores:
+            release_pages(store.offsets)
 
     def document(self, ref: int) -> tuple[np.ndarray, np.ndarray]:
         self.read += 1
@@ -146,6 +153,11 @@ class StreamBatches(TrainBatches):
             order = np.random.default_rng([self.seed, window, 2]).permutation(len(rows))
             rows = [rows[i] for i in order]
         return [[int(refs[d]) for d in row] for row in rows]
+
+    def make_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        out = super().make_rows(rows)
+        self.documents.release()  # the offsets of this batch's documents: not kept resident
+        return out
 
     def get_state(self) -> dict[str, Any]:
         return {**super().get_state(), "loader": "stream"}

@@ -22,7 +22,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ import numpy as np
 from sft_jax.data.formats import BadExample, Completion, Conversation, normalize
 from sft_jax.data.records import DataError, Record
 from sft_jax.data.spans import render_documents
+from sft_jax.data.stats import add as stats_add
 from sft_jax.data.templates import TemplateError, completion_text
 
 log = logging.getLogger(__name__)
@@ -299,43 +300,50 @@ def _note_empty_reply(
 EXPECTED_DROPS = ("no_target_tokens", "no_target_tokens_after_truncation", "too_long")
 
 
-def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
-    for key, value in part.items():
-        if key.startswith("first_"):  # where the first one was read
-            total[key] = total[key] or value
-        elif key != "dropped":
-            total[key] += value
+def _dropped(bad: list[tuple[str, str, str]], options: Options) -> dict[str, int]:
+    """Drop reasons of a chunk's bad examples; DataError for one that is not to be skipped."""
+    dropped: collections.Counter[str] = collections.Counter()
+    for where, problem, reason in bad:
+        if reason == "empty_reply" and options.empty_replies == "error":
+            raise DataError(
+                f"{where}: {problem}. Fix the example, or set config.data.empty_replies="
+                "'skip' (drop such examples) or 'warn' (train them, with a warning)."
+            )
+        skip = options.skip_bad or reason == "empty_reply"
+        if reason not in EXPECTED_DROPS and not skip:
+            raise DataError(
+                f"{where}: {problem}. Fix the example, or set "
+                "config.data.skip_bad_examples=True to count and skip such examples."
+            )
+        dropped[reason] += 1
+    return dict(sorted(dropped.items()))
+
+
+def tokenized_chunks(
+    tokenizer: Any, records: Iterable[Record], options: Options, workers: int = 1
+) -> Iterator[Tokenized]:
+    """Every record tokenized, _CHUNK records at a time and in order, each chunk's documents
+    with that chunk's stats (stats.add sums them); bad ones raise DataError, or are counted
+    when skip_bad. Only the chunks in flight are held: memory does not grow with the data."""
+    for docs, stats, bad in _map_chunks(tokenizer, records, options, workers):
+        tokenized = from_documents(docs, stats)
+        stats["dropped"] = _dropped(bad, options)
+        stats["examples_kept"] = stats["examples_read"] - sum(stats["dropped"].values())
+        stats["documents"] = len(tokenized)
+        stats["tokens"] = len(tokenized.tokens)
+        stats["trainable_tokens"] = trainable_tokens(tokenized)
+        yield tokenized
 
 
 def tokenize_records(
     tokenizer: Any, records: Iterable[Record], options: Options, workers: int = 1
 ) -> Tokenized:
-    """Every record tokenized; bad ones raise DataError, or are counted when skip_bad."""
+    """Every record tokenized, in memory (tokenized_chunks, joined)."""
     stats, docs = empty_stats(), []
-    dropped: collections.Counter[str] = collections.Counter()
-    for chunk_docs, chunk_stats, bad in _map_chunks(tokenizer, records, options, workers):
-        for where, problem, reason in bad:
-            if reason == "empty_reply" and options.empty_replies == "error":
-                raise DataError(
-                    f"{where}: {problem}. Fix the example, or set config.data.empty_replies="
-                    "'skip' (drop such examples) or 'warn' (train them, with a warning)."
-                )
-            skip = options.skip_bad or reason == "empty_reply"
-            if reason not in EXPECTED_DROPS and not skip:
-                raise DataError(
-                    f"{where}: {problem}. Fix the example, or set "
-                    "config.data.skip_bad_examples=True to count and skip such examples."
-                )
-            dropped[reason] += 1
-        docs.extend(chunk_docs)
-        _merge(stats, chunk_stats)
-    tokenized = from_documents(docs, stats)
-    stats["dropped"] = dict(sorted(dropped.items()))
-    stats["examples_kept"] = stats["examples_read"] - sum(dropped.values())
-    stats["documents"] = len(tokenized)
-    stats["tokens"] = len(tokenized.tokens)
-    stats["trainable_tokens"] = trainable_tokens(tokenized)
-    return tokenized
+    for part in tokenized_chunks(tokenizer, records, options, workers):
+        docs.extend(part.document(i) for i in range(len(part)))
+        stats_add(stats, part.stats)
+    return from_documents(docs, stats)
 
 
 def trainable_tokens(tokenized: Tokenized) -> int:
@@ -366,12 +374,15 @@ def _map_chunks(tokenizer: Any, records: Iterable[Record], options: Options, wor
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer,)
     ) as pool:
-        yield from pool.map(_tokenize_chunk, _chunks(records), _repeat(options), chunksize=4)
-
-
-def _repeat(value: Any) -> Iterable[Any]:
-    while True:
-        yield value
+        # At most two chunks a worker in flight (Executor.map would submit every chunk at
+        # once, holding all the records in memory).
+        pending: collections.deque = collections.deque()
+        for chunk in _chunks(records):
+            pending.append(pool.submit(_tokenize_chunk, chunk, options))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -37,7 +37,7 @@ from sft_jax.train import distributed, sharding
 from sft_jax.train.config_check import check_mesh, check_tokenizer_fits, check_values
 from sft_jax.train.evaluation import EarlyStopping, eval_message, evaluate, final_report
 from sft_jax.train.flops import peak_flops_per_device, training_flops_per_token
-from sft_jax.train.setup import build_model
+from sft_jax.train.setup import build_model, with_loader
 from sft_jax.train.sharding import abstract_like
 from sft_jax.workdir import bucket_mirror, rundir
 from sft_jax.workdir.bucket_mirror import BucketMirror
@@ -416,6 +416,7 @@ def _run_locked(
     mirror: BucketMirror | None,
     batch_source: Callable[[compile_plan.Steps], BatchSource] | None,
 ) -> dict:
+    config = with_loader(config, rundir.saved_config(workdir))  # "auto": a resume keeps its own
     data = data_factory(config, sharding.row_feed(mesh))  # a data-parallel group: same rows
     model, _, trainable = build_model(config, mesh)
     check_tokenizer_fits(data.tokenizer, model.config)

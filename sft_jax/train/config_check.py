@@ -9,7 +9,8 @@ import jax
 
 from sft_jax.core.errors import ConfigError, check_choice, need, value_at
 from sft_jax.data.formats import FORMATS
-from sft_jax.data.mixture import CONTAMINATION, LOADERS, SOURCE_FIELDS
+from sft_jax.data.loader_choice import LOADERS
+from sft_jax.data.mixture import CONTAMINATION, SOURCE_FIELDS
 from sft_jax.data.spans import TRAIN_REASONING
 from sft_jax.data.templates import TRAIN_ON
 from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
@@ -176,9 +177,9 @@ def _check_stream(config: Any) -> None:
     _need(config, data.stream_window >= 1, "data.stream_window", "at least 1 document.")
     _need(
         config,
-        stream or not (data.mixture or data.contamination != "off"),
+        data.loader != "memory" or not (data.mixture or data.contamination != "off"),
         "data.loader",
-        "a mixture and the contamination check need loader='stream'.",
+        "a mixture and the contamination check need loader='stream' (or 'auto').",
     )
     objective = registry.kind_of(config)
     _need(

@@ -16,8 +16,15 @@ from jax.sharding import Mesh
 from sft_jax.adapters import methods as adapter_methods
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.adapters.prompts import PromptSpec, trainable_line
-from sft_jax.core.spec import RunSpec
-from sft_jax.data import DataSource, open_data, open_pair_data, open_stream_data, run_tokenizer
+from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD, RunSpec
+from sft_jax.data import (
+    DataSource,
+    loader_choice,
+    open_data,
+    open_pair_data,
+    open_stream_data,
+    run_tokenizer,
+)
 from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.config import DTYPES
@@ -84,9 +91,22 @@ def open_run_data(config: RunSpec, feed: tuple[int, int] | None = None) -> DataS
         return open_pair_data(config, feed)
     if reads == "prompts":
         return open_prompt_data(config, feed)
+    config = with_loader(config)  # "auto": chosen (and logged) here
     if config.data.loader == "stream":
         return open_stream_data(config, feed)
     return open_data(config, feed)
+
+
+def with_loader(config: RunSpec, saved: dict[str, Any] | None = None) -> RunSpec:
+    """`config` with config.data.loader made concrete where SFT examples are read ("auto" ->
+    loader_choice.choose: `saved`, the config of the checkpoint a run resumes, keeps the loader
+    it was trained with; one saved before the field existed meant "memory")."""
+    if config.data.loader != "auto" or registry.kind_of(config).reads != "examples":
+        return config
+    loader = ""
+    if saved is not None:
+        loader = saved.get("data", {}).get("loader", SAVED_BEFORE_THE_FIELD["data.loader"])
+    return loader_choice.choose(config, loader)
 
 
 def moe_options(train: Any, model_config: Any) -> dict[str, Any]:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -45,6 +47,19 @@ def saved_steps(workdir: str | Path) -> list[int]:
     """Steps whose checkpoint is committed, read from the directory alone: safe to call after
     any failure."""
     return committed_steps(checkpoints_path(workdir))
+
+
+def saved_config(workdir: str | Path) -> dict[str, Any] | None:
+    """The config the newest committed checkpoint in WORKDIR was trained with (a resume's);
+    None where there is none or it cannot be read (then the restore itself tells)."""
+    steps = saved_steps(workdir)
+    if not steps:
+        return None
+    meta = checkpoints_path(workdir) / str(steps[-1]) / "meta" / "metadata"  # Orbax's JSON item
+    try:
+        return json.loads(json.loads(meta.read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def saved_note(workdir: str | Path) -> str:

@@ -58,7 +58,7 @@ def test_store_is_written_once_memory_mapped_and_equals_tokenizing(
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although stored")
 
-    monkeypatch.setattr(tok, "tokenize_records", no_tokenizing)
+    monkeypatch.setattr(tok, "tokenized_chunks", no_tokenizing)
     again, same_key = prepared(data.train_files, "train", "train_files", tokenizer, data)
     assert same_key == key and again.stats["trainable_tokens"] == first.stats["trainable_tokens"]
     data = data.replace(train_on="last_assistant")  # another option: another key, tokenized anew
