@@ -189,6 +189,7 @@ class Attention(nnx.Module):
         # projections; one whose values are its keys' projection (k_eq_v) no v_proj.
         own_kv = c.kv_source_of(layer_index) == layer_index
         own_values = own_kv and layer_index not in c.value_is_key_layers
+        self.own_kv = own_kv
         self.q_proj = Linear(
             c.hidden_size, q_width, axes=("embed", "q_heads"), use_bias=c.qkv_bias, **dense
         )
@@ -375,7 +376,7 @@ class Attention(nnx.Module):
         the prefix, where given); returns the output and the cache with the new keys and
         values."""
         q_BxTxKxGxE = self.queries(x_BxTxD, positions_BxT, None)
-        if self.k_proj is not None:  # else: `cache` is the layer's it shares, written already
+        if self.own_kv:  # else: `cache` is the layer's it shares, written already
             k_BxTxKxE, v_BxTxKxE = self.keys_values(x_BxTxD, positions_BxT, None)
             cache = dataclasses.replace(
                 cache,

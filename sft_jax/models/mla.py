@@ -45,6 +45,7 @@ class MLAttention(Attention):
         self.scale, self.softcap, self.window = c.attention_scale, None, None
         self.kind, self.max_segments = c.attention, c.max_segments
         self.rope, self.interleaved = c.rope_of_layer(layer_index), mla.rope_interleave
+        self.sinks, self.own_kv = None, True  # Attention's: no sinks, no KV sharing
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         norm = {"eps": _LATENT_NORM_EPS, "plus_one": False, "param_dtype": param_dtype}
         qk_width, rank = heads * (self.nope_dim + self.rope_dim), mla.q_lora_rank
@@ -94,8 +95,11 @@ class MLAttention(Attention):
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
         prefix: KVPrefix | None = None,
+        shared_kv: tuple[jax.Array, jax.Array] | None = None,
     ):
         self._refuse(prefix)
+        if shared_kv is not None:
+            raise UnsupportedModelError("latent attention (MLA) shares no keys and values")
         return super().__call__(x_BxTxD, positions_BxT, segment_ids_BxT, dropout_key)
 
     def extend(
@@ -136,22 +140,31 @@ class MLAttention(Attention):
         latent_BxTxR = self.q_a_layernorm(self.q_a_proj(x_BxTxD, fold_key(dropout_key, 0)))
         return self.q_b_proj(latent_BxTxR, fold_key(dropout_key, 4))
 
-    def _project(
+    def queries(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, H, 1, E], keys [B, T, H, E] and values [B, T, H, W], rotated."""
+    ) -> jax.Array:
+        """Queries [B, T, H, 1, E]: the nope dims and the rotated rope dims."""
+        batch, seq_len, _ = x_BxTxD.shape
+        nope = self.nope_dim
+        q_BxTxHxE = self._queries(x_BxTxD, dropout_key).reshape(batch, seq_len, self.num_heads, -1)
+        q_rope_BxTxHxP = self._rotate(q_BxTxHxE[..., nope:], positions_BxT)
+        q_BxTxHxE = jnp.concatenate([q_BxTxHxE[..., :nope], q_rope_BxTxHxP], axis=-1)
+        return q_BxTxHxE[:, :, :, None, :]
+
+    def keys_values(
+        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Keys [B, T, H, E] (each head's nope dims, the shared rotated rope dims) and values
+        [B, T, H, W], from the normed kv latent."""
         batch, seq_len, _ = x_BxTxD.shape
         heads, nope = self.num_heads, self.nope_dim
-        q_BxTxHxE = self._queries(x_BxTxD, dropout_key).reshape(batch, seq_len, heads, -1)
         compressed_BxTxRP = self.kv_a_proj_with_mqa(x_BxTxD, fold_key(dropout_key, 1))
         latent_BxTxR = self.kv_a_layernorm(compressed_BxTxRP[..., : self.latent_dim])
         k_rope_BxTx1xP = compressed_BxTxRP[..., None, self.latent_dim :]
         kv_BxTxHxNW = self.kv_b_proj(latent_BxTxR, fold_key(dropout_key, 2)).reshape(
             batch, seq_len, heads, nope + self.value_dim
         )
-        q_rope_BxTxHxP = self._rotate(q_BxTxHxE[..., nope:], positions_BxT)
         k_rope_BxTx1xP = self._rotate(k_rope_BxTx1xP, positions_BxT)
-        q_BxTxHxE = jnp.concatenate([q_BxTxHxE[..., :nope], q_rope_BxTxHxP], axis=-1)
         k_rope_BxTxHxP = jnp.broadcast_to(k_rope_BxTx1xP, (batch, seq_len, heads, self.rope_dim))
         k_BxTxHxE = jnp.concatenate([kv_BxTxHxNW[..., :nope], k_rope_BxTxHxP], axis=-1)
-        return q_BxTxHxE[:, :, :, None, :], k_BxTxHxE, kv_BxTxHxNW[..., nope:]
+        return k_BxTxHxE, kv_BxTxHxNW[..., nope:]

@@ -94,7 +94,7 @@ class GptOssMoEBlock(MoEBlock):
         c = config
         x, d, f = c.num_experts, c.hidden_size, c.moe_intermediate_size
         self.alpha, self.limit = c.swiglu_alpha, c.swiglu_limit
-        self.router_bias = nnx.Param(jnp.zeros((x,), param_dtype), logical_axes=(None,))
+        self.router_logit_bias = nnx.Param(jnp.zeros((x,), param_dtype), logical_axes=(None,))
         zeros = functools.partial(jnp.zeros, dtype=param_dtype)
         self.experts_gate_bias = nnx.Param(zeros((x, f)), logical_axes=("expert", "mlp"))
         self.experts_up_bias = nnx.Param(zeros((x, f)), logical_axes=("expert", "mlp"))
@@ -108,7 +108,7 @@ class GptOssMoEBlock(MoEBlock):
         batch, seq_len, width = x_BxTxD.shape
         x_NxD = x_BxTxD.astype(self.dtype).reshape(batch * seq_len, width)
         logits_NxX, experts_NxK, weights_NxK = route_top_k_softmax(
-            x_NxD, self.router[...], self.router_bias[...], self.top_k
+            x_NxD, self.router[...], self.router_logit_bias[...], self.top_k
         )
         weights = tuple(self.expert_weight(name) for name in EXPERT_PARAMS)
         biases = tuple(getattr(self, name)[...].astype(self.dtype) for name in EXPERT_BIASES)

@@ -162,7 +162,7 @@ def test_loss_aux_and_gradients_equal_transformers(hf_checkpoint, one_device):
             "self_attn.sinks": grads["layers"][layer]["attn"]["sinks"][...],
             "self_attn.q_proj.bias": grads["layers"][layer]["attn"]["q_proj"]["bias"][...],
             "mlp.router.weight": mlp["router"][...].T,
-            "mlp.router.bias": mlp["router_bias"][...],
+            "mlp.router.bias": mlp["router_logit_bias"][...],
             "mlp.experts.gate_up_proj": interleave(mlp["experts_gate"], mlp["experts_up"]),
             "mlp.experts.gate_up_proj_bias": interleave(
                 mlp["experts_gate_bias"], mlp["experts_up_bias"]

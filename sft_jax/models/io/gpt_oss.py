@@ -33,7 +33,7 @@ _INTERLEAVED = {
 _PLAIN = {
     "sinks": ("self_attn.sinks", False),
     "router": ("mlp.router.weight", True),
-    "router_bias": ("mlp.router.bias", False),
+    "router_logit_bias": ("mlp.router.bias", False),
     "experts_down": ("mlp.experts.down_proj", False),
     "experts_down_bias": ("mlp.experts.down_proj_bias", False),
 }
