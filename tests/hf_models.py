@@ -151,6 +151,19 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             "tie_word_embeddings": True,
         },
     ),
+    # Gated DeltaNet layers around a gated full-attention layer; 2 key heads for 4 value heads.
+    "qwen3_5": (
+        transformers.Qwen3_5TextConfig,
+        {
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 12,
+            "linear_conv_kernel_dim": 4,
+        },
+    ),
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -164,13 +177,17 @@ def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Large random weights so that every parameter, norms and biases included, shows in logits."""
-    gemma = model.config.model_type.startswith("gemma")
+    # Norms that scale by (1 + w) (Gemma, Qwen3.5 but its DeltaNet's gated norm) stay near 0.
+    plus_one = model.config.model_type.startswith(("gemma", "qwen3_5"))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * 0.1
             is_norm = name.endswith("norm.weight")
-            param.copy_(noise + (1.0 if is_norm and not gemma else 0.0))
+            near_one = is_norm and (not plus_one or name.endswith("linear_attn.norm.weight"))
+            if name.endswith("A_log"):  # slow decay (exp(A) ~ 0.02): states remember far back
+                noise = noise + np.log(0.02)
+            param.copy_(noise + (1.0 if near_one else 0.0))
 
 
 def build_hf_model(family: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:

@@ -30,6 +30,7 @@ from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.kernels import blockwise
 from sft_jax.models.kernels import fused as kernels
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key
+from sft_jax.models.linear_attention import LinearState
 from sft_jax.models.partitioning import balanced_order, context_attention, context_shards
 
 
@@ -122,12 +123,21 @@ class KVCache:
     values: tuple[jax.Array, ...]  # per layer [B, S, K, E]
     positions_BxS: jax.Array  # int32 position of the token in each slot; -1: padding or empty
     index: jax.Array  # int32 scalar: the next slot to write
+    # Per layer, a Gated DeltaNet's LinearState (its keys and values then hold no slots), or
+    # None for an attention layer; () in a model without linear attention.
+    states: tuple[LinearState | None, ...] = ()
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        return cls(zeros, zeros, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+        linear = [kind == "linear_attention" for kind in config.layer_types]
+        heads = (config.num_kv_heads, config.head_dim)
+        zeros = tuple(jnp.zeros((batch, 0 if f else length, *heads), dtype) for f in linear)
+        states = ()
+        if any(linear):
+            spec = config.linear_attention
+            states = tuple(LinearState.empty(spec, batch, dtype) if f else None for f in linear)
+        positions_BxS = jnp.full((batch, length), -1, jnp.int32)
+        return cls(zeros, zeros, positions_BxS, jnp.zeros((), jnp.int32), states)
 
 
 @jax.tree_util.register_dataclass
@@ -170,8 +180,14 @@ class Attention(nnx.Module):
         self.rope = c.rope_of_layer(layer_index)  # None: no RoPE on this layer (NoPE)
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        # Qwen3.5: each head's queries followed by as many gate values (attn_output_gate).
+        self.gated = c.attn_output_gate
         self.q_proj = Linear(
-            c.hidden_size, q_width, axes=("embed", "q_heads"), use_bias=c.qkv_bias, **dense
+            c.hidden_size,
+            q_width * (2 if self.gated else 1),
+            axes=("embed", "q_heads"),
+            use_bias=c.qkv_bias,
+            **dense,
         )
         self.k_proj = Linear(
             c.hidden_size, kv_width, axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **dense
@@ -197,31 +213,33 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None = None,
         prefix: KVPrefix | None = None,
     ):
-        q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE = self._project(x_BxTxD, positions_BxT, dropout_key)
+        projected = self._project(x_BxTxD, positions_BxT, dropout_key)
+        q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, gate = projected
         if prefix is not None:  # the fused kernels take no prefix: config_check refuses them
             mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
             k_BxSxKxE, v_BxSxKxE, mask_BxTxS = with_prefix(
                 prefix, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, positions_BxT, self.window
             )
             return self._attend(
-                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3)
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3), gate
             )
         shards = context_shards()
         if shards > 1 and x_BxTxD.shape[1] % shards == 0:  # the sequence split over context
             out_BxTxHE = self._context_parallel(
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, positions_BxT
             )
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+            return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
         out_BxTxHE = self._segment_kernel(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
         if out_BxTxHE is not None:
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+            return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
         mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
         if self.kind == "cudnn":
             out_BxTxHE = kernels.fused_attention(
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, self.scale, self.window
             )
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
-        return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3))
+            return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
+        key = fold_key(dropout_key, 3)
+        return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, key, gate)
 
     def _segment_kernel(
         self,
@@ -333,7 +351,7 @@ class Attention(nnx.Module):
         """Writes the T new keys/values at slot cache.index and attends over the cache (after
         the prefix, where given); returns the output and the cache with the new keys and
         values."""
-        q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE = self._project(x_BxTxD, positions_BxT, None)
+        q_BxTxKxGxE, k_BxTxKxE, v_BxTxKxE, gate = self._project(x_BxTxD, positions_BxT, None)
         cache = dataclasses.replace(
             cache,
             keys_BxSxKxE=write_slots(cache.keys_BxSxKxE, k_BxTxKxE, cache.index),
@@ -345,16 +363,22 @@ class Attention(nnx.Module):
             keys_BxSxKxE, values_BxSxKxE, mask_BxTxS = with_prefix(
                 prefix, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, positions_BxT, self.window
             )
-        out_BxTxD = self._attend(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, None)
+        out_BxTxD = self._attend(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, None, gate)
         return out_BxTxD, cache
 
     def _project(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, K, G, E] and keys, values [B, T, K, E], normed and rotated."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """Queries [B, T, K, G, E] and keys, values [B, T, K, E], normed and rotated, and the
+        output gate [B, T, H*E] (None without attn_output_gate)."""
         batch, seq_len, _ = x_BxTxD.shape
         groups = self.num_heads // self.num_kv_heads
         q_BxTxHxE = self.q_proj(x_BxTxD, fold_key(dropout_key, 0))
+        gate = None
+        if self.gated:  # per head: E queries, then E gate values
+            q_gate = q_BxTxHxE.reshape(batch, seq_len, self.num_heads, 2 * self.head_dim)
+            q_BxTxHxE = q_gate[..., : self.head_dim]
+            gate = q_gate[..., self.head_dim :].reshape(batch, seq_len, -1)
         k_BxSxKxE = self.k_proj(x_BxTxD, fold_key(dropout_key, 1))
         v_BxSxKxE = self.v_proj(x_BxTxD, fold_key(dropout_key, 2))
         if self.q_norm is not None and self.qk_norm_full:  # still [B, T, H*E] / [B, T, K*E]
@@ -368,7 +392,7 @@ class Attention(nnx.Module):
             q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
             k_BxSxKxE = apply_rope(k_BxSxKxE, positions_BxT, self.rope)
         q_BxTxKxGxE = q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
-        return q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE
+        return q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, gate
 
     def _attend(
         self,
@@ -377,10 +401,19 @@ class Attention(nnx.Module):
         v_BxSxKxE: jax.Array,
         mask_BxTxS: jax.Array,
         dropout_key: jax.Array | None,
+        gate: jax.Array | None = None,
     ) -> jax.Array:
         batch, seq_len = q_BxTxKxGxE.shape[:2]
         out_BxTxKxGxE = self._weighted_values(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS)
         out_BxTxHE = out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self._output(out_BxTxHE, dropout_key, gate)
+
+    def _output(
+        self, out_BxTxHE: jax.Array, dropout_key: jax.Array | None, gate: jax.Array | None
+    ) -> jax.Array:
+        """o_proj of the heads' outputs, gated first where the family gates them."""
+        if gate is not None:
+            out_BxTxHE = out_BxTxHE * jax.nn.sigmoid(gate)
         return self.o_proj(out_BxTxHE, dropout_key)
 
     def _weighted_values(

@@ -33,6 +33,7 @@ from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, w
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
+from sft_jax.models.linear_attention import LINEAR_PROJECTIONS, GatedDeltaNet
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.partitioning import logical_to_spec
 
@@ -70,7 +71,9 @@ class DecoderLayer(nnx.Module):
         norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
         pre, post = not c.post_norms, c.sandwich_norms or c.post_norms
         self.attn_norm = RMSNorm(c.hidden_size, **norm) if pre else None
-        self.attn = Attention(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Qwen3.5's "linear_attention" layers hold a Gated DeltaNet in the attention's place.
+        mixer = GatedDeltaNet if c.layer_types[layer_index] == "linear_attention" else Attention
+        self.attn = mixer(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
         self.mlp_norm = RMSNorm(c.hidden_size, **norm) if pre else None
         mlp_class = MoEBlock if c.is_moe_layer(layer_index) else MLP
@@ -256,17 +259,17 @@ class CausalLM(nnx.Module):
         positions_BxT = jnp.where(positions_BxT >= 0, shifted_BxT, positions_BxT)
         key_positions_BxS = write_slots(cache.positions_BxS, positions_BxT, cache.index)
         x_BxTxD = self._embed(input_ids_BxT)
-        keys, values = [], []
-        for layer, prefix, layer_keys, layer_values in zip(
-            self.layers, prefixes, cache.keys, cache.values, strict=True
-        ):
-            layer_cache = LayerCache(layer_keys, layer_values, key_positions_BxS, cache.index)
+        keys, values, states = list(cache.keys), list(cache.values), list(cache.states)
+        for index, (layer, prefix) in enumerate(zip(self.layers, prefixes, strict=True)):
+            if states and states[index] is not None:  # a Gated DeltaNet: its own state
+                x_BxTxD, states[index] = layer.extend(x_BxTxD, positions_BxT, states[index], prefix)
+                continue
+            layer_cache = LayerCache(keys[index], values[index], key_positions_BxS, cache.index)
             x_BxTxD, layer_cache = layer.extend(x_BxTxD, positions_BxT, layer_cache, prefix)
-            keys.append(layer_cache.keys_BxSxKxE)
-            values.append(layer_cache.values_BxSxKxE)
+            keys[index], values[index] = layer_cache.keys_BxSxKxE, layer_cache.values_BxSxKxE
         new_index = cache.index + input_ids_BxT.shape[1]
         return self.final_norm(x_BxTxD), KVCache(
-            tuple(keys), tuple(values), key_positions_BxS, new_index
+            tuple(keys), tuple(values), key_positions_BxS, new_index, tuple(states)
         )
 
     def _prefixes(self, positions_BxT: jax.Array) -> tuple[list[KVPrefix | None], jax.Array]:
@@ -338,7 +341,8 @@ class CausalLM(nnx.Module):
 def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
     """(layer index, projection name, module) of every linear layer in the decoder."""
     for index, layer in enumerate(model.layers):
-        for name in ATTENTION_PROJECTIONS:
+        linear = isinstance(layer.attn, GatedDeltaNet)
+        for name in LINEAR_PROJECTIONS if linear else ATTENTION_PROJECTIONS:
             yield index, name, getattr(layer.attn, name)
         if isinstance(layer.mlp, MLP):  # expert weights are stacked parameters, not Linears
             for name in MLP_PROJECTIONS:

@@ -34,6 +34,11 @@ class Family:
     # (sparse layers by decoder_sparse_step and mlp_only_layers, moe_intermediate_size,
     # norm_topk_prob, gate/up/down names, an optional shared expert).
     moe: str = ""
+    # Hybrid linear attention (Qwen3.5): layer_types' "linear_attention" layers are Gated
+    # DeltaNets (models/linear_attention.py); the full-attention layers gate their output by a
+    # sigmoid of a second half of q_proj, and RoPE turns part of each head
+    # (partial_rotary_factor).
+    gated_delta_net: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -56,6 +61,7 @@ register(Family("olmo3", qk_norm=True, qk_norm_full=True, post_norms=True))
 register(Family("mixtral", moe="mixtral"))  # models/moe.py
 register(Family("qwen2_moe", moe="qwen"))
 register(Family("qwen3_moe", moe="qwen", qk_norm=True))
+register(Family("qwen3_5_text", qk_norm=True, gemma_norms=True, gated_delta_net=True))
 
 # Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
 NOT_YET = {
