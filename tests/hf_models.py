@@ -164,8 +164,25 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             "linear_conv_kernel_dim": 4,
         },
     ),
+    # The same hybrid with an expert block (and a shared expert) in every layer.
+    "qwen3_5_moe": (
+        transformers.Qwen3_5MoeTextConfig,
+        {
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 12,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "router_aux_loss_coef": 0.01,
+        },
+    ),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe")
 
 
 def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:

@@ -326,7 +326,8 @@ def from_hf_config(hf: Any) -> ModelConfig:
         model_type=model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
+        # Qwen3.5-MoE has none: every layer's MLP is an expert block.
+        intermediate_size=getattr(hf, "intermediate_size", 0),
         num_layers=num_layers,
         num_heads=hf.num_attention_heads,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
@@ -415,9 +416,12 @@ def _moe_fields(hf: Any, family: Family) -> dict[str, Any]:
     if family.moe == "mixtral":  # every layer is sparse, experts as wide as intermediate_size
         moe_layers, width, renormalize = tuple(range(num_layers)), hf.intermediate_size, True
     else:
-        step, dense = int(hf.decoder_sparse_step), set(hf.mlp_only_layers or ())
+        # Qwen3.5-MoE has none of these fields: every layer sparse, top-k renormalized.
+        step = int(getattr(hf, "decoder_sparse_step", 1))
+        dense = set(getattr(hf, "mlp_only_layers", None) or ())
         moe_layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
-        width, renormalize = hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+        width = hf.moe_intermediate_size
+        renormalize = bool(getattr(hf, "norm_topk_prob", True))
     return {
         "num_experts": num_experts,
         "experts_per_token": top_k,

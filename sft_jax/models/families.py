@@ -62,6 +62,9 @@ register(Family("mixtral", moe="mixtral"))  # models/moe.py
 register(Family("qwen2_moe", moe="qwen"))
 register(Family("qwen3_moe", moe="qwen", qk_norm=True))
 register(Family("qwen3_5_text", qk_norm=True, gemma_norms=True, gated_delta_net=True))
+register(
+    Family("qwen3_5_moe_text", moe="qwen", qk_norm=True, gemma_norms=True, gated_delta_net=True)
+)
 
 # Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
 NOT_YET = {

@@ -29,7 +29,14 @@ def test_a_registered_family_is_read_with_its_settings(monkeypatch):
 
 def test_the_shipped_families_and_those_not_yet_implemented():
     dense = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "olmo3")
-    assert FAMILIES.names() == (*dense, "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_text")
+    assert FAMILIES.names() == (
+        *dense,
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_5_text",
+        "qwen3_5_moe_text",
+    )
     assert {FAMILIES.entries[n].moe for n in ("mixtral", "qwen2_moe", "qwen3_moe")} == {
         "mixtral",
         "qwen",

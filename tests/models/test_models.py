@@ -91,8 +91,11 @@ def test_bf16_parameters_stay_close(family_checkpoint):
     where a token's k-th and (k+1)-th experts are within bf16 rounding of each other, the
     bf16 hidden states can pick the other expert (the router itself runs in float32).
     Qwen3.5 gets 1e-1 too: transformers' own bf16 model is 4.6% of the logit scale off its
-    float32 logits on this tiny hybrid (0.132 of 2.86; ours 0.146).
+    float32 logits on this tiny hybrid (0.132 of 2.86; ours 0.146), and Qwen3.5-MoE 2.5e-1:
+    there transformers' own bf16 model picks another expert at one token, 21% off (0.695 of
+    3.33; ours 0.757, and 0.128 from transformers' bf16 logits).
     """
+    bounds = {"qwen3_5": 1e-1, "qwen3_5_moe": 2.5e-1}
     family, path, hf_model = family_checkpoint
     batch = padded_batch()
     model = from_pretrained(path, param_dtype=jnp.bfloat16)
@@ -102,7 +105,7 @@ def test_bf16_parameters_stay_close(family_checkpoint):
         jax_logits(model, batch),
         expected,
         batch["attention_mask"],
-        rel_tol=1e-1 if family in (*MOE_FAMILIES, "qwen3_5") else 5e-2,
+        rel_tol=bounds.get(family, 1e-1 if family in MOE_FAMILIES else 5e-2),
     )
 
 

@@ -102,11 +102,12 @@ def test_packed_documents_longer_than_a_chunk_equal_each_alone(qwen3_5):
     assert np.abs(leaked[second] - expected[second]).max() > 1e-2 * np.abs(expected).max()
 
 
-def test_greedy_generation_equals_transformers(qwen3_5):
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_greedy_generation_equals_transformers(hf_checkpoint, family):
     """Left-padded batched greedy decoding (chunked prefill, then the recurrent state and the
     convolution state token by token) equals transformers' generate on each prompt; one
     prompt spans two chunks."""
-    path, hf_model = qwen3_5
+    path, hf_model = hf_checkpoint(family)
     rng = np.random.default_rng(5)
     prompts = [[1, 17, 33, 5, 80, 9], [1, 40, 7], rng.integers(3, VOCAB, size=70).tolist()]
     actual = generate(from_pretrained(path), prompts, max_new_tokens=12, stop_token_ids=[2])
