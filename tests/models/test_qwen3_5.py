@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
+import transformers
 from flax import nnx
 from hf_models import VOCAB
 from test_generate import hf_greedy
@@ -138,4 +140,25 @@ def test_sharded_loss_and_gradients_equal_one_device(qwen3_5):
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
         sharded_grads,
         single_grads,
+    )
+
+
+def test_multimodal_checkpoint_loads_its_text_model(qwen3_5, tmp_path):
+    """The published Qwen3.5 checkpoints are image-text models (model_type qwen3_5, the text
+    model's config in text_config, its tensors under model.language_model.): they load as the
+    text model, the vision tower left unused."""
+    path, _ = qwen3_5
+    text = transformers.AutoConfig.from_pretrained(path)
+    wrapper = transformers.Qwen3_5Config(text_config=text.to_dict())
+    wrapper.save_pretrained(tmp_path)
+    tensors = safetensors.numpy.load_file(path / "model.safetensors")
+    renamed = {
+        name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name: t
+        for name, t in tensors.items()
+    }
+    renamed["model.visual.patch_embed.proj.weight"] = np.zeros((2, 2), np.float32)
+    safetensors.numpy.save_file(renamed, tmp_path / "model.safetensors")
+    batch = _packed([np.arange(3, 40)])
+    np.testing.assert_array_equal(
+        jax_logits(from_pretrained(tmp_path), batch), jax_logits(from_pretrained(path), batch)
     )

@@ -41,6 +41,15 @@ _NORM_NAMES = {
     "mlp_post_norm": "post_feedforward_layernorm",
 }
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+# Multimodal wrappers whose text model loads as a causal LM (as transformers' *ForCausalLM of
+# the text model loads them): its tensors are model.language_model.* (the vision tower's and
+# the multi-token-prediction head's are left unused).
+_TEXT_MODEL_OF = ("qwen3_5", "qwen3_5_moe")
+
+
+def _text_model_names(entries: dict[str, Any]) -> dict[str, Any]:
+    inner = "model.language_model."
+    return {f"model.{n[len(inner) :]}" if n.startswith(inner) else n: e for n, e in entries.items()}
 
 
 def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, bool]:
@@ -158,9 +167,12 @@ def _check_safetensors_present(model_dir: Path) -> None:
 
 
 def load_hf_config(model_dir: Path) -> Any:
+    """config.json as transformers reads it; of a multimodal Qwen3.5 checkpoint, its text model's
+    (text_config: the published Qwen3.5 checkpoints are image-text models)."""
     if not (model_dir / "config.json").exists():
         raise CheckpointError(f"{model_dir}: config.json is missing.")
-    return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    return config.text_config if config.model_type in _TEXT_MODEL_OF else config
 
 
 def abstract_model(
@@ -287,7 +299,7 @@ def from_pretrained(
         config = dataclasses.replace(config, score_labels=score_labels)
     _check_safetensors_present(model_dir)
     try:
-        entries = safetensors_io.read_checkpoint(model_dir)
+        entries = _text_model_names(safetensors_io.read_checkpoint(model_dir))
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
     mesh = mesh or single_device_mesh()
