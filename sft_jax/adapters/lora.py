@@ -37,11 +37,13 @@ from sft_jax.models.decoder import (
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import hf_module_name, to_host
 from sft_jax.models.layers import LoRAParam
+from sft_jax.models.linear_attention import LINEAR_PROJECTIONS
 from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
 from sft_jax.models.partitioning import named_sharding
 from sft_jax.models.quantize import QuantSpec
 
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+# Gated DeltaNet projections last (Qwen3.5): the others keep their index (adapter keys).
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + LINEAR_PROJECTIONS
 ADAPTER_METHODS = ("lora", "adalora")  # config.lora.method
 # Modules trained in full beside the adapters, by their Hugging Face names (config choices).
 EXTRA_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import safetensors.numpy
 import torch
@@ -17,8 +18,10 @@ from test_generate import hf_greedy
 from test_models import assert_close_on_tokens, jax_logits
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf_qwen3_5
 
+from sft_jax.adapters.lora import LoRASpec, apply_lora, save_adapter
 from sft_jax.generation.sampler import generate
 from sft_jax.models import deltanet, from_pretrained
+from sft_jax.models.decoder import decoder_linears
 from sft_jax.train import sharding
 
 # Not multiples of the 64-token chunk: documents start and end inside chunks.
@@ -162,3 +165,26 @@ def test_multimodal_checkpoint_loads_its_text_model(qwen3_5, tmp_path):
     np.testing.assert_array_equal(
         jax_logits(from_pretrained(tmp_path), batch), jax_logits(from_pretrained(path), batch)
     )
+
+
+def test_all_linear_lora_exports_to_peft(qwen3_5, tmp_path):
+    """LoRA on every linear layer (the Gated DeltaNet's in_proj_* and out_proj included, as
+    PEFT's "all-linear"): the PEFT adapter loaded in peft gives our logits."""
+    path, _ = qwen3_5
+    mesh = sharding.single_device_mesh()
+    model = from_pretrained(path, mesh=mesh)
+    spec = LoRASpec(rank=4, alpha=8.0)
+    apply_lora(model, spec, mesh)
+    adapted = {name for _, name, linear in decoder_linears(model) if linear.lora_a is not None}
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj"} <= adapted
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    for _, _, linear in decoder_linears(model):
+        linear.lora_b[...] = 0.3 * jax.random.normal(next(keys), linear.lora_b[...].shape)
+    batch = _packed([np.arange(3, 40)])
+    actual = jax_logits(model, batch)
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(path))
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    peft_model = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=torch.tensor(batch["input_ids"]).long()).logits.numpy()
+    assert_close_on_tokens(actual[0], expected[0], np.ones(37), rel_tol=1e-4)
