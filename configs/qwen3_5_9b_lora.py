@@ -1,7 +1,7 @@
 """LoRA (r=16 on every linear layer, the Gated DeltaNet projections included) on Qwen3.5-9B,
 the hybrid of Gated DeltaNet and gated full-attention layers (3 to 1), with UltraChat.
 
-Sized for one 80 GB GPU (micro-batches of 2 rows of 4096 tokens). Plan it first (XLA's memory
+Sized for one 80 GB GPU (micro-batches of 8 rows of 4096 tokens). Plan it first (XLA's memory
 per device from config.json alone; assets/model_configs/qwen3_5_9b holds transformers'
 Qwen3_5TextConfig defaults, which its docstring calls the Qwen3.5-9B style configuration; the
 figure is quoted in docs/models.md):
@@ -30,7 +30,7 @@ def get_config():
     config.data.max_length = 4096
     config.train.steps = 1000
     config.train.global_batch_size = 16
-    config.train.gradient_accumulation_steps = 8
+    config.train.gradient_accumulation_steps = 2
     config.train.learning_rate = 1e-4
     config.train.warmup_steps = 50
     config.train.weight_decay = 0.0
