@@ -10,8 +10,8 @@ packing time of long-context data at two sizes.
 Measured (--delta_rule, 2 heads of 128, float32, forward + backward, a loaded 2-core CPU): the
 chunked delta rule needs 4.2x / 16.4x / 32.8x less XLA temporary memory than full causal
 attention at T = 4k / 16k / 32k (0.09 / 0.37 / 0.74 GiB against 0.38 / 6.0 / 24.1 GiB) and is
-4.8x faster at 4k (0.63 s against 3.0 s; attention not run beyond 4k). Its time grows linearly
-(1.6 s at 16k, 2.4 s at 32k).
+4.8x faster at 4k (0.63 s against 3.0 s; attention not run beyond 4k). Its time grows no faster
+than linearly (1.6 s at 16k, 2.4 s at 32k).
 
 Each context size compiles the train step on its own C devices (data = fsdp = tensor = 1, one
 row), so parameters and optimizer state are the same on every device and what falls with C is
