@@ -238,8 +238,38 @@ FAMILIES: dict[str, tuple[type, dict]] = {
             },
         },
     ),
+    # Gated DeltaNet layers around a gated full-attention layer; 2 key heads for 4 value heads.
+    "qwen3_5": (
+        transformers.Qwen3_5TextConfig,
+        {
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 12,
+            "linear_conv_kernel_dim": 4,
+        },
+    ),
+    # The same hybrid with an expert block (and a shared expert) in every layer.
+    "qwen3_5_moe": (
+        transformers.Qwen3_5MoeTextConfig,
+        {
+            "head_dim": 16,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 12,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "router_aux_loss_coef": 0.01,
+        },
+    ),
 }
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe")
 
 
 def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
@@ -251,15 +281,20 @@ def hf_config(family: str, **overrides: Any) -> transformers.PretrainedConfig:
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Large random weights so that every parameter, norms and biases included, shows in logits."""
-    # Gemma 2/3 norms scale by 1 + w (Gemma 4's by w); Gemma 4's layer scalars are buffers.
+    # Norms that scale by (1 + w) stay near 0: Gemma 2/3's and Qwen3.5's (but its DeltaNet's
+    # gated norm); Gemma 4's scale by w; Gemma 4's layer scalars are buffers.
     plus_one = model.config.model_type in ("gemma2", "gemma3_text")
+    plus_one = plus_one or model.config.model_type.startswith("qwen3_5")
     unscaled_scores = model.config.model_type == "gemma4_text"
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * 0.1
             is_norm = name.endswith("norm.weight")
-            center = 1.0 if is_norm and not plus_one else 0.0
+            near_one = is_norm and (not plus_one or name.endswith("linear_attn.norm.weight"))
+            if name.endswith("A_log"):  # slow decay (exp(A) ~ 0.02): states remember far back
+                noise = noise + np.log(0.02)
+            center = 1.0 if near_one else 0.0
             if name.endswith(("q_norm.weight", "k_norm.weight")) and unscaled_scores:
                 # Gemma 4 leaves q.k unscaled (its q/k norms set the scale): keep the scores of
                 # order one, as head_dim ** -0.5 does, so that bf16 rounding stays small.

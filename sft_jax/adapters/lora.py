@@ -37,15 +37,16 @@ from sft_jax.models.decoder import (
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import hf_module_name, to_host
 from sft_jax.models.layers import TRAINABLE, LoRAParam
+from sft_jax.models.linear_attention import LINEAR_PROJECTIONS
 from sft_jax.models.mla import MLA_ONLY_PROJECTIONS
 from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
 from sft_jax.models.partitioning import named_sharding
 from sft_jax.models.per_layer import Buffer
 from sft_jax.models.quantize import QuantSpec
 
-# Latent attention's own projections (DeepSeek-V3) last: earlier names keep their index,
-# which seeds each adapter's init.
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + MLA_ONLY_PROJECTIONS
+# Latent attention's (DeepSeek-V3) and Gated DeltaNet's (Qwen3.5) own projections last:
+# earlier names keep their index, which seeds each adapter's init.
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + MLA_ONLY_PROJECTIONS + LINEAR_PROJECTIONS
 ADAPTER_METHODS = ("lora", "adalora")  # config.lora.method
 # Modules trained in full beside the adapters, by their Hugging Face names (config choices).
 EXTRA_MODULES = {"embed": "model.embed_tokens", "lm_head": "lm_head"}

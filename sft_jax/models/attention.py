@@ -30,6 +30,7 @@ from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.kernels import blockwise
 from sft_jax.models.kernels import fused as kernels
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key, normal_init
+from sft_jax.models.linear_attention import LinearState
 from sft_jax.models.partitioning import balanced_order, context_attention, context_shards
 from sft_jax.models.per_layer import rms_normalize
 
@@ -123,13 +124,19 @@ class KVCache:
     values: tuple[jax.Array, ...]  # per layer [B, S, K, E]
     positions_BxS: jax.Array  # int32 position of the token in each slot; -1: padding or empty
     index: jax.Array  # int32 scalar: the next slot to write
+    # Per layer, a Gated DeltaNet's LinearState (its keys and values then hold no slots), or
+    # None for an attention layer; () in a model without linear attention.
+    states: tuple[LinearState | None, ...] = ()
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
-        # A layer that shares another's keys/values (KV sharing) keeps no slots of its own;
-        # latent attention's value heads (MLA) are v_head_dim wide.
+        # A layer that shares another's keys/values (KV sharing) keeps no slots of its own, nor
+        # does a Gated DeltaNet (Qwen3.5: its state instead); latent attention's value heads
+        # (MLA) are v_head_dim wide.
+        linear = [kind == "linear_attention" for kind in config.layer_types]
+
         def slots(layer: int, width: int) -> jax.Array:
-            own = length if config.kv_source_of(layer) == layer else 0
+            own = length if config.kv_source_of(layer) == layer and not linear[layer] else 0
             return jnp.zeros((batch, own, config.kv_heads_of(layer), width), dtype)
 
         layers = range(config.num_layers)
@@ -137,8 +144,12 @@ class KVCache:
         values = keys
         if config.mla is not None:
             values = tuple(slots(i, config.value_head_dim) for i in layers)
+        states = ()
+        if any(linear):
+            spec = config.linear_attention
+            states = tuple(LinearState.empty(spec, batch, dtype) if f else None for f in linear)
         empty_BxS = jnp.full((batch, length), -1, jnp.int32)
-        return cls(keys, values, empty_BxS, jnp.zeros((), jnp.int32))
+        return cls(keys, values, empty_BxS, jnp.zeros((), jnp.int32), states)
 
 
 @jax.tree_util.register_dataclass
@@ -190,8 +201,14 @@ class Attention(nnx.Module):
         own_kv = c.kv_source_of(layer_index) == layer_index
         own_values = own_kv and layer_index not in c.value_is_key_layers
         self.own_kv = own_kv
+        # Qwen3.5: each head's queries followed by as many gate values (attn_output_gate).
+        self.gated = c.attn_output_gate
         self.q_proj = Linear(
-            c.hidden_size, q_width, axes=("embed", "q_heads"), use_bias=c.qkv_bias, **dense
+            c.hidden_size,
+            q_width * (2 if self.gated else 1),
+            axes=("embed", "q_heads"),
+            use_bias=c.qkv_bias,
+            **dense,
         )
         kv = {"axes": ("embed", "kv_heads"), "use_bias": c.qkv_bias, **dense}
         self.k_proj = Linear(c.hidden_size, kv_width, **kv) if own_kv else None
@@ -230,7 +247,7 @@ class Attention(nnx.Module):
                 f"attention={self.kind!r} has no attention sinks (gpt-oss); set "
                 "config.model.attention='blockwise' or 'xla' (or 'auto', which picks one)."
             )
-        q_BxTxKxGxE = self.queries(x_BxTxD, positions_BxT, dropout_key)
+        q_BxTxKxGxE, gate = self.queries(x_BxTxD, positions_BxT, dropout_key)
         if shared_kv is None:
             shared_kv = self.keys_values(x_BxTxD, positions_BxT, dropout_key)
         k_BxSxKxE, v_BxSxKxE = shared_kv
@@ -240,24 +257,25 @@ class Attention(nnx.Module):
                 prefix, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, positions_BxT, self.window
             )
             return self._attend(
-                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3)
+                q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3), gate
             )
         shards = context_shards()
         if shards > 1 and x_BxTxD.shape[1] % shards == 0:  # the sequence split over context
             out_BxTxHE = self._context_parallel(
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT, positions_BxT
             )
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+            return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
         out_BxTxHE = self._segment_kernel(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
         if out_BxTxHE is not None:
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
+            return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
         mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
         if self.kind == "cudnn":
             out_BxTxHE = kernels.fused_attention(
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, self.scale, self.window
             )
-            return self.o_proj(out_BxTxHE, fold_key(dropout_key, 3))
-        return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, fold_key(dropout_key, 3))
+            return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
+        key = fold_key(dropout_key, 3)
+        return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, key, gate)
 
     def _segment_kernel(
         self,
@@ -375,7 +393,7 @@ class Attention(nnx.Module):
         """Writes the T new keys/values at slot cache.index and attends over the cache (after
         the prefix, where given); returns the output and the cache with the new keys and
         values."""
-        q_BxTxKxGxE = self.queries(x_BxTxD, positions_BxT, None)
+        q_BxTxKxGxE, gate = self.queries(x_BxTxD, positions_BxT, None)
         if self.own_kv:  # else: `cache` is the layer's it shares, written already
             k_BxTxKxE, v_BxTxKxE = self.keys_values(x_BxTxD, positions_BxT, None)
             cache = dataclasses.replace(
@@ -389,15 +407,21 @@ class Attention(nnx.Module):
             keys_BxSxKxE, values_BxSxKxE, mask_BxTxS = with_prefix(
                 prefix, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, positions_BxT, self.window
             )
-        out_BxTxD = self._attend(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, None)
+        out_BxTxD = self._attend(q_BxTxKxGxE, keys_BxSxKxE, values_BxSxKxE, mask_BxTxS, None, gate)
         return out_BxTxD, cache
 
     def queries(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
-    ) -> jax.Array:
-        """Queries [B, T, K, G, E], normed and rotated."""
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Queries [B, T, K, G, E], normed and rotated, and the output gate [B, T, H*E] (None
+        without attn_output_gate)."""
         batch, seq_len, _ = x_BxTxD.shape
         q_BxTxHxE = self.q_proj(x_BxTxD, fold_key(dropout_key, 0))
+        gate = None
+        if self.gated:  # per head: E queries, then E gate values (Qwen3.5)
+            q_gate = q_BxTxHxE.reshape(batch, seq_len, self.num_heads, 2 * self.head_dim)
+            q_BxTxHxE = q_gate[..., : self.head_dim]
+            gate = q_gate[..., self.head_dim :].reshape(batch, seq_len, -1)
         if self.q_norm is not None and self.qk_norm_full:  # still [B, T, H*E]
             q_BxTxHxE = self.q_norm(q_BxTxHxE)
         q_BxTxHxE = q_BxTxHxE.reshape(batch, seq_len, self.num_heads, self.head_dim)
@@ -406,7 +430,7 @@ class Attention(nnx.Module):
         if self.rope is not None:
             q_BxTxHxE = apply_rope(q_BxTxHxE, positions_BxT, self.rope)
         groups = self.num_heads // self.num_kv_heads
-        return q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim)
+        return q_BxTxHxE.reshape(batch, seq_len, self.num_kv_heads, groups, self.head_dim), gate
 
     def keys_values(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
@@ -437,10 +461,19 @@ class Attention(nnx.Module):
         v_BxSxKxE: jax.Array,
         mask_BxTxS: jax.Array,
         dropout_key: jax.Array | None,
+        gate: jax.Array | None = None,
     ) -> jax.Array:
         batch, seq_len = q_BxTxKxGxE.shape[:2]
         out_BxTxKxGxE = self._weighted_values(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS)
         out_BxTxHE = out_BxTxKxGxE.reshape(batch, seq_len, self.num_heads * self.head_dim)
+        return self._output(out_BxTxHE, dropout_key, gate)
+
+    def _output(
+        self, out_BxTxHE: jax.Array, dropout_key: jax.Array | None, gate: jax.Array | None
+    ) -> jax.Array:
+        """o_proj of the heads' outputs, gated first where the family gates them."""
+        if gate is not None:
+            out_BxTxHE = out_BxTxHE * jax.nn.sigmoid(gate)
         return self.o_proj(out_BxTxHE, dropout_key)
 
     def _weighted_values(

@@ -50,7 +50,9 @@ class RopeSpec:
     # yarn: cos and sin are multiplied by this (so q.k by its square); 1 for the other types.
     attention_factor: float = 1.0
     max_position_embeddings: int = 0  # dynamic: the length beyond which the base grows
-    partial_rotary_factor: float = 1.0  # proportional: the share of the head that rotates
+    # The leading fraction of each head that turns (Qwen3.5: int(head_dim * factor) dims, the
+    # rest passes through; proportional: the share of the head's frequency pairs).
+    partial_rotary_factor: float = 1.0
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies [head_dim // 2] in float32, computed as transformers does
@@ -114,6 +116,24 @@ class RopeSpec:
         ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
         keep = (1 - ramp).astype(np.float32)
         return (interpolated * (1 - keep) + extrapolated * keep).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttentionSpec:
+    """The Gated DeltaNet layers of a hybrid model (config.json's linear_* fields)."""
+
+    num_key_heads: int  # linear_num_key_heads (queries and keys)
+    num_value_heads: int  # linear_num_value_heads (a multiple of num_key_heads)
+    key_head_dim: int  # linear_key_head_dim
+    value_head_dim: int  # linear_value_head_dim
+    conv_kernel: int  # linear_conv_kernel_dim: width of the causal depthwise convolution
+
+    @property
+    def conv_channels(self) -> int:
+        """Channels of the convolution: queries, keys and values side by side."""
+        return (
+            2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +221,10 @@ class ModelConfig:
     # A reward model (transformers' *ForSequenceClassification): the outputs of its `score`
     # head [score_labels, D] in place of the LM head; 0 for a causal LM.
     score_labels: int = 0
+    # Qwen3.5: attention output times sigmoid(gate), the gate a second half of each q_proj head.
+    attn_output_gate: bool = False
+    # The Gated DeltaNet of layer_types' "linear_attention" layers; None where there are none.
+    linear_attention: LinearAttentionSpec | None = None
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -262,17 +286,20 @@ def _rope_spec(params: dict[str, Any], hf: Any) -> RopeSpec:
             f"{', '.join(_SUPPORTED_ROPE_TYPES)}."
         )
     partial = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
-    if partial not in (None, 1, 1.0) and rope_type != "proportional":
+    partial_ok = family_of(hf.model_type).gated_delta_net or rope_type == "proportional"
+    if partial not in (None, 1, 1.0) and not partial_ok:
         raise UnsupportedModelError(
             f"{hf.model_type}: config.json partial_rotary_factor={partial} (RoPE on part of each "
             "head) is not supported; sft_jax rotates the whole head."
         )
     fields = {f.name for f in dataclasses.fields(RopeSpec)}
     fields -= {"theta", "rope_type", "attention_factor", "max_position_embeddings"}
+    fields -= {"partial_rotary_factor"}
     spec = RopeSpec(
         theta=float(params["rope_theta"]),
         rope_type=rope_type,
         max_position_embeddings=int(getattr(hf, "max_position_embeddings", 0) or 0),
+        partial_rotary_factor=float(partial or 1.0),
         **{k: params[k] for k in fields if params.get(k) is not None},
     )
     if rope_type == "yarn":
@@ -368,7 +395,8 @@ def from_hf_config(hf: Any) -> ModelConfig:
         model_type=model_type,
         vocab_size=hf.vocab_size,
         hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
+        # Qwen3.5-MoE has none: every layer's MLP is an expert block.
+        intermediate_size=getattr(hf, "intermediate_size", 0),
         num_layers=num_layers,
         num_heads=hf.num_attention_heads,
         num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
@@ -394,6 +422,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
         rope=_rope_table(hf, layer_types),
         score_labels=_score_labels(hf),
         attention_sinks=family.attention_sinks,
+        **_hybrid_fields(hf, family, layer_types),
         hf_config=hf.to_dict(),
         **moe,
     )
@@ -412,6 +441,35 @@ def proportional_inverse_frequencies(rope: RopeSpec, head_dim: int) -> np.ndarra
     inv_freq = np.zeros(head_dim // 2, np.float32)
     inv_freq[:rotated] = 1.0 / (rope.theta**exponents)
     return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+
+
+def _hybrid_fields(hf: Any, family: Family, layer_types: tuple[str, ...]) -> dict[str, Any]:
+    """Qwen3.5's gated attention and Gated DeltaNet layers, or UnsupportedModelError naming a
+    layer type sft_jax does not implement."""
+    known = ("full_attention", "sliding_attention")
+    if family.gated_delta_net:
+        known = ("full_attention", "linear_attention")
+    unknown = sorted(set(layer_types) - set(known))
+    if unknown:
+        raise UnsupportedModelError(
+            f"{family.model_type}: config.json layer_types has {', '.join(map(repr, unknown))}, "
+            f"which sft_jax does not implement for this family (supported: {', '.join(known)})."
+        )
+    if not family.gated_delta_net:
+        return {}
+    spec = LinearAttentionSpec(
+        num_key_heads=int(hf.linear_num_key_heads),
+        num_value_heads=int(hf.linear_num_value_heads),
+        key_head_dim=int(hf.linear_key_head_dim),
+        value_head_dim=int(hf.linear_value_head_dim),
+        conv_kernel=int(hf.linear_conv_kernel_dim),
+    )
+    if spec.num_value_heads % spec.num_key_heads:
+        raise UnsupportedModelError(
+            f"{family.model_type}: config.json linear_num_value_heads={spec.num_value_heads} is "
+            f"not a multiple of linear_num_key_heads={spec.num_key_heads}."
+        )
+    return {"attn_output_gate": True, "linear_attention": spec}
 
 
 def _score_labels(hf: Any) -> int:
@@ -447,9 +505,12 @@ def _moe_fields(hf: Any, family: Family) -> dict[str, Any]:
     elif family.moe == "mixtral":  # every layer sparse, experts as wide as intermediate_size
         moe_layers, width, renormalize = tuple(range(num_layers)), hf.intermediate_size, True
     else:
-        step, dense = int(hf.decoder_sparse_step), set(hf.mlp_only_layers or ())
+        # Qwen3.5-MoE has none of these fields: every layer sparse, top-k renormalized.
+        step = int(getattr(hf, "decoder_sparse_step", 1))
+        dense = set(getattr(hf, "mlp_only_layers", None) or ())
         moe_layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
-        width, renormalize = hf.moe_intermediate_size, bool(hf.norm_topk_prob)
+        width = hf.moe_intermediate_size
+        renormalize = bool(getattr(hf, "norm_topk_prob", True))
     return {
         "num_experts": num_experts,
         "experts_per_token": top_k,

@@ -35,6 +35,7 @@ from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
+from sft_jax.models.linear_attention import LINEAR_PROJECTIONS, GatedDeltaNet
 from sft_jax.models.mla import MLA_ONLY_PROJECTIONS, MLAttention
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.moe_gpt_oss import GptOssMoEBlock
@@ -88,8 +89,11 @@ class DecoderLayer(nnx.Module):
         norm = {"eps": c.rms_norm_eps, "plus_one": c.gemma_norms, "param_dtype": param_dtype}
         pre, post = not c.post_norms, c.sandwich_norms or c.post_norms
         self.attn_norm = RMSNorm(c.hidden_size, **norm) if pre else None
-        attention_class = MLAttention if c.mla else Attention
-        self.attn = attention_class(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Qwen3.5's "linear_attention" layers hold a Gated DeltaNet in the attention's place.
+        mixer = MLAttention if c.mla else Attention
+        if c.layer_types[layer_index] == "linear_attention":
+            mixer = GatedDeltaNet
+        self.attn = mixer(c, layer_index, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.attn_post_norm = RMSNorm(c.hidden_size, **norm) if post else None
         self.mlp_norm = RMSNorm(c.hidden_size, **norm) if pre else None
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
@@ -319,24 +323,29 @@ class CausalLM(nnx.Module):
         key_positions_BxS = write_slots(cache.positions_BxS, positions_BxT, cache.index)
         x_BxTxD = self._embed(input_ids_BxT)
         ple_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD)
-        keys, values, written = [], [], []
+        keys, values, written, states = [], [], [], list(cache.states)
         for index, (layer, prefix, layer_keys, layer_values) in enumerate(
             zip(self.layers, prefixes, cache.keys, cache.values, strict=True)
         ):
-            source = self.config.kv_source_of(index)
-            layer_cache = (
-                written[source]  # KV sharing: the earlier layer's cache, this step's tokens in
-                if source != index
-                else LayerCache(layer_keys, layer_values, key_positions_BxS, cache.index)
-            )
             ple = None if ple_BxTxLxP is None else ple_BxTxLxP[:, :, index]
+            source = self.config.kv_source_of(index)
+            if states and states[index] is not None:  # a Gated DeltaNet: its own state
+                layer_cache = states[index]
+            elif source != index:  # KV sharing: the earlier layer's cache, this step's tokens in
+                layer_cache = written[source]
+            else:
+                layer_cache = LayerCache(layer_keys, layer_values, key_positions_BxS, cache.index)
             x_BxTxD, layer_cache = layer.extend(x_BxTxD, positions_BxT, layer_cache, prefix, ple)
             written.append(layer_cache)
-            keys.append(layer_keys if source != index else layer_cache.keys_BxSxKxE)
-            values.append(layer_values if source != index else layer_cache.values_BxSxKxE)
+            if states and states[index] is not None:
+                states[index] = layer_cache
+                layer_cache = None
+            own = layer_cache is not None and source == index
+            keys.append(layer_cache.keys_BxSxKxE if own else layer_keys)
+            values.append(layer_cache.values_BxSxKxE if own else layer_values)
         new_index = cache.index + input_ids_BxT.shape[1]
         return self.final_norm(x_BxTxD), KVCache(
-            tuple(keys), tuple(values), key_positions_BxS, new_index
+            tuple(keys), tuple(values), key_positions_BxS, new_index, tuple(states)
         )
 
     def _per_layer_inputs(self, input_ids_BxT: jax.Array, x_BxTxD: jax.Array) -> jax.Array | None:
@@ -419,7 +428,8 @@ class CausalLM(nnx.Module):
 def decoder_linears(model: CausalLM) -> Iterator[tuple[int, str, Linear]]:
     """(layer index, projection name, module) of every linear layer in the decoder."""
     for index, layer in enumerate(model.layers):
-        for name in layer.attn.projection_names:
+        linear = isinstance(layer.attn, GatedDeltaNet)
+        for name in LINEAR_PROJECTIONS if linear else layer.attn.projection_names:
             if getattr(layer.attn, name) is not None:  # none: KV sharing, k_eq_v (Gemma 4)
                 yield index, name, getattr(layer.attn, name)
         if isinstance(layer.mlp, MLP):  # expert weights are stacked parameters, not Linears

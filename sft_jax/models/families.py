@@ -49,6 +49,11 @@ class Family:
     # a frozen score-correction bias, group-limited top-k, scaling, ungated shared experts,
     # dense first layers), read by models/deepseek.py.
     mla: bool = False
+    # Hybrid linear attention (Qwen3.5): layer_types' "linear_attention" layers are Gated
+    # DeltaNets (models/linear_attention.py); the full-attention layers gate their output by a
+    # sigmoid of a second half of q_proj, and RoPE turns part of each head
+    # (partial_rotary_factor).
+    gated_delta_net: bool = False
 
 
 FAMILIES: Registry[Family] = Registry("model family")
@@ -74,6 +79,10 @@ register(Family("qwen3_moe", moe="qwen", qk_norm=True))
 # Biased router and experts, softmax over the top-k logits, clamped SwiGLU (models/moe_gpt_oss.py).
 register(Family("gpt_oss", moe="gpt_oss", attention_sinks=True))
 register(Family("deepseek_v3", moe="qwen", mla=True))  # experts stored as Qwen's
+register(Family("qwen3_5_text", qk_norm=True, gemma_norms=True, gated_delta_net=True))
+register(
+    Family("qwen3_5_moe_text", moe="qwen", qk_norm=True, gemma_norms=True, gated_delta_net=True)
+)
 
 # Mixtures of experts that transformers implements and sft_jax does not (yet): what each needs.
 NOT_YET = {

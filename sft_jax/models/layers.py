@@ -6,6 +6,7 @@ Dimension legend: B batch, T time, D model width, E head dim, V vocabulary (see 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -183,7 +184,14 @@ einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 def apply_rope(x_BTxE: jax.Array, positions_BxT: jax.Array, rope: RopeSpec) -> jax.Array:
     """Rotates the two halves of the last axis of x_[B, T, heads, E] by position * frequency
-    (scaled by the rope's attention factor: YaRN's, 1 otherwise)."""
+    (scaled by the rope's attention factor: YaRN's, 1 otherwise); with a partial rotary factor
+    only the leading int(E * factor) dims turn, as two halves of their own (proportional RoPE
+    reads its factor in its frequencies instead: Gemma 4's pairs span the whole head)."""
+    if rope.partial_rotary_factor != 1.0 and rope.rope_type != "proportional":
+        turned = int(x_BTxE.shape[-1] * rope.partial_rotary_factor)
+        full = dataclasses.replace(rope, partial_rotary_factor=1.0)
+        rotated = apply_rope(x_BTxE[..., :turned], positions_BxT, full)
+        return jnp.concatenate([rotated, x_BTxE[..., turned:]], axis=-1)
     head_dim = x_BTxE.shape[-1]
     if rope.rope_type == "dynamic":  # frequencies follow the batch's longest position
         inv_freq = rope.dynamic_inverse_frequencies(head_dim, jnp.max(positions_BxT) + 1)

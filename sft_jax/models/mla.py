@@ -142,14 +142,14 @@ class MLAttention(Attention):
 
     def queries(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None
-    ) -> jax.Array:
-        """Queries [B, T, H, 1, E]: the nope dims and the rotated rope dims."""
+    ) -> tuple[jax.Array, None]:
+        """Queries [B, T, H, 1, E]: the nope dims and the rotated rope dims; no output gate."""
         batch, seq_len, _ = x_BxTxD.shape
         nope = self.nope_dim
         q_BxTxHxE = self._queries(x_BxTxD, dropout_key).reshape(batch, seq_len, self.num_heads, -1)
         q_rope_BxTxHxP = self._rotate(q_BxTxHxE[..., nope:], positions_BxT)
         q_BxTxHxE = jnp.concatenate([q_BxTxHxE[..., :nope], q_rope_BxTxHxP], axis=-1)
-        return q_BxTxHxE[:, :, :, None, :]
+        return q_BxTxHxE[:, :, :, None, :], None
 
     def keys_values(
         self, x_BxTxD: jax.Array, positions_BxT: jax.Array, dropout_key: jax.Array | None

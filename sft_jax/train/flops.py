@@ -41,9 +41,11 @@ def matmul_params(config: ModelConfig) -> int:
     expert and its gate.
     """
     c = config
-    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    query_heads = c.num_heads * (2 if c.attn_output_gate else 1)  # Qwen3.5's gate doubles q_proj
+    attention = c.hidden_size * c.head_dim * (query_heads + c.num_heads + 2 * c.num_kv_heads)
     if c.mla is not None:  # latent attention (DeepSeek-V3)
         attention = c.mla.matmul_params(c.hidden_size, c.num_heads)
+    linear_layers = c.layer_types.count("linear_attention")  # Gated DeltaNets (Qwen3.5)
     shared = c.shared_expert_intermediate_size
     mlp = 3 * c.hidden_size * c.intermediate_size
     moe = c.hidden_size * (
@@ -54,11 +56,21 @@ def matmul_params(config: ModelConfig) -> int:
     num_moe = len(c.moe_layers)
     dense_layers = c.num_layers - num_moe
     return (
-        c.num_layers * attention
+        (c.num_layers - linear_layers) * attention
+        + (linear_layers * _delta_net_params(c) if linear_layers else 0)
         + dense_layers * mlp
         + num_moe * moe
         + (c.score_labels or c.vocab_size) * c.hidden_size  # a reward model's head: its score
     )
+
+
+def _delta_net_params(config: ModelConfig) -> int:
+    """The projections of a Gated DeltaNet layer (in_proj_qkv, _z, _b, _a, out_proj) and its
+    depthwise convolution (one multiply-add per weight and token, as a matmul's)."""
+    s = config.linear_attention
+    value_width = s.num_value_heads * s.value_head_dim
+    widths = s.conv_channels + 2 * value_width + 2 * s.num_value_heads
+    return config.hidden_size * widths + s.conv_channels * s.conv_kernel
 
 
 def training_flops_per_token(
@@ -72,6 +84,7 @@ def training_flops_per_token(
     6 * matmul_params, plus attention scores and values: forward 4 * T * H * E per token per
     layer (q.k and p.v), times 3 for forward + backward, halved because causal masking leaves
     half of the T x T products. Packed rows are counted as one causal sequence of T tokens.
+    Gated DeltaNet layers (Qwen3.5) count their projections only, not the delta rule's scan.
     Remat recomputation is not counted (this is model FLOPs utilization, not hardware).
 
     With LoRA (`adapter_params` = trained parameters) the frozen base costs 4 * N, forward and
@@ -83,8 +96,10 @@ def training_flops_per_token(
     factor: the chosen and rejected sequences are both tokens of the rows.
     """
     c = config
-    # q.k over head_dim, p.v over the value heads' width (they differ under MLA).
-    attention = 3 * c.num_layers * seq_len * c.num_heads * (c.head_dim + c.value_head_dim)
+    # q.k over head_dim, p.v over the value heads' width (they differ under MLA); the Gated
+    # DeltaNet layers' scan is not counted.
+    full_layers = c.num_layers - c.layer_types.count("linear_attention")
+    attention = 3 * full_layers * seq_len * c.num_heads * (c.head_dim + c.value_head_dim)
     reference = reference_forwards * (2 * matmul_params(c) + attention / 3)
     if adapter_params is None:
         return 6 * matmul_params(c) + attention + reference

@@ -46,7 +46,15 @@ def check_safetensors_present(model_dir: Path) -> None:
     raise CheckpointError(f"{model_dir}: no *.safetensors weights found.")
 
 
+# Image-text checkpoints read as their text model here (text_config; their tensors by
+# fixed_names.text_model_tensors): the published Qwen3.5 checkpoints.
+_TEXT_MODEL_OF = ("qwen3_5", "qwen3_5_moe")
+
+
 def load_hf_config(model_dir: Path) -> Any:
+    """config.json as transformers reads it; of a multimodal Qwen3.5 checkpoint, its text
+    model's."""
     if not (model_dir / "config.json").exists():
         raise CheckpointError(f"{model_dir}: config.json is missing.")
-    return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    return config.text_config if config.model_type in _TEXT_MODEL_OF else config

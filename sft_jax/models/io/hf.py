@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -23,8 +20,10 @@ from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import ATTENTION_NAMES, CausalLM, decoder_linears
 from sft_jax.models.io import gpt_oss as gpt_oss_io
 from sft_jax.models.io import safetensors as safetensors_io
+from sft_jax.models.io.config_files import write_config, write_generation_config
 from sft_jax.models.io.files import check_safetensors_present, load_hf_config, resolve_model_dir
 from sft_jax.models.io.fixed_names import STORED_VARIABLES, fixed_tensor_name, text_model_tensors
+from sft_jax.models.linear_attention import LINEAR_LEAVES, LINEAR_PROJECTIONS
 from sft_jax.models.moe import EXPERT_PARAMS
 from sft_jax.models.partitioning import named_sharding, single_device_mesh
 from sft_jax.models.quantize import QuantSpec, quantize_structure, quantized_kernel
@@ -58,7 +57,11 @@ def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, boo
         if rest[0] == "mlp_norm" and config.sandwich_norms:
             name = "pre_feedforward_layernorm"
         return f"{prefix}.{name}.weight", False
-    module = "self_attn" if rest[0] == "attn" else _mlp_module(config)
+    linear = config.layer_types[index] == "linear_attention"
+    if rest[0] == "attn" and linear and rest[1] in LINEAR_LEAVES:  # Gated DeltaNet parameters
+        return f"{prefix}.linear_attn.{LINEAR_LEAVES[rest[1]]}", False
+    attention = "linear_attn" if linear else "self_attn"
+    module = attention if rest[0] == "attn" else _mlp_module(config)
     if rest[1] in ("router", "router_bias"):  # router_bias: DeepSeek-V3's score-correction bias
         leaf = "weight" if rest[1] == "router" else "e_score_correction_bias"
         return f"{prefix}.{module}.gate.{leaf}", rest[1] == "router"
@@ -114,6 +117,8 @@ def _load_experts(
 
 def hf_module_name(index: int, name: str) -> str:
     """Hugging Face module name of projection `name` of decoder layer `index`."""
+    if name in LINEAR_PROJECTIONS:
+        return f"model.layers.{index}.linear_attn.{name}"
     return f"model.layers.{index}.{'self_attn' if name in ATTENTION_NAMES else 'mlp'}.{name}"
 
 
@@ -393,27 +398,8 @@ def save_pretrained(
     if not writer:
         return out_dir
     hf_config["dtype"] = str(np.dtype(tensors[0].dtype)) if tensors else "float32"
-    _write_config(out_dir, hf_config)
-    _write_generation_config(out_dir, hf_config, generation_config_from)
+    write_config(out_dir, hf_config)
+    write_generation_config(out_dir, hf_config, generation_config_from)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def _write_config(out_dir: Path, hf_config: dict[str, Any]) -> None:
-    config = transformers.AutoConfig.for_model(**hf_config)
-    config.save_pretrained(out_dir)
-
-
-def _write_generation_config(
-    out_dir: Path, hf_config: dict[str, Any], source: str | Path | None
-) -> None:
-    source_file = Path(source) / "generation_config.json" if source else None
-    if source_file is not None and source_file.exists():
-        shutil.copyfile(source_file, out_dir / "generation_config.json")
-        return
-    config = transformers.AutoConfig.for_model(**hf_config)
-    generation = transformers.GenerationConfig.from_model_config(config)
-    (out_dir / "generation_config.json").write_text(
-        json.dumps(generation.to_diff_dict(), indent=2, sort_keys=True) + "\n"
-    )
