@@ -85,9 +85,12 @@ class GatedDeltaNet(nnx.Module):
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
         prefix: object | None = None,
+        shared_kv: object | None = None,
     ) -> jax.Array:
         """The layer over packed rows [B, T, D]; documents are runs of equal segment ids."""
         self._refuse(prefix)
+        if shared_kv is not None:
+            raise UnsupportedModelError("a Gated DeltaNet layer shares no keys and values")
         if context_shards() > 1:
             raise UnsupportedModelError(
                 "Gated DeltaNet layers (Qwen3.5) cannot run with the sequence split over "
