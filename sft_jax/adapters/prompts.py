@@ -32,10 +32,10 @@ from flax import nnx
 from sft_jax.adapters.lora import parameter_counts
 from sft_jax.core.errors import CheckpointError
 from sft_jax.core.spec import RunSpec
-from sft_jax.models.attention import KVPrefix
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import to_host
+from sft_jax.models.kv_cache import KVPrefix
 
 METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 PEFT_TYPES = {

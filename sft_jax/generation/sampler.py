@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.adapters.prompts import prompt_prefix_ids
-from sft_jax.models.attention import KVCache
 from sft_jax.models.decoder import CausalLM
+from sft_jax.models.kv_cache import KVCache
 
 _MIN_LENGTH_BUCKET = 16
 # End-of-turn markers of common chat templates; a stop token when the template writes it.

@@ -29,8 +29,14 @@ from flax import nnx
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.kernels import blockwise
 from sft_jax.models.kernels import fused as kernels
+from sft_jax.models.kv_cache import (
+    KVPrefix,
+    LayerCache,
+    cache_mask,
+    with_prefix,
+    write_slots,
+)
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, einsum_f32, fold_key, normal_init
-from sft_jax.models.linear_attention import LinearState
 from sft_jax.models.partitioning import balanced_order, context_attention, context_shards
 from sft_jax.models.per_layer import rms_normalize
 
@@ -65,108 +71,6 @@ def position_mask(
     if window is not None:
         mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
     return mask_BxTxS
-
-
-def cache_mask(
-    positions_BxT: jax.Array, key_positions_BxS: jax.Array, window: int | None
-) -> jax.Array:
-    """[B, T, S] True where query t may attend cache slot s: a real, earlier (or same) position,
-    inside the window. Padding and empty slots hold position -1 and are never attended."""
-    distance_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
-    mask_BxTxS = (key_positions_BxS[:, None, :] >= 0) & (distance_BxTxS >= 0)
-    if window is not None:
-        mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
-    return mask_BxTxS
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVPrefix:
-    """One layer's prefix: N key/value slots attended by every token (positions 0..N-1)."""
-
-    keys_NxKxE: jax.Array
-    values_NxKxE: jax.Array
-
-
-def with_prefix(
-    prefix: KVPrefix,
-    keys_BxSxKxE: jax.Array,
-    values_BxSxKxE: jax.Array,
-    mask_BxTxS: jax.Array,
-    positions_BxT: jax.Array,
-    window: int | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Keys, values [B, N + S, K, E] and mask [B, T, N + S] with the prefix slots first; a
-    query at position p sees slot j < N where p - j is inside the window."""
-    batch = keys_BxSxKxE.shape[0]
-    count = prefix.keys_NxKxE.shape[0]
-
-    def first(slots_NxKxE: jax.Array, rest_BxSxKxE: jax.Array) -> jax.Array:
-        slots_BxNxKxE = jnp.broadcast_to(slots_NxKxE[None], (batch, *slots_NxKxE.shape))
-        return jnp.concatenate([slots_BxNxKxE.astype(rest_BxSxKxE.dtype), rest_BxSxKxE], axis=1)
-
-    distance_BxTxN = positions_BxT[:, :, None] - jnp.arange(count)[None, None, :]
-    if window is None:
-        prefix_mask_BxTxN = jnp.ones(distance_BxTxN.shape, bool)
-    else:
-        prefix_mask_BxTxN = distance_BxTxN < window
-    mask_BxTxS = jnp.concatenate([prefix_mask_BxTxN, mask_BxTxS], axis=2)
-    keys_BxSxKxE = first(prefix.keys_NxKxE, keys_BxSxKxE)
-    return keys_BxSxKxE, first(prefix.values_NxKxE, values_BxSxKxE), mask_BxTxS
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Keys and values of every layer for the tokens written so far, slots [0, index)."""
-
-    keys: tuple[jax.Array, ...]  # per layer [B, S, K, E]
-    values: tuple[jax.Array, ...]  # per layer [B, S, K, E]
-    positions_BxS: jax.Array  # int32 position of the token in each slot; -1: padding or empty
-    index: jax.Array  # int32 scalar: the next slot to write
-    # Per layer, a Gated DeltaNet's LinearState (its keys and values then hold no slots), or
-    # None for an attention layer; () in a model without linear attention.
-    states: tuple[LinearState | None, ...] = ()
-
-    @classmethod
-    def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
-        # A layer that shares another's keys/values (KV sharing) keeps no slots of its own, nor
-        # does a Gated DeltaNet (Qwen3.5: its state instead); latent attention's value heads
-        # (MLA) are v_head_dim wide.
-        linear = [kind == "linear_attention" for kind in config.layer_types]
-
-        def slots(layer: int, width: int) -> jax.Array:
-            own = length if config.kv_source_of(layer) == layer and not linear[layer] else 0
-            return jnp.zeros((batch, own, config.kv_heads_of(layer), width), dtype)
-
-        layers = range(config.num_layers)
-        keys = tuple(slots(i, config.head_dim_of(i)) for i in layers)
-        values = keys
-        if config.mla is not None:
-            values = tuple(slots(i, config.value_head_dim) for i in layers)
-        states = ()
-        if any(linear):
-            spec = config.linear_attention
-            states = tuple(LinearState.empty(spec, batch, dtype) if f else None for f in linear)
-        empty_BxS = jnp.full((batch, length), -1, jnp.int32)
-        return cls(keys, values, empty_BxS, jnp.zeros((), jnp.int32), states)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LayerCache:
-    """One layer's part of the KV cache while T new tokens are written at slot `index`."""
-
-    keys_BxSxKxE: jax.Array
-    values_BxSxKxE: jax.Array
-    key_positions_BxS: jax.Array  # position of every slot, the new tokens' included
-    index: jax.Array
-
-
-def write_slots(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(
-        cache_BxSx, new_BxTx.astype(cache_BxSx.dtype), index, 1
-    )
 
 
 class Attention(nnx.Module):

@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.models.attention import Attention, KVCache, KVPrefix, LayerCache, write_slots
+from sft_jax.models.attention import Attention
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
+from sft_jax.models.kv_cache import KVCache, KVPrefix, LayerCache, write_slots
 from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
 from sft_jax.models.linear_attention import LINEAR_PROJECTIONS, GatedDeltaNet
 from sft_jax.models.mla import MLA_ONLY_PROJECTIONS, MLAttention

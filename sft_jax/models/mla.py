@@ -19,8 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sft_jax.models.attention import Attention, KVPrefix, LayerCache
+from sft_jax.models.attention import Attention
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
+from sft_jax.models.kv_cache import KVPrefix, LayerCache
 from sft_jax.models.layers import Linear, RMSNorm, apply_rope, fold_key
 from sft_jax.models.partitioning import context_shards
 

@@ -38,7 +38,7 @@ from sft_jax.data.batches import make_rows
 from sft_jax.data.tokenize import from_documents
 from sft_jax.generation.sampler import chat_prompt_ids, generate
 from sft_jax.models import CheckpointError, from_pretrained
-from sft_jax.models.attention import KVCache
+from sft_jax.models.kv_cache import KVCache
 from sft_jax.train import sharding, step
 from sft_jax.train.compiled import build_steps, init_state
 from sft_jax.train.config_check import check_values

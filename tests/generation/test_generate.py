@@ -27,8 +27,8 @@ from sft_jax.generation.sampler import (
     nucleus,
 )
 from sft_jax.models import from_pretrained
-from sft_jax.models.attention import KVCache
 from sft_jax.models.decoder import CausalLM, decoder_linears
+from sft_jax.models.kv_cache import KVCache
 from sft_jax.models.quantize import QuantSpec
 from sft_jax.train import sharding
 
