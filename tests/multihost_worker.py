@@ -17,6 +17,7 @@ import folders_on_path  # noqa: F401 (every folder of test modules on sys.path)
 from test_step import SEQ_LEN, synthetic_batch
 from test_trainer import SyntheticBatches, base_config
 
+from sft_jax.core.spec import RunSpec
 from sft_jax.loop import trainer
 from sft_jax.models import from_pretrained
 from sft_jax.train import distributed
@@ -49,7 +50,8 @@ def main() -> None:
     from sft_jax.train import sharding
 
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    run = trainer.Trainer(config, Path(workdir), from_pretrained(model_dir, mesh=mesh), source)
+    model = from_pretrained(model_dir, mesh=mesh)
+    run = trainer.Trainer(RunSpec.of(config), Path(workdir), model, source)
     losses = []
     signal_process, signal_step = (
         int(x) for x in os.environ.get("WORKER_SIGTERM", "-1:-1").split(":")
