@@ -116,6 +116,24 @@ def test_requests_equal_hf_and_batched_equals_alone(lms):
     assert alone.generate_until(instances("generate_until", GENERATE[:2])) == generated[:2]
 
 
+def test_a_mixture_of_experts_equals_hf(tmp_path):
+    """A Mixtral export: every request's log-likelihood, rolling log-likelihood and greedy
+    generation as lm-eval's hf backend gives them."""
+    save_model(tmp_path, seed=1, experts=4)
+    hf = HFLM(pretrained=str(tmp_path), batch_size=4, device="cpu", dtype="float32")
+    ours = SftJaxLM(str(tmp_path), batch_size=4)
+    requests = instances("loglikelihood", LOGLIKELIHOOD)
+    expected, got = hf.loglikelihood(requests), ours.loglikelihood(requests)
+    np.testing.assert_allclose([x for x, _ in got], [x for x, _ in expected], rtol=1e-4)
+    assert [g for _, g in got] == [g for _, g in expected]
+    rolling = instances("loglikelihood_rolling", [(t,) for t in ROLLING])
+    np.testing.assert_allclose(
+        ours.loglikelihood_rolling(rolling), hf.loglikelihood_rolling(rolling), rtol=1e-4
+    )
+    generate = instances("generate_until", GENERATE[:2])
+    assert ours.generate_until(generate) == hf.generate_until(generate)
+
+
 def _run(lm, files, **options):
     manager = TaskManager(include_path=str(files / "tasks"), include_defaults=False)
     return simple_evaluate(

@@ -52,18 +52,27 @@ metric_list: [{{metric: word_perplexity}}, {{metric: byte_perplexity}}, {{metric
 """
 
 
-def save_model(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> None:
-    """A random Llama (weights large enough that logits are far from ties) and a Llama 3
-    style word-level tokenizer that puts BOS in front of text, saved in `path`."""
+def save_model(
+    path: Path, seed: int = 0, hidden: int = 32, layers: int = 2, experts: int = 0
+) -> None:
+    """A random Llama (weights large enough that logits are far from ties; with `experts`, a
+    Mixtral of that many experts, 2 a token) and a Llama 3 style word-level tokenizer that puts
+    BOS in front of text, saved in `path`."""
     tokenizer = make_tokenizer("llama3", corpus=WORDS)
     tokenizer.save_pretrained(path)
-    config = transformers.LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=MAX_LENGTH, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config)
+    if experts:
+        config = transformers.MixtralConfig(
+            **fields, num_local_experts=experts, num_experts_per_tok=2
+        )
+        model = transformers.MixtralForCausalLM(config)
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
     randomize_(model, seed)
     model.save_pretrained(path)
 
