@@ -5,18 +5,16 @@ python -m sft_jax.evaluate --model=DIR --tasks=hellaswag,gsm8k [--limit=N] [--nu
     [--fewshot_as_multiturn] [--include_path=TASK_DIR] [--dtype=float32|bfloat16]
 python -m sft_jax.evaluate --workdir=RUN_DIR [--step=N | --which=best|last] --tasks=...
 
-A run's checkpoint is exported to a temporary directory first (LoRA merged into the weights,
-as `python -m sft_jax.chat --workdir` does). The model runs as lm-eval's model type "sft_jax"
+A run's checkpoint is evaluated as it trained: the run's model with its adapters unmerged
+(LoRA, QLoRA, DoRA; prompt adapters are refused), holding the checkpoint's trained parameters,
+sharded over the local devices. The model runs as lm-eval's model type "sft_jax"
 (sft_jax/evaluation/harness.py). Prints lm-eval's table; with --output_path writes
 OUT/results.json and, with --log_samples, OUT/samples_<task>.jsonl.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +49,19 @@ flags.DEFINE_integer("bootstrap_iters", 100000, "Bootstrap draws of the stderrs 
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 
 
-@contextlib.contextmanager
-def model_directory(model: str | None, workdir: str | None, which: str | int) -> Iterator[str]:
-    """--model as is, or the run's checkpoint exported (LoRA merged) to a temporary directory."""
+def model_to_evaluate(model: str | None, workdir: str | None, which: str | int) -> tuple:
+    """(--model's directory, None), or (the run's model with its adapters unmerged, holding its
+    checkpoint's trained parameters, and its tokenizer)."""
     if bool(model) == bool(workdir):
         raise UsageError("pass exactly one of --model=DIR and --workdir=RUN_DIR.")
     if model:
-        yield model
-        return
-    with tempfile.TemporaryDirectory(prefix="sft_jax_evaluate_") as out:
-        yield str(export.export_run(workdir, which=which, out=out))
+        return model, None
+    return export.trained_run_model(workdir, which)
 
 
-def evaluate(model_dir: str, tasks: list[str]) -> dict[str, Any]:
-    """lm-eval's results (and samples, with --log_samples) of the model in model_dir."""
+def evaluate(model: Any, tasks: list[str], tokenizer: Any = None) -> dict[str, Any]:
+    """lm-eval's results (and samples, with --log_samples) of the model (a directory, or a
+    loaded model with its tokenizer)."""
     try:
         from lm_eval import simple_evaluate
     except ImportError as e:
@@ -86,7 +83,8 @@ def evaluate(model_dir: str, tasks: list[str]) -> dict[str, Any]:
             "them; --include_path adds a folder of your own YAML tasks)."
         )
     lm = SftJaxLM(
-        model_dir,
+        model,
+        tokenizer,
         batch_size=FLAGS.batch_size,
         max_length=FLAGS.max_length,
         dtype=FLAGS.dtype,
@@ -125,8 +123,8 @@ def run(model: str | None, workdir: str | None, which: str | int) -> None:
         raise UsageError("--tasks is required, e.g. --tasks=hellaswag,arc_easy.")
     if FLAGS.log_samples and not FLAGS.output_path:
         raise UsageError("--log_samples writes to --output_path: give one.")
-    with model_directory(model, workdir, which) as model_dir:
-        results = evaluate(model_dir, FLAGS.tasks)
+    loaded, tokenizer = model_to_evaluate(model, workdir, which)
+    results = evaluate(loaded, FLAGS.tasks, tokenizer)
     from lm_eval.utils import make_table
 
     print(make_table(results))

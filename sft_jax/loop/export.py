@@ -123,6 +123,17 @@ def _replacing(out: Path) -> Iterator[Path]:
         partial.rename(out)
 
 
+def trained_run_model(workdir: str | Path, which: str | int = "best") -> tuple[Any, Any]:
+    """(the run's model as it trained: its adapters unmerged, holding the chosen checkpoint's
+    trained parameters, sharded over the local devices; its tokenizer): what an evaluation of
+    the run reads without an export. A bucket WORKDIR is read from its staging copy."""
+    checkpoints = rundir.open_run(bucket_mirror.readable_run(workdir, ""))
+    step = rundir.pick_step(checkpoints, which)
+    config = RunSpec.from_saved(checkpoints.meta(step)["config"], f"{checkpoints.directory}/{step}")
+    log.info("evaluating step %d of %s as it trained", step, checkpoints.directory)
+    return _trained_model(checkpoints, step, config), run_tokenizer(config)
+
+
 def _trained_model(checkpoints: Checkpoints, step: int, config) -> Any:
     """The run's model, with its adapters, holding the checkpoint's trained parameters."""
     model, _, trainable = build_model(config, sharding.make_mesh(fsdp=-1))

@@ -29,7 +29,7 @@ from sft_jax.data import open_data
 from sft_jax.evaluation.generate import sampling_options
 from sft_jax.evaluation.harness import SftJaxLM
 from sft_jax.evaluation.tasks import metric_key
-from sft_jax.loop import trainer
+from sft_jax.loop import export, trainer
 from sft_jax.models import from_pretrained, save_pretrained
 from sft_jax.train import sharding
 from sft_jax.workdir.metric_names import documented
@@ -200,6 +200,49 @@ def test_cli_writes_lm_eval_results(files, lms, tmp_path):
     assert written["acc,none"] == expected["acc,none"]
     samples = (tmp_path / "samples_tiny_mc.jsonl").read_text().splitlines()
     assert len(samples) == 3
+
+
+def test_cli_evaluates_a_lora_run_as_it_trained(lms, files, tmp_path):
+    """--workdir: the run's LoRA model, unmerged, holding its checkpoint's parameters, scores
+    every request as lm-eval's hf backend does on the run's merged export."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"Add {a} and {a + 1}"},
+                      {"role": "assistant", "content": f"Answer {2 * a + 1}"}]}
+        for a in range(8)
+    ]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = base_config(files / "model", steps=2, learning_rate=5e-2)
+    config.data.train_files = config.data.eval_files = str(tmp_path / "chat.jsonl")
+    config.data.max_length, config.data.cache_dir = 32, "none"
+    config.eval.generate_examples = config.eval.show_samples = 0
+    config.lora.rank, config.checkpoint.enabled, config.checkpoint.async_save = 4, True, False
+    trainer.run(RunSpec.of(config), tmp_path / "run", data_factory=lambda c, feed: open_data(c))
+    command = [
+        sys.executable, "-m", "sft_jax.evaluate", f"--workdir={tmp_path / 'run'}", "--which=last",
+        "--tasks=tiny_mc", f"--include_path={files / 'tasks'}", "--nobuiltin_tasks",
+        "--batch_size=2", f"--output_path={tmp_path / 'out'}", "--log_samples",
+        "--bootstrap_iters=0",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = str(export.export_run(tmp_path / "run", which="last"))
+    hf = HFLM(pretrained=exported, batch_size=4, device="cpu", dtype="float32")
+    scores = {  # per document, each choice's log-likelihood
+        name: {r["doc_id"]: [float(x[0][0]) for x in r["resps"]] for r in rows}
+        for name, rows in (
+            ("hf", _run(hf, files)["samples"]["tiny_mc"]),
+            ("base", _run(lms[0], files)["samples"]["tiny_mc"]),
+            ("ours", map(json.loads, (tmp_path / "out" / "samples_tiny_mc.jsonl").open())),
+        )
+    }
+    assert scores["ours"].keys() == scores["hf"].keys()
+    for doc, ours in scores["ours"].items():
+        np.testing.assert_allclose(ours, scores["hf"][doc], rtol=1e-4)
+    assert not np.allclose(
+        [x for d in sorted(scores["ours"]) for x in scores["ours"][d]],
+        [x for d in sorted(scores["base"]) for x in scores["base"][d]],
+        rtol=1e-3,
+    )  # the run's adapters changed the scores
 
 
 def test_live_lora_model_on_a_mesh_equals_hf_on_its_merged_export(lms, files, tmp_path):
