@@ -344,3 +344,17 @@ def save_tiny_llama(path: Path, tokenizer: Any) -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
+
+
+def transformers_greedy(hf_model, prompts: list[list[int]], new_tokens: int, eos: int) -> list:
+    """transformers' greedy continuation of each prompt alone (eos stops it; pad id 0)."""
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            tokens = hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                do_sample=False, eos_token_id=[eos], pad_token_id=0,
+            )  # fmt: skip
+        out.append(tokens[0, len(prompt) :].tolist())
+    return out

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_models import hf_config
+from hf_models import hf_config, transformers_greedy
 from safetensors import safe_open
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 from test_moe import _hf_loss_and_grads, _labelled_batch, _merged_export_logits
@@ -86,15 +86,7 @@ def test_greedy_generation_equals_transformers(hf_checkpoint):
     actual = generate(
         from_pretrained(path), PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[EOS]
     )
-    expected = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                do_sample=False, eos_token_id=[EOS], pad_token_id=0,
-            )  # fmt: skip
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = transformers_greedy(hf_model, PROMPTS, NEW_TOKENS, EOS)
     assert actual == expected
     assert sum(map(len, expected)) > 2 * len(PROMPTS)  # not all stopped at once
 

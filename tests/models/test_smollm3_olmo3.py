@@ -10,9 +10,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 from flax import nnx
-from hf_models import hf_config
+from hf_models import hf_config, transformers_greedy
 from safetensors import safe_open
 from test_models import assert_close_on_tokens, jax_logits, padded_batch
 
@@ -59,15 +58,7 @@ def test_greedy_equals_transformers(hf_checkpoint, family):
     actual = generate(
         from_pretrained(path), PROMPTS, max_new_tokens=NEW_TOKENS, stop_token_ids=[EOS]
     )
-    expected = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            out = hf_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                do_sample=False, eos_token_id=[EOS], pad_token_id=0,
-            )  # fmt: skip
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = transformers_greedy(hf_model, PROMPTS, NEW_TOKENS, EOS)
     assert actual == expected
 
 
