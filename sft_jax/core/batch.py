@@ -7,6 +7,10 @@ stands for (a token, a segment or a row) and so how it is laid out and sharded.
                       (a row of T tokens holds at most T segments); the rest 0. Sharded over
                       the batch axes only: its second axis is not time
   ROW      [rows]     one value per row; sharded over the batch axes
+  IMAGE    [rows, *per_row]  a row's images (or their patches) and what describes them, in
+                      the row's order; slots past the row's last image are zero. Its per-row
+                      shape is fixed for a run by the model's image size and the images a
+                      row may hold (`per_row`); sharded over the batch axes only
 
 The data layer fills the arrays by name without knowing which objective reads them; an
 objective names the keys it reads beyond BASE_KEYS (its `batch_keys`), and the compiled steps
@@ -20,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-TOKEN, SEGMENT, ROW = "token", "segment", "row"
+TOKEN, SEGMENT, ROW, IMAGE = "token", "segment", "row", "image"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +40,23 @@ FIELDS: dict[str, Field] = {}
 def register(name: str, field: Field) -> str:
     if name in FIELDS:
         raise ValueError(f"batch field {name!r} is registered twice")
-    if field.kind not in (TOKEN, SEGMENT, ROW):
-        raise ValueError(f"batch field {name!r}: kind {field.kind!r} is not token/segment/row")
+    if field.kind not in (TOKEN, SEGMENT, ROW, IMAGE):
+        raise ValueError(f"batch field {name!r}: kind {field.kind!r} is not one of the kinds")
     FIELDS[name] = field
     return name
 
 
-def shape(name: str, rows: int, seq_len: int) -> tuple[int, ...]:
-    """The shape of field `name` in a batch of rows x seq_len tokens."""
-    return (rows,) if FIELDS[name].kind == ROW else (rows, seq_len)
+def shape(
+    name: str, rows: int, seq_len: int, per_row: dict[str, tuple[int, ...]] | None = None
+) -> tuple[int, ...]:
+    """The shape of field `name` in a batch of rows x seq_len tokens; per_row: each IMAGE
+    field's shape per row."""
+    kind = FIELDS[name].kind
+    if kind == IMAGE:
+        if not per_row or name not in per_row:
+            raise ValueError(f"batch field {name!r} holds images: its per-row shape is needed")
+        return (rows, *per_row[name])
+    return (rows,) if kind == ROW else (rows, seq_len)
 
 
 # What every batch holds (data/batches.py documents the label shift).

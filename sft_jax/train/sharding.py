@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sft_jax.core.batch import BASE_KEYS, FIELDS, ROW, TOKEN, shape
+from sft_jax.core.batch import BASE_KEYS, FIELDS, IMAGE, ROW, TOKEN, shape
 from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.models.partitioning import (
@@ -113,16 +113,22 @@ def batch_shardings(mesh: Mesh, keys: Sequence[str] = BASE_KEYS) -> dict[str, Na
     specs = {
         TOKEN: PartitionSpec(batch_axes, time),
         ROW: PartitionSpec(batch_axes),
+        IMAGE: PartitionSpec(batch_axes),
     }
     segment = PartitionSpec(batch_axes, None)
     return {k: NamedSharding(mesh, specs.get(FIELDS[k].kind, segment)) for k in keys}
 
 
 def abstract_batch(
-    rows: int, seq_len: int, mesh: Mesh, keys: Sequence[str] = BASE_KEYS
+    rows: int,
+    seq_len: int,
+    mesh: Mesh,
+    keys: Sequence[str] = BASE_KEYS,
+    per_row: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, jax.ShapeDtypeStruct]:
+    """per_row: each image field's shape per row (core/batch.shape)."""
     return {
-        k: jax.ShapeDtypeStruct(shape(k, rows, seq_len), FIELDS[k].dtype, sharding=s)
+        k: jax.ShapeDtypeStruct(shape(k, rows, seq_len, per_row), FIELDS[k].dtype, sharding=s)
         for k, s in batch_shardings(mesh, keys).items()
     }
 

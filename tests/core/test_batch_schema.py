@@ -48,6 +48,21 @@ def test_a_per_row_field_is_placed_on_the_mesh_by_its_kind(advantage):
     assert placed[advantage].shape == (8,) and placed["input_ids"].shape == (8, 4)
 
 
+def test_an_image_field_keeps_its_per_row_shape_and_splits_only_its_rows(monkeypatch):
+    name = "test_pixels"
+    monkeypatch.setitem(schema.FIELDS, name, schema.Field(np.float32, schema.IMAGE, "pixels"))
+    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=1, context=4)
+    spec = sharding.batch_shardings(mesh, (name,))[name].spec
+    assert spec == PartitionSpec(sharding.batch_shardings(mesh)["input_ids"].spec[0])
+    abstract = sharding.abstract_batch(8, 16, mesh, (name,), per_row={name: (2, 3, 4, 4)})
+    assert abstract[name].shape == (8, 2, 3, 4, 4)
+    with pytest.raises(ValueError, match="per-row shape"):
+        schema.shape(name, 8, 16)
+    local = {name: np.arange(8 * 2 * 3 * 4 * 4, dtype=np.float32).reshape(8, 2, 3, 4, 4)}
+    placed = sharding.device_batch(local, sharding.batch_shardings(mesh, [name]), 8)
+    np.testing.assert_array_equal(np.asarray(placed[name]), local[name])
+
+
 def test_pair_margins_are_one_value_per_chosen_segment():
     from test_preference_data import random_pairs
 
