@@ -19,10 +19,27 @@ from sft_jax.train.memory import StepMemory
 MIN_LAYERS = 2  # the shallower compile has at least this many layers
 
 
+def layer_kind(shape: ModelConfig, i: int) -> tuple:
+    """Everything that makes layer i cost what it does: attention type, expert MLP, RoPE or
+    not, head dim, kv heads, MLP width, keys and values of its own or an earlier layer's
+    (Gemma 4's KV sharing), values that are the keys."""
+    return (
+        shape.layer_types[i],
+        shape.is_moe_layer(i),
+        i in shape.nope_layers,
+        shape.head_dim_of(i),
+        shape.kv_heads_of(i),
+        shape.mlp_width_of(i),
+        shape.kv_source_of(i) == i,
+        i in shape.value_is_key_layers,
+    )
+
+
 def layer_period(shape: ModelConfig) -> int:
-    """The fewest layers after which the kinds of layer (attention type, expert MLP or not)
-    repeat; the model's depth where they never do (e.g. the first k layers dense)."""
-    kinds = [(shape.layer_types[i], shape.is_moe_layer(i)) for i in range(shape.num_layers)]
+    """The fewest layers after which the kinds of layer (layer_kind) repeat; the model's depth
+    where they never do (e.g. the first k layers dense, Gemma 4's last layers sharing keys and
+    values)."""
+    kinds = [layer_kind(shape, i) for i in range(shape.num_layers)]
     for period in range(1, shape.num_layers + 1):
         if all(kinds[i] == kinds[i % period] for i in range(shape.num_layers)):
             return period
@@ -40,12 +57,19 @@ def depths(shape: ModelConfig) -> tuple[int, int] | None:
 
 
 def truncated(shape: ModelConfig, layers: int) -> ModelConfig:
-    """The model's first `layers` layers (embedding, final norm and LM head kept)."""
+    """The model's first `layers` layers (embedding, final norm and LM head kept), every
+    per-layer field cut to them."""
     return dataclasses.replace(
         shape,
         num_layers=layers,
         layer_types=shape.layer_types[:layers],
         moe_layers=tuple(i for i in shape.moe_layers if i < layers),
+        nope_layers=tuple(i for i in shape.nope_layers if i < layers),
+        value_is_key_layers=tuple(i for i in shape.value_is_key_layers if i < layers),
+        layer_head_dims=shape.layer_head_dims[:layers],
+        layer_kv_heads=shape.layer_kv_heads[:layers],
+        layer_mlp_widths=shape.layer_mlp_widths[:layers],
+        kv_sources=shape.kv_sources[:layers],
     )
 
 
