@@ -73,6 +73,23 @@ def check_records(
     return report
 
 
+def merged(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The certificate of several parts of the data (e.g. one per source), added up."""
+    total: dict[str, Any] = {"examples": 0, "documents": 0, "skipped": {}, "violations": []}
+    total["categories"] = {c: {"trained": 0, "untrained": 0} for c in CATEGORIES}
+    for report in reports:
+        total["examples"] += report["examples"]
+        total["documents"] += report["documents"]
+        total["violations"] += report["violations"]
+        for reason, count in report["skipped"].items():
+            total["skipped"][reason] = total["skipped"].get(reason, 0) + count
+        for category, count in report["categories"].items():
+            for kind in ("trained", "untrained"):
+                total["categories"][category][kind] += count[kind]
+    total["skipped"] = dict(sorted(total["skipped"].items()))
+    return total
+
+
 def _check_example(
     tokenizer: Any, options: Options, value: Any, counts: dict
 ) -> tuple[int, list[dict]]:

@@ -65,6 +65,21 @@ class ImageSource:
         return path if path.is_absolute() else self.root / path
 
 
+def has_images(value: Any) -> bool:
+    """Does a raw example hold an image (an `images` column or an image part)?"""
+    if not isinstance(value, dict):
+        return False
+    if value.get("images"):
+        return True
+    messages = value.get("messages")
+    return isinstance(messages, list) and any(
+        isinstance(part, dict) and part.get("type") in ("image", "image_url")
+        for message in messages
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
 def image_parts(messages: Any, column: Any, root: Path) -> tuple[Any, list[ImageSource]]:
     """The messages with every image part as {"type": "image"}, and the image sources in
     order. The `images` column must hold one image per {"type": "image"} part."""

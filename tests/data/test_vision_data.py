@@ -21,7 +21,7 @@ from chat_tokenizers import TEMPLATE_DIR, WORDS, pieces, word_level
 
 from sft_jax.data import certificate, records, vision
 from sft_jax.data.records import DataError
-from sft_jax.data.tokenize import Options
+from sft_jax.data.tokenize import Options, tokenize_records
 from sft_jax.data.vision_check import image_checker
 from sft_jax.data.vision_data import prepare_vision_data
 
@@ -311,3 +311,31 @@ def test_the_store_keeps_the_arrays_and_a_restart_opens_no_image(family, tmp_pat
     with mock.patch.object(PIL.Image, "open", wraps=PIL.Image.open) as opened:
         prepare_vision_data(processor, str(path), "train", options, tmp_path / "store")
     assert opened.call_count == 4
+
+
+def test_certify_checks_image_data_with_the_models_processor(gemma, tmp_path):
+    """`inspect --check`'s certificate (pipeline.certify) of data with images: the processor
+    of config.data.tokenizer's folder, image paths from each source's folder."""
+    from test_data import base_config
+
+    from sft_jax.core.spec import RunSpec
+    from sft_jax.data.pipeline import certify
+
+    folder = tmp_path / "gemma3"
+    gemma.save_pretrained(folder)
+    data = tmp_path / "data"
+    data.mkdir()
+    path = _write(data, [_trl(_images(data))] * 2)
+    config = base_config()
+    config.data.tokenizer, config.data.train_files = str(folder), str(path)
+    config.data.eval_files, config.data.max_length = "", 512
+    report = certify(RunSpec.of(config), None)
+    (document, _), _ = _tokenize(gemma, path)
+    assert report["examples"] == 2 and report["violations"] == []
+    assert report["categories"]["image"]["trained"] == 0
+    assert report["categories"]["image"]["untrained"] == 2 * 2 * 8  # 2 examples, 2 images
+    assert sum(c["trained"] for c in report["categories"].values()) == 2 * document.trained.sum()
+    # Text-only tokenization refuses the example by name rather than as a mistyped field.
+    text = Options("messages", "all_assistant", 512, False)
+    with pytest.raises(DataError, match=r"train.jsonl:1: field 'messages\[0\].content' holds an"):
+        tokenize_records(gemma.tokenizer, records.read_records(str(path), "train", None), text)
