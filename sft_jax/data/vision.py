@@ -20,6 +20,7 @@ image_grid_thw int64 [images, 3]).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -94,13 +95,13 @@ def load_processor(source: str | Path, chat_template: str = "") -> Any:
 def vision_example(value: Any, data_format: str, root: Path) -> tuple[Conversation, list]:
     """An example of TRL's vision format (or with image_url parts) -> its conversation, image
     parts as {"type": "image"} in user and system messages, and its image sources."""
-    if data_format != "messages":
-        raise DataError(
-            f"examples with images are read in the 'messages' format (TRL's vision format), "
-            f"not {data_format!r}; set config.data.format='messages'."
-        )
-    if not isinstance(value, dict):
-        return normalize(value, data_format), []  # names the problem
+    if data_format != "messages" or not isinstance(value, dict):
+        if image_files.has_images(value):
+            raise DataError(
+                f"examples with images are read in the 'messages' format (TRL's vision "
+                f"format), not {data_format!r}; set config.data.format='messages'."
+            )
+        return normalize(value, data_format), []  # text only (or names the problem)
     messages, sources = image_files.image_parts(value.get("messages"), value.get("images"), root)
     if not sources:
         return normalize(value, data_format), []
@@ -249,17 +250,19 @@ def vision_tokens(
 ) -> np.ndarray:
     """Per token: an image token or a vision marker (the expansions the processor made, and
     special tokens named for images or vision: <start_of_image>, <|vision_end|>, ...)."""
-    tokenizer = processor.tokenizer
-    marks = [
-        tokenizer.convert_tokens_to_ids(text)
-        for text in tokenizer.all_special_tokens
-        + [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-        if _VISION_SPECIAL.search(text)
-    ]
-    vision = np.isin(tokens, marks)
+    vision = np.isin(tokens, _vision_marks(processor.tokenizer))
     for replacement in replaced:
         vision |= _inside(offsets, replacement["new_span"])
     return vision
+
+
+@functools.lru_cache(maxsize=8)
+def _vision_marks(tokenizer: Any) -> list[int]:
+    """The ids of the tokenizer's special tokens named for images or vision."""
+    texts = tokenizer.all_special_tokens + [
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    ]
+    return sorted({tokenizer.convert_tokens_to_ids(t) for t in texts if _VISION_SPECIAL.search(t)})
 
 
 def tokenize_vision_records(

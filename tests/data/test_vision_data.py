@@ -195,7 +195,14 @@ def test_images_column_image_url_and_parquet_bytes_agree(family, tmp_path):
     (table,), _ = vision.tokenize_vision_records(
         processor, [row], Options("messages", "all_assistant", 4096, False), Path("/nonexistent")
     )
-    for other in (url, inline, table):
+    # As a hub dataset's Image column gives them: decoded PIL images.
+    hub = records.Record(
+        "hf:x[train]: row 0", {**_trl(paths), "images": [PIL.Image.open(p) for p in paths]}
+    )
+    (decoded,), _ = vision.tokenize_vision_records(
+        processor, [hub], Options("messages", "all_assistant", 4096, False), Path("/nonexistent")
+    )
+    for other in (url, inline, table, decoded):
         np.testing.assert_array_equal(other.tokens, trl.tokens)
         np.testing.assert_array_equal(other.trained, trl.trained)
         for field, array in trl.images.items():
@@ -242,6 +249,12 @@ def test_overlong_documents_truncate_after_their_images_never_through_them(gemma
     through = int(np.flatnonzero(np.isin(full.tokens, image_ids))[-1])  # inside the last image
     documents, stats = _tokenize(gemma, path, through)
     assert documents == [] and stats["dropped"] == {"too_long": 1}
+
+
+def test_a_folder_without_an_image_processor_is_refused(tmp_path):
+    _tokenizer(["<bos>"], bos_token="<bos>").save_pretrained(tmp_path)
+    with pytest.raises(DataError, match=rf"{tmp_path}: the processor \w+ has no image processor"):
+        vision.load_processor(tmp_path)
 
 
 def test_an_image_in_a_reply_is_refused(gemma, tmp_path):
