@@ -1,8 +1,9 @@
 """The mask certificate: what trains, per role and field, checked example by example.
 
 For every document an example renders to, each token gets a category from the characters it
-holds: system, user, assistant (reply text), reasoning, tool_call, tool_result or glue (the
-template's own text: headers, end-of-turn tokens, tool schemas). The report counts trained and
+holds: system, user, assistant (reply text), reasoning, tool_call, tool_result, image (an
+image's tokens and the vision markers around them, data/vision.py) or glue (the template's own
+text: headers, end-of-turn tokens, tool schemas). The report counts trained and
 untrained tokens per category and lists violations, each naming the example and the span:
 
   - a trained span whose tokens do not cover exactly its characters (a token straddles the
@@ -15,7 +16,8 @@ untrained tokens per category and lists violations, each naming the example and 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -27,33 +29,77 @@ from sft_jax.data.spans import Rendered, render_documents
 from sft_jax.data.templates import TemplateError, completion_text, special_texts
 from sft_jax.data.tokenize import Options, _overlaps
 
-CATEGORIES = ("system", "user", "assistant", "reasoning", "tool_call", "tool_result", "glue")
-NEVER_TRAINED = ("system", "user", "tool_result")
+CATEGORIES = (
+    "system",
+    "user",
+    "assistant",
+    "reasoning",
+    "tool_call",
+    "tool_result",
+    "image",
+    "glue",
+)
+NEVER_TRAINED = ("system", "user", "tool_result", "image")
 _ROLE_CATEGORY = {"system": "system", "user": "user", "tool": "tool_result"}
 
 
-def check_records(tokenizer: Any, records: Iterable[Record], options: Options) -> dict[str, Any]:
-    """The certificate of `records`: per-category token counts and violations."""
+def check_records(
+    tokenizer: Any,
+    records: Iterable[Record],
+    options: Options,
+    check_example: Callable[[Any, dict], tuple[int, list[dict]]] | None = None,
+) -> dict[str, Any]:
+    """The certificate of `records`: per-category token counts and violations. Examples with
+    images are checked by data/vision_check.py's `check_example(value, counts)`, which gives
+    the documents an example renders to and their violations, as `_check_example` does."""
+    check_example = check_example or functools.partial(_check_example, tokenizer, options)
     counts = {c: {"trained": 0, "untrained": 0} for c in CATEGORIES}
     report: dict[str, Any] = {"examples": 0, "documents": 0, "skipped": {}, "violations": []}
     skipped: collections.Counter[str] = collections.Counter()
     for record in records:
         report["examples"] += 1
         try:
-            documents = _documents(tokenizer, record.value, options)
+            documents, problems = check_example(record.value, counts)
         except BadExample as e:  # reported by tokenization as a bad example
             skipped[e.reason] += 1
             continue
         except TemplateError as e:
             report["violations"].append({"where": record.where, "span": None, "problem": str(e)})
             continue
-        for rendered, messages in documents:
-            report["documents"] += 1
-            for problem in _check_document(tokenizer, rendered, messages, counts):
-                report["violations"].append({"where": record.where, **problem})
+        report["documents"] += documents
+        report["violations"] += [{"where": record.where, **problem} for problem in problems]
     report["skipped"] = dict(sorted(skipped.items()))
     report["categories"] = counts
     return report
+
+
+def merged(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The certificate of several parts of the data (e.g. one per source), added up."""
+    total: dict[str, Any] = {"examples": 0, "documents": 0, "skipped": {}, "violations": []}
+    total["categories"] = {c: {"trained": 0, "untrained": 0} for c in CATEGORIES}
+    for report in reports:
+        total["examples"] += report["examples"]
+        total["documents"] += report["documents"]
+        total["violations"] += report["violations"]
+        for reason, count in report["skipped"].items():
+            total["skipped"][reason] = total["skipped"].get(reason, 0) + count
+        for category, count in report["categories"].items():
+            for kind in ("trained", "untrained"):
+                total["categories"][category][kind] += count[kind]
+    total["skipped"] = dict(sorted(total["skipped"].items()))
+    return total
+
+
+def _check_example(
+    tokenizer: Any, options: Options, value: Any, counts: dict
+) -> tuple[int, list[dict]]:
+    documents = _documents(tokenizer, value, options)
+    problems = [
+        problem
+        for rendered, messages in documents
+        for problem in _check_document(tokenizer, rendered, messages, counts)
+    ]
+    return len(documents), problems
 
 
 def _documents(tokenizer: Any, value: Any, options: Options) -> list[tuple[Rendered, list]]:
@@ -79,7 +125,18 @@ def _check_document(
     tokens = np.asarray(encoded["input_ids"])
     offsets = [tuple(o) for o in encoded["offset_mapping"]]
     trained = _overlaps(offsets, rendered.spans)
-    labels = _char_labels(rendered, messages, special_texts(tokenizer))
+    labels = char_labels(rendered, messages, special_texts(tokenizer))
+    return check_tokens(tokenizer, rendered, (tokens, offsets, trained), labels, counts)
+
+
+def check_tokens(
+    tokenizer: Any, rendered: Rendered, encoded: tuple, labels: list[str], counts: dict
+) -> list[dict[str, Any]]:
+    """Counts a document's tokens (ids, character offsets, trained flags) per category of
+    their characters' `labels`, and returns its violations. `rendered` holds the text the
+    offsets point into and its trained spans."""
+    tokens, offsets, trained = encoded
+    text = rendered.text
     problems = []
     for index, (start, end) in enumerate(offsets):
         chars = [c for c in labels[start:end] if c != "glue"] or ["glue"]
@@ -134,7 +191,7 @@ def _decoded_in_context(tokenizer: Any, tokens: np.ndarray, start: int, stop: in
     return through[len(before) :] if through.startswith(before) else None
 
 
-def _char_labels(rendered: Rendered, messages: list[dict], specials: list[str]) -> list[str]:
+def char_labels(rendered: Rendered, messages: list[dict], specials: list[str]) -> list[str]:
     """The category of each character: message fields found in order, the rest glue. In a
     trained reply that calls tools, its text after the reply text (up to the end-of-turn
     token) is the calls as the template writes them."""
@@ -148,7 +205,7 @@ def _char_labels(rendered: Rendered, messages: list[dict], specials: list[str]) 
         reasoning, answer = (
             reasoning_and_answer(message) if role == "assistant" else ("", message["content"])
         )
-        fields = [("reasoning", reasoning), (role, answer)]
+        fields = [("reasoning", reasoning)] + [(role, text) for text in _texts(answer)]
         fields += [("tool_call", c["function"]["name"]) for c in message.get("tool_calls", ())]
         position = start
         for category, value in fields:
@@ -168,6 +225,13 @@ def _char_labels(rendered: Rendered, messages: list[dict], specials: list[str]) 
                 labels[i] = "tool_call"
         cursor = end if index in spans else max(cursor, position)
     return labels
+
+
+def _texts(content: str | list) -> list[str]:
+    """The texts of message content: a string, or the text parts of a list (images left out)."""
+    if isinstance(content, str):
+        return [content]
+    return [part["text"] for part in content if part.get("type") == "text"]
 
 
 def table(report: dict[str, Any]) -> str:

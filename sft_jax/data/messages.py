@@ -35,6 +35,12 @@ class BadExample(ValueError):
 
 def text_content(value: Any, field: str) -> str:
     """Message content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(value, list) and any(_is_image_part(p) for p in value):
+        raise BadExample(
+            f"field {field!r} holds an image; examples with images are prepared by the vision "
+            "model's processor (sft_jax.data.vision), which text-only training does not read",
+            "image_in_text_data",
+        )
     if isinstance(value, list) and all(
         isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
         for p in value
@@ -76,6 +82,10 @@ def chat_message(turn: dict, role: str, content: Any, where: str, content_key: s
         if role == "tool" and turn.get(key) is not None:
             message[key] = _string(turn[key], f"{where}.{key}")
     return message
+
+
+def _is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") in ("image", "image_url")
 
 
 def _is_text_parts(value: Any) -> bool:

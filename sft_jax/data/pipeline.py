@@ -16,7 +16,18 @@ import numpy as np
 
 from sft_jax.adapters.prompts import PromptSpec, virtual_token_ids
 from sft_jax.core.spec import DataSpec, RunSpec
-from sft_jax.data import batches, certificate, cloud, formats, records, templates, tokenize
+from sft_jax.data import (
+    batches,
+    certificate,
+    cloud,
+    formats,
+    images,
+    records,
+    templates,
+    tokenize,
+    vision,
+    vision_check,
+)
 from sft_jax.data.records import DataError
 from sft_jax.models.io.hf import resolve_model_dir
 
@@ -168,20 +179,36 @@ class _IgnoreBadRecords:
 
 def certify(config: RunSpec, tokenizer: Any, sample: int = 0) -> dict:
     """The mask certificate (sft_jax.data.certificate) of the first `sample` training
-    examples (0: all of them)."""
+    examples (0: all of them). Data with images is checked as the model's processor
+    prepares it (data/vision_check.py), each source's image paths from its folder."""
     data = config.data
     sources = records.expand_sources(data.train_files, "config.data.train_files")
     options = tokenize_options(
         data, sources, data.train_split, PromptSpec.from_config(config).tokens_in_rows
     )
-    stream = (
-        r
-        for source in sources
-        for r in records.read_records(source, data.train_split, _IgnoreBadRecords())
+    processor = _vision_processor(config, sources)
+    reports = []
+    for source in sources:
+        stream = records.read_records(source, data.train_split, _IgnoreBadRecords())
+        if sample:
+            stream = itertools.islice(stream, sample - sum(r["examples"] for r in reports))
+        if processor is None:
+            reports.append(certificate.check_records(tokenizer, stream, options))
+            continue
+        check = vision_check.image_checker(processor, options, Path(source).parent)
+        reports.append(certificate.check_records(processor.tokenizer, stream, options, check))
+    return certificate.merged(reports)
+
+
+def _vision_processor(config: RunSpec, sources: list[str]) -> Any:
+    """The model's processor when the first example holds an image, else None."""
+    first = next(
+        iter(records.read_records(sources[0], config.data.train_split, _IgnoreBadRecords())), None
     )
-    if sample:
-        stream = itertools.islice(stream, sample)
-    return certificate.check_records(tokenizer, stream, options)
+    if first is None or not images.has_images(first.value):
+        return None
+    source = config.data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
+    return vision.load_processor(source, config.data.chat_template)
 
 
 def _check_at_start(config: RunSpec, tokenizer: Any) -> None:

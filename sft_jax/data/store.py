@@ -9,6 +9,14 @@ fingerprint, tokenizer, template, options and span code):
   KEY/meta.json     counts and the tokenization stats; written last, so its presence marks a
                     complete store
 
+A store of examples with images also keeps the processor's per-image arrays (data/vision.py), so
+a restart never decodes an image again; for each array NAME (e.g. pixel_values):
+
+  KEY/image.NAME.bin          NAME's dtype, the documents' arrays back to back on axis 0
+  KEY/image.NAME.offsets.bin  int64 [documents + 1]  document i has rows offsets[i]:offsets[i + 1]
+
+meta.json's "images" holds each NAME's dtype and shape past axis 0 (`StoredImages` reads them).
+
 Reading copies each document out with pread (nothing of tokens.bin or trained.bin is mapped
 into the process, so its resident memory holds what it copies, whatever the file's size: a
 map would keep every page touched, plus the kernel's fault-around, in the process) and maps
@@ -52,10 +60,16 @@ class StoreWriter:
         self.files = {name: open(self.temporary / f"{name}.bin", "wb") for name in FILES}  # noqa: SIM115
         self.total, self.documents, self.min_length = 0, 0, 0
         self.files["offsets"].write(np.zeros(1, np.int64).tobytes())
+        self.images = ImageWriter(self.temporary)
 
-    def append(self, tokenized: Tokenized) -> None:
-        """Appends every document of `tokenized` (a part of the data, in order)."""
+    def append(
+        self, tokenized: Tokenized, images: list[dict[str, np.ndarray]] | None = None
+    ) -> None:
+        """Appends every document of `tokenized` (a part of the data, in order), and with
+        `images` each document's image arrays by name."""
         lengths = tokenized.lengths()
+        if images is not None:
+            self.images.append(images, self.documents)
         if len(lengths) == 0:
             return
         self.files["tokens"].write(np.asarray(tokenized.tokens, np.int32).tobytes())
@@ -76,6 +90,7 @@ class StoreWriter:
             "tokens": self.total,
             "min_length": self.min_length,
             "stats": stats,
+            "images": self.images.close(self.documents),
         }
         (self.temporary / "meta.json").write_text(json.dumps(meta))
         try:
@@ -85,7 +100,7 @@ class StoreWriter:
         return self.final
 
     def abort(self) -> None:
-        for f in self.files.values():
+        for f in [*self.files.values(), *self.images.files.values()]:
             f.close()
         shutil.rmtree(self.temporary, ignore_errors=True)
 
@@ -152,3 +167,79 @@ def open_store(root: Path, key: str) -> Tokenized | None:
     tokens = FileArray(directory / "tokens.bin", np.int32, meta["tokens"])
     trained = FileArray(directory / "trained.bin", np.bool_, meta["tokens"])
     return Tokenized(tokens, trained, _mapped_index(directory / "offsets.bin"), stats)
+
+
+class ImageWriter:
+    """The per-image arrays of a store's documents: one data file and one row index per name."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files: dict[str, Any] = {}
+        self.schema: dict[str, dict[str, Any]] = {}
+        self.rows: dict[str, list[int]] = {}  # name -> each document's row count
+
+    def append(self, documents: list[dict[str, np.ndarray]], before: int) -> None:
+        """Each document's arrays; `before` documents precede them in the store."""
+        for index, arrays in enumerate(documents):
+            for name, array in arrays.items():
+                self._field(name, array, before + index)
+                self.files[name].write(np.ascontiguousarray(array).tobytes())
+            for name, rows in self.rows.items():
+                rows.append(len(arrays[name]) if name in arrays else 0)
+
+    def _field(self, name: str, array: np.ndarray, document: int) -> None:
+        schema = {"dtype": array.dtype.str, "shape": list(array.shape[1:])}
+        if name not in self.schema:  # documents before this one had none of it
+            self.schema[name] = schema
+            self.rows[name] = [0] * document
+            self.files[name] = open(self.directory / f"image.{name}.bin", "wb")  # noqa: SIM115
+        elif self.schema[name] != schema:
+            raise ValueError(
+                f"image array {name!r} is {schema}, earlier documents' {self.schema[name]}"
+            )
+
+    def close(self, documents: int) -> dict[str, dict[str, Any]]:
+        """Writes each row index; the schema meta.json keeps."""
+        for name, f in self.files.items():
+            f.close()
+            rows = self.rows[name] + [0] * (documents - len(self.rows[name]))
+            ends = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+            (self.directory / f"image.{name}.offsets.bin").write_bytes(ends.tobytes())
+        return self.schema
+
+
+class StoredImages:
+    """A store's per-image arrays, read per document with pread (nothing decoded)."""
+
+    def __init__(self, directory: Path, schema: dict[str, dict[str, Any]], documents: int):
+        self.schema, self.arrays, self.offsets = schema, {}, {}
+        for name, field in schema.items():
+            offsets = np.fromfile(directory / f"image.{name}.offsets.bin", np.int64)
+            width = int(np.prod(field["shape"], dtype=np.int64))
+            path = directory / f"image.{name}.bin"
+            size = path.stat().st_size // np.dtype(field["dtype"]).itemsize
+            if len(offsets) != documents + 1 or size != offsets[-1] * width:
+                raise ValueError(f"{path}: damaged (sizes disagree with its index)")
+            self.offsets[name] = offsets
+            self.arrays[name] = FileArray(path, np.dtype(field["dtype"]), size)
+
+    def document(self, index: int) -> dict[str, np.ndarray]:
+        """Document `index`'s arrays by name, images on axis 0 (none: zero rows)."""
+        out = {}
+        for name, field in self.schema.items():
+            width = int(np.prod(field["shape"], dtype=np.int64))
+            start, stop = self.offsets[name][index : index + 2] * width
+            out[name] = self.arrays[name][int(start) : int(stop)].reshape(-1, *field["shape"])
+        return out
+
+
+def open_images(root: Path, key: str) -> StoredImages | None:
+    """The per-image arrays of a complete store, or None (no store, or one without images)."""
+    directory = root / key
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("version") != _VERSION or not meta.get("images"):
+            return None
+        return StoredImages(directory, meta["images"], meta["documents"])
+    except (OSError, ValueError):
+        return None  # damaged: rebuilt, never trusted

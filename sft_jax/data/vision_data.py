@@ -1,0 +1,103 @@
+"""Examples with images, prepared once into the tokenized store: tokens, trained flags and the
+processor's per-image arrays, so that a restart reads the store and opens no image file.
+
+The store's key (tokenize.cache_key) covers the data file, every local image file it names
+(path, size and modification time, by stat), the processor's image settings, the tokenizer and
+chat template, the options and the code that renders, masks and preprocesses.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sft_jax.data import images as image_files
+from sft_jax.data.messages import BadExample
+from sft_jax.data.records import DataError, Record, fingerprint, read_records
+from sft_jax.data.store import StoredImages, StoreWriter, open_images, open_store
+from sft_jax.data.tokenize import Options, Tokenized, cache_key, from_documents
+from sft_jax.data.vision import VisionDocument, tokenize_vision_records, vision_example
+
+_CODE = ("images.py", "vision.py", "vision_data.py")
+IMAGE_TOKENS = "image_tokens"  # stored beside the processor's arrays: tokens of each image
+
+
+@dataclasses.dataclass
+class VisionData:
+    """A prepared source: document i is tokenized.document(i) with images.document(i)."""
+
+    tokenized: Tokenized
+    images: StoredImages | None  # None when no example has an image
+
+    def __len__(self) -> int:
+        return len(self.tokenized)
+
+    def document(self, index: int) -> VisionDocument:
+        tokens, trained = self.tokenized.document(index)
+        arrays = self.images.document(index) if self.images is not None else {}
+        counts = arrays.pop(IMAGE_TOKENS, np.zeros(0, np.int32))
+        return VisionDocument(np.asarray(tokens), np.asarray(trained, bool), counts, arrays)
+
+
+class _BadLines:
+    """An unparseable line stops with its file and line, or is counted (skip_bad_examples)."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.reasons = skip, collections.Counter()
+
+    def bad(self, where: str, problem: str, reason: str) -> None:
+        if not self.skip:
+            raise DataError(
+                f"{where}: {problem}. Fix the line, or set config.data.skip_bad_examples=True "
+                "to count and skip such lines."
+            )
+        self.reasons[reason] += 1
+
+
+def prepare_vision_data(
+    processor: Any, source: str, split: str, options: Options, store_root: Path
+) -> VisionData:
+    """The store of `source` (a local data file; image paths are relative to its folder),
+    written on the first call, read by every later one."""
+    lines = _BadLines(options.skip_bad)
+    records = list(read_records(source, split, lines))
+    root = Path(source).parent
+    key = vision_key(processor, source, split, records, options, root)
+    tokenized = open_store(store_root, key)
+    if tokenized is None:
+        documents, stats = tokenize_vision_records(processor, records, options, root)
+        stats["examples_read"] += sum(lines.reasons.values())
+        stats["dropped"] = dict(
+            sorted((collections.Counter(stats["dropped"]) + lines.reasons).items())
+        )
+        writer = StoreWriter(store_root, key)
+        writer.append(
+            from_documents([(d.tokens, d.trained) for d in documents], stats),
+            [{**d.images, IMAGE_TOKENS: d.image_tokens} for d in documents],
+        )
+        writer.close(stats)
+        tokenized = open_store(store_root, key)
+    return VisionData(tokenized, open_images(store_root, key))
+
+
+def vision_key(
+    processor: Any, source: str, split: str, records: list[Record], options: Options, root: Path
+) -> str:
+    """tokenize.cache_key with the image files, the image processor and this code folded in."""
+    digest = hashlib.sha256(fingerprint([source], split).encode())
+    sources = []
+    for record in records:
+        try:
+            sources += vision_example(record.value, options.data_format, root)[1]
+        except BadExample:  # tokenization names it (or counts it)
+            continue
+    digest.update(image_files.sources_fingerprint(sources).encode())
+    digest.update(processor.image_processor.to_json_string().encode())
+    for name in _CODE:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return cache_key(digest.hexdigest(), processor.tokenizer, options)
