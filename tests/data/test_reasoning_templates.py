@@ -305,3 +305,31 @@ def test_a_token_across_the_prompt_reply_edge_is_cut_there():
     assert ids == prompt + reply == tokens.tolist() and document.text[end:] == "\n"
     assert not any(a < edge < b for a, b in offsets for edge in (start, end))
     assert tokenizer.decode(ids) == document.text
+
+
+@pytest.mark.parametrize("case, trl_template, prompt_end, tail", [
+    ("gpt_oss_tools", "gptoss_training", "<|start|>assistant", ""),
+    ("qwen3_5_reasoning_tools", "qwen3_5_think_training", "<think>\n", "\n"),
+])  # fmt: skip
+def test_trl_generation_markers_mark_the_same_replies_and_the_generation_prompt(
+    case, trl_template, prompt_end, tail
+):
+    """TRL's training copies of these templates put {% generation %} around the assistant
+    output; transformers' return_assistant_tokens_mask then gives the same tokens and marks
+    each of our trained replies plus the end of its generation prompt, which TRL trains and
+    this project leaves to the prompt (and Qwen3.5's newline after <|im_end|>)."""
+    from pathlib import Path
+
+    import trl
+
+    tokenizer, conversation, [(tokens, trained)], _, _ = run_case(case)
+    reference_template = Path(trl.__file__).parent / "chat_templates" / f"{trl_template}.jinja"
+    tokenizer.chat_template = reference_template.read_text(encoding="utf-8")
+    reference = tokenizer.apply_chat_template(
+        list(conversation.messages), tools=list(conversation.tools), tokenize=True,
+        return_dict=True, return_assistant_tokens_mask=True)  # fmt: skip
+    assert reference["input_ids"] == tokens.tolist()
+    ours = trained_runs(tokenizer, tokens, trained)
+    marked = np.asarray(reference["assistant_masks"], bool)
+    assert trained_runs(tokenizer, tokens, marked) == [prompt_end + r + tail for r in ours]
+    assert len(ours) == 2
