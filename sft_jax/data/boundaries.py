@@ -14,6 +14,7 @@ the trained tokens are exactly the reply. Documents without such a token are unc
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 
@@ -23,8 +24,7 @@ def encode(
     """Token ids and (start, end) character offsets of `text`, cut at each span edge that a
     token of the whole text would straddle."""
     ids, offsets = _encode(tokenizer, text, 0)
-    edges = sorted({edge for span in spans for edge in span})
-    cuts = [e for e in edges if any(a < e < b for a, b in offsets)]
+    cuts = _straddled(offsets, sorted({edge for span in spans for edge in span}))
     if not cuts:
         return ids, offsets
     ids, offsets = [], []
@@ -33,6 +33,17 @@ def encode(
         ids.extend(piece_ids)
         offsets.extend(piece_offsets)
     return ids, offsets
+
+
+def _straddled(offsets: list[tuple[int, int]], edges: list[int]) -> list[int]:
+    """The edges that fall strictly inside a token (offsets are in text order)."""
+    starts = [a for a, _ in offsets]
+    cuts = []
+    for edge in edges:
+        index = bisect.bisect_right(starts, edge) - 1
+        if index >= 0 and offsets[index][0] < edge < offsets[index][1]:
+            cuts.append(edge)
+    return cuts
 
 
 def _encode(tokenizer: Any, text: str, shift: int) -> tuple[list[int], list[tuple[int, int]]]:
