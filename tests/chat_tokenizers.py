@@ -156,6 +156,47 @@ DEEPSEEK_SPECIALS = [
     "<｜tool▁output▁begin｜>",
     "<｜tool▁output▁end｜>",
 ]
+GPT_OSS_SPECIALS = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|channel|>",
+    "<|constrain|>",
+    "<|return|>",
+    "<|call|>",
+]
+GEMMA4_SPECIALS = [
+    "<bos>",
+    "<eos>",
+    "<|turn>",
+    "<turn|>",
+    "<|channel>",
+    "<channel|>",
+    "<|think|>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+    "<|image|>",
+    "<|audio|>",
+    "<|video|>",
+]
+OLMO3_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<functions>",
+    "</functions>",
+    "<function_calls>",
+    "</function_calls>",
+    "<think>",
+    "</think>",
+]
 REAL_TEMPLATES = {
     "Qwen-Qwen3-0.6B": (QWEN_SPECIALS, None, "<|im_end|>"),
     "Qwen-Qwen2.5-7B-Instruct": (QWEN_SPECIALS, None, "<|im_end|>"),
@@ -170,6 +211,13 @@ REAL_TEMPLATES = {
     "google-gemma-3-it": (["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>",
                           "<eos>"),
     "meta-llama-Llama-2-7b-chat-hf": (["<s>", "</s>"], "<s>", "</s>"),
+    "openai-gpt-oss-120b": (GPT_OSS_SPECIALS, "<|startoftext|>", "<|return|>"),
+    "Qwen-Qwen3.5-4B": (QWEN_SPECIALS, None, "<|im_end|>"),
+    "google-gemma-4-E2B-it": (GEMMA4_SPECIALS, "<bos>", "<eos>"),
+    "deepseek-ai-DeepSeek-V3.1": (
+        DEEPSEEK_SPECIALS, "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+    "HuggingFaceTB-SmolLM3-3B": (QWEN_SPECIALS, None, "<|im_end|>"),
+    "allenai-Olmo-3-32B-Think": (OLMO3_SPECIALS, None, "<|endoftext|>"),
 }  # fmt: skip
 TEMPLATE_DIR = __import__("pathlib").Path(__file__).parent / "data" / "templates"
 

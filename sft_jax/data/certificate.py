@@ -7,7 +7,8 @@ text: headers, end-of-turn tokens, tool schemas). The report counts trained and
 untrained tokens per category and lists violations, each naming the example and the span:
 
   - a trained span whose tokens do not cover exactly its characters (a token straddles the
-    boundary between the prompt and the reply), or whose decoded tokens differ from its text;
+    boundary between the prompt and the reply; tokenization cuts the text there, see
+    `sft_jax.data.boundaries`), or whose decoded tokens differ from its text;
   - a trained token holding system, user or tool-result text;
   - a conversation the template cannot render with verified spans (the problem, as training
     would report it).
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.data.boundaries import encode
 from sft_jax.data.formats import BadExample, Completion, normalize
 from sft_jax.data.messages import reasoning_and_answer
 from sft_jax.data.records import Record
@@ -121,9 +123,8 @@ def _check_document(
     tokenizer: Any, rendered: Rendered, messages: list[dict], counts: dict
 ) -> list[dict[str, Any]]:
     text = rendered.text
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    tokens = np.asarray(encoded["input_ids"])
-    offsets = [tuple(o) for o in encoded["offset_mapping"]]
+    ids, offsets = encode(tokenizer, text, rendered.spans)
+    tokens = np.asarray(ids)
     trained = _overlaps(offsets, rendered.spans)
     labels = char_labels(rendered, messages, special_texts(tokenizer))
     return check_tokens(tokenizer, rendered, (tokens, offsets, trained), labels, counts)

@@ -12,7 +12,8 @@ trained assistant message i:
 its reasoning, text and tool calls as the template renders them, and the token that ends it;
 never the assistant header (the generation prompt), system, user or tool-result text, nor the
 tool schemas. Each reply is verified: `before` must be a prefix of `through`, and the reply must
-contain the message's content, each tool call's name and (when trained) its reasoning.
+contain the message's content, each tool call's name and argument names (as whole words, however
+the template writes them: "a": 3, a:3, <parameter=a>) and (when trained) its reasoning.
 
 A template may leave out a field it never shows: Llama 3.1/3.2 render only the call of a turn
 with text and a tool call. What the model reads and writes at inference is that rendering, so
@@ -45,10 +46,16 @@ from typing import Any
 
 from sft_jax.data.formats import Conversation
 from sft_jax.data.messages import BadExample, reasoning_and_answer
-from sft_jax.data.templates import TemplateError, render, warn_without_end_of_turn
+from sft_jax.data.templates import (
+    TemplateError,
+    render,
+    special_texts,
+    warn_without_end_of_turn,
+)
 
 TRAIN_REASONING = ("all", "last_turn", "none")
 CLOSING = re.compile(r"\s*(?:</\w+>)?\s*")  # what closes a reasoning block: "\n</think>\n\n"
+WHITESPACE = re.compile(r"\s*")
 
 
 @dataclasses.dataclass
@@ -100,10 +107,11 @@ def _as_at_inference(context: _Context, index: int, before: str, through: str) -
     header = before[len(context_text) :] if before.startswith(context_text) else ""
     message = context.messages[index]
     names = [call["function"]["name"] for call in message.get("tool_calls", ())]
-    answer = reasoning_and_answer(message)[1].strip()
-    # Its text, or its first call where it has none or the template leaves it out.
-    shown = answer if answer and answer in through else ""
-    anchor = through.rfind(shown or (names or [answer])[0])
+    reasoning, answer = (text.strip() for text in reasoning_and_answer(message))
+    # Where the reply starts: its first rendered part (reasoning, text or call), or its first
+    # call where it shows none (gpt-oss renders the reasoning as a message before the answer).
+    shown = [p for p in (reasoning, answer, *names) if p and p in through]
+    anchor = min(through.rfind(p) for p in shown) if shown else through.rfind(answer)
     if not header or through.rfind(header, 0, anchor) < 0:
         # No generation prompt to find (Mistral): the prompt ends with the message before.
         previous = context.messages[index - 1]["content"].strip() if index else ""
@@ -177,18 +185,20 @@ def _reply_span(
     calls_text = reply if dropped else reply.replace(answer, "", 1)  # not found in the text
     for k, call in enumerate(message.get("tool_calls", ())):
         function = call["function"]
-        for text in (function["name"], *(f'"{key}"' for key in function["arguments"])):
+        for text in (function["name"], *function["arguments"]):
             _require(calls_text, text, where, f"tool_calls[{k}]", "template_drops_tool_calls")
     start = len(before)
     if reasoning and reasoning_trained:
         _require(reply, reasoning, where, "reasoning_content", "template_drops_reasoning")
     elif reasoning and reasoning in reply:
-        start += _reasoning_end(reply, reasoning)
+        start += _reasoning_end(reply, reasoning, special_texts(context.tokenizer))
     return (start, len(before) + len(reply)), dropped
 
 
 def _require(reply: str, text: str, where: str, field: str, reason: str) -> None:
-    if text not in reply:
+    """`text` must be in the reply; a name (a tool's, an argument's) as a whole word, however
+    the template writes it ("a": 3, a:3, <parameter=a>)."""
+    if not _shows(reply, text):
         raise BadExample(
             f"{where}: the chat template's rendering of its reply {reply[:80]!r} leaves out its "
             f"{field} ({text[:40]!r}), so it cannot be trained as written. Use a "
@@ -198,11 +208,22 @@ def _require(reply: str, text: str, where: str, field: str, reason: str) -> None
         )
 
 
-def _reasoning_end(reply: str, reasoning: str) -> int:
-    """Where the untrained reasoning of a reply ends: after its text and the closing tag and
-    whitespace that follow it ("R\n</think>\n\n"), so the answer trains from its first token."""
+def _shows(reply: str, text: str) -> bool:
+    if not text.isidentifier():
+        return text in reply
+    return re.search(rf"(?<!\w){re.escape(text)}(?!\w)", reply) is not None
+
+
+def _reasoning_end(reply: str, reasoning: str, specials: list[str]) -> int:
+    """Where the untrained reasoning of a reply ends: after its text and the closing tag or
+    special token and whitespace that follow it ("R\n</think>\n\n", Gemma 4's "R\n<channel|>",
+    gpt-oss's "R<|end|>"), so what the model writes next trains from its first token."""
     end = reply.index(reasoning) + len(reasoning)
-    return CLOSING.match(reply, end).end()
+    end = WHITESPACE.match(reply, end).end()
+    closing = next((t for t in specials if reply.startswith(t, end)), None)
+    if closing is None:
+        return CLOSING.match(reply, end).end()
+    return WHITESPACE.match(reply, end + len(closing)).end()
 
 
 def _common(a: str, b: str) -> str:

@@ -5,12 +5,12 @@ trained span (an assistant reply and its end-of-turn token). The shift to next-t
 happens once, in `sft_jax.data.batches`. The text is tokenized with add_special_tokens=False:
 the chat template already holds BOS, so it is never doubled.
 
-Tokens that straddle a span boundary: a token is trained when at least one of its characters
-lies in a trained span (a zero-width token when its position does). So a token holding the
-last character of the generation prompt and the first of the reply trains; one holding only
-prompt characters never does. With the tokenizers of the chat models in use the boundary
-falls between tokens (header tokens end in a newline or a special token); `inspect --check`
-reports every straddling token as a violation, naming the example and the span.
+Span boundaries: a token is trained when at least one of its characters lies in a trained span
+(a zero-width token when its position does). A token of the whole text that would hold both the
+last character of the generation prompt and the first of the reply (Qwen3.5's "<think>\n" +
+"\n</think>") is never made: the text is cut at that edge and each side tokenized alone
+(`sft_jax.data.boundaries`), so the prompt's tokens are those read at inference and the trained
+tokens exactly the reply. `inspect --check` still reports any straddling token as a violation.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.data.boundaries import encode
 from sft_jax.data.formats import BadExample, Completion, Conversation, normalize
 from sft_jax.data.records import DataError, Record
 from sft_jax.data.spans import render_documents
@@ -44,7 +45,14 @@ EMPTY_REPLIES = ("warn", "skip", "error")
 # truncated), or nothing (counted as a drop, reason "too_long"). Never split into pieces.
 OVERLONG = ("truncate", "drop")
 # The modules whose code decides spans and tokens: their text is part of the cache key.
-SPAN_CODE = ("messages.py", "formats.py", "templates.py", "spans.py", "tokenize.py")
+SPAN_CODE = (
+    "messages.py",
+    "formats.py",
+    "templates.py",
+    "spans.py",
+    "boundaries.py",
+    "tokenize.py",
+)
 _CHUNK = 256  # examples per task handed to a worker process
 
 
@@ -208,9 +216,9 @@ def tokenize_documents(
 def _tokens_and_flags(
     tokenizer: Any, text: str, spans: list[tuple[int, int]], options: Options, notes: dict
 ) -> tuple[np.ndarray, np.ndarray]:
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    tokens = np.asarray(encoded["input_ids"], np.int32)
-    trained = _overlaps(encoded["offset_mapping"], spans)
+    ids, offsets = encode(tokenizer, text, spans)
+    tokens = np.asarray(ids, np.int32)
+    trained = _overlaps(offsets, spans)
     bos = tokenizer.bos_token_id
     if bos is not None and len(tokens) > 1 and tokens[0] == bos and tokens[1] == bos:
         tokens, trained = tokens[1:], trained[1:]

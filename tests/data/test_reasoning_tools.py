@@ -161,22 +161,24 @@ STRADDLING = ("{% for m in messages %}{% if m.role == 'user' %}{{ 'U: ' + m.cont
               "{% if add_generation_prompt %}{{ 'Bot' }}{% endif %}")  # fmt: skip
 
 
-def test_a_straddling_token_trains_by_the_overlap_rule_and_fails_the_check(tmp_path):
+def test_a_token_straddling_the_prompt_reply_edge_is_cut_there():
+    """The overlap rule trains a token with any character in a span; a token of the whole text
+    that straddles the edge ("BotHello") is never made: the text is cut there, the prompt
+    tokenized as at inference ("Bot") and the reply on its own ("Hello"), and the check passes."""
     assert tok._overlaps([(0, 3), (3, 7), (7, 9)], [(5, 8)]).tolist() == [False, True, True]
-    tokenizer = make_tokenizer("chatml", corpus="U Hi BotHello")
+    tokenizer = make_tokenizer("chatml", corpus="U Hi BotHello Bot Hello")
     tokenizer.chat_template = STRADDLING
     example = chat(ANSWER)
+    assert "BotHello" in tokenizer.tokenize("U: Hi\nBotHello<|im_end|>")
     tokens, trained, _ = tok.tokenize_example(
         tokenizer, normalize(example, "messages"), tok.Options("messages", "all_assistant",
                                                                100, False))  # fmt: skip
-    assert trained_runs(tokenizer, tokens, trained) == ["BotHello<|im_end|>"]
+    assert trained_runs(tokenizer, tokens, trained) == ["Hello<|im_end|>"]
+    assert tokens.tolist() == tokenizer("U: Hi\nBot")["input_ids"] + tokenizer(
+        "Hello<|im_end|>")["input_ids"]  # fmt: skip
     options = tok.Options("messages", "all_assistant", 100, False)
     report = certificate.check_records(tokenizer, [Record("t.jsonl:7", example)], options)
-    [violation] = report["violations"]
-    assert (
-        violation["where"] == "t.jsonl:7"
-        and "straddles the span boundary" in (violation["problem"])
-    )
+    assert report["violations"] == [] and report["categories"]["assistant"]["trained"] == 1
 
 
 @pytest.mark.e2e
@@ -195,8 +197,10 @@ def test_inspect_check_exits_non_zero_naming_file_line_and_span(data_config, tmp
     assert result.returncode == 1, result.stderr[-2000:]
     report = json.loads(result.stdout)
     assert report["violations"][0]["where"].endswith("train.jsonl:1")
-    # The span "Hello<|im_end|>" after "U: Hi\nBot"; its first token is "BotHello".
+    # The span "Hello<|im_end|>" after "U: Hi\nBot": cut from "Bot", its word "Hello" is not
+    # in the vocabulary, so its tokens decode to "<unk><|im_end|>".
     assert report["violations"][0]["span"] == [9, 24]
+    assert "decode to '<unk><|im_end|>'" in report["violations"][0]["problem"]
 
 
 def load_tokenizer(path: str):
