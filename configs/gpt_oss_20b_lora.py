@@ -2,13 +2,9 @@
 token, 3.6B of 20.9B parameters active) with attention sinks and alternating 128-token sliding
 and full layers, with UltraChat.
 
-The hub checkpoint stores its experts MXFP4-quantized (config.json quantization_config), which
-sft_jax refuses: dequantize it once into a bf16 directory (quantization_config dropped) and
-point the run at that directory:
-  python -c "import transformers as t; d='/data/gpt-oss-20b-bf16'; \
-    t.AutoModelForCausalLM.from_pretrained('openai/gpt-oss-20b', dtype='bfloat16', \
-    quantization_config=t.Mxfp4Config(dequantize=True)).save_pretrained(d); \
-    t.AutoTokenizer.from_pretrained('openai/gpt-oss-20b').save_pretrained(d)"
+The hub checkpoint stores its experts MXFP4-quantized (config.json quantization_config): sft_jax
+dequantizes them to bf16 as it loads them (each device its slice; models/io/mxfp4.py), so the run
+points at the hub id as is; an export writes them as bf16 without quantization_config.
 
 Attention runs the blockwise kernel ('auto' picks it on GPUs: cuDNN has no sinks).
 
@@ -21,8 +17,7 @@ tokens per device at a time); with 1 micro-batch it plans 143 GiB, which does no
   python -m sft_jax.plan --config=configs/gpt_oss_20b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/gpt_oss_20b \
     --meshes=1x2x4x1 --accumulation=2
-  python main.py --config=configs/gpt_oss_20b_lora.py --workdir=/tmp/gpt_oss_20b_lora \
-    --config.model.name_or_path=/data/gpt-oss-20b-bf16
+  python main.py --config=configs/gpt_oss_20b_lora.py --workdir=/tmp/gpt_oss_20b_lora
 """
 
 from configs import base
@@ -30,7 +25,7 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.model.name_or_path = "openai/gpt-oss-20b"  # a dequantized copy: see above
+    config.model.name_or_path = "openai/gpt-oss-20b"  # MXFP4 experts, dequantized on load
     config.model.param_dtype = "bfloat16"  # the frozen base in bf16; adapters stay fp32
     config.model.compute_dtype = "bfloat16"
     config.model.remat = "full"
