@@ -6,6 +6,15 @@ The hub checkpoint stores its experts MXFP4-quantized (config.json quantization_
 dequantizes them to bf16 as it loads them (each device its slice; models/io/mxfp4.py), so the run
 points at the hub id as is; an export writes them as bf16 without quantization_config.
 
+Model facts checked against the public config.json of openai/gpt-oss-20b (as vendored at
+github.com/jihengzhang/jihz-gpt-oss-20b, gpt-oss-20b/config.json; assets/model_configs/
+gpt_oss_20b holds the same fields): 24 layers alternating sliding_attention (window 128) and
+full_attention, 32 local experts of width 2880, 4 per token, D 2880, 64 query and 8 kv heads of
+64, vocab 201088, untied embeddings, YaRN factor 32 over 4096, swiglu_limit 7.0,
+output_router_logits false with router_aux_loss_coef 0.9. Counted from those shapes (and by
+sft_jax's model of that config): 20,914,757,184 parameters, 3,608,307,264 active (4 of 32
+experts, the input embedding not counted, as the model card's 21B / 3.6B count them).
+
 Attention runs the blockwise kernel ('auto' picks it on GPUs: cuDNN has no sinks).
 
 Mesh: one host of 8 GPUs (80 GB) as fsdp=2 x expert=4: each device holds 8 of the 32 experts
