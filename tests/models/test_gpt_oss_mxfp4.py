@@ -20,13 +20,21 @@ import torch
 import transformers
 from flax import nnx
 from safetensors.torch import load_file, save_file
-from test_models import assert_close_on_tokens, jax_logits, padded_batch
+from test_models import assert_close_on_tokens, padded_batch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from sft_jax.core.errors import CheckpointError
 from sft_jax.models import UnsupportedModelError, from_pretrained, save_pretrained
 from sft_jax.models.io import mxfp4
 from sft_jax.train import sharding
+
+# One compiled forward for every model of the same structure (the float and MXFP4 loads).
+_forward = nnx.jit(lambda model, ids, positions, segments: model(ids, positions, segments))
+
+
+def jax_logits(model, batch: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(_forward(model, batch["input_ids"], batch["positions"], batch["segment_ids"]))
+
 
 _MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 _EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")

@@ -29,15 +29,9 @@ import numpy as np
 
 from sft_jax.core.errors import CheckpointError
 from sft_jax.models.io.safetensors import TensorEntry
+from sft_jax.models.mxfp4 import BLOCK_VALUES, FP4_E2M1, SCALE_BIAS
 
-# The sixteen FP4 E2M1 values by 4-bit code: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6.
-FP4_E2M1 = np.array(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-    np.float32,
-)
-SCALE_BIAS = 127  # an E8M0 scale byte s means 2 ** (s - 127)
 SCALE_NAN = 255  # E8M0's NaN: no weight of a real checkpoint has it
-BLOCK_VALUES = 32  # values sharing one scale (16 bytes of blocks)
 _EXPERT_TENSOR = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _SUFFIXES = ("_blocks", "_scales")
 
