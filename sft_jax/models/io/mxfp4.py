@@ -36,14 +36,19 @@ _EXPERT_TENSOR = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|do
 _SUFFIXES = ("_blocks", "_scales")
 
 
+# Both values of every byte (low nibble first), and 2 ** (s - 127) of every scale byte: exact
+# float32 (2 ** -127 is a denormal, which numpy keeps; 255 gives inf, as in transformers).
+_BYTE_VALUES = np.stack([FP4_E2M1[np.arange(256) & 0x0F], FP4_E2M1[np.arange(256) >> 4]], axis=-1)
+with np.errstate(over="ignore"):
+    _SCALES = np.ldexp(np.float32(1), np.arange(256) - SCALE_BIAS).astype(np.float32)
+
+
 def dequantize(blocks_xGxB: np.ndarray, scales_xG: np.ndarray) -> np.ndarray:
     """float32 values [..., G * 32] of blocks [..., G, 16] (uint8) and scales [..., G]."""
-    low = FP4_E2M1[blocks_xGxB & 0x0F]
-    high = FP4_E2M1[blocks_xGxB >> 4]
-    values = np.stack([low, high], axis=-1).reshape(*scales_xG.shape, BLOCK_VALUES)
-    exponents = scales_xG.astype(np.int32)[..., None] - SCALE_BIAS
-    with np.errstate(over="ignore"):  # 6 * 2 ** 127 is inf, in float32 as in transformers
-        return np.ldexp(values, exponents).reshape(*scales_xG.shape[:-1], -1)
+    values = _BYTE_VALUES[blocks_xGxB].reshape(*scales_xG.shape, BLOCK_VALUES)
+    with np.errstate(over="ignore", invalid="ignore"):  # 6 * 2 ** 127 is inf, as in transformers
+        values *= _SCALES[scales_xG][..., None]
+    return values.reshape(*scales_xG.shape[:-1], -1)
 
 
 @dataclasses.dataclass(frozen=True)
