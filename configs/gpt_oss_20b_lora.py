@@ -4,7 +4,9 @@ and full layers, with UltraChat.
 
 The hub checkpoint stores its experts MXFP4-quantized (config.json quantization_config): sft_jax
 dequantizes them to bf16 as it loads them (each device its slice; models/io/mxfp4.py), so the run
-points at the hub id as is; an export writes them as bf16 without quantization_config.
+points at the hub id as is; an export writes them as bf16 without quantization_config. With
+--config.lora.quantize=mxfp4 --config.lora.quant_block_size=32 (QLoRA) the frozen weights are
+held as MXFP4 after loading, the experts exactly as the checkpoint stores them (not planned here).
 
 Model facts checked against the public config.json of openai/gpt-oss-20b (as vendored at
 github.com/jihengzhang/jihz-gpt-oss-20b, gpt-oss-20b/config.json; assets/model_configs/
