@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -26,6 +27,7 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 from sft_jax.core.errors import CheckpointError
 from sft_jax.models import UnsupportedModelError, from_pretrained, save_pretrained
 from sft_jax.models.io import mxfp4
+from sft_jax.models.io.safetensors import TensorEntry
 from sft_jax.train import sharding
 
 # One compiled forward for every model of the same structure (the float and MXFP4 loads).
@@ -37,6 +39,7 @@ def jax_logits(model, batch: dict[str, np.ndarray]) -> np.ndarray:
 
 
 _MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "model_configs"
 _EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
@@ -237,3 +240,27 @@ def test_other_quantization_is_refused_from_the_config(tmp_path, model_type, qua
     config.save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match=rf"quant_method '{quant_method}'"):
         from_pretrained(tmp_path)
+
+
+def test_the_hub_20b_tensors_read_as_its_expert_layout():
+    """openai/gpt-oss-20b's MXFP4 tensors, with the shapes its safetensors headers give them
+    (uint8 gate_up_proj_blocks [32, 5760, 90, 16] and _scales [32, 5760, 90], down_proj_blocks
+    [32, 2880, 90, 16] and _scales [32, 2880, 90]), read as the experts of its config.json
+    (assets/model_configs/gpt_oss_20b): gate_up_proj [X, D, 2F], down_proj [X, F, D]."""
+    hf = transformers.AutoConfig.from_pretrained(ASSETS / "gpt_oss_20b")
+    experts, width, hidden = hf.num_local_experts, hf.intermediate_size, hf.hidden_size
+    prefix = "model.layers.0.mlp.experts"
+    shapes = {
+        f"{prefix}.gate_up_proj_blocks": (32, 5760, 90, 16),
+        f"{prefix}.gate_up_proj_scales": (32, 5760, 90),
+        f"{prefix}.down_proj_blocks": (32, 2880, 90, 16),
+        f"{prefix}.down_proj_scales": (32, 2880, 90),
+    }
+    headers = {
+        name: TensorEntry(Path("model-00000-of-00002.safetensors"), np.dtype(np.uint8), shape, 0)
+        for name, shape in shapes.items()
+    }
+    entries = mxfp4.dequantized_entries(headers, np.dtype(ml_dtypes.bfloat16))
+    assert sorted(entries) == [f"{prefix}.down_proj", f"{prefix}.gate_up_proj"]
+    assert entries[f"{prefix}.gate_up_proj"].shape == (experts, hidden, 2 * width)
+    assert entries[f"{prefix}.down_proj"].shape == (experts, width, hidden)
