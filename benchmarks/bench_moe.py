@@ -1,7 +1,8 @@
 """Tokens/s of our MoE block (dropless ragged_dot dispatch) against transformers' on the same
 small config, forward and backward, in one run: a ratio, on whatever device jax and torch see.
 
-  python benchmarks/bench_moe.py [--tokens=2048] [--experts=16] [--top_k=4] [--steps=10]
+  python benchmarks/bench_moe.py [--tokens=2048] [--experts=16] [--top_k=4] [--steps=10] \
+      [--blocks=qwen3_moe,gpt_oss]
   # on a GPU (jax on the GPU; transformers' block on torch's device):
   python benchmarks/bench_moe.py --tokens=16384 --hidden=2048 --width=768 --experts=128 \
       --top_k=8 --layers=48 --stack
@@ -9,18 +10,25 @@ small config, forward and backward, in one run: a ratio, on whatever device jax 
   # the expert-parallel dispatches (gather vs all_to_all) on 8 simulated CPU devices:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_moe.py --dispatch
 
-The block is Qwen3-MoE's (softmax router, top-k, renormalized). Both sides run float32 with
-the same weights; jax's step is jitted, torch runs eagerly (transformers' default). With
+Two blocks (--blocks), each against its transformers module: Qwen3-MoE's (softmax router,
+top-k, renormalized) against Qwen3MoeSparseMoeBlock, and gpt-oss's (router with a bias, softmax
+over the top-k logits, experts with biases, the clamped SwiGLU at alpha 1.702, limit 7.0)
+against GptOssMLP (GptOssTopKRouter + GptOssExperts), its biases random so that they count.
+Both sides run float32 with the same weights; jax's step is jitted, torch runs eagerly
+(transformers' default). With
 --stack it times a whole Qwen3-MoE-shaped decoder stack's train step (jax only) and reports
 tokens/s and MFU over active-parameter FLOPs (6 x active matmul parameters per token plus the
 causal attention term), given --peak_tflops.
 
 Measured on 2 shared CPU cores (defaults: 2048 tokens, 16 experts, top-4, D 256, F 128), the
 outputs checked equal first: ours 957 tokens/s, transformers 1,169 tokens/s, ratio 0.82x (an
-earlier run on the same busy machine: 0.95x). XLA:CPU runs ragged_dot as one dense
-product per expert over all rows (16 experts: 14x a plain matmul of the same rows, measured),
-so on CPU the dropless dispatch does X times the expert FLOPs; the figure that matters is a
-GPU's (command above), not measured here (no device was available to this change).
+earlier run on the same busy machine: 0.95x). Both blocks in one later run, the machine far
+busier (load average 17 on its 2 cores, so only the ratios mean something): Qwen3-MoE ours 331
+tokens/s, transformers 192, 1.72x; gpt-oss ours 198 tokens/s, transformers 97, 2.04x.
+XLA:CPU runs ragged_dot as one dense product per expert over all rows (16 experts: 14x a
+plain matmul of the same rows, measured), so on CPU the dropless dispatch does X times the
+expert FLOPs; the figure that matters is a GPU's (command above), not measured here (no device
+was available to this change).
 
 --dispatch compiles the dispatch alone (forward + backward, random top-k routing) on an expert
 axis of every device for each shape and prints, per dispatch, the bytes per device of each
@@ -47,6 +55,7 @@ from flax import nnx
 from sft_jax.models import CausalLM, from_hf_config
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.moe import MoEBlock, dropless_experts
+from sft_jax.models.moe_gpt_oss import EXPERT_BIASES, GptOssMoEBlock
 from sft_jax.models.partitioning import DISPATCH_KINDS, experts_per_shard, named_sharding
 from sft_jax.train import sharding
 from sft_jax.train.flops import training_flops_per_token
@@ -63,6 +72,15 @@ def hf_moe_config(args: argparse.Namespace) -> transformers.Qwen3MoeConfig:
     )  # fmt: skip
 
 
+def hf_gpt_oss_config(args: argparse.Namespace) -> transformers.GptOssConfig:
+    """gpt-oss's expert block on the same shape (its swiglu_alpha 1.702 and limit 7.0)."""
+    return transformers.GptOssConfig(
+        vocab_size=32000, hidden_size=args.hidden, intermediate_size=args.width,
+        num_local_experts=args.experts, num_experts_per_tok=args.top_k, num_hidden_layers=1,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+    )  # fmt: skip
+
+
 def time_it(fn, steps: int) -> float:
     fn()  # compile / warm up
     start = time.perf_counter()
@@ -72,7 +90,12 @@ def time_it(fn, steps: int) -> float:
 
 
 def ours(config: ModelConfig, x: np.ndarray, steps: int) -> tuple[float, MoEBlock]:
-    block = MoEBlock(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    block_class = GptOssMoEBlock if config.expert_names == "gpt_oss" else MoEBlock
+    block = block_class(config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    for key, name in enumerate(("router_logit_bias", *EXPERT_BIASES)):
+        if hasattr(block, name):  # gpt-oss's biases start at zero: make them count
+            bias = getattr(block, name)
+            bias[...] = 0.1 * jax.random.normal(jax.random.key(key), bias.shape)
     graphdef, params = nnx.split(block)
     real = jnp.ones(x.shape[:2], bool)
 
@@ -88,11 +111,12 @@ def ours(config: ModelConfig, x: np.ndarray, steps: int) -> tuple[float, MoEBloc
     return time_it(lambda: jax.block_until_ready(step(params, x)), steps), block
 
 
-def theirs(hf_config, block: MoEBlock, x: np.ndarray, steps: int) -> float:
+def qwen3_moe_block(hf_config, block: MoEBlock) -> torch.nn.Module:
+    """transformers' Qwen3MoeSparseMoeBlock holding `block`'s weights."""
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
     hf_block = Qwen3MoeSparseMoeBlock(hf_config).float()
-    with torch.no_grad():  # the same weights
+    with torch.no_grad():
         hf_block.gate.weight.copy_(torch.tensor(np.asarray(block.router[...]).T))
         gate_up = np.concatenate(
             [np.asarray(block.experts_gate[...]), np.asarray(block.experts_up[...])], axis=2
@@ -101,24 +125,76 @@ def theirs(hf_config, block: MoEBlock, x: np.ndarray, steps: int) -> float:
         hf_block.experts.down_proj.copy_(
             torch.tensor(np.asarray(block.experts_down[...]).transpose(0, 2, 1))
         )
+    return hf_block
+
+
+def gpt_oss_block(hf_config, block: GptOssMoEBlock) -> torch.nn.Module:
+    """transformers' GptOssMLP (router + GptOssExperts) holding `block`'s weights: gate and up
+    interleaved in gate_up_proj [X, D, 2F] and its bias, down_proj [X, F, D] as ours."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    def interleaved(gate, up) -> torch.Tensor:
+        gate, up = np.asarray(gate[...]), np.asarray(up[...])
+        return torch.tensor(np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1))
+
+    hf_block = GptOssMLP(hf_config).float()
+    with torch.no_grad():
+        hf_block.router.weight.copy_(torch.tensor(np.asarray(block.router[...]).T))
+        hf_block.router.bias.copy_(torch.tensor(np.asarray(block.router_logit_bias[...])))
+        experts = hf_block.experts
+        experts.gate_up_proj.copy_(interleaved(block.experts_gate, block.experts_up))
+        experts.gate_up_proj_bias.copy_(interleaved(block.experts_gate_bias, block.experts_up_bias))
+        experts.down_proj.copy_(torch.tensor(np.asarray(block.experts_down[...])))
+        experts.down_proj_bias.copy_(torch.tensor(np.asarray(block.experts_down_bias[...])))
+    return hf_block
+
+
+def theirs(hf_block: torch.nn.Module, block: MoEBlock, x: np.ndarray, steps: int) -> float:
+    """Seconds per forward + backward of transformers' block, after checking that its output
+    equals ours."""
     x_torch = torch.as_tensor(
         x, device=torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
     hf_block.to(x_torch.device)
 
+    def forward(inputs: torch.Tensor) -> torch.Tensor:
+        out = hf_block(inputs)
+        return out[0] if isinstance(out, tuple) else out  # GptOssMLP: (out, router scores)
+
     with torch.no_grad():  # the same function: outputs agree before anything is timed
-        expected = hf_block(x_torch).cpu().numpy()
+        expected = forward(x_torch).cpu().numpy()
     actual, _ = block(jnp.asarray(x), jnp.ones(x.shape[:2], bool))
     np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-3, atol=1e-4)
 
     def step():
         inputs = x_torch.clone().requires_grad_(True)
-        out = hf_block(inputs)
+        out = forward(inputs)
         (out * out).sum().backward()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     return time_it(step, steps)
+
+
+# Block name -> (its transformers config, transformers' block holding our block's weights).
+BLOCKS = {
+    "qwen3_moe": (hf_moe_config, qwen3_moe_block),
+    "gpt_oss": (hf_gpt_oss_config, gpt_oss_block),
+}
+
+
+def compare_block(name: str, args: argparse.Namespace, x: np.ndarray) -> dict:
+    """Tokens/s of our block and transformers' (forward + backward) and their ratio."""
+    make_config, make_hf_block = BLOCKS[name]
+    hf_config = make_config(args)
+    ours_s, block = ours(from_hf_config(hf_config), x, args.steps)
+    theirs_s = theirs(make_hf_block(hf_config, block), block, x, args.steps)
+    print(f"{name}: ours {args.tokens / ours_s:,.0f} tokens/s, transformers "
+          f"{args.tokens / theirs_s:,.0f} tokens/s (forward + backward), "
+          f"ratio ours / transformers {theirs_s / ours_s:.2f}x")  # fmt: skip
+    return {"ours_tokens_per_sec": args.tokens / ours_s,
+            "transformers_tokens_per_sec": args.tokens / theirs_s,
+            "ratio": theirs_s / ours_s}  # fmt: skip
 
 
 def stack(hf_config, args: argparse.Namespace) -> dict:
@@ -256,6 +332,8 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=2048, help="(--stack)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stack", action="store_true", help="time a whole decoder stack")
+    parser.add_argument("--blocks", default="qwen3_moe,gpt_oss",
+                        help=f"blocks to time, of {','.join(BLOCKS)}")  # fmt: skip
     parser.add_argument("--peak_tflops", type=float, default=0.0)
     parser.add_argument("--dispatch", action="store_true",
                         help="compare the expert-parallel dispatches")  # fmt: skip
@@ -265,21 +343,13 @@ def main() -> None:
     if args.dispatch:
         print(json.dumps(compare_dispatch(args)))
         return
-    hf_config = hf_moe_config(args)
     if args.stack:
-        print(json.dumps(stack(hf_config, args)))
+        print(json.dumps(stack(hf_moe_config(args), args)))
         return
     x = np.random.default_rng(0).standard_normal((1, args.tokens, args.hidden), np.float32)
-    ours_s, block = ours(from_hf_config(hf_config), x, args.steps)
-    theirs_s = theirs(hf_config, block, x, args.steps)
     print(f"jax {jax.devices()[0].platform}, torch {torch.__version__}, tokens {args.tokens}, "
           f"experts {args.experts}, top-{args.top_k}, D {args.hidden}, F {args.width}")  # fmt: skip
-    print(f"ours: {args.tokens / ours_s:,.0f} tokens/s (forward + backward)")
-    print(f"transformers: {args.tokens / theirs_s:,.0f} tokens/s (forward + backward)")
-    print(f"ratio ours / transformers: {theirs_s / ours_s:.2f}x")
-    print(json.dumps({"ours_tokens_per_sec": args.tokens / ours_s,
-                      "transformers_tokens_per_sec": args.tokens / theirs_s,
-                      "ratio": theirs_s / ours_s}))  # fmt: skip
+    print(json.dumps({name: compare_block(name, args, x) for name in args.blocks.split(",")}))
 
 
 if __name__ == "__main__":

@@ -148,11 +148,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.lora.expert_adapters = False
     # Mixtures of experts: train the routers in full beside the adapters (else frozen).
     config.lora.train_router = False
-    # QLoRA: store the frozen linear weights as "nf4" or "int8" ("" = as loaded).
+    # QLoRA: store the frozen linear weights as "nf4", "int8" or "mxfp4" (gpt-oss's experts'
+    # format: blocks of 32, quant_block_size=32, one E8M0 byte scale; "" = as loaded).
     config.lora.quantize = ""
     # Weights per quantization block (one absmax scale each).
     config.lora.quant_block_size = 64
     # Quantize the block scales too (int8 around their mean): ~0.5 instead of ~0.56 byte/weight.
+    # (Not mxfp4's, a byte each already.)
     config.lora.double_quant = True
     # DoRA (PEFT's use_dora): each adapted weight is a trained magnitude per output feature
     # times the direction of W + scale * B A (method "lora" only; works with quantize).

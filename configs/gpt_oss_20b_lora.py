@@ -2,13 +2,20 @@
 token, 3.6B of 20.9B parameters active) with attention sinks and alternating 128-token sliding
 and full layers, with UltraChat.
 
-The hub checkpoint stores its experts MXFP4-quantized (config.json quantization_config), which
-sft_jax refuses: dequantize it once into a bf16 directory (quantization_config dropped) and
-point the run at that directory:
-  python -c "import transformers as t; d='/data/gpt-oss-20b-bf16'; \
-    t.AutoModelForCausalLM.from_pretrained('openai/gpt-oss-20b', dtype='bfloat16', \
-    quantization_config=t.Mxfp4Config(dequantize=True)).save_pretrained(d); \
-    t.AutoTokenizer.from_pretrained('openai/gpt-oss-20b').save_pretrained(d)"
+The hub checkpoint stores its experts MXFP4-quantized (config.json quantization_config): sft_jax
+dequantizes them to bf16 as it loads them (each device its slice; models/io/mxfp4.py), so the run
+points at the hub id as is; an export writes them as bf16 without quantization_config. With
+--config.lora.quantize=mxfp4 --config.lora.quant_block_size=32 (QLoRA) the frozen weights are
+held as MXFP4 after loading, the experts exactly as the checkpoint stores them (not planned here).
+
+Model facts checked against the public config.json of openai/gpt-oss-20b (as vendored at
+github.com/jihengzhang/jihz-gpt-oss-20b, gpt-oss-20b/config.json; assets/model_configs/
+gpt_oss_20b holds the same fields): 24 layers alternating sliding_attention (window 128) and
+full_attention, 32 local experts of width 2880, 4 per token, D 2880, 64 query and 8 kv heads of
+64, vocab 201088, untied embeddings, YaRN factor 32 over 4096, swiglu_limit 7.0,
+output_router_logits false with router_aux_loss_coef 0.9. Counted from those shapes (and by
+sft_jax's model of that config): 20,914,757,184 parameters, 3,608,307,264 active (4 of 32
+experts, the input embedding not counted, as the model card's 21B / 3.6B count them).
 
 Attention runs the blockwise kernel ('auto' picks it on GPUs: cuDNN has no sinks).
 
@@ -21,8 +28,7 @@ tokens per device at a time); with 1 micro-batch it plans 143 GiB, which does no
   python -m sft_jax.plan --config=configs/gpt_oss_20b_lora.py --devices=8 \
     --device_memory=80GB --model_config=assets/model_configs/gpt_oss_20b \
     --meshes=1x2x4x1 --accumulation=2
-  python main.py --config=configs/gpt_oss_20b_lora.py --workdir=/tmp/gpt_oss_20b_lora \
-    --config.model.name_or_path=/data/gpt-oss-20b-bf16
+  python main.py --config=configs/gpt_oss_20b_lora.py --workdir=/tmp/gpt_oss_20b_lora
 """
 
 from configs import base
@@ -30,7 +36,7 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.model.name_or_path = "openai/gpt-oss-20b"  # a dequantized copy: see above
+    config.model.name_or_path = "openai/gpt-oss-20b"  # MXFP4 experts, dequantized on load
     config.model.param_dtype = "bfloat16"  # the frozen base in bf16; adapters stay fp32
     config.model.compute_dtype = "bfloat16"
     config.model.remat = "full"

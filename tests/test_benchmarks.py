@@ -32,7 +32,7 @@ TINY = {
     "bench_long.py": ["--seq=64", "--contexts=1,2", "--hidden=32", "--layers=1", "--vocab=256",
                       "--dtype=float32"],
     "bench_moe.py": ["--tokens=32", "--hidden=32", "--width=16", "--experts=4", "--top_k=2",
-                     "--steps=1"],
+                     "--steps=1", "--blocks=qwen3_moe,gpt_oss"],
     "bench_peft.py": ["--base_steps=1", "--steps=1", "--methods=lora", "--batch=2",
                       "--eval_examples=2", "--train_examples=4"],
     "bench_preference.py": ["--batch=2", "--seq=16", "--steps=1", "--hidden=32", "--layers=1",

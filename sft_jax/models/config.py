@@ -363,16 +363,19 @@ def _moe_fields(hf: Any, family: Family) -> dict[str, Any]:
 
 
 def _refuse_quantized(hf: Any) -> None:
-    """Weights stored quantized (config.json quantization_config) are not read by sft_jax."""
+    """Weights stored quantized (config.json quantization_config) are not read by sft_jax,
+    but for gpt-oss's MXFP4 experts."""
     quantization = getattr(hf, "quantization_config", None)
     if quantization:
         if isinstance(quantization, dict):
             method = quantization.get("quant_method", "?")
         else:
             method = getattr(quantization, "quant_method", "?")
+        if method == "mxfp4" and hf.model_type == "gpt_oss":
+            return  # the hub's MXFP4 experts, dequantized as they load (models/io/mxfp4.py)
         raise UnsupportedModelError(
             f"{hf.model_type}: config.json quantization_config (quant_method {method!r}): "
-            "sft_jax loads unquantized safetensors only. Use a dequantized copy (transformers: "
-            "from_pretrained with the quantizer's dequantize=True, e.g. Mxfp4Config(dequantize="
-            "True) for gpt-oss, then save_pretrained) and drop quantization_config."
+            "sft_jax loads unquantized safetensors (and gpt-oss's MXFP4 experts) only. Use a "
+            "dequantized copy (transformers: from_pretrained with the quantizer's "
+            "dequantize=True, then save_pretrained) and drop quantization_config."
         )

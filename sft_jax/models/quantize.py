@@ -1,9 +1,11 @@
-"""Block-wise NF4 / int8 storage of frozen linear kernels (QLoRA), dequantized inside the matmul.
+"""Block-wise NF4 / int8 / MXFP4 storage of frozen kernels (QLoRA), dequantized in the matmul.
 
 A kernel [in, out] is cut into blocks of `block` consecutive input rows per output column; each
 block stores its absmax as a scale and its values as codes:
   nf4:  4-bit indices into the NF4 code book (two per byte), 0.5 byte per weight;
-  int8: round(127 * w / absmax), 1 byte per weight.
+  int8: round(127 * w / absmax), 1 byte per weight;
+  mxfp4: blocks of 32, FP4 E2M1 codes and a power-of-two scale byte, 17/32 byte per weight
+         (gpt-oss's expert format, models/mxfp4.py; its scales are not double-quantized).
 With double quantization the fp32 scales are themselves stored as int8 around their mean, with
 one fp32 scale per group of up to 256 of them, which cuts their cost from 4/block to about
 1/block bytes per weight.
@@ -22,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.core.errors import ConfigError
+from sft_jax.models.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from sft_jax.models.partitioning import named_sharding
 
 # The 16 NF4 levels: quantiles of a standard normal rescaled to [-1, 1] (Dettmers et al. 2023).
@@ -46,7 +49,7 @@ NF4_CODE = np.array(
     ],
     np.float32,
 )
-FORMATS = ("nf4", "int8")
+FORMATS = ("nf4", "int8", "mxfp4")  # mxfp4: models/mxfp4.py (blocks of 32, E8M0 scales)
 _SCALE_GROUP = 256
 
 
@@ -75,6 +78,8 @@ def quantize(kernel_IxO: jax.Array, spec: QuantSpec) -> dict[str, jax.Array]:
             f"config.lora.quant_block_size={spec.block}: a kernel with {rows} input rows does "
             f"not split into blocks of {spec.block}; use a divisor of {rows} (e.g. 64 or 32)."
         )
+    if spec.format == "mxfp4":
+        return quantize_mxfp4(kernel_IxO)
     blocks = kernel_IxO.astype(jnp.float32).reshape(rows // spec.block, spec.block, out)
     absmax_NxO = jnp.max(jnp.abs(blocks), axis=1)
     safe = jnp.where(absmax_NxO == 0, 1.0, absmax_NxO)[:, None, :]
@@ -116,6 +121,8 @@ def block_scales(stored: dict[str, jax.Array]) -> jax.Array:
 
 def dequantize(stored: dict[str, jax.Array], spec: QuantSpec, dtype: jnp.dtype) -> jax.Array:
     """The kernel [in, out] back in `dtype`."""
+    if spec.format == "mxfp4":
+        return dequantize_mxfp4(stored, dtype)
     scales_NxO = block_scales(stored)
     codes = stored["codes"]
     out = codes.shape[1]

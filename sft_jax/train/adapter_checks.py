@@ -9,6 +9,7 @@ from sft_jax.adapters.lora import ADAPTER_METHODS, EXTRA_MODULES, PROJECTIONS, n
 from sft_jax.adapters.prompts import ENCODERS, INITS, METHODS
 from sft_jax.core.errors import check_choice
 from sft_jax.core.errors import need as _need
+from sft_jax.models.mxfp4 import BLOCK_VALUES as MXFP4_BLOCK
 from sft_jax.models.quantize import FORMATS as QUANT_FORMATS
 from sft_jax.objectives import registry
 
@@ -50,26 +51,38 @@ def check_lora(config: Any) -> None:
         f"expected names among {list(EXTRA_MODULES)}.",
     )
     if lora.quantize:
-        _need(
-            config,
-            lora.quantize in QUANT_FORMATS,
-            "lora.quantize",
-            f"expected {' or '.join(map(repr, (*QUANT_FORMATS, '')))}.",
-        )
-        _need(
-            config,
-            lora.rank > 0,
-            "lora.quantize",
-            "needs LoRA (lora.rank > 0): quantized weights are frozen.",
-        )
-        block = lora.quant_block_size
-        _need(
-            config,
-            block > 0 and block % 2 == 0,
-            "lora.quant_block_size",
-            "weights per scale: a positive even number (64 is the QLoRA default).",
-        )
+        _check_quantization(config)
     _check_adapter_method(config)
+
+
+def _check_quantization(config: Any) -> None:
+    """QLoRA's storage format and block size."""
+    lora = config.lora
+    _need(
+        config,
+        lora.quantize in QUANT_FORMATS,
+        "lora.quantize",
+        f"expected {' or '.join(map(repr, (*QUANT_FORMATS, '')))}.",
+    )
+    _need(
+        config,
+        lora.rank > 0,
+        "lora.quantize",
+        "needs LoRA (lora.rank > 0): quantized weights are frozen.",
+    )
+    block = lora.quant_block_size
+    _need(
+        config,
+        block > 0 and block % 2 == 0,
+        "lora.quant_block_size",
+        "weights per scale: a positive even number (64 is the QLoRA default).",
+    )
+    _need(
+        config,
+        lora.quantize != "mxfp4" or block == MXFP4_BLOCK,
+        "lora.quant_block_size",
+        f"lora.quantize='mxfp4' has blocks of {MXFP4_BLOCK} weights: set it to {MXFP4_BLOCK}.",
+    )
 
 
 def _check_adapter_method(config: Any) -> None:

@@ -220,12 +220,12 @@ def test_lora_on_attention_equals_peft_and_the_merged_export(hf_checkpoint, tmp_
 
 
 def test_what_sft_jax_cannot_run_is_refused(hf_checkpoint, tmp_path):
-    """A quantized checkpoint (the hub's MXFP4) is refused from config.json alone; a kernel
-    without sinks is refused when the model runs."""
+    """A quantized checkpoint other than MXFP4 experts (test_gpt_oss_mxfp4.py) is refused from
+    config.json alone; a kernel without sinks is refused when the model runs."""
     config = hf_config("gpt_oss")
-    config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    config.quantization_config = {"quant_method": "fp8", "modules_to_not_convert": []}
     config.save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"quantization_config.*'mxfp4'.*dequantize"):
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config.*'fp8'.*dequantize"):
         from_pretrained(tmp_path)
     path, _ = hf_checkpoint("gpt_oss")
     model = from_pretrained(path)

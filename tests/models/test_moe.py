@@ -94,9 +94,9 @@ def test_export_writes_the_hub_per_expert_layout(family, tmp_path, caplog):
         (transformers.DeepseekV2Config(num_hidden_layers=1), "deepseek_v2.*MLA"),
         (
             transformers.GptOssConfig(
-                num_hidden_layers=1, quantization_config={"quant_method": "mxfp4"}
+                num_hidden_layers=1, quantization_config={"quant_method": "fp8"}
             ),
-            r"gpt_oss: config\.json quantization_config \(quant_method 'mxfp4'\)",
+            r"gpt_oss: config\.json quantization_config \(quant_method 'fp8'\)",
         ),
     ],
 )

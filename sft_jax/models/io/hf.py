@@ -19,6 +19,7 @@ from sft_jax.core.errors import CheckpointError
 from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import ATTENTION_NAMES, CausalLM, decoder_linears
 from sft_jax.models.io import gpt_oss as gpt_oss_io
+from sft_jax.models.io import mxfp4 as mxfp4_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.config_files import write_config, write_generation_config
 from sft_jax.models.io.files import check_safetensors_present, load_hf_config, resolve_model_dir
@@ -249,6 +250,8 @@ def from_pretrained(
         entries = text_model_tensors(safetensors_io.read_checkpoint(model_dir))
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
+    if (config.hf_config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
+        entries = mxfp4_io.dequantized_entries(entries, np.dtype(param_dtype))  # gpt-oss experts
     mesh = mesh or single_device_mesh()
     model = abstract_model(
         config,
@@ -378,6 +381,7 @@ def save_pretrained(
     """
     out_dir = Path(out_dir)
     hf_config = dict(hf_config or model.config.hf_config)
+    hf_config.pop("quantization_config", None)  # MXFP4 experts are written dequantized
     if not hf_config:
         raise ValueError("save_pretrained needs the model's Hugging Face config (hf_config=...).")
     if any(n.lora_a is not None or n.quant is not None for _, _, n in decoder_linears(model)):
