@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_models import assert_close_on_tokens
 
 from sft_jax.core import batch as batch_schema
 from sft_jax.models import UnsupportedModelError, from_hf_config, from_pretrained, save_pretrained
@@ -89,6 +88,11 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def model(checkpoint):
+    return from_pretrained(checkpoint[0])
+
+
+@pytest.fixture(scope="module")
 def documents():
     """Three documents as the processor would give them: A (one image), B (two), C (text)."""
     processor = transformers.Qwen2VLImageProcessorPil(
@@ -156,26 +160,24 @@ def _rows(spec, rows: list[list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray
     return {**batch, "input_ids": ids, "positions": positions, "segment_ids": segments}
 
 
+@nnx.jit
+def _forward(model, ids, positions, segment_ids, images):
+    return model.logits(model.hidden_states(ids, positions, segment_ids, images=images))
+
+
 def _our_logits(model, batch: dict[str, np.ndarray]) -> np.ndarray:
     images = {name: batch[name] for name in (*IMAGE_FIELDS, *MROPE)}
-
-    @nnx.jit
-    def forward(m, ids, pos, seg, images):
-        return m.logits(m.hidden_states(ids, pos, seg, images=images))
-
-    return np.asarray(
-        forward(model, batch["input_ids"], batch["positions"], batch["segment_ids"], images)
-    )
+    ids, positions, segments = batch["input_ids"], batch["positions"], batch["segment_ids"]
+    return np.asarray(_forward(model, ids, positions, segments, images))
 
 
 def _max_rel(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def test_padded_rows_match_transformers(checkpoint, documents):
+def test_padded_rows_match_transformers(checkpoint, model, documents):
     """A, B, C as right-padded rows of one batch (1 and 2 images of 3 grid sizes, text only)."""
-    path, hf_model = checkpoint
-    model = from_pretrained(path)
+    hf_model = checkpoint[1]
     batch = _rows(model.config.vision, [[d] for d in documents])
     ours = _our_logits(model, batch)
     expected = _hf_logits(hf_model, documents)
@@ -184,9 +186,8 @@ def test_padded_rows_match_transformers(checkpoint, documents):
         assert _max_rel(ours[row, :n], expected[row, :n]) < 1e-4, row
 
 
-def test_packed_documents_each_equal_alone(checkpoint, documents):
-    path, hf_model = checkpoint
-    model = from_pretrained(path)
+def test_packed_documents_each_equal_alone(checkpoint, model, documents):
+    hf_model = checkpoint[1]
     order = [documents[1], documents[2], documents[0]]
     ours = _our_logits(model, _rows(model.config.vision, [order]))[0]
     start = 0
@@ -197,24 +198,29 @@ def test_packed_documents_each_equal_alone(checkpoint, documents):
         start += n
 
 
-def test_images_and_mrope_show_in_the_logits(checkpoint, documents):
-    """The image embeddings and the M-RoPE positions each move the logits far beyond 1e-4."""
-    path, hf_model = checkpoint
-    model = from_pretrained(path)
-    batch = _rows(model.config.vision, [[documents[1]]])
-    expected = _hf_logits(hf_model, [documents[1]])[0]
-    n = len(documents[1]["input_ids"])
-    no_image = dict(batch, vision_patches=np.zeros_like(batch["vision_patches"]))
-    assert _max_rel(_our_logits(model, no_image)[0, :n], expected) > 1e-2
-    flat = dict(batch, **{name: batch["positions"] for name in MROPE})
-    assert _max_rel(_our_logits(model, flat)[0, :n], expected) > 1e-2
+def test_each_part_shows_in_the_logits(checkpoint, model, documents):
+    """The image embeddings, M-RoPE, the windows and the vision RoPE each move the logits far
+    beyond the parity tolerance: the parity tests see them all."""
+    batch = _rows(model.config.vision, [[documents[0]]])
+    n = len(documents[0]["input_ids"])
+    expected = _hf_logits(checkpoint[1], [documents[0]])[0]
+    changes = {
+        "no image": {"vision_patches": np.zeros_like(batch["vision_patches"])},
+        "1-D RoPE": {name: batch["positions"] for name in MROPE},
+        "no windows": {"vision_window_ids": batch["vision_image_ids"]},
+        "no vision RoPE": {
+            "vision_patch_positions": np.zeros_like(batch["vision_patch_positions"])
+        },
+    }
+    assert len(np.unique(batch["vision_window_ids"])) == 7  # 6 windows and the padding
+    for what, change in changes.items():
+        assert _max_rel(_our_logits(model, {**batch, **change})[0, :n], expected) > 1e-3, what
 
 
-def test_export_reloads_in_transformers(checkpoint, documents, tmp_path):
+def test_export_reloads_in_transformers(checkpoint, model, documents, tmp_path):
     """Our export is in the hub's layout (visual.*, model.layers.*): transformers loads it
     with nothing missing and equal logits, and so does sft_jax."""
-    path, hf_model = checkpoint
-    model = from_pretrained(path)
+    hf_model = checkpoint[1]
     save_pretrained(model, tmp_path)
     reloaded, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         tmp_path, output_loading_info=True
