@@ -8,14 +8,19 @@ only). Padded: one row each; packed: A, B and C in one row, each equal to itself
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
 from flax import nnx
 
+from sft_jax.adapters.lora import LoRASpec, apply_lora, save_adapter
+from sft_jax.adapters.lora import merged as fold_adapters
 from sft_jax.core import batch as batch_schema
 from sft_jax.models import UnsupportedModelError, from_hf_config, from_pretrained, save_pretrained
+from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.qwen_vl_rows import (
     IMAGE_FIELDS,
     MROPE,
@@ -24,6 +29,7 @@ from sft_jax.models.qwen_vl_rows import (
     row_images,
     window_numbers,
 )
+from sft_jax.train import sharding
 
 IMAGE, VIDEO, START, END = 120, 121, 122, 123
 TEXT_CONFIG = {
@@ -293,3 +299,31 @@ def test_row_layout_refuses_videos_and_overflow(documents):
     cut = dict(documents[0], input_ids=documents[0]["input_ids"][:10])
     with pytest.raises(ImageLayoutError, match="image tokens"):
         row_images([cut], RowBudget(SEQ_LEN, MAX_PATCHES, MAX_IMAGES), spec)
+
+
+def test_lora_on_the_language_model_equals_peft_and_the_merged_export(
+    checkpoint, documents, tmp_path
+):
+    """LoRA on the language model's q/k/v/o_proj (PEFT's names; the vision blocks have qkv and
+    proj): the PEFT adapter loaded by peft on transformers' model, and our merged export
+    loaded by transformers, both give our logits on image inputs."""
+    path, _ = checkpoint
+    mesh = sharding.single_device_mesh()
+    model = from_pretrained(path, mesh=mesh)
+    spec = LoRASpec(rank=4, alpha=8.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    apply_lora(model, spec, mesh)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    for _, _, linear in decoder_linears(model):
+        if linear.lora_b is not None:
+            linear.lora_b[...] = 0.3 * jax.random.normal(next(keys), linear.lora_b[...].shape)
+    docs = documents[:2]
+    actual = _our_logits(model, _rows(model.config.vision, [[d] for d in docs]))
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(path))
+    base = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    peft_model = peft.PeftModel.from_pretrained(base.eval().float(), tmp_path / "adapter").eval()
+    save_pretrained(fold_adapters(model), tmp_path / "merged")
+    merged = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    for expected in (_hf_logits(peft_model, docs), _hf_logits(merged.eval().float(), docs)):
+        for row, d in enumerate(docs):
+            n = len(d["input_ids"])
+            assert _max_rel(actual[row, :n], expected[row, :n]) < 1e-4

@@ -118,11 +118,13 @@ def _load_experts(
     return jax.make_array_from_callback(shape, param_sharding, read).block_until_ready()
 
 
-def hf_module_name(index: int, name: str) -> str:
-    """Hugging Face module name of projection `name` of decoder layer `index`."""
+def hf_module_name(index: int, name: str, config: ModelConfig | None = None) -> str:
+    """Hugging Face module name of projection `name` of decoder layer `index` (in an image-text
+    model, under transformers' model.language_model, as PEFT names it)."""
+    model = "model.language_model" if config is not None and config.vision else "model"
     if name in LINEAR_PROJECTIONS:
-        return f"model.layers.{index}.linear_attn.{name}"
-    return f"model.layers.{index}.{'self_attn' if name in ATTENTION_NAMES else 'mlp'}.{name}"
+        return f"{model}.layers.{index}.linear_attn.{name}"
+    return f"{model}.layers.{index}.{'self_attn' if name in ATTENTION_NAMES else 'mlp'}.{name}"
 
 
 def abstract_model(
