@@ -34,8 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sft_jax.models.families import UnsupportedModelError
 from sft_jax.models.layers import Linear, RMSNorm, activate, einsum_f32
 from sft_jax.models.mrope import rotate, sectioned_angles
+from sft_jax.models.partitioning import context_shards
 from sft_jax.models.qwen_vl_config import VisionSpec
 from sft_jax.models.qwen_vl_rows import IMAGE_IDS, MROPE, PATCHES, POSITIONS, WINDOW_IDS
 
@@ -183,4 +185,9 @@ def place_images(
     """QwenVision.embed, or a clear error for a text model given images."""
     if vision is None:
         raise ValueError("images= was given to a text model (its config has no vision part).")
+    if context_shards() > 1:  # its masks would read the [B, T, 3] positions as 1-D ones
+        raise UnsupportedModelError(
+            "Qwen2.5-VL with images cannot split the sequence over mesh.context yet; set "
+            "mesh.context=1."
+        )
     return vision.embed(x_BxTxD, input_ids_BxT, images)

@@ -204,6 +204,36 @@ def test_packed_documents_each_equal_alone(checkpoint, model, documents):
         start += n
 
 
+def test_text_without_images_matches_transformers(checkpoint, model, documents):
+    """Text alone needs no image fields: 1-D positions turn the heads as M-RoPE does."""
+    text = documents[2]
+    batch = _rows(model.config.vision, [[text]])
+    forward = nnx.jit(lambda m, ids, pos, seg: m(ids, pos, seg))
+    ours = forward(model, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    n = len(text["input_ids"])
+    assert _max_rel(np.asarray(ours)[0, :n], _hf_logits(checkpoint[1], [text])[0]) < 1e-4
+
+
+def test_hub_config_json_reads():
+    """The hub's config.json layout (Qwen2.5-VL-7B-Instruct's fields: the text model's at the
+    top level, rope_scaling of type "mrope"), at a tiny size."""
+    hub = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        **{k: v for k, v in TEXT_CONFIG.items() if k != "rope_parameters"},
+        "rope_theta": 1e6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "image_token_id": IMAGE,
+        "video_token_id": VIDEO,
+        "vision_config": {**VISION_CONFIG, "in_chans": 3, "tokens_per_second": 2},
+    }
+    config = from_hf_config(transformers.AutoConfig.for_model(**hub))
+    rope = config.rope_for("full_attention")
+    assert (rope.rope_type, rope.theta, rope.mrope_section) == ("default", 1e6, (2, 3, 3))
+    assert config.vision.image_token_id == IMAGE and config.vision.patch_dim == 96
+    assert (config.num_layers, config.hidden_size, config.vision.depth) == (2, 64, 3)
+
+
 def test_each_part_shows_in_the_logits(checkpoint, model, documents):
     """The image embeddings, M-RoPE, the windows and the vision RoPE each move the logits far
     beyond the parity tolerance: the parity tests see them all."""
@@ -327,3 +357,10 @@ def test_lora_on_the_language_model_equals_peft_and_the_merged_export(
         for row, d in enumerate(docs):
             n = len(d["input_ids"])
             assert _max_rel(actual[row, :n], expected[row, :n]) < 1e-4
+
+
+def test_context_split_with_images_is_refused(model, documents):
+    batch = _rows(model.config.vision, [[documents[0]]] * 2)
+    mesh = sharding.make_mesh(fsdp=1, context=2, devices=jax.devices()[:2])
+    with jax.set_mesh(mesh), pytest.raises(UnsupportedModelError, match=r"mesh\.context"):
+        _our_logits(model, batch)
