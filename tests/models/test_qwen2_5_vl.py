@@ -288,6 +288,28 @@ def test_windows_equal_transformers_window_index(documents):
         np.testing.assert_array_equal(ours, expected)
 
 
+def test_positions_equal_transformers(checkpoint, model, documents):
+    """row_images' M-RoPE positions (each packed document from 0) are get_rope_index's of
+    each document alone, and its patch positions get_vision_position_ids' of the row."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    order = [documents[1], documents[2], documents[0]]
+    batch = _rows(model.config.vision, [order])
+    ours = np.stack([batch[name][0] for name in MROPE])
+    start = 0
+    for d in order:
+        ids = torch.tensor(d["input_ids"])[None]
+        grids = torch.tensor(d["image_grid_thw"]) if "image_grid_thw" in d else None
+        expected, _ = checkpoint[1].model.get_rope_index(ids, (ids == IMAGE).long(), grids)
+        np.testing.assert_array_equal(ours[:, start : start + ids.shape[1]], expected[:, 0])
+        start += ids.shape[1]
+    grids = torch.tensor(
+        np.concatenate([d["image_grid_thw"] for d in order if "image_grid_thw" in d])
+    )
+    expected = get_vision_position_ids(grids, 2).numpy()
+    np.testing.assert_array_equal(batch["vision_patch_positions"][0, : len(expected)], expected)
+
+
 def test_config_and_batch_fields():
     config = from_hf_config(hf_vl_config())
     assert config.vision.fullatt_block_indexes == (1,) and config.vision.window_units == 2
