@@ -10,7 +10,13 @@ grid_t * grid_h * grid_w / merge**2 image tokens), `pixel_values` [patches, C*Tp
 M-RoPE positions, as transformers' get_rope_index computes them per document: text tokens count
 up on all three axes (temporal, height, width); an image's tokens starting at position s take
 (s + t, s + row, s + column) over its merged grid, and the text after it continues at
-s + max(merged rows, merged columns). Each packed document starts again at 0.
+s + max(merged rows, merged columns). Each packed document starts again at 0. E.g. text a b,
+an image of 4 x 4 patches (2 x 2 merged tokens I), text c:
+
+  tokens    a b I I I I c
+  temporal  0 1 2 2 2 2 4
+  height    0 1 2 2 3 3 4
+  width     0 1 2 3 2 3 4
 """
 
 from __future__ import annotations
@@ -97,20 +103,26 @@ def mrope_positions(input_ids: np.ndarray, grids: np.ndarray, spec: VisionSpec) 
             positions[:, start:end] = current + np.arange(end - start)
             current += end - start
         else:
-            t, h, w = (int(n) for n in grids[image])
+            t, h, w = (int(n) for n in grids[image]) if image < len(grids) else (0, 0, 0)
             h, w = h // spec.spatial_merge_size, w // spec.spatial_merge_size
-            if image >= len(grids) or end - start != t * h * w:
-                raise ImageLayoutError(
-                    f"a run of {end - start} image tokens (id {spec.image_token_id}) does not "
-                    f"match image {image} of the document's {len(grids)} (image_grid_thw); "
-                    "tokenize with the model's processor, and keep images whole."
-                )
+            if end - start != t * h * w:
+                raise _mismatch(end - start, image, len(grids), spec)
             grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"))
             positions[:, start:end] = grid.reshape(3, -1) + current
             current += max(h, w)
             image += 1
         start = end
+    if image != len(grids):
+        raise _mismatch(0, image, len(grids), spec)
     return positions.astype(np.int32)
+
+
+def _mismatch(run: int, image: int, images: int, spec: VisionSpec) -> ImageLayoutError:
+    return ImageLayoutError(
+        f"a run of {run} image tokens (id {spec.image_token_id}) does not match image {image} "
+        f"of the document's {images} (image_grid_thw); tokenize with the model's processor, "
+        "and keep images whole."
+    )
 
 
 def _document_images(document: dict[str, np.ndarray], spec: VisionSpec) -> tuple[np.ndarray, ...]:

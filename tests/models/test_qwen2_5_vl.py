@@ -26,6 +26,7 @@ from sft_jax.models.qwen_vl_rows import (
     MROPE,
     ImageLayoutError,
     RowBudget,
+    mrope_positions,
     row_images,
     window_numbers,
 )
@@ -349,8 +350,18 @@ def test_row_layout_refuses_videos_and_overflow(documents):
     with pytest.raises(ImageLayoutError, match="patches"):
         row_images(documents, RowBudget(SEQ_LEN * 2, 100, MAX_IMAGES), spec)
     cut = dict(documents[0], input_ids=documents[0]["input_ids"][:10])
-    with pytest.raises(ImageLayoutError, match="image tokens"):
-        row_images([cut], RowBudget(SEQ_LEN, MAX_PATCHES, MAX_IMAGES), spec)
+    no_image = dict(documents[0], input_ids=np.arange(3, 13))
+    for document in (cut, no_image):
+        with pytest.raises(ImageLayoutError, match="image tokens"):
+            row_images([document], RowBudget(SEQ_LEN, MAX_PATCHES, MAX_IMAGES), spec)
+
+
+def test_mrope_worked_example():
+    """The module docstring's example: text a b, 2 x 2 merged image tokens, text c."""
+    spec = from_hf_config(hf_vl_config()).vision
+    ids = np.array([5, 6, IMAGE, IMAGE, IMAGE, IMAGE, 7])
+    expected = [[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]]
+    np.testing.assert_array_equal(mrope_positions(ids, np.array([[1, 4, 4]]), spec), expected)
 
 
 def test_lora_on_the_language_model_equals_peft_and_the_merged_export(
