@@ -81,6 +81,7 @@ QWEN_VL_KEYS = (
     register("vision_patches", Field(np.float32, IMAGE, "the row's images' flattened patches")),
     register("vision_patch_positions", Field(np.int32, IMAGE, "a patch's (row, column)")),
     register("vision_window_ids", Field(np.int32, IMAGE, "a patch's window, 1.. (0: none)")),
+    register("vision_window_order", Field(np.int32, IMAGE, "the patches window by window")),
     register("vision_image_ids", Field(np.int32, IMAGE, "a patch's image frame, 1.. (0: none)")),
     register("vision_grids", Field(np.int32, IMAGE, "an image's (t, h, w) patch grid")),
     register("mrope_temporal", Field(np.int32, TOKEN, "M-RoPE temporal position")),

@@ -7,19 +7,17 @@ order: per image, 2 x 2 blocks of neighbouring patches, row by row) and the inde
 models/qwen_vl_rows.py computes on the host from the images' grids, so that every shape is
 static under jit:
 
-  patches [B, P, C*Tp*p*p]  the 3-D patch convolution is one matmul over a flattened patch
-  patch_positions [B, P, 2] each patch's (row, column) in its image: the 2-D RoPE
-  patch_windows [B, P]      each patch's window (1, 2, ...; 0: padding): the windowed blocks
-  patch_images [B, P]       each patch's image (1, 2, ...; 0: padding): the full blocks
-                            (fullatt_block_indexes) attend within an image, never across
+  vision_patches [B, P, C*Tp*p*p]  the 3-D patch convolution is one matmul over a patch
+  vision_patch_positions [B, P, 2] each patch's (row, column) in its image: the 2-D RoPE
+  vision_window_ids [B, P]         each patch's window (1, 2, ...; 0: padding)
+  vision_window_order [B, P]       the patches window by window (transformers' window index)
+  vision_image_ids [B, P]          each patch's image (1, 2, ...; 0: padding): the full blocks
+                                   (fullatt_block_indexes) attend within an image, never across
 
-transformers reorders the patches window by window so that each window is a contiguous run
-(for its variable-length kernels) and undoes the order after the merger; attention within a
-group, the per-patch RoPE, norms and MLPs do not depend on the order, so here every patch keeps
-its place and the windows are masks (the same windows: tests/models/test_qwen2_5_vl.py checks
-them against transformers' window index). The merger joins each run of 4 patches (one 2 x 2
-block) into one token of the language model's width; the row's k-th image token gets its k-th
-merged token.
+As in transformers, the blocks run on the patches in window order, each window a contiguous
+run (windowed blocks attend chunk by chunk: models/vision_attention.py), and the merger on the
+patches back in the rows' order. The merger joins each run of 4 patches (one 2 x 2 block) into
+one token of the language model's width; the row's k-th image token gets its k-th merged token.
 
 Dimension legend: B batch, P patches, Q merged tokens (P / 4), C vision width, H heads,
 E head dim, F MLP width, D language model width, T text time.
@@ -35,11 +33,19 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.families import UnsupportedModelError
-from sft_jax.models.layers import Linear, RMSNorm, activate, einsum_f32
+from sft_jax.models.layers import Linear, RMSNorm, activate
 from sft_jax.models.mrope import rotate, sectioned_angles
 from sft_jax.models.partitioning import context_shards
 from sft_jax.models.qwen_vl_config import VisionSpec
-from sft_jax.models.qwen_vl_rows import IMAGE_IDS, MROPE, PATCHES, POSITIONS, WINDOW_IDS
+from sft_jax.models.qwen_vl_rows import (
+    IMAGE_IDS,
+    MROPE,
+    PATCHES,
+    POSITIONS,
+    WINDOW_IDS,
+    WINDOW_ORDER,
+)
+from sft_jax.models.vision_attention import group_attention, window_attention
 
 _NORM_EPS = 1e-6  # transformers builds the vision norms with this eps
 
@@ -55,17 +61,24 @@ class VisionAttention(nnx.Module):
         self.num_heads, self.head_dim = spec.num_heads, spec.head_dim
 
     def __call__(
-        self, x_BxPxC: jax.Array, angles_BxPxHalf: jax.Array, group_BxP: jax.Array
+        self,
+        x_BxPxC: jax.Array,
+        angles_BxPxHalf: jax.Array,
+        group_BxP: jax.Array,
+        window_chunk: int | None,
     ) -> jax.Array:
+        """Attention within groups: windows (the patches in window order, none longer than
+        window_chunk) or, with window_chunk None, whole images."""
         batch, patches, _ = x_BxPxC.shape
         qkv = self.qkv(x_BxPxC).reshape(batch, patches, 3, self.num_heads, self.head_dim)
         q_BxPxHxE = rotate(qkv[:, :, 0], angles_BxPxHalf)
         k_BxPxHxE = rotate(qkv[:, :, 1], angles_BxPxHalf)
-        scores = einsum_f32("BPHE,BSHE->BHPS", q_BxPxHxE, k_BxPxHxE) * self.head_dim**-0.5
-        same_group_BxPxS = group_BxP[:, :, None] == group_BxP[:, None, :]
-        scores = jnp.where(same_group_BxPxS[:, None], scores, -jnp.inf)
-        weights = jax.nn.softmax(scores, axis=-1).astype(x_BxPxC.dtype)
-        out_BxPxHxE = jnp.einsum("BHPS,BSHE->BPHE", weights, qkv[:, :, 2])
+        qkv_group = (q_BxPxHxE, k_BxPxHxE, qkv[:, :, 2], group_BxP)
+        scale = self.head_dim**-0.5
+        if window_chunk is None:
+            out_BxPxHxE = group_attention(*qkv_group, scale)
+        else:
+            out_BxPxHxE = window_attention(*qkv_group, window_chunk, scale)
         return self.proj(out_BxPxHxE.reshape(batch, patches, -1))
 
 
@@ -94,9 +107,14 @@ class VisionBlock(nnx.Module):
         self.mlp = VisionMLP(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(
-        self, x_BxPxC: jax.Array, angles_BxPxHalf: jax.Array, group_BxP: jax.Array
+        self,
+        x_BxPxC: jax.Array,
+        angles_BxPxHalf: jax.Array,
+        group_BxP: jax.Array,
+        window_chunk: int | None,
     ) -> jax.Array:
-        x_BxPxC = x_BxPxC + self.attn(self.norm1(x_BxPxC), angles_BxPxHalf, group_BxP)
+        normed = self.norm1(x_BxPxC)
+        x_BxPxC = x_BxPxC + self.attn(normed, angles_BxPxHalf, group_BxP, window_chunk)
         return x_BxPxC + self.mlp(self.norm2(x_BxPxC))
 
 
@@ -133,17 +151,32 @@ class QwenVision(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, images: dict[str, jax.Array]) -> jax.Array:
-        """Merged image tokens [B, Q, D] of the rows' patches, in the rows' order."""
-        x_BxPxC = self.patch_embed(images[PATCHES].astype(self.dtype))
-        angles_BxPxHalf = sectioned_angles(
-            images[POSITIONS],
-            jnp.asarray(self._inverse_frequencies()),
-            (self.spec.head_dim // 4,) * 2,
+        """Merged image tokens [B, Q, D] of the rows' patches, in the rows' order. The blocks
+        run on the patches in window order (transformers' too), the merger on them back in
+        the rows' order (each merged token's 4 patches stay together in both)."""
+        order_BxP = images[WINDOW_ORDER]
+
+        def windowed(x_BxPx: jax.Array) -> jax.Array:
+            index = order_BxP.reshape(*order_BxP.shape, *(1,) * (x_BxPx.ndim - 2))
+            return jnp.take_along_axis(x_BxPx, index, axis=1)
+
+        x_BxPxC = windowed(self.patch_embed(images[PATCHES].astype(self.dtype)))
+        angles_BxPxHalf = windowed(
+            sectioned_angles(
+                images[POSITIONS],
+                jnp.asarray(self._inverse_frequencies()),
+                (self.spec.head_dim // 4,) * 2,
+            )
         )
+        windows_BxP, frames_BxP = windowed(images[WINDOW_IDS]), windowed(images[IMAGE_IDS])
+        chunk = self.spec.window_units**2 * self.spec.merge_unit  # patches of a full window
         for index, block in enumerate(self.blocks):
-            full = index in self.spec.fullatt_block_indexes
-            x_BxPxC = block(x_BxPxC, angles_BxPxHalf, images[IMAGE_IDS if full else WINDOW_IDS])
-        return self.merger(x_BxPxC)
+            if index in self.spec.fullatt_block_indexes:
+                x_BxPxC = block(x_BxPxC, angles_BxPxHalf, frames_BxP, None)
+            else:
+                x_BxPxC = block(x_BxPxC, angles_BxPxHalf, windows_BxP, chunk)
+        inverse_BxP = jnp.argsort(order_BxP, axis=1)
+        return self.merger(jnp.take_along_axis(x_BxPxC, inverse_BxP[..., None], axis=1))
 
     def _inverse_frequencies(self) -> np.ndarray:
         """[E/2] frequencies of the 2-D RoPE: those of 1-D RoPE over E/2 dims (E/4 of them,

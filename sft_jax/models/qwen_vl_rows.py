@@ -32,11 +32,12 @@ from sft_jax.models.qwen_vl_config import VisionSpec
 PATCHES = "vision_patches"  # [P, patch_dim] float32: the rows' images' flattened patches
 POSITIONS = "vision_patch_positions"  # [P, 2] int32: each patch's (row, column) in its image
 WINDOW_IDS = "vision_window_ids"  # [P] int32: each patch's window, 1.. (0: padding)
+WINDOW_ORDER = "vision_window_order"  # [P] int32: the patches window by window (padding last)
 IMAGE_IDS = "vision_image_ids"  # [P] int32: each patch's image (its frame), 1.. (0: padding)
 GRIDS = "vision_grids"  # [I, 3] int32: each image's (t, h, w) patch grid (0: no image)
 # ... and TOKEN kind, [rows, T]: the M-RoPE positions of each token.
 MROPE = ("mrope_temporal", "mrope_height", "mrope_width")
-IMAGE_FIELDS = (PATCHES, POSITIONS, WINDOW_IDS, IMAGE_IDS, GRIDS)
+IMAGE_FIELDS = (PATCHES, POSITIONS, WINDOW_IDS, WINDOW_ORDER, IMAGE_IDS, GRIDS)
 
 
 class ImageLayoutError(UserError):
@@ -58,6 +59,7 @@ class RowBudget:
             PATCHES: (self.max_patches, spec.patch_dim),
             POSITIONS: (self.max_patches, 2),
             WINDOW_IDS: (self.max_patches,),
+            WINDOW_ORDER: (self.max_patches,),
             IMAGE_IDS: (self.max_patches,),
             GRIDS: (self.max_images, 3),
         }
@@ -178,6 +180,9 @@ def row_images(
         out[IMAGE_IDS][rows] = frames + 1 + np.repeat(np.arange(grid[0]), count // grid[0])
         windows, frames = windows + int(numbers.max()) + 1, frames + int(grid[0])
         start += count
+    # transformers' window order: window by window, each window's patches in their order.
+    last = np.where(out[WINDOW_IDS] == 0, windows + 1, out[WINDOW_IDS])
+    out[WINDOW_ORDER] = np.argsort(last, kind="stable").astype(np.int32)
     mrope = np.zeros((3, budget.seq_len), np.int32)
     offset = 0
     for document, (_, grids_of) in zip(documents, parts, strict=True):

@@ -236,15 +236,16 @@ def test_hub_config_json_reads():
 
 
 def test_each_part_shows_in_the_logits(checkpoint, model, documents):
-    """The image embeddings, M-RoPE, the windows and the vision RoPE each move the logits far
-    beyond the parity tolerance: the parity tests see them all."""
+    """The image embeddings, M-RoPE, the windows, their order and the vision RoPE each move the
+    logits far beyond the parity tolerance: the parity tests see them all."""
     batch = _rows(model.config.vision, [[documents[0]]])
     n = len(documents[0]["input_ids"])
     expected = _hf_logits(checkpoint[1], [documents[0]])[0]
     changes = {
         "no image": {"vision_patches": np.zeros_like(batch["vision_patches"])},
         "1-D RoPE": {name: batch["positions"] for name in MROPE},
-        "no windows": {"vision_window_ids": batch["vision_image_ids"]},
+        "windows of whole images": {"vision_window_ids": batch["vision_image_ids"]},
+        "no window order": {"vision_window_order": np.arange(MAX_PATCHES)[None]},
         "no vision RoPE": {
             "vision_patch_positions": np.zeros_like(batch["vision_patch_positions"])
         },
@@ -272,9 +273,9 @@ def test_export_reloads_in_transformers(checkpoint, model, documents, tmp_path):
         assert _max_rel(ours[row, :n], expected[row, :n]) < 1e-4
 
 
-def test_windows_equal_transformers_window_index(documents):
-    """Our per-patch windows are transformers' (get_vision_window_index's cu_window_seqlens
-    over its window order), for grids cut and not cut by the windows' edge."""
+def test_windows_equal_transformers_window_index():
+    """Our per-patch windows and window order are transformers' (get_vision_window_index's
+    window index and cu_window_seqlens), for grids cut and not cut by the windows' edge."""
     from transformers.vision_utils import get_vision_window_index
 
     spec = from_hf_config(hf_vl_config()).vision
@@ -287,6 +288,14 @@ def test_windows_equal_transformers_window_index(documents):
         ours = window_numbers(np.asarray(grid), spec)[::4]
         # Same partition, the same numbering (both go through the windows row by row).
         np.testing.assert_array_equal(ours, expected)
+        # And the same window order of the patches (row_images' vision_window_order).
+        document = {
+            "input_ids": np.full(np.prod(grid) // 4, IMAGE),
+            "pixel_values": np.zeros((np.prod(grid), spec.patch_dim), np.float32),
+            "image_grid_thw": np.asarray([grid]),
+        }
+        order = row_images([document], RowBudget(64, 128, 1), spec)["vision_window_order"]
+        np.testing.assert_array_equal(order[: np.prod(grid) : 4] // 4, units)
 
 
 def test_positions_equal_transformers(checkpoint, model, documents):
