@@ -61,6 +61,7 @@ VISION_CONFIG = {
 # last cut by the windows' edge (3 x 5 merged tokens in windows of 2 x 2).
 SIZES = ((32, 48), (16, 16), (24, 40))
 SEQ_LEN, MAX_PATCHES, MAX_IMAGES = 80, 176, 3
+BATCH_KEYS = ("input_ids", "positions", "segment_ids")
 
 
 def hf_vl_config(**text_overrides) -> transformers.Qwen2_5_VLConfig:
@@ -125,6 +126,11 @@ def documents():
 
 
 def _hf_logits(model, docs: list[dict[str, np.ndarray]]) -> np.ndarray:
+    with torch.no_grad():
+        return _hf_forward(model, docs).numpy()
+
+
+def _hf_forward(model, docs: list[dict[str, np.ndarray]]) -> torch.Tensor:
     """transformers' logits of the documents as right-padded rows of one batch."""
     length = max(len(d["input_ids"]) for d in docs)
     ids = np.zeros((len(docs), length), np.int64)
@@ -140,14 +146,12 @@ def _hf_logits(model, docs: list[dict[str, np.ndarray]]) -> np.ndarray:
         kwargs["image_grid_thw"] = torch.tensor(
             np.concatenate([d["image_grid_thw"] for d in with_images])
         )
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
-            **kwargs,
-        )
-    return out.logits.numpy()
+    return model(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        mm_token_type_ids=torch.tensor((ids == IMAGE).astype(np.int64)),
+        **kwargs,
+    ).logits
 
 
 def _rows(spec, rows: list[list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
@@ -253,6 +257,50 @@ def test_each_part_shows_in_the_logits(checkpoint, model, documents):
     assert len(np.unique(batch["vision_window_ids"])) == 7  # 6 windows and the padding
     for what, change in changes.items():
         assert _max_rel(_our_logits(model, {**batch, **change})[0, :n], expected) > 1e-3, what
+
+
+def test_gradients_match_transformers(checkpoint, model, documents):
+    """Gradients of a weighted sum of the logits (rows A and B) reach the vision part as in
+    transformers: patch embedding, a windowed and a full block, the merger, the decoder."""
+    hf_model, docs = checkpoint[1], documents[:2]
+    batch = _rows(model.config.vision, [[d] for d in docs])
+    images = {name: batch[name] for name in (*IMAGE_FIELDS, *MROPE)}
+    weights = np.random.default_rng(1).normal(size=(2, SEQ_LEN, 128)).astype(np.float32)
+    for row, d in enumerate(docs):
+        weights[row, len(d["input_ids"]) :] = 0
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def grads(params):
+        def loss(params):
+            m = nnx.merge(graphdef, params, rest)
+            logits = m.logits(m.hidden_states(*(batch[k] for k in BATCH_KEYS), images=images))
+            return (logits * weights).sum()
+
+        return jax.grad(loss)(params)
+
+    ours = nnx.to_flat_state(grads(params))
+    hf_model.zero_grad()
+    logits = _hf_forward(hf_model, docs)
+    (logits * torch.tensor(weights[:, : logits.shape[1]])).sum().backward()
+    hf_grads = dict(hf_model.named_parameters())
+    checked = {
+        ("vision", "patch_embed", "kernel"): "model.visual.patch_embed.proj.weight",
+        ("vision", "blocks", 0, "attn", "qkv", "kernel"): "model.visual.blocks.0.attn.qkv.weight",
+        ("vision", "blocks", 1, "attn", "qkv", "kernel"): "model.visual.blocks.1.attn.qkv.weight",
+        ("vision", "merger", "fc1", "kernel"): "model.visual.merger.mlp.0.weight",
+        (
+            "layers",
+            0,
+            "attn",
+            "q_proj",
+            "kernel",
+        ): "model.language_model.layers.0.self_attn.q_proj.weight",
+    }
+    by_path = dict(ours)
+    for path, name in checked.items():
+        expected = hf_grads[name].grad.reshape(hf_grads[name].shape[0], -1).T.numpy()
+        assert _max_rel(np.asarray(by_path[path].get_value()), expected) < 1e-4, name
 
 
 def test_export_reloads_in_transformers(checkpoint, model, documents, tmp_path):
