@@ -287,10 +287,10 @@ def save_adapter(
         if linear.lora_a is None:
             continue
         adapted.add(name)
-        prefix = f"base_model.model.{hf_module_name(index, name)}"
+        prefix = f"base_model.model.{hf_module_name(index, name, model.config)}"
         if linear.lora_e is not None:
             kept = rank_kept(linear)
-            rank_pattern[f"{hf_module_name(index, name)}.lora_E"] = kept.tolist()
+            rank_pattern[f"{hf_module_name(index, name, model.config)}.lora_E"] = kept.tolist()
             tensors += _svd_tensors(prefix, linear, kept)
             continue
         tensors.append(_pending(f"{prefix}.lora_A.weight", linear.lora_a[...], transpose=True))

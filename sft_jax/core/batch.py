@@ -76,3 +76,15 @@ REFERENCE_KEY = register(
     "reference_logps",
     Field(np.float32, TOKEN, "a reference model's log p(target_ids[t]); 0 off target_mask"),
 )
+# Qwen2.5-VL's images (models/qwen_vl_rows.py computes them per row on the host).
+QWEN_VL_KEYS = (
+    register("vision_patches", Field(np.float32, IMAGE, "the row's images' flattened patches")),
+    register("vision_patch_positions", Field(np.int32, IMAGE, "a patch's (row, column)")),
+    register("vision_window_ids", Field(np.int32, IMAGE, "a patch's window, 1.. (0: none)")),
+    register("vision_window_order", Field(np.int32, IMAGE, "the patches window by window")),
+    register("vision_image_ids", Field(np.int32, IMAGE, "a patch's image frame, 1.. (0: none)")),
+    register("vision_grids", Field(np.int32, IMAGE, "an image's (t, h, w) patch grid")),
+    register("mrope_temporal", Field(np.int32, TOKEN, "M-RoPE temporal position")),
+    register("mrope_height", Field(np.int32, TOKEN, "M-RoPE height position")),
+    register("mrope_width", Field(np.int32, TOKEN, "M-RoPE width position")),
+)

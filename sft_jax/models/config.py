@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from sft_jax.models import gemma4_config as _gemma4_config  # noqa: F401 (registers gemma4_text)
 from sft_jax.models.deepseek import MLASpec, deepseek_fields
 from sft_jax.models.families import FAMILIES, Family, UnsupportedModelError, family_of
+from sft_jax.models.qwen_vl_config import VisionSpec  # (and registers qwen2_5_vl)
 from sft_jax.models.rope import RopeSpec, rope_table
 
 # Parameter and compute dtypes by their config names.
@@ -137,6 +138,8 @@ class ModelConfig:
     attn_output_gate: bool = False
     # The Gated DeltaNet of layer_types' "linear_attention" layers; None where there are none.
     linear_attention: LinearAttentionSpec | None = None
+    # The vision part of an image-text model (Qwen2.5-VL, models/qwen_vision.py); None: text.
+    vision: VisionSpec | None = None
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -222,8 +225,8 @@ def _nope_layers(hf: Any, family: Family, layer_types: tuple[str, ...]) -> tuple
 def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     family = family_of(getattr(hf, "model_type", None))
-    if family.text_config:  # the text model of a multimodal checkpoint
-        return from_hf_config(hf.get_text_config())
+    if family.text_config:  # the text model of a multimodal checkpoint (and its vision part)
+        return _multimodal(hf, family)
     model_type = family.model_type
     _refuse_quantized(hf)
     if getattr(hf, "_heterogeneity_spec", None) is not None:
@@ -279,6 +282,13 @@ def from_hf_config(hf: Any) -> ModelConfig:
     if family.hf_fields is None:
         return config
     return dataclasses.replace(config, **family.hf_fields(hf))
+
+
+def _multimodal(hf: Any, family: Family) -> ModelConfig:
+    """A multimodal checkpoint's text model, with what its family adds (Qwen2.5-VL: the vision
+    part, M-RoPE's sections)."""
+    text = from_hf_config(hf.get_text_config())
+    return text if family.hf_fields is None else dataclasses.replace(text, **family.hf_fields(hf))
 
 
 def _hybrid_fields(hf: Any, family: Family, layer_types: tuple[str, ...]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.moe_gpt_oss import GptOssMoEBlock
 from sft_jax.models.partitioning import logical_to_spec
 from sft_jax.models.per_layer import PerLayerEmbeddings, PerLayerInput, layer_scalar
+from sft_jax.models.qwen_vision import place_images, vision_part
 
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
 # layer), or only matmul outputs (recompute the cheap elementwise work), on the device or
@@ -265,6 +266,8 @@ class CausalLM(nnx.Module):
             if c.score_labels
             else None
         )
+        # An image-text model's vision part (Qwen2.5-VL); None for a text model.
+        self.vision = vision_part(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Adapter hooks (see the module docstring); None / 0 in a plain model.
         self.virtual_tokens = nnx.data(None)
         self.kv_prefix = nnx.data(None)
@@ -276,12 +279,14 @@ class CausalLM(nnx.Module):
         positions_BxT: jax.Array,
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
+        images: dict[str, jax.Array] | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D] in the compute dtype.
 
-        dropout_key enables LoRA dropout (training); None means deterministic.
+        dropout_key enables LoRA dropout (training); None means deterministic. images: an
+        image-text model's image fields of the batch by name, each [B, ...] (see forward).
         """
-        return self.forward(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key)[0]
+        return self.forward(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key, images)[0]
 
     def forward(
         self,
@@ -289,10 +294,14 @@ class CausalLM(nnx.Module):
         positions_BxT: jax.Array,
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
+        images: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """(final-normed hidden states, router statistics of the MoE layers stacked [L, ...],
-        or None for a dense model)."""
+        or None for a dense model). images: the batch's image fields by name (Qwen2.5-VL's:
+        models/qwen_vl_rows.py), whose embeddings replace the rows' image tokens in order."""
         x_BxTxD = self._embed(input_ids_BxT, fold_key(dropout_key, len(self.layers)))
+        if images is not None:  # an image-text model's (models/qwen_vision.py)
+            x_BxTxD, positions_BxT = place_images(self.vision, x_BxTxD, input_ids_BxT, images)
         ple_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD)
         prefixes, positions_BxT = self._prefixes(positions_BxT)
         apply_layer = _call_layer

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.config import ModelConfig, RopeSpec
+from sft_jax.models.mrope import sectioned_angles
 from sft_jax.models.quantize import dequantize
 
 _INIT_STD = 0.02  # transformers' default initializer_range, for models not loaded from disk
@@ -197,7 +198,10 @@ def apply_rope(x_BTxE: jax.Array, positions_BxT: jax.Array, rope: RopeSpec) -> j
         inv_freq = rope.dynamic_inverse_frequencies(head_dim, jnp.max(positions_BxT) + 1)
     else:
         inv_freq = jnp.asarray(rope.inverse_frequencies(head_dim))
-    angles_BxTxHalf = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    if positions_BxT.ndim == 3:  # M-RoPE (Qwen2.5-VL): [B, T, 3] positions, models/mrope.py
+        angles_BxTxHalf = sectioned_angles(positions_BxT, inv_freq, rope.mrope_section)
+    else:
+        angles_BxTxHalf = positions_BxT.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
     cos = jnp.cos(angles_BxTxHalf)[:, :, None, :]
     sin = jnp.sin(angles_BxTxHalf)[:, :, None, :]
     if rope.attention_factor != 1.0:

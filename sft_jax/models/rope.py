@@ -36,6 +36,9 @@ class RopeSpec:
     # The leading fraction of each head that turns (Qwen3.5: int(head_dim * factor) dims, the
     # rest passes through; proportional: the share of the head's frequency pairs).
     partial_rotary_factor: float = 1.0
+    # Multimodal RoPE (Qwen2.5-VL, models/mrope.py): how many of the head's frequency pairs
+    # turn by the temporal, height and width position; () for 1-D positions.
+    mrope_section: tuple[int, ...] = ()
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies [head_dim // 2] in float32, computed as transformers does
@@ -120,7 +123,7 @@ def _rope_spec(params: dict[str, Any], hf: Any) -> RopeSpec:
         )
     fields = {f.name for f in dataclasses.fields(RopeSpec)}
     fields -= {"theta", "rope_type", "attention_factor", "max_position_embeddings"}
-    fields -= {"partial_rotary_factor"}
+    fields -= {"partial_rotary_factor", "mrope_section"}
     spec = RopeSpec(
         theta=float(params["rope_theta"]),
         rope_type=rope_type,

@@ -47,17 +47,22 @@ _TEXT_MODEL_PREFIX = "model.language_model."
 
 def text_model_tensors(entries: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's tensors by the names of its text model as a causal LM: a multimodal
-    checkpoint's model.language_model.* as model.* (the other towers left out), the lm_head
-    as is; any other checkpoint's unchanged."""
+    checkpoint's model.language_model.* as model.* (the other towers left out but Qwen2.5-VL's
+    model.visual.*, read as visual.*), the lm_head as is; any other checkpoint's unchanged."""
     if not any(name.startswith(_TEXT_MODEL_PREFIX) for name in entries):
         return entries
-    return {
+    text = {
         (
             f"model.{name.removeprefix(_TEXT_MODEL_PREFIX)}" if name != "lm_head.weight" else name
         ): entry
         for name, entry in entries.items()
         if name.startswith(_TEXT_MODEL_PREFIX) or name == "lm_head.weight"
     }
+    # Qwen2.5-VL's vision part, by the hub's names (visual.*: models/io/qwen_vl.py).
+    visual = {
+        n.removeprefix("model."): e for n, e in entries.items() if n.startswith("model.visual.")
+    }
+    return {**text, **visual}
 
 
 def fixed_tensor_name(path: tuple[Any, ...]) -> tuple[str, bool] | None:

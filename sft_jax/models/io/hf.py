@@ -20,6 +20,7 @@ from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import ATTENTION_NAMES, CausalLM, decoder_linears
 from sft_jax.models.io import gpt_oss as gpt_oss_io
 from sft_jax.models.io import mxfp4 as mxfp4_io
+from sft_jax.models.io import qwen_vl as qwen_vl_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.config_files import write_config, write_generation_config
 from sft_jax.models.io.files import check_safetensors_present, load_hf_config, resolve_model_dir
@@ -51,6 +52,8 @@ def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, boo
         return fixed
     if (gpt_oss := gpt_oss_io.tensor_name(path, config)) is not None:
         return gpt_oss  # sinks, its router's weight and bias, its down projections
+    if (vision := qwen_vl_io.tensor_name(path)) is not None:
+        return vision  # Qwen2.5-VL's visual.*
     _, index, *rest = path
     prefix = f"model.layers.{index}"
     if rest[0] in _NORM_NAMES:
@@ -116,11 +119,13 @@ def _load_experts(
     return jax.make_array_from_callback(shape, param_sharding, read).block_until_ready()
 
 
-def hf_module_name(index: int, name: str) -> str:
-    """Hugging Face module name of projection `name` of decoder layer `index`."""
+def hf_module_name(index: int, name: str, config: ModelConfig | None = None) -> str:
+    """Hugging Face module name of projection `name` of decoder layer `index` (in an image-text
+    model, under transformers' model.language_model, as PEFT names it)."""
+    model = "model.language_model" if config is not None and config.vision else "model"
     if name in LINEAR_PROJECTIONS:
-        return f"model.layers.{index}.linear_attn.{name}"
-    return f"model.layers.{index}.{'self_attn' if name in ATTENTION_NAMES else 'mlp'}.{name}"
+        return f"{model}.layers.{index}.linear_attn.{name}"
+    return f"{model}.layers.{index}.{'self_attn' if name in ATTENTION_NAMES else 'mlp'}.{name}"
 
 
 def abstract_model(
@@ -310,6 +315,13 @@ def _load_variables(
             loaded.append((path, variable.replace(array)))
             used.add(name)
             continue
+        if path == qwen_vl_io.PATCH_EMBED:  # stored as a 3-D convolution's weight
+            array, name = qwen_vl_io.load_patch_embed(
+                entries, target, param_sharding, CheckpointError
+            )
+            loaded.append((path, variable.replace(array)))
+            used.add(name)
+            continue
         name, transposed = hf_tensor_name(path, model.config)
         if name == "score.weight" and name not in entries:
             loaded.append((path, variable.replace(new_score_head(target, param_sharding))))
@@ -339,6 +351,9 @@ def _pending_tensors(
             continue
         if gpt_oss_io.interleaved(path, model.config):  # gate and up into gate_up_proj
             yield from gpt_oss_io.interleaved_tensors(model, path, out_dtype, to_host)
+            continue
+        if path == qwen_vl_io.PATCH_EMBED:
+            yield qwen_vl_io.patch_embed_tensor(array, model.config.vision, out_dtype, to_host)
             continue
         name, transposed = hf_tensor_name(path, model.config)
         dtype = np.dtype(out_dtype or array.dtype)
