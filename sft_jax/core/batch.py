@@ -76,3 +76,8 @@ REFERENCE_KEY = register(
     "reference_logps",
     Field(np.float32, TOKEN, "a reference model's log p(target_ids[t]); 0 off target_mask"),
 )
+# Image-text models' images (models/gemma3_images.py lays out a row's).
+PIXEL_VALUES_KEY = register(
+    "pixel_values",
+    Field(np.float32, IMAGE, "Gemma 3: the row's images [max_images, C, S, S] in row order"),
+)

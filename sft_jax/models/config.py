@@ -8,6 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sft_jax.models import gemma3_vision_config as _gemma3_vision  # noqa: F401 (registers gemma3)
 from sft_jax.models import gemma4_config as _gemma4_config  # noqa: F401 (registers gemma4_text)
 from sft_jax.models.deepseek import MLASpec, deepseek_fields
 from sft_jax.models.families import FAMILIES, Family, UnsupportedModelError, family_of
@@ -137,6 +138,8 @@ class ModelConfig:
     attn_output_gate: bool = False
     # The Gated DeltaNet of layer_types' "linear_attention" layers; None where there are none.
     linear_attention: LinearAttentionSpec | None = None
+    # An image tower beside the text model (Gemma 3: gemma3_vision_config.VisionSpec); None.
+    vision: Any = None
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -222,8 +225,8 @@ def _nope_layers(hf: Any, family: Family, layer_types: tuple[str, ...]) -> tuple
 def from_hf_config(hf: Any) -> ModelConfig:
     """Translate a `transformers.PretrainedConfig` into a ModelConfig, or explain why not."""
     family = family_of(getattr(hf, "model_type", None))
-    if family.text_config:  # the text model of a multimodal checkpoint
-        return from_hf_config(hf.get_text_config())
+    if family.text_config:  # the text model of a multimodal checkpoint (and its image tower)
+        return _multimodal(hf, family)
     model_type = family.model_type
     _refuse_quantized(hf)
     if getattr(hf, "_heterogeneity_spec", None) is not None:
@@ -279,6 +282,15 @@ def from_hf_config(hf: Any) -> ModelConfig:
     if family.hf_fields is None:
         return config
     return dataclasses.replace(config, **family.hf_fields(hf))
+
+
+def _multimodal(hf: Any, family: Family) -> ModelConfig:
+    """The text model of a multimodal checkpoint, with its image tower where sft_jax has one
+    (then the whole config.json is the one exports write)."""
+    text = from_hf_config(hf.get_text_config())
+    if family.vision is None:
+        return text
+    return dataclasses.replace(text, vision=family.vision(hf), hf_config=hf.to_dict())
 
 
 def _hybrid_fields(hf: Any, family: Family, layer_types: tuple[str, ...]) -> dict[str, Any]:

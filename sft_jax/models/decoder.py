@@ -32,6 +32,7 @@ from flax import nnx
 
 from sft_jax.models.attention import Attention
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
+from sft_jax.models.gemma3_vision import vision_part
 from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.kv_cache import KVCache, KVPrefix, LayerCache, write_slots
@@ -75,6 +76,7 @@ class LayerInputs:
 
     per_layer_input: jax.Array | None = None
     shared_kv: tuple[jax.Array, jax.Array] | None = None
+    image_groups: jax.Array | None = None  # [B, T] (models/gemma3_vision.py image_groups)
 
 
 def _normed(norm: RMSNorm | None, x_BxTxD: jax.Array) -> jax.Array:
@@ -127,8 +129,9 @@ class DecoderLayer(nnx.Module):
         kv = inputs.shared_kv
         if kv is None and self.shares_kv:
             kv = self.attn.keys_values(normed, positions_BxT, fold_key(dropout_key, 0))
+        images = {} if inputs.image_groups is None else {"image_groups_BxT": inputs.image_groups}
         attn_out = self.attn(
-            normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix, kv
+            normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix, kv, **images
         )
         x_BxTxD, stats = self._add_attention_and_mlp(
             x_BxTxD, attn_out, segment_ids_BxT > 0, fold_key(dropout_key, 1)
@@ -265,6 +268,8 @@ class CausalLM(nnx.Module):
             if c.score_labels
             else None
         )
+        # An image-text model's image tower and projector (Gemma 3); None for text models.
+        self.vision = vision_part(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Adapter hooks (see the module docstring); None / 0 in a plain model.
         self.virtual_tokens = nnx.data(None)
         self.kv_prefix = nnx.data(None)
@@ -276,12 +281,14 @@ class CausalLM(nnx.Module):
         positions_BxT: jax.Array,
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
+        images: dict[str, jax.Array] | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, D] in the compute dtype.
 
-        dropout_key enables LoRA dropout (training); None means deterministic.
+        dropout_key enables LoRA dropout (training); None means deterministic. images: an
+        image-text model's image fields by batch name, each [B, *per_row].
         """
-        return self.forward(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key)[0]
+        return self.forward(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key, images)[0]
 
     def forward(
         self,
@@ -289,10 +296,14 @@ class CausalLM(nnx.Module):
         positions_BxT: jax.Array,
         segment_ids_BxT: jax.Array,
         dropout_key: jax.Array | None = None,
+        images: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """(final-normed hidden states, router statistics of the MoE layers stacked [L, ...],
         or None for a dense model)."""
         x_BxTxD = self._embed(input_ids_BxT, fold_key(dropout_key, len(self.layers)))
+        groups_BxT = None
+        if self.vision is not None:  # image soft tokens in place, image groups for the mask
+            x_BxTxD, groups_BxT = self.vision.place(input_ids_BxT, segment_ids_BxT, x_BxTxD, images)
         ple_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD)
         prefixes, positions_BxT = self._prefixes(positions_BxT)
         apply_layer = _call_layer
@@ -304,6 +315,7 @@ class CausalLM(nnx.Module):
             inputs = LayerInputs(
                 None if ple_BxTxLxP is None else ple_BxTxLxP[:, :, index],
                 shared.get(self.config.kv_source_of(index)),
+                groups_BxT,
             )
             x_BxTxD, stats, kv = apply_layer(
                 layer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix, inputs

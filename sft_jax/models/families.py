@@ -45,6 +45,9 @@ class Family:
     # config.json wraps the text model's config (text_config) with other modalities' (Gemma
     # 4's image-text-audio checkpoints): sft_jax reads and loads the text model alone.
     text_config: bool = False
+    # With text_config: the image tower's spec read from config.json (Gemma 3's,
+    # models/gemma3_vision_config.py), loaded and trained beside the text model; None: text only.
+    vision: Callable[[Any], Any] | None = None
     # DeepSeek-V3: multi-head latent attention (models/mla.py) and its router (sigmoid scores,
     # a frozen score-correction bias, group-limited top-k, scaling, ungated shared experts,
     # dense first layers), read by models/deepseek.py.
