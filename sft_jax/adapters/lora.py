@@ -34,6 +34,7 @@ from sft_jax.models.decoder import (
     CausalLM,
     decoder_linears,
 )
+from sft_jax.models.io import gemma3_vision as vision_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import hf_module_name, to_host
 from sft_jax.models.layers import TRAINABLE, LoRAParam
@@ -287,10 +288,13 @@ def save_adapter(
         if linear.lora_a is None:
             continue
         adapted.add(name)
-        prefix = f"base_model.model.{hf_module_name(index, name)}"
+        module = hf_module_name(index, name)
+        if model.config.vision is not None:  # an image-text model: its language model's
+            module = vision_io.peft_module_name(module)
+        prefix = f"base_model.model.{module}"
         if linear.lora_e is not None:
             kept = rank_kept(linear)
-            rank_pattern[f"{hf_module_name(index, name)}.lora_E"] = kept.tolist()
+            rank_pattern[f"{module}.lora_E"] = kept.tolist()
             tensors += _svd_tensors(prefix, linear, kept)
             continue
         tensors.append(_pending(f"{prefix}.lora_A.weight", linear.lora_a[...], transpose=True))
@@ -316,13 +320,10 @@ def save_adapter(
         t.produce()
     if write:
         safetensors_io.write_file(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
-        (out_dir / "adapter_config.json").write_text(
-            json.dumps(
-                _adapter_config(spec, base_model, _ties_head(model, spec), rank_pattern),
-                indent=2,
-            )
-            + "\n"
-        )
+        config = _adapter_config(spec, base_model, _ties_head(model, spec), rank_pattern)
+        if model.config.vision is not None:  # not the vision tower's projections
+            config["target_modules"] = vision_io.peft_targets(spec.targets)
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
@@ -16,12 +18,15 @@ from chat_tokenizers import pieces, word_level
 from flax import nnx
 from safetensors import safe_open
 
+from sft_jax.adapters.lora import LoRASpec, apply_lora, merged, save_adapter
 from sft_jax.core import batch
 from sft_jax.core.errors import UserError
 from sft_jax.models.config import UnsupportedModelError, from_hf_config
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.gemma3_images import image_runs, per_row_shapes, row_images
 from sft_jax.models.io import hf
+from sft_jax.models.layers import TRAINABLE
+from sft_jax.models.partitioning import single_device_mesh
 
 IMAGE, BOI = "<image_soft_token>", "<start_of_image>"
 SPECIALS = ["<bos>", "<eos>", BOI, IMAGE, "<end_of_image>"]
@@ -247,3 +252,33 @@ def test_refusals(setup):
             np.ones((1, length)),
             pixels,
         )
+
+
+def test_lora_on_language_model_matches_peft(setup, tmp_path):
+    """LoRA on the language model's q_proj and v_proj (the vision tower untouched): PEFT's
+    adapter loaded on transformers' model and our merged export both give our logits on image
+    inputs; full fine-tuning leaves the tower and projector frozen."""
+    path, reference, documents = setup
+    model = hf.from_pretrained(path)
+    assert not any(p[0] == "vision" for p, _ in nnx.to_flat_state(nnx.state(model, TRAINABLE)))
+    spec = LoRASpec(rank=2, alpha=4.0, targets=("q_proj", "v_proj"))
+    apply_lora(model, spec, single_device_mesh())
+    keys = iter(jax.random.split(jax.random.key(1), 8))
+    for layer in model.layers:
+        for linear in (layer.attn.q_proj, layer.attn.v_proj):
+            linear.lora_b[...] = 0.3 * jax.random.normal(next(keys), linear.lora_b[...].shape)
+    document = documents[1]
+    length = len(document["input_ids"])
+    pixels = row_images([document], 2, model.config.vision)["pixel_values"][None]
+    args = (document["input_ids"][None], np.arange(length)[None], np.ones((1, length)), pixels)
+    ours = our_logits(model, *args)[0]
+    assert not np.allclose(ours, transformers_logits(reference, document), atol=1e-3)
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(path))
+    base = transformers.Gemma3ForConditionalGeneration.from_pretrained(path)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    wrapped = [n for n, _ in adapted.named_modules() if n.endswith("q_proj.lora_A")]
+    assert len(wrapped) == 2 and all("language_model" in n for n in wrapped)
+    assert_close(ours, transformers_logits(adapted, document))
+    hf.save_pretrained(merged(model), tmp_path / "merged")
+    reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert_close(ours, transformers_logits(reloaded.eval(), document))

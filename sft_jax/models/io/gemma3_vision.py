@@ -80,3 +80,16 @@ def checkpoint_tensors(entries: dict[str, Any]) -> dict[str, Any]:
 def hub_name(name: str) -> str:
     """The hub's name of a tensor by its reading name (what an export writes)."""
     return _renamed(name, _TO_HUB)
+
+
+def peft_module_name(module: str) -> str:
+    """PEFT's name of a text-model module (model.layers.N...) in Gemma3ForConditionalGeneration
+    (model.language_model.layers.N...)."""
+    return re.sub(r"^model\.", "model.language_model.", module)
+
+
+def peft_targets(projections: tuple[str, ...]) -> str:
+    """PEFT's target_modules for adapters on the language model's projections only: a regex
+    (PEFT matches it whole), as plain names would also wrap the vision tower's q/k/v_proj."""
+    names = "|".join(sorted(projections))
+    return rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({names})"
