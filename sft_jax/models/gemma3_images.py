@@ -2,8 +2,9 @@
 row's documents (pure NumPy: the data layer calls it when packing).
 
 A document's images are its processor output's `pixel_values` [n, C, S, S], one per run of
-mm_tokens_per_image image tokens in its `input_ids`, in order. A row holds its documents'
-images in the row's order, then zeros up to `max_images` slots:
+mm_tokens_per_image image tokens in its `input_ids`, in order (with do_pan_and_scan=True each
+image's crops follow it, each crop with a run of its own: nothing else differs). A row holds
+its documents' images in the row's order, then zeros up to `max_images` slots:
 
   documents  [ids: .. <img>x4 .. <img>x4 ..  pixels: [A, B]],  [ids: ..text..],
              [ids: .. <img>x4 ..  pixels: [C]]
@@ -41,11 +42,6 @@ def image_runs(input_ids: np.ndarray, image_token_id: int) -> list[int]:
 
 def _document_images(document: dict[str, Any], index: int, spec: VisionSpec) -> np.ndarray:
     """A document's images [n, C, S, S] float32, checked against its image-token runs."""
-    if np.any(np.asarray(document.get("num_crops", 0)) > 0):
-        raise UserError(
-            f"document {index}: the processor's do_pan_and_scan=True made image crops, which "
-            "sft_jax does not support for Gemma 3 yet; process images with do_pan_and_scan=False."
-        )
     shape = (spec.num_channels, spec.image_size, spec.image_size)
     pixels = np.asarray(document.get(PIXEL_VALUES, np.zeros((0, *shape))), np.float32)
     if pixels.shape[1:] != shape:

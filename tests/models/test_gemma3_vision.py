@@ -106,8 +106,15 @@ def setup(tmp_path_factory):
     return path, model, documents
 
 
-def transformers_logits(model, document: dict) -> np.ndarray:
-    """transformers' logits [L, V] of one document alone."""
+@pytest.fixture(scope="module")
+def loaded(setup):
+    """sft_jax's model loaded from the checkpoint (tests that change a model load their own)."""
+    return hf.from_pretrained(setup[0])
+
+
+def transformers_logits(model, document: dict, bidirectional: bool = True) -> np.ndarray:
+    """transformers' logits [L, V] of one document alone (bidirectional=False: without
+    token_type_ids, image tokens attend causally)."""
     ids = torch.as_tensor(document["input_ids"][None], dtype=torch.long)
     pixels = document.get("pixel_values")
     with torch.no_grad():
@@ -115,7 +122,9 @@ def transformers_logits(model, document: dict) -> np.ndarray:
             model(
                 input_ids=ids,
                 pixel_values=None if pixels is None else torch.as_tensor(pixels),
-                token_type_ids=torch.as_tensor(document["token_type_ids"][None]),
+                token_type_ids=(
+                    torch.as_tensor(document["token_type_ids"][None]) if bidirectional else None
+                ),
                 attention_mask=torch.ones_like(ids),
             )
             .logits[0]
@@ -159,11 +168,12 @@ def test_row_images_from_processor(setup):
         row_images([cut], 2, spec)
 
 
-def test_padded_batch_matches_transformers(setup):
+def test_padded_batch_matches_transformers(setup, loaded):
     """One image, two images and a text-only conversation, right-padded in one batch: each
-    row's logits equal transformers' on the conversation alone."""
-    path, reference, documents = setup
-    model = hf.from_pretrained(path)
+    row's logits equal transformers' on the conversation alone (whose image tokens attending
+    only causally would differ)."""
+    _, reference, documents = setup
+    model = loaded
     spec = model.config.vision
     seq_len = max(len(d["input_ids"]) for d in documents) + 3
     ids, segments = np.zeros((3, seq_len), np.int32), np.zeros((3, seq_len), np.int32)
@@ -175,14 +185,18 @@ def test_padded_batch_matches_transformers(setup):
     logits = our_logits(model, ids, positions, segments, pixels)
     for row, document in enumerate(documents):
         length = len(document["input_ids"])
-        assert_close(logits[row, :length], transformers_logits(reference, document))
+        expected = transformers_logits(reference, document)
+        assert_close(logits[row, :length], expected)
+        if row < 2:  # with images: the bidirectional blocks matter
+            causal = transformers_logits(reference, document, bidirectional=False)
+            assert np.abs(causal - expected).max() > 1e-2
 
 
-def test_packed_documents_match_alone(setup):
+def test_packed_documents_match_alone(setup, loaded):
     """The three conversations packed in one row (text-only in the middle): each document's
     logits equal transformers' on it alone."""
-    path, reference, documents = setup
-    model = hf.from_pretrained(path)
+    _, reference, documents = setup
+    model = loaded
     order = [documents[0], documents[2], documents[1]]
     ids = np.concatenate([d["input_ids"] for d in order] + [np.zeros(5, np.int64)])
     segments = np.concatenate(
@@ -198,12 +212,11 @@ def test_packed_documents_match_alone(setup):
         start += length
 
 
-def test_export_reloads_in_transformers(setup, tmp_path):
+def test_export_reloads_in_transformers(setup, loaded, tmp_path):
     """Our export in the hub's layout: transformers loads it with no missing or unexpected
     tensor and gives the same logits on image inputs; sft_jax reads it back too."""
-    path, reference, documents = setup
-    model = hf.from_pretrained(path)
-    hf.save_pretrained(model, tmp_path)
+    _, reference, documents = setup
+    hf.save_pretrained(loaded, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
         names = set(f.keys())
     assert "vision_tower.vision_model.embeddings.patch_embedding.weight" in names
@@ -282,3 +295,27 @@ def test_lora_on_language_model_matches_peft(setup, tmp_path):
     hf.save_pretrained(merged(model), tmp_path / "merged")
     reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "merged")
     assert_close(ours, transformers_logits(reloaded.eval(), document))
+
+
+def test_pan_and_scan_crops_match_transformers(setup, loaded):
+    """The processor's do_pan_and_scan=True: a wide image and its crops, each a run of image
+    tokens, laid out by row_images, give transformers' logits."""
+    _, reference, _ = setup
+    model = loaded
+    image = np.random.RandomState(1).randint(0, 255, (30, 90, 3)).astype(np.uint8)
+    out = tiny_processor()(
+        text=f"describe {BOI} what", images=[[image]], do_pan_and_scan=True,
+        pan_and_scan_min_crop_size=4, return_tensors="np",
+    )  # fmt: skip
+    document = {name: np.asarray(value)[0] for name, value in out.items() if name != "pixel_values"}
+    document["pixel_values"] = out["pixel_values"]
+    crops = len(document["pixel_values"])
+    assert (
+        crops > 1
+        and len(image_runs(document["input_ids"], model.config.vision.image_token_id)) == crops
+    )
+    length = len(document["input_ids"])
+    pixels = row_images([document], crops, model.config.vision)["pixel_values"][None]
+    ids, positions = document["input_ids"][None], np.arange(length)[None]
+    logits = our_logits(model, ids, positions, np.ones((1, length)), pixels)
+    assert_close(logits[0], transformers_logits(reference, document))
