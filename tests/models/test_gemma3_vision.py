@@ -24,6 +24,7 @@ from sft_jax.core.errors import UserError
 from sft_jax.models.config import UnsupportedModelError, from_hf_config
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.gemma3_images import image_runs, per_row_shapes, row_images
+from sft_jax.models.io import gemma3_vision as vision_io
 from sft_jax.models.io import hf
 from sft_jax.models.layers import TRAINABLE
 from sft_jax.models.partitioning import single_device_mesh
@@ -319,3 +320,24 @@ def test_pan_and_scan_crops_match_transformers(setup, loaded):
     ids, positions = document["input_ids"][None], np.arange(length)[None]
     logits = our_logits(model, ids, positions, np.ones((1, length)), pixels)
     assert_close(logits[0], transformers_logits(reference, document))
+
+
+def test_both_checkpoint_spellings_read_alike():
+    """The hub's names and transformers' in-memory names read as the same tensors; an export
+    writes the hub's."""
+    hub = [
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+        "language_model.lm_head.weight",
+        "vision_tower.vision_model.encoder.layers.1.mlp.fc1.bias",
+        "multi_modal_projector.mm_input_projection_weight",
+    ]
+    in_memory = [
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "lm_head.weight",
+        "model.vision_tower.encoder.layers.1.mlp.fc1.bias",
+        "model.multi_modal_projector.mm_input_projection_weight",
+    ]
+    reading = list(vision_io.checkpoint_tensors(dict.fromkeys(hub)))
+    assert reading == list(vision_io.checkpoint_tensors(dict.fromkeys(in_memory)))
+    assert reading[0] == "model.layers.0.self_attn.q_proj.weight"
+    assert [vision_io.hub_name(name) for name in reading] == hub
