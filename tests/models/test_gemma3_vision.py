@@ -28,6 +28,7 @@ from sft_jax.models.io import gemma3_vision as vision_io
 from sft_jax.models.io import hf
 from sft_jax.models.layers import TRAINABLE
 from sft_jax.models.partitioning import single_device_mesh
+from sft_jax.train import sharding
 
 IMAGE, BOI = "<image_soft_token>", "<start_of_image>"
 SPECIALS = ["<bos>", "<eos>", BOI, IMAGE, "<end_of_image>"]
@@ -341,3 +342,45 @@ def test_both_checkpoint_spellings_read_alike():
     assert reading == list(vision_io.checkpoint_tensors(dict.fromkeys(in_memory)))
     assert reading[0] == "model.layers.0.self_attn.q_proj.weight"
     assert [vision_io.hub_name(name) for name in reading] == hub
+
+
+def test_sharded_loss_and_gradients_equal_one_device(setup, loaded):
+    """data=2 x fsdp=2 x tensor=2 on 8 fake devices, rows and their images split over the batch
+    axes: the same loss and gradients (tower and projector included) as one device."""
+    path, _, documents = setup
+    seq_len = 24
+    rows_documents = [*documents, documents[1]]  # 4 rows: one per data x fsdp shard
+    ids, segments = np.zeros((4, seq_len), np.int32), np.zeros((4, seq_len), np.int32)
+    for row, document in enumerate(rows_documents):
+        ids[row, : len(document["input_ids"])] = document["input_ids"]
+        segments[row, : len(document["input_ids"])] = 1
+    pixels = np.stack(
+        [row_images([d], 2, loaded.config.vision)["pixel_values"] for d in rows_documents]
+    )
+    positions = np.broadcast_to(np.arange(seq_len), ids.shape).astype(np.int32)
+    arrays = {"ids": ids, "positions": positions, "segments": segments, "pixels": pixels}
+
+    def loss(m, batch):
+        images = {"pixel_values": batch["pixels"]}
+        hidden = m.hidden_states(batch["ids"], batch["positions"], batch["segments"], images=images)
+        logp = jax.nn.log_softmax(m.logits(hidden)[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, batch["ids"][:, 1:, None], axis=-1)[..., 0]
+        real = batch["segments"][:, 1:]
+        return -jnp.sum(picked * real) / real.sum()
+
+    def loss_and_grads(model, batch) -> tuple[float, dict]:
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model, batch)
+        return float(value), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
+
+    single_loss, single_grads = loss_and_grads(loaded, arrays)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    placed = {name: jax.device_put(array, rows) for name, array in arrays.items()}
+    sharded_loss, sharded_grads = loss_and_grads(hf.from_pretrained(path, mesh=mesh), placed)
+    np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
+    assert np.abs(single_grads["vision"]["projection"]).max() > 0
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        sharded_grads,
+        single_grads,
+    )
