@@ -34,6 +34,7 @@ from sft_jax.models.decoder import (
     CausalLM,
     decoder_linears,
 )
+from sft_jax.models.io import gemma3_vision as vision_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import hf_module_name, to_host
 from sft_jax.models.layers import TRAINABLE, LoRAParam
@@ -316,13 +317,10 @@ def save_adapter(
         t.produce()
     if write:
         safetensors_io.write_file(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
-        (out_dir / "adapter_config.json").write_text(
-            json.dumps(
-                _adapter_config(spec, base_model, _ties_head(model, spec), rank_pattern),
-                indent=2,
-            )
-            + "\n"
-        )
+        config = _adapter_config(spec, base_model, _ties_head(model, spec), rank_pattern)
+        if model.config.vision is not None:  # not the vision tower's projections
+            config["target_modules"] = vision_io.peft_targets(spec.targets)
+        (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

@@ -88,3 +88,8 @@ QWEN_VL_KEYS = (
     register("mrope_height", Field(np.int32, TOKEN, "M-RoPE height position")),
     register("mrope_width", Field(np.int32, TOKEN, "M-RoPE width position")),
 )
+# Image-text models' images (models/gemma3_images.py lays out a row's).
+PIXEL_VALUES_KEY = register(
+    "pixel_values",
+    Field(np.float32, IMAGE, "Gemma 3: the row's images [max_images, C, S, S] in row order"),
+)

@@ -42,13 +42,20 @@ from sft_jax.models.per_layer import rms_normalize
 
 
 def attention_mask(
-    segment_ids_BxT: jax.Array, positions_BxT: jax.Array, window: int | None
+    segment_ids_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    window: int | None,
+    image_groups_BxT: jax.Array | None = None,
 ) -> jax.Array:
-    """[B, T, S] True where query t may attend key s: same segment, causal, inside the window."""
+    """[B, T, S] True where query t may attend key s: same segment, causal (or, with image
+    groups, the same image: models/gemma3_vision.py), inside the window."""
     seq_len = segment_ids_BxT.shape[1]
     same_segment = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
     causal_TxS = jnp.arange(seq_len)[:, None] >= jnp.arange(seq_len)[None, :]
     mask_BxTxS = same_segment & causal_TxS[None]
+    if image_groups_BxT is not None:
+        same_image = image_groups_BxT[:, :, None] == image_groups_BxT[:, None, :]
+        mask_BxTxS = mask_BxTxS | (same_segment & same_image & (image_groups_BxT > 0)[:, :, None])
     if window is not None:
         distance_BxTxS = positions_BxT[:, :, None] - positions_BxT[:, None, :]
         mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
@@ -143,9 +150,13 @@ class Attention(nnx.Module):
         dropout_key: jax.Array | None = None,
         prefix: KVPrefix | None = None,
         shared_kv: tuple[jax.Array, jax.Array] | None = None,
+        image_groups_BxT: jax.Array | None = None,
     ):
         """Output [B, T, D]; shared_kv: the keys and values [B, S, K, E] to attend with in place
-        of this layer's own (KV sharing), as keys_values computes them."""
+        of this layer's own (KV sharing), as keys_values computes them; image_groups_BxT: image
+        tokens that attend bidirectionally within their image (einsum path only)."""
+        if image_groups_BxT is not None:
+            self._check_images()
         if self.sinks is not None and self.kind not in ("xla", "blockwise"):
             raise UnsupportedModelError(
                 f"attention={self.kind!r} has no attention sinks (gpt-oss); set "
@@ -156,7 +167,9 @@ class Attention(nnx.Module):
             shared_kv = self.keys_values(x_BxTxD, positions_BxT, dropout_key)
         k_BxSxKxE, v_BxSxKxE = shared_kv
         if prefix is not None:  # the fused kernels take no prefix: config_check refuses them
-            mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
+            mask_BxTxS = attention_mask(
+                segment_ids_BxT, positions_BxT, self.window, image_groups_BxT
+            )
             k_BxSxKxE, v_BxSxKxE, mask_BxTxS = with_prefix(
                 prefix, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, positions_BxT, self.window
             )
@@ -172,7 +185,7 @@ class Attention(nnx.Module):
         out_BxTxHE = self._segment_kernel(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, segment_ids_BxT)
         if out_BxTxHE is not None:
             return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
-        mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window)
+        mask_BxTxS = attention_mask(segment_ids_BxT, positions_BxT, self.window, image_groups_BxT)
         if self.kind == "cudnn":
             out_BxTxHE = kernels.fused_attention(
                 q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, self.scale, self.window
@@ -180,6 +193,15 @@ class Attention(nnx.Module):
             return self._output(out_BxTxHE, fold_key(dropout_key, 3), gate)
         key = fold_key(dropout_key, 3)
         return self._attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS, key, gate)
+
+    def _check_images(self) -> None:
+        """Only the einsum path masks images' bidirectional blocks."""
+        if self.kind != "xla" or context_shards() > 1:
+            raise UnsupportedModelError(
+                f"attention={self.kind!r} (or a sequence split over mesh.context) cannot attend "
+                "bidirectionally within images, as image-text models need; set "
+                "config.model.attention='xla' and mesh.context=1."
+            )
 
     def _segment_kernel(
         self,

@@ -8,10 +8,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sft_jax.models import gemma3_vision_config as _gemma3_vision  # noqa: F401 (registers gemma3)
 from sft_jax.models import gemma4_config as _gemma4_config  # noqa: F401 (registers gemma4_text)
+from sft_jax.models import qwen_vl_config as _qwen_vl  # noqa: F401 (registers qwen2_5_vl)
 from sft_jax.models.deepseek import MLASpec, deepseek_fields
 from sft_jax.models.families import FAMILIES, Family, UnsupportedModelError, family_of
-from sft_jax.models.qwen_vl_config import VisionSpec  # (and registers qwen2_5_vl)
 from sft_jax.models.rope import RopeSpec, rope_table
 
 # Parameter and compute dtypes by their config names.
@@ -138,8 +139,9 @@ class ModelConfig:
     attn_output_gate: bool = False
     # The Gated DeltaNet of layer_types' "linear_attention" layers; None where there are none.
     linear_attention: LinearAttentionSpec | None = None
-    # The vision part of an image-text model (Qwen2.5-VL, models/qwen_vision.py); None: text.
-    vision: VisionSpec | None = None
+    # The vision part of an image-text model (Qwen2.5-VL: qwen_vl_config.VisionSpec, Gemma 3:
+    # gemma3_vision_config.VisionSpec); None: text only.
+    vision: Any = None
     # The transformers config this came from, written back on export (not part of identity).
     hf_config: dict[str, Any] = dataclasses.field(
         default_factory=dict, compare=False, hash=False, repr=False
@@ -286,7 +288,8 @@ def from_hf_config(hf: Any) -> ModelConfig:
 
 def _multimodal(hf: Any, family: Family) -> ModelConfig:
     """A multimodal checkpoint's text model, with what its family adds (Qwen2.5-VL: the vision
-    part, M-RoPE's sections)."""
+    part, M-RoPE's sections; Gemma 3: its image tower; with a vision part, the whole config.json
+    is the one exports write)."""
     text = from_hf_config(hf.get_text_config())
     return text if family.hf_fields is None else dataclasses.replace(text, **family.hf_fields(hf))
 

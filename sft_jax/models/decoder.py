@@ -42,7 +42,7 @@ from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
 from sft_jax.models.moe_gpt_oss import GptOssMoEBlock
 from sft_jax.models.partitioning import logical_to_spec
 from sft_jax.models.per_layer import PerLayerEmbeddings, PerLayerInput, layer_scalar
-from sft_jax.models.qwen_vision import place_images, vision_part
+from sft_jax.models.vision import place_images, vision_part
 
 # What each decoder layer keeps for the backward pass: everything, nothing (recompute the
 # layer), or only matmul outputs (recompute the cheap elementwise work), on the device or
@@ -76,6 +76,7 @@ class LayerInputs:
 
     per_layer_input: jax.Array | None = None
     shared_kv: tuple[jax.Array, jax.Array] | None = None
+    image_groups: jax.Array | None = None  # [B, T] (models/gemma3_vision.py image_groups)
 
 
 def _normed(norm: RMSNorm | None, x_BxTxD: jax.Array) -> jax.Array:
@@ -128,8 +129,9 @@ class DecoderLayer(nnx.Module):
         kv = inputs.shared_kv
         if kv is None and self.shares_kv:
             kv = self.attn.keys_values(normed, positions_BxT, fold_key(dropout_key, 0))
+        images = {} if inputs.image_groups is None else {"image_groups_BxT": inputs.image_groups}
         attn_out = self.attn(
-            normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix, kv
+            normed, positions_BxT, segment_ids_BxT, fold_key(dropout_key, 0), prefix, kv, **images
         )
         x_BxTxD, stats = self._add_attention_and_mlp(
             x_BxTxD, attn_out, segment_ids_BxT > 0, fold_key(dropout_key, 1)
@@ -266,7 +268,7 @@ class CausalLM(nnx.Module):
             if c.score_labels
             else None
         )
-        # An image-text model's vision part (Qwen2.5-VL); None for a text model.
+        # An image-text model's vision part (models/vision.py); None for a text model.
         self.vision = vision_part(c, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         # Adapter hooks (see the module docstring); None / 0 in a plain model.
         self.virtual_tokens = nnx.data(None)
@@ -284,7 +286,7 @@ class CausalLM(nnx.Module):
         """Final-normed hidden states [B, T, D] in the compute dtype.
 
         dropout_key enables LoRA dropout (training); None means deterministic. images: an
-        image-text model's image fields of the batch by name, each [B, ...] (see forward).
+        image-text model's image fields by batch name, each [B, *per_row].
         """
         return self.forward(input_ids_BxT, positions_BxT, segment_ids_BxT, dropout_key, images)[0]
 
@@ -297,11 +299,12 @@ class CausalLM(nnx.Module):
         images: dict[str, jax.Array] | None = None,
     ) -> tuple[jax.Array, RouterStats | None]:
         """(final-normed hidden states, router statistics of the MoE layers stacked [L, ...],
-        or None for a dense model). images: the batch's image fields by name (Qwen2.5-VL's:
-        models/qwen_vl_rows.py), whose embeddings replace the rows' image tokens in order."""
+        or None for a dense model). images: the batch's image fields by name, whose embeddings
+        replace the rows' image tokens in order (models/vision.py)."""
         x_BxTxD = self._embed(input_ids_BxT, fold_key(dropout_key, len(self.layers)))
-        if images is not None:  # an image-text model's (models/qwen_vision.py)
-            x_BxTxD, positions_BxT = place_images(self.vision, x_BxTxD, input_ids_BxT, images)
+        x_BxTxD, positions_BxT, groups_BxT = place_images(
+            self.vision, input_ids_BxT, segment_ids_BxT, positions_BxT, x_BxTxD, images
+        )
         ple_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD)
         prefixes, positions_BxT = self._prefixes(positions_BxT)
         apply_layer = _call_layer
@@ -313,6 +316,7 @@ class CausalLM(nnx.Module):
             inputs = LayerInputs(
                 None if ple_BxTxLxP is None else ple_BxTxLxP[:, :, index],
                 shared.get(self.config.kv_source_of(index)),
+                groups_BxT,
             )
             x_BxTxD, stats, kv = apply_layer(
                 layer, x_BxTxD, positions_BxT, segment_ids_BxT, key, prefix, inputs

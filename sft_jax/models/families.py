@@ -39,8 +39,8 @@ class Family:
     moe: str = ""
     # A learned logit per query head in every softmax's denominator (gpt-oss's sinks).
     attention_sinks: bool = False
-    # ModelConfig fields a family reads from config.json in its own way (Gemma 4): a function
-    # of the transformers config returning them, or None.
+    # ModelConfig fields a family reads from config.json in its own way (Gemma 4; an image-text
+    # model's vision part): a function of the transformers config returning them, or None.
     hf_fields: Callable[[Any], dict[str, Any]] | None = None
     # config.json wraps the text model's config (text_config) with other modalities' (Gemma
     # 4's image-text-audio checkpoints): sft_jax reads and loads the text model alone.

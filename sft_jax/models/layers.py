@@ -40,8 +40,9 @@ class FrozenParam(nnx.Param):
     parameters, outside TRAINABLE."""
 
 
-# The variables full fine-tuning trains: every parameter but the frozen ones.
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(FrozenParam))
+# The variables full fine-tuning trains: every parameter but the frozen ones and an image-text
+# model's image tower and projector (`vision`: frozen by default; the text model trains).
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(FrozenParam), nnx.Not(nnx.PathContains("vision")))
 
 
 class Linear(nnx.Module):

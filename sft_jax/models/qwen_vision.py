@@ -25,8 +25,6 @@ E head dim, F MLP width, D language model width, T text time.
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,6 +183,27 @@ class QwenVision(nnx.Module):
         exponents = np.arange(0, half, 2, dtype=np.int64).astype(np.float32) / half
         return np.tile(1.0 / (self.spec.rope_theta**exponents), 2).astype(np.float32)
 
+    def place(
+        self,
+        input_ids_BxT: jax.Array,
+        segment_ids_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        x_BxTxD: jax.Array,
+        images: dict[str, jax.Array] | None,
+    ) -> tuple[jax.Array, jax.Array, None]:
+        """(embeddings with the merged patches in place, M-RoPE positions [B, T, 3], no image
+        groups: image tokens attend causally); a text-only batch as it is (its M-RoPE
+        positions are its 1-D ones on every axis)."""
+        del segment_ids_BxT  # M-RoPE positions restart per document in the row's fields
+        if not images:
+            return x_BxTxD, positions_BxT, None
+        if context_shards() > 1:  # its masks would read the [B, T, 3] positions as 1-D ones
+            raise UnsupportedModelError(
+                "Qwen2.5-VL with images cannot split the sequence over mesh.context yet; set "
+                "mesh.context=1."
+            )
+        return (*self.embed(x_BxTxD, input_ids_BxT, images), None)
+
     def embed(
         self,
         x_BxTxD: jax.Array,
@@ -200,27 +219,3 @@ class QwenVision(nnx.Module):
         placed_BxTxD = jnp.take_along_axis(merged_BxQxD, index_BxT[..., None], axis=1)
         x_BxTxD = jnp.where(is_image_BxT[..., None], placed_BxTxD, x_BxTxD)
         return x_BxTxD, jnp.stack([images[name] for name in MROPE], axis=-1)
-
-
-def vision_part(config: Any, *, dtype, param_dtype, rngs) -> QwenVision | None:
-    """The vision part of a ModelConfig with one, else None."""
-    if config.vision is None:
-        return None
-    return QwenVision(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
-def place_images(
-    vision: QwenVision | None,
-    x_BxTxD: jax.Array,
-    input_ids_BxT: jax.Array,
-    images: dict[str, jax.Array],
-) -> tuple[jax.Array, jax.Array]:
-    """QwenVision.embed, or a clear error for a text model given images."""
-    if vision is None:
-        raise ValueError("images= was given to a text model (its config has no vision part).")
-    if context_shards() > 1:  # its masks would read the [B, T, 3] positions as 1-D ones
-        raise UnsupportedModelError(
-            "Qwen2.5-VL with images cannot split the sequence over mesh.context yet; set "
-            "mesh.context=1."
-        )
-    return vision.embed(x_BxTxD, input_ids_BxT, images)

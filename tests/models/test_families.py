@@ -29,11 +29,12 @@ def test_a_registered_family_is_read_with_its_settings(monkeypatch):
 
 def test_the_shipped_families_and_those_not_yet_implemented():
     dense = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "olmo3")
+    gemma3 = ("gemma3",)  # the image-text model: models/gemma3_vision_config.py
     gemma4 = ("gemma4_text", "gemma4")  # models/gemma4_config.py registers them
     moe = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")
     qwen3_5 = ("qwen3_5_text", "qwen3_5_moe_text")
     qwen_vl = ("qwen2_5_vl_text", "qwen2_5_vl")  # models/qwen_vl_config.py registers them
-    assert FAMILIES.names() == (*dense, *moe, *qwen3_5, *gemma4, *qwen_vl)
+    assert FAMILIES.names() == (*dense, *moe, *qwen3_5, *gemma3, *gemma4, *qwen_vl)
     assert FAMILIES.entries["deepseek_v3"].mla
     assert {FAMILIES.entries[n].moe for n in ("mixtral", "qwen2_moe", "qwen3_moe")} == {
         "mixtral",

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from sft_jax.core.errors import CheckpointError
 from sft_jax.models.config import ModelConfig, from_hf_config
 from sft_jax.models.decoder import ATTENTION_NAMES, CausalLM, decoder_linears
+from sft_jax.models.io import gemma3_vision as vision_io
 from sft_jax.models.io import gpt_oss as gpt_oss_io
 from sft_jax.models.io import mxfp4 as mxfp4_io
 from sft_jax.models.io import qwen_vl as qwen_vl_io
@@ -47,7 +48,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, bool]:
     """Hugging Face tensor name of a parameter path, and whether it is stored transposed."""
-    fixed = fixed_tensor_name(path)  # model-level tensors, Gemma 4's per-layer ones
+    fixed = fixed_tensor_name(path) or vision_io.vision_tensor_name(path)  # + Gemma 3's tower
     if fixed is not None:
         return fixed
     if (gpt_oss := gpt_oss_io.tensor_name(path, config)) is not None:
@@ -252,7 +253,9 @@ def from_pretrained(
         config = dataclasses.replace(config, score_labels=score_labels)
     check_safetensors_present(model_dir)
     try:
-        entries = text_model_tensors(safetensors_io.read_checkpoint(model_dir))
+        entries = safetensors_io.read_checkpoint(model_dir)
+        read = vision_io.checkpoint_tensors if config.vision else text_model_tensors
+        entries = read(entries)
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
     if (config.hf_config.get("quantization_config") or {}).get("quant_method") == "mxfp4":
@@ -356,6 +359,8 @@ def _pending_tensors(
             yield qwen_vl_io.patch_embed_tensor(array, model.config.vision, out_dtype, to_host)
             continue
         name, transposed = hf_tensor_name(path, model.config)
+        if model.config.vision is not None:  # an image-text model: the hub's layout
+            name = vision_io.hub_name(name)
         dtype = np.dtype(out_dtype or array.dtype)
         shape = tuple(array.shape[::-1] if transposed else array.shape)
 
