@@ -35,7 +35,15 @@ from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.gemma4_moe import Gemma4Experts
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.kv_cache import KVCache, KVPrefix, LayerCache, write_slots
-from sft_jax.models.layers import MLP, Linear, RMSNorm, einsum_f32, fold_key, normal_init
+from sft_jax.models.layers import (
+    MLP,
+    Linear,
+    RMSNorm,
+    einsum_f32,
+    fold_key,
+    head_logits,
+    normal_init,
+)
 from sft_jax.models.linear_attention import LINEAR_PROJECTIONS, GatedDeltaNet
 from sft_jax.models.mla import MLA_ONLY_PROJECTIONS, MLAttention
 from sft_jax.models.moe import MoEBlock, RouterStats, stack_stats
@@ -196,16 +204,6 @@ def use_attention(model: CausalLM, kind: str, max_segments: int | None = None) -
     model.config = dataclasses.replace(model.config, attention=kind, max_segments=max_segments)
     for layer in model.layers:
         layer.attn.kind, layer.attn.max_segments = kind, max_segments
-
-
-def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | None) -> jax.Array:
-    """float32 logits [..., V] from hidden states and an LM head (or a slice of its rows), the
-    head cast to the hidden states' (compute) dtype here: callers that loop over chunks hold it
-    in the parameter dtype, so that its gradient adds up in that dtype."""
-    logits = einsum_f32("...D,VD->...V", hidden_BxTxD, head_VxD.astype(hidden_BxTxD.dtype))
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    return logits
 
 
 def _call_layer(

@@ -234,3 +234,13 @@ class MLP(nnx.Module):
         activated = activate(self.activation, gate_BxTxF)
         hidden_BxTxF = activated * self.up_proj(x_BxTxD, fold_key(dropout_key, 1))
         return self.down_proj(hidden_BxTxF, fold_key(dropout_key, 2))
+
+
+def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | None) -> jax.Array:
+    """float32 logits [..., V] from hidden states and an LM head (or a slice of its rows), the
+    head cast to the hidden states' (compute) dtype here: callers that loop over chunks hold it
+    in the parameter dtype, so that its gradient adds up in that dtype."""
+    logits = einsum_f32("...D,VD->...V", hidden_BxTxD, head_VxD.astype(hidden_BxTxD.dtype))
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from sft_jax.core.errors import ConfigError
-from sft_jax.models.decoder import CausalLM, head_logits
+from sft_jax.models.decoder import CausalLM
+from sft_jax.models.layers import head_logits
 from sft_jax.models.partitioning import logical_to_spec
 
 
