@@ -6,10 +6,10 @@ python -m sft_jax.evaluate --model=DIR --tasks=hellaswag,gsm8k [--limit=N] [--nu
 python -m sft_jax.evaluate --workdir=RUN_DIR [--step=N | --which=best|last] --tasks=...
 
 A run's checkpoint is evaluated as it trained: the run's model with its adapters unmerged
-(LoRA, QLoRA, DoRA; prompt adapters are refused), holding the checkpoint's trained parameters,
-sharded over the local devices. The model runs as lm-eval's model type "sft_jax"
-(sft_jax/evaluation/harness.py). Prints lm-eval's table; with --output_path writes
-OUT/results.json and, with --log_samples, OUT/samples_<task>.jsonl.
+(LoRA, QLoRA, DoRA; a prompt adapter's virtual tokens or key/value prefix), holding the
+checkpoint's trained parameters, sharded over the local devices. The model runs as lm-eval's
+model type "sft_jax" (sft_jax/evaluation/harness.py). Prints lm-eval's table; with
+--output_path writes OUT/results.json and, with --log_samples, OUT/samples_<task>.jsonl.
 """
 
 from __future__ import annotations

@@ -92,14 +92,14 @@ def _layout(
     sequences: Sequence[Sequence[int]], rows: int, length: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """input_ids, target_ids and segment_ids [rows, length] as in the module docstring
-    (segment 1 on real tokens, 0 on padding)."""
+    (segment 1 on real tokens, 0 on padding; a virtual token, id < 0, is never a target)."""
     input_ids = np.full((rows, length), pad_id, np.int32)
     target_ids = np.full((rows, length), pad_id, np.int32)
     segment_ids = np.zeros((rows, length), np.int32)
     for row, tokens in enumerate(sequences):
         count = len(tokens) - 1
         input_ids[row, :count] = tokens[:-1]
-        target_ids[row, :count] = tokens[1:]
+        target_ids[row, :count] = np.maximum(tokens[1:], 0)
         segment_ids[row, :count] = 1
     return input_ids, target_ids, segment_ids
 
