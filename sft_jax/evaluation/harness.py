@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -28,6 +29,7 @@ from sft_jax.evaluation import generate as generation
 from sft_jax.evaluation.scoring import score
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.io.hf import resolve_model_dir
+from sft_jax.train import sharding
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a config that names no context length
@@ -61,7 +63,10 @@ def _load(directory: str, dtype: str) -> tuple[CausalLM, Any, Path]:
     if dtype not in ("float32", "bfloat16"):
         raise UsageError(f"model_args dtype={dtype!r}: expected float32 or bfloat16.")
     tokenizer = load_tokenizer(model_dir)
-    model = from_pretrained(model_dir, param_dtype=jnp.dtype(dtype))
+    # Several processes: sharded over all of their devices (each process's alone can't hold
+    # what the others compute with); one process: its default device.
+    mesh = sharding.make_mesh(fsdp=-1) if jax.process_count() > 1 else None
+    model = from_pretrained(model_dir, mesh=mesh, param_dtype=jnp.dtype(dtype))
     method = _adapter_method(model_dir)
     if method is not None:
         log.info("%s: %s", method.load(model, model_dir / "adapter"), model_dir / "adapter")

@@ -24,6 +24,7 @@ from flax import nnx
 
 from sft_jax.generation.sampler import bucket
 from sft_jax.models.decoder import CausalLM
+from sft_jax.models.io.hf import to_host
 from sft_jax.objectives.loss import time_chunk
 
 _MIN_LENGTH_BUCKET = 16
@@ -123,7 +124,7 @@ def score(
         [len(sequences[i]) - 1 for i in range(len(sequences))], batch_size
     ):
         arrays = _layout([sequences[i] for i in indices], batch_size, length, pad_id)
-        logps_BxT, greedy_BxT = jax.device_get(_score_batch(graphdef, state, *arrays))
+        logps_BxT, greedy_BxT = map(to_host, _score_batch(graphdef, state, *arrays))
         for row, index in enumerate(indices):
             end = len(sequences[index]) - 1
             window = slice(end - scored[index], end)

@@ -7,7 +7,8 @@ same keys, so every row's tokens equal rollout's up to where it stops; between c
 `stopped(row, tokens)` says are finished as done: they generate nothing more (padding from
 there, as after a stop token) and the loop ends once every row is done or max_new_tokens is
 reached. A chunk compiles once per bucket (its end step is traced) and takes the carry, KV cache
-included, as a donated buffer.
+included, as a donated buffer. Over several processes every process runs the same steps and
+reads the same tokens (gathered), so each ends the same rows.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import functools
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from sft_jax.generation import sampler
 from sft_jax.generation.sampler import Carry, Rollout, Sampling
 from sft_jax.models.decoder import CausalLM
+from sft_jax.models.io.hf import to_host
 
 CHECK_EVERY = 8  # decode steps between two looks at the rows' tokens
 
@@ -111,20 +112,21 @@ def rollout_until(
     )  # fmt: skip
     ended: dict[int, int] = {}  # row -> how many tokens it keeps
     while True:
-        step, done_B = int(carry[0]), np.asarray(carry[2])
+        step, done_B = int(to_host(carry[0])), to_host(carry[2])
         if step >= max_new_tokens or done_B.all():
             break
         done_B = _mark_stopped(carry[3], done_B, step, len(prompts), stopped, ended)
         if done_B.all():
             break
-        carry = (carry[0], carry[1], jnp.asarray(done_B), *carry[3:])
+        carry = (carry[0], carry[1], _placed_like(done_B, carry[2]), *carry[3:])
         until = np.int32(min(step + check_every, max_new_tokens))
         carry = _continue(
             graphdef, state, carry, positions_BxT[:, -1] + 1, is_stop, sampling, key, until,
             greedy=greedy,
         )  # fmt: skip
-    rollout = sampler.trimmed(carry[3], carry[4], len(prompts), max_new_tokens, is_stop)
-    return Stepped(_cut(rollout, ended), int(carry[0]))
+    out_BxN, logps_BxN = to_host(carry[3]), to_host(carry[4])
+    rollout = sampler.trimmed(out_BxN, logps_BxN, len(prompts), max_new_tokens, is_stop)
+    return Stepped(_cut(rollout, ended), int(to_host(carry[0])))
 
 
 def _mark_stopped(
@@ -137,11 +139,16 @@ def _mark_stopped(
 ) -> np.ndarray:
     """done_B with the rows still going that `stopped` ends now marked (and noted in `ended`)."""
     done_B = done_B.copy()
-    tokens = np.asarray(out_BxN[:count, :step])
+    tokens = to_host(out_BxN)[:count, :step]
     for row in np.flatnonzero(~done_B[:count]):
         if stopped(int(row), tokens[row].tolist()):
             done_B[row], ended[int(row)] = True, step
     return done_B
+
+
+def _placed_like(value: np.ndarray, like: jax.Array) -> jax.Array:
+    """The host value (the same on every process) laid out as `like` is."""
+    return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
 
 
 def _cut(rollout: Rollout, ended: dict[int, int]) -> Rollout:
