@@ -343,8 +343,17 @@ def load_prompt_adapter(model: CausalLM, adapter_dir: str | Path) -> PromptSpec:
             f"{adapter_dir}: prompt_embeddings {table.shape} do not fit this model (expected "
             f"{expected}); was the adapter trained on another base model?"
         )
-    module.embedding[...] = jnp.asarray(table)
+    module.embedding[...] = _beside(jnp.asarray(table), model.embed[...])
     return spec
+
+
+def _beside(value: jax.Array, weight: jax.Array) -> jax.Array:
+    """`value` replicated over the devices of the mesh `weight` is sharded on (a model loaded
+    over several devices), else as it is."""
+    mesh = getattr(weight.sharding, "mesh", None)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        return value
+    return jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def prompt_prefix_ids(model: CausalLM) -> list[int]:

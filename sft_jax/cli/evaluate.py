@@ -6,10 +6,14 @@ python -m sft_jax.evaluate --model=DIR --tasks=hellaswag,gsm8k [--limit=N] [--nu
 python -m sft_jax.evaluate --workdir=RUN_DIR [--step=N | --which=best|last] --tasks=...
 
 A run's checkpoint is evaluated as it trained: the run's model with its adapters unmerged
-(LoRA, QLoRA, DoRA; prompt adapters are refused), holding the checkpoint's trained parameters,
-sharded over the local devices. The model runs as lm-eval's model type "sft_jax"
-(sft_jax/evaluation/harness.py). Prints lm-eval's table; with --output_path writes
-OUT/results.json and, with --log_samples, OUT/samples_<task>.jsonl.
+(LoRA, QLoRA, DoRA; a prompt adapter's virtual tokens or key/value prefix), holding the
+checkpoint's trained parameters, sharded over the local devices. The model runs as lm-eval's
+model type "sft_jax" (sft_jax/evaluation/harness.py). Prints lm-eval's table; with
+--output_path writes OUT/results.json and, with --log_samples, OUT/samples_<task>.jsonl.
+
+Over several processes (hosts), each runs the same command with --coordinator_address,
+--num_processes and --process_id (SLURM and Cloud TPU pods are detected); the model is sharded
+over every process's devices, each process runs every request, process 0 writes.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 from absl import app, flags
 
 from sft_jax import cli
 from sft_jax.core.errors import UsageError
+from sft_jax.core.spec import DistributedSpec
 from sft_jax.loop import export
+from sft_jax.train import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A Hugging Face model directory (or hub id) with a tokenizer.")
@@ -47,6 +54,12 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("seed", 0, "Seed of the few-shot draw and of any sampling.")
 flags.DEFINE_integer("bootstrap_iters", 100000, "Bootstrap draws of the stderrs (0: none).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+flags.DEFINE_string(
+    "coordinator_address", "", "Several processes: jax.distributed's coordinator, host:port."
+)
+flags.DEFINE_integer("num_processes", 1, "With --coordinator_address: how many processes.")
+flags.DEFINE_integer("process_id", 0, "With --coordinator_address: this process's index.")
+flags.DEFINE_string("cpu_collectives", "", "Across CPU-only processes: 'gloo' (or 'mpi').")
 
 
 def model_to_evaluate(model: str | None, workdir: str | None, which: str | int) -> tuple:
@@ -119,12 +132,25 @@ def write_results(results: dict[str, Any], out: Path) -> None:
 
 
 def run(model: str | None, workdir: str | None, which: str | int) -> None:
+    """Every process evaluates every request (the model is sharded over all of them: SPMD);
+    process 0 prints the table and writes the results."""
     if not FLAGS.tasks:
         raise UsageError("--tasks is required, e.g. --tasks=hellaswag,arc_easy.")
     if FLAGS.log_samples and not FLAGS.output_path:
         raise UsageError("--log_samples writes to --output_path: give one.")
+    distributed.initialize(
+        DistributedSpec(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            cpu_collectives=FLAGS.cpu_collectives,
+            force=False,
+        )
+    )
     loaded, tokenizer = model_to_evaluate(model, workdir, which)
     results = evaluate(loaded, FLAGS.tasks, tokenizer)
+    if jax.process_index() != 0:
+        return
     from lm_eval.utils import make_table
 
     print(make_table(results))

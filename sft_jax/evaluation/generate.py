@@ -1,11 +1,13 @@
 """lm-eval's generate_until on the KV-cache sampler: requests grouped by their generation
 options, encoded and left-truncated as lm-eval's `hf` backend does, generated batch_size at a
-time, decoded and cut before the first stop string."""
+time, each row ended as soon as its decoded text holds a stop string (generation/stepwise.py:
+looked at every few steps), decoded and cut before the first stop string."""
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from lm_eval.models.utils import (
 )
 
 from sft_jax.core.errors import UsageError
-from sft_jax.generation.sampler import rollout
+from sft_jax.generation.stepwise import rollout_until
 
 # Generation options of lm-eval task configs that the sampler implements (0 / 1: off).
 _SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
@@ -70,6 +72,13 @@ def context_ids(lm: Any, context: str, max_context: int) -> list[int]:
     return ids
 
 
+def _stop_strings_seen(lm: Any, until: list[str]) -> Callable[[int, list[int]], bool]:
+    """Whether a row's new tokens, decoded as the reply is, hold one of the stop strings: the
+    row can end there, its text cut before the string is the same."""
+    until = [term for term in until if term]
+    return lambda row, tokens: any(term in lm.tok_decode(tokens) for term in until)
+
+
 def generate_until(lm: Any, requests: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """The continuation of each (context, gen_kwargs), in request order."""
     groups: dict[str, list[int]] = {}
@@ -87,19 +96,23 @@ def generate_until(lm: Any, requests: list[tuple[str, dict[str, Any]]]) -> list[
                 f"generate_until: max_gen_toks={options['max_new_tokens']} leaves no room for "
                 f"a prompt within max_length={lm.max_length}; lower it or raise max_length."
             )
-        prompts = {i: context_ids(lm, requests[i][0], max_context) for i in indices}
+        prompts = {
+            i: [*lm.virtual_ids, *context_ids(lm, requests[i][0], max_context)] for i in indices
+        }
         order = sorted(indices, key=lambda i: -len(prompts[i]))
         for start in range(0, len(order), lm.batch_size):
             batch = order[start : start + lm.batch_size]
-            new_tokens = rollout(
+            stepped = rollout_until(
                 lm.model,
                 [prompts[i] for i in batch],
+                _stop_strings_seen(lm, until),
                 stop_token_ids=lm.stop_token_ids,
                 seed=lm.seed,
                 pad_id=lm.tokenizer.pad_token_id or 0,
                 **options,
-            ).tokens
-            for index, tokens in zip(batch, new_tokens, strict=True):
+            )
+            lm.decode_steps += stepped.steps
+            for index, tokens in zip(batch, stepped.rollout.tokens, strict=True):
                 text = postprocess_generated_text(lm.tok_decode(tokens), until, None)
                 texts[index] = text
                 lm.cache_hook.add_partial("generate_until", requests[index], text)

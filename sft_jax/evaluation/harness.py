@@ -15,18 +15,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from sft_jax.adapters.methods import for_peft_type
+from sft_jax.adapters.methods import AdapterMethod, for_peft_type
+from sft_jax.adapters.prompts import prompt_prefix_ids
 from sft_jax.core.errors import UsageError
 from sft_jax.data.templates import load_tokenizer
 from sft_jax.evaluation import generate as generation
 from sft_jax.evaluation.scoring import score
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.io.hf import resolve_model_dir
+from sft_jax.train import sharding
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a config that names no context length
@@ -44,28 +47,30 @@ def config_max_length(config: dict[str, Any], tokenizer: Any) -> int:
     return int(limit) if limit is not None and limit < 10**12 else DEFAULT_MAX_LENGTH
 
 
-def _prompt_adapter(model_dir: Path) -> bool:
-    """Whether the export leaves a prompt adapter to load (a LoRA export's adapter/ is merged
-    into the weights already; adapters/methods.py)."""
+def _adapter_method(model_dir: Path) -> AdapterMethod | None:
+    """The family of the adapter the export leaves to load (a prompt adapter in adapter/; a
+    LoRA export's adapter/ is merged into the weights already: adapters/methods.py), or None."""
     config_file = model_dir / "adapter" / "adapter_config.json"
     if not config_file.is_file():
-        return False
-    return for_peft_type(json.loads(config_file.read_text()).get("peft_type")) is not None
+        return None
+    return for_peft_type(json.loads(config_file.read_text()).get("peft_type"))
 
 
 def _load(directory: str, dtype: str) -> tuple[CausalLM, Any, Path]:
-    """(model, tokenizer, directory) of an exported Hugging Face directory."""
+    """(model, tokenizer, directory) of an exported Hugging Face directory, with the prompt
+    adapter of its adapter/ folder where it has one (as PEFT loads it on the base model)."""
     model_dir = resolve_model_dir(directory)
-    if _prompt_adapter(model_dir):
-        raise UsageError(
-            f"{model_dir}/adapter: the sft_jax lm-eval backend does not evaluate prompt "
-            "adapters (prompt tuning, P-tuning, prefix tuning) yet; evaluate a LoRA or full "
-            "fine-tuning export, or use `python -m sft_jax.chat` for this one."
-        )
     if dtype not in ("float32", "bfloat16"):
         raise UsageError(f"model_args dtype={dtype!r}: expected float32 or bfloat16.")
     tokenizer = load_tokenizer(model_dir)
-    return from_pretrained(model_dir, param_dtype=jnp.dtype(dtype)), tokenizer, model_dir
+    # Several processes: sharded over all of their devices (each process's alone can't hold
+    # what the others compute with); one process: its default device.
+    mesh = sharding.make_mesh(fsdp=-1) if jax.process_count() > 1 else None
+    model = from_pretrained(model_dir, mesh=mesh, param_dtype=jnp.dtype(dtype))
+    method = _adapter_method(model_dir)
+    if method is not None:
+        log.info("%s: %s", method.load(model, model_dir / "adapter"), model_dir / "adapter")
+    return model, tokenizer, model_dir
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -110,9 +115,10 @@ class SftJaxLM(TemplateLM):
             model, tokenizer, model_dir = _load(model, dtype)
         elif tokenizer is None:
             raise UsageError("SftJaxLM: a loaded CausalLM needs its tokenizer (tokenizer=...).")
-        if model.virtual_tokens is not None or model.kv_prefix is not None:
-            raise UsageError("SftJaxLM: a model with a prompt adapter is not supported yet.")
         self.model, self.tokenizer = model, tokenizer
+        # Prompt tuning, P-tuning: the virtual tokens every request starts with, after the
+        # truncation to max_length, as PEFT prepends them (prefix tuning: the model's own).
+        self.virtual_ids = prompt_prefix_ids(model)
         self.batch_size = _positive_int("batch_size", 8 if batch_size == "auto" else batch_size)
         self._max_length = (
             _positive_int("max_length", max_length)
@@ -123,6 +129,7 @@ class SftJaxLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.seed = int(seed)
+        self.decode_steps = 0  # new-token steps generate_until ran, all batches together
         self.stop_token_ids = generation.eos_token_ids(tokenizer, model.config.hf_config, model_dir)
         if device not in (None, "cpu"):
             log.warning("sft_jax lm-eval backend: device=%s ignored (JAX picks devices)", device)
@@ -188,7 +195,7 @@ class SftJaxLM(TemplateLM):
         for _, context, continuation in requests:
             if not context or not continuation:
                 raise ValueError("loglikelihood: empty context or continuation tokens.")
-            sequences.append((context + continuation)[-(self.max_length + 1) :])
+            sequences.append(self.virtual_ids + (context + continuation)[-(self.max_length + 1) :])
             scored.append(len(continuation))
         pad_id = self.tokenizer.pad_token_id or 0
         results = score(self.model, sequences, scored, batch_size=self.batch_size, pad_id=pad_id)

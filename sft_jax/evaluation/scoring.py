@@ -24,6 +24,7 @@ from flax import nnx
 
 from sft_jax.generation.sampler import bucket
 from sft_jax.models.decoder import CausalLM
+from sft_jax.models.io.hf import to_host
 from sft_jax.objectives.loss import time_chunk
 
 _MIN_LENGTH_BUCKET = 16
@@ -92,14 +93,14 @@ def _layout(
     sequences: Sequence[Sequence[int]], rows: int, length: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """input_ids, target_ids and segment_ids [rows, length] as in the module docstring
-    (segment 1 on real tokens, 0 on padding)."""
+    (segment 1 on real tokens, 0 on padding; a virtual token, id < 0, is never a target)."""
     input_ids = np.full((rows, length), pad_id, np.int32)
     target_ids = np.full((rows, length), pad_id, np.int32)
     segment_ids = np.zeros((rows, length), np.int32)
     for row, tokens in enumerate(sequences):
         count = len(tokens) - 1
         input_ids[row, :count] = tokens[:-1]
-        target_ids[row, :count] = tokens[1:]
+        target_ids[row, :count] = np.maximum(tokens[1:], 0)
         segment_ids[row, :count] = 1
     return input_ids, target_ids, segment_ids
 
@@ -123,7 +124,7 @@ def score(
         [len(sequences[i]) - 1 for i in range(len(sequences))], batch_size
     ):
         arrays = _layout([sequences[i] for i in indices], batch_size, length, pad_id)
-        logps_BxT, greedy_BxT = jax.device_get(_score_batch(graphdef, state, *arrays))
+        logps_BxT, greedy_BxT = map(to_host, _score_batch(graphdef, state, *arrays))
         for row, index in enumerate(indices):
             end = len(sequences[index]) - 1
             window = slice(end - scored[index], end)

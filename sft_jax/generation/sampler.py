@@ -138,6 +138,75 @@ def sample(
     return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
 
 
+# (temperature, top_k, top_p, min_p): traced, so one compilation serves every value.
+Sampling = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+# (step, last tokens [B], done [B], new tokens [B, N], their log-probs [B, N], the KV cache).
+Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, KVCache]
+
+
+def _sample_with(
+    logits_BxV: jax.Array, key: jax.Array, sampling: Sampling, greedy: bool
+) -> tuple[jax.Array, jax.Array]:
+    temperature, top_k, top_p, min_p = sampling
+    return sample(logits_BxV, key, temperature, top_p, greedy, top_k=top_k, min_p=min_p)
+
+
+def prefill(
+    model: CausalLM,
+    tokens_BxT: jax.Array,
+    positions_BxT: jax.Array,
+    is_stop: jax.Array,
+    sampling: Sampling,
+    key: jax.Array,
+    max_new_bucket: int,
+    greedy: bool,
+) -> Carry:
+    """Every prompt token at once (the last slot holds each row's last prompt token) and the
+    first new token: the carry `decode` continues from (step 1; padding rows start done)."""
+    batch, prompt_len = tokens_BxT.shape
+    cache = KVCache.empty(model.config, batch, prompt_len + max_new_bucket, model.dtype)
+    hidden_BxTxD, cache = model.extend(tokens_BxT, positions_BxT, cache)
+    first_B, first_logp_B = _sample_with(model.logits(hidden_BxTxD[:, -1]), key, sampling, greedy)
+    out_BxN = jnp.zeros((batch, max_new_bucket), jnp.int32).at[:, 0].set(first_B)
+    logps_BxN = jnp.zeros((batch, max_new_bucket), jnp.float32).at[:, 0].set(first_logp_B)
+    done_B = is_stop[first_B] | (positions_BxT[:, -1] < 0)
+    return jnp.int32(1), first_B, done_B, out_BxN, logps_BxN, cache
+
+
+def decode(
+    model: CausalLM,
+    carry: Carry,
+    next_position_B: jax.Array,
+    is_stop: jax.Array,
+    sampling: Sampling,
+    key: jax.Array,
+    until_step: jax.Array,
+    greedy: bool,
+) -> Carry:
+    """One token per row per step until step `until_step` or every row is done: a row holds 0
+    (log-prob 0) after its first stop token. next_position_B: the position of each row's
+    first new token (its last prompt position + 1)."""
+
+    def keep_going(carry: Carry) -> jax.Array:
+        step, _, done_B, _, _, _ = carry
+        return (step < until_step) & ~jnp.all(done_B)
+
+    # Feed the token chosen at step - 1, choose the one at step.
+    def decode_one(carry: Carry) -> Carry:
+        step, last_B, done_B, out_BxN, logps_BxN, cache = carry
+        positions_Bx1 = (next_position_B + step - 1)[:, None]
+        hidden_Bx1xD, cache = model.extend(last_B[:, None], positions_Bx1, cache)
+        step_key = jax.random.fold_in(key, step)
+        token_B, logp_B = _sample_with(model.logits(hidden_Bx1xD[:, 0]), step_key, sampling, greedy)
+        token_B = jnp.where(done_B, 0, token_B)
+        logp_B = jnp.where(done_B, 0.0, logp_B)
+        out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, token_B[:, None], step, axis=1)
+        logps_BxN = jax.lax.dynamic_update_slice_in_dim(logps_BxN, logp_B[:, None], step, axis=1)
+        return step + 1, token_B, done_B | is_stop[token_B], out_BxN, logps_BxN, cache
+
+    return jax.lax.while_loop(keep_going, decode_one, carry)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_bucket", "greedy"))
 def _generate_ids(
     graphdef: nnx.GraphDef,
@@ -158,42 +227,13 @@ def _generate_ids(
     """New tokens [B, max_new_bucket] (a row holds 0 after its first stop token) and their
     log-probs (0 after the stop token)."""
     model = nnx.merge(graphdef, state)
-    batch, prompt_len = tokens_BxT.shape
-    cache = KVCache.empty(model.config, batch, prompt_len + max_new_bucket, model.dtype)
-
-    # Prefill: every prompt token at once; the last slot holds each row's last prompt token.
-    hidden_BxTxD, cache = model.extend(tokens_BxT, positions_BxT, cache)
-    filters = {"top_k": top_k, "min_p": min_p}
-    first_B, first_logp_B = sample(
-        model.logits(hidden_BxTxD[:, -1]), key, temperature, top_p, greedy, **filters
+    sampling = (temperature, top_k, top_p, min_p)
+    carry = prefill(
+        model, tokens_BxT, positions_BxT, is_stop, sampling, key, max_new_bucket, greedy
     )
-    out_BxN = jnp.zeros((batch, max_new_bucket), jnp.int32).at[:, 0].set(first_B)
-    logps_BxN = jnp.zeros((batch, max_new_bucket), jnp.float32).at[:, 0].set(first_logp_B)
     next_position_B = positions_BxT[:, -1] + 1
-
-    def keep_going(carry) -> jax.Array:
-        step, _, done_B, _, _, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done_B)
-
-    # Decode: feed the token chosen at step - 1, choose the one at step.
-    def decode_one(carry):
-        step, last_B, done_B, out_BxN, logps_BxN, cache = carry
-        positions_Bx1 = (next_position_B + step - 1)[:, None]
-        hidden_Bx1xD, cache = model.extend(last_B[:, None], positions_Bx1, cache)
-        step_key = jax.random.fold_in(key, step)
-        token_B, logp_B = sample(
-            model.logits(hidden_Bx1xD[:, 0]), step_key, temperature, top_p, greedy, **filters
-        )
-        token_B = jnp.where(done_B, 0, token_B)
-        logp_B = jnp.where(done_B, 0.0, logp_B)
-        out_BxN = jax.lax.dynamic_update_slice_in_dim(out_BxN, token_B[:, None], step, axis=1)
-        logps_BxN = jax.lax.dynamic_update_slice_in_dim(logps_BxN, logp_B[:, None], step, axis=1)
-        return step + 1, token_B, done_B | is_stop[token_B], out_BxN, logps_BxN, cache
-
-    padding_row_B = positions_BxT[:, -1] < 0
-    carry = (jnp.int32(1), first_B, is_stop[first_B] | padding_row_B, out_BxN, logps_BxN, cache)
-    _, _, _, out_BxN, logps_BxN, _ = jax.lax.while_loop(keep_going, decode_one, carry)
-    return out_BxN, logps_BxN
+    carry = decode(model, carry, next_position_B, is_stop, sampling, key, max_new_tokens, greedy)
+    return carry[3], carry[4]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +269,7 @@ def rollout(
     from `seed`, so a call is reproducible for the same prompts, batch and seed. The log-probs
     are under softmax(logits / temperature) before the filters (see `sample`).
     """
-    _check_sampling_options(top_k, top_p, min_p)
+    check_sampling_options(top_k, top_p, min_p)
     if not prompts or max_new_tokens <= 0:
         return Rollout(
             [[] for _ in prompts],
@@ -259,10 +299,10 @@ def rollout(
         max_new_bucket=max_new_bucket,
         greedy=temperature <= 0,
     )
-    return _trimmed(out_BxN, logps_BxN, len(prompts), max_new_tokens, is_stop)
+    return trimmed(out_BxN, logps_BxN, len(prompts), max_new_tokens, is_stop)
 
 
-def _trimmed(
+def trimmed(
     out_BxN: jax.Array, logps_BxN: jax.Array, count: int, max_new_tokens: int, is_stop: np.ndarray
 ) -> Rollout:
     """The Rollout of the first `count` rows: each row up to its first stop token."""
@@ -276,7 +316,7 @@ def _trimmed(
     )
 
 
-def _check_sampling_options(top_k: int, top_p: float, min_p: float) -> None:
+def check_sampling_options(top_k: int, top_p: float, min_p: float) -> None:
     """Raises ValueError on values transformers' warpers refuse (0 still means off)."""
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"rollout: top_k must be an int >= 0 (0: off), not {top_k!r}.")

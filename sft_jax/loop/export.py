@@ -135,10 +135,12 @@ def trained_run_model(workdir: str | Path, which: str | int = "best") -> tuple[A
 
 
 def _trained_model(checkpoints: Checkpoints, step: int, config) -> Any:
-    """The run's model, with its adapters, holding the checkpoint's trained parameters."""
-    model, _, trainable = build_model(config, sharding.make_mesh(fsdp=-1))
+    """The run's model, with its adapters, holding the checkpoint's trained parameters (laid
+    out on the mesh as training lays them out: a prompt adapter's replicated over it)."""
+    mesh = sharding.make_mesh(fsdp=-1)
+    model, _, trainable = build_model(config, mesh)
     state = nnx.state(model, trainable)
-    abstract = sharding.abstract_like(nnx.to_pure_dict(state))
+    abstract = sharding.abstract_params(model, mesh, trainable)
     nnx.replace_by_pure_dict(state, _restore(checkpoints, step, abstract))
     nnx.update(model, state)
     return model
