@@ -184,7 +184,8 @@ def tensorboard_scalars(directory: Path) -> dict[tuple[str, int], float]:
 
 @pytest.mark.e2e
 def test_early_stopping_records_best_step(model_dir, tmp_path):
-    config = base_config(model_dir, steps=12)
+    # The learning test's steps and rate (neither matters here): its compiled step is reused.
+    config = base_config(model_dir, steps=12, learning_rate=3e-3)
     config.eval.early_stopping_patience = 2
     config.eval.early_stopping_min_delta = (
         1e9  # nothing counts as an improvement after the first eval
@@ -270,7 +271,7 @@ def test_auto_attention_falls_back_to_einsums_when_the_kernel_does_not_compile(
 def test_non_finite_loss_stops_naming_the_step(model_dir, tmp_path):
     model = from_pretrained(model_dir)
     model.final_norm.scale[...] = jnp.full_like(model.final_norm.scale[...], jnp.nan)
-    config = base_config(model_dir)
+    config = base_config(model_dir, steps=12, learning_rate=3e-3)  # the learning test's step
     config.eval.at_start = False
     run = trainer.Trainer(RunSpec.of(config), tmp_path, model, synthetic_source())
     with pytest.raises(trainer.TrainingDivergedError, match=r"step 1: loss nan"):
