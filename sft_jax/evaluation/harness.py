@@ -29,7 +29,7 @@ from sft_jax.evaluation import generate as generation
 from sft_jax.evaluation.scoring import score
 from sft_jax.models import CausalLM, from_pretrained
 from sft_jax.models.io.hf import resolve_model_dir
-from sft_jax.train import sharding
+from sft_jax.models.partitioning import fsdp_mesh
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for a config that names no context length
@@ -65,7 +65,7 @@ def _load(directory: str, dtype: str) -> tuple[CausalLM, Any, Path]:
     tokenizer = load_tokenizer(model_dir)
     # Several processes: sharded over all of their devices (each process's alone can't hold
     # what the others compute with); one process: its default device.
-    mesh = sharding.make_mesh(fsdp=-1) if jax.process_count() > 1 else None
+    mesh = fsdp_mesh() if jax.process_count() > 1 else None
     model = from_pretrained(model_dir, mesh=mesh, param_dtype=jnp.dtype(dtype))
     method = _adapter_method(model_dir)
     if method is not None:

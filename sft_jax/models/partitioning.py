@@ -49,6 +49,12 @@ def single_device_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()[:1]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
 
 
+def fsdp_mesh() -> Mesh:
+    """Every device (of every process) on the fsdp axis, the other axes of size 1."""
+    devices = np.asarray(jax.devices())
+    return Mesh(devices.reshape([len(devices) if a == "fsdp" else 1 for a in MESH_AXES]), MESH_AXES)
+
+
 def logical_to_spec(
     logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
 ) -> PartitionSpec:

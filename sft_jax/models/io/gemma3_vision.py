@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from sft_jax.models.gemma3_vision_config import VisionSpec
+
 # Parameter path inside a vision encoder layer -> name inside vision_tower.encoder.layers.N.
 _LAYER_MODULES = {
     "norm1": "layer_norm1",
@@ -39,9 +41,14 @@ _FIXED = {
 _LEAVES = {"kernel": ("weight", True), "scale": ("weight", False), "bias": ("bias", False)}
 
 
-def vision_tensor_name(path: tuple[Any, ...]) -> tuple[str, bool] | None:
-    """(reading name, stored transposed) of a parameter under the model's `vision`, else None."""
-    if not path or path[0] != "vision":
+def is_gemma3(config: Any) -> bool:
+    """Whether a ModelConfig is Gemma 3's image-text model (its names are this module's)."""
+    return isinstance(config.vision, VisionSpec)
+
+
+def vision_tensor_name(path: tuple[Any, ...], config: Any) -> tuple[str, bool] | None:
+    """(reading name, stored transposed) of a parameter under Gemma 3's `vision`, else None."""
+    if not path or path[0] != "vision" or not is_gemma3(config):
         return None
     rest = tuple(path[1:])
     if rest in _FIXED:

@@ -48,7 +48,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 def hf_tensor_name(path: tuple[Any, ...], config: ModelConfig) -> tuple[str, bool]:
     """Hugging Face tensor name of a parameter path, and whether it is stored transposed."""
-    fixed = fixed_tensor_name(path) or vision_io.vision_tensor_name(path)  # + Gemma 3's tower
+    fixed = fixed_tensor_name(path) or vision_io.vision_tensor_name(path, config)  # Gemma 3's
     if fixed is not None:
         return fixed
     if (gpt_oss := gpt_oss_io.tensor_name(path, config)) is not None:
@@ -254,7 +254,7 @@ def from_pretrained(
     check_safetensors_present(model_dir)
     try:
         entries = safetensors_io.read_checkpoint(model_dir)
-        read = vision_io.checkpoint_tensors if config.vision else text_model_tensors
+        read = vision_io.checkpoint_tensors if vision_io.is_gemma3(config) else text_model_tensors
         entries = read(entries)
     except safetensors_io.CheckpointFormatError as e:
         raise CheckpointError(str(e)) from e
@@ -359,7 +359,7 @@ def _pending_tensors(
             yield qwen_vl_io.patch_embed_tensor(array, model.config.vision, out_dtype, to_host)
             continue
         name, transposed = hf_tensor_name(path, model.config)
-        if model.config.vision is not None:  # an image-text model: the hub's layout
+        if vision_io.is_gemma3(model.config):  # Gemma 3's hub layout
             name = vision_io.hub_name(name)
         dtype = np.dtype(out_dtype or array.dtype)
         shape = tuple(array.shape[::-1] if transposed else array.shape)
