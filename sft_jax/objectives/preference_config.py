@@ -224,6 +224,9 @@ def check_dpo(config: RunSpec) -> None:
             config,
             not config.lora.trainable_modules,
             "lora.trainable_modules",
-            "with DPO the reference is the model with its adapters off; modules trained in "
-            "full would change it too. Leave it empty.",
+            "with preference.reference='adapters_off' (what 'auto' is under LoRA) the DPO "
+            "reference is the policy with its adapters off, and modules trained in full are no "
+            "adapters: they would move the reference too. Leave it empty, or set "
+            "preference.reference='precomputed' (the reference's log-probs computed once, "
+            "before anything trains).",
         )
