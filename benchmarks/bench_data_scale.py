@@ -227,14 +227,24 @@ def consume_chats(train_file: str, cache_dir: str, batches: int) -> None:
 
 
 def tree_rss(pid: int) -> float:
-    """Resident MiB of a process and all its descendants now (0 once it is gone)."""
-    total, pending = 0.0, [pid]
+    """Resident MiB of a process and all its descendants now (0 once it is gone).
+
+    A child forked but not yet exec'd (a spawned worker's first milliseconds: Python forks
+    with vfork, sharing the parent's memory) reports the parent's resident pages as its own:
+    it is skipped, known by its command line still being its parent's (read before its memory,
+    so a child that execs between the two reads is counted as the new program)."""
+    total, pending = 0.0, [(pid, b"")]
     while pending:
-        proc = Path(f"/proc/{pending.pop()}")
+        child, parent_command = pending.pop()
+        proc = Path(f"/proc/{child}")
         try:
-            total += int(proc.joinpath("status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+            command = proc.joinpath("cmdline").read_bytes()
+            status = proc.joinpath("status").read_text()
+            if command != parent_command:
+                total += int(status.split("VmRSS:")[1].split()[0]) / 1024
             for task in proc.joinpath("task").iterdir():
-                pending += [int(c) for c in task.joinpath("children").read_text().split()]
+                children = task.joinpath("children").read_text().split()
+                pending += [(int(c), command) for c in children]
         except (OSError, IndexError):
             continue  # exited meanwhile (or a zombie, which holds no memory)
     return total

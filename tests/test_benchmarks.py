@@ -70,3 +70,29 @@ def _json_object(line: str) -> bool:
         return line.startswith("{") and isinstance(json.loads(line), dict)
     except json.JSONDecodeError:
         return False
+
+
+def test_tree_rss_counts_a_fork_not_yet_execd_once():
+    """bench_data_scale.tree_rss: a child forked but not exec'd (a spawned worker's first
+    moments) holds its parent's pages, not more memory; counting it doubled the x32 figure."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from bench_data_scale import tree_rss
+
+    code = (
+        "import os, sys, time\n"
+        "held = bytearray(os.urandom(1 << 20) * 150)\n"  # 150 MiB, resident
+        "child = os.fork()\n"
+        "if child == 0:\n"
+        "    time.sleep(30); os._exit(0)\n"
+        "print(child, flush=True); time.sleep(30)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        status = Path(f"/proc/{parent.pid}/status").read_text()
+        alone = int(status.split("VmRSS:")[1].split()[0]) / 1024
+        assert alone > 150
+        assert tree_rss(parent.pid) == pytest.approx(alone, abs=20)
+        os.kill(child, 9)
+    finally:
+        parent.kill()

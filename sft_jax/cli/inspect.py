@@ -9,7 +9,9 @@ token rather than padding) of one epoch.
 
 --check prints the mask certificate (sft_jax.data.certificate) of the training data (all, or
 the first N examples): trained and untrained tokens per role and field, and every violation
-with its file, line and span; it exits with status 1 when there is any.
+with its file, line and span; it exits with status 1 when there is any. The pipeline and
+config checks load where they are used: a spawned tokenizer worker imports this module again
+and must stay light (no JAX).
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ from sft_jax import cli
 from sft_jax.cli.overrides import unknown_override
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import batches, certificate
-from sft_jax.data.pipeline import certify, load_datasets, run_tokenizer
 from sft_jax.data.tokenize import Tokenized
-from sft_jax.train.config_check import check_values
 
 
 def marked_text(tokenizer: Any, tokens: np.ndarray, trained: np.ndarray) -> str:
@@ -54,6 +54,8 @@ def totals(tokenized: Tokenized, row_len: int, packing: bool, seed: int) -> dict
 
 def report(config: RunSpec, num_examples: int, as_json: bool) -> dict:
     """Prints examples and totals of the train (and eval) data; returns the totals."""
+    from sft_jax.data.pipeline import load_datasets
+
     loaded = load_datasets(config)
     data = config.data
     result = {
@@ -90,6 +92,8 @@ def report(config: RunSpec, num_examples: int, as_json: bool) -> dict:
 
 def check(config: RunSpec, sample: int, as_json: bool) -> dict:
     """Prints the mask certificate of the training data; returns it."""
+    from sft_jax.data.pipeline import certify, run_tokenizer
+
     result = certify(config, run_tokenizer(config), sample)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -105,6 +109,8 @@ def main(argv: list[str]) -> None:
     FLAGS = flags.FLAGS  # noqa: N806 (absl's name)
 
     def inspect() -> None:
+        from sft_jax.train.config_check import check_values
+
         spec = RunSpec.of(FLAGS.config)
         check_values(spec, device_count=1, batch_shards=1)  # the data fields matter here
         if FLAGS.check:

@@ -5,7 +5,8 @@
 Writes (or finds) the memory-mapped stores (sft_jax.data.store) of config.data's train and
 eval files, or of every source of config.data.mixture, tokenizing in parallel
 (config.data.num_workers), and prints one line per store. Training with loader="stream" reuses
-them; it runs the same step itself when a store is missing.
+them; it runs the same step itself when a store is missing. The data and config modules load
+inside main(): a spawned tokenizer worker imports this module again and must stay light.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ from ml_collections import config_flags
 from sft_jax import cli
 from sft_jax.cli.overrides import unknown_override
 from sft_jax.core.spec import RunSpec
-from sft_jax.data import pipeline
-from sft_jax.data.mixture import prepare_all
-from sft_jax.train.config_check import check_values
 
 
 def main(argv: list[str]) -> None:
     del argv
+    from sft_jax.data import pipeline
+    from sft_jax.data.mixture import prepare_all
+    from sft_jax.train.config_check import check_values
 
     def prepare() -> None:
         config = RunSpec.of(flags.FLAGS.config)

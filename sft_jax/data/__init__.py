@@ -1,20 +1,38 @@
-"""SFT data: files or hub datasets -> chat-templated, masked, packed fixed-shape batches."""
+"""SFT data: files or hub datasets -> chat-templated, masked, packed fixed-shape batches.
 
-from sft_jax.data.mixture import open_stream_data
-from sft_jax.data.pipeline import DataSource, load_datasets, open_data, run_tokenizer
-from sft_jax.data.preference import open_pair_data
-from sft_jax.data.records import DataError
-from sft_jax.data.templates import TemplateError, load_tokenizer, resolve_chat_template
+The names below load on first use (PEP 562): a tokenizer worker process imports
+sft_jax.data.tokenize, and with it this package, so the package itself imports nothing
+heavy (the pipeline modules bring JAX and flax, ~200 MB a process).
+"""
 
-__all__ = [
-    "DataError",
-    "DataSource",
-    "TemplateError",
-    "load_datasets",
-    "load_tokenizer",
-    "open_data",
-    "open_pair_data",
-    "open_stream_data",
-    "resolve_chat_template",
-    "run_tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "DataError": "sft_jax.data.records",
+    "DataSource": "sft_jax.data.pipeline",
+    "TemplateError": "sft_jax.data.templates",
+    "load_datasets": "sft_jax.data.pipeline",
+    "load_tokenizer": "sft_jax.data.templates",
+    "open_data": "sft_jax.data.pipeline",
+    "open_pair_data": "sft_jax.data.preference",
+    "open_stream_data": "sft_jax.data.mixture",
+    "resolve_chat_template": "sft_jax.data.templates",
+    "run_tokenizer": "sft_jax.data.pipeline",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -132,7 +132,8 @@ def check_rollouts(config: RunSpec, reference: str, kl_field: str) -> None:
             not config.lora.trainable_modules,
             "lora.trainable_modules",
             f"with {kl_field} the reference is the model with its adapters off; modules "
-            "trained in full would change it too. Leave it empty.",
+            "trained in full are no adapters and would move the reference too. Leave it "
+            f"empty, or set {kl_field.removesuffix(' > 0')}=0 (no KL term, no reference).",
         )
     check_no_reference_model(config)
     rewards.rewards_from_config(

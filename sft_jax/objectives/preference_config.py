@@ -17,12 +17,12 @@ import dataclasses
 import jax
 from flax import nnx
 
-from sft_jax.adapters.lora import LoRASpec
+from sft_jax.adapters.base_model import load_base_model
 from sft_jax.core.errors import ConfigError, check_choice, need
 from sft_jax.core.spec import RunSpec
-from sft_jax.models import CausalLM, from_pretrained
-from sft_jax.models.config import DTYPES, ModelConfig
-from sft_jax.models.moe import moe_blocks, quantize_experts
+from sft_jax.models import CausalLM
+from sft_jax.models.config import ModelConfig
+from sft_jax.models.moe import moe_blocks
 from sft_jax.objectives.preference import (
     DPO_LOSSES,
     ORPO_NLL,
@@ -52,20 +52,14 @@ def load_reference_model(config: RunSpec, policy: CausalLM) -> CausalLM:
     safetensors only, the run's dtypes and quantization) on the policy's mesh, running with
     its attention kernel and expert dispatch; a ConfigError where its architecture is not the
     policy's."""
-    spec = LoRASpec.from_config(config.lora, config.train.steps)
-    mesh = _mesh_of(policy)
-    reference = from_pretrained(
+    reference = load_base_model(
+        config,
         config.preference.reference_model,
-        mesh=mesh,
-        param_dtype=DTYPES[config.model.param_dtype],
-        dtype=DTYPES[config.model.compute_dtype],
-        quantization=spec.quantization,
+        _mesh_of(policy),
+        lambda loaded: check_same_architecture(config, policy.config, loaded),
         attention=policy.config.attention,
         max_segments=policy.config.max_segments,
     )
-    check_same_architecture(config, policy.config, reference.config)
-    if spec.quantization is not None and reference.config.num_experts:
-        quantize_experts(reference, spec.quantization, mesh)
     for ours, theirs in zip(moe_blocks(policy), moe_blocks(reference), strict=True):
         theirs.dispatch, theirs.grouped_matmul = ours.dispatch, ours.grouped_matmul
     return reference
@@ -224,6 +218,9 @@ def check_dpo(config: RunSpec) -> None:
             config,
             not config.lora.trainable_modules,
             "lora.trainable_modules",
-            "with DPO the reference is the model with its adapters off; modules trained in "
-            "full would change it too. Leave it empty.",
+            "with preference.reference='adapters_off' (what 'auto' is under LoRA) the DPO "
+            "reference is the policy with its adapters off, and modules trained in full are no "
+            "adapters: they would move the reference too. Leave it empty, or set "
+            "preference.reference='precomputed' (the reference's log-probs computed once, "
+            "before anything trains).",
         )

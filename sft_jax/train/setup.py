@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sft_jax.adapters import methods as adapter_methods
+from sft_jax.adapters.base_model import load_base_model
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.adapters.prompts import PromptSpec, trainable_line
 from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD, RunSpec
@@ -26,10 +27,8 @@ from sft_jax.data import (
     run_tokenizer,
 )
 from sft_jax.data.prompts import open_prompt_data
-from sft_jax.models import CausalLM, from_pretrained
-from sft_jax.models.config import DTYPES
+from sft_jax.models import CausalLM
 from sft_jax.models.layers import TRAINABLE
-from sft_jax.models.moe import quantize_experts
 from sft_jax.objectives import ppo_run, registry
 from sft_jax.train.config_check import check_for_model
 from sft_jax.train.step import Objective
@@ -44,18 +43,13 @@ def score_labels(config: RunSpec) -> int | None:
 
 def build_model(config: RunSpec, mesh: Mesh) -> tuple[CausalLM, LoRASpec, Any]:
     """(model on the mesh, its LoRA spec, the filter of what training updates)."""
-    spec = LoRASpec.from_config(config.lora, config.train.steps)
-    model = from_pretrained(
+    model = load_base_model(
+        config,
         config.model.name_or_path,
-        mesh=mesh,
-        param_dtype=DTYPES[config.model.param_dtype],
-        dtype=DTYPES[config.model.compute_dtype],
-        quantization=spec.quantization,
+        mesh,
+        lambda loaded: check_for_model(config, loaded, mesh.shape["expert"]),
         score_labels=score_labels(config),
     )
-    check_for_model(config, model.config, mesh.shape["expert"])
-    if spec.quantization is not None and model.config.num_experts:
-        quantize_experts(model, spec.quantization, mesh)
     tokenizer = None
     if PromptSpec.from_config(config).init == "text":
         tokenizer = run_tokenizer(config)

@@ -222,6 +222,12 @@ def test_long_prompts_are_counted_skips_or_an_error_naming_the_line(chat_model_d
             "importance_sampling_clip_max",
         ),
         ({"preference.reference_model": "/sft"}, ConfigError, "only train.objective='dpo'"),
+        (
+            {"grpo.beta": 0.04, "lora.rank": 4, "lora.trainable_modules": "lm_head"},
+            ConfigError,
+            r"config\.lora\.trainable_modules='lm_head': with grpo\.beta > 0 the reference is "
+            r"the model with its adapters off.* or set grpo\.beta=0",
+        ),
     ],
 )
 def test_bad_grpo_configs_are_refused_naming_the_field(

@@ -474,6 +474,22 @@ def test_config_check_names_the_bad_preference_field(overrides, field):
         check_values(RunSpec.of(demo_dpo_config(**overrides)), 1, 1)
 
 
+@pytest.mark.parametrize("reference", ["auto", "adapters_off"])
+def test_full_modules_with_an_adapters_off_reference_are_refused_naming_the_fix(reference):
+    """Modules LoRA trains in full are not adapters: turning the adapters off would not give
+    the initial model back. Refused naming both fields and the reference that works."""
+    from sft_jax.core.errors import ConfigError
+    from sft_jax.train.config_check import check_values
+
+    overrides = {"lora.trainable_modules": "embed", "preference.reference": reference}
+    with pytest.raises(ConfigError, match=r"config\.lora\.trainable_modules=") as error:
+        check_values(RunSpec.of(demo_dpo_config(**overrides)), 1, 1)
+    assert "preference.reference='adapters_off'" in str(error.value)
+    assert "preference.reference='precomputed'" in str(error.value)
+    fixed = {**overrides, "preference.reference": "precomputed"}
+    check_values(RunSpec.of(demo_dpo_config(**fixed)), 1, 1)
+
+
 @pytest.mark.e2e
 def test_a_dpo_run_reports_trl_metrics_and_starts_at_the_reference(tmp_path):
     """The loop end to end (data, plan, steps, eval): at step 0 the LoRA policy is its
