@@ -146,6 +146,31 @@ class Outcome:
     precision: str  # how the dtypes were compiled (plan_estimate.WIDENED), or ""
     too_small: dict[str, int]  # mesh -> bytes of weights and optimizer state per device
     experts: str = ""  # e.g. "experts: ragged_dot on the target, planned with the ..."; "" dense
+    schedule: str = ""  # ONE_MICRO_BATCH where such candidates were compiled on CPU, else ""
+
+
+# XLA:CPU's memory-optimized scheduler, given a remat step without an accumulation loop, puts
+# every layer's weight-gradient matmuls after the whole backward pass (only the optimizer reads
+# them), which keeps every layer's recomputed activations and cotangents alive until then: a tiny
+# Llama (8 rows x 1024 tokens) plans 94 MiB of temporaries per layer at 1 micro-batch, 14.5 MiB
+# at 2 micro-batches of the same 8 rows (tests/planning/test_schedule_note.py). Optimization
+# barriers do not stop it (XLA:CPU drops them before it schedules). An accelerator's scheduler
+# orders the step itself; the planner cannot tell what it keeps, so it says so.
+ONE_MICRO_BATCH = (
+    "1 micro-batch with remat: the memory is XLA:CPU's schedule, an upper bound: it defers "
+    "every layer's weight gradients to the end of the backward pass and keeps each layer's "
+    "recomputed activations alive until then (up to ~6x the per-layer memory of the same rows "
+    "in 2 micro-batches), which an accelerator's scheduler need not do; compare with the "
+    "accumulation 2 rows, or measure on the device"
+)
+
+
+def schedule_note(estimates: Sequence[Estimate], devices: Sequence[jax.Device]) -> str:
+    """ONE_MICRO_BATCH where a candidate without an accumulation loop but with remat was
+    compiled on CPU standing in for an accelerator; else ""."""
+    cpu = devices[0].platform == "cpu"
+    one = any(e.candidate.accumulation == 1 and e.candidate.remat != "none" for e in estimates)
+    return ONE_MICRO_BATCH if cpu and one else ""
 
 
 def search(
@@ -275,7 +300,8 @@ def plan(
     estimates, too_small = search(subject, devices, hardware, found, exhaustive, report)
     best = recommend(estimates, too_small, hardware.memory_bytes)
     precision = WIDENED if widened else ""
-    return Outcome(estimates, best, attention_line, precision, too_small, experts_line)
+    note = schedule_note(estimates, devices) if target != "cpu" else ""
+    return Outcome(estimates, best, attention_line, precision, too_small, experts_line, note)
 
 
 def apply_choice(config: RunSpec, choice: Candidate) -> RunSpec:
