@@ -153,15 +153,17 @@ class Outcome:
 # every layer's weight-gradient matmuls after the whole backward pass (only the optimizer reads
 # them), which keeps every layer's recomputed activations and cotangents alive until then: a tiny
 # Llama (8 rows x 1024 tokens) plans 94 MiB of temporaries per layer at 1 micro-batch, 14.5 MiB
-# at 2 micro-batches of the same 8 rows (tests/planning/test_schedule_note.py). Optimization
-# barriers do not stop it (XLA:CPU drops them before it schedules). An accelerator's scheduler
-# orders the step itself; the planner cannot tell what it keeps, so it says so.
+# at 2 micro-batches of the same 8 rows (tests/planning/test_schedule_note.py), and running the
+# two compiled steps grows the process by what they plan (504 and 220 MiB for 483 and 202).
+# Optimization barriers do not stop it (XLA:CPU drops them before it schedules), nor does a data
+# dependency (it moved both programs to 43 MiB per layer). An accelerator's scheduler orders the
+# step itself; the planner cannot tell what that one keeps, so it says so.
 ONE_MICRO_BATCH = (
-    "1 micro-batch with remat: the memory is XLA:CPU's schedule, an upper bound: it defers "
-    "every layer's weight gradients to the end of the backward pass and keeps each layer's "
-    "recomputed activations alive until then (up to ~6x the per-layer memory of the same rows "
-    "in 2 micro-batches), which an accelerator's scheduler need not do; compare with the "
-    "accumulation 2 rows, or measure on the device"
+    "1 micro-batch with remat: the memory is XLA:CPU's schedule of the step, which defers every "
+    "layer's weight gradients to the end of the backward pass and so keeps each layer's "
+    "recomputed activations alive (measured: ~6x the per-layer memory of the same rows in 2 "
+    "micro-batches); an accelerator's scheduler need not do so (not verified): the figure may "
+    "overstate the step, compare the rows with 2 micro-batches"
 )
 
 
