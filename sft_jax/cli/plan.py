@@ -201,7 +201,7 @@ def _plan() -> None:
         report=lambda e: print(f"  compiled {e.candidate}", flush=True),
     )
     best = outcome.best
-    for line in (outcome.attention, outcome.experts, outcome.precision, outcome.schedule):
+    for line in (outcome.attention, outcome.experts, outcome.precision, *outcome.schedule):
         if line:
             print(line)
     for mesh, floor in outcome.too_small.items():
