@@ -201,11 +201,9 @@ def _plan() -> None:
         report=lambda e: print(f"  compiled {e.candidate}", flush=True),
     )
     best = outcome.best
-    print(outcome.attention)
-    if outcome.experts:
-        print(outcome.experts)
-    if outcome.precision:
-        print(outcome.precision)
+    for line in (outcome.attention, outcome.experts, outcome.precision, *outcome.schedule):
+        if line:
+            print(line)
     for mesh, floor in outcome.too_small.items():
         print(
             f"not compiled: mesh {mesh}, weights and optimizer state alone "

@@ -146,6 +146,50 @@ class Outcome:
     precision: str  # how the dtypes were compiled (plan_estimate.WIDENED), or ""
     too_small: dict[str, int]  # mesh -> bytes of weights and optimizer state per device
     experts: str = ""  # e.g. "experts: ragged_dot on the target, planned with the ..."; "" dense
+    schedule: tuple[str, ...] = ()  # schedule_notes: figures that are XLA:CPU's schedule
+
+
+# XLA:CPU's memory-optimized scheduler may put layers' weight-gradient matmuls after the whole
+# backward pass (only the optimizer reads them), keeping every layer's recomputed activations
+# and cotangents alive until then: remat undone. Whether it does depends on the program: a tiny
+# Llama (8 rows x 1024 tokens, remat full) plans 94 MiB of temporaries per layer at 1
+# micro-batch but 14.5 MiB at 2 micro-batches of the same 8 rows (tests/planning/
+# test_schedule_note.py); a tiny Gemma 4 141 MiB at both; Gemma 4 E2B (16 x 4096) 565 GiB at 1
+# micro-batch, 31.7 GiB at 2. XLA:CPU does run them so (the two Llama steps grow the process by
+# 504 and 220 MiB for 483 and 202 planned), but an accelerator's scheduler orders the step
+# itself. Optimization barriers do not prevent it (XLA:CPU drops them before it schedules), nor
+# does a data dependency (it moved both Llama programs to 43 MiB per layer). The planner cannot
+# tell what an accelerator keeps; where candidates of one mesh and remat policy disagree by more
+# than SUSPECT per micro-batch row, it says that the larger figure is this schedule's.
+SUSPECT = 2.0
+
+
+def schedule_notes(estimates: Sequence[Estimate]) -> list[str]:
+    """A line for each remat candidate whose temporaries per micro-batch row exceed SUSPECT
+    times the least of the candidates of its mesh and remat policy."""
+    per_row: dict[tuple[str, str], float] = {}
+    for e in estimates:
+        if e.memory is not None and e.candidate.remat != "none":
+            key = (e.candidate.mesh, e.candidate.remat)
+            rows = e.memory.temporaries * e.candidate.accumulation  # the batch is the same
+            per_row[key] = min(per_row.get(key, rows), rows)
+    notes = []
+    for e in estimates:
+        key = (e.candidate.mesh, e.candidate.remat)
+        least = per_row.get(key, 0)
+        if e.memory is None or not least or key[1] == "none":
+            continue
+        ratio = e.memory.temporaries * e.candidate.accumulation / least
+        if ratio > SUSPECT:
+            notes.append(
+                f"schedule: mesh {key[0]}, {e.candidate.accumulation} micro-batches, remat "
+                f"{key[1]} plans {ratio:.3g}x the temporaries per micro-batch row of the least "
+                "of its mesh: XLA:CPU's schedule there keeps recomputed activations until the "
+                "weight gradients at the end of the backward pass (remat undone); an "
+                "accelerator's scheduler need not (not verified), so its "
+                f"{size(e.memory_bytes)} may overstate the step"
+            )
+    return notes
 
 
 def search(
@@ -275,7 +319,8 @@ def plan(
     estimates, too_small = search(subject, devices, hardware, found, exhaustive, report)
     best = recommend(estimates, too_small, hardware.memory_bytes)
     precision = WIDENED if widened else ""
-    return Outcome(estimates, best, attention_line, precision, too_small, experts_line)
+    note = tuple(schedule_notes(estimates)) if devices[0].platform == "cpu" else ()
+    return Outcome(estimates, best, attention_line, precision, too_small, experts_line, note)
 
 
 def apply_choice(config: RunSpec, choice: Candidate) -> RunSpec:
