@@ -24,6 +24,7 @@ from sft_jax.data import (
     open_pair_data,
     open_stream_data,
     run_tokenizer,
+    vision_source,
 )
 from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM, from_pretrained
@@ -76,6 +77,8 @@ def add_adapters(
     it on an abstract model under nnx.eval_shape). `tokenizer`: for prompt tuning's text init
     only."""
     trainable = TRAINABLE  # full fine-tuning: every parameter but frozen buffers
+    if model.vision is not None and not config.model.train_vision:
+        trainable = nnx.All(trainable, nnx.Not(nnx.PathContains("vision")))
     for method in adapter_methods.enabled_methods(config):
         trainable = method.add(model, config, mesh, tokenizer)
     return adapter_methods.lora_spec(config, model), trainable
@@ -91,6 +94,8 @@ def open_run_data(config: RunSpec, feed: tuple[int, int] | None = None) -> DataS
         return open_pair_data(config, feed)
     if reads == "prompts":
         return open_prompt_data(config, feed)
+    if vision_source.has_images(config):  # an image-text model's rows, in memory
+        return vision_source.open_vision_data(config, feed)
     config = with_loader(config)  # "auto": chosen (and logged) here
     if config.data.loader == "stream":
         return open_stream_data(config, feed)

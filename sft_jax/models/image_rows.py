@@ -1,0 +1,76 @@
+"""Which image arrays a row of an image-text model holds, family by family: the data layer packs
+documents with images through `layout_of(config, budget)` without knowing the family.
+
+A family's layout gives the per-row shapes of its IMAGE batch fields (core/batch.py), the TOKEN
+fields it adds (Qwen2.5-VL's M-RoPE positions), how much of the row's image budget a document
+takes, and the row function (in NumPy, on the host) from the processor's outputs of the
+documents of one row, in order, to that row's arrays. A new family (Gemma 3) adds one entry to
+LAYOUTS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from sft_jax.models import qwen_vl_rows
+from sft_jax.models.qwen_vl_config import VisionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageBudget:
+    """What one row may hold: tokens, images, and image patches (the vision tower's inputs)."""
+
+    seq_len: int
+    max_images: int
+    max_patches: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLayout:
+    """A family's image arrays for rows of one budget."""
+
+    per_row: dict[str, tuple[int, ...]]  # each IMAGE field's shape per row
+    token_fields: tuple[str, ...]  # TOKEN fields the row function fills ([seq_len] each)
+    # A document's (images, patches) from the processor's arrays of it.
+    cost: Callable[[dict[str, np.ndarray]], tuple[int, int]]
+    # The processor's outputs of a row's documents (input_ids and arrays) -> its fields.
+    row: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """Every batch field of the layout: what the model reads as `images=`."""
+        return (*self.per_row, *self.token_fields)
+
+
+def _qwen_vl(config, budget: ImageBudget) -> ImageLayout:
+    spec = config.vision
+    rows = qwen_vl_rows.RowBudget(budget.seq_len, budget.max_patches, budget.max_images)
+
+    def cost(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
+        grids = np.asarray(arrays.get("image_grid_thw", np.zeros((0, 3)))).reshape(-1, 3)
+        return len(grids), int(grids.prod(axis=1).sum())
+
+    return ImageLayout(
+        per_row=rows.per_row(spec),
+        token_fields=qwen_vl_rows.MROPE,
+        cost=cost,
+        row=lambda documents: qwen_vl_rows.row_images(documents, rows, spec),
+    )
+
+
+# The class of a ModelConfig's vision part -> the family's layout for that config and a budget.
+LAYOUTS: dict[type, Callable[..., ImageLayout]] = {VisionSpec: _qwen_vl}
+
+
+def layout_of(config, budget: ImageBudget) -> ImageLayout | None:
+    """The image layout of `config` (a ModelConfig), or None for a text model."""
+    if getattr(config, "vision", None) is None:
+        return None
+    if type(config.vision) not in LAYOUTS:
+        raise qwen_vl_rows.ImageLayoutError(
+            f"{config.model_type}: training on images is not supported for this family yet."
+        )
+    return LAYOUTS[type(config.vision)](config, budget)
