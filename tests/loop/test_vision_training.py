@@ -8,6 +8,7 @@ tower frozen by default; a resumed run equals one run straight through."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 import torch
 import transformers
 from chat_tokenizers import TEMPLATE_DIR, WORDS, pieces, word_level
+from flax import nnx
 from test_trainer import base_config
 
 from sft_jax.core.spec import RunSpec
@@ -24,6 +26,7 @@ from sft_jax.data import vision
 from sft_jax.loop import trainer
 from sft_jax.train import sharding
 from sft_jax.train.setup import build_model, open_run_data
+from sft_jax.workdir.rundir import checkpoints_path
 
 MARKERS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *MARKERS]
@@ -127,8 +130,9 @@ def folder(tmp_path_factory) -> Path:
     return path
 
 
-def _config(folder: Path, **data):
+def _config(folder: Path, save_every: int = 0, **data):
     config = base_config(folder, steps=3, learning_rate=3e-3)
+    config.checkpoint.enabled, config.checkpoint.every_steps = bool(save_every), save_every
     config.data.train_files = str(folder / "train.jsonl")
     config.data.eval_files = str(folder / "eval.jsonl")
     config.data.format = "messages"
@@ -189,17 +193,59 @@ def _reference_loss(folder: Path) -> float:
     return nll / count
 
 
-def test_eval_loss_at_step_zero_matches_transformers(folder, tmp_path):
-    """One device, packed rows: equal to transformers; padded rows and 8 devices (fsdp 4 x
-    tensor 2) give the same loss."""
-    expected = _reference_loss(folder)
+@pytest.fixture(scope="module")
+def reference_loss(folder) -> float:
+    return _reference_loss(folder)
+
+
+def test_padded_rows_on_8_devices_match_transformers(folder, reference_loss, tmp_path):
+    """The eval loss at step 0, one conversation a row, fsdp 4 x tensor 2."""
+    spec, mesh = _config(folder, packing=False), sharding.make_mesh(1, 4, 2)
+    loss = _trainer(spec, tmp_path, mesh).run_eval(0)["eval/loss"]
+    assert loss == pytest.approx(reference_loss, rel=1e-4)
+
+
+def test_train_vision_trains_the_tower_too(folder):
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    packed = _trainer(_config(folder), tmp_path / "packed", one).run_eval(0)["eval/loss"]
-    assert packed == pytest.approx(expected, rel=1e-4)
-    padded = _config(folder, packing=False)
-    assert _trainer(padded, tmp_path / "padded", one).run_eval(0)["eval/loss"] == pytest.approx(
-        expected, rel=1e-4
-    )
-    sharded = sharding.make_mesh(1, 4, 2)
-    loss = _trainer(_config(folder), tmp_path / "sharded", sharded).run_eval(0)["eval/loss"]
-    assert loss == pytest.approx(expected, rel=1e-4)
+    for train_vision in (False, True):
+        config = base_config(folder)
+        config.model.train_vision = train_vision
+        model, _, trainable = build_model(RunSpec.of(config), one)
+        trained = nnx.to_flat_state(nnx.state(model, trainable))
+        vision = [path for path, _ in trained if "vision" in path]
+        assert bool(vision) == train_vision and len(trained) > len(vision)
+
+
+def _train(spec: RunSpec, workdir: Path, mesh) -> tuple[trainer.Trainer, list]:
+    run = _trainer(spec, workdir, mesh)
+    run.resume()
+    run.train()
+    run.close()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    losses = [(r["step"], r["train/loss"]) for r in map(json.loads, lines) if "train/loss" in r]
+    return run, losses
+
+
+@pytest.mark.e2e
+def test_training_learns_freezes_the_vision_tower_and_resumes_exactly(
+    folder, reference_loss, tmp_path
+):
+    """Packed rows on one device: the eval loss at step 0 equals transformers'; 3 steps, saved
+    at step 2 and at the end; the same WORKDIR without its last checkpoint resumes at step 2 and
+    logs the same step-3 loss."""
+    config = _config(folder, save_every=2)
+    one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    run, straight = _train(config, tmp_path / "straight", one)
+    assert run.initial_eval["eval/loss"] == pytest.approx(reference_loss, rel=1e-4)
+    assert [step for step, _ in straight] == [1, 2, 3]
+    assert straight[-1][1] < straight[0][1]  # it learns on the same 4 rows of 2 batches
+    # The vision tower is frozen (config.model.train_vision=False): not among the trained
+    # parameters, the frozen values still the checkpoint's.
+    trained = jax.tree_util.tree_leaves_with_path(run.state["params"])
+    assert trained and not any("vision" in jax.tree_util.keystr(p) for p, _ in trained)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(checkpoints_path(tmp_path / "resumed") / "3")
+    metrics = tmp_path / "resumed" / "metrics.jsonl"
+    metrics.unlink()
+    _, resumed = _train(config, tmp_path / "resumed", one)
+    assert resumed == straight[2:]
