@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def has_images(config: RunSpec) -> bool:
-    """Does the first training example hold an image?"""
+    """Does the first training example hold an image? (Mixtures: not read here.)"""
+    if not config.data.train_files:
+        return False
     sources = records.expand_sources(config.data.train_files, "config.data.train_files")
     stream = records.read_records(sources[0], config.data.train_split, _Ignore())
     first = next(iter(stream), None)
