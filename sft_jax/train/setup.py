@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 from sft_jax.adapters import methods as adapter_methods
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.adapters.prompts import PromptSpec, trainable_line
+from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD, RunSpec
 from sft_jax.data import (
     DataSource,
@@ -77,9 +78,15 @@ def add_adapters(
     it on an abstract model under nnx.eval_shape). `tokenizer`: for prompt tuning's text init
     only."""
     trainable = TRAINABLE  # full fine-tuning: every parameter but frozen buffers
+    methods = adapter_methods.enabled_methods(config)
     if model.vision is not None and not config.model.train_vision:
         trainable = nnx.All(trainable, nnx.Not(nnx.PathContains("vision")))
-    for method in adapter_methods.enabled_methods(config):
+    elif model.vision is not None and methods:
+        raise ConfigError(
+            "config.model.train_vision=True with adapters: an adapter's export cannot hold the "
+            "vision tower's weights yet; train it with full fine-tuning, or set it False."
+        )
+    for method in methods:
         trainable = method.add(model, config, mesh, tokenizer)
     return adapter_methods.lora_spec(config, model), trainable
 

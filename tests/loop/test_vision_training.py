@@ -21,6 +21,7 @@ from chat_tokenizers import TEMPLATE_DIR, WORDS, pieces, word_level
 from flax import nnx
 from test_trainer import base_config
 
+from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import vision
 from sft_jax.loop import trainer
@@ -206,6 +207,8 @@ def test_padded_rows_on_8_devices_match_transformers(folder, reference_loss, tmp
 
 
 def test_train_vision_trains_the_tower_too(folder):
+    """Frozen by default (full fine-tuning trains the decoder only); model.train_vision=True
+    trains it too; with adapters, refused by name."""
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     for train_vision in (False, True):
         config = base_config(folder)
@@ -214,6 +217,9 @@ def test_train_vision_trains_the_tower_too(folder):
         trained = nnx.to_flat_state(nnx.state(model, trainable))
         vision = [path for path, _ in trained if "vision" in path]
         assert bool(vision) == train_vision and len(trained) > len(vision)
+    config.lora.rank = 4
+    with pytest.raises(ConfigError, match=r"config.model.train_vision=True with adapters"):
+        build_model(RunSpec.of(config), one)
 
 
 def _train(spec: RunSpec, workdir: Path, mesh) -> tuple[trainer.Trainer, list]:
