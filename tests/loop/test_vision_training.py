@@ -237,8 +237,8 @@ def test_training_learns_freezes_the_vision_tower_and_resumes_exactly(
     folder, reference_loss, tmp_path
 ):
     """Packed rows on one device: the eval loss at step 0 equals transformers'; 3 steps, saved
-    at step 2 and at the end; the same WORKDIR without its last checkpoint resumes at step 2 and
-    logs the same step-3 loss."""
+    at step 2 and at the end; the same WORKDIR without its last checkpoint resumes at step 2 on
+    8 devices and logs the same step-3 loss."""
     config = _config(folder, save_every=2)
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     run, straight = _train(config, tmp_path / "straight", one)
@@ -253,5 +253,7 @@ def test_training_learns_freezes_the_vision_tower_and_resumes_exactly(
     shutil.rmtree(checkpoints_path(tmp_path / "resumed") / "3")
     metrics = tmp_path / "resumed" / "metrics.jsonl"
     metrics.unlink()
-    _, resumed = _train(config, tmp_path / "resumed", one)
-    assert resumed == straight[2:]
+    # Resumed on 8 devices (fsdp 4 x tensor 2): the same step-3 loss as one device's.
+    _, resumed = _train(config, tmp_path / "resumed", sharding.make_mesh(1, 4, 2))
+    assert [step for step, _ in resumed] == [3]
+    assert resumed[0][1] == pytest.approx(straight[2][1], rel=1e-5)
