@@ -19,11 +19,12 @@ from sft_jax.models.image_rows import ImageLayout
 
 
 def costs(data: VisionData, layout: ImageLayout) -> np.ndarray:
-    """[documents, 3] (tokens, images, patches) of each document."""
+    """[documents, 3] (tokens, images, patches) of each document, from the store's index."""
     out = np.zeros((len(data), 3), np.int64)
-    for index in range(len(data)):
-        document = data.document(index)
-        out[index] = (len(document.tokens), *layout.cost(document.images))
+    out[:, 0] = data.tokenized.lengths()
+    lengths = data.image_lengths()
+    if lengths:
+        out[:, 1], out[:, 2] = layout.cost(lengths)
     return out
 
 

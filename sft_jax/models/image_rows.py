@@ -34,8 +34,9 @@ class ImageLayout:
 
     per_row: dict[str, tuple[int, ...]]  # each IMAGE field's shape per row
     token_fields: tuple[str, ...]  # TOKEN fields the row function fills ([seq_len] each)
-    # A document's (images, patches) from the processor's arrays of it.
-    cost: Callable[[dict[str, np.ndarray]], tuple[int, int]]
+    # Documents' (images, patches), each [documents], from the lengths on axis 0 of their
+    # processor arrays by name, each [documents] (a name absent: no document has it).
+    cost: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
     # The processor's outputs of a row's documents (input_ids and arrays) -> its fields.
     row: Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]
 
@@ -49,9 +50,9 @@ def _qwen_vl(config, budget: ImageBudget) -> ImageLayout:
     spec = config.vision
     rows = qwen_vl_rows.RowBudget(budget.seq_len, budget.max_patches, budget.max_images)
 
-    def cost(arrays: dict[str, np.ndarray]) -> tuple[int, int]:
-        grids = np.asarray(arrays.get("image_grid_thw", np.zeros((0, 3)))).reshape(-1, 3)
-        return len(grids), int(grids.prod(axis=1).sum())
+    def cost(lengths: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        none = np.zeros(len(next(iter(lengths.values()), [])), np.int64)
+        return lengths.get("image_grid_thw", none), lengths.get("pixel_values", none)
 
     return ImageLayout(
         per_row=rows.per_row(spec),
