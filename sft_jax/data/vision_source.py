@@ -35,12 +35,26 @@ class _Ignore:
         del where, problem, reason
 
 
+def budget_layout(config: RunSpec, model: Any) -> ImageLayout | None:
+    """The image layout of `model` (a ModelConfig) for rows of config.data's budget; None for a
+    text model."""
+    data = config.data
+    budget = ImageBudget(data.max_length, data.max_images_per_row, data.max_image_patches_per_row)
+    return layout_of(model, budget)
+
+
+def step_images(layout: ImageLayout | None) -> dict[str, tuple]:
+    """StepOptions' `images` (the image fields and their per-row shapes) of a layout, or {}."""
+    if layout is None:
+        return {}
+    shapes = {**layout.per_row, **dict.fromkeys(layout.token_fields, ())}
+    return {"images": tuple(shapes.items())}
+
+
 def run_layout(config: RunSpec) -> ImageLayout:
     """The model family's image layout for rows of config.data's budget."""
     model = from_hf_config(load_hf_config(resolve_model_dir(config.model.name_or_path)))
-    data = config.data
-    budget = ImageBudget(data.max_length, data.max_images_per_row, data.max_image_patches_per_row)
-    layout = layout_of(model, budget)
+    layout = budget_layout(config, model)
     if layout is None:
         raise DataError(
             f"config.data.train_files holds images, but config.model.name_or_path="
@@ -96,12 +110,11 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             share=pipeline.row_share(feed),
         )
         documents = max(documents, most)
-    shapes = {**layout.per_row, **dict.fromkeys(layout.token_fields, ())}
     return pipeline.DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
         seq_len=data.max_length,
         max_segments=documents + 1,
         tokenizer=processor.tokenizer,
-        images=tuple(shapes.items()),
+        **step_images(layout),
     )

@@ -133,6 +133,12 @@ def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
     }
 
 
+def image_options(config: RunSpec, model_config: Any) -> dict[str, Any]:
+    """The StepOptions of an image-text model's rows at config.data's image budget (none for a
+    text model): what the planner compiles, as a run with images does."""
+    return vision_source.step_images(vision_source.budget_layout(config, model_config))
+
+
 def objective_for(
     config: RunSpec,
     model: CausalLM,

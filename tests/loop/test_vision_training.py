@@ -26,7 +26,7 @@ from sft_jax.core.spec import RunSpec
 from sft_jax.data import vision
 from sft_jax.loop import trainer
 from sft_jax.train import sharding
-from sft_jax.train.setup import build_model, open_run_data
+from sft_jax.train.setup import build_model, image_options, open_run_data
 from sft_jax.workdir.rundir import checkpoints_path
 
 MARKERS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -233,6 +233,10 @@ def test_train_vision_trains_the_tower_too(folder):
     config.lora.rank = 4
     with pytest.raises(ConfigError, match=r"config.model.train_vision=True with adapters"):
         build_model(RunSpec.of(config), one)
+    # What the planner compiles: the image fields at config.data's budget (64 patches of
+    # 2 x 4 x 4 x 3 values, 3 images a row), as the run's data gives them.
+    images = dict(image_options(_config(folder), model.config)["images"])
+    assert images["vision_patches"] == (64, 96) and images["vision_grids"] == (3, 3)
 
 
 @pytest.mark.e2e
