@@ -110,6 +110,11 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             share=pipeline.row_share(feed),
         )
         documents = max(documents, most)
+        if max(config.eval.generate_examples, config.eval.show_samples) > 0:
+            log.warning(
+                "eval: replies are not generated for examples with images yet "
+                "(config.eval.generate_examples, config.eval.show_samples); eval reports the loss."
+            )
     return pipeline.DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
