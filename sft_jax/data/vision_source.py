@@ -5,12 +5,15 @@ images (data/vision_batches.py), each row's image arrays those of the model's fa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sft_jax.core.spec import RunSpec
-from sft_jax.data import images, pipeline, records, vision, vision_batches
+from sft_jax.data import batches, images, pipeline, records, vision, vision_batches
 from sft_jax.data.records import DataError
 from sft_jax.data.vision_data import VisionData, prepare_vision_data
 from sft_jax.models.config import from_hf_config
@@ -73,6 +76,16 @@ def _prepared(config: RunSpec, processor: Any, files: str, split: str, field: st
     return prepare_vision_data(processor, sources[0], split, options, store)
 
 
+def fingerprint(data: VisionData) -> str:
+    """pipeline.content_fingerprint of the tokens, with each document's image and patch counts
+    (the lengths of its processor arrays) folded in: a resume on other images is refused where
+    their number or size differs (an image changed in place at the same size is not seen)."""
+    digest = hashlib.blake2b(pipeline.content_fingerprint(data.tokenized).encode(), digest_size=16)
+    for name, lengths in sorted(data.image_lengths().items()):
+        digest.update(name.encode() + np.ascontiguousarray(lengths, np.int64).tobytes())
+    return batches.DOCUMENTS_FINGERPRINT + digest.hexdigest()
+
+
 def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pipeline.DataSource:
     """The DataSource of an image-text model's SFT data (train file, eval file or none)."""
     data = config.data
@@ -93,7 +106,7 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
         layout,
         budget,
         **pipeline.row_options(config, feed),
-        fingerprint=pipeline.content_fingerprint(train_data.tokenized),
+        fingerprint=fingerprint(train_data),
         max_docs=data.max_documents_per_row,
     )
     log.info("train: %s", pipeline.summary_line(train_data.tokenized.stats))

@@ -40,3 +40,18 @@ def test_a_folder_with_no_processor_names_both_attempts(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(DataError, match=r"AutoProcessor: .*; from its parts: "):
         vision.load_processor(tmp_path)
+
+
+def test_the_data_position_fingerprint_sees_image_counts():
+    """Same tokens, other images (a patch more): another fingerprint, so a resume is refused."""
+    from types import SimpleNamespace
+
+    from sft_jax.data.vision_source import fingerprint
+
+    tokenized = SimpleNamespace(tokens=np.arange(6), trained=np.ones(6, bool), offsets=[0, 6])
+
+    def data(patches: int) -> SimpleNamespace:
+        lengths = {"pixel_values": np.array([patches]), "image_grid_thw": np.array([1])}
+        return SimpleNamespace(tokenized=tokenized, image_lengths=lambda: lengths)
+
+    assert fingerprint(data(16)) == fingerprint(data(16)) != fingerprint(data(24))
