@@ -5,7 +5,7 @@ A family's layout gives the per-row shapes of its IMAGE batch fields (core/batch
 fields it adds (Qwen2.5-VL's M-RoPE positions), how much of the row's image budget a document
 takes, and the row function (in NumPy, on the host) from the processor's outputs of the
 documents of one row, in order, to that row's arrays. A new family (Gemma 3) adds one entry to
-LAYOUTS.
+LAYOUTS, keyed by the class of its ModelConfig.vision.
 """
 
 from __future__ import annotations
