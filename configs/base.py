@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
     # buffers sized for the worst case: top_k times gather's bytes) or "auto" (= "gather";
     # docs/moe.md has the measured comparison).
     config.model.moe_dispatch = "auto"
+    # An image-text model: train its vision tower too (False: frozen, the decoder trains).
+    config.model.train_vision = False
 
     # ---------------------------------------------------------------- data
     config.data = ml_collections.ConfigDict()
@@ -84,6 +86,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Most examples packed into one row (0 = no limit). A bound keeps the fused cuDNN kernel's
     # table of documents per row small (attention="cudnn"); rows of short examples close early.
     config.data.max_documents_per_row = 64
+    # Rows with images (an image-text model): most images, and most image patches (the vision
+    # tower's inputs; Qwen2.5-VL: a 448 x 448 image is 1024), one row holds. Fixed per run: the
+    # compiled steps take arrays of this size; a document over either stops with an error.
+    config.data.max_images_per_row = 8
+    config.data.max_image_patches_per_row = 4096
     # Shuffle the rows of every epoch (seeded by train.seed).
     config.data.shuffle = True
     # Count and skip malformed examples instead of stopping at the first with an error.

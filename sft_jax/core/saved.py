@@ -20,6 +20,9 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "mesh.context": 1,
     "mesh.auto": False,
     "data.max_documents_per_row": 0,
+    "data.max_images_per_row": 8,  # runs before images trained on text alone
+    "data.max_image_patches_per_row": 4096,
+    "model.train_vision": False,
     "data.loader": "memory",
     "data.overlong": "truncate",
     "data.empty_replies": "warn",

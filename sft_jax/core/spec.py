@@ -99,6 +99,7 @@ class ModelSpec(Section):
     remat: str
     attention: str
     moe_dispatch: str
+    train_vision: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,8 @@ class DataSpec(Section):
     max_length: int
     packing: bool
     max_documents_per_row: int
+    max_images_per_row: int
+    max_image_patches_per_row: int
     shuffle: bool
     skip_bad_examples: bool
     empty_replies: str

@@ -211,7 +211,7 @@ def _vision_processor(config: RunSpec, sources: list[str]) -> Any:
     return vision.load_processor(source, config.data.chat_template)
 
 
-def _check_at_start(config: RunSpec, tokenizer: Any) -> None:
+def check_at_start(config: RunSpec, tokenizer: Any) -> None:
     """Training's start-up check: the certificate of a sample, logged; violations stop it."""
     report = certify(config, tokenizer, _CERTIFY_SAMPLE)
     log.info(
@@ -281,6 +281,9 @@ class DataSource:
     precompute_reference: Callable[[Callable, int], None] | None = None
     # Online RL: the prompts the policy's completions are sampled from (sft_jax.data.prompts).
     prompts: Any = None
+    # An image-text model's image fields in the batches with their per-row shapes (the IMAGE
+    # kind's; () for TOKEN fields): models/image_rows.py.
+    images: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclasses.dataclass
@@ -302,7 +305,7 @@ def load_datasets(config: RunSpec) -> Datasets:
         data.train_files, data.train_split, "config.data.train_files", tokenizer, data, reserved
     )
     if data.train_on != "all_tokens":
-        _check_at_start(config, tokenizer)
+        check_at_start(config, tokenizer)
     evaluation = None
     if data.eval_files:
         evaluation, _ = tokenize_sources(

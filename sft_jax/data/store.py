@@ -223,6 +223,10 @@ class StoredImages:
             self.offsets[name] = offsets
             self.arrays[name] = FileArray(path, np.dtype(field["dtype"]), size)
 
+    def lengths(self) -> dict[str, np.ndarray]:
+        """Each array's length on axis 0 in every document, by name (from the index alone)."""
+        return {name: np.diff(offsets) for name, offsets in self.offsets.items()}
+
     def document(self, index: int) -> dict[str, np.ndarray]:
         """Document `index`'s arrays by name, images on axis 0 (none: zero rows)."""
         out = {}

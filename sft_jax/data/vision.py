@@ -31,6 +31,7 @@ import numpy as np
 from sft_jax.data import images as image_files
 from sft_jax.data.formats import Conversation, normalize
 from sft_jax.data.messages import BadExample
+from sft_jax.data.processor_parts import processor_from_parts
 from sft_jax.data.records import DataError, Record
 from sft_jax.data.spans import Rendered, render_documents
 from sft_jax.data.templates import TemplateError, render, resolve_chat_template
@@ -74,11 +75,15 @@ def load_processor(source: str | Path, chat_template: str = "") -> Any:
     try:
         processor = transformers.AutoProcessor.from_pretrained(source, trust_remote_code=False)
     except Exception as e:
-        raise DataError(
-            f"{source}: no processor could be loaded ({type(e).__name__}: {str(e)[:300]}). "
-            "Point the model at a folder with the vision model's processor files "
-            "(preprocessor_config.json, tokenizer and chat template)."
-        ) from e
+        try:  # e.g. no torchvision for a video processor: the parts images need
+            processor = processor_from_parts(source)
+        except Exception as parts:
+            raise DataError(
+                f"{source}: no processor could be loaded (AutoProcessor: {type(e).__name__}: "
+                f"{str(e)[:200]}; from its parts: {type(parts).__name__}: {str(parts)[:200]}). "
+                "Point the model at a folder with the vision model's processor files "
+                "(preprocessor_config.json, tokenizer and chat template)."
+            ) from e
     if getattr(processor, "image_processor", None) is None:
         raise DataError(
             f"{source}: the processor {type(processor).__name__} has no image processor, so "

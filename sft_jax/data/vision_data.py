@@ -37,6 +37,10 @@ class VisionData:
     def __len__(self) -> int:
         return len(self.tokenized)
 
+    def image_lengths(self) -> dict[str, np.ndarray]:
+        """Each processor array's length on axis 0 in every document, by name (none: text)."""
+        return self.images.lengths() if self.images is not None else {}
+
     def document(self, index: int) -> VisionDocument:
         tokens, trained = self.tokenized.document(index)
         arrays = self.images.document(index) if self.images is not None else {}

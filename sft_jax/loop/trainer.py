@@ -92,6 +92,7 @@ class Trainer:
             max_segments=data.max_segments,
             trainable=trainable,
             pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
+            images=data.images,
         )
         self.steps, self.state = plan.steps, plan.state
         self.source = (batch_source or self._default_source)(self.steps)

@@ -185,12 +185,24 @@ def _scan_token_logps(
     return jnp.swapaxes(logps_NxBxC, 0, 1).reshape(targets_BxT.shape)
 
 
+def images_of(batch: dict[str, jax.Array], fields: tuple[str, ...]) -> dict | None:
+    """The batch's image fields by name (the model's `images=`), None for text."""
+    return {name: batch[name] for name in fields} if fields else None
+
+
 def _final_hidden(
-    model: CausalLM, batch: dict[str, jax.Array], dropout_key: jax.Array | None
+    model: CausalLM,
+    batch: dict[str, jax.Array],
+    dropout_key: jax.Array | None,
+    image_fields: tuple[str, ...] = (),
 ) -> tuple[jax.Array, jax.Array]:
     """(final hidden states [B, T, D], the LM head [V, D] in the parameter dtype)."""
     hidden_BxTxD = model.hidden_states(
-        batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+        batch["input_ids"],
+        batch["positions"],
+        batch["segment_ids"],
+        dropout_key,
+        images_of(batch, image_fields),
     )
     # In the parameter dtype, cast per chunk: with bf16 compute and float32 parameters, the
     # head's gradient then adds up over chunks (and devices) in float32, not bf16.
@@ -230,6 +242,7 @@ def loss_sums(
     batch: dict[str, jax.Array],
     max_chunk: int = 512,
     dropout_key: jax.Array | None = None,
+    image_fields: tuple[str, ...] = (),
 ) -> LossSums:
     """Sums of the masked cross-entropy of `batch` under `model`.
 
@@ -237,7 +250,7 @@ def loss_sums(
     sharded) and recomputed in the backward pass: peak logits memory is [B, chunk, V] (per
     device: its rows, its slice of the vocabulary).
     """
-    hidden_BxTxD, _ = _final_hidden(model, batch, dropout_key)
+    hidden_BxTxD, _ = _final_hidden(model, batch, dropout_key, image_fields)
     return hidden_loss_sums(model, hidden_BxTxD, batch, max_chunk)
 
 
@@ -358,17 +371,38 @@ class CrossEntropy:
 
     z_loss_weight: float = 0.0
     loss_chunk_size: int = 512
+    # An image-text model's batch fields (models/image_rows.py) with their per-row shapes (the
+    # IMAGE kind's; () for a TOKEN field): the model reads them as images=.
+    images: tuple[tuple[str, tuple[int, ...]], ...] = ()
     loss_metric = "ce"  # its loss's own name where the MoE wrapper adds the router's to it
 
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.images)
+
+    @property
+    def per_row(self) -> dict[str, tuple[int, ...]]:
+        return dict(self.images)
+
     def sums(self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None) -> LossSums:
-        return loss_sums(model, batch, self.loss_chunk_size, dropout_key=dropout_key)
+        return loss_sums(
+            model,
+            batch,
+            self.loss_chunk_size,
+            dropout_key=dropout_key,
+            image_fields=self.batch_keys,
+        )
 
     def sums_with_router(
         self, model: CausalLM, batch: dict[str, jax.Array], dropout_key=None
     ) -> tuple[LossSums, Any]:
         """sums, and the router statistics of the forward pass (objectives/moe.py)."""
         hidden_BxTxD, stats = model.forward(
-            batch["input_ids"], batch["positions"], batch["segment_ids"], dropout_key
+            batch["input_ids"],
+            batch["positions"],
+            batch["segment_ids"],
+            dropout_key,
+            images_of(batch, self.batch_keys),
         )
         return hidden_loss_sums(model, hidden_BxTxD, batch, self.loss_chunk_size), stats
 

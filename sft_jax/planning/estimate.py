@@ -37,7 +37,7 @@ from sft_jax.train.compiled import lower_train_step, run_optimizer
 from sft_jax.train.flops import training_flops_per_token
 from sft_jax.train.kernel_choice import choose_attention, forced_attention
 from sft_jax.train.memory import StepMemory
-from sft_jax.train.setup import add_adapters, moe_options
+from sft_jax.train.setup import add_adapters, image_options, moe_options
 from sft_jax.train.step import StepOptions, StepSpec
 
 OVERLAP = "collectives overlap compute fully: step = max(compute, collectives)"
@@ -296,7 +296,7 @@ def compile_candidate(
         train.z_loss_weight,
         train.loss_chunk_size,
         dropout_seed=train.seed,
-        **moe_options(train, model.config),
+        **moe_options(train, model.config) | image_options(config, model.config),
     )
     graphdef = nnx.split(model, trainable, ...)[0]
     spec = StepSpec(

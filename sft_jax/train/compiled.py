@@ -185,20 +185,22 @@ def _lowered(
     mesh: Mesh,
     first: tuple[Any, Any],
     frozen: tuple[Any, Any],
-    batch: tuple[int, int, tuple[str, ...]],
+    batch: tuple,
     out_shardings: Any,
     donate: tuple[int, ...] = (),
 ) -> Any:
     """function(first, frozen, batch) jitted with explicit shardings and lowered at abstract
-    inputs: first and frozen are (abstract values, shardings); batch is (rows, seq_len, keys)."""
-    rows, seq_len, keys = batch
+    inputs: first and frozen are (abstract values, shardings); batch is (rows, seq_len, keys[,
+    the IMAGE fields' per-row shapes])."""
+    rows, seq_len, keys, *per_row = batch
     jitted = jax.jit(
         function,
         in_shardings=(first[1], frozen[1], sharding.batch_shardings(mesh, keys)),
         out_shardings=out_shardings,
         donate_argnums=donate,
     )
-    return jitted.lower(first[0], frozen[0], sharding.abstract_batch(rows, seq_len, mesh, keys))
+    inputs = sharding.abstract_batch(rows, seq_len, mesh, keys, per_row[0] if per_row else None)
+    return jitted.lower(first[0], frozen[0], inputs)
 
 
 def compile_eval(
@@ -212,7 +214,7 @@ def compile_eval(
 ) -> Any:
     """step.eval_step compiled for batches of rows x seq_len; params and frozen are (abstract
     values, shardings)."""
-    batch = (rows, seq_len, batch_keys(spec.objective))
+    batch = (rows, seq_len, batch_keys(spec.objective), getattr(spec.objective, "per_row", {}))
     replicated = NamedSharding(mesh, PartitionSpec())
     eval_step = functools.partial(step.eval_step, spec)
     return _lowered(eval_step, mesh, params, frozen, batch, replicated).compile()
@@ -269,7 +271,7 @@ def lower_train_step(
     (state, frozen) = (ShapeDtypeStructs, shardings) pairs and a batch of rows x seq_len; call
     under jax.set_mesh(mesh). Weights never need to exist: sft_jax.planning.search compiles it
     from an abstract model."""
-    batch = (rows, seq_len, batch_keys(spec.objective))
+    batch = (rows, seq_len, batch_keys(spec.objective), getattr(spec.objective, "per_row", {}))
     out = (state[1], NamedSharding(mesh, PartitionSpec()))
     train_step = functools.partial(step.train_step, spec)
     return _lowered(train_step, mesh, state, frozen, batch, out, donate=(0,))
@@ -398,11 +400,13 @@ def plan_run(
     max_segments: int = 0,
     trainable: Any = TRAINABLE,
     pad_token_id: int | None = None,
+    images: tuple[tuple[str, tuple[int, ...]], ...] = (),
 ) -> Plan:
     """Chooses the attention kernel and remat policy, compiles the steps, checks the memory.
 
     max_segments: most segments in a row of the batches (0: the bound of config.data);
-    pad_token_id: the tokenizer's (a reward model never reads its score at it)."""
+    pad_token_id: the tokenizer's (a reward model never reads its score at it); images: the
+    data's image fields and their per-row shapes (DataSource.images)."""
     max_segments = max_segments or segments_bound(config.data)
     attention, why = attention_for(config, model.config, max_segments)
     log.info("attention: %s (%s)", attention, why)
@@ -420,6 +424,7 @@ def plan_run(
         train.loss_chunk_size,
         dropout_seed=train.seed,
         **moe_options(train, model.config),
+        images=images,
     )
     objective = objective_for(config, model, max_segments, pad_token_id)
     build = functools.partial(

@@ -153,6 +153,13 @@ def _check_data(config: Any) -> None:
         "data.max_documents_per_row",
         "must be 0 (no limit) or positive.",
     )
+    _need(config, data.max_images_per_row >= 1, "data.max_images_per_row", "at least 1.")
+    _need(
+        config,
+        data.max_image_patches_per_row >= 1,
+        "data.max_image_patches_per_row",
+        "at least 1.",
+    )
     _need(config, 0.0 <= data.eval_fraction < 1.0, "data.eval_fraction", "expected [0, 1).")
     check_choice("data.train_on", data.train_on, TRAIN_ON)
     check_choice("data.train_reasoning", data.train_reasoning, TRAIN_REASONING)

@@ -17,6 +17,7 @@ from sft_jax.adapters import methods as adapter_methods
 from sft_jax.adapters.base_model import load_base_model
 from sft_jax.adapters.lora import LoRASpec
 from sft_jax.adapters.prompts import PromptSpec, trainable_line
+from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import SAVED_BEFORE_THE_FIELD, RunSpec
 from sft_jax.data import (
     DataSource,
@@ -25,6 +26,7 @@ from sft_jax.data import (
     open_pair_data,
     open_stream_data,
     run_tokenizer,
+    vision_source,
 )
 from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM
@@ -70,7 +72,15 @@ def add_adapters(
     it on an abstract model under nnx.eval_shape). `tokenizer`: for prompt tuning's text init
     only."""
     trainable = TRAINABLE  # full fine-tuning: every parameter but frozen buffers
-    for method in adapter_methods.enabled_methods(config):
+    methods = adapter_methods.enabled_methods(config)
+    if model.vision is not None and not config.model.train_vision:
+        trainable = nnx.All(trainable, nnx.Not(nnx.PathContains("vision")))
+    elif model.vision is not None and methods:
+        raise ConfigError(
+            "config.model.train_vision=True with adapters: an adapter's export cannot hold the "
+            "vision tower's weights yet; train it with full fine-tuning, or set it False."
+        )
+    for method in methods:
         trainable = method.add(model, config, mesh, tokenizer)
     return adapter_methods.lora_spec(config, model), trainable
 
@@ -85,6 +95,8 @@ def open_run_data(config: RunSpec, feed: tuple[int, int] | None = None) -> DataS
         return open_pair_data(config, feed)
     if reads == "prompts":
         return open_prompt_data(config, feed)
+    if vision_source.has_images(config):  # an image-text model's rows, in memory
+        return vision_source.open_vision_data(config, feed)
     config = with_loader(config)  # "auto": chosen (and logged) here
     if config.data.loader == "stream":
         return open_stream_data(config, feed)
@@ -113,6 +125,12 @@ def moe_options(train: Any, model_config: Any) -> dict[str, Any]:
         "router_aux_loss_coef": model_config.router_aux_loss_coef if coef == -1 else coef,
         "router_z_loss_weight": train.router_z_loss_weight,
     }
+
+
+def image_options(config: RunSpec, model_config: Any) -> dict[str, Any]:
+    """The StepOptions of an image-text model's rows at config.data's image budget (none for a
+    text model): what the planner compiles, as a run with images does."""
+    return vision_source.step_images(vision_source.budget_layout(config, model_config))
 
 
 def objective_for(

@@ -62,11 +62,13 @@ class StepOptions:
     moe_layers: tuple[int, ...] = ()
     router_aux_loss_coef: float = 0.0
     router_z_loss_weight: float = 0.0
+    # An image-text model's image fields and their per-row shapes (CrossEntropy.images).
+    images: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def objective(self, inner: Objective | None = None) -> Objective:
         """`inner` (default: SFT's cross-entropy), with the router's losses on a mixture of
         experts (objectives/moe.RouterLosses)."""
-        inner = inner or CrossEntropy(self.z_loss_weight, self.loss_chunk_size)
+        inner = inner or CrossEntropy(self.z_loss_weight, self.loss_chunk_size, self.images)
         if not self.moe_layers:
             return inner
         return RouterLosses(

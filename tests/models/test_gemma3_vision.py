@@ -21,6 +21,7 @@ from safetensors import safe_open
 from sft_jax.adapters.lora import LoRASpec, apply_lora, merged, save_adapter
 from sft_jax.core import batch
 from sft_jax.core.errors import UserError
+from sft_jax.models import image_rows
 from sft_jax.models.config import UnsupportedModelError, from_hf_config
 from sft_jax.models.decoder import use_attention
 from sft_jax.models.gemma3_images import image_runs, per_row_shapes, row_images
@@ -103,8 +104,8 @@ def setup(tmp_path_factory):
     for text, count in zip(TEXTS, IMAGE_COUNTS, strict=True):
         images = [rng.randint(0, 255, (40, 30, 3)).astype(np.uint8) for _ in range(count)]
         out = processor(text=text, images=[images] if images else None, return_tensors="np")
-        documents.append({name: np.asarray(value)[0] if name != "pixel_values" else value
-                          for name, value in out.items()})  # fmt: skip
+        arrays = {name: np.asarray(value) for name, value in out.items()}
+        documents.append({k: v if k == "pixel_values" else v[0] for k, v in arrays.items()})
     return path, model, documents
 
 
@@ -168,6 +169,15 @@ def test_row_images_from_processor(setup):
     cut = {**documents[1], "input_ids": documents[1]["input_ids"][:-8]}
     with pytest.raises(UserError, match="image-token runs of lengths"):
         row_images([cut], 2, spec)
+    # What the data layer packs through: the family's layout, found by its vision config.
+    config = from_hf_config(transformers.AutoConfig.from_pretrained(path))
+    layout = image_rows.layout_of(config, image_rows.ImageBudget(64, 4, 4096))
+    assert layout.per_row == per_row_shapes(spec, 4) and layout.fields == ("pixel_values",)
+    lengths = {"pixel_values": np.asarray([len(d.get("pixel_values", ())) for d in documents])}
+    images, patches = layout.cost(lengths)
+    assert images.tolist() == [1, 2, 0] and not patches.any()
+    via_layout = layout.row([documents[0], documents[2], documents[1]])["pixel_values"]
+    np.testing.assert_array_equal(via_layout, row)
 
 
 def test_padded_batch_matches_transformers(setup, loaded):
