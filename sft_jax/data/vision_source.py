@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def has_images(config: RunSpec) -> bool:
-    """Does the first training example hold an image? (Mixtures: not read here.)"""
-    if not config.data.train_files:
+    """Does the first training example hold an image? (A mixture's sources are not read
+    here: mixtures take text only for now.)"""
+    if not config.data.train_files or config.data.mixture:
         return False
     sources = records.expand_sources(config.data.train_files, "config.data.train_files")
     stream = records.read_records(sources[0], config.data.train_split, _Ignore())

@@ -40,9 +40,11 @@ class FrozenParam(nnx.Param):
     parameters, outside TRAINABLE."""
 
 
-# The variables full fine-tuning trains: every parameter but the frozen ones and an image-text
-# model's image tower and projector (`vision`: frozen by default; the text model trains).
-TRAINABLE = nnx.All(nnx.Param, nnx.Not(FrozenParam), nnx.Not(nnx.PathContains("vision")))
+# Every parameter but the frozen ones, an image-text model's vision part included.
+TRAINABLE_WITH_VISION = nnx.All(nnx.Param, nnx.Not(FrozenParam))
+# The variables full fine-tuning trains by default: those, but not an image-text model's vision
+# part (`vision`: frozen unless config.model.train_vision; the text model trains).
+TRAINABLE = nnx.All(TRAINABLE_WITH_VISION, nnx.Not(nnx.PathContains("vision")))
 
 
 class Linear(nnx.Module):

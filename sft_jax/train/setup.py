@@ -30,7 +30,7 @@ from sft_jax.data import (
 )
 from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM
-from sft_jax.models.layers import TRAINABLE
+from sft_jax.models.layers import TRAINABLE, TRAINABLE_WITH_VISION
 from sft_jax.objectives import ppo_run, registry
 from sft_jax.train.config_check import check_for_model
 from sft_jax.train.step import Objective
@@ -71,11 +71,10 @@ def add_adapters(
     partition of trained and frozen parameters, shared by training and the planner (which calls
     it on an abstract model under nnx.eval_shape). `tokenizer`: for prompt tuning's text init
     only."""
-    trainable = TRAINABLE  # full fine-tuning: every parameter but frozen buffers
+    # Full fine-tuning: every parameter but frozen buffers (and a vision part unless asked).
+    trainable = TRAINABLE_WITH_VISION if config.model.train_vision else TRAINABLE
     methods = adapter_methods.enabled_methods(config)
-    if model.vision is not None and not config.model.train_vision:
-        trainable = nnx.All(trainable, nnx.Not(nnx.PathContains("vision")))
-    elif model.vision is not None and methods:
+    if model.vision is not None and config.model.train_vision and methods:
         raise ConfigError(
             "config.model.train_vision=True with adapters: an adapter's export cannot hold the "
             "vision tower's weights yet; train it with full fine-tuning, or set it False."
