@@ -4,6 +4,7 @@
   python benchmarks/bench_data_scale.py --rss --documents=250000 --growth=8
   python benchmarks/bench_data_scale.py --loader --steps=30
   python benchmarks/bench_data_scale.py --chats=25000 --growth=1,8,32
+  python benchmarks/bench_data_scale.py --chats=7000 --growth=1,8,32 --num_workers=2
 
 --store writes the same synthetic tokenized documents (lengths 20-300 tokens) as the
 memory-mapped store (sft_jax.data.store: raw arrays + offsets index), as ArrayRecord (one
@@ -213,11 +214,11 @@ def write_chats(path: Path, count: int, seed: int = 0) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def consume_chats(train_file: str, cache_dir: str, batches: int) -> None:
+def consume_chats(train_file: str, cache_dir: str, batches: int, workers: int = 0) -> None:
     """The trainer's data side from scratch (tokenize into a store, open it), then `batches`
-    global batches; prints the seconds of each."""
+    global batches; prints the seconds of each. workers: config.data.num_workers (0: auto)."""
     config = _demo_config(cache_dir)
-    config.data.update(train_files=train_file, eval_files="")
+    config.data.update(train_files=train_file, eval_files="", num_workers=workers)
     start = time.perf_counter()
     source = open_run_data(RunSpec.of(config))
     opened = time.perf_counter()
@@ -250,14 +251,15 @@ def tree_rss(pid: int) -> float:
     return total
 
 
-def chats_peak_rss(root: Path, chats: int, batches: int = 200) -> dict:
+def chats_peak_rss(root: Path, chats: int, batches: int = 200, workers: int = 0) -> dict:
     """Peak resident MiB of the process tree doing consume_chats on `chats` synthetic chats."""
     train_file = root / f"chats{chats}.jsonl"
     write_chats(train_file, chats)
     code = (
         f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
         "from bench_data_scale import consume_chats; "
-        f"consume_chats({str(train_file)!r}, {str(root / f'cache{chats}')!r}, {batches})"
+        f"consume_chats({str(train_file)!r}, {str(root / f'cache{chats}')!r}, {batches}, "
+        f"{workers})"
     )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     peak = 0.0
@@ -271,10 +273,10 @@ def chats_peak_rss(root: Path, chats: int, batches: int = 200) -> dict:
     return {"peak_tree_mib": peak, "open_seconds": float(out[-2]), "batch_seconds": float(out[-1])}
 
 
-def chats_table(root: Path, chats: int, growth: list[int]) -> dict:
+def chats_table(root: Path, chats: int, growth: list[int], workers: int = 0) -> dict:
     figures = {}
     for factor in growth:
-        figure = figures[factor * chats] = chats_peak_rss(root, factor * chats)
+        figure = figures[factor * chats] = chats_peak_rss(root, factor * chats, workers=workers)
         first = next(iter(figures.values()))["peak_tree_mib"]
         print(f"x{factor:<3} {factor * chats:>9,} chats: peak RSS of the process tree "
               f"{figure['peak_tree_mib']:,.0f} MiB ({figure['peak_tree_mib'] / first:.2f}x "
@@ -329,6 +331,9 @@ def main() -> None:
     parser.add_argument("--growth", default="8", help="--rss: one factor; --chats: a list")
     parser.add_argument("--chats", type=int, default=0)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--num_workers", type=int, default=0, help="--chats: config.data.num_workers (0: auto)"
+    )
     args = parser.parse_args()
     out: dict = {}  # every part's figures, printed as one JSON line at the end
     with tempfile.TemporaryDirectory() as tmp:
@@ -346,7 +351,7 @@ def main() -> None:
             out["rss"] = rss_table(Path(tmp), args.documents, int(args.growth))
         if args.chats:
             growth = [int(g) for g in args.growth.split(",")]
-            out["chats"] = chats_table(Path(tmp), args.chats, growth)
+            out["chats"] = chats_table(Path(tmp), args.chats, growth, args.num_workers)
     if args.loader:
         out["loader"] = loader_ratio(args.steps)
     print(json.dumps(out))
