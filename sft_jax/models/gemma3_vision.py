@@ -19,7 +19,7 @@ from flax import nnx
 
 from sft_jax.models.gemma3_images import PIXEL_VALUES
 from sft_jax.models.gemma3_vision_config import VisionSpec
-from sft_jax.models.layers import RMSNorm, normal_init
+from sft_jax.models.layers import RMSNorm, normal_init, place_in_order
 from sft_jax.models.siglip import SiglipTower
 
 
@@ -76,12 +76,7 @@ class Gemma3Vision(nnx.Module):
         if not images:  # a text-only batch
             return x_BxTxD, positions_BxT, groups_BxT
         pixels_BxNxCxSxS = images[PIXEL_VALUES]
-        rows, slots = pixels_BxNxCxSxS.shape[:2]
+        rows = pixels_BxNxCxSxS.shape[0]
         soft_NxMxD = self.soft_tokens(pixels_BxNxCxSxS.reshape(-1, *pixels_BxNxCxSxS.shape[2:]))
-        soft_BxNMxD = soft_NxMxD.reshape(rows, -1, soft_NxMxD.shape[-1]).astype(x_BxTxD.dtype)
-        is_image_BxT = groups_BxT > 0
-        rank_BxT = jnp.cumsum(is_image_BxT.astype(jnp.int32), axis=1) - 1
-        index_BxT = jnp.clip(rank_BxT, 0, slots * self.spec.tokens_per_image - 1)
-        placed_BxTxD = jnp.take_along_axis(soft_BxNMxD, index_BxT[:, :, None], axis=1)
-        placed_BxTxD = jnp.where(is_image_BxT[:, :, None], placed_BxTxD, x_BxTxD)
-        return placed_BxTxD, positions_BxT, groups_BxT
+        soft_BxNMxD = soft_NxMxD.reshape(rows, -1, soft_NxMxD.shape[-1])
+        return place_in_order(x_BxTxD, groups_BxT > 0, soft_BxNMxD), positions_BxT, groups_BxT

@@ -246,3 +246,16 @@ def head_logits(hidden_BxTxD: jax.Array, head_VxD: jax.Array, softcap: float | N
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     return logits
+
+
+def place_in_order(x_BxTxD: jax.Array, at_BxT: jax.Array, tokens_BxQxD: jax.Array) -> jax.Array:
+    """x with the row's k-th position where at_BxT is set replaced by the row's k-th token of
+    tokens_BxQxD (an image-text model's image tokens into the text embeddings); positions past
+    the row's Q tokens take its last."""
+    index_BxT = jnp.clip(
+        jnp.cumsum(at_BxT.astype(jnp.int32), axis=1) - 1, 0, tokens_BxQxD.shape[1] - 1
+    )
+    placed_BxTxD = jnp.take_along_axis(
+        tokens_BxQxD.astype(x_BxTxD.dtype), index_BxT[..., None], axis=1
+    )
+    return jnp.where(at_BxT[..., None], placed_BxTxD, x_BxTxD)

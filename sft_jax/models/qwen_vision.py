@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.families import UnsupportedModelError
-from sft_jax.models.layers import Linear, RMSNorm, activate
+from sft_jax.models.layers import Linear, RMSNorm, activate, place_in_order
 from sft_jax.models.mrope import rotate, sectioned_angles
 from sft_jax.models.partitioning import context_shards
 from sft_jax.models.qwen_vl_config import VisionSpec
@@ -212,10 +212,6 @@ class QwenVision(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """(token embeddings with each row's k-th image token replaced by its k-th merged
         token, the M-RoPE positions [B, T, 3] the language model turns its heads by)."""
-        merged_BxQxD = self(images).astype(x_BxTxD.dtype)
         is_image_BxT = input_ids_BxT == self.spec.image_token_id
-        index_BxT = jnp.cumsum(is_image_BxT, axis=1) - 1
-        index_BxT = jnp.clip(index_BxT, 0, merged_BxQxD.shape[1] - 1)
-        placed_BxTxD = jnp.take_along_axis(merged_BxQxD, index_BxT[..., None], axis=1)
-        x_BxTxD = jnp.where(is_image_BxT[..., None], placed_BxTxD, x_BxTxD)
+        x_BxTxD = place_in_order(x_BxTxD, is_image_BxT, self(images))
         return x_BxTxD, jnp.stack([images[name] for name in MROPE], axis=-1)
