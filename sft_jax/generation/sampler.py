@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.adapters.prompts import prompt_prefix_ids
+from sft_jax.generation.prompt_images import image_fields
 from sft_jax.models.decoder import CausalLM
 from sft_jax.models.kv_cache import KVCache
 
@@ -160,12 +161,14 @@ def prefill(
     key: jax.Array,
     max_new_bucket: int,
     greedy: bool,
+    images: dict[str, jax.Array] | None = None,
 ) -> Carry:
-    """Every prompt token at once (the last slot holds each row's last prompt token) and the
-    first new token: the carry `decode` continues from (step 1; padding rows start done)."""
+    """Every prompt token at once (the last slot holds each row's last prompt token), with the
+    prompts' image fields where given, and the first new token: the carry `decode` continues
+    from (step 1; padding rows start done)."""
     batch, prompt_len = tokens_BxT.shape
     cache = KVCache.empty(model.config, batch, prompt_len + max_new_bucket, model.dtype)
-    hidden_BxTxD, cache = model.extend(tokens_BxT, positions_BxT, cache)
+    hidden_BxTxD, cache = model.extend(tokens_BxT, positions_BxT, cache, images)
     first_B, first_logp_B = _sample_with(model.logits(hidden_BxTxD[:, -1]), key, sampling, greedy)
     out_BxN = jnp.zeros((batch, max_new_bucket), jnp.int32).at[:, 0].set(first_B)
     logps_BxN = jnp.zeros((batch, max_new_bucket), jnp.float32).at[:, 0].set(first_logp_B)
@@ -223,13 +226,14 @@ def _generate_ids(
     *,
     max_new_bucket: int,
     greedy: bool,
+    images: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """New tokens [B, max_new_bucket] (a row holds 0 after its first stop token) and their
     log-probs (0 after the stop token)."""
     model = nnx.merge(graphdef, state)
     sampling = (temperature, top_k, top_p, min_p)
     carry = prefill(
-        model, tokens_BxT, positions_BxT, is_stop, sampling, key, max_new_bucket, greedy
+        model, tokens_BxT, positions_BxT, is_stop, sampling, key, max_new_bucket, greedy, images
     )
     next_position_B = positions_BxT[:, -1] + 1
     carry = decode(model, carry, next_position_B, is_stop, sampling, key, max_new_tokens, greedy)
@@ -257,6 +261,7 @@ def rollout(
     min_p: float = 0.0,
     seed: int = 0,
     pad_id: int = 0,
+    images: Sequence[dict[str, np.ndarray] | None] | None = None,
 ) -> Rollout:
     """Samples a continuation of each prompt from `model` as it is now (the live params, on
     whatever mesh they are sharded over), up to max_new_tokens, ending with the first stop
@@ -267,7 +272,8 @@ def rollout(
     order, to the top_k most likely tokens (0: off), then to the top_p nucleus (1: off), then to
     the tokens at least min_p times as likely as the most likely one (0: off), with keys folded
     from `seed`, so a call is reproducible for the same prompts, batch and seed. The log-probs
-    are under softmax(logits / temperature) before the filters (see `sample`).
+    are under softmax(logits / temperature) before the filters (see `sample`). images: per
+    prompt, the processor's arrays of its images or None (generation/prompt_images.py).
     """
     check_sampling_options(top_k, top_p, min_p)
     if not prompts or max_new_tokens <= 0:
@@ -283,6 +289,7 @@ def rollout(
     is_stop[[t for t in stop_token_ids if 0 <= t < vocab_size]] = True
     rows, length, max_new_bucket = buckets(len(prompts), max(map(len, prompts)), max_new_tokens)
     tokens_BxT, positions_BxT = left_pad(prompts, rows, length, pad_id)
+    fields = image_fields(model.config, prompts, images, rows, length)
     graphdef, state = nnx.split(model)
     out_BxN, logps_BxN = _generate_ids(
         graphdef,
@@ -298,6 +305,7 @@ def rollout(
         jax.random.key(seed),
         max_new_bucket=max_new_bucket,
         greedy=temperature <= 0,
+        images=fields,
     )
     return trimmed(out_BxN, logps_BxN, len(prompts), max_new_tokens, is_stop)
 
@@ -398,9 +406,11 @@ def reply(
     top_p: float = 1.0,
     min_p: float = 0.0,
     seed: int = 0,
+    images: dict[str, np.ndarray] | None = None,
 ) -> str:
     """The decoded continuation of prompt_ids, without its stop token and special tokens. A
-    model with virtual tokens (prompt tuning, P-tuning) reads them first, as in training."""
+    model with virtual tokens (prompt tuning, P-tuning) reads them first, as in training.
+    images: the processor's arrays of the prompt's images (an image-text model)."""
     (new_ids,) = generate(
         model,
         [prompt_prefix_ids(model) + list(prompt_ids)],
@@ -412,6 +422,7 @@ def reply(
         min_p=min_p,
         seed=seed,
         pad_id=tokenizer.pad_token_id or 0,
+        images=None if images is None else [images],
     )
     if new_ids and new_ids[-1] in stop_token_ids:
         new_ids = new_ids[:-1]

@@ -318,16 +318,18 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache]:
         """Writes the T new keys/values at slot cache.index and attends over the cache (after
         the prefix, where given); returns the output and the cache with the new keys and
-        values."""
-        q_BxTxKxGxE, gate = self.queries(x_BxTxD, positions_BxT, None)
+        values. cache.images: an image-text model's rotary positions and image groups."""
+        images = cache.images
+        rope_BxT = positions_BxT if images is None else images.rope_positions
+        q_BxTxKxGxE, gate = self.queries(x_BxTxD, rope_BxT, None)
         if self.own_kv:  # else: `cache` is the layer's it shares, written already
-            k_BxTxKxE, v_BxTxKxE = self.keys_values(x_BxTxD, positions_BxT, None)
+            k_BxTxKxE, v_BxTxKxE = self.keys_values(x_BxTxD, rope_BxT, None)
             cache = dataclasses.replace(
                 cache,
                 keys_BxSxKxE=write_slots(cache.keys_BxSxKxE, k_BxTxKxE, cache.index),
                 values_BxSxKxE=write_slots(cache.values_BxSxKxE, v_BxTxKxE, cache.index),
             )
-        mask_BxTxS = cache_mask(positions_BxT, cache.key_positions_BxS, self.window)
+        mask_BxTxS = cache_mask(positions_BxT, cache.key_positions_BxS, self.window, images)
         keys_BxSxKxE, values_BxSxKxE = cache.keys_BxSxKxE, cache.values_BxSxKxE
         if prefix is not None:
             keys_BxSxKxE, values_BxSxKxE, mask_BxTxS = with_prefix(

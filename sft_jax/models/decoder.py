@@ -33,6 +33,7 @@ from flax import nnx
 from sft_jax.models.attention import Attention
 from sft_jax.models.config import ModelConfig, UnsupportedModelError
 from sft_jax.models.gemma4_moe import Gemma4Experts
+from sft_jax.models.image_decoding import image_inputs
 from sft_jax.models.kernels.fused import ATTENTION_KINDS
 from sft_jax.models.kv_cache import KVCache, KVPrefix, LayerCache, write_slots
 from sft_jax.models.layers import (
@@ -326,14 +327,15 @@ class CausalLM(nnx.Module):
         return self.final_norm(x_BxTxD), stack_stats(per_layer)
 
     def extend(
-        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, cache: KVCache
+        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, cache: KVCache, images=None
     ) -> tuple[jax.Array, KVCache]:
-        """Final-normed hidden states [B, T, D] of T new tokens, which attend to the cache and
-        are written to it at slots [cache.index, cache.index + T); positions < 0 mark padding."""
+        """Final-normed hidden states [B, T, D] of T new tokens (a prefill's images: see
+        image_decoding.py), attending to the cache and written to it at slots [cache.index,
+        cache.index + T); positions < 0 mark padding."""
         prefixes, shifted_BxT = self._prefixes(positions_BxT)
         positions_BxT = jnp.where(positions_BxT >= 0, shifted_BxT, positions_BxT)
-        key_positions_BxS = write_slots(cache.positions_BxS, positions_BxT, cache.index)
-        x_BxTxD = self._embed(input_ids_BxT)
+        slots = (write_slots(cache.positions_BxS, positions_BxT, cache.index), cache.index)
+        x_BxTxD, context, delta_B = image_inputs(self, input_ids_BxT, positions_BxT, images, cache)
         ple_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD)
         keys, values, written, states = [], [], [], list(cache.states)
         for index, (layer, prefix, layer_keys, layer_values) in enumerate(
@@ -346,7 +348,7 @@ class CausalLM(nnx.Module):
             elif source != index:  # KV sharing: the earlier layer's cache, this step's tokens in
                 layer_cache = written[source]
             else:
-                layer_cache = LayerCache(layer_keys, layer_values, key_positions_BxS, cache.index)
+                layer_cache = LayerCache(layer_keys, layer_values, *slots, context)
             x_BxTxD, layer_cache = layer.extend(x_BxTxD, positions_BxT, layer_cache, prefix, ple)
             written.append(layer_cache)
             if states and states[index] is not None:
@@ -355,10 +357,8 @@ class CausalLM(nnx.Module):
             own = layer_cache is not None and source == index
             keys.append(layer_cache.keys_BxSxKxE if own else layer_keys)
             values.append(layer_cache.values_BxSxKxE if own else layer_values)
-        new_index = cache.index + input_ids_BxT.shape[1]
-        return self.final_norm(x_BxTxD), KVCache(
-            tuple(keys), tuple(values), key_positions_BxS, new_index, tuple(states)
-        )
+        rest = (slots[0], cache.index + input_ids_BxT.shape[1], tuple(states), delta_B)
+        return self.final_norm(x_BxTxD), KVCache(tuple(keys), tuple(values), *rest)
 
     def _per_layer_inputs(self, input_ids_BxT: jax.Array, x_BxTxD: jax.Array) -> jax.Array | None:
         """Gemma 4's per-layer input embeddings [B, T, L, P] (models/per_layer.py), or None."""

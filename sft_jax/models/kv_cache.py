@@ -12,13 +12,35 @@ from sft_jax.models.config import ModelConfig
 from sft_jax.models.linear_attention import LinearState
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ImageContext:
+    """What T new tokens of an image-text model attend with beyond their positions
+    (models/image_decoding.py): the positions their heads turn by ([B, T], or Qwen2.5-VL's
+    M-RoPE [B, T, 3]), and Gemma 3's image groups of the queries [B, T] and of the cache slots
+    [B, S] (tokens of one image attend to each other both ways), or None."""
+
+    rope_positions: jax.Array
+    query_groups_BxT: jax.Array | None = None
+    key_groups_BxS: jax.Array | None = None
+
+
 def cache_mask(
-    positions_BxT: jax.Array, key_positions_BxS: jax.Array, window: int | None
+    positions_BxT: jax.Array,
+    key_positions_BxS: jax.Array,
+    window: int | None,
+    images: ImageContext | None = None,
 ) -> jax.Array:
-    """[B, T, S] True where query t may attend cache slot s: a real, earlier (or same) position,
-    inside the window. Padding and empty slots hold position -1 and are never attended."""
+    """[B, T, S] True where query t may attend cache slot s: a real, earlier (or same) position
+    (or a slot of the query's own image), inside the window. Padding and empty slots hold
+    position -1 and are never attended."""
     distance_BxTxS = positions_BxT[:, :, None] - key_positions_BxS[:, None, :]
-    mask_BxTxS = (key_positions_BxS[:, None, :] >= 0) & (distance_BxTxS >= 0)
+    allowed_BxTxS = distance_BxTxS >= 0
+    if images is not None and images.query_groups_BxT is not None:
+        query_BxTx1 = images.query_groups_BxT[:, :, None]
+        same_image = (query_BxTx1 == images.key_groups_BxS[:, None, :]) & (query_BxTx1 > 0)
+        allowed_BxTxS = allowed_BxTxS | same_image
+    mask_BxTxS = (key_positions_BxS[:, None, :] >= 0) & allowed_BxTxS
     if window is not None:
         mask_BxTxS = mask_BxTxS & (distance_BxTxS < window)
     return mask_BxTxS
@@ -72,6 +94,9 @@ class KVCache:
     # Per layer, a Gated DeltaNet's LinearState (its keys and values then hold no slots), or
     # None for an attention layer; () in a model without linear attention.
     states: tuple[LinearState | None, ...] = ()
+    # Qwen2.5-VL: per row, what its decode positions add to turn by (models/image_decoding.py);
+    # None when the prompts held no images.
+    rope_delta_B: jax.Array | None = None
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
@@ -106,6 +131,7 @@ class LayerCache:
     values_BxSxKxE: jax.Array
     key_positions_BxS: jax.Array  # position of every slot, the new tokens' included
     index: jax.Array
+    images: ImageContext | None = None  # an image-text model's (models/image_decoding.py)
 
 
 def write_slots(cache_BxSx: jax.Array, new_BxTx: jax.Array, index: jax.Array) -> jax.Array:
