@@ -1,7 +1,7 @@
 """Chat with (or complete text from) a Hugging Face directory or a training run's checkpoint.
 
 python -m sft_jax.chat --model=DIR [--prompt="..."] [--raw] [--max_new_tokens=256]
-    [--temperature=0.7] [--top_p=0.9] [--seed=0] [--dtype=float32|bfloat16]
+    [--temperature=0.7] [--top_p=0.9] [--seed=0] [--dtype=float32|bfloat16] [--image=PATH ...]
 python -m sft_jax.chat --workdir=RUN_DIR [--step=N | --which=best|last] ...
 
 With --prompt it prints one reply; without, it reads one user turn per line from stdin until EOF
@@ -9,7 +9,8 @@ and keeps the conversation. --raw continues the text as is instead of using the 
 The export of a prompt tuning, P-tuning or prefix tuning run is its base model with the PEFT
 adapter in DIR/adapter: the reply is generated with the adapter's virtual tokens or prefixes.
 --model may also name such an adapter directory (adapter_config.json) alone: its base is then
-the adapter's base_model_name_or_path.
+the adapter's base_model_name_or_path. --image (repeatable) puts images into the first user
+message of an image-text model's conversation (cli/chat_images.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from absl import app, flags
 from sft_jax import cli
 from sft_jax.adapters import methods as adapter_methods
 from sft_jax.adapters.methods import AdapterMethod
+from sft_jax.cli import chat_images
 from sft_jax.core.errors import UsageError
 from sft_jax.data.templates import load_tokenizer
 from sft_jax.generation.sampler import chat, chat_stop_token_ids, reply
@@ -49,6 +51,7 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy decodi
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the most likely tokens up to this mass.")
 flags.DEFINE_integer("seed", 0, "Seed of the sampling keys.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+flags.DEFINE_multi_string("image", [], "An image file for the first user message (repeatable).")
 
 
 @contextlib.contextmanager
@@ -127,6 +130,9 @@ def converse(model_name: str | None, workdir: str | None, which: str | int) -> N
     """Answers --prompt, or each line of stdin in one conversation."""
     with model_directory(model_name, workdir, which) as model_dir:
         model, tokenizer, stops = load(model_dir, jnp.dtype(FLAGS.dtype))
+        if FLAGS.image:
+            processor = chat_images.image_processor(model, model_dir, FLAGS.raw)
+            images = chat_images.open_images(FLAGS.image)
     options = {
         "stop_token_ids": stops,
         "max_new_tokens": FLAGS.max_new_tokens,
@@ -135,8 +141,14 @@ def converse(model_name: str | None, workdir: str | None, which: str | int) -> N
         "seed": FLAGS.seed,
     }
     history: list[dict[str, str]] = []
+
+    def answer(text: str) -> str:
+        if FLAGS.image:
+            return chat_images.respond_with_images(model, processor, images, history, text, options)
+        return respond(model, tokenizer, history, text, FLAGS.raw, options)
+
     if FLAGS.prompt is not None:
-        print(respond(model, tokenizer, history, FLAGS.prompt, FLAGS.raw, options))
+        print(answer(FLAGS.prompt))
         return
     interactive = sys.stdin.isatty()
     while True:
@@ -146,8 +158,7 @@ def converse(model_name: str | None, workdir: str | None, which: str | int) -> N
         if not line:
             break
         if line.strip():
-            answer = respond(model, tokenizer, history, line.rstrip("\n"), FLAGS.raw, options)
-            print(answer, flush=True)
+            print(answer(line.rstrip("\n")), flush=True)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ class ImageSource:
             return value if len(value) <= 60 else value[:40] + "..."
         return type(value).__name__
 
+    def name(self, where: str) -> str:
+        """How a logged eval sample names the image: the path the example gives, else its
+        place ("image 2 of eval.jsonl:7" for bytes, a data: URI or a decoded image)."""
+        value = self.value.get("path") if isinstance(self.value, dict) else self.value
+        if isinstance(value, str) and not value.startswith("data:"):
+            return value
+        return f"image {self.index + 1} of {Path(where).name}"
+
     def local_path(self) -> Path | None:
         """The file this image is read from, or None (bytes, data: URI, decoded image)."""
         value = self.value

@@ -270,6 +270,10 @@ class DataSource:
     tokenizer: Any = None
     # (prompt tokens, reference reply tokens) of eval examples, for generation during eval.
     eval_prompts: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list)
+    # Image-text data: per eval prompt, (the processor's arrays of its images, their names).
+    eval_images: list[tuple[dict[str, np.ndarray], tuple[str, ...]]] = dataclasses.field(
+        default_factory=list
+    )
     # Per mixture source with eval files: one pass over its eval set (eval/<name>/loss).
     eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]] = dataclasses.field(
         default_factory=dict

@@ -65,6 +65,7 @@ class VisionDocument:
     trained: np.ndarray  # bool [T]
     image_tokens: np.ndarray  # int32 [images]
     images: dict[str, np.ndarray]  # the processor's per-image arrays, images on axis 0
+    labels: tuple[str, ...] = ()  # each image's name for logged samples (ImageSource.name)
 
 
 def load_processor(source: str | Path, chat_template: str = "") -> Any:
@@ -289,6 +290,9 @@ def tokenize_vision_records(
             continue
         except TemplateError as e:
             raise TemplateError(f"{record.where}: {e}") from None
+        for document in docs:  # a document holds the first images of its conversation
+            names = sources[: len(document.image_tokens)]
+            document.labels = tuple(source.name(record.where) for source in names)
         documents.extend(docs)
         stats["images"] += len(sources)
         if len(docs) > 1:

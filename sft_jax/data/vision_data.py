@@ -25,6 +25,29 @@ from sft_jax.data.vision import VisionDocument, tokenize_vision_records, vision_
 
 _CODE = ("images.py", "vision.py", "vision_data.py")
 IMAGE_TOKENS = "image_tokens"  # stored beside the processor's arrays: tokens of each image
+IMAGE_LABELS = "image_labels"  # and each image's name (VisionDocument.labels), UTF-8 bytes
+_LABEL_BYTES = 256
+
+
+def _encoded(labels: tuple[str, ...]) -> np.ndarray:
+    """[images, 256] uint8: each label's UTF-8 bytes, cut at 256, zero-padded."""
+    rows = [label.encode()[:_LABEL_BYTES].ljust(_LABEL_BYTES, b"\0") for label in labels]
+    return np.frombuffer(b"".join(rows), np.uint8).reshape(len(labels), _LABEL_BYTES)
+
+
+def _decoded(array: np.ndarray) -> tuple[str, ...]:
+    return tuple(bytes(row).rstrip(b"\0").decode(errors="ignore") for row in array)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    """An eval example's prompt (up to its last reply), the reference reply, and the prompt's
+    images: the processor's arrays and each image's name."""
+
+    prompt: np.ndarray
+    reference: np.ndarray
+    images: dict[str, np.ndarray]
+    labels: tuple[str, ...]
 
 
 @dataclasses.dataclass
@@ -39,13 +62,31 @@ class VisionData:
 
     def image_lengths(self) -> dict[str, np.ndarray]:
         """Each processor array's length on axis 0 in every document, by name (none: text)."""
-        return self.images.lengths() if self.images is not None else {}
+        lengths = self.images.lengths() if self.images is not None else {}
+        return {name: n for name, n in lengths.items() if name != IMAGE_LABELS}
 
     def document(self, index: int) -> VisionDocument:
         tokens, trained = self.tokenized.document(index)
         arrays = self.images.document(index) if self.images is not None else {}
         counts = arrays.pop(IMAGE_TOKENS, np.zeros(0, np.int32))
-        return VisionDocument(np.asarray(tokens), np.asarray(trained, bool), counts, arrays)
+        labels = _decoded(arrays.pop(IMAGE_LABELS, np.zeros((0, _LABEL_BYTES), np.uint8)))
+        return VisionDocument(np.asarray(tokens), np.asarray(trained, bool), counts, arrays, labels)
+
+    def eval_prompts(self, count: int, image_token_ids: list[int]) -> list[EvalPrompt]:
+        """The first `count` documents' EvalPrompts that hold every image of their document
+        (the images lie before the reply, as they are only in user and system messages)."""
+        prompts = []
+        for index in range(len(self)):
+            pair = self.tokenized.last_reply(index)
+            if len(prompts) == count:
+                break
+            if pair is None:
+                continue
+            document = self.document(index)
+            seen = int(np.isin(pair[0], image_token_ids).sum())
+            if seen == int(document.image_tokens.sum()):
+                prompts.append(EvalPrompt(*pair, document.images, document.labels))
+        return prompts
 
 
 class _BadLines:
@@ -82,7 +123,10 @@ def prepare_vision_data(
         writer = StoreWriter(store_root, key)
         writer.append(
             from_documents([(d.tokens, d.trained) for d in documents], stats),
-            [{**d.images, IMAGE_TOKENS: d.image_tokens} for d in documents],
+            [
+                {**d.images, IMAGE_TOKENS: d.image_tokens, IMAGE_LABELS: _encoded(d.labels)}
+                for d in documents
+            ],
         )
         writer.close(stats)
         tokenized = open_store(store_root, key)

@@ -111,7 +111,7 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
         max_docs=data.max_documents_per_row,
     )
     log.info("train: %s", pipeline.summary_line(train_data.tokenized.stats))
-    documents, evaluation = train.documents_per_row(), []
+    documents, evaluation, prompts = train.documents_per_row(), [], []
     if data.eval_files:
         eval_data = _prepared(config, processor, data.eval_files, data.eval_split, "eval_files")
         evaluation, most = vision_batches.eval_batches(
@@ -124,16 +124,16 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             share=pipeline.row_share(feed),
         )
         documents = max(documents, most)
-        if max(config.eval.generate_examples, config.eval.show_samples) > 0:
-            log.warning(
-                "eval: replies are not generated for examples with images yet "
-                "(config.eval.generate_examples, config.eval.show_samples); eval reports the loss."
-            )
+        count = max(config.eval.generate_examples, config.eval.show_samples)
+        image_ids = [i for i in processor.image_token_ids if i is not None]
+        prompts = eval_data.eval_prompts(count, image_ids)
     return pipeline.DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
         seq_len=data.max_length,
         max_segments=documents + 1,
         tokenizer=processor.tokenizer,
+        eval_prompts=[(p.prompt, p.reference) for p in prompts],
+        eval_images=[(p.images, p.labels) for p in prompts],
         **step_images(layout),
     )

@@ -17,6 +17,11 @@ def _text(tokenizer: Any, ids: Sequence[int], stop_token_ids: Sequence[int]) -> 
     return tokenizer.decode(kept, skip_special_tokens=True).strip()
 
 
+def _runs_once(ids: list[int]) -> list[int]:
+    """The ids with each run of one repeated id shown once (an image's hundreds of tokens)."""
+    return [t for i, t in enumerate(ids) if i == 0 or t != ids[i - 1]]
+
+
 def generation_metrics(
     model: CausalLM,
     tokenizer: Any,
@@ -26,13 +31,15 @@ def generation_metrics(
     max_new_tokens: int,
     show: int,
     batch_size: int = 64,
+    images: Sequence[tuple[dict[str, np.ndarray], Sequence[str]]] | None = None,
 ) -> dict[str, Any]:
     """Greedy replies to (prompt, reference reply) pairs of the eval set.
 
     eval/exact_match: share of replies whose text equals the reference's (special tokens such
     as the end-of-turn marker left out, surrounding whitespace ignored). eval/samples: the first
     `show` prompts with the reply and the reference, as text for the metrics file and
-    TensorBoard.
+    TensorBoard. images (an image-text model's data): per prompt, the processor's arrays of its
+    images, which the replies are generated with, and their names, which its sample shows.
     """
     replies: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
@@ -43,6 +50,7 @@ def generation_metrics(
             max_new_tokens=max_new_tokens,
             stop_token_ids=stop_token_ids,
             pad_id=tokenizer.pad_token_id or 0,
+            images=None if images is None else [a for a, _ in images[start : start + batch_size]],
         )
     said = [_text(tokenizer, r, stop_token_ids) for r in replies]
     expected = [_text(tokenizer, ref.tolist(), stop_token_ids) for _, ref in prompts]
@@ -51,7 +59,9 @@ def generation_metrics(
     for index in range(min(show, len(prompts))):
         # Ids < 0 are virtual tokens (prompt tuning): no text.
         shown = [t for t in prompts[index][0].tolist() if t >= 0]
-        prompt = tokenizer.decode(shown, skip_special_tokens=False)
+        prompt = tokenizer.decode(_runs_once(shown) if images else shown, skip_special_tokens=False)
+        if images and images[index][1]:
+            prompt = f"[images: {', '.join(images[index][1])}]\n{prompt.strip()}"
         verdict = "match" if matches[index] else "differs"
         samples.append(
             f"--- sample {index} ({verdict})\n{prompt.strip()}\n>>> model: {said[index]}\n"

@@ -194,6 +194,7 @@ class Trainer:
             ),
             max_new_tokens=self.config.eval.max_new_tokens,
             show=self.config.eval.show_samples,
+            images=self.data.eval_images[:count] or None,
         )
 
     # --- Checkpoints --------------------------------------------------------------------
