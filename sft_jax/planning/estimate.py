@@ -77,7 +77,7 @@ def planned_attention(config: RunSpec, shape: ModelConfig, target: str) -> tuple
     choice for config.model.attention (kernel_choice.choose_attention); a fused kernel that
     this machine cannot compile is planned with the blockwise stand-in, whose residuals and
     blocks take the memory of a flash kernel, never the einsum's [T, S] scores."""
-    forced = forced_attention(config)
+    forced = forced_attention(config, shape)
     if forced is not None:
         return forced[0], f"attention: {forced[0]} on the target and in the plan ({forced[1]})"
     kind, why = choose_attention(

@@ -10,6 +10,7 @@ import jax.extend
 from sft_jax.core.errors import ConfigError, check_choice
 from sft_jax.core.spec import DataSpec, RunSpec
 from sft_jax.models import ModelConfig
+from sft_jax.models.gemma3_vision_config import VisionSpec as Gemma3VisionSpec
 from sft_jax.models.kernels.fused import ATTENTION_KINDS, SPLASH_BLOCKS, SPLASH_INTERPRET
 from sft_jax.models.kernels.fused import packed_cudnn_supported as _packed_cudnn_supported
 from sft_jax.models.partitioning import DISPATCH_KINDS
@@ -156,19 +157,31 @@ def segments_bound(data: DataSpec) -> int:
     return documents + 1 if documents > 0 else 0
 
 
-def forced_attention(config: RunSpec) -> tuple[str, str] | None:
-    """(kernel, why) where the run's adapters decide the kernel whatever config.model.attention
-    says; the run (attention_for) and the planner (planning/estimate.planned_attention) ask."""
+def forced_attention(config: RunSpec, model: ModelConfig | None = None) -> tuple[str, str] | None:
+    """(kernel, why) where the run's adapters or model decide the kernel whatever "auto" would
+    take; the run (attention_for) and the planner (planning/estimate.planned_attention) ask."""
     if config.prompt.method == "prefix_tuning":
         # config_check allows only auto and xla: the fused kernels take no key/value prefix.
         return "xla", "prefix tuning: the key/value prefix needs the einsum path"
+    requested = config.model.attention
+    if model is not None and isinstance(model.vision, Gemma3VisionSpec) and requested != "xla":
+        if requested != "auto":
+            raise ConfigError(
+                f"config.model.attention={requested!r} cannot run Gemma 3 with images: its image "
+                "tokens attend both ways within their image, which only the einsum path masks; "
+                "set it to 'auto' or 'xla'."
+            )
+        return "xla", (
+            "auto: Gemma 3's image tokens attend both ways within their image, which only the "
+            "einsum path masks"
+        )
     return None
 
 
 def attention_for(config: RunSpec, model: ModelConfig, max_segments: int) -> tuple[str, str]:
     """(kernel, why) for this run on this machine, the why saying how documents stay apart."""
     here = accelerator()
-    forced = forced_attention(config)
+    forced = forced_attention(config, model)
     if forced is not None:
         return forced
     attention, why = choose_attention(
