@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -22,7 +23,10 @@ from sft_jax.data import vision
 from sft_jax.data.vision_source import open_vision_data
 from sft_jax.generation.sampler import chat_stop_token_ids
 from sft_jax.generation.samples import generation_metrics, sample_rows
+from sft_jax.loop import trainer
 from sft_jax.models import from_pretrained
+from sft_jax.train import sharding
+from sft_jax.train.setup import build_model, open_run_data
 
 MARKERS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 NAMES = ("boi_token", "eoi_token", "image_token")
@@ -92,7 +96,7 @@ def transformers_reply(model_dir, inputs: dict, stops: list[int]) -> str:
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
-def test_eval_samples_are_generated_with_their_images_and_name_them(export):
+def _spec(export) -> RunSpec:
     config = base_config(export)
     config.data.train_files = str(export / "train.jsonl")
     config.data.eval_files = str(export / "eval.jsonl")
@@ -100,22 +104,17 @@ def test_eval_samples_are_generated_with_their_images_and_name_them(export):
     config.data.max_length = 64
     config.data.max_images_per_row = 2
     config.data.cache_dir = str(export / "cache")
+    config.train.global_batch_size = config.eval.global_batch_size = 4
     config.eval.generate_examples = config.eval.show_samples = 4
-    source = open_vision_data(RunSpec.of(config))
-    labels = [names for _, names in source.eval_images]
-    assert labels == [("img0.png",), ("img1.png", "img0.png"), ("image 1 of eval.jsonl:3",), ()]
-    stops = chat_stop_token_ids(source.tokenizer, export)
-    metrics = generation_metrics(
-        from_pretrained(export),
-        source.tokenizer,
-        source.eval_prompts,
-        stop_token_ids=stops,
-        max_new_tokens=NEW_TOKENS,
-        show=4,
-        images=source.eval_images,
-    )
-    rows = sample_rows(metrics["eval/samples"])
+    config.eval.max_new_tokens = NEW_TOKENS
+    return RunSpec.of(config)
+
+
+def check_samples(export, source, text: str) -> None:
+    """Each sample's reply is transformers' on its prompt and images, which it names."""
+    rows = sample_rows(text)
     image_id = source.tokenizer.convert_tokens_to_ids("<image_soft_token>")
+    stops = chat_stop_token_ids(source.tokenizer, export)
     for row, (prompt, _), (arrays, names) in zip(
         rows, source.eval_prompts, source.eval_images, strict=True
     ):
@@ -126,6 +125,33 @@ def test_eval_samples_are_generated_with_their_images_and_name_them(export):
         if names:
             assert row[2].startswith(f"[images: {', '.join(names)}]\n")
             assert row[2].count("<image_soft_token>") == len(names)  # each run shown once
+
+
+def test_eval_samples_are_generated_with_their_images_and_name_them(export):
+    source = open_vision_data(_spec(export))
+    labels = [names for _, names in source.eval_images]
+    assert labels == [("img0.png",), ("img1.png", "img0.png"), ("image 1 of eval.jsonl:3",), ()]
+    metrics = generation_metrics(
+        from_pretrained(export),
+        source.tokenizer,
+        source.eval_prompts,
+        stop_token_ids=chat_stop_token_ids(source.tokenizer, export),
+        max_new_tokens=NEW_TOKENS,
+        show=4,
+        images=source.eval_images,
+    )
+    check_samples(export, source, metrics["eval/samples"])
+
+
+def test_the_trainers_eval_generates_with_the_images_on_two_devices(export, tmp_path):
+    spec = _spec(export)
+    mesh = sharding.make_mesh(1, 2, 1, devices=jax.devices()[:2])
+    model, _, trainable = build_model(spec, mesh)
+    source = open_run_data(spec)
+    run = trainer.Trainer(spec, tmp_path / "run", model, source, trainable, mesh=mesh)
+    metrics = run.run_eval(0)
+    assert metrics["eval/generated"] == 4
+    check_samples(export, source, metrics["eval/samples"])
 
 
 def test_chat_image_replies_as_transformers(export, run_chat):  # noqa: F811
