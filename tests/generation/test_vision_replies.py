@@ -5,6 +5,7 @@ it): eval samples of an image dataset are generated with their images and name t
 from __future__ import annotations
 
 import base64
+import functools
 import json
 
 import jax
@@ -83,9 +84,14 @@ def export(tmp_path_factory):
     return path
 
 
+@functools.lru_cache(maxsize=1)
+def _transformers_model(model_dir: str) -> transformers.Gemma3ForConditionalGeneration:
+    return transformers.Gemma3ForConditionalGeneration.from_pretrained(model_dir).eval()
+
+
 def transformers_reply(model_dir, inputs: dict, stops: list[int]) -> str:
     """transformers' greedy reply (its stop token and special tokens left out)."""
-    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = _transformers_model(str(model_dir))
     tensors = {k: torch.as_tensor(np.array(v)) for k, v in inputs.items()}
     with torch.no_grad():
         out = model.generate(
