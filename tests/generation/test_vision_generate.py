@@ -42,30 +42,29 @@ def _prefill_logits(model, ids, positions, images):
 @nnx.jit
 def _forward_logits(model, ids, positions, images):
     segments = (positions >= 0).astype(jnp.int32)
-    return model.logits(model.hidden_states(ids, positions, segments, images=images))[:, -1]
+    return model.logits(model.hidden_states(ids, positions, segments, images=images))
 
 
 def check_prefill(model, prompts, images) -> float:
     """Max |diff| / max |logit| of the prefill's last logits (left-padded batch) against the
-    full forward of each prompt alone; asserted below 1e-4."""
+    full forward's logits at each prompt's last token (the prompts right-padded in one batch,
+    each row laid out by the family's row function); asserted below 1e-4."""
     length = max(map(len, prompts)) + 3
     ids, positions = left_pad(prompts, len(prompts), length, 0)
-    batch = _prefill_logits(
-        model, ids, positions, image_fields(model.config, prompts, images, len(prompts), length)
-    )
-    worst = 0.0
+    fields = image_fields(model.config, prompts, images, len(prompts), length)
+    batch = np.asarray(_prefill_logits(model, ids, positions, fields))
+    layout = layout_of(model.config, ImageBudget(length, 4, 512))
+    rows = [
+        layout.row([{"input_ids": np.asarray(p), **i}])
+        for p, i in zip(prompts, images, strict=True)
+    ]
+    alone = {name: np.stack([row[name] for row in rows]) for name in layout.fields}
+    ids, positions = np.zeros((len(prompts), length), np.int32), np.full(ids.shape, -1, np.int32)
     for row, prompt in enumerate(prompts):
-        budget = ImageBudget(len(prompt), 4, 512)
-        laid = layout_of(model.config, budget).row(
-            [{"input_ids": np.asarray(prompt), **images[row]}]
-        )
-        alone = {name: value[None] for name, value in laid.items()}
-        expected = np.asarray(
-            _forward_logits(model, np.asarray([prompt]), np.arange(len(prompt))[None], alone)
-        )[0]
-        worst = max(
-            worst, float(np.abs(np.asarray(batch[row]) - expected).max() / np.abs(expected).max())
-        )
+        ids[row, : len(prompt)], positions[row, : len(prompt)] = prompt, np.arange(len(prompt))
+    logits = np.asarray(_forward_logits(model, ids, positions, alone))
+    expected = np.stack([logits[row, len(prompt) - 1] for row, prompt in enumerate(prompts)])
+    worst = float((np.abs(batch - expected).max(axis=1) / np.abs(expected).max(axis=1)).max())
     print(f"prefill max rel diff {worst:.2e}")
     assert worst < 1e-4, worst
     return worst
