@@ -47,6 +47,25 @@ class VisionData:
         counts = arrays.pop(IMAGE_TOKENS, np.zeros(0, np.int32))
         return VisionDocument(np.asarray(tokens), np.asarray(trained, bool), counts, arrays)
 
+    def subset(self, indices: np.ndarray) -> VisionData:
+        """Documents `indices` (in that order) with their images: tokens copied, the image
+        arrays still read from the store."""
+        images = None if self.images is None else _ImagesOf(self.images, indices)
+        return VisionData(self.tokenized.subset(indices), images)
+
+
+class _ImagesOf:
+    """StoredImages of some of a store's documents (document i: the store's indices[i])."""
+
+    def __init__(self, images: Any, indices: np.ndarray):
+        self.images, self.indices = images, np.asarray(indices, np.int64)
+
+    def lengths(self) -> dict[str, np.ndarray]:
+        return {name: lengths[self.indices] for name, lengths in self.images.lengths().items()}
+
+    def document(self, index: int) -> dict[str, np.ndarray]:
+        return self.images.document(int(self.indices[index]))
+
 
 class _BadLines:
     """An unparseable line stops with its file and line, or is counted (skip_bad_examples)."""

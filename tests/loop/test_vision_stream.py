@@ -1,0 +1,133 @@
+"""Image-text data beyond one in-memory file (issue 35): the stream loader's rows equal the
+in-memory loader's, a mixture of an image source and a text source trains and resumes exactly,
+and config.data.eval_fraction holds documents out with their images. The tiny Qwen2.5-VL
+checkpoint and conversations are tests/loop/test_vision_training.py's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_vision_training import _config, _train, folder  # noqa: F401 (the fixture)
+
+from sft_jax.data import images as image_files
+from sft_jax.data import pipeline, vision_source, vision_stream
+from sft_jax.train import sharding
+from sft_jax.train.setup import open_run_data
+from sft_jax.workdir.rundir import checkpoints_path
+
+TEXT = [("What is 42 ?", "It is 42 !"), ("Draw this", "A red square ."), ("And", "Draw this")]
+
+
+def test_streamed_rows_equal_the_in_memory_rows(folder, monkeypatch):  # noqa: F811
+    """Unshuffled, with a window of one epoch's documents, the stream loader packs the same rows
+    in the same order as the in-memory loader (every array equal, images included); shuffled,
+    a window holds each document once, as an epoch does. A restart reads the store and opens
+    no image file."""
+    memory = open_run_data(_config(folder, shuffle=False, loader="memory", eval_files=""))
+    count = len(memory.train_batches.data)
+    spec = _config(folder, shuffle=False, loader="stream", stream_window=count, eval_files="")
+    streamed = open_run_data(spec)
+    assert isinstance(streamed.train_batches, vision_stream.VisionStreamBatches)
+    assert streamed.images == memory.images
+    # The stream's bound on documents a row is known before reading: the configured one.
+    assert streamed.max_segments == spec.data.max_documents_per_row + 1 > memory.max_segments
+    first = None
+    for _ in range(4):  # two epochs
+        expected, got = next(memory.train_batches), next(streamed.train_batches)
+        first = got if first is None else first
+        assert sorted(got) == sorted(expected)
+        for name in expected:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+        assert got["vision_patches"].any()
+    shuffled = open_run_data(spec.with_values({"data.shuffle": True}))
+    window = [d for row in shuffled.train_batches.epoch_rows(0) for d in row]
+    assert sorted(window) == list(range(count))
+    monkeypatch.setattr(image_files, "open_image", _no_image)
+    again = next(open_run_data(spec).train_batches)
+    np.testing.assert_array_equal(again["vision_patches"], first["vision_patches"])
+
+
+def _no_image(source):
+    raise AssertionError(f"a restart opened the image {source}")
+
+
+def _text_source(model_dir: Path) -> Path:
+    path = model_dir / "text.jsonl"
+    lines = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        )
+        for q, a in TEXT
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _mixture(model_dir: Path, save_every: int = 0):
+    mixture = [
+        {"name": "images", "train_files": str(model_dir / "train.jsonl"), "weight": 2.0,
+         "eval_files": str(model_dir / "eval.jsonl")},
+        {"name": "text", "train_files": str(_text_source(model_dir)), "weight": 1.0},
+    ]  # fmt: skip
+    return _config(
+        model_dir, save_every, train_files="", eval_files="", mixture=mixture, stream_window=24
+    )
+
+
+@pytest.mark.e2e
+def test_a_mixture_of_images_and_text_trains_and_resumes_exactly(folder, tmp_path):  # noqa: F811
+    """loader='auto' streams a mixture; its rows hold documents of both sources (the image
+    documents with their patches); 3 steps saved at step 2; the WORKDIR without its last
+    checkpoint resumes at step 2 and logs the same step-3 loss."""
+    spec = _mixture(folder, save_every=2)
+    data = open_run_data(spec)
+    batches = data.train_batches
+    assert isinstance(batches, vision_stream.VisionStreamBatches)
+    refs = [d for row in batches.epoch_rows(0) for d in row]
+    sizes = batches.documents.sizes
+    assert sizes[1] == len(TEXT) and sum(r >= sizes[0] for r in refs) == 8  # 1/3 of 24
+    first = next(batches)
+    assert first["vision_patches"].any() and first["vision_grids"].any()
+    one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    run, straight = _train(spec, tmp_path / "straight", one)
+    assert [step for step, _ in straight] == [1, 2, 3]
+    assert all(np.isfinite(loss) for _, loss in straight)
+    assert np.isfinite(run.initial_eval["eval/loss"])
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(checkpoints_path(tmp_path / "resumed") / "3")
+    (tmp_path / "resumed" / "metrics.jsonl").unlink()
+    _, resumed = _train(spec, tmp_path / "resumed", one)
+    assert [step for step, _ in resumed] == [3]
+    assert resumed[0][1] == pytest.approx(straight[2][1], rel=1e-6)
+
+
+def test_eval_fraction_holds_documents_out_with_their_images(folder):  # noqa: F811
+    """The held-out documents are the full store's documents at pipeline.held_out's ids, each
+    with its own image arrays; the rest train."""
+    spec = _config(folder, eval_files="", eval_fraction=0.25, packing=False)
+    data = open_run_data(spec)
+    full = open_run_data(_config(folder, eval_files="", packing=False)).train_batches.data
+    train_ids, eval_ids = pipeline.held_out(len(full), 0.25, spec.train.seed)
+    assert len(eval_ids) == 2 and len(data.train_batches.data) == len(train_ids)
+    rows = [row for batch in data.eval_batches() for row in _rows(batch)]
+    for index, (tokens, patches) in zip(eval_ids, rows, strict=False):
+        document = full.document(int(index))
+        np.testing.assert_array_equal(tokens, document.tokens)
+        np.testing.assert_array_equal(patches, document.images["pixel_values"])
+    assert len([r for r in rows if len(r[0])]) == len(eval_ids)
+    assert vision_source.has_images(spec)
+
+
+def _rows(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, image patches) of each row of an unpacked batch."""
+    out = []
+    for row in range(len(batch["input_ids"])):
+        length = int((batch["segment_ids"][row] > 0).sum())
+        patches = int(np.prod(batch["vision_grids"][row], axis=1).sum())
+        out.append((batch["input_ids"][row][:length], batch["vision_patches"][row][:patches]))
+    return out
