@@ -19,8 +19,9 @@ import numpy as np
 from sft_jax.data import images as image_files
 from sft_jax.data.messages import BadExample
 from sft_jax.data.records import DataError, Record, fingerprint, read_records
+from sft_jax.data.stats import add as add_stats
 from sft_jax.data.store import StoredImages, StoreWriter, open_images, open_store
-from sft_jax.data.tokenize import Options, Tokenized, cache_key, from_documents
+from sft_jax.data.tokenize import Options, Tokenized, cache_key, empty_stats, from_documents
 from sft_jax.data.vision import VisionDocument, tokenize_vision_records, vision_example
 
 _CODE = ("images.py", "vision.py", "vision_data.py")
@@ -83,17 +84,21 @@ class _BadLines:
 
 
 def prepare_vision_data(
-    processor: Any, source: str, split: str, options: Options, store_root: Path
+    processor: Any, source: str | list[str], split: str, options: Options, store_root: Path
 ) -> VisionData:
-    """The store of `source` (a local data file; image paths are relative to its folder),
-    written on the first call, read by every later one."""
+    """The store of `source` (data files, one or several; image paths are relative to each
+    file's folder), written on the first call, read by every later one."""
+    sources = [source] if isinstance(source, str) else list(source)
     lines = _BadLines(options.skip_bad)
-    records = list(read_records(source, split, lines))
-    root = Path(source).parent
-    key = vision_key(processor, source, split, records, options, root)
+    parts = [(Path(s).parent, list(read_records(s, split, lines))) for s in sources]
+    key = vision_key(processor, sources, split, parts, options)
     tokenized = open_store(store_root, key)
     if tokenized is None:
-        documents, stats = tokenize_vision_records(processor, records, options, root)
+        documents, stats = [], empty_stats() | {"images": 0}
+        for root, records in parts:
+            part, part_stats = tokenize_vision_records(processor, records, options, root)
+            documents += part
+            add_stats(stats, part_stats)
         stats["examples_read"] += sum(lines.reasons.values())
         stats["dropped"] = dict(
             sorted((collections.Counter(stats["dropped"]) + lines.reasons).items())
@@ -109,17 +114,22 @@ def prepare_vision_data(
 
 
 def vision_key(
-    processor: Any, source: str, split: str, records: list[Record], options: Options, root: Path
+    processor: Any,
+    sources: list[str],
+    split: str,
+    parts: list[tuple[Path, list[Record]]],
+    options: Options,
 ) -> str:
     """tokenize.cache_key with the image files, the image processor and this code folded in."""
-    digest = hashlib.sha256(fingerprint([source], split).encode())
-    sources = []
-    for record in records:
-        try:
-            sources += vision_example(record.value, options.data_format, root)[1]
-        except BadExample:  # tokenization names it (or counts it)
-            continue
-    digest.update(image_files.sources_fingerprint(sources).encode())
+    digest = hashlib.sha256(fingerprint(sources, split).encode())
+    images = []
+    for root, records in parts:
+        for record in records:
+            try:
+                images += vision_example(record.value, options.data_format, root)[1]
+            except BadExample:  # tokenization names it (or counts it)
+                continue
+    digest.update(image_files.sources_fingerprint(images).encode())
     digest.update(processor.image_processor.to_json_string().encode())
     for name in _CODE:
         digest.update((Path(__file__).parent / name).read_bytes())

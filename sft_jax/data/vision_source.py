@@ -77,14 +77,12 @@ def run_layout(config: RunSpec) -> ImageLayout:
 
 
 def prepared(data: DataSpec, processor: Any, files: str, split: str, field: str) -> VisionData:
-    """The image store of `files` (config.data.<field>: one local file) with data's options."""
+    """The image store of `files` (config.data.<field>: files, globs) with data's options."""
     sources = records.expand_sources(files, f"config.data.{field}")
-    if len(sources) != 1:
-        raise DataError(f"config.data.{field}: data with images is read from one local file.")
     options = pipeline.tokenize_options(data, sources, split)
     cache = data.cache_dir if data.cache_dir not in ("", "none") else ""
     store = Path(cache or pipeline.default_cache_dir()).expanduser() / "images"
-    return prepare_vision_data(processor, sources[0], split, options, store)
+    return prepare_vision_data(processor, sources, split, options, store)
 
 
 def fingerprint(data: VisionData) -> str:

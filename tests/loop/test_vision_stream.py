@@ -12,10 +12,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_vision_training import _config, _train, folder  # noqa: F401 (the fixture)
+from test_vision_training import _config, _train, folder, reference_loss  # noqa: F401 (fixtures)
 
+from sft_jax.core.errors import ConfigError
 from sft_jax.data import images as image_files
 from sft_jax.data import pipeline, vision_source, vision_stream
+from sft_jax.data.records import DataError
 from sft_jax.train import sharding
 from sft_jax.train.setup import open_run_data
 from sft_jax.workdir.rundir import checkpoints_path
@@ -80,10 +82,11 @@ def _mixture(model_dir: Path, save_every: int = 0):
 
 
 @pytest.mark.e2e
-def test_a_mixture_of_images_and_text_trains_and_resumes_exactly(folder, tmp_path):  # noqa: F811
+def test_a_mixture_of_images_and_text_trains_and_resumes_exactly(folder, reference_loss, tmp_path):  # noqa: F811
     """loader='auto' streams a mixture; its rows hold documents of both sources (the image
-    documents with their patches); 3 steps saved at step 2; the WORKDIR without its last
-    checkpoint resumes at step 2 and logs the same step-3 loss."""
+    documents with their patches); the step-0 eval loss on the image source's eval file is
+    transformers'; 3 steps saved at step 2; the WORKDIR without its last checkpoint resumes at
+    step 2 and logs the same step-3 loss."""
     spec = _mixture(folder, save_every=2)
     data = open_run_data(spec)
     batches = data.train_batches
@@ -97,7 +100,7 @@ def test_a_mixture_of_images_and_text_trains_and_resumes_exactly(folder, tmp_pat
     run, straight = _train(spec, tmp_path / "straight", one)
     assert [step for step, _ in straight] == [1, 2, 3]
     assert all(np.isfinite(loss) for _, loss in straight)
-    assert np.isfinite(run.initial_eval["eval/loss"])
+    assert run.initial_eval["eval/loss"] == pytest.approx(reference_loss, rel=1e-4)
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(checkpoints_path(tmp_path / "resumed") / "3")
     (tmp_path / "resumed" / "metrics.jsonl").unlink()
@@ -131,3 +134,34 @@ def _rows(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
         patches = int(np.prod(batch["vision_grids"][row], axis=1).sum())
         out.append((batch["input_ids"][row][:length], batch["vision_patches"][row][:patches]))
     return out
+
+
+def test_max_examples_and_the_contamination_check_with_images_are_refused(folder):  # noqa: F811
+    spec = _mixture(folder)
+    entries = [{**spec.data.mixture[0], "max_examples": 4}, spec.data.mixture[1]]
+    with pytest.raises(DataError, match=r"config.data.mixture\[images\].max_examples=4"):
+        open_run_data(spec.with_values({"data.mixture": entries}))
+    with pytest.raises(ConfigError, match=r"config.data.contamination='report' with images"):
+        open_run_data(spec.with_values({"data.contamination": "report"}))
+
+
+def test_several_files_with_images_give_the_documents_of_one(folder, tmp_path):  # noqa: F811
+    """train.jsonl split in two files in two folders (image paths relative to each file's
+    folder): the same documents with the same image arrays as the one file."""
+    lines = (folder / "train.jsonl").read_text().splitlines(keepends=True)
+    for part, chunk in (("a", lines[:3]), ("b", lines[3:])):
+        (tmp_path / part).mkdir()
+        (tmp_path / part / "train.jsonl").write_text("".join(chunk))
+        for image in folder.glob("img*.png"):
+            shutil.copy(image, tmp_path / part / image.name)
+    one = open_run_data(_config(folder, eval_files="")).train_batches.data
+    spec = _config(folder, eval_files="", train_files=str(tmp_path / "*" / "train.jsonl"))
+    both = open_run_data(spec).train_batches.data
+    assert len(both) == len(one) == 8
+    for index in range(len(one)):
+        expected, got = one.document(index), both.document(index)
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+        np.testing.assert_array_equal(got.trained, expected.trained)
+        for name, value in expected.images.items():
+            np.testing.assert_array_equal(got.images[name], value, err_msg=name)
+    assert both.tokenized.stats["images"] == one.tokenized.stats["images"] == 11
