@@ -76,10 +76,11 @@ def copy_processor_files(source: str | Path, out: str | Path) -> list[str]:
     """Copies an image-text model folder's processor files (those it has) into `out`, an
     export holding the weights and the run's tokenizer: transformers' processor (or its parts)
     then loads from `out` alone. A file the export already holds is kept (the chat template the
-    run's tokenizer wrote is the one it trained with). A text model's folder (no
-    preprocessor_config.json) gives nothing. Returns the names copied."""
+    run's tokenizer wrote is the one it trained with). A text model's folder (neither
+    preprocessor_config.json nor processor_config.json, where transformers 5 writes the image
+    processor's settings too) gives nothing. Returns the names copied."""
     source, out = Path(source), Path(out)
-    if not (source / "preprocessor_config.json").is_file():
+    if not any((source / name).is_file() for name in PROCESSOR_FILES[:2]):
         return []
     copied = []
     for name in PROCESSOR_FILES:

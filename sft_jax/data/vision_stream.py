@@ -90,6 +90,24 @@ def fingerprint(sources: list[Source], train: list[VisionData], window: int) -> 
     return FINGERPRINT + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def _processor(config: RunSpec) -> Any:
+    source = config.data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
+    return vision.load_processor(source, config.data.chat_template)
+
+
+def prepare_stores(config: RunSpec) -> list[tuple[str, VisionData]]:
+    """`python -m sft_jax.data.prepare` on image data: every source's train and eval image
+    stores ("NAME", "NAME eval"), written now where missing; training (either loader) then
+    reads them and opens no image."""
+    processor, out = _processor(config), []
+    for source in sources_of(config.data):
+        out.append((source.name, _source_data(config, processor, source, "train_files")))
+        if source.eval_files:
+            evaluation = _source_data(config, processor, source, "eval_files")
+            out.append((f"{source.name} eval", evaluation))
+    return out
+
+
 def open_vision_stream(config: RunSpec, feed: tuple[int, int] | None = None) -> Any:
     """The trainer's DataSource (pipeline.DataSource) of image-text data on the stream loader;
     `feed`: pipeline.row_share."""
@@ -99,9 +117,7 @@ def open_vision_stream(config: RunSpec, feed: tuple[int, int] | None = None) -> 
             f"config.data.contamination={data.contamination!r} with images: the check compares "
             "text only and is not built for image data yet; set it 'off'."
         )
-    processor = vision.load_processor(
-        data.tokenizer or str(resolve_model_dir(config.model.name_or_path)), data.chat_template
-    )
+    processor = _processor(config)
     layout, sources = vision_source.run_layout(config), sources_of(data)
     if data.train_on != "all_tokens":
         _check_masks(config, processor, sources)

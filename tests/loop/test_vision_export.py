@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 import transformers
+from test_gemma3_vision import BOI, tiny_processor
 from test_vision_training import _config, _train, folder  # noqa: F401 (the fixture)
 
 from sft_jax.data import processor_parts, vision, vision_source
@@ -101,3 +102,22 @@ def test_processor_files_copy_only_for_image_models_and_keep_the_runs_template(t
     (out / "chat_template.jinja").write_text("the run's template")
     assert processor_parts.copy_processor_files(source, out) == ["preprocessor_config.json"]
     assert (out / "chat_template.jinja").read_text() == "the run's template"
+
+
+def test_auto_processor_loads_from_an_export_folder(tmp_path):
+    """Gemma 3's processor as transformers 5 saves it (the image processor's settings inside
+    processor_config.json): an export folder holding the tokenizer and the copied files loads
+    with AutoProcessor and gives the source processor's arrays (its image_seq_length too)."""
+    processor = tiny_processor()
+    processor.save_pretrained(tmp_path / "source")
+    processor.tokenizer.save_pretrained(tmp_path / "export")
+    copied = processor_parts.copy_processor_files(tmp_path / "source", tmp_path / "export")
+    assert copied == ["processor_config.json"]
+    loaded = transformers.AutoProcessor.from_pretrained(tmp_path / "export")
+    image = PIL.Image.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(30, 20, 3))
+    text = f"What is {BOI} here ?"
+    expected = processor(text=[text], images=[[image]], return_tensors="np")
+    got = loaded(text=[text], images=[[image]], return_tensors="np")
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

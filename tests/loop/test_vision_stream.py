@@ -165,3 +165,21 @@ def test_several_files_with_images_give_the_documents_of_one(folder, tmp_path): 
         for name, value in expected.images.items():
             np.testing.assert_array_equal(got.images[name], value, err_msg=name)
     assert both.tokenized.stats["images"] == one.tokenized.stats["images"] == 11
+
+
+def test_prepared_stores_serve_both_loaders_without_opening_an_image(folder, tmp_path, monkeypatch):  # noqa: F811
+    """`python -m sft_jax.data.prepare`'s step on a mixture with images writes every source's
+    train and eval store; training then reads them, in memory or streamed, and opens no image."""
+    spec = _mixture(folder).with_values({"data.cache_dir": str(tmp_path)})
+    names = [name for name, _ in vision_stream.prepare_stores(spec)]
+    assert names == ["images", "images eval", "text"]
+    monkeypatch.setattr(image_files, "open_image", _no_image)
+    assert next(open_run_data(spec).train_batches)["vision_patches"].any()
+    memory = {"data.cache_dir": str(tmp_path), "data.loader": "memory"}
+    files = {
+        "data.train_files": str(folder / "train.jsonl"),
+        "data.eval_files": str(folder / "eval.jsonl"),
+    }
+    single = _config(folder).with_values({**memory, **files})
+    vision_stream.prepare_stores(single)
+    assert next(open_run_data(single).train_batches)["vision_patches"].any()
