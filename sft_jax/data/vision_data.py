@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +85,26 @@ class _BadLines:
 
 
 def prepare_vision_data(
-    processor: Any, source: str | list[str], split: str, options: Options, store_root: Path
+    processor: Any,
+    source: str | list[str],
+    split: str,
+    options: Options,
+    store_root: Path,
+    limit: int = 0,
 ) -> VisionData:
     """The store of `source` (data files, one or several; image paths are relative to each
-    file's folder), written on the first call, read by every later one."""
+    file's folder; the first `limit` examples, 0: all), written on the first call, read by
+    every later one."""
     sources = [source] if isinstance(source, str) else list(source)
     lines = _BadLines(options.skip_bad)
-    parts = [(Path(s).parent, list(read_records(s, split, lines))) for s in sources]
+    parts: list[tuple[Path, list[Record]]] = []
+    for name in sources:
+        room = limit - sum(len(records) for _, records in parts) if limit else None
+        records = itertools.islice(read_records(name, split, lines), room)
+        parts.append((Path(name).parent, list(records)))
     key = vision_key(processor, sources, split, parts, options)
+    if limit:
+        key = hashlib.sha256(f"{key}/limit={limit}".encode()).hexdigest()[:32]
     tokenized = open_store(store_root, key)
     if tokenized is None:
         documents, stats = [], empty_stats() | {"images": 0}

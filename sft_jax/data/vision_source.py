@@ -76,13 +76,16 @@ def run_layout(config: RunSpec) -> ImageLayout:
     return layout
 
 
-def prepared(data: DataSpec, processor: Any, files: str, split: str, field: str) -> VisionData:
-    """The image store of `files` (config.data.<field>: files, globs) with data's options."""
+def prepared(
+    data: DataSpec, processor: Any, files: str, split: str, field: str, limit: int = 0
+) -> VisionData:
+    """The image store of `files` (config.data.<field>: files, globs) with data's options, of
+    the first `limit` examples (0: all)."""
     sources = records.expand_sources(files, f"config.data.{field}")
     options = pipeline.tokenize_options(data, sources, split)
     cache = data.cache_dir if data.cache_dir not in ("", "none") else ""
     store = Path(cache or pipeline.default_cache_dir()).expanduser() / "images"
-    return prepare_vision_data(processor, sources, split, options, store)
+    return prepare_vision_data(processor, sources, split, options, store, limit)
 
 
 def fingerprint(data: VisionData) -> str:

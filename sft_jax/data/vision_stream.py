@@ -17,7 +17,6 @@ from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import pipeline, stream, vision, vision_batches, vision_source
 from sft_jax.data.mixture import Source, sources_of
-from sft_jax.data.records import DataError
 from sft_jax.data.vision import VisionDocument
 from sft_jax.data.vision_data import VisionData
 from sft_jax.models.image_rows import ImageLayout
@@ -62,16 +61,14 @@ class VisionStreamBatches(stream.StreamBatches):
 
 
 def _source_data(config: RunSpec, processor: Any, source: Source, field: str) -> VisionData:
-    """One source's prepared store (its own format and template options)."""
-    if source.max_examples:
-        raise DataError(
-            f"config.data.mixture[{source.name}].max_examples={source.max_examples}: not "
-            "supported with images yet; remove it (or cut the source's file)."
-        )
-    files = source.train_files if field == "train_files" else source.eval_files
-    split = source.data.train_split if field == "train_files" else source.data.eval_split
+    """One source's prepared store (its own format and template options; its training
+    examples the first max_examples)."""
+    train = field == "train_files"
+    files = source.train_files if train else source.eval_files
+    split = source.data.train_split if train else source.data.eval_split
     name = f"mixture[{source.name}].{field}" if config.data.mixture else field
-    return vision_source.prepared(source.data, processor, files, split, name)
+    limit = source.max_examples if train else 0
+    return vision_source.prepared(source.data, processor, files, split, name, limit)
 
 
 def _check_masks(config: RunSpec, processor: Any, sources: list[Source]) -> None:

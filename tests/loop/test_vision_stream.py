@@ -17,7 +17,6 @@ from test_vision_training import _config, _train, folder, reference_loss  # noqa
 from sft_jax.core.errors import ConfigError
 from sft_jax.data import images as image_files
 from sft_jax.data import pipeline, vision_source, vision_stream
-from sft_jax.data.records import DataError
 from sft_jax.train import sharding
 from sft_jax.train.setup import open_run_data
 from sft_jax.workdir.rundir import checkpoints_path
@@ -136,11 +135,18 @@ def _rows(batch: dict) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def test_max_examples_and_the_contamination_check_with_images_are_refused(folder):  # noqa: F811
+def test_max_examples_takes_the_first_examples_and_contamination_is_refused(folder):  # noqa: F811
+    """A source's max_examples keeps its first examples (their documents and images equal the
+    whole file's first ones); the contamination check (text only) is refused with images."""
     spec = _mixture(folder)
-    entries = [{**spec.data.mixture[0], "max_examples": 4}, spec.data.mixture[1]]
-    with pytest.raises(DataError, match=r"config.data.mixture\[images\].max_examples=4"):
-        open_run_data(spec.with_values({"data.mixture": entries}))
+    entries = [{**spec.data.mixture[0], "max_examples": 3}, spec.data.mixture[1]]
+    cut = open_run_data(spec.with_values({"data.mixture": entries})).train_batches.documents
+    whole = open_run_data(spec).train_batches.documents
+    assert list(cut.sizes) == [3, len(TEXT)] and list(whole.sizes) == [8, len(TEXT)]
+    for index in range(3):
+        expected, got = whole.vision_document(index), cut.vision_document(index)
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+        np.testing.assert_array_equal(got.images["pixel_values"], expected.images["pixel_values"])
     with pytest.raises(ConfigError, match=r"config.data.contamination='report' with images"):
         open_run_data(spec.with_values({"data.contamination": "report"}))
 
