@@ -329,8 +329,13 @@ def content_fingerprint(tokenized: tokenize.Tokenized) -> str:
     every document as it was (the tokenization cache's key, which does change, is not it)."""
     digest = hashlib.blake2b(digest_size=16)
     for array in (tokenized.tokens, tokenized.trained, tokenized.offsets):
-        digest.update(np.ascontiguousarray(array).tobytes())
+        # In slices: a store's tokens are never all in memory at once (the same digest).
+        for start in range(0, len(array), _HASHED_AT_ONCE):
+            digest.update(np.ascontiguousarray(array[start : start + _HASHED_AT_ONCE]).tobytes())
     return batches.DOCUMENTS_FINGERPRINT + digest.hexdigest()
+
+
+_HASHED_AT_ONCE = 2**24  # values of an array hashed at a time by content_fingerprint
 
 
 def with_virtual_tokens(loaded: Datasets, spec: PromptSpec) -> Datasets:

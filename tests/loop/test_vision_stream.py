@@ -5,6 +5,7 @@ checkpoint and conversations are tests/loop/test_vision_training.py's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from test_vision_training import _config, _train, folder, reference_loss  # noqa
 from sft_jax.core.errors import ConfigError
 from sft_jax.data import images as image_files
 from sft_jax.data import pipeline, vision_source, vision_stream
+from sft_jax.data.tokenize import from_documents
 from sft_jax.train import sharding
 from sft_jax.train.setup import open_run_data
 from sft_jax.workdir.rundir import checkpoints_path
@@ -189,3 +191,17 @@ def test_prepared_stores_serve_both_loaders_without_opening_an_image(folder, tmp
     single = _config(folder).with_values({**memory, **files})
     vision_stream.prepare_stores(single)
     assert next(open_run_data(single).train_batches)["vision_patches"].any()
+
+
+def test_the_documents_fingerprint_hashed_in_slices_is_the_whole_arrays_hash(monkeypatch):
+    """content_fingerprint reads a store a slice at a time (a streamed store is never all in
+    memory) and gives the digest of the whole arrays at once."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 50, 300)
+    documents = [(rng.integers(0, 1000, n).astype(np.int32), rng.random(n) > 0.5) for n in lengths]
+    tokenized = from_documents(documents, {})
+    whole = hashlib.blake2b(digest_size=16)
+    for array in (tokenized.tokens, tokenized.trained, tokenized.offsets):
+        whole.update(np.ascontiguousarray(array).tobytes())
+    monkeypatch.setattr(pipeline, "_HASHED_AT_ONCE", 100)
+    assert pipeline.content_fingerprint(tokenized) == "documents:" + whole.hexdigest()
