@@ -115,6 +115,8 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             len(train_data), data.eval_fraction, config.train.seed
         )
         train_data, eval_data = train_data.subset(train_ids), train_data.subset(eval_ids)
+    if eval_data is not None and 0 < data.eval_max_examples < len(eval_data):
+        eval_data = eval_data.subset(np.arange(data.eval_max_examples))
     budget = (data.max_length, data.max_images_per_row, data.max_image_patches_per_row)
     train = vision_batches.VisionTrainBatches(
         train_data,
@@ -137,11 +139,7 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             share=pipeline.row_share(feed),
         )
         documents = max(documents, most)
-        if max(config.eval.generate_examples, config.eval.show_samples) > 0:
-            log.warning(
-                "eval: replies are not generated for examples with images yet "
-                "(config.eval.generate_examples, config.eval.show_samples); eval reports the loss."
-            )
+        warn_about_samples(config)
     return pipeline.DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
@@ -150,3 +148,11 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
         tokenizer=processor.tokenizer,
         **step_images(layout),
     )
+
+
+def warn_about_samples(config: RunSpec) -> None:
+    if max(config.eval.generate_examples, config.eval.show_samples) > 0:
+        log.warning(
+            "eval: replies are not generated for examples with images yet "
+            "(config.eval.generate_examples, config.eval.show_samples); eval reports the loss."
+        )

@@ -145,6 +145,8 @@ def open_vision_stream(config: RunSpec, feed: tuple[int, int] | None = None) -> 
     )
     eval_sets = _eval_sets(config, processor, sources, layout, budget, batches.bound, process)
     everything = [batch for batches_ in eval_sets.values() for batch in batches_]
+    if eval_sets:
+        vision_source.warn_about_samples(config)
     return pipeline.DataSource(
         train_batches=batches,
         eval_batches=lambda: everything,

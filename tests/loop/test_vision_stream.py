@@ -112,7 +112,7 @@ def test_a_mixture_of_images_and_text_trains_and_resumes_exactly(folder, referen
 
 def test_eval_fraction_holds_documents_out_with_their_images(folder):  # noqa: F811
     """The held-out documents are the full store's documents at pipeline.held_out's ids, each
-    with its own image arrays; the rest train."""
+    with its own image arrays; the rest train. eval_max_examples caps an eval file."""
     spec = _config(folder, eval_files="", eval_fraction=0.25, packing=False)
     data = open_run_data(spec)
     full = open_run_data(_config(folder, eval_files="", packing=False)).train_batches.data
@@ -124,6 +124,8 @@ def test_eval_fraction_holds_documents_out_with_their_images(folder):  # noqa: F
         np.testing.assert_array_equal(tokens, document.tokens)
         np.testing.assert_array_equal(patches, document.images["pixel_values"])
     assert len([r for r in rows if len(r[0])]) == len(eval_ids)
+    capped = open_run_data(_config(folder, eval_max_examples=2, packing=False))  # of 5
+    assert len([r for b in capped.eval_batches() for r in _rows(b) if len(r[0])]) == 2
     assert vision_source.has_images(spec)
 
 
