@@ -245,15 +245,19 @@ def split_eval(
     tokenized: tokenize.Tokenized, fraction: float, seed: int
 ) -> tuple[tokenize.Tokenized, tokenize.Tokenized]:
     """A deterministic hold-out: the documents a seeded permutation puts first go to eval."""
-    order = np.random.default_rng([seed, 1]).permutation(len(tokenized))
-    held = max(1, round(fraction * len(tokenized)))
-    if held >= len(tokenized):
-        raise DataError(
-            f"config.data.eval_fraction={fraction} leaves no training data "
-            f"({len(tokenized)} documents)."
-        )
-    eval_ids, train_ids = np.sort(order[:held]), np.sort(order[held:])
+    train_ids, eval_ids = held_out(len(tokenized), fraction, seed)
     return tokenized.subset(train_ids), tokenized.subset(eval_ids)
+
+
+def held_out(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, eval ids) of split_eval's hold-out of `count` documents, each sorted."""
+    order = np.random.default_rng([seed, 1]).permutation(count)
+    held = max(1, round(fraction * count))
+    if held >= count:
+        raise DataError(
+            f"config.data.eval_fraction={fraction} leaves no training data ({count} documents)."
+        )
+    return np.sort(order[held:]), np.sort(order[:held])
 
 
 @dataclasses.dataclass
@@ -329,8 +333,13 @@ def content_fingerprint(tokenized: tokenize.Tokenized) -> str:
     every document as it was (the tokenization cache's key, which does change, is not it)."""
     digest = hashlib.blake2b(digest_size=16)
     for array in (tokenized.tokens, tokenized.trained, tokenized.offsets):
-        digest.update(np.ascontiguousarray(array).tobytes())
+        # In slices: a store's tokens are never all in memory at once (the same digest).
+        for start in range(0, len(array), _HASHED_AT_ONCE):
+            digest.update(np.ascontiguousarray(array[start : start + _HASHED_AT_ONCE]).tobytes())
     return batches.DOCUMENTS_FINGERPRINT + digest.hexdigest()
+
+
+_HASHED_AT_ONCE = 2**24  # values of an array hashed at a time by content_fingerprint
 
 
 def with_virtual_tokens(loaded: Datasets, spec: PromptSpec) -> Datasets:

@@ -59,3 +59,32 @@ def processor_from_parts(source: str | Path) -> Any:
     parameters = inspect.signature(cls.__init__).parameters
     kwargs.update({p: None for p in parameters if p.endswith("_processor") and p not in kwargs})
     return _without_absent_parts(cls)(**kwargs)
+
+
+# What a processor reads beside the tokenizer's files and the weights: the image (and video)
+# processor's settings, the processor's own, and the chat template in its two spellings.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def copy_processor_files(source: str | Path, out: str | Path) -> list[str]:
+    """Copies an image-text model folder's processor files (those it has) into `out`, an
+    export holding the weights and the run's tokenizer: transformers' processor (or its parts)
+    then loads from `out` alone. A file the export already holds is kept (the chat template the
+    run's tokenizer wrote is the one it trained with). A text model's folder (neither
+    preprocessor_config.json nor processor_config.json, where transformers 5 writes the image
+    processor's settings too) gives nothing. Returns the names copied."""
+    source, out = Path(source), Path(out)
+    if not any((source / name).is_file() for name in PROCESSOR_FILES[:2]):
+        return []
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (source / name).is_file() and not (out / name).exists():
+            (out / name).write_bytes((source / name).read_bytes())
+            copied.append(name)
+    return copied

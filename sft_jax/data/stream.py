@@ -147,12 +147,16 @@ class StreamBatches(TrainBatches):
         refs = self.window_documents(window)
         if not self.packing:
             return [[int(r)] for r in refs]
-        lengths = self.documents.lengths(refs)
-        rows = best_fit(lengths, np.arange(len(refs)), self.row_len, self.bound)
+        rows = self.pack_window(refs)
         if self.shuffle:
             order = np.random.default_rng([self.seed, window, 2]).permutation(len(rows))
             rows = [rows[i] for i in order]
         return [[int(refs[d]) for d in row] for row in rows]
+
+    def pack_window(self, refs: np.ndarray) -> list[list[int]]:
+        """The window's documents (positions in `refs`) packed best-fit into rows."""
+        lengths = self.documents.lengths(refs)
+        return best_fit(lengths, np.arange(len(refs)), self.row_len, self.bound)
 
     def make_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
         out = super().make_rows(rows)

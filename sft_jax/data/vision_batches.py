@@ -7,6 +7,7 @@ outputs of the row's documents in order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from sft_jax.core.batch import FIELDS
 from sft_jax.data import batches
 from sft_jax.data.records import DataError
+from sft_jax.data.vision import VisionDocument
 from sft_jax.data.vision_data import VisionData
 from sft_jax.models.image_rows import ImageLayout
 
@@ -63,20 +65,32 @@ def pack(cost: np.ndarray, order: np.ndarray, budget: tuple, max_docs: int) -> l
 
 
 def make_rows(
-    data: VisionData, rows: list[list[int]], row_len: int, layout: ImageLayout
+    read: Callable[[int], VisionDocument], rows: list[list[int]], row_len: int, layout: ImageLayout
 ) -> dict[str, np.ndarray]:
-    """The token arrays (batches.make_rows) and the family's image arrays of each row."""
-    out = batches.make_rows(data.tokenized, rows, row_len)
+    """The token arrays (batches.make_rows) and the family's image arrays of each row, document
+    d being read(d)."""
+    read_once = {doc: read(doc) for docs in rows for doc in docs}
+    out = batches.make_rows(_Tokens(read_once), rows, row_len)
     per_row = []
     for docs in rows:
         documents = []
         for doc in docs:
-            document = data.document(doc)
+            document = read_once[doc]
             documents.append({"input_ids": document.tokens, **document.images})
         per_row.append(layout.row(documents))
     for name in layout.fields:
         out[name] = np.stack([row[name] for row in per_row]).astype(FIELDS[name].dtype)
     return out
+
+
+class _Tokens:
+    """batches.make_rows's view of documents already read: (tokens, trained) by index."""
+
+    def __init__(self, documents: dict[int, VisionDocument]):
+        self.documents = documents
+
+    def document(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.documents[index].tokens, self.documents[index].trained
 
 
 class VisionTrainBatches(batches.TrainBatches):
@@ -97,7 +111,7 @@ class VisionTrainBatches(batches.TrainBatches):
         return [rows[i] for i in rng.permutation(len(rows))] if self.shuffle else rows
 
     def make_rows(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
-        return make_rows(self.data, rows, self.row_len, self.layout)
+        return make_rows(self.data.document, rows, self.row_len, self.layout)
 
 
 def eval_batches(
@@ -117,7 +131,7 @@ def eval_batches(
     order = np.arange(len(data))
     rows = pack(cost, order, budget, max_docs) if packing else [[int(i)] for i in order]
     out = [
-        make_rows(data, mine, budget[0], layout)
+        make_rows(data.document, mine, budget[0], layout)
         for mine in batches.local_rows(rows, global_rows, *share)
     ]
     return out, max(len(row) for row in rows)

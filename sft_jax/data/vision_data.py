@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ import numpy as np
 from sft_jax.data import images as image_files
 from sft_jax.data.messages import BadExample
 from sft_jax.data.records import DataError, Record, fingerprint, read_records
+from sft_jax.data.stats import add as add_stats
 from sft_jax.data.store import StoredImages, StoreWriter, open_images, open_store
-from sft_jax.data.tokenize import Options, Tokenized, cache_key, from_documents
+from sft_jax.data.tokenize import Options, Tokenized, cache_key, empty_stats, from_documents
 from sft_jax.data.vision import VisionDocument, tokenize_vision_records, vision_example
 
 _CODE = ("images.py", "vision.py", "vision_data.py")
@@ -88,6 +90,25 @@ class VisionData:
                 prompts.append(EvalPrompt(*pair, document.images, document.labels))
         return prompts
 
+    def subset(self, indices: np.ndarray) -> VisionData:
+        """Documents `indices` (in that order) with their images: tokens copied, the image
+        arrays still read from the store."""
+        images = None if self.images is None else _ImagesOf(self.images, indices)
+        return VisionData(self.tokenized.subset(indices), images)
+
+
+class _ImagesOf:
+    """StoredImages of some of a store's documents (document i: the store's indices[i])."""
+
+    def __init__(self, images: Any, indices: np.ndarray):
+        self.images, self.indices = images, np.asarray(indices, np.int64)
+
+    def lengths(self) -> dict[str, np.ndarray]:
+        return {name: lengths[self.indices] for name, lengths in self.images.lengths().items()}
+
+    def document(self, index: int) -> dict[str, np.ndarray]:
+        return self.images.document(int(self.indices[index]))
+
 
 class _BadLines:
     """An unparseable line stops with its file and line, or is counted (skip_bad_examples)."""
@@ -105,17 +126,33 @@ class _BadLines:
 
 
 def prepare_vision_data(
-    processor: Any, source: str, split: str, options: Options, store_root: Path
+    processor: Any,
+    source: str | list[str],
+    split: str,
+    options: Options,
+    store_root: Path,
+    limit: int = 0,
 ) -> VisionData:
-    """The store of `source` (a local data file; image paths are relative to its folder),
-    written on the first call, read by every later one."""
+    """The store of `source` (data files, one or several; image paths are relative to each
+    file's folder; the first `limit` examples, 0: all), written on the first call, read by
+    every later one."""
+    sources = [source] if isinstance(source, str) else list(source)
     lines = _BadLines(options.skip_bad)
-    records = list(read_records(source, split, lines))
-    root = Path(source).parent
-    key = vision_key(processor, source, split, records, options, root)
+    parts: list[tuple[Path, list[Record]]] = []
+    for name in sources:
+        room = limit - sum(len(records) for _, records in parts) if limit else None
+        records = itertools.islice(read_records(name, split, lines), room)
+        parts.append((Path(name).parent, list(records)))
+    key = vision_key(processor, sources, split, parts, options)
+    if limit:
+        key = hashlib.sha256(f"{key}/limit={limit}".encode()).hexdigest()[:32]
     tokenized = open_store(store_root, key)
     if tokenized is None:
-        documents, stats = tokenize_vision_records(processor, records, options, root)
+        documents, stats = [], empty_stats() | {"images": 0}
+        for root, records in parts:
+            part, part_stats = tokenize_vision_records(processor, records, options, root)
+            documents += part
+            add_stats(stats, part_stats)
         stats["examples_read"] += sum(lines.reasons.values())
         stats["dropped"] = dict(
             sorted((collections.Counter(stats["dropped"]) + lines.reasons).items())
@@ -134,17 +171,22 @@ def prepare_vision_data(
 
 
 def vision_key(
-    processor: Any, source: str, split: str, records: list[Record], options: Options, root: Path
+    processor: Any,
+    sources: list[str],
+    split: str,
+    parts: list[tuple[Path, list[Record]]],
+    options: Options,
 ) -> str:
     """tokenize.cache_key with the image files, the image processor and this code folded in."""
-    digest = hashlib.sha256(fingerprint([source], split).encode())
-    sources = []
-    for record in records:
-        try:
-            sources += vision_example(record.value, options.data_format, root)[1]
-        except BadExample:  # tokenization names it (or counts it)
-            continue
-    digest.update(image_files.sources_fingerprint(sources).encode())
+    digest = hashlib.sha256(fingerprint(sources, split).encode())
+    images = []
+    for root, records in parts:
+        for record in records:
+            try:
+                images += vision_example(record.value, options.data_format, root)[1]
+            except BadExample:  # tokenization names it (or counts it)
+                continue
+    digest.update(image_files.sources_fingerprint(images).encode())
     digest.update(processor.image_processor.to_json_string().encode())
     for name in _CODE:
         digest.update((Path(__file__).parent / name).read_bytes())

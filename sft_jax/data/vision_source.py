@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from sft_jax.core.spec import RunSpec
+from sft_jax.core.spec import DataSpec, RunSpec
 from sft_jax.data import batches, images, pipeline, records, vision, vision_batches
 from sft_jax.data.records import DataError
 from sft_jax.data.vision_data import VisionData, prepare_vision_data
@@ -24,13 +24,22 @@ log = logging.getLogger(__name__)
 
 
 def has_images(config: RunSpec) -> bool:
-    """Does the first training example hold an image? (A mixture's sources are not read
-    here: mixtures take text only for now.)"""
-    if not config.data.train_files or config.data.mixture:
-        return False
-    sources = records.expand_sources(config.data.train_files, "config.data.train_files")
-    stream = records.read_records(sources[0], config.data.train_split, _Ignore())
-    first = next(iter(stream), None)
+    """Does the first training example hold an image (of config.data.train_files, or of any
+    source of config.data.mixture)?"""
+    data = config.data
+    if data.mixture:
+        splits = [entry.get("train_split", data.train_split) for entry in data.mixture]
+        files = [
+            (entry["train_files"], split) for entry, split in zip(data.mixture, splits, strict=True)
+        ]
+    else:
+        files = [(data.train_files, data.train_split)] if data.train_files else []
+    return any(_first_has_images(spec, split) for spec, split in files)
+
+
+def _first_has_images(spec: str, split: str) -> bool:
+    sources = records.expand_sources(spec, "config.data.train_files")
+    first = next(iter(records.read_records(sources[0], split, _Ignore())), None)
     return first is not None and images.has_images(first.value)
 
 
@@ -67,14 +76,16 @@ def run_layout(config: RunSpec) -> ImageLayout:
     return layout
 
 
-def _prepared(config: RunSpec, processor: Any, files: str, split: str, field: str) -> VisionData:
-    sources = records.expand_sources(files, field)
-    if len(sources) != 1:
-        raise DataError(f"{field}: data with images is read from one local file for now.")
-    options = pipeline.tokenize_options(config.data, sources, split)
-    cache = config.data.cache_dir if config.data.cache_dir not in ("", "none") else ""
+def prepared(
+    data: DataSpec, processor: Any, files: str, split: str, field: str, limit: int = 0
+) -> VisionData:
+    """The image store of `files` (config.data.<field>: files, globs) with data's options, of
+    the first `limit` examples (0: all)."""
+    sources = records.expand_sources(files, f"config.data.{field}")
+    options = pipeline.tokenize_options(data, sources, split)
+    cache = data.cache_dir if data.cache_dir not in ("", "none") else ""
     store = Path(cache or pipeline.default_cache_dir()).expanduser() / "images"
-    return prepare_vision_data(processor, sources[0], split, options, store)
+    return prepare_vision_data(processor, sources, split, options, store, limit)
 
 
 def fingerprint(data: VisionData) -> str:
@@ -90,17 +101,22 @@ def fingerprint(data: VisionData) -> str:
 def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pipeline.DataSource:
     """The DataSource of an image-text model's SFT data (train file, eval file or none)."""
     data = config.data
-    if data.eval_fraction > 0:
-        raise DataError(
-            "config.data.eval_fraction with images is not supported yet; give the eval examples "
-            "as config.data.eval_files."
-        )
     source = data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
     processor = vision.load_processor(source, data.chat_template)
     layout = run_layout(config)
     if data.train_on != "all_tokens":
         pipeline.check_at_start(config, processor.tokenizer)
-    train_data = _prepared(config, processor, data.train_files, data.train_split, "train_files")
+    train_data = prepared(data, processor, data.train_files, data.train_split, "train_files")
+    eval_data = None
+    if data.eval_files:
+        eval_data = prepared(data, processor, data.eval_files, data.eval_split, "eval_files")
+    elif data.eval_fraction > 0:  # held out as the text loader does; each keeps its images
+        train_ids, eval_ids = pipeline.held_out(
+            len(train_data), data.eval_fraction, config.train.seed
+        )
+        train_data, eval_data = train_data.subset(train_ids), train_data.subset(eval_ids)
+    if eval_data is not None and 0 < data.eval_max_examples < len(eval_data):
+        eval_data = eval_data.subset(np.arange(data.eval_max_examples))
     budget = (data.max_length, data.max_images_per_row, data.max_image_patches_per_row)
     train = vision_batches.VisionTrainBatches(
         train_data,
@@ -111,9 +127,8 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
         max_docs=data.max_documents_per_row,
     )
     log.info("train: %s", pipeline.summary_line(train_data.tokenized.stats))
-    documents, evaluation, prompts = train.documents_per_row(), [], []
-    if data.eval_files:
-        eval_data = _prepared(config, processor, data.eval_files, data.eval_split, "eval_files")
+    documents, evaluation = train.documents_per_row(), []
+    if eval_data is not None:
         evaluation, most = vision_batches.eval_batches(
             eval_data,
             layout,
@@ -124,16 +139,26 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             share=pipeline.row_share(feed),
         )
         documents = max(documents, most)
-        count = max(config.eval.generate_examples, config.eval.show_samples)
-        image_ids = [i for i in processor.image_token_ids if i is not None]
-        prompts = eval_data.eval_prompts(count, image_ids)
     return pipeline.DataSource(
         train_batches=train,
         eval_batches=lambda: evaluation,
         seq_len=data.max_length,
         max_segments=documents + 1,
         tokenizer=processor.tokenizer,
-        eval_prompts=[(p.prompt, p.reference) for p in prompts],
-        eval_images=[(p.images, p.labels) for p in prompts],
+        **sample_prompts(config, processor, eval_data),
         **step_images(layout),
     )
+
+
+def sample_prompts(config: RunSpec, processor: Any, eval_data: VisionData | None) -> dict:
+    """DataSource's eval_prompts and eval_images: the first eval documents whose replies eval
+    generates (with their images and their names), as many as config.eval asks for."""
+    count = max(config.eval.generate_examples, config.eval.show_samples)
+    if eval_data is None or count == 0:
+        return {}
+    image_ids = [i for i in processor.image_token_ids if i is not None]
+    prompts = eval_data.eval_prompts(count, image_ids)
+    return {
+        "eval_prompts": [(p.prompt, p.reference) for p in prompts],
+        "eval_images": [(p.images, p.labels) for p in prompts],
+    }

@@ -22,7 +22,7 @@ from flax import nnx
 from sft_jax.adapters import methods as adapter_methods
 from sft_jax.adapters.methods import AdapterMethod
 from sft_jax.core.spec import RunSpec
-from sft_jax.data import run_tokenizer
+from sft_jax.data import processor_parts, run_tokenizer
 from sft_jax.data.cloud import is_remote
 from sft_jax.models import DTYPES, CheckpointError, from_hf_config, save_pretrained
 from sft_jax.models.io.hf import abstract_model, load_hf_config, resolve_model_dir
@@ -86,13 +86,15 @@ def _export(workdir: Path, which: str | int, out: Path) -> Path:
     model_config = from_hf_config(load_hf_config(model_dir))
     if score_labels(config) is not None:
         model_config = dataclasses.replace(model_config, score_labels=score_labels(config))
-    model = abstract_model(model_config, dtype=param_dtype, param_dtype=param_dtype)
-    abstract = sharding.abstract_params(model, sharding.make_mesh(fsdp=-1))
-    exported = nnx.merge(nnx.graphdef(model), _restore(checkpoints, step, abstract))
+    if getattr(model_config, "vision", None) is not None and not config.model.train_vision:
+        # A frozen vision part is not in the checkpoint: the base model's, the rest trained.
+        exported = _trained_model(checkpoints, step, config)
+    else:
+        model = abstract_model(model_config, dtype=param_dtype, param_dtype=param_dtype)
+        abstract = sharding.abstract_params(model, sharding.make_mesh(fsdp=-1))
+        exported = nnx.merge(nnx.graphdef(model), _restore(checkpoints, step, abstract))
     with _replacing(out) as partial:
-        save_pretrained(
-            exported, partial, tokenizer=run_tokenizer(config), generation_config_from=model_dir
-        )
+        _save(exported, partial, config)
     log.info("exported step %d of %s to %s", step, checkpoints.directory, out)
     return out
 
@@ -154,11 +156,17 @@ def _export_adapted(
     model = _trained_model(checkpoints, step, config)
     with _replacing(out) as partial:
         model, written = method.export(model, config, partial)
-        save_pretrained(
-            model,
-            partial,
-            tokenizer=run_tokenizer(config),
-            generation_config_from=resolve_model_dir(config.model.name_or_path),
-        )
+        _save(model, partial, config)
     log.info("exported step %d of %s to %s: %s", step, checkpoints.directory, out, written)
     return out
+
+
+def _save(model: Any, out: Path, config: RunSpec) -> None:
+    """The model's weights, config, the run's tokenizer and generation config, and an
+    image-text model's processor files (processor_parts.copy_processor_files) into `out`."""
+    model_dir = resolve_model_dir(config.model.name_or_path)
+    save_pretrained(model, out, tokenizer=run_tokenizer(config), generation_config_from=model_dir)
+    if jax.process_index() == 0:
+        copied = processor_parts.copy_processor_files(model_dir, out)
+        if copied:
+            log.info("export: the processor's files from %s: %s", model_dir, ", ".join(copied))

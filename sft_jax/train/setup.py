@@ -27,6 +27,7 @@ from sft_jax.data import (
     open_stream_data,
     run_tokenizer,
     vision_source,
+    vision_stream,
 )
 from sft_jax.data.prompts import open_prompt_data
 from sft_jax.models import CausalLM
@@ -94,9 +95,12 @@ def open_run_data(config: RunSpec, feed: tuple[int, int] | None = None) -> DataS
         return open_pair_data(config, feed)
     if reads == "prompts":
         return open_prompt_data(config, feed)
-    if vision_source.has_images(config):  # an image-text model's rows, in memory
-        return vision_source.open_vision_data(config, feed)
+    images = vision_source.has_images(config)  # an image-text model's rows
     config = with_loader(config)  # "auto": chosen (and logged) here
+    if images:
+        if config.data.loader == "stream":
+            return vision_stream.open_vision_stream(config, feed)
+        return vision_source.open_vision_data(config, feed)
     if config.data.loader == "stream":
         return open_stream_data(config, feed)
     return open_data(config, feed)
