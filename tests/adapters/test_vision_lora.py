@@ -1,0 +1,186 @@
+"""LoRA on the vision part of image-text models (config.lora.vision_targets): after a few steps
+with adapters on the vision tower, projector and language model, PEFT's adapter loaded on
+transformers' model and our merged export both give our logits on image inputs (Gemma 3 and
+Qwen2.5-VL, float32); the vision base weights stay frozen; bad names are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import transformers
+from flax import nnx
+from safetensors import safe_open
+from test_gemma3_vision import assert_close, our_logits, setup, transformers_logits  # noqa: F401
+from test_qwen2_5_vl import (  # noqa: F401
+    IMAGE_FIELDS,
+    MROPE,
+    _hf_logits,
+    _max_rel,
+    _our_logits,
+    _rows,
+    checkpoint,
+    documents,
+)
+from test_trainer import base_config
+
+from sft_jax.adapters import vision_lora
+from sft_jax.adapters.lora import LoRASpec, apply_lora, merged, save_adapter, trainable_filter
+from sft_jax.core.errors import ConfigError
+from sft_jax.core.spec import RunSpec
+from sft_jax.models import from_pretrained, save_pretrained
+from sft_jax.models.decoder import decoder_linears
+from sft_jax.models.gemma3_images import row_images
+from sft_jax.models.layers import LoRAParam
+from sft_jax.models.partitioning import single_device_mesh
+from sft_jax.train import adapter_checks
+
+
+def _randomize_adapters(model, seed: int = 1) -> None:
+    """Nonzero B everywhere (B starts at 0), so that every adapter shows in the logits."""
+    linears = [linear for _, _, linear in decoder_linears(model)]
+    linears += [entry.linear for entry in vision_lora.vision_linears(model)]
+    keys = iter(jax.random.split(jax.random.key(seed), len(linears)))
+    for linear in linears:
+        if linear.lora_b is not None:
+            shape = linear.lora_b[...].shape
+            linear.lora_b[...] = 0.2 * jax.random.normal(next(keys), shape)
+
+
+def _train(model, spec: LoRASpec, logits_of, ids: np.ndarray, steps: int = 3) -> None:
+    """A few SGD steps on next-token cross-entropy, updating what LoRA training updates
+    (trainable_filter: the adapters); asserts the rest stayed as it was."""
+    trainable = trainable_filter(spec)
+    frozen_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(trainable)))
+    vision_before = {e.module: np.asarray(e.linear.lora_b[...]) for e in vision_lora.adapted(model)}
+    targets = jnp.asarray(ids[:, 1:])
+
+    def loss(m):
+        logp = jax.nn.log_softmax(logits_of(m)[:, :-1], axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+    @nnx.jit
+    def step(m):
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, trainable))(m)
+        params = nnx.state(m, trainable)
+        nnx.update(m, jax.tree.map(lambda p, g: p - 0.5 * g, params, grads))
+
+    for _ in range(steps):
+        step(model)
+    frozen_after = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(trainable)))
+    jax.tree.map(np.testing.assert_array_equal, frozen_after, frozen_before)
+    for entry in vision_lora.adapted(model):  # the vision adapters trained
+        assert not np.array_equal(np.asarray(entry.linear.lora_b[...]), vision_before[entry.module])
+
+
+def _saved_keys(adapter_dir) -> list[str]:
+    with safe_open(adapter_dir / "adapter_model.safetensors", "np") as f:
+        return list(f.keys())
+
+
+def test_gemma3_vision_adapters_equal_peft_and_merged_export(setup, tmp_path):  # noqa: F811
+    """Adapters on every SigLIP linear, the projector (PEFT's target_parameters) and the
+    language model's q/v_proj, after 3 steps: PEFT's logits and the merged export's equal ours."""
+    path, _, docs = setup
+    model = from_pretrained(path)
+    spec = LoRASpec(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    spec = LoRASpec(**{**spec.__dict__, "vision_targets": ("all-linear",)}).for_model(model)
+    assert spec.vision_targets == vision_lora.GEMMA3_TARGETS
+    apply_lora(model, spec, single_device_mesh())
+    _randomize_adapters(model)
+    document = docs[1]
+    length = len(document["input_ids"])
+    pixels = row_images([document], 2, model.config.vision)["pixel_values"][None]
+    args = (document["input_ids"][None], np.arange(length)[None], np.ones((1, length)), pixels)
+
+    def logits_of(m):
+        images = {"pixel_values": jnp.asarray(pixels)}
+        ids, positions, segments = (jnp.asarray(a, jnp.int32) for a in args[:3])
+        return m.logits(m.hidden_states(ids, positions, segments, images=images))
+
+    _train(model, spec, logits_of, args[0])
+    ours = our_logits(model, *args)[0]
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(path))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["model.multi_modal_projector.mm_input_projection_weight"]
+    base = transformers.Gemma3ForConditionalGeneration.from_pretrained(path)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    wrapped = [n for n, _ in adapted.named_modules() if n.endswith(".lora_A")]
+    # 2 x (q, v) in the language model, 2 x 6 in the tower, 1 on the projector.
+    assert sum("vision_tower" in n for n in wrapped) == 12 and len(wrapped) == 17
+    assert_close(ours, transformers_logits(adapted, document))
+    save_pretrained(merged(model), tmp_path / "merged")
+    reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    assert_close(ours, transformers_logits(reloaded.eval(), document))
+    # The vision adapters matter: without them the logits move.
+    for entry in vision_lora.adapted(model):
+        entry.linear.lora_scale = 0.0
+    assert _max_rel(our_logits(model, *args)[0], ours) > 1e-3
+
+
+def test_qwen_vl_vision_adapters_equal_peft_and_merged_export(checkpoint, documents, tmp_path):  # noqa: F811
+    """Adapters on the ViT's qkv/proj and MLPs and the merger's mlp.0/mlp.2, and the language
+    model's q/k/v/o_proj, after 3 steps: PEFT's logits and the merged export's equal ours."""
+    path, _ = checkpoint
+    mesh = single_device_mesh()
+    model = from_pretrained(path, mesh=mesh)
+    spec = LoRASpec(
+        rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        vision_targets=("qkv", "proj", "gate_proj", "up_proj", "down_proj", "mlp.0", "mlp.2"),
+    ).for_model(model)  # fmt: skip
+    apply_lora(model, spec, mesh)
+    _randomize_adapters(model)
+    docs = documents[:2]
+    batch = _rows(model.config.vision, [[d] for d in docs])
+
+    def logits_of(m):
+        images = {name: jnp.asarray(batch[name]) for name in (*IMAGE_FIELDS, *MROPE)}
+        ids, positions, segments = (batch[k] for k in ("input_ids", "positions", "segment_ids"))
+        return m.logits(m.hidden_states(ids, positions, segments, images=images))
+
+    _train(model, spec, logits_of, batch["input_ids"])
+    actual = _our_logits(model, batch)
+    save_adapter(model, tmp_path / "adapter", spec, base_model=str(path))
+    keys = _saved_keys(tmp_path / "adapter")
+    assert "base_model.model.model.visual.merger.mlp.0.lora_A.weight" in keys
+    base = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    peft_model = peft.PeftModel.from_pretrained(base.eval().float(), tmp_path / "adapter").eval()
+    wrapped = [n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")]
+    depth = model.config.vision.depth
+    assert sum(".visual." in n for n in wrapped) == 5 * depth + 2
+    save_pretrained(merged(model), tmp_path / "merged")
+    reloaded = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "merged")
+    for expected in (_hf_logits(peft_model, docs), _hf_logits(reloaded.eval().float(), docs)):
+        for row, d in enumerate(docs):
+            n = len(d["input_ids"])
+            assert _max_rel(actual[row, :n], expected[row, :n]) < 1e-4
+
+
+def test_switch_off_and_bad_names(checkpoint, tmp_path):  # noqa: F811
+    """vision_targets '' leaves the vision part as it is (no adapter, nothing in the file);
+    an unknown name, a text model, dropout or DoRA are refused naming the field."""
+    path, _ = checkpoint
+    model = from_pretrained(path)
+    spec = LoRASpec(rank=2, targets=("q_proj",)).for_model(model)
+    apply_lora(model, spec, single_device_mesh())
+    assert not vision_lora.adapted(model)
+    assert not any(p[0] == "vision" for p, _ in nnx.to_flat_state(nnx.state(model, LoRAParam)))
+    save_adapter(model, tmp_path / "adapter", spec)
+    assert not any("visual" in k for k in _saved_keys(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "target_parameters" not in config
+    with pytest.raises(ConfigError, match=r"lora\.vision_targets.*'fc1'.*qkv, proj, gate_proj"):
+        LoRASpec(rank=2, vision_targets=("fc1",)).for_model(model)
+    text = dict(model.config.__dict__, vision=None)
+    with pytest.raises(ConfigError, match=r"lora\.vision_targets.*no vision part"):
+        vision_lora.resolve(("qkv",), type("Config", (), text))
+    for field, value in (("dropout", 0.05), ("use_dora", True)):
+        config = base_config(tmp_path)
+        config.lora.rank, config.lora.dropout, config.lora.vision_targets = 4, 0.0, "qkv"
+        setattr(config.lora, field, value)
+        with pytest.raises(ConfigError, match=r"lora\.vision_targets"):
+            adapter_checks.check_lora(RunSpec.of(config))
