@@ -5,6 +5,7 @@ Qwen2.5-VL, float32); the vision base weights stay frozen; bad names are refused
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -37,7 +38,7 @@ from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.gemma3_images import row_images
 from sft_jax.models.layers import LoRAParam
 from sft_jax.models.partitioning import single_device_mesh
-from sft_jax.train import adapter_checks
+from sft_jax.train import adapter_checks, sharding
 
 
 def _randomize_adapters(model, seed: int = 1) -> None:
@@ -47,8 +48,9 @@ def _randomize_adapters(model, seed: int = 1) -> None:
     keys = iter(jax.random.split(jax.random.key(seed), len(linears)))
     for linear in linears:
         if linear.lora_b is not None:
-            shape = linear.lora_b[...].shape
-            linear.lora_b[...] = 0.2 * jax.random.normal(next(keys), shape)
+            b = linear.lora_b[...]
+            value = 0.2 * jax.random.normal(next(keys), b.shape)
+            linear.lora_b[...] = jax.device_put(value, b.sharding)
 
 
 def _train(model, spec: LoRASpec, logits_of, ids: np.ndarray, steps: int = 3) -> None:
@@ -88,7 +90,7 @@ def test_gemma3_vision_adapters_equal_peft_and_merged_export(setup, tmp_path):  
     path, _, docs = setup
     model = from_pretrained(path)
     spec = LoRASpec(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj", "v_proj"))
-    spec = LoRASpec(**{**spec.__dict__, "vision_targets": ("all-linear",)}).for_model(model)
+    spec = dataclasses.replace(spec, vision_targets=("all-linear",)).for_model(model)
     assert spec.vision_targets == vision_lora.GEMMA3_TARGETS
     apply_lora(model, spec, single_device_mesh())
     _randomize_adapters(model)
@@ -184,3 +186,48 @@ def test_switch_off_and_bad_names(checkpoint, tmp_path):  # noqa: F811
         setattr(config.lora, field, value)
         with pytest.raises(ConfigError, match=r"lora\.vision_targets"):
             adapter_checks.check_lora(RunSpec.of(config))
+
+
+def test_vision_adapters_sharded_equal_one_device(setup):  # noqa: F811
+    """Gemma 3 with adapters on every vision linear and q/v_proj, data 2 x fsdp 2 x tensor 2 on
+    8 devices (the adapters split like their kernels): the loss and the adapters' gradients of
+    one device."""
+    path, _, docs = setup
+    seq_len, rows_docs = 24, [*docs, docs[1]]
+    ids, segments = np.zeros((4, seq_len), np.int32), np.zeros((4, seq_len), np.int32)
+    for row, document in enumerate(rows_docs):
+        ids[row, : len(document["input_ids"])] = document["input_ids"]
+        segments[row, : len(document["input_ids"])] = 1
+    spec = LoRASpec(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    spec = dataclasses.replace(spec, vision_targets=vision_lora.GEMMA3_TARGETS)
+
+    def loss_and_grads(mesh):
+        model = from_pretrained(path, mesh=mesh)
+        apply_lora(model, spec, mesh)
+        _randomize_adapters(model)
+        pixels = np.stack(
+            [row_images([d], 2, model.config.vision)["pixel_values"] for d in rows_docs]
+        )
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        batch = [jax.device_put(a, rows) for a in (ids, segments, pixels)]
+
+        def loss(m, ids, segments, pixels):
+            positions = jnp.broadcast_to(jnp.arange(seq_len), ids.shape)
+            images = {"pixel_values": pixels}
+            logp = jax.nn.log_softmax(
+                m.logits(m.hidden_states(ids, positions, segments, images=images))[:, :-1]
+            )
+            picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            return -jnp.sum(picked * segments[:, 1:]) / segments[:, 1:].sum()
+
+        grad = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, LoRAParam))
+        value, grads = nnx.jit(grad)(model, *batch)
+        return float(value), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
+
+    single_loss, single = loss_and_grads(single_device_mesh())
+    sharded_loss, sharded = loss_and_grads(sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
+    assert np.abs(single["vision"]["projection"]["lora_a"]).max() > 0
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded, single
+    )
