@@ -115,6 +115,8 @@ def test_gemma3_vision_adapters_equal_peft_and_merged_export(setup, tmp_path):  
     # 2 x (q, v) in the language model, 2 x 6 in the tower, 1 on the projector.
     assert sum("vision_tower" in n for n in wrapped) == 12 and len(wrapped) == 17
     assert_close(ours, transformers_logits(adapted, document))
+    with pytest.raises(ValueError, match="fold the adapters"):  # vision adapters unmerged
+        save_pretrained(model, tmp_path / "unmerged")
     save_pretrained(merged(model), tmp_path / "merged")
     reloaded = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "merged")
     assert_close(ours, transformers_logits(reloaded.eval(), document))
