@@ -18,13 +18,14 @@ from jax.sharding import Mesh
 
 from sft_jax.core.spec import RunSpec
 from sft_jax.models.io.gemma3_vision import is_gemma3
+from sft_jax.models.layers import LoRAParam
 from sft_jax.objectives import registry
 from sft_jax.train import sharding
 from sft_jax.train.flops import training_flops_per_token
 from sft_jax.train.setup import image_options
 from sft_jax.train.vision_flops import forward_flops_per_row, passes, vision_flops_per_token
 
-VISION = nnx.All(nnx.Param, nnx.PathContains("vision"))
+VISION = nnx.All(nnx.Param, nnx.Not(LoRAParam), nnx.PathContains("vision"))  # its weights
 
 
 def planned_flops_per_token(
@@ -63,11 +64,12 @@ def report(config: RunSpec, model: Any, trainable: Any, mesh: Mesh, name: str) -
     params = sharding.abstract_params(model, mesh, VISION)
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     trained = nnx.to_pure_dict(nnx.state(model, nnx.All(trainable, nnx.PathContains("vision"))))
-    mode = {1: "frozen", 2: "frozen, with adapters", 3: "trained"}[passes(trained)]
+    adapters = sum(x.size for x in jax.tree.leaves(trained)) if passes(trained) == 2 else 0
+    mode = {1: "frozen", 2: f"frozen, {adapters:,} in adapters", 3: "trained"}[passes(trained)]
     family = "Gemma 3 SigLIP tower + projector" if is_gemma3(model.config) else "Qwen2.5-VL ViT"
     images = dict(image_options(config, model.config).get("images", ()))
     rows = config.train.global_batch_size
-    fields = ", ".join(f"{name} {shape}" for name, shape in images.items() if shape)
+    fields = ", ".join(f"{field} {shape}" for field, shape in images.items() if shape)
     field_bytes = sum(rows * math.prod(shape) * 4 for shape in images.values() if shape)
     per_row = forward_flops_per_row(model.config, images)
     return [

@@ -38,7 +38,7 @@ from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.gemma3_images import row_images
 from sft_jax.models.layers import LoRAParam
 from sft_jax.models.partitioning import single_device_mesh
-from sft_jax.train import adapter_checks, sharding
+from sft_jax.train import adapter_checks, config_check, sharding
 
 
 def _randomize_adapters(model, seed: int = 1) -> None:
@@ -133,9 +133,12 @@ def test_qwen_vl_vision_adapters_equal_peft_and_merged_export(checkpoint, docume
     mesh = single_device_mesh()
     model = from_pretrained(path, mesh=mesh)
     spec = LoRASpec(
-        rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        rank=4,
+        alpha=8.0,
+        dropout=0.0,
+        targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         vision_targets=("qkv", "proj", "gate_proj", "up_proj", "down_proj", "mlp.0", "mlp.2"),
-    ).for_model(model)  # fmt: skip
+    ).for_model(model)
     apply_lora(model, spec, mesh)
     _randomize_adapters(model)
     docs = documents[:2]
@@ -182,6 +185,10 @@ def test_switch_off_and_bad_names(checkpoint, tmp_path):  # noqa: F811
     text = dict(model.config.__dict__, vision=None)
     with pytest.raises(ConfigError, match=r"lora\.vision_targets.*no vision part"):
         vision_lora.resolve(("qkv",), type("Config", (), text))
+    config = base_config(tmp_path)  # checked against the checkpoint before its weights load
+    config.lora.rank, config.lora.dropout, config.lora.vision_targets = 4, 0.0, "qkv,fc9"
+    with pytest.raises(ConfigError, match=r"lora\.vision_targets: unknown \['fc9'\]"):
+        config_check.check_for_model(RunSpec.of(config), model.config, 1)
     for field, value in (("dropout", 0.05), ("use_dora", True)):
         config = base_config(tmp_path)
         config.lora.rank, config.lora.dropout, config.lora.vision_targets = 4, 0.0, "qkv"

@@ -32,9 +32,17 @@ def _xla_flops(module: nnx.Module, call, *inputs: jax.ShapeDtypeStruct) -> float
 
 def test_gemma3_tower_and_projector_flops_equal_xla():
     spec = Gemma3VisionSpec(
-        hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4, num_channels=3,
-        image_size=64, patch_size=4, layer_norm_eps=1e-6, tokens_per_image=16, image_token_id=5,
-    )  # fmt: skip
+        hidden_size=256,
+        intermediate_size=1024,
+        num_layers=2,
+        num_heads=4,
+        num_channels=3,
+        image_size=64,
+        patch_size=4,
+        layer_norm_eps=1e-6,
+        tokens_per_image=16,
+        image_token_id=5,
+    )
     text_width, images = 512, 2
     vision = nnx.eval_shape(
         lambda: Gemma3Vision(
@@ -55,11 +63,21 @@ def test_gemma3_tower_and_projector_flops_equal_xla():
 @pytest.mark.parametrize("full_blocks", [(), (1,)])
 def test_qwen_vit_and_merger_flops_equal_xla(full_blocks):
     spec = QwenVisionSpec(
-        depth=2, hidden_size=512, intermediate_size=1024, num_heads=8, in_channels=3,
-        patch_size=4, temporal_patch_size=2, spatial_merge_size=2, window_size=16,
-        out_hidden_size=256, fullatt_block_indexes=full_blocks, rope_theta=1e4,
-        activation="silu", image_token_id=5,
-    )  # fmt: skip
+        depth=2,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_heads=8,
+        in_channels=3,
+        patch_size=4,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=16,
+        out_hidden_size=256,
+        fullatt_block_indexes=full_blocks,
+        rope_theta=1e4,
+        activation="silu",
+        image_token_id=5,
+    )
     rows, patches = 1, 64
     vision = nnx.eval_shape(
         lambda: QwenVision(spec, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
