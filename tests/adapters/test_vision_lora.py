@@ -33,7 +33,7 @@ from sft_jax.adapters import vision_lora
 from sft_jax.adapters.lora import LoRASpec, apply_lora, merged, save_adapter, trainable_filter
 from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
-from sft_jax.models import from_pretrained, save_pretrained
+from sft_jax.models import from_hf_config, from_pretrained, save_pretrained
 from sft_jax.models.decoder import decoder_linears
 from sft_jax.models.gemma3_images import row_images
 from sft_jax.models.layers import LoRAParam
@@ -197,46 +197,73 @@ def test_switch_off_and_bad_names(checkpoint, tmp_path):  # noqa: F811
             adapter_checks.check_lora(RunSpec.of(config))
 
 
-def test_vision_adapters_sharded_equal_one_device(setup):  # noqa: F811
-    """Gemma 3 with adapters on every vision linear and q/v_proj, data 2 x fsdp 2 x tensor 2 on
-    8 devices (the adapters split like their kernels): the loss and the adapters' gradients of
-    one device."""
-    path, _, docs = setup
-    seq_len, rows_docs = 24, [*docs, docs[1]]
-    ids, segments = np.zeros((4, seq_len), np.int32), np.zeros((4, seq_len), np.int32)
-    for row, document in enumerate(rows_docs):
-        ids[row, : len(document["input_ids"])] = document["input_ids"]
-        segments[row, : len(document["input_ids"])] = 1
-    spec = LoRASpec(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj", "v_proj"))
-    spec = dataclasses.replace(spec, vision_targets=vision_lora.GEMMA3_TARGETS)
+def _loss_and_adapter_grads(path, spec: LoRASpec, mesh, batch: dict, images) -> tuple:
+    """(loss, adapter gradients) of `batch` (rows split over data x fsdp) on `mesh`, the
+    adapters made as on one device; images(batch) -> the model's images=."""
+    model = from_pretrained(path, mesh=mesh)
+    apply_lora(model, spec, mesh)
+    _randomize_adapters(model)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    placed = {name: jax.device_put(array, rows) for name, array in batch.items()}
 
-    def loss_and_grads(mesh):
-        model = from_pretrained(path, mesh=mesh)
-        apply_lora(model, spec, mesh)
-        _randomize_adapters(model)
-        pixels = np.stack(
-            [row_images([d], 2, model.config.vision)["pixel_values"] for d in rows_docs]
-        )
-        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        batch = [jax.device_put(a, rows) for a in (ids, segments, pixels)]
+    def loss(m, b):
+        ids, segments = b["input_ids"], b["segment_ids"]
+        hidden = m.hidden_states(ids, b["positions"], segments, images=images(b))
+        logp = jax.nn.log_softmax(m.logits(hidden)[:, :-1])
+        picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        real = (segments[:, 1:] > 0).astype(jnp.float32)
+        return -jnp.sum(picked * real) / real.sum()
 
-        def loss(m, ids, segments, pixels):
-            positions = jnp.broadcast_to(jnp.arange(seq_len), ids.shape)
-            images = {"pixel_values": pixels}
-            logp = jax.nn.log_softmax(
-                m.logits(m.hidden_states(ids, positions, segments, images=images))[:, :-1]
-            )
-            picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-            return -jnp.sum(picked * segments[:, 1:]) / segments[:, 1:].sum()
+    grad = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, LoRAParam))
+    value, grads = nnx.jit(grad)(model, placed)
+    return float(value), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
 
-        grad = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, LoRAParam))
-        value, grads = nnx.jit(grad)(model, *batch)
-        return float(value), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
 
-    single_loss, single = loss_and_grads(single_device_mesh())
-    sharded_loss, sharded = loss_and_grads(sharding.make_mesh(data=2, fsdp=2, tensor=2))
+def _assert_sharded_equals_one_device(path, spec: LoRASpec, batch: dict, images) -> dict:
+    """data 2 x fsdp 2 x tensor 2 on 8 devices against one device; the one device's grads."""
+    single_loss, single = _loss_and_adapter_grads(path, spec, single_device_mesh(), batch, images)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    sharded_loss, sharded = _loss_and_adapter_grads(path, spec, mesh, batch, images)
     np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
-    assert np.abs(single["vision"]["projection"]["lora_a"]).max() > 0
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), sharded, single
     )
+    return single
+
+
+def test_gemma3_vision_adapters_sharded_equal_one_device(setup):  # noqa: F811
+    """Gemma 3 with adapters on every vision linear and q/v_proj, 4 rows, on 8 devices (the
+    adapters split like their kernels): one device's loss and adapter gradients."""
+    path, _, docs = setup
+    seq_len, rows_docs = 24, [*docs, docs[1]]
+    batch = {name: np.zeros((4, seq_len), np.int32) for name in ("input_ids", "segment_ids")}
+    for row, document in enumerate(rows_docs):
+        batch["input_ids"][row, : len(document["input_ids"])] = document["input_ids"]
+        batch["segment_ids"][row, : len(document["input_ids"])] = 1
+    batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (4, seq_len))
+    vision = from_hf_config(transformers.AutoConfig.from_pretrained(path)).vision
+    batch["pixel_values"] = np.stack(
+        [row_images([d], 2, vision)["pixel_values"] for d in rows_docs]
+    )
+    spec = LoRASpec(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    spec = dataclasses.replace(spec, vision_targets=vision_lora.GEMMA3_TARGETS)
+    single = _assert_sharded_equals_one_device(
+        path, spec, batch, lambda b: {"pixel_values": b["pixel_values"]}
+    )
+    assert np.abs(single["vision"]["projection"]["lora_a"]).max() > 0
+
+
+def test_qwen_vl_vision_adapters_sharded_equal_one_device(checkpoint, documents):  # noqa: F811
+    """Qwen2.5-VL with adapters on the ViT and merger and q_proj, 4 rows (one packing two
+    documents), on 8 devices: one device's loss and adapter gradients."""
+    path, _ = checkpoint
+    vision = from_hf_config(transformers.AutoConfig.from_pretrained(path)).vision
+    a, b, c = documents
+    batch = _rows(vision, [[a], [b], [c], [a, c]])
+    spec = LoRASpec(rank=2, alpha=4.0, dropout=0.0, targets=("q_proj",))
+    spec = dataclasses.replace(spec, vision_targets=vision_lora.QWEN_VL_TARGETS)
+    fields = (*IMAGE_FIELDS, *MROPE)
+    single = _assert_sharded_equals_one_device(
+        path, spec, batch, lambda b: {name: b[name] for name in fields}
+    )
+    assert np.abs(single["vision"]["merger"]["fc2"]["lora_a"]).max() > 0
