@@ -30,7 +30,14 @@ from test_qwen2_5_vl import (  # noqa: F401
 from test_trainer import base_config
 
 from sft_jax.adapters import vision_lora
-from sft_jax.adapters.lora import LoRASpec, apply_lora, merged, save_adapter, trainable_filter
+from sft_jax.adapters.lora import (
+    LoRASpec,
+    apply_lora,
+    merged,
+    parameter_counts,
+    save_adapter,
+    trainable_filter,
+)
 from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.models import from_hf_config, from_pretrained, save_pretrained
@@ -115,6 +122,10 @@ def test_gemma3_vision_adapters_equal_peft_and_merged_export(setup, tmp_path):  
     # 2 x (q, v) in the language model, 2 x 6 in the tower, 1 on the projector.
     assert sum("vision_tower" in n for n in wrapped) == 12 and len(wrapped) == 17
     assert_close(ours, transformers_logits(adapted, document))
+    # As print_trainable_parameters counts (the adapter loaded for inference: none trains).
+    peft_adapters = sum(p.numel() for n, p in adapted.named_parameters() if ".lora_" in n)
+    _, peft_total = adapted.get_nb_trainable_parameters()
+    assert parameter_counts(model, trainable_filter(spec)) == (peft_adapters, peft_total)
     with pytest.raises(ValueError, match="fold the adapters"):  # vision adapters unmerged
         save_pretrained(model, tmp_path / "unmerged")
     save_pretrained(merged(model), tmp_path / "merged")
