@@ -16,6 +16,7 @@ DoRA and AdaLoRA, and the tower runs without dropout keys here; adapter_checks r
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,7 +118,9 @@ def peft_fields(model: Any, language_regex: str) -> dict[str, Any]:
     entries = adapted(model)
     modules = [e.module for e in entries if not e.parameter]
     parameters = [f"{e.module}.{e.parameter}" for e in entries if e.parameter]
-    patterns = [language_regex] + [m.replace(".", r"\.") for m in modules]
+    # One pattern per module kind, any layer (the adapters sit on every layer alike).
+    layers = dict.fromkeys(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(m)) for m in modules)
+    patterns = [language_regex, *layers]
     fields: dict[str, Any] = {"target_modules": "|".join(f"(?:{p})" for p in patterns)}
     if parameters:
         fields["target_parameters"] = parameters
