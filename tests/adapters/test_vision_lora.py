@@ -264,6 +264,7 @@ def test_gemma3_vision_adapters_sharded_equal_one_device(setup):  # noqa: F811
     assert np.abs(single["vision"]["projection"]["lora_a"]).max() > 0
 
 
+@pytest.mark.e2e  # the ViT was split by these rules before; Gemma 3's test is the fast one
 def test_qwen_vl_vision_adapters_sharded_equal_one_device(checkpoint, documents):  # noqa: F811
     """Qwen2.5-VL with adapters on the ViT and merger and q_proj, 4 rows (one packing two
     documents), on 8 devices: one device's loss and adapter gradients."""
