@@ -15,9 +15,10 @@ Backward: the vision part's inputs are pixels and nothing before it trains, so
   frozen (model.train_vision=False, no vision adapters): forward only (1 pass): its outputs
     depend on no differentiated variable, so autodiff builds no backward through it at all;
   adapters on it (lora.vision_targets): the base's forward and input gradients (2 passes:
-    the gradient must flow back through every frozen layer to reach the adapters; the first
-    layer's input gradient is counted though not needed), adapters' own matmuls not counted
-    (rank r << width);
+    the gradient flows back through the frozen layers to reach the adapters; counted over the
+    whole tower, an upper bound where only late layers or the projector are adapted, and the
+    first layer's input gradient is counted though not needed), the adapters' own matmuls not
+    counted (rank r << width);
   trained in full (model.train_vision=True): forward, input and weight gradients (3 passes).
 """
 
