@@ -155,6 +155,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.lora.expert_adapters = False
     # Mixtures of experts: train the routers in full beside the adapters (else frozen).
     config.lora.train_router = False
+    # Image-text models: adapters on the vision tower and projector too (plain LoRA, needs
+    # lora.dropout=0): "" none, "all-linear", or names as transformers has them, Gemma 3's
+    # q_proj,k_proj,v_proj,out_proj,fc1,fc2,mm_input_projection_weight, Qwen2.5-VL's
+    # qkv,proj,gate_proj,up_proj,down_proj,mlp.0,mlp.2 (sft_jax/adapters/vision_lora.py).
+    config.lora.vision_targets = ""
     # QLoRA: store the frozen linear weights as "nf4", "int8" or "mxfp4" (gpt-oss's experts'
     # format: blocks of 32, quant_block_size=32, one E8M0 byte scale; "" = as loaded).
     config.lora.quantize = ""

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from sft_jax.adapters import vision_lora
 from sft_jax.adapters.adalora import AdaLoRASpec
 from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import LoraConfigSpec
@@ -37,7 +38,7 @@ from sft_jax.models.decoder import (
 from sft_jax.models.io import gemma3_vision as vision_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import hf_module_name, to_host
-from sft_jax.models.layers import TRAINABLE, LoRAParam
+from sft_jax.models.layers import TRAINABLE, TRAINABLE_WITH_VISION, Linear, LoRAParam
 from sft_jax.models.linear_attention import LINEAR_PROJECTIONS
 from sft_jax.models.mla import MLA_ONLY_PROJECTIONS
 from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
@@ -71,6 +72,7 @@ class LoRASpec:
     adalora: AdaLoRASpec | None = None  # AdaLoRA: SVD-form adapters of initial rank `rank`
     experts: bool = False  # adapters on every expert's projections too (merged export only)
     train_router: bool = False  # the routers of a mixture of experts trained in full
+    vision_targets: tuple[str, ...] = ()  # adapters on the vision part too (vision_lora.py)
 
     @property
     def enabled(self) -> bool:
@@ -92,7 +94,10 @@ class LoRASpec:
             extras = ["embed", *(module for module in extras if module != "lm_head")]
         if model.score is not None:
             extras.append("score")
-        return dataclasses.replace(self, extra_trainable=tuple(dict.fromkeys(extras)))
+        vision = vision_lora.resolve(self.vision_targets, model.config)
+        return dataclasses.replace(
+            self, extra_trainable=tuple(dict.fromkeys(extras)), vision_targets=vision
+        )
 
     @classmethod
     def from_config(cls, lora: LoraConfigSpec, train_steps: int = 0) -> LoRASpec:
@@ -122,6 +127,7 @@ class LoRASpec:
             adalora,
             lora.expert_adapters,
             lora.train_router,
+            names(lora.vision_targets),
         )
 
 
@@ -145,32 +151,15 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
     = the column norms of the (dequantized) kernel."""
     key = jax.random.key(seed)
     for index, name, linear in decoder_linears(model):
-        if name not in spec.targets:
-            continue
-        in_features, out_features = linear.in_features, linear.out_features
-        a_axes, b_axes = (linear.axes[0], "lora_rank"), ("lora_rank", linear.axes[1])
-        a_sharding = named_sharding(a_axes, (in_features, spec.rank), mesh)
-        b_sharding = named_sharding(b_axes, (spec.rank, out_features), mesh)
-        a_key, b_key = jax.random.split(
-            jax.random.fold_in(key, index * 16 + PROJECTIONS.index(name))
-        )
-        if spec.adalora is None:
-            a = _uniform_init(a_key, (in_features, spec.rank), a_sharding)
-            b = jax.device_put(jnp.zeros((spec.rank, out_features), jnp.float32), b_sharding)
-        else:
-            a = _normal_init(a_key, (in_features, spec.rank), a_sharding)
-            b = _normal_init(b_key, (spec.rank, out_features), b_sharding)
-            e_sharding = named_sharding(("lora_rank",), (spec.rank,), mesh)
-            e = jax.device_put(jnp.zeros((spec.rank,), jnp.float32), e_sharding)
-            linear.lora_e = LoRAParam(e, logical_axes=("lora_rank",))
-        linear.lora_a = LoRAParam(a, logical_axes=a_axes)
-        linear.lora_b = LoRAParam(b, logical_axes=b_axes)
-        linear.lora_scale = spec.scale
-        linear.lora_dropout = spec.dropout
-        if spec.use_dora:
-            m_sharding = named_sharding((linear.axes[1],), (out_features,), mesh)
-            norms = jax.device_put(_column_norms(linear.weight()), m_sharding)
-            linear.lora_magnitude = LoRAParam(norms, logical_axes=(linear.axes[1],))
+        if name in spec.targets:
+            _add_adapter(
+                linear, spec, mesh, jax.random.fold_in(key, index * 16 + PROJECTIONS.index(name))
+            )
+    vision_targets = vision_lora.resolve(spec.vision_targets, model.config)
+    vision_key = jax.random.fold_in(key, 2**31 - 1)  # apart from the decoder's and experts'
+    for index, entry in enumerate(vision_lora.vision_linears(model)):
+        if entry.target in vision_targets:
+            _add_adapter(entry.linear, spec, mesh, jax.random.fold_in(vision_key, index))
 
     for index, block in enumerate(moe_blocks(model) if spec.experts else ()):
         block_key = jax.random.fold_in(key, len(model.layers) * 16 + index)  # after the linears'
@@ -180,6 +169,38 @@ def apply_lora(model: CausalLM, spec: LoRASpec, mesh: Mesh, seed: int = 0) -> No
             variable.set_value(
                 jax.device_put(value, named_sharding(variable.logical_axes, value.shape, mesh))
             )
+
+
+def _add_adapter(linear: Linear, spec: LoRASpec, mesh: Mesh, key: jax.Array) -> None:
+    """One layer's adapter, made on its devices, split like its kernel."""
+    in_features, out_features = linear.in_features, linear.out_features
+    a_axes, b_axes = (linear.axes[0], "lora_rank"), ("lora_rank", linear.axes[1])
+    a_sharding = named_sharding(a_axes, (in_features, spec.rank), mesh)
+    b_sharding = named_sharding(b_axes, (spec.rank, out_features), mesh)
+    a_key, b_key = jax.random.split(key)
+    if spec.adalora is None:
+        a = _uniform_init(a_key, (in_features, spec.rank), a_sharding)
+        b = jax.device_put(jnp.zeros((spec.rank, out_features), jnp.float32), b_sharding)
+    else:
+        a = _normal_init(a_key, (in_features, spec.rank), a_sharding)
+        b = _normal_init(b_key, (spec.rank, out_features), b_sharding)
+        e_sharding = named_sharding(("lora_rank",), (spec.rank,), mesh)
+        e = jax.device_put(jnp.zeros((spec.rank,), jnp.float32), e_sharding)
+        linear.lora_e = LoRAParam(e, logical_axes=("lora_rank",))
+    linear.lora_a = LoRAParam(a, logical_axes=a_axes)
+    linear.lora_b = LoRAParam(b, logical_axes=b_axes)
+    linear.lora_scale = spec.scale
+    linear.lora_dropout = spec.dropout
+    if spec.use_dora:
+        m_sharding = named_sharding((linear.axes[1],), (out_features,), mesh)
+        norms = jax.device_put(_column_norms(linear.weight()), m_sharding)
+        linear.lora_magnitude = LoRAParam(norms, logical_axes=(linear.axes[1],))
+
+
+def _all_linears(model: CausalLM) -> list[Linear]:
+    """The decoder's linear layers and the vision part's (those adapters may sit on)."""
+    vision = [entry.linear for entry in vision_lora.vision_linears(model)]
+    return [linear for _, _, linear in decoder_linears(model)] + vision
 
 
 @jax.jit
@@ -202,8 +223,9 @@ def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
     (modules_to_save) is a trained copy beside its frozen original: both count."""
     trained_state = nnx.to_flat_state(nnx.state(model, trainable))
     trained = sum(x.get_value().size for _, x in trained_state)
-    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))  # not buffers
-    linears = [linear for _, _, linear in decoder_linears(model)]
+    every = nnx.state(model, TRAINABLE_WITH_VISION)  # not buffers; a vision part's weights too
+    total = sum(x.size for x in jax.tree.leaves(every))
+    linears = _all_linears(model)
     quantized = sum(lin.in_features * lin.out_features for lin in linears if lin.quant is not None)
     ranknums = sum(lin.lora_e is not None for lin in linears)
     adapted = any(lin.lora_a is not None for lin in linears)
@@ -227,7 +249,7 @@ def adapters_off(model: CausalLM) -> Iterator[CausalLM]:
     adapter's scale is 0, so W x + 0 * B A x = W x. The reference of preference tuning under
     LoRA / QLoRA (sft_jax.objectives.preference); the scales come back on leaving, also on an
     error."""
-    scales = [(linear, linear.lora_scale) for _, _, linear in decoder_linears(model)]
+    scales = [(linear, linear.lora_scale) for linear in _all_linears(model)]
     expert_scales = [(block, block.expert_lora_scale) for block in moe_blocks(model)]
     try:
         for linear, _ in scales:
@@ -253,6 +275,11 @@ def merged(model: CausalLM) -> CausalLM:
     graphdef, abstract, _ = nnx.split(plain, nnx.Param, ...)
     source = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     linears = {(index, name): linear for index, name, linear in decoder_linears(model)}
+    vision = {
+        ("vision", *path): node
+        for path, node in (nnx.iter_graph(model.vision) if model.vision is not None else ())
+        if isinstance(node, Linear) and node.lora_a is not None
+    }
     values = []
     for path, variable in nnx.to_flat_state(abstract):
         # Kernels of the adaptable projections (not the shared expert of a mixture of experts).
@@ -262,6 +289,8 @@ def merged(model: CausalLM) -> CausalLM:
             if linear.lora_magnitude is not None:  # DoRA: m / ||W'|| * W' per output column
                 kernel = kernel * linear.dora_factor()[None, :]
             value = kernel.astype(variable.get_value().dtype)
+        elif path[-1] == "kernel" and path[:-1] in vision:  # plain LoRA (adapter_checks)
+            value = vision[path[:-1]].adapted_kernel().astype(variable.get_value().dtype)
         elif path[0] == "layers" and path[-1] in EXPERT_PARAMS:  # with any expert adapters
             block = model.layers[path[1]].mlp
             value = block.expert_weight(path[-1], variable.get_value().dtype)
@@ -299,6 +328,9 @@ def save_adapter(
         if linear.lora_magnitude is not None:
             magnitude = linear.lora_magnitude[...]
             tensors.append(_pending(f"{prefix}.lora_magnitude_vector", magnitude, transpose=False))
+    for entry in vision_lora.adapted(model):
+        for name, array, transpose in vision_lora.peft_tensors(entry):
+            tensors.append(_pending(f"base_model.model.{name}", array, transpose))
     extras = list(spec.extra_trainable)
     if _ties_head(model, spec) and "lm_head" not in extras:
         extras.append("lm_head")  # PEFT ties its copies: the head's must be in the file too
@@ -318,8 +350,8 @@ def save_adapter(
     if write:
         safetensors_io.write_file(out_dir / "adapter_model.safetensors", tensors, {"format": "pt"})
         config = _adapter_config(spec, base_model, _ties_head(model, spec), rank_pattern)
-        if model.config.vision is not None:  # not the vision tower's projections
-            config["target_modules"] = vision_io.peft_targets(spec.targets)
+        if model.config.vision is not None:  # the language model's, and the vision adapters
+            config |= vision_lora.peft_fields(model, vision_io.peft_targets(spec.targets))
         (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 

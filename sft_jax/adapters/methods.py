@@ -123,6 +123,7 @@ register(
             "lora.method",
             "lora.expert_adapters",
             "lora.train_router",
+            "lora.vision_targets",
         ),
         enabled=lambda config: lora_spec(config).enabled,
         add=_add_lora,

@@ -30,6 +30,7 @@ if __name__ == "__main__":
 
 import re  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -43,6 +44,7 @@ from sft_jax.objectives import registry  # noqa: E402
 from sft_jax.planning import estimate as plan_estimate  # noqa: E402
 from sft_jax.planning import rollout as plan_rollout  # noqa: E402
 from sft_jax.planning import search as plan_search  # noqa: E402
+from sft_jax.planning import vision_plan  # noqa: E402
 from sft_jax.planning.hlo_stats import COLLECTIVES  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -164,6 +166,17 @@ def table(estimates: Sequence[plan_estimate.Estimate]) -> str:
     return "\n".join(lines)
 
 
+def _vision_lines(config: RunSpec, shape: Any, best: Any, devices: list) -> list[str]:
+    """An image-text model's vision part on the recommended mesh (planning/vision_plan.py),
+    each line ending in a newline; none for a text model."""
+    if shape.vision is None:
+        return []
+    model, trainable = plan_estimate.abstract_run_model(config, shape)
+    mesh = plan_estimate.candidate_mesh(best.candidate, devices)
+    lines = vision_plan.report(config, model, trainable, mesh, best.candidate.mesh)
+    return [f"{line}\n" for line in lines]
+
+
 def main(argv: list[str]) -> None:
     del argv
     cli.run_command(_plan)
@@ -222,8 +235,9 @@ def _plan() -> None:
         f"device, {1e3 * best.step_seconds:.3g} ms per step (roofline)"
     )
     print(f"flags: {best.candidate.flags()}")
+    shape = plan_estimate.model_config(config, FLAGS.model_config)
+    print(*_vision_lines(config, shape, best, devices), sep="", end="")
     if registry.kind_of(config).reads == "prompts":  # online RL: the sampler runs there too
-        shape = plan_estimate.model_config(config, FLAGS.model_config)
         for line in plan_rollout.report(config, shape, best, devices, hardware.memory_bytes):
             print(line)
 

@@ -32,6 +32,7 @@ SAVED_BEFORE_THE_FIELD: dict[str, Any] = {
     "lora.use_dora": False,
     "lora.expert_adapters": False,
     "lora.train_router": False,
+    "lora.vision_targets": "",
     # Runs before the trackers: TensorBoard alone, no curves.png.
     "log.trackers": "tensorboard",
     "log.run_name": "",

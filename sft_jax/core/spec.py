@@ -156,6 +156,7 @@ class LoraConfigSpec(Section):
     trainable_modules: str
     expert_adapters: bool
     train_router: bool
+    vision_targets: str
     quantize: str
     quant_block_size: int
     double_quant: bool

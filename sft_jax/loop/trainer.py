@@ -36,9 +36,10 @@ from sft_jax.train import compiled as compile_plan
 from sft_jax.train import distributed, sharding
 from sft_jax.train.config_check import check_mesh, check_tokenizer_fits, check_values
 from sft_jax.train.evaluation import EarlyStopping, eval_message, evaluate, final_report
-from sft_jax.train.flops import peak_flops_per_device, training_flops_per_token
+from sft_jax.train.flops import peak_flops_per_device
 from sft_jax.train.setup import build_model, with_loader
 from sft_jax.train.sharding import abstract_like
+from sft_jax.train.vision_flops import step_flops_per_token
 from sft_jax.workdir import bucket_mirror, rundir
 from sft_jax.workdir.bucket_mirror import BucketMirror
 from sft_jax.workdir.checkpointing import Checkpoints, selection_score
@@ -106,15 +107,10 @@ class Trainer:
         self.early_stopping = EarlyStopping(
             config.eval.early_stopping_patience, config.eval.early_stopping_min_delta
         )
-        # With adapters the base is frozen: see training_flops_per_token.
-        trained = sum(x.size for x in jax.tree.leaves(self.state["params"]))
-        adapted = adapter_methods.enabled_methods(config)
-        adapters = trained if adapted else None
-        # A DPO reference adds a forward pass per step (objectives without one have no field).
-        reference_forwards = getattr(self.steps.objective, "reference_forwards", 0)
-        self.flops_per_token = training_flops_per_token(
-            model.config, data.seq_len, adapters, reference_forwards
-        )
+        # Model FLOPs for MFU: the decoder's and the vision part's (train/vision_flops.py).
+        adapted = bool(adapter_methods.enabled_methods(config))
+        trained, objective = self.state["params"], self.steps.objective
+        self.flops_per_token = step_flops_per_token(model.config, data, trained, adapted, objective)
         self.peak_flops = peak_flops_per_device(config.log.peak_tflops_per_device)
         self.writer = MetricsWriter.for_run(config, workdir, lambda: setup_figures(self))
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 from sft_jax.models.gemma3_images import PIXEL_VALUES
 from sft_jax.models.gemma3_vision_config import VisionSpec
-from sft_jax.models.layers import RMSNorm, normal_init, place_in_order
+from sft_jax.models.layers import Linear, RMSNorm, place_in_order
 from sft_jax.models.siglip import SiglipTower
 
 
@@ -43,10 +43,16 @@ class Gemma3Vision(nnx.Module):
         self.soft_norm = RMSNorm(
             spec.hidden_size, eps=spec.layer_norm_eps, plus_one=True, param_dtype=param_dtype
         )
-        # Stored [W, D] as checkpoints hold mm_input_projection_weight.
-        self.projection = nnx.Param(
-            normal_init(rngs, (spec.hidden_size, text_width), param_dtype),
-            logical_axes=(None, "embed"),
+        # A Linear (kernel [W, D], as checkpoints hold mm_input_projection_weight) so that
+        # LoRA can adapt it like any projection (adapters/vision_lora.py).
+        self.projection = Linear(
+            spec.hidden_size,
+            text_width,
+            axes=("mlp", "embed"),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def soft_tokens(self, pixels_NxCxSxS: jax.Array) -> jax.Array:
@@ -57,7 +63,7 @@ class Gemma3Vision(nnx.Module):
         grid = hidden_NxPxW.reshape(images, side // pool, pool, side // pool, pool, width)
         pooled_NxMxW = grid.mean(axis=(2, 4)).reshape(images, -1, width)
         normed_NxMxW = self.soft_norm(pooled_NxMxW)
-        return jnp.einsum("NMW,WD->NMD", normed_NxMxW, self.projection[...].astype(self.dtype))
+        return self.projection(normed_NxMxW)
 
     def place(
         self,

@@ -34,9 +34,10 @@ class LayerNorm(nnx.Module):
         return (normed * scale + self.bias[...].astype(jnp.float32).reshape(shape)).astype(x.dtype)
 
 
-def _linear(spec_in: int, spec_out: int, dense: dict) -> Linear:
-    # Replicated (the tower is small beside the text model); biases as in SigLIP.
-    return Linear(spec_in, spec_out, axes=(None, None), use_bias=True, **dense)
+def _linear(spec_in: int, spec_out: int, axes: tuple[str, str], dense: dict) -> Linear:
+    # Split by the decoder's rules (models/partitioning.py: embed over fsdp, heads and mlp
+    # over tensor); biases as in SigLIP.
+    return Linear(spec_in, spec_out, axes=axes, use_bias=True, **dense)
 
 
 class EncoderLayer(nnx.Module):
@@ -47,11 +48,14 @@ class EncoderLayer(nnx.Module):
         norm = {"eps": spec.layer_norm_eps, "param_dtype": param_dtype}
         self.num_heads = spec.num_heads
         self.norm1 = LayerNorm(width, **norm)
-        self.q_proj, self.k_proj = _linear(width, width, dense), _linear(width, width, dense)
-        self.v_proj, self.out_proj = _linear(width, width, dense), _linear(width, width, dense)
+        heads_in, heads_out = ("embed", "q_heads"), ("q_heads", "embed")
+        self.q_proj = _linear(width, width, heads_in, dense)
+        self.k_proj = _linear(width, width, heads_in, dense)
+        self.v_proj = _linear(width, width, heads_in, dense)
+        self.out_proj = _linear(width, width, heads_out, dense)
         self.norm2 = LayerNorm(width, **norm)
-        self.fc1 = _linear(width, spec.intermediate_size, dense)
-        self.fc2 = _linear(spec.intermediate_size, width, dense)
+        self.fc1 = _linear(width, spec.intermediate_size, ("embed", "mlp"), dense)
+        self.fc2 = _linear(spec.intermediate_size, width, ("mlp", "embed"), dense)
 
     def _attention(self, x_NxPxD: jax.Array) -> jax.Array:
         images, patches, width = x_NxPxD.shape
@@ -83,12 +87,12 @@ class SiglipTower(nnx.Module):
         # The convolution's kernel as checkpoints store it: [D, C, patch, patch].
         self.patch_embed = nnx.Param(
             normal_init(rngs, (width, spec.num_channels, patch, patch), param_dtype),
-            logical_axes=(None, None, None, None),
+            logical_axes=("embed", None, None, None),
         )
         self.patch_bias = nnx.Param(jnp.zeros((width,), param_dtype), logical_axes=(None,))
         self.position_embed = nnx.Param(
             normal_init(rngs, (spec.patches_per_side**2, width), param_dtype),
-            logical_axes=(None, None),
+            logical_axes=(None, "embed"),
         )
         dense = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.layers = nnx.List([EncoderLayer(spec, **dense) for _ in range(spec.num_layers)])

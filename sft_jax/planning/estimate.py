@@ -31,10 +31,10 @@ from sft_jax.models.moe import use_grouped_matmul
 from sft_jax.objectives import registry
 from sft_jax.planning import depth as plan_depth
 from sft_jax.planning.hlo_stats import INVOLUNTARY, collective_bytes, compiler_log
+from sft_jax.planning.vision_plan import planned_flops_per_token
 from sft_jax.train import memory as memory_plan
 from sft_jax.train import sharding
 from sft_jax.train.compiled import lower_train_step, run_optimizer
-from sft_jax.train.flops import training_flops_per_token
 from sft_jax.train.kernel_choice import choose_attention, forced_attention
 from sft_jax.train.memory import StepMemory
 from sft_jax.train.setup import add_adapters, image_options, moe_options
@@ -434,7 +434,7 @@ def estimate(
         reading = shallow.extended(deep, *at, layers)
     model, trainable = subject.model(layers, as_run=True)  # abstract: counting costs nothing
     seq_len = registry.row_length(config)
-    per_token = training_flops_per_token(subject.shape, seq_len, adapter_params(model, trainable))
+    per_token = planned_flops_per_token(config, model, trainable, adapter_params(model, trainable))
     tokens = config.train.global_batch_size * seq_len
     return Estimate(
         candidate,

@@ -53,6 +53,30 @@ def check_lora(config: Any) -> None:
     if lora.quantize:
         _check_quantization(config)
     _check_adapter_method(config)
+    _check_vision_targets(config)
+
+
+def _check_vision_targets(config: Any) -> None:
+    """Adapters on the vision part are plain LoRA without dropout (adapters/vision_lora.py);
+    which names a model has is checked against it (vision_lora.resolve)."""
+    lora = config.lora
+    if not names(lora.vision_targets):
+        return
+    field = "lora.vision_targets"
+    _need(config, lora.rank > 0, field, "needs LoRA (lora.rank > 0).")
+    _need(
+        config,
+        lora.method == "lora" and not lora.use_dora,
+        field,
+        "vision adapters are plain LoRA: turn DoRA / AdaLoRA off, or set lora.vision_targets=''.",
+    )
+    _need(
+        config,
+        lora.dropout == 0,
+        field,
+        "vision adapters train without dropout (PEFT's adapter on a bare parameter refuses "
+        "it): set lora.dropout=0, or lora.vision_targets=''.",
+    )
 
 
 def _check_quantization(config: Any) -> None:

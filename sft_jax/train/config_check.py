@@ -7,6 +7,8 @@ from typing import Any
 
 import jax
 
+from sft_jax.adapters import vision_lora
+from sft_jax.adapters.lora import names
 from sft_jax.core.errors import ConfigError, check_choice, need, value_at
 from sft_jax.data.formats import FORMATS
 from sft_jax.data.loader_choice import LOADERS
@@ -80,6 +82,8 @@ def check_for_model(config: Any, model_config: Any, expert_devices: int) -> None
             f"lora.{field}",
             "applies to mixtures of experts; this model is dense: set it to False.",
         )
+    if lora.rank > 0:  # the names this model's vision part has (a ConfigError naming them)
+        vision_lora.resolve(names(lora.vision_targets), model_config)
 
 
 _need = need

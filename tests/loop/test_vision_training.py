@@ -25,7 +25,9 @@ from sft_jax.core.errors import ConfigError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import vision
 from sft_jax.loop import trainer
-from sft_jax.train import sharding
+from sft_jax.models import from_hf_config
+from sft_jax.train import sharding, vision_flops
+from sft_jax.train.flops import training_flops_per_token
 from sft_jax.train.setup import build_model, image_options, open_run_data
 from sft_jax.workdir.rundir import checkpoints_path
 
@@ -217,6 +219,12 @@ def test_padded_rows_on_4_devices_match_transformers(folder, reference_loss, tmp
     run, losses = _train(config, tmp_path, sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4]))
     assert run.initial_eval["eval/loss"] == pytest.approx(reference_loss, rel=1e-4)
     assert [step for step, _ in losses] == [1] and np.isfinite(losses[0][1])
+    # MFU's FLOPs: the decoder's and the frozen ViT's forward on each row's 64-patch budget.
+    model_config = from_hf_config(transformers.AutoConfig.from_pretrained(folder))
+    seq_len = run.data.seq_len
+    vision = vision_flops.qwen_row_flops(model_config.vision, 64) / seq_len
+    expected = training_flops_per_token(model_config, seq_len) + vision
+    assert vision > 0 and run.flops_per_token == pytest.approx(expected, rel=1e-12)
 
 
 def test_train_vision_trains_the_tower_too(folder):
@@ -233,6 +241,13 @@ def test_train_vision_trains_the_tower_too(folder):
     config.lora.rank = 4
     with pytest.raises(ConfigError, match=r"config.model.train_vision=True with adapters"):
         build_model(RunSpec.of(config), one)
+    # Adapters on the frozen tower (lora.vision_targets): those train, its weights do not.
+    config.model.train_vision, config.lora.dropout = False, 0.0
+    config.lora.vision_targets = "qkv,mlp.0"
+    model, _, trainable = build_model(RunSpec.of(config), one)
+    trained = [p for p, _ in nnx.to_flat_state(nnx.state(model, trainable)) if "vision" in p]
+    assert {p[-1] for p in trained} == {"lora_a", "lora_b"}
+    assert {p[-2] for p in trained} == {"qkv", "fc1"}  # the merger's mlp.0 is its fc1
     # What the planner compiles: the image fields at config.data's budget (64 patches of
     # 2 x 4 x 4 x 3 values, 3 images a row), as the run's data gives them.
     images = dict(image_options(_config(folder), model.config)["images"])

@@ -36,7 +36,7 @@ _FIXED = {
     ("tower", "post_norm", "scale"): ("vision_tower.post_layernorm.weight", False),
     ("tower", "post_norm", "bias"): ("vision_tower.post_layernorm.bias", False),
     ("soft_norm", "scale"): ("multi_modal_projector.mm_soft_emb_norm.weight", False),
-    ("projection",): ("multi_modal_projector.mm_input_projection_weight", False),
+    ("projection", "kernel"): ("multi_modal_projector.mm_input_projection_weight", False),
 }
 _LEAVES = {"kernel": ("weight", True), "scale": ("weight", False), "bias": ("bias", False)}
 

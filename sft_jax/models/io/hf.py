@@ -26,6 +26,7 @@ from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.config_files import write_config, write_generation_config
 from sft_jax.models.io.files import check_safetensors_present, load_hf_config, resolve_model_dir
 from sft_jax.models.io.fixed_names import STORED_VARIABLES, fixed_tensor_name, text_model_tensors
+from sft_jax.models.layers import Linear
 from sft_jax.models.linear_attention import LINEAR_LEAVES, LINEAR_PROJECTIONS
 from sft_jax.models.moe import EXPERT_PARAMS
 from sft_jax.models.partitioning import named_sharding, single_device_mesh
@@ -404,7 +405,8 @@ def save_pretrained(
     hf_config.pop("quantization_config", None)  # MXFP4 experts are written dequantized
     if not hf_config:
         raise ValueError("save_pretrained needs the model's Hugging Face config (hf_config=...).")
-    if any(n.lora_a is not None or n.quant is not None for _, _, n in decoder_linears(model)):
+    linears = [n for _, n in nnx.iter_graph(model) if isinstance(n, Linear)]  # vision's too
+    if any(n.lora_a is not None or n.quant is not None for n in linears):
         raise ValueError(
             "save_pretrained writes plain weights: fold the adapters (and dequantize) first, "
             "with sft_jax.adapters.lora.merged(model)."
