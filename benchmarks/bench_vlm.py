@@ -2,7 +2,10 @@
 as a ratio measured in one process: Gemma 3 (Gemma3ForConditionalGeneration) and Qwen2.5-VL.
 
   python benchmarks/bench_vlm.py [--families=gemma3,qwen2_5_vl] [--shape=small] [--batch=4] \
-      [--images=2] [--text=128] [--steps=5] [--warmup=1] [--train_vision]
+      [--images=2] [--text=128] [--steps=5] [--warmup=1] [--torch_threads=1] [--train_vision]
+  # on a GPU (benchmarks/gpu_check.sh step vlm):
+  python benchmarks/bench_vlm.py --shape=medium --batch=8 --images=2 --text=512 \
+      --dtype=bfloat16 --steps=10 --warmup=2
 
 Random weights (no download): transformers builds each family's model from a config of the
 shape (both towers scaled down), seeded, and writes it to a temp directory; sft_jax loads that
@@ -32,6 +35,12 @@ compute dtype: sft_jax keeps float32 parameters; PyTorch keeps its parameters in
 GPU, float32 on CPU (as bench_train.py). On a GPU use bfloat16: in float32 XLA's matmuls may use
 TF32 where PyTorch's do not. On CPU only the ratios mean something; absolute figures belong to a
 GPU (benchmarks/gpu_check.sh step vlm: --shape=medium, bfloat16).
+
+Measured on 2 shared, loaded CPU cores (--steps=7 --torch_threads=1, the defaults otherwise;
+docs/benchmarks.md): ours / transformers train step 0.87x (Gemma 3), 0.81x (Qwen2.5-VL),
+forward 1.33x, 1.19x; a second run: train step 0.89x, 0.86x, forward 1.20x, 0.89x. With
+PyTorch's default 2 threads on those busy cores its step took ~10x as long (ratios 4.23x,
+3.62x), so pin it there (--torch_threads=1).
 """
 
 from __future__ import annotations
@@ -401,6 +410,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="compute dtype (sft_jax keeps float32 parameters; PyTorch's "
                         "parameters in it on a GPU, float32 on CPU)")  # fmt: skip
+    parser.add_argument("--torch_threads", type=int, default=0,
+                        help="PyTorch's intra-op threads (0: its default)")  # fmt: skip
     parser.add_argument("--train_vision", action="store_true",
                         help="train the vision tower and projector too")  # fmt: skip
     args = parser.parse_args()
@@ -409,10 +420,13 @@ def main() -> None:
         parser.error(f"--families={args.families}: expected a comma-separated list of {FAMILIES}")
     if args.images < 1 or args.steps < 1 or args.warmup < 1:
         parser.error("--images, --steps and --warmup must be at least 1")
+    if args.torch_threads:  # on busy cores, threads that wait on each other slow PyTorch
+        torch.set_num_threads(args.torch_threads)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     print(f"jax {jax.devices()[0].device_kind}, torch {device}; shape {args.shape}, batch "
           f"{args.batch} rows x {args.images} images + {args.text} text tokens, {args.dtype}, "
-          f"vision {'trained' if args.train_vision else 'frozen'}")  # fmt: skip
+          f"vision {'trained' if args.train_vision else 'frozen'}, "
+          f"{torch.get_num_threads()} PyTorch threads")  # fmt: skip
     results = {family: compare(family, args) for family in families}
     print_table(results)
     print(json.dumps({"args": vars(args), "results": results}))

@@ -40,8 +40,9 @@ TINY = {
                             "--vocab=256", "--lora_rank=2"],
     "bench_train.py": ["--shape=micro", "--batch=2", "--seq=16", "--steps=1",
                        "--mode=lora,qlora"],
+    "bench_vlm.py": ["--shape=micro", "--batch=2", "--images=1", "--text=4", "--steps=1",
+                     "--torch_threads=1"],
     "plan_memory.py": ["--only=small"],
-    "bench_vlm.py": ["--shape=micro", "--batch=2", "--images=1", "--text=4", "--steps=1"],
 }  # fmt: skip
 
 
