@@ -37,10 +37,10 @@ TF32 where PyTorch's do not. On CPU only the ratios mean something; absolute fig
 GPU (benchmarks/gpu_check.sh step vlm: --shape=medium, bfloat16).
 
 Measured on 2 shared, loaded CPU cores (--steps=7 --torch_threads=1, the defaults otherwise;
-docs/benchmarks.md): ours / transformers train step 0.87x (Gemma 3), 0.81x (Qwen2.5-VL),
-forward 1.33x, 1.19x; a second run: train step 0.89x, 0.86x, forward 1.20x, 0.89x. With
-PyTorch's default 2 threads on those busy cores its step took ~10x as long (ratios 4.23x,
-3.62x), so pin it there (--torch_threads=1).
+docs/benchmarks.md): ours / transformers train step 0.95x (Gemma 3), 0.89x (Qwen2.5-VL),
+forward 1.25x, 1.22x (two earlier runs: train step 0.81x to 0.89x). With PyTorch's default 2
+threads on those busy cores its step took ~10x as long (ratios 4.23x, 3.62x), so pin it there
+(--torch_threads=1).
 """
 
 from __future__ import annotations

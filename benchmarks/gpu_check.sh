@@ -70,7 +70,7 @@ for step in "${steps[@]}"; do
       timed 150 "$out/llama1b_xla.txt" "${bench[@]}" "${llama1b[@]}" --attention=xla \
         --skip_torch ;;
     vlm)
-      timed 240 "$out/vlm.txt" python benchmarks/bench_vlm.py --shape=medium --batch=8 \
+      timed 300 "$out/vlm.txt" python benchmarks/bench_vlm.py --shape=medium --batch=8 \
         --images=2 --text=512 --dtype=bfloat16 --steps=10 --warmup=2 ;;
     *) echo "unknown step $step: expected llama1b, tests, llama8b, variants or vlm" >&2 ;;
   esac
