@@ -10,7 +10,10 @@
 #   llama8b  Llama-3-8B-shaped LoRA (rank 16, every linear projection; bf16 base, fp32 adapters,
 #            as configs/llama3_1_8b_lora.py) at seq 4096: does it fit, MFU;
 #   variants the 1B step without remat (fits in 80 GB; no recomputation), with cuDNN's mask
-#            form and with einsum attention (no PyTorch rerun).
+#            form and with einsum attention (no PyTorch rerun);
+#   vlm      image-text training steps (Gemma 3 and Qwen2.5-VL, "medium" shape: 448-pixel
+#            images, bf16 compute) against transformers + PyTorch in the same process:
+#            images/s and tokens/s ratios (benchmarks/bench_vlm.py).
 # Each step writes OUT_DIR/STEP*.txt and has its own time limit; all of them together stop at
 # GPU_CHECK_SECONDS (default 540), so a device call with a 600 s limit always returns what
 # finished. A step that fails does not stop the others.
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.."
 out="${1:-gpu_check}"
 shift || true
 steps=("$@")
-((${#steps[@]})) || steps=(llama1b tests llama8b variants)
+((${#steps[@]})) || steps=(llama1b tests llama8b variants vlm)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -66,6 +69,9 @@ for step in "${steps[@]}"; do
         --cudnn_layout=mask --skip_torch
       timed 150 "$out/llama1b_xla.txt" "${bench[@]}" "${llama1b[@]}" --attention=xla \
         --skip_torch ;;
-    *) echo "unknown step $step: expected llama1b, tests, llama8b or variants" >&2 ;;
+    vlm)
+      timed 300 "$out/vlm.txt" python benchmarks/bench_vlm.py --shape=medium --batch=8 \
+        --images=2 --text=512 --dtype=bfloat16 --steps=10 --warmup=2 ;;
+    *) echo "unknown step $step: expected llama1b, tests, llama8b, variants or vlm" >&2 ;;
   esac
 done

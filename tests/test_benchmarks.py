@@ -10,6 +10,7 @@ entry in TINY fails test_every_benchmark_is_run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,6 +40,8 @@ TINY = {
                             "--vocab=256", "--lora_rank=2"],
     "bench_train.py": ["--shape=micro", "--batch=2", "--seq=16", "--steps=1",
                        "--mode=lora,qlora"],
+    "bench_vlm.py": ["--shape=micro", "--batch=2", "--images=1", "--text=4", "--steps=1",
+                     "--torch_threads=1"],
     "plan_memory.py": ["--only=small"],
 }  # fmt: skip
 
@@ -62,6 +65,22 @@ def test_benchmark_runs(script, tmp_path):
     assert any(_json_object(line) for line in result.stdout.splitlines()), (
         f"no JSON result line:\n{result.stdout[-3000:]}"
     )
+    if script in FIGURES:
+        FIGURES[script](json.loads(result.stdout.splitlines()[-1]))
+
+
+def _vlm_figures(result: dict) -> None:
+    """bench_vlm: both families' images/s, tokens/s (both sides, train and forward) and their
+    ratios, positive and finite."""
+    assert sorted(result["results"]) == ["gemma3", "qwen2_5_vl"]
+    for figures in result["results"].values():
+        rates = [k for k in figures if k.endswith(("_per_s", "_ratio"))]
+        assert len(rates) == 10, rates
+        assert all(math.isfinite(figures[k]) and figures[k] > 0 for k in rates), figures
+
+
+# script: what its result line must hold, beyond being one.
+FIGURES = {"bench_vlm.py": _vlm_figures}
 
 
 def _json_object(line: str) -> bool:
