@@ -55,8 +55,10 @@ def totals(tokenized: Tokenized, row_len: int, packing: bool, seed: int) -> dict
 def report(config: RunSpec, num_examples: int, as_json: bool) -> dict:
     """Prints examples and totals of the train (and eval) data; returns the totals."""
     from sft_jax.data.pipeline import load_datasets
+    from sft_jax.data.vision_source import has_images, load_vision_datasets
 
-    loaded = load_datasets(config)
+    # Data with images: the documents the model's processor prepares, image tokens and all.
+    loaded = load_vision_datasets(config) if has_images(config) else load_datasets(config)
     data = config.data
     result = {
         "train": totals(loaded.train, data.max_length, data.packing, config.train.seed),

@@ -67,6 +67,26 @@ def run_layout(config: RunSpec) -> ImageLayout:
     return layout
 
 
+def _processor(config: RunSpec) -> Any:
+    """The model's processor (or config.data.tokenizer's folder's) with the run's template."""
+    source = config.data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
+    return vision.load_processor(source, config.data.chat_template)
+
+
+def load_vision_datasets(config: RunSpec) -> pipeline.Datasets:
+    """The train (and eval) documents of data with images as a run prepares them (the image
+    tokens expanded by the processor), for `sft_jax.data.inspect`."""
+    data = config.data
+    run_layout(config)  # a text model is refused by name
+    processor = _processor(config)
+    train = _prepared(config, processor, data.train_files, data.train_split, "train_files")
+    evaluation = None
+    if data.eval_files:
+        evaluation = _prepared(config, processor, data.eval_files, data.eval_split, "eval_files")
+    tokenized = evaluation.tokenized if evaluation is not None else None
+    return pipeline.Datasets(train.tokenized, tokenized, processor.tokenizer, fingerprint(train))
+
+
 def _prepared(config: RunSpec, processor: Any, files: str, split: str, field: str) -> VisionData:
     sources = records.expand_sources(files, field)
     if len(sources) != 1:
@@ -95,9 +115,8 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             "config.data.eval_fraction with images is not supported yet; give the eval examples "
             "as config.data.eval_files."
         )
-    source = data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
-    processor = vision.load_processor(source, data.chat_template)
-    layout = run_layout(config)
+    layout = run_layout(config)  # a text model is refused by name before its processor
+    processor = _processor(config)
     if data.train_on != "all_tokens":
         pipeline.check_at_start(config, processor.tokenizer)
     train_data = _prepared(config, processor, data.train_files, data.train_split, "train_files")
