@@ -42,13 +42,18 @@ def marked_text(tokenizer: Any, tokens: np.ndarray, trained: np.ndarray) -> str:
     return "".join(out) + ("]]" if previous else "")
 
 
-def totals(tokenized: Tokenized, row_len: int, packing: bool, seed: int) -> dict[str, Any]:
-    rows = batches.epoch_rows(tokenized, row_len, packing, seed, epoch=0, shuffle=False)
+def totals(
+    tokenized: Tokenized, row_len: int, packing: bool, seed: int, rows: int | None = None
+) -> dict[str, Any]:
+    """The stats of the documents with their rows of one epoch (`rows`: that count where the
+    caller packs them otherwise, as data with images is packed under its image budget)."""
+    if rows is None:
+        rows = len(batches.epoch_rows(tokenized, row_len, packing, seed, epoch=0, shuffle=False))
     filled = int(tokenized.lengths().sum())
     return {
         **tokenized.stats,
-        "rows_per_epoch": len(rows),
-        "packing_efficiency": filled / max(len(rows) * row_len, 1),
+        "rows_per_epoch": rows,
+        "packing_efficiency": filled / max(rows * row_len, 1),
     }
 
 
@@ -57,14 +62,17 @@ def report(config: RunSpec, num_examples: int, as_json: bool) -> dict:
     from sft_jax.data.pipeline import load_datasets
     from sft_jax.data.vision_source import has_images, load_vision_datasets
 
-    # Data with images: the documents the model's processor prepares, image tokens and all.
-    loaded = load_vision_datasets(config) if has_images(config) else load_datasets(config)
-    data = config.data
+    # Data with images: the documents the model's processor prepares, image tokens and all,
+    # packed under the image budget too (rows: their count per epoch).
+    loaded, rows = (
+        load_vision_datasets(config) if has_images(config) else (load_datasets(config), {})
+    )
+    data, seed = config.data, config.train.seed
     result = {
-        "train": totals(loaded.train, data.max_length, data.packing, config.train.seed),
-        "eval": None
-        if loaded.eval is None
-        else totals(loaded.eval, data.max_length, data.packing, config.train.seed),
+        name: None
+        if documents is None
+        else totals(documents, data.max_length, data.packing, seed, rows.get(name))
+        for name, documents in (("train", loaded.train), ("eval", loaded.eval))
     }
     if as_json:
         print(json.dumps(result, indent=2))

@@ -73,18 +73,32 @@ def _processor(config: RunSpec) -> Any:
     return vision.load_processor(source, config.data.chat_template)
 
 
-def load_vision_datasets(config: RunSpec) -> pipeline.Datasets:
+def load_vision_datasets(config: RunSpec) -> tuple[pipeline.Datasets, dict[str, int]]:
     """The train (and eval) documents of data with images as a run prepares them (the image
-    tokens expanded by the processor), for `sft_jax.data.inspect`."""
+    tokens expanded by the processor), and the rows of one epoch of each ("train", "eval")
+    under config.data's image budget: what `sft_jax.data.inspect` reports."""
     data = config.data
-    run_layout(config)  # a text model is refused by name
+    layout = run_layout(config)  # a text model is refused by name
     processor = _processor(config)
-    train = _prepared(config, processor, data.train_files, data.train_split, "train_files")
-    evaluation = None
-    if data.eval_files:
-        evaluation = _prepared(config, processor, data.eval_files, data.eval_split, "eval_files")
+    budget = (data.max_length, data.max_images_per_row, data.max_image_patches_per_row)
+    prepared, rows = {}, {}
+    for name, files, split in (
+        ("train", data.train_files, data.train_split),
+        ("eval", data.eval_files, data.eval_split),
+    ):
+        if files:
+            prepared[name] = _prepared(config, processor, files, split, f"{name}_files")
+            cost = vision_batches.costs(prepared[name], layout)
+            vision_batches.check_budget(cost, budget, f"config.data.{name}_files")
+            order = np.arange(len(cost))
+            packed = vision_batches.pack(cost, order, budget, data.max_documents_per_row)
+            rows[name] = len(packed) if data.packing else len(cost)
+    train, evaluation = prepared["train"], prepared.get("eval")
     tokenized = evaluation.tokenized if evaluation is not None else None
-    return pipeline.Datasets(train.tokenized, tokenized, processor.tokenizer, fingerprint(train))
+    datasets = pipeline.Datasets(
+        train.tokenized, tokenized, processor.tokenizer, fingerprint(train)
+    )
+    return datasets, rows
 
 
 def _prepared(config: RunSpec, processor: Any, files: str, split: str, field: str) -> VisionData:

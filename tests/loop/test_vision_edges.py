@@ -243,13 +243,19 @@ def test_remat_kernels_and_bfloat16_with_images(
 
 
 def test_inspect_shows_image_documents_and_checks_the_image_role(folder, capsys):
-    """`inspect` prints the documents the processor prepares (image tokens expanded); `--check`
-    certifies the image tokens untrained under the "image" role."""
-    spec = _spec(folder)
+    """`inspect` prints the documents the processor prepares (image tokens expanded) and the
+    trainer's rows per epoch; `--check` certifies the image tokens untrained under the "image"
+    role."""
+    # Rows of 192 tokens would hold 3 documents each by tokens alone; 2 images a row split them.
+    spec = _spec(folder, **{"data.max_images_per_row": 2, "data.max_length": 192})
     totals = inspect.report(spec, num_examples=1, as_json=False)
     shown = capsys.readouterr().out
     assert "<|vision_start|><|image_pad|>" in shown and "[[A red square ." in shown
     assert totals["train"]["examples_kept"] == 8
+    # The rows of an epoch are the trainer's, packed under the image budget too.
+    rows = open_run_data(spec).train_batches.epoch_rows(0)
+    assert totals["train"]["rows_per_epoch"] == len(rows) == 6  # 3 by tokens alone
+    assert totals["eval"]["rows_per_epoch"] > 0
     report = inspect.check(spec, sample=0, as_json=False)
     assert not report["violations"] and report["examples"] == 8
     image = report["categories"]["image"]
