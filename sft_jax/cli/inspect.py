@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from sft_jax import cli
 from sft_jax.cli.overrides import unknown_override
+from sft_jax.core.errors import UsageError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import batches, certificate
 from sft_jax.data.tokenize import Tokenized
@@ -104,6 +105,12 @@ def check(config: RunSpec, sample: int, as_json: bool) -> dict:
     """Prints the mask certificate of the training data; returns it."""
     from sft_jax.data.pipeline import certify, run_tokenizer
 
+    if config.data.train_on == "all_tokens":  # the certificate checks turns' spans
+        raise UsageError(
+            "--check with config.data.train_on='all_tokens': every token trains (image tokens "
+            "excepted), so there is no per-turn mask to certify; run it with 'all_assistant' or "
+            "'last_assistant', or inspect without --check to see the trained tokens."
+        )
     result = certify(config, run_tokenizer(config), sample)
     if as_json:
         print(json.dumps(result, indent=2))

@@ -22,7 +22,7 @@ from test_vision_training import REPLIES, _reply_labels, _train, folder, referen
 
 from configs import base
 from sft_jax.cli import inspect
-from sft_jax.core.errors import ConfigError
+from sft_jax.core.errors import ConfigError, UsageError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import vision
 from sft_jax.data.records import DataError
@@ -179,6 +179,25 @@ def test_more_images_than_a_row_takes_names_the_document(folder):
     message = r"document 0 holds 2 images, over config.data.max_images_per_row=1; raise"
     with pytest.raises(DataError, match=message):
         open_run_data(spec)
+
+
+def test_all_tokens_trains_every_token_but_the_images(folder):
+    """data.train_on='all_tokens' (an image inside the span it trains; refused as "an image
+    placeholder lies in a trained reply" before): every token trained but the image tokens and
+    their markers."""
+    spec = _spec(folder, **{"data.train_on": "all_tokens"})
+    data = open_run_data(spec).train_batches.data
+    tokenizer = vision.load_processor(folder).tokenizer
+    markers = tokenizer.convert_tokens_to_ids(
+        ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"]
+    )
+    for index in range(len(data)):
+        tokens, trained = data.tokenized.document(index)
+        image = np.isin(tokens, markers)
+        assert image.sum() >= 6 and not trained[image].any() and trained[~image].all()
+    # The mask certificate checks turns' spans: refused by name (it failed deep inside).
+    with pytest.raises(UsageError, match=r"--check with config.data.train_on='all_tokens'"):
+        inspect.check(spec, sample=0, as_json=False)
 
 
 def _text_reference_loss(folder: Path, eval_file: str) -> float:
