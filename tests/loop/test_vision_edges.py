@@ -224,13 +224,14 @@ def _text_reference_loss(folder: Path, eval_file: str) -> float:
 @pytest.mark.e2e
 def test_text_data_on_the_image_text_model_matches_transformers(folder, files, tmp_path):
     """Text conversations train the image-text model as a text model (no image arrays in the
-    rows, the vision tower unused): the step-0 eval loss equals transformers' on the same
-    conversations, and a step trains."""
+    rows, the vision tower unused), the sequence split over mesh.context=2 as for any text
+    model: the step-0 eval loss equals transformers' on the same conversations; a step trains."""
     text = {"data.train_files": files["text_train"], "data.eval_files": files["text_eval"]}
-    spec = _spec(folder, **text, **{"train.steps": 1})
+    spec = _spec(folder, **text, **{"train.steps": 1, "mesh.context": 2})
+    check_values(spec, device_count=2, batch_shards=1)  # allowed: no images
     assert not open_run_data(spec).images  # the text pipeline's rows, no image fields
-    one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    run, losses = _train(spec, tmp_path, one)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:2], context=2)
+    run, losses = _train(spec, tmp_path, mesh)
     reference = _text_reference_loss(folder, files["text_eval"])
     print(f"text rows: eval loss {run.initial_eval['eval/loss']:.6f}, transformers {reference:.6f}")
     assert run.initial_eval["eval/loss"] == pytest.approx(reference, rel=1e-4)
