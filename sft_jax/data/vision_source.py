@@ -24,14 +24,13 @@ log = logging.getLogger(__name__)
 
 
 def has_images(config: RunSpec) -> bool:
-    """Does the first training example hold an image? (A mixture's sources are not read
-    here: mixtures take text only for now.)"""
+    """Does one of the first training examples hold an image (images.SCAN_RECORDS)? (A
+    mixture's sources are not read here: mixtures take text only for now.)"""
     if not config.data.train_files or config.data.mixture:
         return False
     sources = records.expand_sources(config.data.train_files, "config.data.train_files")
     stream = records.read_records(sources[0], config.data.train_split, _Ignore())
-    first = next(iter(stream), None)
-    return first is not None and images.has_images(first.value)
+    return images.any_has_images(record.value for record in stream)
 
 
 class _Ignore:

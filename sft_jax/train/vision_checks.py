@@ -6,6 +6,7 @@ dataset on an image-text model needs none of this: it trains as any text model d
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ WHY_NOT = {
 
 def check_image_run(config: Any) -> None:
     """Refuses a run with images in config.data's files that combines them with what does not
-    take images yet; reads only the first record of each local file, and only where the run
+    take images yet; reads only the first records of each local file, and only where the run
     asks for one of those things."""
     kind = registry.kind_of(config)
     method = config.prompt.method
@@ -67,10 +68,10 @@ def holds_images(value: Any) -> bool:
 
 
 def _first_with_images(config: Any) -> str | None:
-    """'config.data.<field> (<file>)' of the first train or eval file whose first record holds
-    an image; None if none does. Hub datasets, remote files and mixtures are not read here
-    (their loaders refuse image records themselves); an unreadable file is left to the data
-    loader, which names the problem."""
+    """'config.data.<field>: <file>' of the first train or eval file whose first records
+    (images.SCAN_RECORDS) hold an image; None if none does. Hub datasets, remote files and
+    mixtures are not read here (their loaders refuse image records themselves); an unreadable
+    file is left to the data loader, which names the problem."""
     data = config.data
     if data.mixture:
         return None
@@ -85,10 +86,11 @@ def _first_with_images(config: Any) -> str | None:
             if not Path(source).is_file():
                 continue
             try:
-                first = next(iter(records.read_records(source, split, _Ignore())), None)
+                stream = records.read_records(source, split, _Ignore())
+                found = any(holds_images(r.value) for r in islice(stream, images.SCAN_RECORDS))
             except UserError:
                 continue
-            if first is not None and holds_images(first.value):
+            if found:
                 return f"config.data.{field}: {source}"
     return None
 

@@ -173,6 +173,17 @@ def test_image_data_on_a_text_model_names_the_model(folder, tmp_path):
         open_run_data(RunSpec.of(config))
 
 
+def test_a_file_opening_with_text_conversations_is_read_with_its_images(folder, files):
+    """Text-only conversations first, then ones with images: read by the model's processor
+    (the text pipeline refused every image example), the text ones trained beside them."""
+    lines = Path(files["text_train"]).read_text() + (folder / "train.jsonl").read_text()
+    mixed = _write(folder / "mixed.jsonl", [json.loads(line) for line in lines.splitlines()])
+    data = open_run_data(_spec(folder, **{"data.train_files": mixed}))
+    assert data.images  # the image fields of the family's rows
+    counts = data.train_batches.cost[:, 1]  # images per document, in file order
+    assert counts.tolist() == [0, 0, 0, 0, 2, 1, 1, 2, 1, 1, 2, 1]
+
+
 def test_more_images_than_a_row_takes_names_the_document(folder):
     """Every third training conversation holds 2 images: over max_images_per_row=1."""
     spec = _spec(folder, **{"data.max_images_per_row": 1})
