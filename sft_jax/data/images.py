@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sft_jax.data.messages import BadExample
+from sft_jax.data.messages import SCAN_RECORDS, BadExample
 
 IMAGE_PART = {"type": "image"}
 _REMOTE = ("http://", "https://")
@@ -73,11 +73,6 @@ class ImageSource:
         value = value.removeprefix("file://")
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.root / path
-
-
-# Records read to tell whether a data file holds images: such files often open with text-only
-# conversations (those train beside the others, as documents without images).
-SCAN_RECORDS = 256
 
 
 def any_has_images(values: Iterable[Any]) -> bool:

@@ -25,6 +25,7 @@ from sft_jax.cli import inspect
 from sft_jax.core.errors import ConfigError, UsageError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import vision
+from sft_jax.data.messages import BadExample, text_content
 from sft_jax.data.records import DataError
 from sft_jax.loop import trainer
 from sft_jax.models import from_hf_config
@@ -182,6 +183,13 @@ def test_a_file_opening_with_text_conversations_is_read_with_its_images(folder, 
     assert data.images  # the image fields of the family's rows
     counts = data.train_batches.cost[:, 1]  # images per document, in file order
     assert counts.tolist() == [0, 0, 0, 0, 2, 1, 1, 2, 1, 1, 2, 1]
+
+
+def test_an_image_the_text_pipeline_meets_says_when_images_are_read():
+    """Past the examples scanned (or in a mixture, or a pair): the text pipeline's refusal
+    says when a file is read with images."""
+    with pytest.raises(BadExample, match=r"when one of its first 256 examples holds one"):
+        text_content(QUESTION, "messages[0].content")
 
 
 def test_more_images_than_a_row_takes_names_the_document(folder):
