@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from sft_jax import cli
 from sft_jax.cli.overrides import unknown_override
+from sft_jax.core.errors import UsageError
 from sft_jax.core.spec import RunSpec
 from sft_jax.data import batches, certificate
 from sft_jax.data.tokenize import Tokenized
@@ -42,27 +43,37 @@ def marked_text(tokenizer: Any, tokens: np.ndarray, trained: np.ndarray) -> str:
     return "".join(out) + ("]]" if previous else "")
 
 
-def totals(tokenized: Tokenized, row_len: int, packing: bool, seed: int) -> dict[str, Any]:
-    rows = batches.epoch_rows(tokenized, row_len, packing, seed, epoch=0, shuffle=False)
+def totals(
+    tokenized: Tokenized, row_len: int, packing: bool, seed: int, rows: int | None = None
+) -> dict[str, Any]:
+    """The stats of the documents with their rows of one epoch (`rows`: that count where the
+    caller packs them otherwise, as data with images is packed under its image budget)."""
+    if rows is None:
+        rows = len(batches.epoch_rows(tokenized, row_len, packing, seed, epoch=0, shuffle=False))
     filled = int(tokenized.lengths().sum())
     return {
         **tokenized.stats,
-        "rows_per_epoch": len(rows),
-        "packing_efficiency": filled / max(len(rows) * row_len, 1),
+        "rows_per_epoch": rows,
+        "packing_efficiency": filled / max(rows * row_len, 1),
     }
 
 
 def report(config: RunSpec, num_examples: int, as_json: bool) -> dict:
     """Prints examples and totals of the train (and eval) data; returns the totals."""
     from sft_jax.data.pipeline import load_datasets
+    from sft_jax.data.vision_source import has_images, load_vision_datasets
 
-    loaded = load_datasets(config)
-    data = config.data
+    # Data with images: the documents the model's processor prepares, image tokens and all,
+    # packed under the image budget too (rows: their count per epoch).
+    loaded, rows = (
+        load_vision_datasets(config) if has_images(config) else (load_datasets(config), {})
+    )
+    data, seed = config.data, config.train.seed
     result = {
-        "train": totals(loaded.train, data.max_length, data.packing, config.train.seed),
-        "eval": None
-        if loaded.eval is None
-        else totals(loaded.eval, data.max_length, data.packing, config.train.seed),
+        name: None
+        if documents is None
+        else totals(documents, data.max_length, data.packing, seed, rows.get(name))
+        for name, documents in (("train", loaded.train), ("eval", loaded.eval))
     }
     if as_json:
         print(json.dumps(result, indent=2))
@@ -94,6 +105,12 @@ def check(config: RunSpec, sample: int, as_json: bool) -> dict:
     """Prints the mask certificate of the training data; returns it."""
     from sft_jax.data.pipeline import certify, run_tokenizer
 
+    if config.data.train_on == "all_tokens":  # the certificate checks turns' spans
+        raise UsageError(
+            "--check with config.data.train_on='all_tokens': every token trains (image tokens "
+            "excepted), so there is no per-turn mask to certify; run it with 'all_assistant' or "
+            "'last_assistant', or inspect without --check to see the trained tokens."
+        )
     result = certify(config, run_tokenizer(config), sample)
     if as_json:
         print(json.dumps(result, indent=2))

@@ -26,11 +26,13 @@ import binascii
 import dataclasses
 import hashlib
 import io
+import itertools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sft_jax.data.messages import BadExample
+from sft_jax.data.messages import SCAN_RECORDS, BadExample
 
 IMAGE_PART = {"type": "image"}
 _REMOTE = ("http://", "https://")
@@ -71,6 +73,11 @@ class ImageSource:
         value = value.removeprefix("file://")
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.root / path
+
+
+def any_has_images(values: Iterable[Any]) -> bool:
+    """Does one of the first SCAN_RECORDS raw examples hold an image?"""
+    return any(has_images(value) for value in itertools.islice(values, SCAN_RECORDS))
 
 
 def has_images(value: Any) -> bool:

@@ -23,6 +23,9 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "tool")
 REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Records read to tell whether a data file holds images (data/images.any_has_images): such files
+# often open with text-only conversations (those train beside the others, without images).
+SCAN_RECORDS = 256
 
 
 class BadExample(ValueError):
@@ -38,7 +41,9 @@ def text_content(value: Any, field: str) -> str:
     if isinstance(value, list) and any(_is_image_part(p) for p in value):
         raise BadExample(
             f"field {field!r} holds an image; examples with images are prepared by the vision "
-            "model's processor (sft_jax.data.vision), which text-only training does not read",
+            "model's processor (sft_jax.data.vision), which text-only training does not read "
+            f"(SFT reads a file with images when one of its first {SCAN_RECORDS} examples holds "
+            "one; other objectives and mixtures take text only)",
             "image_in_text_data",
         )
     if isinstance(value, list) and all(

@@ -201,11 +201,9 @@ def certify(config: RunSpec, tokenizer: Any, sample: int = 0) -> dict:
 
 
 def _vision_processor(config: RunSpec, sources: list[str]) -> Any:
-    """The model's processor when the first example holds an image, else None."""
-    first = next(
-        iter(records.read_records(sources[0], config.data.train_split, _IgnoreBadRecords())), None
-    )
-    if first is None or not images.has_images(first.value):
+    """The model's processor when one of the first examples holds an image, else None."""
+    stream = records.read_records(sources[0], config.data.train_split, _IgnoreBadRecords())
+    if not images.any_has_images(record.value for record in stream):
         return None
     source = config.data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
     return vision.load_processor(source, config.data.chat_template)

@@ -197,13 +197,14 @@ class Encoded:
     arrays: dict[str, np.ndarray]  # the processor's per-image arrays
 
 
-def encode(processor: Any, rendered: Rendered, images: list) -> Encoded:
-    """Tokens of the expanded text, trained where the moved spans are, never an image's."""
+def encode(processor: Any, rendered: Rendered, images: list, whole: bool = False) -> Encoded:
+    """Tokens of the expanded text, trained where the moved spans are, never an image's.
+    whole: the spans are data.train_on='all_tokens' (moved_span)."""
     out = process(processor, rendered.text, images)
     tokens = np.asarray(out["input_ids"][0], np.int32)
     offsets = [tuple(o) for o in out["offset_mapping"][0]]
     replaced = out["text_replacement_offsets"][0] if out.get("text_replacement_offsets") else []
-    spans = [moved_span(span, replaced) for span in rendered.spans]
+    spans = [moved_span(span, replaced, whole) for span in rendered.spans]
     vision = vision_tokens(processor, tokens, offsets, replaced)
     trained = _overlaps(offsets, spans) & ~vision
     arrays = {k: np.asarray(v) for k, v in out.items() if k not in TEXT_FIELDS}
@@ -213,7 +214,7 @@ def encode(processor: Any, rendered: Rendered, images: list) -> Encoded:
 def _document(
     processor: Any, rendered: Rendered, images: list, options: Options, notes: dict
 ) -> VisionDocument:
-    encoded = encode(processor, rendered, images)
+    encoded = encode(processor, rendered, images, options.train_on == "all_tokens")
     tokens, trained, vision = encoded.tokens, encoded.trained, encoded.vision
     image_ids = [i for i in processor.image_token_ids if i is not None]
     counts = [
@@ -233,17 +234,22 @@ def _document(
     return VisionDocument(tokens, trained, np.asarray(counts, np.int32), encoded.arrays)
 
 
-def moved_span(span: tuple[int, int], replaced: list[dict]) -> tuple[int, int]:
-    """A span of the rendered text -> the same characters in the expanded text."""
+def moved_span(span: tuple[int, int], replaced: list[dict], whole: bool = False) -> tuple[int, int]:
+    """A span of the rendered text -> the same characters in the expanded text. whole:
+    data.train_on='all_tokens', whose span holds the images too (their tokens are left
+    untrained by `encode` all the same); otherwise an image inside a trained span is refused."""
     start, end = span
-    shift = 0
+    shift = grow = 0
     for replacement in replaced:
         (old_start, old_end), (new_start, new_end) = replacement["span"], replacement["new_span"]
+        change = (new_end - new_start) - (old_end - old_start)
         if old_end <= start:
-            shift += (new_end - new_start) - (old_end - old_start)
+            shift += change
+        elif whole and start <= old_start and old_end <= end:
+            grow += change
         elif old_start < end:
             raise BadExample("an image placeholder lies in a trained reply", "image_in_reply")
-    return start + shift, end + shift
+    return start + shift, end + shift + grow
 
 
 def _inside(offsets: list, span: tuple[int, int]) -> np.ndarray:

@@ -36,10 +36,11 @@ def _check_example(
     problems = []
     for rendered in documents:
         count = rendered.text.count(processor.image_token)
-        encoded = encode(processor, rendered, images[:count])
+        whole = options.train_on == "all_tokens"
+        encoded = encode(processor, rendered, images[:count], whole)
         expanded = Rendered(
             expanded_text(rendered.text, encoded.replaced),
-            [moved_span(span, encoded.replaced) for span in rendered.spans],
+            [moved_span(span, encoded.replaced, whole) for span in rendered.spans],
             rendered.turns,
         )
         labels = expanded_labels(

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def has_images(config: RunSpec) -> bool:
-    """Does the first training example hold an image (of config.data.train_files, or of any
-    source of config.data.mixture)?"""
+    """Does one of the first training examples hold an image (images.SCAN_RECORDS; of
+    config.data.train_files, or of any source of config.data.mixture)?"""
     data = config.data
     if data.mixture:
         splits = [entry.get("train_split", data.train_split) for entry in data.mixture]
@@ -39,8 +39,8 @@ def has_images(config: RunSpec) -> bool:
 
 def _first_has_images(spec: str, split: str) -> bool:
     sources = records.expand_sources(spec, "config.data.train_files")
-    first = next(iter(records.read_records(sources[0], split, _Ignore())), None)
-    return first is not None and images.has_images(first.value)
+    stream = records.read_records(sources[0], split, _Ignore())
+    return images.any_has_images(record.value for record in stream)
 
 
 class _Ignore:
@@ -76,6 +76,40 @@ def run_layout(config: RunSpec) -> ImageLayout:
     return layout
 
 
+def _processor(config: RunSpec) -> Any:
+    """The model's processor (or config.data.tokenizer's folder's) with the run's template."""
+    source = config.data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
+    return vision.load_processor(source, config.data.chat_template)
+
+
+def load_vision_datasets(config: RunSpec) -> tuple[pipeline.Datasets, dict[str, int]]:
+    """The train (and eval) documents of data with images as a run prepares them (the image
+    tokens expanded by the processor), and the rows of one epoch of each ("train", "eval")
+    under config.data's image budget: what `sft_jax.data.inspect` reports."""
+    data = config.data
+    layout = run_layout(config)  # a text model is refused by name
+    processor = _processor(config)
+    budget = (data.max_length, data.max_images_per_row, data.max_image_patches_per_row)
+    stores, rows = {}, {}
+    for name, files, split in (
+        ("train", data.train_files, data.train_split),
+        ("eval", data.eval_files, data.eval_split),
+    ):
+        if files:
+            stores[name] = prepared(data, processor, files, split, f"{name}_files")
+            cost = vision_batches.costs(stores[name], layout)
+            vision_batches.check_budget(cost, budget, f"config.data.{name}_files")
+            order = np.arange(len(cost))
+            packed = vision_batches.pack(cost, order, budget, data.max_documents_per_row)
+            rows[name] = len(packed) if data.packing else len(cost)
+    train, evaluation = stores["train"], stores.get("eval")
+    tokenized = evaluation.tokenized if evaluation is not None else None
+    datasets = pipeline.Datasets(
+        train.tokenized, tokenized, processor.tokenizer, fingerprint(train)
+    )
+    return datasets, rows
+
+
 def prepared(
     data: DataSpec, processor: Any, files: str, split: str, field: str, limit: int = 0
 ) -> VisionData:
@@ -101,9 +135,8 @@ def fingerprint(data: VisionData) -> str:
 def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pipeline.DataSource:
     """The DataSource of an image-text model's SFT data (train file, eval file or none)."""
     data = config.data
-    source = data.tokenizer or str(resolve_model_dir(config.model.name_or_path))
-    processor = vision.load_processor(source, data.chat_template)
-    layout = run_layout(config)
+    layout = run_layout(config)  # a text model is refused by name before its processor
+    processor = _processor(config)
     if data.train_on != "all_tokens":
         pipeline.check_at_start(config, processor.tokenizer)
     train_data = prepared(data, processor, data.train_files, data.train_split, "train_files")

@@ -19,7 +19,7 @@ from sft_jax.data.tokenize import EMPTY_REPLIES, OVERLONG
 from sft_jax.models import DTYPES
 from sft_jax.models.decoder import REMAT_POLICIES
 from sft_jax.objectives import registry
-from sft_jax.train import adapter_checks
+from sft_jax.train import adapter_checks, vision_checks
 from sft_jax.train.kernel_choice import ATTENTION_CHOICES, MOE_DISPATCH_CHOICES
 from sft_jax.train.memory import host_offload_supported
 from sft_jax.train.optim import SCHEDULES
@@ -43,6 +43,7 @@ def check_values(config: Any, device_count: int, batch_shards: int) -> None:
     adapter_checks.check_lora(config)
     adapter_checks.check_prompt(config)
     _check_objective(config)
+    vision_checks.check_image_run(config)  # what images do not combine with yet
 
 
 def check_tokenizer_fits(tokenizer: Any, model_config: Any) -> None:
