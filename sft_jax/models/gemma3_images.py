@@ -65,13 +65,14 @@ def row_images(
     """The row's image fields ({"pixel_values": [max_images, C, S, S]}) from the processor
     outputs of its documents in row order (each with `input_ids`, and `pixel_values` where
     it has images)."""
+    shape = per_row_shapes(spec, max_images)[PIXEL_VALUES]
     images = [_document_images(document, i, spec) for i, document in enumerate(documents)]
-    stacked = np.concatenate(images) if images else np.zeros((0,))
+    stacked = np.concatenate(images) if images else np.zeros((0, *shape[1:]))  # a padding row
     if len(stacked) > max_images:
         raise UserError(
             f"a row holds {len(stacked)} images, more than its {max_images} image slots; "
             "raise the images per row or pack fewer image documents per row."
         )
-    pixel_values = np.zeros(per_row_shapes(spec, max_images)[PIXEL_VALUES], np.float32)
+    pixel_values = np.zeros(shape, np.float32)
     pixel_values[: len(stacked)] = stacked
     return {PIXEL_VALUES: pixel_values}
