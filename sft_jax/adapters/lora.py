@@ -37,7 +37,7 @@ from sft_jax.models.decoder import (
 from sft_jax.models.io import gemma3_vision as vision_io
 from sft_jax.models.io import safetensors as safetensors_io
 from sft_jax.models.io.hf import hf_module_name, to_host
-from sft_jax.models.layers import TRAINABLE, LoRAParam
+from sft_jax.models.layers import TRAINABLE, TRAINABLE_WITH_VISION, LoRAParam
 from sft_jax.models.linear_attention import LINEAR_PROJECTIONS
 from sft_jax.models.mla import MLA_ONLY_PROJECTIONS
 from sft_jax.models.moe import EXPERT_PARAMS, add_expert_adapters, moe_blocks
@@ -202,7 +202,8 @@ def parameter_counts(model: CausalLM, trainable: Any) -> tuple[int, int]:
     (modules_to_save) is a trained copy beside its frozen original: both count."""
     trained_state = nnx.to_flat_state(nnx.state(model, trainable))
     trained = sum(x.get_value().size for _, x in trained_state)
-    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, TRAINABLE)))  # not buffers
+    everything = TRAINABLE_WITH_VISION  # a vision tower counts, trained or frozen
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, everything)))  # not buffers
     linears = [linear for _, _, linear in decoder_linears(model)]
     quantized = sum(lin.in_features * lin.out_features for lin in linears if lin.quant is not None)
     ranknums = sum(lin.lora_e is not None for lin in linears)

@@ -86,15 +86,30 @@ def _export(workdir: Path, which: str | int, out: Path) -> Path:
     model_config = from_hf_config(load_hf_config(model_dir))
     if score_labels(config) is not None:
         model_config = dataclasses.replace(model_config, score_labels=score_labels(config))
-    model = abstract_model(model_config, dtype=param_dtype, param_dtype=param_dtype)
-    abstract = sharding.abstract_params(model, sharding.make_mesh(fsdp=-1))
-    exported = nnx.merge(nnx.graphdef(model), _restore(checkpoints, step, abstract))
+    if model_config.vision is not None and not config.model.train_vision:
+        # The checkpoint holds what trained; the frozen vision tower is the base model's.
+        exported = _trained_model(checkpoints, step, config)
+    else:
+        model = abstract_model(model_config, dtype=param_dtype, param_dtype=param_dtype)
+        abstract = sharding.abstract_params(model, sharding.make_mesh(fsdp=-1))
+        exported = nnx.merge(nnx.graphdef(model), _restore(checkpoints, step, abstract))
     with _replacing(out) as partial:
         save_pretrained(
             exported, partial, tokenizer=run_tokenizer(config), generation_config_from=model_dir
         )
+        _copy_processor(model_dir, partial)
     log.info("exported step %d of %s to %s", step, checkpoints.directory, out)
     return out
+
+
+# An image-text model's processor beside its tokenizer: AutoProcessor loads the export.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def _copy_processor(model_dir: Path, out: Path) -> None:
+    for name in PROCESSOR_FILES:
+        if (Path(model_dir) / name).is_file() and jax.process_index() == 0:
+            shutil.copyfile(Path(model_dir) / name, out / name)
 
 
 def _restore(checkpoints: Checkpoints, step: int, abstract: Any) -> Any:
@@ -160,5 +175,6 @@ def _export_adapted(
             tokenizer=run_tokenizer(config),
             generation_config_from=resolve_model_dir(config.model.name_or_path),
         )
+        _copy_processor(resolve_model_dir(config.model.name_or_path), partial)
     log.info("exported step %d of %s to %s: %s", step, checkpoints.directory, out, written)
     return out
