@@ -1,11 +1,14 @@
 """Offline image-text demo: a random tiny Gemma 3 learns to answer questions about pictures.
 
-Make the assets once (scripts/make_vlm_demo_data.py writes them, deterministic), then run:
-  python scripts/make_vlm_demo_data.py --out=assets
+The model and the data are in assets/ (python scripts/make_vlm_demo_data.py --out=assets
+remakes them, deterministically). Run:
   python main.py --config=configs/vlm_demo.py --workdir=/tmp/vlm_demo
-The pictures (32 x 32, assets/demo_data/vlm/images) show one coloured shape, 1 to 4 circles or a
+The pictures (32 x 32, assets/demo_data/vlm/images) show one coloured shape, 1 to 3 circles or a
 rendered word; each question has a one-word answer ("What colour is the shape?" "red"). Eval
 reports the loss and the exact match of greedy replies to the eval pictures' questions.
+Measured (2 CPU cores shared with other jobs): 1500 updates in 7 min wall, eval loss 3.80 ->
+0.287, teacher-forced exact match (scripts/vlm_answer_match.py) 0% -> 68%: colour and word
+100%, shape 38%, circle count 44%.
 """
 
 from configs import base
@@ -17,8 +20,9 @@ def get_config():
     config.data.train_files = str(base.ASSETS / "demo_data" / "vlm" / "train.jsonl")
     config.data.eval_files = str(base.ASSETS / "demo_data" / "vlm" / "eval.jsonl")
     config.data.format = "messages"
-    # The random vision tower trains too: frozen, its features hold no more than the colour
-    # (300 steps: eval loss 0.65 frozen vs 0.42 trained; exact match 40% vs 65%).
+    # The random vision tower trains too. Frozen (with the projector, as train_vision=False
+    # freezes it), nothing about the picture is learned: a 64-wide variant after 300 updates had
+    # eval loss 0.65 (the answer prior) frozen vs 0.42 trained, exact match 40% vs 65%.
     config.model.train_vision = True
     # A conversation is 45 tokens (16 of them the image's); 2 of them to a packed row.
     config.data.max_length = 96
