@@ -123,12 +123,13 @@ def eval_batches(
     packing: bool,
     max_docs: int,
     share: tuple[int, int],
+    max_examples: int = 0,
 ) -> tuple[list[dict[str, np.ndarray]], int]:
-    """(this process's eval batches, every document once in fixed order; the most documents in
-    a row)."""
+    """(this process's eval batches, every document (the first max_examples where that is
+    positive: config.data.eval_max_examples) once in fixed order; the most documents in a row)."""
     cost = costs(data, layout)
     check_budget(cost, budget, "config.data.eval_files")
-    order = np.arange(len(data))
+    order = np.arange(len(data))[: max_examples if max_examples > 0 else None]
     rows = pack(cost, order, budget, max_docs) if packing else [[int(i)] for i in order]
     out = [
         make_rows(data.document, mine, budget[0], layout)

@@ -170,6 +170,7 @@ def open_vision_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
             packing=data.packing,
             max_docs=data.max_documents_per_row,
             share=pipeline.row_share(feed),
+            max_examples=data.eval_max_examples,
         )
         documents = max(documents, most)
     return pipeline.DataSource(
