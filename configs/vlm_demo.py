@@ -19,8 +19,8 @@ from configs import base
 def get_config():
     config = base.get_config()
     config.model.name_or_path = str(base.ASSETS / "vlm_demo_model")
-    config.data.train_files = str(base.ASSETS / "demo_data" / "vlm" / "train.jsonl")
-    config.data.eval_files = str(base.ASSETS / "demo_data" / "vlm" / "eval.jsonl")
+    config.data.train_files = str(base.ASSETS / "demo_data" / "vlm" / "train.parquet")
+    config.data.eval_files = str(base.ASSETS / "demo_data" / "vlm" / "eval.parquet")
     config.data.format = "messages"
     # The random vision tower trains too. Frozen (with the projector, as train_vision=False
     # freezes it), nothing about the picture is learned: a 64-wide variant after 300 updates had
@@ -29,14 +29,14 @@ def get_config():
     # A conversation is 45 tokens (16 of them the image's); 2 of them to a packed row.
     config.data.max_length = 96
     config.data.max_images_per_row = 2
-    config.train.steps = 1500
+    config.train.steps = 3000
     config.train.global_batch_size = 16
     config.train.learning_rate = 3e-3
     config.train.warmup_steps = 20
     config.train.loss_chunk_size = 96
     config.eval.every_steps = 250
     config.eval.global_batch_size = 50
-    config.eval.generate_examples = 100  # every eval picture: greedy reply, exact match
+    config.eval.generate_examples = 200  # every eval picture: greedy reply, exact match
     config.eval.max_new_tokens = 4  # one answer word and <end_of_turn>
     config.checkpoint.every_steps = 250
     return config
