@@ -71,7 +71,7 @@ def _part(part: dict, images) -> dict:
 
 def _reply_text(message: dict) -> str:
     content = message["content"]
-    return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+    return content if isinstance(content, str) else "".join(p.get("text") or "" for p in content)
 
 
 def score(model, processor, example: dict, folder: Path) -> tuple[bool, float, int]:
