@@ -18,9 +18,10 @@ transformers' argmax on the export, teacher-forced (scripts/vlm_answer_match.py 
 agrees: 93.5%, the same per question, reply loss 0.0830.
 The figure varies between runs: --config.train.seed=1 (another shuffle) reached 85.5% (count
 71%, shape 84%, word 89%, eval loss 0.190; 4 min 9 s CPU), and train.steps=3000 (cosine decay
-over 3000) only 73.5% (shape 61%, count 47%, eval loss 0.255). With 4 x 4 pixel patches pooled 2 x 2 into
-the same 16 tokens, shape and count were 45% and 29% after 1500 updates (69% overall); on the
-old data (2000 pictures, small shapes and circles) the model reached 68% (shape 38%, count 44%).
+over 3000) only 73.5% (shape 61%, count 47%, eval loss 0.255). With 4 x 4 pixel patches pooled
+2 x 2 into the same 16 tokens, shape and count were 45% and 29% after 1500 updates (69%
+overall); on the old data (2000 pictures, small shapes and circles) the model reached 68%
+(shape 38%, count 44%).
 """
 
 from configs import base
