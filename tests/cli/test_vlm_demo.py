@@ -1,7 +1,9 @@
 """The offline image-text demo (configs/vlm_demo.py) through main.py, shortened: 4 steps, the
-first 16 eval pictures. The eval loss at step 0 equals transformers' on those conversations
-(scripts/vlm_answer_match.py, the processor's own output); the export holds the trained model
-with the frozen vision tower of the base model, and transformers loads it."""
+first 16 eval pictures (Parquet rows with their PNG bytes). The eval loss at step 0 equals
+transformers' on those conversations (scripts/vlm_answer_match.py, the processor's own output);
+the export holds the trained model with the frozen vision tower of the base model, transformers
+loads it, and the greedy exact match of the first 4 eval pictures is what transformers' argmax
+gives on it."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "assets" / "vlm_demo_model"
-EVAL = REPO / "assets" / "demo_data" / "vlm" / "eval.jsonl"
+EVAL = REPO / "assets" / "demo_data" / "vlm" / "eval.parquet"
 EXAMPLES = 16
 
 
@@ -33,14 +35,16 @@ def _answer_match():
     return module
 
 
-def _reference_loss(model_dir: Path) -> float:
-    """transformers' mean loss of the first EXAMPLES eval replies (and their <end_of_turn>)."""
+def _reference(model_dir: Path) -> tuple[float, list[bool]]:
+    """transformers' mean loss of the first EXAMPLES eval replies (and their <end_of_turn>), and
+    per reply whether each of its tokens is the argmax (teacher-forced: greedy answers it)."""
     score = _answer_match().score
     processor = transformers.AutoProcessor.from_pretrained(model_dir)  # an export holds it too
     model = transformers.Gemma3ForConditionalGeneration.from_pretrained(model_dir).eval()
-    lines = EVAL.read_text(encoding="utf-8").splitlines()[:EXAMPLES]
-    scored = [score(model, processor, json.loads(line), EVAL.parent) for line in lines]
-    return sum(loss for _, loss, _ in scored) / sum(count for _, _, count in scored)
+    rows = _answer_match().examples(EVAL)[:EXAMPLES]  # their PNG bytes in the Parquet rows
+    scored = [score(model, processor, row, EVAL.parent) for row in rows]
+    loss = sum(loss for _, loss, _ in scored) / sum(count for _, _, count in scored)
+    return loss, [right for right, _, _ in scored]
 
 
 @pytest.mark.e2e
@@ -66,13 +70,17 @@ def test_vlm_demo_trains_and_exports(tmp_path):
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 4]
-    assert evals[0]["eval/loss"] == pytest.approx(_reference_loss(MODEL), rel=1e-4)
+    assert evals[0]["eval/loss"] == pytest.approx(_reference(MODEL)[0], rel=1e-4)
+    assert [r["eval/generated"] for r in evals] == [4, 4]  # greedy replies, with the pictures
     train = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(train) == 4 and train[-1] < train[0]
 
     export = workdir / "export"
     best = min(evals, key=lambda r: r["eval/loss"])
-    assert best["eval/loss"] == pytest.approx(_reference_loss(export), rel=1e-4)
+    loss, rights = _reference(export)
+    assert best["eval/loss"] == pytest.approx(loss, rel=1e-4)
+    # The trainer's greedy exact match of the first 4 pictures = transformers' on the export.
+    assert best["eval/exact_match"] == pytest.approx(np.mean(rights[:4]))
     suffixes = ("embed_tokens.weight", "encoder.layers.0.self_attn.q_proj.weight")
     exported, base = (safe_open(str(d / "model.safetensors"), "np") for d in (export, MODEL))
     with exported, base:
