@@ -14,6 +14,7 @@ examples and per question, and the mean loss of those tokens.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import io
 import json
@@ -24,13 +25,6 @@ import numpy as np
 import PIL.Image
 import torch
 import transformers
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "assets/vlm_demo_model", "Hugging Face folder of the model.")
-flags.DEFINE_string("processor", "", "Folder of its processor ('' = --model).")
-flags.DEFINE_string("data", "assets/demo_data/vlm/eval.parquet", "Vision-format parquet/jsonl.")
-flags.DEFINE_string("metrics", "", "A run's metrics.jsonl: tally its greedy eval samples instead.")
 
 
 def examples(path: Path) -> list[dict]:
@@ -125,14 +119,20 @@ def tally_samples(metrics: Path) -> None:
         )
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    if FLAGS.metrics:
-        tally_samples(Path(FLAGS.metrics))
+def main() -> None:
+    # argparse, not absl flags: the demo's test imports this module beside our absl CLIs.
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="assets/vlm_demo_model", help="HF model folder")
+    parser.add_argument("--processor", default="", help="its processor's folder ('' = --model)")
+    parser.add_argument("--data", default="assets/demo_data/vlm/eval.parquet")
+    parser.add_argument("--metrics", default="", help="a run's metrics.jsonl: tally its samples")
+    args = parser.parse_args()
+    if args.metrics:
+        tally_samples(Path(args.metrics))
         return
-    processor = transformers.AutoProcessor.from_pretrained(FLAGS.processor or FLAGS.model)
-    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(FLAGS.model).eval()
-    data = Path(FLAGS.data)
+    processor = transformers.AutoProcessor.from_pretrained(args.processor or args.model)
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(args.model).eval()
+    data = Path(args.data)
     by_question, nll, count = collections.defaultdict(list), 0.0, 0
     for example in examples(data):
         right, loss, tokens = score(model, processor, example, data.parent)
@@ -144,4 +144,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

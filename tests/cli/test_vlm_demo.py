@@ -25,7 +25,7 @@ EVAL = REPO / "assets" / "demo_data" / "vlm" / "eval.parquet"
 EXAMPLES = 16
 
 
-@functools.cache  # its absl flags are defined once
+@functools.cache
 def _answer_match():
     spec = importlib.util.spec_from_file_location(
         "answer_match", REPO / "scripts/vlm_answer_match.py"
