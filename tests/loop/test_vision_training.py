@@ -260,7 +260,7 @@ def test_training_learns_freezes_the_vision_tower_and_resumes_exactly(
 ):
     """Packed rows on one device: the eval loss at step 0 equals transformers'; 3 steps, saved
     at step 2 and at the end; the same WORKDIR without its last checkpoint resumes at step 2 on
-    8 devices and logs the same step-3 loss."""
+    8 devices and logs the same step-3 loss; on the same device, bitwise."""
     config = _config(folder, save_every=2)
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     run, straight = _train(config, tmp_path / "straight", one)
@@ -279,3 +279,15 @@ def test_training_learns_freezes_the_vision_tower_and_resumes_exactly(
     _, resumed = _train(config, tmp_path / "resumed", sharding.make_mesh(1, 4, 2))
     assert [step for step, _ in resumed] == [3]
     assert resumed[0][1] == pytest.approx(straight[2][1], rel=1e-5)
+    # Resumed on the same device: bitwise, the step-3 loss and every trained parameter.
+    shutil.copytree(tmp_path / "straight", tmp_path / "same")
+    shutil.rmtree(checkpoints_path(tmp_path / "same") / "3")
+    (tmp_path / "same" / "metrics.jsonl").unlink()
+    again, same = _train(config, tmp_path / "same", one)
+    assert same == [(3, straight[2][1])]
+    for (path, a), (_, b) in zip(
+        trained, jax.tree_util.tree_leaves_with_path(again.state["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(
+            np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path)
+        )
