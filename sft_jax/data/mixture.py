@@ -236,15 +236,7 @@ def open_stream_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
     train = stream.StreamBatches(
         documents,
         [s.weight for s in ready.sources],
-        window=data.stream_window,
-        seed=config.train.seed,
-        shuffle=data.shuffle,
-        max_docs=data.max_documents_per_row,
-        global_rows=config.train.global_batch_size,
-        row_len=data.max_length,
-        packing=data.packing,
-        process_index=process[0],
-        process_count=process[1],
+        **stream.window_options(data, config.train.seed, config.train.global_batch_size, process),
         fingerprint=ready.fingerprint,
     )
     for source, tokenized in zip(ready.sources, ready.train, strict=True):

@@ -174,3 +174,19 @@ class StreamBatches(TrainBatches):
                 "with, or start in a new WORKDIR."
             )
         super().set_state(state)
+
+
+def window_options(data: Any, seed: int, global_rows: int, process: tuple[int, int]) -> dict:
+    """The streamed batches' options from config.data (a DataSpec), the run's seed, its global
+    batch rows and this process's (index, count) share of them."""
+    return {
+        "window": data.stream_window,
+        "seed": seed,
+        "shuffle": data.shuffle,
+        "max_docs": data.max_documents_per_row,
+        "global_rows": global_rows,
+        "row_len": data.max_length,
+        "packing": data.packing,
+        "process_index": process[0],
+        "process_count": process[1],
+    }

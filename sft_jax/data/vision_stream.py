@@ -132,15 +132,7 @@ def open_vision_stream(config: RunSpec, feed: tuple[int, int] | None = None) -> 
         layout,
         budget,
         weights=[s.weight for s in sources],
-        window=data.stream_window,
-        seed=config.train.seed,
-        shuffle=data.shuffle,
-        max_docs=data.max_documents_per_row,
-        global_rows=config.train.global_batch_size,
-        row_len=data.max_length,
-        packing=data.packing,
-        process_index=process[0],
-        process_count=process[1],
+        **stream.window_options(data, config.train.seed, config.train.global_batch_size, process),
         fingerprint=fingerprint(sources, train, data.stream_window),
     )
     eval_sets, first_eval = _eval_sets(
