@@ -251,20 +251,16 @@ def open_stream_data(config: RunSpec, feed: tuple[int, int] | None = None) -> pi
         name: _eval_batches(config, tokenized, process, bound)
         for name, tokenized in ready.evals.items()
     }
-    everything = [batch for batches_ in eval_sets.values() for batch in batches_]
     first_eval = next(iter(ready.evals.values()), None)
     return pipeline.DataSource(
         train_batches=train,
-        eval_batches=lambda: everything,
+        **pipeline.named_evals(eval_sets),
         seq_len=data.max_length,
         max_segments=train.documents_per_row() + 1,
         tokenizer=ready.tokenizer,
         eval_prompts=pipeline.eval_prompts(
             first_eval, max(config.eval.generate_examples, config.eval.show_samples)
         ),
-        eval_sets={name: (lambda b=b: b) for name, b in eval_sets.items()}
-        if len(eval_sets) > 1
-        else {},
     )
 
 

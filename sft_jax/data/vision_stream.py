@@ -138,14 +138,12 @@ def open_vision_stream(config: RunSpec, feed: tuple[int, int] | None = None) -> 
     eval_sets, first_eval = _eval_sets(
         config, processor, sources, layout, budget, batches.bound, process
     )
-    everything = [batch for batches_ in eval_sets.values() for batch in batches_]
     return pipeline.DataSource(
         train_batches=batches,
-        eval_batches=lambda: everything,
+        **pipeline.named_evals(eval_sets),
         seq_len=data.max_length,
         max_segments=batches.documents_per_row() + 1,
         tokenizer=processor.tokenizer,
-        eval_sets={n: (lambda b=b: b) for n, b in eval_sets.items()} if len(eval_sets) > 1 else {},
         **vision_source.sample_prompts(config, processor, first_eval),
         **vision_source.step_images(layout),
     )
