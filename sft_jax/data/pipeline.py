@@ -444,8 +444,7 @@ def summary_line(stats: dict[str, Any]) -> str:
 
 
 def named_evals(eval_sets: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, Any]:
-    """DataSource's eval_batches (every set's batches, in order) and eval_sets (each set by
-    name, where there are several) from each eval set's batches."""
+    """DataSource's eval_batches (every set's, in order) and eval_sets (by name, if several)."""
     everything = [batch for batches in eval_sets.values() for batch in batches]
     named = {name: (lambda b=b: b) for name, b in eval_sets.items()} if len(eval_sets) > 1 else {}
     return {"eval_batches": lambda: everything, "eval_sets": named}
